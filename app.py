@@ -1,0 +1,376 @@
+"""Composition root: settings <- defaults, environment, command line -> engine -> web app or CLI command.
+
+    python app.py                      serve the web app (Gradio + JSON API) on the embedded defaults
+    python app.py run ...              run a workflow, or a template over a spreadsheet, unattended
+    python app.py validate WF.json     print every problem of a workflow, per node
+    python app.py templates            list the workflow templates and their fields
+    python app.py demo-checkpoint      write the built-in demo model as a single-file checkpoint
+    python app.py calibrate            FP8 activation scales for a checkpoint (sidecar file)
+    python app.py bench [--e2e]        FP8 vs BF16 benchmark; end-to-end batch throughput
+    python app.py token create         issue an API token
+    python app.py users add            add a user to the users file
+    python app.py worker --broker URL  a GPU worker for scale-out over Redis
+
+Library errors become one-line messages and a non-zero exit status here, in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EngineError
+from engine.settings import SETTINGS, Settings, load_settings
+
+
+SETTING_ALIASES = {"db_path": ["--db"]}
+
+
+def _settings_parent() -> argparse.ArgumentParser:
+    """Settings flags, accepted before or after the command; unset flags leave the environment's value."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("settings (also SD35_<NAME> environment variables)")
+    for spec in SETTINGS:
+        flags = ["--" + spec.name.replace("_", "-"), *SETTING_ALIASES.get(spec.name, [])]
+        if spec.type is bool:
+            group.add_argument(*flags, dest=spec.name, action="store_const", const=True, default=argparse.SUPPRESS, help=spec.help)
+        else:
+            group.add_argument(*flags, dest=spec.name, type=spec.type, default=argparse.SUPPRESS, help=f"{spec.help} (default: {spec.default!r})")
+    return parent
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings({spec.name: getattr(args, spec.name, None) for spec in SETTINGS})
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from webapp.server import create_app
+
+    settings = _settings_from(args)
+    app, services = create_app(settings)
+    print(services.engine.describe_model_banner() if hasattr(services.engine, "describe_model_banner") else "")
+    print(f"Serving on http://{settings.host}:{settings.port}")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from engine.errors import WorkflowInvalid
+    from engine.runtime import Engine
+
+    engine = Engine(_settings_from(args))
+    workflow = engine.parse(Path(args.workflow).read_text(encoding="utf-8-sig"))
+    try:
+        engine.validate(workflow)
+    except WorkflowInvalid as exc:
+        for problem in exc.problems:
+            print(problem.describe())
+        print(f"{len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"ok: {len(workflow.nodes)} nodes ({workflow.source_format} format)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.workflow and args.template:
+        raise SystemExit("give either --workflow or --template, not both")
+    if args.workflow:
+        return _run_workflow(args)
+    if args.template:
+        if not args.sheet:
+            raise SystemExit("--template needs --sheet rows.csv|rows.xlsx")
+        return _run_batch(args)
+    raise SystemExit("give --workflow WF.json or --template NAME --sheet FILE")
+
+
+def _run_workflow(args: argparse.Namespace) -> int:
+    """The source article's `--prompt-file prompts.txt --workflow wf.json --output-dir ./out`."""
+    from tqdm import tqdm
+
+    from engine.prompts import replace_positive_prompt
+    from engine.runtime import Engine
+
+    settings = _settings_from(args)
+    engine = Engine(settings)
+    base = engine.parse(Path(args.workflow).read_text(encoding="utf-8-sig"))
+    engine.validate(base)
+    prompts = [None]
+    if args.prompt_file:
+        lines = Path(args.prompt_file).read_text(encoding="utf-8-sig").splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
+    output_dir = settings.outputs_path
+    output_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with tqdm(total=len(prompts), unit="image", desc="workflow") as bar:
+        for number, prompt in enumerate(prompts, start=1):
+            workflow = base if prompt is None else replace_positive_prompt(base, prompt, engine.registry)
+            step_bar = tqdm(total=0, leave=False, unit="step", desc=f"  #{number}")
+
+            def on_progress(event: Any, step_bar: Any = step_bar) -> None:
+                if event.kind == "step":
+                    step_bar.total = event.maximum
+                    step_bar.n = event.value
+                    step_bar.refresh()
+
+            try:
+                result = engine.run(workflow, output_dir=output_dir, on_progress=on_progress, deadline_s=settings.row_timeout_s)
+                for image in result.images:
+                    tqdm.write(f"#{number}: {image.path}")
+            except EngineError as exc:
+                failures += 1
+                tqdm.write(f"#{number} failed: {exc.message}")
+            finally:
+                step_bar.close()
+            bar.update(1)
+    return 1 if failures else 0
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from engine.archive import write_batch_zip
+    from engine.services import build_services
+    from engine.sheets import read_sheet
+
+    settings = _settings_from(args)
+    services = build_services(settings, dispatcher=_dispatcher_for(settings))
+    runner = services.runner
+    sheet = read_sheet(Path(args.sheet), sheet_name=args.sheet_name)
+    batch_id = args.resume or runner.find_unfinished(args.template, sheet)
+    if batch_id and not args.resume:
+        print(f"resuming unfinished batch {batch_id} of the same template and sheet")
+    prepared = runner.prepare(
+        args.template, sheet, batch_seed=args.batch_seed, on_invalid=args.on_invalid, user=args.user, batch_id=batch_id
+    )
+    for row in prepared.report.rows:
+        if not row.ok:
+            for problem in row.problems:
+                print(f"row {row.number}: {problem.column or '-'}: {problem.reason}", file=sys.stderr)
+    runner.start(prepared)
+    summary_before = runner.summary(prepared.batch_id)
+    total = summary_before.total - summary_before.skipped
+    bar = tqdm(total=total, initial=summary_before.done, unit="image", desc=prepared.batch_id)
+    step_bar = tqdm(total=0, leave=False, unit="step", desc="  row")
+
+    def on_event(event: Any) -> None:
+        if event.kind == "step":
+            step_bar.set_description(f"  row {event.row_number}")
+            step_bar.total = event.steps
+            step_bar.n = event.step
+            step_bar.refresh()
+        elif event.kind == "row_done":
+            bar.update(1)
+            tqdm.write(f"row {event.row_number}: {event.image_path}")
+        elif event.kind == "row_failed":
+            bar.update(1)
+            tqdm.write(f"row {event.row_number} failed: {event.error}")
+
+    summary = runner.run(prepared.batch_id, on_event=on_event, retry_failed=args.retry_failed)
+    step_bar.close()
+    bar.close()
+    if args.zip:
+        zip_path = Path(args.zip) if isinstance(args.zip, str) else summary.output_dir.with_suffix(".zip")
+        write_batch_zip(services.ledger, prepared.batch_id, zip_path)
+        print(f"zip: {zip_path}")
+    print(
+        f"batch {summary.batch_id}: {summary.done} done, {summary.failed} failed, {summary.timed_out} timed out, "
+        f"{summary.skipped} skipped, {summary.cancelled} not run; images in {summary.output_dir}"
+    )
+    return 0 if summary.ok and summary.skipped == 0 else 1
+
+
+def _dispatcher_for(settings: Settings) -> Any:
+    if not settings.broker:
+        return None
+    from engine.distributed import CeleryDispatcher
+
+    return CeleryDispatcher(settings.broker, settings=settings)
+
+
+def cmd_templates(args: argparse.Namespace) -> int:
+    from engine.templates import TemplateLibrary
+
+    settings = _settings_from(args)
+    library = TemplateLibrary(Path(settings.templates_dir))
+    for template in library.list():
+        print(f"{template.name}  ({template.hash[:12]})  {template.title}")
+        if template.description:
+            print(f"    {template.description}")
+        for spec in template.fields:
+            required = "required" if spec.required else f"default {spec.default!r}"
+            choices = f" one of {', '.join(map(str, spec.choices))}" if spec.choices else ""
+            print(f"    - {spec.name}: {spec.type}, {required}{choices}  {spec.description}")
+    return 0
+
+
+def cmd_demo_checkpoint(args: argparse.Namespace) -> int:
+    from engine.models.demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(Path(args.out))
+    print(f"wrote the demo checkpoint (tiny random SD3.5-shaped model, not a real one) to {path}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from engine.fp8.calibrate import calibrate_checkpoint
+
+    settings = _settings_from(args)
+    path = calibrate_checkpoint(settings, args.checkpoint, prompts_file=args.prompts, steps=args.steps, size=args.size)
+    print(f"wrote FP8 activation scales to {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.e2e:
+        from engine.throughput import run_e2e_benchmark
+
+        report = run_e2e_benchmark(_settings_from(args), rows=args.rows, size=args.size, steps=args.steps)
+    else:
+        from engine.bench import run_benchmark
+
+        report = run_benchmark(size=args.model, device=args.device_name, repeats=args.repeats)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from webapp.auth import TokenIssuer
+
+    settings = _settings_from(args)
+    issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
+    print(issuer.create(args.user, args.role, args.ttl))
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from webapp.auth import add_user_to_file
+
+    settings = _settings_from(args)
+    path = Path(args.file or settings.users_file or Path(settings.data_dir) / "users.json")
+    password = args.password
+    if password is None:
+        import getpass
+
+        password = getpass.getpass(f"password for {args.name}: ")
+    add_user_to_file(path, args.name, password, args.role)
+    print(f"user {args.name} ({args.role}) written to {path}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from engine.distributed import run_worker
+
+    settings = _settings_from(args)
+    models = [m for m in (args.models or "").split(",") if m] or [settings.default_checkpoint]
+    return run_worker(settings, broker=settings.broker, models=models, name=args.name) or 0
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    settings = _settings_parent()
+    parser = argparse.ArgumentParser(
+        prog="app.py", description="Batch image production on Stable Diffusion 3.5.", parents=[settings]
+    )
+    sub = parser.add_subparsers(dest="command")
+    add_command = lambda name, **kw: sub.add_parser(name, parents=[settings], **kw)  # noqa: E731
+
+    add_command("serve", help="serve the web app (the default)")
+
+    run = add_command("run", help="run a workflow (or a template over a spreadsheet) unattended")
+    run.add_argument("--workflow", help="ComfyUI workflow JSON (API, UI or list format)")
+    run.add_argument("--prompt-file", help="one prompt per line; each replaces the positive prompt text")
+    run.add_argument("--template", help="template name (see `python app.py templates`)")
+    run.add_argument("--sheet", help="CSV or XLSX file, one row per image")
+    run.add_argument("--sheet-name", help="XLSX sheet to read (default: the first)")
+    run.add_argument("--zip", nargs="?", const=True, help="also write the batch zip (optionally to this path)")
+    run.add_argument("--resume", metavar="BATCH_ID", help="resume this batch (only unfinished rows run)")
+    run.add_argument("--retry-failed", action="store_true", help="on resume, also rerun failed and timed-out rows")
+    run.add_argument("--batch-seed", type=int, help="seed from which per-row seeds are derived")
+    run.add_argument("--on-invalid", choices=["skip", "stop"], default="skip", help="invalid rows: skip them, or stop before queueing anything")
+    run.add_argument("--user", help="recorded with every generation")
+
+    validate = add_command("validate", help="validate a workflow; prints every problem per node")
+    validate.add_argument("workflow")
+
+    add_command("templates", help="list templates and their fields")
+
+    demo = add_command("demo-checkpoint", help="write the built-in demo model as a single-file checkpoint")
+    demo.add_argument("--out", required=True)
+
+    calibrate = add_command("calibrate", help="calibrate FP8 activation scales for a checkpoint")
+    calibrate.add_argument("--checkpoint", default=None, help="checkpoint name (default: the default checkpoint)")
+    calibrate.add_argument("--prompts", help="prompt file (default: the shipped representative set)")
+    calibrate.add_argument("--steps", type=int, default=4)
+    calibrate.add_argument("--size", type=int, default=512)
+
+    bench = add_command("bench", help="FP8 vs BF16 benchmark (or --e2e batch throughput)")
+    bench.add_argument("--e2e", action="store_true", help="end-to-end batch throughput instead")
+    bench.add_argument("--model", default="auto", help="large, medium or tiny (auto: large on a GPU, tiny on a CPU)")
+    bench.add_argument("--device-name", default="auto")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--rows", type=int, default=16)
+    bench.add_argument("--size", type=int, default=None)
+    bench.add_argument("--steps", type=int, default=None)
+    bench.add_argument("--json", help="also write the report as JSON here")
+
+    token = add_command("token", help="API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", parents=[settings])
+    create.add_argument("--user", required=True)
+    create.add_argument("--role", choices=["user", "admin"], default="user")
+    create.add_argument("--ttl", default="24h", help="lifetime, e.g. 30m, 24h, 7d")
+
+    users = add_command("users", help="manage the users file")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    add = users_sub.add_parser("add", parents=[settings])
+    add.add_argument("name")
+    add.add_argument("--role", choices=["user", "admin"], default="user")
+    add.add_argument("--password", help="(prompted when omitted)")
+    add.add_argument("--file", help="users file (default: the users_file setting or <data_dir>/users.json)")
+
+    worker = add_command("worker", help="a GPU worker taking rows from Redis")
+    worker.add_argument("--models", help="comma-separated checkpoints to keep resident")
+    worker.add_argument("--name", help="worker name (default: host name and pid)")
+    return parser
+
+
+COMMANDS = {
+    None: cmd_serve,
+    "serve": cmd_serve,
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "templates": cmd_templates,
+    "demo-checkpoint": cmd_demo_checkpoint,
+    "calibrate": cmd_calibrate,
+    "bench": cmd_bench,
+    "token": cmd_token,
+    "users": cmd_users,
+    "worker": cmd_worker,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EngineError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad settings values
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

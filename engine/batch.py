@@ -1,0 +1,851 @@
+"""Rows -> jobs -> results: the production line.
+
+A batch is a template, a spreadsheet and a batch seed. :class:`BatchRunner` validates and renders every
+row before any GPU work, records the batch in the ledger, and runs the pending rows through a
+:class:`Dispatcher` (in process, or on Celery workers). The coordinator is the single writer of the ledger
+and of the output folder: an image is written to a temporary name, fsynced and renamed before its ledger
+row is committed ``done``, so a crash at any point leaves no finished row without its file and no row with
+two images. Resume is simply "run the rows that are not done".
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.errors import (
+    BadOutput,
+    BatchError,
+    BatchMismatch,
+    Cancelled,
+    DeadlineExceeded,
+    EngineError,
+    OutOfMemory,
+)
+from engine.logs import log_context
+from engine.naming import safe_filename
+from engine.sheets import Sheet, ValidationReport, derive_seed, validate_rows
+
+log = logging.getLogger(__name__)
+
+DONE, FAILED, TIMED_OUT, CANCELLED, QUEUED, SKIPPED = "done", "failed", "timed_out", "cancelled", "queued", "skipped"
+
+
+# --------------------------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class RowJob:
+    """One rendered sheet row: everything a worker needs, nothing it must look up in the ledger."""
+
+    row_key: str
+    batch_id: str
+    row_number: int
+    workflow: dict[str, Any]
+    png_extra: dict[str, Any]
+    deadline_s: float
+    checkpoint: str
+    attempt: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RowJob":
+        return cls(**data)
+
+
+@dataclass
+class RowImage:
+    filename: str
+    data: bytes
+    sha256: str
+    width: int
+    height: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "data": base64.b64encode(self.data).decode("ascii")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RowImage":
+        return cls(**{**data, "data": base64.b64decode(data["data"])})
+
+
+@dataclass
+class RowResult:
+    row_key: str
+    status: str
+    error: str | None = None
+    images: list[RowImage] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    worker: str = "local"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "row_key": self.row_key,
+            "status": self.status,
+            "error": self.error,
+            "images": [image.to_dict() for image in self.images],
+            "record": _jsonable(self.record),
+            "timings": _jsonable(self.timings),
+            "worker": self.worker,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RowResult":
+        return cls(
+            row_key=data["row_key"],
+            status=data["status"],
+            error=data.get("error"),
+            images=[RowImage.from_dict(i) for i in data.get("images", [])],
+            record=data.get("record", {}),
+            timings=data.get("timings", {}),
+            worker=data.get("worker", "?"),
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# ----------------------------------------------------------------------------------------- executor
+
+
+ProgressCallback = Callable[[str, Any], None]  # (row_key, ProgressEvent)
+
+
+class RowExecutor:
+    """Runs jobs on the resident engine: in this process, or inside a Celery worker.
+
+    Same-shape jobs run as one GPU batch (each row keeps its own seed, so batching never changes an image).
+    A row's own failure never raises: it becomes a RowResult with a status and a reason.
+    """
+
+    def __init__(self, engine: Any, max_gpu_batch: int = 4, worker_name: str = "local") -> None:
+        self.engine = engine
+        self.max_gpu_batch = max(1, int(max_gpu_batch))
+        self.worker_name = worker_name
+
+    def execute(
+        self,
+        jobs: list[RowJob],
+        on_progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> list[RowResult]:
+        results: list[RowResult] = []
+        for group in self.groups(jobs):
+            results.extend(self._execute_group(group, on_progress, should_cancel))
+        return results
+
+    def groups(self, jobs: list[RowJob]) -> Iterator[list[RowJob]]:
+        """Consecutive chunks of same-shape jobs, at most ``max_gpu_batch`` each, in row order."""
+        by_shape: dict[str, list[RowJob]] = {}
+        order: list[str] = []
+        for job in jobs:
+            key = self._shape_key(job)
+            if key not in by_shape:
+                order.append(key)
+                by_shape[key] = []
+            by_shape[key].append(job)
+        for key in order:
+            members = by_shape[key]
+            for start in range(0, len(members), self.max_gpu_batch):
+                yield members[start : start + self.max_gpu_batch]
+
+    def _shape_key(self, job: RowJob) -> str:
+        try:
+            return self.engine.batch_key(self.engine.parse(job.workflow))
+        except EngineError:
+            return f"unparseable:{job.row_key}"
+
+    def _execute_group(
+        self,
+        group: list[RowJob],
+        on_progress: ProgressCallback | None,
+        should_cancel: Callable[[], bool] | None,
+        vae_tiled: bool = False,
+    ) -> list[RowResult]:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="rows-") as staging:
+            try:
+                workflows = [self.engine.parse(job.workflow) for job in group]
+            except EngineError as exc:
+                if len(group) > 1:  # parse each alone so one bad row doesn't fail its neighbours
+                    return [r for job in group for r in self._execute_group([job], on_progress, should_cancel)]
+                return [self._failure(group[0], exc)]
+
+            def progress(event: Any) -> None:
+                if on_progress is None:
+                    return
+                row = event.row_index if getattr(event, "row_index", None) is not None else 0
+                for index, job in enumerate(group):
+                    if len(group) == 1 or index == row or event.row_index is None:
+                        on_progress(job.row_key, event)
+
+            deadline = max(job.deadline_s for job in group) * len(group)
+            outcomes = self.engine.run_batch(
+                workflows,
+                output_dir=Path(staging),
+                on_progress=progress,
+                should_cancel=should_cancel,
+                deadline_s=deadline,
+                png_extra=[job.png_extra for job in group],
+                vae_tiled=vae_tiled,
+            )
+            elapsed = time.perf_counter() - started
+            results: list[RowResult] = []
+            for job, outcome in zip(group, outcomes):
+                if isinstance(outcome, OutOfMemory) and not vae_tiled:
+                    # Retry once on its own, decoding in tiles: the cheaper setting the issue asks for.
+                    log.warning("row %s ran out of memory; retrying alone with tiled VAE", job.row_key)
+                    retry = self._execute_group([job], on_progress, should_cancel, vae_tiled=True)[0]
+                    retry.record.setdefault("oom_retry", True)
+                    results.append(retry)
+                elif isinstance(outcome, BaseException):
+                    results.append(self._failure(job, outcome))
+                else:
+                    results.append(self._success(job, outcome, elapsed / len(group), vae_tiled))
+            return results
+
+    def _success(self, job: RowJob, outcome: Any, share_s: float, vae_tiled: bool) -> RowResult:
+        images = []
+        for saved in outcome.images:
+            data = Path(saved.path).read_bytes()
+            images.append(
+                RowImage(
+                    filename=Path(saved.path).name,
+                    data=data,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    width=int(saved.width),
+                    height=int(saved.height),
+                )
+            )
+        if not images:
+            return self._failure(job, BadOutput("the workflow produced no image"))
+        record = dict(outcome.record)
+        if vae_tiled:
+            record["vae_tiled"] = True
+        timings = dict(outcome.timings)
+        timings.setdefault("row_s", share_s)
+        return RowResult(job.row_key, DONE, None, images, record, timings, self.worker_name)
+
+    def _failure(self, job: RowJob, error: BaseException) -> RowResult:
+        if isinstance(error, DeadlineExceeded):
+            status = TIMED_OUT
+        elif isinstance(error, Cancelled):
+            status = CANCELLED
+        else:
+            status = FAILED
+        message = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
+        where = getattr(error, "node_id", None)
+        if where:
+            message = f"node {where} ({getattr(error, 'class_type', '?')}): {message}"
+        return RowResult(job.row_key, status, message, [], {}, {}, self.worker_name)
+
+
+# --------------------------------------------------------------------------------------- dispatchers
+
+
+class Dispatcher(Protocol):
+    """Where rows run. Yields one RowResult per job (in any order)."""
+
+    def run(
+        self,
+        jobs: list[RowJob],
+        on_event: ProgressCallback | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> Iterator[RowResult]: ...
+
+
+class LocalDispatcher:
+    """Runs rows in this process on the resident engine, one GPU batch at a time."""
+
+    def __init__(self, executor: RowExecutor) -> None:
+        self.executor = executor
+
+    def run(
+        self,
+        jobs: list[RowJob],
+        on_event: ProgressCallback | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> Iterator[RowResult]:
+        for group in self.executor.groups(jobs):
+            if should_cancel is not None and should_cancel():
+                for job in group:
+                    yield RowResult(job.row_key, CANCELLED, "cancelled before it started")
+                continue
+            yield from self.executor._execute_group(group, on_event, should_cancel)
+
+
+# ----------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class BatchEvent:
+    kind: str
+    batch_id: str
+    row_number: int | None = None
+    image_path: str | None = None
+    error: str | None = None
+    step: int = 0
+    steps: int = 0
+    done: int = 0
+    failed: int = 0
+    remaining: int = 0
+    eta_s: float | None = None
+
+
+@dataclass
+class PreparedBatch:
+    batch_id: str
+    template: Any
+    sheet: Sheet
+    report: ValidationReport
+    batch_seed: int
+    sheet_hash: str
+    rows: list[dict[str, Any]]  # ledger rows to insert (queued or skipped)
+    user: str | None = None
+    resumed: bool = False
+
+    @property
+    def runnable(self) -> int:
+        return sum(1 for row in self.rows if row["status"] == QUEUED)
+
+
+@dataclass
+class BatchSummary:
+    batch_id: str
+    done: int
+    failed: int
+    timed_out: int
+    skipped: int
+    cancelled: int
+    total: int
+    output_dir: Path
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.timed_out == 0 and self.cancelled == 0
+
+
+def sheet_fingerprint(sheet: Sheet) -> str:
+    """Content hash of a sheet's cells (not its bytes): the same rows re-exported still match."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(sheet.columns), ensure_ascii=False).encode())
+    for row in sheet.rows:
+        digest.update(json.dumps([row.number, row.cells], ensure_ascii=False, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+class BatchRunner:
+    """Validates, records and runs batches. The single writer of the ledger and the output folder."""
+
+    def __init__(
+        self,
+        engine: Any,
+        ledger: Any,
+        templates: Any,
+        settings: Any,
+        dispatcher: Dispatcher | None = None,
+        on_result: Callable[[RowResult], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.ledger = ledger
+        self.templates = templates
+        self.settings = settings
+        self.dispatcher = dispatcher or LocalDispatcher(
+            RowExecutor(engine, max_gpu_batch=settings.max_gpu_batch)
+        )
+        self.on_result = on_result
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- prepare
+
+    def prepare(
+        self,
+        template_name: str,
+        sheet: Sheet,
+        *,
+        batch_seed: int | None = None,
+        on_invalid: str = "skip",
+        user: str | None = None,
+        batch_id: str | None = None,
+    ) -> PreparedBatch:
+        """Validate every row and render its workflow; nothing is recorded or run yet."""
+        if on_invalid not in {"skip", "stop"}:
+            raise BatchError(f"on_invalid must be 'skip' or 'stop', not {on_invalid!r}")
+        template = self.templates.get(template_name)
+        report = validate_rows(sheet, template)
+        if report.missing_columns:
+            raise BatchError(
+                f"the sheet lacks required column(s): {', '.join(report.missing_columns)}",
+                missing_columns=report.missing_columns,
+            )
+        fingerprint = sheet_fingerprint(sheet)
+        resumed = False
+        if batch_id is not None:
+            existing = self.ledger.get_batch(batch_id)
+            if existing is not None:
+                self.ledger.ensure_same_inputs(batch_id, template.hash, fingerprint)
+                resumed = True
+                batch_seed = int(existing["batch_seed"])
+        if batch_seed is None:
+            batch_seed = secrets.randbits(63)
+        batch_id = batch_id or f"b{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        defaults = {"checkpoint": self.settings.default_checkpoint}
+        rows: list[dict[str, Any]] = []
+        for row_report in report.rows:
+            values = dict(row_report.values or {})
+            problems = [f"{p.column or 'row'}: {p.reason}" for p in row_report.problems]
+            rendered: dict[str, Any] | None = None
+            if row_report.ok:
+                for seed_field in template.seed_fields():
+                    if values.get(seed_field) in (None, ""):
+                        values[seed_field] = derive_seed(batch_seed, row_report.number)
+                try:
+                    rendered = template.render(values, defaults=defaults)
+                    self.engine.validate(self.engine.parse(rendered))
+                except EngineError as exc:
+                    problems.append(_describe(exc))
+                    rendered = None
+            status = QUEUED if rendered is not None else SKIPPED
+            if rendered is None and row_report.ok:
+                row_report.ok = False
+                row_report.problems.append(_row_problem(row_report.number, None, problems[-1]))
+            rows.append(
+                {
+                    "row_number": row_report.number,
+                    "values": values,
+                    "workflow": rendered,
+                    "status": status,
+                    "error": "; ".join(problems) or None,
+                }
+            )
+        if on_invalid == "stop" and any(row["status"] == SKIPPED for row in rows):
+            bad = [row["row_number"] for row in rows if row["status"] == SKIPPED]
+            raise BatchError(
+                f"{len(bad)} row(s) have problems (rows {', '.join(map(str, bad[:20]))}); nothing was queued",
+                rows=bad,
+            )
+        return PreparedBatch(batch_id, template, sheet, report, batch_seed, fingerprint, rows, user, resumed)
+
+    def find_unfinished(self, template_name: str, sheet: Sheet) -> str | None:
+        """The id of an unfinished batch of the same template and sheet, so re-running a command resumes it."""
+        template = self.templates.get(template_name)
+        return self.ledger.find_unfinished_batch(template.hash, sheet_fingerprint(sheet))
+
+    def start(self, prepared: PreparedBatch) -> str:
+        """Record the batch and its rows (queued or skipped). Idempotent for a resumed batch."""
+        template = prepared.template
+        if not prepared.resumed:
+            self.ledger.create_batch(
+                batch_id=prepared.batch_id,
+                template_name=template.name,
+                template_hash=template.hash,
+                sheet_name=prepared.sheet.name,
+                sheet_hash=prepared.sheet_hash,
+                batch_seed=prepared.batch_seed,
+                user=prepared.user,
+                options={"filename_pattern": template.filename_pattern, "columns": list(prepared.sheet.columns)},
+            )
+            self.ledger.add_rows(
+                prepared.batch_id,
+                [
+                    {
+                        **row,
+                        "template_name": template.name,
+                        "template_hash": template.hash,
+                        "user": prepared.user,
+                    }
+                    for row in prepared.rows
+                ],
+            )
+        return prepared.batch_id
+
+    # -------------------------------------------------------------------- run
+
+    def cancel(self, batch_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(batch_id)
+
+    def is_cancelled(self, batch_id: str) -> bool:
+        with self._lock:
+            return batch_id in self._cancelled
+
+    def output_dir(self, batch_id: str) -> Path:
+        return Path(self.settings.outputs_path) / batch_id
+
+    def run(
+        self,
+        batch_id: str,
+        on_event: Callable[[BatchEvent], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        retry_failed: bool = False,
+    ) -> BatchSummary:
+        """Run every row of the batch that is not done. Safe to call again after a crash: that is resume."""
+        batch = self.ledger.get_batch(batch_id)
+        if batch is None:
+            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+        with self._lock:
+            self._cancelled.discard(batch_id)
+        started = time.perf_counter()
+        out_dir = self.output_dir(batch_id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.ledger.reset_stale_running(batch_id)
+        all_rows = self.ledger.rows(batch_id)
+        names = self._file_names(batch, all_rows)
+        statuses = {QUEUED, CANCELLED, "running"} | ({FAILED, TIMED_OUT} if retry_failed else set())
+        pending = [row for row in all_rows if row["status"] in statuses]
+        jobs = [self._job(batch, row) for row in pending]
+        by_key = {job.row_key: job for job in jobs}
+        counts = {DONE: sum(1 for r in all_rows if r["status"] == DONE), FAILED: 0}
+        remaining = len(jobs)
+        durations: deque[float] = deque(maxlen=20)
+
+        def emit(kind: str, **kw: Any) -> None:
+            if on_event is None:
+                return
+            eta = (sum(durations) / len(durations)) * remaining if durations else None
+            on_event(
+                BatchEvent(kind, batch_id, done=counts[DONE], failed=counts[FAILED], remaining=remaining, eta_s=eta, **kw)
+            )
+
+        def cancelled() -> bool:
+            return self.is_cancelled(batch_id) or (should_cancel is not None and should_cancel())
+
+        def on_progress(row_key: str, event: Any) -> None:
+            job = by_key.get(row_key)
+            if job is None:
+                return
+            if event.kind == "step":
+                emit("step", row_number=job.row_number, step=event.value, steps=event.maximum)
+            elif event.kind == "node" and event.class_type in {"KSampler", "KSamplerAdvanced"}:
+                emit("row_started", row_number=job.row_number)
+
+        self.ledger.set_batch_status(batch_id, "running")
+        emit("batch_started")
+        last_finish = time.perf_counter()
+        with log_context(batch_id=batch_id):
+            for result in self.dispatcher.run(jobs, on_progress, cancelled):
+                job = by_key.get(result.row_key)
+                if job is None:
+                    continue  # a late or repeated result for a row we no longer wait for
+                now = time.perf_counter()
+                durations.append(now - last_finish)
+                last_finish = now
+                stored = self._store_result(job, result, names, out_dir)
+                if stored is None:
+                    continue  # the ledger already had it done: a duplicate delivery
+                remaining -= 1
+                if result.status == DONE:
+                    counts[DONE] += 1
+                    emit("row_done", row_number=job.row_number, image_path=str(stored[0]) if stored else None)
+                else:
+                    counts[FAILED] += result.status in {FAILED, TIMED_OUT}
+                    emit("row_failed", row_number=job.row_number, error=result.error)
+                if self.on_result is not None:
+                    self.on_result(result)
+        summary = self.summary(batch_id, time.perf_counter() - started)
+        final = "cancelled" if summary.cancelled or cancelled() else ("done" if summary.ok else "finished_with_errors")
+        self.ledger.set_batch_status(batch_id, final)
+        emit("batch_done")
+        return summary
+
+    def summary(self, batch_id: str, seconds: float = 0.0) -> BatchSummary:
+        rows = self.ledger.rows(batch_id)
+        count = lambda status: sum(1 for r in rows if r["status"] == status)  # noqa: E731
+        return BatchSummary(
+            batch_id,
+            count(DONE),
+            count(FAILED),
+            count(TIMED_OUT),
+            count(SKIPPED),
+            count(CANCELLED) + count(QUEUED),
+            len(rows),
+            self.output_dir(batch_id),
+            seconds,
+        )
+
+    # ---------------------------------------------------------------- helpers
+
+    def _job(self, batch: dict[str, Any], row: dict[str, Any]) -> RowJob:
+        workflow = row["workflow"] if isinstance(row["workflow"], dict) else json.loads(row["workflow"])
+        return RowJob(
+            row_key=row["row_key"],
+            batch_id=batch["id"],
+            row_number=int(row["row_number"]),
+            workflow=workflow,
+            png_extra={
+                "batch_id": batch["id"],
+                "row": str(row["row_number"]),
+                "template": batch.get("template_name") or "",
+                "template_hash": batch.get("template_hash") or "",
+            },
+            deadline_s=float(self.settings.row_timeout_s),
+            checkpoint=_checkpoint_of(workflow) or self.settings.default_checkpoint,
+            attempt=int(row.get("attempts") or 0) + 1,
+        )
+
+    def _file_names(self, batch: dict[str, Any], rows: list[dict[str, Any]]) -> dict[int, str]:
+        """Safe, unique stems per row, computed the same way on every (re)run from the row order."""
+        options = batch.get("options") or {}
+        if isinstance(options, str):
+            options = json.loads(options)
+        pattern = options.get("filename_pattern") or "row_{row}"
+        used: set[str] = set()
+        names: dict[int, str] = {}
+        for row in sorted(rows, key=lambda r: int(r["row_number"])):
+            values = row.get("values") or {}
+            if isinstance(values, str):
+                values = json.loads(values)
+            stem = _fill_pattern(pattern, values, int(row["row_number"]))
+            names[int(row["row_number"])] = safe_filename(stem, used)
+        return names
+
+    def _store_result(
+        self, job: RowJob, result: RowResult, names: dict[int, str], out_dir: Path
+    ) -> list[Path] | None:
+        """Files first (atomic), ledger second. Returns None when the row was already done."""
+        current = self.ledger.get_generation(job.row_key)
+        if current is not None and current["status"] == DONE:
+            return None
+        if result.status != DONE:
+            self.ledger.fail_row(job.row_key, result.status, result.error or result.status, worker=result.worker)
+            return []
+        base = names[job.row_number]
+        paths: list[Path] = []
+        for index, image in enumerate(result.images):
+            stem = Path(base).stem if index == 0 else f"{Path(base).stem}_{index + 1}"
+            final = out_dir / f"{stem}.png"
+            _atomic_write(final, image.data)
+            paths.append(final)
+        first = result.images[0]
+        self.ledger.complete_row(
+            job.row_key,
+            record=result.record,
+            image_path=str(paths[0]),
+            image_sha256=first.sha256,
+            timings=result.timings,
+            worker=result.worker,
+            extra_images=[str(p) for p in paths[1:]],
+        )
+        return paths
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable before the ledger says "done"
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _fill_pattern(pattern: str, values: dict[str, Any], row_number: int) -> str:
+    class _Missing(dict):
+        def __missing__(self, key: str) -> str:
+            return key
+
+    try:
+        return pattern.format_map(_Missing({**{k: str(v) for k, v in values.items()}, "row": row_number}))
+    except (ValueError, IndexError):
+        return f"row_{row_number}"
+
+
+def _checkpoint_of(workflow: dict[str, Any]) -> str | None:
+    for node in workflow.values():
+        if isinstance(node, dict) and node.get("class_type") in {"CheckpointLoaderSimple", "LoadCheckpoint"}:
+            name = node.get("inputs", {}).get("ckpt_name")
+            if isinstance(name, str):
+                return name
+    return None
+
+
+def _describe(exc: EngineError) -> str:
+    problems = getattr(exc, "problems", None)
+    if problems:
+        return "workflow: " + "; ".join(p.describe() for p in problems)
+    return exc.message
+
+
+def _row_problem(row: int, column: str | None, reason: str) -> Any:
+    from engine.sheets import RowProblem
+
+    return RowProblem(row=row, column=column, reason=reason)
+
+
+# --------------------------------------------------------------------------------------- the queue
+
+
+@dataclass
+class BatchProgress:
+    """A live snapshot of one batch for the web app and the API."""
+
+    batch_id: str
+    state: str = "queued"  # queued | running | done | finished_with_errors | cancelled | error
+    done: int = 0
+    failed: int = 0
+    remaining: int = 0
+    eta_s: float | None = None
+    row_number: int | None = None
+    step: int = 0
+    steps: int = 0
+    recent_images: list[str] = field(default_factory=list)
+    error: str | None = None
+    updated: float = field(default_factory=time.time)
+
+
+class BatchQueue:
+    """Runs submitted batches one after another on a background thread (GPU concurrency 1).
+
+    Closing a browser tab does not stop a batch: the queue owns it, and anyone can read its progress.
+    """
+
+    def __init__(self, runner: BatchRunner, keep_images: int = 48) -> None:
+        self.runner = runner
+        self.keep_images = keep_images
+        self._order: deque[str] = deque()
+        self._progress: dict[str, BatchProgress] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.listeners: list[Callable[[BatchEvent], None]] = []
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="batch-queue", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+
+    def submit(self, batch_id: str) -> BatchProgress:
+        self.start()
+        with self._wake:
+            progress = self._progress.get(batch_id)
+            if progress is not None and progress.state in {"queued", "running"}:
+                return progress
+            progress = BatchProgress(batch_id)
+            self._progress[batch_id] = progress
+            self._order.append(batch_id)
+            self._wake.notify_all()
+            return progress
+
+    def status(self, batch_id: str) -> BatchProgress | None:
+        with self._lock:
+            return self._progress.get(batch_id)
+
+    def queued(self) -> list[str]:
+        with self._lock:
+            return list(self._order)
+
+    def cancel(self, batch_id: str) -> None:
+        with self._lock:
+            if batch_id in self._order:
+                self._order.remove(batch_id)
+                self._progress[batch_id].state = "cancelled"
+        self.runner.cancel(batch_id)
+
+    def interrupted(self) -> list[dict[str, Any]]:
+        """Batches the ledger says were left unfinished and that are not queued or running here."""
+        with self._lock:
+            active = {b for b, p in self._progress.items() if p.state in {"queued", "running"}}
+        return [b for b in self.runner.ledger.unfinished_batches() if b["id"] not in active]
+
+    def wait(self, batch_id: str, timeout: float = 60.0) -> BatchProgress | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            progress = self.status(batch_id)
+            if progress is not None and progress.state not in {"queued", "running"}:
+                return progress
+            time.sleep(0.05)
+        return self.status(batch_id)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._order and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                batch_id = self._order.popleft()
+                progress = self._progress[batch_id]
+                progress.state = "running"
+            try:
+                summary = self.runner.run(batch_id, on_event=self._on_event)
+                with self._lock:
+                    progress.state = (
+                        "cancelled" if summary.cancelled else ("done" if summary.ok else "finished_with_errors")
+                    )
+                    progress.remaining = 0 if progress.state != "cancelled" else progress.remaining
+            except Exception as exc:  # a batch-level failure must not kill the queue thread
+                log.exception("batch %s failed", batch_id)
+                with self._lock:
+                    progress.state = "error"
+                    progress.error = _describe(exc) if isinstance(exc, EngineError) else str(exc)
+            finally:
+                with self._lock:
+                    progress.updated = time.time()
+
+    def _on_event(self, event: BatchEvent) -> None:
+        with self._lock:
+            progress = self._progress.setdefault(event.batch_id, BatchProgress(event.batch_id))
+            progress.done, progress.failed, progress.remaining = event.done, event.failed, event.remaining
+            progress.eta_s = event.eta_s
+            if event.row_number is not None:
+                progress.row_number = event.row_number
+            if event.kind == "step":
+                progress.step, progress.steps = event.step, event.steps
+            if event.kind == "row_done" and event.image_path:
+                progress.recent_images.append(event.image_path)
+                del progress.recent_images[: -self.keep_images]
+            progress.updated = time.time()
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener (closed websocket) must not stop the batch
+                log.exception("batch event listener failed")
+
+
+__all__ = [
+    "BatchEvent",
+    "BatchProgress",
+    "BatchQueue",
+    "BatchRunner",
+    "BatchSummary",
+    "Dispatcher",
+    "LocalDispatcher",
+    "PreparedBatch",
+    "RowExecutor",
+    "RowImage",
+    "RowJob",
+    "RowResult",
+    "sheet_fingerprint",
+]

@@ -1,0 +1,186 @@
+"""The one error hierarchy of the engine.
+
+Every error the library raises derives from :class:`EngineError`. Each carries structured attributes
+(never only a message) so the CLI, the web app and the HTTP API can render it in one place each.
+
+    EngineError
+    ├── WorkflowError
+    │   ├── WorkflowFormatError      the JSON is not any of the three workflow formats
+    │   └── WorkflowInvalid          validation found problems; ``problems`` lists every one, per node
+    ├── ModelError
+    │   ├── ModelNotFound            a checkpoint/encoder/VAE/LoRA name resolves to nothing
+    │   └── ModelLoadError           the file exists but cannot be loaded
+    ├── ExecutionError               a node failed while running (``node_id``, ``class_type``)
+    │   ├── Cancelled                the caller asked to stop
+    │   ├── DeadlineExceeded         a sampler ran past its time limit
+    │   ├── OutOfMemory              the device ran out of memory (retry cheaper)
+    │   └── BadOutput                NaN or all-black image
+    ├── Fp8Error                     FP8 quantisation or calibration problems
+    ├── TemplateError                a workflow template cannot load or render (``field``)
+    ├── SheetError                   a spreadsheet cannot be read at all (``column``/``row`` where known)
+    ├── BatchError                   batch-level refusals (``batch_id``)
+    │   └── BatchMismatch            resume with a different sheet/template than the batch was started with
+    ├── StoreError                   the ledger
+    └── AccessDenied                 authentication / authorisation refusals (``status`` for HTTP)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class EngineError(Exception):
+    """Base of every error raised by the engine."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "message": self.message, "details": self.details}
+
+
+class WorkflowError(EngineError):
+    pass
+
+
+class WorkflowFormatError(WorkflowError):
+    pass
+
+
+@dataclass(frozen=True)
+class NodeProblem:
+    """One validation problem, shaped like one entry of ComfyUI's ``node_errors[...].errors``."""
+
+    node_id: str | None  # None for prompt-level problems (no outputs, cycle across nodes)
+    class_type: str | None
+    type: str  # ComfyUI's error type, e.g. "value_not_in_list"
+    message: str
+    details: str = ""
+    input_name: str | None = None
+    extra_info: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        where = f"node {self.node_id} ({self.class_type})" if self.node_id else "workflow"
+        what = f" input '{self.input_name}'" if self.input_name else ""
+        tail = f": {self.details}" if self.details else ""
+        return f"{where}{what}: {self.message}{tail}"
+
+
+class WorkflowInvalid(WorkflowError):
+    """Validation failed. ``problems`` holds every problem found, not just the first."""
+
+    def __init__(self, problems: list[NodeProblem]) -> None:
+        self.problems = list(problems)
+        summary = "; ".join(p.describe() for p in self.problems[:5])
+        more = f" (+{len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
+        super().__init__(f"workflow failed validation: {summary}{more}", problems=[asdict(p) for p in self.problems])
+
+    def to_comfy(self) -> dict[str, Any]:
+        """The body ComfyUI's ``POST /prompt`` answers with on a 400."""
+        node_errors: dict[str, Any] = {}
+        prompt_level = [p for p in self.problems if p.node_id is None]
+        for p in self.problems:
+            if p.node_id is None:
+                continue
+            entry = node_errors.setdefault(
+                p.node_id, {"errors": [], "dependent_outputs": [], "class_type": p.class_type}
+            )
+            extra = dict(p.extra_info)
+            if p.input_name:
+                extra.setdefault("input_name", p.input_name)
+            entry["errors"].append(
+                {"type": p.type, "message": p.message, "details": p.details, "extra_info": extra}
+            )
+        if prompt_level:
+            head = prompt_level[0]
+            error = {"type": head.type, "message": head.message, "details": head.details, "extra_info": {}}
+        else:
+            error = {
+                "type": "prompt_outputs_failed_validation",
+                "message": "Prompt outputs failed validation",
+                "details": "",
+                "extra_info": {},
+            }
+        return {"error": error, "node_errors": node_errors}
+
+
+class ModelError(EngineError):
+    pass
+
+
+class ModelNotFound(ModelError):
+    def __init__(self, name: str, kind: str, searched: list[str], available: list[str]) -> None:
+        shown = ", ".join(available[:20]) or "none"
+        super().__init__(
+            f"{kind} '{name}' not found; looked in: {', '.join(searched) or 'nowhere'}; available: {shown}",
+            name=name,
+            kind=kind,
+            searched=searched,
+            available=available,
+        )
+        self.name, self.kind, self.searched, self.available = name, kind, searched, available
+
+
+class ModelLoadError(ModelError):
+    pass
+
+
+class ExecutionError(EngineError):
+    def __init__(self, message: str, node_id: str | None = None, class_type: str | None = None, **details: Any):
+        super().__init__(message, node_id=node_id, class_type=class_type, **details)
+        self.node_id, self.class_type = node_id, class_type
+
+
+class Cancelled(ExecutionError):
+    pass
+
+
+class DeadlineExceeded(ExecutionError):
+    pass
+
+
+class OutOfMemory(ExecutionError):
+    pass
+
+
+class BadOutput(ExecutionError):
+    pass
+
+
+class Fp8Error(EngineError):
+    pass
+
+
+class TemplateError(EngineError):
+    def __init__(self, message: str, template: str | None = None, field: str | None = None, **details: Any):
+        super().__init__(message, template=template, field=field, **details)
+        self.template, self.field = template, field
+
+
+class SheetError(EngineError):
+    def __init__(self, message: str, row: int | None = None, column: str | None = None, **details: Any):
+        super().__init__(message, row=row, column=column, **details)
+        self.row, self.column = row, column
+
+
+class BatchError(EngineError):
+    def __init__(self, message: str, batch_id: str | None = None, **details: Any):
+        super().__init__(message, batch_id=batch_id, **details)
+        self.batch_id = batch_id
+
+
+class BatchMismatch(BatchError):
+    pass
+
+
+class StoreError(EngineError):
+    pass
+
+
+class AccessDenied(EngineError):
+    def __init__(self, message: str, status: int = 403, **details: Any):
+        super().__init__(message, status=status, **details)
+        self.status = status

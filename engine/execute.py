@@ -1,0 +1,364 @@
+"""Run a validated workflow: ancestors of output nodes in topological order, with a signature cache.
+
+A node's *signature* hashes its class type, its literal inputs (as converted for ``run``) and, for each
+linked input, the signature of the source node and the output index. Non-output, cacheable nodes are
+served from an LRU cache keyed by signature across runs of the same :class:`Executor`, which is what keeps
+loaders and unchanged text encodings resident. Output nodes and ``cacheable = False`` nodes always run
+(identical rows are still separate generations); a node downstream of a non-cacheable node is never
+cached either, since its inputs may differ from run to run.
+
+Record entries a node writes into ``ctx.record`` are stored with its cached outputs and written again on
+a cache hit, so the record of a run does not depend on what an earlier run left in the cache.
+
+No torch import at module load: out-of-memory errors are recognised by class name and message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EngineError,
+    ExecutionError,
+    OutOfMemory,
+    WorkflowInvalid,
+)
+from engine.validate import coerce_literal, ensure_valid, output_ancestors
+from engine.workflow import Link, Workflow, node_sort_key
+
+if TYPE_CHECKING:
+    from engine.nodes.base import NodeRegistry, NodeType
+    from engine.nodes.context import NodeContext, ProgressEvent
+
+__all__ = ["ExecutionOutcome", "Executor", "batch_key", "is_out_of_memory"]
+
+_ABSENT = object()
+
+
+@dataclass
+class ExecutionOutcome:
+    """What one workflow run produced.
+
+    ``outputs`` maps each output node id to the ``ui`` dict it returned; ``timings`` maps node ids to
+    seconds spent running (0.0 for cache hits); ``cache_hits`` lists the nodes served from the cache.
+    """
+
+    outputs: dict[str, dict[str, Any]]
+    record: dict[str, Any]
+    saved_images: list[Any]
+    timings: dict[str, float]
+    cache_hits: list[str]
+    total_s: float = 0.0
+
+
+@dataclass
+class _CacheEntry:
+    outputs: tuple[Any, ...]
+    record_updates: dict[str, Any]
+
+
+@dataclass
+class _Row:
+    """One workflow of a batch while it runs."""
+
+    index: int
+    workflow: Workflow
+    ctx: "NodeContext"
+    values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    signatures: dict[str, str] = field(default_factory=dict)
+    volatile: set[str] = field(default_factory=set)  # nodes whose result may differ run to run
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    cache_hits: list[str] = field(default_factory=list)
+    error: EngineError | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def batch_key(workflow: Workflow) -> str:
+    """The shape of a workflow: its nodes, class types and links, not its literal values.
+
+    Workflows with equal keys can run together in :meth:`Executor.execute_batch`.
+    """
+    shape = []
+    for node_id in sorted(workflow.nodes, key=node_sort_key):
+        node = workflow.nodes[node_id]
+        links = sorted((name, link.node_id, link.output_index) for name, link in node.links().items())
+        shape.append([node_id, node.class_type, links])
+    return hashlib.sha256(json.dumps(shape).encode()).hexdigest()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device out-of-memory error (torch's, without importing torch)."""
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return True
+    return "CUDA out of memory" in str(exc)
+
+
+class Executor:
+    """Runs workflows on a node registry, keeping an LRU cache of node outputs across runs."""
+
+    def __init__(self, registry: "NodeRegistry", cache_size: int = 64) -> None:
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self.registry = registry
+        self.cache_size = cache_size
+        self.cache_hits = 0  # cache hits over this executor's lifetime
+        self._cache: OrderedDict[str, _CacheEntry] = OrderedDict()
+
+    def clear_cache(self) -> None:
+        """Forget every cached node output (e.g. after models were unloaded)."""
+        self._cache.clear()
+
+    @property
+    def cached_signatures(self) -> list[str]:
+        return list(self._cache)
+
+    def execute(self, workflow: Workflow, ctx: "NodeContext") -> ExecutionOutcome:
+        """Validate and run ``workflow``; raise the node's error (an :class:`EngineError`) on failure."""
+        result = self.execute_batch([workflow], [ctx])[0]
+        if isinstance(result, EngineError):
+            raise result
+        return result
+
+    def execute_batch(
+        self, workflows: Sequence[Workflow], ctxs: Sequence["NodeContext"]
+    ) -> list[ExecutionOutcome | EngineError]:
+        """Run several rows, one context each; rows of the same shape (:func:`batch_key`) run together.
+
+        Per node, rows with equal signatures share one run; rows with different inputs go through the
+        node's ``run_batch`` when it defines one (one call for the group), else ``run`` per row. A row whose
+        node fails gets its error in its slot and takes no further part; the other rows go on. If a
+        ``run_batch`` call fails for a reason other than cancellation or a deadline, its rows are run one by
+        one so that only the row at fault fails.
+        """
+        if len(workflows) != len(ctxs):
+            raise ValueError(f"{len(workflows)} workflows but {len(ctxs)} contexts")
+        results: list[ExecutionOutcome | EngineError | None] = [None] * len(workflows)
+        shapes: dict[str, list[_Row]] = {}
+        for index, (workflow, ctx) in enumerate(zip(workflows, ctxs)):
+            try:
+                ensure_valid(workflow, self.registry, ctx)
+            except WorkflowInvalid as invalid:
+                results[index] = invalid
+                continue
+            shapes.setdefault(batch_key(workflow), []).append(_Row(index, workflow, ctx))
+        for rows in shapes.values():
+            self._run_rows(rows)
+            for row in rows:
+                results[row.index] = row.error or self._outcome(row)
+        return [r for r in results if r is not None]
+
+    # --- running ------------------------------------------------------------------------------------
+
+    def _run_rows(self, rows: list[_Row]) -> None:
+        order = output_ancestors(rows[0].workflow, self.registry)
+        for node_id in order:
+            live = [row for row in rows if row.error is None]
+            if not live:
+                return
+            node_cls = self.registry.get(live[0].workflow.nodes[node_id].class_type)
+            assert node_cls is not None  # validated
+            ready = []
+            for row in live:
+                if self._prepare(row, node_id, node_cls):
+                    ready.append(row)
+            if node_cls.output_node:
+                for row in ready:
+                    self._call(node_id, node_cls, [[row]])
+                continue
+            groups: OrderedDict[str, list[_Row]] = OrderedDict()
+            for row in ready:
+                groups.setdefault(row.signatures[node_id], []).append(row)
+            pending = [members for sig, members in groups.items() if not self._serve_cached(node_id, sig, members)]
+            if not pending:
+                continue
+            if len(pending) > 1 and callable(getattr(node_cls, "run_batch", None)):
+                self._call(node_id, node_cls, pending)
+            else:
+                for members in pending:
+                    self._call(node_id, node_cls, [members])
+
+    def _prepare(self, row: _Row, node_id: str, node_cls: "type[NodeType]") -> bool:
+        """Compute the row's inputs and signature for ``node_id``; False if the row failed here."""
+        node = row.workflow.nodes[node_id]
+        row.ctx.node_id, row.ctx.class_type = node_id, node.class_type
+        try:
+            row.ctx.check_interrupt()
+        except EngineError as exc:
+            row.error = exc
+            return False
+        inputs: dict[str, Any] = {}
+        literal_part: list[Any] = []
+        link_part: list[Any] = []
+        volatile = not node_cls.cacheable
+        for spec in node_cls.inputs:
+            value = node.inputs.get(spec.name, _ABSENT)
+            if value is _ABSENT:
+                continue  # optional input left out: the node's own default applies
+            if isinstance(value, Link):
+                inputs[spec.name] = row.values[value.node_id][value.output_index]
+                link_part.append([spec.name, row.signatures[value.node_id], value.output_index])
+                volatile = volatile or value.node_id in row.volatile
+            else:
+                converted = coerce_literal(spec, value, row.ctx, check_choices=False)
+                inputs[spec.name] = converted
+                literal_part.append([spec.name, converted])
+        text = json.dumps([node.class_type, literal_part, link_part], default=repr, sort_keys=True)
+        if volatile:
+            row.volatile.add(node_id)
+            text += f"#volatile-row:{row.index}"  # never shared with another row (and never cached)
+        row.signatures[node_id] = hashlib.sha256(text.encode()).hexdigest()
+        row.inputs[node_id] = inputs
+        return True
+
+    def _serve_cached(self, node_id: str, signature: str, members: list[_Row]) -> bool:
+        if node_id in members[0].volatile:
+            return False
+        entry = self._cache.get(signature)
+        if entry is None:
+            return False
+        self._cache.move_to_end(signature)
+        for row in members:
+            self.cache_hits += 1
+            row.values[node_id] = entry.outputs
+            row.ctx.record.update(entry.record_updates)
+            row.cache_hits.append(node_id)
+            row.timings[node_id] = 0.0
+            row.ctx.progress("cached")
+        return True
+
+    def _call(self, node_id: str, node_cls: "type[NodeType]", groups: list[list[_Row]]) -> None:
+        """One call for ``groups`` (rows with equal signatures per group): ``run``, or ``run_batch``."""
+        rows = [row for members in groups for row in members]
+        ctx = rows[0].ctx if len(rows) == 1 else _shared_context(rows)
+        for row in rows:
+            row.ctx.progress("node")
+        record_before = dict(ctx.record)
+        node = node_cls()
+        started = time.perf_counter()
+        try:
+            if len(groups) == 1:
+                results = [node.run(ctx, **groups[0][0].inputs[node_id])]
+            else:
+                results = list(node.run_batch(ctx, [members[0].inputs[node_id] for members in groups]))
+                if len(results) != len(groups):
+                    raise ExecutionError(
+                        f"{node_cls.class_type}.run_batch returned {len(results)} results for {len(groups)} rows",
+                        node_id=node_id, class_type=node_cls.class_type,
+                    )
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an EngineError naming the node
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = _node_error(exc, node_id, node_cls.class_type)
+            if len(groups) > 1 and not isinstance(error, (Cancelled, DeadlineExceeded)):
+                for members in groups:  # isolate the row at fault
+                    self._call(node_id, node_cls, [members])
+                return
+            for row in rows:
+                row.error = error
+            return
+        elapsed = time.perf_counter() - started
+        record_updates = {
+            k: v for k, v in ctx.record.items() if record_before.get(k, _ABSENT) is not v
+        }
+        for members, result in zip(groups, results):
+            try:
+                outputs, ui = _split_result(result, node_id, node_cls)
+            except ExecutionError as error:
+                for row in members:
+                    row.error = error
+                continue
+            for row in members:
+                row.values[node_id] = outputs
+                row.timings[node_id] = elapsed
+                if row.ctx.record is not ctx.record:
+                    row.ctx.record.update(record_updates)
+                if node_cls.output_node:
+                    row.outputs[node_id] = ui
+            if not node_cls.output_node and node_id not in members[0].volatile and self.cache_size > 0:
+                self._cache[members[0].signatures[node_id]] = _CacheEntry(outputs, record_updates)
+                self._cache.move_to_end(members[0].signatures[node_id])
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+
+    def _outcome(self, row: _Row) -> ExecutionOutcome:
+        row.ctx.node_id = row.ctx.class_type = None
+        row.ctx.progress("done")
+        return ExecutionOutcome(
+            outputs=row.outputs,
+            record=row.ctx.record,
+            saved_images=row.ctx.saved_images,
+            timings=row.timings,
+            cache_hits=row.cache_hits,
+            total_s=time.perf_counter() - row.started,
+        )
+
+
+def _split_result(result: Any, node_id: str, node_cls: "type[NodeType]") -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(output values, ui dict) from what ``run`` returned, checked against the declared outputs."""
+    ui: dict[str, Any] = {}
+    if isinstance(result, dict):
+        ui = dict(result.get("ui") or {})
+        result = result.get("result", ())
+    if result is None and not node_cls.outputs:
+        result = ()
+    if not isinstance(result, (tuple, list)) or len(result) != len(node_cls.outputs):
+        shown = len(result) if isinstance(result, (tuple, list)) else type(result).__name__
+        raise ExecutionError(
+            f"{node_cls.class_type} returned {shown} values but declares {len(node_cls.outputs)} outputs",
+            node_id=node_id, class_type=node_cls.class_type,
+        )
+    return tuple(result), ui
+
+
+def _node_error(exc: BaseException, node_id: str, class_type: str) -> EngineError:
+    """``exc`` as an EngineError that names the node it came from."""
+    if isinstance(exc, EngineError):
+        if getattr(exc, "node_id", None) is None:
+            exc.node_id = node_id  # type: ignore[attr-defined]
+            exc.details["node_id"] = node_id
+        if getattr(exc, "class_type", None) is None:
+            exc.class_type = class_type  # type: ignore[attr-defined]
+            exc.details["class_type"] = class_type
+        return exc
+    if is_out_of_memory(exc):
+        error: EngineError = OutOfMemory(
+            f"out of device memory in {class_type} (node {node_id}): {exc}",
+            node_id=node_id, class_type=class_type, exception_type=type(exc).__name__,
+        )
+    else:
+        error = ExecutionError(
+            f"{class_type} (node {node_id}) failed: {type(exc).__name__}: {exc}",
+            node_id=node_id, class_type=class_type, exception_type=type(exc).__name__,
+        )
+    error.__cause__ = exc
+    return error
+
+
+def _shared_context(rows: list[_Row]) -> "NodeContext":
+    """One context for a call that serves several rows: progress reaches every row, any cancel stops it."""
+    first = rows[0].ctx
+    callbacks = [(row.index, row.ctx.on_progress) for row in rows if row.ctx.on_progress is not None]
+    cancels = [row.ctx.should_cancel for row in rows if row.ctx.should_cancel is not None]
+    deadlines = [row.ctx.deadline for row in rows if row.ctx.deadline is not None]
+
+    def on_progress(event: "ProgressEvent") -> None:
+        for _, callback in callbacks:
+            callback(event)
+
+    return dataclasses.replace(
+        first,
+        on_progress=on_progress if callbacks else None,
+        should_cancel=(lambda: any(cancel() for cancel in cancels)) if cancels else None,
+        deadline=min(deadlines) if deadlines else None,
+    )

@@ -1,0 +1,95 @@
+"""Safe file names built from spreadsheet cells.
+
+A cell is user data: it may hold ``../``, an absolute path, a Windows device name (``CON``), full-width
+characters or two spellings of one name (``Cat``/``cat``) that collide on case-insensitive file systems and
+inside zip files opened on Windows or macOS. Every name that reaches a disk or a zip goes through
+:func:`safe_filename`.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["safe_filename", "fill_filename_pattern", "pattern_fields", "PATTERN_BUILTINS"]
+
+# Device names Windows refuses as a file name whatever the extension (``con.png`` is the console).
+_WINDOWS_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"COM{i}" for i in range(1, 10)}
+    | {f"LPT{i}" for i in range(1, 10)}
+)
+# Characters illegal on Windows, path separators, and every control character.
+_ILLEGAL = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f-\x9f]')
+_DOT_RUN = re.compile(r"\.{2,}")
+_SPACE_RUN = re.compile(r"\s+")
+_PATTERN_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# Names a filename pattern may use besides the template's fields.
+PATTERN_BUILTINS = ("row", "seed", "batch_id")
+
+# Filesystems cap a name at 255 bytes; leave room for "_12345" and the suffix.
+_MAX_STEM_BYTES = 150
+
+
+def _truncate_utf8(text: str, max_bytes: int) -> str:
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _clean_stem(stem: str) -> str:
+    text = unicodedata.normalize("NFKC", str(stem))
+    text = _ILLEGAL.sub("_", text)
+    text = _SPACE_RUN.sub(" ", text)
+    text = _DOT_RUN.sub("_", text)  # ".." never survives, even between other characters
+    # Windows drops trailing dots and spaces (so "a." and "a" collide); a leading dot hides the file.
+    text = text.strip(" .")
+    text = _truncate_utf8(text, _MAX_STEM_BYTES).strip(" .")
+    if not text:
+        return "image"
+    if text.split(".", 1)[0].upper().rstrip(" ") in _WINDOWS_RESERVED:
+        text = f"{text}_"
+    return text
+
+
+def safe_filename(stem: str, used: set[str], suffix: str = ".png") -> str:
+    """A file name made from ``stem`` that is safe on every OS and unique within ``used``.
+
+    No path parts, no ``..``, no Windows device names, NFKC-normalised, at most 150 bytes of stem. The
+    original case is kept, but uniqueness is case-insensitive: ``Cat`` then ``cat`` give ``Cat.png`` and
+    ``cat_2.png``. ``used`` holds the case-folded names already taken and is updated with the new one.
+    """
+    if suffix and not re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix):
+        raise ValueError(f"suffix must look like '.png', got {suffix!r}")
+    base = _clean_stem(stem)
+    candidate = f"{base}{suffix}"
+    counter = 1
+    while candidate.casefold() in used:
+        counter += 1
+        candidate = f"{base}_{counter}{suffix}"
+    used.add(candidate.casefold())
+    return candidate
+
+
+def pattern_fields(pattern: str) -> list[str]:
+    """The ``{name}`` placeholders of a filename pattern, in order."""
+    return _PATTERN_FIELD.findall(pattern)
+
+
+def fill_filename_pattern(pattern: str, values: Mapping[str, Any]) -> str:
+    """Fill ``{name}`` placeholders from ``values`` (a missing or empty value becomes an empty string).
+
+    Only plain ``{name}`` placeholders are replaced; unlike ``str.format`` there is no attribute or index
+    access, so a pattern uploaded with a template cannot reach into objects. The result is a stem still
+    to be made safe with :func:`safe_filename`.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        value = values.get(match.group(1))
+        return "" if value is None else str(value)
+
+    return _PATTERN_FIELD.sub(replace, pattern)

@@ -1,0 +1,63 @@
+"""What a node sees while it runs: models, folders, progress, cancellation, deadline, the run's record."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import Cancelled, DeadlineExceeded
+
+if TYPE_CHECKING:
+    from engine.models.cache import ModelCache
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress report. ``kind`` is "node" (a node started), "step" (a sampler step) or "done"."""
+
+    kind: str
+    node_id: str | None = None
+    class_type: str | None = None
+    value: int = 0
+    maximum: int = 0
+    row_index: int | None = None  # set by the batch runner when several rows share one GPU batch
+    preview: Any = None  # optional PIL image of the current latent (step events)
+
+
+@dataclass
+class NodeContext:
+    models: "ModelCache"
+    output_dir: Path
+    temp_dir: Path
+    device: str = "cpu"
+    on_progress: Callable[[ProgressEvent], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+    deadline: float | None = None  # time.monotonic() value after which samplers stop between steps
+    # ComfyUI PNG metadata: {"prompt": api_json, "workflow": ui_json?, ...extra audit chunks}
+    png_metadata: dict[str, Any] = field(default_factory=dict)
+    node_id: str | None = None  # set by the executor before each node runs
+    class_type: str | None = None
+    # Generation parameters nodes record for the ledger (prompt, seed, steps, model hash, ...).
+    record: dict[str, Any] = field(default_factory=dict)
+    # Images the output nodes wrote during this run, in order (engine.nodes.image.SavedImage).
+    saved_images: list[Any] = field(default_factory=list)
+    input_dir: Path | None = None  # where LoadImage looks for files
+    vae_tiled: bool = False  # set on an out-of-memory retry: VAEDecode decodes in tiles
+
+    def progress(self, kind: str, value: int = 0, maximum: int = 0, **extra: Any) -> None:
+        if self.on_progress is not None:
+            self.on_progress(
+                ProgressEvent(kind, self.node_id, self.class_type, value, maximum, **extra)
+            )
+
+    def check_interrupt(self) -> None:
+        """Called between sampler steps: raise if the caller cancelled or the deadline passed."""
+        if self.should_cancel is not None and self.should_cancel():
+            raise Cancelled("cancelled by the user", node_id=self.node_id, class_type=self.class_type)
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded(
+                "sampler ran past its deadline", node_id=self.node_id, class_type=self.class_type
+            )

@@ -1,0 +1,42 @@
+"""The assembled library: one object holding the engine, ledger, templates, runner and queue.
+
+Built once by the composition root (app.py) and handed to the CLI, the web app, the API and workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Any  # engine.runtime.Engine
+    ledger: Any  # engine.store.BatchLedger
+    templates: Any  # engine.templates.TemplateLibrary
+    runner: Any  # engine.batch.BatchRunner
+    queue: Any  # engine.batch.BatchQueue
+
+    def close(self) -> None:
+        self.queue.stop()
+
+
+def build_services(settings: Settings, engine: Any = None, dispatcher: Any = None) -> Services:
+    """Wire the library from settings. ``engine`` and ``dispatcher`` may be passed in (tests, workers)."""
+    from engine.batch import BatchQueue, BatchRunner
+    from engine.runtime import Engine
+    from engine.store import BatchLedger
+    from engine.templates import TemplateLibrary
+
+    for folder in (settings.data_path, settings.outputs_path, settings.uploads_path):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    engine = engine or Engine(settings)
+    ledger = BatchLedger(settings.ledger_path)
+    templates = TemplateLibrary(Path(settings.templates_dir))
+    runner = BatchRunner(engine, ledger, templates, settings, dispatcher=dispatcher)
+    queue = BatchQueue(runner)
+    return Services(settings, engine, ledger, templates, runner, queue)

@@ -1,0 +1,123 @@
+"""Settings: one declarative table ``(name, default, help)`` that drives defaults, environment
+variables (``SD35_<NAME>``), ``python app.py --help`` and the docs test.
+
+Defaults are the embedded workstation setup: a SQLite file and outputs under ``./data``, the built-in demo
+model when no real checkpoint is configured, no Redis.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEMO_CHECKPOINT = "sd35_demo_tiny"
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    name: str
+    default: Any
+    help: str
+    type: type = str
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec("data_dir", "data", "Folder for the ledger, outputs, uploads and sidecars (/data on Spaces).", str),
+    SettingSpec("models_dir", "models", "ComfyUI-style models folder (checkpoints/, diffusion_models/, text_encoders/, vae/, loras/, controlnet/).", str),
+    SettingSpec("templates_dir", "templates", "Folder of workflow templates.", str),
+    SettingSpec("db_path", "", "SQLite ledger file; empty means <data_dir>/ledger.db.", str),
+    SettingSpec("output_dir", "", "Where images are written; empty means <data_dir>/outputs.", str),
+    SettingSpec("default_checkpoint", DEMO_CHECKPOINT, "Checkpoint used by templates that do not name one.", str),
+    SettingSpec("device", "auto", "auto, cuda, cuda:N or cpu.", str),
+    SettingSpec("precision", "auto", "Transformer precision: auto, bf16, fp16, fp32, fp8 (weight_only / scaled_mm / transformer_engine by hardware).", str),
+    SettingSpec("fp8_backend", "auto", "auto, scaled_mm, transformer_engine, weight_only.", str),
+    SettingSpec("compile", False, "torch.compile each transformer block at load (GPU).", bool),
+    SettingSpec("max_gpu_batch", 4, "Rows of the same shape sampled together on the GPU (1-4).", int),
+    SettingSpec("row_timeout_s", 600.0, "Per-row deadline for sampling, in seconds.", float),
+    SettingSpec("host", "127.0.0.1", "Address the web app listens on (0.0.0.0 on Spaces).", str),
+    SettingSpec("port", 7860, "Port of the web app.", int),
+    SettingSpec("users_file", "", "JSON file of users with hashed passwords and roles; empty means no login.", str),
+    SettingSpec("jwt_secret", "", "Signing key of API tokens (HS256).", str),
+    SettingSpec("jwt_issuer", "sd35-batch", "Issuer claim of API tokens.", str),
+    SettingSpec("jwt_audience", "sd35-batch-api", "Audience claim of API tokens.", str),
+    SettingSpec("rate_limit_per_minute", 120, "Requests per user per route per minute on the API.", int),
+    SettingSpec("max_upload_mb", 50, "Largest accepted upload, in MiB.", int),
+    SettingSpec("broker", "", "Redis URL of the Celery broker; empty means rows run in this process.", str),
+    SettingSpec("log_format", "console", "console or json.", str),
+    SettingSpec("allowed_models", "", "Comma-separated checkpoint names admins may switch to; empty means any found.", str),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: str = "data"
+    models_dir: str = "models"
+    templates_dir: str = "templates"
+    db_path: str = ""
+    output_dir: str = ""
+    default_checkpoint: str = DEMO_CHECKPOINT
+    device: str = "auto"
+    precision: str = "auto"
+    fp8_backend: str = "auto"
+    compile: bool = False
+    max_gpu_batch: int = 4
+    row_timeout_s: float = 600.0
+    host: str = "127.0.0.1"
+    port: int = 7860
+    users_file: str = ""
+    jwt_secret: str = ""
+    jwt_issuer: str = "sd35-batch"
+    jwt_audience: str = "sd35-batch-api"
+    rate_limit_per_minute: int = 120
+    max_upload_mb: int = 50
+    broker: str = ""
+    log_format: str = "console"
+    allowed_models: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def ledger_path(self) -> Path:
+        return Path(self.db_path) if self.db_path else self.data_path / "ledger.db"
+
+    @property
+    def outputs_path(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else self.data_path / "outputs"
+
+    @property
+    def uploads_path(self) -> Path:
+        return self.data_path / "uploads"
+
+
+def _coerce(spec: SettingSpec, raw: Any) -> Any:
+    if spec.type is bool and isinstance(raw, str):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    return spec.type(raw)
+
+
+def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Defaults ← environment (``SD35_NAME``; Spaces' ``PORT``/``SPACE_ID`` too) ← explicit overrides."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if env.get("SPACE_ID"):  # running as a Hugging Face Space: persistent storage and public bind
+        values.update(data_dir="/data" if Path("/data").is_dir() else "data", host="0.0.0.0")
+    if env.get("PORT"):
+        values["port"] = env["PORT"]
+    for spec in SETTINGS:
+        key = f"SD35_{spec.name.upper()}"
+        if key in env:
+            values[spec.name] = env[key]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    known = {f.name for f in fields(Settings)}
+    by_name = {s.name: s for s in SETTINGS}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return Settings(**{k: _coerce(by_name[k], v) if k in by_name else v for k, v in values.items()})

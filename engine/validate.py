@@ -1,0 +1,387 @@
+"""Validate a parsed workflow against the node registry before any model work.
+
+Every problem is reported, per node, with ComfyUI's error types (see ``NodeProblem``). Only ancestors of
+output nodes are checked, as ComfyUI does: a stray unconnected node is ignored, except that an unknown
+class type is reported wherever it appears (it might be an output node we cannot recognise).
+Validation never mutates the workflow; :func:`coerce_literal` gives the value the executor will pass.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import NodeProblem, WorkflowInvalid
+from engine.workflow import GraphNode, Link, Workflow, node_sort_key
+
+if TYPE_CHECKING:
+    from engine.nodes.base import Input, NodeRegistry, NodeType
+    from engine.nodes.context import NodeContext
+
+__all__ = [
+    "LiteralProblem",
+    "coerce_literal",
+    "ensure_valid",
+    "find_cycles",
+    "output_ancestors",
+    "output_node_ids",
+    "types_compatible",
+    "validate_workflow",
+]
+
+BOOLEAN_WORDS = {"true": True, "false": False}
+
+
+class LiteralProblem(ValueError):
+    """A literal does not fit its declared input; ``type`` is ComfyUI's error type."""
+
+    def __init__(self, type: str, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.type, self.message, self.details = type, message, details
+
+
+def validate_workflow(
+    workflow: Workflow, registry: "NodeRegistry", ctx: "NodeContext | None" = None
+) -> list[NodeProblem]:
+    """Every problem of ``workflow``: unknown nodes, no outputs, cycles, missing/bad links and literals.
+
+    ``ctx`` (optional) lets COMBO inputs list their run-time choices (model files on disk).
+    """
+    problems: list[NodeProblem] = []
+    for node_id in sorted(workflow.nodes, key=node_sort_key):
+        node = workflow.nodes[node_id]
+        if registry.get(node.class_type) is None:
+            problems.append(NodeProblem(
+                node_id, node.class_type, "invalid_prompt",
+                f"unknown node type '{node.class_type}'; supported node types: {', '.join(registry.names())}",
+                f"Node ID '#{node_id}'",
+            ))
+    outputs = output_node_ids(workflow, registry)
+    if not outputs:
+        problems.append(NodeProblem(
+            None, None, "prompt_no_outputs", "Prompt has no outputs",
+            "a workflow needs at least one output node (e.g. SaveImage or PreviewImage)",
+        ))
+        return problems
+    order, cycles = _ancestor_order(workflow, registry)
+    for cycle in cycles:
+        named = ", ".join(f"{n} ({workflow.nodes[n].class_type})" for n in cycle)
+        problems.append(NodeProblem(
+            None, None, "invalid_prompt", f"workflow has a cycle through nodes {named}",
+            "a node cannot depend on its own output", extra_info={"nodes": list(cycle)},
+        ))
+    for node_id in order:
+        node = workflow.nodes[node_id]
+        node_cls = registry.get(node.class_type)
+        if node_cls is not None:
+            problems.extend(_node_problems(workflow, node, node_cls, registry, ctx))
+    return problems
+
+
+def ensure_valid(workflow: Workflow, registry: "NodeRegistry", ctx: "NodeContext | None" = None) -> None:
+    """Raise :class:`WorkflowInvalid` listing every problem, or return None when there are none."""
+    problems = validate_workflow(workflow, registry, ctx)
+    if problems:
+        raise WorkflowInvalid(problems)
+
+
+def output_node_ids(workflow: Workflow, registry: "NodeRegistry") -> list[str]:
+    """Ids of the nodes whose (known) class is an output node, in natural id order."""
+    found = []
+    for node_id in sorted(workflow.nodes, key=node_sort_key):
+        node_cls = registry.get(workflow.nodes[node_id].class_type)
+        if node_cls is not None and node_cls.output_node:
+            found.append(node_id)
+    return found
+
+
+def output_ancestors(workflow: Workflow, registry: "NodeRegistry") -> list[str]:
+    """Output nodes and everything they depend on, in a deterministic topological order.
+
+    Raises :class:`WorkflowInvalid` when those nodes form a cycle.
+    """
+    order, cycles = _ancestor_order(workflow, registry)
+    if cycles:
+        raise WorkflowInvalid([
+            NodeProblem(None, None, "invalid_prompt",
+                        f"workflow has a cycle through nodes {', '.join(cycle)}",
+                        extra_info={"nodes": list(cycle)})
+            for cycle in cycles
+        ])
+    return order
+
+
+def find_cycles(workflow: Workflow, node_ids: Iterable[str]) -> list[list[str]]:
+    """The cycles (strongly connected components with a loop) among ``node_ids``, each sorted."""
+    members = set(node_ids)
+    edges = {n: sorted({l.node_id for l in workflow.nodes[n].links().values() if l.node_id in members},
+                       key=node_sort_key) for n in members}
+    # Iterative Tarjan: deep graphs must not hit the recursion limit.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    counter = 0
+    for root in sorted(members, key=node_sort_key):
+        if root in index:
+            continue
+        work = [(root, iter(edges[root]))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(edges[child])))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1 or node in edges[node]:
+                    cycles.append(sorted(component, key=node_sort_key))
+    return sorted(cycles, key=lambda c: node_sort_key(c[0]))
+
+
+def _ancestor_order(workflow: Workflow, registry: "NodeRegistry") -> tuple[list[str], list[list[str]]]:
+    """(ancestors of output nodes in topological order, cycles among them).
+
+    Nodes caught in or behind a cycle come last, in natural id order, so callers can still check them.
+    """
+    ancestors: set[str] = set()
+    pending = output_node_ids(workflow, registry)
+    while pending:
+        node_id = pending.pop()
+        if node_id in ancestors:
+            continue
+        ancestors.add(node_id)
+        for link in workflow.nodes[node_id].links().values():
+            if link.node_id in workflow.nodes and link.node_id not in ancestors:
+                pending.append(link.node_id)
+    sources = {n: {l.node_id for l in workflow.nodes[n].links().values() if l.node_id in ancestors}
+               for n in ancestors}
+    consumers: dict[str, list[str]] = {n: [] for n in ancestors}
+    for node_id, deps in sources.items():
+        for dep in deps:
+            consumers[dep].append(node_id)
+    waiting = {n: len(deps) for n, deps in sources.items()}
+    ready = [(node_sort_key(n), n) for n, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        _, node_id = heapq.heappop(ready)
+        order.append(node_id)
+        for consumer in consumers[node_id]:
+            waiting[consumer] -= 1
+            if waiting[consumer] == 0:
+                heapq.heappush(ready, (node_sort_key(consumer), consumer))
+    stuck = sorted(ancestors.difference(order), key=node_sort_key)
+    cycles = find_cycles(workflow, stuck) if stuck else []
+    return order + stuck, cycles
+
+
+def types_compatible(output_type: str, input_type: str) -> bool:
+    """Whether an output of ``output_type`` may feed an input of ``input_type`` (ComfyUI's rule).
+
+    "*" matches anything; comma-separated types are unions.
+    """
+    if output_type == input_type or "*" in (output_type, input_type):
+        return True
+    return bool(set(output_type.split(",")) & set(input_type.split(",")))
+
+
+def coerce_literal(spec: "Input", value: Any, ctx: "NodeContext | None" = None, check_choices: bool = True) -> Any:
+    """The value ``spec`` accepts for literal ``value``, converted exactly; raises :class:`LiteralProblem`.
+
+    INT takes ints, integral floats and integer strings (never through float, so 64-bit seeds stay exact);
+    bools are not numbers. FLOAT takes finite numbers and numeric strings. STRING takes text and numbers
+    (as ComfyUI does). BOOLEAN takes bools, 0/1 and "true"/"false". COMBO takes one of its choices.
+    Ranges (min/max) are checked after conversion.
+    """
+    kind = spec.type
+    if kind == "INT":
+        result: Any = _to_int(value)
+    elif kind == "FLOAT":
+        result = _to_float(value)
+    elif kind == "STRING":
+        if isinstance(value, str):
+            result = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            result = str(value)
+        else:
+            raise _wrong_type(spec, value)
+    elif kind == "BOOLEAN":
+        if isinstance(value, bool):
+            result = value
+        elif isinstance(value, int) and value in (0, 1):
+            result = bool(value)
+        elif isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
+            result = BOOLEAN_WORDS[value.strip().lower()]
+        else:
+            raise _wrong_type(spec, value)
+    elif kind == "COMBO":
+        result = value
+        if check_choices:
+            choices = spec.choice_list(ctx)
+            if not isinstance(value, (str, int, float)) or value not in choices:
+                shown = ", ".join(map(str, choices[:50])) + (" ..." if len(choices) > 50 else "")
+                raise LiteralProblem(
+                    "value_not_in_list",
+                    f"Value not in list: {spec.name}: '{value}' not in [{shown}]",
+                    "no values are available" if not choices else "",
+                )
+    else:
+        raise LiteralProblem(
+            "invalid_input_type",
+            f"input '{spec.name}' takes a link to a {kind} output, got the literal {_short(value)}",
+        )
+    if kind in ("INT", "FLOAT"):
+        if spec.min is not None and result < spec.min:
+            raise LiteralProblem(
+                "value_smaller_than_min", f"Value {result} smaller than min of {spec.min}: {spec.name}"
+            )
+        if spec.max is not None and result > spec.max:
+            raise LiteralProblem(
+                "value_bigger_than_max", f"Value {result} bigger than max of {spec.max}: {spec.name}"
+            )
+    return result
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise _wrong_type_named("INT", value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise _wrong_type_named("INT", value)
+    if isinstance(value, str):
+        try:
+            number = Decimal(value.strip())
+        except InvalidOperation:
+            raise _wrong_type_named("INT", value) from None
+        if number.is_finite() and number == number.to_integral_value():
+            return int(number)
+    raise _wrong_type_named("INT", value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise _wrong_type_named("FLOAT", value)
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _wrong_type_named("FLOAT", value) from None
+    else:
+        raise _wrong_type_named("FLOAT", value)
+    if not math.isfinite(number):
+        raise _wrong_type_named("FLOAT", value)
+    return number
+
+
+def _wrong_type(spec: "Input", value: Any) -> LiteralProblem:
+    return _wrong_type_named(spec.type, value)
+
+
+def _wrong_type_named(kind: str, value: Any) -> LiteralProblem:
+    return LiteralProblem(
+        "invalid_input_type",
+        f"Failed to convert an input value to a {kind} value",
+        f"got {type(value).__name__} {_short(value)}",
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _node_problems(
+    workflow: Workflow,
+    node: GraphNode,
+    node_cls: "type[NodeType]",
+    registry: "NodeRegistry",
+    ctx: "NodeContext | None",
+) -> list[NodeProblem]:
+    problems: list[NodeProblem] = []
+
+    def report(kind: str, message: str, details: str = "", input_name: str | None = None, **extra: Any) -> None:
+        problems.append(NodeProblem(node.id, node.class_type, kind, message, details, input_name, extra))
+
+    checked_literals: dict[str, Any] = {}
+    for spec in node_cls.inputs:
+        if spec.name not in node.inputs:
+            if not spec.optional:
+                report("required_input_missing", "Required input is missing", f"{spec.name} ({spec.type})",
+                       spec.name)
+            continue
+        value = node.inputs[spec.name]
+        if isinstance(value, Link):
+            _check_link(workflow, registry, spec, value, report)
+            continue
+        try:
+            checked_literals[spec.name] = coerce_literal(spec, value, ctx)
+        except LiteralProblem as problem:
+            report(problem.type, problem.message, problem.details, spec.name, received_value=_jsonable(value))
+        except Exception as exc:  # a COMBO choice source that fails (unreadable models folder, ...)
+            report("exception_during_validation", f"checking '{spec.name}' failed: {exc}",
+                   type(exc).__name__, spec.name)
+    try:
+        extras = node_cls.check(checked_literals, ctx)
+    except Exception as exc:  # a node's own check must not hide the other problems
+        report("exception_during_validation", f"{node.class_type}.check failed: {exc}", type(exc).__name__)
+    else:
+        for input_name, kind, message, details in extras:
+            report(kind, message, details, input_name)
+    return problems
+
+
+def _check_link(workflow: Workflow, registry: "NodeRegistry", spec: "Input", link: Link, report: Any) -> None:
+    source = workflow.nodes.get(link.node_id)
+    if source is None:
+        report("bad_linked_input", f"input '{spec.name}' links to node {link.node_id}, which does not exist",
+               "", spec.name, linked_node=link.to_api())
+        return
+    source_cls = registry.get(source.class_type)
+    if source_cls is None:
+        return  # the unknown class type is reported on the source node itself
+    if link.output_index >= len(source_cls.outputs):
+        report("bad_linked_input",
+               f"input '{spec.name}' links to output {link.output_index} of node {link.node_id} "
+               f"({source.class_type}), which has {len(source_cls.outputs)} outputs",
+               "", spec.name, linked_node=link.to_api())
+        return
+    output_type = source_cls.outputs[link.output_index].type
+    if not types_compatible(output_type, spec.type):
+        report("return_type_mismatch", "Return type mismatch between linked nodes",
+               f"{spec.name}, received_type({output_type}) mismatch input_type({spec.type})",
+               spec.name, received_type=output_type, linked_node=link.to_api())
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else repr(value)
