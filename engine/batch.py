@@ -74,6 +74,7 @@ class RowImage:
     sha256: str
     width: int
     height: int
+    node_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "data": base64.b64encode(self.data).decode("ascii")}
@@ -231,6 +232,7 @@ class RowExecutor:
                     sha256=hashlib.sha256(data).hexdigest(),
                     width=int(saved.width),
                     height=int(saved.height),
+                    node_id=str(getattr(saved, "node_id", "") or ""),
                 )
             )
         if not images:
@@ -298,6 +300,7 @@ class BatchEvent:
     kind: str
     batch_id: str
     row_number: int | None = None
+    node_id: str | None = None
     image_path: str | None = None
     error: str | None = None
     step: int = 0
@@ -342,15 +345,6 @@ class BatchSummary:
         return self.failed == 0 and self.timed_out == 0 and self.cancelled == 0
 
 
-def sheet_fingerprint(sheet: Sheet) -> str:
-    """Content hash of a sheet's cells (not its bytes): the same rows re-exported still match."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(list(sheet.columns), ensure_ascii=False).encode())
-    for row in sheet.rows:
-        digest.update(json.dumps([row.number, row.cells], ensure_ascii=False, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
 class BatchRunner:
     """Validates, records and runs batches. The single writer of the ledger and the output folder."""
 
@@ -371,8 +365,25 @@ class BatchRunner:
             RowExecutor(engine, max_gpu_batch=settings.max_gpu_batch)
         )
         self.on_result = on_result
+        self.default_checkpoint: str = settings.default_checkpoint
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- models
+
+    def allowed_checkpoints(self) -> list[str]:
+        """The checkpoints an admin may switch to: the allow-list setting, else every one found."""
+        available = self.engine.available_checkpoints()
+        allow = [name.strip() for name in self.settings.allowed_models.split(",") if name.strip()]
+        return [name for name in available if name in allow] if allow else available
+
+    def switch_checkpoint(self, name: str) -> None:
+        """Make ``name`` the checkpoint templates use by default, loading it now (admins only, at the edge)."""
+        allowed = self.allowed_checkpoints()
+        if name not in allowed:
+            raise BatchError(f"checkpoint {name!r} is not allowed; allowed: {', '.join(allowed) or 'none'}")
+        self.engine.warm_up(name)
+        self.default_checkpoint = name
 
     # ---------------------------------------------------------------- prepare
 
@@ -396,7 +407,7 @@ class BatchRunner:
                 f"the sheet lacks required column(s): {', '.join(report.missing_columns)}",
                 missing_columns=report.missing_columns,
             )
-        fingerprint = sheet_fingerprint(sheet)
+        fingerprint = sheet.content_hash
         resumed = False
         if batch_id is not None:
             existing = self.ledger.get_batch(batch_id)
@@ -407,7 +418,7 @@ class BatchRunner:
         if batch_seed is None:
             batch_seed = secrets.randbits(63)
         batch_id = batch_id or f"b{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        defaults = {"checkpoint": self.settings.default_checkpoint}
+        defaults = {"checkpoint": self.default_checkpoint}
         rows: list[dict[str, Any]] = []
         for row_report in report.rows:
             values = dict(row_report.values or {})
@@ -444,10 +455,31 @@ class BatchRunner:
             )
         return PreparedBatch(batch_id, template, sheet, report, batch_seed, fingerprint, rows, user, resumed)
 
+    def prepare_workflow(
+        self,
+        workflow: dict[str, Any],
+        *,
+        user: str | None = None,
+        batch_id: str | None = None,
+        png_extra: dict[str, Any] | None = None,
+        kind: str = "workflow",
+    ) -> PreparedBatch:
+        """A one-row batch from a ready workflow (ComfyUI's /prompt, the single-image form, a re-run)."""
+        parsed = self.engine.parse(workflow)
+        self.engine.validate(parsed)
+        api = parsed.to_api()
+        batch_id = batch_id or f"{kind[:1]}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        values = {"workflow_kind": kind, **({"png_extra": png_extra} if png_extra else {})}
+        row = {"row_number": 1, "values": values, "workflow": api, "status": QUEUED, "error": None}
+        sheet = Sheet(columns=[], rows=[], filename=kind)
+        digest = hashlib.sha256(json.dumps(api, sort_keys=True).encode()).hexdigest()
+        template = _WorkflowTemplate(name=f"({kind})", hash=digest, filename_pattern=f"{kind}_{{row}}")
+        return PreparedBatch(batch_id, template, sheet, ValidationReport(rows=[], missing_columns=[], unknown_columns=[]), 0, digest, [row], user)
+
     def find_unfinished(self, template_name: str, sheet: Sheet) -> str | None:
         """The id of an unfinished batch of the same template and sheet, so re-running a command resumes it."""
         template = self.templates.get(template_name)
-        return self.ledger.find_unfinished_batch(template.hash, sheet_fingerprint(sheet))
+        return self.ledger.find_unfinished_batch(template.hash, sheet.content_hash)
 
     def start(self, prepared: PreparedBatch) -> str:
         """Record the batch and its rows (queued or skipped). Idempotent for a resumed batch."""
@@ -457,11 +489,15 @@ class BatchRunner:
                 batch_id=prepared.batch_id,
                 template_name=template.name,
                 template_hash=template.hash,
-                sheet_name=prepared.sheet.name,
+                sheet_name=prepared.sheet.filename,
                 sheet_hash=prepared.sheet_hash,
                 batch_seed=prepared.batch_seed,
                 user=prepared.user,
-                options={"filename_pattern": template.filename_pattern, "columns": list(prepared.sheet.columns)},
+                options={
+                    "filename_pattern": template.filename_pattern,
+                    "columns": list(prepared.sheet.columns),
+                    "keep_workflow_names": isinstance(template, _WorkflowTemplate),
+                },
             )
             self.ledger.add_rows(
                 prepared.batch_id,
@@ -533,9 +569,9 @@ class BatchRunner:
             if job is None:
                 return
             if event.kind == "step":
-                emit("step", row_number=job.row_number, step=event.value, steps=event.maximum)
-            elif event.kind == "node" and event.class_type in {"KSampler", "KSamplerAdvanced"}:
-                emit("row_started", row_number=job.row_number)
+                emit("step", row_number=job.row_number, node_id=event.node_id, step=event.value, steps=event.maximum)
+            elif event.kind in {"node", "cached"}:
+                emit("node" if event.kind == "node" else "cached", row_number=job.row_number, node_id=event.node_id)
 
         self.ledger.set_batch_status(batch_id, "running")
         emit("batch_started")
@@ -585,6 +621,10 @@ class BatchRunner:
 
     def _job(self, batch: dict[str, Any], row: dict[str, Any]) -> RowJob:
         workflow = row["workflow"] if isinstance(row["workflow"], dict) else json.loads(row["workflow"])
+        values = row.get("values") or {}
+        if isinstance(values, str):
+            values = json.loads(values)
+        extra = values.get("png_extra") if isinstance(values, dict) else None
         return RowJob(
             row_key=row["row_key"],
             batch_id=batch["id"],
@@ -595,9 +635,10 @@ class BatchRunner:
                 "row": str(row["row_number"]),
                 "template": batch.get("template_name") or "",
                 "template_hash": batch.get("template_hash") or "",
+                **(extra if isinstance(extra, dict) else {}),
             },
             deadline_s=float(self.settings.row_timeout_s),
-            checkpoint=_checkpoint_of(workflow) or self.settings.default_checkpoint,
+            checkpoint=_checkpoint_of(workflow) or self.default_checkpoint,
             attempt=int(row.get("attempts") or 0) + 1,
         )
 
@@ -606,6 +647,8 @@ class BatchRunner:
         options = batch.get("options") or {}
         if isinstance(options, str):
             options = json.loads(options)
+        if options.get("keep_workflow_names"):
+            return {}
         pattern = options.get("filename_pattern") or "row_{row}"
         used: set[str] = set()
         names: dict[int, str] = {}
@@ -627,17 +670,24 @@ class BatchRunner:
         if result.status != DONE:
             self.ledger.fail_row(job.row_key, result.status, result.error or result.status, worker=result.worker)
             return []
-        base = names[job.row_number]
+        base = names.get(job.row_number)
         paths: list[Path] = []
         for index, image in enumerate(result.images):
-            stem = Path(base).stem if index == 0 else f"{Path(base).stem}_{index + 1}"
-            final = out_dir / f"{stem}.png"
+            if base is None:  # a ready workflow (ComfyUI /prompt): keep its filename_prefix naming
+                final = out_dir / Path(image.filename).name
+            else:
+                stem = Path(base).stem if index == 0 else f"{Path(base).stem}_{index + 1}"
+                final = out_dir / f"{stem}.png"
             _atomic_write(final, image.data)
             paths.append(final)
         first = result.images[0]
+        record = {
+            **result.record,
+            "images": [{"file": str(p), "node_id": i.node_id, "sha256": i.sha256} for p, i in zip(paths, result.images)],
+        }
         self.ledger.complete_row(
             job.row_key,
-            record=result.record,
+            record=record,
             image_path=str(paths[0]),
             image_sha256=first.sha256,
             timings=result.timings,
@@ -645,6 +695,15 @@ class BatchRunner:
             extra_images=[str(p) for p in paths[1:]],
         )
         return paths
+
+
+@dataclass(frozen=True)
+class _WorkflowTemplate:
+    """Stands in for a template in batches made from a ready workflow: recorded name, hash, file names."""
+
+    name: str
+    hash: str
+    filename_pattern: str
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -847,5 +906,4 @@ __all__ = [
     "RowImage",
     "RowJob",
     "RowResult",
-    "sheet_fingerprint",
 ]

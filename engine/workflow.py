@@ -9,7 +9,7 @@ No torch import here: parsing and validation must be cheap and run before any mo
   mapped onto the node class's declared widget inputs; muted, bypassed, note, reroute and primitive nodes
   are resolved the way ComfyUI's frontend does when it turns a workflow into a prompt.
 * The source article's list format: ``{"nodes": [{"id", "type", "inputs": {name: [src, out]}, "values"}]}``
-  where ``out`` is an output index or an output type name.
+  where ``out`` is an output index or an output type name; widgets left out take their declared default.
 
 Parsing only builds the graph; whether the graph makes sense (types, ranges, unknown nodes) is
 :mod:`engine.validate`'s job, so a parsed workflow may still be invalid.
@@ -234,6 +234,12 @@ def _parse_list(data: dict[str, Any], registry: "NodeRegistry") -> Workflow:
                 inputs[name] = _list_link(node_id, name, value, entries, registry)
             else:
                 inputs[name] = _api_value(node_id, name, value)
+        # Hand-written list files leave out widgets they do not change (the article's example has no
+        # batch_size or denoise): those take the declared default, as ComfyUI's editor fills them in.
+        node_cls = registry.get(class_type)
+        for spec in node_cls.widget_inputs() if node_cls is not None else ():
+            if spec.name not in inputs and spec.default is not None:
+                inputs[spec.name] = copy.deepcopy(spec.default)
         title = entry.get("title") if isinstance(entry.get("title"), str) else None
         nodes[node_id] = GraphNode(node_id, class_type, inputs, title)
     return Workflow(nodes, "list")

@@ -221,8 +221,8 @@ def _stream_chunks(stream: IO[bytes], chunk_size: int) -> Iterator[bytes]:
 class UploadLimitMiddleware:
     """ASGI middleware: every HTTP request body is held to ``limit`` (Content-Length first, then counted).
 
-    A refusal before the app has started its response is answered here with a JSON 413 (or 400); if the
-    response already started, the error propagates.
+    Once a body passes the limit, reading it raises AccessDenied(413) inside the app and the client gets
+    a JSON 413 from here, whatever the app made of the error (FastAPI turns body-parsing errors into 400s).
     """
 
     def __init__(self, app: Callable[..., Any], limit: UploadLimit) -> None:
@@ -241,29 +241,37 @@ class UploadLimitMiddleware:
             return
 
         received = 0
+        exceeded: AccessDenied | None = None
         response_started = False
 
         async def limited_receive() -> dict[str, Any]:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit.max_bytes:
-                    raise self.limit._too_large(received, declared=False)
+                    exceeded = self.limit._too_large(received, declared=False)
+                    raise exceeded
             return message
 
-        async def tracking_send(message: dict[str, Any]) -> None:
+        async def guarded_send(message: dict[str, Any]) -> None:
             nonlocal response_started
+            if exceeded is not None:  # the app's answer to a refused body is replaced by the 413
+                if not response_started:
+                    response_started = True
+                    await _send_refusal(send, exceeded)
+                return
             if message["type"] == "http.response.start":
                 response_started = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except AccessDenied as exc:
-            if response_started or exc.status not in (400, 413):
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if exceeded is None:
                 raise
-            await _send_refusal(send, exc)
+            if not response_started:
+                await _send_refusal(send, exceeded)
 
 
 async def _send_refusal(send: Callable[..., Any], error: AccessDenied) -> None:

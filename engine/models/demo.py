@@ -72,15 +72,15 @@ CLIP_L_ACT, CLIP_G_ACT = "quick_gelu", "gelu"  # as in the real CLIP-L and CLIP-
 
 
 @lru_cache(maxsize=1)
-def demo_vocabulary() -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+def demo_vocabulary() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
     """(vocab items, merges) of the generated CLIP BPE tokenizer; special tokens get the last ids."""
     byte_symbols = list(_bytes_to_unicode().values())
     tokens = byte_symbols + [s + "</w>" for s in byte_symbols]
-    merges: list[str] = []
+    merges: list[tuple[str, str]] = []
     for a in string.ascii_lowercase:
         for b in string.ascii_lowercase:
-            merges.append(f"{a} {b}")
-            merges.append(f"{a} {b}</w>")
+            merges.append((a, b))
+            merges.append((a, b + "</w>"))
             tokens.extend([a + b, a + b + "</w>"])
     tokens.extend([BOS, EOS])
     return tuple((tok, i) for i, tok in enumerate(tokens)), tuple(merges)

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from engine.errors import ExecutionError
 from engine.nodes.base import Input, NodeType, Output
 
 if TYPE_CHECKING:
     from engine.nodes.context import NodeContext
+    from engine.nodes.types import ClipHandle, Conditioning
 
 EMPTY_PADDING_CHOICES = ("none", "empty_prompt")
+
+
+def _require_clip(ctx: "NodeContext", clip: "ClipHandle | None") -> "ClipHandle":
+    if clip is None:
+        raise ExecutionError(
+            "clip input is None: the checkpoint loader's file holds no text encoders; "
+            "load them with TripleCLIPLoader (clip_l, clip_g, t5xxl) and wire its CLIP here",
+            node_id=ctx.node_id,
+            class_type=ctx.class_type,
+        )
+    return clip
 
 
 class CLIPTextEncode(NodeType):
@@ -24,7 +37,11 @@ class CLIPTextEncode(NodeType):
     outputs = (Output("CONDITIONING"),)
 
     def run(self, ctx: "NodeContext", text: str, clip: Any) -> tuple[Any]:
-        return (clip.encode(text),)
+        from engine.nodes.types import Conditioning
+
+        # ComfyUI's CLIPTextEncode encodes an empty text as text (empty_prompt), not as zeros.
+        embeds, pooled = _require_clip(ctx, clip).encode(text, empty_padding="empty_prompt")
+        return (Conditioning.single(embeds, pooled, prompt=text),)
 
 
 class CLIPTextEncodeSD3(NodeType):
@@ -43,7 +60,10 @@ class CLIPTextEncodeSD3(NodeType):
 
     def run(self, ctx: "NodeContext", clip: Any, clip_l: str, clip_g: str, t5xxl: str,
             empty_padding: str = "none") -> tuple[Any]:
-        return (clip.encode_sd3(clip_l, clip_g, t5xxl, empty_padding=empty_padding),)
+        from engine.nodes.types import Conditioning
+
+        embeds, pooled = _require_clip(ctx, clip).encode(clip_l, clip_g, t5xxl, empty_padding=empty_padding)
+        return (Conditioning.single(embeds, pooled, prompt=_sd3_prompt_text(clip_l, clip_g, t5xxl)),)
 
 
 class ConditioningZeroOut(NodeType):
@@ -55,7 +75,11 @@ class ConditioningZeroOut(NodeType):
     outputs = (Output("CONDITIONING"),)
 
     def run(self, ctx: "NodeContext", conditioning: Any) -> tuple[Any]:
-        return (conditioning.zeroed(),)
+        from engine.nodes.types import Conditioning
+
+        zeroed: Conditioning = conditioning.zeroed()
+        # The text no longer applies: record it as an empty negative, not as the positive's words.
+        return (Conditioning(tuple(e.with_options(prompt="") for e in zeroed)),)
 
 
 class ConditioningCombine(NodeType):
@@ -67,7 +91,7 @@ class ConditioningCombine(NodeType):
     outputs = (Output("CONDITIONING"),)
 
     def run(self, ctx: "NodeContext", conditioning_1: Any, conditioning_2: Any) -> tuple[Any]:
-        return (conditioning_1.combined(conditioning_2),)
+        return (conditioning_1.combine(conditioning_2),)
 
 
 class ConditioningSetTimestepRange(NodeType):
@@ -84,6 +108,24 @@ class ConditioningSetTimestepRange(NodeType):
 
     def run(self, ctx: "NodeContext", conditioning: Any, start: float, end: float) -> tuple[Any]:
         return (conditioning.with_timestep_range(start, end),)
+
+
+def _sd3_prompt_text(clip_l: str, clip_g: str, t5xxl: str) -> str:
+    """One text for the run record: the prompt when all three agree, else each labelled."""
+    if clip_l == clip_g == t5xxl:
+        return clip_l
+    return f"clip_l: {clip_l} | clip_g: {clip_g} | t5xxl: {t5xxl}"
+
+
+def conditioning_prompt(conditioning: "Conditioning | None") -> str | None:
+    """The text(s) a conditioning was encoded from, for the run record ("a | b" after a combine)."""
+    if conditioning is None:
+        return None
+    texts = [e.prompt for e in conditioning if e.prompt is not None]
+    if not texts:
+        return None
+    unique = list(dict.fromkeys(texts))
+    return " | ".join(unique)
 
 
 CONDITIONING_NODES = (

@@ -1,26 +1,147 @@
-"""Image nodes: VAE decoding and the output nodes that write PNGs with ComfyUI metadata."""
+"""Image nodes: VAE decoding and the output nodes that write PNGs with ComfyUI metadata.
+
+PNG files follow ComfyUI's SaveImage: ``{prefix}_{counter:05}_.png`` with the counter one past the
+highest already in the folder, tEXt chunks ``prompt`` (API JSON) and ``workflow`` (UI JSON) plus any
+extra keys of ``ctx.png_metadata``, each JSON-encoded. Files are written to a temporary name, fsynced
+and then linked into place, so a reader never sees a half-written image and two writers never take the
+same name.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import secrets
+import string
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.errors import BadOutput, ExecutionError
 from engine.nodes.base import Input, NodeType, Output
 
 if TYPE_CHECKING:
+    import torch
+
     from engine.nodes.context import NodeContext
+    from engine.nodes.types import VaeHandle
+
+# Decoded images whose pixel values span less than one 8-bit level are blank (all black or one colour).
+BLANK_RANGE = 1.0 / 255.0
+PREVIEW_COMPRESS_LEVEL = 1
+SAVE_COMPRESS_LEVEL = 4  # ComfyUI's SaveImage default
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    """One image an output node wrote. ``path`` is absolute; ``filename``/``subfolder``/``type`` are what
+    ComfyUI's ``/view`` takes."""
+
+    path: str
+    filename: str
+    subfolder: str
+    type: str  # "output" | "temp"
+    node_id: str | None
+    width: int
+    height: int
+    sha256: str
+
+    def to_comfy(self) -> dict[str, str]:
+        return {"filename": self.filename, "subfolder": self.subfolder, "type": self.type}
+
+
+# --- decoding ----------------------------------------------------------------------------------------
+
+
+def _require_vae(ctx: "NodeContext", vae: "VaeHandle | None") -> "VaeHandle":
+    if vae is None:
+        raise ExecutionError(
+            "vae input is None: the checkpoint loader's file holds no VAE; load one with VAELoader",
+            node_id=ctx.node_id,
+            class_type=ctx.class_type,
+        )
+    return vae
+
+
+def check_images(ctx: "NodeContext", images: "torch.Tensor") -> None:
+    """Raise BadOutput if any image holds NaN or is blank (every pixel the same to one 8-bit level)."""
+    import torch
+
+    for index, image in enumerate(images):
+        if torch.isnan(image).any():
+            raise BadOutput(
+                f"decoded image {index} contains NaN (numerical overflow in the model or VAE)",
+                node_id=ctx.node_id, class_type=ctx.class_type, image_index=index, reason="nan",
+            )
+        spread = float(image.max() - image.min())
+        if spread < BLANK_RANGE:
+            raise BadOutput(
+                f"decoded image {index} is blank (every pixel {float(image.mean()):.3f})",
+                node_id=ctx.node_id, class_type=ctx.class_type, image_index=index, reason="blank",
+            )
+
+
+def decode_latents(
+    ctx: "NodeContext", vae: "VaeHandle", latents: list[dict[str, Any]], tiled: bool, tile_size: int = 512,
+    overlap: int = 64,
+) -> list["torch.Tensor"]:
+    """Decode several LATENTs of one shape in one VAE call; returns one IMAGE per latent."""
+    import torch
+
+    samples = [latent["samples"] for latent in latents]
+    images = vae.decode(torch.cat(samples), tiled=tiled, tile_size=tile_size, overlap=overlap)
+    out = []
+    start = 0
+    for s in samples:
+        part = images[start : start + s.shape[0]]
+        start += s.shape[0]
+        check_images(ctx, part)
+        out.append(part)
+    return out
+
+
+def _decode_batch(ctx: "NodeContext", inputs_list: list[dict[str, Any]], tiled_default: bool) -> list[tuple[Any]]:
+    """Group rows by VAE and latent shape; one decode per group."""
+    groups: dict[tuple, list[int]] = {}
+    for index, inputs in enumerate(inputs_list):
+        vae = _require_vae(ctx, inputs["vae"])
+        key = (id(vae.vae), tuple(inputs["samples"]["samples"].shape[1:]), inputs.get("tile_size"),
+               inputs.get("overlap"))
+        groups.setdefault(key, []).append(index)
+    results: list[tuple[Any] | None] = [None] * len(inputs_list)
+    for indices in groups.values():
+        first = inputs_list[indices[0]]
+        tiled = tiled_default or ctx.vae_tiled
+        images = decode_latents(
+            ctx, first["vae"], [inputs_list[i]["samples"] for i in indices], tiled,
+            tile_size=first.get("tile_size", 512), overlap=first.get("overlap", 64),
+        )
+        for i, image in zip(indices, images):
+            results[i] = (image,)
+    return results  # type: ignore[return-value]
 
 
 class VAEDecode(NodeType):
+    """Latents -> images. Decodes in tiles when the run asks for it (``ctx.vae_tiled``, an OOM retry)."""
+
     class_type = "VAEDecode"
     category = "latent"
     inputs = (Input("samples", "LATENT"), Input("vae", "VAE"))
     outputs = (Output("IMAGE"),)
 
     def run(self, ctx: "NodeContext", samples: Any, vae: Any) -> tuple[Any]:
-        raise NotImplementedError
+        return _decode_batch(ctx, [{"samples": samples, "vae": vae}], tiled_default=False)[0]
+
+    def run_batch(self, ctx: "NodeContext", inputs_list: list[dict[str, Any]]) -> list[tuple[Any]]:
+        return _decode_batch(ctx, inputs_list, tiled_default=False)
 
 
 class VAEDecodeTiled(NodeType):
+    """Decoding in overlapping tiles: less memory for large images. The temporal inputs exist for
+    ComfyUI compatibility and concern video VAEs only; images have no time axis to tile."""
+
     class_type = "VAEDecodeTiled"
     category = "_for_testing"
     inputs = (
@@ -33,23 +154,210 @@ class VAEDecodeTiled(NodeType):
     )
     outputs = (Output("IMAGE"),)
 
+    @classmethod
+    def check(cls, values: dict[str, Any], ctx: "NodeContext | None") -> list[tuple[str | None, str, str, str]]:
+        tile, overlap = values.get("tile_size"), values.get("overlap")
+        if isinstance(tile, int) and isinstance(overlap, int) and overlap * 2 >= tile:
+            return [("overlap", "value_bigger_than_max", f"overlap {overlap} must be less than half of tile_size {tile}",
+                     f"tile_size {tile}")]
+        return []
+
     def run(self, ctx: "NodeContext", **inputs: Any) -> tuple[Any]:
-        raise NotImplementedError
+        return _decode_batch(ctx, [inputs], tiled_default=True)[0]
+
+    def run_batch(self, ctx: "NodeContext", inputs_list: list[dict[str, Any]]) -> list[tuple[Any]]:
+        return _decode_batch(ctx, inputs_list, tiled_default=True)
+
+
+# --- saving ------------------------------------------------------------------------------------------
+
+
+def expand_prefix(prefix: str, width: int, height: int, now: time.struct_time | None = None) -> str:
+    """ComfyUI's ``%width% %height% %year% %month% %day% %hour% %minute% %second%`` substitutions."""
+    if "%" not in prefix:
+        return prefix
+    now = now or time.localtime()
+    for key, value in (
+        ("%width%", str(width)),
+        ("%height%", str(height)),
+        ("%year%", str(now.tm_year)),
+        ("%month%", str(now.tm_mon).zfill(2)),
+        ("%day%", str(now.tm_mday).zfill(2)),
+        ("%hour%", str(now.tm_hour).zfill(2)),
+        ("%minute%", str(now.tm_min).zfill(2)),
+        ("%second%", str(now.tm_sec).zfill(2)),
+    ):
+        prefix = prefix.replace(key, value)
+    return prefix
+
+
+def resolve_save_path(
+    ctx: "NodeContext", root: Path, filename_prefix: str, width: int, height: int
+) -> tuple[Path, str, str]:
+    """(folder, file name prefix, subfolder) for ``filename_prefix`` under ``root``.
+
+    Refuses (ExecutionError naming the node) absolute prefixes and any that leave ``root``.
+    """
+    prefix = expand_prefix(filename_prefix, width, height)
+    normalized = os.path.normpath(prefix.replace("\\", "/"))
+    subfolder = os.path.dirname(normalized)
+    filename = os.path.basename(normalized)
+    root = root.resolve()
+    folder = Path(os.path.abspath(os.path.join(root, subfolder)))
+    outside = (
+        os.path.isabs(prefix)
+        or not filename
+        or filename in (".", "..")
+        or os.path.commonpath((str(root), str(folder))) != str(root)
+    )
+    if not outside:
+        # A symlinked subfolder must not lead out of the output folder either.
+        existing = folder
+        while not existing.exists() and existing != root:
+            existing = existing.parent
+        outside = os.path.commonpath((str(root), str(existing.resolve()))) != str(root)
+    if outside:
+        raise ExecutionError(
+            f"filename_prefix '{filename_prefix}' would save outside the output folder; "
+            "use a relative prefix such as 'batch/portrait'",
+            node_id=ctx.node_id, class_type=ctx.class_type, filename_prefix=filename_prefix,
+        )
+    return folder, filename, "" if subfolder in ("", ".") else subfolder.replace(os.sep, "/")
+
+
+def next_counter(folder: Path, filename: str) -> int:
+    """One past the highest ``{filename}_{NNNNN}_.png`` counter in ``folder`` (ComfyUI's rule)."""
+    highest = 0
+    if folder.is_dir():
+        for entry in os.listdir(folder):
+            head = entry[: len(filename) + 1]
+            if os.path.normcase(head[:-1]) != os.path.normcase(filename) or head[-1:] != "_":
+                continue
+            try:
+                digits = int(entry[len(filename) + 1 :].split("_")[0])
+            except ValueError:
+                continue
+            highest = max(highest, digits)
+    return highest + 1
+
+
+def png_bytes(image: "torch.Tensor", metadata: dict[str, Any], compress_level: int) -> bytes:
+    """One IMAGE [H,W,C] in 0..1 as PNG bytes with a tEXt chunk per metadata key (JSON-encoded)."""
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    pixels = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
+    info = PngInfo()
+    for key, value in metadata.items():
+        if value is not None:
+            info.add_text(key, json.dumps(value))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def write_new_file(folder: Path, filename: str, counter: int, data: bytes) -> tuple[Path, int]:
+    """Write ``data`` as ``{filename}_{counter:05}_.png`` (the next free counter) atomically.
+
+    The bytes go to a temporary file that is fsynced and then hard-linked to the final name: the link
+    fails instead of overwriting when another writer took that name first, and we move to the next one.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{filename}.{secrets.token_hex(6)}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        while True:
+            final = folder / f"{filename}_{counter:05}_.png"
+            try:
+                os.link(tmp, final)
+                break
+            except FileExistsError:
+                counter += 1
+            except OSError:  # file systems without hard links: check, then rename
+                if final.exists():
+                    counter += 1
+                    continue
+                os.replace(tmp, final)
+                break
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(folder)
+    return final, counter
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the file itself is already durable
+    finally:
+        os.close(fd)
+
+
+def save_images(
+    ctx: "NodeContext", images: "torch.Tensor", root: Path, filename_prefix: str, image_type: str,
+    compress_level: int,
+) -> dict[str, Any]:
+    """Write every image of the batch; append SavedImage to ``ctx.saved_images``; return the ``ui`` dict."""
+    import hashlib
+
+    if images.ndim != 4:
+        raise ExecutionError(
+            f"images must be a [batch, height, width, channels] tensor, got shape {tuple(images.shape)}",
+            node_id=ctx.node_id, class_type=ctx.class_type,
+        )
+    height, width = int(images.shape[1]), int(images.shape[2])
+    folder, filename, subfolder = resolve_save_path(ctx, Path(root), filename_prefix, width, height)
+    metadata = {"prompt": ctx.png_metadata.get("prompt")}
+    metadata.update({k: v for k, v in ctx.png_metadata.items() if k != "prompt"})
+    counter = next_counter(folder, filename)
+    results = []
+    for batch_number, image in enumerate(images):
+        data = png_bytes(image, metadata, compress_level)
+        name = filename.replace("%batch_num%", str(batch_number))
+        if name != filename:
+            counter = next_counter(folder, name)
+        path, counter = write_new_file(folder, name, counter, data)
+        saved = SavedImage(
+            path=str(path), filename=path.name, subfolder=subfolder, type=image_type, node_id=ctx.node_id,
+            width=width, height=height, sha256=hashlib.sha256(data).hexdigest(),
+        )
+        ctx.saved_images.append(saved)
+        results.append(saved.to_comfy())
+        counter += 1
+    return {"ui": {"images": results}}
 
 
 class SaveImage(NodeType):
+    """Writes PNGs under the output folder with ComfyUI's metadata and naming."""
+
     class_type = "SaveImage"
     category = "image"
     output_node = True
     cacheable = False
-    inputs = (Input("images", "IMAGE"), Input("filename_prefix", "STRING", default="ComfyUI"))
+    inputs = (
+        Input("images", "IMAGE"),
+        Input("filename_prefix", "STRING", default="ComfyUI",
+              tooltip="May hold a subfolder and %width% %height% %year% %month% %day% %hour% %minute% %second%."),
+    )
     outputs = ()
 
     def run(self, ctx: "NodeContext", images: Any, filename_prefix: str = "ComfyUI") -> dict[str, Any]:
-        raise NotImplementedError
+        return save_images(ctx, images, ctx.output_dir, filename_prefix, "output", SAVE_COMPRESS_LEVEL)
 
 
 class PreviewImage(NodeType):
+    """Writes PNGs to the temporary folder (type "temp"), as ComfyUI's preview does."""
+
     class_type = "PreviewImage"
     category = "image"
     output_node = True
@@ -58,7 +366,8 @@ class PreviewImage(NodeType):
     outputs = ()
 
     def run(self, ctx: "NodeContext", images: Any) -> dict[str, Any]:
-        raise NotImplementedError
+        suffix = "".join(secrets.choice(string.ascii_lowercase) for _ in range(5))
+        return save_images(ctx, images, ctx.temp_dir, f"ComfyUI_temp_{suffix}", "temp", PREVIEW_COMPRESS_LEVEL)
 
 
 IMAGE_NODES = (VAEDecode, VAEDecodeTiled, SaveImage, PreviewImage)

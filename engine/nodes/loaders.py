@@ -38,7 +38,7 @@ def model_choices(kind: str, include_demo: bool = False) -> Callable[["NodeConte
     def choices(ctx: "NodeContext | None") -> list[str]:
         names: list[str] = [DEMO_CHECKPOINT] if include_demo else []
         if ctx is not None and ctx.models is not None:
-            for name in ctx.models.resolver.list_names(kind):
+            for name in ctx.models.available(kind):
                 if name not in names:
                     names.append(name)
         return names
@@ -57,6 +57,17 @@ def _refuse_clip_type(clip_type: str) -> list[tuple[str | None, str, str, str]]:
     )]
 
 
+def _check_device(ctx: "NodeContext", device: str) -> None:
+    """ComfyUI's ``device=cpu`` keeps text encoders off the GPU; the cache places every model on one device."""
+    if device == "default" or (device == "cpu" and ctx.models.device == "cpu"):
+        return
+    raise ModelLoadError(
+        f"text encoder device '{device}' is not supported with models on {ctx.models.device}",
+        device=device,
+        supported=["default"],
+    )
+
+
 class CheckpointLoaderSimple(NodeType):
     """A single-file checkpoint (or the built-in demo): transformer, text encoders and VAE."""
 
@@ -67,7 +78,10 @@ class CheckpointLoaderSimple(NodeType):
     outputs = (Output("MODEL"), Output("CLIP"), Output("VAE"))
 
     def run(self, ctx: "NodeContext", ckpt_name: str) -> tuple[Any, Any, Any]:
-        return tuple(ctx.models.load_checkpoint(ckpt_name))
+        # CLIP or VAE is None when the file holds none (sd3.5_large.safetensors); like ComfyUI, that is
+        # an error only in a node that uses it (see CLIPTextEncode / VAEDecode).
+        model, clip, vae = ctx.models.checkpoint(ckpt_name)
+        return model, clip, vae
 
 
 class UNETLoader(NodeType):
@@ -93,12 +107,14 @@ class UNETLoader(NodeType):
         return []
 
     def run(self, ctx: "NodeContext", unet_name: str, weight_dtype: str = "default") -> tuple[Any]:
-        if weight_dtype not in UNET_WEIGHT_DTYPES or weight_dtype == "fp8_e5m2":
+        if weight_dtype == "fp8_e5m2":
             raise ModelLoadError(
-                f"weight_dtype '{weight_dtype}' is not supported",
+                "weight_dtype 'fp8_e5m2' is not supported",
+                weight_dtype=weight_dtype,
                 supported=[d for d in UNET_WEIGHT_DTYPES if d != "fp8_e5m2"],
             )
-        return (ctx.models.load_diffusion_model(unet_name, weight_dtype=weight_dtype),)
+        # The cache refuses the fp8 choices with a clear error until the FP8 module is enabled.
+        return (ctx.models.diffusion_model(unet_name, weight_dtype=weight_dtype),)
 
 
 class TripleCLIPLoader(NodeType):
@@ -114,7 +130,7 @@ class TripleCLIPLoader(NodeType):
     outputs = (Output("CLIP"),)
 
     def run(self, ctx: "NodeContext", clip_name1: str, clip_name2: str, clip_name3: str) -> tuple[Any]:
-        return (ctx.models.load_text_encoders([clip_name1, clip_name2, clip_name3]),)
+        return (ctx.models.text_encoders([clip_name1, clip_name2, clip_name3], type=SUPPORTED_CLIP_TYPE),)
 
 
 class DualCLIPLoader(NodeType):
@@ -136,7 +152,8 @@ class DualCLIPLoader(NodeType):
 
     def run(self, ctx: "NodeContext", clip_name1: str, clip_name2: str, type: str = "sd3",
             device: str = "default") -> tuple[Any]:
-        return (ctx.models.load_text_encoders([clip_name1, clip_name2], device=device),)
+        _check_device(ctx, device)
+        return (ctx.models.text_encoders([clip_name1, clip_name2], type=type),)
 
 
 class CLIPLoader(NodeType):
@@ -156,7 +173,8 @@ class CLIPLoader(NodeType):
         return _refuse_clip_type(values["type"]) if "type" in values else []
 
     def run(self, ctx: "NodeContext", clip_name: str, type: str = "sd3", device: str = "default") -> tuple[Any]:
-        return (ctx.models.load_text_encoders([clip_name], device=device),)
+        _check_device(ctx, device)
+        return (ctx.models.text_encoders([clip_name], type=type),)
 
 
 class VAELoader(NodeType):
@@ -168,7 +186,7 @@ class VAELoader(NodeType):
     outputs = (Output("VAE"),)
 
     def run(self, ctx: "NodeContext", vae_name: str) -> tuple[Any]:
-        return (ctx.models.load_vae(vae_name),)
+        return (ctx.models.vae(vae_name),)
 
 
 LOADER_NODES = (CheckpointLoaderSimple, UNETLoader, TripleCLIPLoader, DualCLIPLoader, CLIPLoader, VAELoader)

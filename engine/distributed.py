@@ -1,0 +1,637 @@
+"""Scale-out: rows run on Celery workers over a Redis broker; the coordinator stays the single writer.
+
+The only engine module that imports Celery, and only the scale-out path imports it (``--broker``).
+
+Roles::
+
+    coordinator (web app / CLI)                 Redis                      GPU worker (python app.py worker)
+    BatchRunner -> CeleryDispatcher.run() --> queue sd35.ckpt.<name> --> run_row task -> RowExecutor
+         ledger + output folder  <-- RowResult dict (PNG bytes base64) <-- result backend
+
+Guarantees (see docs/SCALE-OUT.md):
+
+* At-least-once delivery. A task is acknowledged only after it returned (``task_acks_late``); a worker
+  that dies mid-row leaves the message unacknowledged and Redis hands it out again after the broker's
+  visibility timeout, which is set longer than the longest row. Because that is slow, the dispatcher
+  also notices a lost row itself: every worker keeps a heartbeat key with a short TTL naming the task it
+  runs; a started task whose worker's heartbeat vanished, or that ran past its deadline plus a margin, is
+  sent again as the next attempt (task id ``<row_key>:<attempt>``).
+* Exactly-once results. The dispatcher yields at most one result per row (late and repeated results are
+  dropped), and the ledger's unique ``row_key`` makes a repeat a no-op at the coordinator as well.
+  Before running, a worker skips a task that the dispatcher has superseded (a newer attempt was sent, or
+  the row already has its result), so a re-delivered stale message costs no GPU time.
+* Poison rows. A row whose attempts lose their worker ``max_attempts`` times is failed, so one bad row
+  cannot take down every worker in turn.
+* Redis restarts. The dispatcher notices a new Redis ``run_id`` (or reconnects after an outage) and sends
+  again every row whose result it does not have; a worker reconnects on its own.
+* Coordinator restarts. ``BatchRunner.run`` resumes from the ledger: rows not ``done`` are sent again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from engine.batch import CANCELLED, FAILED, TIMED_OUT, RowExecutor, RowJob, RowResult
+from engine.errors import EngineError
+from engine.nodes.context import ProgressEvent
+
+log = logging.getLogger(__name__)
+
+TASK_RUN_ROW = "sd35.run_row"
+DEFAULT_QUEUE = "sd35.rows"  # rows whose checkpoint no live worker announces; every worker consumes it
+CHECKPOINT_QUEUE_PREFIX = "sd35.ckpt."
+WORKER_KEY_PREFIX = "sd35:worker:"  # heartbeat: JSON WorkerAnnouncement, TTL = 3 heartbeats
+ROW_KEY_PREFIX = "sd35:row:"  # the task id the dispatcher currently wants for a row, or "done"
+CANCEL_KEY_PREFIX = "sd35:cancel:"  # set while a batch is being cancelled; workers poll it between steps
+ROW_DONE_MARK = "done"
+# Added to a row's deadline before the coordinator or the worker's watchdog calls a running row hung:
+# model loading on a cold worker and the PNG encode happen outside the sampler's deadline.
+DEFAULT_DEADLINE_MARGIN_S = 120.0
+TEST_FAULTS = ("exit", "hang", "delay")
+
+
+def checkpoint_queue(checkpoint: str) -> str:
+    """The queue of rows that need ``checkpoint``: workers holding that model consume it."""
+    return CHECKPOINT_QUEUE_PREFIX + re.sub(r"[^A-Za-z0-9_.\-]", "_", checkpoint)
+
+
+def broker_visibility_timeout_s(row_timeout_s: float, margin_s: float = DEFAULT_DEADLINE_MARGIN_S) -> int:
+    """Redis re-delivers an unacknowledged message after this long. It must exceed the longest row
+    (deadline plus loading and encoding), or a slow row that is still running is handed to a second worker."""
+    return int(max(3600.0, 2 * (row_timeout_s + margin_s)))
+
+
+def make_celery(
+    broker_url: str,
+    result_backend: str | None = None,
+    *,
+    row_timeout_s: float = 600.0,
+    worker: "RowWorker | None" = None,
+) -> Any:
+    """Build the Celery app (no module-level app). ``worker`` is set only inside a worker process: it is
+    what the ``run_row`` task runs on; the coordinator's app only sends tasks and reads results."""
+    from celery import Celery
+
+    app = Celery("sd35", broker=broker_url, backend=result_backend or broker_url, set_as_current=False)
+    visibility = broker_visibility_timeout_s(row_timeout_s)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,  # acknowledged after the row ran, so a killed worker's row is re-delivered
+        task_reject_on_worker_lost=True,
+        task_track_started=True,  # the STARTED state names the worker, for the dispatcher's lost-row check
+        worker_prefetch_multiplier=1,  # one row reserved at a time: nothing waits behind a busy GPU
+        worker_concurrency=1,
+        task_default_queue=DEFAULT_QUEUE,
+        broker_transport_options={"visibility_timeout": visibility},
+        result_backend_transport_options={"visibility_timeout": visibility},
+        result_expires=24 * 3600,
+        result_extended=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a worker outlives a Redis restart
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=False,
+        task_send_sent_event=False,
+        worker_send_task_events=False,
+    )
+
+    @app.task(name=TASK_RUN_ROW, bind=True)
+    def run_row(task: Any, job_data: dict[str, Any]) -> dict[str, Any]:
+        if worker is None:
+            raise EngineError("this process has no models loaded; rows run only in `python app.py worker`")
+        return worker.run_task(task, job_data)
+
+    return app
+
+
+# --------------------------------------------------------------------------------------- the worker
+
+
+@dataclass
+class WorkerAnnouncement:
+    """What a live worker holds and does, kept in Redis under a key that expires unless refreshed."""
+
+    name: str
+    models: list[str]
+    queues: list[str]
+    pid: int
+    host: str
+    task_id: str | None = None  # the row it runs right now
+    task_started: float | None = None  # wall clock
+    seen: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "WorkerAnnouncement":
+        return cls(**json.loads(text))
+
+
+def live_workers(redis_client: Any) -> list[WorkerAnnouncement]:
+    """Workers whose heartbeat has not expired."""
+    found = []
+    for key in redis_client.scan_iter(match=WORKER_KEY_PREFIX + "*", count=100):
+        raw = redis_client.get(key)
+        if raw is not None:
+            found.append(WorkerAnnouncement.from_json(raw))
+    return sorted(found, key=lambda w: w.name)
+
+
+class RowWorker:
+    """The worker side: runs one row job at a time on the resident engine and keeps its heartbeat.
+
+    ``test_faults`` maps a row key to "exit" (the process dies mid-row), "hang" (the row never returns)
+    or "delay:<seconds>" (the row starts late). It exists for the scale-out tests only, is passed in by
+    code, and has no setting, environment variable or CLI option: nothing in a sheet can reach it.
+    """
+
+    def __init__(
+        self,
+        executor: RowExecutor,
+        redis_client: Any,
+        *,
+        name: str,
+        models: list[str],
+        queues: list[str],
+        heartbeat_s: float = 2.0,
+        deadline_margin_s: float = DEFAULT_DEADLINE_MARGIN_S,
+        test_faults: dict[str, str] | None = None,
+    ) -> None:
+        self.executor = executor
+        self.redis = redis_client
+        self.name = name
+        self.models = list(models)
+        self.queues = list(queues)
+        self.heartbeat_s = heartbeat_s
+        self.deadline_margin_s = deadline_margin_s
+        self.test_faults = dict(test_faults or {})
+        for row_key, fault in self.test_faults.items():
+            if fault.split(":")[0] not in TEST_FAULTS:
+                raise ValueError(f"unknown test fault {fault!r} for {row_key}; supported: {', '.join(TEST_FAULTS)}")
+        self._lock = threading.Lock()
+        self._task_id: str | None = None
+        self._task_started: float | None = None
+        self._task_deadline: float | None = None  # monotonic; the watchdog stops the process after it
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # heartbeat + watchdog ------------------------------------------------------------------------
+
+    def start_heartbeat(self) -> None:
+        self.beat()
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="sd35-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        try:
+            self.redis.delete(WORKER_KEY_PREFIX + self.name)
+        except Exception:  # Redis may be gone at shutdown; the key expires on its own
+            pass
+
+    def beat(self) -> None:
+        with self._lock:
+            announcement = WorkerAnnouncement(
+                self.name, self.models, self.queues, os.getpid(), socket.gethostname(),
+                self._task_id, self._task_started,
+            )
+        ttl_ms = int(self.heartbeat_s * 3 * 1000)
+        self.redis.set(WORKER_KEY_PREFIX + self.name, announcement.to_json(), px=ttl_ms)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            with self._lock:
+                overdue = self._task_deadline is not None and time.monotonic() > self._task_deadline
+                task_id = self._task_id
+            if overdue:
+                # A row stuck past its deadline (a hung kernel that never reaches the step callback)
+                # cannot be interrupted from Python. Stop the process: the row's message is still
+                # unacknowledged, the dispatcher sends it again, and the supervisor restarts the worker.
+                log.error("row %s ran past its deadline plus %ss; stopping worker %s", task_id,
+                          self.deadline_margin_s, self.name)
+                os._exit(75)
+            try:
+                self.beat()
+            except Exception as exc:  # Redis restarting: keep beating, the key comes back when it is up
+                log.warning("heartbeat failed: %s", exc)
+
+    # the task ------------------------------------------------------------------------------------
+
+    def run_task(self, task: Any, job_data: dict[str, Any]) -> dict[str, Any]:
+        """Body of the ``run_row`` task: a RowResult as a dict, or ``{"superseded": ...}`` when skipped."""
+        job = RowJob.from_dict(job_data)
+        task_id = task.request.id
+        wanted = self._get(ROW_KEY_PREFIX + job.row_key)
+        if wanted is not None and wanted != task_id:
+            # A newer attempt was sent, or the row already has its result: a re-delivered stale message.
+            log.info("skipping %s: the coordinator wants %s", task_id, wanted)
+            return {"superseded": task_id, "row_key": job.row_key, "worker": self.name}
+        with self._lock:
+            self._task_id, self._task_started = task_id, time.time()
+            self._task_deadline = time.monotonic() + job.deadline_s + self.deadline_margin_s
+        try:
+            self._safe_beat()
+            self._apply_test_fault(job)
+            last_step = [0.0]
+
+            def on_progress(row_key: str, event: ProgressEvent) -> None:
+                if event.kind != "step":
+                    return
+                now = time.monotonic()
+                if event.value < event.maximum and now - last_step[0] < 0.2:
+                    return  # fewer writes to Redis on fast steps; the last step always goes out
+                last_step[0] = now
+                meta = {"step": event.value, "steps": event.maximum, "worker": self.name}
+                try:
+                    task.update_state(state="PROGRESS", meta=meta)
+                except Exception as exc:  # progress is best effort; the row goes on
+                    log.warning("progress report failed: %s", exc)
+
+            cancel_key = CANCEL_KEY_PREFIX + job.batch_id
+            checked = [0.0, False]
+
+            def should_cancel() -> bool:
+                now = time.monotonic()
+                if now - checked[0] >= 0.5:
+                    checked[0] = now
+                    checked[1] = self._get(cancel_key) is not None
+                return bool(checked[1])
+
+            result = self.executor.execute([job], on_progress=on_progress, should_cancel=should_cancel)[0]
+            result.worker = self.name
+            return result.to_dict()
+        finally:
+            with self._lock:
+                self._task_id = self._task_started = self._task_deadline = None
+            self._safe_beat()
+
+    def _apply_test_fault(self, job: RowJob) -> None:
+        fault = self.test_faults.get(job.row_key)
+        if fault is None:
+            return
+        kind, _, argument = fault.partition(":")
+        log.warning("test fault %r on row %s", fault, job.row_key)
+        if kind == "exit":
+            os._exit(137)  # as if the kernel's OOM killer or a SIGKILL took the worker mid-row
+        if kind == "hang":
+            while True:
+                time.sleep(3600)
+        if kind == "delay":
+            time.sleep(float(argument or 1.0))
+
+    def _get(self, key: str) -> str | None:
+        try:
+            raw = self.redis.get(key)
+        except Exception as exc:  # Redis down: run the row; the coordinator drops a duplicate result
+            log.warning("could not read %s: %s", key, exc)
+            return None
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def _safe_beat(self) -> None:
+        try:
+            self.beat()
+        except Exception as exc:
+            log.warning("heartbeat failed: %s", exc)
+
+
+def worker_queues(models: list[str]) -> list[str]:
+    """A worker consumes the queue of each checkpoint it holds, plus the default queue."""
+    return [checkpoint_queue(m) for m in models] + [DEFAULT_QUEUE]
+
+
+def run_worker(
+    settings: Any,
+    broker: str,
+    models: list[str] | None = None,
+    *,
+    name: str | None = None,
+    engine: Any = None,
+    heartbeat_s: float = 2.0,
+    test_faults: dict[str, str] | None = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run a GPU worker until it is stopped: load ``models`` (default: the default checkpoint) once,
+    keep them resident, announce them, and take row jobs one at a time from their queues.
+
+    The pool is ``solo``: tasks run in this process, so the resident model is never forked or reloaded.
+    """
+    import redis
+
+    from engine.runtime import Engine
+
+    models = list(models or [settings.default_checkpoint])
+    engine = engine or Engine(settings)
+    for model in models:
+        log.info("loading %s", model)
+        engine.models.checkpoint(model)  # resident from now on: the first row does not pay for loading
+    name = name or f"sd35-{socket.gethostname()}-{os.getpid()}"
+    nodename = name if "@" in name else f"{name}@{socket.gethostname()}"
+    queues = worker_queues(models)
+    # One job at a time: a batch of one keeps each worker's rows independent of its neighbours.
+    executor = RowExecutor(engine, max_gpu_batch=1, worker_name=nodename)
+    redis_client = redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
+    worker = RowWorker(executor, redis_client, name=nodename, models=models, queues=queues,
+                       heartbeat_s=heartbeat_s, test_faults=test_faults)
+    app = make_celery(broker, row_timeout_s=float(settings.row_timeout_s), worker=worker)
+    worker.start_heartbeat()
+    try:
+        app.worker_main(
+            argv=[
+                "worker", "--pool=solo", "--concurrency=1", f"--hostname={nodename}",
+                f"--queues={','.join(queues)}", f"--loglevel={loglevel}",
+                "--without-gossip", "--without-mingle", "--without-heartbeat",
+            ]
+        )
+    finally:
+        worker.stop_heartbeat()
+
+
+# ----------------------------------------------------------------------------------- the coordinator
+
+
+@dataclass
+class _Flight:
+    """One row the dispatcher has sent and still waits for."""
+
+    job: RowJob
+    task_ids: list[str]  # every attempt sent; the first result of any of them counts
+    sent_at: float
+    worker: str | None = None
+    started_at: float | None = None  # monotonic, when the dispatcher first saw it started
+    missing_since: float | None = None  # monotonic, when its worker's heartbeat was first missed
+    losses: int = 0  # attempts whose worker died or hung
+    step: int = -1
+
+    @property
+    def task_id(self) -> str:
+        return self.task_ids[-1]
+
+
+class CeleryDispatcher:
+    """Sends row jobs to Celery workers and yields their results as they complete (see module docs).
+
+    ``max_in_flight`` bounds how many rows sit in Redis at once (default: two per live worker, at least
+    four); ``max_attempts`` is how many times a row may lose its worker before it is failed as poison.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        result_backend: str | None = None,
+        max_attempts: int = 3,
+        max_in_flight: int | None = None,
+        row_timeout_s: float = 600.0,
+        deadline_margin_s: float = DEFAULT_DEADLINE_MARGIN_S,
+        poll_interval_s: float = 0.1,
+        lost_confirm_s: float = 1.0,
+        cancel_grace_s: float = 10.0,
+    ) -> None:
+        import redis
+
+        self.broker_url = broker_url
+        self.max_attempts = max_attempts
+        self.max_in_flight = max_in_flight
+        self.deadline_margin_s = deadline_margin_s
+        self.poll_interval_s = poll_interval_s
+        self.lost_confirm_s = lost_confirm_s
+        self.cancel_grace_s = cancel_grace_s
+        self.app = make_celery(broker_url, result_backend, row_timeout_s=row_timeout_s)
+        self.redis = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
+        self._row_key_ttl_s = broker_visibility_timeout_s(row_timeout_s, deadline_margin_s) * 2
+
+    def workers(self) -> list[WorkerAnnouncement]:
+        """The live workers and what they hold."""
+        return live_workers(self.redis)
+
+    def close(self) -> None:
+        self.redis.close()
+        self.app.close()
+
+    # run -----------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        jobs: list[RowJob],
+        on_event: Callable[[str, Any], None] | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> Iterator[RowResult]:
+        """Yield one RowResult per job, in completion order."""
+        waiting: deque[RowJob] = deque(jobs)
+        flights: dict[str, _Flight] = {}
+        run_id: str | None = None
+        live: dict[str, WorkerAnnouncement] = {}
+        cancelled_at: float | None = None
+        batch_ids = {job.batch_id for job in jobs}
+        try:
+            while waiting or flights:
+                try:
+                    current_run_id = self._redis_run_id()
+                    if run_id is not None and current_run_id != run_id:
+                        log.warning("Redis restarted (run id changed); sending %d row(s) again", len(flights))
+                        self._resend_all(flights)
+                    run_id = current_run_id
+                    live = {w.name: w for w in live_workers(self.redis)}
+                    if cancelled_at is None and should_cancel is not None and should_cancel():
+                        cancelled_at = time.monotonic()
+                        self._cancel(batch_ids, flights)
+                    if cancelled_at is not None:
+                        while waiting:
+                            yield RowResult(waiting.popleft().row_key, CANCELLED, "cancelled before it started")
+                        if time.monotonic() - cancelled_at > self.cancel_grace_s:
+                            for row_key in list(flights):
+                                flight = flights.pop(row_key)
+                                self._settle(flight)
+                                yield RowResult(row_key, CANCELLED, "cancelled while on a worker",
+                                                worker=flight.worker or "?")
+                            break
+                    else:
+                        self._fill(waiting, flights, live)
+                    for row_key in list(flights):
+                        result = self._poll(flights[row_key], live, on_event)
+                        if result is not None:
+                            self._settle(flights.pop(row_key))
+                            yield result
+                except _BROKER_ERRORS() as exc:
+                    log.warning("Redis unreachable (%s); retrying", exc)
+                    time.sleep(1.0)
+                    run_id = self._reconnected_run_id(run_id, flights)
+                    continue
+                if flights or waiting:
+                    time.sleep(self.poll_interval_s)
+        finally:
+            if cancelled_at is not None:
+                for batch_id in batch_ids:
+                    self._quietly(lambda: self.redis.delete(CANCEL_KEY_PREFIX + batch_id))
+
+    # sending -------------------------------------------------------------------------------------
+
+    def _fill(self, waiting: deque[RowJob], flights: dict[str, _Flight], live: dict[str, WorkerAnnouncement]) -> None:
+        limit = self.max_in_flight or max(4, 2 * len(live))
+        while waiting and len(flights) < limit:
+            job = waiting[0]
+            flight = _Flight(job, [], time.monotonic())
+            self._send(flight, live, job.attempt)
+            waiting.popleft()
+            flights[job.row_key] = flight
+
+    def _send(self, flight: _Flight, live: dict[str, WorkerAnnouncement], attempt: int) -> None:
+        job = flight.job
+        job.attempt = attempt
+        task_id = f"{job.row_key}:{attempt}"
+        queue = self._queue_for(job.checkpoint, live)
+        # Tell workers which attempt is current before it can be consumed, so stale copies skip.
+        self.redis.set(ROW_KEY_PREFIX + job.row_key, task_id, ex=self._row_key_ttl_s)
+        self.app.send_task(
+            TASK_RUN_ROW, args=[job.to_dict()], task_id=task_id, queue=queue,
+            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+        if task_id not in flight.task_ids:
+            flight.task_ids.append(task_id)
+        flight.sent_at = time.monotonic()
+        flight.worker = flight.started_at = flight.missing_since = None
+        flight.step = -1
+
+    def _queue_for(self, checkpoint: str, live: dict[str, WorkerAnnouncement]) -> str:
+        if any(checkpoint in worker.models for worker in live.values()):
+            return checkpoint_queue(checkpoint)
+        # No live worker announces it: any worker takes the row and loads the model on demand.
+        return DEFAULT_QUEUE
+
+    def _resend_all(self, flights: dict[str, _Flight]) -> None:
+        for flight in flights.values():
+            self._send(flight, {}, flight.job.attempt + 1)
+
+    def _reconnected_run_id(self, run_id: str | None, flights: dict[str, _Flight]) -> str | None:
+        """After an outage: if Redis came back as a new instance, what was queued there is gone."""
+        try:
+            current = self._redis_run_id()
+        except _BROKER_ERRORS():
+            return run_id
+        if run_id is not None and current != run_id:
+            log.warning("Redis restarted; sending %d row(s) again", len(flights))
+            try:
+                self._resend_all(flights)
+            except _BROKER_ERRORS():
+                return run_id  # still flaky: try the whole reconciliation again next round
+        return current
+
+    def _redis_run_id(self) -> str:
+        return str(self.redis.info("server")["run_id"])
+
+    # polling -------------------------------------------------------------------------------------
+
+    def _poll(self, flight: _Flight, live: dict[str, WorkerAnnouncement],
+              on_event: Callable[[str, Any], None] | None) -> RowResult | None:
+        for task_id in reversed(flight.task_ids):
+            state, info = self._task_state(task_id)
+            if state == "SUCCESS" and isinstance(info, dict) and "superseded" not in info:
+                return RowResult.from_dict(info)
+            if state == "FAILURE" and task_id == flight.task_id:
+                # The task itself raised (not a row failure, which comes back as a result): a bug or an
+                # unloadable job on the worker. Sending it again would fail the same way.
+                return RowResult(flight.job.row_key, FAILED, f"worker error: {info}", worker=flight.worker or "?")
+            if task_id == flight.task_id and state in {"STARTED", "PROGRESS"} and isinstance(info, dict):
+                self._observe_start(flight, info, on_event)
+        return self._check_lost(flight, live)
+
+    def _task_state(self, task_id: str) -> tuple[str, Any]:
+        meta = self.app.backend.get_task_meta(task_id, cache=False)
+        return meta.get("status", "PENDING"), meta.get("result")
+
+    def _observe_start(self, flight: _Flight, info: dict[str, Any],
+                       on_event: Callable[[str, Any], None] | None) -> None:
+        worker = info.get("worker") or info.get("hostname")
+        if flight.started_at is None:
+            flight.started_at = time.monotonic()
+        if worker:
+            flight.worker = worker
+        step, steps = info.get("step"), info.get("steps")
+        if on_event is None or step is None or step == flight.step:
+            return
+        if flight.step < 0:  # first sampler step seen: the row has started, as a local run reports it
+            on_event(flight.job.row_key, ProgressEvent("node", class_type="KSampler"))
+        flight.step = int(step)
+        on_event(flight.job.row_key, ProgressEvent("step", value=int(step), maximum=int(steps or 0)))
+
+    def _check_lost(self, flight: _Flight, live: dict[str, WorkerAnnouncement]) -> RowResult | None:
+        """A started row whose worker died or hung is sent again, or failed once it used its attempts."""
+        now = time.monotonic()
+        reason = None
+        if flight.worker is not None and flight.started_at is not None:
+            if flight.worker in live:
+                flight.missing_since = None
+            elif flight.missing_since is None:
+                flight.missing_since = now
+            elif now - flight.missing_since >= self.lost_confirm_s:
+                reason = f"worker {flight.worker} stopped sending heartbeats while running it"
+        if flight.started_at is not None and reason is None:
+            if now - flight.started_at > flight.job.deadline_s + self.deadline_margin_s:
+                reason = f"no result {flight.job.deadline_s + self.deadline_margin_s:.0f}s after it started"
+        if reason is None:
+            return None
+        flight.losses += 1
+        log.warning("row %s attempt %s lost (%s); %d of %d attempts used", flight.job.row_key,
+                    flight.job.attempt, reason, flight.losses, self.max_attempts)
+        if flight.losses >= self.max_attempts:
+            status = TIMED_OUT if reason.startswith("no result") else FAILED
+            return RowResult(
+                flight.job.row_key, status,
+                f"failed after {flight.losses} attempts that each lost their worker (last: {reason})",
+                worker=flight.worker or "?",
+            )
+        self._quietly(lambda: self.app.control.revoke(flight.task_id))
+        self._send(flight, live, flight.job.attempt + 1)
+        return None
+
+    def _settle(self, flight: _Flight) -> None:
+        """The row has its result: stale copies of its task skip, and its stored results are freed."""
+        self.redis.set(ROW_KEY_PREFIX + flight.job.row_key, ROW_DONE_MARK, ex=self._row_key_ttl_s)
+        for task_id in flight.task_ids:
+            self.app.backend.forget(task_id)
+
+    def _cancel(self, batch_ids: set[str], flights: dict[str, _Flight]) -> None:
+        for batch_id in batch_ids:
+            self.redis.set(CANCEL_KEY_PREFIX + batch_id, "1", ex=3600)
+        for flight in flights.values():
+            self._quietly(lambda: self.app.control.revoke(flight.task_ids))
+
+    @staticmethod
+    def _quietly(action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except Exception as exc:  # best-effort housekeeping; correctness does not depend on it
+            log.warning("Redis housekeeping failed: %s", exc)
+
+
+def _BROKER_ERRORS() -> tuple[type[BaseException], ...]:
+    """Errors that mean "Redis is unreachable right now" (imported lazily with the clients)."""
+    import kombu.exceptions
+    import redis
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
+            ConnectionError, TimeoutError)
+
+
+__all__ = [
+    "CeleryDispatcher",
+    "RowWorker",
+    "WorkerAnnouncement",
+    "checkpoint_queue",
+    "live_workers",
+    "make_celery",
+    "run_worker",
+]

@@ -1,0 +1,137 @@
+"""Static activation scales from representative prompts.
+
+:func:`calibrate` hooks every layer that is (or will be) quantized, lets the caller run a few
+sampler steps per prompt, and turns the largest input magnitude each layer saw into its input
+scale (``amax / 448``). The caller owns the sampling: ``run_forward(prompt)`` may be anything that
+pushes the prompt through the transformer (:func:`make_prompt_runner` adapts an engine callable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from engine.errors import Fp8Error
+from engine.fp8.linear import Fp8Linear, import_transformer_engine, scale_from_amax, transformer_engine_recipe
+from engine.fp8.quantize import DEFAULT_KEEP_BF16, quantizable_linears
+
+DEFAULT_PROMPTS_PATH = Path(__file__).with_name("calibration_prompts.txt")
+
+
+@dataclass
+class CalibrationResult:
+    """Per-layer input scales (float32 scalars) and the maxima they came from."""
+
+    scales: dict[str, torch.Tensor]
+    amax: dict[str, torch.Tensor]
+    prompts: int
+    calls: dict[str, int] = field(default_factory=dict)
+    uncovered: list[str] = field(default_factory=list)  # target layers no forward reached
+
+    def summary(self) -> str:
+        tail = f"; {len(self.uncovered)} layers never ran and stay dynamic" if self.uncovered else ""
+        return f"calibrated {len(self.scales)} layers over {self.prompts} prompts{tail}"
+
+
+def load_calibration_prompts(path: str | Path | None = None) -> list[str]:
+    """Prompts from ``path`` (one a line; blank lines and ``#`` comments skipped), default: shipped set."""
+    source = Path(path) if path is not None else DEFAULT_PROMPTS_PATH
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise Fp8Error(f"cannot read calibration prompts {source}: {exc}", path=str(source)) from exc
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise Fp8Error(f"calibration prompt file {source} holds no prompts", path=str(source))
+    return prompts
+
+
+def make_prompt_runner(
+    generate: Callable[..., Any], *, steps: int = 8, seed: int = 0, **fixed: Any
+) -> Callable[[str], None]:
+    """Adapt ``generate(prompt=..., steps=..., seed=..., **fixed)`` into ``run_forward(prompt)``.
+
+    ``generate`` is whatever samples with the model being calibrated (an engine call, a diffusers
+    pipeline wrapper); a few steps spanning the schedule cover the activation ranges that matter.
+    """
+
+    def run_forward(prompt: str) -> None:
+        generate(prompt=prompt, steps=steps, seed=seed, **fixed)
+
+    return run_forward
+
+
+def calibration_targets(model: nn.Module, keep_bf16: Iterable[str] = DEFAULT_KEEP_BF16) -> dict[str, nn.Module]:
+    """The FP8 layers of ``model``, or, before quantization, the linears quantization would replace."""
+    fp8 = {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    if fp8:
+        return fp8
+    selected, _ = quantizable_linears(model, keep_bf16)
+    return {name: model.get_submodule(name) for name in selected}
+
+
+def calibrate(
+    transformer: nn.Module,
+    run_forward: Callable[[str], Any],
+    prompts: Sequence[str],
+    *,
+    keep_bf16: Iterable[str] = DEFAULT_KEEP_BF16,
+    margin: float = 1.0,
+) -> CalibrationResult:
+    """Record each target layer's input amax over ``run_forward(p)`` for every prompt.
+
+    Works on a float transformer (targets = the linears :func:`quantize_transformer` would replace)
+    or an already quantized one (targets = its FP8 layers; TE layers also record through TE's own
+    calibrating mode). ``margin`` > 1 leaves headroom above the largest value seen.
+    """
+    if not prompts:
+        raise Fp8Error("calibration needs at least one prompt")
+    targets = calibration_targets(transformer, keep_bf16)
+    if not targets:
+        raise Fp8Error("the model has no layers to calibrate", model=type(transformer).__name__)
+    amax: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
+
+    def recorder(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            # A device-side running max: no .item(), so recording never synchronises the GPU.
+            seen = args[0].detach().abs().amax().to(torch.float32)
+            amax[name] = torch.maximum(amax[name], seen) if name in amax else seen
+            calls[name] = calls.get(name, 0) + 1
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in targets.items()]
+    te_layers = [m for m in targets.values() if isinstance(m, Fp8Linear) and m.backend == "transformer_engine"]
+    try:
+        for layer in te_layers:
+            layer.te_calibrating = True
+        with torch.no_grad(), _te_calibration_context(te_layers):
+            for prompt in prompts:
+                run_forward(prompt)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in te_layers:
+            layer.te_calibrating = False
+    scales = {name: scale_from_amax(value, margin).cpu() for name, value in amax.items()}
+    uncovered = [name for name in targets if name not in amax]
+    return CalibrationResult(
+        scales=scales,
+        amax={k: v.cpu() for k, v in amax.items()},
+        prompts=len(prompts),
+        calls=calls,
+        uncovered=uncovered,
+    )
+
+
+def _te_calibration_context(te_layers: list) -> contextlib.AbstractContextManager:
+    if not te_layers:
+        return contextlib.nullcontext()
+    te = import_transformer_engine()
+    return te.fp8_autocast(enabled=False, calibrating=True, fp8_recipe=transformer_engine_recipe())

@@ -1,0 +1,209 @@
+"""Replace the linears of an SD3 transformer (or a text encoder) with :class:`Fp8Linear`.
+
+What stays in BF16 by default, and why:
+
+* the embedders (``pos_embed``, ``time_text_embed``, ``context_embedder``): they see raw latents,
+  timesteps and text-encoder outputs whose ranges FP8 represents badly, and they are small;
+* the final ``norm_out`` / ``proj_out``: their error lands directly in the predicted velocity;
+* norms themselves (LayerNorm/RMSNorm are not linears and are never touched).
+
+The adaLN modulation linears inside the blocks (``norm1.linear``, ``norm1_context.linear``) *are*
+quantized: they hold a third of SD3.5 Large's weights, and keeping them in BF16 would miss the
+memory target (FP8 transformer <= 55 % of BF16). Pass ``keep_bf16=DEFAULT_KEEP_BF16 + ("*.norm1*",)``
+to keep them too.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from engine.errors import Fp8Error
+from engine.fp8.linear import Fp8Linear, check_backend_name
+
+DEFAULT_KEEP_BF16: tuple[str, ...] = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
+# T5's feed-forward output (``wo``) is the layer transformers keeps in float32 for range reasons, and
+# its forward casts the hidden states to ``wo.weight.dtype`` (FP8 would destroy them); CLIP's text
+# projection is tiny and feeds the pooled embedding directly.
+DEFAULT_TEXT_ENCODER_KEEP: tuple[str, ...] = ("*.wo", "text_projection")
+
+
+@dataclass
+class QuantizationReport:
+    """What a quantization pass did: layer names, bytes of the module before and after."""
+
+    backend: str
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    static_scales: int = 0
+    per_channel: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    def summary(self) -> str:
+        return (
+            f"FP8 ({self.backend}): {len(self.quantized)} linears quantized, {len(self.kept)} kept in high "
+            f"precision, {self.static_scales} static activation scales; "
+            f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
+            f"({100 * self.memory_ratio:.0f} %)"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"memory_ratio": self.memory_ratio}
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes held by the parameters and buffers of ``module`` (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """True when ``name`` is a pattern, lies under one (``pattern.``), or fnmatches one."""
+    for pattern in patterns:
+        if name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+def quantizable_linears(model: nn.Module, keep: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Names of the ``nn.Linear`` modules to quantize and of those kept, in module order."""
+    keep = tuple(keep)
+    selected, kept = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            (kept if matches_any(name, keep) else selected).append(name)
+    return selected, kept
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _quantize_linears(
+    model: nn.Module,
+    *,
+    backend: str,
+    keep: Iterable[str],
+    scales: Mapping[str, torch.Tensor] | None,
+    per_channel: bool,
+    compute_dtype: torch.dtype | None,
+) -> QuantizationReport:
+    check_backend_name(backend)
+    report = QuantizationReport(backend=backend, per_channel=per_channel, bytes_before=module_bytes(model))
+    selected, report.kept = quantizable_linears(model, keep)
+    scales_given = bool(scales)
+    scales = dict(scales or {})
+    for name in selected:
+        linear = model.get_submodule(name)
+        input_scale = scales.pop(name, None)
+        new = Fp8Linear.from_linear(
+            linear, backend=backend, per_channel=per_channel, input_scale=input_scale, compute_dtype=compute_dtype
+        )
+        replace_module(model, name, new)
+        report.quantized.append(name)
+        report.static_scales += input_scale is not None
+    if scales:
+        shown = ", ".join(sorted(scales)[:5])
+        report.notes.append(f"{len(scales)} activation scales name no quantized layer (e.g. {shown})")
+    missing = len(selected) - report.static_scales
+    if scales_given and missing:
+        report.notes.append(f"{missing} quantized layers have no calibrated scale and use dynamic scaling")
+    report.bytes_after = module_bytes(model)
+    return report
+
+
+def quantize_transformer(
+    transformer: nn.Module,
+    backend: str = "weight_only",
+    scales: Mapping[str, torch.Tensor] | None = None,
+    per_channel: bool = True,
+    keep_bf16: Iterable[str] = DEFAULT_KEEP_BF16,
+    compute_dtype: torch.dtype | None = None,
+) -> QuantizationReport:
+    """Quantize the linears of an ``SD3Transformer2DModel`` in place.
+
+    ``scales`` maps layer names (``transformer_blocks.0.attn.to_q``) to calibrated input scales
+    (from :func:`engine.fp8.calibrate` or a sidecar); layers without one scale dynamically.
+    ``keep_bf16`` lists module names / fnmatch patterns left in high precision.
+    """
+    return _quantize_linears(
+        transformer,
+        backend=backend,
+        keep=keep_bf16,
+        scales=scales,
+        per_channel=per_channel,
+        compute_dtype=compute_dtype,
+    )
+
+
+def quantize_text_encoder(
+    encoder: nn.Module,
+    backend: str = "weight_only",
+    per_channel: bool = True,
+    keep: Iterable[str] = DEFAULT_TEXT_ENCODER_KEEP,
+    compute_dtype: torch.dtype | None = None,
+) -> QuantizationReport:
+    """Quantize the linears of a T5 / CLIP text encoder in place (T5-XXL saves the most memory).
+
+    Text encoders run once per prompt on a few hundred tokens, so ``weight_only`` (storage saving,
+    BF16 compute) is the sensible backend; embeddings are not linears and stay as they are.
+    """
+    return _quantize_linears(
+        encoder, backend=backend, keep=keep, scales=None, per_channel=per_channel, compute_dtype=compute_dtype
+    )
+
+
+def fp8_layers(model: nn.Module) -> dict[str, Fp8Linear]:
+    """Every :class:`Fp8Linear` of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+
+
+def apply_activation_scales(model: nn.Module, scales: Mapping[str, torch.Tensor]) -> int:
+    """Set static input scales on the FP8 layers named in ``scales``; returns how many were set.
+
+    A scale naming no FP8 layer of ``model`` is an error (the sidecar belongs to another layout).
+    """
+    layers = fp8_layers(model)
+    unknown = sorted(set(scales) - set(layers))
+    if unknown:
+        raise Fp8Error(
+            f"{len(unknown)} activation scales name no FP8 layer of this model, e.g. {', '.join(unknown[:5])}",
+            unknown=unknown[:20],
+        )
+    for name, scale in scales.items():
+        layers[name].set_input_scale(scale)
+    return len(scales)
+
+
+def clear_activation_scales(model: nn.Module) -> int:
+    """Back to dynamic activation scaling on every FP8 layer; returns how many layers."""
+    layers = fp8_layers(model)
+    for layer in layers.values():
+        layer.set_input_scale(None)
+    return len(layers)
+
+
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Switch every FP8 layer between ``scaled_mm`` and ``weight_only``; returns how many layers."""
+    layers = fp8_layers(model)
+    for layer in layers.values():
+        layer.set_backend(backend)
+    return len(layers)

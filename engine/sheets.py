@@ -1,0 +1,742 @@
+"""Spreadsheets (CSV, XLSX) → rows of text cells → typed values with per-row problems.
+
+Every cell is read as text, then converted by the template's field schema (:func:`coerce_cell`), so a seed
+never passes through a float and ``12345.0`` from Excel is still the integer 12345. Row numbers are the
+spreadsheet's own: the header is row 1, the first data row is row 2, blank rows keep their numbers.
+
+Reading refuses, with a message that says what to do: files over the size limit, XLSX zip bombs
+(decompressed size and ratio checked on the zip members before parsing), XML with entity declarations
+(billion laughs), files whose extension lies about their content, legacy ``.xls``, too many rows or
+columns, duplicate column names. Cell-level trouble (a formula without a cached value, a huge cell, a
+number Excel could not keep exactly) is a :class:`RowProblem` on that row, not a refusal of the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import re
+import unicodedata
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from engine.errors import SheetError
+
+if TYPE_CHECKING:
+    from engine.templates import TemplateField, WorkflowTemplate
+
+__all__ = [
+    "SheetLimits",
+    "RowProblem",
+    "SheetRow",
+    "Sheet",
+    "RowReport",
+    "ValidationReport",
+    "read_sheet",
+    "validate_rows",
+    "derive_seed",
+    "coerce_cell",
+    "parse_integer",
+    "parse_bool",
+    "column_key",
+    "SEED_MAX",
+    "BOOL_WORDS",
+]
+
+SEED_MAX = 2**64 - 1
+
+TRUE_WORDS = ("true", "yes", "y", "1", "是", "t", "on")
+FALSE_WORDS = ("false", "no", "n", "0", "否", "f", "off")
+BOOL_WORDS = TRUE_WORDS + FALSE_WORDS
+
+CSV_DELIMITERS = (",", ";", "\t", "|")
+CSV_EXTENSIONS = (".csv", ".tsv", ".txt")
+XLSX_EXTENSIONS = (".xlsx", ".xlsm")
+
+# Control characters other than tab and newline: invisible, and some break JSON consumers or terminals.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Characters Excel and web forms leave around header names (BOM, no-break and zero-width spaces).
+_HEADER_JUNK = "\ufeff\u200b\u200c\u200d\u2060\u00a0 \t\r\n"
+_XML_DECLS = (b"<!doctype", b"<!entity")
+
+
+@dataclass(frozen=True)
+class SheetLimits:
+    """Bounds on what a spreadsheet may be. Over a bound the file is refused before it is parsed."""
+
+    max_file_bytes: int = 50 * 1024 * 1024
+    max_rows: int = 10_000  # data rows, blank rows not counted
+    max_columns: int = 200
+    max_cell_chars: int = 10_000
+    max_decompressed_bytes: int = 300 * 1024 * 1024  # sum over the XLSX zip members
+    max_compression_ratio: int = 200  # per member, checked once the member is over 1 MiB
+    max_zip_members: int = 5_000
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One problem with one cell (``column``) or one row (``column`` None) of the spreadsheet."""
+
+    row: int
+    column: str | None
+    reason: str
+
+    def describe(self) -> str:
+        where = f"row {self.row}" + (f", column '{self.column}'" if self.column else "")
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class SheetRow:
+    number: int  # the spreadsheet's own row number (header = 1)
+    cells: dict[str, str]  # sheet column name -> cell text
+
+
+@dataclass
+class Sheet:
+    columns: list[str]
+    rows: list[SheetRow]
+    problems: list[RowProblem] = field(default_factory=list)
+    filename: str = ""
+    format: str = ""  # "csv" | "xlsx"
+    sheet_name: str | None = None  # XLSX: the worksheet read
+    sheet_names: list[str] = field(default_factory=list)  # XLSX: every worksheet
+    encoding: str | None = None  # CSV
+    delimiter: str | None = None  # CSV
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the columns and cells: the same data re-saved by Excel hashes the same."""
+        canonical = json.dumps(
+            {"columns": self.columns, "rows": [[r.number, r.cells] for r in self.rows]},
+            ensure_ascii=False,
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def problems_for(self, row_number: int) -> list[RowProblem]:
+        return [p for p in self.problems if p.row == row_number]
+
+
+@dataclass
+class RowReport:
+    number: int
+    ok: bool
+    problems: list[RowProblem]
+    values: dict[str, Any]  # typed values by field name (only fields the row sets, plus declared defaults)
+    cells: dict[str, str]  # the row's original cells, by sheet column name
+
+
+@dataclass
+class ValidationReport:
+    rows: list[RowReport]
+    missing_columns: list[str]  # required template fields no column provides
+    unknown_columns: list[str]  # sheet columns no template field uses (ignored)
+    column_map: dict[str, str] = field(default_factory=dict)  # field name -> sheet column name
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_columns and all(r.ok for r in self.rows)
+
+    @property
+    def ok_rows(self) -> list[RowReport]:
+        return [r for r in self.rows if r.ok]
+
+    @property
+    def bad_rows(self) -> list[RowReport]:
+        return [r for r in self.rows if not r.ok]
+
+    @property
+    def problems(self) -> list[RowProblem]:
+        return [p for r in self.rows for p in r.problems]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "missing_columns": self.missing_columns,
+            "unknown_columns": self.unknown_columns,
+            "column_map": self.column_map,
+            "rows": [
+                {"row": r.number, "ok": r.ok, "problems": [asdict(p) for p in r.problems], "values": r.values}
+                for r in self.rows
+            ],
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_sheet(
+    source: str | Path | bytes | IO[bytes],
+    filename: str | None = None,
+    sheet_name: str | None = None,
+    limits: SheetLimits | None = None,
+) -> Sheet:
+    """Read a CSV or XLSX spreadsheet into text cells.
+
+    ``source`` is a path, the file's bytes or a binary file object; ``filename`` (defaults to the path's
+    name) is only used to cross-check the extension against the content. ``sheet_name`` picks an XLSX
+    worksheet (default: the first). Raises :class:`SheetError` when the file cannot be read at all.
+    """
+    limits = limits or SheetLimits()
+    data, filename = _read_bytes(source, filename, limits)
+    kind = _sniff_kind(data)
+    ext = Path(filename).suffix.lower() if filename else ""
+    _check_extension(kind, ext, filename)
+    if kind == "xlsx":
+        sheet = _read_xlsx(data, sheet_name, limits)
+    else:
+        if sheet_name is not None:
+            raise SheetError(f"'{filename or 'the file'}' is a CSV file; it has no worksheet '{sheet_name}'")
+        sheet = _read_csv(data, limits)
+    sheet.filename = filename or ""
+    return sheet
+
+
+def _read_bytes(source: Any, filename: str | None, limits: SheetLimits) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        filename = filename or path.name
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise SheetError(f"cannot open spreadsheet '{path}': {exc.strerror or exc}") from exc
+        if size > limits.max_file_bytes:
+            raise _too_big(size, limits)
+        data = path.read_bytes()
+    else:
+        data = source.read(limits.max_file_bytes + 1)
+    if len(data) > limits.max_file_bytes:
+        raise _too_big(len(data), limits)
+    if not data.strip():
+        raise SheetError(f"'{filename or 'the spreadsheet'}' is empty")
+    return data, filename or ""
+
+
+def _too_big(size: int, limits: SheetLimits) -> SheetError:
+    return SheetError(
+        f"the spreadsheet is {size / 1048576:.1f} MiB; the limit is {limits.max_file_bytes / 1048576:.0f} MiB",
+        size=size,
+        limit=limits.max_file_bytes,
+    )
+
+
+def _sniff_kind(data: bytes) -> str:
+    if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
+        return "xlsx"
+    if data[:8] == b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1":
+        return "xls"
+    head = data[:8192]
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "csv"  # UTF-16 text (Excel's "Unicode Text" export)
+    if b"\x00" in head:
+        return "binary"
+    return "csv"
+
+
+def _check_extension(kind: str, ext: str, filename: str | None) -> None:
+    name = f"'{filename}'" if filename else "the file"
+    if kind == "xls":
+        raise SheetError(
+            f"{name} is an old Excel 97-2003 workbook (.xls); save it as .xlsx (Excel Workbook) or CSV"
+        )
+    if kind == "binary":
+        raise SheetError(f"{name} is neither CSV text nor an XLSX workbook; supported: .csv, .xlsx")
+    if not ext:
+        return
+    if ext in XLSX_EXTENSIONS and kind == "csv":
+        raise SheetError(
+            f"{name} is named {ext} but holds CSV text, not an Excel workbook; rename it to .csv "
+            "or save it from Excel as Excel Workbook (.xlsx)"
+        )
+    if ext in CSV_EXTENSIONS and kind == "xlsx":
+        raise SheetError(
+            f"{name} is named {ext} but is a zip archive (an Excel workbook?), not CSV text; "
+            "rename it to .xlsx or export it from Excel as CSV UTF-8"
+        )
+    if ext not in XLSX_EXTENSIONS + CSV_EXTENSIONS:
+        raise SheetError(f"{name}: unsupported file type '{ext}'; supported: .csv, .tsv, .txt, .xlsx, .xlsm")
+
+
+# CSV -----------------------------------------------------------------------------------------------
+
+
+def _decode_text(data: bytes) -> tuple[str, str]:
+    if data.startswith(b"\xef\xbb\xbf"):
+        return data[3:].decode("utf-8", errors="strict"), "utf-8-sig"
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        try:
+            return data.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError as exc:
+            raise SheetError(f"the file starts with a UTF-16 mark but is not valid UTF-16: {exc}") from exc
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:  # Chinese Excel saves "CSV" in the system code page: GBK, which GB18030 contains
+        return data.decode("gb18030"), "gb18030"
+    except UnicodeDecodeError as exc:
+        raise SheetError(
+            "cannot decode the CSV file as UTF-8 or GB18030/GBK; save it as 'CSV UTF-8' from Excel",
+            position=exc.start,
+        ) from exc
+
+
+def _sniff_delimiter(text: str) -> str:
+    """The candidate delimiter found most often in the header line (outside quotes); ',' when none is."""
+    header = []
+    in_quotes = False
+    for char in text[:65536]:
+        if char == '"':
+            in_quotes = not in_quotes
+        elif char in "\r\n" and not in_quotes:
+            break
+        elif not in_quotes:
+            header.append(char)
+    counts = {d: header.count(d) for d in CSV_DELIMITERS}
+    best = max(CSV_DELIMITERS, key=lambda d: counts[d])  # ties keep the order above
+    return best if counts[best] else ","
+
+
+def _read_csv(data: bytes, limits: SheetLimits) -> Sheet:
+    text, encoding = _decode_text(data)
+    delimiter = _sniff_delimiter(text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    records: list[tuple[int, list[Any]]] = []
+    nonblank = 0
+    try:
+        for number, record in enumerate(reader, start=1):
+            if not any(cell.strip() for cell in record):
+                continue
+            records.append((number, record))
+            nonblank += 1
+            if nonblank > limits.max_rows + 1:
+                break  # enough to refuse the sheet; do not read the rest
+    except csv.Error as exc:
+        raise SheetError(
+            f"row {len(records) + 1}: the CSV cannot be parsed ({exc}); check for an unclosed quote "
+            "or a cell longer than the CSV reader's limit",
+            row=len(records) + 1,
+        ) from exc
+    sheet = _build_sheet(records, limits)
+    sheet.format, sheet.encoding, sheet.delimiter = "csv", encoding, delimiter
+    return sheet
+
+
+# XLSX ----------------------------------------------------------------------------------------------
+
+
+def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[str]]:
+    """Refuse zip bombs and XML entity declarations before openpyxl parses anything.
+
+    Returns the archive and the names of worksheet members that contain formulas.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise SheetError(f"the workbook is not a valid zip archive (damaged or not .xlsx): {exc}") from exc
+    if len(members) > limits.max_zip_members:
+        raise SheetError(f"the workbook has {len(members)} parts; the limit is {limits.max_zip_members}")
+    names = {m.filename for m in members}
+    if "xl/workbook.xml" not in names and "[Content_Types].xml" not in names:
+        raise SheetError("the file is a zip archive but not an Excel workbook (no xl/workbook.xml)")
+    declared = sum(m.file_size for m in members)
+    if declared > limits.max_decompressed_bytes:
+        raise SheetError(
+            f"the workbook unpacks to {declared / 1048576:.0f} MiB; the limit is "
+            f"{limits.max_decompressed_bytes / 1048576:.0f} MiB (possible zip bomb)",
+            decompressed=declared,
+        )
+    for m in members:
+        ratio = m.file_size / max(m.compress_size, 1)
+        if m.file_size > 1024 * 1024 and ratio > limits.max_compression_ratio:
+            raise SheetError(
+                f"workbook part '{m.filename}' is compressed {ratio:.0f}:1; the limit is "
+                f"{limits.max_compression_ratio}:1 (possible zip bomb)",
+                member=m.filename,
+            )
+    # Declared sizes can lie: decompress for real, counting, and look for DTDs on the way. Excel never
+    # writes a DOCTYPE, so any entity declaration is refused rather than expanded.
+    total = 0
+    with_formulas: set[str] = set()
+    for m in members:
+        if m.is_dir():
+            continue
+        is_xml = m.filename.endswith((".xml", ".rels", ".vml"))
+        tail = b""
+        try:
+            with archive.open(m) as stream:
+                while chunk := stream.read(1 << 20):
+                    total += len(chunk)
+                    if total > limits.max_decompressed_bytes:
+                        raise SheetError(
+                            f"the workbook unpacks to more than {limits.max_decompressed_bytes / 1048576:.0f} MiB"
+                            " (possible zip bomb)"
+                        )
+                    if is_xml:
+                        window = (tail + chunk).lower()
+                        if any(decl in window for decl in _XML_DECLS):
+                            raise SheetError(
+                                f"workbook part '{m.filename}' declares XML entities (a DOCTYPE); "
+                                "refused as a possible XML bomb"
+                            )
+                        if m.filename.startswith("xl/worksheets/") and (b"<f>" in window or b"<f " in window):
+                            with_formulas.add(m.filename)
+                        tail = window[-16:]
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:  # bad CRC, encrypted part
+            raise SheetError(f"workbook part '{m.filename}' cannot be read: {exc}") from exc
+    return archive, with_formulas
+
+
+def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[tuple[int, int, str]]) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            problems.append((row, column, "the cell holds a number that is not finite"))
+            return ""
+        if value.is_integer():
+            if abs(value) > 2**53:
+                # Excel stores numbers as doubles: past 2**53 (about 15-16 digits) the digits typed are
+                # not the digits kept, so the value is not what the user sees. Say so instead of guessing.
+                problems.append(
+                    (row, column, "the number has more digits than Excel can keep exactly (15); format the "
+                     "column as Text in Excel and type the value again")
+                )
+            return str(int(value))
+        return repr(value)
+    if isinstance(value, _dt.datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, (_dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, _dt.timedelta):
+        return str(value)
+    return str(value)
+
+
+def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Sheet:
+    archive, with_formulas = _check_zip(data, limits)
+    archive.close()
+    from openpyxl import load_workbook  # import here: only XLSX reading needs it
+
+    try:
+        values_book = load_workbook(io.BytesIO(data), read_only=True, data_only=True)
+    except Exception as exc:  # openpyxl raises many types for damaged files
+        raise SheetError(f"the workbook cannot be opened: {type(exc).__name__}: {exc}") from exc
+    try:
+        names = list(values_book.sheetnames)
+        if sheet_name is None:
+            chosen = names[0]
+        else:
+            matches = [n for n in names if n == sheet_name] or [
+                n for n in names if n.strip().casefold() == sheet_name.strip().casefold()
+            ]
+            if not matches:
+                raise SheetError(
+                    f"the workbook has no worksheet '{sheet_name}'; it has: {', '.join(names)}",
+                    sheet_names=names,
+                )
+            chosen = matches[0]
+        worksheet = values_book[chosen]
+        if not hasattr(worksheet, "iter_rows") or worksheet.__class__.__name__ == "ReadOnlyChartsheet":
+            raise SheetError(f"'{chosen}' is a chart sheet, not a worksheet")
+        formula_rows = None
+        formula_book = None
+        if with_formulas:
+            formula_book = load_workbook(io.BytesIO(data), read_only=True, data_only=False)
+            formula_sheet = formula_book[chosen]
+            formula_sheet.reset_dimensions()
+            formula_rows = formula_sheet.iter_rows(values_only=True)
+        # A declared dimension of A1:XFD1048576 would pad every row to 16384 cells; read rows as stored.
+        worksheet.reset_dimensions()
+        records: list[tuple[int, list[Any]]] = []
+        cell_problems: list[tuple[int, int, str]] = []
+        nonblank = 0
+        for number, row in enumerate(worksheet.iter_rows(values_only=True), start=1):
+            formulas = next(formula_rows, ()) if formula_rows is not None else ()
+            if not any(v is not None and v != "" for v in row) and not any(
+                isinstance(f, str) and f.startswith("=") for f in formulas
+            ):
+                continue  # formatted but empty rows: skip without building anything
+            cells = []
+            for col_index, value in enumerate(row):
+                if value is None and col_index < len(formulas) and isinstance(formulas[col_index], str) \
+                        and formulas[col_index].startswith("="):
+                    cell_problems.append(
+                        (number, col_index, f"the formula {formulas[col_index][:60]} has no saved value; "
+                         "open the file in Excel and save it again (or paste the values)")
+                    )
+                cells.append(_xlsx_cell_text(value, number, col_index, cell_problems))
+            records.append((number, cells))
+            nonblank += 1
+            if nonblank > limits.max_rows + 1:
+                break
+    finally:
+        values_book.close()
+    if formula_book is not None:
+        formula_book.close()
+    sheet = _build_sheet(records, limits, positional_problems=cell_problems)
+    sheet.format, sheet.sheet_name, sheet.sheet_names = "xlsx", chosen, names
+    return sheet
+
+
+# Shared --------------------------------------------------------------------------------------------
+
+
+def column_key(name: str) -> str:
+    """How column names and field names are compared: NFKC, surrounding spaces stripped, case-folded."""
+    return unicodedata.normalize("NFKC", name).strip(_HEADER_JUNK).casefold()
+
+
+def _column_letter(index: int) -> str:
+    letters = ""
+    index += 1
+    while index:
+        index, rem = divmod(index - 1, 26)
+        letters = chr(65 + rem) + letters
+    return letters
+
+
+def _clean_cell(text: str) -> str:
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROL.sub("", text)
+
+
+def _build_sheet(
+    records: list[tuple[int, list[Any]]],
+    limits: SheetLimits,
+    positional_problems: list[tuple[int, int, str]] | None = None,
+) -> Sheet:
+    """Header row + data rows from ``(row number, raw cells)``; the header must be row 1."""
+    flagged_rows = {number for number, _, _ in positional_problems or ()}
+    records = [(n, [_clean_cell("" if c is None else str(c)) for c in cells]) for n, cells in records]
+    records = [(n, cells) for n, cells in records if n in flagged_rows or any(c.strip() for c in cells)]
+    if not records or records[0][0] != 1:
+        raise SheetError("row 1 must hold the column names, but it is empty", row=1)
+    header = [unicodedata.normalize("NFKC", h).strip(_HEADER_JUNK) for h in records[0][1]]
+    while header and not header[-1]:
+        header.pop()
+    if len(header) > limits.max_columns:
+        raise SheetError(f"the sheet has {len(header)} columns; the limit is {limits.max_columns}")
+    by_key: dict[str, list[str]] = {}
+    for index, name in enumerate(header):
+        if name:
+            by_key.setdefault(column_key(name), []).append(f"'{name}' (column {_column_letter(index)})")
+    duplicates = [spellings for spellings in by_key.values() if len(spellings) > 1]
+    if duplicates:
+        listed = "; ".join(" and ".join(s) for s in duplicates)
+        raise SheetError(f"duplicate column names (compared ignoring case and spaces): {listed}", row=1)
+    data = records[1:]
+    if len(data) > limits.max_rows:
+        raise SheetError(f"the sheet has more than {limits.max_rows} data rows; split it into smaller sheets")
+
+    problems: list[RowProblem] = []
+    rows: list[SheetRow] = []
+    unnamed_values: dict[int, int] = {}
+    for number, cells in data:
+        row_cells: dict[str, str] = {}
+        for index, text in enumerate(cells):
+            name = header[index] if index < len(header) else ""
+            if not name:
+                if text.strip():
+                    unnamed_values[index] = unnamed_values.get(index, 0) + 1
+                continue
+            if len(text) > limits.max_cell_chars:
+                problems.append(
+                    RowProblem(number, name, f"the cell is {len(text):,} characters; the limit is "
+                               f"{limits.max_cell_chars:,}")
+                )
+                text = text[: limits.max_cell_chars]
+            row_cells[name] = text
+        for name in header:
+            if name:
+                row_cells.setdefault(name, "")
+        rows.append(SheetRow(number, row_cells))
+    for index, count in sorted(unnamed_values.items()):
+        problems.append(
+            RowProblem(1, None, f"column {_column_letter(index)} has no name in row 1; its {count} "
+                       "value(s) are ignored")
+        )
+    for number, index, reason in positional_problems or ():
+        name = header[index] if index < len(header) else ""
+        if name:
+            problems.append(RowProblem(number, name, reason))
+    return Sheet(columns=[h for h in header if h], rows=rows, problems=problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# Converting cells
+
+
+def parse_integer(text: str) -> int:
+    """An exact integer from text: ``12345``, ``12345.0``, ``1.2345E+4``. Never goes through a float.
+
+    Raises ValueError (with a user-facing reason) for ``12345.5``, ``abc``, ``inf``.
+    """
+    cleaned = text.strip().replace("\u00a0", "").replace(" ", "")
+    try:
+        number = Decimal(cleaned)
+    except InvalidOperation:
+        raise ValueError(f"'{_short(text)}' is not a whole number") from None
+    if not number.is_finite():
+        raise ValueError(f"'{_short(text)}' is not a whole number")
+    if number.adjusted() > 40:  # far past 2**64; refuse before int() builds a huge number
+        raise ValueError(f"'{_short(text)}' is far too large")
+    if number != number.to_integral_value():
+        raise ValueError(f"'{_short(text)}' is not a whole number")
+    return int(number)
+
+
+def parse_bool(text: str) -> bool:
+    word = unicodedata.normalize("NFKC", text).strip().casefold()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"'{_short(text)}' is not yes/no; use one of: {', '.join(BOOL_WORDS)}")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _check_range(field: "TemplateField", value: float | int) -> None:
+    if field.min is not None and value < field.min:
+        raise ValueError(f"{value} is below the minimum {field.min}")
+    if field.max is not None and value > field.max:
+        raise ValueError(f"{value} is above the maximum {field.max}")
+
+
+def coerce_cell(field: "TemplateField", text: str) -> Any:
+    """Convert one non-blank cell by its field's type. Raises ValueError with the reason shown to users."""
+    kind = field.type
+    if kind in ("string", "text"):
+        if kind == "string" and field.max is not None and len(text) > field.max:
+            raise ValueError(f"the text is {len(text)} characters; the maximum is {int(field.max)}")
+        return text
+    if kind == "int":
+        value = parse_integer(text)
+        _check_range(field, value)
+        return value
+    if kind == "seed":
+        value = parse_integer(text)
+        if not 0 <= value <= SEED_MAX:
+            raise ValueError(f"seed {value} is outside 0 … {SEED_MAX} (2^64−1)")
+        _check_range(field, value)
+        return value
+    if kind == "float":
+        cleaned = text.strip()
+        try:
+            number = Decimal(cleaned)
+        except InvalidOperation:
+            raise ValueError(f"'{_short(text)}' is not a number") from None
+        if not number.is_finite():
+            raise ValueError(f"'{_short(text)}' is not a finite number")
+        value = float(number)
+        _check_range(field, value)
+        return value
+    if kind == "bool":
+        return parse_bool(text)
+    if kind == "choice":
+        wanted = unicodedata.normalize("NFKC", text).strip().casefold()
+        for choice in field.choices:
+            if str(choice).casefold() == wanted:
+                return choice
+        raise ValueError(f"'{_short(text)}' is not one of: {', '.join(map(str, field.choices))}")
+    if kind in ("checkpoint", "image"):
+        name = text.strip()
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in re.split(r"[\\/]", name):
+            raise ValueError(f"'{_short(name)}' must be a file name inside the models/inputs folder, not a path")
+        return name
+    raise ValueError(f"unsupported field type '{kind}'")
+
+
+def derive_seed(batch_seed: int, row_number: int) -> int:
+    """The seed of a row without a seed cell: deterministic in ``[0, 2**64-1)`` from batch seed and row."""
+    digest = hashlib.sha256(f"sd35-batch-seed:{int(batch_seed)}:{int(row_number)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_MAX
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation against a template
+
+
+def validate_rows(sheet: Sheet, template: "WorkflowTemplate") -> ValidationReport:
+    """Check every row against the template's fields before anything is queued.
+
+    Columns match fields ignoring case and surrounding spaces. A required field no column provides is
+    listed in ``missing_columns`` (and each row reports it); extra columns are listed in
+    ``unknown_columns`` and otherwise ignored.
+    """
+    columns_by_key = {column_key(c): c for c in sheet.columns}
+    column_map: dict[str, str] = {}
+    for f in template.fields:
+        column = columns_by_key.get(column_key(f.name))
+        if column is not None:
+            column_map[f.name] = column
+    missing = [f.name for f in template.fields if f.required and f.name not in column_map]
+    used = set(column_map.values())
+    unknown = [c for c in sheet.columns if c not in used]
+    field_by_column = {column: name for name, column in column_map.items()}
+
+    sheet_problems: dict[int, list[RowProblem]] = {}
+    for problem in sheet.problems:
+        sheet_problems.setdefault(problem.row, []).append(problem)
+
+    reports: list[RowReport] = []
+    for row in sheet.rows:
+        raw = {name: row.cells.get(column, "") for name, column in column_map.items()}
+        values, problems = template.coerce_row(raw, row.number)
+        # Problems speak of the sheet's own column spelling.
+        problems = [
+            RowProblem(p.row, column_map.get(p.column, p.column) if p.column else None, p.reason)
+            for p in problems
+        ]
+        own = [p for p in sheet_problems.get(row.number, []) if p.column is None or p.column in field_by_column]
+        all_problems = own + problems
+        reports.append(RowReport(row.number, not all_problems, all_problems, values, dict(row.cells)))
+    return ValidationReport(reports, missing, unknown, column_map)
+
+
+def coerce_fields(
+    fields: Iterable["TemplateField"], raw: Mapping[str, str], row_number: int
+) -> tuple[dict[str, Any], list[RowProblem]]:
+    """Typed values and problems for one row; ``raw`` maps field names (any case) to cell text.
+
+    A blank optional cell takes the field's declared default; a blank ``seed`` or ``checkpoint`` without
+    a default is left out so the batch seed / the engine's default checkpoint apply.
+    """
+    by_key = {column_key(k): v for k, v in raw.items()}
+    values: dict[str, Any] = {}
+    problems: list[RowProblem] = []
+    for f in fields:
+        text = by_key.get(column_key(f.name))
+        if text is None or not text.strip():
+            if f.required:
+                reason = "required column is missing" if text is None else "required value is empty"
+                problems.append(RowProblem(row_number, f.name, reason))
+            elif f.default is not None:
+                values[f.name] = f.default
+            continue
+        try:
+            values[f.name] = coerce_cell(f, text)
+        except ValueError as exc:
+            problems.append(RowProblem(row_number, f.name, str(exc)))
+    return values, problems

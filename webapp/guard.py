@@ -1,0 +1,87 @@
+"""Who may call the HTTP routes, how often: one object shared by the JSON API and the ComfyUI routes.
+
+With no users and no token key configured the server is a workstation tool bound to localhost and every
+request acts as the local user. Once either is configured, every API request needs a bearer token
+(``python app.py token create``), rate limits apply per user and route, and admin-only actions need the
+admin role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import AccessDenied
+from webapp.auth import ADMIN, USER, Claims, TokenIssuer, UserStore, authorize, parse_bearer
+from webapp.ratelimit import RateLimiter
+
+LOCAL_USER = "local"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The principal behind one request."""
+
+    name: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN
+
+
+class ApiGuard:
+    def __init__(self, users: UserStore, tokens: TokenIssuer | None, limiter: RateLimiter) -> None:
+        self.users = users
+        self.tokens = tokens
+        self.limiter = limiter
+
+    @property
+    def auth_required(self) -> bool:
+        return self.tokens is not None or self.users.configured
+
+    def identify(self, authorization: str | None, query_token: str | None = None) -> Caller:
+        """The caller named by a bearer token (header, or ``?token=`` for WebSockets), or the local user."""
+        if not self.auth_required:
+            return Caller(LOCAL_USER, ADMIN)
+        if self.tokens is None:
+            raise AccessDenied(
+                "API access needs a token, and no token signing key is configured (set SD35_JWT_SECRET)",
+                status=401,
+                reason="no_token_key",
+            )
+        token = query_token if (query_token and not authorization) else parse_bearer(authorization)
+        claims: Claims = self.tokens.verify(token)
+        return Caller(claims.sub, claims.role)
+
+    def admit(self, caller: Caller, route: str, role: str = USER, action: str | None = None) -> dict[str, str]:
+        """Role check then rate limit; returns the rate-limit headers to add to the response."""
+        authorize(caller, role, action)
+        decision = self.limiter.check(caller.name, route)
+        if not decision.allowed:
+            raise RateLimited(decision.retry_after_s, decision.headers())
+        return decision.headers()
+
+
+class RateLimited(AccessDenied):
+    def __init__(self, retry_after_s: float, headers: dict[str, str]) -> None:
+        super().__init__(
+            f"rate limit exceeded; retry in {retry_after_s:.0f} s", status=429, reason="rate_limited"
+        )
+        self.headers = headers
+
+
+def fastapi_dependency(guard: ApiGuard, role: str = USER, action: str | None = None) -> Any:
+    """A FastAPI dependency returning the admitted Caller; refusals raise AccessDenied (handled by the app)."""
+    from fastapi import Request, Response
+
+    def admitted(request: Request, response: Response) -> Caller:
+        caller = guard.identify(request.headers.get("authorization"), request.query_params.get("token"))
+        route = request.scope.get("route")
+        route_name = f"{request.method} {getattr(route, 'path', request.url.path)}"
+        for key, value in guard.admit(caller, route_name, role, action).items():
+            response.headers[key] = value
+        return caller
+
+    admitted.__annotations__ = {"request": Request, "response": Response, "return": Caller}
+    return admitted

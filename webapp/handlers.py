@@ -1,0 +1,565 @@
+"""What the web app does, as plain functions over the library: no Gradio here.
+
+Each handler takes the assembled :class:`engine.services.Services` (and, where it matters, the
+:class:`Caller`), calls the library, and returns plain data the UI lays out. Library errors
+(:class:`engine.errors.EngineError`) propagate; ``webapp/ui.py`` turns them into ``gr.Error`` in one
+place, using :func:`error_message` for the words.
+
+GPU work never runs in a browser request: batches, single images and re-runs are all submitted to the
+:class:`engine.batch.BatchQueue`, which runs one batch at a time on its own thread. A single image is a
+one-row batch, so it is recorded in the ledger like every other image.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from engine.errors import AccessDenied, BatchError, EngineError, SheetError
+from webapp.i18n import text
+
+ACTIVE_STATES = ("queued", "running")
+LEDGER_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")
+
+
+# --------------------------------------------------------------------------------------------- caller
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request. With no users configured the caller is the workstation's own (admin) user."""
+
+    name: str | None
+    role: str
+    lang: str = "en"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def caller_for(users: Any, username: str | None, lang: str) -> Caller:
+    """The caller for a request's user name: the user's role when users are configured.
+
+    Without users the app listens on localhost only (see ``webapp.server.listen_address``), so the one
+    local person owns the workstation and may do everything.
+    """
+    if users is None or not users.configured:
+        return Caller(None, "admin", lang)
+    user = users.get(username) if username else None
+    if user is None:
+        raise AccessDenied(text("error.login_required", lang), status=401, reason="not_authenticated")
+    return Caller(user.name, user.role, lang)
+
+
+def require_admin(caller: Caller, action: str) -> None:
+    """Refuse (AccessDenied 403) a non-admin ``caller``; ``action`` is an i18n key ``action.*``."""
+    if not caller.is_admin:
+        raise AccessDenied(
+            text("error.admin_only", caller.lang, action=text(f"action.{action}", caller.lang)),
+            status=403,
+            reason="forbidden",
+            action=action,
+            user=caller.name,
+        )
+
+
+def error_message(exc: EngineError) -> str:
+    """One readable sentence (or a few lines) for a library error, as shown to the user."""
+    problems = getattr(exc, "problems", None)
+    if problems:
+        return exc.message.split(":", 1)[0] + ":\n" + "\n".join(f"• {p.describe()}" for p in problems[:10])
+    return exc.message
+
+
+# ------------------------------------------------------------------------------------------ templates
+
+
+@dataclass
+class TemplateOverview:
+    name: str
+    description: str
+    example_image: str | None
+    fields_header: list[str]
+    fields_rows: list[list[str]]
+
+
+def template_names(services: Any) -> list[str]:
+    return sorted(services.templates.names())
+
+
+def _field_range(spec: Any) -> str:
+    low, high = getattr(spec, "min", None), getattr(spec, "max", None)
+    if low is None and high is None:
+        return ""
+    return f"{'' if low is None else low} – {'' if high is None else high}"
+
+
+def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOverview:
+    """Description, example image and the field table of template ``name``."""
+    template = services.templates.get(name)
+    header = [text(k, lang) for k in ("field.name", "field.type", "field.required", "field.default",
+                                      "field.choices", "field.range", "field.description")]
+    rows = []
+    for spec in template.fields:
+        rows.append(
+            [
+                spec.name,
+                spec.type,
+                text("yes" if spec.required else "no", lang),
+                "" if spec.default is None else str(spec.default),
+                ", ".join(map(str, spec.choices or [])),
+                _field_range(spec),
+                spec.description or "",
+            ]
+        )
+    example = getattr(template, "example_image", None)
+    return TemplateOverview(
+        name=template.name,
+        description=template.description or "",
+        example_image=str(example) if example else None,
+        fields_header=header,
+        fields_rows=rows,
+    )
+
+
+def template_fields(services: Any, name: str) -> list[Any]:
+    """The field specs of template ``name`` (for the single-image form)."""
+    return list(services.templates.get(name).fields)
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class SheetCheck:
+    """The validation report of an uploaded sheet against a template, ready to show and to start."""
+
+    prepared: Any  # engine.batch.PreparedBatch, or None when nothing can start
+    header: list[str]
+    rows: list[list[Any]]
+    summary: str
+    ok_rows: int
+    bad_rows: int
+
+    @property
+    def can_start(self) -> bool:
+        return self.prepared is not None
+
+
+def check_sheet(
+    services: Any,
+    caller: Caller,
+    template_name: str,
+    sheet_path: str | Path,
+    *,
+    on_invalid: str = "skip",
+    batch_seed: int | None = None,
+) -> SheetCheck:
+    """Read the uploaded sheet and validate every row; nothing is recorded or queued yet."""
+    from engine.sheets import read_sheet
+
+    if not template_name:
+        raise BatchError(text("template.pick", caller.lang) + "?")
+    if on_invalid not in {"skip", "stop"}:
+        raise BatchError(f"on_invalid must be 'skip' or 'stop', not {on_invalid!r}")
+    sheet = read_sheet(Path(sheet_path))
+    # Prepare in "skip" mode so the report always lists every row; "stop" only decides whether to start.
+    prepared = services.runner.prepare(template_name, sheet, batch_seed=batch_seed, on_invalid="skip", user=caller.name)
+    header = [text("report.row", caller.lang), text("report.status", caller.lang), text("report.problems", caller.lang)]
+    table, ok, bad = [], 0, 0
+    for row in prepared.rows:
+        good = row["status"] == "queued"
+        ok += good
+        bad += not good
+        table.append([row["row_number"], text("report.ok" if good else "report.problem", caller.lang), row["error"] or ""])
+    summary = text("batch.report_summary", caller.lang, ok=ok, bad=bad)
+    startable = prepared.runnable > 0 and (on_invalid == "skip" or bad == 0)
+    if bad and on_invalid == "stop":
+        summary += " " + text("batch.report_blocked", caller.lang, bad=bad)
+    elif prepared.runnable == 0:
+        summary += " " + text("batch.no_rows", caller.lang)
+    return SheetCheck(prepared if startable else None, header, table, summary, ok, bad)
+
+
+def start_batch(services: Any, prepared: Any) -> str:
+    """Record a prepared batch in the ledger and queue it; returns its id."""
+    if prepared is None:
+        raise BatchError("nothing to start: check a spreadsheet first")
+    batch_id = services.runner.start(prepared)
+    services.queue.submit(batch_id)
+    return batch_id
+
+
+def cancel_batch(services: Any, batch_id: str) -> None:
+    if not batch_id:
+        raise BatchError("no batch selected")
+    services.queue.cancel(batch_id)
+
+
+def resume_batch(services: Any, batch_id: str) -> None:
+    """Queue an interrupted batch again: the runner only runs the rows that are not done."""
+    if not batch_id or services.ledger.get_batch(batch_id) is None:
+        raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+    services.queue.submit(batch_id)
+
+
+def interrupted_batches(services: Any) -> list[dict[str, Any]]:
+    """Unfinished batches in the ledger that this process is not running (e.g. after a restart)."""
+    return list(services.queue.interrupted())
+
+
+def recent_batches(services: Any, limit: int = 30) -> list[str]:
+    """Ids to offer in the batch watcher: queued and running first, then the ledger's newest."""
+    ids = list(services.queue.queued())
+    for batch in services.ledger.recent_batches(limit=limit):
+        if batch["id"] not in ids:
+            ids.append(batch["id"])
+    return ids[:limit]
+
+
+def current_batch(services: Any) -> str | None:
+    """The batch the queue is running now, else the next queued one."""
+    queued = services.queue.queued()
+    running = [b for b in recent_batches(services, limit=10) if _state(services, b) == "running"]
+    return (running or queued or [None])[0]
+
+
+def _state(services: Any, batch_id: str) -> str | None:
+    progress = services.queue.status(batch_id)
+    return progress.state if progress is not None else None
+
+
+def format_duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+@dataclass
+class BatchView:
+    """What the batch page shows for one batch, built from the queue's live snapshot or the ledger."""
+
+    batch_id: str
+    state: str
+    status_line: str
+    step_line: str
+    step_fraction: float
+    images: list[str]  # image paths under the outputs folder, oldest first
+    finished: bool
+    done: int = 0
+    failed: int = 0
+    remaining: int = 0
+    error: str | None = None
+
+
+def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int = 48) -> BatchView:
+    """Progress of ``batch_id``: live while this process runs it, from the ledger otherwise."""
+    batch = services.ledger.get_batch(batch_id)
+    if batch is None:
+        raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+    progress = services.queue.status(batch_id)
+    rows = services.ledger.rows(batch_id)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    done = counts.get("done", 0)
+    failed = counts.get("failed", 0) + counts.get("timed_out", 0)
+    remaining = counts.get("queued", 0) + counts.get("running", 0)
+    images = [row["image_path"] for row in rows if row["status"] == "done" and row.get("image_path")]
+    if progress is not None:
+        state = progress.state
+        eta = progress.eta_s if state == "running" else None
+        step_line, fraction = "", 0.0
+        if state == "running" and progress.row_number is not None and progress.steps:
+            step_line = text("status.step", lang, row=progress.row_number, step=progress.step, steps=progress.steps)
+            fraction = progress.step / progress.steps
+        elif state == "queued":
+            ahead = services.queue.queued()
+            position = ahead.index(batch_id) if batch_id in ahead else 0
+            step_line = text("status.queue_position", lang, ahead=position + (1 if _anything_running(services) else 0))
+        error = progress.error
+    else:
+        state = "interrupted" if remaining else (batch.get("status") or "done")
+        eta, step_line, fraction, error = None, "", 0.0, None
+    state_key = f"status.{state}" if f"status.{state}" in _STATUS_KEYS else None
+    label = text(state_key, lang) if state_key else state.replace("_", " ")
+    eta_text = (
+        text("status.eta", lang, eta=format_duration(eta)) if eta is not None and remaining
+        else ("" if remaining == 0 else text("status.eta_unknown", lang))
+    )
+    line = text("status.line", lang, status=label, done=done, failed=failed, remaining=remaining, eta=eta_text)
+    return BatchView(
+        batch_id=batch_id,
+        state=state,
+        status_line=line.rstrip(" ·"),
+        step_line=step_line,
+        step_fraction=fraction,
+        images=images[-max_images:],
+        finished=state not in ACTIVE_STATES,
+        done=done,
+        failed=failed,
+        remaining=remaining,
+        error=error,
+    )
+
+
+_STATUS_KEYS = {f"status.{s}" for s in (*LEDGER_STATUSES, "interrupted")}
+
+
+def _anything_running(services: Any) -> bool:
+    return any(_state(services, b) == "running" for b in services.queue.queued()[:0] + recent_batches(services, 5))
+
+
+# --------------------------------------------------------------------------------------- single image
+
+
+@dataclass
+class SingleResult:
+    batch_id: str
+    image_path: str
+    parameters: dict[str, Any]
+
+
+def generate_single(
+    services: Any,
+    caller: Caller,
+    template_name: str,
+    values: dict[str, Any],
+    on_progress: Callable[[float, str], None] | None = None,
+    timeout_s: float | None = None,
+) -> SingleResult:
+    """Render one row from form ``values`` and run it through the batch queue; waits for the image.
+
+    ``on_progress(fraction, description)`` is called while waiting (queue position, then sampler steps).
+    """
+    from engine.sheets import Sheet, SheetRow
+
+    columns = list(values)
+    cells = {name: "" if value is None else str(value) for name, value in values.items()}
+    sheet = Sheet(name="single-image", columns=columns, rows=[SheetRow(number=2, cells=cells)])
+    prepared = services.runner.prepare(template_name, sheet, on_invalid="stop", user=caller.name)
+    batch_id = start_batch(services, prepared)
+    limit = timeout_s if timeout_s is not None else float(services.settings.row_timeout_s) * 2 + 600
+    deadline = time.monotonic() + limit
+    while True:
+        view = batch_view(services, batch_id, caller.lang)
+        if on_progress is not None:
+            description = view.step_line or text("single.waiting", caller.lang)
+            on_progress(view.step_fraction, description)
+        if view.finished:
+            break
+        if time.monotonic() > deadline:
+            raise BatchError(f"the image did not finish within {int(limit)} s", batch_id=batch_id)
+        time.sleep(0.25)
+    rows = services.ledger.rows(batch_id)
+    row = rows[0]
+    if row["status"] != "done":
+        reason = row.get("error") or view.error or row["status"]
+        raise BatchError(text("single.failed", caller.lang, error=reason), batch_id=batch_id, status=row["status"])
+    return SingleResult(batch_id, row["image_path"], generation_parameters(row))
+
+
+# ------------------------------------------------------------------------------------------- history
+
+
+def parse_day(value: str | None, lang: str = "en") -> date | None:
+    """``YYYY-MM-DD`` -> date; empty -> None; anything else is an error naming the expected form."""
+    if value is None or not str(value).strip():
+        return None
+    try:
+        return datetime.strptime(str(value).strip(), "%Y-%m-%d").date()
+    except ValueError as exc:
+        raise SheetError(text("history.bad_date", lang, value=value), column="date") from exc
+
+
+HISTORY_COLUMNS = ("row_key", "batch", "row", "status", "prompt", "seed", "template", "user", "finished")
+
+
+def search_history(
+    services: Any,
+    *,
+    text_query: str = "",
+    batch_id: str = "",
+    status: str = "",
+    date_from: str = "",
+    date_to: str = "",
+    lang: str = "en",
+    limit: int = 200,
+) -> tuple[list[str], list[list[Any]]]:
+    """Search the ledger; returns ``(header, rows)`` for the history table, newest first."""
+    if status and status not in LEDGER_STATUSES:
+        raise SheetError(f"unknown status {status!r}; one of: {', '.join(LEDGER_STATUSES)}", column="status")
+    found = services.ledger.search(
+        text=text_query.strip() or None,
+        batch_id=batch_id.strip() or None,
+        status=status or None,
+        since=parse_day(date_from, lang),
+        until=parse_day(date_to, lang),
+        limit=limit,
+    )
+    header = [text(f"col.{name}", lang) for name in HISTORY_COLUMNS]
+    rows = []
+    for row in found:
+        record = _as_dict(row.get("record"))
+        rows.append(
+            [
+                row["row_key"],
+                row["batch_id"],
+                row["row_number"],
+                row["status"],
+                (row.get("prompt") or record.get("prompt") or "")[:120],
+                row.get("seed") if row.get("seed") is not None else record.get("seed", ""),
+                row.get("template_name") or "",
+                row.get("user") or "",
+                row.get("finished_at") or "",
+            ]
+        )
+    return header, rows
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value.strip():
+        try:
+            loaded = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
+def generation_parameters(row: dict[str, Any]) -> dict[str, Any]:
+    """The generation parameters recorded for a ledger row (prompt, seed, steps, model, ...)."""
+    record = _as_dict(row.get("record"))
+    keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "scheduler", "denoise", "width",
+            "height", "model_name", "model_hash", "precision")
+    params = {k: row[k] for k in keys if row.get(k) not in (None, "")}
+    for key, value in record.items():
+        params.setdefault(key, value)
+    return params
+
+
+def generation_detail(services: Any, row_key: str) -> dict[str, Any]:
+    """Everything the ledger recorded about one generation (values, parameters, workflow, timings)."""
+    row = services.ledger.get_generation(row_key)
+    if row is None:
+        raise BatchError(f"no generation {row_key!r} in the ledger", row_key=row_key)
+    detail = {key: (_as_dict(value) if key in {"record", "values", "workflow", "timings"} else value)
+              for key, value in dict(row).items()}
+    return detail
+
+
+def rerun_row(services: Any, caller: Caller, row_key: str) -> str:
+    """Queue the recorded values of one row again, as a new one-row batch of the same template."""
+    from engine.sheets import Sheet, SheetRow
+
+    row = services.ledger.get_generation(row_key)
+    if row is None:
+        raise BatchError(f"no generation {row_key!r} in the ledger", row_key=row_key)
+    values = _as_dict(row.get("values"))
+    template = row.get("template_name")
+    if not template:
+        raise BatchError(f"generation {row_key!r} records no template, so it cannot be re-run", row_key=row_key)
+    cells = {name: "" if value is None else str(value) for name, value in values.items()}
+    sheet = Sheet(name=f"rerun-{row_key}", columns=list(cells), rows=[SheetRow(number=int(row["row_number"]), cells=cells)])
+    prepared = services.runner.prepare(template, sheet, on_invalid="stop", user=caller.name)
+    return start_batch(services, prepared)
+
+
+# -------------------------------------------------------------------------------------- template edits
+
+
+def template_sources(services: Any, name: str) -> tuple[str, str]:
+    """``(workflow_text, schema_text)`` of a template, for the editor."""
+    return services.templates.sources(name)
+
+
+def save_template(services: Any, caller: Caller, name: str, workflow_text: str, schema_text: str) -> str:
+    """Admins only: validate a template (it renders its example, the graph passes validation), then save."""
+    require_admin(caller, "edit_template")
+    name = (name or "").strip()
+    if not name:
+        raise AccessDenied("a template needs a name", status=400) if False else BatchError("a template needs a name")
+    services.templates.save(name, workflow_text, schema_text, engine=services.engine)
+    return name
+
+
+# -------------------------------------------------------------------------------------------- system
+
+
+def system_info(services: Any) -> dict[str, Any]:
+    """Model in use (demo or real), precision, backend, device and memory, queue and versions."""
+    import gradio
+
+    info = dict(services.engine.describe())
+    info["queue"] = {"queued": services.queue.queued()}
+    versions = dict(info.get("versions") or {})
+    versions.update({"python": platform.python_version(), "gradio": gradio.__version__})
+    info["versions"] = versions
+    return info
+
+
+def model_choices(services: Any) -> list[str]:
+    """Checkpoints an admin may switch to: ``allowed_models`` when set, else every checkpoint found."""
+    allowed = [m.strip() for m in services.settings.allowed_models.split(",") if m.strip()]
+    return allowed or list(services.engine.available_checkpoints())
+
+
+def switch_model(services: Any, caller: Caller, name: str) -> str:
+    """Admins only: make ``name`` the default checkpoint (loaded on the GPU when first used)."""
+    require_admin(caller, "switch_model")
+    choices = model_choices(services)
+    if name not in choices:
+        raise AccessDenied(
+            f"model {name!r} is not allowed; allowed: {', '.join(choices) or 'none'}", status=400, model=name
+        )
+    services.engine.switch_model(name)
+    return name
+
+
+__all__ = [
+    "BatchView",
+    "Caller",
+    "SheetCheck",
+    "SingleResult",
+    "TemplateOverview",
+    "batch_view",
+    "caller_for",
+    "cancel_batch",
+    "check_sheet",
+    "current_batch",
+    "error_message",
+    "generate_single",
+    "generation_detail",
+    "generation_parameters",
+    "interrupted_batches",
+    "model_choices",
+    "recent_batches",
+    "require_admin",
+    "rerun_row",
+    "resume_batch",
+    "save_template",
+    "search_history",
+    "start_batch",
+    "switch_model",
+    "system_info",
+    "template_fields",
+    "template_names",
+    "template_overview",
+    "template_sources",
+]

@@ -1,0 +1,320 @@
+"""The web app factory: a FastAPI app with the Gradio UI mounted, login, and authenticated file routes.
+
+``create_app(settings)`` returns ``(app, services)``. The JSON API (webapp/api.py) can add its routes to
+the same FastAPI app, so both shells share one engine, one ledger and one batch queue in one process.
+
+Sign-in: when users are configured (a users file or ``SD35_USERS``), ``/login`` checks the password with
+:class:`webapp.auth.UserStore` and sets an HttpOnly session cookie holding a signed token; the Gradio app
+and the ``/files`` routes accept only requests carrying a valid one. With no users configured nobody signs
+in, and :func:`listen_address` keeps the server on localhost.
+
+Images and zips are served only through ``/files/...`` (never a public cache): paths are resolved inside
+the outputs folder and anything outside it is refused.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import tempfile
+from contextlib import asynccontextmanager
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from engine.errors import AccessDenied
+from engine.settings import Settings
+from webapp.auth import TokenIssuer, User, UserStore, load_users
+from webapp.i18n import gradio_i18n, language_of_request, text
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "sd35_session"
+SESSION_TTL = "12h"
+LOCALHOST = "127.0.0.1"
+# Paths a signed-out browser may reach: the login form itself and what it needs.
+_PUBLIC_PREFIXES = ("/login", "/logout", "/favicon.ico")
+
+
+class WebAuth:
+    """Who is signed in: checks passwords, issues and reads session cookies."""
+
+    def __init__(self, users: UserStore, sessions: TokenIssuer) -> None:
+        self.users = users
+        self.sessions = sessions
+
+    @property
+    def required(self) -> bool:
+        return self.users.configured
+
+    def sign_in(self, name: str, password: str) -> str | None:
+        """A session token for a correct name and password, else None."""
+        user = self.users.authenticate(name.strip(), password)
+        if user is None:
+            return None
+        return self.sessions.create(user, ttl=SESSION_TTL, process_local=True)
+
+    def user_of(self, request: Any) -> User | None:
+        """The signed-in user of a request (its session cookie), or None. A removed user is signed out."""
+        token = request.cookies.get(SESSION_COOKIE)
+        if not token:
+            return None
+        try:
+            claims = self.sessions.verify(token)
+        except AccessDenied:
+            return None
+        return self.users.get(claims.sub)
+
+    def username_of(self, request: Any) -> str | None:
+        """Gradio's ``auth_dependency``: the user name, or None to refuse the request."""
+        user = self.user_of(request)
+        return user.name if user is not None else None
+
+
+def session_issuer(settings: Settings) -> TokenIssuer:
+    """Sessions signed with the configured key (they survive restarts), else with a per-process key."""
+    if settings.jwt_secret:
+        return TokenIssuer.from_settings(settings)
+    return TokenIssuer.for_process(settings.jwt_issuer, settings.jwt_audience)
+
+
+def resolve_output_file(outputs: Path, relative: str) -> Path:
+    """The file ``relative`` inside ``outputs``; AccessDenied(403) for anything that escapes it, 404 if absent."""
+    root = Path(outputs).resolve()
+    if "\x00" in relative or relative.startswith(("/", "\\")):
+        raise AccessDenied(f"path {relative!r} is not inside the outputs folder", status=403, path=relative)
+    candidate = (root / relative).resolve()
+    if candidate != root and root not in candidate.parents:
+        raise AccessDenied(f"path {relative!r} is not inside the outputs folder", status=403, path=relative)
+    if not candidate.is_file():
+        raise AccessDenied(f"no file {relative!r}", status=404, path=relative)
+    return candidate
+
+
+def file_url(outputs: Path, path: str | Path) -> str:
+    """The ``/files/...`` URL of an image under the outputs folder."""
+    relative = Path(path).resolve().relative_to(Path(outputs).resolve())
+    return "/files/" + quote(relative.as_posix())
+
+
+def zip_url(batch_id: str) -> str:
+    return f"/files/zip/{quote(batch_id)}"
+
+
+def listen_address(settings: Settings, users: UserStore, environ: Mapping[str, str] | None = None) -> tuple[str, int, str | None]:
+    """``(host, port, note)``. Without users, a workstation listens on localhost only (``note`` says so).
+
+    On a Hugging Face Space (``SPACE_ID`` set) the Space's own access rules apply and the host is kept.
+    """
+    env = os.environ if environ is None else environ
+    if users.configured or env.get("SPACE_ID"):
+        return settings.host, int(settings.port), None
+    if settings.host not in {LOCALHOST, "localhost", "::1"}:
+        note = (
+            f"no users are configured, so the web app listens on {LOCALHOST} only instead of {settings.host}; "
+            "configure a users file (SD35_USERS_FILE) to serve the network"
+        )
+        return LOCALHOST, int(settings.port), note
+    return settings.host, int(settings.port), None
+
+
+def _login_page(lang: str, failed: bool) -> str:
+    t = lambda key: html.escape(text(key, lang))  # noqa: E731
+    error = f'<p class="error" role="alert">{t("login.failed")}</p>' if failed else ""
+    return f"""<!doctype html>
+<html lang="{'zh-CN' if lang == 'zh' else 'en'}"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{t("login.title")} · {t("app.title")}</title>
+<style>
+body {{ font-family: system-ui, "Noto Sans CJK SC", sans-serif; background: #f4f5f7; margin: 0; }}
+main {{ max-width: 22rem; margin: 12vh auto; background: #fff; padding: 2rem; border-radius: 10px;
+        box-shadow: 0 2px 12px rgba(0,0,0,.08); }}
+h1 {{ font-size: 1.3rem; margin: 0 0 1.2rem; }} label {{ display: block; margin: .8rem 0 .3rem; }}
+input {{ width: 100%; box-sizing: border-box; padding: .55rem; font-size: 1rem; border: 1px solid #bbb;
+         border-radius: 6px; }}
+button {{ margin-top: 1.2rem; width: 100%; padding: .6rem; font-size: 1rem; border: 0; border-radius: 6px;
+          background: #ea580c; color: #fff; cursor: pointer; }}
+.error {{ color: #b91c1c; }}
+</style></head>
+<body><main>
+<h1>{t("app.title")}</h1>
+<form method="post" action="/login">
+{error}
+<label for="username">{t("login.username")}</label>
+<input id="username" name="username" autocomplete="username" required autofocus>
+<label for="password">{t("login.password")}</label>
+<input id="password" name="password" type="password" autocomplete="current-password" required>
+<button type="submit">{t("login.submit")}</button>
+</form></main></body></html>"""
+
+
+def create_app(
+    settings: Settings,
+    engine: Any = None,
+    *,
+    users: UserStore | None = None,
+    services: Any = None,
+):
+    """Build the FastAPI app with the Gradio UI mounted at ``/``; returns ``(app, services)``.
+
+    ``engine`` (e.g. a test's demo engine) and ``services`` (an already built
+    :class:`engine.services.Services`) may be passed in; ``users`` defaults to :func:`load_users`.
+    The batch queue thread starts with the app and stops when it shuts down.
+    """
+    import gradio as gr
+    from fastapi import FastAPI, Form, Request
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
+
+    from engine.services import build_services
+    from webapp.ui import build_ui
+
+    services = services or build_services(settings, engine)
+    users = users if users is not None else load_users(settings)
+    auth = WebAuth(users, session_issuer(settings))
+    outputs = Path(settings.outputs_path)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        services.queue.start()
+        try:
+            yield
+        finally:
+            services.close()
+
+    app = FastAPI(title="SD3.5 batch images", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.services = services
+    app.state.auth = auth
+
+    @app.exception_handler(AccessDenied)
+    async def access_denied(request: Request, exc: AccessDenied):
+        headers = {"WWW-Authenticate": "Cookie"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+
+    @app.middleware("http")
+    async def require_session(request: Request, call_next):
+        # Gradio answers a signed-out page load with a bare 401; send browsers to the login form instead.
+        path = request.url.path
+        if (
+            auth.required
+            and request.method == "GET"
+            and path in {"/", ""}
+            and not path.startswith(_PUBLIC_PREFIXES)
+            and auth.user_of(request) is None
+        ):
+            return RedirectResponse("/login", status_code=303)
+        return await call_next(request)
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request, failed: int = 0):
+        if not auth.required:
+            return RedirectResponse("/", status_code=303)
+        return HTMLResponse(_login_page(language_of_request(request), bool(failed)))
+
+    @app.post("/login")
+    def login(request: Request, username: str = Form(""), password: str = Form("")):
+        token = auth.sign_in(username, password) if auth.required else None
+        if token is None:
+            lang = language_of_request(request)
+            return HTMLResponse(_login_page(lang, failed=True), status_code=401)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            token,
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
+            max_age=12 * 3600,
+        )
+        return response
+
+    @app.get("/logout")
+    def logout():
+        response = RedirectResponse("/login" if auth.required else "/", status_code=303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    def signed_in(request: Request) -> User | None:
+        user = auth.user_of(request)
+        if auth.required and user is None:
+            raise AccessDenied("sign in to download files", status=401, reason="not_authenticated")
+        return user
+
+    @app.get("/files/zip/{batch_id}")
+    def batch_zip(batch_id: str, request: Request):
+        signed_in(request)
+        if services.ledger.get_batch(batch_id) is None:
+            raise AccessDenied(f"no batch {batch_id!r}", status=404, batch_id=batch_id)
+        # Built into a temporary file by streaming, then streamed out and removed.
+        handle = tempfile.NamedTemporaryFile(prefix=f"{batch_id}-", suffix=".zip", delete=False)
+        handle.close()
+        path = Path(handle.name)
+        try:
+            services.runner.zip(batch_id, path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+        def chunks():
+            try:
+                with open(path, "rb") as stream:
+                    while block := stream.read(1 << 20):
+                        yield block
+            finally:
+                path.unlink(missing_ok=True)
+
+        return StreamingResponse(
+            chunks(),
+            media_type="application/zip",
+            headers={
+                "Content-Disposition": f"attachment; filename=\"{batch_id}.zip\"",
+                "Content-Length": str(path.stat().st_size),
+            },
+        )
+
+    @app.get("/files/{relative:path}")
+    def output_file(relative: str, request: Request):
+        signed_in(request)
+        return FileResponse(resolve_output_file(outputs, relative))
+
+    blocks = build_ui(services, settings, users=users)
+    gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/",
+        auth_dependency=auth.username_of if auth.required else None,
+        i18n=gradio_i18n(),
+        ssr_mode=False,
+        footer_links=[],
+        max_file_size=f"{int(settings.max_upload_mb)}mb",
+        show_error=True,
+    )
+
+    return app, services
+
+
+def serve(settings: Settings, engine: Any = None, environ: Mapping[str, str] | None = None) -> None:
+    """Run the web app with uvicorn on the address :func:`listen_address` picks (``python app.py``)."""
+    import uvicorn
+
+    users = load_users(settings, environ)
+    host, port, note = listen_address(settings, users, environ)
+    if note:
+        log.warning(note)
+    app, _ = create_app(settings, engine, users=users)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+__all__ = [
+    "SESSION_COOKIE",
+    "WebAuth",
+    "create_app",
+    "file_url",
+    "listen_address",
+    "resolve_output_file",
+    "serve",
+    "session_issuer",
+    "zip_url",
+]
+
