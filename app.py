@@ -252,7 +252,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_users(args: argparse.Namespace) -> int:
-    from webapp.auth import add_user_to_file
+    from webapp.auth import add_user
 
     settings = _settings_from(args)
     path = Path(args.file or settings.users_file or Path(settings.data_dir) / "users.json")
@@ -261,7 +261,7 @@ def cmd_users(args: argparse.Namespace) -> int:
         import getpass
 
         password = getpass.getpass(f"password for {args.name}: ")
-    add_user_to_file(path, args.name, password, args.role)
+    add_user(path, args.name, password, args.role)
     print(f"user {args.name} ({args.role}) written to {path}")
     return 0
 

@@ -11,10 +11,12 @@ two images. Resume is simply "run the rows that are not done".
 from __future__ import annotations
 
 import base64
+import contextvars
 import hashlib
 import json
 import logging
 import os
+import queue
 import secrets
 import tempfile
 import threading
@@ -273,10 +275,16 @@ class Dispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """Runs rows in this process on the resident engine, one GPU batch at a time."""
+    """Runs rows in this process on the resident engine, one GPU batch at a time.
 
-    def __init__(self, executor: RowExecutor) -> None:
+    The GPU work runs on its own thread and hands results through a small bounded queue, so storing a
+    finished row (file write, fsync, ledger commit, zip) overlaps with sampling the next rows, while memory
+    stays flat: at most ``pipeline_depth`` finished groups wait to be stored.
+    """
+
+    def __init__(self, executor: RowExecutor, pipeline_depth: int = 2) -> None:
         self.executor = executor
+        self.pipeline_depth = max(1, pipeline_depth)
 
     def run(
         self,
@@ -284,12 +292,39 @@ class LocalDispatcher:
         on_event: ProgressCallback | None,
         should_cancel: Callable[[], bool] | None,
     ) -> Iterator[RowResult]:
-        for group in self.executor.groups(jobs):
-            if should_cancel is not None and should_cancel():
-                for job in group:
-                    yield RowResult(job.row_key, CANCELLED, "cancelled before it started")
-                continue
-            yield from self.executor._execute_group(group, on_event, should_cancel)
+        results: queue.Queue[list[RowResult] | BaseException | None] = queue.Queue(self.pipeline_depth)
+        stop = threading.Event()
+        context = contextvars.copy_context()  # log context (batch id) follows the work onto the GPU thread
+
+        def produce() -> None:
+            try:
+                for group in self.executor.groups(jobs):
+                    if stop.is_set():
+                        return
+                    if should_cancel is not None and should_cancel():
+                        results.put([RowResult(job.row_key, CANCELLED, "cancelled before it started") for job in group])
+                        continue
+                    results.put(self.executor._execute_group(group, on_event, should_cancel))
+            except BaseException as exc:  # surfaced on the consumer side, never lost in the thread
+                results.put(exc)
+            finally:
+                results.put(None)
+
+        worker = threading.Thread(target=context.run, args=(produce,), name="gpu-rows", daemon=True)
+        worker.start()
+        try:
+            while (item := results.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a producer waiting on a full queue, then let it finish
+                try:
+                    results.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            worker.join()
 
 
 # ----------------------------------------------------------------------------------------- batches

@@ -107,7 +107,8 @@ def make_celery(
         worker_send_task_events=False,
     )
 
-    @app.task(name=TASK_RUN_ROW, bind=True)
+    # resultrepr_maxsize: the success log line must not carry megabytes of base64 PNG
+    @app.task(name=TASK_RUN_ROW, bind=True, resultrepr_maxsize=200)
     def run_row(task: Any, job_data: dict[str, Any]) -> dict[str, Any]:
         if worker is None:
             raise EngineError("this process has no models loaded; rows run only in `python app.py worker`")

@@ -8,7 +8,10 @@ loaders and unchanged text encodings resident. Output nodes and ``cacheable = Fa
 cached either, since its inputs may differ from run to run.
 
 Record entries a node writes into ``ctx.record`` are stored with its cached outputs and written again on
-a cache hit, so the record of a run does not depend on what an earlier run left in the cache.
+a cache hit, so the record of a run does not depend on what an earlier run left in the cache. A
+``run_batch`` result per row may be a dict ``{"result": (...), "record": {...}}`` carrying that row's
+own record entries. Cached outputs hold references (model handles, tensors): call
+:meth:`Executor.clear_cache` when models are unloaded so their memory can actually be freed.
 
 No torch import at module load: out-of-memory errors are recognised by class name and message.
 """
@@ -156,7 +159,7 @@ class Executor:
             self._run_rows(rows)
             for row in rows:
                 results[row.index] = row.error or self._outcome(row)
-        return [r for r in results if r is not None]
+        return [result for result in results if result is not None]  # every slot is filled by now
 
     # --- running ------------------------------------------------------------------------------------
 
@@ -256,9 +259,7 @@ class Executor:
                         f"{node_cls.class_type}.run_batch returned {len(results)} results for {len(groups)} rows",
                         node_id=node_id, class_type=node_cls.class_type,
                     )
-        except BaseException as exc:  # noqa: BLE001 - every failure becomes an EngineError naming the node
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
+        except Exception as exc:  # every failure becomes an EngineError naming the node
             error = _node_error(exc, node_id, node_cls.class_type)
             if len(groups) > 1 and not isinstance(error, (Cancelled, DeadlineExceeded)):
                 for members in groups:  # isolate the row at fault
@@ -273,20 +274,20 @@ class Executor:
         }
         for members, result in zip(groups, results):
             try:
-                outputs, ui = _split_result(result, node_id, node_cls)
+                outputs, ui, row_record = _split_result(result, node_id, node_cls)
             except ExecutionError as error:
                 for row in members:
                     row.error = error
                 continue
+            updates = {**record_updates, **row_record}
             for row in members:
                 row.values[node_id] = outputs
                 row.timings[node_id] = elapsed
-                if row.ctx.record is not ctx.record:
-                    row.ctx.record.update(record_updates)
+                row.ctx.record.update(updates)
                 if node_cls.output_node:
                     row.outputs[node_id] = ui
             if not node_cls.output_node and node_id not in members[0].volatile and self.cache_size > 0:
-                self._cache[members[0].signatures[node_id]] = _CacheEntry(outputs, record_updates)
+                self._cache[members[0].signatures[node_id]] = _CacheEntry(outputs, updates)
                 self._cache.move_to_end(members[0].signatures[node_id])
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
@@ -304,11 +305,20 @@ class Executor:
         )
 
 
-def _split_result(result: Any, node_id: str, node_cls: "type[NodeType]") -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """(output values, ui dict) from what ``run`` returned, checked against the declared outputs."""
+def _split_result(
+    result: Any, node_id: str, node_cls: "type[NodeType]"
+) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+    """(output values, ui dict, row record) from what ``run``/``run_batch`` returned for one row.
+
+    A node returns a tuple (one value per output) or a dict ``{"result": tuple, "ui": {...}, "record":
+    {...}}``; ``record`` carries a row's own generation parameters out of a ``run_batch`` call, where one
+    shared ``ctx.record`` could not tell the rows apart.
+    """
     ui: dict[str, Any] = {}
+    row_record: dict[str, Any] = {}
     if isinstance(result, dict):
         ui = dict(result.get("ui") or {})
+        row_record = dict(result.get("record") or {})
         result = result.get("result", ())
     if result is None and not node_cls.outputs:
         result = ()
@@ -318,7 +328,7 @@ def _split_result(result: Any, node_id: str, node_cls: "type[NodeType]") -> tupl
             f"{node_cls.class_type} returned {shown} values but declares {len(node_cls.outputs)} outputs",
             node_id=node_id, class_type=node_cls.class_type,
         )
-    return tuple(result), ui
+    return tuple(result), ui, row_record
 
 
 def _node_error(exc: BaseException, node_id: str, class_type: str) -> EngineError:

@@ -45,9 +45,9 @@ def _clean_stem(stem: str) -> str:
     text = unicodedata.normalize("NFKC", str(stem))
     text = _ILLEGAL.sub("_", text)
     text = _SPACE_RUN.sub(" ", text)
-    text = _DOT_RUN.sub("_", text)  # ".." never survives, even between other characters
     # Windows drops trailing dots and spaces (so "a." and "a" collide); a leading dot hides the file.
     text = text.strip(" .")
+    text = _DOT_RUN.sub("_", text)  # ".." never survives, even between other characters
     text = _truncate_utf8(text, _MAX_STEM_BYTES).strip(" .")
     if not text:
         return "image"
@@ -81,7 +81,8 @@ def pattern_fields(pattern: str) -> list[str]:
 
 
 def fill_filename_pattern(pattern: str, values: Mapping[str, Any]) -> str:
-    """Fill ``{name}`` placeholders from ``values`` (a missing or empty value becomes an empty string).
+    """Fill ``{name}`` placeholders from ``values`` (looked up as written, then case-folded; a missing
+    value becomes an empty string).
 
     Only plain ``{name}`` placeholders are replaced; unlike ``str.format`` there is no attribute or index
     access, so a pattern uploaded with a template cannot reach into objects. The result is a stem still
@@ -89,7 +90,8 @@ def fill_filename_pattern(pattern: str, values: Mapping[str, Any]) -> str:
     """
 
     def replace(match: re.Match[str]) -> str:
-        value = values.get(match.group(1))
+        name = match.group(1)
+        value = values.get(name, values.get(name.casefold()))
         return "" if value is None else str(value)
 
     return _PATTERN_FIELD.sub(replace, pattern)

@@ -240,7 +240,7 @@ def _sniff_kind(data: bytes) -> str:
     head = data[:8192]
     if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return "csv"  # UTF-16 text (Excel's "Unicode Text" export)
-    if b"\x00" in head:
+    if head.count(b"\x00") > len(head) // 20:  # a stray NUL is a control character; many mean binary
         return "binary"
     return "csv"
 

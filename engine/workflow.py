@@ -260,7 +260,8 @@ def _list_link(
         return Link(source_id, output)
     if not isinstance(output, str):
         raise WorkflowFormatError(
-            f"node {node_id} input '{name}': link output must be an index or an output type name, got {output!r}",
+            f"node {node_id} input '{name}': link output must be an index or an output type name, "
+            f"got {output!r}",
             node_id=node_id,
             input_name=name,
         )
@@ -329,7 +330,8 @@ def _parse_ui(data: dict[str, Any], registry: "NodeRegistry") -> Workflow:
                 continue
             if link_id not in links:
                 raise WorkflowFormatError(
-                    f"node {node_id} input '{ui_input.get('name')}' refers to link {link_id}, which is not in links[]",
+                    f"node {node_id} input '{ui_input.get('name')}' refers to link {link_id}, "
+                    "which is not in links[]",
                     node_id=node_id,
                 )
             resolved = _resolve_ui_link(links[link_id], ui_input.get("type", "*"), ui_nodes, links, muted)
@@ -348,7 +350,9 @@ def _ui_nodes(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     nodes: dict[str, dict[str, Any]] = {}
     for position, node in enumerate(data["nodes"]):
         if not isinstance(node, dict) or "id" not in node or not isinstance(node.get("type"), str):
-            raise WorkflowFormatError(f"UI node #{position} needs an 'id' and a string 'type'", position=position)
+            raise WorkflowFormatError(
+                f"UI node #{position} needs an 'id' and a string 'type'", position=position
+            )
         node_id = str(node["id"])
         mode = node.get("mode", UI_MODE_RUN)
         if mode not in UI_SUPPORTED_MODES:
@@ -369,7 +373,8 @@ def _ui_links(data: dict[str, Any]) -> dict[Any, _UiLink]:
                    raw.get("target_id"), raw.get("target_slot"), raw.get("type")]
         if not isinstance(raw, list) or len(raw) < 5 or not _is_index(raw[2]) or not _is_index(raw[4]):
             raise WorkflowFormatError(
-                f"UI link {raw!r} is not [link_id, src_node, src_slot, dst_node, dst_slot, type]", link=repr(raw)
+                f"UI link {raw!r} is not [link_id, src_node, src_slot, dst_node, dst_slot, type]",
+                link=repr(raw),
             )
         link_type = raw[5] if len(raw) > 5 and isinstance(raw[5], str) else "*"
         links[raw[0]] = _UiLink(str(raw[1]), raw[2], str(raw[3]), raw[4], link_type)

@@ -54,7 +54,10 @@ def arithmetic_registry(calls: list[tuple[str, dict[str, Any]]] | None = None) -
 
     class Add(NodeType):
         class_type = "Add"
-        inputs = (Input("a", "INT", min=-(2**70), max=2**70), Input("b", "INT", default=0, min=-(2**70), max=2**70, optional=True))
+        inputs = (
+            Input("a", "INT", min=-(2**70), max=2**70),
+            Input("b", "INT", default=0, min=-(2**70), max=2**70, optional=True),
+        )
         outputs = (Output("INT"),)
 
         def run(self, ctx: NodeContext, a: int, b: int = 0) -> tuple[int]:
@@ -67,20 +70,23 @@ def arithmetic_registry(calls: list[tuple[str, dict[str, Any]]] | None = None) -
         """Like Add, with a run_batch that handles many rows in one call."""
 
         class_type = "BatchedAdd"
-        inputs = (Input("a", "INT", min=-(2**70), max=2**70), Input("b", "INT", default=0, min=-(2**70), max=2**70))
+        inputs = (Input("a", "INT", min=-(2**70), max=2**70), Input("b", "INT", default=0))
         outputs = (Output("INT"),)
 
         def run(self, ctx: NodeContext, a: int, b: int) -> tuple[int]:
             note("BatchedAdd.run", {"a": a, "b": b})
             if a == 13:
                 raise ValueError("unlucky number")
+            ctx.record["sum"] = a + b
             return (a + b,)
 
-        def run_batch(self, ctx: NodeContext, inputs_list: list[dict[str, Any]]) -> list[tuple[int]]:
+        def run_batch(self, ctx: NodeContext, inputs_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            """Each row's own record travels in its result, as KSampler's does."""
             note("BatchedAdd.run_batch", {"rows": [dict(i) for i in inputs_list]})
             if any(i["a"] == 13 for i in inputs_list):
                 raise ValueError("unlucky number in the batch")
-            return [(i["a"] + i["b"],) for i in inputs_list]
+            ctx.record["batched"] = True
+            return [{"result": (i["a"] + i["b"],), "record": {"sum": i["a"] + i["b"]}} for i in inputs_list]
 
     class Pick(NodeType):
         """Two outputs of different types, a COMBO and a seed with its UI control widget."""
@@ -96,12 +102,12 @@ def arithmetic_registry(calls: list[tuple[str, dict[str, Any]]] | None = None) -
         outputs = (Output("INT"), Output("STRING", name="LABEL"))
 
         @classmethod
-        def check(cls, values: dict[str, Any], ctx: NodeContext | None) -> list[tuple[str | None, str, str, str]]:
+        def check(cls, values: dict[str, Any], ctx: NodeContext | None) -> list[tuple[Any, str, str, str]]:
             if values.get("mode") == "product" and values.get("scale") == 0.0:
                 return [("scale", "value_smaller_than_min", "scale 0 makes every product 0", "")]
             return []
 
-        def run(self, ctx: NodeContext, number: int, seed: int, mode: str, scale: float, label: str = "") -> tuple[int, str]:
+        def run(self, ctx: NodeContext, number: int, seed: int, mode: str, scale: float, label: str = "") -> tuple:
             note("Pick", {"number": number, "seed": seed, "mode": mode, "scale": scale, "label": label})
             value = number + seed if mode == "sum" else number * seed
             return (int(value * scale), label or mode)
@@ -110,7 +116,10 @@ def arithmetic_registry(calls: list[tuple[str, dict[str, Any]]] | None = None) -
         """A COMBO followed in UI files by an extra upload widget, like LoadImage."""
 
         class_type = "LoadName"
-        inputs = (Input("name", "COMBO", choices=("a.png", "b.png"), trailing_ui_widgets=1), Input("repeat", "INT", default=1, min=1, max=4))
+        inputs = (
+            Input("name", "COMBO", choices=("a.png", "b.png"), trailing_ui_widgets=1),
+            Input("repeat", "INT", default=1, min=1, max=4),
+        )
         outputs = (Output("STRING"),)
 
         def run(self, ctx: NodeContext, name: str, repeat: int) -> tuple[str]:
@@ -192,5 +201,7 @@ def arithmetic_registry(calls: list[tuple[str, dict[str, Any]]] | None = None) -
             return {"ui": {"text": [text]}}
 
     registry = NodeRegistry()
-    registry.register_all([Number, Text, Add, BatchedAdd, Pick, LoadName, Jitter, Exhaust, Box, ShowBox, Show, ShowText])
+    registry.register_all(
+        [Number, Text, Add, BatchedAdd, Pick, LoadName, Jitter, Exhaust, Box, ShowBox, Show, ShowText]
+    )
     return registry

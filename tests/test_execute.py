@@ -119,11 +119,12 @@ def test_uncacheable_nodes_and_their_dependents_always_run(registry, calls, tmp_
 
 def test_lru_cache_is_bounded(registry, calls, tmp_path):
     executor = Executor(registry, cache_size=2)
-    executor.execute(graph(registry), make_context(tmp_path))
-    assert len(executor.cached_signatures) == 2
+    executor.execute(graph(registry, n2={"value": 5}), make_context(tmp_path))  # both Numbers: one entry
+    assert len(executor.cached_signatures) == 2  # Number(5) and Add were pushed out by Pick
     calls.clear()
-    executor.execute(graph(registry), make_context(tmp_path))
-    assert ran(calls) == ["Number", "Number", "Add", "Show"]  # only Pick (the newest) was still cached
+    executor.execute(graph(registry, n2={"value": 5}, n4={"seed": 1}), make_context(tmp_path))
+    assert ran(calls) == ["Number", "Add", "Pick", "Show"]
+    assert Executor(registry, cache_size=0).execute(graph(registry), make_context(tmp_path)).cache_hits == []
 
 
 def test_node_errors_name_the_node(registry, tmp_path):
@@ -210,11 +211,16 @@ def batched_graph(registry, a: int, b: int = 1):
 
 def test_batch_uses_run_batch_for_rows_with_different_inputs(registry, calls, tmp_path):
     rows = [batched_graph(registry, a) for a in (1, 2, 2, 3)]
-    results = Executor(registry).execute_batch(rows, [make_context(tmp_path) for _ in rows])
+    executor = Executor(registry)
+    results = executor.execute_batch(rows, [make_context(tmp_path) for _ in rows])
     assert [r.outputs["3"]["values"][0] for r in results] == [2, 3, 3, 4]
     batch_calls = [inputs for name, inputs in calls if name.startswith("BatchedAdd")]
     assert ran(calls).count("BatchedAdd.run_batch") == 1 and "BatchedAdd.run" not in ran(calls)
     assert batch_calls[0]["rows"] == [{"a": 1, "b": 1}, {"a": 2, "b": 1}, {"a": 3, "b": 1}]
+    # Each row gets its own record entries out of the one call, plus what the call wrote for all.
+    assert [r.record for r in results] == [{"sum": s, "batched": True, "shown": s} for s in (2, 3, 3, 4)]
+    again = executor.execute(batched_graph(registry, 3), make_context(tmp_path))
+    assert again.cache_hits == ["1", "2"] and again.record == {"sum": 4, "batched": True, "shown": 4}
 
 
 def test_batch_failure_is_isolated_to_its_row(registry, calls, tmp_path):
@@ -236,7 +242,8 @@ def test_batch_rows_report_progress_to_their_own_context(registry, tmp_path):
     events = [[], []]
     Executor(registry).execute_batch(rows, [make_context(tmp_path, e) for e in events])
     for row_events in events:
-        assert [(e.kind, e.node_id) for e in row_events] == [("node", "1"), ("node", "2"), ("node", "3"), ("done", None)]
+        kinds = [(e.kind, e.node_id) for e in row_events]
+        assert kinds == [("node", "1"), ("node", "2"), ("node", "3"), ("done", None)]
 
 
 def test_batch_needs_one_context_per_row(registry, tmp_path):

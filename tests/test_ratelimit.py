@@ -219,11 +219,12 @@ def test_middleware_answers_413_through_fastapi_multipart():
     too_big = client.post("/upload", files={"file": ("a.csv", b"x" * 60_000)})
     assert too_big.status_code == 413
 
-    def chunked_body():  # no Content-Length: only counting can stop it
+    def chunked_body():  # no Content-Length: only counting the bytes can stop it
         yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.csv\"\r\n\r\n"
         for _ in range(100):
             yield b"x" * 1000
         yield b"\r\n--b--\r\n"
 
-    streamed = client.post("/upload", content=chunked_body(), headers={"content-type": "multipart/form-data; boundary=b"})
+    multipart = {"content-type": "multipart/form-data; boundary=b"}
+    streamed = client.post("/upload", content=chunked_body(), headers=multipart)
     assert streamed.status_code == 413 and streamed.json()["error"]["details"]["reason"] == "too_large"

@@ -23,7 +23,8 @@ SOURCE_ARTICLE_EXAMPLE = {
          "values": {"seed": 12345, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"}},
         {"id": 4, "type": "EmptyLatentImage", "values": {"width": 1024, "height": 1024}},
         {"id": 5, "type": "VAEDecode", "inputs": {"vae": [1, "VAE"], "samples": [3, 0]}},
-        {"id": 6, "type": "SaveImage", "inputs": {"images": [5, 0]}, "values": {"filename_prefix": "SD35_FP8_Batch"}},
+        {"id": 6, "type": "SaveImage", "inputs": {"images": [5, 0]},
+         "values": {"filename_prefix": "SD35_FP8_Batch"}},
     ]
 }
 
@@ -32,7 +33,8 @@ API = {
     "1": {"class_type": "Number", "inputs": {"value": 5}},
     "2": {"class_type": "Number", "inputs": {"value": 7}},
     "3": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["2", 0]}},
-    "4": {"class_type": "Pick", "inputs": {"number": ["3", 0], "seed": 123, "mode": "sum", "scale": 2.0, "label": "x"}},
+    "4": {"class_type": "Pick",
+          "inputs": {"number": ["3", 0], "seed": 123, "mode": "sum", "scale": 2.0, "label": "x"}},
     "5": {"class_type": "Show", "inputs": {"value": ["4", 0], "label": ["4", 1]}, "_meta": {"title": "Result"}},
 }
 LIST = {
@@ -73,7 +75,8 @@ def ui_fixture() -> dict:
                                       {"name": "b", "type": "INT", "link": 2, "widget": {"name": "b"}}],
                     widgets=[0, 0], outputs=[("INT", [3])]),
             ui_node(10, "Reroute", inputs=[{"name": "", "type": "*", "link": 3}], outputs=[("INT", [4])]),
-            ui_node(4, "Pick", inputs=[{"name": "number", "type": "INT", "link": 4, "widget": {"name": "number"}}],
+            ui_node(4, "Pick",
+                    inputs=[{"name": "number", "type": "INT", "link": 4, "widget": {"name": "number"}}],
                     widgets=[0, 123, "randomize", "sum", 2.0, "x"], outputs=[("INT", [5]), ("STRING", [6])]),
             ui_node(5, "Show", inputs=[{"name": "value", "type": "INT", "link": 5},
                                        {"name": "label", "type": "STRING", "link": 6}], title="Result"),
@@ -207,11 +210,12 @@ def test_ui_seed_control_widget_is_skipped_only_when_present(registry):
     data["nodes"][4]["widgets_values"] = [0, 123, "sum", 2.0, "x"]  # a file without the control entry
     assert parse_workflow(data, registry).nodes["4"] == parse_workflow(ui_fixture(), registry).nodes["4"]
     data["nodes"][4]["widgets_values"] = [0, 123, "increment", "product", 2.0]
-    assert parse_workflow(data, registry).nodes["4"].literals() == {"seed": 123, "mode": "product", "scale": 2.0}
+    literals = parse_workflow(data, registry).nodes["4"].literals()
+    assert literals == {"seed": 123, "mode": "product", "scale": 2.0}
 
 
 def test_ui_trailing_upload_widget_is_skipped(registry):
-    data = {"nodes": [ui_node(1, "LoadName", widgets=["b.png", "image", 3], outputs=[("STRING", [])])], "links": []}
+    data = {"nodes": [ui_node(1, "LoadName", widgets=["b.png", "image", 3])], "links": []}
     assert parse_workflow(data, registry).nodes["1"].inputs == {"name": "b.png", "repeat": 3}
 
 

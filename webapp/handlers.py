@@ -12,8 +12,6 @@ one-row batch, so it is recorded in the ledger like every other image.
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +19,9 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from engine.errors import AccessDenied, BatchError, EngineError, SheetError
+from engine.errors import AccessDenied, BatchError, EngineError, SheetError, TemplateError
+from webapp.auth import ADMIN
+from webapp.guard import LOCAL_USER, Caller
 from webapp.i18n import text
 
 ACTIVE_STATES = ("queued", "running")
@@ -31,38 +31,28 @@ LEDGER_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped"
 # --------------------------------------------------------------------------------------------- caller
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who made a request. With no users configured the caller is the workstation's own (admin) user."""
-
-    name: str | None
-    role: str
-    lang: str = "en"
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
-
-
-def caller_for(users: Any, username: str | None, lang: str) -> Caller:
-    """The caller for a request's user name: the user's role when users are configured.
+def caller_for(users: Any, username: str | None, lang: str = "en") -> Caller:
+    """The caller behind a browser request: the signed-in user with their role.
 
     Without users the app listens on localhost only (see ``webapp.server.listen_address``), so the one
-    local person owns the workstation and may do everything.
+    local person owns the workstation and acts as the local admin, as on the JSON API.
     """
     if users is None or not users.configured:
-        return Caller(None, "admin", lang)
+        return Caller(LOCAL_USER, ADMIN)
     user = users.get(username) if username else None
     if user is None:
         raise AccessDenied(text("error.login_required", lang), status=401, reason="not_authenticated")
-    return Caller(user.name, user.role, lang)
+    return Caller(user.name, user.role)
 
 
-def require_admin(caller: Caller, action: str) -> None:
-    """Refuse (AccessDenied 403) a non-admin ``caller``; ``action`` is an i18n key ``action.*``."""
+def require_admin(caller: Caller, action: str, lang: str = "en") -> None:
+    """Refuse (AccessDenied 403) a non-admin ``caller``, saying in ``lang`` what was refused.
+
+    ``action`` is one of :data:`webapp.auth.ADMIN_ACTIONS` (it names the ``action.*`` i18n key).
+    """
     if not caller.is_admin:
         raise AccessDenied(
-            text("error.admin_only", caller.lang, action=text(f"action.{action}", caller.lang)),
+            text("error.admin_only", lang, action=text(f"action.{action}", lang)),
             status=403,
             reason="forbidden",
             action=action,
@@ -81,9 +71,28 @@ def error_message(exc: EngineError) -> str:
 # ------------------------------------------------------------------------------------------ templates
 
 
+def one_row_sheet(values: dict[str, Any], row_number: int, filename: str) -> Any:
+    """A one-row sheet of text cells from form or recorded values, read exactly as an uploaded CSV is."""
+    from engine.sheets import Sheet, SheetRow
+
+    cells = {name: _cell_text(value) for name, value in values.items()}
+    return Sheet(columns=list(cells), rows=[SheetRow(number=row_number, cells=cells)], filename=filename)
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # a Number widget gives 42.0 for an integer field
+    return str(value)
+
+
 @dataclass
 class TemplateOverview:
     name: str
+    title: str
     description: str
     example_image: str | None
     fields_header: list[str]
@@ -91,37 +100,39 @@ class TemplateOverview:
 
 
 def template_names(services: Any) -> list[str]:
-    return sorted(services.templates.names())
+    return list(services.templates.names())
 
 
-def _field_range(spec: Any) -> str:
-    low, high = getattr(spec, "min", None), getattr(spec, "max", None)
-    if low is None and high is None:
-        return ""
-    return f"{'' if low is None else low} – {'' if high is None else high}"
+def _field_kind(spec: Any) -> str:
+    """``int (256 – 2048)``, ``choice: a, b``: the type with its limits, so the table stays narrow."""
+    if spec.choices:
+        return f"{spec.type}: {', '.join(map(str, spec.choices))}"
+    if spec.min is not None or spec.max is not None:
+        low = "" if spec.min is None else spec.min
+        high = "" if spec.max is None else spec.max
+        return f"{spec.type} ({low} – {high})"
+    return spec.type
 
 
 def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOverview:
-    """Description, example image and the field table of template ``name``."""
+    """Title, description, example image and the field table of template ``name``."""
     template = services.templates.get(name)
     header = [text(k, lang) for k in ("field.name", "field.type", "field.required", "field.default",
-                                      "field.choices", "field.range", "field.description")]
-    rows = []
-    for spec in template.fields:
-        rows.append(
-            [
-                spec.name,
-                spec.type,
-                text("yes" if spec.required else "no", lang),
-                "" if spec.default is None else str(spec.default),
-                ", ".join(map(str, spec.choices or [])),
-                _field_range(spec),
-                spec.description or "",
-            ]
-        )
-    example = getattr(template, "example_image", None)
+                                      "field.description")]
+    rows = [
+        [
+            spec.name,
+            _field_kind(spec),
+            text("yes" if spec.required else "no", lang),
+            "" if spec.default is None else str(spec.default),
+            spec.description or "",
+        ]
+        for spec in template.fields
+    ]
+    example = template.example_image
     return TemplateOverview(
         name=template.name,
+        title=template.title or template.name,
         description=template.description or "",
         example_image=str(example) if example else None,
         fields_header=header,
@@ -161,31 +172,48 @@ def check_sheet(
     *,
     on_invalid: str = "skip",
     batch_seed: int | None = None,
+    lang: str = "en",
 ) -> SheetCheck:
     """Read the uploaded sheet and validate every row; nothing is recorded or queued yet."""
-    from engine.sheets import read_sheet
+    from engine.sheets import SheetLimits, read_sheet
 
     if not template_name:
-        raise BatchError(text("template.pick", caller.lang) + "?")
+        raise BatchError("no template chosen")
     if on_invalid not in {"skip", "stop"}:
         raise BatchError(f"on_invalid must be 'skip' or 'stop', not {on_invalid!r}")
-    sheet = read_sheet(Path(sheet_path))
+    limits = SheetLimits(max_file_bytes=int(services.settings.max_upload_mb) * 1024 * 1024)
+    sheet = read_sheet(Path(sheet_path), limits=limits)
     # Prepare in "skip" mode so the report always lists every row; "stop" only decides whether to start.
     prepared = services.runner.prepare(template_name, sheet, batch_seed=batch_seed, on_invalid="skip", user=caller.name)
-    header = [text("report.row", caller.lang), text("report.status", caller.lang), text("report.problems", caller.lang)]
+    header = [text("report.row", lang), text("report.status", lang), text("report.problems", lang)]
     table, ok, bad = [], 0, 0
     for row in prepared.rows:
         good = row["status"] == "queued"
         ok += good
         bad += not good
-        table.append([row["row_number"], text("report.ok" if good else "report.problem", caller.lang), row["error"] or ""])
-    summary = text("batch.report_summary", caller.lang, ok=ok, bad=bad)
+        table.append([row["row_number"], text("report.ok" if good else "report.problem", lang), row["error"] or ""])
+    summary = text("batch.report_summary", lang, ok=ok, bad=bad)
     startable = prepared.runnable > 0 and (on_invalid == "skip" or bad == 0)
     if bad and on_invalid == "stop":
-        summary += " " + text("batch.report_blocked", caller.lang, bad=bad)
+        summary += " " + text("batch.report_blocked", lang, bad=bad)
     elif prepared.runnable == 0:
-        summary += " " + text("batch.no_rows", caller.lang)
+        summary += " " + text("batch.no_rows", lang)
     return SheetCheck(prepared if startable else None, header, table, summary, ok, bad)
+
+
+def parse_seed(value: Any) -> int | None:
+    """A batch seed typed by a person: empty means random; otherwise an exact non-negative integer."""
+    from engine.sheets import SEED_MAX, parse_integer
+
+    if value is None or not str(value).strip():
+        return None
+    try:
+        seed = parse_integer(str(value))
+    except (ValueError, SheetError) as exc:
+        raise SheetError(f"the batch seed must be a whole number, not {value!r}", column="batch_seed") from exc
+    if not 0 <= seed <= SEED_MAX:
+        raise SheetError(f"the batch seed must be between 0 and {SEED_MAX}", column="batch_seed")
+    return seed
 
 
 def start_batch(services: Any, prepared: Any) -> str:
@@ -218,7 +246,7 @@ def interrupted_batches(services: Any) -> list[dict[str, Any]]:
 def recent_batches(services: Any, limit: int = 30) -> list[str]:
     """Ids to offer in the batch watcher: queued and running first, then the ledger's newest."""
     ids = list(services.queue.queued())
-    for batch in services.ledger.recent_batches(limit=limit):
+    for batch in services.ledger.list_batches(limit=limit):
         if batch["id"] not in ids:
             ids.append(batch["id"])
     return ids[:limit]
@@ -275,11 +303,11 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
     rows = services.ledger.rows(batch_id)
     counts: dict[str, int] = {}
     for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        counts[row.status] = counts.get(row.status, 0) + 1
     done = counts.get("done", 0)
     failed = counts.get("failed", 0) + counts.get("timed_out", 0)
     remaining = counts.get("queued", 0) + counts.get("running", 0)
-    images = [row["image_path"] for row in rows if row["status"] == "done" and row.get("image_path")]
+    images = [row.image_path for row in rows if row.status == "done" and row.image_path]
     if progress is not None:
         state = progress.state
         eta = progress.eta_s if state == "running" else None
@@ -321,7 +349,7 @@ _STATUS_KEYS = {f"status.{s}" for s in (*LEDGER_STATUSES, "interrupted")}
 
 
 def _anything_running(services: Any) -> bool:
-    return any(_state(services, b) == "running" for b in services.queue.queued()[:0] + recent_batches(services, 5))
+    return current_batch(services) is not None and _state(services, current_batch(services)) == "running"
 
 
 # --------------------------------------------------------------------------------------- single image
@@ -341,36 +369,32 @@ def generate_single(
     values: dict[str, Any],
     on_progress: Callable[[float, str], None] | None = None,
     timeout_s: float | None = None,
+    lang: str = "en",
 ) -> SingleResult:
     """Render one row from form ``values`` and run it through the batch queue; waits for the image.
 
     ``on_progress(fraction, description)`` is called while waiting (queue position, then sampler steps).
     """
-    from engine.sheets import Sheet, SheetRow
-
-    columns = list(values)
-    cells = {name: "" if value is None else str(value) for name, value in values.items()}
-    sheet = Sheet(name="single-image", columns=columns, rows=[SheetRow(number=2, cells=cells)])
+    sheet = one_row_sheet(values, row_number=2, filename="single-image")
     prepared = services.runner.prepare(template_name, sheet, on_invalid="stop", user=caller.name)
     batch_id = start_batch(services, prepared)
     limit = timeout_s if timeout_s is not None else float(services.settings.row_timeout_s) * 2 + 600
     deadline = time.monotonic() + limit
     while True:
-        view = batch_view(services, batch_id, caller.lang)
+        view = batch_view(services, batch_id, lang)
         if on_progress is not None:
-            description = view.step_line or text("single.waiting", caller.lang)
+            description = view.step_line or text("single.waiting", lang)
             on_progress(view.step_fraction, description)
         if view.finished:
             break
         if time.monotonic() > deadline:
             raise BatchError(f"the image did not finish within {int(limit)} s", batch_id=batch_id)
         time.sleep(0.25)
-    rows = services.ledger.rows(batch_id)
-    row = rows[0]
-    if row["status"] != "done":
-        reason = row.get("error") or view.error or row["status"]
-        raise BatchError(text("single.failed", caller.lang, error=reason), batch_id=batch_id, status=row["status"])
-    return SingleResult(batch_id, row["image_path"], generation_parameters(row))
+    row = services.ledger.rows(batch_id)[0]
+    if row.status != "done":
+        reason = row.error or view.error or row.status
+        raise BatchError(text("single.failed", lang, error=reason), batch_id=batch_id, status=row.status)
+    return SingleResult(batch_id, row.image_path, generation_parameters(row))
 
 
 # ------------------------------------------------------------------------------------------- history
@@ -401,56 +425,43 @@ def search_history(
     limit: int = 200,
 ) -> tuple[list[str], list[list[Any]]]:
     """Search the ledger; returns ``(header, rows)`` for the history table, newest first."""
-    if status and status not in LEDGER_STATUSES:
-        raise SheetError(f"unknown status {status!r}; one of: {', '.join(LEDGER_STATUSES)}", column="status")
+    since, until = parse_day(date_from, lang), parse_day(date_to, lang)
     found = services.ledger.search(
         text=text_query.strip() or None,
         batch_id=batch_id.strip() or None,
         status=status or None,
-        since=parse_day(date_from, lang),
-        until=parse_day(date_to, lang),
+        date_from=since.isoformat() if since else None,
+        date_to=until.isoformat() if until else None,
         limit=limit,
     )
     header = [text(f"col.{name}", lang) for name in HISTORY_COLUMNS]
-    rows = []
-    for row in found:
-        record = _as_dict(row.get("record"))
-        rows.append(
-            [
-                row["row_key"],
-                row["batch_id"],
-                row["row_number"],
-                row["status"],
-                (row.get("prompt") or record.get("prompt") or "")[:120],
-                row.get("seed") if row.get("seed") is not None else record.get("seed", ""),
-                row.get("template_name") or "",
-                row.get("user") or "",
-                row.get("finished_at") or "",
-            ]
-        )
+    rows = [
+        [
+            row.row_key,
+            row.batch_id,
+            row.row_number,
+            row.status,
+            (row.prompt or "")[:120],
+            "" if row.seed is None else str(row.seed),  # text: seeds exceed a browser number's 53 bits
+            row.template_name or "",
+            row.user or "",
+            row.finished_at or "",
+        ]
+        for row in found
+    ]
     return header, rows
 
 
-def _as_dict(value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, str) and value.strip():
-        try:
-            loaded = json.loads(value)
-        except json.JSONDecodeError:
-            return {}
-        return loaded if isinstance(loaded, dict) else {}
-    return {}
+PARAMETER_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "scheduler", "denoise",
+                    "width", "height", "model_name", "model_hash", "precision", "loras", "template_name",
+                    "template_hash")
 
 
-def generation_parameters(row: dict[str, Any]) -> dict[str, Any]:
-    """The generation parameters recorded for a ledger row (prompt, seed, steps, model, ...)."""
-    record = _as_dict(row.get("record"))
-    keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "scheduler", "denoise", "width",
-            "height", "model_name", "model_hash", "precision")
-    params = {k: row[k] for k in keys if row.get(k) not in (None, "")}
-    for key, value in record.items():
-        params.setdefault(key, value)
+def generation_parameters(row: Any) -> dict[str, Any]:
+    """The generation parameters the ledger recorded for a row (prompt, seed, steps, model, ...)."""
+    params = {name: getattr(row, name) for name in PARAMETER_FIELDS if getattr(row, name) not in (None, "")}
+    if row.seed is not None:
+        params["seed"] = str(row.seed)  # exact in the browser, which keeps only 53 bits of a number
     return params
 
 
@@ -459,24 +470,22 @@ def generation_detail(services: Any, row_key: str) -> dict[str, Any]:
     row = services.ledger.get_generation(row_key)
     if row is None:
         raise BatchError(f"no generation {row_key!r} in the ledger", row_key=row_key)
-    detail = {key: (_as_dict(value) if key in {"record", "values", "workflow", "timings"} else value)
-              for key, value in dict(row).items()}
+    detail = row.to_dict()
+    if row.seed is not None:
+        detail["seed"] = str(row.seed)
     return detail
 
 
 def rerun_row(services: Any, caller: Caller, row_key: str) -> str:
     """Queue the recorded values of one row again, as a new one-row batch of the same template."""
-    from engine.sheets import Sheet, SheetRow
-
     row = services.ledger.get_generation(row_key)
     if row is None:
         raise BatchError(f"no generation {row_key!r} in the ledger", row_key=row_key)
-    values = _as_dict(row.get("values"))
-    template = row.get("template_name")
+    values = dict(row.row_values)
+    template = row.template_name
     if not template:
         raise BatchError(f"generation {row_key!r} records no template, so it cannot be re-run", row_key=row_key)
-    cells = {name: "" if value is None else str(value) for name, value in values.items()}
-    sheet = Sheet(name=f"rerun-{row_key}", columns=list(cells), rows=[SheetRow(number=int(row["row_number"]), cells=cells)])
+    sheet = one_row_sheet(values, row_number=row.row_number, filename=f"rerun-{row_key}")
     prepared = services.runner.prepare(template, sheet, on_invalid="stop", user=caller.name)
     return start_batch(services, prepared)
 
@@ -485,32 +494,51 @@ def rerun_row(services: Any, caller: Caller, row_key: str) -> str:
 
 
 def template_sources(services: Any, name: str) -> tuple[str, str]:
-    """``(workflow_text, schema_text)`` of a template, for the editor."""
-    return services.templates.sources(name)
+    """``(schema_text, workflow_text)`` of a template (its ``template.json`` and ``workflow.json.j2``)."""
+    template = services.templates.get(name)
+    schema = (template.folder / "template.json").read_text(encoding="utf-8") if template.folder else ""
+    return schema, template.workflow_source
 
 
-def save_template(services: Any, caller: Caller, name: str, workflow_text: str, schema_text: str) -> str:
-    """Admins only: validate a template (it renders its example, the graph passes validation), then save."""
-    require_admin(caller, "edit_template")
-    name = (name or "").strip()
-    if not name:
-        raise AccessDenied("a template needs a name", status=400) if False else BatchError("a template needs a name")
-    services.templates.save(name, workflow_text, schema_text, engine=services.engine)
-    return name
+def save_template(
+    services: Any,
+    caller: Caller,
+    schema_text: str,
+    workflow_text: str,
+    *,
+    replace: bool = False,
+    lang: str = "en",
+) -> str:
+    """Admins only: validate a template (it renders its examples, its graph passes validation), then save.
+
+    Returns the saved template's name (declared inside ``template.json``).
+    """
+    require_admin(caller, "edit_template", lang)
+    files = {"template.json": (schema_text or "").encode("utf-8"), "workflow.json.j2": (workflow_text or "").encode("utf-8")}
+    return services.templates.add(files, replace=replace).name
+
+
+def save_uploaded_template(
+    services: Any, caller: Caller, paths: list[str], *, replace: bool = False, lang: str = "en"
+) -> str:
+    """Admins only: save uploaded ``template.json``, ``workflow.json.j2`` and optional ``example.png``."""
+    require_admin(caller, "upload_template", lang)
+    files = {Path(p).name: Path(p).read_bytes() for p in paths}
+    return services.templates.add(files, replace=replace).name
 
 
 # -------------------------------------------------------------------------------------------- system
 
 
 def system_info(services: Any) -> dict[str, Any]:
-    """Model in use (demo or real), precision, backend, device and memory, queue and versions."""
+    """Model in use (``demo_in_use`` says whether it is the demo), precision, backend, device and GPU memory,
+    the batch queue and versions."""
     import gradio
 
-    info = dict(services.engine.describe())
-    info["queue"] = {"queued": services.queue.queued()}
-    versions = dict(info.get("versions") or {})
-    versions.update({"python": platform.python_version(), "gradio": gradio.__version__})
-    info["versions"] = versions
+    info = dict(services.engine.system_info())
+    info["fp8_backend"] = services.settings.fp8_backend
+    info["queue"] = {"waiting": services.queue.queued(), "running": current_batch(services)}
+    info["versions"] = {**dict(info.get("versions") or {}), "gradio": gradio.__version__}
     return info
 
 
@@ -520,9 +548,9 @@ def model_choices(services: Any) -> list[str]:
     return allowed or list(services.engine.available_checkpoints())
 
 
-def switch_model(services: Any, caller: Caller, name: str) -> str:
+def switch_model(services: Any, caller: Caller, name: str, lang: str = "en") -> str:
     """Admins only: make ``name`` the default checkpoint (loaded on the GPU when first used)."""
-    require_admin(caller, "switch_model")
+    require_admin(caller, "switch_model", lang)
     choices = model_choices(services)
     if name not in choices:
         raise AccessDenied(
@@ -556,6 +584,7 @@ __all__ = [
     "save_template",
     "search_history",
     "start_batch",
+    "save_uploaded_template",
     "switch_model",
     "system_info",
     "template_fields",

@@ -223,6 +223,7 @@ class UploadLimitMiddleware:
 
     Once a body passes the limit, reading it raises AccessDenied(413) inside the app and the client gets
     a JSON 413 from here, whatever the app made of the error (FastAPI turns body-parsing errors into 400s).
+    Wrap it inside :class:`webapp.metrics.HttpMetricsMiddleware` so the 413s are counted too.
     """
 
     def __init__(self, app: Callable[..., Any], limit: UploadLimit) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import logging
 import os
-import tempfile
 from contextlib import asynccontextmanager
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +25,12 @@ from urllib.parse import quote
 
 from engine.errors import AccessDenied
 from engine.settings import Settings
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
+
+from engine.archive import iter_zip_stream
 from webapp.auth import TokenIssuer, User, UserStore, load_users
+from webapp.files import resolve_inside
 from webapp.i18n import gradio_i18n, language_of_request, text
 
 log = logging.getLogger(__name__)
@@ -78,19 +82,6 @@ def session_issuer(settings: Settings) -> TokenIssuer:
     if settings.jwt_secret:
         return TokenIssuer.from_settings(settings)
     return TokenIssuer.for_process(settings.jwt_issuer, settings.jwt_audience)
-
-
-def resolve_output_file(outputs: Path, relative: str) -> Path:
-    """The file ``relative`` inside ``outputs``; AccessDenied(403) for anything that escapes it, 404 if absent."""
-    root = Path(outputs).resolve()
-    if "\x00" in relative or relative.startswith(("/", "\\")):
-        raise AccessDenied(f"path {relative!r} is not inside the outputs folder", status=403, path=relative)
-    candidate = (root / relative).resolve()
-    if candidate != root and root not in candidate.parents:
-        raise AccessDenied(f"path {relative!r} is not inside the outputs folder", status=403, path=relative)
-    if not candidate.is_file():
-        raise AccessDenied(f"no file {relative!r}", status=404, path=relative)
-    return candidate
 
 
 def file_url(outputs: Path, path: str | Path) -> str:
@@ -164,11 +155,9 @@ def create_app(
     The batch queue thread starts with the app and stops when it shuts down.
     """
     import gradio as gr
-    from fastapi import FastAPI, Form, Request
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 
     from engine.services import build_services
-    from webapp.ui import build_ui
+    from webapp.ui import CSS, build_ui
 
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
@@ -244,39 +233,21 @@ def create_app(
     @app.get("/files/zip/{batch_id}")
     def batch_zip(batch_id: str, request: Request):
         signed_in(request)
-        if services.ledger.get_batch(batch_id) is None:
+        batch = services.ledger.get_batch(batch_id)
+        if batch is None:
             raise AccessDenied(f"no batch {batch_id!r}", status=404, batch_id=batch_id)
-        # Built into a temporary file by streaming, then streamed out and removed.
-        handle = tempfile.NamedTemporaryFile(prefix=f"{batch_id}-", suffix=".zip", delete=False)
-        handle.close()
-        path = Path(handle.name)
-        try:
-            services.runner.zip(batch_id, path)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-
-        def chunks():
-            try:
-                with open(path, "rb") as stream:
-                    while block := stream.read(1 << 20):
-                        yield block
-            finally:
-                path.unlink(missing_ok=True)
-
+        pattern = (batch.get("options") or {}).get("filename_pattern") or "row_{row}"
+        # Streamed as it is built: a batch of thousands of images never sits in memory or on disk twice.
         return StreamingResponse(
-            chunks(),
+            iter_zip_stream(services.ledger, batch_id, pattern, image_root=outputs),
             media_type="application/zip",
-            headers={
-                "Content-Disposition": f"attachment; filename=\"{batch_id}.zip\"",
-                "Content-Length": str(path.stat().st_size),
-            },
+            headers={"Content-Disposition": f'attachment; filename="{batch_id}.zip"'},
         )
 
     @app.get("/files/{relative:path}")
     def output_file(relative: str, request: Request):
         signed_in(request)
-        return FileResponse(resolve_output_file(outputs, relative))
+        return FileResponse(resolve_inside(outputs, relative))
 
     blocks = build_ui(services, settings, users=users)
     gr.mount_gradio_app(
@@ -289,6 +260,8 @@ def create_app(
         footer_links=[],
         max_file_size=f"{int(settings.max_upload_mb)}mb",
         show_error=True,
+        css=CSS,
+        allowed_paths=[str(Path(settings.templates_dir).resolve())],  # example images only
     )
 
     return app, services
@@ -312,7 +285,6 @@ __all__ = [
     "create_app",
     "file_url",
     "listen_address",
-    "resolve_output_file",
     "serve",
     "session_issuer",
     "zip_url",

@@ -213,8 +213,12 @@ def load_fp8_scaled_into(
     if stray:
         raise Fp8Error(f"scales without an FP8 weight: {', '.join(stray[:5])}", keys=stray[:20])
 
-    rest = {k: (v.to(compute_dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    # Parameters take the compute dtype; buffers (SD3's float32 positional table) keep the file's.
+    parameter_names = {name for name, _ in transformer.named_parameters()}
+    rest = {k: (v.to(compute_dtype) if k in parameter_names and v.is_floating_point() else v) for k, v in state.items()}
     missing, unexpected = transformer.load_state_dict(rest, strict=False, assign=True)
+    replaced = set(report.quantized)
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in replaced]  # loaded above, from FP8
     still_meta = [n for n, t in list(transformer.named_parameters()) + list(transformer.named_buffers()) if t.is_meta]
     if strict and (unexpected or missing or still_meta):
         problems = sorted(set(missing) | set(still_meta))
@@ -228,10 +232,12 @@ def load_fp8_scaled_into(
         report.notes.append("the file asks for full-precision matmuls (weight_only compute)")
     report.kept = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
     report.bytes_after = module_bytes(transformer)
-    # What the same model would take with every tensor (scales aside) in the compute dtype.
+    # What the same model would take with its FP8 weights in the compute dtype (scales aside).
     itemsize = torch.empty((), dtype=compute_dtype).element_size()
     report.bytes_before = sum(
-        t.numel() * itemsize for k, t in transformer.state_dict().items() if not k.endswith(_SCALE_SUFFIXES)
+        t.numel() * (itemsize if t.dtype == FP8_DTYPE else t.element_size())
+        for k, t in transformer.state_dict().items()
+        if not k.endswith(_SCALE_SUFFIXES)
     )
     return report
 

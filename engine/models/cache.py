@@ -130,7 +130,8 @@ class ModelCache:
                 supported=list(CLIP_TYPES),
             )
         refs = [self.resolver.resolve("text_encoders", n) for n in names]
-        key = ("text_encoders", type, tuple(sorted(r.key for r in refs)))
+        # Order is part of the key: files whose role cannot be told are assigned by position.
+        key = ("text_encoders", type, tuple(r.key for r in refs))
         return self._get(key, "text_encoders", "+".join(names), lambda: self._load_text_encoders(refs))
 
     def vae(self, name: str) -> "VaeHandle":
@@ -246,7 +247,9 @@ class ModelCache:
 
             model, clip, vae = demo_handles(device=self.device, dtype=self.dtype)
         elif ref.source == "file":
-            model, clip, vae = ckpt.load_checkpoint(ref.path, self.device, self.dtype, fp8_state=fp8_state)
+            model, clip, vae = ckpt.load_checkpoint(
+                ref.path, self.device, self.dtype, fp8_state=fp8_state, tokenizer_dirs=self.resolver.tokenizer_dirs()
+            )
         else:
             model, clip, vae = ckpt.load_diffusers_folder(ref.path, self.device, self.dtype)
         model = replace(model, name=ref.name, sha256=sha)
@@ -281,7 +284,9 @@ class ModelCache:
                     f"text encoder '{ref.name}' is a folder; text encoders load from single files",
                     name=ref.name,
                 )
-        clip = ckpt.load_text_encoders([r.path for r in refs], self.device, self.dtype)
+        clip = ckpt.load_text_encoders(
+            [r.path for r in refs], self.device, self.dtype, tokenizer_dirs=self.resolver.tokenizer_dirs()
+        )
         digest = hashlib.sha256("".join(self.file_sha256(r.path) for r in refs).encode()).hexdigest()
         clip = replace(clip, names=tuple(r.name for r in refs), sha256=digest)
         return clip, _dtype_name(self.dtype), digest

@@ -277,7 +277,11 @@ def checkpoint_metadata(transformer: Any = None, vae: Any = None, clip_l: Any = 
     """safetensors metadata: the architecture, and the settings tensor shapes cannot tell."""
     config: dict[str, Any] = {}
     if transformer is not None:
-        config["transformer"] = {"attention_head_dim": int(transformer.config.attention_head_dim)}
+        config["transformer"] = {
+            "attention_head_dim": int(transformer.config.attention_head_dim),
+            # lets text encoders saved apart from this model pad to its context width
+            "joint_attention_dim": int(transformer.config.joint_attention_dim),
+        }
     if vae is not None:
         config["vae"] = {
             "norm_num_groups": int(vae.config.norm_num_groups),
@@ -386,6 +390,7 @@ def load_checkpoint(
     vae_prefix = next((p for p in VAE_PREFIXES if f.has_prefix(p + "decoder.")), None)
     vae = _build_vae_ldm(f.part(vae_prefix), device, dtype, config.get("vae", {}), f.path) if vae_prefix else None
     parts = {}
+    tokenizer_dirs = list(tokenizer_dirs) + [f.path.parent / "tokenizers"]
     for role in TEXT_ENCODER_ROLES:
         prefix = TEXT_ENCODER_PREFIX.format(role=role)
         if f.has_prefix(prefix):
@@ -519,6 +524,10 @@ def load_text_encoders(
                 raise ModelLoadError(f"cannot tell which text encoder '{Path(paths[i]).name}' is", path=str(paths[i]))
             roles[i] = unassigned.pop(0)
     parts = [load_text_encoder(p, device, dtype, role=r, tokenizer_dirs=tokenizer_dirs) for p, r in zip(paths, roles)]
+    if joint_attention_dim is None:  # files written with their model say its context width
+        widths = {_SafetensorsFile(Path(p)).config().get("transformer", {}).get("joint_attention_dim") for p in paths}
+        widths.discard(None)
+        joint_attention_dim = widths.pop() if len(widths) == 1 else None
     return clip_from_parts(parts, device, joint_attention_dim=joint_attention_dim)
 
 
@@ -855,7 +864,9 @@ def _load_into(module, state, device, dtype, path: Path, what: str, tied: tuple[
         if buf.device.type == "meta":
             raise ModelLoadError(f"'{path.name}': {what} buffer {name} was not initialised", path=str(path))
     module.eval().requires_grad_(False)
-    return module.to(device=torch.device(device), dtype=dtype)
+    # Parameters already have ``dtype`` (assigned from the cast state dict); casting again through
+    # diffusers' ``to(dtype=...)`` only triggers its keep-in-fp32 warning.
+    return module.to(device=torch.device(device))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -74,6 +74,11 @@ class ModelResolver:
             raise ValueError(f"unknown model kind {kind!r}; supported: {', '.join(KIND_FOLDERS)}")
         return [self.models_dir / sub for sub in KIND_FOLDERS[kind]]
 
+    def tokenizer_dirs(self) -> list[Path]:
+        """Folders searched for saved tokenizers of real text encoders (``<dir>/clip_l/`` etc.)."""
+        return [self.models_dir / "text_encoders" / "tokenizers", self.models_dir / "tokenizers",
+                self.models_dir / "clip" / "tokenizers"]
+
     def available(self, kind: str) -> list[str]:
         """Names of every model of ``kind``: files (relative, '/'-separated), diffusers folders, the demo."""
         names: list[str] = []

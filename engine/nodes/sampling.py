@@ -270,6 +270,9 @@ def _sample_group(ctx: "NodeContext", jobs: list[SamplingJob]) -> list[dict[str,
     ancestral = None
     if first.sampler in ANCESTRAL_SAMPLERS:
         ancestral = AncestralNoise([job.seed for job in jobs], [s.shape for s in samples], device)
+    for job in jobs:
+        _check_conditioning_fits(ctx, model, job.positive, "positive")
+        _check_conditioning_fits(ctx, model, job.negative, "negative")
     rows = [RowConditioning(job.positive, job.negative, s.shape[0]) for job, s in zip(jobs, samples)]
     denoiser = GuidedDenoiser(model, rows, first.cfg, schedule)
     total = len(sigmas) - 1
@@ -288,6 +291,19 @@ def _sample_group(ctx: "NodeContext", jobs: list[SamplingJob]) -> list[dict[str,
         results.append(_output_latent(job.latent, out[start : start + s.shape[0]]))
         start += s.shape[0]
     return results
+
+
+def _check_conditioning_fits(ctx: "NodeContext", model: "ModelHandle", conditioning: "Conditioning", name: str) -> None:
+    """Text encoders and transformer must agree on widths; say so instead of failing inside a matmul."""
+    want_context, want_pooled = model.joint_attention_dim, model.pooled_projection_dim
+    for entry in conditioning:
+        context, pooled = int(entry.prompt_embeds.shape[-1]), int(entry.pooled.shape[-1])
+        if (context, pooled) != (want_context, want_pooled):
+            raise ExecutionError(
+                f"{name} conditioning (text width {context}, pooled {pooled}) does not fit model '{model.name}' "
+                f"(expects {want_context} and {want_pooled}): the text encoders belong to another model",
+                node_id=ctx.node_id, class_type=ctx.class_type, input_name=name,
+            )
 
 
 def _output_latent(latent: dict[str, Any], samples: "torch.Tensor") -> dict[str, Any]:

@@ -35,7 +35,7 @@ class ModelHandle:
     patch descriptions); loaders always produce an empty tuple.
     """
 
-    transformer: Any  # diffusers SD3Transformer2DModel
+    transformer: Any = field(repr=False)  # diffusers SD3Transformer2DModel
     name: str
     sha256: str | None = None
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16" | "fp8_e4m3fn" ...
@@ -79,12 +79,12 @@ class ClipHandle:
     behaviour when ``text_encoder_3`` is None).
     """
 
-    tokenizer_l: Any
-    text_encoder_l: Any  # transformers CLIPTextModelWithProjection
-    tokenizer_g: Any
-    text_encoder_g: Any  # transformers CLIPTextModelWithProjection
-    tokenizer_t5: Any = None
-    text_encoder_t5: Any = None  # transformers T5EncoderModel
+    tokenizer_l: Any = field(repr=False)
+    text_encoder_l: Any = field(repr=False)  # transformers CLIPTextModelWithProjection
+    tokenizer_g: Any = field(repr=False)
+    text_encoder_g: Any = field(repr=False)  # transformers CLIPTextModelWithProjection
+    tokenizer_t5: Any = field(default=None, repr=False)
+    text_encoder_t5: Any = field(default=None, repr=False)  # transformers T5EncoderModel
     names: tuple[str, ...] = ()
     joint_attention_dim: int = 4096
     t5_max_tokens: int = T5_MAX_TOKENS
@@ -196,7 +196,7 @@ def _log_truncation(tokenizer: Any, texts: list[str], limit: int, label: str) ->
 class VaeHandle:
     """The SD3 VAE (diffusers AutoencoderKL, 16 latent channels) and its latent scaling."""
 
-    vae: Any
+    vae: Any = field(repr=False)
     name: str
     sha256: str | None = None
     scaling_factor: float = 1.5305

@@ -1,0 +1,336 @@
+"""The Engine facade: parse, validate and run workflows on the resident models.
+
+One ``Engine`` per process holds the node registry, the model cache (models stay loaded between runs)
+and the executor (whose signature cache keeps loaders and unchanged text encodings). The batch runner,
+the web app, the HTTP API and the CLI all go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import EngineError, ModelLoadError
+from engine.nodes import default_registry
+from engine.nodes.context import NodeContext, ProgressEvent
+from engine.settings import DEMO_CHECKPOINT, Settings
+from engine.workflow import Workflow, parse_workflow
+
+if TYPE_CHECKING:
+    from engine.execute import ExecutionOutcome
+    from engine.models.cache import ModelCache
+    from engine.nodes.base import NodeRegistry
+
+__all__ = ["Engine", "RunResult", "SAMPLER_CLASS_TYPES"]
+
+SAMPLER_CLASS_TYPES = frozenset({"KSampler", "KSamplerAdvanced"})
+PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class RunResult:
+    """What one workflow run produced.
+
+    ``images``: SavedImage per written file; ``record``: generation parameters for the ledger;
+    ``timings``: ``{"total_s", "sampler_s", "steps", "per_node": {node_id: s}, "cache_hits": [...]}``;
+    ``outputs``: per output node, the ``ui`` dict ComfyUI's history shows.
+    """
+
+    images: list[Any]
+    record: dict[str, Any]
+    timings: dict[str, Any]
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Engine:
+    """Parses, validates and runs ComfyUI workflows (API, UI or list format) on resident SD3 models."""
+
+    def __init__(
+        self, settings: Settings, registry: "NodeRegistry | None" = None, models: "ModelCache | None" = None
+    ) -> None:
+        from engine.execute import Executor
+
+        self.settings = settings
+        self.registry = registry if registry is not None else default_registry()
+        self.models = models if models is not None else build_model_cache(settings)
+        self.executor = Executor(self.registry)
+        self.default_checkpoint = settings.default_checkpoint
+        # One GPU: runs take turns. The lock is re-entrant so a node may call back into the engine.
+        self._run_lock = threading.RLock()
+
+    # --- workflows -----------------------------------------------------------------------------------
+
+    def parse(self, data: Workflow | dict[str, Any] | str) -> Workflow:
+        """A Workflow from JSON text or an object in any of the three formats (WorkflowFormatError)."""
+        if isinstance(data, Workflow):
+            return data
+        return parse_workflow(data, self.registry)
+
+    def validate(self, workflow: Workflow | dict[str, Any] | str) -> Workflow:
+        """Raise WorkflowInvalid listing every problem; returns the parsed workflow when valid."""
+        from engine.validate import ensure_valid
+
+        parsed = self.parse(workflow)
+        ensure_valid(parsed, self.registry, self._context(Path(self.settings.outputs_path)))
+        return parsed
+
+    def problems(self, workflow: Workflow | dict[str, Any] | str) -> list[Any]:
+        """Every validation problem (NodeProblem) of ``workflow``; empty when it is valid."""
+        from engine.validate import validate_workflow
+
+        return validate_workflow(self.parse(workflow), self.registry, self._context(Path(self.settings.outputs_path)))
+
+    def batch_key(self, workflow: Workflow) -> str:
+        """Workflows with equal keys have the same graph shape and can share a GPU batch."""
+        from engine.execute import batch_key
+
+        return batch_key(workflow)
+
+    # --- running -------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        workflow: Workflow | dict[str, Any] | str,
+        output_dir: str | Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        deadline_s: float | None = None,
+        png_extra: dict[str, Any] | None = None,
+        vae_tiled: bool = False,
+    ) -> RunResult:
+        """Validate and run one workflow; raise the EngineError of the node that failed."""
+        result = self.run_batch(
+            [workflow], output_dir=output_dir, on_progress=on_progress, should_cancel=should_cancel,
+            deadline_s=deadline_s, png_extra=[png_extra or {}], vae_tiled=vae_tiled,
+        )[0]
+        if isinstance(result, EngineError):
+            raise result
+        return result
+
+    def run_batch(
+        self,
+        workflows: Sequence[Workflow | dict[str, Any] | str],
+        output_dir: str | Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        deadline_s: float | None = None,
+        png_extra: Sequence[dict[str, Any]] | dict[str, Any] | None = None,
+        vae_tiled: bool = False,
+    ) -> list[RunResult | EngineError]:
+        """Run several workflows; rows of the same shape are sampled as one GPU batch.
+
+        Returns one RunResult or EngineError per workflow, in order. ``png_extra`` is one dict for every
+        row or one per row (extra PNG text chunks, e.g. batch id and row). Progress events carry the
+        row's index in ``row_index``. ``deadline_s`` bounds the whole call.
+        """
+        parsed: list[Workflow | EngineError] = []
+        for workflow in workflows:
+            try:
+                parsed.append(self.parse(workflow))
+            except EngineError as exc:
+                parsed.append(exc)
+        extras = _per_row(png_extra, len(parsed))
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        out_dir = Path(output_dir) if output_dir is not None else Path(self.settings.outputs_path)
+        runnable = [(i, wf) for i, wf in enumerate(parsed) if isinstance(wf, Workflow)]
+        contexts = []
+        for index, workflow in runnable:
+            ctx = self._context(out_dir, _row_progress(on_progress, index), should_cancel, deadline, vae_tiled)
+            ctx.png_metadata = _png_metadata(workflow, extras[index])
+            contexts.append(ctx)
+        with self._run_lock:
+            outcomes = self.executor.execute_batch([wf for _, wf in runnable], contexts) if runnable else []
+        results: list[RunResult | EngineError] = [
+            item if isinstance(item, EngineError) else None for item in parsed  # type: ignore[misc]
+        ]
+        for (index, workflow), outcome in zip(runnable, outcomes):
+            results[index] = outcome if isinstance(outcome, EngineError) else _run_result(workflow, outcome)
+        return results
+
+    # --- introspection -------------------------------------------------------------------------------
+
+    def object_info(self, class_type: str | None = None) -> dict[str, Any]:
+        """ComfyUI's ``/object_info`` (or one node's entry), with model file choices from disk."""
+        ctx = self._context(Path(self.settings.outputs_path))
+        if class_type is None:
+            return self.registry.object_info(ctx)
+        node_cls = self.registry.get(class_type)
+        return {node_cls.class_type: node_cls.object_info(ctx)} if node_cls is not None else {}
+
+    def available_checkpoints(self) -> list[str]:
+        """Checkpoint names found under models/ (the demo first)."""
+        return self.models.available("checkpoints")
+
+    def switch_model(self, name: str) -> None:
+        """Make ``name`` the default checkpoint; other resident checkpoints are freed (one GPU).
+
+        Raises ModelNotFound when ``name`` resolves to nothing. The model loads when first used.
+        """
+        self.models.resolver.resolve("checkpoints", name)
+        with self._run_lock:
+            for entry in self.models.loaded():
+                if entry["kind"] in ("checkpoint", "diffusion_model") and entry["name"] != name:
+                    self.models.free(entry["name"])
+            self.executor.clear_cache()  # cached node outputs hold the freed modules
+            self.default_checkpoint = name
+
+    def system_info(self) -> dict[str, Any]:
+        """Device, GPU name and memory (CUDA), resident models, whether the demo is in use, versions."""
+        import diffusers
+        import torch
+        import transformers
+
+        device = self.models.device
+        info: dict[str, Any] = {
+            "device": device,
+            "dtype": str(self.models.dtype).replace("torch.", ""),
+            "precision": self.settings.precision,
+            "default_checkpoint": self.default_checkpoint,
+            "demo_in_use": self.default_checkpoint == DEMO_CHECKPOINT,
+            "loaded_models": self.models.loaded(),
+            "model_memory_bytes": self.models.memory_bytes(),
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+            },
+        }
+        if device.startswith("cuda"):
+            index = torch.device(device).index or 0
+            props = torch.cuda.get_device_properties(index)
+            free, total = torch.cuda.mem_get_info(index)
+            info["gpu"] = {
+                "name": props.name,
+                "compute_capability": f"{props.major}.{props.minor}",
+                "memory_total_bytes": int(total),
+                "memory_free_bytes": int(free),
+                "memory_allocated_bytes": int(torch.cuda.memory_allocated(index)),
+                "memory_reserved_bytes": int(torch.cuda.memory_reserved(index)),
+            }
+        return info
+
+    def describe(self) -> dict[str, Any]:
+        """Same as :meth:`system_info` (the web app's system panel)."""
+        return self.system_info()
+
+    def describe_model_banner(self) -> str:
+        """One line for the console at start-up: which model and device."""
+        demo = " (built-in demo model: no checkpoint configured)" if self.default_checkpoint == DEMO_CHECKPOINT else ""
+        return f"model: {self.default_checkpoint}{demo}; device: {self.models.device}"
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _context(
+        self,
+        output_dir: Path,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        deadline: float | None = None,
+        vae_tiled: bool = False,
+    ) -> NodeContext:
+        data = Path(self.settings.data_path)
+        return NodeContext(
+            models=self.models,
+            output_dir=Path(output_dir),
+            temp_dir=data / "temp",
+            device=self.models.device,
+            on_progress=on_progress,
+            should_cancel=should_cancel,
+            deadline=deadline,
+            input_dir=Path(self.settings.uploads_path),
+            vae_tiled=vae_tiled,
+        )
+
+
+def build_model_cache(settings: Settings) -> "ModelCache":
+    """The model cache the settings describe: device, compute dtype, models folder, sha256 memo file."""
+    import torch
+
+    from engine.models.cache import ModelCache
+    from engine.models.resolve import ModelResolver
+
+    precision = settings.precision
+    if precision == "auto":
+        dtype = None  # bf16 on CUDA, fp32 on the CPU
+    elif precision in PRECISION_DTYPES:
+        dtype = getattr(torch, PRECISION_DTYPES[precision])
+    elif precision == "fp8":
+        raise ModelLoadError(
+            "precision 'fp8' needs the FP8 module wired into the model cache; supported here: auto, bf16, fp16, fp32",
+            precision=precision,
+            supported=["auto", *PRECISION_DTYPES],
+        )
+    else:
+        raise ModelLoadError(
+            f"unknown precision {precision!r}; supported: auto, bf16, fp16, fp32, fp8",
+            precision=precision,
+            supported=["auto", *PRECISION_DTYPES, "fp8"],
+        )
+    resolver = ModelResolver(settings.models_dir)
+    return ModelCache(
+        resolver,
+        device=settings.device,
+        dtype=dtype,
+        hash_cache_path=Path(settings.data_path) / "model_hashes.json",
+    )
+
+
+def _per_row(png_extra: Sequence[dict[str, Any]] | dict[str, Any] | None, count: int) -> list[dict[str, Any]]:
+    if png_extra is None:
+        return [{} for _ in range(count)]
+    if isinstance(png_extra, dict):
+        return [dict(png_extra) for _ in range(count)]
+    extras = [dict(e or {}) for e in png_extra]
+    if len(extras) != count:
+        raise ValueError(f"png_extra has {len(extras)} entries for {count} workflows")
+    return extras
+
+
+def _row_progress(on_progress: ProgressCallback | None, index: int) -> ProgressCallback | None:
+    if on_progress is None:
+        return None
+
+    def report(event: ProgressEvent) -> None:
+        on_progress(dataclasses.replace(event, row_index=index))
+
+    return report
+
+
+def _png_metadata(workflow: Workflow, extra: dict[str, Any]) -> dict[str, Any]:
+    """ComfyUI's chunks: ``prompt`` (API JSON), ``workflow`` (UI JSON when the run came from one), extras."""
+    metadata: dict[str, Any] = {"prompt": workflow.to_api()}
+    if workflow.ui is not None:
+        metadata["workflow"] = workflow.ui
+    for key, value in extra.items():
+        if key in ("prompt",):
+            raise ValueError("png_extra may not replace the 'prompt' chunk")
+        metadata[key] = value
+    json.dumps(metadata)  # fail here, not half-way through writing a PNG, if something is not JSON
+    return metadata
+
+
+def _run_result(workflow: Workflow, outcome: "ExecutionOutcome") -> RunResult:
+    sampler_s = sum(
+        seconds for node_id, seconds in outcome.timings.items()
+        if node_id in workflow.nodes and workflow.nodes[node_id].class_type in SAMPLER_CLASS_TYPES
+    )
+    timings = {
+        "total_s": round(outcome.total_s, 4),
+        "sampler_s": round(sampler_s, 4),
+        "steps": outcome.record.get("steps"),
+        "per_node": {k: round(v, 4) for k, v in outcome.timings.items()},
+        "cache_hits": list(outcome.cache_hits),
+    }
+    return RunResult(
+        images=list(outcome.saved_images), record=dict(outcome.record), timings=timings, outputs=outcome.outputs
+    )

@@ -1,0 +1,710 @@
+"""The batch ledger: every batch and every generation in one SQLite file (through sqlite-utils).
+
+One row of ``generations`` per spreadsheet row, keyed ``<batch_id>:<row_number>``. Resume = run the rows
+whose status is not ``done``; the image file is written (temp name, fsync, rename) before the row is
+committed ``done``, so no finished row lacks its file.
+
+Several processes may share the file (web app, CLI, Celery workers). The connection uses WAL (readers
+never block the writer), ``synchronous=FULL`` (a committed row survives power loss), a busy timeout, and
+every write runs in ``BEGIN IMMEDIATE`` inside a retry loop, so "database is locked" never reaches a user.
+Claiming a row is one conditional UPDATE in a write transaction: only one process gets a queued row.
+
+Seeds go up to 2**64-1, past SQLite's signed 64-bit INTEGER, so they are stored as TEXT and exposed as
+int. The schema is versioned in ``migrations``; the file opens as is in ``sqlite-utils`` and Datasette.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from engine.errors import BatchError, BatchMismatch, StoreError
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database
+
+__all__ = ["BatchLedger", "Generation", "ROW_STATUSES", "FINAL_STATUSES", "MIGRATIONS", "row_key"]
+
+ROW_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")
+FAILURE_STATUSES = ("failed", "timed_out", "skipped", "cancelled")
+FINAL_STATUSES = ("done",) + FAILURE_STATUSES
+BATCH_STATUSES = ("created", "running", "finished", "cancelled", "failed")
+
+T = TypeVar("T")
+
+# Record keys (ctx.record) stored in their own columns; any other key goes to the ``extra`` JSON.
+_RECORD_COLUMNS = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "cfg": "cfg",
+    "sampler": "sampler", "scheduler": "scheduler", "denoise": "denoise", "width": "width", "height": "height",
+    "model_name": "model_name", "model_hash": "model_hash", "precision": "precision",
+}
+_JSON_COLUMNS = ("row_values", "loras", "workflow", "images", "extra")
+
+# Each migration: (version, name, statements). Applied in order inside one write transaction each.
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "batches and generations",
+        (
+            """CREATE TABLE batches (
+                id TEXT PRIMARY KEY,
+                template_name TEXT NOT NULL,
+                template_hash TEXT NOT NULL,
+                sheet_name TEXT,
+                sheet_hash TEXT NOT NULL,
+                batch_seed TEXT NOT NULL,
+                options TEXT NOT NULL DEFAULT '{}',
+                user TEXT,
+                status TEXT NOT NULL DEFAULT 'created',
+                created_at TEXT NOT NULL,
+                started_at TEXT,
+                finished_at TEXT,
+                row_count INTEGER NOT NULL DEFAULT 0,
+                done_count INTEGER NOT NULL DEFAULT 0,
+                failed_count INTEGER NOT NULL DEFAULT 0,
+                timed_out_count INTEGER NOT NULL DEFAULT 0,
+                skipped_count INTEGER NOT NULL DEFAULT 0,
+                cancelled_count INTEGER NOT NULL DEFAULT 0
+            )""",
+            """CREATE TABLE generations (
+                id INTEGER PRIMARY KEY,
+                row_key TEXT NOT NULL UNIQUE,
+                batch_id TEXT NOT NULL REFERENCES batches(id),
+                row_number INTEGER NOT NULL,
+                row_values TEXT NOT NULL DEFAULT '{}',
+                prompt TEXT,
+                negative_prompt TEXT,
+                seed TEXT,
+                steps INTEGER,
+                cfg REAL,
+                sampler TEXT,
+                scheduler TEXT,
+                denoise REAL,
+                width INTEGER,
+                height INTEGER,
+                model_name TEXT,
+                model_hash TEXT,
+                precision TEXT,
+                loras TEXT,
+                template_name TEXT,
+                template_hash TEXT,
+                workflow TEXT,
+                status TEXT NOT NULL DEFAULT 'queued',
+                error TEXT,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                worker TEXT,
+                queued_at TEXT,
+                started_at TEXT,
+                finished_at TEXT,
+                duration_s REAL,
+                sampler_s REAL,
+                image_path TEXT,
+                image_sha256 TEXT,
+                images TEXT,
+                user TEXT,
+                prompt_id TEXT,
+                extra TEXT
+            )""",
+            "CREATE INDEX idx_generations_batch_status ON generations (batch_id, status, row_number)",
+            "CREATE INDEX idx_generations_finished ON generations (finished_at)",
+            "CREATE INDEX idx_batches_created ON batches (created_at)",
+        ),
+    ),
+)
+
+
+def row_key(batch_id: str, row_number: int) -> str:
+    return f"{batch_id}:{int(row_number)}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Generation:
+    """One ledger row (one spreadsheet row of one batch). ``seed`` is an exact int (stored as TEXT)."""
+
+    row_key: str
+    batch_id: str
+    row_number: int
+    status: str
+    row_values: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    sampler: str | None = None
+    scheduler: str | None = None
+    denoise: float | None = None
+    width: int | None = None
+    height: int | None = None
+    model_name: str | None = None
+    model_hash: str | None = None
+    precision: str | None = None
+    loras: list[Any] | None = None
+    template_name: str | None = None
+    template_hash: str | None = None
+    workflow: dict[str, Any] | None = None
+    error: str | None = None
+    attempts: int = 0
+    worker: str | None = None
+    queued_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+    sampler_s: float | None = None
+    image_path: str | None = None
+    image_sha256: str | None = None
+    images: list[dict[str, Any]] | None = None
+    user: str | None = None
+    prompt_id: str | None = None
+    extra: dict[str, Any] | None = None
+    id: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Generation":
+        data = dict(row)
+        for name in _JSON_COLUMNS:
+            if data.get(name) is not None:
+                data[name] = json.loads(data[name])
+        if data.get("seed") is not None:
+            data["seed"] = int(data["seed"])
+        data["row_values"] = data.get("row_values") or {}
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class BatchLedger:
+    """The SQLite ledger of batches and generations. Safe to share between threads and processes."""
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0, retry_for_s: float = 120.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout_s = busy_timeout_s
+        self.retry_for_s = retry_for_s
+        self._lock = threading.RLock()
+        # Autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT (see _write).
+        conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
+                               check_same_thread=False)
+        from sqlite_utils import Database  # imported here: it pulls in pandas when installed (slow)
+
+        self.db: Database = Database(conn)
+        self._retry(self._configure)
+        self._retry(self._migrate)
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self.db.conn
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self) -> "BatchLedger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _configure(self) -> None:
+        self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"the ledger {self.path} cannot use WAL journaling (got '{mode}')", path=str(self.path))
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+
+    def _retry(self, operation: Callable[[], T]) -> T:
+        """Run ``operation``, retrying while SQLite says the database is locked or busy."""
+        deadline = time.monotonic() + self.retry_for_s
+        delay = 0.01
+        while True:
+            try:
+                with self._lock:
+                    return operation()
+            except sqlite3.OperationalError as exc:
+                message = str(exc).lower()
+                if "locked" not in message and "busy" not in message:
+                    raise StoreError(f"ledger error: {exc}", path=str(self.path)) from exc
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"the ledger {self.path} stayed locked for {self.retry_for_s:.0f} s; another process "
+                        "holds a long write", path=str(self.path),
+                    ) from exc
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.5)
+
+    def _write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``operation`` in one ``BEGIN IMMEDIATE`` transaction (retried whole when locked)."""
+
+        def transaction() -> T:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = operation(self.conn)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return self._retry(transaction)
+
+    def _read(self, sql: str, params: Iterable[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
+        def query() -> list[dict[str, Any]]:
+            cursor = self.conn.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+        return self._retry(query)
+
+    def _migrate(self) -> None:
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                "applied_at TEXT NOT NULL)"
+            )
+            applied = {row[0] for row in conn.execute("SELECT version FROM migrations")}
+            known = {version for version, _, _ in MIGRATIONS}
+            newer = sorted(applied - known)
+            if newer:
+                raise StoreError(
+                    f"the ledger {self.path} has schema version {newer[-1]}, newer than this program knows "
+                    f"({max(known)}); upgrade the program", path=str(self.path), version=newer[-1],
+                )
+            for version, name, statements in MIGRATIONS:
+                if version in applied:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                             (version, name, _now()))
+
+        self._write(apply)
+
+    def schema_version(self) -> int:
+        rows = self._read("SELECT max(version) AS v FROM migrations")
+        return int(rows[0]["v"] or 0)
+
+    # -- batches ------------------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        template_name: str,
+        template_hash: str,
+        sheet_hash: str,
+        batch_seed: int,
+        sheet_name: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        user: str | None = None,
+        batch_id: str | None = None,
+    ) -> str:
+        """Record a new batch and return its id (a new uuid4 hex unless ``batch_id`` is given)."""
+        batch_id = batch_id or uuid.uuid4().hex
+        if ":" in batch_id or not batch_id.strip():
+            raise BatchError(f"batch id {batch_id!r} must be non-empty and contain no ':'", batch_id=batch_id)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            exists = conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if exists:
+                raise BatchError(f"batch '{batch_id}' already exists; resume it instead", batch_id=batch_id)
+            conn.execute(
+                "INSERT INTO batches (id, template_name, template_hash, sheet_name, sheet_hash, batch_seed, "
+                "options, user, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'created', ?)",
+                (batch_id, template_name, template_hash, sheet_name, sheet_hash, str(int(batch_seed)),
+                 json.dumps(dict(options or {}), ensure_ascii=False), user, _now()),
+            )
+
+        self._write(insert)
+        return batch_id
+
+    def get_batch(self, batch_id: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT * FROM batches WHERE id = ?", (batch_id,))
+        return _batch_dict(rows[0]) if rows else None
+
+    def _require_batch(self, batch_id: str) -> dict[str, Any]:
+        batch = self.get_batch(batch_id)
+        if batch is None:
+            raise BatchError(f"no batch '{batch_id}' in the ledger", batch_id=batch_id)
+        return batch
+
+    def set_batch_status(self, batch_id: str, status: str) -> None:
+        """Move a batch to ``status`` (created, running, finished, cancelled, failed), stamping times."""
+        if status not in BATCH_STATUSES:
+            raise StoreError(f"unknown batch status '{status}'; supported: {', '.join(BATCH_STATUSES)}")
+        self._require_batch(batch_id)
+        now = _now()
+
+        def update(conn: sqlite3.Connection) -> None:
+            if status == "running":
+                conn.execute("UPDATE batches SET status = ?, started_at = coalesce(started_at, ?), "
+                             "finished_at = NULL WHERE id = ?", (status, now, batch_id))
+            elif status == "created":
+                conn.execute("UPDATE batches SET status = ? WHERE id = ?", (status, batch_id))
+            else:
+                conn.execute("UPDATE batches SET status = ?, finished_at = ? WHERE id = ?", (status, now, batch_id))
+
+        self._write(update)
+
+    def ensure_same_inputs(self, batch_id: str, template_hash: str, sheet_hash: str) -> None:
+        """Refuse to resume ``batch_id`` with a different template or spreadsheet (BatchMismatch)."""
+        batch = self._require_batch(batch_id)
+        changed = []
+        if batch["template_hash"] != template_hash:
+            changed.append(
+                f"the template '{batch['template_name']}' changed (was {batch['template_hash'][:12]}, "
+                f"now {template_hash[:12]})"
+            )
+        if batch["sheet_hash"] != sheet_hash:
+            changed.append(f"the spreadsheet changed (was {batch['sheet_hash'][:12]}, now {sheet_hash[:12]})")
+        if changed:
+            raise BatchMismatch(
+                f"batch '{batch_id}' cannot resume: {'; '.join(changed)}. Its finished rows were made from the "
+                "original inputs; start a new batch for the changed ones",
+                batch_id=batch_id, expected_template_hash=batch["template_hash"],
+                expected_sheet_hash=batch["sheet_hash"], template_hash=template_hash, sheet_hash=sheet_hash,
+            )
+
+    def list_batches(self, limit: int = 50, offset: int = 0, user: str | None = None) -> list[dict[str, Any]]:
+        """Batches, newest first."""
+        where, params = ("WHERE user = ?", [user]) if user is not None else ("", [])
+        rows = self._read(f"SELECT * FROM batches {where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                          [*params, int(limit), int(offset)])
+        return [_batch_dict(r) for r in rows]
+
+    def batch_summary(self, batch_id: str) -> dict[str, Any]:
+        """The batch with counts per row status (every status present, zero when none) and ``total``."""
+        batch = self._require_batch(batch_id)
+        counts = {status: 0 for status in ROW_STATUSES}
+        for row in self._read("SELECT status, count(*) AS n FROM generations WHERE batch_id = ? GROUP BY status",
+                              (batch_id,)):
+            counts[row["status"]] = row["n"]
+        return {**batch, "counts": counts, "total": sum(counts.values())}
+
+    # -- rows ---------------------------------------------------------------------------------------
+
+    def add_rows(self, batch_id: str, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Add rows to a batch; rows already present (same ``row_number``) are left untouched.
+
+        Each row: ``row_number`` (required), ``values`` (the original cells), ``seed`` (recorded now so a
+        retry reproduces it), optional ``status`` (``queued``, or ``skipped`` with ``error`` for an invalid
+        row), ``workflow``, ``prompt``. Returns how many rows were new.
+        """
+        batch = self._require_batch(batch_id)
+        now = _now()
+        records = []
+        for row in rows:
+            status = row.get("status", "queued")
+            if status not in ("queued", "skipped"):
+                raise StoreError(f"a new row is queued or skipped, not '{status}'")
+            seed = row.get("seed")
+            records.append((
+                row_key(batch_id, row["row_number"]), batch_id, int(row["row_number"]),
+                json.dumps(dict(row.get("values") or {}), ensure_ascii=False),
+                None if seed is None else str(int(seed)),
+                batch["template_name"], batch["template_hash"],
+                None if row.get("workflow") is None else json.dumps(row["workflow"], ensure_ascii=False),
+                row.get("prompt"), status, row.get("error"), now, batch["user"],
+                now if status == "skipped" else None,
+            ))
+
+        def insert(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO generations (row_key, batch_id, row_number, row_values, seed, template_name, "
+                "template_hash, workflow, prompt, status, error, queued_at, user, finished_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                records,
+            )
+            added = conn.total_changes - before
+            _refresh_counts(conn, batch_id)
+            return added
+
+        return self._write(insert)
+
+    def _claim(self, where: str, params: list[Any], worker: str | None) -> Generation | None:
+        now = _now()
+
+        def claim(conn: sqlite3.Connection) -> str | None:
+            found = conn.execute(
+                f"SELECT row_key FROM generations WHERE {where} AND status = 'queued' ORDER BY row_number LIMIT 1",
+                params,
+            ).fetchone()
+            if found is None:
+                return None
+            cursor = conn.execute(
+                "UPDATE generations SET status = 'running', worker = ?, started_at = ?, finished_at = NULL, "
+                "attempts = attempts + 1 WHERE row_key = ? AND status = 'queued'",
+                (worker, now, found[0]),
+            )
+            return found[0] if cursor.rowcount == 1 else None
+
+        key = self._write(claim)
+        return None if key is None else self.get_generation(key)
+
+    def claim_next(self, batch_id: str, worker: str | None = None) -> Generation | None:
+        """Atomically take the lowest-numbered queued row of the batch (now ``running``); None when none."""
+        return self._claim("batch_id = ?", [batch_id], worker)
+
+    def claim_row(self, key: str, worker: str | None = None) -> Generation | None:
+        """Atomically take one queued row by key; None when it is not queued (someone else has it)."""
+        return self._claim("row_key = ?", [key], worker)
+
+    def mark_running(
+        self, key: str, workflow: Mapping[str, Any] | None = None, prompt_id: str | None = None,
+        worker: str | None = None,
+    ) -> None:
+        """Record the rendered workflow / prompt id of a claimed (running) row."""
+
+        def update(conn: sqlite3.Connection) -> None:
+            cursor = conn.execute(
+                "UPDATE generations SET workflow = coalesce(?, workflow), prompt_id = coalesce(?, prompt_id), "
+                "worker = coalesce(?, worker) WHERE row_key = ? AND status = 'running'",
+                (None if workflow is None else json.dumps(workflow, ensure_ascii=False), prompt_id, worker, key),
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(f"row {key} is not running (claim it first)", row_key=key)
+
+        self._write(update)
+
+    def complete_row(
+        self,
+        key: str,
+        record: Mapping[str, Any],
+        image_path: str | Path,
+        image_sha256: str,
+        images: list[Mapping[str, Any]] | None = None,
+        duration_s: float | None = None,
+        sampler_s: float | None = None,
+        workflow: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Commit a finished row: status ``done`` with its record and image. Call after the file is renamed
+        into place. A row already ``done`` is refused (no row ever gets two images)."""
+        columns: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for name, value in record.items():
+            if name in _RECORD_COLUMNS:
+                columns[_RECORD_COLUMNS[name]] = value
+            elif name == "seed":
+                columns["seed"] = None if value is None else str(int(value))
+            elif name == "loras":
+                columns["loras"] = json.dumps(value, ensure_ascii=False, default=str)
+            else:
+                extra[name] = value
+        columns.update(
+            status="done", error=None, finished_at=_now(), image_path=str(image_path), image_sha256=image_sha256,
+            images=json.dumps(list(images or [{"path": str(image_path), "sha256": image_sha256}]),
+                              ensure_ascii=False, default=str),
+            duration_s=duration_s, sampler_s=sampler_s,
+            extra=json.dumps(extra, ensure_ascii=False, default=str) if extra else None,
+        )
+        if workflow is not None:
+            columns["workflow"] = json.dumps(workflow, ensure_ascii=False)
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+
+        def update(conn: sqlite3.Connection) -> None:
+            current = conn.execute("SELECT status, batch_id FROM generations WHERE row_key = ?", (key,)).fetchone()
+            if current is None:
+                raise StoreError(f"no row {key} in the ledger", row_key=key)
+            if current[0] == "done":
+                raise StoreError(f"row {key} is already done; it is never generated twice", row_key=key)
+            conn.execute(f"UPDATE generations SET {assignments} WHERE row_key = ?", [*columns.values(), key])
+            _refresh_counts(conn, current[1])
+
+        self._write(update)
+
+    def fail_row(self, key: str, status: str, error: str, duration_s: float | None = None) -> None:
+        """End a row without an image: ``failed``, ``timed_out``, ``skipped`` or ``cancelled``, with why."""
+        if status not in FAILURE_STATUSES:
+            raise StoreError(f"fail_row takes one of {', '.join(FAILURE_STATUSES)}, not '{status}'")
+
+        def update(conn: sqlite3.Connection) -> None:
+            current = conn.execute("SELECT status, batch_id FROM generations WHERE row_key = ?", (key,)).fetchone()
+            if current is None:
+                raise StoreError(f"no row {key} in the ledger", row_key=key)
+            if current[0] == "done":
+                raise StoreError(f"row {key} is done; it cannot become {status}", row_key=key)
+            conn.execute(
+                "UPDATE generations SET status = ?, error = ?, finished_at = ?, duration_s = coalesce(?, duration_s) "
+                "WHERE row_key = ?", (status, error, _now(), duration_s, key),
+            )
+            _refresh_counts(conn, current[1])
+
+        self._write(update)
+
+    def requeue(self, batch_id: str, statuses: Iterable[str] = ("failed", "timed_out", "cancelled")) -> int:
+        """Put rows of the given statuses back to ``queued`` (attempts kept). Never touches ``done`` rows."""
+        statuses = [s for s in statuses]
+        bad = [s for s in statuses if s not in FAILURE_STATUSES + ("running",)]
+        if bad:
+            raise StoreError(f"cannot requeue rows that are {', '.join(bad)}")
+        if not statuses:
+            return 0
+        marks = ", ".join("?" for _ in statuses)
+
+        def update(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                f"UPDATE generations SET status = 'queued', error = NULL, worker = NULL, finished_at = NULL "
+                f"WHERE batch_id = ? AND status IN ({marks})", [batch_id, *statuses],
+            )
+            _refresh_counts(conn, batch_id)
+            return cursor.rowcount
+
+        return self._write(update)
+
+    def cancel_batch(self, batch_id: str, reason: str = "cancelled by the user") -> int:
+        """Cancel the queued rows of a batch (finished rows stay) and mark the batch cancelled."""
+        self._require_batch(batch_id)
+        now = _now()
+
+        def update(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE generations SET status = 'cancelled', error = ?, finished_at = ? "
+                "WHERE batch_id = ? AND status = 'queued'", (reason, now, batch_id),
+            )
+            conn.execute("UPDATE batches SET status = 'cancelled', finished_at = ? WHERE id = ?", (now, batch_id))
+            _refresh_counts(conn, batch_id)
+            return cursor.rowcount
+
+        return self._write(update)
+
+    def reset_stale_running(
+        self, batch_id: str | None = None, worker: str | None = None, max_attempts: int | None = None
+    ) -> int:
+        """Rows left ``running`` by a crashed process go back to ``queued`` (attempts kept).
+
+        Call it only when no live process works on those rows (at start-up, or with the dead ``worker``).
+        With ``max_attempts``, a row that already used them is failed instead: a row that kills every
+        worker does not loop forever. Returns how many rows were requeued.
+        """
+        where = ["status = 'running'"]
+        params: list[Any] = []
+        if batch_id is not None:
+            where.append("batch_id = ?")
+            params.append(batch_id)
+        if worker is not None:
+            where.append("worker = ?")
+            params.append(worker)
+        condition = " AND ".join(where)
+        now = _now()
+
+        def update(conn: sqlite3.Connection) -> int:
+            batches = [r[0] for r in conn.execute(f"SELECT DISTINCT batch_id FROM generations WHERE {condition}",
+                                                  params)]
+            if max_attempts is not None:
+                conn.execute(
+                    f"UPDATE generations SET status = 'failed', finished_at = ?, error = 'abandoned: the process "
+                    f"running it died ' || attempts || ' time(s)' WHERE {condition} AND attempts >= ?",
+                    [now, *params, int(max_attempts)],
+                )
+            cursor = conn.execute(
+                f"UPDATE generations SET status = 'queued', worker = NULL, started_at = NULL WHERE {condition}",
+                params,
+            )
+            for bid in batches:
+                _refresh_counts(conn, bid)
+            return cursor.rowcount
+
+        return self._write(update)
+
+    # -- reading rows -------------------------------------------------------------------------------
+
+    def get_generation(self, key: str) -> Generation | None:
+        rows = self._read("SELECT * FROM generations WHERE row_key = ?", (key,))
+        return Generation.from_row(rows[0]) if rows else None
+
+    def rows(self, batch_id: str, status: str | Iterable[str] | None = None) -> list[Generation]:
+        """The batch's rows in row order, optionally only those with ``status`` (one or several)."""
+        sql = "SELECT * FROM generations WHERE batch_id = ?"
+        params: list[Any] = [batch_id]
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            unknown = [s for s in wanted if s not in ROW_STATUSES]
+            if unknown:
+                raise StoreError(f"unknown status {', '.join(unknown)}; supported: {', '.join(ROW_STATUSES)}")
+            sql += f" AND status IN ({', '.join('?' for _ in wanted)})"
+            params += wanted
+        return [Generation.from_row(r) for r in self._read(sql + " ORDER BY row_number", params)]
+
+    def pending_rows(self, batch_id: str) -> list[Generation]:
+        """Rows not ``done`` (what a resume still has to deal with), in row order."""
+        return self.rows(batch_id, [s for s in ROW_STATUSES if s != "done"])
+
+    def search(
+        self,
+        text: str | None = None,
+        batch_id: str | None = None,
+        status: str | None = None,
+        date_from: str | None = None,
+        date_to: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Generation]:
+        """Generations whose prompt, negative prompt or row values contain ``text`` (case-insensitive),
+        filtered by batch, status and date (ISO dates or times, compared with the finished time, else the
+        queued time; ``date_to`` is inclusive of that whole day). Newest first."""
+        where: list[str] = []
+        params: list[Any] = []
+        if text:
+            pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append("(prompt LIKE ? ESCAPE '\\' OR negative_prompt LIKE ? ESCAPE '\\' "
+                         "OR row_values LIKE ? ESCAPE '\\')")
+            params += [pattern, pattern, pattern]
+        if batch_id:
+            where.append("batch_id = ?")
+            params.append(batch_id)
+        if status:
+            if status not in ROW_STATUSES:
+                raise StoreError(f"unknown status {status}; supported: {', '.join(ROW_STATUSES)}")
+            where.append("status = ?")
+            params.append(status)
+        when = "coalesce(finished_at, queued_at)"
+        if date_from:
+            where.append(f"{when} >= ?")
+            params.append(date_from)
+        if date_to:
+            where.append(f"{when} < ?")
+            params.append(date_to + ("\uffff" if len(date_to) <= 10 else ""))
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        rows = self._read(
+            f"SELECT * FROM generations {clause} ORDER BY {when} DESC, row_key LIMIT ? OFFSET ?",
+            [*params, int(limit), int(offset)],
+        )
+        return [Generation.from_row(r) for r in rows]
+
+
+def _batch_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+    data = dict(row)
+    data["options"] = json.loads(data.get("options") or "{}")
+    data["batch_seed"] = int(data["batch_seed"])
+    return data
+
+
+def _refresh_counts(conn: sqlite3.Connection, batch_id: str) -> None:
+    """Keep the per-status counts on ``batches`` current (for Datasette and listings)."""
+    conn.execute(
+        """UPDATE batches SET
+            row_count = (SELECT count(*) FROM generations WHERE batch_id = :b),
+            done_count = (SELECT count(*) FROM generations WHERE batch_id = :b AND status = 'done'),
+            failed_count = (SELECT count(*) FROM generations WHERE batch_id = :b AND status = 'failed'),
+            timed_out_count = (SELECT count(*) FROM generations WHERE batch_id = :b AND status = 'timed_out'),
+            skipped_count = (SELECT count(*) FROM generations WHERE batch_id = :b AND status = 'skipped'),
+            cancelled_count = (SELECT count(*) FROM generations WHERE batch_id = :b AND status = 'cancelled')
+        WHERE id = :b""",
+        {"b": batch_id},
+    )

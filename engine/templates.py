@@ -1,0 +1,714 @@
+"""Workflow templates: an API-format ComfyUI workflow with Jinja placeholders plus a schema of its fields.
+
+A template is a folder ``templates/<name>/`` holding ``template.json`` (the schema, see
+:class:`TemplateField`), ``workflow.json.j2`` (the workflow) and optionally ``example.png``.
+
+Rendering cannot be broken by a cell. Every ``{{ expression }}`` is JSON-encoded where it lands
+(``finalize``), so templates write ``"text": {{ prompt }}`` without quotes and a cell holding quotes,
+backslashes, newlines, ``"}``, ``{{ }}`` or ``{% %}`` arrives verbatim inside one JSON string: it can neither
+break the JSON, nor add or change nodes, nor be evaluated (Jinja never re-reads its output). To build a
+string, build it inside one expression: ``{{ "photo of " ~ product_name ~ ", " ~ color }}`` or
+``{{ [product_name, color, style] | join_nonempty(", ") }}``.
+
+Rendering is sandboxed (``ImmutableSandboxedEnvironment``: no ``__class__`` tricks, no mutation), an
+undefined name is an error naming the field (``StrictUndefined``), and work is bounded: a render budget
+(time and output size) is checked while loops run and output is produced, ``range`` is capped, string
+repetition and padding are size-checked. A template that cannot render its own field examples into a JSON
+object of nodes is refused when loaded.
+
+Each template is versioned by ``content_hash`` (sha256 of ``template.json`` and the workflow text), which
+the ledger records with every generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, UndefinedError, meta, pass_context
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from engine.errors import TemplateError
+from engine.naming import PATTERN_BUILTINS, pattern_fields
+from engine.settings import DEMO_CHECKPOINT
+from engine.sheets import RowProblem, coerce_cell, coerce_fields
+
+__all__ = [
+    "FIELD_TYPES",
+    "TemplateField",
+    "WorkflowTemplate",
+    "TemplateLibrary",
+    "RenderLimits",
+    "parse_template",
+    "load_template",
+]
+
+FIELD_TYPES = ("string", "text", "int", "float", "bool", "choice", "seed", "checkpoint", "image")
+TEMPLATE_FILE = "template.json"
+WORKFLOW_FILE = "workflow.json.j2"
+EXAMPLE_FILE = "example.png"
+
+_FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+_TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# Names Jinja gives a meaning of its own; a field so named would shadow it.
+_RESERVED_NAMES = frozenset(
+    {"range", "dict", "namespace", "cycler", "joiner", "loop", "self", "caller", "varargs", "kwargs",
+     "true", "false", "none", "True", "False", "None", "_render_budget"}
+)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SEED_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    """Bounds on one render: untrusted templates cannot loop or grow output without end."""
+
+    max_seconds: float = 2.0
+    max_output_chars: int = 1_000_000
+    max_range: int = 1_000
+    max_template_chars: int = 1_000_000
+    max_schema_bytes: int = 256 * 1024
+    max_example_bytes: int = 5 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TemplateField:
+    """One field of a template's schema (a spreadsheet column)."""
+
+    name: str
+    type: str
+    default: Any = None
+    required: bool = False
+    choices: tuple[Any, ...] = ()
+    min: float | int | None = None
+    max: float | int | None = None
+    description: str = ""
+    example: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"name": self.name, "type": self.type, "required": self.required, "description": self.description}
+        for key in ("default", "min", "max", "example"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.choices:
+            out["choices"] = list(self.choices)
+        return out
+
+    def example_value(self) -> Any:
+        """The value used to test-render the template: the example, else the default, else a sample."""
+        if self.example is not None:
+            return self.example
+        if self.default is not None:
+            return self.default
+        samples = {
+            "string": "example", "text": "example text", "bool": False, "seed": 12345,
+            "checkpoint": DEMO_CHECKPOINT, "image": "example.png",
+        }
+        if self.type == "choice":
+            return self.choices[0]
+        if self.type in ("int", "float"):
+            low = self.min if self.min is not None else 0
+            return int(low) if self.type == "int" else float(low)
+        return samples[self.type]
+
+
+def _type_matches(kind: str, value: Any) -> bool:
+    if kind in ("int", "seed"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind in ("string", "text", "checkpoint", "image"):
+        return isinstance(value, str)
+    return True  # choice: checked against the choices
+
+
+def _parse_field(template: str, raw: Any) -> TemplateField:
+    if not isinstance(raw, dict):
+        raise TemplateError(f"template '{template}': each field must be an object", template=template)
+    name = raw.get("name")
+    if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name) or name in _RESERVED_NAMES:
+        raise TemplateError(
+            f"template '{template}': field name {name!r} must be letters, digits and _ (starting with a "
+            "letter) and not a Jinja name", template=template, field=str(name),
+        )
+    unknown = set(raw) - {"name", "type", "default", "required", "choices", "min", "max", "description", "example"}
+    if unknown:
+        raise TemplateError(f"template '{template}': field '{name}' has unknown keys: {', '.join(sorted(unknown))}",
+                            template=template, field=name)
+    kind = raw.get("type")
+    if kind not in FIELD_TYPES:
+        raise TemplateError(
+            f"template '{template}': field '{name}' has type {kind!r}; supported: {', '.join(FIELD_TYPES)}",
+            template=template, field=name,
+        )
+    choices = raw.get("choices") or ()
+    if kind == "choice" and (not isinstance(choices, list) or not choices):
+        raise TemplateError(f"template '{template}': choice field '{name}' needs a non-empty 'choices' list",
+                            template=template, field=name)
+    for bound in ("min", "max"):
+        value = raw.get(bound)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TemplateError(f"template '{template}': field '{name}' {bound} must be a number",
+                                template=template, field=name)
+    result = TemplateField(
+        name=name, type=kind, default=raw.get("default"), required=bool(raw.get("required", False)),
+        choices=tuple(choices), min=raw.get("min"), max=raw.get("max"),
+        description=str(raw.get("description", "")), example=raw.get("example"),
+    )
+    for key in ("default", "example"):
+        value = getattr(result, key)
+        if value is None:
+            continue
+        if not _type_matches(kind, value):
+            raise TemplateError(f"template '{template}': field '{name}' {key} {value!r} is not a {kind}",
+                                template=template, field=name)
+        try:
+            coerce_cell(result, str(value) if kind != "bool" else ("true" if value else "false"))
+        except ValueError as exc:
+            raise TemplateError(f"template '{template}': field '{name}' {key}: {exc}",
+                                template=template, field=name) from exc
+    if kind in ("string", "text") and result.default is None and not result.required:
+        result = TemplateField(**{**result.__dict__, "default": ""})
+    if kind == "bool" and result.default is None and not result.required:
+        result = TemplateField(**{**result.__dict__, "default": False})
+    if (not result.required and result.default is None
+            and kind not in ("seed", "checkpoint", "image")):
+        raise TemplateError(
+            f"template '{template}': optional field '{name}' needs a default (or mark it required)",
+            template=template, field=name,
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The sandbox
+
+
+class _RenderBudget:
+    """Per-render deadline and counters. Its attributes are private, so sandboxed code cannot read them."""
+
+    def __init__(self, limits: RenderLimits) -> None:
+        self._limits = limits
+        self._deadline = time.monotonic() + limits.max_seconds
+
+    def _check(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise SecurityError(f"rendering took longer than {self._limits.max_seconds:g} s")
+
+    def _check_size(self, size: int, what: str) -> None:
+        if size > self._limits.max_output_chars:
+            raise SecurityError(f"{what} would be {size:,} long; the limit is {self._limits.max_output_chars:,}")
+
+
+def _budget(context: Context) -> _RenderBudget:
+    budget = context.get("_render_budget")
+    if not isinstance(budget, _RenderBudget):  # compile-time constant folding has no render context
+        return _RenderBudget(RenderLimits())
+    return budget
+
+
+def _json_finalize(value: Any) -> str:
+    """Every ``{{ expression }}`` lands as JSON: a string is quoted and escaped, a number stays a number."""
+    if isinstance(value, Undefined):
+        str(value)  # StrictUndefined raises UndefinedError naming the variable
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TemplateError(f"an expression produced a value that is not JSON ({type(value).__name__}): {exc}") from exc
+
+
+def _sized(length: Any) -> int:
+    return length if isinstance(length, int) else 0
+
+
+class _TemplateEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox plus size checks on the operations that can build huge values from small ones."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, limits: RenderLimits) -> None:
+        super().__init__(undefined=StrictUndefined, finalize=_json_finalize, autoescape=False)
+        self.limits = limits
+        self.globals = {"dict": dict, "namespace": self.globals["namespace"], "range": self._capped_range}
+        for name in ("center", "indent", "wordwrap", "truncate", "format", "replace", "join"):
+            self.filters[name] = self._size_checked_filter(self.filters[name])
+        self.filters["join_nonempty"] = _join_nonempty
+
+    @pass_context
+    def _capped_range(self, context: Context, *args: int) -> Iterable[int]:
+        try:
+            values = range(*args)
+            count = len(values)
+        except OverflowError:
+            count = self.limits.max_range + 1
+        if count > self.limits.max_range:
+            raise SecurityError(f"range() of {count} items; the limit is {self.limits.max_range}")
+        budget = _budget(context)
+        for value in values:
+            budget._check()
+            yield value
+
+    def _size_checked_filter(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        limit = self.limits.max_output_chars
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            for arg in list(args) + list(kwargs.values()):
+                if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > limit:
+                    raise SecurityError(f"a filter argument of {arg} exceeds the render size limit")
+                if isinstance(arg, str) and re.search(r"\d{7,}", arg) and "%" in arg:
+                    raise SecurityError("a format width exceeds the render size limit")
+            result = original(*args, **kwargs)
+            if isinstance(result, str) and len(result) > limit:
+                raise SecurityError("a filter result exceeds the render size limit")
+            return result
+
+        for attr in ("jinja_pass_arg",):  # keep pass_context/pass_environment markers
+            if hasattr(original, attr):
+                setattr(checked, attr, getattr(original, attr))
+        return checked
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        budget = _budget(context)
+        if operator == "**":
+            if isinstance(right, (int, float)) and abs(right) > 128:
+                raise SecurityError(f"exponent {right} is too large")
+        elif operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+                    budget._check_size(len(seq) * max(times, 0), "a repeated value")
+        elif operator == "%" and isinstance(left, str) and re.search(r"\d{7,}", left):
+            raise SecurityError("a format width exceeds the render size limit")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        budget = _budget(__context)
+        budget._check()
+        if isinstance(__obj, types.BuiltinMethodType) and isinstance(getattr(__obj, "__self__", None), str):
+            text: str = __obj.__self__
+            name = __obj.__name__
+            if name in ("ljust", "rjust", "center", "zfill") and args:
+                budget._check_size(_sized(args[0]), f"str.{name}()")
+            elif name == "expandtabs":
+                budget._check_size(len(text) * max(_sized(args[0]) if args else 8, 1), "str.expandtabs()")
+            elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+                hits = text.count(args[0]) if args[0] else len(text) + 1
+                budget._check_size(len(text) + hits * len(args[1]), "str.replace()")
+            elif name == "join" and args:
+                try:
+                    items = list(args[0])
+                except TypeError:
+                    items = []
+                budget._check_size(sum(len(str(i)) for i in items) + len(text) * len(items), "str.join()")
+        result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(result, (str, list, tuple)):
+            budget._check_size(len(result), "a call result")
+        return result
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None and re.search(r"\d{5,}", value.__self__):
+            raise SecurityError("a format width exceeds the render size limit")
+        return wrapped
+
+
+def _join_nonempty(items: Iterable[Any], separator: str = ", ") -> str:
+    """Join the non-empty items as text: ``[name, color, ""] | join_nonempty(", ")`` → ``"name, color"``."""
+    parts = [str(item) for item in items if item is not None and str(item).strip() != ""]
+    return separator.join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Templates
+
+
+@dataclass
+class WorkflowTemplate:
+    """A loaded, validated template. Render rows with :meth:`render`; convert cells with :meth:`coerce_row`."""
+
+    name: str
+    title: str
+    description: str
+    version: str
+    fields: tuple[TemplateField, ...]
+    filename_pattern: str
+    tags: tuple[str, ...]
+    workflow_source: str
+    content_hash: str
+    folder: Path | None = None
+    limits: RenderLimits = field(default_factory=RenderLimits)
+    _compiled: Any = field(default=None, repr=False)
+
+    @property
+    def example_image(self) -> Path | None:
+        if self.folder is None:
+            return None
+        path = self.folder / EXAMPLE_FILE
+        return path if path.is_file() else None
+
+    def get_field(self, name: str) -> TemplateField:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise TemplateError(
+            f"template '{self.name}' has no field '{name}'; fields: {', '.join(f.name for f in self.fields)}",
+            template=self.name, field=name,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """What listings show: everything but the workflow text."""
+        return {
+            "name": self.name, "title": self.title, "description": self.description, "version": self.version,
+            "content_hash": self.content_hash, "filename_pattern": self.filename_pattern, "tags": list(self.tags),
+            "fields": [f.to_dict() for f in self.fields],
+            "has_example_image": self.example_image is not None,
+        }
+
+    def example_values(self) -> dict[str, Any]:
+        return {f.name: f.example_value() for f in self.fields}
+
+    def coerce_row(self, raw: Mapping[str, str], row_number: int) -> tuple[dict[str, Any], list[RowProblem]]:
+        """Typed values and problems for one spreadsheet row; ``raw`` maps field names to cell text."""
+        return coerce_fields(self.fields, raw, row_number)
+
+    def _context(self, values: Mapping[str, Any], defaults: Mapping[str, Any] | None) -> dict[str, Any]:
+        defaults = defaults or {}
+        context: dict[str, Any] = {}
+        for f in self.fields:
+            value = values.get(f.name)
+            if value is None:
+                value = f.default
+            if value is None:
+                value = defaults.get(f.name, defaults.get(f.type))
+            if value is None:
+                continue  # left undefined: using it is an error naming the field
+            if isinstance(value, str) and f.type not in ("string", "text"):
+                try:
+                    value = coerce_cell(f, value)
+                except ValueError as exc:
+                    raise TemplateError(f"field '{f.name}': {exc}", template=self.name, field=f.name) from exc
+            elif not _type_matches(f.type, value):
+                raise TemplateError(
+                    f"field '{f.name}' expects a {f.type}, got {type(value).__name__} {value!r}",
+                    template=self.name, field=f.name,
+                )
+            elif f.type == "choice" and value not in f.choices:
+                raise TemplateError(
+                    f"field '{f.name}': {value!r} is not one of: {', '.join(map(str, f.choices))}",
+                    template=self.name, field=f.name,
+                )
+            elif f.type == "seed" and not 0 <= value <= _SEED_MAX:
+                raise TemplateError(f"field '{f.name}': seed {value} is outside 0 … 2^64−1",
+                                    template=self.name, field=f.name)
+            context[f.name] = value
+        return context
+
+    def render_text(self, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> str:
+        """The rendered workflow text (before JSON parsing); see :meth:`render`."""
+        context = self._context(values, defaults)
+        budget = _RenderBudget(self.limits)
+        context["_render_budget"] = budget
+        parts: list[str] = []
+        size = 0
+        try:
+            for chunk in self._compiled.generate(context):
+                size += len(chunk)
+                budget._check_size(size, "the rendered workflow")
+                budget._check()
+                parts.append(chunk)
+        except UndefinedError as exc:
+            missing = _undefined_name(str(exc))
+            raise TemplateError(
+                f"template '{self.name}': no value for field '{missing}' (empty cell, no default)"
+                if missing in {f.name for f in self.fields}
+                else f"template '{self.name}': {exc}",
+                template=self.name, field=missing,
+            ) from exc
+        except SecurityError as exc:
+            raise TemplateError(f"template '{self.name}' was stopped: {exc}", template=self.name) from exc
+        except RecursionError as exc:
+            raise TemplateError(f"template '{self.name}' recursed too deeply", template=self.name) from exc
+        except TemplateError:
+            raise
+        except Exception as exc:  # any runtime error inside the template's own expressions
+            raise TemplateError(f"template '{self.name}' failed to render: {type(exc).__name__}: {exc}",
+                                template=self.name) from exc
+        return "".join(parts)
+
+    def render(self, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Render one row into an API-format workflow (a dict of nodes).
+
+        ``values`` maps field names to typed values (from :meth:`coerce_row`; text for non-string fields
+        is converted). A missing value falls back to the field's default, then to ``defaults`` looked up by
+        field name and then by field type, e.g. ``{"checkpoint": settings.default_checkpoint}``.
+        """
+        text = self.render_text(values, defaults)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            line = text.splitlines()[exc.lineno - 1] if exc.lineno - 1 < len(text.splitlines()) else ""
+            hint = ""
+            if '""' in line or re.search(r'"[^"]*"\S', line):
+                hint = (" (write {{ field }} without quotes: every expression is JSON-encoded where it lands)")
+            raise TemplateError(
+                f"template '{self.name}' did not render valid JSON: {exc.msg} at line {exc.lineno} column "
+                f"{exc.colno}: {line.strip()[:120]!r}{hint}", template=self.name,
+            ) from exc
+        _check_api_shape(self.name, data)
+        return data
+
+
+def _undefined_name(message: str) -> str | None:
+    match = re.search(r"'([^']+)' is undefined", message)
+    return match.group(1) if match else None
+
+
+def _check_api_shape(name: str, data: Any) -> None:
+    if not isinstance(data, dict) or not data:
+        raise TemplateError(f"template '{name}' must render a JSON object of nodes (API format)", template=name)
+    for node_id, node in data.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) \
+                or not isinstance(node.get("inputs", {}), dict):
+            raise TemplateError(
+                f"template '{name}': node {node_id} must be an object with 'class_type' and 'inputs'",
+                template=name,
+            )
+
+
+def parse_template(
+    schema_text: str | bytes,
+    workflow_text: str | bytes,
+    folder: Path | None = None,
+    limits: RenderLimits | None = None,
+    validate_workflow: Callable[[dict[str, Any]], None] | None = None,
+) -> WorkflowTemplate:
+    """Build and check a template from its two files.
+
+    Checks: the schema, the Jinja syntax, that the workflow uses no name besides its fields, that the
+    filename pattern uses only fields (or ``row``, ``seed``, ``batch_id``), and that the examples render
+    to an API-format workflow which ``validate_workflow`` (the engine's parse + validate, when given)
+    accepts. Raises :class:`TemplateError` naming the template and, where known, the field.
+    """
+    limits = limits or RenderLimits()
+    schema_bytes = schema_text.encode("utf-8") if isinstance(schema_text, str) else bytes(schema_text)
+    workflow_bytes = workflow_text.encode("utf-8") if isinstance(workflow_text, str) else bytes(workflow_text)
+    label = folder.name if folder else "uploaded"
+    if len(schema_bytes) > limits.max_schema_bytes:
+        raise TemplateError(f"template '{label}': {TEMPLATE_FILE} is over {limits.max_schema_bytes} bytes",
+                            template=label)
+    if len(workflow_bytes) > limits.max_template_chars:
+        raise TemplateError(f"template '{label}': {WORKFLOW_FILE} is over {limits.max_template_chars} bytes",
+                            template=label)
+    try:
+        schema = json.loads(schema_bytes.decode("utf-8-sig"))
+        source = workflow_bytes.decode("utf-8-sig")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TemplateError(f"template '{label}': {TEMPLATE_FILE} is not valid UTF-8 JSON: {exc}",
+                            template=label) from exc
+    if not isinstance(schema, dict):
+        raise TemplateError(f"template '{label}': {TEMPLATE_FILE} must be a JSON object", template=label)
+    name = schema.get("name")
+    if not isinstance(name, str) or not _TEMPLATE_NAME.fullmatch(name):
+        raise TemplateError(
+            f"template '{label}': name {name!r} must be 1-64 lowercase letters, digits, '_' or '-'", template=label
+        )
+    if folder is not None and folder.name != name:
+        raise TemplateError(f"template folder '{folder.name}' holds a template named '{name}'; they must match",
+                            template=name)
+    raw_fields = schema.get("fields")
+    if not isinstance(raw_fields, list) or not raw_fields:
+        raise TemplateError(f"template '{name}': 'fields' must be a non-empty list", template=name)
+    fields = tuple(_parse_field(name, raw) for raw in raw_fields)
+    seen: set[str] = set()
+    for f in fields:
+        if f.name.casefold() in seen:
+            raise TemplateError(f"template '{name}': field '{f.name}' is declared twice", template=name, field=f.name)
+        seen.add(f.name.casefold())
+    pattern = schema.get("filename_pattern") or "row_{row}"
+    if not isinstance(pattern, str):
+        raise TemplateError(f"template '{name}': filename_pattern must be a string", template=name)
+    for placeholder in pattern_fields(pattern):
+        if placeholder not in seen and placeholder not in PATTERN_BUILTINS:
+            raise TemplateError(
+                f"template '{name}': filename_pattern uses '{{{placeholder}}}', which is not a field "
+                f"(fields: {', '.join(f.name for f in fields)}; also: {', '.join(PATTERN_BUILTINS)})",
+                template=name, field=placeholder,
+            )
+    tags = schema.get("tags") or []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise TemplateError(f"template '{name}': tags must be a list of strings", template=name)
+
+    environment = _TemplateEnvironment(limits)
+    try:
+        ast = environment.parse(source)
+        compiled = environment.from_string(source)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"template '{name}': Jinja syntax error at line {exc.lineno}: {exc.message}",
+                            template=name, line=exc.lineno) from exc
+    except SecurityError as exc:
+        raise TemplateError(f"template '{name}' refused: {exc}", template=name) from exc
+    undeclared = meta.find_undeclared_variables(ast) - {f.name for f in fields} - set(environment.globals)
+    if undeclared:
+        listed = ", ".join(sorted(undeclared))
+        raise TemplateError(
+            f"template '{name}': the workflow uses {listed}, which is not a declared field",
+            template=name, field=sorted(undeclared)[0],
+        )
+    content_hash = hashlib.sha256(schema_bytes + b"\0" + workflow_bytes).hexdigest()
+    template = WorkflowTemplate(
+        name=name, title=str(schema.get("title") or name), description=str(schema.get("description", "")),
+        version=str(schema.get("version", "1")), fields=fields, filename_pattern=pattern, tags=tuple(tags),
+        workflow_source=source, content_hash=content_hash, folder=folder, limits=limits, _compiled=compiled,
+    )
+    rendered = template.render(template.example_values(), defaults={"checkpoint": DEMO_CHECKPOINT})
+    if validate_workflow is not None:
+        try:
+            validate_workflow(rendered)
+        except TemplateError:
+            raise
+        except Exception as exc:
+            raise TemplateError(f"template '{name}': its example workflow is invalid: {exc}", template=name) from exc
+    return template
+
+
+def load_template(
+    folder: str | Path,
+    limits: RenderLimits | None = None,
+    validate_workflow: Callable[[dict[str, Any]], None] | None = None,
+) -> WorkflowTemplate:
+    """Load and check the template in ``folder`` (``template.json`` + ``workflow.json.j2``)."""
+    folder = Path(folder)
+    try:
+        schema = (folder / TEMPLATE_FILE).read_bytes()
+        workflow = (folder / WORKFLOW_FILE).read_bytes()
+    except OSError as exc:
+        raise TemplateError(f"template '{folder.name}': cannot read {exc.filename}: {exc.strerror}",
+                            template=folder.name) from exc
+    return parse_template(schema, workflow, folder=folder, limits=limits, validate_workflow=validate_workflow)
+
+
+class TemplateLibrary:
+    """The templates in one folder. Loads lazily; reloads a template when its files change."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        limits: RenderLimits | None = None,
+        validate_workflow: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.limits = limits or RenderLimits()
+        self.validate_workflow = validate_workflow
+        self._loaded: dict[str, tuple[tuple[int, ...], WorkflowTemplate | TemplateError]] = {}
+
+    def _stamp(self, folder: Path) -> tuple[int, ...]:
+        stamp: list[int] = []
+        for file_name in (TEMPLATE_FILE, WORKFLOW_FILE):
+            try:
+                st = (folder / file_name).stat()
+                stamp += [st.st_mtime_ns, st.st_size]
+            except OSError:
+                stamp += [-1, -1]
+        return tuple(stamp)
+
+    def _load(self, folder: Path) -> WorkflowTemplate | TemplateError:
+        stamp = self._stamp(folder)
+        cached = self._loaded.get(folder.name)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            result: WorkflowTemplate | TemplateError = load_template(folder, self.limits, self.validate_workflow)
+        except TemplateError as exc:
+            result = exc
+        self._loaded[folder.name] = (stamp, result)
+        return result
+
+    def _folders(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and (p / TEMPLATE_FILE).exists())
+
+    def list(self) -> list[WorkflowTemplate]:
+        """Every template that loads, by name. Those that do not are reported by :meth:`errors`."""
+        return [t for t in (self._load(p) for p in self._folders()) if isinstance(t, WorkflowTemplate)]
+
+    def errors(self) -> dict[str, TemplateError]:
+        """Template folders that fail to load, with the reason."""
+        return {p.name: t for p in self._folders() if isinstance(t := self._load(p), TemplateError)}
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.list()]
+
+    def get(self, name: str) -> WorkflowTemplate:
+        """The template ``name``; :class:`TemplateError` naming the available ones when there is none."""
+        if not _TEMPLATE_NAME.fullmatch(name or ""):
+            raise TemplateError(f"no template '{name}'; available: {', '.join(self.names()) or 'none'}",
+                                template=name)
+        folder = self.folder / name
+        if not (folder / TEMPLATE_FILE).exists():
+            raise TemplateError(f"no template '{name}'; available: {', '.join(self.names()) or 'none'}",
+                                template=name)
+        result = self._load(folder)
+        if isinstance(result, TemplateError):
+            raise result
+        return result
+
+    def add(self, files: Mapping[str, bytes], replace: bool = False) -> WorkflowTemplate:
+        """Validate and save an uploaded template (admins only; the caller checks the role).
+
+        ``files`` maps file names (``template.json``, ``workflow.json.j2``, optionally ``example.png``) to
+        their bytes. Nothing is written unless the whole template checks out; the folder appears at once
+        (written aside, then renamed). An existing template is replaced only with ``replace=True``.
+        """
+        by_name = {Path(k).name: v for k, v in files.items()}
+        unknown = set(by_name) - {TEMPLATE_FILE, WORKFLOW_FILE, EXAMPLE_FILE}
+        if unknown:
+            raise TemplateError(
+                f"unexpected files {', '.join(sorted(unknown))}; a template is {TEMPLATE_FILE}, {WORKFLOW_FILE} "
+                f"and optionally {EXAMPLE_FILE}"
+            )
+        for required in (TEMPLATE_FILE, WORKFLOW_FILE):
+            if required not in by_name:
+                raise TemplateError(f"the upload lacks {required}")
+        template = parse_template(by_name[TEMPLATE_FILE], by_name[WORKFLOW_FILE], limits=self.limits,
+                                  validate_workflow=self.validate_workflow)
+        example = by_name.get(EXAMPLE_FILE)
+        if example is not None and (not example.startswith(_PNG_SIGNATURE)
+                                    or len(example) > self.limits.max_example_bytes):
+            raise TemplateError(f"{EXAMPLE_FILE} must be a PNG under {self.limits.max_example_bytes} bytes",
+                                template=template.name)
+        target = self.folder / template.name
+        if target.exists() and not replace:
+            raise TemplateError(f"template '{template.name}' already exists", template=template.name)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{template.name}-", dir=self.folder))
+        try:
+            for file_name, data in by_name.items():
+                with open(staging / file_name, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            if target.exists():
+                retired = Path(tempfile.mkdtemp(prefix=f".{template.name}-old-", dir=self.folder))
+                os.replace(target, retired / template.name)
+                os.replace(staging, target)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return self.get(template.name)

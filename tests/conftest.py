@@ -1,0 +1,33 @@
+"""Shared fixtures: the tiny demo SD3.5 model, built once per session."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_components():
+    """The demo model's diffusers-pipeline-named components (float32, CPU). Do not modify them."""
+    from engine.models.demo import build_demo_components
+
+    return build_demo_components()
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint_file(tmp_path_factory):
+    """The demo written as a single-file checkpoint in ComfyUI's key layout."""
+    from engine.models.demo import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("demo_ckpt") / "sd35_demo_tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory, demo_checkpoint_file):
+    """A ComfyUI-style models folder with the demo checkpoint file in checkpoints/. Read-only for tests."""
+    root = tmp_path_factory.mktemp("models")
+    for kind in ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "controlnet"):
+        (root / kind).mkdir()
+    shutil.copyfile(demo_checkpoint_file, root / "checkpoints" / "sd35_demo_tiny.safetensors")
+    return root

@@ -1,0 +1,117 @@
+"""Batch zips: safe unique names from the filename pattern, manifests, failed rows, streaming."""
+
+import csv
+import hashlib
+import io
+import json
+import zipfile
+
+import pytest
+
+from engine.archive import iter_zip_stream, neutralise_csv_cell, write_batch_zip
+from engine.sheets import read_sheet
+from engine.store import BatchLedger
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+
+@pytest.fixture
+def batch(tmp_path):
+    """A batch of five rows: three done (two named Cat/cat, one '../CON'), one failed, one skipped."""
+    ledger = BatchLedger(tmp_path / "ledger.db")
+    batch_id = ledger.create_batch("product_shot", "t" * 64, "s" * 64, batch_seed=7,
+                                   options={"columns": ["product_name", "color", "note"]})
+    cells = {
+        2: {"product_name": "Cat", "color": "red", "note": "=HYPERLINK(\"http://evil\")"},
+        3: {"product_name": "cat", "color": "red", "note": "+1"},
+        4: {"product_name": "../CON", "color": "", "note": "@SUM(A1)"},
+        5: {"product_name": "Boots", "color": "blue", "note": "-2"},
+        6: {"product_name": "", "color": "green", "note": "fine"},
+    }
+    ledger.add_rows(batch_id, [{"row_number": n, "values": v, "seed": 2**64 - n} for n, v in cells.items() if n != 6])
+    ledger.add_rows(batch_id, [{"row_number": 6, "values": cells[6], "status": "skipped",
+                                "error": "product_name: required value is empty"}])
+    images = tmp_path / "outputs"
+    images.mkdir()
+    for n in (2, 3, 4):
+        row = ledger.claim_next(batch_id)
+        assert row.row_number == n
+        data = PNG + bytes([n]) * (3 << 20 if n == 2 else 10)  # row 2 spans several copy chunks
+        (images / f"{n}.png").write_bytes(data)
+        ledger.complete_row(row.row_key, {"prompt": f"=cmd|' /C calc'!A{n}", "seed": 2**64 - n, "steps": 28},
+                            image_path=f"{n}.png", image_sha256=hashlib.sha256(data).hexdigest())
+    failed = ledger.claim_next(batch_id)
+    ledger.fail_row(failed.row_key, "failed", "CUDA out of memory after a tiled retry")
+    yield ledger, batch_id, images
+    ledger.close()
+
+
+def read_csv(data: bytes):
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+
+
+def test_zip_names_manifest_and_failed_rows(batch, tmp_path):
+    ledger, batch_id, images = batch
+    out = tmp_path / "batch.zip"
+    summary = write_batch_zip(ledger, batch_id, out, "{product_name}_{color}", image_root=images)
+    assert summary.problems == []
+    archive = zipfile.ZipFile(out)
+    assert archive.testzip() is None
+    names = archive.namelist()
+    assert summary.images == ["images/Cat_red.png", "images/cat_red_2.png", "images/_CON_.png"]
+    assert set(names) == set(summary.images) | {"manifest.csv", "manifest.json", "failed_rows.csv"}
+    assert archive.read("images/Cat_red.png") == (images / "2.png").read_bytes()
+    assert not list(tmp_path.glob(".batch.zip.*"))  # temp file renamed into place
+
+    manifest = read_csv(archive.read("manifest.csv"))
+    assert [m["row"] for m in manifest] == ["2", "3", "4", "5", "6"]
+    assert [m["status"] for m in manifest] == ["done", "done", "done", "failed", "skipped"]
+    assert manifest[0]["file"] == "images/Cat_red.png"
+    assert manifest[0]["seed"] == str(2**64 - 2)  # exact, as text
+    assert manifest[0]["prompt"].startswith("'=cmd")  # CSV injection neutralised
+    assert manifest[0]["note"].startswith("'=HYPERLINK") and manifest[1]["note"] == "'+1"
+    assert manifest[2]["note"] == "'@SUM(A1)" and manifest[3]["note"] == "'-2"
+    assert manifest[3]["error"] == "CUDA out of memory after a tiled retry"
+
+    data = json.loads(archive.read("manifest.json"))
+    assert data["summary"]["done"] == 3 and data["summary"]["failed"] == 1 and data["summary"]["skipped"] == 1
+    assert data["rows"][0]["seed"] == str(2**64 - 2) and data["rows"][0]["prompt"].startswith("=cmd")
+    assert data["batch"]["batch_seed"] == "7"
+
+    failed = archive.read("failed_rows.csv")
+    sheet = read_sheet(failed, "failed_rows.csv")  # re-uploadable as a sheet
+    assert sheet.columns == ["product_name", "color", "note", "error"]
+    assert [r.cells["product_name"] for r in sheet.rows] == ["Boots", ""]
+    assert sheet.rows[0].cells["error"] == "CUDA out of memory after a tiled retry"
+    assert sheet.rows[0].cells["note"] == "'-2"
+
+
+def test_streamed_zip_equals_a_readable_archive(batch):
+    ledger, batch_id, images = batch
+    chunks = list(iter_zip_stream(ledger, batch_id, "{product_name}_{color}", image_root=images))
+    assert len(chunks) > 3 and max(len(c) for c in chunks) <= (1 << 20) + 4096  # never the whole batch at once
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(chunks)))
+    assert archive.testzip() is None
+    assert archive.read("images/Cat_red.png") == (images / "2.png").read_bytes()
+    assert len(read_csv(archive.read("manifest.csv"))) == 5
+
+
+def test_zip_to_a_file_object_and_missing_or_changed_images_are_reported(batch):
+    ledger, batch_id, images = batch
+    (images / "3.png").unlink()
+    (images / "4.png").write_bytes(PNG + b"tampered")
+    buffer = io.BytesIO()
+    summary = write_batch_zip(ledger, batch_id, buffer, "{product_name}", image_root=images)
+    assert any("row 3: image file missing" in p for p in summary.problems)
+    assert any("row 4" in p and "sha256" in p for p in summary.problems)
+    archive = zipfile.ZipFile(buffer)
+    manifest = {m["row"]: m for m in read_csv(archive.read("manifest.csv"))}
+    assert manifest["3"]["file"] == "" and "missing" in manifest["3"]["error"]
+    assert "sha256 mismatch" in manifest["4"]["error"]
+
+
+def test_neutralise_csv_cell():
+    for dangerous in ("=1+1", "+1", "-1", "@x", "\tx", "\rx"):
+        assert neutralise_csv_cell(dangerous) == "'" + dangerous
+    assert neutralise_csv_cell("safe = fine") == "safe = fine"
+    assert neutralise_csv_cell(None) == "" and neutralise_csv_cell(5) == "5"

@@ -1,0 +1,61 @@
+"""Safe file names from spreadsheet cells (RELIABILITY.md: files and downloads)."""
+
+from engine.naming import fill_filename_pattern, pattern_fields, safe_filename
+
+
+def test_parent_directory_parts_never_survive():
+    name = safe_filename("../../etc/passwd", set())
+    assert "/" not in name and "\\" not in name and ".." not in name
+    assert name.endswith(".png")
+
+
+def test_absolute_paths_become_plain_names():
+    for stem in ("/etc/passwd", "C:\\Windows\\system32", "\\\\server\\share\\x"):
+        name = safe_filename(stem, set())
+        assert not name.startswith(("/", "\\")) and ":" not in name and "\\" not in name and "/" not in name
+
+
+def test_windows_reserved_names_are_suffixed():
+    used: set[str] = set()
+    assert safe_filename("CON", used) == "CON_.png"
+    assert safe_filename("nul", used) == "nul_.png"
+    assert safe_filename("com1.final", used) == "com1.final_.png"
+    assert safe_filename("LPT9", used) == "LPT9_.png"
+    assert safe_filename("CONSOLE", used) == "CONSOLE.png"  # only exact device names are reserved
+
+
+def test_full_width_characters_are_normalised():
+    assert safe_filename("ＣＡＴ／ｄｏｇ", set()) == "CAT_dog.png"
+    # NFKC turns the full-width device name into a real one, which is then suffixed.
+    assert safe_filename("ＣＯＮ", set()) == "CON_.png"
+
+
+def test_names_are_unique_regardless_of_case():
+    used: set[str] = set()
+    assert safe_filename("Cat", used) == "Cat.png"
+    assert safe_filename("cat", used) == "cat_2.png"
+    assert safe_filename("CAT", used) == "CAT_3.png"
+    assert "cat.png" in used and "cat_2.png" in used
+
+
+def test_illegal_and_control_characters_replaced_and_length_capped():
+    name = safe_filename('a<b>c:"d|e?f*g\x00h\nI', set())
+    assert name == "a_b_c__d_e_f_g_h_I.png"
+    long = safe_filename("猫" * 500, set())
+    assert len(long.encode("utf-8")) <= 160
+    assert safe_filename("   ...   ", set()) == "image.png"
+    assert safe_filename("", set()) == "image.png"
+
+
+def test_trailing_dots_and_spaces_are_dropped():
+    assert safe_filename("report. ", set()) == "report.png"
+
+
+def test_pattern_is_filled_without_attribute_access():
+    assert pattern_fields("{product_name}_{color}") == ["product_name", "color"]
+    assert fill_filename_pattern("{product_name}_{color}", {"product_name": "Neon Jacket", "color": "red"}) == (
+        "Neon Jacket_red"
+    )
+    assert fill_filename_pattern("{a}_{missing}", {"a": 1}) == "1_"
+    # Format-string tricks are plain text here, never evaluated.
+    assert fill_filename_pattern("{a.__class__}", {"a": 1}) == "{a.__class__}"

@@ -1,0 +1,363 @@
+"""Spreadsheets: every RELIABILITY.md spreadsheet item, on tiny real CSV and XLSX files."""
+
+import io
+import json
+import re
+import time
+import zipfile
+
+import pytest
+from openpyxl import Workbook
+from openpyxl.styles import PatternFill
+
+from engine.errors import SheetError
+from engine.sheets import SEED_MAX, SheetLimits, derive_seed, read_sheet, validate_rows
+from engine.templates import parse_template
+
+SHEET_XML = "xl/worksheets/sheet1.xml"
+SCHEMA = {
+    "name": "sheet_test",
+    "filename_pattern": "{prompt}",
+    "fields": [
+        {"name": "prompt", "type": "text", "required": True, "example": "a cat"},
+        {"name": "seed", "type": "seed"},
+        {"name": "steps", "type": "int", "default": 20, "min": 1, "max": 50},
+        {"name": "cfg", "type": "float", "default": 4.5, "min": 0, "max": 30},
+        {"name": "tiled", "type": "bool", "default": False},
+        {"name": "sampler", "type": "choice", "default": "euler", "choices": ["euler", "dpmpp_2m"]},
+    ],
+}
+WORKFLOW = """{"1": {"class_type": "KSampler", "inputs": {"seed": {{ seed }}, "steps": {{ steps }}, "cfg": {{ cfg }},
+  "sampler_name": {{ sampler }}, "text": {{ prompt }}, "tiled": {{ tiled }}}}}"""
+
+
+@pytest.fixture(scope="module")
+def template():
+    return parse_template(json.dumps(SCHEMA), WORKFLOW)
+
+
+def xlsx_bytes(rows, sheet_title="Sheet1", extra_sheets=None, mutate=None):
+    wb = Workbook()
+    ws = wb.active
+    ws.title = sheet_title
+    for row in rows:
+        ws.append(row)
+    for title, more in (extra_sheets or {}).items():
+        other = wb.create_sheet(title)
+        for row in more:
+            other.append(row)
+    if mutate:
+        mutate(ws)
+    buffer = io.BytesIO()
+    wb.save(buffer)
+    return buffer.getvalue()
+
+
+def rewrite_member(data: bytes, member: str, change) -> bytes:
+    source = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            content = source.read(info)
+            if info.filename == member:
+                content = change(content)
+            target.writestr(info.filename, content)
+    return out.getvalue()
+
+
+def report_for(sheet, template):
+    return {r.number: r for r in validate_rows(sheet, template).rows}
+
+
+# CSV -------------------------------------------------------------------------------------------------
+
+
+def test_utf8_csv_with_quoted_commas_and_newlines_keeps_sheet_row_numbers():
+    text = 'prompt,seed\n"a cat, sitting",1\n,\n"two\nlines",2\n'
+    sheet = read_sheet(text.encode(), "rows.csv")
+    assert sheet.columns == ["prompt", "seed"]
+    assert [r.number for r in sheet.rows] == [2, 4]  # the blank row 3 is skipped, numbers kept
+    assert sheet.rows[0].cells["prompt"] == "a cat, sitting"
+    assert sheet.rows[1].cells["prompt"] == "two\nlines"
+    assert sheet.format == "csv" and sheet.delimiter == ","
+
+
+def test_bom_never_reaches_a_column_name():
+    sheet = read_sheet("\ufeffprompt,seed\ncat,1\n".encode("utf-8"), "rows.csv")
+    assert sheet.columns == ["prompt", "seed"]
+    assert sheet.encoding == "utf-8-sig"
+
+
+def test_gb18030_csv_from_chinese_excel():
+    data = "提示词,种子\n一只猫在沙发上,42\n".encode("gb18030")
+    sheet = read_sheet(data, "rows.csv")
+    assert sheet.encoding == "gb18030"
+    assert sheet.columns == ["提示词", "种子"]
+    assert sheet.rows[0].cells == {"提示词": "一只猫在沙发上", "种子": "42"}
+
+
+def test_utf16_unicode_text_export_with_tabs():
+    data = "prompt\tseed\r\ncat\t7\r\n".encode("utf-16")
+    sheet = read_sheet(data, "rows.txt")
+    assert sheet.delimiter == "\t" and sheet.rows[0].cells == {"prompt": "cat", "seed": "7"}
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_delimiter_is_sniffed(delimiter):
+    text = f"prompt{delimiter}seed\na, b{delimiter}1\n"
+    sheet = read_sheet(text.encode(), "rows.csv")
+    assert sheet.delimiter == delimiter
+    assert sheet.rows[0].cells == {"prompt": "a, b", "seed": "1"}
+
+
+def test_headers_forgiving_about_case_and_spaces(template):
+    sheet = read_sheet(b" Prompt  ,SEED \ncat,5\n", "rows.csv")
+    report = validate_rows(sheet, template)
+    assert report.column_map == {"prompt": "Prompt", "seed": "SEED"}
+    assert report.ok and report.rows[0].values["seed"] == 5
+
+
+def test_duplicate_headers_are_an_error_naming_them():
+    with pytest.raises(SheetError) as info:
+        read_sheet(b"prompt,Seed,PROMPT \na,1,b\n", "rows.csv")
+    assert "'prompt' (column A)" in info.value.message and "'PROMPT' (column C)" in info.value.message
+
+
+def test_missing_required_column_reported_before_anything_runs(template):
+    report = validate_rows(read_sheet(b"seed,extra\n1,x\n", "rows.csv"), template)
+    assert report.missing_columns == ["prompt"]
+    assert report.unknown_columns == ["extra"]
+    assert not report.ok
+    assert report.rows[0].problems[0].column == "prompt"
+
+
+def test_control_characters_are_stripped_but_newlines_and_tabs_kept():
+    sheet = read_sheet('prompt\n"a\x00b\x07c\td\ne\x1b"\n'.encode(), "rows.csv")
+    assert sheet.rows[0].cells["prompt"] == "abc\td\ne"
+
+
+def test_huge_cell_is_a_cell_problem(template):
+    text = "prompt\n" + "x" * 10_001 + "\nfine\n"
+    sheet = read_sheet(text.encode(), "rows.csv")
+    report = report_for(sheet, template)
+    assert not report[2].ok and "10,001 characters" in report[2].problems[0].reason
+    assert report[3].ok
+
+
+def test_too_many_rows_refused():
+    text = "prompt\n" + "cat\n" * 11
+    with pytest.raises(SheetError, match="more than 10 data rows"):
+        read_sheet(text.encode(), "rows.csv", limits=SheetLimits(max_rows=10))
+
+
+def test_file_over_size_limit_refused_before_reading(tmp_path):
+    path = tmp_path / "big.csv"
+    path.write_bytes(b"prompt\n" + b"cat\n" * 1000)
+    with pytest.raises(SheetError, match="limit"):
+        read_sheet(path, limits=SheetLimits(max_file_bytes=100))
+
+
+# Values ---------------------------------------------------------------------------------------------
+
+
+def test_seed_spellings(template):
+    text = (
+        "prompt,seed\n"
+        "a,12345\n"
+        "b,12345.0\n"
+        "c,1.2345E+4\n"
+        f"d,{SEED_MAX}\n"
+        "e,12345.5\n"
+        "f,abc\n"
+        f"g,{SEED_MAX + 1}\n"
+        "h,-1\n"
+        "i,1.23456E+2\n"
+        "j,\n"
+    )
+    report = report_for(read_sheet(text.encode(), "rows.csv"), template)
+    assert report[2].values["seed"] == 12345
+    assert report[3].values["seed"] == 12345
+    assert report[4].values["seed"] == 12345
+    assert report[5].values["seed"] == SEED_MAX and type(report[5].values["seed"]) is int
+    for bad in (6, 7, 8, 9, 10):
+        assert not report[bad].ok, bad
+        assert report[bad].problems[0].column == "seed"
+    assert "not a whole number" in report[6].problems[0].reason
+    assert "2^64" in report[8].problems[0].reason
+    assert report[11].ok and "seed" not in report[11].values  # blank: derived from the batch seed later
+
+
+def test_big_integers_never_go_through_float(template):
+    # 2**63 + 1 is not representable as a float; any float detour changes the last digit.
+    report = report_for(read_sheet(f"prompt,seed\na,{2**63 + 1}\n".encode(), "rows.csv"), template)
+    assert report[2].values["seed"] == 2**63 + 1
+
+
+def test_booleans_choices_and_ranges(template):
+    text = (
+        "prompt,tiled,sampler,steps,cfg\n"
+        "a,yes,EULER,10,7\n"
+        "b,是,dpmpp_2m,50,0\n"
+        "c,否,euler,1,30\n"
+        "d,maybe,ddim,51,31\n"
+        "e,N,Euler,0,-1\n"
+    )
+    report = report_for(read_sheet(text.encode(), "rows.csv"), template)
+    assert report[2].values == {"prompt": "a", "tiled": True, "sampler": "euler", "steps": 10, "cfg": 7.0}
+    assert report[3].values["tiled"] is True
+    assert report[4].values["tiled"] is False
+    columns = {p.column for p in report[5].problems}
+    assert columns == {"tiled", "sampler", "steps", "cfg"}
+    assert any("euler, dpmpp_2m" in p.reason for p in report[5].problems)
+    assert report[6].values["tiled"] is False and {p.column for p in report[6].problems} == {"steps", "cfg"}
+
+
+def test_blank_optional_cells_take_defaults_and_blank_required_is_a_problem(template):
+    report = report_for(read_sheet(b"prompt,steps\n ,5\ncat,\n", "rows.csv"), template)
+    assert report[2].problems[0].reason == "required value is empty"
+    assert report[3].values["steps"] == 20
+
+
+def test_derive_seed_is_deterministic_and_in_range():
+    seeds = {derive_seed(42, row) for row in range(2, 500)}
+    assert len(seeds) == 498
+    assert all(0 <= s < SEED_MAX for s in seeds)
+    assert derive_seed(42, 7) == derive_seed(42, 7)
+    assert derive_seed(42, 7) != derive_seed(43, 7)
+    assert derive_seed(SEED_MAX, 2) < SEED_MAX
+
+
+def test_content_hash_ignores_encoding_but_not_data():
+    a = read_sheet(b"prompt\ncat\n", "a.csv")
+    b = read_sheet("\ufeffprompt\r\ncat\r\n".encode(), "b.csv")
+    c = read_sheet(b"prompt\ndog\n", "c.csv")
+    assert a.content_hash == b.content_hash != c.content_hash
+
+
+# XLSX -----------------------------------------------------------------------------------------------
+
+
+def test_xlsx_integral_floats_read_as_integers_and_text_seeds_exact(template):
+    data = xlsx_bytes([["prompt", "seed", "cfg"], ["a", 12345.0, 4.5], ["b", str(SEED_MAX), 7], [None, None, None],
+                       ["c", 123.5, True]])
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.format == "xlsx"
+    assert [r.number for r in sheet.rows] == [2, 3, 5]
+    assert sheet.rows[0].cells == {"prompt": "a", "seed": "12345", "cfg": "4.5"}
+    assert sheet.rows[1].cells["seed"] == str(SEED_MAX)
+    report = report_for(sheet, template)
+    assert report[2].values["seed"] == 12345 and report[3].values["seed"] == SEED_MAX
+    assert not report[5].ok and report[5].problems[0].column == "seed"
+
+
+def test_xlsx_integer_stored_exactly_in_the_xml_stays_exact(template):
+    data = xlsx_bytes([["prompt", "seed"], ["a", 7]])
+    data = rewrite_member(data, SHEET_XML,
+                          lambda xml: xml.replace(b"<v>7</v>", f"<v>{SEED_MAX}</v>".encode()))
+    report = report_for(read_sheet(data, "rows.xlsx"), template)
+    assert report[2].values["seed"] == SEED_MAX
+
+
+def test_xlsx_number_past_excel_precision_is_a_cell_problem(template):
+    # Excel (and openpyxl) store numbers as doubles: 2**64-1 typed as a number arrives rounded.
+    data = xlsx_bytes([["prompt", "seed"], ["a", SEED_MAX]])
+    report = report_for(read_sheet(data, "rows.xlsx"), template)
+    assert not report[2].ok and "15" in report[2].problems[0].reason
+
+
+def test_xlsx_thousands_of_formatted_empty_trailing_rows_are_fast():
+    fill = PatternFill("solid", fgColor="FFFF00")
+
+    def format_rows(ws):
+        for row in range(3, 20_003):
+            ws.cell(row=row, column=1).fill = fill
+            ws.cell(row=row, column=2).fill = fill
+
+    data = xlsx_bytes([["prompt", "seed"], ["cat", 1]], mutate=format_rows)
+    start = time.perf_counter()
+    sheet = read_sheet(data, "rows.xlsx")
+    assert time.perf_counter() - start < 5
+    assert [r.number for r in sheet.rows] == [2]
+
+
+def test_xlsx_formula_without_cached_value_is_a_cell_problem(template):
+    data = xlsx_bytes([["prompt", "seed"], ["cat", "=1+1"], ["dog", 5]])  # openpyxl stores no cached value
+    sheet = read_sheet(data, "rows.xlsx")
+    report = report_for(sheet, template)
+    assert not report[2].ok
+    assert report[2].problems[0].column == "seed" and "no saved value" in report[2].problems[0].reason
+    assert report[3].ok
+
+
+def test_xlsx_formula_with_cached_value_uses_the_value(template):
+    data = xlsx_bytes([["prompt", "seed"], ["cat", "=1+1"]])
+    data = rewrite_member(data, SHEET_XML,
+                          lambda xml: re.sub(rb"<f>1\+1</f>(<v\s*/>|<v></v>)?", b"<f>1+1</f><v>2</v>", xml))
+    report = report_for(read_sheet(data, "rows.xlsx"), template)
+    assert report[2].ok and report[2].values["seed"] == 2
+
+
+def test_xlsx_chosen_sheet_and_unknown_sheet():
+    data = xlsx_bytes([["prompt"], ["first"]], extra_sheets={"Second": [["prompt"], ["second"]]})
+    assert read_sheet(data, "rows.xlsx").rows[0].cells["prompt"] == "first"
+    sheet = read_sheet(data, "rows.xlsx", sheet_name="second")
+    assert sheet.sheet_name == "Second" and sheet.rows[0].cells["prompt"] == "second"
+    assert sheet.sheet_names == ["Sheet1", "Second"]
+    with pytest.raises(SheetError, match="no worksheet 'Third'; it has: Sheet1, Second"):
+        read_sheet(data, "rows.xlsx", sheet_name="Third")
+
+
+def test_xlsx_zip_bomb_refused_by_ratio_before_parsing():
+    data = xlsx_bytes([["prompt"], ["cat"]])
+    # Whitespace after the root element is valid XML and compresses about 1000:1.
+    bomb = rewrite_member(data, SHEET_XML, lambda xml: xml + b" " * (20 * 1024 * 1024))
+    assert len(bomb) < 200_000
+    with pytest.raises(SheetError, match="zip bomb"):
+        read_sheet(bomb, "rows.xlsx")
+
+
+def test_xlsx_zip_bomb_refused_by_total_size():
+    data = xlsx_bytes([["prompt"], ["cat"]])
+    big = rewrite_member(data, SHEET_XML, lambda xml: xml + b" " * (600 * 1024))
+    with pytest.raises(SheetError, match="zip bomb"):
+        read_sheet(big, "rows.xlsx", limits=SheetLimits(max_decompressed_bytes=512 * 1024))
+
+
+def test_xlsx_xml_bomb_refused():
+    laughs = (
+        b'<!DOCTYPE worksheet [<!ENTITY lol "lol">'
+        b'<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">'
+        b'<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>'
+    )
+
+    def inject(xml: bytes) -> bytes:
+        xml = xml.replace(b"<worksheet", laughs + b"<worksheet", 1)
+        return xml.replace(b"<t>cat</t>", b"<t>&lol3;</t>")
+
+    bomb = rewrite_member(xlsx_bytes([["prompt"], ["cat"]]), SHEET_XML, inject)
+    assert b"&lol3;" in zipfile.ZipFile(io.BytesIO(bomb)).read(SHEET_XML)
+    with pytest.raises(SheetError, match="XML bomb"):
+        read_sheet(bomb, "rows.xlsx")
+
+
+def test_extension_that_lies_is_detected_by_content():
+    with pytest.raises(SheetError, match="named .xlsx but holds CSV text"):
+        read_sheet(b"prompt,seed\ncat,1\n", "rows.xlsx")
+    with pytest.raises(SheetError, match="named .csv but is a zip archive"):
+        read_sheet(xlsx_bytes([["prompt"], ["cat"]]), "rows.csv")
+    with pytest.raises(SheetError, match="Excel 97-2003"):
+        read_sheet(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 512, "rows.xls")
+    with pytest.raises(SheetError, match="not an Excel workbook"):
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as z:
+            z.writestr("word/document.xml", "<w/>")
+        read_sheet(archive.getvalue(), "rows.xlsx")
+    with pytest.raises(SheetError, match="unsupported file type '.pdf'"):
+        read_sheet(b"prompt\ncat\n", "rows.pdf")
+
+
+def test_empty_file_and_empty_header_row():
+    with pytest.raises(SheetError, match="empty"):
+        read_sheet(b"  \n", "rows.csv")
+    with pytest.raises(SheetError, match="row 1 must hold the column names"):
+        read_sheet(b",\ncat,1\n", "rows.csv")

@@ -1,0 +1,237 @@
+"""The SQLite ledger: schema, migrations, row lifecycle, resume helpers, two real processes at once."""
+
+import json
+import multiprocessing
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from engine.errors import BatchError, BatchMismatch, StoreError
+from engine.store import MIGRATIONS, BatchLedger, row_key
+
+SEED_MAX = 2**64 - 1
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with BatchLedger(tmp_path / "ledger.db") as opened:
+        yield opened
+
+
+def new_batch(ledger, rows=3, **kwargs):
+    batch_id = ledger.create_batch("product_shot", "t" * 64, "s" * 64, batch_seed=SEED_MAX, sheet_name="rows.csv",
+                                   options={"max_gpu_batch": 2}, user="alice", **kwargs)
+    ledger.add_rows(batch_id, [
+        {"row_number": n, "values": {"product_name": f"item {n}", "color": "red"}, "seed": SEED_MAX - n}
+        for n in range(2, 2 + rows)
+    ])
+    return batch_id
+
+
+RECORD = {"prompt": "a red item", "negative_prompt": "blurry", "seed": SEED_MAX, "steps": 28, "cfg": 4.5,
+          "sampler": "euler", "scheduler": "sgm_uniform", "width": 1024, "height": 1024,
+          "model_name": "sd35_demo_tiny", "model_hash": "abc", "precision": "fp8", "loras": [], "shift": 3.0}
+
+
+def test_pragmas_and_schema(ledger):
+    conn = ledger.conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+    tables = set(ledger.db.table_names())
+    assert {"batches", "generations", "migrations"} <= tables
+    columns = set(ledger.db["generations"].columns_dict)
+    for name in ("row_key", "batch_id", "row_number", "row_values", "prompt", "negative_prompt", "seed", "steps",
+                 "cfg", "sampler", "scheduler", "width", "height", "model_name", "model_hash", "precision", "loras",
+                 "template_name", "template_hash", "workflow", "status", "error", "attempts", "worker",
+                 "queued_at", "started_at", "finished_at", "duration_s", "sampler_s", "image_path", "image_sha256",
+                 "user", "prompt_id"):
+        assert name in columns, name
+    assert ledger.db["generations"].columns_dict["seed"] is str
+    assert ledger.schema_version() == MIGRATIONS[-1][0]
+
+
+def test_migrations_apply_once_and_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "ledger.db"
+    BatchLedger(path).close()
+    BatchLedger(path).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM migrations").fetchone()[0] == len(MIGRATIONS)
+    conn.execute("INSERT INTO migrations VALUES (999, 'future', 'x')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this program"):
+        BatchLedger(path)
+
+
+def test_file_opens_with_the_sqlite_utils_cli(tmp_path):
+    path = tmp_path / "ledger.db"
+    with BatchLedger(path) as ledger:
+        new_batch(ledger)
+    out = subprocess.run([sys.executable, "-m", "sqlite_utils", "tables", str(path), "--counts"],
+                         capture_output=True, text=True, check=True).stdout
+    table_counts = {row["table"]: row["count"] for row in json.loads(out)}
+    assert table_counts["generations"] == 3 and table_counts["batches"] == 1
+
+
+def test_batch_and_rows_keep_seeds_exact(ledger):
+    batch_id = new_batch(ledger)
+    batch = ledger.get_batch(batch_id)
+    assert batch["batch_seed"] == SEED_MAX and batch["options"] == {"max_gpu_batch": 2}
+    rows = ledger.rows(batch_id)
+    assert [r.row_key for r in rows] == [row_key(batch_id, n) for n in (2, 3, 4)]
+    assert rows[0].seed == SEED_MAX - 2 and rows[0].row_values["product_name"] == "item 2"
+    assert all(r.status == "queued" and r.template_hash == "t" * 64 and r.user == "alice" for r in rows)
+
+
+def test_add_rows_is_idempotent_and_batch_ids_unique(ledger):
+    batch_id = new_batch(ledger)
+    assert ledger.add_rows(batch_id, [{"row_number": 2, "values": {"x": "changed"}}, {"row_number": 9}]) == 1
+    assert ledger.get_generation(row_key(batch_id, 2)).row_values["product_name"] == "item 2"
+    assert ledger.batch_summary(batch_id)["total"] == 4
+    with pytest.raises(BatchError, match="already exists"):
+        ledger.create_batch("p", "t", "s", 1, batch_id=batch_id)
+
+
+def test_row_lifecycle_claim_complete_fail(ledger):
+    batch_id = new_batch(ledger)
+    first = ledger.claim_next(batch_id, worker="w1")
+    assert first.row_number == 2 and first.status == "running" and first.attempts == 1 and first.worker == "w1"
+    ledger.mark_running(first.row_key, workflow={"1": {"class_type": "KSampler", "inputs": {}}}, prompt_id="p1")
+    ledger.complete_row(first.row_key, RECORD, image_path="/out/a.png", image_sha256="f" * 64,
+                        duration_s=1.5, sampler_s=1.2)
+    done = ledger.get_generation(first.row_key)
+    assert done.status == "done" and done.seed == SEED_MAX and done.steps == 28 and done.cfg == 4.5
+    assert done.precision == "fp8" and done.loras == [] and done.extra == {"shift": 3.0}
+    assert done.workflow["1"]["class_type"] == "KSampler" and done.prompt_id == "p1"
+    assert done.image_path == "/out/a.png" and done.images == [{"path": "/out/a.png", "sha256": "f" * 64}]
+    with pytest.raises(StoreError, match="already done"):
+        ledger.complete_row(first.row_key, RECORD, image_path="/out/b.png", image_sha256="0" * 64)
+    with pytest.raises(StoreError):
+        ledger.fail_row(first.row_key, "failed", "late failure")
+
+    second = ledger.claim_row(row_key(batch_id, 3), worker="w2")
+    assert second.row_number == 3
+    assert ledger.claim_row(row_key(batch_id, 3), worker="w3") is None  # already taken
+    ledger.fail_row(second.row_key, "timed_out", "sampler ran past 600 s", duration_s=600)
+    with pytest.raises(StoreError, match="not running"):
+        ledger.mark_running(second.row_key)
+
+    summary = ledger.batch_summary(batch_id)
+    assert summary["counts"]["done"] == 1 and summary["counts"]["timed_out"] == 1 and summary["counts"]["queued"] == 1
+    stored = ledger.get_batch(batch_id)
+    assert (stored["row_count"], stored["done_count"], stored["timed_out_count"]) == (3, 1, 1)
+    assert [r.row_number for r in ledger.pending_rows(batch_id)] == [3, 4]
+    assert [r.row_number for r in ledger.rows(batch_id, status="done")] == [2]
+    with pytest.raises(StoreError, match="fail_row takes"):
+        ledger.fail_row(row_key(batch_id, 4), "done", "x")
+
+
+def test_reset_stale_running_requeues_and_bounds_attempts(ledger):
+    batch_id = new_batch(ledger, rows=2)
+    crashed = ledger.claim_next(batch_id, worker="dead")
+    assert ledger.reset_stale_running(batch_id) == 1
+    again = ledger.get_generation(crashed.row_key)
+    assert again.status == "queued" and again.attempts == 1
+    for _ in range(2):
+        ledger.claim_row(crashed.row_key, worker="dead")
+        ledger.reset_stale_running(worker="dead", max_attempts=3)
+    row = ledger.get_generation(crashed.row_key)
+    assert row.attempts == 3 and row.status == "failed" and "died 3 time(s)" in row.error
+
+
+def test_requeue_and_cancel(ledger):
+    batch_id = new_batch(ledger, rows=3)
+    key = ledger.claim_next(batch_id).row_key
+    ledger.fail_row(key, "failed", "CUDA out of memory")
+    assert ledger.requeue(batch_id) == 1
+    assert ledger.get_generation(key).status == "queued" and ledger.get_generation(key).error is None
+    done = ledger.claim_next(batch_id)
+    ledger.complete_row(done.row_key, RECORD, "/x.png", "a" * 64)
+    assert ledger.cancel_batch(batch_id) == 2
+    summary = ledger.batch_summary(batch_id)
+    assert summary["status"] == "cancelled" and summary["counts"]["done"] == 1 and summary["counts"]["cancelled"] == 2
+
+
+def test_ensure_same_inputs(ledger):
+    batch_id = new_batch(ledger)
+    ledger.ensure_same_inputs(batch_id, "t" * 64, "s" * 64)
+    with pytest.raises(BatchMismatch) as info:
+        ledger.ensure_same_inputs(batch_id, "t" * 64, "x" * 64)
+    assert "spreadsheet changed" in info.value.message and info.value.batch_id == batch_id
+    with pytest.raises(BatchMismatch, match="template 'product_shot' changed"):
+        ledger.ensure_same_inputs(batch_id, "u" * 64, "s" * 64)
+    with pytest.raises(BatchError, match="no batch"):
+        ledger.ensure_same_inputs("missing", "t", "s")
+
+
+def test_search_and_listing(ledger):
+    first = new_batch(ledger, rows=2)
+    second = new_batch(ledger, rows=1)
+    row = ledger.claim_next(first)
+    ledger.complete_row(row.row_key, {**RECORD, "prompt": "100% cotton_shirt"}, "/a.png", "a" * 64)
+    assert [g.row_key for g in ledger.search("cotton_shirt")] == [row.row_key]
+    assert ledger.search("100%") and not ledger.search("100_")  # LIKE wildcards are literal
+    assert len(ledger.search("item", batch_id=first)) == 2
+    assert [g.row_key for g in ledger.search(status="done")] == [row.row_key]
+    assert ledger.search(date_from="2000-01-01", date_to="2999-12-31", limit=10, offset=0)
+    assert ledger.search(date_to="2000-01-01") == []
+    assert len(ledger.search(limit=1, offset=1)) == 1
+    assert {b["id"] for b in ledger.list_batches()} == {first, second}
+    assert ledger.list_batches(user="bob") == []
+
+
+def _claim_worker(path, batch_id, worker, start_together, results):
+    claimed, errors = [], []
+    try:
+        ledger = BatchLedger(path)
+        start_together.wait(timeout=60)
+        while (row := ledger.claim_next(batch_id, worker=worker)) is not None:
+            claimed.append(row.row_number)
+            ledger.complete_row(row.row_key, RECORD, f"/out/{row.row_number}.png", "0" * 64)
+        ledger.close()
+    except Exception as exc:  # reported to the parent; the test asserts there is none
+        errors.append(repr(exc))
+    results.put((worker, claimed, errors))
+
+
+def test_two_processes_never_double_claim_nor_see_locked(tmp_path):
+    path = tmp_path / "ledger.db"
+    with BatchLedger(path) as ledger:
+        batch_id = new_batch(ledger, rows=120)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    start_together = context.Barrier(2)
+    workers = [context.Process(target=_claim_worker, args=(str(path), batch_id, f"w{i}", start_together, results))
+               for i in range(2)]
+    for process in workers:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for process in workers:
+        process.join(timeout=30)
+    assert all(not errors for _, _, errors in outcomes), outcomes
+    claimed = [n for _, rows, _ in outcomes for n in rows]
+    assert sorted(claimed) == list(range(2, 122))  # every row exactly once
+    assert all(rows for _, rows, _ in outcomes)  # both processes really took part
+    with BatchLedger(path) as ledger:
+        assert ledger.batch_summary(batch_id)["counts"]["done"] == 120
+
+
+def test_a_long_foreign_write_lock_is_waited_out_not_reported(tmp_path):
+    path = tmp_path / "ledger.db"
+    ledger = BatchLedger(path, busy_timeout_s=0.02)  # tiny busy timeout: the retry loop must do the waiting
+    batch_id = new_batch(ledger, rows=1)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    releaser = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    releaser.start()
+    start = time.perf_counter()
+    row = ledger.claim_next(batch_id, worker="w")
+    assert row is not None and time.perf_counter() - start >= 0.4
+    releaser.join()
+    other.close()
+    ledger.close()

@@ -1,0 +1,316 @@
+"""Workflow templates: the shipped ones, sandboxed rendering, injection-proof cells, the library."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.errors import TemplateError
+from engine.templates import RenderLimits, TemplateLibrary, parse_template
+
+ROOT = Path(__file__).resolve().parent.parent
+ALLOWED_NODES = {
+    "CheckpointLoaderSimple", "CLIPTextEncode", "ConditioningZeroOut", "EmptySD3LatentImage", "EmptyLatentImage",
+    "ModelSamplingSD3", "KSampler", "VAEDecode", "VAEDecodeTiled", "SaveImage",
+}
+INJECTIONS = [
+    'say "hi"',
+    "back\\slash\\",
+    "two\nlines\r\nand\ttab",
+    '"}, "99": {"class_type": "SaveImage", "inputs": {}}, "x": {"a": "',
+    "{{ 7 * 7 }}",
+    "{% for i in range(3) %}X{% endfor %}",
+    "{{ ''.__class__.__mro__ }}",
+    "</script>\u2028\u0000",
+]
+
+
+def simple(fields, workflow, **extra):
+    schema = {"name": "t", "fields": fields, **extra}
+    return parse_template(json.dumps(schema), workflow)
+
+
+PROMPT = [{"name": "prompt", "type": "text", "required": True, "example": "a cat"}]
+
+
+@pytest.fixture(scope="module")
+def library():
+    return TemplateLibrary(ROOT / "templates")
+
+
+# Shipped templates ------------------------------------------------------------------------------------
+
+
+def test_shipped_templates_load_and_use_only_known_nodes(library):
+    assert library.errors() == {}
+    names = library.names()
+    assert {"product_shot", "turbo_draft", "poster_large", "article_workflow"} <= set(names)
+    for template in library.list():
+        rendered = template.render(template.example_values(), defaults={"checkpoint": "sd35_demo_tiny"})
+        assert {n["class_type"] for n in rendered.values()} <= ALLOWED_NODES, template.name
+        assert any(n["class_type"] == "SaveImage" for n in rendered.values())
+        for node in rendered.values():  # every link points at an existing node
+            for value in node["inputs"].values():
+                if isinstance(value, list):
+                    assert value[0] in rendered, (template.name, value)
+        assert len(template.content_hash) == 64
+
+
+def test_product_shot_defaults(library):
+    t = library.get("product_shot")
+    wf = t.render({"product_name": "Neon Jacket", "color": "red", "style": "cyberpunk", "seed": 1},
+                  defaults={"checkpoint": "sd35_demo_tiny"})
+    sampler = next(n for n in wf.values() if n["class_type"] == "KSampler")["inputs"]
+    assert (sampler["sampler_name"], sampler["scheduler"], sampler["steps"], sampler["cfg"]) == (
+        "euler", "sgm_uniform", 28, 4.5)
+    latent = next(n for n in wf.values() if n["class_type"] == "EmptySD3LatentImage")["inputs"]
+    assert (latent["width"], latent["height"]) == (1024, 1024)
+    texts = [n["inputs"]["text"] for n in wf.values() if n["class_type"] == "CLIPTextEncode"]
+    assert "red Neon Jacket" in texts[0] and "cyberpunk style" in texts[0] and "blurry" in texts[1]
+    assert wf["1"]["inputs"]["ckpt_name"] == "sd35_demo_tiny"
+    assert t.filename_pattern == "{product_name}_{color}"
+
+
+def test_product_shot_branches_add_and_drop_nodes(library):
+    t = library.get("product_shot")
+    base = {"product_name": "Boots", "seed": 5}
+    plain = t.render(base, defaults={"checkpoint": "m"})
+    branched = t.render({**base, "tiled": True, "second_size": 512}, defaults={"checkpoint": "m"})
+    assert plain["6"]["class_type"] == "VAEDecode" and "13" not in plain
+    assert branched["6"]["class_type"] == "VAEDecodeTiled"
+    saves = [n for n in branched.values() if n["class_type"] == "SaveImage"]
+    assert len(saves) == 2 and branched["10"]["inputs"]["width"] == 512
+
+
+def test_turbo_poster_and_article_templates(library):
+    turbo = library.get("turbo_draft").render({"prompt": "x", "seed": 1}, {"checkpoint": "m"})
+    ks = turbo["5"]["inputs"]
+    assert (ks["steps"], ks["cfg"]) == (4, 1.0)
+    poster = library.get("poster_large").render({"title": "Sale", "prompt": "beach", "seed": 1}, {"checkpoint": "m"})
+    assert any(n["class_type"] == "VAEDecodeTiled" for n in poster.values())
+    assert poster["7"]["inputs"]["tile_size"] == 512
+    article = library.get("article_workflow")
+    assert [f.name for f in article.fields][:2] == ["prompt", "seed"]
+    wf = article.render({"prompt": "cyberpunk city", "seed": 12345}, {"checkpoint": "sd3.5_fp8.safetensors"})
+    assert wf["3"]["inputs"]["positive"] == wf["3"]["inputs"]["negative"] == ["2", 0]
+    assert (wf["3"]["inputs"]["steps"], wf["3"]["inputs"]["cfg"], wf["3"]["inputs"]["scheduler"]) == (30, 7.0, "normal")
+    assert wf["4"]["class_type"] == "EmptyLatentImage" and wf["4"]["inputs"]["width"] == 1024
+    assert wf["6"]["inputs"]["filename_prefix"] == "SD35_FP8_Batch"
+
+
+def test_checkpoint_from_row_beats_defaults(library):
+    t = library.get("article_workflow")
+    wf = t.render({"prompt": "x", "seed": 1, "checkpoint": "sd3.5_large.safetensors"}, {"checkpoint": "demo"})
+    assert wf["1"]["inputs"]["ckpt_name"] == "sd3.5_large.safetensors"
+    with pytest.raises(TemplateError) as info:
+        t.render({"prompt": "x", "seed": 1})
+    assert info.value.field == "checkpoint"
+
+
+def test_seed_up_to_2_64_minus_1_renders_exactly(library):
+    wf = library.get("article_workflow").render({"prompt": "x", "seed": 2**64 - 1}, {"checkpoint": "m"})
+    assert wf["3"]["inputs"]["seed"] == 2**64 - 1
+    with pytest.raises(TemplateError, match="outside"):
+        library.get("article_workflow").render({"prompt": "x", "seed": 2**64}, {"checkpoint": "m"})
+
+
+# Injection and sandbox --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", INJECTIONS)
+def test_cells_land_verbatim_and_cannot_change_the_graph(library, cell):
+    t = library.get("article_workflow")
+    reference = t.render({"prompt": "plain", "seed": 1}, {"checkpoint": "m"})
+    wf = t.render({"prompt": cell, "seed": 1}, {"checkpoint": "m"})
+    assert wf["2"]["inputs"]["text"] == cell
+    assert set(wf) == set(reference)
+    wf["2"]["inputs"]["text"] = "plain"
+    assert wf == reference
+
+
+def test_cells_inside_a_concatenation_are_encoded_once(library):
+    t = library.get("product_shot")
+    wf = t.render({"product_name": 'A "B"}\n{{x}}', "color": "{% if 1 %}", "seed": 1}, {"checkpoint": "m"})
+    assert wf["2"]["inputs"]["text"].startswith('professional product photo of {% if 1 %} A "B"}\n{{x}}')
+
+
+def test_strict_undefined_names_the_field():
+    t = simple(PROMPT + [{"name": "seed", "type": "seed", "example": 1}],
+               '{"1": {"class_type": "KSampler", "inputs": {"seed": {{ seed }}, "t": {{ prompt }}}}}')
+    with pytest.raises(TemplateError) as info:
+        t.render({"prompt": "x"})
+    assert info.value.field == "seed" and "seed" in info.value.message
+
+
+def test_workflow_using_an_undeclared_name_is_refused_at_load():
+    with pytest.raises(TemplateError) as info:
+        simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt ~ colour }}}}}')
+    assert info.value.field == "colour"
+
+
+@pytest.mark.parametrize("expression", [
+    "''.__class__.__mro__",
+    "prompt.__class__.__base__.__subclasses__()",
+    "namespace.__init__.__globals__",
+    "range.__globals__",
+    "prompt.format.__globals__",
+])
+def test_sandbox_refuses_attribute_tricks(expression):
+    with pytest.raises(TemplateError):
+        t = simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": {{ ' + expression + ' }}}}}')
+        t.render({"prompt": "x"})
+
+
+@pytest.mark.parametrize("body", [
+    '{% for i in range(10**9) %}x{% endfor %}',
+    '{{ "x" * 100000000 }}',
+    '{{ prompt.ljust(10**9) }}',
+    '{{ prompt | center(10**9) }}',
+    '{{ "%0999999999d" % 1 }}',
+    '{{ "{:>999999999}".format(1) }}',
+    '{% for i in range(900) %}{% for j in range(900) %}{{ i }}{% endfor %}{% endfor %}',
+    '{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}',
+])
+def test_runaway_templates_are_stopped_quickly(body):
+    start = time.perf_counter()
+    with pytest.raises(TemplateError):
+        simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": ' + body + '}}}')
+    assert time.perf_counter() - start < 5
+
+
+def test_render_time_budget_stops_silent_loops():
+    limits = RenderLimits(max_seconds=0.2)
+    schema = json.dumps({"name": "t", "fields": PROMPT})
+    body = ('{% for a in range(1000) %}{% for b in range(1000) %}{% for c in range(1000) %}'
+            '{% endfor %}{% endfor %}{% endfor %}')
+    start = time.perf_counter()
+    with pytest.raises(TemplateError, match="longer than"):
+        parse_template(schema, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}' + body, limits=limits)
+    assert time.perf_counter() - start < 3
+
+
+def test_loops_may_add_nodes_per_row():
+    fields = PROMPT + [{"name": "copies", "type": "int", "default": 2, "min": 1, "max": 4}]
+    t = simple(fields, """{
+      "1": {"class_type": "CLIPTextEncode", "inputs": {"text": {{ prompt }}}}
+      {% for i in range(copies) %}, {{ "save_" ~ i }}: {"class_type": "SaveImage",
+        "inputs": {"images": ["1", 0], "filename_prefix": {{ "copy_" ~ i }}}}{% endfor %}
+    }""")
+    wf = t.render({"prompt": "x", "copies": 3})
+    assert sorted(wf) == ["1", "save_0", "save_1", "save_2"]
+
+
+# Load-time checks -------------------------------------------------------------------------------------
+
+
+def test_quoted_placeholder_is_refused_with_a_hint():
+    with pytest.raises(TemplateError, match="without quotes"):
+        simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": "{{ prompt }}"}}}')
+
+
+def test_template_that_cannot_render_its_examples_is_refused():
+    with pytest.raises(TemplateError, match="valid JSON"):
+        simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}')
+    with pytest.raises(TemplateError, match="object of nodes"):
+        simple(PROMPT, '[{{ prompt }}]')
+
+
+@pytest.mark.parametrize("field, message", [
+    ({"name": "x", "type": "colour"}, "supported: string"),
+    ({"name": "range", "type": "string"}, "Jinja name"),
+    ({"name": "x", "type": "choice"}, "choices"),
+    ({"name": "x", "type": "int"}, "needs a default"),
+    ({"name": "x", "type": "int", "default": "ten"}, "not a int"),
+    ({"name": "x", "type": "choice", "choices": ["a"], "default": "b"}, "not one of"),
+    ({"name": "x", "type": "int", "default": 5, "max": 3}, "above the maximum"),
+])
+def test_bad_schemas_are_refused(field, message):
+    with pytest.raises(TemplateError, match=message):
+        simple(PROMPT + [field], '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}')
+
+
+def test_filename_pattern_must_use_fields():
+    with pytest.raises(TemplateError, match="not a field"):
+        simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}', filename_pattern="{colour}")
+    t = simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}', filename_pattern="{row}_{prompt}")
+    assert t.filename_pattern == "{row}_{prompt}"
+
+
+def test_content_hash_changes_with_either_file():
+    schema = json.dumps({"name": "t", "fields": PROMPT})
+    workflow = '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}'
+    a = parse_template(schema, workflow)
+    assert parse_template(schema, workflow).content_hash == a.content_hash
+    assert parse_template(schema, workflow + " ").content_hash != a.content_hash
+    assert parse_template(schema + " ", workflow).content_hash != a.content_hash
+
+
+def test_coerce_row_converts_text_cells(library):
+    values, problems = library.get("product_shot").coerce_row(
+        {"product_name": "Boots", "width": "768.0", "tiled": "yes", "seed": "1.5"}, 4)
+    assert values["width"] == 768 and values["tiled"] is True and values["color"] == ""
+    assert [(p.row, p.column) for p in problems] == [(4, "seed")]
+
+
+def test_render_converts_text_values_and_refuses_wrong_types(library):
+    t = library.get("product_shot")
+    wf = t.render({"product_name": "B", "seed": "12345", "width": "512"}, {"checkpoint": "m"})
+    assert wf["5"]["inputs"]["seed"] == 12345 and wf["4"]["inputs"]["width"] == 512
+    with pytest.raises(TemplateError) as info:
+        t.render({"product_name": "B", "seed": 1.5}, {"checkpoint": "m"})
+    assert info.value.field == "seed"
+
+
+# The library ------------------------------------------------------------------------------------------
+
+
+def test_library_add_validates_before_saving(tmp_path):
+    library = TemplateLibrary(tmp_path)
+    schema = json.dumps({"name": "mine", "fields": PROMPT}).encode()
+    good = b'{"1": {"class_type": "SaveImage", "inputs": {"t": {{ prompt }}}}}'
+    with pytest.raises(TemplateError):
+        library.add({"template.json": schema, "workflow.json.j2": b'{"1": {{ nope }}}'})
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TemplateError, match="unexpected files"):
+        library.add({"template.json": schema, "workflow.json.j2": good, "evil.py": b""})
+    with pytest.raises(TemplateError, match="PNG"):
+        library.add({"template.json": schema, "workflow.json.j2": good, "example.png": b"GIF89a"})
+    added = library.add({"template.json": schema, "workflow.json.j2": good})
+    assert added.name == "mine" and library.names() == ["mine"]
+    with pytest.raises(TemplateError, match="already exists"):
+        library.add({"template.json": schema, "workflow.json.j2": good})
+    changed = good.replace(b"SaveImage", b"PreviewImage")
+    replaced = library.add({"template.json": schema, "workflow.json.j2": changed}, replace=True)
+    assert replaced.content_hash != added.content_hash
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_library_runs_the_engine_validator_on_examples(tmp_path):
+    def refuse_unknown_nodes(workflow):
+        unknown = {n["class_type"] for n in workflow.values()} - ALLOWED_NODES
+        if unknown:
+            raise ValueError(f"unknown node types {unknown}")
+
+    library = TemplateLibrary(tmp_path, validate_workflow=refuse_unknown_nodes)
+    schema = json.dumps({"name": "odd", "fields": PROMPT}).encode()
+    with pytest.raises(TemplateError, match="unknown node types"):
+        library.add({"template.json": schema, "workflow.json.j2": b'{"1": {"class_type": "Bogus", "inputs": {}}}'})
+
+
+def test_library_get_unknown_names_the_available_ones(library):
+    with pytest.raises(TemplateError, match="available: .*product_shot"):
+        library.get("nope")
+    with pytest.raises(TemplateError):
+        library.get("../templates/product_shot")
+
+
+def test_library_reports_broken_templates_separately(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "template.json").write_text('{"name": "broken", "fields": []}')
+    (tmp_path / "broken" / "workflow.json.j2").write_text("{}")
+    library = TemplateLibrary(tmp_path)
+    assert library.list() == []
+    assert "fields" in library.errors()["broken"].message
+    with pytest.raises(TemplateError):
+        library.get("broken")

@@ -1,0 +1,284 @@
+"""The web app without a browser: i18n tables, handlers over the real library (demo model, real ledger),
+and the FastAPI routes the Gradio UI is mounted beside (login, authenticated files, zip)."""
+
+from __future__ import annotations
+
+import io
+import string
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from engine.errors import AccessDenied, BatchError, SheetError
+from engine.settings import load_settings
+from webapp import handlers
+from webapp.auth import UserStore, add_user, hash_password
+from webapp.guard import Caller
+from webapp.i18n import EN, ZH, language_of, text
+from webapp.server import file_url, listen_address
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHEET = """prompt,seed,width,height,steps
+a red shoe on white,11,256,256,1
+a blue mug,12,256,256,1
+a bad row,13,256,9999,1
+"""
+
+
+# ------------------------------------------------------------------------------------------------ i18n
+
+
+def test_both_languages_have_the_same_keys():
+    assert set(EN) == set(ZH), f"only in one table: {sorted(set(EN) ^ set(ZH))}"
+
+
+def test_both_languages_use_the_same_placeholders():
+    def names(template: str) -> set[str]:
+        return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+
+    mismatched = {key for key in EN if names(EN[key]) != names(ZH[key])}
+    assert not mismatched
+
+
+def test_chinese_strings_are_translated():
+    same = [key for key in EN if EN[key] == ZH[key] and any(c.isalpha() for c in EN[key])]
+    assert same == []
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("zh-CN,zh;q=0.9,en;q=0.8", "zh"),
+        ("en-US,en;q=0.9,zh-CN;q=0.5", "en"),
+        ("fr-FR,zh;q=0.8", "zh"),
+        ("fr-FR", "en"),
+        ("", "en"),
+        (None, "en"),
+        ("zh-TW;q=0.2,en;q=0.9", "en"),
+    ],
+)
+def test_language_of_accept_language(header, expected):
+    assert language_of(header) == expected
+
+
+def test_text_fills_values_in_each_language():
+    assert text("batch.started", "en", batch_id="b1") == "Batch b1 queued."
+    assert "b1" in text("batch.started", "zh", batch_id="b1")
+    with pytest.raises(KeyError):
+        text("no.such.key", "en")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def demo_engine(tmp_path_factory):
+    from engine.runtime import Engine
+
+    settings = load_settings({"data_dir": str(tmp_path_factory.mktemp("engine"))}, environ={})
+    return Engine(settings)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings(
+        {"data_dir": str(tmp_path / "data"), "templates_dir": str(ROOT / "templates"), "max_gpu_batch": 2},
+        environ={},
+    )
+
+
+@pytest.fixture
+def services(settings, demo_engine):
+    from engine.services import build_services
+
+    built = build_services(settings, demo_engine)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def sheet_path(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text(SHEET, encoding="utf-8")
+    return path
+
+
+ADMIN = Caller("alice", "admin")
+USER = Caller("bob", "user")
+
+
+def run_batch(services, sheet_path, caller=USER):
+    check = handlers.check_sheet(services, caller, "turbo_draft", sheet_path, batch_seed=7)
+    batch_id = handlers.start_batch(services, check.prepared)
+    progress = services.queue.wait(batch_id, timeout=120)
+    assert progress is not None and progress.state not in handlers.ACTIVE_STATES
+    return check, batch_id
+
+
+# ----------------------------------------------------------------------------------------- handlers
+
+
+def test_template_overview_lists_fields_in_the_browser_language(services):
+    overview = handlers.template_overview(services, "turbo_draft", "zh")
+    assert overview.fields_header[0] == ZH["field.name"]
+    names = [row[0] for row in overview.fields_rows]
+    assert names[:2] == ["prompt", "seed"]
+    assert overview.fields_rows[0][2] == ZH["yes"]  # prompt is required
+
+
+def test_check_sheet_reports_the_bad_row_with_its_reason(services, sheet_path):
+    check = handlers.check_sheet(services, USER, "turbo_draft", sheet_path)
+    assert (check.ok_rows, check.bad_rows) == (2, 1)
+    bad = [row for row in check.rows if row[1] == EN["report.problem"]]
+    assert bad[0][0] == 4 and "height" in bad[0][2]
+    assert check.can_start
+    stopped = handlers.check_sheet(services, USER, "turbo_draft", sheet_path, on_invalid="stop")
+    assert not stopped.can_start and "stop" in stopped.summary
+
+
+def test_unreadable_sheet_is_a_library_error(services, tmp_path):
+    path = tmp_path / "rows.xls"
+    path.write_bytes(b"\xd0\xcf\x11\xe0legacy excel")
+    with pytest.raises(SheetError):
+        handlers.check_sheet(services, USER, "turbo_draft", path)
+
+
+def test_batch_runs_in_the_background_and_is_searchable(services, sheet_path):
+    _, batch_id = run_batch(services, sheet_path)
+    view = handlers.batch_view(services, batch_id)
+    assert (view.done, view.failed, view.remaining) == (2, 0, 0)
+    assert view.finished and len(view.images) == 2
+    assert all(Path(p).is_file() for p in view.images)
+
+    header, rows = handlers.search_history(services, batch_id=batch_id)
+    assert header[0] == EN["col.row_key"]
+    assert {row[3] for row in rows} == {"done", "skipped"}
+    header, rows = handlers.search_history(services, text_query="blue mug")
+    assert [row[2] for row in rows] == [3]
+
+    detail = handlers.generation_detail(services, rows[0][0])
+    assert detail["row_values"]["prompt"] == "a blue mug"
+    assert Path(detail["image_path"]).is_file()
+
+    rerun_id = handlers.rerun_row(services, USER, rows[0][0])
+    assert rerun_id != batch_id
+    services.queue.wait(rerun_id, timeout=60)
+    assert handlers.batch_view(services, rerun_id).done == 1
+
+
+def test_history_rejects_malformed_dates(services):
+    with pytest.raises(SheetError, match="YYYY-MM-DD"):
+        handlers.search_history(services, date_from="26/11/2026")
+
+
+def test_single_image_is_a_one_row_batch(services):
+    seen = []
+    result = handlers.generate_single(
+        services, USER, "turbo_draft",
+        {"prompt": "a green hat", "seed": "", "checkpoint": None, "width": 256.0, "height": 256.0, "steps": 1.0},
+        on_progress=lambda fraction, desc: seen.append(desc),
+    )
+    assert Path(result.image_path).is_file()
+    assert result.parameters["width"] == 256
+    assert seen
+
+
+def test_single_image_with_a_bad_value_names_the_field(services):
+    with pytest.raises(BatchError, match="height"):
+        handlers.generate_single(services, USER, "turbo_draft", {"prompt": "x", "height": 5, "width": 256, "steps": 1})
+
+
+def test_only_admins_switch_models_and_edit_templates(services):
+    choices = handlers.model_choices(services)
+    with pytest.raises(AccessDenied) as refused:
+        handlers.switch_model(services, USER, choices[0], lang="zh")
+    assert refused.value.status == 403 and "管理员" in refused.value.message
+    assert handlers.switch_model(services, ADMIN, choices[0]) == choices[0]
+    with pytest.raises(AccessDenied):
+        handlers.save_template(services, USER, "{}", "{}")
+
+
+def test_admin_saves_only_a_valid_template(services, tmp_path):
+    from engine.errors import TemplateError
+
+    schema, workflow = handlers.template_sources(services, "turbo_draft")
+    services.templates.folder = tmp_path / "templates"  # write into a scratch copy, not the shipped folder
+    with pytest.raises(TemplateError):
+        handlers.save_template(services, ADMIN, schema, workflow.replace('"KSampler"', '"NoSuchNode"', 1)
+                               .replace("{{ seed }}", "{{ no_such_field }}"))
+    assert handlers.save_template(services, ADMIN, schema, workflow) == "turbo_draft"
+    assert (tmp_path / "templates" / "turbo_draft" / "template.json").is_file()
+
+
+def test_system_info_says_the_demo_model_is_in_use(services):
+    info = handlers.system_info(services)
+    assert info["demo_in_use"] is True
+    assert {"device", "precision", "queue", "versions"} <= set(info)
+
+
+def test_caller_without_users_is_the_local_admin():
+    assert handlers.caller_for(UserStore([]), None).is_admin
+    with pytest.raises(AccessDenied) as refused:
+        handlers.caller_for(UserStore.from_dict({"users": [{"name": "x", "password_hash": hash_password("pw")}]}), None)
+    assert refused.value.status == 401
+
+
+# --------------------------------------------------------------------------------------------- server
+
+
+def test_listen_address_keeps_an_unprotected_app_on_localhost(settings):
+
+    open_settings = load_settings({"host": "0.0.0.0"}, environ={})
+    host, _, note = listen_address(open_settings, UserStore([]), environ={})
+    assert host == "127.0.0.1" and "127.0.0.1" in note
+    assert listen_address(open_settings, UserStore([]), environ={"SPACE_ID": "x/y"})[0] == "0.0.0.0"
+
+
+@pytest.fixture
+def client(settings, demo_engine, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from webapp.server import create_app
+
+    users_file = tmp_path / "users.json"
+    add_user(users_file, "alice", "alice-pass", "admin")
+    add_user(users_file, "bob", "bob-pass", "user")
+    app, services = create_app(settings, demo_engine, users=UserStore.from_file(users_file))
+    with TestClient(app, follow_redirects=False) as test_client:
+        test_client.services = services
+        yield test_client
+
+
+def sign_in(client, name, password):
+    return client.post("/login", data={"username": name, "password": password})
+
+
+def test_login_refuses_a_wrong_password(client):
+    answer = sign_in(client, "alice", "wrong")
+    assert answer.status_code == 401 and "sd35_session" not in answer.cookies
+    assert client.get("/").status_code == 303  # the page itself sends a signed-out browser to the form
+    assert "<form" in client.get("/login", headers={"accept-language": "zh-CN"}).text
+
+
+def test_files_need_a_session_and_stay_inside_the_outputs(client, sheet_path):
+    services = client.services
+    _, batch_id = run_batch(services, sheet_path)
+    url = file_url(services.settings.outputs_path, handlers.batch_view(services, batch_id).images[0])
+    assert url.startswith(f"/files/{batch_id}/")
+
+    assert client.get(url).status_code == 401
+    assert client.get(f"/files/zip/{batch_id}").status_code == 401
+
+    assert sign_in(client, "bob", "bob-pass").status_code == 303
+    answer = client.get(url)
+    assert answer.status_code == 200 and answer.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get("/files/%2e%2e/ledger.db").status_code in (403, 404)
+    assert client.get("/files/..%2fledger.db").status_code in (403, 404)
+
+    archive = client.get(f"/files/zip/{batch_id}")
+    assert archive.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
+    assert sum(name.endswith(".png") for name in names) == 2
+    assert "manifest.csv" in names and "manifest.json" in names
