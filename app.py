@@ -136,7 +136,6 @@ def _run_workflow(args: argparse.Namespace) -> int:
 def _run_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from engine.archive import write_batch_zip
     from engine.services import build_services
     from engine.sheets import read_sheet
 
@@ -178,7 +177,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     bar.close()
     if args.zip:
         zip_path = Path(args.zip) if isinstance(args.zip, str) else summary.output_dir.with_suffix(".zip")
-        write_batch_zip(services.ledger, prepared.batch_id, zip_path)
+        runner.write_zip(prepared.batch_id, zip_path)
         print(f"zip: {zip_path}")
     print(
         f"batch {summary.batch_id}: {summary.done} done, {summary.failed} failed, {summary.timed_out} timed out, "

@@ -37,7 +37,7 @@ from engine.errors import (
     OutOfMemory,
 )
 from engine.logs import log_context
-from engine.naming import safe_filename
+from engine.naming import fill_filename_pattern, safe_filename
 from engine.sheets import Sheet, ValidationReport, derive_seed, validate_rows
 
 log = logging.getLogger(__name__)
@@ -400,11 +400,15 @@ class BatchRunner:
             RowExecutor(engine, max_gpu_batch=settings.max_gpu_batch)
         )
         self.on_result = on_result
-        self.default_checkpoint: str = settings.default_checkpoint
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- models
+
+    @property
+    def default_checkpoint(self) -> str:
+        """The checkpoint templates use when a row names none (the engine's, switchable by admins)."""
+        return self.engine.default_checkpoint
 
     def allowed_checkpoints(self) -> list[str]:
         """The checkpoints an admin may switch to: the allow-list setting, else every one found."""
@@ -417,8 +421,7 @@ class BatchRunner:
         allowed = self.allowed_checkpoints()
         if name not in allowed:
             raise BatchError(f"checkpoint {name!r} is not allowed; allowed: {', '.join(allowed) or 'none'}")
-        self.engine.warm_up(name)
-        self.default_checkpoint = name
+        self.engine.switch_model(name)
 
     # ---------------------------------------------------------------- prepare
 
@@ -447,7 +450,7 @@ class BatchRunner:
         if batch_id is not None:
             existing = self.ledger.get_batch(batch_id)
             if existing is not None:
-                self.ledger.ensure_same_inputs(batch_id, template.hash, fingerprint)
+                self.ledger.ensure_same_inputs(batch_id, template.content_hash, fingerprint)
                 resumed = True
                 batch_seed = int(existing["batch_seed"])
         if batch_seed is None:
@@ -460,7 +463,7 @@ class BatchRunner:
             problems = [f"{p.column or 'row'}: {p.reason}" for p in row_report.problems]
             rendered: dict[str, Any] | None = None
             if row_report.ok:
-                for seed_field in template.seed_fields():
+                for seed_field in (f.name for f in template.fields if f.type == "seed"):
                     if values.get(seed_field) in (None, ""):
                         values[seed_field] = derive_seed(batch_seed, row_report.number)
                 try:
@@ -473,10 +476,12 @@ class BatchRunner:
             if rendered is None and row_report.ok:
                 row_report.ok = False
                 row_report.problems.append(_row_problem(row_report.number, None, problems[-1]))
+            seeds = [values[f.name] for f in template.fields if f.type == "seed" and values.get(f.name) is not None]
             rows.append(
                 {
                     "row_number": row_report.number,
-                    "values": values,
+                    "values": {**row_report.cells, **_jsonable(values)},
+                    "seed": seeds[0] if seeds else None,
                     "workflow": rendered,
                     "status": status,
                     "error": "; ".join(problems) or None,
@@ -514,7 +519,19 @@ class BatchRunner:
     def find_unfinished(self, template_name: str, sheet: Sheet) -> str | None:
         """The id of an unfinished batch of the same template and sheet, so re-running a command resumes it."""
         template = self.templates.get(template_name)
-        return self.ledger.find_unfinished_batch(template.hash, sheet.content_hash)
+        for batch in self.unfinished_batches():
+            if batch["template_hash"] == template.content_hash and batch["sheet_hash"] == sheet.content_hash:
+                return batch["id"]
+        return None
+
+    def unfinished_batches(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Batches with rows still to run (queued, running or cancelled), newest first."""
+        found = []
+        for batch in self.ledger.list_batches(limit=limit):
+            counts = self.ledger.batch_summary(batch["id"])["counts"]
+            if counts["queued"] + counts["running"] + counts["cancelled"] > 0:
+                found.append(batch)
+        return found
 
     def start(self, prepared: PreparedBatch) -> str:
         """Record the batch and its rows (queued or skipped). Idempotent for a resumed batch."""
@@ -523,7 +540,7 @@ class BatchRunner:
             self.ledger.create_batch(
                 batch_id=prepared.batch_id,
                 template_name=template.name,
-                template_hash=template.hash,
+                template_hash=template.content_hash,
                 sheet_name=prepared.sheet.filename,
                 sheet_hash=prepared.sheet_hash,
                 batch_seed=prepared.batch_seed,
@@ -534,18 +551,7 @@ class BatchRunner:
                     "keep_workflow_names": isinstance(template, _WorkflowTemplate),
                 },
             )
-            self.ledger.add_rows(
-                prepared.batch_id,
-                [
-                    {
-                        **row,
-                        "template_name": template.name,
-                        "template_hash": template.hash,
-                        "user": prepared.user,
-                    }
-                    for row in prepared.rows
-                ],
-            )
+            self.ledger.add_rows(prepared.batch_id, prepared.rows)
         return prepared.batch_id
 
     # -------------------------------------------------------------------- run
@@ -580,11 +586,13 @@ class BatchRunner:
         self.ledger.reset_stale_running(batch_id)
         all_rows = self.ledger.rows(batch_id)
         names = self._file_names(batch, all_rows)
-        statuses = {QUEUED, CANCELLED, "running"} | ({FAILED, TIMED_OUT} if retry_failed else set())
-        pending = [row for row in all_rows if row["status"] in statuses]
+        requeue = [CANCELLED] + ([FAILED, TIMED_OUT] if retry_failed else [])
+        self.ledger.requeue(batch_id, requeue)
+        all_rows = self.ledger.rows(batch_id)
+        pending = [row for row in all_rows if row.status == QUEUED]
         jobs = [self._job(batch, row) for row in pending]
         by_key = {job.row_key: job for job in jobs}
-        counts = {DONE: sum(1 for r in all_rows if r["status"] == DONE), FAILED: 0}
+        counts = {DONE: sum(1 for r in all_rows if r.status == DONE), FAILED: 0}
         remaining = len(jobs)
         durations: deque[float] = deque(maxlen=20)
 
@@ -632,14 +640,13 @@ class BatchRunner:
                 if self.on_result is not None:
                     self.on_result(result)
         summary = self.summary(batch_id, time.perf_counter() - started)
-        final = "cancelled" if summary.cancelled or cancelled() else ("done" if summary.ok else "finished_with_errors")
-        self.ledger.set_batch_status(batch_id, final)
+        self.ledger.set_batch_status(batch_id, "cancelled" if summary.cancelled or cancelled() else "finished")
         emit("batch_done")
         return summary
 
     def summary(self, batch_id: str, seconds: float = 0.0) -> BatchSummary:
         rows = self.ledger.rows(batch_id)
-        count = lambda status: sum(1 for r in rows if r["status"] == status)  # noqa: E731
+        count = lambda status: sum(1 for r in rows if r.status == status)  # noqa: E731
         return BatchSummary(
             batch_id,
             count(DONE),
@@ -652,32 +659,49 @@ class BatchRunner:
             seconds,
         )
 
+    # ------------------------------------------------------------------- zips
+
+    def _zip_pattern(self, batch_id: str) -> str:
+        batch = self.ledger.get_batch(batch_id)
+        if batch is None:
+            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+        return (batch.get("options") or {}).get("filename_pattern") or "row_{row}"
+
+    def write_zip(self, batch_id: str, out: Path | Any) -> Any:
+        """The batch's zip (images named by the template's pattern + manifests) to a path or file object."""
+        from engine.archive import write_batch_zip
+
+        return write_batch_zip(self.ledger, batch_id, out, self._zip_pattern(batch_id))
+
+    def zip_stream(self, batch_id: str) -> Iterator[bytes]:
+        """The batch's zip as byte chunks, for streaming over HTTP without holding it in memory."""
+        from engine.archive import iter_zip_stream
+
+        return iter_zip_stream(self.ledger, batch_id, self._zip_pattern(batch_id))
+
     # ---------------------------------------------------------------- helpers
 
-    def _job(self, batch: dict[str, Any], row: dict[str, Any]) -> RowJob:
-        workflow = row["workflow"] if isinstance(row["workflow"], dict) else json.loads(row["workflow"])
-        values = row.get("values") or {}
-        if isinstance(values, str):
-            values = json.loads(values)
-        extra = values.get("png_extra") if isinstance(values, dict) else None
+    def _job(self, batch: dict[str, Any], row: Any) -> RowJob:
+        workflow = row.workflow or {}
+        extra = row.row_values.get("png_extra")
         return RowJob(
-            row_key=row["row_key"],
+            row_key=row.row_key,
             batch_id=batch["id"],
-            row_number=int(row["row_number"]),
+            row_number=int(row.row_number),
             workflow=workflow,
             png_extra={
                 "batch_id": batch["id"],
-                "row": str(row["row_number"]),
+                "row": str(row.row_number),
                 "template": batch.get("template_name") or "",
                 "template_hash": batch.get("template_hash") or "",
                 **(extra if isinstance(extra, dict) else {}),
             },
             deadline_s=float(self.settings.row_timeout_s),
             checkpoint=_checkpoint_of(workflow) or self.default_checkpoint,
-            attempt=int(row.get("attempts") or 0) + 1,
+            attempt=int(row.attempts or 0) + 1,
         )
 
-    def _file_names(self, batch: dict[str, Any], rows: list[dict[str, Any]]) -> dict[int, str]:
+    def _file_names(self, batch: dict[str, Any], rows: list[Any]) -> dict[int, str]:
         """Safe, unique stems per row, computed the same way on every (re)run from the row order."""
         options = batch.get("options") or {}
         if isinstance(options, str):
@@ -687,12 +711,9 @@ class BatchRunner:
         pattern = options.get("filename_pattern") or "row_{row}"
         used: set[str] = set()
         names: dict[int, str] = {}
-        for row in sorted(rows, key=lambda r: int(r["row_number"])):
-            values = row.get("values") or {}
-            if isinstance(values, str):
-                values = json.loads(values)
-            stem = _fill_pattern(pattern, values, int(row["row_number"]))
-            names[int(row["row_number"])] = safe_filename(stem, used)
+        for row in sorted(rows, key=lambda r: int(r.row_number)):
+            stem = fill_filename_pattern(pattern, {**row.row_values, "row": row.row_number}) or f"row_{row.row_number}"
+            names[int(row.row_number)] = safe_filename(stem, used)
         return names
 
     def _store_result(
@@ -700,10 +721,11 @@ class BatchRunner:
     ) -> list[Path] | None:
         """Files first (atomic), ledger second. Returns None when the row was already done."""
         current = self.ledger.get_generation(job.row_key)
-        if current is not None and current["status"] == DONE:
+        if current is None or current.status == DONE:
             return None
+        duration = result.timings.get("row_s")
         if result.status != DONE:
-            self.ledger.fail_row(job.row_key, result.status, result.error or result.status, worker=result.worker)
+            self.ledger.fail_row(job.row_key, result.status, result.error or result.status, duration_s=duration)
             return []
         base = names.get(job.row_number)
         paths: list[Path] = []
@@ -716,18 +738,14 @@ class BatchRunner:
             _atomic_write(final, image.data)
             paths.append(final)
         first = result.images[0]
-        record = {
-            **result.record,
-            "images": [{"file": str(p), "node_id": i.node_id, "sha256": i.sha256} for p, i in zip(paths, result.images)],
-        }
         self.ledger.complete_row(
             job.row_key,
-            record=record,
+            record={**result.record, "worker": result.worker},
             image_path=str(paths[0]),
             image_sha256=first.sha256,
-            timings=result.timings,
-            worker=result.worker,
-            extra_images=[str(p) for p in paths[1:]],
+            images=[{"path": str(p), "sha256": i.sha256, "node_id": i.node_id} for p, i in zip(paths, result.images)],
+            duration_s=duration,
+            sampler_s=result.timings.get("sampler_s"),
         )
         return paths
 
@@ -756,17 +774,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.close(dir_fd)
     except OSError:
         pass
-
-
-def _fill_pattern(pattern: str, values: dict[str, Any], row_number: int) -> str:
-    class _Missing(dict):
-        def __missing__(self, key: str) -> str:
-            return key
-
-    try:
-        return pattern.format_map(_Missing({**{k: str(v) for k, v in values.items()}, "row": row_number}))
-    except (ValueError, IndexError):
-        return f"row_{row_number}"
 
 
 def _checkpoint_of(workflow: dict[str, Any]) -> str | None:
@@ -871,7 +878,7 @@ class BatchQueue:
         """Batches the ledger says were left unfinished and that are not queued or running here."""
         with self._lock:
             active = {b for b, p in self._progress.items() if p.state in {"queued", "running"}}
-        return [b for b in self.runner.ledger.unfinished_batches() if b["id"] not in active]
+        return [b for b in self.runner.unfinished_batches() if b["id"] not in active]
 
     def wait(self, batch_id: str, timeout: float = 60.0) -> BatchProgress | None:
         deadline = time.monotonic() + timeout

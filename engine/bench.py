@@ -265,13 +265,14 @@ def run_benchmark(
     warmup: int = 2,
     compile: bool | None = None,
     seed: int = 0,
-    out: TextIO | None = sys.stdout,
+    out: TextIO | None = None,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Benchmark one model size; returns the report as a JSON-ready dict (also printed to ``out``).
 
     ``backends``: FP8 backends to time (default: every one the device runs). ``compile``: also time
     block-compiled variants (default: on CUDA only; on a CPU compilation needs a C++ toolchain and
-    minutes). ``out=None`` prints nothing.
+    minutes). Progress, the table and the JSON go to ``out`` (default: stdout) unless ``quiet``.
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -285,7 +286,10 @@ def run_benchmark(
             backends=unknown,
         )
     do_compile = dev.type == "cuda" if compile is None else compile
-    say = (lambda line: print(line, file=out, flush=True)) if out is not None else (lambda line: None)
+    def say(line: str) -> None:
+        if not quiet:
+            print(line, file=out or sys.stdout, flush=True)
+
     say(f"bench: {size} SD3.5-shaped transformer on {describe_device(dev)}; backends {', '.join(requested)}")
 
     inputs = make_inputs(size, dev)

@@ -374,6 +374,7 @@ class _Flight:
     started_at: float | None = None  # monotonic, when the dispatcher first saw it started
     missing_since: float | None = None  # monotonic, when its worker's heartbeat was first missed
     losses: int = 0  # attempts whose worker died or hung
+    queue: str = DEFAULT_QUEUE
     step: int = -1
 
     @property
@@ -466,6 +467,9 @@ class CeleryDispatcher:
                         if result is not None:
                             self._settle(flights.pop(row_key))
                             yield result
+                    for row_key, result in self._check_vanished(flights, live):
+                        self._settle(flights.pop(row_key))
+                        yield result
                 except _BROKER_ERRORS() as exc:
                     log.warning("Redis unreachable (%s); retrying", exc)
                     time.sleep(1.0)
@@ -493,7 +497,7 @@ class CeleryDispatcher:
         job = flight.job
         job.attempt = attempt
         task_id = f"{job.row_key}:{attempt}"
-        queue = self._queue_for(job.checkpoint, live)
+        queue = flight.queue = self._queue_for(job.checkpoint, live)
         # Tell workers which attempt is current before it can be consumed, so stale copies skip.
         self.redis.set(ROW_KEY_PREFIX + job.row_key, task_id, ex=self._row_key_ttl_s)
         self.app.send_task(
@@ -584,6 +588,9 @@ class CeleryDispatcher:
                 reason = f"no result {flight.job.deadline_s + self.deadline_margin_s:.0f}s after it started"
         if reason is None:
             return None
+        return self._lost(flight, live, reason)
+
+    def _lost(self, flight: _Flight, live: dict[str, WorkerAnnouncement], reason: str) -> RowResult | None:
         flight.losses += 1
         log.warning("row %s attempt %s lost (%s); %d of %d attempts used", flight.job.row_key,
                     flight.job.attempt, reason, flight.losses, self.max_attempts)
@@ -597,6 +604,45 @@ class CeleryDispatcher:
         self._quietly(lambda: self.app.control.revoke(flight.task_id))
         self._send(flight, live, flight.job.attempt + 1)
         return None
+
+    def _check_vanished(
+        self, flights: dict[str, _Flight], live: dict[str, WorkerAnnouncement]
+    ) -> list[tuple[str, RowResult]]:
+        """Rows taken off their queue that never started. A worker reserves a message and starts it
+        within milliseconds, so one that has been neither queued nor started for a while was reserved by
+        a worker that then died (its message waits in Redis' unacknowledged set for the visibility
+        timeout). Such a row is sent again as the next attempt."""
+        now = time.monotonic()
+        suspects = [f for f in flights.values() if f.started_at is None and now - f.sent_at >= self.lost_confirm_s]
+        if not suspects:
+            return []
+        queued = self._queued_task_ids({f.queue for f in suspects})
+        running = {w.task_id for w in live.values() if w.task_id}
+        failed: list[tuple[str, RowResult]] = []
+        for flight in suspects:
+            if flight.task_id in queued or flight.task_id in running:
+                flight.missing_since = None
+                continue
+            if flight.missing_since is None:
+                flight.missing_since = now
+                continue
+            if now - flight.missing_since >= self.lost_confirm_s:
+                result = self._lost(flight, live, "taken off its queue by a worker that never started it")
+                if result is not None:
+                    failed.append((flight.job.row_key, result))
+        return failed
+
+    def _queued_task_ids(self, queues: set[str]) -> set[str]:
+        """Task ids of the messages waiting in ``queues`` (kombu keeps a Redis list per queue; the window
+        of rows in flight keeps these lists short)."""
+        found: set[str] = set()
+        for queue in queues:
+            for raw in self.redis.lrange(queue, 0, -1):
+                try:
+                    found.add(json.loads(raw)["headers"]["id"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return found
 
     def _settle(self, flight: _Flight) -> None:
         """The row has its result: stale copies of its task skip, and its stored results are freed."""

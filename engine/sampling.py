@@ -338,7 +338,7 @@ class GuidedDenoiser:
         import torch
 
         sigma_value = float(sigma)
-        # chunks: (row, is_negative, strength, x_slice, embeds, pooled)
+        # chunks: (row, is_negative, strength, x_slice, embeds, pooled, controlnet hints)
         chunks = []
         offset = 0
         for row_index, row in enumerate(self.rows):
@@ -350,7 +350,8 @@ class GuidedDenoiser:
                     if self._active(entry, sigma_value):
                         embeds = _repeat_to_batch(entry.prompt_embeds, row.batch_size)
                         pooled = _repeat_to_batch(entry.pooled, row.batch_size)
-                        chunks.append((row_index, is_negative, float(entry.strength), x_row, embeds, pooled))
+                        chunks.append((row_index, is_negative, float(entry.strength), x_row, embeds, pooled,
+                                       entry.controlnets))
         sums = {}
         weights = {}
         for key, denoised in self._evaluate(chunks, sigma):
@@ -378,7 +379,8 @@ class GuidedDenoiser:
             x_in = torch.cat([c[3] for c in group])
             embeds = torch.cat([c[4] for c in group])
             pooled = torch.cat([c[5] for c in group])
-            velocity = self.predict_velocity(x_in, sigma, embeds, pooled)
+            controls = [(c[6], c[3], c[4], c[5]) for c in group] if any(c[6] for c in group) else None
+            velocity = self.predict_velocity(x_in, sigma, embeds, pooled, controls)
             denoised = x_in - velocity * sigma.to(x_in.dtype)
             start = 0
             for c in group:
@@ -387,15 +389,27 @@ class GuidedDenoiser:
                 start += size
 
     def predict_velocity(
-        self, x: "torch.Tensor", sigma: "torch.Tensor", embeds: "torch.Tensor", pooled: "torch.Tensor"
+        self, x: "torch.Tensor", sigma: "torch.Tensor", embeds: "torch.Tensor", pooled: "torch.Tensor",
+        controls: list | None = None,
     ) -> "torch.Tensor":
-        """One transformer call: latents [N,C,h,w] at ``sigma`` -> velocity, float32 like ``x``."""
+        """One transformer call: latents [N,C,h,w] at ``sigma`` -> velocity, float32 like ``x``.
+
+        ``controls``: per consecutive chunk of the batch, ``(ControlNet hints, x, embeds, pooled)``; their
+        residuals go into the call as ``block_controlnet_hidden_states`` (see :mod:`engine.controlnet`).
+        """
         import torch
 
         transformer = self.model.transformer
         dtype = self.model.dtype or next(transformer.parameters()).dtype
         device = x.device
         timestep = self.schedule.timestep(sigma).to(device=device, dtype=dtype).expand(x.shape[0])
+        extra = {}
+        if controls:
+            from engine.controlnet import block_residuals
+
+            residuals = block_residuals(transformer, controls, sigma, timestep, self.schedule, dtype)
+            if residuals is not None:
+                extra["block_controlnet_hidden_states"] = residuals
         with torch.inference_mode():
             out = transformer(
                 hidden_states=x.to(dtype),
@@ -403,9 +417,50 @@ class GuidedDenoiser:
                 pooled_projections=pooled.to(device=device, dtype=dtype),
                 timestep=timestep,
                 return_dict=False,
+                **extra,
             )[0]
         self.model_evaluations += 1
         return out.to(x.dtype)
+
+
+class InpaintDenoiser:
+    """ComfyUI's ``KSamplerX0Inpaint``: where ``mask`` is 0 the latent stays the input's.
+
+    Before each model call the unmasked region is reset to the input latent noised to the current sigma
+    (``sigma*noise + (1-sigma)*latent``, the flow model's noising); after it, the unmasked region of the
+    prediction is the input latent, so a run that ends at sigma 0 returns it there exactly.
+    """
+
+    def __init__(self, inner: "Denoiser", mask: "torch.Tensor", latent: "torch.Tensor", noise: "torch.Tensor") -> None:
+        self.inner = inner
+        self.mask = mask
+        self.latent = latent
+        self.noise = noise
+
+    def __call__(self, x: "torch.Tensor", sigma: "torch.Tensor") -> "torch.Tensor":
+        keep = 1.0 - self.mask
+        x = x * self.mask + (sigma * self.noise + (1.0 - sigma) * self.latent) * keep
+        return self.inner(x, sigma) * self.mask + self.latent * keep
+
+
+def noise_mask_batch(masks: Sequence["torch.Tensor | None"], shapes: Sequence[Sequence[int]]) -> "torch.Tensor":
+    """One denoise mask for a batch of rows (ComfyUI's ``prepare_mask``; a row without a mask is all ones).
+
+    Each mask [N,1,H,W] or [H,W] is resized bilinearly to its row's latent size, spread over the channels
+    and repeated to the row's batch size.
+    """
+    import torch
+
+    parts = []
+    for mask, shape in zip(masks, shapes):
+        batch, channels, height, width = shape
+        if mask is None:
+            parts.append(torch.ones((batch, channels, height, width), dtype=torch.float32))
+            continue
+        mask = mask.float().reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
+        mask = torch.nn.functional.interpolate(mask, size=(height, width), mode="bilinear")
+        parts.append(_repeat_to_batch(mask.expand(-1, channels, -1, -1), batch))
+    return torch.cat(parts)
 
 
 def _repeat_to_batch(tensor: "torch.Tensor", batch_size: int) -> "torch.Tensor":

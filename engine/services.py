@@ -36,7 +36,7 @@ def build_services(settings: Settings, engine: Any = None, dispatcher: Any = Non
         Path(folder).mkdir(parents=True, exist_ok=True)
     engine = engine or Engine(settings)
     ledger = BatchLedger(settings.ledger_path)
-    templates = TemplateLibrary(Path(settings.templates_dir))
+    templates = TemplateLibrary(Path(settings.templates_dir), validate_workflow=engine.validate)
     runner = BatchRunner(engine, ledger, templates, settings, dispatcher=dispatcher)
     queue = BatchQueue(runner)
     return Services(settings, engine, ledger, templates, runner, queue)

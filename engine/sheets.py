@@ -65,6 +65,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Characters Excel and web forms leave around header names (BOM, no-break and zero-width spaces).
 _HEADER_JUNK = "\ufeff\u200b\u200c\u200d\u2060\u00a0 \t\r\n"
 _XML_DECLS = (b"<!doctype", b"<!entity")
+_EXCEL_ERRORS = frozenset({"#NULL!", "#DIV/0!", "#VALUE!", "#REF!", "#NAME?", "#NUM!", "#N/A", "#GETTING_DATA"})
 
 
 @dataclass(frozen=True)
@@ -350,7 +351,7 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
     if len(members) > limits.max_zip_members:
         raise SheetError(f"the workbook has {len(members)} parts; the limit is {limits.max_zip_members}")
     names = {m.filename for m in members}
-    if "xl/workbook.xml" not in names and "[Content_Types].xml" not in names:
+    if not any(name.startswith("xl/") for name in names):
         raise SheetError("the file is a zip archive but not an Excel workbook (no xl/workbook.xml)")
     declared = sum(m.file_size for m in members)
     if declared > limits.max_decompressed_bytes:
@@ -421,6 +422,9 @@ def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[tuple[int,
                 )
             return str(int(value))
         return repr(value)
+    if isinstance(value, str) and value in _EXCEL_ERRORS:
+        problems.append((row, column, f"the cell holds the Excel error {value}; fix the formula in Excel"))
+        return ""
     if isinstance(value, _dt.datetime):
         return value.isoformat(sep=" ")
     if isinstance(value, (_dt.date, _dt.time)):

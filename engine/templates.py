@@ -84,7 +84,13 @@ class RenderLimits:
 
 @dataclass(frozen=True)
 class TemplateField:
-    """One field of a template's schema (a spreadsheet column)."""
+    """One field of a template's schema (a spreadsheet column).
+
+    ``type`` is one of :data:`FIELD_TYPES`. ``min``/``max`` bound ``int``, ``float`` and ``seed`` values
+    (``max`` is the longest text for ``string``). An optional field needs a ``default`` except ``string``/
+    ``text`` (default ""), ``bool`` (false), ``seed`` (derived from the batch seed), ``checkpoint`` (the
+    engine's default checkpoint) and ``image``. ``example`` is what the load-time test render uses.
+    """
 
     name: str
     type: str
@@ -275,9 +281,8 @@ class _TemplateEnvironment(ImmutableSandboxedEnvironment):
                 raise SecurityError("a filter result exceeds the render size limit")
             return result
 
-        for attr in ("jinja_pass_arg",):  # keep pass_context/pass_environment markers
-            if hasattr(original, attr):
-                setattr(checked, attr, getattr(original, attr))
+        if hasattr(original, "jinja_pass_arg"):  # keep the pass_context / pass_environment marker
+            checked.jinja_pass_arg = original.jinja_pass_arg  # type: ignore[attr-defined]
         return checked
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:

@@ -77,9 +77,9 @@ def test_published_sd35_shapes():
 
 def test_unknown_backend_and_size_are_errors():
     with pytest.raises(Fp8Error, match="supported"):
-        run_benchmark("tiny", "cpu", backends=["int4"], out=None)
+        run_benchmark("tiny", "cpu", backends=["int4"], quiet=True)
     with pytest.raises(Fp8Error, match="large, medium, tiny"):
-        run_benchmark("huge", "cpu", out=None)
+        run_benchmark("huge", "cpu", quiet=True)
 
 
 def test_cli_writes_json(tmp_path, capsys):

@@ -297,6 +297,14 @@ def test_xlsx_formula_with_cached_value_uses_the_value(template):
     assert report[2].ok and report[2].values["seed"] == 2
 
 
+def test_xlsx_cached_excel_error_is_a_cell_problem(template):
+    data = xlsx_bytes([["prompt", "seed"], ["cat", "=1/0"]])
+    data = rewrite_member(data, SHEET_XML, lambda xml: re.sub(
+        rb'<c r="B2"([^>]*)><f>1/0</f>(<v\s*/>|<v></v>)?</c>', rb'<c r="B2" t="e"><f>1/0</f><v>#DIV/0!</v></c>', xml))
+    report = report_for(read_sheet(data, "rows.xlsx"), template)
+    assert not report[2].ok and "#DIV/0!" in report[2].problems[0].reason
+
+
 def test_xlsx_chosen_sheet_and_unknown_sheet():
     data = xlsx_bytes([["prompt"], ["first"]], extra_sheets={"Second": [["prompt"], ["second"]]})
     assert read_sheet(data, "rows.xlsx").rows[0].cells["prompt"] == "first"

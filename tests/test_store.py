@@ -192,6 +192,7 @@ def _claim_worker(path, batch_id, worker, start_together, results):
         start_together.wait(timeout=60)
         while (row := ledger.claim_next(batch_id, worker=worker)) is not None:
             claimed.append(row.row_number)
+            time.sleep(0.002)  # the "generation", outside any transaction, as in a real worker
             ledger.complete_row(row.row_key, RECORD, f"/out/{row.row_number}.png", "0" * 64)
         ledger.close()
     except Exception as exc:  # reported to the parent; the test asserts there is none

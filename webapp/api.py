@@ -116,8 +116,6 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
     from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
     from fastapi.responses import FileResponse, StreamingResponse
 
-    from engine.archive import iter_zip_stream
-
     router = APIRouter(prefix="/api", tags=["API"])
     user = Depends(fastapi_dependency(guard))
     admin_models = Depends(fastapi_dependency(guard, ADMIN, "switch_model"))
@@ -243,7 +241,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
     def download_zip(batch_id: str, caller: Any = user) -> Any:
         batch_status(services, batch_id, with_rows=False)
         headers = {"Content-Disposition": f'attachment; filename="{batch_id}.zip"'}
-        return StreamingResponse(iter_zip_stream(services.ledger, batch_id), media_type="application/zip", headers=headers)
+        return StreamingResponse(services.runner.zip_stream(batch_id), media_type="application/zip", headers=headers)
 
     @router.post("/generate", summary="One image from a template and field values (waits for it)")
     async def generate(request: Request, caller: Any = user) -> Any:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from engine.errors import AccessDenied, BatchError, EngineError, SheetError, TemplateError
+from engine.errors import AccessDenied, BatchError, EngineError, SheetError
 from webapp.auth import ADMIN
 from webapp.guard import LOCAL_USER, Caller
 from webapp.i18n import text
@@ -362,6 +362,15 @@ class SingleResult:
     parameters: dict[str, Any]
 
 
+def _prepare_one_row(services: Any, template_name: str, sheet: Any, caller: Caller) -> Any:
+    """Prepare a one-row batch; a row with problems is refused with its reasons (which field, why)."""
+    prepared = services.runner.prepare(template_name, sheet, on_invalid="skip", user=caller.name)
+    row = prepared.rows[0]
+    if row["status"] != "queued":
+        raise BatchError(row["error"] or "the row cannot run", row=row["row_number"])
+    return prepared
+
+
 def generate_single(
     services: Any,
     caller: Caller,
@@ -376,7 +385,7 @@ def generate_single(
     ``on_progress(fraction, description)`` is called while waiting (queue position, then sampler steps).
     """
     sheet = one_row_sheet(values, row_number=2, filename="single-image")
-    prepared = services.runner.prepare(template_name, sheet, on_invalid="stop", user=caller.name)
+    prepared = _prepare_one_row(services, template_name, sheet, caller)
     batch_id = start_batch(services, prepared)
     limit = timeout_s if timeout_s is not None else float(services.settings.row_timeout_s) * 2 + 600
     deadline = time.monotonic() + limit
@@ -486,8 +495,7 @@ def rerun_row(services: Any, caller: Caller, row_key: str) -> str:
     if not template:
         raise BatchError(f"generation {row_key!r} records no template, so it cannot be re-run", row_key=row_key)
     sheet = one_row_sheet(values, row_number=row.row_number, filename=f"rerun-{row_key}")
-    prepared = services.runner.prepare(template, sheet, on_invalid="stop", user=caller.name)
-    return start_batch(services, prepared)
+    return start_batch(services, _prepare_one_row(services, template, sheet, caller))
 
 
 # -------------------------------------------------------------------------------------- template edits

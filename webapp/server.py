@@ -17,18 +17,18 @@ from __future__ import annotations
 import html
 import logging
 import os
-from contextlib import asynccontextmanager
 from collections.abc import Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from engine.errors import AccessDenied
-from engine.settings import Settings
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 
 from engine.archive import iter_zip_stream
+from engine.errors import AccessDenied
+from engine.settings import Settings
 from webapp.auth import TokenIssuer, User, UserStore, load_users
 from webapp.files import resolve_inside
 from webapp.i18n import gradio_i18n, language_of_request, text

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import html
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -124,14 +123,15 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             with gr.Tab(L("tab.batch"), id="batch"):
                 with gr.Row():
                     with gr.Column(scale=2):
-                        batch_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"))
+                        batch_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"),
+                                                     elem_id="batch-template")
                         batch_template_desc = gr.Markdown()
                         batch_template_image = gr.Image(label=L("template.example"), interactive=False,
                                                         visible=False, height=220)
                         batch_fields = gr.Dataframe(label=L("template.fields"), interactive=False, wrap=True,
                                                     max_height=300)
                     with gr.Column(scale=3):
-                        sheet_file = gr.File(label=L("batch.upload"), type="filepath",
+                        sheet_file = gr.File(label=L("batch.upload"), type="filepath", elem_id="sheet-file",
                                              file_types=[".csv", ".tsv", ".txt", ".xlsx", ".xlsm"])
                         with gr.Row():
                             on_invalid = gr.Radio(
@@ -142,7 +142,8 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                         report_summary = gr.Markdown()
                         report_table = gr.Dataframe(label=L("batch.report"), interactive=False, wrap=True,
                                                     visible=False, max_height=320, elem_id="validation-report")
-                        start_button = gr.Button(L("batch.start"), variant="primary", interactive=False)
+                        start_button = gr.Button(L("batch.start"), variant="primary", interactive=False,
+                                                 elem_id="start-batch")
                 prepared_state = gr.State(None)
 
                 with gr.Group():
@@ -207,7 +208,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                     history_status = gr.Dropdown(choices=statuses, value="", label=L("history.status"), scale=1)
                     history_from = gr.Textbox(label=L("history.date_from"), scale=1)
                     history_to = gr.Textbox(label=L("history.date_to"), scale=1)
-                history_search = gr.Button(L("history.search"), variant="primary")
+                history_search = gr.Button(L("history.search"), variant="primary", elem_id="history-search")
                 history_table = gr.Dataframe(label=L("history.results"), interactive=False, wrap=True,
                                              max_height=360, elem_id="history-table")
                 history_hint = gr.Markdown()
@@ -246,7 +247,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                     gr.Markdown(L("system.switch"))
                     with gr.Row():
                         model_pick = gr.Dropdown(choices=[], label=L("system.switch_to"), scale=4)
-                        switch_button = gr.Button(L("system.switch_button"), scale=1)
+                        switch_button = gr.Button(L("system.switch_button"), scale=1, elem_id="switch-model")
 
         # ================================================================================ wiring
 

@@ -152,7 +152,7 @@ class Fp8Linear(nn.Module):
             weight=fp8,
             weight_scale=scale,
             bias=None if linear.bias is None else linear.bias.detach(),
-            input_scale=None if input_scale is None else input_scale.detach().to(torch.float32).reshape(()),
+            input_scale=None if input_scale is None else input_scale.detach().to(fp8.device, torch.float32).reshape(()),
             backend=backend,
             compute_dtype=dtype,
         )
@@ -193,7 +193,7 @@ class Fp8Linear(nn.Module):
             weight=weight,
             weight_scale=scale,
             bias=bias,
-            input_scale=None if input_scale is None else input_scale.detach().to(torch.float32).reshape(()),
+            input_scale=None if input_scale is None else input_scale.detach().to(weight.device, torch.float32).reshape(()),
             backend=backend,
             compute_dtype=compute_dtype,
         )

@@ -21,6 +21,8 @@ from engine.errors import ModelLoadError
 from engine.models.resolve import ModelResolver, ResolvedModel
 
 if TYPE_CHECKING:
+    from engine.controlnet import ControlNetHandle
+    from engine.lora import LoraWeights
     from engine.nodes.types import ClipHandle, ModelHandle, VaeHandle
 
 UNET_WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
@@ -138,6 +140,16 @@ class ModelCache:
         """VAELoader: a VAE file (LDM or diffusers key names) or a diffusers VAE folder."""
         ref = self.resolver.resolve("vae", name)
         return self._get(("vae", ref.key), "vae", name, lambda: self._load_vae(ref))
+
+    def lora(self, name: str) -> "LoraWeights":
+        """LoraLoader: a LoRA file from models/loras, parsed once; applied per run, never merged in."""
+        ref = self.resolver.resolve("loras", name)
+        return self._get(("lora", ref.key), "lora", name, lambda: self._load_lora(ref))
+
+    def controlnet(self, name: str) -> "ControlNetHandle":
+        """ControlNetLoader: an SD3 ControlNet from models/controlnet (single file or diffusers folder)."""
+        ref = self.resolver.resolve("controlnet", name)
+        return self._get(("controlnet", ref.key), "controlnet", name, lambda: self._load_controlnet(ref))
 
     def loaded(self) -> list[dict[str, Any]]:
         """One dict per resident entry: name, kind, bytes, device, precision, load_seconds, sha256."""
@@ -302,6 +314,21 @@ class ModelCache:
         vae = replace(vae, name=ref.name, sha256=sha)
         return vae, _dtype_name(vae.dtype), sha
 
+    def _load_lora(self, ref: ResolvedModel):
+        from engine.lora import load_lora_file
+
+        if ref.source != "file":
+            raise ModelLoadError(f"LoRA '{ref.name}' is a folder; LoRAs load from single files", name=ref.name)
+        sha = self._sha(ref)
+        return load_lora_file(ref.path, name=ref.name, sha256=sha), "lora", sha
+
+    def _load_controlnet(self, ref: ResolvedModel):
+        from engine.controlnet import load_controlnet
+
+        sha = self._sha(ref)
+        handle = load_controlnet(ref.path, ref.name, self.device, self.dtype, sha256=sha)
+        return handle, _dtype_name(self.dtype), sha
+
     # -- hash cache on disk ---------------------------------------------------------------------------
 
     def _read_hash_cache(self) -> None:
@@ -350,7 +377,7 @@ def _modules_of(value: Any) -> tuple[Any, ...]:
     for handle in values:
         if handle is None:
             continue
-        for attr in ("transformer", "vae", "text_encoder_l", "text_encoder_g", "text_encoder_t5"):
+        for attr in ("transformer", "vae", "text_encoder_l", "text_encoder_g", "text_encoder_t5", "controlnet"):
             module = getattr(handle, attr, None)
             if module is not None:
                 modules.append(module)

@@ -12,9 +12,13 @@ from engine.nodes.image import IMAGE_NODES
 from engine.nodes.latent import LATENT_NODES
 from engine.nodes.loaders import LOADER_NODES
 from engine.nodes.sampling import SAMPLING_NODES
+from engine.nodes.controlnet import CONTROLNET_NODES
+from engine.nodes.image_input import IMAGE_INPUT_NODES
+from engine.nodes.lora import LORA_NODES
 
 BUILTIN_NODES: tuple[type[NodeType], ...] = (
     *LOADER_NODES, *CONDITIONING_NODES, *LATENT_NODES, *SAMPLING_NODES, *IMAGE_NODES,
+    *LORA_NODES, *CONTROLNET_NODES, *IMAGE_INPUT_NODES,
 )
 
 __all__ = ["BUILTIN_NODES", "Input", "NodeRegistry", "NodeType", "Output", "default_registry"]

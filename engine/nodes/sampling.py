@@ -9,6 +9,7 @@ is the one it gets alone.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -243,8 +244,8 @@ def _sample_group(ctx: "NodeContext", jobs: list[SamplingJob]) -> list[dict[str,
     import torch
 
     from engine.sampling import (
-        ANCESTRAL_SAMPLERS, AncestralNoise, FlowSchedule, GuidedDenoiser, RowConditioning, ksampler_sigmas,
-        run_sampler, seeded_noise, trim_sigmas,
+        ANCESTRAL_SAMPLERS, AncestralNoise, FlowSchedule, GuidedDenoiser, InpaintDenoiser, RowConditioning,
+        ksampler_sigmas, noise_mask_batch, run_sampler, seeded_noise, trim_sigmas,
     )
 
     first = jobs[0]
@@ -275,15 +276,23 @@ def _sample_group(ctx: "NodeContext", jobs: list[SamplingJob]) -> list[dict[str,
         _check_conditioning_fits(ctx, model, job.negative, "negative")
     rows = [RowConditioning(job.positive, job.negative, s.shape[0]) for job, s in zip(jobs, samples)]
     denoiser = GuidedDenoiser(model, rows, first.cfg, schedule)
+    masks = [job.latent.get("noise_mask") for job in jobs]
+    if any(mask is not None for mask in masks):  # inpainting: only the masked region changes
+        mask = noise_mask_batch(masks, [s.shape for s in samples]).to(device)
+        denoiser = InpaintDenoiser(denoiser, mask, latent, noise)
     total = len(sigmas) - 1
 
     def after_step(i: int) -> None:
         ctx.progress("step", i + 1, total)
 
-    out = run_sampler(
-        first.sampler, denoiser, noise, latent, sigmas, ancestral,
-        before_step=lambda i: ctx.check_interrupt(), after_step=after_step,
-    )
+    # LoRA patches go onto the resident transformer for this run only and always come off again.
+    with contextlib.ExitStack() as patches:
+        for patch in model.patches:
+            patches.enter_context(patch.applied(model.transformer))
+        out = run_sampler(
+            first.sampler, denoiser, noise, latent, sigmas, ancestral,
+            before_step=lambda i: ctx.check_interrupt(), after_step=after_step,
+        )
     out = out.float().cpu()
     results = []
     start = 0
