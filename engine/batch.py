@@ -513,7 +513,7 @@ class BatchRunner:
         row = {"row_number": 1, "values": values, "workflow": api, "status": QUEUED, "error": None}
         sheet = Sheet(columns=[], rows=[], filename=kind)
         digest = hashlib.sha256(json.dumps(api, sort_keys=True).encode()).hexdigest()
-        template = _WorkflowTemplate(name=f"({kind})", hash=digest, filename_pattern=f"{kind}_{{row}}")
+        template = _WorkflowTemplate(name=f"({kind})", content_hash=digest, filename_pattern=f"{kind}_{{row}}")
         return PreparedBatch(batch_id, template, sheet, ValidationReport(rows=[], missing_columns=[], unknown_columns=[]), 0, digest, [row], user)
 
     def find_unfinished(self, template_name: str, sheet: Sheet) -> str | None:
@@ -619,26 +619,30 @@ class BatchRunner:
         self.ledger.set_batch_status(batch_id, "running")
         emit("batch_started")
         last_finish = time.perf_counter()
-        with log_context(batch_id=batch_id):
+        with log_context(batch_id=batch_id, user=batch.get("user")):
+            log.info("batch started: %d row(s) to run", len(jobs))
             for result in self.dispatcher.run(jobs, on_progress, cancelled):
                 job = by_key.get(result.row_key)
                 if job is None:
                     continue  # a late or repeated result for a row we no longer wait for
-                now = time.perf_counter()
-                durations.append(now - last_finish)
-                last_finish = now
-                stored = self._store_result(job, result, names, out_dir)
-                if stored is None:
-                    continue  # the ledger already had it done: a duplicate delivery
-                remaining -= 1
-                if result.status == DONE:
-                    counts[DONE] += 1
-                    emit("row_done", row_number=job.row_number, image_path=str(stored[0]) if stored else None)
-                else:
-                    counts[FAILED] += result.status in {FAILED, TIMED_OUT}
-                    emit("row_failed", row_number=job.row_number, error=result.error)
-                if self.on_result is not None:
-                    self.on_result(result)
+                with log_context(row=job.row_number):
+                    now = time.perf_counter()
+                    durations.append(now - last_finish)
+                    last_finish = now
+                    stored = self._store_result(job, result, names, out_dir)
+                    if stored is None:
+                        continue  # the ledger already had it done: a duplicate delivery
+                    remaining -= 1
+                    log.info("row %s", result.status, extra={"error": result.error} if result.error else None)
+                    if result.status == DONE:
+                        counts[DONE] += 1
+                        emit("row_done", row_number=job.row_number, image_path=str(stored[0]) if stored else None)
+                    else:
+                        counts[FAILED] += result.status in {FAILED, TIMED_OUT}
+                        emit("row_failed", row_number=job.row_number, error=result.error)
+                    if self.on_result is not None:
+                        self.on_result(result)
+            log.info("batch ended: %d done, %d failed", counts[DONE], counts[FAILED])
         summary = self.summary(batch_id, time.perf_counter() - started)
         self.ledger.set_batch_status(batch_id, "cancelled" if summary.cancelled or cancelled() else "finished")
         emit("batch_done")
@@ -755,7 +759,7 @@ class _WorkflowTemplate:
     """Stands in for a template in batches made from a ready workflow: recorded name, hash, file names."""
 
     name: str
-    hash: str
+    content_hash: str
     filename_pattern: str
 
 

@@ -36,6 +36,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -129,6 +130,7 @@ class WorkerAnnouncement:
     queues: list[str]
     pid: int
     host: str
+    instance: str = ""  # differs on every start, so a restarted worker with the same name is told apart
     task_id: str | None = None  # the row it runs right now
     task_started: float | None = None  # wall clock
     seen: float = field(default_factory=time.time)
@@ -188,6 +190,7 @@ class RowWorker:
         self._task_deadline: float | None = None  # monotonic; the watchdog stops the process after it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.instance = uuid.uuid4().hex[:12]
 
     # heartbeat + watchdog ------------------------------------------------------------------------
 
@@ -206,7 +209,7 @@ class RowWorker:
     def beat(self) -> None:
         with self._lock:
             announcement = WorkerAnnouncement(
-                self.name, self.models, self.queues, os.getpid(), socket.gethostname(),
+                self.name, self.models, self.queues, os.getpid(), socket.gethostname(), self.instance,
                 self._task_id, self._task_started,
             )
         ttl_ms = int(self.heartbeat_s * 3 * 1000)
@@ -245,6 +248,7 @@ class RowWorker:
             self._task_deadline = time.monotonic() + job.deadline_s + self.deadline_margin_s
         try:
             self._safe_beat()
+            self._report(task, {})  # names this process as the one running the row
             self._apply_test_fault(job)
             last_step = [0.0]
 
@@ -255,11 +259,7 @@ class RowWorker:
                 if event.value < event.maximum and now - last_step[0] < 0.2:
                     return  # fewer writes to Redis on fast steps; the last step always goes out
                 last_step[0] = now
-                meta = {"step": event.value, "steps": event.maximum, "worker": self.name}
-                try:
-                    task.update_state(state="PROGRESS", meta=meta)
-                except Exception as exc:  # progress is best effort; the row goes on
-                    log.warning("progress report failed: %s", exc)
+                self._report(task, {"step": event.value, "steps": event.maximum})
 
             cancel_key = CANCEL_KEY_PREFIX + job.batch_id
             checked = [0.0, False]
@@ -278,6 +278,13 @@ class RowWorker:
             with self._lock:
                 self._task_id = self._task_started = self._task_deadline = None
             self._safe_beat()
+
+    def _report(self, task: Any, progress: dict[str, Any]) -> None:
+        meta = {"worker": self.name, "instance": self.instance, **progress}
+        try:
+            task.update_state(state="PROGRESS", meta=meta)
+        except Exception as exc:  # progress is best effort; the row goes on
+            log.warning("progress report failed: %s", exc)
 
     def _apply_test_fault(self, job: RowJob) -> None:
         fault = self.test_faults.get(job.row_key)
@@ -371,6 +378,7 @@ class _Flight:
     task_ids: list[str]  # every attempt sent; the first result of any of them counts
     sent_at: float
     worker: str | None = None
+    instance: str | None = None
     started_at: float | None = None  # monotonic, when the dispatcher first saw it started
     missing_since: float | None = None  # monotonic, when its worker's heartbeat was first missed
     losses: int = 0  # attempts whose worker died or hung
@@ -507,7 +515,7 @@ class CeleryDispatcher:
         if task_id not in flight.task_ids:
             flight.task_ids.append(task_id)
         flight.sent_at = time.monotonic()
-        flight.worker = flight.started_at = flight.missing_since = None
+        flight.worker = flight.instance = flight.started_at = flight.missing_since = None
         flight.step = -1
 
     def _queue_for(self, checkpoint: str, live: dict[str, WorkerAnnouncement]) -> str:
@@ -564,6 +572,8 @@ class CeleryDispatcher:
             flight.started_at = time.monotonic()
         if worker:
             flight.worker = worker
+        if info.get("instance"):
+            flight.instance = info["instance"]
         step, steps = info.get("step"), info.get("steps")
         if on_event is None or step is None or step == flight.step:
             return
@@ -577,7 +587,8 @@ class CeleryDispatcher:
         now = time.monotonic()
         reason = None
         if flight.worker is not None and flight.started_at is not None:
-            if flight.worker in live:
+            holder = live.get(flight.worker)
+            if holder is not None and (flight.instance is None or holder.instance == flight.instance):
                 flight.missing_since = None
             elif flight.missing_since is None:
                 flight.missing_since = now

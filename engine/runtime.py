@@ -252,36 +252,37 @@ class Engine:
         )
 
 
-def build_model_cache(settings: Settings) -> "ModelCache":
-    """The model cache the settings describe: device, compute dtype, models folder, sha256 memo file."""
+def build_model_cache(settings: Settings, *, use_sidecars: bool = True) -> "ModelCache":
+    """The model cache the settings describe: device, compute dtype, models folder, sha256 memo file,
+    and the precision policy (FP8 quantization, calibrated scales, compile) applied to every transformer.
+
+    ``precision``: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16, fp32, or fp8 (FP8 weights; FP8
+    compute where the device can, else weight_only with a logged message). ``use_sidecars=False``
+    ignores calibrated activation scales (calibration loads that way).
+    """
     import torch
 
+    from engine.fp8.policy import PRECISIONS, PrecisionPolicy
     from engine.models.cache import ModelCache
     from engine.models.resolve import ModelResolver
 
     precision = settings.precision
-    if precision == "auto":
-        dtype = None  # bf16 on CUDA, fp32 on the CPU
-    elif precision in PRECISION_DTYPES:
-        dtype = getattr(torch, PRECISION_DTYPES[precision])
-    elif precision == "fp8":
+    if precision not in PRECISIONS:
         raise ModelLoadError(
-            "precision 'fp8' needs the FP8 module wired into the model cache; supported here: auto, bf16, fp16, fp32",
+            f"unknown precision {precision!r}; supported: {', '.join(PRECISIONS)}",
             precision=precision,
-            supported=["auto", *PRECISION_DTYPES],
+            supported=list(PRECISIONS),
         )
-    else:
-        raise ModelLoadError(
-            f"unknown precision {precision!r}; supported: auto, bf16, fp16, fp32, fp8",
-            precision=precision,
-            supported=["auto", *PRECISION_DTYPES, "fp8"],
-        )
+    # fp8 computes in the automatic dtype: FP8 only replaces the weights of the quantized linears.
+    dtype = getattr(torch, PRECISION_DTYPES[precision]) if precision in PRECISION_DTYPES else None
+    policy = PrecisionPolicy.from_settings(settings, use_sidecars=use_sidecars)
     resolver = ModelResolver(settings.models_dir)
     return ModelCache(
         resolver,
         device=settings.device,
         dtype=dtype,
         hash_cache_path=Path(settings.data_path) / "model_hashes.json",
+        transformer_postprocess=policy,
     )
 
 

@@ -14,7 +14,12 @@ Typical use (the model layer does this when a checkpoint loads)::
 ComfyUI ``*_fp8_scaled.safetensors`` files load straight into FP8 layers with
 ``load_fp8_scaled_into(transformer, convert_sd3_fp8_scaled_to_diffusers(raw_state_dict))``
 (or ``load_fp8_scaled_file``); ``save_fp8_scaled`` writes one. Calibration: ``calibrate`` +
-``save_sidecar``/``load_sidecar``. Every failure raises :class:`engine.errors.Fp8Error`.
+``save_sidecar``/``load_sidecar``; ``calibrate_checkpoint`` is the whole ``python app.py calibrate`` job.
+
+The model cache applies all of this through :class:`PrecisionPolicy` (its ``transformer_postprocess``),
+built from the settings by ``engine.runtime.build_model_cache``; the precision string it returns
+(``fp8_e4m3fn/scaled_mm/static``, ``fp8_e4m3fn/weight_only``, ``bf16``...) is recorded with every
+generation. Every failure raises :class:`engine.errors.Fp8Error`.
 
 This package imports torch; only the execution path imports it.
 """
@@ -32,6 +37,8 @@ from engine.fp8.calibrate import (
     DEFAULT_PROMPTS_PATH,
     CalibrationResult,
     calibrate,
+    calibrate_checkpoint,
+    calibration_workflow,
     load_calibration_prompts,
     make_prompt_runner,
 )
@@ -43,6 +50,13 @@ from engine.fp8.checkpoint import (
     save_fp8_scaled,
 )
 from engine.fp8.linear import BACKENDS, E4M3_MAX, FP8_DTYPE, Fp8Linear, quantize_weight
+from engine.fp8.policy import (
+    PRECISIONS,
+    PrecisionPolicy,
+    check_precision_settings,
+    fp8_precision_string,
+    sidecar_location,
+)
 from engine.fp8.quantize import (
     DEFAULT_KEEP_BF16,
     DEFAULT_TEXT_ENCODER_KEEP,
@@ -88,8 +102,16 @@ __all__ = [
     "transformer_engine_available",
     "compile_blocks",
     "uncompile_blocks",
+    # precision policy (the model cache's hook)
+    "PRECISIONS",
+    "PrecisionPolicy",
+    "check_precision_settings",
+    "fp8_precision_string",
+    "sidecar_location",
     # calibration and sidecars
     "calibrate",
+    "calibrate_checkpoint",
+    "calibration_workflow",
     "CalibrationResult",
     "make_prompt_runner",
     "load_calibration_prompts",

@@ -4,6 +4,9 @@
 sampler steps per prompt, and turns the largest input magnitude each layer saw into its input
 scale (``amax / 448``). The caller owns the sampling: ``run_forward(prompt)`` may be anything that
 pushes the prompt through the transformer (:func:`make_prompt_runner` adapts an engine callable).
+
+:func:`calibrate_checkpoint` is the whole job behind ``python app.py calibrate``: load a checkpoint
+through the engine, sample every prompt with the real nodes, write the sidecar tied to its sha256.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +22,9 @@ from torch import nn
 from engine.errors import Fp8Error
 from engine.fp8.linear import Fp8Linear, import_transformer_engine, scale_from_amax, transformer_engine_recipe
 from engine.fp8.quantize import DEFAULT_KEEP_BF16, quantizable_linears
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
 
 DEFAULT_PROMPTS_PATH = Path(__file__).with_name("calibration_prompts.txt")
 
@@ -135,3 +141,96 @@ def _te_calibration_context(te_layers: list) -> contextlib.AbstractContextManage
         return contextlib.nullcontext()
     te = import_transformer_engine()
     return te.fp8_autocast(enabled=False, calibrating=True, fp8_recipe=transformer_engine_recipe())
+
+
+def calibration_workflow(
+    checkpoint: str, prompt: str, *, steps: int, seed: int, size: int, cfg: float = 4.0
+) -> dict[str, Any]:
+    """The API workflow sampled per calibration prompt: SD3.5's basic text-to-image graph, previewed."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "sgm_uniform",
+                "denoise": 1.0,
+            },
+        },
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+
+
+def calibrate_checkpoint(
+    settings: "Settings",
+    checkpoint: str | None = None,
+    prompts_file: str | Path | None = None,
+    steps: int = 4,
+    size: int = 512,
+    *,
+    seed: int = 0,
+    cfg: float = 4.0,
+    margin: float = 1.0,
+    progress: bool = True,
+) -> Path:
+    """Calibrate the FP8 activation scales of ``checkpoint`` (default: the default checkpoint).
+
+    The checkpoint loads through the engine's model cache in high precision (``precision=fp8`` counts
+    as ``auto`` here, and existing sidecars are ignored), each prompt (the shipped set, or one a line
+    from ``prompts_file``) is sampled for ``steps`` steps at ``size`` x ``size`` with the real nodes,
+    and the per-layer input maxima become the sidecar: beside the checkpoint file, or under
+    ``<data_dir>/fp8/`` for the built-in demo, tied to the checkpoint's sha256. Returns its path;
+    the next FP8 load of that checkpoint applies the scales.
+    """
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from engine.fp8.policy import sidecar_location
+    from engine.fp8.sidecar import checkpoint_sha256, save_sidecar
+    from engine.runtime import Engine, build_model_cache
+
+    if steps < 1:
+        raise Fp8Error(f"calibration needs at least one sampler step, got {steps}", steps=steps)
+    name = checkpoint or settings.default_checkpoint
+    prompts = load_calibration_prompts(prompts_file)
+    calibration_settings = dataclasses.replace(
+        settings, precision="auto" if settings.precision == "fp8" else settings.precision, compile=False
+    )
+    engine = Engine(calibration_settings, models=build_model_cache(calibration_settings, use_sidecars=False))
+    ref = engine.models.resolver.resolve("checkpoints", name)
+    model, clip, vae = engine.models.checkpoint(name)
+    if clip is None or vae is None:
+        raise Fp8Error(
+            f"checkpoint '{name}' has no text encoders or no VAE; calibration samples whole images from one "
+            "checkpoint (CheckpointLoaderSimple), so it needs a checkpoint that holds them",
+            checkpoint=name,
+        )
+    sha = model.sha256 or checkpoint_sha256(ref.path)
+    temp_dir = Path(settings.data_dir) / "temp"
+
+    with tqdm(total=len(prompts), unit="prompt", desc=f"calibrating {name}", disable=not progress) as bar:
+
+        def generate(prompt: str, steps: int, seed: int) -> None:
+            workflow = calibration_workflow(name, prompt, steps=steps, seed=seed, size=size, cfg=cfg)
+            result = engine.run(workflow, output_dir=temp_dir)
+            for image in result.images:  # previews only: the activations were the point
+                Path(image.path).unlink(missing_ok=True)
+            bar.update(1)
+
+        result = calibrate(model.transformer, make_prompt_runner(generate, steps=steps, seed=seed), prompts, margin=margin)
+    target = sidecar_location(ref.name, ref.path, settings.data_dir)
+    path = save_sidecar(
+        target,
+        result.scales,
+        sha,
+        extra_metadata={"checkpoint": name, "prompts": len(prompts), "steps": steps, "size": size,
+                        "uncovered": len(result.uncovered)},
+    )
+    if progress:
+        tqdm.write(result.summary())
+    return path

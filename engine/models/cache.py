@@ -35,7 +35,9 @@ class LoadedTransformer:
 
     ``fp8_state`` maps module names (diffusers naming, e.g. ``transformer_blocks.0.attn.to_q``) to the
     checkpoint's own FP8 tensors: ``{"weight": float8 tensor, "scale_weight": tensor, "scale_input":
-    tensor | None}``; empty when the file was not FP8-scaled.
+    tensor | None}``; empty when the file was not FP8-scaled. With a postprocess hook the cache loads
+    such files straight into FP8 layers, and these tensors are those layers' own (no copy).
+    ``sha256`` is the checkpoint's hash (None for a diffusers folder); ``path`` is None for the demo.
     """
 
     transformer: Any
@@ -44,6 +46,7 @@ class LoadedTransformer:
     weight_dtype: str
     precision: str
     fp8_state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sha256: str | None = None
 
 
 @dataclass
@@ -64,7 +67,9 @@ class ModelCache:
     ``device="auto"`` is CUDA when available, else the CPU; ``dtype`` defaults to bf16 on CUDA and float32
     on the CPU. ``hash_cache_path``: a JSON file remembering file sha256 per (path, size, mtime) across
     processes (in memory only when None). ``transformer_postprocess`` is applied to every freshly loaded
-    transformer (the FP8 module's hook) and returns a :class:`LoadedTransformer`.
+    transformer (the FP8 module's hook, :class:`engine.fp8.policy.PrecisionPolicy`) and returns a
+    :class:`LoadedTransformer`; with it, ComfyUI ``*_fp8_scaled`` files load straight into FP8 layers
+    (no float copy of their weights), without it they are dequantized into the compute dtype.
     """
 
     def __init__(
@@ -241,11 +246,18 @@ class ModelCache:
             return self.file_sha256(ref.path)
         return None  # diffusers folders have no single file to hash
 
+    @property
+    def _keep_fp8(self) -> bool:
+        # FP8 layers need the FP8 module's hook to pick their backend; without it, dequantize.
+        return self.transformer_postprocess is not None
+
     def _postprocess(self, handle: "ModelHandle", ref: ResolvedModel, weight_dtype: str, fp8_state: dict) -> "ModelHandle":
         if self.transformer_postprocess is None:
             return handle
         result = self.transformer_postprocess(
-            LoadedTransformer(handle.transformer, ref.name, ref.path, weight_dtype, handle.precision, fp8_state)
+            LoadedTransformer(
+                handle.transformer, ref.name, ref.path, weight_dtype, handle.precision, fp8_state, handle.sha256
+            )
         )
         return replace(handle, transformer=result.transformer, precision=result.precision)
 
@@ -260,7 +272,8 @@ class ModelCache:
             model, clip, vae = demo_handles(device=self.device, dtype=self.dtype)
         elif ref.source == "file":
             model, clip, vae = ckpt.load_checkpoint(
-                ref.path, self.device, self.dtype, fp8_state=fp8_state, tokenizer_dirs=self.resolver.tokenizer_dirs()
+                ref.path, self.device, self.dtype, fp8_state=fp8_state, tokenizer_dirs=self.resolver.tokenizer_dirs(),
+                keep_fp8=self._keep_fp8,
             )
         else:
             model, clip, vae = ckpt.load_diffusers_folder(ref.path, self.device, self.dtype)
@@ -280,7 +293,9 @@ class ModelCache:
 
             model = demo_handles(device=self.device, dtype=self.dtype)[0]
         elif ref.source == "file":
-            model = ckpt.load_diffusion_model(ref.path, self.device, self.dtype, fp8_state=fp8_state)
+            model = ckpt.load_diffusion_model(
+                ref.path, self.device, self.dtype, fp8_state=fp8_state, keep_fp8=self._keep_fp8
+            )
         else:
             model = ckpt.load_diffusers_folder(ref.path, self.device, self.dtype)[0]
         model = replace(model, name=ref.name, sha256=sha)

@@ -16,8 +16,10 @@ count and activation) default to the real models' values; files this module writ
 ``engine.config`` metadata entry. Writing is the exact inverse of that conversion.
 
 ComfyUI's ``*_fp8_scaled`` files (float8 weights with ``scale_weight``/``weight_scale`` and a
-``scaled_fp8`` marker) are dequantized into the compute dtype; pass ``fp8_state={}`` to also receive the
-original FP8 tensors and scales, keyed by diffusers module name, for the FP8 module.
+``scaled_fp8`` marker) are dequantized into the compute dtype by default; pass ``fp8_state={}`` to also
+receive the original FP8 tensors and scales, keyed by diffusers module name. With ``keep_fp8=True`` the
+transformer is built without weights and its FP8 weights go straight into ``engine.fp8.Fp8Linear``
+layers (``weight_only`` backend, no float copy); the model cache does this when the FP8 module is on.
 """
 
 from __future__ import annotations
@@ -268,9 +270,23 @@ def checkpoint_state_dict(
         if module is None:
             continue
         prefix = TEXT_ENCODER_PREFIX.format(role=role)
-        for k, v in module.state_dict().items():
+        for k, v in _without_tied(module.state_dict()).items():
             out[prefix + k] = v
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _without_tied(state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """``state`` without the later names of tied tensors (T5's ``encoder.embed_tokens.weight`` is
+    ``shared.weight``): safetensors refuses shared storage, and the loader ties them again."""
+    seen: set[tuple[int, tuple[int, ...], Any]] = set()
+    out: dict[str, Any] = {}
+    for key, tensor in state.items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        out[key] = tensor
+    return out
 
 
 def checkpoint_metadata(transformer: Any = None, vae: Any = None, clip_l: Any = None, clip_g: Any = None) -> dict[str, str]:
@@ -373,8 +389,12 @@ def load_checkpoint(
     dtype: "torch.dtype | None" = None,
     fp8_state: dict[str, dict[str, Any]] | None = None,
     tokenizer_dirs: Sequence[Path] = (),
+    keep_fp8: bool = False,
 ) -> tuple["ModelHandle", "ClipHandle | None", "VaeHandle | None"]:
-    """Load a single-file checkpoint: (MODEL, CLIP or None, VAE or None) for the parts present."""
+    """Load a single-file checkpoint: (MODEL, CLIP or None, VAE or None) for the parts present.
+
+    ``keep_fp8``: an fp8_scaled transformer keeps its FP8 weights in FP8 layers (see the module docstring).
+    """
     import torch
 
     dtype = dtype or torch.float32
@@ -386,7 +406,9 @@ def load_checkpoint(
             path=str(f.path),
         )
     config = f.config()
-    transformer = _build_transformer(f.part(TRANSFORMER_PREFIX), device, dtype, config, fp8_state, f.path)
+    transformer = _build_transformer(
+        f.part(TRANSFORMER_PREFIX), device, dtype, config, fp8_state, f.path, keep_fp8=keep_fp8, metadata=f.metadata
+    )
     vae_prefix = next((p for p in VAE_PREFIXES if f.has_prefix(p + "decoder.")), None)
     vae = _build_vae_ldm(f.part(vae_prefix), device, dtype, config.get("vae", {}), f.path) if vae_prefix else None
     parts = {}
@@ -417,8 +439,12 @@ def load_diffusion_model(
     device: str = "cpu",
     dtype: "torch.dtype | None" = None,
     fp8_state: dict[str, dict[str, Any]] | None = None,
+    keep_fp8: bool = False,
 ) -> "ModelHandle":
-    """UNETLoader: the transformer of a file with original keys (prefixed or bare) or diffusers keys."""
+    """UNETLoader: the transformer of a file with original keys (prefixed or bare) or diffusers keys.
+
+    ``keep_fp8``: an fp8_scaled file keeps its FP8 weights in FP8 layers (see the module docstring).
+    """
     import torch
 
     dtype = dtype or torch.float32
@@ -427,7 +453,9 @@ def load_diffusion_model(
     state = f.part(prefix)
     if not any(k.startswith(("joint_blocks.", "transformer_blocks.")) for k in state):
         raise ModelLoadError(f"'{f.path.name}' holds no SD3 transformer", path=str(f.path))
-    transformer = _build_transformer(state, device, dtype, f.config(), fp8_state, f.path)
+    transformer = _build_transformer(
+        state, device, dtype, f.config(), fp8_state, f.path, keep_fp8=keep_fp8, metadata=f.metadata
+    )
     return model_handle(transformer, f.path.name, device, is_demo=f.is_demo(), path=f.path)
 
 
@@ -611,12 +639,15 @@ def load_diffusers_vae(path: str | os.PathLike[str], device: str = "cpu", dtype:
 # module construction
 
 
-def _build_transformer(state, device, dtype, config_meta, fp8_state, path: Path):
+def _build_transformer(state, device, dtype, config_meta, fp8_state, path: Path, keep_fp8: bool = False,
+                       metadata: dict[str, str] | None = None):
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
     original = not any(k.startswith("transformer_blocks.") for k in state)
     quantized = _fp8_weight_keys(state)
+    if quantized and keep_fp8:
+        return _build_fp8_transformer(state, device, dtype, config_meta, fp8_state, path, original, metadata or {})
     if quantized:
         if fp8_state is not None:
             fp8_state.update(_fp8_state(state, quantized, original))
@@ -630,6 +661,43 @@ def _build_transformer(state, device, dtype, config_meta, fp8_state, path: Path)
     with _empty_weights():
         module = SD3Transformer2DModel(**config)
     return _load_into(module, state, device, dtype, path, "transformer")
+
+
+def _build_fp8_transformer(state, device, dtype, config_meta, fp8_state, path: Path, original: bool,
+                           metadata: dict[str, str]):
+    """An fp8_scaled transformer built without weights, its FP8 weights wrapped as they are in
+    ``Fp8Linear`` layers (``weight_only``; the FP8 module's policy picks the backend afterwards)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from engine.errors import Fp8Error
+    from engine.fp8 import convert_sd3_fp8_scaled_to_diffusers, fp8_layers, load_fp8_scaled_into
+
+    try:
+        # Renaming splits fused qkv weights as FP8 (byte views), never through a float copy.
+        diffusers_state = convert_sd3_fp8_scaled_to_diffusers(state) if original else dict(state)
+    except (KeyError, IndexError, RuntimeError) as exc:
+        raise ModelLoadError(f"'{path.name}': not an SD3 MMDiT state dict ({exc})", path=str(path)) from exc
+    config = infer_transformer_config(diffusers_state, config_meta.get("transformer", {}))
+    with _empty_weights():
+        module = SD3Transformer2DModel(**config)
+    try:
+        report = load_fp8_scaled_into(module, diffusers_state, backend="weight_only", compute_dtype=dtype,
+                                      metadata=metadata)
+    except Fp8Error as exc:
+        details = {k: v for k, v in exc.details.items() if k != "path"}
+        raise ModelLoadError(f"'{path.name}': {exc.message}", path=str(path), **details) from exc
+    for note in report.notes:
+        log.info("'%s': %s", path.name, note)
+    module.eval().requires_grad_(False)
+    module = module.to(device=torch.device(device))
+    if fp8_state is not None:
+        fp8_state.update({
+            name: {"weight": layer.weight, "scale_weight": layer.weight_scale, "scale_input": layer.input_scale,
+                   "source": name}
+            for name, layer in fp8_layers(module).items()
+        })
+    return module
 
 
 def infer_transformer_config(state: dict[str, "torch.Tensor"], extras: dict[str, Any] | None = None) -> dict[str, Any]:

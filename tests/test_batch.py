@@ -1,0 +1,335 @@
+"""The production line: a template over a spreadsheet on the tiny demo model, with every fault the
+batch must survive (bad rows, timeouts, out of memory, NaN output, cancel, kill -9 and resume)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.errors import BatchError, BatchMismatch, OutOfMemory
+from engine.runtime import Engine
+from engine.services import build_services
+from engine.settings import load_settings
+from engine.sheets import read_sheet
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = "product_name,color,style,width,height,steps\n"
+
+
+def write_sheet(path: Path, rows: list[str]) -> Path:
+    path.write_text(HEADER + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def pixels(path) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.tobytes()
+
+
+def small_rows(count: int, size: int = 64, steps: int = 2) -> list[str]:
+    return [f"Item {i},color{i},minimal,{size},{size},{steps}" for i in range(count)]
+
+
+@pytest.fixture
+def services_factory(tmp_path):
+    made = []
+
+    def make(engine_cls=Engine, **overrides):
+        settings = load_settings({"data_dir": str(tmp_path / "data"), "templates_dir": str(ROOT / "templates"), **overrides})
+        engine = engine_cls(settings)
+        services = build_services(settings, engine=engine)
+        made.append(services)
+        return services
+
+    yield make
+    for services in made:
+        services.close()
+
+
+def run_batch(services, sheet_path, **prepare):
+    runner = services.runner
+    prepared = runner.prepare("product_shot", read_sheet(sheet_path), **prepare)
+    runner.start(prepared)
+    return prepared, runner.run(prepared.batch_id)
+
+
+def test_batch_runs_every_row_records_it_and_zips(services_factory, tmp_path):
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(3) + ["Broken,red,minimal,abc,64,2"])
+    prepared, summary = run_batch(services, sheet, batch_seed=7)
+
+    assert (summary.done, summary.skipped, summary.failed) == (3, 1, 0)
+    bad = [r for r in prepared.report.rows if not r.ok]
+    assert [r.number for r in bad] == [5]
+    assert any(p.column == "width" for p in bad[0].problems)
+
+    rows = services.ledger.rows(prepared.batch_id)
+    done = [r for r in rows if r.status == "done"]
+    assert len(done) == 3
+    for row in done:
+        data = Path(row.image_path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row.image_sha256
+        assert row.seed is not None and row.prompt and "Item" in row.prompt
+        assert row.model_name == "sd35_demo_tiny" and row.model_hash and row.precision
+        assert (row.width, row.height, row.steps) == (64, 64, 2)
+        assert row.template_hash == services.templates.get("product_shot").content_hash
+    skipped = [r for r in rows if r.status == "skipped"]
+    assert "width" in skipped[0].error
+
+    zip_path = tmp_path / "out.zip"
+    services.runner.write_zip(prepared.batch_id, zip_path)
+    import zipfile
+
+    names = zipfile.ZipFile(zip_path).namelist()
+    assert {"manifest.csv", "manifest.json", "failed_rows.csv"} <= set(names)
+    assert sum(n.endswith(".png") for n in names) == 3
+
+
+def test_seeds_are_derived_from_the_batch_seed_and_reproducible(services_factory, tmp_path):
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(2))
+    first, _ = run_batch(services, sheet, batch_seed=123)
+    second, _ = run_batch(services, sheet, batch_seed=123)
+    first_rows, second_rows = services.ledger.rows(first.batch_id), services.ledger.rows(second.batch_id)
+    assert [r.seed for r in first_rows] == [r.seed for r in second_rows]
+    assert first_rows[0].seed != first_rows[1].seed
+    # The PNG files differ only in their audit chunks (batch id): the pixels are identical.
+    a, b = [pixels(r.image_path) for r in first_rows], [pixels(r.image_path) for r in second_rows]
+    assert a == b and a[0] != a[1]
+
+
+def test_gpu_batching_does_not_change_images(services_factory, tmp_path):
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(3))
+    batched = services_factory(max_gpu_batch=4)
+    single = services_factory(max_gpu_batch=1, data_dir=str(tmp_path / "single"))
+    one, _ = run_batch(batched, sheet, batch_seed=5)
+    two, _ = run_batch(single, sheet, batch_seed=5)
+    assert [r.seed for r in batched.ledger.rows(one.batch_id)] == [r.seed for r in single.ledger.rows(two.batch_id)]
+    # Batched and single runs agree to within float noise: decoded pixels may differ by a level at most.
+    from PIL import Image
+    import numpy as np
+
+    for x, y in zip(batched.ledger.rows(one.batch_id), single.ledger.rows(two.batch_id)):
+        diff = np.abs(np.asarray(Image.open(x.image_path), dtype=int) - np.asarray(Image.open(y.image_path), dtype=int))
+        assert diff.max() <= 2
+
+
+def test_stop_on_invalid_queues_nothing(services_factory, tmp_path):
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(1) + ["Broken,red,minimal,64,64,notanumber"])
+    with pytest.raises(BatchError, match="row") as info:
+        services.runner.prepare("product_shot", read_sheet(sheet), on_invalid="stop")
+    assert info.value.details["rows"] == [3]
+    assert services.ledger.list_batches() == []
+
+
+def test_missing_required_column_is_reported_before_any_work(services_factory, tmp_path):
+    services = services_factory()
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("color,style\nred,cyberpunk\n", encoding="utf-8")
+    with pytest.raises(BatchError, match="product_name"):
+        services.runner.prepare("product_shot", read_sheet(sheet))
+
+
+def test_row_past_its_deadline_times_out_and_the_batch_goes_on(services_factory, tmp_path):
+    services = services_factory(row_timeout_s=0.0)
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(2, steps=3))
+    prepared, summary = run_batch(services, sheet)
+    assert summary.timed_out == 2 and summary.done == 0
+    rows = services.ledger.rows(prepared.batch_id)
+    assert all(r.status == "timed_out" and "deadline" in r.error for r in rows)
+
+
+class OutOfMemoryOnce(Engine):
+    """Fault injection: the first untiled attempt of every run fails the way a CUDA OOM does."""
+
+    always = False
+
+    def run_batch(self, workflows, *args, vae_tiled=False, **kwargs):
+        if not vae_tiled or self.always:
+            return [OutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB") for _ in workflows]
+        return super().run_batch(workflows, *args, vae_tiled=vae_tiled, **kwargs)
+
+
+def test_out_of_memory_retries_alone_with_tiled_vae(services_factory, tmp_path):
+    services = services_factory(engine_cls=OutOfMemoryOnce)
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(2))
+    prepared, summary = run_batch(services, sheet)
+    assert summary.done == 2
+    for row in services.ledger.rows(prepared.batch_id):
+        assert row.extra["vae_tiled"] is True and row.extra["oom_retry"] is True
+
+
+def test_out_of_memory_twice_fails_the_row(services_factory, tmp_path):
+    class AlwaysOutOfMemory(OutOfMemoryOnce):
+        always = True
+
+    services = services_factory(engine_cls=AlwaysOutOfMemory)
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(1))
+    prepared, summary = run_batch(services, sheet)
+    row = services.ledger.rows(prepared.batch_id)[0]
+    assert summary.failed == 1 and row.status == "failed" and "out of memory" in row.error
+
+
+def test_nan_output_fails_the_row_not_the_batch(services_factory, tmp_path):
+    import torch
+
+    services = services_factory()
+    _, _, vae = services.engine.models.checkpoint("sd35_demo_tiny")
+    with torch.no_grad():
+        vae.vae.decoder.conv_out.bias.fill_(float("nan"))  # this engine's own resident copy only
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(2))
+    prepared, summary = run_batch(services, sheet)
+    rows = services.ledger.rows(prepared.batch_id)
+    assert summary.failed == 2 and all(r.status == "failed" and "VAEDecode" in r.error for r in rows)
+    assert not list(services.runner.output_dir(prepared.batch_id).glob("*.png"))
+
+
+def test_cancel_keeps_finished_rows_and_resume_finishes_the_rest(services_factory, tmp_path):
+    services = services_factory(max_gpu_batch=1)
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(4, steps=2))
+    runner = services.runner
+    prepared = runner.prepare("product_shot", read_sheet(sheet))
+    runner.start(prepared)
+
+    def cancel_after_first(event):
+        if event.kind == "row_done":
+            runner.cancel(prepared.batch_id)
+
+    summary = runner.run(prepared.batch_id, on_event=cancel_after_first)
+    assert 1 <= summary.done < 4 and summary.cancelled == 4 - summary.done
+    finished = {r.row_key: r.image_sha256 for r in services.ledger.rows(prepared.batch_id) if r.status == "done"}
+
+    summary = runner.run(prepared.batch_id)
+    assert summary.done == 4
+    rows = services.ledger.rows(prepared.batch_id)
+    assert {r.row_key: r.image_sha256 for r in rows if r.row_key in finished} == finished
+
+
+def test_resume_with_a_changed_sheet_is_refused(services_factory, tmp_path):
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(1))
+    prepared, _ = run_batch(services, sheet)
+    changed = write_sheet(tmp_path / "changed.csv", small_rows(2))
+    with pytest.raises(BatchMismatch, match="spreadsheet changed"):
+        services.runner.prepare("product_shot", read_sheet(changed), batch_id=prepared.batch_id)
+
+
+def test_identical_rows_are_still_separate_generations(services_factory, tmp_path):
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", ["Same,red,minimal,64,64,2"] * 2)
+    prepared, summary = run_batch(services, sheet)
+    rows = services.ledger.rows(prepared.batch_id)
+    assert summary.done == 2 and rows[0].image_path != rows[1].image_path
+    assert Path(rows[0].image_path).name != Path(rows[1].image_path).name
+
+
+def test_the_queue_runs_batches_in_the_background_in_order(services_factory, tmp_path):
+    services = services_factory()
+    ids = []
+    for index in range(2):
+        sheet = write_sheet(tmp_path / f"rows{index}.csv", small_rows(1))
+        prepared = services.runner.prepare("product_shot", read_sheet(sheet))
+        services.runner.start(prepared)
+        services.queue.submit(prepared.batch_id)
+        ids.append(prepared.batch_id)
+    finals = [services.queue.wait(batch_id, timeout=120) for batch_id in ids]
+    assert [p.state for p in finals] == ["done", "done"]
+    assert finals[0].recent_images and Path(finals[0].recent_images[0]).exists()
+    started = [services.ledger.get_batch(b)["started_at"] for b in ids]
+    assert started[0] <= started[1]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_batch_then_resume_runs_each_row_exactly_once(tmp_path):
+    """kill -9 the CLI in the middle of a batch; the same command again finishes it, each row once."""
+    rows = 6
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(rows, size=64, steps=6))
+    data = tmp_path / "data"
+    command = [
+        sys.executable, str(ROOT / "app.py"), "--data-dir", str(data), "--templates-dir", str(ROOT / "templates"),
+        "--max-gpu-batch", "1", "run", "--template", "product_shot", "--sheet", str(sheet), "--batch-seed", "99",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ledger = data / "ledger.db"
+    deadline = time.monotonic() + 120
+    done = 0
+    while time.monotonic() < deadline:
+        if ledger.exists():
+            try:
+                with sqlite3.connect(ledger) as conn:
+                    done = conn.execute("SELECT count(*) FROM generations WHERE status = 'done'").fetchone()[0]
+            except sqlite3.Error:
+                done = 0
+        if done >= 2 or process.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the batch finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    with sqlite3.connect(ledger) as conn:
+        killed_at = conn.execute("SELECT count(*) FROM generations WHERE status = 'done'").fetchone()[0]
+        before = dict(conn.execute("SELECT row_key, image_sha256 FROM generations WHERE status = 'done'").fetchall())
+    assert 2 <= killed_at < rows
+
+    finish = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stdout + finish.stderr
+    assert "resuming unfinished batch" in finish.stdout
+
+    with sqlite3.connect(ledger) as conn:
+        statuses = conn.execute("SELECT status, count(*) FROM generations GROUP BY status").fetchall()
+        after = dict(conn.execute("SELECT row_key, image_sha256 FROM generations").fetchall())
+        stored = conn.execute("SELECT image_path, image_sha256 FROM generations").fetchall()
+        batches = conn.execute("SELECT count(*) FROM batches").fetchone()[0]
+    assert statuses == [("done", rows)] and batches == 1
+    assert all(after[key] == sha for key, sha in before.items()), "a finished row was generated again"
+    files = sorted(p for p in (data / "outputs").rglob("*") if p.is_file())
+    assert len(files) == rows and not [p for p in files if ".tmp" in p.name]
+    assert sorted(Path(path) for path, _ in stored) == files
+    for path, sha in stored:
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha
+
+
+def test_two_runners_never_store_the_same_row_twice(services_factory, tmp_path):
+    """A late duplicate result (e.g. a re-delivered job) is a no-op: the ledger keeps one image."""
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(1))
+    prepared, _ = run_batch(services, sheet)
+    row = services.ledger.rows(prepared.batch_id)[0]
+    again = services.runner.run(prepared.batch_id)
+    assert again.done == 1
+    assert services.ledger.rows(prepared.batch_id)[0].image_sha256 == row.image_sha256
+    assert len(list(services.runner.output_dir(prepared.batch_id).glob("*.png"))) == 1
+
+
+def test_progress_events_reach_the_listener(services_factory, tmp_path):
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(2, steps=3))
+    prepared = services.runner.prepare("product_shot", read_sheet(sheet))
+    services.runner.start(prepared)
+    events = []
+    lock = threading.Lock()
+
+    def listen(event):
+        with lock:
+            events.append(event)
+
+    services.runner.run(prepared.batch_id, on_event=listen)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "batch_started" and kinds[-1] == "batch_done"
+    assert kinds.count("row_done") == 2
+    steps = [e for e in events if e.kind == "step"]
+    assert steps and max(e.step for e in steps) == 3 and all(e.steps == 3 for e in steps)
+    assert events[-1].done == 2 and events[-1].remaining == 0

@@ -1,0 +1,305 @@
+"""Scale-out over Celery + Redis: a real redis-server, two real worker processes on the demo model, and
+the faults the issue names (a worker SIGKILLed mid-row, Redis restarted mid-batch, a poison row)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.services import build_services
+from engine.settings import load_settings
+from engine.sheets import read_sheet
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_SERVER = shutil.which("redis-server")
+HEADER = "product_name,color,style,width,height,steps\n"
+HEARTBEAT_S = 0.5
+POISON_ROW = "bpoison:3"  # the sheet's first data row is row 2
+SLOW_ROW = "bkill:4"  # delayed so the test can kill its worker while the row is running
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on a free localhost port, without persistence: a restart loses everything."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+class WorkerPool:
+    """Worker processes kept alive the way systemd's Restart=always would: a dead one is started again."""
+
+    def __init__(self, broker: str, data_dir: Path, logs: Path, faults: dict[str, str]) -> None:
+        self.broker, self.data_dir, self.logs, self.faults = broker, data_dir, logs, faults
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, daemon=True)
+
+    def start(self, names: list[str]) -> None:
+        for name in names:
+            self._spawn(name)
+        self._thread.start()
+
+    def _spawn(self, name: str) -> None:
+        settings = {"data_dir": str(self.data_dir / name), "templates_dir": str(ROOT / "templates")}
+        code = (
+            "import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from engine.distributed import run_worker\n"
+            "from engine.settings import load_settings\n"
+            f"run_worker(load_settings({settings!r}), {self.broker!r}, name={name!r}, "
+            f"heartbeat_s={HEARTBEAT_S}, test_faults={self.faults!r})\n"
+        )
+        log = open(self.logs / f"{name}.log", "a")
+        self.processes[name] = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=log, stderr=log)
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.2):
+            for name, process in list(self.processes.items()):
+                if process.poll() is not None:
+                    self.restarts += 1
+                    self._spawn(name)
+
+    def kill(self, name: str) -> None:
+        self.processes[name].send_signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def workers(redis_server, tmp_path_factory):
+    """Two workers on the demo model, ready (announced) before the first test sends anything."""
+    from engine.distributed import live_workers
+    import redis
+
+    pool = WorkerPool(
+        redis_server.url, tmp_path_factory.mktemp("workers"), tmp_path_factory.mktemp("worker-logs"),
+        {POISON_ROW: "exit", SLOW_ROW: "delay:3"},
+    )
+    pool.start(["alpha", "beta"])
+    client = redis.Redis.from_url(redis_server.url)
+    deadline = time.monotonic() + 120
+    while len(live_workers(client)) < 2:
+        if time.monotonic() > deadline:
+            logs = "\n".join(p.read_text()[-2000:] for p in pool.logs.glob("*.log"))
+            pool.stop()
+            pytest.fail(f"workers did not announce themselves:\n{logs}")
+        time.sleep(0.2)
+    yield pool
+    pool.stop()
+
+
+def write_sheet(path: Path, count: int) -> Path:
+    rows = [f"Item {i},color{i},minimal,64,64,2" for i in range(count)]
+    path.write_text(HEADER + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def coordinator(tmp_path, name: str, dispatcher=None):
+    settings = load_settings({"data_dir": str(tmp_path / name), "templates_dir": str(ROOT / "templates")})
+    return build_services(settings, dispatcher=dispatcher)
+
+
+def celery_dispatcher(redis_server, **options):
+    from engine.distributed import CeleryDispatcher
+
+    return CeleryDispatcher(redis_server.url, lost_confirm_s=0.5, **options)
+
+
+class Recording:
+    """Wraps a dispatcher to count what it yields: exactly one result per row is the contract."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.yielded = inner, []
+
+    def run(self, jobs, on_event, should_cancel):
+        for result in self.inner.run(jobs, on_event, should_cancel):
+            self.yielded.append(result.row_key)
+            yield result
+
+
+def start_batch(services, sheet: Path, batch_id: str, batch_seed: int = 11) -> str:
+    prepared = services.runner.prepare("product_shot", read_sheet(sheet), batch_seed=batch_seed, batch_id=batch_id)
+    return services.runner.start(prepared)
+
+
+def assert_each_row_once(services, batch_id: str, count: int) -> list:
+    rows = services.ledger.rows(batch_id)
+    assert len(rows) == count and all(r.status == "done" for r in rows), [(r.row_key, r.status, r.error) for r in rows]
+    files = sorted(services.runner.output_dir(batch_id).glob("*.png"))
+    assert len(files) == count and not list(services.runner.output_dir(batch_id).glob(".*.tmp"))
+    assert len({r.image_path for r in rows}) == count
+    return rows
+
+
+def test_rows_spread_over_two_workers_match_the_in_process_runner(redis_server, workers, tmp_path):
+    sheet = write_sheet(tmp_path / "rows.csv", 8)
+    remote = coordinator(tmp_path, "remote", Recording(celery_dispatcher(redis_server)))
+    events = []
+    batch_id = start_batch(remote, sheet, "bsame")
+    summary = remote.runner.run(batch_id, on_event=events.append)
+
+    assert (summary.done, summary.failed) == (8, 0)
+    rows = assert_each_row_once(remote, batch_id, 8)
+    assert {r.worker.split("@")[0] for r in rows} == {"alpha", "beta"}  # both workers took rows
+    assert sorted(remote.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
+    # Remote progress reaches listeners like local progress does.
+    assert {e.kind for e in events} >= {"batch_started", "row_started", "step", "row_done", "batch_done"}
+    assert any(e.kind == "step" and e.steps == 2 for e in events)
+
+    local = coordinator(tmp_path, "local")
+    start_batch(local, sheet, "bsame")
+    local.runner.run("bsame")
+    local_sha = {r.row_number: r.image_sha256 for r in local.ledger.rows("bsame")}
+    assert {r.row_number: r.image_sha256 for r in rows} == local_sha
+
+
+def test_worker_killed_mid_row_every_row_still_finishes_exactly_once(redis_server, workers, tmp_path):
+    from engine.distributed import live_workers
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    sheet = write_sheet(tmp_path / "rows.csv", 8)
+    services = coordinator(tmp_path, "kill", Recording(celery_dispatcher(redis_server)))
+    batch_id = start_batch(services, sheet, "bkill")
+    killed: list[str] = []
+
+    def kill_the_slow_rows_worker() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            for worker in live_workers(client):
+                if worker.task_id == f"{SLOW_ROW}:1":
+                    workers.kill(worker.name.split("@")[0])
+                    killed.append(worker.name)
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_slow_rows_worker)
+    killer.start()
+    summary = services.runner.run(batch_id)
+    killer.join()
+
+    assert killed, "the slow row never started"
+    assert (summary.done, summary.failed) == (8, 0)
+    rows = assert_each_row_once(services, batch_id, 8)
+    assert sorted(services.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
+    slow = services.ledger.get_generation(SLOW_ROW)
+    assert slow.worker != killed[0] or workers.restarts > 0  # ran again, on the other or a restarted worker
+
+
+def test_redis_restart_mid_batch_is_reconciled(redis_server, workers, tmp_path):
+    sheet = write_sheet(tmp_path / "rows.csv", 8)
+    services = coordinator(tmp_path, "restart", Recording(celery_dispatcher(redis_server)))
+    batch_id = start_batch(services, sheet, "brestart")
+    restarted = threading.Event()
+
+    def restart_after_two_rows(event) -> None:
+        if event.kind == "row_done" and event.done == 2 and not restarted.is_set():
+            restarted.set()
+            redis_server.stop()
+            time.sleep(1.0)
+            redis_server.start()
+
+    summary = services.runner.run(batch_id, on_event=restart_after_two_rows)
+
+    assert restarted.is_set()
+    assert (summary.done, summary.failed) == (8, 0)
+    rows = assert_each_row_once(services, batch_id, 8)
+    assert sorted(services.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
+
+
+def test_poison_row_is_failed_after_bounded_attempts_and_the_rest_finish(redis_server, workers, tmp_path):
+    sheet = write_sheet(tmp_path / "rows.csv", 4)
+    services = coordinator(tmp_path, "poison", celery_dispatcher(redis_server, max_attempts=2))
+    batch_id = start_batch(services, sheet, "bpoison")
+    restarts_before = workers.restarts
+
+    summary = services.runner.run(batch_id)
+
+    assert (summary.done, summary.failed) == (3, 1)
+    poison = services.ledger.get_generation(POISON_ROW)
+    assert poison.status == "failed" and "2 attempts" in poison.error
+    assert workers.restarts - restarts_before == 2  # each attempt took a worker down, no third one ran
+    assert len(list(services.runner.output_dir(batch_id).glob("*.png"))) == 3
+
+
+def test_cancel_then_resume_sends_only_the_rows_not_done(redis_server, workers, tmp_path):
+    sheet = write_sheet(tmp_path / "rows.csv", 6)
+    first = Recording(celery_dispatcher(redis_server, max_in_flight=2))
+    services = coordinator(tmp_path, "resume", first)
+    batch_id = start_batch(services, sheet, "bresume")
+
+    def cancel_after_first_row(event) -> None:
+        if event.kind == "row_done":
+            services.runner.cancel(batch_id)
+
+    services.runner.run(batch_id, on_event=cancel_after_first_row)
+    done_before = {r.row_key for r in services.ledger.rows(batch_id, status="done")}
+    assert 1 <= len(done_before) < 6
+
+    # A coordinator restarted on the same ledger resumes: rows already done are not sent again.
+    second = Recording(celery_dispatcher(redis_server))
+    resumed = coordinator(tmp_path, "resume", second)
+    summary = resumed.runner.run(batch_id)
+    assert summary.done == 6
+    assert not done_before & set(second.yielded)
+    assert_each_row_once(resumed, batch_id, 6)
