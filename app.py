@@ -50,15 +50,9 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from webapp.server import serve
 
-    from webapp.server import create_app
-
-    settings = _settings_from(args)
-    app, services = create_app(settings)
-    print(services.engine.describe_model_banner() if hasattr(services.engine, "describe_model_banner") else "")
-    print(f"Serving on http://{settings.host}:{settings.port}")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    serve(_settings_from(args))
     return 0
 
 

@@ -130,17 +130,52 @@ def _jsonable(value: Any) -> Any:
 ProgressCallback = Callable[[str, Any], None]  # (row_key, ProgressEvent)
 
 
+class PendingRow:
+    """A row whose GPU work is done while its PNGs may still be encoding; :meth:`result` waits for them."""
+
+    def __init__(self, finish: Callable[[], RowResult]) -> None:
+        self._finish = finish
+        self._result: RowResult | None = None
+
+    @classmethod
+    def ready(cls, result: RowResult) -> "PendingRow":
+        pending = cls(lambda: result)
+        pending._result = result
+        return pending
+
+    def result(self) -> RowResult:
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+
 class RowExecutor:
     """Runs jobs on the resident engine: in this process, or inside a Celery worker.
 
-    Same-shape jobs run as one GPU batch (each row keeps its own seed, so batching never changes an image).
-    A row's own failure never raises: it becomes a RowResult with a status and a reason.
+    Same-shape jobs run as one GPU batch (each row keeps its own seed, so batching never changes an image);
+    how many rows share a batch is chosen when the batch starts, from free device memory
+    (:func:`engine.throughput.choose_gpu_batch`, at most ``max_gpu_batch``). Output nodes hand their
+    images to a PNG encoder pool (:func:`engine.nodes.image.deferred_saves`), so the GPU batch returns
+    before its PNGs are made: :meth:`start_group` returns at once, and a row's :class:`PendingRow` waits
+    for its bytes. A row's own failure never raises: it becomes a RowResult with a status and a reason.
     """
 
-    def __init__(self, engine: Any, max_gpu_batch: int = 4, worker_name: str = "local") -> None:
+    def __init__(
+        self, engine: Any, max_gpu_batch: int = 4, worker_name: str = "local", png_workers: int = 2
+    ) -> None:
         self.engine = engine
         self.max_gpu_batch = max(1, int(max_gpu_batch))
         self.worker_name = worker_name
+        self.png_workers = png_workers
+        self._encoder: Any = None  # PngEncoder, started on first use
+        self._encoder_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the PNG encoder threads (after finishing what they hold)."""
+        with self._encoder_lock:
+            encoder, self._encoder = self._encoder, None
+        if encoder is not None:
+            encoder.close()
 
     def execute(
         self,
@@ -150,11 +185,12 @@ class RowExecutor:
     ) -> list[RowResult]:
         results: list[RowResult] = []
         for group in self.groups(jobs):
-            results.extend(self._execute_group(group, on_progress, should_cancel))
+            results.extend(row.result() for row in self.start_group(group, on_progress, should_cancel))
         return results
 
     def groups(self, jobs: list[RowJob]) -> Iterator[list[RowJob]]:
-        """Consecutive chunks of same-shape jobs, at most ``max_gpu_batch`` each, in row order."""
+        """Consecutive chunks of same-shape jobs in row order. Each chunk's size is chosen lazily, when
+        the chunk is asked for, so it sees the device memory left after the previous batches."""
         by_shape: dict[str, list[RowJob]] = {}
         order: list[str] = []
         for job in jobs:
@@ -165,14 +201,36 @@ class RowExecutor:
             by_shape[key].append(job)
         for key in order:
             members = by_shape[key]
-            for start in range(0, len(members), self.max_gpu_batch):
-                yield members[start : start + self.max_gpu_batch]
+            start = 0
+            while start < len(members):
+                size = self._batch_size(members[start])
+                yield members[start : start + size]
+                start += size
 
     def _shape_key(self, job: RowJob) -> str:
         try:
             return self.engine.batch_key(self.engine.parse(job.workflow))
         except EngineError:
             return f"unparseable:{job.row_key}"
+
+    def _batch_size(self, job: RowJob) -> int:
+        if self.max_gpu_batch == 1:
+            return 1
+        from engine.throughput import choose_gpu_batch
+
+        try:
+            workflow = self.engine.parse(job.workflow)
+        except EngineError:
+            return 1
+        return choose_gpu_batch(self.engine, workflow, self.max_gpu_batch)
+
+    def _png_encoder(self) -> Any:
+        with self._encoder_lock:
+            if self._encoder is None:
+                from engine.nodes.image import PngEncoder
+
+                self._encoder = PngEncoder(self.png_workers)
+            return self._encoder
 
     def _execute_group(
         self,
@@ -181,14 +239,26 @@ class RowExecutor:
         should_cancel: Callable[[], bool] | None,
         vae_tiled: bool = False,
     ) -> list[RowResult]:
+        return [row.result() for row in self.start_group(group, on_progress, should_cancel, vae_tiled)]
+
+    def start_group(
+        self,
+        group: list[RowJob],
+        on_progress: ProgressCallback | None,
+        should_cancel: Callable[[], bool] | None,
+        vae_tiled: bool = False,
+    ) -> list[PendingRow]:
+        """Run one GPU batch; return one PendingRow per job without waiting for the PNGs."""
+        from engine.nodes.image import deferred_saves
+
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="rows-") as staging:
             try:
                 workflows = [self.engine.parse(job.workflow) for job in group]
             except EngineError as exc:
                 if len(group) > 1:  # parse each alone so one bad row doesn't fail its neighbours
-                    return [r for job in group for r in self._execute_group([job], on_progress, should_cancel)]
-                return [self._failure(group[0], exc)]
+                    return [r for job in group for r in self.start_group([job], on_progress, should_cancel)]
+                return [PendingRow.ready(self._failure(group[0], exc))]
 
             def progress(event: Any) -> None:
                 if on_progress is None:
@@ -199,52 +269,74 @@ class RowExecutor:
                         on_progress(job.row_key, event)
 
             deadline = max(job.deadline_s for job in group) * len(group)
-            outcomes = self.engine.run_batch(
-                workflows,
-                output_dir=Path(staging),
-                on_progress=progress,
-                should_cancel=should_cancel,
-                deadline_s=deadline,
-                png_extra=[job.png_extra for job in group],
-                vae_tiled=vae_tiled,
-            )
-            elapsed = time.perf_counter() - started
-            results: list[RowResult] = []
+            with deferred_saves(self._png_encoder()):
+                outcomes = self.engine.run_batch(
+                    workflows,
+                    output_dir=Path(staging),
+                    on_progress=progress,
+                    should_cancel=should_cancel,
+                    deadline_s=deadline,
+                    png_extra=[job.png_extra for job in group],
+                    vae_tiled=vae_tiled,
+                )
+            gpu_s = time.perf_counter() - started
+            results: list[PendingRow] = []
             for job, outcome in zip(group, outcomes):
                 if isinstance(outcome, OutOfMemory) and not vae_tiled:
                     # Retry once on its own, decoding in tiles: the cheaper setting the issue asks for.
                     log.warning("row %s ran out of memory; retrying alone with tiled VAE", job.row_key)
-                    retry = self._execute_group([job], on_progress, should_cancel, vae_tiled=True)[0]
-                    retry.record.setdefault("oom_retry", True)
-                    results.append(retry)
+                    retry = self.start_group([job], on_progress, should_cancel, vae_tiled=True)[0]
+                    results.append(PendingRow(lambda retry=retry: _mark_oom_retry(retry.result())))
                 elif isinstance(outcome, BaseException):
-                    results.append(self._failure(job, outcome))
+                    results.append(PendingRow.ready(self._failure(job, outcome)))
                 else:
-                    results.append(self._success(job, outcome, elapsed / len(group), vae_tiled))
+                    # Files an output node wrote itself (outside the deferral) are read before staging goes.
+                    results.append(self._success(job, outcome, gpu_s, len(group), vae_tiled))
             return results
 
-    def _success(self, job: RowJob, outcome: Any, share_s: float, vae_tiled: bool) -> RowResult:
-        images = []
+    def _success(self, job: RowJob, outcome: Any, gpu_s: float, rows: int, vae_tiled: bool) -> PendingRow:
+        from engine.nodes.image import PendingImage
+
+        parts: list[Any] = []  # PendingImage, or a RowImage read from a file now
         for saved in outcome.images:
+            if isinstance(saved, PendingImage):
+                parts.append(saved)
+                continue
             data = Path(saved.path).read_bytes()
-            images.append(
-                RowImage(
-                    filename=Path(saved.path).name,
-                    data=data,
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    width=int(saved.width),
-                    height=int(saved.height),
-                    node_id=str(getattr(saved, "node_id", "") or ""),
-                )
-            )
-        if not images:
-            return self._failure(job, BadOutput("the workflow produced no image"))
+            parts.append(RowImage(
+                filename=Path(saved.path).name, data=data, sha256=hashlib.sha256(data).hexdigest(),
+                width=int(saved.width), height=int(saved.height), node_id=str(getattr(saved, "node_id", "") or ""),
+            ))
         record = dict(outcome.record)
         if vae_tiled:
             record["vae_tiled"] = True
         timings = dict(outcome.timings)
-        timings.setdefault("row_s", share_s)
-        return RowResult(job.row_key, DONE, None, images, record, timings, self.worker_name)
+        timings["gpu_s"] = gpu_s / rows  # this row's share of the GPU batch
+        timings["gpu_batch"] = rows
+
+        def finish() -> RowResult:
+            images: list[RowImage] = []
+            png_s = 0.0
+            for part in parts:
+                if not isinstance(part, PendingImage):
+                    images.append(part)
+                    continue
+                try:
+                    encoded = part.result()
+                except Exception as exc:  # an encoding failure fails this row only
+                    return self._failure(job, BadOutput(f"PNG encoding failed: {type(exc).__name__}: {exc}"))
+                png_s += encoded.encode_s
+                images.append(RowImage(
+                    filename=encoded.filename, data=encoded.data, sha256=encoded.sha256, width=encoded.width,
+                    height=encoded.height, node_id=str(encoded.node_id or ""),
+                ))
+            if not images:
+                return self._failure(job, BadOutput("the workflow produced no image"))
+            row_timings = {**timings, "png_s": round(png_s, 4)}
+            row_timings.setdefault("row_s", timings["gpu_s"] + png_s)
+            return RowResult(job.row_key, DONE, None, images, record, row_timings, self.worker_name)
+
+        return PendingRow(finish)
 
     def _failure(self, job: RowJob, error: BaseException) -> RowResult:
         if isinstance(error, DeadlineExceeded):
@@ -258,6 +350,11 @@ class RowExecutor:
         if where:
             message = f"node {where} ({getattr(error, 'class_type', '?')}): {message}"
         return RowResult(job.row_key, status, message, [], {}, {}, self.worker_name)
+
+
+def _mark_oom_retry(result: RowResult) -> RowResult:
+    result.record.setdefault("oom_retry", True)
+    return result
 
 
 # --------------------------------------------------------------------------------------- dispatchers
@@ -274,17 +371,41 @@ class Dispatcher(Protocol):
     ) -> Iterator[RowResult]: ...
 
 
+@dataclass
+class PipelineStats:
+    """Where the time of one :meth:`LocalDispatcher.run` went, in seconds.
+
+    ``gpu_s``: the GPU thread running batches; ``gpu_blocked_s``: the GPU thread waiting for room in the
+    queue (storing fell behind: the GPU idled); ``png_wait_s``: the storing side waiting for PNGs still
+    being encoded; ``store_s``: the caller's work per yielded row (file write, fsync, ledger commit, events).
+    """
+
+    rows: int = 0
+    batches: int = 0
+    gpu_s: float = 0.0
+    gpu_blocked_s: float = 0.0
+    png_wait_s: float = 0.0
+    store_s: float = 0.0
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
 class LocalDispatcher:
     """Runs rows in this process on the resident engine, one GPU batch at a time.
 
-    The GPU work runs on its own thread and hands results through a small bounded queue, so storing a
-    finished row (file write, fsync, ledger commit, zip) overlaps with sampling the next rows, while memory
-    stays flat: at most ``pipeline_depth`` finished groups wait to be stored.
+    The GPU work runs on its own thread and hands rows through a small bounded queue as soon as a batch is
+    sampled and decoded; their PNGs are encoded on the executor's pool meanwhile. Storing a finished row
+    (file write, fsync, ledger commit) therefore overlaps with sampling the next rows, while memory stays
+    flat: at most ``pipeline_depth`` finished batches wait to be stored. ``last_stats`` holds the
+    :class:`PipelineStats` of the latest run.
     """
 
     def __init__(self, executor: RowExecutor, pipeline_depth: int = 2) -> None:
         self.executor = executor
         self.pipeline_depth = max(1, pipeline_depth)
+        self.last_stats: PipelineStats | None = None
 
     def run(
         self,
@@ -292,9 +413,16 @@ class LocalDispatcher:
         on_event: ProgressCallback | None,
         should_cancel: Callable[[], bool] | None,
     ) -> Iterator[RowResult]:
-        results: queue.Queue[list[RowResult] | BaseException | None] = queue.Queue(self.pipeline_depth)
+        results: queue.Queue[list[PendingRow] | BaseException | None] = queue.Queue(self.pipeline_depth)
         stop = threading.Event()
+        stats = self.last_stats = PipelineStats()
+        started = time.perf_counter()
         context = contextvars.copy_context()  # log context (batch id) follows the work onto the GPU thread
+
+        def hand_over(item: list[PendingRow] | BaseException | None) -> None:
+            waited = time.perf_counter()
+            results.put(item)
+            stats.gpu_blocked_s += time.perf_counter() - waited
 
         def produce() -> None:
             try:
@@ -302,9 +430,16 @@ class LocalDispatcher:
                     if stop.is_set():
                         return
                     if should_cancel is not None and should_cancel():
-                        results.put([RowResult(job.row_key, CANCELLED, "cancelled before it started") for job in group])
+                        hand_over([
+                            PendingRow.ready(RowResult(job.row_key, CANCELLED, "cancelled before it started"))
+                            for job in group
+                        ])
                         continue
-                    results.put(self.executor._execute_group(group, on_event, should_cancel))
+                    began = time.perf_counter()
+                    pending = self.executor.start_group(group, on_event, should_cancel)
+                    stats.gpu_s += time.perf_counter() - began
+                    stats.batches += 1
+                    hand_over(pending)
             except BaseException as exc:  # surfaced on the consumer side, never lost in the thread
                 results.put(exc)
             finally:
@@ -316,7 +451,14 @@ class LocalDispatcher:
             while (item := results.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield from item
+                for pending in item:
+                    waited = time.perf_counter()
+                    result = pending.result()
+                    stats.png_wait_s += time.perf_counter() - waited
+                    stats.rows += 1
+                    handed = time.perf_counter()
+                    yield result
+                    stats.store_s += time.perf_counter() - handed
         finally:
             stop.set()
             while worker.is_alive():  # unblock a producer waiting on a full queue, then let it finish
@@ -325,6 +467,7 @@ class LocalDispatcher:
                 except queue.Empty:
                     pass
             worker.join()
+            stats.wall_s = time.perf_counter() - started
 
 
 # ----------------------------------------------------------------------------------------- batches
@@ -947,6 +1090,8 @@ __all__ = [
     "BatchSummary",
     "Dispatcher",
     "LocalDispatcher",
+    "PendingRow",
+    "PipelineStats",
     "PreparedBatch",
     "RowExecutor",
     "RowImage",

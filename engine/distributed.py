@@ -251,15 +251,20 @@ class RowWorker:
             self._report(task, {})  # names this process as the one running the row
             self._apply_test_fault(job)
             last_step = [0.0]
+            # Cumulative: the coordinator polls, so each report repeats the latest sampler step as well.
+            progress: dict[str, Any] = {}
 
             def on_progress(row_key: str, event: ProgressEvent) -> None:
-                if event.kind != "step":
+                progress.update(node_id=event.node_id, class_type=event.class_type)
+                if event.kind == "step":
+                    now = time.monotonic()
+                    progress.update(step=event.value, steps=event.maximum, step_node=event.node_id)
+                    if event.value < event.maximum and now - last_step[0] < 0.2:
+                        return  # fewer writes to Redis on fast steps; the last step always goes out
+                    last_step[0] = now
+                elif event.kind != "node":
                     return
-                now = time.monotonic()
-                if event.value < event.maximum and now - last_step[0] < 0.2:
-                    return  # fewer writes to Redis on fast steps; the last step always goes out
-                last_step[0] = now
-                self._report(task, {"step": event.value, "steps": event.maximum})
+                self._report(task, progress)
 
             cancel_key = CANCEL_KEY_PREFIX + job.batch_id
             checked = [0.0, False]
@@ -383,6 +388,8 @@ class _Flight:
     missing_since: float | None = None  # monotonic, when its worker's heartbeat was first missed
     losses: int = 0  # attempts whose worker died or hung
     queue: str = DEFAULT_QUEUE
+    node_id: str | None = None
+    step_node: str | None = None
     step: int = -1
 
     @property
@@ -516,7 +523,7 @@ class CeleryDispatcher:
             flight.task_ids.append(task_id)
         flight.sent_at = time.monotonic()
         flight.worker = flight.instance = flight.started_at = flight.missing_since = None
-        flight.step = -1
+        flight.node_id, flight.step_node, flight.step = None, None, -1
 
     def _queue_for(self, checkpoint: str, live: dict[str, WorkerAnnouncement]) -> str:
         if any(checkpoint in worker.models for worker in live.values()):
@@ -574,13 +581,17 @@ class CeleryDispatcher:
             flight.worker = worker
         if info.get("instance"):
             flight.instance = info["instance"]
-        step, steps = info.get("step"), info.get("steps")
-        if on_event is None or step is None or step == flight.step:
+        if on_event is None:
             return
-        if flight.step < 0:  # first sampler step seen: the row has started, as a local run reports it
-            on_event(flight.job.row_key, ProgressEvent("node", class_type="KSampler"))
-        flight.step = int(step)
-        on_event(flight.job.row_key, ProgressEvent("step", value=int(step), maximum=int(steps or 0)))
+        # The worker's latest report only: nodes and steps in between polls are not replayed.
+        node_id, class_type = info.get("node_id"), info.get("class_type")
+        step, steps, step_node = info.get("step"), info.get("steps"), info.get("step_node")
+        if step is not None and (step_node, int(step)) != (flight.step_node, flight.step):
+            flight.step_node, flight.step = step_node, int(step)
+            on_event(flight.job.row_key, ProgressEvent("step", step_node, None, int(step), int(steps or 0)))
+        if node_id is not None and node_id != flight.node_id:
+            flight.node_id = node_id
+            on_event(flight.job.row_key, ProgressEvent("node", node_id=node_id, class_type=class_type))
 
     def _check_lost(self, flight: _Flight, live: dict[str, WorkerAnnouncement]) -> RowResult | None:
         """A started row whose worker died or hung is sent again, or failed once it used its attempts."""

@@ -259,6 +259,7 @@ class Executor:
                         f"{node_cls.class_type}.run_batch returned {len(results)} results for {len(groups)} rows",
                         node_id=node_id, class_type=node_cls.class_type,
                     )
+            _wait_for_device(ctx.device)
         except Exception as exc:  # every failure becomes an EngineError naming the node
             error = _node_error(exc, node_id, node_cls.class_type)
             if len(groups) > 1 and not isinstance(error, (Cancelled, DeadlineExceeded)):
@@ -353,6 +354,15 @@ def _node_error(exc: BaseException, node_id: str, class_type: str) -> EngineErro
         )
     error.__cause__ = exc
     return error
+
+
+def _wait_for_device(device: str | None) -> None:
+    """On CUDA, wait until the node's kernels have run: its timing is then its GPU work, not its launches
+    (and an asynchronous device error is reported by the node that caused it)."""
+    if str(device or "").startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
 
 
 def _shared_context(rows: list[_Row]) -> "NodeContext":

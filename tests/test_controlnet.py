@@ -209,3 +209,13 @@ def test_comfyui_canny_example_validates_and_runs(engine, kind):
     sizes = sorted((image.width, image.height, image.type) for image in result.images)
     assert sizes == [(SIZE, SIZE, "output"), (SIZE, SIZE, "temp")]
     assert result.record["controlnets"][0]["strength"] == 0.66
+
+
+def test_controlnet_layout_template_runs(engine):
+    from engine.templates import load_template
+
+    template = load_template(Path(__file__).parent.parent / "templates" / "controlnet_layout")
+    values = {"prompt": "a bottle", "layout_image": "layout.png", "controlnet": "tiny_canny.safetensors", "seed": 1,
+              "width": 256, "height": 256, "steps": 2, "control_strength": 0.5}
+    result = engine.run(template.render(values, defaults={"checkpoint": DEMO_CHECKPOINT}))
+    assert result.record["controlnets"][0]["strength"] == 0.5

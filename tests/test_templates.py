@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOWED_NODES = {
     "CheckpointLoaderSimple", "CLIPTextEncode", "ConditioningZeroOut", "EmptySD3LatentImage", "EmptyLatentImage",
     "ModelSamplingSD3", "KSampler", "VAEDecode", "VAEDecodeTiled", "SaveImage",
+    "LoraLoader", "LoadImage", "ImageScale", "Canny", "VAEEncode", "VAEEncodeForInpaint", "ControlNetLoader",
+    "ControlNetApplySD3", "MaskToImage", "ImageToMask",
 }
 INJECTIONS = [
     'say "hi"',

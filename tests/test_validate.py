@@ -238,7 +238,8 @@ def test_source_article_example_validates():
     assert validate_workflow(wf, registry) == []
 
 
-MODEL_FILE_INPUTS = {"ckpt_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name", "unet_name"}
+MODEL_FILE_INPUTS = {"ckpt_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name", "unet_name",
+                     "control_net_name"}
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.json")), ids=lambda p: p.name)

@@ -1,45 +1,80 @@
 """The JSON API for teams that wire the product into their own systems (OpenAPI at /openapi.json).
 
 Thin: every route calls the library (engine.services.Services) and library errors become HTTP answers in
-one place (:func:`install_error_handlers`).
-"""
+one place (:func:`install_error_handlers`): ``{"error": {"type", "message", "details"}}`` with the status
+of :func:`error_status`.
 
-from __future__ import annotations
+    POST /api/token                          user name + password -> bearer token (when users and a key exist)
+    GET  /api/templates[/{name}]             templates with their field schemas
+    POST /api/templates                      add or replace a template (admin; multipart upload)
+    POST /api/batches                        template + rows as JSON -> batch id and validation report
+    POST /api/batches/upload                 template + CSV/XLSX sheet (multipart)
+    GET  /api/batches[/{id}]                 recent batches; one batch's counts, progress and rows
+    POST /api/batches/{id}/cancel|resume     stop between steps; run the rows that are not done
+    GET  /api/batches/{id}/zip               images + manifests, streamed
+    POST /api/generate                       one image from a template, waits for it
+    GET  /api/generations[/{key}[/image]]    search the ledger; one generation; its PNG
+    GET  /api/system, POST /api/system/model model, device, queue; switch the default checkpoint (admin)
+"""
 
 import asyncio
 import json
+import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from engine.errors import AccessDenied, BatchError, BatchMismatch, EngineError, SheetError, TemplateError, WorkflowInvalid
+from engine.errors import (
+    AccessDenied,
+    BatchError,
+    BatchMismatch,
+    EngineError,
+    ExecutionError,
+    ModelNotFound,
+    SheetError,
+    StoreError,
+    TemplateError,
+    WorkflowInvalid,
+)
 from engine.sheets import Sheet, SheetRow, read_sheet
+from engine.templates import TEMPLATE_FILE, WORKFLOW_FILE
 from webapp.auth import ADMIN
 from webapp.files import resolve_inside
 from webapp.guard import ApiGuard, RateLimited, fastapi_dependency
 from webapp.ratelimit import UploadLimit
 
-# HTTP status per library error type; the first match in the class's MRO wins.
+# HTTP status per library error type; the first match in the class's MRO wins (AccessDenied carries its own).
 STATUS_BY_ERROR: dict[type[EngineError], int] = {
     WorkflowInvalid: 400,
     TemplateError: 400,
     SheetError: 400,
     BatchMismatch: 409,
     BatchError: 400,
+    ModelNotFound: 404,
+    ExecutionError: 500,
+    StoreError: 500,
 }
+ON_INVALID = ("skip", "stop")
+# Batch ids become folder names under the outputs: letters, digits, '-', '_' and '.', never a leading dot.
+BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 
 def error_status(exc: EngineError) -> int:
+    """The HTTP status a library error is answered with (400 for an error type not listed)."""
     if isinstance(exc, AccessDenied):
         return exc.status
     for cls in type(exc).__mro__:
         if cls in STATUS_BY_ERROR:
             return STATUS_BY_ERROR[cls]
-    return 400 if "not found" not in exc.message else 404
+    return 400
 
 
 def install_error_handlers(app: Any) -> None:
-    """Library errors -> JSON answers: ``{"error": {type, message, details}}`` with the right status."""
+    """Library errors -> JSON answers: ``{"error": {type, message, details}}`` with the right status.
+
+    401s carry ``WWW-Authenticate: Bearer``; 429s carry ``Retry-After`` and the rate-limit headers.
+    """
     from fastapi.responses import JSONResponse
 
     async def handle(request: Any, exc: EngineError) -> Any:
@@ -49,20 +84,38 @@ def install_error_handlers(app: Any) -> None:
             headers.update(exc.headers)
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        body = exc.to_comfy() if isinstance(exc, WorkflowInvalid) else {"error": exc.to_dict()}
-        return JSONResponse(json.loads(json.dumps(body, default=str)), status_code=status, headers=headers)
+        body = json.loads(json.dumps({"error": exc.to_dict()}, default=str))
+        return JSONResponse(body, status_code=status, headers=headers)
 
     app.add_exception_handler(EngineError, handle)
 
 
+def not_found(message: str, **details: Any) -> AccessDenied:
+    return AccessDenied(message, status=404, reason="not_found", **details)
+
+
+def check_batch_id(batch_id: str) -> str:
+    """A client-chosen batch (or prompt) id, refused unless it is a safe folder name."""
+    if not isinstance(batch_id, str) or not BATCH_ID_PATTERN.fullmatch(batch_id):
+        raise BatchError(
+            f"batch id {str(batch_id)[:80]!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.' "
+            "(not starting with '.')",
+            batch_id=str(batch_id)[:80],
+        )
+    return batch_id
+
+
 def sheet_from_records(records: list[dict[str, Any]], name: str = "api.json") -> Sheet:
-    """Rows given as JSON objects become a sheet whose cells are text, exactly like an uploaded CSV."""
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise SheetError("'rows' must be a list of objects (one per image)")
+    """Rows given as JSON objects become a sheet whose cells are text, exactly like an uploaded CSV.
+
+    Row numbers follow a spreadsheet's: the first object is row 2 (row 1 is the header).
+    """
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        raise SheetError("'rows' must be a non-empty list of objects (one per image)")
     columns: list[str] = []
     for record in records:
         for key in record:
-            if key not in columns:
+            if str(key) not in columns:
                 columns.append(str(key))
     rows = [
         SheetRow(number=index + 2, cells={str(k): "" if v is None else _cell_text(v) for k, v in record.items()})
@@ -77,14 +130,11 @@ def _cell_text(value: Any) -> str:
     return str(value)
 
 
-def template_summary(template: Any) -> dict[str, Any]:
-    return template.to_dict() if hasattr(template, "to_dict") else {"name": template.name, "hash": template.hash}
-
-
 def batch_status(services: Any, batch_id: str, with_rows: bool = True) -> dict[str, Any]:
+    """A batch's ledger record, counts, live progress and (optionally) its rows; 404 when unknown."""
     batch = services.ledger.get_batch(batch_id)
     if batch is None:
-        raise BatchError(f"no batch {batch_id!r}; it was not found", batch_id=batch_id)
+        raise not_found(f"no batch {batch_id!r}", batch_id=batch_id)
     summary = services.runner.summary(batch_id)
     progress = services.queue.status(batch_id)
     body: dict[str, Any] = {
@@ -97,22 +147,26 @@ def batch_status(services: Any, batch_id: str, with_rows: bool = True) -> dict[s
             "not_run": summary.cancelled,
             "total": summary.total,
         },
-        "progress": progress.__dict__ if progress is not None else None,
+        "progress": asdict(progress) if progress is not None else None,
     }
     if with_rows:
-        body["rows"] = [_public_row(row) for row in services.ledger.rows(batch_id)]
+        body["rows"] = [public_row(row) for row in services.ledger.rows(batch_id)]
     return body
 
 
-def _public_row(row: dict[str, Any]) -> dict[str, Any]:
-    hidden = {"workflow"}
-    out = {k: v for k, v in row.items() if k not in hidden}
-    if row.get("image_path"):
-        out["image_url"] = f"/api/generations/{row['row_key']}/image"
+def public_row(row: Any) -> dict[str, Any]:
+    """A ledger generation as the API shows it: no rendered workflow, file paths replaced by a URL."""
+    data = row.to_dict() if hasattr(row, "to_dict") else dict(row)
+    hidden = {"workflow", "image_path", "images", "id"}
+    out = {k: v for k, v in data.items() if k not in hidden}
+    if data.get("image_path"):
+        out["image_url"] = f"/api/generations/{data['row_key']}/image"
     return out
 
 
 def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metrics: Any = None) -> Any:
+    """The JSON API as a FastAPI router under ``/api``. ``metrics`` is accepted for symmetry with the
+    server's wiring; the server feeds it from batch events."""
     from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
     from fastapi.responses import FileResponse, StreamingResponse
 
@@ -120,8 +174,19 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
     user = Depends(fastapi_dependency(guard))
     admin_models = Depends(fastapi_dependency(guard, ADMIN, "switch_model"))
     admin_templates = Depends(fastapi_dependency(guard, ADMIN, "upload_template"))
+    del metrics
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise BatchError(f"the request body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise BatchError("the request body must be a JSON object")
+        return body
 
     async def read_upload(upload: UploadFile) -> bytes:
+        """An uploaded file's bytes, never more than one chunk past the upload limit."""
         chunks = []
         total = 0
         while chunk := await upload.read(1024 * 1024):
@@ -131,54 +196,38 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def check_length(request: Request) -> None:
-        upload_limit.check_content_length(request.headers.get("content-length"))
-
-    @router.post("/token", summary="Exchange a user name and password for a bearer token")
-    async def create_token(request: Request) -> Any:
-        body = await request.json()
-        if guard.tokens is None or not guard.users.configured:
-            raise AccessDenied("token login needs users and SD35_JWT_SECRET configured", status=400, reason="not_configured")
-        found = guard.users.authenticate(str(body.get("username", "")), str(body.get("password", "")))
-        if found is None:
-            raise AccessDenied("wrong user name or password", status=401, reason="bad_credentials")
-        ttl = str(body.get("ttl") or "24h")
-        return {"access_token": guard.tokens.create(found, ttl=ttl), "token_type": "bearer", "role": found.role}
-
-    @router.get("/templates", summary="Templates with their field schemas")
-    def list_templates(caller: Any = user) -> Any:
-        return [template_summary(t) for t in services.templates.list()]
-
-    @router.get("/templates/{name}")
-    def get_template(name: str, caller: Any = user) -> Any:
-        return template_summary(services.templates.get(name))
-
-    @router.post("/templates", summary="Add or replace a template (admin)")
-    async def upload_template(
-        request: Request,
-        template_json: UploadFile = File(...),
-        workflow: UploadFile = File(...),
-        caller: Any = admin_templates,
-    ) -> Any:
-        check_length(request)
-        meta = await read_upload(template_json)
-        text = await read_upload(workflow)
-        saved = await asyncio.to_thread(services.templates.add, meta, text)
-        return template_summary(saved)
-
-    def _prepare(template: str, sheet: Sheet, body: dict[str, Any], caller: Any) -> Any:
+    def prepare(template: str, sheet: Sheet, body: dict[str, Any], caller: Any) -> Any:
+        """Validate and render every row; ``on_invalid="stop"`` refuses the batch naming each bad cell."""
+        on_invalid = body.get("on_invalid") or "skip"
+        if on_invalid not in ON_INVALID:
+            raise BatchError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
         seed = body.get("batch_seed")
-        return services.runner.prepare(
+        try:
+            batch_seed = int(seed) if seed not in (None, "") else None
+        except (TypeError, ValueError) as exc:
+            raise BatchError(f"batch_seed must be a whole number, not {seed!r}") from exc
+        batch_id = body.get("batch_id")
+        prepared = services.runner.prepare(
             template,
             sheet,
-            batch_seed=int(seed) if seed not in (None, "") else None,
-            on_invalid=body.get("on_invalid", "skip"),
+            batch_seed=batch_seed,
+            on_invalid="skip",
             user=caller.name,
+            batch_id=check_batch_id(batch_id) if batch_id not in (None, "") else None,
         )
+        problems = prepared.report.problems
+        if on_invalid == "stop" and problems:
+            described = "; ".join(p.describe() for p in problems[:20])
+            raise BatchError(
+                f"{len(prepared.report.bad_rows)} row(s) have problems, nothing was queued: {described}",
+                problems=[asdict(p) for p in problems],
+            )
+        return prepared
 
-    def _submit(prepared: Any, start: bool) -> dict[str, Any]:
+    def submit(prepared: Any, start: bool) -> dict[str, Any]:
         answer: dict[str, Any] = {
             "batch_id": prepared.batch_id,
+            "resumed": prepared.resumed,
             "report": prepared.report.to_dict(),
             "queued_rows": prepared.runnable,
             "started": False,
@@ -189,43 +238,82 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
             answer["started"] = True
         return answer
 
+    @router.post("/token", summary="Exchange a user name and password for a bearer token")
+    async def create_token(request: Request) -> Any:
+        client = request.client.host if request.client else "unknown"
+        # Limited per client address: each attempt costs a password hash, and guessing must stay slow.
+        decision = guard.limiter.check(f"address:{client}", "POST /api/token")
+        if not decision.allowed:
+            raise RateLimited(decision.retry_after_s, decision.headers())
+        body = await json_body(request)
+        if guard.tokens is None or not guard.users.configured:
+            raise AccessDenied(
+                "token login needs users and SD35_JWT_SECRET configured", status=400, reason="not_configured"
+            )
+        found = await asyncio.to_thread(
+            guard.users.authenticate, str(body.get("username", "")), str(body.get("password", ""))
+        )
+        if found is None:
+            raise AccessDenied("wrong user name or password", status=401, reason="bad_credentials")
+        ttl = str(body.get("ttl") or "24h")
+        return {"access_token": guard.tokens.create(found, ttl=ttl), "token_type": "bearer", "role": found.role}
+
+    @router.get("/templates", summary="Templates with their field schemas")
+    def list_templates(caller: Any = user) -> Any:
+        return [t.to_dict() for t in services.templates.list()]
+
+    @router.get("/templates/{name}", summary="One template with its field schema")
+    def get_template(name: str, caller: Any = user) -> Any:
+        if name not in services.templates.names():
+            raise not_found(f"no template {name!r}; available: {', '.join(services.templates.names())}")
+        return services.templates.get(name).to_dict()
+
+    @router.post("/templates", summary="Add or replace a template (admin)")
+    async def upload_template(
+        template_json: UploadFile = File(..., description=TEMPLATE_FILE),
+        workflow: UploadFile = File(..., description=WORKFLOW_FILE),
+        replace: bool = Form(False),
+        caller: Any = admin_templates,
+    ) -> Any:
+        files = {TEMPLATE_FILE: await read_upload(template_json), WORKFLOW_FILE: await read_upload(workflow)}
+        saved = await asyncio.to_thread(services.templates.add, files, replace)
+        return saved.to_dict()
+
     @router.post("/batches", summary="Submit a batch: template + rows as JSON")
     async def submit_batch(request: Request, caller: Any = user) -> Any:
-        check_length(request)
-        body = await request.json()
-        if not isinstance(body, dict) or "template" not in body:
+        body = await json_body(request)
+        if "template" not in body or "rows" not in body:
             raise BatchError("the body needs 'template' and 'rows'")
-        sheet = sheet_from_records(body.get("rows", []))
-        prepared = await asyncio.to_thread(_prepare, body["template"], sheet, body, caller)
-        return _submit(prepared, bool(body.get("start", True)))
+        sheet = sheet_from_records(body["rows"])
+        prepared = await asyncio.to_thread(prepare, str(body["template"]), sheet, body, caller)
+        return submit(prepared, bool(body.get("start", True)))
 
     @router.post("/batches/upload", summary="Submit a batch: template + an uploaded CSV/XLSX sheet")
     async def submit_batch_upload(
-        request: Request,
         template: str = Form(...),
         sheet: UploadFile = File(...),
         sheet_name: str | None = Form(None),
         batch_seed: str | None = Form(None),
+        batch_id: str | None = Form(None),
         on_invalid: str = Form("skip"),
         start: bool = Form(True),
         caller: Any = user,
     ) -> Any:
-        check_length(request)
         data = await read_upload(sheet)
         parsed = await asyncio.to_thread(read_sheet, data, sheet.filename or "upload", sheet_name)
-        body = {"batch_seed": batch_seed, "on_invalid": on_invalid}
-        prepared = await asyncio.to_thread(_prepare, template, parsed, body, caller)
-        return _submit(prepared, start)
+        body = {"batch_seed": batch_seed, "on_invalid": on_invalid, "batch_id": batch_id}
+        prepared = await asyncio.to_thread(prepare, template, parsed, body, caller)
+        return submit(prepared, start)
 
     @router.get("/batches", summary="Recent batches")
-    def list_batches(limit: int = 50, caller: Any = user) -> Any:
-        return services.ledger.list_batches(limit=limit)
+    def list_batches(limit: int = 50, offset: int = 0, caller: Any = user) -> Any:
+        return services.ledger.list_batches(limit=min(max(limit, 1), 500), offset=max(offset, 0))
 
     @router.get("/batches/{batch_id}", summary="A batch's status and per-row results")
     def get_batch(batch_id: str, caller: Any = user) -> Any:
         return batch_status(services, batch_id)
 
-    @router.post("/batches/{batch_id}/cancel")
+    @router.post("/batches/{batch_id}/cancel", summary="Stop a batch between sampler steps")
     def cancel_batch(batch_id: str, caller: Any = user) -> Any:
         batch_status(services, batch_id, with_rows=False)
         services.queue.cancel(batch_id)
@@ -245,17 +333,21 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
 
     @router.post("/generate", summary="One image from a template and field values (waits for it)")
     async def generate(request: Request, caller: Any = user) -> Any:
-        body = await request.json()
-        if not isinstance(body, dict) or "template" not in body:
+        body = await json_body(request)
+        if "template" not in body:
             raise BatchError("the body needs 'template' and 'values'")
         sheet = sheet_from_records([body.get("values") or {}], name="generate.json")
-        prepared = await asyncio.to_thread(_prepare, body["template"], sheet, {"on_invalid": "stop", **body}, caller)
-        services.runner.start(prepared)
-        services.queue.submit(prepared.batch_id)
-        timeout = float(body.get("timeout_s", services.settings.row_timeout_s))
-        await asyncio.to_thread(services.queue.wait, prepared.batch_id, timeout)
+        options = {"on_invalid": "stop", "batch_seed": body.get("batch_seed")}
+        prepared = await asyncio.to_thread(prepare, str(body["template"]), sheet, options, caller)
+        submit(prepared, start=True)
+        timeout = float(body.get("timeout_s") or services.settings.row_timeout_s)
+        progress = await asyncio.to_thread(services.queue.wait, prepared.batch_id, timeout)
         rows = services.ledger.rows(prepared.batch_id)
-        return {"batch_id": prepared.batch_id, "generation": _public_row(rows[0]) if rows else None}
+        return {
+            "batch_id": prepared.batch_id,
+            "state": progress.state if progress is not None else None,
+            "generation": public_row(rows[0]) if rows else None,
+        }
 
     @router.get("/generations", summary="Search the ledger")
     def search(
@@ -269,37 +361,42 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
         caller: Any = user,
     ) -> Any:
         found = services.ledger.search(
-            text=q, batch_id=batch, status=status, date_from=date_from, date_to=date_to, limit=limit, offset=offset
+            text=q, batch_id=batch, status=status, date_from=date_from, date_to=date_to,
+            limit=min(max(limit, 1), 500), offset=max(offset, 0),
         )
-        return [_public_row(r) for r in found]
+        return [public_row(r) for r in found]
 
-    @router.get("/generations/{row_key}")
+    @router.get("/generations/{row_key}", summary="One generation with its parameters")
     def get_generation(row_key: str, caller: Any = user) -> Any:
         row = services.ledger.get_generation(row_key)
         if row is None:
-            raise BatchError(f"generation {row_key!r} not found")
-        return row
+            raise not_found(f"no generation {row_key!r}", row_key=row_key)
+        return public_row(row)
 
-    @router.get("/generations/{row_key}/image")
+    @router.get("/generations/{row_key}/image", summary="The PNG of a generation")
     def get_image(row_key: str, caller: Any = user) -> Any:
         row = services.ledger.get_generation(row_key)
-        if row is None or not row.get("image_path"):
-            raise AccessDenied("no such image", status=404, reason="not_found")
-        path = Path(row["image_path"])
-        safe = resolve_inside(services.settings.outputs_path, str(path.parent.name), path.name)
-        return FileResponse(safe, media_type="image/png")
+        if row is None or not row.image_path:
+            raise not_found(f"no image for {row_key!r}", row_key=row_key)
+        # The ledger's path is trusted only as far as the outputs folder: it is resolved inside it again.
+        outputs = Path(services.settings.outputs_path).resolve()
+        stored = Path(row.image_path).resolve()
+        if outputs not in stored.parents:
+            raise AccessDenied("path outside the allowed folder", status=403, reason="bad_path")
+        relative = stored.relative_to(outputs).as_posix()
+        return FileResponse(resolve_inside(outputs, relative), media_type="image/png")
 
     @router.get("/system", summary="Model in use, device, memory, queue, versions")
     def system(caller: Any = user) -> Any:
         return {
             **services.engine.system_info(),
-            "default_checkpoint": services.runner.default_checkpoint,
+            "allowed_checkpoints": services.runner.allowed_checkpoints(),
             "queue": services.queue.queued(),
         }
 
     @router.post("/system/model", summary="Switch the default checkpoint (admin)")
     async def switch_model(request: Request, caller: Any = admin_models) -> Any:
-        body = await request.json()
+        body = await json_body(request)
         name = str(body.get("checkpoint", ""))
         await asyncio.to_thread(services.runner.switch_checkpoint, name)
         return {"default_checkpoint": services.runner.default_checkpoint}
@@ -308,8 +405,15 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
     def healthz() -> Any:
         return {"ok": True, "time": time.time()}
 
-    _ = metrics
     return router
 
 
-__all__ = ["api_router", "install_error_handlers", "sheet_from_records", "error_status", "batch_status"]
+__all__ = [
+    "api_router",
+    "batch_status",
+    "check_batch_id",
+    "error_status",
+    "install_error_handlers",
+    "public_row",
+    "sheet_from_records",
+]

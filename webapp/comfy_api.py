@@ -1,72 +1,117 @@
 """ComfyUI's HTTP and WebSocket API, served from the same engine and recorded in the same ledger.
 
 Existing ComfyUI clients (scripts, plugins, other apps) talk to this server unchanged: ``POST /prompt``,
-``GET /history[/{id}]``, ``GET /view``, ``GET /queue``, ``POST /queue``, ``POST /interrupt``,
-``GET /object_info[/{class}]``, ``GET /system_stats`` and ``/ws`` progress events. Each prompt is a
-one-row batch in the ledger whose batch id is the prompt id; it runs on the same GPU queue as batches.
+``GET /prompt``, ``GET /history[/{id}]``, ``GET /view``, ``GET /queue``, ``POST /queue``, ``POST /interrupt``,
+``GET /object_info[/{class}]``, ``GET /system_stats`` and ``/ws`` progress events (request and response
+shapes: /work/shared/COMFYUI-COMPAT.md). Each prompt is a one-row batch in the ledger whose batch id is the
+prompt id; it runs on the same GPU queue as spreadsheet batches, and its images land in
+``<outputs>/<prompt_id>/`` (so ``/view`` gets ``subfolder=<prompt_id>``).
 """
-
-from __future__ import annotations
 
 import asyncio
 import itertools
-import json
+import logging
 import mimetypes
 import platform
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from engine.batch import BatchEvent
 from engine.errors import AccessDenied, EngineError, WorkflowFormatError, WorkflowInvalid
-from webapp.guard import ApiGuard, fastapi_dependency
+from engine.logs import log_context
+from engine.store import row_key
+from webapp.api import check_batch_id
 from webapp.files import resolve_inside
+from webapp.guard import ApiGuard, fastapi_dependency
+
+log = logging.getLogger(__name__)
 
 COMFY_KIND = "comfy"
+COMFY_TEMPLATE_NAME = f"({COMFY_KIND})"  # how prepare_workflow records the batch's template
+FINISHED = {"done", "failed", "timed_out", "cancelled"}
+MAX_REMEMBERED_PROMPTS = 1000  # prompt bodies kept for /queue and /history; older ones are read from the ledger
+VIEW_TYPES = ("output", "temp", "input")
+# The ComfyUI release whose API this server answers like (clients gate features on this version).
+COMFYUI_COMPAT_VERSION = "0.3.64"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def comfy_error(exc: EngineError) -> dict[str, Any]:
+    """ComfyUI's 400 body for a refused prompt: ``{"error": {...}, "node_errors": {...}}``."""
+    if isinstance(exc, WorkflowInvalid):
+        return exc.to_comfy()
+    error = {"type": "invalid_prompt", "message": exc.message, "details": "", "extra_info": {}}
+    return {"error": error, "node_errors": {}}
 
 
 class ComfyBridge:
-    """Prompt numbers, the prompt -> client map and the WebSocket fan-out of batch events."""
+    """Prompt numbers, the prompt -> client map, history in ComfyUI's shape and the WebSocket fan-out.
+
+    Batch events arrive on the queue thread (:meth:`on_batch_event`); each connected socket has its own
+    asyncio queue drained by one task on the server's loop, so its messages keep their order.
+    """
 
     def __init__(self, services: Any) -> None:
         self.services = services
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
-        self.prompts: dict[str, dict[str, Any]] = {}  # prompt_id -> {number, client_id, prompt, extra_data}
-        self.sockets: dict[str, set[Any]] = {}  # client_id -> websockets
+        self.prompts: OrderedDict[str, dict[str, Any]] = OrderedDict()  # prompt_id -> number, client, prompt
+        self.sockets: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}  # client_id -> outboxes
         self.loop: asyncio.AbstractEventLoop | None = None
         services.queue.listeners.append(self.on_batch_event)
 
     # ------------------------------------------------------------------ submission
 
-    def submit(self, body: dict[str, Any], user: str) -> dict[str, Any]:
-        prompt = body.get("prompt")
-        if not isinstance(prompt, dict):
+    def submit(self, body: Any, user: str) -> dict[str, Any]:
+        """Validate and queue a prompt; WorkflowInvalid / WorkflowFormatError / BatchError when refused."""
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
             raise WorkflowFormatError("the request body needs a 'prompt' object in ComfyUI's API format")
-        extra_data = body.get("extra_data") or {}
-        png_extra: dict[str, Any] = {}
-        extra_pnginfo = extra_data.get("extra_pnginfo") if isinstance(extra_data, dict) else None
-        if isinstance(extra_pnginfo, dict):
-            png_extra.update({str(k): v for k, v in extra_pnginfo.items()})
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        prompt = body["prompt"]
+        extra_data = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
+        extra_pnginfo = extra_data.get("extra_pnginfo")
+        # 'prompt' is always the API JSON the engine ran; a client cannot replace that chunk.
+        png_extra = {str(k): v for k, v in extra_pnginfo.items() if k != "prompt"} if isinstance(extra_pnginfo, dict) else {}
+        prompt_id = check_batch_id(str(body.get("prompt_id") or uuid.uuid4()))
         if self.services.ledger.get_batch(prompt_id) is not None:
             raise WorkflowFormatError(f"prompt_id {prompt_id} was already used")
-        runner = self.services.runner
-        prepared = runner.prepare_workflow(prompt, user=user, batch_id=prompt_id, png_extra=png_extra, kind=COMFY_KIND)
-        runner.start(prepared)
-        with self._lock:
-            number = next(self._numbers)
-            self.prompts[prompt_id] = {
-                "number": number,
-                "client_id": body.get("client_id"),
-                "prompt": prompt,
-                "extra_data": extra_data,
-                "outputs": self._output_nodes(prompt),
-            }
-        self.services.queue.submit(prompt_id)
+        client_id = body.get("client_id") or extra_data.get("client_id")
+        with log_context(prompt_id=prompt_id, user=user):
+            runner = self.services.runner
+            prepared = runner.prepare_workflow(
+                prompt, user=user, batch_id=prompt_id, png_extra=png_extra or None, kind=COMFY_KIND
+            )
+            runner.start(prepared)
+            with self._lock:
+                number = next(self._numbers)
+                self.prompts[prompt_id] = {
+                    "number": number,
+                    "client_id": client_id,
+                    "prompt": prompt,
+                    "extra_data": extra_data,
+                    "outputs": self._output_nodes(prompt),
+                }
+                self._forget_old()
+            self.services.queue.submit(prompt_id)
+            log.info("prompt queued (number %d)", number)
         return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+
+    def _forget_old(self) -> None:
+        """Keep at most MAX_REMEMBERED_PROMPTS, dropping the oldest finished ones (caller holds the lock)."""
+        excess = len(self.prompts) - MAX_REMEMBERED_PROMPTS
+        for prompt_id in list(self.prompts):
+            if excess <= 0:
+                break
+            progress = self.services.queue.status(prompt_id)
+            if progress is None or progress.state not in {"queued", "running"}:
+                del self.prompts[prompt_id]
+                excess -= 1
 
     def _output_nodes(self, prompt: dict[str, Any]) -> list[str]:
         registry = self.services.engine.registry
@@ -80,69 +125,86 @@ class ComfyBridge:
     # --------------------------------------------------------------------- history
 
     def history_entry(self, prompt_id: str) -> dict[str, Any] | None:
+        """ComfyUI's history entry of a finished prompt; None while it is unknown, queued or running."""
         batch = self.services.ledger.get_batch(prompt_id)
-        if batch is None:
+        if batch is None or batch.get("template_name") != COMFY_TEMPLATE_NAME:
             return None
         rows = self.services.ledger.rows(prompt_id)
-        row = rows[0] if rows else {}
+        if not rows or rows[0].status not in FINISHED:
+            return None
+        row = rows[0]
         meta = self.prompts.get(prompt_id) or {}
-        workflow = row.get("workflow")
-        if isinstance(workflow, str):
-            workflow = json.loads(workflow)
-        status = row.get("status", "queued")
+        workflow = row.workflow or {}
         outputs: dict[str, Any] = {}
-        for image in _images_of(row):
-            node = image.get("node_id") or "9"
-            outputs.setdefault(node, {"images": []})["images"].append(
-                {"filename": image["filename"], "subfolder": prompt_id, "type": "output"}
-            )
-        messages: list[Any] = []
-        if status == "done":
-            messages = [["execution_start", {"prompt_id": prompt_id}], ["execution_success", {"prompt_id": prompt_id}]]
-        elif status in {"failed", "timed_out", "cancelled"}:
-            messages = [
-                ["execution_start", {"prompt_id": prompt_id}],
-                ["execution_error", {"prompt_id": prompt_id, "exception_message": row.get("error") or status}],
-            ]
-        completed = status == "done"
+        for image in self.images_of(row):
+            outputs.setdefault(image.pop("node_id") or "output", {"images": []})["images"].append(image)
+        started = {"prompt_id": prompt_id, "timestamp": _now_ms()}
+        if row.status == "done":
+            messages = [["execution_start", started], ["execution_success", started]]
+        else:
+            failure = {**started, "exception_message": row.error or row.status, "exception_type": row.status}
+            kind = "execution_interrupted" if row.status == "cancelled" else "execution_error"
+            messages = [["execution_start", started], [kind, failure]]
         return {
             "prompt": [
                 meta.get("number", 0),
                 prompt_id,
-                workflow or {},
+                meta.get("prompt", workflow),
                 meta.get("extra_data", {}),
-                meta.get("outputs") or self._output_nodes(workflow or {}),
+                meta.get("outputs") or self._output_nodes(workflow),
             ],
             "outputs": outputs,
             "status": {
-                "status_str": "success" if completed else ("error" if status not in {"queued", "running"} else status),
-                "completed": completed,
+                "status_str": "success" if row.status == "done" else "error",
+                "completed": row.status == "done",
                 "messages": messages,
             },
+            "meta": {node: {"node_id": node, "display_node": node} for node in outputs},
         }
 
+    def images_of(self, row: Any) -> list[dict[str, Any]]:
+        """A row's images as ComfyUI addresses them: filename, subfolder (under the outputs), type."""
+        outputs = Path(self.services.settings.outputs_path).resolve()
+        images = row.images or ([{"path": row.image_path, "node_id": None}] if row.image_path else [])
+        found = []
+        for image in images:
+            path = Path(image["path"]).resolve()
+            subfolder = path.parent.relative_to(outputs).as_posix() if outputs in path.parents else ""
+            found.append(
+                {"filename": path.name, "subfolder": subfolder, "type": "output", "node_id": image.get("node_id")}
+            )
+        return found
+
     def history(self, max_items: int | None = None) -> dict[str, Any]:
-        batches = [b for b in self.services.ledger.list_batches(limit=max_items or 200) if _is_comfy(b)]
+        """Finished prompts, oldest first (the most recent ``max_items`` when given)."""
+        batches = self.services.ledger.list_batches(limit=max(1, min(max_items or 200, 1000)))
         result = {}
-        for batch in batches:
-            entry = self.history_entry(batch["id"])
-            if entry is not None and entry["status"]["status_str"] in {"success", "error"}:
+        for batch in reversed(batches):
+            entry = self.history_entry(batch["id"]) if batch.get("template_name") == COMFY_TEMPLATE_NAME else None
+            if entry is not None:
                 result[batch["id"]] = entry
         return result
 
     def queue_state(self) -> dict[str, Any]:
         running, pending = [], []
-        for batch_id in [*self._running_ids(), *self.services.queue.queued()]:
-            meta = self.prompts.get(batch_id)
-            if meta is None:
+        with self._lock:
+            remembered = list(self.prompts.items())
+        for prompt_id, meta in remembered:
+            progress = self.services.queue.status(prompt_id)
+            if progress is None or progress.state not in {"queued", "running"}:
                 continue
-            item = [meta["number"], batch_id, meta["prompt"], meta["extra_data"], meta["outputs"]]
-            progress = self.services.queue.status(batch_id)
-            (running if progress is not None and progress.state == "running" else pending).append(item)
+            item = [meta["number"], prompt_id, meta["prompt"], meta["extra_data"], meta["outputs"]]
+            (running if progress.state == "running" else pending).append(item)
         return {"queue_running": running, "queue_pending": pending}
 
-    def _running_ids(self) -> list[str]:
-        return [b for b in self.prompts if (p := self.services.queue.status(b)) is not None and p.state == "running"]
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            remembered = list(self.prompts)
+        return [p for p in remembered if (s := self.services.queue.status(p)) is not None and s.state == "running"]
+
+    def queue_remaining(self) -> int:
+        state = self.queue_state()
+        return len(state["queue_running"]) + len(state["queue_pending"])
 
     # ------------------------------------------------------------------ websockets
 
@@ -151,17 +213,17 @@ class ComfyBridge:
         meta = self.prompts.get(event.batch_id)
         if meta is None or self.loop is None:
             return
-        for message in self._messages(event, meta):
+        for message in self._messages(event):
             self._send(meta.get("client_id"), message)
 
-    def _messages(self, event: BatchEvent, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    def _messages(self, event: BatchEvent) -> list[dict[str, Any]]:
         pid = event.batch_id
         if event.kind == "batch_started":
-            return [{"type": "execution_start", "data": {"prompt_id": pid, "timestamp": int(time.time() * 1000)}}]
+            return [{"type": "execution_start", "data": {"prompt_id": pid, "timestamp": _now_ms()}}]
         if event.kind == "node":
             return [{"type": "executing", "data": {"node": event.node_id, "display_node": event.node_id, "prompt_id": pid}}]
         if event.kind == "cached":
-            return [{"type": "execution_cached", "data": {"nodes": [event.node_id], "prompt_id": pid}}]
+            return [{"type": "execution_cached", "data": {"nodes": [event.node_id], "prompt_id": pid, "timestamp": _now_ms()}}]
         if event.kind == "step":
             return [{"type": "progress", "data": {"value": event.step, "max": event.steps, "prompt_id": pid, "node": event.node_id}}]
         if event.kind == "row_done":
@@ -172,63 +234,57 @@ class ComfyBridge:
             ]
             return [
                 *executed,
-                {"type": "execution_success", "data": {"prompt_id": pid, "timestamp": int(time.time() * 1000)}},
+                {"type": "execution_success", "data": {"prompt_id": pid, "timestamp": _now_ms()}},
                 {"type": "executing", "data": {"node": None, "prompt_id": pid}},
-                self._status(),
             ]
         if event.kind == "row_failed":
-            kind = "execution_interrupted" if (event.error or "").startswith("cancelled") else "execution_error"
+            row = self.services.ledger.get_generation(row_key(pid, event.row_number or 1))
+            interrupted = row is not None and row.status == "cancelled"
+            data = {"prompt_id": pid, "timestamp": _now_ms()}
+            if not interrupted:
+                data.update(exception_message=event.error, exception_type="ExecutionError", traceback=[])
             return [
-                {
-                    "type": kind,
-                    "data": {
-                        "prompt_id": pid,
-                        "node_id": event.node_id,
-                        "exception_message": event.error,
-                        "exception_type": "ExecutionError",
-                        "traceback": [],
-                        "timestamp": int(time.time() * 1000),
-                    },
-                },
-                self._status(),
+                {"type": "execution_interrupted" if interrupted else "execution_error", "data": data},
+                {"type": "executing", "data": {"node": None, "prompt_id": pid}},
             ]
+        if event.kind == "batch_done":
+            return [self.status_message()]
         return []
 
-    def _status(self) -> dict[str, Any]:
-        remaining = len(self.services.queue.queued()) + len(self._running_ids())
-        return {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": remaining}}}}
+    def status_message(self) -> dict[str, Any]:
+        return {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": self.queue_remaining()}}}}
 
     def _send(self, client_id: str | None, message: dict[str, Any]) -> None:
-        targets = self.sockets.get(client_id, set()) if client_id else set().union(*self.sockets.values()) if self.sockets else set()
-        for socket in list(targets):
-            asyncio.run_coroutine_threadsafe(_safe_send(socket, message), self.loop)  # type: ignore[arg-type]
+        """Queue ``message`` for the client's sockets (every socket when the prompt named no client)."""
+        with self._lock:
+            if client_id:
+                outboxes = list(self.sockets.get(client_id, ()))
+            else:
+                outboxes = [box for boxes in self.sockets.values() for box in boxes]
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        for outbox in outboxes:
+            loop.call_soon_threadsafe(outbox.put_nowait, message)
 
+    def connect(self, client_id: str) -> asyncio.Queue[dict[str, Any]]:
+        outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        with self._lock:
+            self.sockets.setdefault(client_id, set()).add(outbox)
+        return outbox
 
-async def _safe_send(socket: Any, message: dict[str, Any]) -> None:
-    try:
-        await socket.send_json(message)
-    except Exception:  # the client went away; its socket is dropped on disconnect
-        pass
-
-
-def _is_comfy(batch: dict[str, Any]) -> bool:
-    return batch.get("template_name") == f"({COMFY_KIND})"
-
-
-def _images_of(row: dict[str, Any]) -> list[dict[str, Any]]:
-    record = row.get("record") or {}
-    if isinstance(record, str):
-        record = json.loads(record)
-    images = record.get("images") if isinstance(record, dict) else None
-    if images:
-        return [{"filename": Path(i["file"]).name, "node_id": i.get("node_id")} for i in images]
-    if row.get("image_path"):
-        return [{"filename": Path(row["image_path"]).name, "node_id": None}]
-    return []
+    def disconnect(self, client_id: str, outbox: asyncio.Queue[dict[str, Any]]) -> None:
+        with self._lock:
+            boxes = self.sockets.get(client_id)
+            if boxes is not None:
+                boxes.discard(outbox)
+                if not boxes:
+                    del self.sockets[client_id]
 
 
 def comfy_router(services: Any, guard: ApiGuard) -> Any:
-    """The ComfyUI-compatible routes as a FastAPI router (mounted at the server's root)."""
+    """The ComfyUI-compatible routes as a FastAPI router (mounted at the server's root); ``.bridge`` is its
+    :class:`ComfyBridge`."""
     from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
     from fastapi.responses import FileResponse, JSONResponse
 
@@ -243,19 +299,17 @@ def comfy_router(services: Any, guard: ApiGuard) -> Any:
         try:
             body = await request.json()
         except ValueError:
-            return JSONResponse({"error": {"type": "invalid_prompt", "message": "body is not JSON", "details": "", "extra_info": {}}, "node_errors": {}}, 400)
+            return JSONResponse(comfy_error(WorkflowFormatError("the request body is not JSON")), 400)
         try:
             return await asyncio.to_thread(bridge.submit, body, caller.name)
-        except WorkflowInvalid as exc:
-            return JSONResponse(exc.to_comfy(), 400)
-        except WorkflowFormatError as exc:
-            error = {"type": "invalid_prompt", "message": exc.message, "details": "", "extra_info": {}}
-            return JSONResponse({"error": error, "node_errors": {}}, 400)
+        except AccessDenied:
+            raise
+        except EngineError as exc:  # ComfyUI answers every refused prompt with a 400 in its own shape
+            return JSONResponse(comfy_error(exc), 400)
 
     @router.get("/prompt")
     def get_prompt_info(caller: Any = user) -> Any:
-        remaining = len(services.queue.queued()) + len(bridge._running_ids())
-        return {"exec_info": {"queue_remaining": remaining}}
+        return {"exec_info": {"queue_remaining": bridge.queue_remaining()}}
 
     @router.get("/history")
     def get_history(max_items: int | None = Query(None), caller: Any = user) -> Any:
@@ -272,12 +326,17 @@ def comfy_router(services: Any, guard: ApiGuard) -> Any:
 
     @router.post("/queue")
     async def post_queue(request: Request, caller: Any = user) -> Any:
-        body = await request.json()
-        targets = list(body.get("delete", [])) if isinstance(body, dict) else []
-        if isinstance(body, dict) and body.get("clear"):
-            targets += [b for b in services.queue.queued() if b in bridge.prompts]
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        targets = [str(p) for p in body.get("delete", [])] if isinstance(body.get("delete"), list) else []
+        if body.get("clear"):
+            targets += [item[1] for item in bridge.queue_state()["queue_pending"]]
+        pending = {item[1] for item in bridge.queue_state()["queue_pending"]}
         for prompt_id in targets:
-            if prompt_id in bridge.prompts:
+            if prompt_id in pending:  # ComfyUI deletes queued prompts only; running ones need /interrupt
                 services.queue.cancel(prompt_id)
         return {}
 
@@ -288,7 +347,7 @@ def comfy_router(services: Any, guard: ApiGuard) -> Any:
         except ValueError:
             body = {}
         wanted = body.get("prompt_id") if isinstance(body, dict) else None
-        for prompt_id in bridge._running_ids():
+        for prompt_id in bridge.running_ids():
             if wanted is None or wanted == prompt_id:
                 services.queue.cancel(prompt_id)
         return {}
@@ -299,8 +358,7 @@ def comfy_router(services: Any, guard: ApiGuard) -> Any:
 
     @router.get("/object_info/{node_class}")
     def get_object_info_one(node_class: str, caller: Any = user) -> Any:
-        info = services.engine.object_info()
-        return {node_class: info[node_class]} if node_class in info else {}
+        return services.engine.object_info(node_class)
 
     @router.get("/system_stats")
     def get_system_stats(caller: Any = user) -> Any:
@@ -308,43 +366,53 @@ def comfy_router(services: Any, guard: ApiGuard) -> Any:
 
     @router.get("/view")
     def get_view(filename: str, subfolder: str = "", type: str = "output", caller: Any = user) -> Any:
-        roots = {"output": services.settings.outputs_path, "temp": Path(services.settings.data_dir) / "temp", "input": services.settings.uploads_path}
+        settings = services.settings
+        roots = {
+            "output": Path(settings.outputs_path),
+            "temp": Path(settings.data_path) / "temp",
+            "input": Path(settings.uploads_path),
+        }
         if type not in roots:
-            raise AccessDenied(f"type must be one of {', '.join(roots)}", status=400, reason="bad_type")
-        path = resolve_inside(Path(roots[type]), subfolder, filename)
+            raise AccessDenied(f"type must be one of {', '.join(VIEW_TYPES)}", status=400, reason="bad_type")
+        path = resolve_inside(roots[type], subfolder, filename)
         media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media, filename=path.name, content_disposition_type="inline")
 
     @router.websocket("/ws")
     async def websocket(socket: WebSocket, clientId: str | None = None, token: str | None = None) -> None:  # noqa: N803
         try:
-            caller = guard.identify(socket.headers.get("authorization"), token)
+            guard.identify(socket.headers.get("authorization"), token)
         except AccessDenied:
-            await socket.close(code=4401)
+            await socket.close(code=4401)  # before accept: the handshake is refused
             return
         bridge.loop = asyncio.get_running_loop()
         client = clientId or uuid.uuid4().hex
         await socket.accept()
-        bridge.sockets.setdefault(client, set()).add(socket)
-        try:
-            status = bridge._status()
-            status["data"]["sid"] = client
-            await socket.send_json(status)
+        outbox = bridge.connect(client)
+        greeting = bridge.status_message()
+        greeting["data"]["sid"] = client
+        await socket.send_json(greeting)
+
+        async def forward() -> None:
             while True:
+                await socket.send_json(await outbox.get())
+
+        sender = asyncio.create_task(forward())
+        try:
+            while True:  # clients may send nothing; reading notices the disconnect
                 await socket.receive_text()
         except WebSocketDisconnect:
             pass
         finally:
-            bridge.sockets.get(client, set()).discard(socket)
-            _ = caller
+            sender.cancel()
+            bridge.disconnect(client, outbox)
 
     return router
 
 
 def system_stats(services: Any) -> dict[str, Any]:
+    """ComfyUI's ``/system_stats``: OS, RAM, versions and one entry per device."""
     import torch
-
-    from engine import __version__ as version
 
     try:
         import psutil
@@ -369,13 +437,17 @@ def system_stats(services: Any) -> dict[str, Any]:
                 }
             )
     else:
-        devices.append({"name": "cpu", "type": "cpu", "index": None, "vram_total": ram_total, "vram_free": ram_free, "torch_vram_total": 0, "torch_vram_free": 0})
+        devices.append(
+            {"name": "cpu", "type": "cpu", "index": None, "vram_total": ram_total, "vram_free": ram_free,
+             "torch_vram_total": 0, "torch_vram_free": 0}
+        )
     return {
         "system": {
             "os": platform.system().lower(),
             "ram_total": ram_total,
             "ram_free": ram_free,
-            "comfyui_version": f"sd35-batch {version}",
+            "comfyui_version": COMFYUI_COMPAT_VERSION,
+            "server": "sd35-batch",
             "python_version": platform.python_version(),
             "pytorch_version": torch.__version__,
             "embedded_python": False,
@@ -385,5 +457,4 @@ def system_stats(services: Any) -> dict[str, Any]:
     }
 
 
-__all__ = ["ComfyBridge", "comfy_router", "system_stats"]
-_ = EngineError
+__all__ = ["ComfyBridge", "comfy_error", "comfy_router", "system_stats"]

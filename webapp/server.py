@@ -1,7 +1,14 @@
-"""The web app factory: a FastAPI app with the Gradio UI mounted, login, and authenticated file routes.
+"""The web app factory: one FastAPI app serving the Gradio UI, the JSON API, the ComfyUI-compatible routes,
+login, authenticated file routes and Prometheus metrics.
 
-``create_app(settings)`` returns ``(app, services)``. The JSON API (webapp/api.py) can add its routes to
-the same FastAPI app, so both shells share one engine, one ledger and one batch queue in one process.
+``create_app(settings)`` returns ``(app, services)``: every shell shares one engine, one ledger and one batch
+queue in one process. Routes are added before Gradio is mounted at ``/`` (the mount answers every path it
+is given, so anything added after it would never be reached).
+
+Request flow: :class:`webapp.metrics.HttpMetricsMiddleware` (outermost, so refusals are counted) ->
+:class:`webapp.ratelimit.UploadLimitMiddleware` (bodies over ``max_upload_mb`` are refused before they are
+read whole) -> the routes. The JSON API and the ComfyUI routes go through one
+:class:`webapp.guard.ApiGuard` (bearer tokens when configured, rate limits per user and route, admin roles).
 
 Sign-in: when users are configured (a users file or ``SD35_USERS``), ``/login`` checks the password with
 :class:`webapp.auth.UserStore` and sets an HttpOnly session cookie holding a signed token; the Gradio app
@@ -17,6 +24,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,14 +32,20 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Form, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from engine.archive import iter_zip_stream
+from engine.batch import BatchEvent
 from engine.errors import AccessDenied
+from engine.logs import configure_logging
 from engine.settings import Settings
+from engine.store import row_key
 from webapp.auth import TokenIssuer, User, UserStore, load_users
 from webapp.files import resolve_inside
+from webapp.guard import ApiGuard
 from webapp.i18n import gradio_i18n, language_of_request, text
+from webapp.metrics import GENERATION_STATUSES, HttpMetricsMiddleware, Metrics
+from webapp.ratelimit import RateLimiter, UploadLimit, UploadLimitMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +96,70 @@ def session_issuer(settings: Settings) -> TokenIssuer:
     if settings.jwt_secret:
         return TokenIssuer.from_settings(settings)
     return TokenIssuer.for_process(settings.jwt_issuer, settings.jwt_audience)
+
+
+def api_guard(settings: Settings, users: UserStore) -> ApiGuard:
+    """The guard of the JSON API and the ComfyUI routes: tokens only when a signing key is configured."""
+    tokens = TokenIssuer.from_settings(settings) if settings.jwt_secret else None
+    return ApiGuard(users, tokens, RateLimiter(int(settings.rate_limit_per_minute)))
+
+
+class BatchMetrics:
+    """Keeps :class:`Metrics` current: finished rows from batch events, gauges from live state.
+
+    :meth:`on_batch_event` is a :class:`engine.batch.BatchQueue` listener (it runs on the queue thread);
+    :meth:`refresh` reads the queue and the model cache, and runs before every scrape as well, so gauges
+    are right even when nothing happened since the last event.
+    """
+
+    def __init__(self, metrics: Metrics, services: Any) -> None:
+        self.metrics = metrics
+        self.services = services
+        self._loads_seen: set[tuple[str, str, float]] = set()
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+
+    def on_batch_event(self, event: BatchEvent) -> None:
+        with self._lock:
+            if event.kind == "batch_started":
+                self._running.add(event.batch_id)
+            elif event.kind == "batch_done":
+                self._running.discard(event.batch_id)
+        if event.kind in ("row_done", "row_failed") and event.row_number is not None:
+            row = self.services.ledger.get_generation(row_key(event.batch_id, event.row_number))
+            if row is not None and row.status in GENERATION_STATUSES:
+                self.metrics.observe_generation(row.status, row.duration_s, row.sampler_s, row.steps)
+        elif event.kind == "batch_started" and event.done == 0:
+            # Rows refused at validation never run; count them once, when the batch first starts.
+            counts = self.services.ledger.batch_summary(event.batch_id)["counts"]
+            for _ in range(counts.get("skipped", 0)):
+                self.metrics.observe_generation("skipped")
+        if event.kind != "step":
+            self.refresh()
+
+    def refresh(self) -> None:
+        queue = self.services.queue
+        waiting = 0
+        for batch_id in queue.queued():
+            waiting += self.services.ledger.batch_summary(batch_id)["counts"].get("queued", 0)
+        with self._lock:
+            # A batch that died with an exception never sends batch_done; the queue knows it stopped.
+            running = [p for p in map(queue.status, self._running) if p is not None and p.state == "running"]
+            self._running = {p.batch_id for p in running}
+        waiting += sum(p.remaining for p in running)
+        self.metrics.set_queue_depth(waiting)
+        self.metrics.set_batches_running(len(running))
+        loaded = self.services.engine.models.loaded()
+        self.metrics.set_resident_models(len(loaded))
+        with self._lock:
+            fresh = []
+            for entry in loaded:
+                key = (entry["kind"], entry["name"], float(entry["load_seconds"]))
+                if key not in self._loads_seen:
+                    self._loads_seen.add(key)
+                    fresh.append(entry)
+        for entry in fresh:
+            self.metrics.observe_model_load(entry["name"], float(entry["load_seconds"]))
 
 
 def file_url(outputs: Path, path: str | Path) -> str:
@@ -157,11 +235,18 @@ def create_app(
     import gradio as gr
 
     from engine.services import build_services
+    from webapp.api import api_router, install_error_handlers
+    from webapp.comfy_api import comfy_router
     from webapp.ui import CSS, build_ui
 
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
     auth = WebAuth(users, session_issuer(settings))
+    guard = api_guard(settings, users)
+    upload_limit = UploadLimit.from_megabytes(settings.max_upload_mb)
+    metrics = Metrics()
+    batch_metrics = BatchMetrics(metrics, services)
+    services.queue.listeners.append(batch_metrics.on_batch_event)
     outputs = Path(settings.outputs_path)
 
     @asynccontextmanager
@@ -175,11 +260,9 @@ def create_app(
     app = FastAPI(title="SD3.5 batch images", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.services = services
     app.state.auth = auth
-
-    @app.exception_handler(AccessDenied)
-    async def access_denied(request: Request, exc: AccessDenied):
-        headers = {"WWW-Authenticate": "Cookie"} if exc.status == 401 else None
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+    app.state.guard = guard
+    app.state.metrics = metrics
+    install_error_handlers(app)  # every library error, AccessDenied included, answered in one place
 
     @app.middleware("http")
     async def require_session(request: Request, call_next):
@@ -249,6 +332,21 @@ def create_app(
         signed_in(request)
         return FileResponse(resolve_inside(outputs, relative))
 
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics():
+        batch_metrics.refresh()
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.include_router(api_router(services, guard, upload_limit, metrics))
+    comfy = comfy_router(services, guard)
+    app.include_router(comfy)
+    app.state.comfy = comfy.bridge
+
+    # Added last = outermost: the metrics middleware sees the upload limit's 413s.
+    app.add_middleware(UploadLimitMiddleware, limit=upload_limit)
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+
     blocks = build_ui(services, settings, users=users)
     gr.mount_gradio_app(
         app,
@@ -268,20 +366,29 @@ def create_app(
 
 
 def serve(settings: Settings, engine: Any = None, environ: Mapping[str, str] | None = None) -> None:
-    """Run the web app with uvicorn on the address :func:`listen_address` picks (``python app.py``)."""
+    """Run the web app with uvicorn on the address :func:`listen_address` picks (``python app.py``).
+
+    Logs go to stderr in ``settings.log_format`` (JSON lines or the console format), uvicorn's own
+    included: it is started without a logging config of its own so its records reach the same handler.
+    """
     import uvicorn
 
+    configure_logging(settings.log_format, "INFO")
     users = load_users(settings, environ)
     host, port, note = listen_address(settings, users, environ)
     if note:
         log.warning(note)
-    app, _ = create_app(settings, engine, users=users)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app, services = create_app(settings, engine, users=users)
+    log.info(services.engine.describe_model_banner())
+    log.info("serving on http://%s:%d", host, port)
+    uvicorn.run(app, host=host, port=port, log_config=None, log_level="info")
 
 
 __all__ = [
     "SESSION_COOKIE",
+    "BatchMetrics",
     "WebAuth",
+    "api_guard",
     "create_app",
     "file_url",
     "listen_address",

@@ -38,7 +38,6 @@ from engine.fp8.calibrate import (
     CalibrationResult,
     calibrate,
     calibrate_checkpoint,
-    calibration_workflow,
     load_calibration_prompts,
     make_prompt_runner,
 )
@@ -111,7 +110,6 @@ __all__ = [
     # calibration and sidecars
     "calibrate",
     "calibrate_checkpoint",
-    "calibration_workflow",
     "CalibrationResult",
     "make_prompt_runner",
     "load_calibration_prompts",

@@ -143,28 +143,6 @@ def _te_calibration_context(te_layers: list) -> contextlib.AbstractContextManage
     return te.fp8_autocast(enabled=False, calibrating=True, fp8_recipe=transformer_engine_recipe())
 
 
-def calibration_workflow(
-    checkpoint: str, prompt: str, *, steps: int, seed: int, size: int, cfg: float = 4.0
-) -> dict[str, Any]:
-    """The API workflow sampled per calibration prompt: SD3.5's basic text-to-image graph, previewed."""
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-                "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "sgm_uniform",
-                "denoise": 1.0,
-            },
-        },
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
-    }
-
-
 def calibrate_checkpoint(
     settings: "Settings",
     checkpoint: str | None = None,
@@ -179,12 +157,13 @@ def calibrate_checkpoint(
 ) -> Path:
     """Calibrate the FP8 activation scales of ``checkpoint`` (default: the default checkpoint).
 
-    The checkpoint loads through the engine's model cache in high precision (``precision=fp8`` counts
-    as ``auto`` here, and existing sidecars are ignored), each prompt (the shipped set, or one a line
-    from ``prompts_file``) is sampled for ``steps`` steps at ``size`` x ``size`` with the real nodes,
-    and the per-layer input maxima become the sidecar: beside the checkpoint file, or under
-    ``<data_dir>/fp8/`` for the built-in demo, tied to the checkpoint's sha256. Returns its path;
-    the next FP8 load of that checkpoint applies the scales.
+    The checkpoint loads through the model cache the settings describe, in high precision
+    (``precision=fp8`` counts as ``auto`` here, and existing sidecars are ignored). Each prompt (the
+    shipped set, or one a line from ``prompts_file``) goes through the real nodes, CLIPTextEncode and
+    KSampler (euler, sgm_uniform, ``cfg``), for ``steps`` steps at ``size`` x ``size``; no image is
+    decoded, since only the transformer's activations matter. The per-layer input maxima become the
+    sidecar, beside the checkpoint file (under ``<data_dir>/fp8/`` for the built-in demo) and tied to
+    the checkpoint's sha256. Returns its path; the next FP8 load of that checkpoint applies the scales.
     """
     import dataclasses
 
@@ -192,40 +171,53 @@ def calibrate_checkpoint(
 
     from engine.fp8.policy import sidecar_location
     from engine.fp8.sidecar import checkpoint_sha256, save_sidecar
-    from engine.runtime import Engine, build_model_cache
+    from engine.nodes import default_registry
+    from engine.nodes.context import NodeContext
+    from engine.runtime import build_model_cache
 
     if steps < 1:
         raise Fp8Error(f"calibration needs at least one sampler step, got {steps}", steps=steps)
+    if size < 16 or size % 16:
+        raise Fp8Error(f"calibration size must be a positive multiple of 16, got {size}", size=size)
     name = checkpoint or settings.default_checkpoint
     prompts = load_calibration_prompts(prompts_file)
     calibration_settings = dataclasses.replace(
         settings, precision="auto" if settings.precision == "fp8" else settings.precision, compile=False
     )
-    engine = Engine(calibration_settings, models=build_model_cache(calibration_settings, use_sidecars=False))
-    ref = engine.models.resolver.resolve("checkpoints", name)
-    model, clip, vae = engine.models.checkpoint(name)
-    if clip is None or vae is None:
+    models = build_model_cache(calibration_settings, use_sidecars=False)
+    ref = models.resolver.resolve("checkpoints", name)
+    registry = default_registry()
+    temp_dir = Path(settings.data_dir) / "temp"
+    ctx = NodeContext(models=models, output_dir=temp_dir, temp_dir=temp_dir, device=models.device)
+
+    def node(class_type: str) -> Any:
+        return registry.get(class_type)()
+
+    model, clip, _vae = node("CheckpointLoaderSimple").run(ctx, ckpt_name=name)
+    if clip is None:
         raise Fp8Error(
-            f"checkpoint '{name}' has no text encoders or no VAE; calibration samples whole images from one "
-            "checkpoint (CheckpointLoaderSimple), so it needs a checkpoint that holds them",
+            f"checkpoint '{name}' holds no text encoders; calibration encodes its prompts with the "
+            "checkpoint's own CLIP, so it needs a checkpoint that includes them",
             checkpoint=name,
         )
-    sha = model.sha256 or checkpoint_sha256(ref.path)
-    temp_dir = Path(settings.data_dir) / "temp"
+    encode, sampler = node("CLIPTextEncode"), node("KSampler")
+    (negative,) = encode.run(ctx, text="", clip=clip)
+    (latent,) = node("EmptySD3LatentImage").run(ctx, width=size, height=size, batch_size=1)
 
     with tqdm(total=len(prompts), unit="prompt", desc=f"calibrating {name}", disable=not progress) as bar:
 
         def generate(prompt: str, steps: int, seed: int) -> None:
-            workflow = calibration_workflow(name, prompt, steps=steps, seed=seed, size=size, cfg=cfg)
-            result = engine.run(workflow, output_dir=temp_dir)
-            for image in result.images:  # previews only: the activations were the point
-                Path(image.path).unlink(missing_ok=True)
+            (positive,) = encode.run(ctx, text=prompt, clip=clip)
+            sampler.run(
+                ctx, model=model, seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="sgm_uniform",
+                positive=positive, negative=negative, latent_image=latent, denoise=1.0,
+            )
             bar.update(1)
 
         result = calibrate(model.transformer, make_prompt_runner(generate, steps=steps, seed=seed), prompts, margin=margin)
-    target = sidecar_location(ref.name, ref.path, settings.data_dir)
+    sha = model.sha256 or checkpoint_sha256(ref.path)
     path = save_sidecar(
-        target,
+        sidecar_location(ref.name, ref.path, settings.data_dir),
         result.scales,
         sha,
         extra_metadata={"checkpoint": name, "prompts": len(prompts), "steps": steps, "size": size,

@@ -31,7 +31,14 @@ import torch
 from torch import nn
 
 from engine.errors import Fp8Error
-from engine.fp8.backends import BACKEND_CHOICES, FP8_MIN_CAPABILITY, BackendChoice, choose_backend, compile_blocks
+from engine.fp8.backends import (
+    BACKEND_CHOICES,
+    FP8_MIN_CAPABILITY,
+    BackendChoice,
+    choose_backend,
+    compile_blocks,
+    fp8_compute_problem,
+)
 from engine.fp8.linear import Fp8Linear
 from engine.fp8.quantize import (
     apply_activation_scales,
@@ -102,6 +109,18 @@ def fp8_precision_string(backend: str, model: nn.Module) -> str:
     return f"{FP8_FORMAT}/{backend}/{activation_scaling(model)}"
 
 
+def fallback_message(
+    requested: str, device: torch.device, compute_dtype: torch.dtype, choice: BackendChoice
+) -> str:
+    """Why FP8 compute was not possible and what runs instead (logged whenever that happens)."""
+    reason = fp8_compute_problem(device) or choice.message
+    return (
+        f"FP8 compute ({requested}) was requested on {device}, but FP8 compute needs a CUDA GPU with compute "
+        f"capability >= {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} ({reason}); using {choice.backend}: "
+        f"FP8 weight storage, matmuls in {str(compute_dtype).replace('torch.', '')}"
+    )
+
+
 class PrecisionPolicy:
     """The ``transformer_postprocess`` hook of the model cache (see the module docstring).
 
@@ -162,11 +181,7 @@ class PrecisionPolicy:
             requested = "weight_only"
         choice = self.choose(requested, device)
         if choice.fell_back:
-            log.warning(
-                "%s: FP8 compute (%s) requested on %s, but FP8 compute needs a CUDA GPU with compute "
-                "capability >= %d.%d; %s",
-                loaded.name, requested, device, *FP8_MIN_CAPABILITY, choice.message,
-            )
+            log.warning("%s: %s", loaded.name, fallback_message(requested, device, compute_dtype, choice))
         scales = self._calibrated_scales(loaded) if self.use_sidecars else None
         if stored_fp8:
             _switch_backend(transformer, choice.backend, compute_dtype)

@@ -5,19 +5,29 @@ highest already in the folder, tEXt chunks ``prompt`` (API JSON) and ``workflow`
 extra keys of ``ctx.png_metadata``, each JSON-encoded. Files are written to a temporary name, fsynced
 and then linked into place, so a reader never sees a half-written image and two writers never take the
 same name.
+
+Inside :func:`deferred_saves` (the batch runner's GPU thread) output nodes neither encode nor write: they
+hand each image to an :class:`ImageSink` (a :class:`PngEncoder` thread pool) and put a
+:class:`PendingImage` into ``ctx.saved_images``; whoever assembles the results waits for the PNG bytes,
+so zlib never holds up the next GPU batch. The bytes are the same as a synchronous save's.
 """
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import io
 import json
 import os
 import secrets
 import string
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.errors import BadOutput, ExecutionError
 from engine.nodes.base import Input, NodeType, Output
@@ -128,6 +138,8 @@ class VAEDecode(NodeType):
 
     class_type = "VAEDecode"
     category = "latent"
+    # Every row decodes its own latent (its own seed): a cached image is never reused, only held.
+    cacheable = False
     inputs = (Input("samples", "LATENT"), Input("vae", "VAE"))
     outputs = (Output("IMAGE"),)
 
@@ -144,6 +156,7 @@ class VAEDecodeTiled(NodeType):
 
     class_type = "VAEDecodeTiled"
     category = "_for_testing"
+    cacheable = False  # as VAEDecode
     inputs = (
         Input("samples", "LATENT"),
         Input("vae", "VAE"),
@@ -303,13 +316,149 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# --- encoding off the GPU thread ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A PNG made in memory by an :class:`ImageSink` (no file): what a deferred output node produced."""
+
+    filename: str
+    subfolder: str
+    type: str  # "output" | "temp"
+    node_id: str | None
+    width: int
+    height: int
+    data: bytes
+    sha256: str
+    encode_s: float = 0.0  # seconds spent on pixels -> PNG bytes -> sha256
+
+
+class PendingImage:
+    """An output image handed to an :class:`ImageSink`; :meth:`result` waits for its PNG bytes."""
+
+    def __init__(self, future: "Future[EncodedImage]", filename: str, node_id: str | None) -> None:
+        self.future = future
+        self.filename = filename
+        self.node_id = node_id
+
+    def result(self, timeout: float | None = None) -> EncodedImage:
+        """The encoded image; re-raises the encoder's exception if encoding failed."""
+        return self.future.result(timeout)
+
+
+class ImageSink(Protocol):
+    """Where deferred output nodes hand their images (see :func:`deferred_saves`)."""
+
+    def submit(
+        self, image: "torch.Tensor", metadata: dict[str, Any], compress_level: int, *, filename: str,
+        subfolder: str, image_type: str, node_id: str | None,
+    ) -> PendingImage: ...
+
+
+def encode_image(
+    image: "torch.Tensor", metadata: dict[str, Any], compress_level: int, *, filename: str, subfolder: str,
+    image_type: str, node_id: str | None,
+) -> EncodedImage:
+    """One IMAGE [H,W,C] as an :class:`EncodedImage`: the same bytes :func:`save_images` writes."""
+    started = time.perf_counter()
+    data = png_bytes(image, metadata, compress_level)
+    digest = hashlib.sha256(data).hexdigest()
+    return EncodedImage(
+        filename=filename, subfolder=subfolder, type=image_type, node_id=node_id, width=int(image.shape[1]),
+        height=int(image.shape[0]), data=data, sha256=digest, encode_s=time.perf_counter() - started,
+    )
+
+
+class PngEncoder:
+    """An :class:`ImageSink` encoding PNGs (and their sha256) on a small thread pool.
+
+    zlib, numpy and hashlib release the GIL while they work, so the pool runs beside the thread that
+    drives the GPU instead of taking turns with it. Close it (or use it as a context manager) when done.
+    """
+
+    def __init__(self, workers: int = 2) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png-encode")
+
+    def submit(
+        self, image: "torch.Tensor", metadata: dict[str, Any], compress_level: int, *, filename: str,
+        subfolder: str, image_type: str, node_id: str | None,
+    ) -> PendingImage:
+        future = self._pool.submit(
+            encode_image, image.detach(), metadata, compress_level, filename=filename, subfolder=subfolder,
+            image_type=image_type, node_id=node_id,
+        )
+        return PendingImage(future, filename, node_id)
+
+    def close(self) -> None:
+        """Finish the queued encodings and stop the pool's threads."""
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "PngEncoder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DiscardImages:
+    """An :class:`ImageSink` that keeps nothing: runs that want the GPU work only (warm-up, timing)."""
+
+    def submit(
+        self, image: "torch.Tensor", metadata: dict[str, Any], compress_level: int, *, filename: str,
+        subfolder: str, image_type: str, node_id: str | None,
+    ) -> PendingImage:
+        future: Future[EncodedImage] = Future()
+        future.set_result(EncodedImage(filename, subfolder, image_type, node_id, int(image.shape[1]),
+                                       int(image.shape[0]), b"", ""))
+        return PendingImage(future, filename, node_id)
+
+
+@dataclass
+class _DeferredSaves:
+    sink: ImageSink
+    # Deferred images take no file, so names taken in this scope are remembered here instead.
+    next_counters: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def reserve(self, folder: Path, name: str, on_disk: int) -> int:
+        key = (str(folder), name)
+        counter = max(on_disk, self.next_counters.get(key, 1))
+        self.next_counters[key] = counter + 1
+        return counter
+
+
+# Per thread (and per task), never mutated in place: set and reset by deferred_saves only.
+_DEFERRED_SAVES: contextvars.ContextVar[_DeferredSaves | None] = contextvars.ContextVar(
+    "sd35_deferred_saves", default=None
+)
+
+
+@contextmanager
+def deferred_saves(sink: ImageSink) -> Iterator[None]:
+    """Within this block, on this thread, output nodes hand images to ``sink`` instead of writing files.
+
+    ``ctx.saved_images`` then holds :class:`PendingImage` entries (names follow the usual counter rule,
+    counted within the block), and the ``ui`` dicts name those files although nothing is on disk:
+    whoever opened the block stores the bytes (the batch runner writes them atomically itself).
+    """
+    token = _DEFERRED_SAVES.set(_DeferredSaves(sink))
+    try:
+        yield
+    finally:
+        _DEFERRED_SAVES.reset(token)
+
+
 def save_images(
     ctx: "NodeContext", images: "torch.Tensor", root: Path, filename_prefix: str, image_type: str,
     compress_level: int,
 ) -> dict[str, Any]:
-    """Write every image of the batch; append SavedImage to ``ctx.saved_images``; return the ``ui`` dict."""
-    import hashlib
+    """Write every image of the batch; append SavedImage to ``ctx.saved_images``; return the ``ui`` dict.
 
+    Inside :func:`deferred_saves` the images go to its sink and PendingImage entries are appended instead.
+    """
     if images.ndim != 4:
         raise ExecutionError(
             f"images must be a [batch, height, width, channels] tensor, got shape {tuple(images.shape)}",
@@ -320,12 +469,23 @@ def save_images(
     metadata = {"prompt": ctx.png_metadata.get("prompt")}
     metadata.update({k: v for k, v in ctx.png_metadata.items() if k != "prompt"})
     counter = next_counter(folder, filename)
+    deferred = _DEFERRED_SAVES.get()
     results = []
     for batch_number, image in enumerate(images):
-        data = png_bytes(image, metadata, compress_level)
         name = filename.replace("%batch_num%", str(batch_number))
         if name != filename:
             counter = next_counter(folder, name)
+        if deferred is not None:
+            counter = deferred.reserve(folder, name, counter)
+            final_name = f"{name}_{counter:05}_.png"
+            ctx.saved_images.append(deferred.sink.submit(
+                image, metadata, compress_level, filename=final_name, subfolder=subfolder, image_type=image_type,
+                node_id=ctx.node_id,
+            ))
+            results.append({"filename": final_name, "subfolder": subfolder, "type": image_type})
+            counter += 1
+            continue
+        data = png_bytes(image, metadata, compress_level)
         path, counter = write_new_file(folder, name, counter, data)
         saved = SavedImage(
             path=str(path), filename=path.name, subfolder=subfolder, type=image_type, node_id=ctx.node_id,

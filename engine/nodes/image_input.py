@@ -434,6 +434,35 @@ class SetLatentNoiseMask(NodeType):
         return (out,)
 
 
+class MaskToImage(NodeType):
+    """A mask as a grey image (to scale and crop it exactly like the photo it belongs to)."""
+
+    class_type = "MaskToImage"
+    category = "mask"
+    inputs = (Input("mask", "MASK"),)
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: "NodeContext", mask: Any) -> tuple[Any]:
+        return (_as_mask_batch(mask).movedim(1, -1).expand(-1, -1, -1, 3),)
+
+
+class ImageToMask(NodeType):
+    """One channel of an image as a mask."""
+
+    class_type = "ImageToMask"
+    category = "mask"
+    inputs = (Input("image", "IMAGE"), Input("channel", "COMBO", default="red", choices=("red", "green", "blue", "alpha")))
+    outputs = (Output("MASK"),)
+
+    def run(self, ctx: "NodeContext", image: Any, channel: str = "red") -> tuple[Any]:
+        index = ("red", "green", "blue", "alpha").index(channel)
+        if index >= image.shape[-1]:
+            raise ExecutionError(f"image has no {channel} channel ({image.shape[-1]} channels)",
+                                 node_id=ctx.node_id, class_type=ctx.class_type)
+        return (image[..., index],)
+
+
 IMAGE_INPUT_NODES = (
-    LoadImage, LoadImageMask, ImageScale, Canny, VAEEncode, VAEEncodeForInpaint, SetLatentNoiseMask,
+    LoadImage, LoadImageMask, ImageScale, Canny, VAEEncode, VAEEncodeForInpaint, SetLatentNoiseMask, MaskToImage,
+    ImageToMask,
 )

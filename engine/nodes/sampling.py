@@ -58,6 +58,8 @@ class ModelSamplingSD3(NodeType):
 class KSampler(NodeType):
     class_type = "KSampler"
     category = "sampling"
+    # Each row samples its own seed: a cached latent would only hold memory, never be reused by a batch.
+    cacheable = False
     inputs = (
         Input("model", "MODEL"),
         Input("seed", "INT", default=0, min=0, max=SEED_MAX),
@@ -95,6 +97,7 @@ class KSampler(NodeType):
 class KSamplerAdvanced(NodeType):
     class_type = "KSamplerAdvanced"
     category = "sampling"
+    cacheable = False  # as KSampler
     inputs = (
         Input("model", "MODEL"),
         Input("add_noise", "COMBO", default="enable", choices=ENABLE_DISABLE),

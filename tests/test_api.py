@@ -1,0 +1,415 @@
+"""The JSON API on a running server (uvicorn on a localhost port) with tokens, roles, rate and upload limits,
+over the real library: the demo model, a real ledger, the shipped templates (copied to a scratch folder)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import socket
+import time
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import jwt
+import pytest
+
+from engine.settings import load_settings
+from live_server import live_server
+from webapp.auth import TokenIssuer, add_user
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "test-signing-key-" + "k" * 40
+RATE_LIMIT = 40
+# product_shot's smallest image; 2 steps keep a row well under a second on the demo model.
+SMALL = {"width": 64, "height": 64, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from engine.runtime import Engine
+
+    return Engine(load_settings({"data_dir": str(tmp_path_factory.mktemp("engine"))}, environ={}))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, engine):
+    from webapp.server import create_app
+
+    root = tmp_path_factory.mktemp("api")
+    shutil.copytree(ROOT / "templates", root / "templates")  # admins upload templates into this copy
+    users_file = root / "users.json"
+    for name, role in (("alice", "admin"), ("bob", "user"), ("carol", "user")):
+        add_user(users_file, name, f"{name}-pass", role)
+    settings = load_settings(
+        {
+            "data_dir": str(root / "data"),
+            "templates_dir": str(root / "templates"),
+            "users_file": str(users_file),
+            "jwt_secret": SECRET,
+            "rate_limit_per_minute": RATE_LIMIT,
+            "max_upload_mb": 1,
+            "row_timeout_s": 60.0,
+        },
+        environ={},
+    )
+    app, services = create_app(settings, engine)
+    tokens = TokenIssuer.from_settings(settings)
+    with live_server(app) as url:
+        yield SimpleNamespace(url=url, services=services, settings=settings, tokens=tokens)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def bob(server):
+    with httpx.Client(base_url=server.url, headers=bearer(server.tokens.create("bob", "user")), timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def alice(server):
+    with httpx.Client(base_url=server.url, headers=bearer(server.tokens.create("alice", "admin")), timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def anonymous(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def finished(server, batch_id: str):
+    progress = server.services.queue.wait(batch_id, timeout=60)
+    assert progress is not None and progress.state not in {"queued", "running"}, progress
+    return progress
+
+
+def error_of(answer: httpx.Response) -> dict:
+    return answer.json()["error"]
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+
+
+def test_token_for_a_password_and_refusals(server, anonymous):
+    answer = anonymous.post("/api/token", json={"username": "alice", "password": "alice-pass", "ttl": "1h"})
+    assert answer.status_code == 200 and answer.json()["role"] == "admin"
+    token = answer.json()["access_token"]
+    assert anonymous.get("/api/templates", headers=bearer(token)).status_code == 200
+
+    wrong = anonymous.post("/api/token", json={"username": "alice", "password": "nope"})
+    assert wrong.status_code == 401 and error_of(wrong)["details"]["reason"] == "bad_credentials"
+
+
+def claims(server, **changes) -> dict:
+    now = int(time.time())
+    base = {
+        "sub": "bob", "role": "user", "iat": now, "nbf": now, "exp": now + 600,
+        "iss": server.settings.jwt_issuer, "aud": server.settings.jwt_audience, "jti": "t",
+    }
+    return {**base, **changes}
+
+
+def b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def tampered(server) -> str:
+    header, _, signature = server.tokens.create("bob", "user").split(".")
+    return ".".join([header, b64(claims(server, role="admin")), signature])  # escalated, old signature
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda s: None, "missing_token"),
+        (lambda s: "not-a-jwt", "malformed"),
+        (lambda s: jwt.encode(claims(s, iat=int(time.time()) - 7200, nbf=int(time.time()) - 7200,
+                                     exp=int(time.time()) - 3600), SECRET, algorithm="HS256"), "expired"),
+        (tampered, "bad_signature"),
+        (lambda s: b64({"alg": "none", "typ": "JWT"}) + "." + b64(claims(s, role="admin")) + ".", "bad_algorithm"),
+        (lambda s: jwt.encode(claims(s), "another-key-" + "x" * 40, algorithm="HS256"), "bad_signature"),
+        (lambda s: jwt.encode(claims(s, aud="someone-else"), SECRET, algorithm="HS256"), "bad_audience"),
+        (lambda s: jwt.encode(claims(s, iss="someone-else"), SECRET, algorithm="HS256"), "bad_issuer"),
+        (lambda s: jwt.encode({k: v for k, v in claims(s).items() if k != "exp"}, SECRET, algorithm="HS256"),
+         "missing_claim"),
+    ],
+    ids=["no-token", "garbage", "expired", "tampered", "alg-none", "wrong-key", "wrong-audience", "wrong-issuer",
+         "no-expiry"],
+)
+def test_bad_tokens_are_refused_with_401(server, anonymous, make, reason):
+    token = make(server)
+    headers = bearer(token) if token else {}
+    for path in ("/api/templates", "/api/batches", "/queue"):
+        answer = anonymous.get(path, headers=headers)
+        assert answer.status_code == 401, (path, answer.text)
+        assert answer.headers["www-authenticate"] == "Bearer"
+        assert error_of(answer)["details"]["reason"] == reason
+
+
+def test_rate_limit_answers_429_with_retry_after_per_user_and_route(server, bob):
+    with httpx.Client(base_url=server.url, headers=bearer(server.tokens.create("carol", "user"))) as carol:
+        answers = [carol.get("/api/templates") for _ in range(RATE_LIMIT + 1)]
+        assert [a.status_code for a in answers[:RATE_LIMIT]] == [200] * RATE_LIMIT
+        refused = answers[-1]
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.headers["x-ratelimit-remaining"] == "0"
+        assert error_of(refused)["details"]["reason"] == "rate_limited"
+        assert carol.get("/api/batches").status_code == 200  # another route has its own budget
+    assert bob.get("/api/templates").status_code == 200  # another user too
+
+
+# -------------------------------------------------------------------------------------------- templates
+
+
+def test_templates_with_their_schemas(bob):
+    listed = bob.get("/api/templates").json()
+    assert {"product_shot", "turbo_draft"} <= {t["name"] for t in listed}
+    one = bob.get("/api/templates/product_shot").json()
+    width = next(f for f in one["fields"] if f["name"] == "width")
+    assert width["type"] == "int" and width["min"] <= SMALL["width"] <= width["max"]
+    missing = bob.get("/api/templates/no_such_template")
+    assert missing.status_code == 404 and "product_shot" in error_of(missing)["message"]
+
+
+def template_upload(name: str, workflow: str | None = None) -> dict:
+    schema = json.loads((ROOT / "templates" / "product_shot" / "template.json").read_text())
+    schema["name"] = name
+    text = workflow if workflow is not None else (ROOT / "templates" / "product_shot" / "workflow.json.j2").read_text()
+    return {"template_json": ("template.json", json.dumps(schema)), "workflow": ("workflow.json.j2", text)}
+
+
+def test_only_admins_upload_templates(server, alice, bob):
+    refused = bob.post("/api/templates", files=template_upload("shot_copy"))
+    assert refused.status_code == 403 and error_of(refused)["details"]["action"] == "upload_template"
+
+    saved = alice.post("/api/templates", files=template_upload("shot_copy"))
+    assert saved.status_code == 200, saved.text
+    assert saved.json()["name"] == "shot_copy"
+    assert bob.get("/api/templates/shot_copy").status_code == 200
+    assert (Path(server.settings.templates_dir) / "shot_copy" / "template.json").is_file()
+
+    broken = alice.post("/api/templates", files=template_upload("shot_broken", workflow="{{ no_such_field }}"))
+    assert broken.status_code == 400 and error_of(broken)["type"] == "TemplateError"
+    assert not (Path(server.settings.templates_dir) / "shot_broken").exists()
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def test_batch_from_json_rows_runs_and_reports_its_rows(server, bob):
+    rows = [
+        {"product_name": "api teapot", "color": "green", "seed": 1, **SMALL},
+        {"product_name": "api lamp", "seed": 2, **SMALL, "width": 9999},  # row 3 of the sheet: bad width
+    ]
+    answer = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_seed": 5})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["queued_rows"] == 1 and body["started"]
+    bad = body["report"]["rows"][1]
+    assert bad["row"] == 3 and bad["problems"][0]["column"] == "width"
+
+    batch_id = body["batch_id"]
+    finished(server, batch_id)
+    status = bob.get(f"/api/batches/{batch_id}").json()
+    assert status["counts"] == {"done": 1, "failed": 0, "timed_out": 0, "skipped": 1, "not_run": 0, "total": 2}
+    assert status["batch"]["user"] == "bob" and status["progress"]["state"] == "done"
+    done = next(r for r in status["rows"] if r["status"] == "done")
+    assert "workflow" not in done and "image_path" not in done  # no server paths leak
+    image = bob.get(done["image_url"])
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+
+    assert batch_id in [b["id"] for b in bob.get("/api/batches").json()]
+    archive = bob.get(f"/api/batches/{batch_id}/zip")
+    assert archive.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
+    assert sum(n.endswith(".png") for n in names) == 1 and "manifest.csv" in names
+
+
+def test_bad_rows_refused_with_row_and_column_named(bob):
+    rows = [{"product_name": "fine", **SMALL}, {"product_name": "too wide", **SMALL, "width": 9999}]
+    answer = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "on_invalid": "stop"})
+    assert answer.status_code == 400
+    error = error_of(answer)
+    assert "row 3" in error["message"] and "width" in error["message"]
+    assert error["details"]["problems"][0]["row"] == 3 and error["details"]["problems"][0]["column"] == "width"
+
+    missing = bob.post("/api/batches", json={"template": "product_shot", "rows": [{"color": "red"}]})
+    assert missing.status_code == 400 and error_of(missing)["details"]["missing_columns"] == ["product_name"]
+    for body in ({"rows": []}, {"template": "product_shot", "rows": []}, {"template": "nope", "rows": [{"a": 1}]},
+                 {"template": "product_shot", "rows": [{"product_name": "x"}], "on_invalid": "maybe"},
+                 {"template": "product_shot", "rows": [{"product_name": "x"}], "batch_id": "../escape"}):
+        assert bob.post("/api/batches", json=body).status_code == 400, body
+    assert bob.post("/api/batches", content=b"not json", headers={"content-type": "application/json"}).status_code == 400
+
+
+def test_resubmitting_a_batch_id_resumes_it_and_other_inputs_conflict(server, bob):
+    rows = [{"product_name": "resumable mug", "seed": 3, **SMALL}]
+    first = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_id": "client-batch-1"})
+    assert first.status_code == 200 and not first.json()["resumed"]
+    finished(server, "client-batch-1")
+    again = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_id": "client-batch-1"})
+    assert again.status_code == 200 and again.json()["resumed"]
+
+    changed = [{"product_name": "another mug", "seed": 3, **SMALL}]
+    conflict = bob.post("/api/batches", json={"template": "product_shot", "rows": changed, "batch_id": "client-batch-1"})
+    assert conflict.status_code == 409 and error_of(conflict)["type"] == "BatchMismatch"
+
+
+def test_sheet_upload_cancel_and_resume(server, bob):
+    csv = "product_name,seed,width,height,steps\nuploaded cup,7,64,64,2\nuploaded pen,8,64,64,2\n"
+    answer = bob.post(
+        "/api/batches/upload",
+        data={"template": "product_shot", "batch_seed": "9"},
+        files={"sheet": ("rows.csv", csv.encode(), "text/csv")},
+    )
+    assert answer.status_code == 200, answer.text
+    batch_id = answer.json()["batch_id"]
+    assert answer.json()["queued_rows"] == 2
+
+    cancelled = bob.post(f"/api/batches/{batch_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["cancelled"]
+    finished(server, batch_id)
+    resumed = bob.post(f"/api/batches/{batch_id}/resume")
+    assert resumed.status_code == 200 and resumed.json()["state"] in {"queued", "running"}
+    finished(server, batch_id)
+    assert bob.get(f"/api/batches/{batch_id}").json()["counts"]["done"] == 2
+
+    unreadable = bob.post("/api/batches/upload", data={"template": "product_shot"},
+                          files={"sheet": ("rows.xlsx", b"not a workbook", "application/octet-stream")})
+    assert unreadable.status_code == 400 and error_of(unreadable)["type"] == "SheetError"
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/batches/no-such-batch"),
+    ("POST", "/api/batches/no-such-batch/cancel"),
+    ("POST", "/api/batches/no-such-batch/resume"),
+    ("GET", "/api/batches/no-such-batch/zip"),
+    ("GET", "/api/generations/no-such-batch:2"),
+    ("GET", "/api/generations/no-such-batch:2/image"),
+])
+def test_unknown_batches_and_generations_are_404(bob, method, path):
+    answer = bob.request(method, path)
+    assert answer.status_code == 404 and error_of(answer)["details"]["reason"] == "not_found"
+
+
+def test_single_generation_waits_and_is_searchable(server, bob):
+    values = {"product_name": "searchable kettle", "seed": 11, **SMALL}
+    answer = bob.post("/api/generate", json={"template": "product_shot", "values": values})
+    assert answer.status_code == 200, answer.text
+    generation = answer.json()["generation"]
+    assert generation["status"] == "done" and generation["seed"] == 11 and generation["width"] == 64
+
+    found = bob.get("/api/generations", params={"q": "searchable kettle"}).json()
+    assert [g["row_key"] for g in found] == [generation["row_key"]]
+    assert bob.get("/api/generations", params={"status": "done", "batch": answer.json()["batch_id"]}).json()
+    one = bob.get(f"/api/generations/{generation['row_key']}").json()
+    assert one["prompt"].startswith("professional product photo of searchable kettle")
+
+    refused = bob.post("/api/generate", json={"template": "product_shot", "values": {**values, "height": 5}})
+    assert refused.status_code == 400 and "height" in error_of(refused)["message"]
+
+
+def test_system_info_and_admin_only_model_switch(alice, bob):
+    info = bob.get("/api/system").json()
+    assert info["demo_in_use"] and "sd35_demo_tiny" in info["allowed_checkpoints"]
+
+    refused = bob.post("/api/system/model", json={"checkpoint": "sd35_demo_tiny"})
+    assert refused.status_code == 403 and error_of(refused)["details"]["action"] == "switch_model"
+    switched = alice.post("/api/system/model", json={"checkpoint": "sd35_demo_tiny"})
+    assert switched.status_code == 200 and switched.json() == {"default_checkpoint": "sd35_demo_tiny"}
+    unknown = alice.post("/api/system/model", json={"checkpoint": "no_such_model"})
+    assert unknown.status_code == 400 and "sd35_demo_tiny" in error_of(unknown)["message"]
+
+
+def test_openapi_schema_is_published(anonymous):
+    paths = anonymous.get("/openapi.json").json()["paths"]
+    assert {"/api/batches", "/api/batches/upload", "/api/generate", "/api/templates", "/prompt"} <= set(paths)
+
+
+# -------------------------------------------------------------------------------------------- uploads
+
+
+def read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_upload_declared_over_the_limit_is_refused_before_the_body_is_sent(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    token = server.tokens.create("bob", "user")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(
+            (
+                "POST /api/batches/upload HTTP/1.1\r\nHost: test\r\n"
+                f"Authorization: Bearer {token}\r\n"
+                "Content-Type: multipart/form-data; boundary=xyz\r\n"
+                f"Content-Length: {3 * 2**20}\r\n\r\n"
+            ).encode()
+        )
+        head = read_head(sock)  # not one byte of the 3 MiB body was sent
+    assert head.split(b"\r\n")[0].split(b" ")[1] == b"413"
+
+
+def test_upload_without_length_is_stopped_at_the_limit(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    token = server.tokens.create("bob", "user")
+    chunk = b"x" * (256 * 1024)
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(
+            (
+                "POST /api/batches/upload HTTP/1.1\r\nHost: test\r\n"
+                f"Authorization: Bearer {token}\r\n"
+                "Content-Type: multipart/form-data; boundary=xyz\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n"
+            ).encode()
+        )
+        part = b'--xyz\r\nContent-Disposition: form-data; name="sheet"; filename="big.csv"\r\n\r\n'
+        for piece in [part] + [chunk] * 5:  # a file part of 1.25 MiB that never ends: the answer comes anyway
+            sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        head = read_head(sock)
+    assert head.split(b"\r\n")[0].split(b" ")[1] == b"413"
+
+
+# ------------------------------------------------------------------------------------- path traversal
+
+
+def test_generation_image_never_leaves_the_outputs(server, bob):
+    values = {"product_name": "moved file", "seed": 12, **SMALL}
+    generation = bob.post("/api/generate", json={"template": "product_shot", "values": values}).json()["generation"]
+    url = generation["image_url"]
+    assert bob.get(url).status_code == 200
+    for key in ("..%2F..%2Fledger.db", "%2e%2e", "..", "..%2fdata"):
+        assert bob.get(f"/api/generations/{key}/image").status_code in (403, 404), key
+
+    # A ledger path pointing outside the outputs (a tampered or moved database) is refused, not served.
+    ledger = server.services.ledger
+    ledger.conn.execute(
+        "UPDATE generations SET image_path = ? WHERE row_key = ?",
+        (str(Path(server.settings.data_dir) / "ledger.db"), generation["row_key"]),
+    )
+    assert bob.get(url).status_code == 403
+
+
+def test_session_file_routes_never_leave_the_outputs(server):
+    with httpx.Client(base_url=server.url, timeout=30) as browser:
+        assert browser.post("/login", data={"username": "bob", "password": "bob-pass"}).status_code == 303
+        outputs = Path(server.settings.outputs_path)
+        image = next(outputs.rglob("*.png"))
+        relative = image.relative_to(outputs).as_posix()
+        assert browser.get(f"/files/{relative}").status_code == 200
+        for path in ("/files/%2e%2e/ledger.db", "/files/..%2fledger.db", "/files/..%2F..%2Fetc%2Fpasswd",
+                     "/files/%2Fetc%2Fpasswd", "/files/zip/..%2Fledger.db", "/files/nothing-here.png"):
+            assert browser.get(path).status_code in (403, 404), path

@@ -1,0 +1,205 @@
+"""A ComfyUI client against the running server: /ws events, /prompt, /history, /view, /queue, /interrupt,
+/object_info and /system_stats, with the official SD3.5 API example pointed at the demo model."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from PIL import Image
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from engine.settings import load_settings
+from live_server import live_server
+from webapp.auth import TokenIssuer
+
+EXAMPLE = Path("/work/shared/comfyui-examples/sd3.5_simple_example.api.json")
+SECRET = "comfy-signing-key-" + "k" * 40
+SEEDS = itertools.count(1000)  # a fresh seed per prompt, so the sampler really runs (and reports steps)
+
+
+def example_prompt(steps: int = 2) -> dict:
+    prompt = json.loads(EXAMPLE.read_text())
+    prompt["4"]["inputs"]["ckpt_name"] = "sd35_demo_tiny"
+    prompt["53"]["inputs"].update(width=64, height=64)
+    prompt["3"]["inputs"].update(steps=steps, seed=next(SEEDS))
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from engine.runtime import Engine
+    from webapp.server import create_app
+
+    root = tmp_path_factory.mktemp("comfy")
+    settings = load_settings(
+        {"data_dir": str(root / "data"), "jwt_secret": SECRET, "row_timeout_s": 60.0}, environ={}
+    )
+    app, services = create_app(settings, Engine(settings))
+    token = TokenIssuer.from_settings(settings).create("comfy-user", "user")
+    with live_server(app) as url:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+            yield SimpleNamespace(url=url, ws_url=url.replace("http://", "ws://"), http=http, token=token,
+                                  services=services)
+
+
+def messages_until_done(ws, prompt_id: str, timeout_s: float = 60.0) -> list[dict]:
+    """Every message up to ComfyUI's end-of-prompt signal: ``executing`` with ``node: null``."""
+    seen = []
+    while True:
+        message = json.loads(ws.recv(timeout=timeout_s))
+        seen.append(message)
+        data = message.get("data", {})
+        if message["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+            return seen
+
+
+def test_client_flow_prompt_ws_history_view(server):
+    prompt = example_prompt()
+    with connect(f"{server.ws_url}/ws?clientId=flow-client&token={server.token}") as ws:
+        greeting = json.loads(ws.recv(timeout=10))
+        assert greeting["type"] == "status" and greeting["data"]["sid"] == "flow-client"
+        assert "queue_remaining" in greeting["data"]["status"]["exec_info"]
+
+        answer = server.http.post("/prompt", json={
+            "prompt": prompt, "client_id": "flow-client",
+            "extra_data": {"extra_pnginfo": {"workflow": {"nodes": [], "links": []}}},
+        })
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        prompt_id = body["prompt_id"]
+        assert body["node_errors"] == {} and body["number"] >= 1
+        messages = messages_until_done(ws, prompt_id)
+
+    kinds = [m["type"] for m in messages]
+    assert all(m["data"].get("prompt_id") == prompt_id for m in messages if m["type"] != "status")
+    order = [kinds.index(k) for k in ("execution_start", "progress", "executed", "execution_success")]
+    assert order == sorted(order) and kinds[-1] == "executing"
+    executing = [m["data"]["node"] for m in messages if m["type"] == "executing"]
+    assert "3" in executing and executing[-1] is None
+    steps = [(m["data"]["value"], m["data"]["max"], m["data"]["node"]) for m in messages if m["type"] == "progress"]
+    assert steps[-1] == (2, 2, "3")
+    executed = next(m["data"] for m in messages if m["type"] == "executed")
+    assert executed["node"] == "9"
+    image = executed["output"]["images"][0]
+    assert image["subfolder"] == prompt_id and image["type"] == "output" and image["filename"].endswith(".png")
+
+    history = server.http.get(f"/history/{prompt_id}").json()[prompt_id]
+    assert history["status"] == {"status_str": "success", "completed": True, "messages": history["status"]["messages"]}
+    assert [m[0] for m in history["status"]["messages"]] == ["execution_start", "execution_success"]
+    assert history["outputs"]["9"]["images"] == [image]
+    assert history["prompt"][1] == prompt_id and history["prompt"][4] == ["9"]
+    assert prompt_id in server.http.get("/history").json()
+
+    view = server.http.get("/view", params=image)
+    assert view.status_code == 200 and view.headers["content-type"] == "image/png"
+    png = Image.open(io.BytesIO(view.content))
+    assert png.size == (64, 64)
+    assert json.loads(png.text["prompt"])["3"]["inputs"]["seed"] == prompt["3"]["inputs"]["seed"]
+    assert json.loads(png.text["workflow"]) == {"nodes": [], "links": []}
+
+    generation = server.services.ledger.rows(prompt_id)[0]  # the same ledger as every batch
+    assert generation.status == "done" and generation.user == "comfy-user"
+
+
+def test_invalid_prompts_get_comfy_validation_bodies(server):
+    bad_model = example_prompt()
+    bad_model["4"]["inputs"]["ckpt_name"] = "no_such_model.safetensors"
+    bad_model["3"]["inputs"]["sampler_name"] = "no_such_sampler"
+    answer = server.http.post("/prompt", json={"prompt": bad_model})
+    assert answer.status_code == 400
+    body = answer.json()
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert body["node_errors"]["4"]["class_type"] == "CheckpointLoaderSimple"
+    assert body["node_errors"]["3"]["errors"][0]["type"] == "value_not_in_list"
+    assert body["node_errors"]["3"]["errors"][0]["extra_info"]["input_name"] == "sampler_name"
+
+    for request in ({"no_prompt": {}}, {"prompt": example_prompt(), "prompt_id": "../../escape"}):
+        refused = server.http.post("/prompt", json=request)
+        assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_prompt"
+        assert refused.json()["node_errors"] == {}
+    assert server.http.post("/prompt", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+
+
+def test_queue_delete_and_interrupt(server):
+    with connect(f"{server.ws_url}/ws?clientId=queue-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        long_one = server.http.post("/prompt", json={"prompt": example_prompt(steps=5000), "client_id": "queue-client"})
+        long_id = long_one.json()["prompt_id"]
+        while json.loads(ws.recv(timeout=60))["type"] != "progress":  # sampling has begun
+            pass
+        waiting_id = server.http.post("/prompt", json={"prompt": example_prompt(), "client_id": "queue-client"}).json()["prompt_id"]
+
+        queue = server.http.get("/queue").json()
+        assert [item[1] for item in queue["queue_running"]] == [long_id]
+        assert [item[1] for item in queue["queue_pending"]] == [waiting_id]
+        assert server.http.get("/prompt").json() == {"exec_info": {"queue_remaining": 2}}
+
+        assert server.http.post("/queue", json={"delete": [waiting_id]}).json() == {}
+        assert server.http.get("/queue").json()["queue_pending"] == []
+        assert server.http.post("/interrupt", json={}).status_code == 200
+        messages = messages_until_done(ws, long_id)
+
+    assert "execution_interrupted" in [m["type"] for m in messages]
+    history = server.http.get(f"/history/{long_id}").json()[long_id]
+    assert history["status"]["status_str"] == "error" and not history["status"]["completed"]
+    assert history["status"]["messages"][-1][0] == "execution_interrupted"
+    assert server.http.get(f"/history/{waiting_id}").json() == {}  # deleted before it ran
+    assert server.http.get("/queue").json() == {"queue_running": [], "queue_pending": []}
+
+
+def test_object_info_and_system_stats(server):
+    info = server.http.get("/object_info").json()
+    sampler = info["KSampler"]["input"]["required"]
+    assert "euler" in sampler["sampler_name"][0] and "sgm_uniform" in sampler["scheduler"][0]
+    assert "sd35_demo_tiny" in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert list(server.http.get("/object_info/SaveImage").json()) == ["SaveImage"]
+    assert server.http.get("/object_info/NoSuchNode").json() == {}
+
+    stats = server.http.get("/system_stats").json()
+    assert {"os", "python_version", "pytorch_version", "comfyui_version"} <= set(stats["system"])
+    assert stats["devices"] and {"name", "type", "vram_total", "vram_free"} <= set(stats["devices"][0])
+
+
+def test_view_never_leaves_its_folder(server):
+    outputs = Path(server.services.settings.outputs_path)
+    existing = next(outputs.rglob("*.png"), None)
+    if existing is None:  # this test may run alone: make one image first
+        prompt_id = server.http.post("/prompt", json={"prompt": example_prompt()}).json()["prompt_id"]
+        server.services.queue.wait(prompt_id, timeout=60)
+        existing = next(outputs.rglob("*.png"))
+    folder = existing.parent.name
+    assert server.http.get("/view", params={"filename": existing.name, "subfolder": folder}).status_code == 200
+    attempts = [
+        {"filename": "ledger.db", "subfolder": ".."},
+        {"filename": "../ledger.db"},
+        {"filename": "../../ledger.db", "subfolder": folder},
+        {"filename": "passwd", "subfolder": "/etc"},
+        {"filename": "/etc/passwd"},
+        {"filename": "..\\ledger.db"},
+        {"filename": existing.name, "subfolder": f"{folder}/../.."},
+        {"filename": "ledger.db", "type": "input", "subfolder": ".."},
+        {"filename": "nothing-here.png", "subfolder": folder},
+    ]
+    for params in attempts:
+        assert server.http.get("/view", params=params).status_code in (403, 404), params
+    assert server.http.get("/view", params={"filename": existing.name, "type": "bogus"}).status_code == 400
+
+
+def test_token_applies_to_comfy_routes_and_websocket(server):
+    with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+        for method, path in (("POST", "/prompt"), ("GET", "/history"), ("GET", "/queue"), ("GET", "/view"),
+                             ("POST", "/interrupt"), ("GET", "/object_info"), ("GET", "/system_stats")):
+            assert anonymous.request(method, path).status_code == 401, path
+    with pytest.raises(InvalidStatus):
+        with connect(f"{server.ws_url}/ws?clientId=intruder"):
+            pass
+    with pytest.raises(InvalidStatus):
+        with connect(f"{server.ws_url}/ws?clientId=intruder&token={server.token[:-3]}abc"):
+            pass
