@@ -77,6 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workflow and args.template:
         raise SystemExit("give either --workflow or --template, not both")
     if args.workflow:
+        if args.images:
+            raise SystemExit("--images goes with --template and --sheet")
         return _run_workflow(args)
     if args.template:
         if not args.sheet:
@@ -140,14 +142,20 @@ def _run_batch(args: argparse.Namespace) -> int:
     batch_id = args.resume or runner.find_unfinished(args.template, sheet)
     if batch_id and not args.resume:
         print(f"resuming unfinished batch {batch_id} of the same template and sheet")
-    prepared = runner.prepare(
-        args.template, sheet, batch_seed=args.batch_seed, on_invalid=args.on_invalid, user=args.user, batch_id=batch_id
-    )
-    for row in prepared.report.rows:
-        if not row.ok:
-            for problem in row.problems:
-                print(f"row {row.number}: {problem.column or '-'}: {problem.reason}", file=sys.stderr)
-    runner.start(prepared)
+    images = _photos_from(runner, args.images) if args.images else None
+    try:
+        prepared = runner.prepare(
+            args.template, sheet, batch_seed=args.batch_seed, on_invalid=args.on_invalid, user=args.user,
+            batch_id=batch_id, images=images,
+        )
+        for row in prepared.report.rows:
+            if not row.ok:
+                for problem in row.problems:
+                    print(f"row {row.number}: {problem.column or '-'}: {problem.reason}", file=sys.stderr)
+        runner.start(prepared)
+    finally:
+        if images is not None and not Path(args.images).is_dir():
+            runner.discard_staging(images)  # a refused batch leaves no unpacked zip behind
     summary_before = runner.summary(prepared.batch_id)
     total = summary_before.total - summary_before.skipped
     bar = tqdm(total=total, initial=summary_before.done, unit="image", desc=prepared.batch_id)
@@ -178,6 +186,18 @@ def _run_batch(args: argparse.Namespace) -> int:
         f"{summary.skipped} skipped, {summary.cancelled} not run; images in {summary.output_dir}"
     )
     return 0 if summary.ok and summary.skipped == 0 else 1
+
+
+def _photos_from(runner: Any, source: str) -> Any:
+    """``--images``: a folder of photos as it is, or a zip unpacked (the batch keeps its own copy)."""
+    from engine.image_refs import ImageLibrary
+
+    path = Path(source)
+    if path.is_dir():
+        return ImageLibrary.from_folder(path)
+    if not path.is_file():
+        raise SystemExit(f"--images {source}: no such folder or zip file")
+    return runner.unpack_photos(path)
 
 
 def _dispatcher_for(settings: Settings) -> Any:
@@ -286,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--template", help="template name (see `python app.py templates`)")
     run.add_argument("--sheet", help="CSV or XLSX file, one row per image")
     run.add_argument("--sheet-name", help="XLSX sheet to read (default: the first)")
+    run.add_argument("--images", metavar="DIR_OR_ZIP", help="product photos the sheet's image columns name: a folder or a zip")
     run.add_argument("--zip", nargs="?", const=True, help="also write the batch zip (optionally to this path)")
     run.add_argument("--resume", metavar="BATCH_ID", help="resume this batch (only unfinished rows run)")
     run.add_argument("--retry-failed", action="store_true", help="on resume, also rerun failed and timed-out rows")

@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -43,6 +44,8 @@ from engine.sheets import Sheet, ValidationReport, derive_seed, validate_rows
 log = logging.getLogger(__name__)
 
 DONE, FAILED, TIMED_OUT, CANCELLED, QUEUED, SKIPPED = "done", "failed", "timed_out", "cancelled", "queued", "skipped"
+STAGING_FOLDER = ".staging"  # under the uploads folder: photos unpacked for a batch not yet started
+STAGING_MAX_AGE_S = 24 * 3600
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -60,13 +63,44 @@ class RowJob:
     deadline_s: float
     checkpoint: str
     attempt: int = 1
+    input_dir: str | None = None  # where LoadImage reads (the batch's photos); None: the uploads folder
+    input_files: dict[str, str] = field(default_factory=dict)  # wire form: file name -> base64 bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The wire form for workers. It carries the bytes of the input images the workflow reads, so a
+        worker on another machine, without the coordinator's uploads folder, finds the row's photos."""
+        data = asdict(self)
+        if self.input_dir and not self.input_files:
+            from engine.image_refs import workflow_image_names
+
+            folder = Path(self.input_dir)
+            data["input_files"] = {
+                name: base64.b64encode((folder / name).read_bytes()).decode("ascii")
+                for name in workflow_image_names(self.workflow)
+                if _plain_file_name(name) and (folder / name).is_file()
+            }
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RowJob":
         return cls(**data)
+
+    def materialize_inputs(self, folder: Path) -> Path | None:
+        """The folder LoadImage reads for this job: its carried files written into ``folder``, else
+        its ``input_dir`` (None: the engine's uploads folder)."""
+        if not self.input_files:
+            return Path(self.input_dir) if self.input_dir else None
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, encoded in self.input_files.items():
+            if not _plain_file_name(name):
+                raise BatchError(f"row {self.row_key}: refused input file name {name!r}", batch_id=self.batch_id)
+            (folder / name).write_bytes(base64.b64decode(encoded))
+        return folder
+
+
+def _plain_file_name(name: str) -> bool:
+    """A bare file name: no folder part, not hidden, nothing that could leave the folder it is written to."""
+    return bool(name) and Path(name).name == name and "\\" not in name and not name.startswith(".")
 
 
 @dataclass
@@ -269,6 +303,12 @@ class RowExecutor:
                         on_progress(job.row_key, event)
 
             deadline = max(job.deadline_s for job in group) * len(group)
+            try:
+                input_dirs = [job.materialize_inputs(Path(staging) / f"inputs-{i}") for i, job in enumerate(group)]
+            except (EngineError, OSError, ValueError) as exc:  # carried photos that cannot be written
+                if len(group) > 1:  # alone, so one bad row doesn't fail its neighbours
+                    return [r for job in group for r in self.start_group([job], on_progress, should_cancel)]
+                return [PendingRow.ready(self._failure(group[0], exc))]
             with deferred_saves(self._png_encoder()):
                 outcomes = self.engine.run_batch(
                     workflows,
@@ -278,6 +318,7 @@ class RowExecutor:
                     deadline_s=deadline,
                     png_extra=[job.png_extra for job in group],
                     vae_tiled=vae_tiled,
+                    input_dir=input_dirs,
                 )
             gpu_s = time.perf_counter() - started
             results: list[PendingRow] = []
@@ -500,6 +541,7 @@ class PreparedBatch:
     rows: list[dict[str, Any]]  # ledger rows to insert (queued or skipped)
     user: str | None = None
     resumed: bool = False
+    images: Any = None  # engine.image_refs.ImageLibrary: the photos the rows name, installed by start()
 
     @property
     def runnable(self) -> int:
@@ -577,17 +619,18 @@ class BatchRunner:
         on_invalid: str = "skip",
         user: str | None = None,
         batch_id: str | None = None,
+        images: Any = None,
     ) -> PreparedBatch:
-        """Validate every row and render its workflow; nothing is recorded or run yet."""
+        """Validate every row and render its workflow; nothing is recorded or run yet.
+
+        ``images`` (an :class:`engine.image_refs.ImageLibrary`): the photos uploaded with the sheet. A cell
+        of an ``image`` field naming a photo that is not among them, or that is not readable, is a row
+        problem. Resuming a batch uses the photos it was started with (``images`` may be left out; other
+        photos are refused).
+        """
         if on_invalid not in {"skip", "stop"}:
             raise BatchError(f"on_invalid must be 'skip' or 'stop', not {on_invalid!r}")
         template = self.templates.get(template_name)
-        report = validate_rows(sheet, template)
-        if report.missing_columns:
-            raise BatchError(
-                f"the sheet lacks required column(s): {', '.join(report.missing_columns)}",
-                missing_columns=report.missing_columns,
-            )
         fingerprint = sheet.content_hash
         resumed = False
         if batch_id is not None:
@@ -596,6 +639,14 @@ class BatchRunner:
                 self.ledger.ensure_same_inputs(batch_id, template.content_hash, fingerprint)
                 resumed = True
                 batch_seed = int(existing["batch_seed"])
+                images = self._resumed_images(batch_id, images)
+        report = validate_rows(sheet, template, images=images)
+        if report.missing_columns:
+            raise BatchError(
+                f"the sheet lacks required column(s): {', '.join(report.missing_columns)}",
+                missing_columns=report.missing_columns,
+            )
+        input_dir = images.folder if images is not None else None
         if batch_seed is None:
             batch_seed = secrets.randbits(63)
         batch_id = batch_id or f"b{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -611,7 +662,7 @@ class BatchRunner:
                         values[seed_field] = derive_seed(batch_seed, row_report.number)
                 try:
                     rendered = template.render(values, defaults=defaults)
-                    self.engine.validate(self.engine.parse(rendered))
+                    self.engine.validate(self.engine.parse(rendered), input_dir=input_dir)
                 except EngineError as exc:
                     problems.append(_describe(exc))
                     rendered = None
@@ -636,7 +687,72 @@ class BatchRunner:
                 f"{len(bad)} row(s) have problems (rows {', '.join(map(str, bad[:20]))}); nothing was queued",
                 rows=bad,
             )
-        return PreparedBatch(batch_id, template, sheet, report, batch_seed, fingerprint, rows, user, resumed)
+        return PreparedBatch(batch_id, template, sheet, report, batch_seed, fingerprint, rows, user, resumed, images)
+
+    def unpack_photos(self, source: Any, limits: Any = None) -> Any:
+        """The photos zip uploaded with a sheet (path, bytes or file object) as an ImageLibrary, unpacked
+        into a staging folder under the uploads folder. :meth:`start` copies the photos into the batch's
+        own folder and removes the staging; staging left by batches never started goes after a day."""
+        from engine.image_refs import ImageLibrary
+
+        root = Path(self.settings.uploads_path) / STAGING_FOLDER
+        root.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - STAGING_MAX_AGE_S
+        for old in root.iterdir():
+            if old.is_dir() and old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(prefix="photos-", dir=root))
+        try:
+            return ImageLibrary.from_zip(source, folder / "images", limits)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def discard_staging(self, images: Any) -> None:
+        """Remove the staging folder of photos from :meth:`unpack_photos` (nothing else is touched)."""
+        root = (Path(self.settings.uploads_path) / STAGING_FOLDER).resolve()
+        holder = Path(images.folder).resolve().parent
+        if holder.parent == root:
+            shutil.rmtree(holder, ignore_errors=True)
+
+    def images_dir(self, batch_id: str) -> Path:
+        """The batch's own copy of its photos (``<data_dir>/uploads/<batch_id>/images``): its input folder."""
+        return Path(self.settings.uploads_path) / batch_id / "images"
+
+    def _resumed_images(self, batch_id: str, images: Any) -> Any:
+        """The photos batch ``batch_id`` was started with; BatchMismatch when ``images`` are other photos."""
+        from engine.image_refs import ImageLibrary
+
+        folder = self.images_dir(batch_id)
+        if not folder.is_dir():
+            if images is not None and len(images):
+                raise BatchMismatch(f"batch {batch_id} was started without photos; start a new batch to use them",
+                                    batch_id=batch_id)
+            return None
+        stored = ImageLibrary.from_folder(folder)
+        if images is not None and images.content_hash != stored.content_hash:
+            raise BatchMismatch(
+                f"batch {batch_id} was started with other photos ({stored.describe()}); resume it without "
+                "photos (it keeps its own copy) or start a new batch", batch_id=batch_id,
+            )
+        return stored
+
+    def reference_images(self, batch: dict[str, Any] | str, row_values: dict[str, Any]) -> list[Path]:
+        """The batch's photos a row used (its ``image`` fields' files), for showing beside the result.
+
+        ``batch``: the ledger's batch dict, or its id."""
+        if isinstance(batch, str):
+            batch = self.ledger.get_batch(batch) or {"id": batch}
+        options = batch.get("options") or {}
+        if isinstance(options, str):
+            options = json.loads(options)
+        folder = self.images_dir(batch["id"])
+        found = []
+        for name in options.get("image_fields") or []:
+            value = row_values.get(name)
+            if isinstance(value, str) and _plain_file_name(value) and (folder / value).is_file():
+                found.append(folder / value)
+        return found
 
     def prepare_workflow(
         self,
@@ -680,6 +796,10 @@ class BatchRunner:
         """Record the batch and its rows (queued or skipped). Idempotent for a resumed batch."""
         template = prepared.template
         if not prepared.resumed:
+            images = prepared.images
+            if images is not None:  # the batch's own copy, so resume and re-runs find the same photos
+                images = images.install(self.images_dir(prepared.batch_id))
+                self.discard_staging(prepared.images)
             self.ledger.create_batch(
                 batch_id=prepared.batch_id,
                 template_name=template.name,
@@ -692,6 +812,8 @@ class BatchRunner:
                     "filename_pattern": template.filename_pattern,
                     "columns": list(prepared.sheet.columns),
                     "keep_workflow_names": isinstance(template, _WorkflowTemplate),
+                    "image_fields": [f.name for f in getattr(template, "fields", ()) if f.type == "image"],
+                    **({"images": {"count": len(images), "content_hash": images.content_hash}} if images is not None else {}),
                 },
             )
             self.ledger.add_rows(prepared.batch_id, prepared.rows)
@@ -846,6 +968,7 @@ class BatchRunner:
             deadline_s=float(self.settings.row_timeout_s),
             checkpoint=_checkpoint_of(workflow) or self.default_checkpoint,
             attempt=int(row.attempts or 0) + 1,
+            input_dir=str(photos) if (photos := self.images_dir(batch["id"])).is_dir() else None,
         )
 
     def _file_names(self, batch: dict[str, Any], rows: list[Any]) -> dict[int, str]:

@@ -52,7 +52,7 @@ TASK_RUN_ROW = "sd35.run_row"
 DEFAULT_QUEUE = "sd35.rows"  # rows whose checkpoint no live worker announces; every worker consumes it
 CHECKPOINT_QUEUE_PREFIX = "sd35.ckpt."
 WORKER_KEY_PREFIX = "sd35:worker:"  # heartbeat: JSON WorkerAnnouncement, TTL = 3 heartbeats
-ROW_KEY_PREFIX = "sd35:row:"  # the task id the dispatcher currently wants for a row, or "done"
+ROW_KEY_PREFIX = "sd35:row:"  # the task id the dispatcher wants for a row, or "done:<task id>"
 CANCEL_KEY_PREFIX = "sd35:cancel:"  # set while a batch is being cancelled; workers poll it between steps
 ROW_DONE_MARK = "done"
 # Added to a row's deadline before the coordinator or the worker's watchdog calls a running row hung:
@@ -345,6 +345,9 @@ def run_worker(
 
     from engine.runtime import Engine
 
+    if not broker:
+        raise EngineError("a worker needs the Redis URL of the broker: --broker redis://HOST:6379/0 "
+                          "(or SD35_BROKER)", setting="broker")
     models = list(models or [settings.default_checkpoint])
     engine = engine or Engine(settings)
     for model in models:
@@ -388,6 +391,7 @@ class _Flight:
     missing_since: float | None = None  # monotonic, when its worker's heartbeat was first missed
     losses: int = 0  # attempts whose worker died or hung
     queue: str = DEFAULT_QUEUE
+    cancelled: bool = False
     node_id: str | None = None
     step_node: str | None = None
     step: int = -1
@@ -468,6 +472,10 @@ class CeleryDispatcher:
                     if cancelled_at is not None:
                         while waiting:
                             yield RowResult(waiting.popleft().row_key, CANCELLED, "cancelled before it started")
+                        for row_key in [k for k, f in flights.items() if f.started_at is None]:
+                            # Revoked and marked done: a worker that still takes its message skips it.
+                            self._settle(flights.pop(row_key))
+                            yield RowResult(row_key, CANCELLED, "cancelled before it started")
                         if time.monotonic() - cancelled_at > self.cancel_grace_s:
                             for row_key in list(flights):
                                 flight = flights.pop(row_key)
@@ -504,7 +512,16 @@ class CeleryDispatcher:
         while waiting and len(flights) < limit:
             job = waiting[0]
             flight = _Flight(job, [], time.monotonic())
-            self._send(flight, live, job.attempt)
+            # A coordinator that restarted finds the row's last task id in Redis: the next attempt gets a
+            # new id (a worker may remember the old one as revoked), and a result of the old one still counts.
+            previous = self._redis_text(ROW_KEY_PREFIX + job.row_key)
+            attempt = job.attempt
+            if previous is not None:
+                previous_task = previous.removeprefix(ROW_DONE_MARK + ":")
+                attempt = max(attempt, _attempt_of(previous_task) + 1)
+                if previous_task == previous:
+                    flight.task_ids.append(previous_task)
+            self._send(flight, live, attempt)
             waiting.popleft()
             flights[job.row_key] = flight
 
@@ -549,6 +566,10 @@ class CeleryDispatcher:
                 return run_id  # still flaky: try the whole reconciliation again next round
         return current
 
+    def _redis_text(self, key: str) -> str | None:
+        raw = self.redis.get(key)
+        return raw.decode() if isinstance(raw, bytes) else raw
+
     def _redis_run_id(self) -> str:
         return str(self.redis.info("server")["run_id"])
 
@@ -560,6 +581,12 @@ class CeleryDispatcher:
             state, info = self._task_state(task_id)
             if state == "SUCCESS" and isinstance(info, dict) and "superseded" not in info:
                 return RowResult.from_dict(info)
+            if state == "REVOKED" and task_id == flight.task_id:
+                if flight.cancelled:
+                    return RowResult(flight.job.row_key, CANCELLED, "cancelled before it started")
+                # Revoked by an earlier run (workers remember revoked ids): send it under a new id.
+                self._send(flight, live, flight.job.attempt + 1)
+                return None
             if state == "FAILURE" and task_id == flight.task_id:
                 # The task itself raised (not a row failure, which comes back as a result): a bug or an
                 # unloadable job on the worker. Sending it again would fail the same way.
@@ -613,6 +640,8 @@ class CeleryDispatcher:
         return self._lost(flight, live, reason)
 
     def _lost(self, flight: _Flight, live: dict[str, WorkerAnnouncement], reason: str) -> RowResult | None:
+        if flight.cancelled:
+            return RowResult(flight.job.row_key, CANCELLED, f"cancelled; {reason}", worker=flight.worker or "?")
         flight.losses += 1
         log.warning("row %s attempt %s lost (%s); %d of %d attempts used", flight.job.row_key,
                     flight.job.attempt, reason, flight.losses, self.max_attempts)
@@ -668,7 +697,8 @@ class CeleryDispatcher:
 
     def _settle(self, flight: _Flight) -> None:
         """The row has its result: stale copies of its task skip, and its stored results are freed."""
-        self.redis.set(ROW_KEY_PREFIX + flight.job.row_key, ROW_DONE_MARK, ex=self._row_key_ttl_s)
+        self.redis.set(ROW_KEY_PREFIX + flight.job.row_key, f"{ROW_DONE_MARK}:{flight.task_id}",
+                       ex=self._row_key_ttl_s)
         for task_id in flight.task_ids:
             self.app.backend.forget(task_id)
 
@@ -676,6 +706,7 @@ class CeleryDispatcher:
         for batch_id in batch_ids:
             self.redis.set(CANCEL_KEY_PREFIX + batch_id, "1", ex=3600)
         for flight in flights.values():
+            flight.cancelled = True
             self._quietly(lambda: self.app.control.revoke(flight.task_ids))
 
     @staticmethod
@@ -684,6 +715,12 @@ class CeleryDispatcher:
             action()
         except Exception as exc:  # best-effort housekeeping; correctness does not depend on it
             log.warning("Redis housekeeping failed: %s", exc)
+
+
+def _attempt_of(task_id: str) -> int:
+    """The attempt number at the end of a task id ``<row_key>:<attempt>`` (0 when it has none)."""
+    tail = task_id.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _BROKER_ERRORS() -> tuple[type[BaseException], ...]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import EngineError, ModelLoadError
+from engine.errors import EngineError, ModelLoadError, NodeProblem, WorkflowInvalid
 from engine.nodes import default_registry
 from engine.nodes.context import NodeContext, ProgressEvent
 from engine.settings import DEMO_CHECKPOINT, Settings
@@ -77,19 +77,28 @@ class Engine:
             return data
         return parse_workflow(data, self.registry)
 
-    def validate(self, workflow: Workflow | dict[str, Any] | str) -> Workflow:
-        """Raise WorkflowInvalid listing every problem; returns the parsed workflow when valid."""
-        from engine.validate import ensure_valid
+    def validate(self, workflow: Workflow | dict[str, Any] | str, input_dir: str | Path | None = None) -> Workflow:
+        """Raise WorkflowInvalid listing every problem; returns the parsed workflow when valid.
 
+        ``input_dir``: where LoadImage looks (default: the uploads folder), e.g. a batch's photos.
+        """
         parsed = self.parse(workflow)
-        ensure_valid(parsed, self.registry, self._context(Path(self.settings.outputs_path)))
+        problems = self.problems(parsed, input_dir)
+        if problems:
+            raise WorkflowInvalid(problems)
         return parsed
 
-    def problems(self, workflow: Workflow | dict[str, Any] | str) -> list[Any]:
-        """Every validation problem (NodeProblem) of ``workflow``; empty when it is valid."""
+    def problems(self, workflow: Workflow | dict[str, Any] | str, input_dir: str | Path | None = None) -> list[Any]:
+        """Every validation problem (NodeProblem) of ``workflow``; empty when it is valid.
+
+        A file that is not there (a model file, or an image in the input folder) is a ``value_not_in_list``
+        problem whose ``extra_info["missing_file"]`` names the kind: ``"model"`` or ``"image"``.
+        """
         from engine.validate import validate_workflow
 
-        return validate_workflow(self.parse(workflow), self.registry, self._context(Path(self.settings.outputs_path)))
+        parsed = self.parse(workflow)
+        ctx = self._context(Path(self.settings.outputs_path), input_dir=input_dir)
+        return [_mark_missing_file(p, parsed, self.registry) for p in validate_workflow(parsed, self.registry, ctx)]
 
     def batch_key(self, workflow: Workflow) -> str:
         """Workflows with equal keys have the same graph shape and can share a GPU batch."""
@@ -108,11 +117,12 @@ class Engine:
         deadline_s: float | None = None,
         png_extra: dict[str, Any] | None = None,
         vae_tiled: bool = False,
+        input_dir: str | Path | None = None,
     ) -> RunResult:
         """Validate and run one workflow; raise the EngineError of the node that failed."""
         result = self.run_batch(
             [workflow], output_dir=output_dir, on_progress=on_progress, should_cancel=should_cancel,
-            deadline_s=deadline_s, png_extra=[png_extra or {}], vae_tiled=vae_tiled,
+            deadline_s=deadline_s, png_extra=[png_extra or {}], vae_tiled=vae_tiled, input_dir=[input_dir],
         )[0]
         if isinstance(result, EngineError):
             raise result
@@ -127,12 +137,14 @@ class Engine:
         deadline_s: float | None = None,
         png_extra: Sequence[dict[str, Any]] | dict[str, Any] | None = None,
         vae_tiled: bool = False,
+        input_dir: str | Path | Sequence[str | Path | None] | None = None,
     ) -> list[RunResult | EngineError]:
         """Run several workflows; rows of the same shape are sampled as one GPU batch.
 
         Returns one RunResult or EngineError per workflow, in order. ``png_extra`` is one dict for every
-        row or one per row (extra PNG text chunks, e.g. batch id and row). Progress events carry the
-        row's index in ``row_index``. ``deadline_s`` bounds the whole call.
+        row or one per row (extra PNG text chunks, e.g. batch id and row). ``input_dir`` is where
+        LoadImage reads: one folder for every row or one per row (None: the uploads folder). Progress
+        events carry the row's index in ``row_index``. ``deadline_s`` bounds the whole call.
         """
         parsed: list[Workflow | EngineError] = []
         for workflow in workflows:
@@ -141,12 +153,14 @@ class Engine:
             except EngineError as exc:
                 parsed.append(exc)
         extras = _per_row(png_extra, len(parsed))
+        input_dirs = list(input_dir) if isinstance(input_dir, (list, tuple)) else [input_dir] * len(parsed)
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
         out_dir = Path(output_dir) if output_dir is not None else Path(self.settings.outputs_path)
         runnable = [(i, wf) for i, wf in enumerate(parsed) if isinstance(wf, Workflow)]
         contexts = []
         for index, workflow in runnable:
-            ctx = self._context(out_dir, _row_progress(on_progress, index), should_cancel, deadline, vae_tiled)
+            ctx = self._context(out_dir, _row_progress(on_progress, index), should_cancel, deadline, vae_tiled,
+                                input_dirs[index])
             ctx.png_metadata = _png_metadata(workflow, extras[index])
             contexts.append(ctx)
         with self._run_lock:
@@ -285,6 +299,7 @@ class Engine:
         should_cancel: Callable[[], bool] | None = None,
         deadline: float | None = None,
         vae_tiled: bool = False,
+        input_dir: str | Path | None = None,
     ) -> NodeContext:
         data = Path(self.settings.data_path)
         return NodeContext(
@@ -295,9 +310,33 @@ class Engine:
             on_progress=on_progress,
             should_cancel=should_cancel,
             deadline=deadline,
-            input_dir=Path(self.settings.uploads_path),
+            input_dir=Path(input_dir) if input_dir is not None else Path(self.settings.uploads_path),
             vae_tiled=vae_tiled,
         )
+
+
+def _mark_missing_file(problem: NodeProblem, workflow: Workflow, registry: "NodeRegistry") -> NodeProblem:
+    """Tag a "value not in list" problem of a file input (model files, input images) as a missing file,
+    so callers that check a workflow before its files exist (a template's example) can tell it apart."""
+    if problem.type != "value_not_in_list" or problem.node_id is None or problem.input_name is None:
+        return problem
+    node_cls = registry.get(problem.class_type or "")
+    spec = node_cls.input(problem.input_name) if node_cls is not None else None
+    if spec is None:
+        return problem
+    from engine.nodes.image_input import ImageFileInput
+
+    if isinstance(spec, ImageFileInput):
+        value = workflow.nodes[problem.node_id].inputs.get(problem.input_name)
+        parts = Path(str(value).replace("\\", "/")).parts
+        if not isinstance(value, str) or Path(value).is_absolute() or ".." in parts:
+            return problem  # a path out of the input folder is never just "missing"
+        kind = "image"
+    elif spec.type == "COMBO" and callable(spec.choices):  # choices listed from the models folder
+        kind = "model"
+    else:
+        return problem
+    return dataclasses.replace(problem, extra_info={**problem.extra_info, "missing_file": kind})
 
 
 def build_model_cache(settings: Settings, *, use_sidecars: bool = True) -> "ModelCache":

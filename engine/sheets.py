@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 from engine.errors import SheetError
 
 if TYPE_CHECKING:
+    from engine.image_refs import ImageLibrary
     from engine.templates import TemplateField, WorkflowTemplate
 
 __all__ = [
@@ -682,12 +683,16 @@ def derive_seed(batch_seed: int, row_number: int) -> int:
 # Validation against a template
 
 
-def validate_rows(sheet: Sheet, template: "WorkflowTemplate") -> ValidationReport:
+def validate_rows(
+    sheet: Sheet, template: "WorkflowTemplate", images: "ImageLibrary | None" = None
+) -> ValidationReport:
     """Check every row against the template's fields before anything is queued.
 
     Columns match fields ignoring case and surrounding spaces. A required field no column provides is
     listed in ``missing_columns`` (and each row reports it); extra columns are listed in
-    ``unknown_columns`` and otherwise ignored.
+    ``unknown_columns`` and otherwise ignored. With ``images`` (the photos uploaded with the sheet), a
+    cell of an ``image`` field must name a readable photo among them, and its value becomes the stored
+    file name (what ``LoadImage`` reads); without, such cells are left for the engine's own check.
     """
     columns_by_key = {column_key(c): c for c in sheet.columns}
     column_map: dict[str, str] = {}
@@ -708,6 +713,8 @@ def validate_rows(sheet: Sheet, template: "WorkflowTemplate") -> ValidationRepor
     for row in sheet.rows:
         raw = {name: row.cells.get(column, "") for name, column in column_map.items()}
         values, problems = template.coerce_row(raw, row.number)
+        if images is not None:
+            problems += _image_problems(template, values, images, row.number)
         # Problems speak of the sheet's own column spelling.
         problems = [
             RowProblem(p.row, column_map.get(p.column, p.column) if p.column else None, p.reason)
@@ -717,6 +724,23 @@ def validate_rows(sheet: Sheet, template: "WorkflowTemplate") -> ValidationRepor
         all_problems = own + problems
         reports.append(RowReport(row.number, not all_problems, all_problems, values, dict(row.cells)))
     return ValidationReport(reports, missing, unknown, column_map)
+
+
+def _image_problems(
+    template: "WorkflowTemplate", values: dict[str, Any], images: "ImageLibrary", row_number: int
+) -> list[RowProblem]:
+    """Cells of ``image`` fields that name no readable photo; the others are resolved in ``values``."""
+    problems = []
+    for f in template.fields:
+        if f.type != "image" or not isinstance(values.get(f.name), str):
+            continue
+        reason = images.check(values[f.name])
+        if reason is None:
+            values[f.name] = images.resolve(values[f.name])
+        else:
+            problems.append(RowProblem(row_number, f.name, reason))
+            del values[f.name]
+    return problems
 
 
 def coerce_fields(

@@ -14,7 +14,8 @@ Rendering is sandboxed (``ImmutableSandboxedEnvironment``: no ``__class__`` tric
 undefined name is an error naming the field (``StrictUndefined``), and work is bounded: a render budget
 (time and output size) is checked while loops run and output is produced, ``range`` is capped, string
 repetition and padding are size-checked. A template that cannot render its own field examples into a JSON
-object of nodes is refused when loaded.
+object of nodes is refused when loaded; files the example names that a fresh install lacks (model files,
+input images: problems the engine marks ``missing_file``) are left to each row's own check.
 
 Each template is versioned by ``content_hash`` (sha256 of ``template.json`` and the workflow text), which
 the ledger records with every generation.
@@ -39,7 +40,7 @@ from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, UndefinedErr
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from engine.errors import TemplateError
+from engine.errors import TemplateError, WorkflowInvalid
 from engine.naming import PATTERN_BUILTINS, pattern_fields
 from engine.settings import DEMO_CHECKPOINT
 from engine.sheets import RowProblem, coerce_cell, coerce_fields
@@ -583,6 +584,13 @@ def parse_template(
             validate_workflow(rendered)
         except TemplateError:
             raise
+        except WorkflowInvalid as exc:
+            # The example names files a fresh install lacks (the product photo uploaded with each sheet, a
+            # LoRA or ControlNet the user adds later): those are checked per row, when the files exist.
+            problems = [p for p in exc.problems if not p.extra_info.get("missing_file")]
+            if problems:
+                raise TemplateError(f"template '{name}': its example workflow is invalid: "
+                                    f"{WorkflowInvalid(problems)}", template=name) from exc
         except Exception as exc:
             raise TemplateError(f"template '{name}': its example workflow is invalid: {exc}", template=name) from exc
     return template

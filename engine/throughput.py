@@ -278,9 +278,7 @@ def _measure_pipeline(
         workflow_of = {row.row_key: row.workflow for row in ledger.rows(prepared.batch_id)}
     finally:
         executor.close()
-        ledger_close = getattr(ledger, "close", None)
-        if callable(ledger_close):
-            ledger_close()
+        ledger.close()
 
     stats = dispatcher.last_stats
     assert stats is not None  # set by the run above

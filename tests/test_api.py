@@ -162,6 +162,7 @@ def test_rate_limit_answers_429_with_retry_after_per_user_and_route(server, bob)
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.headers["x-ratelimit-remaining"] == "0"
         assert error_of(refused)["details"]["reason"] == "rate_limited"
+        assert error_of(refused)["details"]["retry_after_s"] == int(refused.headers["retry-after"])
         assert carol.get("/api/batches").status_code == 200  # another route has its own budget
     assert bob.get("/api/templates").status_code == 200  # another user too
 

@@ -162,6 +162,8 @@ def test_object_info_and_system_stats(server):
     assert list(server.http.get("/object_info/SaveImage").json()) == ["SaveImage"]
     assert server.http.get("/object_info/NoSuchNode").json() == {}
 
+    assert server.http.get("/api/object_info/SaveImage").json() == server.http.get("/object_info/SaveImage").json()
+
     stats = server.http.get("/system_stats").json()
     assert {"os", "python_version", "pytorch_version", "comfyui_version"} <= set(stats["system"])
     assert stats["devices"] and {"name", "type", "vram_total", "vram_free"} <= set(stats["devices"][0])

@@ -107,12 +107,8 @@ class WorkerPool:
         self._stop.set()
         self._thread.join()
         for process in self.processes.values():
-            process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -269,21 +265,6 @@ def test_redis_restart_mid_batch_is_reconciled(redis_server, workers, tmp_path):
     assert sorted(services.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
 
 
-def test_poison_row_is_failed_after_bounded_attempts_and_the_rest_finish(redis_server, workers, tmp_path):
-    sheet = write_sheet(tmp_path / "rows.csv", 4)
-    services = coordinator(tmp_path, "poison", celery_dispatcher(redis_server, max_attempts=2))
-    batch_id = start_batch(services, sheet, "bpoison")
-    restarts_before = workers.restarts
-
-    summary = services.runner.run(batch_id)
-
-    assert (summary.done, summary.failed) == (3, 1)
-    poison = services.ledger.get_generation(POISON_ROW)
-    assert poison.status == "failed" and "2 attempts" in poison.error
-    assert workers.restarts - restarts_before == 2  # each attempt took a worker down, no third one ran
-    assert len(list(services.runner.output_dir(batch_id).glob("*.png"))) == 3
-
-
 def test_cancel_then_resume_sends_only_the_rows_not_done(redis_server, workers, tmp_path):
     sheet = write_sheet(tmp_path / "rows.csv", 6)
     first = Recording(celery_dispatcher(redis_server, max_in_flight=2))
@@ -305,3 +286,19 @@ def test_cancel_then_resume_sends_only_the_rows_not_done(redis_server, workers, 
     assert summary.done == 6
     assert not done_before & set(second.yielded)
     assert_each_row_once(resumed, batch_id, 6)
+
+
+def test_poison_row_is_failed_after_bounded_attempts_and_the_rest_finish(redis_server, workers, tmp_path):
+    # Last in the file: the workers it takes down are still restarting when it ends.
+    sheet = write_sheet(tmp_path / "rows.csv", 4)
+    services = coordinator(tmp_path, "poison", celery_dispatcher(redis_server, max_attempts=2))
+    batch_id = start_batch(services, sheet, "bpoison")
+    restarts_before = workers.restarts
+
+    summary = services.runner.run(batch_id)
+
+    assert (summary.done, summary.failed) == (3, 1)
+    poison = services.ledger.get_generation(POISON_ROW)
+    assert poison.status == "failed" and "2 attempts" in poison.error
+    assert workers.restarts - restarts_before == 2  # each attempt took a worker down, no third one ran
+    assert len(list(services.runner.output_dir(batch_id).glob("*.png"))) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -88,7 +89,7 @@ def models(tmp_path_factory, demo_checkpoint_file, demo_components):
     (root / "diffusion_models").mkdir()
     shutil.copyfile(demo_checkpoint_file, root / "checkpoints" / "sd35_demo_tiny.safetensors")
     write_checkpoint(root / "diffusion_models" / "demo_unet.safetensors", transformer=demo_components["transformer"])
-    quantized = _copy_transformer(demo_components["transformer"])
+    quantized = copy.deepcopy(demo_components["transformer"])
     quantize_transformer(quantized, "weight_only")
     save_fp8_scaled(quantized, root / "diffusion_models" / "demo_unet_fp8_scaled.safetensors")
     _write_comfy_fp8_scaled(demo_checkpoint_file, root / "checkpoints" / "demo_fp8_scaled.safetensors")
@@ -99,12 +100,6 @@ def models(tmp_path_factory, demo_checkpoint_file, demo_components):
 def fp32_image(tmp_path_factory, models):
     engine = Engine(settings_for(tmp_path_factory.mktemp("fp32"), models, precision="fp32"))
     return pixels(engine.run(txt2img()))
-
-
-def _copy_transformer(transformer):
-    import copy
-
-    return copy.deepcopy(transformer)
 
 
 def _write_comfy_fp8_scaled(source: Path, dest: Path) -> Path:

@@ -8,7 +8,7 @@ of :func:`error_status`.
     GET  /api/templates[/{name}]             templates with their field schemas
     POST /api/templates                      add or replace a template (admin; multipart upload)
     POST /api/batches                        template + rows as JSON -> batch id and validation report
-    POST /api/batches/upload                 template + CSV/XLSX sheet (multipart)
+    POST /api/batches/upload                 template + CSV/XLSX sheet (+ optional photos zip) (multipart)
     GET  /api/batches[/{id}]                 recent batches; one batch's counts, progress and rows
     POST /api/batches/{id}/cancel|resume     stop between steps; run the rows that are not done
     GET  /api/batches/{id}/zip               images + manifests, streamed
@@ -17,6 +17,7 @@ of :func:`error_status`.
     GET  /api/system, POST /api/system/model model, device, queue; switch the default checkpoint (admin)
 """
 
+# No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
 import asyncio
 import json
 import re
@@ -196,8 +197,10 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def prepare(template: str, sheet: Sheet, body: dict[str, Any], caller: Any) -> Any:
-        """Validate and render every row; ``on_invalid="stop"`` refuses the batch naming each bad cell."""
+    def prepare(template: str, sheet: Sheet, body: dict[str, Any], caller: Any, images: Any = None) -> Any:
+        """Validate and render every row; ``on_invalid="stop"`` refuses the batch naming each bad cell.
+
+        ``images``: the product photos (ImageLibrary) uploaded with the sheet."""
         on_invalid = body.get("on_invalid") or "skip"
         if on_invalid not in ON_INVALID:
             raise BatchError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
@@ -214,6 +217,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
             on_invalid="skip",
             user=caller.name,
             batch_id=check_batch_id(batch_id) if batch_id not in (None, "") else None,
+            images=images,
         )
         problems = prepared.report.problems
         if on_invalid == "stop" and problems:
@@ -297,13 +301,21 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
         batch_id: str | None = Form(None),
         on_invalid: str = Form("skip"),
         start: bool = Form(True),
+        images: UploadFile | None = File(None),
         caller: Any = user,
     ) -> Any:
         data = await read_upload(sheet)
         parsed = await asyncio.to_thread(read_sheet, data, sheet.filename or "upload", sheet_name)
         body = {"batch_seed": batch_seed, "on_invalid": on_invalid, "batch_id": batch_id}
-        prepared = await asyncio.to_thread(prepare, template, parsed, body, caller)
-        return submit(prepared, start)
+        photos = None
+        if images is not None:  # the product photos the sheet's image columns name, as one zip
+            photos = await asyncio.to_thread(services.runner.unpack_photos, await read_upload(images))
+        try:
+            prepared = await asyncio.to_thread(prepare, template, parsed, body, caller, photos)
+            return submit(prepared, start)
+        finally:
+            if photos is not None:  # a started batch has its own copy; otherwise none is kept
+                services.runner.discard_staging(photos)
 
     @router.get("/batches", summary="Recent batches")
     def list_batches(limit: int = 50, offset: int = 0, caller: Any = user) -> Any:

@@ -8,6 +8,7 @@ prompt id; it runs on the same GPU queue as spreadsheet batches, and its images 
 ``<outputs>/<prompt_id>/`` (so ``/view`` gets ``subfolder=<prompt_id>``).
 """
 
+# No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
 import asyncio
 import itertools
 import logging

@@ -8,6 +8,7 @@ admin role.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ class Caller:
 
 
 class ApiGuard:
+    """Identifies callers (bearer tokens), checks roles, and applies the per-user, per-route rate limits."""
+
     def __init__(self, users: UserStore, tokens: TokenIssuer | None, limiter: RateLimiter) -> None:
         self.users = users
         self.tokens = tokens
@@ -64,10 +67,14 @@ class ApiGuard:
 
 
 class RateLimited(AccessDenied):
+    """429: over the rate limit. ``headers`` (Retry-After, X-RateLimit-*) go on the response."""
+
     def __init__(self, retry_after_s: float, headers: dict[str, str]) -> None:
+        wait_s = max(1, math.ceil(retry_after_s))
         super().__init__(
-            f"rate limit exceeded; retry in {retry_after_s:.0f} s", status=429, reason="rate_limited"
+            f"rate limit exceeded; retry in {wait_s} s", status=429, reason="rate_limited", retry_after_s=wait_s
         )
+        self.retry_after_s = wait_s
         self.headers = headers
 
 

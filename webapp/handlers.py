@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -173,8 +173,13 @@ def check_sheet(
     on_invalid: str = "skip",
     batch_seed: int | None = None,
     lang: str = "en",
+    images_path: str | Path | None = None,
 ) -> SheetCheck:
-    """Read the uploaded sheet and validate every row; nothing is recorded or queued yet."""
+    """Read the uploaded sheet and validate every row; nothing is recorded or queued yet.
+
+    ``images_path``: the zip of product photos uploaded with the sheet, which its image columns name.
+    """
+    from engine.image_refs import ImageLimits
     from engine.sheets import SheetLimits, read_sheet
 
     if not template_name:
@@ -183,8 +188,18 @@ def check_sheet(
         raise BatchError(f"on_invalid must be 'skip' or 'stop', not {on_invalid!r}")
     limits = SheetLimits(max_file_bytes=int(services.settings.max_upload_mb) * 1024 * 1024)
     sheet = read_sheet(Path(sheet_path), limits=limits)
+    images = None
+    if images_path:
+        max_bytes = int(services.settings.max_upload_mb) * 1024 * 1024
+        images = services.runner.unpack_photos(Path(images_path), ImageLimits(max_archive_bytes=max_bytes))
     # Prepare in "skip" mode so the report always lists every row; "stop" only decides whether to start.
-    prepared = services.runner.prepare(template_name, sheet, batch_seed=batch_seed, on_invalid="skip", user=caller.name)
+    try:
+        prepared = services.runner.prepare(template_name, sheet, batch_seed=batch_seed, on_invalid="skip",
+                                           user=caller.name, images=images)
+    except BaseException:
+        if images is not None:
+            services.runner.discard_staging(images)
+        raise
     header = [text("report.row", lang), text("report.status", lang), text("report.problems", lang)]
     table, ok, bad = [], 0, 0
     for row in prepared.rows:
@@ -288,6 +303,7 @@ class BatchView:
     step_fraction: float
     images: list[str]  # image paths under the outputs folder, oldest first
     finished: bool
+    references: dict[str, list[str]] = field(default_factory=dict)  # image path -> the row's product photos
     done: int = 0
     failed: int = 0
     remaining: int = 0
@@ -308,6 +324,10 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
     failed = counts.get("failed", 0) + counts.get("timed_out", 0)
     remaining = counts.get("queued", 0) + counts.get("running", 0)
     images = [row.image_path for row in rows if row.status == "done" and row.image_path]
+    references = {
+        row.image_path: [str(p) for p in services.runner.reference_images(batch, row.row_values)]
+        for row in rows if row.status == "done" and row.image_path and row.image_path in images[-max_images:]
+    }
     if progress is not None:
         state = progress.state
         eta = progress.eta_s if state == "running" else None
@@ -338,6 +358,7 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
         step_fraction=fraction,
         images=images[-max_images:],
         finished=state not in ACTIVE_STATES,
+        references={path: found for path, found in references.items() if found},
         done=done,
         failed=failed,
         remaining=remaining,
@@ -352,6 +373,27 @@ def _anything_running(services: Any) -> bool:
     return current_batch(services) is not None and _state(services, current_batch(services)) == "running"
 
 
+def reference_thumbnail(path: str | Path, size: int = 256) -> Any:
+    """A small RGB copy (PIL image) of a product photo, to show beside the results made from it."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))
+        thumb = ImageOps.exif_transpose(image).convert("RGB")
+    thumb.thumbnail((size, size))
+    return thumb
+
+
+def reference_data_url(path: str | Path, size: int = 384) -> str:
+    """A product photo as a ``data:`` URL: the photos live under the uploads folder, which /files does not serve."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    reference_thumbnail(path, size).save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 # --------------------------------------------------------------------------------------- single image
 
 
@@ -362,9 +404,9 @@ class SingleResult:
     parameters: dict[str, Any]
 
 
-def _prepare_one_row(services: Any, template_name: str, sheet: Any, caller: Caller) -> Any:
+def _prepare_one_row(services: Any, template_name: str, sheet: Any, caller: Caller, images: Any = None) -> Any:
     """Prepare a one-row batch; a row with problems is refused with its reasons (which field, why)."""
-    prepared = services.runner.prepare(template_name, sheet, on_invalid="skip", user=caller.name)
+    prepared = services.runner.prepare(template_name, sheet, on_invalid="skip", user=caller.name, images=images)
     row = prepared.rows[0]
     if row["status"] != "queued":
         raise BatchError(row["error"] or "the row cannot run", row=row["row_number"])
@@ -482,6 +524,7 @@ def generation_detail(services: Any, row_key: str) -> dict[str, Any]:
     detail = row.to_dict()
     if row.seed is not None:
         detail["seed"] = str(row.seed)
+    detail["reference_images"] = [str(p) for p in services.runner.reference_images(row.batch_id, row.row_values)]
     return detail
 
 
@@ -495,7 +538,12 @@ def rerun_row(services: Any, caller: Caller, row_key: str) -> str:
     if not template:
         raise BatchError(f"generation {row_key!r} records no template, so it cannot be re-run", row_key=row_key)
     sheet = one_row_sheet(values, row_number=row.row_number, filename=f"rerun-{row_key}")
-    return start_batch(services, _prepare_one_row(services, template, sheet, caller))
+    images = None
+    if services.runner.images_dir(row.batch_id).is_dir():  # the photos the original batch used
+        from engine.image_refs import ImageLibrary
+
+        images = ImageLibrary.from_folder(services.runner.images_dir(row.batch_id))
+    return start_batch(services, _prepare_one_row(services, template, sheet, caller, images))
 
 
 # -------------------------------------------------------------------------------------- template edits

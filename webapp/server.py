@@ -341,6 +341,8 @@ def create_app(
     app.include_router(api_router(services, guard, upload_limit, metrics))
     comfy = comfy_router(services, guard)
     app.include_router(comfy)
+    # ComfyUI serves every route under /api as well, and newer clients use that form.
+    app.include_router(comfy, prefix="/api", include_in_schema=False)
     app.state.comfy = comfy.bridge
 
     # Added last = outermost: the metrics middleware sees the upload limit's 413s.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import html
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -81,6 +82,19 @@ def _image_html(path: str | None, outputs: Any) -> str:
     return f'<a href="{url}" target="_blank"><img src="{url}" style="max-width:100%;max-height:560px" alt=""></a>'
 
 
+def _reference_html(paths: list[str], lang: str) -> str:
+    """The product photo(s) a generation was made from, beside its image in the history page."""
+    if not paths:
+        return ""
+    figures = "".join(
+        f'<figure style="margin:0"><img src="{handlers.reference_data_url(p)}" style="max-width:100%;max-height:260px" '
+        f'alt=""><figcaption>{html.escape(text("history.reference", lang))}: {html.escape(Path(p).name)}</figcaption>'
+        "</figure>"
+        for p in paths
+    )
+    return f'<div class="reference-photos">{figures}</div>'
+
+
 def _field_widget(spec: Any, checkpoints: list[str]) -> gr.components.Component:
     """The input widget for one template field, by its type (engine.templates.FIELD_TYPES)."""
     label = spec.name + (" *" if spec.required else "")
@@ -133,6 +147,8 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                     with gr.Column(scale=3):
                         sheet_file = gr.File(label=L("batch.upload"), type="filepath", elem_id="sheet-file",
                                              file_types=[".csv", ".tsv", ".txt", ".xlsx", ".xlsm"])
+                        photos_file = gr.File(label=L("batch.photos"), type="filepath", elem_id="photos-file",
+                                              file_types=[".zip"])
                         with gr.Row():
                             on_invalid = gr.Radio(
                                 choices=[(L("batch.on_invalid.skip"), "skip"), (L("batch.on_invalid.stop"), "stop")],
@@ -312,19 +328,21 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             ui.load(show_template, inputs=picker, outputs=[desc, image, table])
 
         @_guard
-        def check(template_name, path, mode, seed, request: gr.Request):
+        def check(template_name, path, mode, seed, photos, request: gr.Request):
             who, lang = caller(request), language_of_request(request)
             if not path:
                 return None, text("batch.nothing_prepared", lang), gr.update(visible=False), gr.update(interactive=False)
             seed = handlers.parse_seed(seed)
             result = handlers.check_sheet(
-                services, who, template_name, path, on_invalid=mode, batch_seed=seed, lang=lang)
+                services, who, template_name, path, on_invalid=mode, batch_seed=seed, lang=lang, images_path=photos)
             table = gr.update(value={"headers": result.header, "data": result.rows}, visible=True)
             return result.prepared, result.summary, table, gr.update(interactive=result.can_start)
 
         check_outputs = [prepared_state, report_summary, report_table, start_button]
-        check_button.click(check, inputs=[batch_template, sheet_file, on_invalid, batch_seed], outputs=check_outputs)
-        sheet_file.upload(check, inputs=[batch_template, sheet_file, on_invalid, batch_seed], outputs=check_outputs)
+        check_inputs = [batch_template, sheet_file, on_invalid, batch_seed, photos_file]
+        check_button.click(check, inputs=check_inputs, outputs=check_outputs)
+        sheet_file.upload(check, inputs=check_inputs, outputs=check_outputs)
+        photos_file.upload(check, inputs=check_inputs, outputs=check_outputs)
 
         @_guard
         def start(prepared, request: gr.Request):
@@ -337,6 +355,15 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         start_button.click(start, inputs=prepared_state,
                            outputs=[prepared_state, start_button, watched, remembered_batch])
 
+        photo_thumbnails: dict[str, Any] = {}  # small copies of the product photos shown, bounded below
+
+        def thumbnails(path: str) -> Any:
+            if path not in photo_thumbnails:
+                if len(photo_thumbnails) >= 512:
+                    photo_thumbnails.clear()
+                photo_thumbnails[path] = handlers.reference_thumbnail(path)
+            return photo_thumbnails[path]
+
         @_guard
         def refresh(batch_id: str | None, shown: int, request: gr.Request):
             lang = language_of_request(request)
@@ -346,7 +373,11 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             gallery_update = gr.skip()
             if len(view.images) != shown:
                 base = _base_url(request)
-                gallery_update = [base + file_url(outputs, p) for p in view.images]
+                gallery_update = []
+                for p in view.images:  # each result after the product photo(s) it was made from
+                    for photo in view.references.get(p, []):
+                        gallery_update.append((thumbnails(photo), text("batch.photo_caption", lang, name=Path(photo).name)))
+                    gallery_update.append(base + file_url(outputs, p))
             line = view.status_line + (f"\n\n⚠ {view.error}" if view.error else "")
             return (
                 line,
@@ -406,7 +437,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                 text("batch.download", lang), text("history.batch_zip", lang))
             return (
                 str(row_key),
-                _image_html(detail.get("image_path"), outputs),
+                _image_html(detail.get("image_path"), outputs) + _reference_html(detail.get("reference_images", []), lang),
                 detail,
                 gr.update(interactive=True),
                 link,

@@ -113,7 +113,9 @@ class UNETLoader(NodeType):
                 weight_dtype=weight_dtype,
                 supported=[d for d in UNET_WEIGHT_DTYPES if d != "fp8_e5m2"],
             )
-        # The cache refuses the fp8 choices with a clear error until the FP8 module is enabled.
+        # fp8_e4m3fn: FP8 storage (weight_only); fp8_e4m3fn_fast: FP8 compute where the GPU can, else
+        # weight_only with a logged message. The cache's precision policy decides, and the handle's
+        # precision string (recorded with the generation) says what actually runs.
         return (ctx.models.diffusion_model(unet_name, weight_dtype=weight_dtype),)
 
 
