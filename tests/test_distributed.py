@@ -3,8 +3,6 @@ the faults the issue names (a worker SIGKILLed mid-row, Redis restarted mid-batc
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import socket
