@@ -136,7 +136,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     from engine.sheets import read_sheet
 
     settings = _settings_from(args)
-    services = build_services(settings, dispatcher=_dispatcher_for(settings))
+    services = build_services(settings)
     runner = services.runner
     sheet = read_sheet(Path(args.sheet), sheet_name=args.sheet_name)
     batch_id = args.resume or runner.find_unfinished(args.template, sheet)
@@ -198,14 +198,6 @@ def _photos_from(runner: Any, source: str) -> Any:
     if not path.is_file():
         raise SystemExit(f"--images {source}: no such folder or zip file")
     return runner.unpack_photos(path)
-
-
-def _dispatcher_for(settings: Settings) -> Any:
-    if not settings.broker:
-        return None
-    from engine.distributed import CeleryDispatcher
-
-    return CeleryDispatcher(settings.broker, settings=settings)
 
 
 def cmd_templates(args: argparse.Namespace) -> int:

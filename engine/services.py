@@ -23,6 +23,9 @@ class Services:
 
     def close(self) -> None:
         self.queue.stop()
+        close = getattr(self.runner.dispatcher, "close", None)
+        if close is not None:
+            close()
 
 
 def build_services(settings: Settings, engine: Any = None, dispatcher: Any = None) -> Services:
@@ -35,6 +38,10 @@ def build_services(settings: Settings, engine: Any = None, dispatcher: Any = Non
     for folder in (settings.data_path, settings.outputs_path, settings.uploads_path):
         Path(folder).mkdir(parents=True, exist_ok=True)
     engine = engine or Engine(settings)
+    if dispatcher is None and settings.broker:  # rows go to Celery workers instead of this process
+        from engine.distributed import CeleryDispatcher
+
+        dispatcher = CeleryDispatcher(settings.broker, row_timeout_s=settings.row_timeout_s)
     ledger = BatchLedger(settings.ledger_path)
     templates = TemplateLibrary(Path(settings.templates_dir), validate_workflow=engine.validate)
     runner = BatchRunner(engine, ledger, templates, settings, dispatcher=dispatcher)

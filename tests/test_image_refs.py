@@ -79,7 +79,7 @@ def photos_zip() -> bytes:
     })
 
 
-SHEET = """Product Name,Product Photo
+SHEET = """product_name,Product_Photo
 Red sneaker,sneaker.png
 Blue mug,photos\\MUG.JPG
 Lamp,lamp.png
