@@ -201,19 +201,23 @@ def _photos_from(runner: Any, source: str) -> Any:
 
 
 def cmd_templates(args: argparse.Namespace) -> int:
+    from engine.runtime import Engine
     from engine.templates import TemplateLibrary
 
     settings = _settings_from(args)
-    library = TemplateLibrary(Path(settings.templates_dir))
+    library = TemplateLibrary(Path(settings.templates_dir), validate_workflow=Engine(settings).validate)
     for template in library.list():
-        print(f"{template.name}  ({template.hash[:12]})  {template.title}")
+        print(f"{template.name}  ({template.content_hash[:12]})  {template.title}")
         if template.description:
             print(f"    {template.description}")
+        print(f"    files named: {template.filename_pattern}")
         for spec in template.fields:
             required = "required" if spec.required else f"default {spec.default!r}"
-            choices = f" one of {', '.join(map(str, spec.choices))}" if spec.choices else ""
+            choices = f", one of {', '.join(map(str, spec.choices))}" if spec.choices else ""
             print(f"    - {spec.name}: {spec.type}, {required}{choices}  {spec.description}")
-    return 0
+    for name, error in library.errors().items():
+        print(f"{name}: cannot be loaded: {error.message}", file=sys.stderr)
+    return 1 if library.errors() else 0
 
 
 def cmd_demo_checkpoint(args: argparse.Namespace) -> int:

@@ -1,0 +1,141 @@
+"""The command line as an unattended user runs it: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT.parent / "shared" / "comfyui-examples"
+
+
+def app(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def small_example(tmp_path: Path) -> Path:
+    """The official SD3.5 API example pointed at the demo model, small enough for a CPU."""
+    source = EXAMPLES / "sd3.5_simple_example.api.json"
+    if not source.exists():
+        pytest.skip("shared/comfyui-examples is not beside this checkout")
+    workflow = json.loads(source.read_text())
+    for node in workflow.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = "sd35_demo_tiny"
+        if node["class_type"] == "EmptySD3LatentImage":
+            node["inputs"].update(width=64, height=64)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(workflow))
+    return path
+
+
+def test_run_workflow_once_per_prompt_line(tmp_path):
+    workflow = small_example(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red jacket on a hanger\n\na white boot, studio light\n", encoding="utf-8")
+    out = tmp_path / "batch_out"
+    result = app(
+        "--data-dir", str(tmp_path / "data"), "run", "--workflow", str(workflow),
+        "--prompt-file", str(prompts), "--output-dir", str(out), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["ComfyUI_00001_.png", "ComfyUI_00002_.png"]
+    for file, text in zip(files, ["a red jacket on a hanger", "a white boot, studio light"]):
+        prompt = json.loads(Image.open(file).text["prompt"])
+        assert any(n["inputs"].get("text") == text for n in prompt.values() if n["class_type"] == "CLIPTextEncode")
+        assert str(file) in result.stdout + result.stderr
+
+
+def test_validate_prints_every_problem_and_fails(tmp_path):
+    workflow = json.loads(small_example(tmp_path).read_text())
+    for node in workflow.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"].update(sampler_name="no_such_sampler", steps=0)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(workflow))
+    result = app("validate", str(bad), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "sampler_name" in result.stdout and "euler" in result.stdout  # names the supported ones
+    assert "steps" in result.stdout
+    good = app("validate", str(small_example(tmp_path)), cwd=tmp_path)
+    assert good.returncode == 0 and "ok" in good.stdout
+
+
+def test_templates_lists_fields(tmp_path):
+    result = app("--templates-dir", str(ROOT / "templates"), "templates", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "product_shot" in result.stdout and "product_name: string, required" in result.stdout
+
+
+def test_batch_exit_status_and_summary(tmp_path):
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("product_name,width,height,steps\nJacket,64,64,2\nBoots,64,64,oops\n", encoding="utf-8")
+    result = app(
+        "--data-dir", str(tmp_path / "data"), "--templates-dir", str(ROOT / "templates"),
+        "run", "--template", "product_shot", "--sheet", str(sheet), "--zip", cwd=tmp_path,
+    )
+    assert result.returncode == 1  # a skipped row makes the run non-zero
+    assert "row 3: steps" in result.stderr
+    assert "1 done, 0 failed, 0 timed out, 1 skipped" in result.stdout
+    assert list((tmp_path / "data" / "outputs").glob("*.zip"))
+
+
+def test_demo_checkpoint_file_runs_through_the_single_file_loader(tmp_path):
+    models = tmp_path / "models" / "checkpoints"
+    result = app("demo-checkpoint", "--out", str(models / "demo.safetensors"), cwd=tmp_path)
+    assert result.returncode == 0 and "not a real one" in result.stdout
+    workflow = json.loads(small_example(tmp_path).read_text())
+    for node in workflow.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = "demo.safetensors"
+    path = tmp_path / "file.json"
+    path.write_text(json.dumps(workflow))
+    run = app(
+        "--models-dir", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"),
+        "run", "--workflow", str(path), cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert list((tmp_path / "data" / "outputs").glob("*.png"))
+
+
+def test_token_and_users_commands(tmp_path):
+    secret = "s" * 48
+    token = app("token", "create", "--user", "alice", "--role", "admin", "--ttl", "1h", cwd=tmp_path, env={"SD35_JWT_SECRET": secret})
+    assert token.returncode == 0, token.stderr
+    from webapp.auth import TokenIssuer
+
+    claims = TokenIssuer(secret, "sd35-batch", "sd35-batch-api").verify(token.stdout.strip())
+    assert (claims.sub, claims.role) == ("alice", "admin")
+    refused = app("token", "create", "--user", "alice", cwd=tmp_path, env={"SD35_JWT_SECRET": ""})
+    assert refused.returncode == 2 and "SD35_JWT_SECRET" in refused.stderr
+
+    users = tmp_path / "users.json"
+    added = app("users", "add", "bob", "--role", "user", "--password", "correct horse", "--file", str(users), cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    from webapp.auth import UserStore
+
+    store = UserStore.from_file(users)
+    assert store.authenticate("bob", "correct horse") is not None
+    assert store.authenticate("bob", "wrong") is None
+
+
+def test_library_errors_become_one_line_and_exit_2(tmp_path):
+    missing = app("run", "--template", "no_such_template", "--sheet", str(tmp_path / "x.csv"), cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ")
+    assert "Traceback" not in missing.stderr
