@@ -216,7 +216,12 @@ class Executor:
                 converted = coerce_literal(spec, value, row.ctx, check_choices=False)
                 inputs[spec.name] = converted
                 literal_part.append([spec.name, converted])
-        text = json.dumps([node.class_type, literal_part, link_part], default=repr, sort_keys=True)
+        try:
+            fingerprint = node_cls.fingerprint(dict(literal_part), row.ctx)
+        except EngineError as exc:
+            row.error = exc
+            return False
+        text = json.dumps([node.class_type, literal_part, link_part, fingerprint], default=repr, sort_keys=True)
         if volatile:
             row.volatile.add(node_id)
             text += f"#volatile-row:{row.index}"  # never shared with another row (and never cached)

@@ -331,9 +331,6 @@ def test_api_upload_takes_a_photos_zip(services, tmp_path):
     assert not any((Path(services.settings.uploads_path) / ".staging").iterdir())  # nothing kept
 
 
-@pytest.mark.xfail(strict=True, reason="the executor's signature cache keys LoadImage by file name only "
-                   "(engine/execute.py, engine/nodes/image_input.py): a later batch's photo of the same name "
-                   "gets the earlier photo's pixels")
 def test_a_later_batch_with_another_photo_of_the_same_name_uses_its_own_photo(services):
     runner = services.runner
     sheet = read_sheet(b"product_name,product_photo,seed\nShoe,shoe.png,1\n", "rows.csv")

@@ -106,6 +106,15 @@ class NodeType:
         return []
 
     @classmethod
+    def fingerprint(cls, values: dict[str, Any], ctx: "NodeContext | None") -> str | None:
+        """What the node reads besides its inputs (ComfyUI's IS_CHANGED), for the signature cache.
+
+        A node that reads a file returns the file's content hash, so a changed or different file under
+        the same name is never served from the cache. ``values`` are the converted literal inputs.
+        """
+        return None
+
+    @classmethod
     def input(cls, name: str) -> Input | None:
         for spec in cls.inputs:
             if spec.name == name:

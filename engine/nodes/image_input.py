@@ -10,6 +10,8 @@ inpainted by the sampler (only the masked region changes).
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 import os
 from dataclasses import dataclass
@@ -139,6 +141,18 @@ def load_image_file(ctx: "NodeContext", path: Path) -> tuple["torch.Tensor", "to
     return torch.stack(images), torch.stack(masks)
 
 
+def input_file_fingerprint(values: dict[str, Any], ctx: "NodeContext | None") -> str | None:
+    """The content hash of the image a loader reads, so the cache never serves another file's pixels."""
+    if ctx is None or ctx.input_dir is None:
+        return None
+    path = input_file_path(ctx, str(values.get("image", "")))
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class LoadImage(NodeType):
     """An image (and its alpha as a mask) from the input folder."""
 
@@ -150,6 +164,10 @@ class LoadImage(NodeType):
     @classmethod
     def check(cls, values: dict[str, Any], ctx: "NodeContext | None") -> list[tuple[str | None, str, str, str]]:
         return _check_image_name(values, ctx)
+
+    @classmethod
+    def fingerprint(cls, values: dict[str, Any], ctx: "NodeContext | None") -> str | None:
+        return input_file_fingerprint(values, ctx)
 
     def run(self, ctx: "NodeContext", image: str) -> tuple[Any, Any]:
         return load_image_file(ctx, input_file_path(ctx, image))
@@ -169,6 +187,10 @@ class LoadImageMask(NodeType):
     @classmethod
     def check(cls, values: dict[str, Any], ctx: "NodeContext | None") -> list[tuple[str | None, str, str, str]]:
         return _check_image_name(values, ctx)
+
+    @classmethod
+    def fingerprint(cls, values: dict[str, Any], ctx: "NodeContext | None") -> str | None:
+        return input_file_fingerprint(values, ctx)
 
     def run(self, ctx: "NodeContext", image: str, channel: str = "alpha") -> tuple[Any]:
         import numpy as np
