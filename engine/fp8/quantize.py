@@ -61,15 +61,16 @@ class QuantizationReport:
         return asdict(self) | {"memory_ratio": self.memory_ratio}
 
 
-def module_bytes(module: nn.Module) -> int:
-    """Bytes held by the parameters and buffers of ``module`` (shared tensors counted once)."""
+def module_bytes(*modules: nn.Module) -> int:
+    """Bytes held by the parameters and buffers of ``modules`` (shared tensors counted once)."""
     seen: set[int] = set()
     total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        total += tensor.numel() * tensor.element_size()
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
     return total
 
 

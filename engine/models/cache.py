@@ -400,12 +400,6 @@ def _modules_of(value: Any) -> tuple[Any, ...]:
 
 
 def _module_bytes(modules: Sequence[Any]) -> int:
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
+    from engine.fp8.quantize import module_bytes
+
+    return module_bytes(*modules)

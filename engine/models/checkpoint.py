@@ -87,7 +87,7 @@ def handles_from_components(
     path: Path | None = None,
 ) -> tuple["ModelHandle", "ClipHandle | None", "VaeHandle | None"]:
     """(MODEL, CLIP, VAE) handles from diffusers-pipeline-named components (missing parts -> None)."""
-    from engine.nodes.types import ClipHandle, VaeHandle
+    from engine.nodes.types import ClipHandle
 
     transformer = components["transformer"]
     vae = components.get("vae")
@@ -106,16 +106,7 @@ def handles_from_components(
             joint_attention_dim=int(transformer.config.joint_attention_dim),
             device=device,
         )
-    vae_handle = VaeHandle(
-        vae=vae,
-        name=name,
-        scaling_factor=float(vae.config.scaling_factor),
-        shift_factor=float(vae.config.shift_factor or 0.0),
-        device=device,
-        dtype=vae.dtype,
-        downscale=_vae_downscale(vae),
-    ) if vae is not None else None
-    return model, clip, vae_handle
+    return model, clip, (_vae_handle(vae, name, device) if vae is not None else None)
 
 
 def model_handle(transformer: Any, name: str, device: str, vae: Any = None, is_demo: bool = False,
