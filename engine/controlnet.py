@@ -15,7 +15,12 @@ does:
   rule); several hints on one entry are summed.
 
 Single files in diffusers' key layout are read with a config from the file's ``config`` metadata or,
-without it, inferred from the tensor shapes. Files in other layouts are refused naming the supported ones.
+without it, inferred from the tensor shapes. Stability's own SD3.5 ControlNet files
+(``sd3.5_large_controlnet_{blur,canny,depth}.safetensors``) keep the original MMDiT names inside the
+blocks; they are recognised as ComfyUI does (``transformer_blocks.0.adaLN_modulation.1.bias``) and
+converted on load (:func:`sd35_original_to_diffusers`). Their ``control_type`` scalar selects ComfyUI's
+image preprocessing before the VAE encode (canny ``x * 127.5 + 0.5``, depth ``1 - x``, blur none). Files
+in other layouts are refused naming the supported ones.
 """
 
 from __future__ import annotations
@@ -38,9 +43,37 @@ if TYPE_CHECKING:
 SUPPORTED_LAYOUTS = (
     "a diffusers SD3ControlNetModel folder (config.json + weights)",
     "a single .safetensors file with diffusers SD3ControlNetModel keys (controlnet_blocks.*, pos_embed_input.*)",
+    "a single file in Stability's original SD3.5 ControlNet layout "
+    "(transformer_blocks.*.attn.qkv, *.mlp.fc1, *.adaLN_modulation.1; e.g. sd3.5_large_controlnet_canny)",
 )
 DEFAULT_HEAD_DIM = 64  # every released SD3/SD3.5 ControlNet; files with q/k norms carry their own
+# Without q/k norms a file has no per-head tensor, so the head width is not in its shapes; a file may name
+# it in this safetensors metadata key, otherwise DEFAULT_HEAD_DIM applies (ComfyUI's rule for SD3.5).
+HEAD_DIM_METADATA = "attention_head_dim"
 UPSCALE_FOR_HINT = "bilinear"
+
+# Stability's original SD3.5 layout (ComfyUI's ``load_controlnet_sd35``).
+ORIGINAL_SD35_MARKER = "transformer_blocks.0.adaLN_modulation.1.bias"
+ORIGINAL_CONTROL_TYPES = {0: "blur", 1: "canny", 2: "depth"}  # the file's ``control_type`` scalar
+SD35_CONTROL_LATENT_CHANNELS = 16  # ComfyUI builds pos_embed_input for the 16-channel SD3 latent only
+# Embedders: diffusers name -> the names an original file may use (diffusers' own names, or ComfyUI's).
+_ORIGINAL_EMBEDDERS = {
+    "time_text_embed.timestep_embedder.linear_1": ("t_embedder.mlp.0",),
+    "time_text_embed.timestep_embedder.linear_2": ("t_embedder.mlp.2",),
+    "time_text_embed.text_embedder.linear_1": ("y_embedder.mlp.0",),
+    "time_text_embed.text_embedder.linear_2": ("y_embedder.mlp.2",),
+}
+# Inside transformer_blocks.N (MMDiT's DismantledBlock -> diffusers' SD3SingleTransformerBlock). The
+# adaLN chunks are in the same order (shift, scale, gate for attention, then for the MLP) in both.
+_ORIGINAL_BLOCK_PARTS = {
+    "attn.proj": "attn.to_out.0",
+    "mlp.fc1": "ff.net.0.proj",
+    "mlp.fc2": "ff.net.2",
+    "adaLN_modulation.1": "norm1.linear",
+}
+# The ControlNet runs on the transformer's patch embedding (ComfyUI loads the model's x_embedder over
+# these), so a patch embedding stored in the file is never used.
+_ORIGINAL_UNUSED_PREFIXES = ("pos_embed.", "x_embedder.")
 
 
 @dataclass(frozen=True)
@@ -52,6 +85,7 @@ class ControlNetHandle:
     sha256: str | None = None
     device: str = "cpu"
     dtype: Any = None
+    control_type: str | None = None  # "blur"/"canny"/"depth" from an original SD3.5 file: image preprocessing
 
     @property
     def uses_text(self) -> bool:
@@ -127,6 +161,7 @@ class ControlHint:
                 pixels = torch.nn.functional.interpolate(
                     pixels.movedim(-1, 1), size=size, mode=UPSCALE_FOR_HINT, align_corners=False
                 ).movedim(1, -1).clamp(0, 1)
+            pixels = preprocess_control_image(pixels, self.control.control_type)
             latents = self.vae.encode(pixels[..., :3]).float()
             if self.control.zero_pooled:
                 latents = latents + self.vae.shift_factor * self.vae.scaling_factor  # no shift (InstantX)
@@ -135,6 +170,23 @@ class ControlHint:
         if latents.shape[0] != batch:
             latents = latents.repeat((batch + latents.shape[0] - 1) // latents.shape[0], 1, 1, 1)[:batch]
         return latents
+
+
+def preprocess_control_image(pixels: "torch.Tensor", control_type: str | None) -> "torch.Tensor":
+    """The control image as Stability's SD3.5 ControlNets of ``control_type`` were trained to see it.
+
+    ComfyUI's ``load_controlnet_sd35`` rules, applied to 0..1 pixels before the VAE encode: canny edges
+    become ``x * 255 * 0.5 + 0.5``, depth maps are inverted, blur (and every ControlNet without a type)
+    is used as it is.
+    """
+    if control_type is None or control_type == "blur":
+        return pixels
+    if control_type == "canny":
+        return pixels * 255 * 0.5 + 0.5
+    if control_type == "depth":
+        return 1.0 - pixels
+    raise ValueError(f"control_type must be one of {sorted(ORIGINAL_CONTROL_TYPES.values())} or None, "
+                     f"not {control_type!r}")
 
 
 def block_residuals(
@@ -224,11 +276,14 @@ def load_controlnet(
     from diffusers import SD3ControlNetModel
 
     path = Path(path)
+    control_type = None
     try:
         if path.is_dir():
             net = SD3ControlNetModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
         else:
             state, metadata = _read_file(path)
+            if is_original_sd35_layout(state):
+                state, control_type = sd35_original_to_diffusers(state, name)
             config = controlnet_config(state, metadata, name)
             net = SD3ControlNetModel.from_config(config)
             missing, unexpected = net.load_state_dict(state, strict=False)
@@ -245,7 +300,8 @@ def load_controlnet(
     except Exception as exc:  # noqa: BLE001 - a broken file or folder is a load error naming it
         raise ModelLoadError(f"cannot load ControlNet '{name}': {type(exc).__name__}: {exc}", name=name) from exc
     net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return ControlNetHandle(controlnet=net, name=name, sha256=sha256, device=device, dtype=dtype)
+    return ControlNetHandle(controlnet=net, name=name, sha256=sha256, device=device, dtype=dtype,
+                            control_type=control_type)
 
 
 def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -286,7 +342,14 @@ def controlnet_config(state: dict[str, Any], metadata: dict[str, str], name: str
     use_pos_embed = "pos_embed.proj.weight" in state
     in_channels = int(state["pos_embed.proj.weight"].shape[1]) if use_pos_embed else int(cond_in.shape[1])
     norm_q = state.get("transformer_blocks.0.attn.norm_q.weight")
-    head_dim = int(norm_q.shape[0]) if norm_q is not None else DEFAULT_HEAD_DIM
+    head_dim = int(norm_q.shape[0]) if norm_q is not None else _metadata_head_dim(metadata, name)
+    if head_dim <= 0 or inner % head_dim:
+        raise ModelLoadError(
+            f"ControlNet '{name}': width {inner} is not a whole number of {head_dim}-wide attention heads; "
+            f"a file whose heads are not {DEFAULT_HEAD_DIM} wide must name the width in its "
+            f"'{HEAD_DIM_METADATA}' metadata",
+            name=name, width=inner, attention_head_dim=head_dim,
+        )
     context = state.get("context_embedder.weight")
     config: dict[str, Any] = {
         "patch_size": patch,
@@ -311,3 +374,124 @@ def controlnet_config(state: dict[str, Any], metadata: dict[str, str], name: str
     if table is not None:
         config["pos_embed_max_size"] = int(round(table.shape[1] ** 0.5))
     return config
+
+
+def _metadata_head_dim(metadata: dict[str, str], name: str) -> int:
+    if HEAD_DIM_METADATA not in metadata:
+        return DEFAULT_HEAD_DIM
+    try:
+        return int(metadata[HEAD_DIM_METADATA])
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"ControlNet '{name}': metadata '{HEAD_DIM_METADATA}' must be a whole number, "
+            f"not {metadata[HEAD_DIM_METADATA]!r}",
+            name=name,
+        ) from exc
+
+
+# --- Stability's original SD3.5 layout ---------------------------------------------------------------
+
+
+def is_original_sd35_layout(state: dict[str, Any]) -> bool:
+    """True for a state dict in Stability's original SD3.5 ControlNet layout (ComfyUI's test for it)."""
+    return (
+        "controlnet_blocks.0.weight" in state
+        and "pos_embed_input.proj.weight" in state
+        and ORIGINAL_SD35_MARKER in state
+    )
+
+
+def sd35_original_to_diffusers(state: dict[str, Any], name: str) -> tuple[dict[str, Any], str | None]:
+    """Stability's original SD3.5 ControlNet tensors under diffusers ``SD3ControlNetModel`` names.
+
+    Returns ``(state_dict, control_type)``; ``control_type`` is "blur", "canny", "depth" or None when
+    the file has no ``control_type`` scalar. Each block's fused ``attn.qkv`` is split into ``to_q``,
+    ``to_k`` and ``to_v`` (its rows are q, then k, then v, as MMDiT's attention reads them); the
+    embedders may use diffusers' names or ComfyUI's (``t_embedder``/``y_embedder``); a stored patch
+    embedding is dropped because the transformer's is used. Raises ModelLoadError for the parts
+    ``SD3ControlNetModel`` cannot run: the "double y embedder" variant, an unknown ``control_type``, a
+    control input that is not the 16-channel SD3 latent, and any other tensor (q/k norms among them).
+    """
+    source = dict(state)
+    control_type = _pop_control_type(source, name)
+    if any(k.startswith("orig_y_embedder.") for k in source) or _is_square(
+        source.get("time_text_embed.text_embedder.linear_1.weight", source.get("y_embedder.mlp.0.weight"))
+    ):
+        raise ModelLoadError(
+            f"ControlNet '{name}' is the SD3.5 variant with a second pooled-text embedder (ComfyUI's "
+            "'double_y_emb': blocks fed in parallel, no position embedding); SD3ControlNetModel cannot run "
+            f"it. Supported: {'; '.join(SUPPORTED_LAYOUTS)}",
+            name=name, supported=list(SUPPORTED_LAYOUTS),
+        )
+    converted: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, tensor in source.items():
+        target = _original_key_target(key)
+        if target is None:
+            unknown.append(key)
+        elif target == "":
+            continue  # an unused patch embedding (see _ORIGINAL_UNUSED_PREFIXES)
+        elif key.endswith((".attn.qkv.weight", ".attn.qkv.bias")):
+            if tensor.shape[0] % 3:
+                raise ModelLoadError(f"ControlNet '{name}': {key} has {tensor.shape[0]} rows, not 3 equal parts",
+                                     name=name, key=key)
+            for part, piece in zip(("to_q", "to_k", "to_v"), tensor.chunk(3, dim=0)):
+                converted[target.replace(".attn.qkv.", f".attn.{part}.")] = piece
+        else:
+            converted[target] = tensor
+    if unknown:
+        raise ModelLoadError(
+            f"ControlNet '{name}' is in the original SD3.5 layout but has tensors SD3ControlNetModel has no "
+            f"place for: {sorted(unknown)[:5]}" + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""),
+            name=name, unexpected=sorted(unknown)[:20],
+        )
+    channels = int(converted["pos_embed_input.proj.weight"].shape[1])
+    if channels != SD35_CONTROL_LATENT_CHANNELS:
+        raise ModelLoadError(
+            f"ControlNet '{name}': its control input has {channels} channels; original-layout SD3.5 "
+            f"ControlNets take the {SD35_CONTROL_LATENT_CHANNELS}-channel SD3 latent",
+            name=name, channels=channels,
+        )
+    return converted, control_type
+
+
+def _pop_control_type(state: dict[str, Any], name: str) -> str | None:
+    value = state.pop("control_type", None)
+    if value is None:
+        return None
+    if value.numel() != 1:
+        raise ModelLoadError(f"ControlNet '{name}': control_type must be one number, got shape "
+                             f"{tuple(value.shape)}", name=name)
+    number = round(float(value.reshape(())))
+    if number not in ORIGINAL_CONTROL_TYPES:
+        raise ModelLoadError(
+            f"ControlNet '{name}': control_type {number} is unknown; known: "
+            + ", ".join(f"{k} ({v})" for k, v in ORIGINAL_CONTROL_TYPES.items()),
+            name=name, control_type=number, supported=dict(ORIGINAL_CONTROL_TYPES),
+        )
+    return ORIGINAL_CONTROL_TYPES[number]
+
+
+def _is_square(weight: Any) -> bool:
+    return weight is not None and weight.ndim == 2 and weight.shape[0] == weight.shape[1]
+
+
+def _original_key_target(key: str) -> str | None:
+    """The diffusers name of an original-layout key; "" for a tensor that is not used; None if unknown."""
+    if key.startswith(("controlnet_blocks.", "pos_embed_input.proj.")):
+        return key
+    if key.startswith(_ORIGINAL_UNUSED_PREFIXES):
+        return ""
+    for diffusers_prefix, other_prefixes in _ORIGINAL_EMBEDDERS.items():
+        for prefix in (diffusers_prefix, *other_prefixes):
+            if key in (f"{prefix}.weight", f"{prefix}.bias"):
+                return diffusers_prefix + key[len(prefix):]
+    match = re.fullmatch(r"(transformer_blocks\.\d+\.)(.+)\.(weight|bias)", key)
+    if match is None:
+        return None
+    block, part, kind = match.groups()
+    if part == "attn.qkv":
+        return key
+    if part in _ORIGINAL_BLOCK_PARTS:
+        return f"{block}{_ORIGINAL_BLOCK_PARTS[part]}.{kind}"
+    return None

@@ -97,6 +97,7 @@ class TemplateOverview:
     example_image: str | None
     fields_header: list[str]
     fields_rows: list[list[str]]
+    image_fields: list[str] = field(default_factory=list)  # columns naming product photos (a zip upload)
 
 
 def template_names(services: Any) -> list[str]:
@@ -137,6 +138,7 @@ def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOve
         example_image=str(example) if example else None,
         fields_header=header,
         fields_rows=rows,
+        image_fields=[spec.name for spec in template.fields if spec.type == "image"],
     )
 
 
@@ -308,6 +310,7 @@ class BatchView:
     failed: int = 0
     remaining: int = 0
     error: str | None = None
+    warming_up: bool = False  # the model is loading: a running batch waits for it
 
 
 def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int = 48) -> BatchView:
@@ -363,7 +366,13 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
         failed=failed,
         remaining=remaining,
         error=error,
+        warming_up=is_warming_up(services),
     )
+
+
+def is_warming_up(services: Any) -> bool:
+    """Whether the engine is loading and warming up its model (batches submitted now wait their turn)."""
+    return bool(getattr(services.engine, "warming_up", False))
 
 
 _STATUS_KEYS = {f"status.{s}" for s in (*LEDGER_STATUSES, "interrupted")}
@@ -516,6 +525,56 @@ def generation_parameters(row: Any) -> dict[str, Any]:
     return params
 
 
+def _parameter_value(name: str, value: Any) -> str:
+    if name == "loras" and isinstance(value, list):
+        return ", ".join(
+            f"{item.get('name', item)} ({item.get('strength_model', item.get('strength', ''))})"
+            if isinstance(item, dict) else str(item)
+            for item in value
+        )
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def parameter_rows(params: dict[str, Any], lang: str = "en") -> list[tuple[str, str]]:
+    """Generation parameters as ``(label, value)`` pairs in ``lang``; width and height read as one size."""
+    rows = []
+    for name in PARAMETER_FIELDS:
+        if name == "height" or params.get(name) in (None, "", []):
+            continue
+        if name == "width":
+            rows.append((text("param.size", lang), f"{params['width']} × {params.get('height', '?')}"))
+            continue
+        rows.append((text(f"param.{name}", lang), _parameter_value(name, params[name])))
+    return rows
+
+
+def generation_rows(detail: dict[str, Any], lang: str = "en") -> list[tuple[str, str]]:
+    """What the history page shows about one generation: where it came from, how it went, its parameters
+    and the spreadsheet values, as ``(label, value)`` pairs in ``lang``."""
+    status = detail.get("status") or ""
+    status_key = f"status.{status}"
+    rows = [
+        (text("col.status", lang), text(status_key, lang) if status_key in _STATUS_KEYS else status),
+        (text("col.batch", lang), f"{detail.get('batch_id')} · {text('col.row', lang)} {detail.get('row_number')}"),
+    ]
+    if detail.get("error"):
+        rows.append((text("param.error", lang), str(detail["error"])))
+    rows += parameter_rows(detail, lang)
+    if detail.get("duration_s") is not None:
+        seconds = float(detail["duration_s"])
+        rows.append((text("param.duration", lang), f"{seconds:.1f}s" if seconds < 10 else format_duration(seconds)))
+    for name, key in (("user", "col.user"), ("finished_at", "col.finished")):
+        if detail.get(name):
+            rows.append((text(key, lang), str(detail[name])))
+    values = detail.get("row_values") or {}
+    shown = {k: v for k, v in values.items() if k != "png_extra" and v not in (None, "")}
+    if shown:
+        rows.append((text("param.values", lang), "; ".join(f"{k} = {v}" for k, v in shown.items())))
+    return rows
+
+
 def generation_detail(services: Any, row_key: str) -> dict[str, Any]:
     """Everything the ledger recorded about one generation (values, parameters, workflow, timings)."""
     row = services.ledger.get_generation(row_key)
@@ -592,10 +651,50 @@ def system_info(services: Any) -> dict[str, Any]:
     import gradio
 
     info = dict(services.engine.system_info())
+    info["warming_up"] = is_warming_up(services)
     info["fp8_backend"] = services.settings.fp8_backend
     info["queue"] = {"waiting": services.queue.queued(), "running": current_batch(services)}
     info["versions"] = {**dict(info.get("versions") or {}), "gradio": gradio.__version__}
     return info
+
+
+def format_bytes(count: int | float | None) -> str:
+    """``1.5 GB``, ``320 MB``, ``12 KB``: a size as people read it."""
+    if count is None:
+        return ""
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit in ("B", "KB") else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def system_rows(info: dict[str, Any], lang: str = "en") -> list[tuple[str, str]]:
+    """:func:`system_info` as ``(label, value)`` pairs in ``lang``, for a two-column table."""
+    kind = text("system.demo" if info.get("demo_in_use") else "system.real", lang)
+    rows = [
+        (text("system.model", lang), f"{info.get('default_checkpoint')} ({kind})"),
+        (text("system.state", lang), text("system.warming_up" if info.get("warming_up") else "system.ready", lang)),
+        (text("system.precision", lang), f"{info.get('precision')} · {info.get('dtype')}"),
+        (text("system.fp8_backend", lang), str(info.get("fp8_backend") or "")),
+        (text("system.device", lang), str(info.get("device") or "")),
+    ]
+    gpu = info.get("gpu")
+    if gpu:
+        rows.append((text("system.gpu", lang), f"{gpu['name']} (compute {gpu['compute_capability']})"))
+        rows.append((text("system.gpu_memory", lang), text(
+            "system.gpu_memory_value", lang, free=format_bytes(gpu["memory_free_bytes"]),
+            total=format_bytes(gpu["memory_total_bytes"]))))
+    loaded = info.get("loaded_models") or []
+    resident = ", ".join(sorted({f"{m['name']} ({m['kind']})" for m in loaded})) or text("system.none_loaded", lang)
+    rows.append((text("system.loaded", lang), f"{resident} · {format_bytes(info.get('model_memory_bytes') or 0)}"))
+    queue = info.get("queue") or {}
+    rows.append((text("system.queue", lang), text(
+        "system.queue_value", lang, running=queue.get("running") or "–", waiting=len(queue.get("waiting") or []))))
+    versions = info.get("versions") or {}
+    rows.append((text("system.versions", lang), " · ".join(f"{name} {version}" for name, version in versions.items())))
+    return rows
 
 
 def model_choices(services: Any) -> list[str]:
@@ -631,6 +730,9 @@ __all__ = [
     "generate_single",
     "generation_detail",
     "generation_parameters",
+    "generation_rows",
+    "is_warming_up",
+    "parameter_rows",
     "interrupted_batches",
     "model_choices",
     "recent_batches",
@@ -643,6 +745,7 @@ __all__ = [
     "save_uploaded_template",
     "switch_model",
     "system_info",
+    "system_rows",
     "template_fields",
     "template_names",
     "template_overview",

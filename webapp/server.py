@@ -36,7 +36,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 
 from engine.archive import iter_zip_stream
 from engine.batch import BatchEvent
-from engine.errors import AccessDenied
+from engine.errors import AccessDenied, EngineError
 from engine.logs import configure_logging
 from engine.settings import Settings
 from engine.store import row_key
@@ -219,6 +219,28 @@ button {{ margin-top: 1.2rem; width: 100%; padding: .6rem; font-size: 1rem; bord
 </form></main></body></html>"""
 
 
+def start_warm_up(engine: Any) -> threading.Thread:
+    """Load the default model and sample one step on a background thread, so start-up does not wait for it
+    and the first user's row does not pay for it.
+
+    While it runs ``engine.warming_up`` is True (the web app says so); GPU work takes turns on the engine,
+    so a batch submitted meanwhile waits for the warm-up and then runs. A model that fails to load is
+    logged here and reported again by the first row that needs it.
+    """
+
+    def warm_up() -> None:
+        try:
+            result = engine.warm_up()
+        except EngineError as exc:
+            log.error("model warm-up failed: %s", exc.message)
+            return
+        log.info("model warmed up: %s", result)
+
+    thread = threading.Thread(target=warm_up, name="model-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def create_app(
     settings: Settings,
     engine: Any = None,
@@ -230,7 +252,8 @@ def create_app(
 
     ``engine`` (e.g. a test's demo engine) and ``services`` (an already built
     :class:`engine.services.Services`) may be passed in; ``users`` defaults to :func:`load_users`.
-    The batch queue thread starts with the app and stops when it shuts down.
+    The batch queue thread starts with the app and stops when it shuts down; the model warms up on a
+    background thread as the app starts (:func:`start_warm_up`).
     """
     import gradio as gr
 
@@ -252,6 +275,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app):
         services.queue.start()
+        start_warm_up(services.engine)
         try:
             yield
         finally:
@@ -396,6 +420,7 @@ __all__ = [
     "listen_address",
     "serve",
     "session_issuer",
+    "start_warm_up",
     "zip_url",
 ]
 

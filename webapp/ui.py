@@ -4,14 +4,19 @@ Labels are i18n keys (``webapp/i18n.py``) that the browser shows in its own lang
 the server use the request's ``Accept-Language``. Library errors become ``gr.Error`` in :func:`_guard`,
 the one place that does so. Every event that waits on the GPU shares the concurrency group ``"gpu"``
 with limit 1; batches themselves run on the :class:`engine.batch.BatchQueue` thread, so closing the tab
-never stops one, and a 1 s timer shows the progress of whatever batch the page watches.
+never stops one, and a 1 s timer shows the progress of whatever batch the page watches (and whether the
+model is still warming up).
+
+Read-only tables (validation report, template fields, parameters, system details) are plain HTML tables
+built here: they size their columns to their content and every cell is in the page as the user sees it.
+The history results stay a ``gr.Dataframe`` because a click on a row selects a generation.
 """
 
 from __future__ import annotations
 
 import functools
 import html
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +29,48 @@ from webapp.server import file_url, zip_url
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 QUIET = {"show_progress": "hidden", "concurrency_limit": None}
+PLAIN = {"apply_default_css": False, "js_on_load": None}  # HTML blocks styled by CSS below, not clickable
 
 CSS = """
-.demo-banner { background: #fff7ed; border: 1px solid #fdba74; border-radius: 8px; padding: 4px 12px; }
-.step-bar { height: 10px; background: #e5e7eb; border-radius: 5px; overflow: hidden; }
+.demo-banner { background: #fff7ed; border: 1px solid #fdba74; border-radius: 8px; padding: 8px 14px;
+               color: #7c2d12; }
+.notice { background: #eff6ff; border: 1px solid #93c5fd; border-radius: 8px; padding: 8px 14px; color: #1e3a8a; }
+.badge { display: inline-block; padding: 1px 9px; border-radius: 999px; font-size: .82em; font-weight: 600;
+         white-space: nowrap; }
+.badge.demo { background: #ea580c; color: #fff; }
+.badge.real { background: #15803d; color: #fff; }
+.badge.ok { background: #dcfce7; color: #166534; }
+.badge.problem { background: #fee2e2; color: #991b1b; }
+.section-title p { font-size: 1.05em; font-weight: 600; margin: 6px 0 0; }
+.align-end { align-items: flex-end; }
+.caption { font-size: .88em; color: var(--body-text-color-subdued); margin: 10px 0 4px; }
+.table-scroll { max-height: 340px; overflow: auto; border: 1px solid var(--border-color-primary);
+                border-radius: 8px; }
+table.data-table { width: 100%; border-collapse: collapse; font-size: .92em; margin: 0; }
+table.data-table th, table.data-table td { text-align: left; padding: 6px 10px; vertical-align: top;
+                                           border: 0; border-bottom: 1px solid var(--border-color-primary); }
+table.data-table th { white-space: nowrap; font-weight: 600; background: var(--background-fill-secondary);
+                      position: sticky; top: 0; }
+table.data-table tr:last-child td { border-bottom: 0; }
+table.data-table td.narrow { white-space: nowrap; width: 1%; }
+table.kv-table th { position: static; width: 12em; background: transparent; }
+table.kv-table td { word-break: break-word; }
+.model-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 14px; }
+.model-card.demo { border-color: #fdba74; background: #fff7ed; color: #7c2d12; }
+.model-card .name { font-size: 1.15em; font-weight: 600; margin: 0 8px; }
+.model-card p { margin: 6px 0 0; }
+.step-bar { height: 8px; background: #e5e7eb; border-radius: 4px; overflow: hidden; margin-top: 4px; }
 .step-bar > div { height: 100%; background: #ea580c; transition: width .4s; }
 .download-link a { display: inline-block; padding: 8px 14px; border-radius: 8px; background: #ea580c;
                    color: #fff !important; text-decoration: none; font-weight: 600; }
+.result-image img { max-width: 100%; max-height: 560px; border-radius: 6px;
+                    border: 1px solid var(--border-color-primary); image-rendering: auto; }
+.reference-photos { display: flex; gap: 10px; flex-wrap: wrap; margin-top: 8px; }
 """
+
+
+class _Html(str):
+    """A table cell that is already HTML (a badge); every other cell is escaped."""
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,6 +95,33 @@ def _base_url(request: gr.Request) -> str:
     return f"{scheme.split(',')[0].strip()}://{host}"
 
 
+def _cell(value: Any, narrow: bool = False) -> str:
+    content = value if isinstance(value, _Html) else html.escape("" if value is None else str(value))
+    return f'<td class="narrow">{content}</td>' if narrow else f"<td>{content}</td>"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], narrow: Sequence[int] = (),
+           caption: str = "") -> str:
+    """An HTML table; columns whose index is in ``narrow`` take only the width of their content."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(_cell(value, index in narrow) for index, value in enumerate(row)) + "</tr>" for row in rows
+    )
+    title = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
+    return (f'{title}<div class="table-scroll"><table class="data-table"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
+
+
+def _pairs_table(pairs: Iterable[tuple[str, str]]) -> str:
+    """A two-column label/value table (parameters, system details)."""
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in pairs)
+    return f'<table class="data-table kv-table"><tbody>{body}</tbody></table>'
+
+
+def _badge(label: str, kind: str) -> _Html:
+    return _Html(f'<span class="badge {kind}">{html.escape(label)}</span>')
+
+
 def _step_bar(fraction: float, label: str) -> str:
     if not label:
         return ""
@@ -66,12 +132,12 @@ def _step_bar(fraction: float, label: str) -> str:
     )
 
 
-def _download_link(batch_id: str | None, lang: str) -> str:
+def _download_link(batch_id: str | None, label: str) -> str:
     if not batch_id:
         return ""
     return (
         f'<div class="download-link"><a href="{zip_url(batch_id)}" download>'
-        f'{html.escape(text("batch.download", lang))} ({html.escape(batch_id)})</a></div>'
+        f"{html.escape(label)} ({html.escape(batch_id)})</a></div>"
     )
 
 
@@ -79,7 +145,7 @@ def _image_html(path: str | None, outputs: Any) -> str:
     if not path:
         return ""
     url = file_url(outputs, path)
-    return f'<a href="{url}" target="_blank"><img src="{url}" style="max-width:100%;max-height:560px" alt=""></a>'
+    return f'<div class="result-image"><a href="{url}" target="_blank"><img src="{url}" alt=""></a></div>'
 
 
 def _reference_html(paths: list[str], lang: str) -> str:
@@ -95,26 +161,41 @@ def _reference_html(paths: list[str], lang: str) -> str:
     return f'<div class="reference-photos">{figures}</div>'
 
 
-def _field_widget(spec: Any, checkpoints: list[str]) -> gr.components.Component:
+def _notice(message: str) -> str:
+    return f'<div class="notice" role="status">{html.escape(message)}</div>'
+
+
+def _model_card(info: dict[str, Any], lang: str) -> str:
+    """The System page's headline: which model, whether it is the demo, whether it is still warming up."""
+    demo = bool(info.get("demo_in_use"))
+    badge = _badge(text("system.demo" if demo else "system.real", lang), "demo" if demo else "real")
+    details = f"{info.get('precision')} · {info.get('device')}"
+    lines = [f"<b>{html.escape(text('system.model', lang))}:</b>"
+             f'<span class="name">{html.escape(str(info.get("default_checkpoint")))}</span>{badge}'
+             f" · {html.escape(details)}"]
+    if info.get("warming_up"):
+        lines.append(f"<p><b>{html.escape(text('system.warming_up', lang))}</b></p>")
+    return f'<div class="model-card{" demo" if demo else ""}">' + "".join(lines) + "</div>"
+
+
+def _field_widget(spec: Any, checkpoints: list[str], template_name: str) -> gr.components.Component:
     """The input widget for one template field, by its type (engine.templates.FIELD_TYPES)."""
-    label = spec.name + (" *" if spec.required else "")
-    info = spec.description or None
+    common = {"label": spec.name + (" *" if spec.required else ""), "info": spec.description or None,
+              "elem_id": f"field-{spec.name}", "key": f"single-{template_name}-{spec.name}"}
     example = "" if spec.example is None else str(spec.example)
     if spec.type == "choice" or spec.choices:
-        return gr.Dropdown(choices=list(spec.choices), value=spec.default, label=label, info=info)
+        return gr.Dropdown(choices=list(spec.choices), value=spec.default, **common)
     if spec.type == "bool":
-        return gr.Checkbox(value=bool(spec.default), label=label, info=info)
+        return gr.Checkbox(value=bool(spec.default), **common)
     if spec.type in {"int", "float"}:
-        return gr.Number(value=spec.default, label=label, info=info, precision=0 if spec.type == "int" else None,
-                         minimum=spec.min, maximum=spec.max)
+        return gr.Number(value=spec.default, precision=0 if spec.type == "int" else None,
+                         minimum=spec.min, maximum=spec.max, **common)
     if spec.type == "checkpoint":
-        return gr.Dropdown(choices=checkpoints, value=spec.default, label=label, info=info, allow_custom_value=True)
+        return gr.Dropdown(choices=checkpoints, value=spec.default, allow_custom_value=True, **common)
     if spec.type == "seed":
         # Text, not a number widget: seeds go up to 2**64 - 1 and a browser number keeps only 53 bits.
-        return gr.Textbox(value="" if spec.default is None else str(spec.default), label=label, info=info,
-                          placeholder=example)
-    return gr.Textbox(value=spec.default, label=label, info=info, placeholder=example,
-                      lines=3 if spec.type == "text" else 1)
+        return gr.Textbox(value="" if spec.default is None else str(spec.default), placeholder=example, **common)
+    return gr.Textbox(value=spec.default, placeholder=example, lines=3 if spec.type == "text" else 1, **common)
 
 
 def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
@@ -123,72 +204,78 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
     outputs = settings.outputs_path
     names = handlers.template_names(services)
     first = names[0] if names else None
-    statuses = ["", *handlers.LEDGER_STATUSES]
+    status_choices = [(L("history.any_status"), ""), *[(L(f"status.{s}"), s) for s in handlers.LEDGER_STATUSES]]
 
     def caller(request: gr.Request) -> handlers.Caller:
         return handlers.caller_for(users, getattr(request, "username", None), language_of_request(request))
 
     with gr.Blocks(title="SD3.5 batch images", analytics_enabled=False) as ui:
-        header = gr.Markdown()
-        demo_banner = gr.Markdown(visible=False, elem_classes="demo-banner")
+        header = gr.Markdown(elem_id="app-header")
+        demo_banner = gr.HTML(visible=False, elem_id="demo-banner", **PLAIN)
 
         with gr.Tabs():
             # ------------------------------------------------------------------------------ batch
             with gr.Tab(L("tab.batch"), id="batch"):
-                with gr.Row():
+                warm_notice = gr.HTML(visible=False, elem_id="warm-up-notice", **PLAIN)
+                with gr.Row(equal_height=False):
                     with gr.Column(scale=2):
+                        gr.Markdown(L("batch.section.template"), elem_classes="section-title")
                         batch_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"),
                                                      elem_id="batch-template")
                         batch_template_desc = gr.Markdown()
                         batch_template_image = gr.Image(label=L("template.example"), interactive=False,
                                                         visible=False, height=220)
-                        batch_fields = gr.Dataframe(label=L("template.fields"), interactive=False, wrap=True,
-                                                    max_height=300)
+                        batch_fields = gr.HTML(elem_id="batch-fields", **PLAIN)
                     with gr.Column(scale=3):
+                        gr.Markdown(L("batch.section.sheet"), elem_classes="section-title")
                         sheet_file = gr.File(label=L("batch.upload"), type="filepath", elem_id="sheet-file",
-                                             file_types=[".csv", ".tsv", ".txt", ".xlsx", ".xlsm"])
+                                             file_types=[".csv", ".tsv", ".txt", ".xlsx", ".xlsm"], height=130)
+                        photos_hint = gr.Markdown(visible=False)
                         photos_file = gr.File(label=L("batch.photos"), type="filepath", elem_id="photos-file",
-                                              file_types=[".zip"])
+                                              file_types=[".zip"], visible=False, height=130)
                         with gr.Row():
                             on_invalid = gr.Radio(
                                 choices=[(L("batch.on_invalid.skip"), "skip"), (L("batch.on_invalid.stop"), "stop")],
-                                value="skip", label=L("batch.on_invalid"))
-                            batch_seed = gr.Textbox(label=L("batch.seed"), value="")
-                        check_button = gr.Button(L("batch.check"))
-                        report_summary = gr.Markdown()
-                        report_table = gr.Dataframe(label=L("batch.report"), interactive=False, wrap=True,
-                                                    visible=False, max_height=320, elem_id="validation-report")
+                                value="skip", label=L("batch.on_invalid"), scale=3)
+                            batch_seed = gr.Textbox(label=L("batch.seed"), value="", scale=2)
+                        check_button = gr.Button(L("batch.check"), variant="secondary")
+                        report_summary = gr.Markdown(elem_id="report-summary")
+                        report_table = gr.HTML(elem_id="validation-report", **PLAIN)
                         start_button = gr.Button(L("batch.start"), variant="primary", interactive=False,
                                                  elem_id="start-batch")
                 prepared_state = gr.State(None)
 
-                with gr.Group():
-                    with gr.Row():
-                        watched = gr.Dropdown(choices=[], label=L("batch.watching"), allow_custom_value=True,
-                                              scale=4, elem_id="watched-batch")
-                        refresh_button = gr.Button(L("batch.refresh"), scale=1, size="sm")
-                    progress_line = gr.Markdown(elem_id="batch-progress")
-                    step_html = gr.HTML()
-                    gallery = gr.Gallery(label=L("batch.gallery"), columns=8, height=280, object_fit="contain",
-                                         elem_id="batch-gallery", preview=False)
-                    with gr.Row():
-                        cancel_button = gr.Button(L("batch.cancel"), variant="stop", interactive=False, scale=1)
-                        download_html = gr.HTML(elem_classes="download-link")
+                gr.Markdown(L("batch.section.progress"), elem_classes="section-title")
+                with gr.Row(equal_height=False, elem_classes="align-end"):
+                    watched = gr.Dropdown(choices=[], label=L("batch.watching"), allow_custom_value=True,
+                                          scale=5, elem_id="watched-batch")
+                    refresh_button = gr.Button(L("batch.refresh"), scale=1, min_width=120)
+                progress_line = gr.Markdown(elem_id="batch-progress")
+                step_html = gr.HTML(elem_id="batch-step", **PLAIN)
+                gallery = gr.Gallery(label=L("batch.gallery"), columns=8, height=240, object_fit="contain",
+                                     elem_id="batch-gallery", preview=False, visible=False)
+                with gr.Row(equal_height=False, elem_classes="align-end"):
+                    download_html = gr.HTML(elem_id="batch-download", **PLAIN)
+                    cancel_button = gr.Button(L("batch.cancel"), variant="stop", visible=False, scale=0,
+                                              min_width=160, elem_id="cancel-batch")
                 shown_images = gr.State(-1)
+                last_state = gr.State(None)  # (watched batch's state, warming up) at the previous tick
                 remembered_batch = gr.BrowserState(None, storage_key="sd35-watched-batch")
 
-                with gr.Accordion(L("batch.interrupted"), open=False):
-                    interrupted_table = gr.Dataframe(interactive=False, wrap=True)
-                    with gr.Row():
-                        resume_pick = gr.Dropdown(choices=[], label=L("batch.watching"), scale=4)
-                        resume_button = gr.Button(L("batch.resume"), scale=1)
+                with gr.Accordion(L("batch.interrupted"), open=False, elem_id="interrupted") as interrupted_box:
+                    interrupted_table = gr.HTML(elem_id="interrupted-table", **PLAIN)
+                    with gr.Row(equal_height=False, elem_classes="align-end"):
+                        resume_pick = gr.Dropdown(choices=[], label=L("batch.watching"), scale=5,
+                                                  elem_id="resume-pick")
+                        resume_button = gr.Button(L("batch.resume"), scale=1, min_width=120, elem_id="resume-batch")
                 timer = gr.Timer(1.0)
 
             # ------------------------------------------------------------------------------ single
             with gr.Tab(L("tab.single"), id="single"):
-                with gr.Row():
+                with gr.Row(equal_height=False):
                     with gr.Column(scale=2):
-                        single_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"))
+                        single_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"),
+                                                      elem_id="single-template")
 
                         @gr.render(inputs=single_template)
                         def single_form(template_name: str | None):
@@ -197,8 +284,9 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                                 return
                             specs = handlers.template_fields(services, template_name)
                             checkpoints = handlers.model_choices(services)
-                            widgets = [_field_widget(spec, checkpoints) for spec in specs]
-                            generate = gr.Button(L("single.generate"), variant="primary")
+                            widgets = [_field_widget(spec, checkpoints, template_name) for spec in specs]
+                            generate = gr.Button(L("single.generate"), variant="primary", elem_id="single-generate",
+                                                 key=f"single-{template_name}-generate")
 
                             @_guard
                             def run_single(*values: Any, request: gr.Request, progress=gr.Progress()):
@@ -208,34 +296,42 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                                     services, who, template_name, form,
                                     on_progress=lambda fraction, desc: progress(fraction, desc=desc), lang=lang,
                                 )
-                                return _image_html(result.image_path, outputs), result.parameters
+                                table = _pairs_table(handlers.parameter_rows(result.parameters, lang))
+                                caption = f'<p class="caption">{html.escape(text("single.parameters", lang))}</p>'
+                                return _image_html(result.image_path, outputs), caption + table
 
                             generate.click(run_single, inputs=widgets, outputs=[single_image, single_params], **GPU)
 
                     with gr.Column(scale=3):
-                        single_image = gr.HTML(label=L("single.image"), elem_id="single-image")
-                        single_params = gr.JSON(label=L("single.parameters"))
+                        gr.Markdown(L("single.hint"))
+                        single_image = gr.HTML(elem_id="single-image", **PLAIN)
+                        single_params = gr.HTML(elem_id="single-parameters", **PLAIN)
 
             # ----------------------------------------------------------------------------- history
             with gr.Tab(L("tab.history"), id="history"):
                 with gr.Row():
-                    history_text = gr.Textbox(label=L("history.text"), scale=3)
+                    history_text = gr.Textbox(label=L("history.text"), scale=3, elem_id="history-text")
                     history_batch = gr.Textbox(label=L("history.batch"), scale=2, elem_id="history-batch")
-                    history_status = gr.Dropdown(choices=statuses, value="", label=L("history.status"), scale=1)
-                    history_from = gr.Textbox(label=L("history.date_from"), scale=1)
-                    history_to = gr.Textbox(label=L("history.date_to"), scale=1)
+                    history_status = gr.Dropdown(choices=status_choices, value="", label=L("history.status"),
+                                                 scale=1, min_width=140)
+                    history_from = gr.Textbox(label=L("history.date_from"), scale=1, min_width=170,
+                                              placeholder="2026-01-31")
+                    history_to = gr.Textbox(label=L("history.date_to"), scale=1, min_width=170,
+                                            placeholder="2026-12-31")
                 history_search = gr.Button(L("history.search"), variant="primary", elem_id="history-search")
                 history_table = gr.Dataframe(label=L("history.results"), interactive=False, wrap=True,
                                              max_height=360, elem_id="history-table")
                 history_hint = gr.Markdown()
-                with gr.Row():
+                with gr.Row(equal_height=False, visible=False) as history_selected:
                     with gr.Column(scale=2):
-                        history_image = gr.HTML()
+                        history_image = gr.HTML(elem_id="history-image", **PLAIN)
                         with gr.Row():
-                            rerun_button = gr.Button(L("history.rerun"), interactive=False)
-                        history_zip = gr.HTML(elem_classes="download-link")
+                            rerun_button = gr.Button(L("history.rerun"), interactive=False, elem_id="history-rerun")
+                        history_zip = gr.HTML(**PLAIN)
                     with gr.Column(scale=3):
-                        history_detail = gr.JSON(label=L("history.detail"))
+                        history_detail = gr.HTML(elem_id="history-detail", **PLAIN)
+                        with gr.Accordion(L("history.full_record"), open=False):
+                            history_record = gr.JSON(show_label=False)
                 selected_row = gr.State(None)
 
             # --------------------------------------------------------------------------- templates
@@ -243,7 +339,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                 browse_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"))
                 browse_desc = gr.Markdown()
                 browse_image = gr.Image(label=L("template.example"), interactive=False, visible=False, height=260)
-                browse_fields = gr.Dataframe(label=L("template.fields"), interactive=False, wrap=True)
+                browse_fields = gr.HTML(elem_id="template-fields", **PLAIN)
                 with gr.Accordion(L("templates.admin"), open=False):
                     load_button = gr.Button(L("templates.load"), size="sm")
                     edit_schema = gr.Code(label=L("templates.schema"), language="json", interactive=True)
@@ -251,19 +347,19 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                     replace_existing = gr.Checkbox(label=L("templates.replace"), value=False)
                     save_button = gr.Button(L("templates.save"), variant="primary")
                     upload_template = gr.File(label=L("templates.upload"), file_count="multiple", type="filepath",
-                                              file_types=[".json", ".j2", ".png"])
+                                              file_types=[".json", ".j2", ".png"], height=130)
                     upload_button = gr.Button(L("templates.upload_button"))
 
             # ------------------------------------------------------------------------------ system
             with gr.Tab(L("tab.system"), id="system"):
-                model_line = gr.Markdown(elem_id="model-line")
-                system_json = gr.JSON(label=L("system.info"))
+                model_line = gr.HTML(elem_id="model-line", **PLAIN)
+                system_table = gr.HTML(elem_id="system-info", **PLAIN)
                 system_refresh = gr.Button(L("system.refresh"), size="sm")
                 with gr.Group():
-                    gr.Markdown(L("system.switch"))
-                    with gr.Row():
-                        model_pick = gr.Dropdown(choices=[], label=L("system.switch_to"), scale=4)
-                        switch_button = gr.Button(L("system.switch_button"), scale=1, elem_id="switch-model")
+                    with gr.Row(equal_height=False, elem_classes="align-end"):
+                        model_pick = gr.Dropdown(choices=[], label=L("system.switch"), scale=5)
+                        switch_button = gr.Button(L("system.switch_button"), scale=1, min_width=120,
+                                                  elem_id="switch-model")
 
         # ================================================================================ wiring
 
@@ -278,7 +374,11 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                 head = text("app.no_users", lang)
             title = f"## {text('app.title', lang)}\n{head}"
             info = handlers.system_info(services)
-            banner = gr.update(value=text("app.demo_model", lang), visible=bool(info.get("demo_in_use")))
+            banner = gr.update(
+                value=f'<div class="demo-banner" role="note">{_badge(text("app.demo_badge", lang), "demo")} '
+                      f'{html.escape(text("app.demo_model", lang))}</div>',
+                visible=bool(info.get("demo_in_use")),
+            )
             recent = handlers.recent_batches(services)
             chosen = remembered if remembered in recent else handlers.current_batch(services)
             return (
@@ -288,55 +388,73 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                 gr.update(choices=handlers.model_choices(services), value=info.get("default_checkpoint")),
             )
 
+        ui.load(on_load, inputs=[remembered_batch], outputs=[header, demo_banner, watched, model_pick])
+
         def _interrupted_outputs(lang: str):
             rows = handlers.interrupted_batches(services)
-            header = [text("col.batch", lang), text("col.template", lang), text("col.status", lang)]
-            table = [[b["id"], b.get("template_name", ""), b.get("status", "")] for b in rows]
+            header = [text("col.batch", lang), text("col.template", lang), text("col.status", lang),
+                      text("col.user", lang)]
+            table = [
+                [b["id"], b.get("template_name") or "",
+                 text("status.interrupted", lang) if b.get("status") == "running" else _status_label(b.get("status"), lang),
+                 b.get("user") or ""]
+                for b in rows
+            ]
             return (
-                gr.update(value={"headers": header, "data": table} if table else None,
-                          label=None if table else text("batch.none_interrupted", lang)),
+                _table(header, table, narrow=(0, 2)) if table else text("batch.none_interrupted", lang),
                 gr.update(choices=[b["id"] for b in rows], value=rows[0]["id"] if rows else None),
             )
-
-        ui.load(
-            on_load,
-            inputs=[remembered_batch],
-            outputs=[header, demo_banner, watched, model_pick],
-        )
 
         @_guard
         def show_interrupted(request: gr.Request):
             return _interrupted_outputs(language_of_request(request))
 
-        ui.load(show_interrupted, outputs=[interrupted_table, resume_pick])
+        interrupted_outputs = [interrupted_table, resume_pick]
+        ui.load(show_interrupted, outputs=interrupted_outputs)
 
         # template description (batch and templates pages share the function)
+        def _template_outputs(name: str | None, lang: str):
+            if not name:
+                return text("template.none", lang), gr.update(visible=False), "", None
+            overview = handlers.template_overview(services, name, lang)
+            image = gr.update(value=overview.example_image, visible=bool(overview.example_image))
+            fields = _table(overview.fields_header, overview.fields_rows, narrow=(0, 1, 2, 3),
+                            caption=text("template.fields", lang))
+            description = f"**{overview.title}** (`{overview.name}`)\n\n{overview.description}"
+            return description, image, fields, overview
+
         @_guard
         def show_template(name: str | None, request: gr.Request):
-            if not name:
-                return text("template.none", language_of_request(request)), gr.update(visible=False), None
-            overview = handlers.template_overview(services, name, language_of_request(request))
-            image = gr.update(value=overview.example_image, visible=bool(overview.example_image))
-            table = {"headers": overview.fields_header, "data": overview.fields_rows}
-            return f"**{overview.title}** (`{overview.name}`)\n\n{overview.description}", image, table
+            return _template_outputs(name, language_of_request(request))[:3]
 
-        for picker, desc, image, table in (
-            (batch_template, batch_template_desc, batch_template_image, batch_fields),
-            (browse_template, browse_desc, browse_image, browse_fields),
-        ):
-            picker.change(show_template, inputs=picker, outputs=[desc, image, table])
-            ui.load(show_template, inputs=picker, outputs=[desc, image, table])
+        browse_template.change(show_template, inputs=browse_template, outputs=[browse_desc, browse_image, browse_fields])
+        ui.load(show_template, inputs=browse_template, outputs=[browse_desc, browse_image, browse_fields])
+
+        @_guard
+        def show_batch_template(name: str | None, request: gr.Request):
+            lang = language_of_request(request)
+            description, image, fields, overview = _template_outputs(name, lang)
+            photos = bool(overview and overview.image_fields)
+            hint = text("batch.photos_hint", lang, columns=", ".join(overview.image_fields)) if photos else ""
+            return description, image, fields, gr.update(value=hint, visible=photos), gr.update(visible=photos)
+
+        batch_template_outputs = [batch_template_desc, batch_template_image, batch_fields, photos_hint, photos_file]
+        batch_template.change(show_batch_template, inputs=batch_template, outputs=batch_template_outputs)
+        ui.load(show_batch_template, inputs=batch_template, outputs=batch_template_outputs)
 
         @_guard
         def check(template_name, path, mode, seed, photos, request: gr.Request):
             who, lang = caller(request), language_of_request(request)
             if not path:
-                return None, text("batch.nothing_prepared", lang), gr.update(visible=False), gr.update(interactive=False)
+                return None, text("batch.nothing_prepared", lang), "", gr.update(interactive=False)
             seed = handlers.parse_seed(seed)
             result = handlers.check_sheet(
                 services, who, template_name, path, on_invalid=mode, batch_seed=seed, lang=lang, images_path=photos)
-            table = gr.update(value={"headers": result.header, "data": result.rows}, visible=True)
-            return result.prepared, result.summary, table, gr.update(interactive=result.can_start)
+            ok_label = text("report.ok", lang)
+            rows = [[number, _badge(status, "ok" if status == ok_label else "problem"), problems]
+                    for number, status, problems in result.rows]
+            report = _table(result.header, rows, narrow=(0, 1), caption=text("batch.report", lang))
+            return result.prepared, result.summary, report, gr.update(interactive=result.can_start)
 
         check_outputs = [prepared_state, report_summary, report_table, start_button]
         check_inputs = [batch_template, sheet_file, on_invalid, batch_seed, photos_file]
@@ -344,9 +462,15 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         sheet_file.upload(check, inputs=check_inputs, outputs=check_outputs)
         photos_file.upload(check, inputs=check_inputs, outputs=check_outputs)
 
+        def clear_report():
+            return None, "", "", gr.update(interactive=False)
+
+        sheet_file.clear(clear_report, outputs=check_outputs)
+        batch_template.change(clear_report, outputs=check_outputs)
+
         @_guard
         def start(prepared, request: gr.Request):
-            who, lang = caller(request), language_of_request(request)
+            lang = language_of_request(request)
             batch_id = handlers.start_batch(services, prepared)
             gr.Info(text("batch.started", lang, batch_id=batch_id))
             recent = handlers.recent_batches(services)
@@ -365,32 +489,52 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             return photo_thumbnails[path]
 
         @_guard
-        def refresh(batch_id: str | None, shown: int, request: gr.Request):
+        def refresh(batch_id: str | None, shown: int, previous: Any, request: gr.Request):
             lang = language_of_request(request)
+            warming = handlers.is_warming_up(services)
+            notice = gr.update(value=_notice(text("app.warming_up", lang)) if warming else "", visible=warming)
             if not batch_id:
-                return "", "", gr.skip(), "", gr.update(interactive=False), shown
+                return ("", "", gr.skip(), "", gr.update(visible=False), shown, notice, (None, warming),
+                        gr.skip(), gr.skip())
             view = handlers.batch_view(services, batch_id, lang)
             gallery_update = gr.skip()
             if len(view.images) != shown:
                 base = _base_url(request)
-                gallery_update = []
+                items: list[Any] = []
                 for p in view.images:  # each result after the product photo(s) it was made from
                     for photo in view.references.get(p, []):
-                        gallery_update.append((thumbnails(photo), text("batch.photo_caption", lang, name=Path(photo).name)))
-                    gallery_update.append(base + file_url(outputs, p))
+                        items.append((thumbnails(photo), text("batch.photo_caption", lang, name=Path(photo).name)))
+                    items.append(base + file_url(outputs, p))
+                gallery_update = gr.update(value=items, visible=bool(items))
             line = view.status_line + (f"\n\n⚠ {view.error}" if view.error else "")
+            # The interrupted list changes when the watched batch starts or stops: re-read it only then.
+            state = (view.state, warming)
+            interrupted = (_interrupted_outputs(lang) if previous is not None and tuple(previous) != state
+                           else (gr.skip(), gr.skip()))
             return (
                 line,
                 _step_bar(view.step_fraction, view.step_line),
                 gallery_update,
-                _download_link(batch_id, lang) if view.done else "",
-                gr.update(interactive=not view.finished),
+                _download_link(batch_id, text("batch.download", lang)) if view.finished and view.done else "",
+                gr.update(visible=not view.finished),
                 len(view.images),
+                notice,
+                state,
+                *interrupted,
             )
 
-        refresh_outputs = [progress_line, step_html, gallery, download_html, cancel_button, shown_images]
-        timer.tick(refresh, inputs=[watched, shown_images], outputs=refresh_outputs, **QUIET)
-        refresh_button.click(refresh, inputs=[watched, gr.State(-1)], outputs=refresh_outputs, **QUIET)
+        refresh_outputs = [progress_line, step_html, gallery, download_html, cancel_button, shown_images,
+                           warm_notice, last_state, *interrupted_outputs]
+        timer.tick(refresh, inputs=[watched, shown_images, last_state], outputs=refresh_outputs, **QUIET)
+
+        @_guard
+        def refresh_now(batch_id: str | None, request: gr.Request):
+            lang = language_of_request(request)
+            recent = handlers.recent_batches(services)
+            return (gr.update(choices=recent, value=batch_id), *refresh(batch_id, -1, None, request)[:-2],
+                    *_interrupted_outputs(lang))
+
+        refresh_button.click(refresh_now, inputs=watched, outputs=[watched, *refresh_outputs], **QUIET)
 
         def remember(batch_id: str | None):
             return batch_id, -1
@@ -410,9 +554,10 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             lang = language_of_request(request)
             handlers.resume_batch(services, batch_id)
             gr.Info(text("batch.resumed", lang, batch_id=batch_id))
-            return gr.update(choices=handlers.recent_batches(services), value=batch_id), *_interrupted_outputs(lang)
+            return (gr.update(choices=handlers.recent_batches(services), value=batch_id), batch_id,
+                    *_interrupted_outputs(lang))
 
-        resume_button.click(resume, inputs=resume_pick, outputs=[watched, interrupted_table, resume_pick])
+        resume_button.click(resume, inputs=resume_pick, outputs=[watched, remembered_batch, *interrupted_outputs])
 
         # history
         @_guard
@@ -424,8 +569,9 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             )
             return {"headers": header, "data": rows}, text("history.select_hint", lang) if rows else ""
 
-        history_search.click(search, inputs=[history_text, history_batch, history_status, history_from, history_to],
-                             outputs=[history_table, history_hint])
+        history_filters = [history_text, history_batch, history_status, history_from, history_to]
+        history_search.click(search, inputs=history_filters, outputs=[history_table, history_hint])
+        ui.load(search, inputs=history_filters, outputs=[history_table, history_hint])  # the newest first
 
         @_guard
         def select_generation(table, evt: gr.SelectData, request: gr.Request):
@@ -433,18 +579,19 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             row_index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
             row_key = table.iloc[row_index, 0] if hasattr(table, "iloc") else table[row_index][0]
             detail = handlers.generation_detail(services, str(row_key))
-            link = _download_link(detail.get("batch_id"), lang).replace(
-                text("batch.download", lang), text("history.batch_zip", lang))
             return (
                 str(row_key),
+                gr.update(visible=True),
                 _image_html(detail.get("image_path"), outputs) + _reference_html(detail.get("reference_images", []), lang),
+                _pairs_table(handlers.generation_rows(detail, lang)),
                 detail,
                 gr.update(interactive=True),
-                link,
+                _download_link(detail.get("batch_id"), text("history.batch_zip", lang)),
             )
 
         history_table.select(select_generation, inputs=history_table,
-                             outputs=[selected_row, history_image, history_detail, rerun_button, history_zip])
+                             outputs=[selected_row, history_selected, history_image, history_detail, history_record, rerun_button,
+                                      history_zip])
 
         @_guard
         def rerun(row_key, request: gr.Request):
@@ -491,13 +638,17 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         def show_system(request: gr.Request):
             lang = language_of_request(request)
             info = handlers.system_info(services)
-            kind = text("system.demo" if info.get("demo_in_use") else "system.real", lang)
-            line = (f"**{text('system.model', lang)}:** {info.get('default_checkpoint')} — **{kind}** · "
-                    f"{info.get('precision')} · {info.get('device')}")
-            return line, info
+            return _model_card(info, lang), _pairs_table(handlers.system_rows(info, lang))
 
-        ui.load(show_system, outputs=[model_line, system_json])
-        system_refresh.click(show_system, outputs=[model_line, system_json])
+        system_outputs = [model_line, system_table]
+        ui.load(show_system, outputs=system_outputs)
+        system_refresh.click(show_system, outputs=system_outputs)
+
+        # The model card says "warming up" only while it does: re-read it when that changes.
+        def system_on_warm_change(state: Any, request: gr.Request):
+            return show_system(request)
+
+        last_state.change(system_on_warm_change, inputs=last_state, outputs=system_outputs, **QUIET)
 
         @_guard
         def switch(name, request: gr.Request):
@@ -506,9 +657,17 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             gr.Info(text("system.switched", lang, name=name))
             return show_system(request)
 
-        switch_button.click(switch, inputs=model_pick, outputs=[model_line, system_json], **GPU)
+        switch_button.click(switch, inputs=model_pick, outputs=system_outputs, **GPU)
 
     return ui
+
+
+def _status_label(status: str | None, lang: str) -> str:
+    key = f"status.{status}"
+    try:
+        return text(key, lang)
+    except KeyError:
+        return status or ""
 
 
 __all__ = ["build_ui"]
