@@ -10,508 +10,36 @@ two images. Resume is simply "run the rows that are not done".
 
 from __future__ import annotations
 
-import base64
-import contextvars
 import hashlib
 import json
 import logging
 import os
-import queue
 import secrets
 import shutil
 import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from engine.errors import (
-    BadOutput,
     BatchError,
     BatchMismatch,
-    Cancelled,
-    DeadlineExceeded,
     EngineError,
-    OutOfMemory,
 )
+from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, SKIPPED, TIMED_OUT, RowJob, RowResult, jsonable, plain_file_name
 from engine.logs import log_context
+from engine.rows import Dispatcher, LocalDispatcher, RowExecutor
 from engine.naming import fill_filename_pattern, safe_filename
 from engine.sheets import Sheet, ValidationReport, derive_seed, validate_rows
 
 log = logging.getLogger(__name__)
 
-DONE, FAILED, TIMED_OUT, CANCELLED, QUEUED, SKIPPED = "done", "failed", "timed_out", "cancelled", "queued", "skipped"
 STAGING_FOLDER = ".staging"  # under the uploads folder: photos unpacked for a batch not yet started
 STAGING_MAX_AGE_S = 24 * 3600
-
-
-# --------------------------------------------------------------------------------------------- jobs
-
-
-@dataclass
-class RowJob:
-    """One rendered sheet row: everything a worker needs, nothing it must look up in the ledger."""
-
-    row_key: str
-    batch_id: str
-    row_number: int
-    workflow: dict[str, Any]
-    png_extra: dict[str, Any]
-    deadline_s: float
-    checkpoint: str
-    attempt: int = 1
-    input_dir: str | None = None  # where LoadImage reads (the batch's photos); None: the uploads folder
-    input_files: dict[str, str] = field(default_factory=dict)  # wire form: file name -> base64 bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        """The wire form for workers. It carries the bytes of the input images the workflow reads, so a
-        worker on another machine, without the coordinator's uploads folder, finds the row's photos."""
-        data = asdict(self)
-        if self.input_dir and not self.input_files:
-            from engine.image_refs import workflow_image_names
-
-            folder = Path(self.input_dir)
-            data["input_files"] = {
-                name: base64.b64encode((folder / name).read_bytes()).decode("ascii")
-                for name in workflow_image_names(self.workflow)
-                if _plain_file_name(name) and (folder / name).is_file()
-            }
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RowJob":
-        return cls(**data)
-
-    def materialize_inputs(self, folder: Path) -> Path | None:
-        """The folder LoadImage reads for this job: its carried files written into ``folder``, else
-        its ``input_dir`` (None: the engine's uploads folder)."""
-        if not self.input_files:
-            return Path(self.input_dir) if self.input_dir else None
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, encoded in self.input_files.items():
-            if not _plain_file_name(name):
-                raise BatchError(f"row {self.row_key}: refused input file name {name!r}", batch_id=self.batch_id)
-            (folder / name).write_bytes(base64.b64decode(encoded))
-        return folder
-
-
-def _plain_file_name(name: str) -> bool:
-    """A bare file name: no folder part, not hidden, nothing that could leave the folder it is written to."""
-    return bool(name) and Path(name).name == name and "\\" not in name and not name.startswith(".")
-
-
-@dataclass
-class RowImage:
-    filename: str
-    data: bytes
-    sha256: str
-    width: int
-    height: int
-    node_id: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "data": base64.b64encode(self.data).decode("ascii")}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RowImage":
-        return cls(**{**data, "data": base64.b64decode(data["data"])})
-
-
-@dataclass
-class RowResult:
-    row_key: str
-    status: str
-    error: str | None = None
-    images: list[RowImage] = field(default_factory=list)
-    record: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, Any] = field(default_factory=dict)
-    worker: str = "local"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "row_key": self.row_key,
-            "status": self.status,
-            "error": self.error,
-            "images": [image.to_dict() for image in self.images],
-            "record": _jsonable(self.record),
-            "timings": _jsonable(self.timings),
-            "worker": self.worker,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RowResult":
-        return cls(
-            row_key=data["row_key"],
-            status=data["status"],
-            error=data.get("error"),
-            images=[RowImage.from_dict(i) for i in data.get("images", [])],
-            record=data.get("record", {}),
-            timings=data.get("timings", {}),
-            worker=data.get("worker", "?"),
-        )
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-# ----------------------------------------------------------------------------------------- executor
-
-
-ProgressCallback = Callable[[str, Any], None]  # (row_key, ProgressEvent)
-
-
-class PendingRow:
-    """A row whose GPU work is done while its PNGs may still be encoding; :meth:`result` waits for them."""
-
-    def __init__(self, finish: Callable[[], RowResult]) -> None:
-        self._finish = finish
-        self._result: RowResult | None = None
-
-    @classmethod
-    def ready(cls, result: RowResult) -> "PendingRow":
-        pending = cls(lambda: result)
-        pending._result = result
-        return pending
-
-    def result(self) -> RowResult:
-        if self._result is None:
-            self._result = self._finish()
-        return self._result
-
-
-class RowExecutor:
-    """Runs jobs on the resident engine: in this process, or inside a Celery worker.
-
-    Same-shape jobs run as one GPU batch (each row keeps its own seed, so batching never changes an image);
-    how many rows share a batch is chosen when the batch starts, from free device memory
-    (:func:`engine.throughput.choose_gpu_batch`, at most ``max_gpu_batch``). Output nodes hand their
-    images to a PNG encoder pool (:func:`engine.nodes.image.deferred_saves`), so the GPU batch returns
-    before its PNGs are made: :meth:`start_group` returns at once, and a row's :class:`PendingRow` waits
-    for its bytes. A row's own failure never raises: it becomes a RowResult with a status and a reason.
-    """
-
-    def __init__(
-        self, engine: Any, max_gpu_batch: int = 4, worker_name: str = "local", png_workers: int = 2
-    ) -> None:
-        self.engine = engine
-        self.max_gpu_batch = max(1, int(max_gpu_batch))
-        self.worker_name = worker_name
-        self.png_workers = png_workers
-        self._encoder: Any = None  # PngEncoder, started on first use
-        self._encoder_lock = threading.Lock()
-
-    def close(self) -> None:
-        """Stop the PNG encoder threads (after finishing what they hold)."""
-        with self._encoder_lock:
-            encoder, self._encoder = self._encoder, None
-        if encoder is not None:
-            encoder.close()
-
-    def execute(
-        self,
-        jobs: list[RowJob],
-        on_progress: ProgressCallback | None = None,
-        should_cancel: Callable[[], bool] | None = None,
-    ) -> list[RowResult]:
-        results: list[RowResult] = []
-        for group in self.groups(jobs):
-            results.extend(row.result() for row in self.start_group(group, on_progress, should_cancel))
-        return results
-
-    def groups(self, jobs: list[RowJob]) -> Iterator[list[RowJob]]:
-        """Consecutive chunks of same-shape jobs in row order. Each chunk's size is chosen lazily, when
-        the chunk is asked for, so it sees the device memory left after the previous batches."""
-        by_shape: dict[str, list[RowJob]] = {}
-        order: list[str] = []
-        for job in jobs:
-            key = self._shape_key(job)
-            if key not in by_shape:
-                order.append(key)
-                by_shape[key] = []
-            by_shape[key].append(job)
-        for key in order:
-            members = by_shape[key]
-            start = 0
-            while start < len(members):
-                size = self._batch_size(members[start])
-                yield members[start : start + size]
-                start += size
-
-    def _shape_key(self, job: RowJob) -> str:
-        try:
-            return self.engine.batch_key(self.engine.parse(job.workflow))
-        except EngineError:
-            return f"unparseable:{job.row_key}"
-
-    def _batch_size(self, job: RowJob) -> int:
-        if self.max_gpu_batch == 1:
-            return 1
-        from engine.throughput import choose_gpu_batch
-
-        try:
-            workflow = self.engine.parse(job.workflow)
-        except EngineError:
-            return 1
-        return choose_gpu_batch(self.engine, workflow, self.max_gpu_batch)
-
-    def _png_encoder(self) -> Any:
-        with self._encoder_lock:
-            if self._encoder is None:
-                from engine.nodes.image import PngEncoder
-
-                self._encoder = PngEncoder(self.png_workers)
-            return self._encoder
-
-    def _execute_group(
-        self,
-        group: list[RowJob],
-        on_progress: ProgressCallback | None,
-        should_cancel: Callable[[], bool] | None,
-        vae_tiled: bool = False,
-    ) -> list[RowResult]:
-        return [row.result() for row in self.start_group(group, on_progress, should_cancel, vae_tiled)]
-
-    def start_group(
-        self,
-        group: list[RowJob],
-        on_progress: ProgressCallback | None,
-        should_cancel: Callable[[], bool] | None,
-        vae_tiled: bool = False,
-    ) -> list[PendingRow]:
-        """Run one GPU batch; return one PendingRow per job without waiting for the PNGs."""
-        from engine.nodes.image import deferred_saves
-
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="rows-") as staging:
-            try:
-                workflows = [self.engine.parse(job.workflow) for job in group]
-            except EngineError as exc:
-                if len(group) > 1:  # parse each alone so one bad row doesn't fail its neighbours
-                    return [r for job in group for r in self.start_group([job], on_progress, should_cancel)]
-                return [PendingRow.ready(self._failure(group[0], exc))]
-
-            def progress(event: Any) -> None:
-                if on_progress is None:
-                    return
-                row = event.row_index if getattr(event, "row_index", None) is not None else 0
-                for index, job in enumerate(group):
-                    if len(group) == 1 or index == row or event.row_index is None:
-                        on_progress(job.row_key, event)
-
-            deadline = max(job.deadline_s for job in group) * len(group)
-            try:
-                input_dirs = [job.materialize_inputs(Path(staging) / f"inputs-{i}") for i, job in enumerate(group)]
-            except (EngineError, OSError, ValueError) as exc:  # carried photos that cannot be written
-                if len(group) > 1:  # alone, so one bad row doesn't fail its neighbours
-                    return [r for job in group for r in self.start_group([job], on_progress, should_cancel)]
-                return [PendingRow.ready(self._failure(group[0], exc))]
-            with deferred_saves(self._png_encoder()):
-                outcomes = self.engine.run_batch(
-                    workflows,
-                    output_dir=Path(staging),
-                    on_progress=progress,
-                    should_cancel=should_cancel,
-                    deadline_s=deadline,
-                    png_extra=[job.png_extra for job in group],
-                    vae_tiled=vae_tiled,
-                    input_dir=input_dirs,
-                )
-            gpu_s = time.perf_counter() - started
-            results: list[PendingRow] = []
-            for job, outcome in zip(group, outcomes):
-                if isinstance(outcome, OutOfMemory) and not vae_tiled:
-                    # Retry once on its own, decoding in tiles: the cheaper setting the issue asks for.
-                    log.warning("row %s ran out of memory; retrying alone with tiled VAE", job.row_key)
-                    retry = self.start_group([job], on_progress, should_cancel, vae_tiled=True)[0]
-                    results.append(PendingRow(lambda retry=retry: _mark_oom_retry(retry.result())))
-                elif isinstance(outcome, BaseException):
-                    results.append(PendingRow.ready(self._failure(job, outcome)))
-                else:
-                    # Files an output node wrote itself (outside the deferral) are read before staging goes.
-                    results.append(self._success(job, outcome, gpu_s, len(group), vae_tiled))
-            return results
-
-    def _success(self, job: RowJob, outcome: Any, gpu_s: float, rows: int, vae_tiled: bool) -> PendingRow:
-        from engine.nodes.image import PendingImage
-
-        parts: list[Any] = []  # PendingImage, or a RowImage read from a file now
-        for saved in outcome.images:
-            if isinstance(saved, PendingImage):
-                parts.append(saved)
-                continue
-            data = Path(saved.path).read_bytes()
-            parts.append(RowImage(
-                filename=Path(saved.path).name, data=data, sha256=hashlib.sha256(data).hexdigest(),
-                width=int(saved.width), height=int(saved.height), node_id=str(getattr(saved, "node_id", "") or ""),
-            ))
-        record = dict(outcome.record)
-        if vae_tiled:
-            record["vae_tiled"] = True
-        timings = dict(outcome.timings)
-        timings["gpu_s"] = gpu_s / rows  # this row's share of the GPU batch
-        timings["gpu_batch"] = rows
-
-        def finish() -> RowResult:
-            images: list[RowImage] = []
-            png_s = 0.0
-            for part in parts:
-                if not isinstance(part, PendingImage):
-                    images.append(part)
-                    continue
-                try:
-                    encoded = part.result()
-                except Exception as exc:  # an encoding failure fails this row only
-                    return self._failure(job, BadOutput(f"PNG encoding failed: {type(exc).__name__}: {exc}"))
-                png_s += encoded.encode_s
-                images.append(RowImage(
-                    filename=encoded.filename, data=encoded.data, sha256=encoded.sha256, width=encoded.width,
-                    height=encoded.height, node_id=str(encoded.node_id or ""),
-                ))
-            if not images:
-                return self._failure(job, BadOutput("the workflow produced no image"))
-            row_timings = {**timings, "png_s": round(png_s, 4)}
-            row_timings.setdefault("row_s", timings["gpu_s"] + png_s)
-            return RowResult(job.row_key, DONE, None, images, record, row_timings, self.worker_name)
-
-        return PendingRow(finish)
-
-    def _failure(self, job: RowJob, error: BaseException) -> RowResult:
-        if isinstance(error, DeadlineExceeded):
-            status = TIMED_OUT
-        elif isinstance(error, Cancelled):
-            status = CANCELLED
-        else:
-            status = FAILED
-        message = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
-        where = getattr(error, "node_id", None)
-        if where:
-            message = f"node {where} ({getattr(error, 'class_type', '?')}): {message}"
-        return RowResult(job.row_key, status, message, [], {}, {}, self.worker_name)
-
-
-def _mark_oom_retry(result: RowResult) -> RowResult:
-    result.record.setdefault("oom_retry", True)
-    return result
-
-
-# --------------------------------------------------------------------------------------- dispatchers
-
-
-class Dispatcher(Protocol):
-    """Where rows run. Yields one RowResult per job (in any order)."""
-
-    def run(
-        self,
-        jobs: list[RowJob],
-        on_event: ProgressCallback | None,
-        should_cancel: Callable[[], bool] | None,
-    ) -> Iterator[RowResult]: ...
-
-
-@dataclass
-class PipelineStats:
-    """Where the time of one :meth:`LocalDispatcher.run` went, in seconds.
-
-    ``gpu_s``: the GPU thread running batches; ``gpu_blocked_s``: the GPU thread waiting for room in the
-    queue (storing fell behind: the GPU idled); ``png_wait_s``: the storing side waiting for PNGs still
-    being encoded; ``store_s``: the caller's work per yielded row (file write, fsync, ledger commit, events).
-    """
-
-    rows: int = 0
-    batches: int = 0
-    gpu_s: float = 0.0
-    gpu_blocked_s: float = 0.0
-    png_wait_s: float = 0.0
-    store_s: float = 0.0
-    wall_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
-
-
-class LocalDispatcher:
-    """Runs rows in this process on the resident engine, one GPU batch at a time.
-
-    The GPU work runs on its own thread and hands rows through a small bounded queue as soon as a batch is
-    sampled and decoded; their PNGs are encoded on the executor's pool meanwhile. Storing a finished row
-    (file write, fsync, ledger commit) therefore overlaps with sampling the next rows, while memory stays
-    flat: at most ``pipeline_depth`` finished batches wait to be stored. ``last_stats`` holds the
-    :class:`PipelineStats` of the latest run.
-    """
-
-    def __init__(self, executor: RowExecutor, pipeline_depth: int = 2) -> None:
-        self.executor = executor
-        self.pipeline_depth = max(1, pipeline_depth)
-        self.last_stats: PipelineStats | None = None
-
-    def run(
-        self,
-        jobs: list[RowJob],
-        on_event: ProgressCallback | None,
-        should_cancel: Callable[[], bool] | None,
-    ) -> Iterator[RowResult]:
-        results: queue.Queue[list[PendingRow] | BaseException | None] = queue.Queue(self.pipeline_depth)
-        stop = threading.Event()
-        stats = self.last_stats = PipelineStats()
-        started = time.perf_counter()
-        context = contextvars.copy_context()  # log context (batch id) follows the work onto the GPU thread
-
-        def hand_over(item: list[PendingRow] | BaseException | None) -> None:
-            waited = time.perf_counter()
-            results.put(item)
-            stats.gpu_blocked_s += time.perf_counter() - waited
-
-        def produce() -> None:
-            try:
-                for group in self.executor.groups(jobs):
-                    if stop.is_set():
-                        return
-                    if should_cancel is not None and should_cancel():
-                        hand_over([
-                            PendingRow.ready(RowResult(job.row_key, CANCELLED, "cancelled before it started"))
-                            for job in group
-                        ])
-                        continue
-                    began = time.perf_counter()
-                    pending = self.executor.start_group(group, on_event, should_cancel)
-                    stats.gpu_s += time.perf_counter() - began
-                    stats.batches += 1
-                    hand_over(pending)
-            except BaseException as exc:  # surfaced on the consumer side, never lost in the thread
-                results.put(exc)
-            finally:
-                results.put(None)
-
-        worker = threading.Thread(target=context.run, args=(produce,), name="gpu-rows", daemon=True)
-        worker.start()
-        try:
-            while (item := results.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                for pending in item:
-                    waited = time.perf_counter()
-                    result = pending.result()
-                    stats.png_wait_s += time.perf_counter() - waited
-                    stats.rows += 1
-                    handed = time.perf_counter()
-                    yield result
-                    stats.store_s += time.perf_counter() - handed
-        finally:
-            stop.set()
-            while worker.is_alive():  # unblock a producer waiting on a full queue, then let it finish
-                try:
-                    results.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            worker.join()
-            stats.wall_s = time.perf_counter() - started
-
-
-# ----------------------------------------------------------------------------------------- batches
 
 
 @dataclass
@@ -664,7 +192,7 @@ class BatchRunner:
                     rendered = template.render(values, defaults=defaults)
                     self.engine.validate(self.engine.parse(rendered), input_dir=input_dir)
                 except EngineError as exc:
-                    problems.append(_describe(exc))
+                    problems.append(describe_error(exc))
                     rendered = None
             status = QUEUED if rendered is not None else SKIPPED
             if rendered is None and row_report.ok:
@@ -674,7 +202,7 @@ class BatchRunner:
             rows.append(
                 {
                     "row_number": row_report.number,
-                    "values": {**row_report.cells, **_jsonable(values)},
+                    "values": {**row_report.cells, **jsonable(values)},
                     "seed": seeds[0] if seeds else None,
                     "workflow": rendered,
                     "status": status,
@@ -750,7 +278,7 @@ class BatchRunner:
         found = []
         for name in options.get("image_fields") or []:
             value = row_values.get(name)
-            if isinstance(value, str) and _plain_file_name(value) and (folder / value).is_file():
+            if isinstance(value, str) and plain_file_name(value) and (folder / value).is_file():
                 found.append(folder / value)
         return found
 
@@ -1055,7 +583,7 @@ def _checkpoint_of(workflow: dict[str, Any]) -> str | None:
     return None
 
 
-def _describe(exc: EngineError) -> str:
+def describe_error(exc: EngineError) -> str:
     problems = getattr(exc, "problems", None)
     if problems:
         return "workflow: " + "; ".join(p.describe() for p in problems)
@@ -1068,156 +596,5 @@ def _row_problem(row: int, column: str | None, reason: str) -> Any:
     return RowProblem(row=row, column=column, reason=reason)
 
 
-# --------------------------------------------------------------------------------------- the queue
 
-
-@dataclass
-class BatchProgress:
-    """A live snapshot of one batch for the web app and the API."""
-
-    batch_id: str
-    state: str = "queued"  # queued | running | done | finished_with_errors | cancelled | error
-    done: int = 0
-    failed: int = 0
-    remaining: int = 0
-    eta_s: float | None = None
-    row_number: int | None = None
-    step: int = 0
-    steps: int = 0
-    recent_images: list[str] = field(default_factory=list)
-    error: str | None = None
-    updated: float = field(default_factory=time.time)
-
-
-class BatchQueue:
-    """Runs submitted batches one after another on a background thread (GPU concurrency 1).
-
-    Closing a browser tab does not stop a batch: the queue owns it, and anyone can read its progress.
-    """
-
-    def __init__(self, runner: BatchRunner, keep_images: int = 48) -> None:
-        self.runner = runner
-        self.keep_images = keep_images
-        self._order: deque[str] = deque()
-        self._progress: dict[str, BatchProgress] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.listeners: list[Callable[[BatchEvent], None]] = []
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="batch-queue", daemon=True)
-                self._thread.start()
-
-    def stop(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
-
-    def submit(self, batch_id: str) -> BatchProgress:
-        self.start()
-        with self._wake:
-            progress = self._progress.get(batch_id)
-            if progress is not None and progress.state in {"queued", "running"}:
-                return progress
-            progress = BatchProgress(batch_id)
-            self._progress[batch_id] = progress
-            self._order.append(batch_id)
-            self._wake.notify_all()
-            return progress
-
-    def status(self, batch_id: str) -> BatchProgress | None:
-        with self._lock:
-            return self._progress.get(batch_id)
-
-    def queued(self) -> list[str]:
-        with self._lock:
-            return list(self._order)
-
-    def cancel(self, batch_id: str) -> None:
-        with self._lock:
-            if batch_id in self._order:
-                self._order.remove(batch_id)
-                self._progress[batch_id].state = "cancelled"
-        self.runner.cancel(batch_id)
-
-    def interrupted(self) -> list[dict[str, Any]]:
-        """Batches the ledger says were left unfinished and that are not queued or running here."""
-        with self._lock:
-            active = {b for b, p in self._progress.items() if p.state in {"queued", "running"}}
-        return [b for b in self.runner.unfinished_batches() if b["id"] not in active]
-
-    def wait(self, batch_id: str, timeout: float = 60.0) -> BatchProgress | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            progress = self.status(batch_id)
-            if progress is not None and progress.state not in {"queued", "running"}:
-                return progress
-            time.sleep(0.05)
-        return self.status(batch_id)
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._order and not self._stopping:
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                batch_id = self._order.popleft()
-                progress = self._progress[batch_id]
-                progress.state = "running"
-            try:
-                summary = self.runner.run(batch_id, on_event=self._on_event)
-                with self._lock:
-                    progress.state = (
-                        "cancelled" if summary.cancelled else ("done" if summary.ok else "finished_with_errors")
-                    )
-                    progress.remaining = 0 if progress.state != "cancelled" else progress.remaining
-            except Exception as exc:  # a batch-level failure must not kill the queue thread
-                log.exception("batch %s failed", batch_id)
-                with self._lock:
-                    progress.state = "error"
-                    progress.error = _describe(exc) if isinstance(exc, EngineError) else str(exc)
-            finally:
-                with self._lock:
-                    progress.updated = time.time()
-
-    def _on_event(self, event: BatchEvent) -> None:
-        with self._lock:
-            progress = self._progress.setdefault(event.batch_id, BatchProgress(event.batch_id))
-            progress.done, progress.failed, progress.remaining = event.done, event.failed, event.remaining
-            progress.eta_s = event.eta_s
-            if event.row_number is not None:
-                progress.row_number = event.row_number
-            if event.kind == "step":
-                progress.step, progress.steps = event.step, event.steps
-            if event.kind == "row_done" and event.image_path:
-                progress.recent_images.append(event.image_path)
-                del progress.recent_images[: -self.keep_images]
-            progress.updated = time.time()
-        for listener in list(self.listeners):
-            try:
-                listener(event)
-            except Exception:  # a broken listener (closed websocket) must not stop the batch
-                log.exception("batch event listener failed")
-
-
-__all__ = [
-    "BatchEvent",
-    "BatchProgress",
-    "BatchQueue",
-    "BatchRunner",
-    "BatchSummary",
-    "Dispatcher",
-    "LocalDispatcher",
-    "PendingRow",
-    "PipelineStats",
-    "PreparedBatch",
-    "RowExecutor",
-    "RowImage",
-    "RowJob",
-    "RowResult",
-]
+__all__ = ["BatchEvent", "BatchRunner", "BatchSummary", "PreparedBatch", "describe_error"]

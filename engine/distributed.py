@@ -42,7 +42,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.batch import CANCELLED, FAILED, TIMED_OUT, RowExecutor, RowJob, RowResult
+from engine.jobs import CANCELLED, FAILED, TIMED_OUT, RowJob, RowResult
+from engine.rows import RowExecutor
 from engine.errors import EngineError
 from engine.nodes.context import ProgressEvent
 

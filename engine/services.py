@@ -19,7 +19,7 @@ class Services:
     ledger: Any  # engine.store.BatchLedger
     templates: Any  # engine.templates.TemplateLibrary
     runner: Any  # engine.batch.BatchRunner
-    queue: Any  # engine.batch.BatchQueue
+    queue: Any  # engine.batch_queue.BatchQueue
 
     def close(self) -> None:
         self.queue.stop()
@@ -30,7 +30,8 @@ class Services:
 
 def build_services(settings: Settings, engine: Any = None, dispatcher: Any = None) -> Services:
     """Wire the library from settings. ``engine`` and ``dispatcher`` may be passed in (tests, workers)."""
-    from engine.batch import BatchQueue, BatchRunner
+    from engine.batch import BatchRunner
+    from engine.batch_queue import BatchQueue
     from engine.runtime import Engine
     from engine.store import BatchLedger
     from engine.templates import TemplateLibrary

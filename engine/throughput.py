@@ -223,7 +223,9 @@ def _measure_pipeline(
     """Warm up, run ``gpu_only_rows`` rows as bare GPU batches, then all rows through the batch runner."""
     import psutil
 
-    from engine.batch import BatchRunner, LocalDispatcher, RowExecutor, RowJob
+    from engine.batch import BatchRunner
+    from engine.jobs import RowJob
+    from engine.rows import LocalDispatcher, RowExecutor
     from engine.sheets import read_sheet
     from engine.store import BatchLedger
     from engine.templates import TemplateLibrary

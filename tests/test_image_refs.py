@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.batch import RowExecutor, RowJob
+from engine.jobs import RowJob
+from engine.rows import RowExecutor
 from engine.errors import BatchMismatch, SheetError, TemplateError
 from engine.image_refs import ImageLibrary, ImageLimits, workflow_image_names
 from engine.runtime import Engine

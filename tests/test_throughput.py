@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import psutil
-import pytest
 import torch
 from PIL import Image
 
-from engine.batch import LocalDispatcher, RowExecutor
+from engine.rows import RowExecutor
 from engine.nodes.context import NodeContext
 from engine.nodes.image import SaveImage, PendingImage, PngEncoder, deferred_saves
 from engine.runtime import Engine

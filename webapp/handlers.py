@@ -6,7 +6,7 @@ Each handler takes the assembled :class:`engine.services.Services` (and, where i
 place, using :func:`error_message` for the words.
 
 GPU work never runs in a browser request: batches, single images and re-runs are all submitted to the
-:class:`engine.batch.BatchQueue`, which runs one batch at a time on its own thread. A single image is a
+:class:`engine.batch_queue.BatchQueue`, which runs one batch at a time on its own thread. A single image is a
 one-row batch, so it is recorded in the ledger like every other image.
 """
 
@@ -97,6 +97,8 @@ class TemplateOverview:
     example_image: str | None
     fields_header: list[str]
     fields_rows: list[list[str]]
+    compact_header: list[str]  # three columns for narrow places: name (* required), type, description
+    compact_rows: list[list[str]]
     image_fields: list[str] = field(default_factory=list)  # columns naming product photos (a zip upload)
 
 
@@ -130,6 +132,17 @@ def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOve
         ]
         for spec in template.fields
     ]
+    compact = [
+        [
+            spec.name + (" *" if spec.required else ""),
+            _field_kind(spec),
+            " ".join(part for part in (
+                spec.description or "",
+                "" if spec.default in (None, "") else text("field.default_value", lang, value=spec.default),
+            ) if part),
+        ]
+        for spec in template.fields
+    ]
     example = template.example_image
     return TemplateOverview(
         name=template.name,
@@ -138,6 +151,8 @@ def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOve
         example_image=str(example) if example else None,
         fields_header=header,
         fields_rows=rows,
+        compact_header=[header[0], header[1], header[4]],
+        compact_rows=compact,
         image_fields=[spec.name for spec in template.fields if spec.type == "image"],
     )
 

@@ -46,6 +46,8 @@ EN: dict[str, str] = {
     "field.required": "Required",
     "field.default": "Default",
     "field.description": "Description",
+    "field.default_value": "Default: {value}.",
+    "field.required_note": "* required",
     "yes": "yes",
     "no": "no",
     # batch tab
@@ -227,6 +229,8 @@ ZH: dict[str, str] = {
     "field.required": "必填",
     "field.default": "默认值",
     "field.description": "说明",
+    "field.default_value": "默认值：{value}。",
+    "field.required_note": "* 为必填",
     "yes": "是",
     "no": "否",
     "batch.section.template": "1 · 模板",

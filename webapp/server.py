@@ -107,7 +107,7 @@ def api_guard(settings: Settings, users: UserStore) -> ApiGuard:
 class BatchMetrics:
     """Keeps :class:`Metrics` current: finished rows from batch events, gauges from live state.
 
-    :meth:`on_batch_event` is a :class:`engine.batch.BatchQueue` listener (it runs on the queue thread);
+    :meth:`on_batch_event` is a :class:`engine.batch_queue.BatchQueue` listener (it runs on the queue thread);
     :meth:`refresh` reads the queue and the model cache, and runs before every scrape as well, so gauges
     are right even when nothing happened since the last event.
     """

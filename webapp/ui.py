@@ -3,7 +3,7 @@
 Labels are i18n keys (``webapp/i18n.py``) that the browser shows in its own language; messages built on
 the server use the request's ``Accept-Language``. Library errors become ``gr.Error`` in :func:`_guard`,
 the one place that does so. Every event that waits on the GPU shares the concurrency group ``"gpu"``
-with limit 1; batches themselves run on the :class:`engine.batch.BatchQueue` thread, so closing the tab
+with limit 1; batches themselves run on the :class:`engine.batch_queue.BatchQueue` thread, so closing the tab
 never stops one, and a 1 s timer shows the progress of whatever batch the page watches (and whether the
 model is still warming up).
 
@@ -51,10 +51,11 @@ table.data-table th, table.data-table td { text-align: left; padding: 6px 10px; 
                                            border: 0; border-bottom: 1px solid var(--border-color-primary); }
 table.data-table th { white-space: nowrap; font-weight: 600; background: var(--background-fill-secondary);
                       position: sticky; top: 0; }
-table.data-table tr:last-child td { border-bottom: 0; }
+table.data-table tr:last-child > * { border-bottom: 0; }
 table.data-table td.narrow { white-space: nowrap; width: 1%; }
 table.kv-table th { position: static; width: 12em; background: transparent; }
-table.kv-table td { word-break: break-word; }
+table.data-table td:last-child { overflow-wrap: anywhere; }
+.html-container { padding: 0 !important; }
 .model-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 14px; }
 .model-card.demo { border-color: #fdba74; background: #fff7ed; color: #7c2d12; }
 .model-card .name { font-size: 1.15em; font-weight: 600; margin: 0 8px; }
@@ -354,12 +355,11 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             with gr.Tab(L("tab.system"), id="system"):
                 model_line = gr.HTML(elem_id="model-line", **PLAIN)
                 system_table = gr.HTML(elem_id="system-info", **PLAIN)
-                system_refresh = gr.Button(L("system.refresh"), size="sm")
-                with gr.Group():
-                    with gr.Row(equal_height=False, elem_classes="align-end"):
-                        model_pick = gr.Dropdown(choices=[], label=L("system.switch"), scale=5)
-                        switch_button = gr.Button(L("system.switch_button"), scale=1, min_width=120,
-                                                  elem_id="switch-model")
+                with gr.Row(equal_height=False, elem_classes="align-end"):
+                    model_pick = gr.Dropdown(choices=[], label=L("system.switch"), scale=5)
+                    switch_button = gr.Button(L("system.switch_button"), scale=1, min_width=120,
+                                              elem_id="switch-model")
+                    system_refresh = gr.Button(L("system.refresh"), scale=1, min_width=120, variant="secondary")
 
         # ================================================================================ wiring
 
@@ -413,13 +413,17 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         ui.load(show_interrupted, outputs=interrupted_outputs)
 
         # template description (batch and templates pages share the function)
-        def _template_outputs(name: str | None, lang: str):
+        def _template_outputs(name: str | None, lang: str, compact: bool = False):
             if not name:
                 return text("template.none", lang), gr.update(visible=False), "", None
             overview = handlers.template_overview(services, name, lang)
             image = gr.update(value=overview.example_image, visible=bool(overview.example_image))
-            fields = _table(overview.fields_header, overview.fields_rows, narrow=(0, 1, 2, 3),
-                            caption=text("template.fields", lang))
+            if compact:  # beside the upload: three columns, the required mark on the name
+                caption = f'{text("template.fields", lang)} · {text("field.required_note", lang)}'
+                fields = _table(overview.compact_header, overview.compact_rows, narrow=(0,), caption=caption)
+            else:
+                fields = _table(overview.fields_header, overview.fields_rows, narrow=(0, 1, 2, 3),
+                                caption=text("template.fields", lang))
             description = f"**{overview.title}** (`{overview.name}`)\n\n{overview.description}"
             return description, image, fields, overview
 
@@ -433,7 +437,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         @_guard
         def show_batch_template(name: str | None, request: gr.Request):
             lang = language_of_request(request)
-            description, image, fields, overview = _template_outputs(name, lang)
+            description, image, fields, overview = _template_outputs(name, lang, compact=True)
             photos = bool(overview and overview.image_fields)
             hint = text("batch.photos_hint", lang, columns=", ".join(overview.image_fields)) if photos else ""
             return description, image, fields, gr.update(value=hint, visible=photos), gr.update(visible=photos)

@@ -1,11 +1,16 @@
 """The web app in a real browser: log in, upload a sheet, validate, run a batch on the demo model, watch the
-gallery fill, download the zip, find the batch in History; and the refusals (wrong password, anonymous
-file requests, a non-admin switching models). Screenshots of each page go to test-artifacts/screenshots/."""
+gallery fill, download the zip, find the batch in History; a single image from the form; cancel a running
+batch; resume an interrupted one; warm-up; both languages; and the refusals (wrong password, anonymous
+file requests, a non-admin switching models). Screenshots of each page go to test-artifacts/screenshots/.
+
+Images are 64x64 with one or two steps wherever the size does not matter, so the suite stays fast.
+"""
 
 from __future__ import annotations
 
 import io
 import re
+import threading
 import zipfile
 
 import httpx
@@ -14,9 +19,9 @@ import pytest
 pytestmark = pytest.mark.browser
 
 SHEET = """prompt,seed,width,height,steps
-a red shoe on white,11,256,256,1
-a blue mug,12,256,256,1
-a bad row,13,256,9999,1
+a red shoe on white,11,64,64,1
+a blue mug,12,64,64,1
+a bad row,13,64,9999,1
 """
 
 
@@ -29,6 +34,31 @@ def log_in(page, base_url: str, name: str, password: str) -> None:
 
 def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
+
+
+def pick(page, dropdown_id: str, option: str) -> None:
+    page.locator(f"#{dropdown_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def upload_sheet(page, path, template: str = "turbo_draft") -> None:
+    pick(page, "batch-template", template)
+    page.locator("#sheet-file input[type=file]").set_input_files(str(path))
+
+
+def field(page, name: str):
+    return page.locator(f"#field-{name} textarea, #field-{name} input").first
+
+
+def prepare_batch(services, tmp_path, sheet: str) -> str:
+    """A batch recorded in the ledger through the library (as the API or the CLI would), not yet run."""
+    from webapp import handlers
+    from webapp.guard import Caller
+
+    path = tmp_path / "sheet.csv"
+    path.write_text(sheet, encoding="utf-8")
+    check = handlers.check_sheet(services, Caller("bob", "user"), "turbo_draft", path)
+    return services.runner.start(check.prepared)
 
 
 def test_batch_from_upload_to_zip_and_history(app_server, new_page, screenshot, tmp_path):
@@ -47,6 +77,11 @@ def test_batch_from_upload_to_zip_and_history(app_server, new_page, screenshot, 
     report = page.locator("#validation-report")
     report.get_by_text("height").first.wait_for()
     page.get_by_text("2 rows ready, 1 rows with problems").wait_for()
+    rows = report.locator("tbody tr")
+    assert rows.count() == 3
+    assert [rows.nth(i).locator("td").first.inner_text() for i in range(3)] == ["2", "3", "4"]
+    assert rows.nth(0).get_by_text("ok").is_visible() and rows.nth(2).get_by_text("problem").is_visible()
+    assert "above the maximum 2048" in rows.nth(2).inner_text()
     screenshot(page, "batch-validation")
 
     page.locator("#start-batch").click()
@@ -54,6 +89,8 @@ def test_batch_from_upload_to_zip_and_history(app_server, new_page, screenshot, 
     gallery_images = page.locator("#batch-gallery img")
     gallery_images.nth(1).wait_for()
     assert gallery_images.count() == 2
+    # The gallery's images come through the authenticated /files route and really load.
+    page.wait_for_function("() => [...document.querySelectorAll('#batch-gallery img')].every(i => i.naturalWidth > 0)")
     screenshot(page, "batch-finished")
 
     with page.expect_download() as download_info:
@@ -68,12 +105,131 @@ def test_batch_from_upload_to_zip_and_history(app_server, new_page, screenshot, 
     page.locator("#history-batch textarea, #history-batch input").first.fill(batch_id)
     page.locator("#history-search").click()
     page.locator("#history-table").get_by_text(f"{batch_id}:2").wait_for()
+    page.locator("#history-table").get_by_text("a blue mug").click()
+    detail = page.locator("#history-detail")
+    detail.get_by_text("64 × 64").wait_for()
+    assert "a blue mug" in detail.inner_text() and "12" in detail.inner_text()
+    page.wait_for_function("() => document.querySelector('#history-image img')?.naturalWidth === 64")
     screenshot(page, "history")
 
-    for tab in ("Single image", "Templates", "System"):
+    for tab in ("Templates", "System"):
         open_tab(page, tab)
         page.wait_for_timeout(500)
-        screenshot(page, tab.lower().replace(" ", "-"))
+        screenshot(page, tab.lower())
+
+
+def test_single_image_from_the_form(app_server, new_page, screenshot):
+    base_url, services = app_server
+    page = new_page()
+    log_in(page, base_url, "bob", "bob-pass")
+    open_tab(page, "Single image")
+    pick(page, "single-template", "turbo_draft")
+    field(page, "prompt").fill("a yellow teapot")
+    field(page, "seed").fill("5")
+    for name, value in (("width", "64"), ("height", "80"), ("steps", "2")):
+        field(page, name).fill(value)
+    screenshot(page, "single-image")
+    page.locator("#single-generate").click()
+
+    page.wait_for_function("() => document.querySelector('#single-image img')?.naturalHeight === 80", timeout=60_000)
+    parameters = page.locator("#single-parameters")
+    parameters.get_by_text("64 × 80").wait_for()
+    text = parameters.inner_text()
+    assert "a yellow teapot" in text and "turbo_draft" in text
+    assert re.search(r"Seed\s+5\b", text) and re.search(r"Steps\s+2\b", text)
+    screenshot(page, "single-image-result")
+    assert services.ledger.search(text="a yellow teapot", limit=5)[0].status == "done"
+
+
+def test_cancel_a_running_batch_with_live_progress(app_server, new_page, screenshot, tmp_path):
+    base_url, services = app_server
+    page = new_page()
+    log_in(page, base_url, "bob", "bob-pass")
+    # Rows large enough (for the demo model) that the batch is still running when Cancel is pressed.
+    sheet = tmp_path / "long.csv"
+    sheet.write_text("prompt,seed,width,height,steps\n"
+                     + "".join(f"row {n},{n},768,768,12\n" for n in range(8)), encoding="utf-8")
+    upload_sheet(page, sheet)
+    page.get_by_text("8 rows ready, 0 rows with problems").wait_for()
+    page.locator("#start-batch").click()
+
+    progress = page.locator("#batch-progress")
+    progress.get_by_text(re.compile(r"running · done [1-7] · failed 0 · remaining \d+ · about \S+ left")).wait_for(
+        timeout=60_000)
+    page.locator("#batch-step").get_by_text(re.compile(r"row \d+: step \d+ of 12")).wait_for()
+    assert page.locator("#batch-gallery img").count() >= 1
+    screenshot(page, "batch-running")
+
+    page.locator("#cancel-batch").click()
+    progress.get_by_text(re.compile(r"cancelled · done \d · failed 0 · remaining [1-7]")).wait_for(timeout=30_000)
+    page.locator("#cancel-batch").wait_for(state="hidden")
+    batch_id = page.locator("#watched-batch input").input_value()
+    counts = services.ledger.batch_summary(batch_id)["counts"]
+    assert 1 <= counts["done"] < 8 and counts["cancelled"] + counts["queued"] == 8 - counts["done"]
+    screenshot(page, "batch-cancelled")
+
+
+def test_resume_an_interrupted_batch(app_server, new_page, screenshot, tmp_path):
+    base_url, services = app_server
+    # Different sizes: each row is its own GPU batch, so the cancel lands between rows.
+    batch_id = prepare_batch(services, tmp_path, "prompt,seed,width,height,steps\n"
+                             "first,1,64,64,1\nsecond,2,80,80,1\nthird,3,96,96,1\n")
+
+    def cancel_after_first_row(event):
+        if event.kind == "row_done":
+            services.runner.cancel(batch_id)
+
+    stopped = services.runner.run(batch_id, on_event=cancel_after_first_row)
+    assert stopped.done == 1 and stopped.cancelled == 2
+
+    page = new_page()
+    log_in(page, base_url, "bob", "bob-pass")
+    page.locator("#interrupted").get_by_text("Interrupted batches").click()
+    page.locator("#interrupted-table").get_by_text(batch_id).wait_for()
+    pick(page, "resume-pick", batch_id)
+    screenshot(page, "batch-interrupted")
+    page.locator("#resume-batch").click()
+
+    page.locator("#batch-progress").get_by_text(re.compile(r"done 3 · failed 0 · remaining 0")).wait_for(timeout=60_000)
+    assert page.locator("#watched-batch input").input_value() == batch_id
+    page.locator("#batch-gallery img").nth(2).wait_for()
+    screenshot(page, "batch-resumed")
+    assert services.ledger.batch_summary(batch_id)["counts"]["done"] == 3
+    page.locator("#interrupted-table").get_by_text(batch_id).wait_for(state="detached")
+
+
+def test_a_batch_started_during_warm_up_waits_its_turn(app_server, new_page, screenshot, tmp_path):
+    base_url, services = app_server
+    engine = services.engine
+    page = new_page()
+    log_in(page, base_url, "bob", "bob-pass")
+    page.get_by_text("Signed in as").wait_for()
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text(SHEET, encoding="utf-8")
+
+    # Hold the engine's GPU turn, as a slow first model load would: the warm-up waits on it, visibly.
+    engine._run_lock.acquire()
+    try:
+        warm = threading.Thread(target=engine.warm_up, daemon=True)
+        warm.start()
+        page.locator("#warm-up-notice").get_by_text("Warming up the model").wait_for()
+        upload_sheet(page, sheet)
+        page.get_by_text("2 rows ready, 1 rows with problems").wait_for()
+        page.locator("#start-batch").click()
+        page.locator("#batch-progress").get_by_text(re.compile(r"done 0 · failed 0 · remaining 2")).wait_for()
+        screenshot(page, "batch-warming-up")
+        open_tab(page, "System")
+        page.locator("#model-line").get_by_text("warming up the model…").wait_for()
+        assert "warming up the model…" in page.locator("#system-info").inner_text()
+        screenshot(page, "system-warming-up")
+        open_tab(page, "Batch")
+    finally:
+        engine._run_lock.release()
+    warm.join(timeout=60)
+    page.locator("#batch-progress").get_by_text(re.compile(r"done 2 · failed 0 · remaining 0")).wait_for(timeout=60_000)
+    page.locator("#warm-up-notice").wait_for(state="hidden")
+    open_tab(page, "System")
+    page.locator("#system-info").get_by_text("ready").wait_for()
 
 
 def test_wrong_password_is_refused(app_server, new_page, screenshot):
@@ -103,7 +259,7 @@ def test_a_user_cannot_switch_models(app_server, new_page, screenshot):
     assert services.engine.default_checkpoint == services.settings.default_checkpoint
 
 
-def test_chinese_browser_gets_chinese_labels(app_server, new_page, screenshot):
+def test_chinese_browser_gets_chinese_labels(app_server, new_page, screenshot, tmp_path):
     base_url, _ = app_server
     page = new_page(locale="zh-CN")
     page.goto(base_url + "/login")
@@ -113,4 +269,17 @@ def test_chinese_browser_gets_chinese_labels(app_server, new_page, screenshot):
     page.get_by_text("已登录").wait_for()
     page.get_by_role("tab", name="批量生成").wait_for()
     page.get_by_text("检查表格").wait_for()
+    page.locator("#demo-banner").get_by_text("演示模型").first.wait_for()
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text(SHEET, encoding="utf-8")
+    upload_sheet(page, sheet)
+    page.get_by_text("2 行可以生成，1 行有问题。").wait_for()
+    assert "有问题" in page.locator("#validation-report").inner_text()
     screenshot(page, "batch-zh")
+    for tab, name in (("单张生成", "single-image-zh"), ("历史记录", "history-zh"), ("模板", "templates-zh"),
+                      ("系统", "system-zh")):
+        open_tab(page, tab)
+        page.wait_for_timeout(500)
+        screenshot(page, name)
+    page.locator("#model-line").get_by_text("演示模型").wait_for()
+    assert "当前模型" in page.locator("#system-info").inner_text()
