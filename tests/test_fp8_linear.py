@@ -51,7 +51,6 @@ def test_per_channel_beats_per_tensor_on_skewed_weights():
     linear = nn.Linear(64, 32)
     with torch.no_grad():
         linear.weight[:4] *= 200.0  # a few output channels with a much larger range
-    x = torch.randn(32, 64)
     errors = {}
     for per_channel in (True, False):
         layer = Fp8Linear.from_linear(linear, backend="weight_only", per_channel=per_channel, compute_dtype=torch.float32)
