@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import string
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -21,9 +23,9 @@ from webapp.server import file_url, listen_address
 ROOT = Path(__file__).resolve().parents[1]
 
 SHEET = """prompt,seed,width,height,steps
-a red shoe on white,11,256,256,1
-a blue mug,12,256,256,1
-a bad row,13,256,9999,1
+a red shoe on white,11,64,64,1
+a blue mug,12,64,64,1
+a bad row,13,64,9999,1
 """
 
 
@@ -154,9 +156,9 @@ def test_batch_runs_in_the_background_and_is_searchable(services, sheet_path):
 
     header, rows = handlers.search_history(services, batch_id=batch_id)
     assert header[0] == EN["col.row_key"]
-    assert {row[3] for row in rows} == {"done", "skipped"}
-    header, rows = handlers.search_history(services, text_query="blue mug")
-    assert [row[2] for row in rows] == [3]
+    assert {row[2] for row in rows} == {"done", "skipped"}
+    header, rows = handlers.search_history(services, text_query="blue mug", lang="zh")
+    assert [row[1:3] for row in rows] == [[3, ZH["status.done"]]]
 
     detail = handlers.generation_detail(services, rows[0][0])
     assert detail["row_values"]["prompt"] == "a blue mug"
@@ -177,17 +179,19 @@ def test_single_image_is_a_one_row_batch(services):
     seen = []
     result = handlers.generate_single(
         services, USER, "turbo_draft",
-        {"prompt": "a green hat", "seed": "", "checkpoint": None, "width": 256.0, "height": 256.0, "steps": 1.0},
+        {"prompt": "a green hat", "seed": "", "checkpoint": None, "width": 64.0, "height": 80.0, "steps": 1.0},
         on_progress=lambda fraction, desc: seen.append(desc),
     )
     assert Path(result.image_path).is_file()
-    assert result.parameters["width"] == 256
+    assert result.parameters["width"] == 64
     assert seen
+    rows = dict(handlers.parameter_rows(result.parameters, "zh"))
+    assert rows[ZH["param.size"]] == "64 × 80" and rows[ZH["param.prompt"]] == "a green hat"
 
 
 def test_single_image_with_a_bad_value_names_the_field(services):
     with pytest.raises(BatchError, match="height"):
-        handlers.generate_single(services, USER, "turbo_draft", {"prompt": "x", "height": 5, "width": 256, "steps": 1})
+        handlers.generate_single(services, USER, "turbo_draft", {"prompt": "x", "height": 5, "width": 64, "steps": 1})
 
 
 def test_only_admins_switch_models_and_edit_templates(services):
@@ -214,8 +218,64 @@ def test_admin_saves_only_a_valid_template(services, tmp_path):
 
 def test_system_info_says_the_demo_model_is_in_use(services):
     info = handlers.system_info(services)
-    assert info["demo_in_use"] is True
+    assert info["demo_in_use"] is True and info["warming_up"] is False
     assert {"device", "precision", "queue", "versions"} <= set(info)
+    rows = dict(handlers.system_rows(info, "zh"))
+    assert rows[ZH["system.model"]] == f"sd35_demo_tiny ({ZH['system.demo']})"
+    assert rows[ZH["system.state"]] == ZH["system.ready"]
+
+
+def test_cancelled_rows_count_as_remaining(services, sheet_path):
+    check = handlers.check_sheet(services, USER, "turbo_draft", sheet_path)
+    batch_id = services.runner.start(check.prepared)
+    services.runner.run(batch_id, should_cancel=lambda: True)  # stopped before any row ran
+    view = handlers.batch_view(services, batch_id)
+    assert (view.state, view.done, view.remaining) == ("interrupted", 0, 2)
+    assert "remaining 2" in view.status_line and "left" not in view.status_line
+    assert [b["id"] for b in handlers.interrupted_batches(services)] == [batch_id]
+
+
+def test_a_batch_submitted_during_warm_up_waits_for_the_model(services, sheet_path):
+    engine = services.engine
+    check = handlers.check_sheet(services, USER, "turbo_draft", sheet_path)
+    # Keep the model cache busy, as the long first load of a real checkpoint does.
+    engine.models._lock.acquire()
+    try:
+        warm = threading.Thread(target=engine.warm_up, daemon=True)
+        warm.start()
+        deadline = time.monotonic() + 10
+        while not handlers.is_warming_up(services) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        batch_id = handlers.start_batch(services, check.prepared)
+        time.sleep(0.5)
+        view = handlers.batch_view(services, batch_id)
+        assert view.warming_up and view.done == 0 and view.remaining == 2
+        assert view.step_line == EN["status.waiting_for_model"]
+        info = handlers.system_info(services)  # answers without waiting for the load
+        assert info["warming_up"] and info["loaded_models"] is None
+        assert dict(handlers.system_rows(info))[EN["system.state"]] == EN["system.warming_up"]
+    finally:
+        engine.models._lock.release()
+    warm.join(timeout=60)
+    progress = services.queue.wait(batch_id, timeout=60)
+    assert progress.state == "done" and handlers.batch_view(services, batch_id).done == 2
+    assert not handlers.is_warming_up(services)
+
+
+def test_the_app_warms_the_model_up_in_the_background(settings, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from engine.runtime import Engine
+    from webapp.server import create_app
+
+    engine = Engine(settings)
+    app, _ = create_app(settings, engine, users=UserStore([]))
+    with TestClient(app) as client:
+        assert client.get("/login", follow_redirects=False).status_code == 303  # no users: straight to the app
+        deadline = time.monotonic() + 60
+        while not engine.models.loaded() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [m["name"] for m in engine.models.loaded()] == ["sd35_demo_tiny"]
 
 
 def test_caller_without_users_is_the_local_admin():

@@ -299,7 +299,7 @@ def _state(services: Any, batch_id: str) -> str | None:
 def format_duration(seconds: float | None) -> str | None:
     if seconds is None:
         return None
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     minutes, seconds = divmod(seconds, 60)
@@ -340,7 +340,8 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
         counts[row.status] = counts.get(row.status, 0) + 1
     done = counts.get("done", 0)
     failed = counts.get("failed", 0) + counts.get("timed_out", 0)
-    remaining = counts.get("queued", 0) + counts.get("running", 0)
+    # Cancelled rows are still to be made: resuming the batch runs them.
+    remaining = counts.get("queued", 0) + counts.get("running", 0) + counts.get("cancelled", 0)
     images = [row.image_path for row in rows if row.status == "done" and row.image_path]
     references = {
         row.image_path: [str(p) for p in services.runner.reference_images(batch, row.row_values)]
@@ -361,12 +362,15 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
     else:
         state = "interrupted" if remaining else (batch.get("status") or "done")
         eta, step_line, fraction, error = None, "", 0.0, None
-    state_key = f"status.{state}" if f"status.{state}" in _STATUS_KEYS else None
-    label = text(state_key, lang) if state_key else state.replace("_", " ")
-    eta_text = (
-        text("status.eta", lang, eta=format_duration(eta)) if eta is not None and remaining
-        else ("" if remaining == 0 else text("status.eta_unknown", lang))
-    )
+    label = status_label(state, lang)
+    if state == "running" and not step_line and is_warming_up(services):
+        step_line = text("status.waiting_for_model", lang)
+    if state not in ACTIVE_STATES or remaining == 0:
+        eta_text = ""
+    elif eta is not None:
+        eta_text = text("status.eta", lang, eta=format_duration(eta))
+    else:
+        eta_text = text("status.eta_unknown", lang)
     line = text("status.line", lang, status=label, done=done, failed=failed, remaining=remaining, eta=eta_text)
     return BatchView(
         batch_id=batch_id,
@@ -385,12 +389,18 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
     )
 
 
+def status_label(status: str | None, lang: str = "en") -> str:
+    """A ledger or queue status in ``lang`` ("finished_with_errors" -> "finished with errors")."""
+    key = f"status.{status}"
+    return text(key, lang) if key in _STATUS_KEYS else (status or "").replace("_", " ")
+
+
 def is_warming_up(services: Any) -> bool:
     """Whether the engine is loading and warming up its model (batches submitted now wait their turn)."""
     return bool(getattr(services.engine, "warming_up", False))
 
 
-_STATUS_KEYS = {f"status.{s}" for s in (*LEDGER_STATUSES, "interrupted")}
+_STATUS_KEYS = {f"status.{s}" for s in (*LEDGER_STATUSES, "interrupted", "finished", "finished_with_errors", "error")}
 
 
 def _anything_running(services: Any) -> bool:
@@ -485,7 +495,7 @@ def parse_day(value: str | None, lang: str = "en") -> date | None:
         raise SheetError(text("history.bad_date", lang, value=value), column="date") from exc
 
 
-HISTORY_COLUMNS = ("row_key", "batch", "row", "status", "prompt", "seed", "template", "user", "finished")
+HISTORY_COLUMNS = ("row_key", "row", "status", "prompt", "seed", "template", "user", "finished")
 
 
 def search_history(
@@ -512,15 +522,14 @@ def search_history(
     header = [text(f"col.{name}", lang) for name in HISTORY_COLUMNS]
     rows = [
         [
-            row.row_key,
-            row.batch_id,
+            row.row_key,  # "<batch id>:<sheet row>": the batch is part of it
             row.row_number,
-            row.status,
+            status_label(row.status, lang),
             (row.prompt or "")[:120],
             "" if row.seed is None else str(row.seed),  # text: seeds exceed a browser number's 53 bits
             row.template_name or "",
             row.user or "",
-            row.finished_at or "",
+            (row.finished_at or "")[:19].replace("T", " "),  # UTC, to the second
         ]
         for row in found
     ]
@@ -568,10 +577,8 @@ def parameter_rows(params: dict[str, Any], lang: str = "en") -> list[tuple[str, 
 def generation_rows(detail: dict[str, Any], lang: str = "en") -> list[tuple[str, str]]:
     """What the history page shows about one generation: where it came from, how it went, its parameters
     and the spreadsheet values, as ``(label, value)`` pairs in ``lang``."""
-    status = detail.get("status") or ""
-    status_key = f"status.{status}"
     rows = [
-        (text("col.status", lang), text(status_key, lang) if status_key in _STATUS_KEYS else status),
+        (text("col.status", lang), status_label(detail.get("status"), lang)),
         (text("col.batch", lang), f"{detail.get('batch_id')} · {text('col.row', lang)} {detail.get('row_number')}"),
     ]
     if detail.get("error"):
@@ -580,9 +587,10 @@ def generation_rows(detail: dict[str, Any], lang: str = "en") -> list[tuple[str,
     if detail.get("duration_s") is not None:
         seconds = float(detail["duration_s"])
         rows.append((text("param.duration", lang), f"{seconds:.1f}s" if seconds < 10 else format_duration(seconds)))
-    for name, key in (("user", "col.user"), ("finished_at", "col.finished")):
-        if detail.get(name):
-            rows.append((text(key, lang), str(detail[name])))
+    if detail.get("user"):
+        rows.append((text("col.user", lang), str(detail["user"])))
+    if detail.get("finished_at"):
+        rows.append((text("col.finished", lang), str(detail["finished_at"])[:19].replace("T", " ")))
     values = detail.get("row_values") or {}
     shown = {k: v for k, v in values.items() if k != "png_extra" and v not in (None, "")}
     if shown:
@@ -665,7 +673,10 @@ def system_info(services: Any) -> dict[str, Any]:
     the batch queue and versions."""
     import gradio
 
-    info = dict(services.engine.system_info())
+    if is_warming_up(services):
+        info = _system_info_while_loading(services)
+    else:
+        info = dict(services.engine.system_info())
     info["warming_up"] = is_warming_up(services)
     info["fp8_backend"] = services.settings.fp8_backend
     info["queue"] = {"waiting": services.queue.queued(), "running": current_batch(services)}
@@ -673,7 +684,33 @@ def system_info(services: Any) -> dict[str, Any]:
     return info
 
 
-def format_bytes(count: int | float | None) -> str:
+def demo_in_use(services: Any) -> bool:
+    """Whether the default checkpoint is the built-in demo model (placeholder images, not real renders)."""
+    from engine.settings import DEMO_CHECKPOINT
+
+    return services.engine.default_checkpoint == DEMO_CHECKPOINT
+
+
+def _system_info_while_loading(services: Any) -> dict[str, Any]:
+    """What the system page can tell while the model loads, without asking the model cache: the cache
+    answers only once the load is done, and the page must not hang for the minutes a real load takes."""
+    import platform
+    from importlib.metadata import version
+
+    engine = services.engine
+    return {
+        "device": str(engine.models.device),
+        "dtype": str(engine.models.dtype).replace("torch.", ""),
+        "precision": services.settings.precision,
+        "default_checkpoint": engine.default_checkpoint,
+        "demo_in_use": demo_in_use(services),
+        "loaded_models": None,  # unknown until the load finishes
+        "versions": {"python": platform.python_version(),
+                     **{name: version(name) for name in ("torch", "diffusers", "transformers")}},
+    }
+
+
+def format_bytes(count: float | None) -> str:
     """``1.5 GB``, ``320 MB``, ``12 KB``: a size as people read it."""
     if count is None:
         return ""
@@ -701,9 +738,12 @@ def system_rows(info: dict[str, Any], lang: str = "en") -> list[tuple[str, str]]
         rows.append((text("system.gpu_memory", lang), text(
             "system.gpu_memory_value", lang, free=format_bytes(gpu["memory_free_bytes"]),
             total=format_bytes(gpu["memory_total_bytes"]))))
-    loaded = info.get("loaded_models") or []
-    resident = ", ".join(sorted({f"{m['name']} ({m['kind']})" for m in loaded})) or text("system.none_loaded", lang)
-    rows.append((text("system.loaded", lang), f"{resident} · {format_bytes(info.get('model_memory_bytes') or 0)}"))
+    loaded = info.get("loaded_models")
+    if loaded is None:
+        rows.append((text("system.loaded", lang), text("system.warming_up", lang)))
+    else:
+        resident = ", ".join(sorted({f"{m['name']} ({m['kind']})" for m in loaded})) or text("system.none_loaded", lang)
+        rows.append((text("system.loaded", lang), f"{resident} · {format_bytes(info.get('model_memory_bytes') or 0)}"))
     queue = info.get("queue") or {}
     rows.append((text("system.queue", lang), text(
         "system.queue_value", lang, running=queue.get("running") or "–", waiting=len(queue.get("waiting") or []))))
@@ -741,23 +781,25 @@ __all__ = [
     "cancel_batch",
     "check_sheet",
     "current_batch",
+    "demo_in_use",
     "error_message",
     "generate_single",
     "generation_detail",
     "generation_parameters",
     "generation_rows",
-    "is_warming_up",
-    "parameter_rows",
     "interrupted_batches",
+    "is_warming_up",
     "model_choices",
+    "parameter_rows",
     "recent_batches",
     "require_admin",
     "rerun_row",
     "resume_batch",
     "save_template",
+    "save_uploaded_template",
     "search_history",
     "start_batch",
-    "save_uploaded_template",
+    "status_label",
     "switch_model",
     "system_info",
     "system_rows",

@@ -72,6 +72,7 @@ EN: dict[str, str] = {
     "batch.no_rows": "No row of this spreadsheet can run.",
     "batch.watching": "Batch",
     "batch.progress": "Progress",
+    "batch.rows_done": "{done} of {total} rows done",
     "batch.gallery": "Images so far",
     "batch.cancel": "Cancel batch",
     "batch.cancelled": "Cancel requested for batch {batch_id}: it stops after the current step.",
@@ -87,6 +88,7 @@ EN: dict[str, str] = {
     "status.eta_unknown": "time left unknown",
     "status.queue_position": "waiting: {ahead} batch(es) ahead",
     "status.step": "row {row}: step {step} of {steps}",
+    "status.waiting_for_model": "waiting for the model to finish warming up",
     "status.queued": "queued",
     "status.running": "running",
     "status.done": "done",
@@ -95,6 +97,9 @@ EN: dict[str, str] = {
     "status.skipped": "skipped",
     "status.cancelled": "cancelled",
     "status.interrupted": "interrupted",
+    "status.finished": "finished",
+    "status.finished_with_errors": "finished with errors",
+    "status.error": "stopped by an error",
     "status.unknown": "unknown",
     "report.row": "Row",
     "report.status": "Status",
@@ -151,7 +156,7 @@ EN: dict[str, str] = {
     "col.status": "Status",
     "col.prompt": "Prompt",
     "col.seed": "Seed",
-    "col.finished": "Finished",
+    "col.finished": "Finished (UTC)",
     "col.template": "Template",
     "col.user": "User",
     # templates tab
@@ -254,6 +259,7 @@ ZH: dict[str, str] = {
     "batch.no_rows": "该表格中没有可以生成的行。",
     "batch.watching": "批次",
     "batch.progress": "进度",
+    "batch.rows_done": "已完成 {done}/{total} 行",
     "batch.gallery": "已生成的图片",
     "batch.cancel": "取消批次",
     "batch.cancelled": "已请求取消批次 {batch_id}：当前步骤结束后停止。",
@@ -269,6 +275,7 @@ ZH: dict[str, str] = {
     "status.eta_unknown": "剩余时间未知",
     "status.queue_position": "排队中：前面还有 {ahead} 个批次",
     "status.step": "第 {row} 行：第 {step}/{steps} 步",
+    "status.waiting_for_model": "等待模型预热完成",
     "status.queued": "排队中",
     "status.running": "生成中",
     "status.done": "已完成",
@@ -277,6 +284,9 @@ ZH: dict[str, str] = {
     "status.skipped": "已跳过",
     "status.cancelled": "已取消",
     "status.interrupted": "已中断",
+    "status.finished": "已结束",
+    "status.finished_with_errors": "已结束（有失败的行）",
+    "status.error": "因错误停止",
     "status.unknown": "未知",
     "report.row": "行号",
     "report.status": "状态",
@@ -331,7 +341,7 @@ ZH: dict[str, str] = {
     "col.status": "状态",
     "col.prompt": "提示词",
     "col.seed": "种子",
-    "col.finished": "完成时间",
+    "col.finished": "完成时间（UTC）",
     "col.template": "模板",
     "col.user": "用户",
     "templates.workflow": "workflow.json.j2：API 格式工作流，含 Jinja 占位符",
@@ -413,7 +423,7 @@ def language_of_request(request: Any) -> str:
 
 def text(key: str, lang: str = "en", **values: Any) -> str:
     """The string ``key`` in ``lang``, with ``values`` filled in. A missing key is a KeyError."""
-    table = TABLES[lang] if lang in TABLES else EN
+    table = TABLES.get(lang, EN)
     return table[key].format(**values) if values else table[key]
 
 

@@ -64,8 +64,14 @@ table.data-table td:last-child { overflow-wrap: anywhere; }
 .step-bar > div { height: 100%; background: #ea580c; transition: width .4s; }
 .download-link a { display: inline-block; padding: 8px 14px; border-radius: 8px; background: #ea580c;
                    color: #fff !important; text-decoration: none; font-weight: 600; }
-.result-image img { max-width: 100%; max-height: 560px; border-radius: 6px;
+.result-image img { max-width: 100%; max-height: 560px; min-width: 192px; border-radius: 6px;
                     border: 1px solid var(--border-color-primary); image-rendering: auto; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 8px; max-height: 420px; overflow: auto; }
+.thumbs img { width: 128px; height: 128px; object-fit: contain; border-radius: 6px; display: block;
+              background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary); }
+.thumbs figure { margin: 0; width: 128px; }
+.thumbs figcaption { font-size: .78em; color: var(--body-text-color-subdued); overflow: hidden;
+                     text-overflow: ellipsis; white-space: nowrap; }
 .reference-photos { display: flex; gap: 10px; flex-wrap: wrap; margin-top: 8px; }
 """
 
@@ -85,15 +91,6 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise gr.Error(handlers.error_message(exc), print_exception=False) from exc
 
     return guarded
-
-
-def _base_url(request: gr.Request) -> str:
-    """``scheme://host`` the browser used, so gallery items can point at the authenticated /files route."""
-    headers = request.headers
-    proto = headers.get("x-forwarded-proto") or getattr(getattr(request, "request", None), "url", None)
-    scheme = proto if isinstance(proto, str) else getattr(proto, "scheme", "http")
-    host = headers.get("x-forwarded-host") or headers.get("host") or "localhost"
-    return f"{scheme.split(',')[0].strip()}://{host}"
 
 
 def _cell(value: Any, narrow: bool = False) -> str:
@@ -171,9 +168,9 @@ def _model_card(info: dict[str, Any], lang: str) -> str:
     demo = bool(info.get("demo_in_use"))
     badge = _badge(text("system.demo" if demo else "system.real", lang), "demo" if demo else "real")
     details = f"{info.get('precision')} · {info.get('device')}"
-    lines = [f"<b>{html.escape(text('system.model', lang))}:</b>"
-             f'<span class="name">{html.escape(str(info.get("default_checkpoint")))}</span>{badge}'
-             f" · {html.escape(details)}"]
+    name = html.escape(str(info.get("default_checkpoint")))
+    headline = f"<b>{html.escape(text('system.model', lang))}:</b><span class=\"name\">{name}</span>{badge}"
+    lines = [f"{headline} · {html.escape(details)}"]
     if info.get("warming_up"):
         lines.append(f"<p><b>{html.escape(text('system.warming_up', lang))}</b></p>")
     return f'<div class="model-card{" demo" if demo else ""}">' + "".join(lines) + "</div>"
@@ -182,7 +179,7 @@ def _model_card(info: dict[str, Any], lang: str) -> str:
 def _field_widget(spec: Any, checkpoints: list[str], template_name: str) -> gr.components.Component:
     """The input widget for one template field, by its type (engine.templates.FIELD_TYPES)."""
     common = {"label": spec.name + (" *" if spec.required else ""), "info": spec.description or None,
-              "elem_id": f"field-{spec.name}", "key": f"single-{template_name}-{spec.name}"}
+              "elem_id": f"field-{spec.name}", "key": f"single-{template_name}-{spec.name}", "interactive": True}
     example = "" if spec.example is None else str(spec.example)
     if spec.type == "choice" or spec.choices:
         return gr.Dropdown(choices=list(spec.choices), value=spec.default, **common)
@@ -253,8 +250,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                     refresh_button = gr.Button(L("batch.refresh"), scale=1, min_width=120)
                 progress_line = gr.Markdown(elem_id="batch-progress")
                 step_html = gr.HTML(elem_id="batch-step", **PLAIN)
-                gallery = gr.Gallery(label=L("batch.gallery"), columns=8, height=240, object_fit="contain",
-                                     elem_id="batch-gallery", preview=False, visible=False)
+                gallery = gr.HTML(elem_id="batch-gallery", **PLAIN)
                 with gr.Row(equal_height=False, elem_classes="align-end"):
                     download_html = gr.HTML(elem_id="batch-download", **PLAIN)
                     cancel_button = gr.Button(L("batch.cancel"), variant="stop", visible=False, scale=0,
@@ -263,7 +259,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                 last_state = gr.State(None)  # (watched batch's state, warming up) at the previous tick
                 remembered_batch = gr.BrowserState(None, storage_key="sd35-watched-batch")
 
-                with gr.Accordion(L("batch.interrupted"), open=False, elem_id="interrupted") as interrupted_box:
+                with gr.Accordion(L("batch.interrupted"), open=False, elem_id="interrupted"):
                     interrupted_table = gr.HTML(elem_id="interrupted-table", **PLAIN)
                     with gr.Row(equal_height=False, elem_classes="align-end"):
                         resume_pick = gr.Dropdown(choices=[], label=L("batch.watching"), scale=5,
@@ -272,41 +268,42 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                 timer = gr.Timer(1.0)
 
             # ------------------------------------------------------------------------------ single
-            with gr.Tab(L("tab.single"), id="single"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=2):
-                        single_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"),
-                                                      elem_id="single-template")
+            with gr.Tab(L("tab.single"), id="single"), gr.Row(equal_height=False):
+                with gr.Column(scale=2):
+                    single_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"),
+                                                  elem_id="single-template")
 
-                        @gr.render(inputs=single_template)
-                        def single_form(template_name: str | None):
-                            if not template_name:
-                                gr.Markdown(L("template.none"))
-                                return
-                            specs = handlers.template_fields(services, template_name)
-                            checkpoints = handlers.model_choices(services)
-                            widgets = [_field_widget(spec, checkpoints, template_name) for spec in specs]
-                            generate = gr.Button(L("single.generate"), variant="primary", elem_id="single-generate",
-                                                 key=f"single-{template_name}-generate")
+                    @gr.render(inputs=single_template)
+                    def single_form(template_name: str | None):
+                        if not template_name:
+                            gr.Markdown(L("template.none"))
+                            return
+                        specs = handlers.template_fields(services, template_name)
+                        checkpoints = handlers.model_choices(services)
+                        widgets = [_field_widget(spec, checkpoints, template_name) for spec in specs]
+                        generate = gr.Button(L("single.generate"), variant="primary", elem_id="single-generate",
+                                             key=f"single-{template_name}-generate")
 
-                            @_guard
-                            def run_single(*values: Any, request: gr.Request, progress=gr.Progress()):
-                                who, lang = caller(request), language_of_request(request)
-                                form = {spec.name: value for spec, value in zip(specs, values)}
-                                result = handlers.generate_single(
-                                    services, who, template_name, form,
-                                    on_progress=lambda fraction, desc: progress(fraction, desc=desc), lang=lang,
-                                )
-                                table = _pairs_table(handlers.parameter_rows(result.parameters, lang))
-                                caption = f'<p class="caption">{html.escape(text("single.parameters", lang))}</p>'
-                                return _image_html(result.image_path, outputs), caption + table
+                        @_guard
+                        def run_single(values: dict[Any, Any], request: gr.Request,
+                                       progress=gr.Progress()):  # noqa: B008 (how Gradio injects progress)
+                            who, lang = caller(request), language_of_request(request)
+                            form = {spec.name: values[widget] for spec, widget in zip(specs, widgets)}
+                            result = handlers.generate_single(
+                                services, who, template_name, form,
+                                on_progress=lambda fraction, desc: progress(fraction, desc=desc), lang=lang,
+                            )
+                            table = _pairs_table(handlers.parameter_rows(result.parameters, lang))
+                            caption = f'<p class="caption">{html.escape(text("single.parameters", lang))}</p>'
+                            return _image_html(result.image_path, outputs), caption + table
 
-                            generate.click(run_single, inputs=widgets, outputs=[single_image, single_params], **GPU)
+                        # A set of inputs arrives as one {component: value} dict: the form has any number of fields.
+                        generate.click(run_single, inputs=set(widgets), outputs=[single_image, single_params], **GPU)
 
-                    with gr.Column(scale=3):
-                        gr.Markdown(L("single.hint"))
-                        single_image = gr.HTML(elem_id="single-image", **PLAIN)
-                        single_params = gr.HTML(elem_id="single-parameters", **PLAIN)
+                with gr.Column(scale=3):
+                    gr.Markdown(L("single.hint"))
+                    single_image = gr.HTML(elem_id="single-image", **PLAIN)
+                    single_params = gr.HTML(elem_id="single-parameters", **PLAIN)
 
             # ----------------------------------------------------------------------------- history
             with gr.Tab(L("tab.history"), id="history"):
@@ -321,7 +318,8 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                                             placeholder="2026-12-31")
                 history_search = gr.Button(L("history.search"), variant="primary", elem_id="history-search")
                 history_table = gr.Dataframe(label=L("history.results"), interactive=False, wrap=True,
-                                             max_height=360, elem_id="history-table")
+                                             max_height=360, elem_id="history-table",
+                                             column_widths=["21%", "5%", "8%", "24%", "8%", "11%", "7%", "16%"])
                 history_hint = gr.Markdown()
                 with gr.Row(equal_height=False, visible=False) as history_selected:
                     with gr.Column(scale=2):
@@ -373,11 +371,10 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             else:
                 head = text("app.no_users", lang)
             title = f"## {text('app.title', lang)}\n{head}"
-            info = handlers.system_info(services)
             banner = gr.update(
                 value=f'<div class="demo-banner" role="note">{_badge(text("app.demo_badge", lang), "demo")} '
                       f'{html.escape(text("app.demo_model", lang))}</div>',
-                visible=bool(info.get("demo_in_use")),
+                visible=handlers.demo_in_use(services),
             )
             recent = handlers.recent_batches(services)
             chosen = remembered if remembered in recent else handlers.current_batch(services)
@@ -385,7 +382,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                 title,
                 banner,
                 gr.update(choices=recent, value=chosen),
-                gr.update(choices=handlers.model_choices(services), value=info.get("default_checkpoint")),
+                gr.update(choices=handlers.model_choices(services), value=services.engine.default_checkpoint),
             )
 
         ui.load(on_load, inputs=[remembered_batch], outputs=[header, demo_banner, watched, model_pick])
@@ -393,15 +390,20 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         def _interrupted_outputs(lang: str):
             rows = handlers.interrupted_batches(services)
             header = [text("col.batch", lang), text("col.template", lang), text("col.status", lang),
-                      text("col.user", lang)]
-            table = [
-                [b["id"], b.get("template_name") or "",
-                 text("status.interrupted", lang) if b.get("status") == "running" else _status_label(b.get("status"), lang),
-                 b.get("user") or ""]
-                for b in rows
-            ]
+                      text("batch.progress", lang), text("col.user", lang)]
+            table = []
+            for b in rows:
+                summary = services.ledger.batch_summary(b["id"])
+                counts = summary["counts"]
+                runnable = summary["total"] - counts.get("skipped", 0)  # rows refused at validation never run
+                table.append([
+                    b["id"], b.get("template_name") or "",
+                    handlers.status_label("interrupted" if b.get("status") == "running" else b.get("status"), lang),
+                    text("batch.rows_done", lang, done=counts.get("done", 0), total=runnable),
+                    b.get("user") or "",
+                ])
             return (
-                _table(header, table, narrow=(0, 2)) if table else text("batch.none_interrupted", lang),
+                _table(header, table, narrow=(0, 2, 3)) if table else text("batch.none_interrupted", lang),
                 gr.update(choices=[b["id"] for b in rows], value=rows[0]["id"] if rows else None),
             )
 
@@ -483,14 +485,31 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         start_button.click(start, inputs=prepared_state,
                            outputs=[prepared_state, start_button, watched, remembered_batch])
 
-        photo_thumbnails: dict[str, Any] = {}  # small copies of the product photos shown, bounded below
+        photo_thumbnails: dict[str, str] = {}  # data URLs of the product photos shown, bounded below
 
-        def thumbnails(path: str) -> Any:
+        def thumbnail(path: str) -> str:
             if path not in photo_thumbnails:
                 if len(photo_thumbnails) >= 512:
                     photo_thumbnails.clear()
-                photo_thumbnails[path] = handlers.reference_thumbnail(path)
+                photo_thumbnails[path] = handlers.reference_data_url(path, size=160)
             return photo_thumbnails[path]
+
+        def gallery_html(view: handlers.BatchView, lang: str) -> str:
+            """Thumbnails of the batch's images (each after the product photos it was made from); a click
+            opens the full image through the authenticated /files route."""
+            if not view.images:
+                return ""
+            items = []
+            for path in view.images:
+                for photo in view.references.get(path, []):
+                    caption = html.escape(text("batch.photo_caption", lang, name=Path(photo).name))
+                    items.append(f'<figure class="photo"><img src="{thumbnail(photo)}" alt="{caption}" '
+                                 f'title="{caption}"><figcaption>{caption}</figcaption></figure>')
+                url, name = file_url(outputs, path), html.escape(Path(path).name)
+                items.append(f'<a href="{url}" target="_blank" title="{name}"><img src="{url}" alt="{name}" '
+                             'loading="lazy"></a>')
+            caption = html.escape(f"{text('batch.gallery', lang)} ({len(view.images)})")
+            return f'<p class="caption">{caption}</p><div class="thumbs">{"".join(items)}</div>'
 
         @_guard
         def refresh(batch_id: str | None, shown: int, previous: Any, request: gr.Request):
@@ -498,18 +517,10 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             warming = handlers.is_warming_up(services)
             notice = gr.update(value=_notice(text("app.warming_up", lang)) if warming else "", visible=warming)
             if not batch_id:
-                return ("", "", gr.skip(), "", gr.update(visible=False), shown, notice, (None, warming),
+                return ("", "", "", "", gr.update(visible=False), -1, notice, (None, warming),
                         gr.skip(), gr.skip())
             view = handlers.batch_view(services, batch_id, lang)
-            gallery_update = gr.skip()
-            if len(view.images) != shown:
-                base = _base_url(request)
-                items: list[Any] = []
-                for p in view.images:  # each result after the product photo(s) it was made from
-                    for photo in view.references.get(p, []):
-                        items.append((thumbnails(photo), text("batch.photo_caption", lang, name=Path(photo).name)))
-                    items.append(base + file_url(outputs, p))
-                gallery_update = gr.update(value=items, visible=bool(items))
+            gallery_update = gallery_html(view, lang) if len(view.images) != shown else gr.skip()
             line = view.status_line + (f"\n\n⚠ {view.error}" if view.error else "")
             # The interrupted list changes when the watched batch starts or stops: re-read it only then.
             state = (view.state, warming)
@@ -664,14 +675,6 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         switch_button.click(switch, inputs=model_pick, outputs=system_outputs, **GPU)
 
     return ui
-
-
-def _status_label(status: str | None, lang: str) -> str:
-    key = f"status.{status}"
-    try:
-        return text(key, lang)
-    except KeyError:
-        return status or ""
 
 
 __all__ = ["build_ui"]
