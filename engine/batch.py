@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -368,11 +369,22 @@ class BatchRunner:
         retry_failed: bool = False,
     ) -> BatchSummary:
         """Run every row of the batch that is not done. Safe to call again after a crash: that is resume."""
+        try:
+            return self._run(batch_id, on_event, should_cancel, retry_failed)
+        finally:
+            with self._lock:  # a cancel stops the run it arrived before or during, never the next one
+                self._cancelled.discard(batch_id)
+
+    def _run(
+        self,
+        batch_id: str,
+        on_event: Callable[[BatchEvent], None] | None,
+        should_cancel: Callable[[], bool] | None,
+        retry_failed: bool,
+    ) -> BatchSummary:
         batch = self.ledger.get_batch(batch_id)
         if batch is None:
             raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
-        with self._lock:
-            self._cancelled.discard(batch_id)
         started = time.perf_counter()
         out_dir = self.output_dir(batch_id)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -400,10 +412,15 @@ class BatchRunner:
         def cancelled() -> bool:
             return self.is_cancelled(batch_id) or (should_cancel is not None and should_cancel())
 
+        claimed: set[str] = set()
+
         def on_progress(row_key: str, event: Any) -> None:
             job = by_key.get(row_key)
             if job is None:
                 return
+            if row_key not in claimed:  # the row's first sign of life: it is running now (started_at, attempts)
+                claimed.add(row_key)
+                self.ledger.claim_row(row_key, worker=socket.gethostname())
             if event.kind == "step":
                 emit("step", row_number=job.row_number, node_id=event.node_id, step=event.value, steps=event.maximum)
             elif event.kind in {"node", "cached"}:

@@ -86,11 +86,22 @@ class BatchQueue:
             return list(self._order)
 
     def cancel(self, batch_id: str) -> None:
+        """Stop a running batch between sampler steps, or take a waiting one off the queue.
+
+        A batch that is neither waiting nor running here is left alone: a stale cancel must not stop the
+        batch's next resume.
+        """
         with self._lock:
-            if batch_id in self._order:
+            waiting = batch_id in self._order
+            progress = self._progress.get(batch_id)
+            running = progress is not None and progress.state == "running"
+            if waiting:
                 self._order.remove(batch_id)
-                self._progress[batch_id].state = "cancelled"
-        self.runner.cancel(batch_id)
+                progress.state = "cancelled"
+        if waiting:  # never started: its rows are marked cancelled, ready to resume
+            self.runner.ledger.cancel_batch(batch_id)
+        elif running:
+            self.runner.cancel(batch_id)
 
     def interrupted(self) -> list[dict[str, Any]]:
         """Batches the ledger says were left unfinished and that are not queued or running here."""

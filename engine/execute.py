@@ -376,6 +376,7 @@ def _shared_context(rows: list[_Row]) -> "NodeContext":
     callbacks = [(row.index, row.ctx.on_progress) for row in rows if row.ctx.on_progress is not None]
     cancels = [row.ctx.should_cancel for row in rows if row.ctx.should_cancel is not None]
     deadlines = [row.ctx.deadline for row in rows if row.ctx.deadline is not None]
+    limits = [row.ctx.sampler_time_limit_s for row in rows if row.ctx.sampler_time_limit_s is not None]
 
     def on_progress(event: "ProgressEvent") -> None:
         for _, callback in callbacks:
@@ -386,4 +387,5 @@ def _shared_context(rows: list[_Row]) -> "NodeContext":
         on_progress=on_progress if callbacks else None,
         should_cancel=(lambda: any(cancel() for cancel in cancels)) if cancels else None,
         deadline=min(deadlines) if deadlines else None,
+        sampler_time_limit_s=min(limits) if limits else None,
     )

@@ -144,7 +144,8 @@ class Engine:
         Returns one RunResult or EngineError per workflow, in order. ``png_extra`` is one dict for every
         row or one per row (extra PNG text chunks, e.g. batch id and row). ``input_dir`` is where
         LoadImage reads: one folder for every row or one per row (None: the uploads folder). Progress
-        events carry the row's index in ``row_index``. ``deadline_s`` bounds the whole call.
+        events carry the row's index in ``row_index``. ``deadline_s`` bounds each sampler, counted from when
+        it starts sampling (model loading and waiting for the GPU do not count).
         """
         parsed: list[Workflow | EngineError] = []
         for workflow in workflows:
@@ -154,12 +155,11 @@ class Engine:
                 parsed.append(exc)
         extras = _per_row(png_extra, len(parsed))
         input_dirs = list(input_dir) if isinstance(input_dir, (list, tuple)) else [input_dir] * len(parsed)
-        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
         out_dir = Path(output_dir) if output_dir is not None else Path(self.settings.outputs_path)
         runnable = [(i, wf) for i, wf in enumerate(parsed) if isinstance(wf, Workflow)]
         contexts = []
         for index, workflow in runnable:
-            ctx = self._context(out_dir, _row_progress(on_progress, index), should_cancel, deadline, vae_tiled,
+            ctx = self._context(out_dir, _row_progress(on_progress, index), should_cancel, deadline_s, vae_tiled,
                                 input_dirs[index])
             ctx.png_metadata = _png_metadata(workflow, extras[index])
             contexts.append(ctx)
@@ -297,7 +297,7 @@ class Engine:
         output_dir: Path,
         on_progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
-        deadline: float | None = None,
+        sampler_time_limit_s: float | None = None,
         vae_tiled: bool = False,
         input_dir: str | Path | None = None,
     ) -> NodeContext:
@@ -309,7 +309,7 @@ class Engine:
             device=self.models.device,
             on_progress=on_progress,
             should_cancel=should_cancel,
-            deadline=deadline,
+            sampler_time_limit_s=sampler_time_limit_s,
             input_dir=Path(input_dir) if input_dir is not None else Path(self.settings.uploads_path),
             vae_tiled=vae_tiled,
         )

@@ -134,6 +134,8 @@ class ComfyBridge:
         if not rows or rows[0].status not in FINISHED:
             return None
         row = rows[0]
+        if row.status == "cancelled" and row.started_at is None:
+            return None  # deleted from the queue before it ran: ComfyUI keeps no history of it
         meta = self.prompts.get(prompt_id) or {}
         workflow = row.workflow or {}
         outputs: dict[str, Any] = {}

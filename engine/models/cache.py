@@ -90,6 +90,7 @@ class ModelCache:
         self.load_count = 0  # loads actually performed (cache misses)
         self._lock = threading.RLock()
         self._entries: dict[tuple, _Entry] = {}
+        self._loading: dict[tuple, threading.Lock] = {}
         self._hashes: dict[str, str] = {}
         self._hashes_loaded = False
 
@@ -217,13 +218,21 @@ class ModelCache:
     # -- loading --------------------------------------------------------------------------------------
 
     def _get(self, key: tuple, kind: str, name: str, load: Callable[[], tuple[Any, str, str | None]]) -> Any:
+        # The load itself runs outside the cache-wide lock (a real checkpoint takes minutes), so status
+        # readers (loaded(), memory_bytes(), /metrics, the System page) never wait for it; a per-key lock
+        # makes concurrent requests for the same model load it once.
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 return entry.value
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    return entry.value
             started = time.perf_counter()
             value, precision, sha = load()
-            self.load_count += 1
             entry = _Entry(
                 kind=kind,
                 name=name,
@@ -234,7 +243,10 @@ class ModelCache:
                 load_seconds=time.perf_counter() - started,
                 sha256=sha,
             )
-            self._entries[key] = entry
+            with self._lock:
+                self.load_count += 1
+                self._entries[key] = entry
+                self._loading.pop(key, None)
             return value
 
     def _sha(self, ref: ResolvedModel) -> str | None:

@@ -36,6 +36,9 @@ class NodeContext:
     on_progress: Callable[[ProgressEvent], None] | None = None
     should_cancel: Callable[[], bool] | None = None
     deadline: float | None = None  # time.monotonic() value after which samplers stop between steps
+    # A sampler's time limit: the clock starts when sampling starts (start_sampler_clock), so time spent
+    # loading a model or waiting for the GPU never counts against a row.
+    sampler_time_limit_s: float | None = None
     # ComfyUI PNG metadata: {"prompt": api_json, "workflow": ui_json?, ...extra audit chunks}
     png_metadata: dict[str, Any] = field(default_factory=dict)
     node_id: str | None = None  # set by the executor before each node runs
@@ -52,6 +55,11 @@ class NodeContext:
             self.on_progress(
                 ProgressEvent(kind, self.node_id, self.class_type, value, maximum, **extra)
             )
+
+    def start_sampler_clock(self) -> None:
+        """Called when a sampler starts: from now on it has ``sampler_time_limit_s`` seconds."""
+        if self.sampler_time_limit_s is not None:
+            self.deadline = time.monotonic() + self.sampler_time_limit_s
 
     def check_interrupt(self) -> None:
         """Called between sampler steps: raise if the caller cancelled or the deadline passed."""

@@ -288,6 +288,7 @@ def _sample_group(ctx: "NodeContext", jobs: list[SamplingJob]) -> list[dict[str,
     def after_step(i: int) -> None:
         ctx.progress("step", i + 1, total)
 
+    ctx.start_sampler_clock()
     # LoRA patches go onto the resident transformer for this run only and always come off again.
     with contextlib.ExitStack() as patches:
         for patch in model.patches:

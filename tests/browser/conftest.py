@@ -59,7 +59,7 @@ def app_server(tmp_path_factory):
     thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # Playwright's sync API holds an event loop: let it go before other tests
 def browser():
     from playwright.sync_api import sync_playwright
 
