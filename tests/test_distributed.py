@@ -197,9 +197,10 @@ def test_rows_spread_over_two_workers_match_the_in_process_runner(redis_server, 
     rows = assert_each_row_once(remote, batch_id, 8)
     assert set(remote.runner.dispatcher.workers.values()) == {"alpha", "beta"}  # both workers took rows
     assert sorted(remote.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
-    # Remote progress reaches listeners like local progress does.
+    # Remote progress reaches listeners like local progress does (polled: the latest step of a fast row
+    # may be overtaken by its result, so any step of the row counts).
     assert {e.kind for e in events} >= {"batch_started", "node", "step", "row_done", "batch_done"}
-    assert any(e.kind == "step" and e.step == e.steps == 2 for e in events)
+    assert any(e.kind == "step" and e.steps == 2 and 1 <= e.step <= 2 for e in events)
 
     # A worker runs one row at a time, so the in-process runner does too: batched CPU matmuls may round
     # differently in the last bit, and the comparison here is of the exact PNG bytes.

@@ -220,7 +220,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                         gr.Markdown(L("batch.section.template"), elem_classes="section-title")
                         batch_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"),
                                                      elem_id="batch-template")
-                        batch_template_desc = gr.Markdown()
+                        batch_template_desc = gr.Markdown(elem_id="batch-template-desc")
                         batch_template_image = gr.Image(label=L("template.example"), interactive=False,
                                                         visible=False, height=220)
                         batch_fields = gr.HTML(elem_id="batch-fields", **PLAIN)
@@ -445,7 +445,6 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             return description, image, fields, gr.update(value=hint, visible=photos), gr.update(visible=photos)
 
         batch_template_outputs = [batch_template_desc, batch_template_image, batch_fields, photos_hint, photos_file]
-        batch_template.change(show_batch_template, inputs=batch_template, outputs=batch_template_outputs)
         ui.load(show_batch_template, inputs=batch_template, outputs=batch_template_outputs)
 
         @_guard
@@ -472,7 +471,14 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             return None, "", "", gr.update(interactive=False)
 
         sheet_file.clear(clear_report, outputs=check_outputs)
-        batch_template.change(clear_report, outputs=check_outputs)
+
+        def switch_batch_template(name: str | None, request: gr.Request):
+            # One event for both: a report checked against the previous template must never survive the
+            # switch, and a sheet uploaded right after the switch must not be cleared by a late event.
+            return (*show_batch_template(name, request), *clear_report())
+
+        batch_template.change(switch_batch_template, inputs=batch_template,
+                              outputs=[*batch_template_outputs, *check_outputs])
 
         @_guard
         def start(prepared, request: gr.Request):

@@ -43,6 +43,7 @@ def pick(page, dropdown_id: str, option: str) -> None:
 
 def upload_sheet(page, path, template: str = "turbo_draft") -> None:
     pick(page, "batch-template", template)
+    page.locator("#batch-template-desc code", has_text=template).wait_for()  # the switch has landed
     page.locator("#sheet-file input[type=file]").set_input_files(str(path))
 
 
