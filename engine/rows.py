@@ -185,6 +185,8 @@ class RowExecutor:
                 )
             gpu_s = time.perf_counter() - started
             results: list[PendingRow] = []
+            if any(isinstance(outcome, OutOfMemory) for outcome in outcomes):
+                release_device_memory()  # the failed batch's tensors are gone: give their memory back first
             for job, outcome in zip(group, outcomes):
                 if isinstance(outcome, OutOfMemory) and not vae_tiled:
                     # Retry once on its own, decoding in tiles: the cheaper setting the issue asks for.
@@ -294,6 +296,17 @@ class PipelineStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def release_device_memory() -> None:
+    """Return cached device memory after an out-of-memory error, so the next row starts from baseline."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class LocalDispatcher:

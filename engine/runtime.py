@@ -245,6 +245,12 @@ class Engine:
             self.executor.clear_cache()  # cached node outputs hold the freed modules
             self.default_checkpoint = name
 
+    def free_models(self) -> int:
+        """Drop every resident model and the node outputs that hold them; they load again when next used."""
+        with self._run_lock:  # never pull a model from under a running row
+            self.executor.clear_cache()
+            return self.models.free()
+
     def system_info(self) -> dict[str, Any]:
         """Device, GPU name and memory (CUDA), resident models, whether the demo is in use, versions."""
         import diffusers

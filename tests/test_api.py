@@ -330,6 +330,16 @@ def test_system_info_and_admin_only_model_switch(alice, bob):
     assert unknown.status_code == 400 and "sd35_demo_tiny" in error_of(unknown)["message"]
 
 
+def test_admins_free_resident_models(alice, bob):
+    assert bob.post("/api/system/free").status_code == 403
+    alice.post("/api/generate", json={"template": "product_shot",
+                                      "values": {"product_name": "kettle", "width": 64, "height": 64, "steps": 1}})
+    assert any(m["kind"] == "checkpoint" for m in alice.get("/api/system").json()["loaded_models"])
+    freed = alice.post("/api/system/free").json()
+    assert freed["freed"] >= 1 and freed["model_memory_bytes"] == 0
+    assert alice.get("/api/system").json()["loaded_models"] == []
+
+
 def test_openapi_schema_is_published(anonymous):
     paths = anonymous.get("/openapi.json").json()["paths"]
     assert {"/api/batches", "/api/batches/upload", "/api/generate", "/api/templates", "/prompt"} <= set(paths)

@@ -413,6 +413,11 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
         await asyncio.to_thread(services.runner.switch_checkpoint, name)
         return {"default_checkpoint": services.runner.default_checkpoint}
 
+    @router.post("/system/free", summary="Free resident models and cached node outputs (admin)")
+    def free_models(caller: Any = admin_models) -> Any:
+        freed = services.engine.free_models()
+        return {"freed": freed, "model_memory_bytes": services.engine.models.memory_bytes()}
+
     @router.get("/healthz", include_in_schema=False)
     def healthz() -> Any:
         return {"ok": True, "time": time.time()}
