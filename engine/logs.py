@@ -53,9 +53,10 @@ _CONTEXT: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
 )
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` or the context.
+# uvicorn adds ``color_message`` (its message with terminal colour codes) to every record: not a field.
 _RECORD_ATTRIBUTES = frozenset(
     vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
-) | {"message", "asctime", "log_context", "taskName"}
+) | {"message", "asctime", "log_context", "taskName", "color_message"}
 
 _HANDLER_MARK = "_sd35_configured"
 T = TypeVar("T")
