@@ -22,9 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.errors import EngineError
+from engine.errors import BatchError, EngineError
 from engine.settings import SETTINGS, Settings, load_settings
-
 
 SETTING_ALIASES = {"db_path": ["--db"]}
 
@@ -139,6 +138,9 @@ def _run_batch(args: argparse.Namespace) -> int:
     services = build_services(settings)
     runner = services.runner
     sheet = read_sheet(Path(args.sheet), sheet_name=args.sheet_name)
+    if args.resume and services.ledger.get_batch(args.resume) is None:
+        unfinished = ", ".join(b["id"] for b in runner.unfinished_batches()[:10]) or "none"
+        raise BatchError(f"no batch {args.resume!r} to resume; unfinished batches: {unfinished}", batch_id=args.resume)
     batch_id = args.resume or runner.find_unfinished(args.template, sheet)
     if batch_id and not args.resume:
         print(f"resuming unfinished batch {batch_id} of the same template and sheet")

@@ -22,7 +22,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,22 @@ from engine.errors import (
     BatchMismatch,
     EngineError,
 )
-from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, SKIPPED, TIMED_OUT, RowJob, RowResult, jsonable, plain_file_name
+from engine.jobs import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SKIPPED,
+    TIMED_OUT,
+    RowJob,
+    RowResult,
+    jsonable,
+    plain_file_name,
+)
 from engine.logs import log_context
+from engine.naming import fill_filename_pattern, pattern_values, safe_filename
 from engine.rows import Dispatcher, LocalDispatcher, RowExecutor
-from engine.naming import fill_filename_pattern, safe_filename
 from engine.sheets import Sheet, ValidationReport, derive_seed, validate_rows
 
 log = logging.getLogger(__name__)
@@ -115,6 +128,7 @@ class BatchRunner:
         )
         self.on_result = on_result
         self._cancelled: set[str] = set()
+        self._active: set[str] = set()  # batches running in this process right now
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- models
@@ -345,7 +359,9 @@ class BatchRunner:
                     **({"images": {"count": len(images), "content_hash": images.content_hash}} if images is not None else {}),
                 },
             )
-            self.ledger.add_rows(prepared.batch_id, prepared.rows)
+        # Always: rows already recorded are left as they are, and a start that died between the two writes
+        # gets its rows on resume.
+        self.ledger.add_rows(prepared.batch_id, prepared.rows)
         return prepared.batch_id
 
     # -------------------------------------------------------------------- run
@@ -361,6 +377,34 @@ class BatchRunner:
     def output_dir(self, batch_id: str) -> Path:
         return Path(self.settings.outputs_path) / batch_id
 
+    @property
+    def worker_id(self) -> str:
+        """Who claims rows in the ledger: this host and process (so a dead claimant can be told apart)."""
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def _requeue_abandoned(self, batch_id: str) -> None:
+        """Rows left ``running`` by a process that is gone (killed, crashed) go back to ``queued``.
+
+        A claimant on this host is gone when its process no longer exists, or when it is this very process
+        and the batch is not running here. A claimant on another host is trusted until its claim is older
+        than a row could possibly take.
+        """
+        me = self.worker_id
+        host = socket.gethostname()
+        stale_after = timedelta(seconds=2 * float(self.settings.row_timeout_s) + 600)
+        for row in self.ledger.rows(batch_id, RUNNING):
+            claimant = row.worker or ""
+            claim_host, _, pid = claimant.rpartition(":")
+            if claimant == me:
+                gone = batch_id not in self._active
+            elif claim_host == host and pid.isdigit():
+                gone = not _process_alive(int(pid))
+            else:
+                claimed_at = _parse_time(row.started_at)
+                gone = claimed_at is None or datetime.now(timezone.utc) - claimed_at > stale_after
+            if gone:
+                self.ledger.reset_stale_running(batch_id, worker=row.worker)
+
     def run(
         self,
         batch_id: str,
@@ -369,11 +413,14 @@ class BatchRunner:
         retry_failed: bool = False,
     ) -> BatchSummary:
         """Run every row of the batch that is not done. Safe to call again after a crash: that is resume."""
+        with self._lock:
+            self._active.add(batch_id)
         try:
             return self._run(batch_id, on_event, should_cancel, retry_failed)
         finally:
             with self._lock:  # a cancel stops the run it arrived before or during, never the next one
                 self._cancelled.discard(batch_id)
+                self._active.discard(batch_id)
 
     def _run(
         self,
@@ -388,14 +435,20 @@ class BatchRunner:
         started = time.perf_counter()
         out_dir = self.output_dir(batch_id)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger.reset_stale_running(batch_id)
+        self._requeue_abandoned(batch_id)
         all_rows = self.ledger.rows(batch_id)
         names = self._file_names(batch, all_rows)
         requeue = [CANCELLED] + ([FAILED, TIMED_OUT] if retry_failed else [])
         self.ledger.requeue(batch_id, requeue)
         all_rows = self.ledger.rows(batch_id)
-        pending = [row for row in all_rows if row.status == QUEUED]
-        jobs = [self._job(batch, row) for row in pending]
+        # Claim before running: a row another live process has claimed (the web app and a CLI resume of the
+        # same batch, say) is left to it, so no row is ever generated twice.
+        claimed_rows = [
+            claimed
+            for row in all_rows
+            if row.status == QUEUED and (claimed := self.ledger.claim_row(row.row_key, worker=self.worker_id))
+        ]
+        jobs = [self._job(batch, row) for row in claimed_rows]
         by_key = {job.row_key: job for job in jobs}
         counts = {DONE: sum(1 for r in all_rows if r.status == DONE), FAILED: 0}
         remaining = len(jobs)
@@ -412,15 +465,10 @@ class BatchRunner:
         def cancelled() -> bool:
             return self.is_cancelled(batch_id) or (should_cancel is not None and should_cancel())
 
-        claimed: set[str] = set()
-
         def on_progress(row_key: str, event: Any) -> None:
             job = by_key.get(row_key)
             if job is None:
                 return
-            if row_key not in claimed:  # the row's first sign of life: it is running now (started_at, attempts)
-                claimed.add(row_key)
-                self.ledger.claim_row(row_key, worker=socket.gethostname())
             if event.kind == "step":
                 emit("step", row_number=job.row_number, node_id=event.node_id, step=event.value, steps=event.maximum)
             elif event.kind in {"node", "cached"}:
@@ -516,23 +564,29 @@ class BatchRunner:
             input_dir=str(photos) if (photos := self.images_dir(batch["id"])).is_dir() else None,
         )
 
-    def _file_names(self, batch: dict[str, Any], rows: list[Any]) -> dict[int, str]:
-        """Safe, unique stems per row, computed the same way on every (re)run from the row order."""
+    def _file_names(self, batch: dict[str, Any], rows: list[Any]) -> FileNames | None:
+        """Safe, unique names for every image of every row, the same on every (re)run of the batch.
+
+        Each row reserves one name per image-saving node of its workflow (``stem``, ``stem_2``, ...), so a
+        row's second output can never take the name of another row's first. None for ready workflows
+        (ComfyUI's /prompt), whose files keep their filename_prefix names.
+        """
         options = batch.get("options") or {}
-        if isinstance(options, str):
-            options = json.loads(options)
         if options.get("keep_workflow_names"):
-            return {}
+            return None
         pattern = options.get("filename_pattern") or "row_{row}"
-        used: set[str] = set()
-        names: dict[int, str] = {}
+        names = FileNames()
         for row in sorted(rows, key=lambda r: int(r.row_number)):
-            stem = fill_filename_pattern(pattern, {**row.row_values, "row": row.row_number}) or f"row_{row.row_number}"
-            names[int(row.row_number)] = safe_filename(stem, used)
+            values = pattern_values(row.row_values, int(row.row_number), batch["id"], row.seed)
+            stem = Path(safe_filename(fill_filename_pattern(pattern, values) or f"row_{row.row_number}", set())).stem
+            outputs = max(1, _saving_nodes(row.workflow or {}))
+            names.rows[int(row.row_number)] = [
+                names.claim(stem if index == 0 else f"{stem}_{index + 1}") for index in range(outputs)
+            ]
         return names
 
     def _store_result(
-        self, job: RowJob, result: RowResult, names: dict[int, str], out_dir: Path
+        self, job: RowJob, result: RowResult, names: FileNames | None, out_dir: Path
     ) -> list[Path] | None:
         """Files first (atomic), ledger second. Returns None when the row was already done."""
         current = self.ledger.get_generation(job.row_key)
@@ -542,14 +596,13 @@ class BatchRunner:
         if result.status != DONE:
             self.ledger.fail_row(job.row_key, result.status, result.error or result.status, duration_s=duration)
             return []
-        base = names.get(job.row_number)
         paths: list[Path] = []
         for index, image in enumerate(result.images):
-            if base is None:  # a ready workflow (ComfyUI /prompt): keep its filename_prefix naming
-                final = out_dir / Path(image.filename).name
+            if names is None:  # a ready workflow (ComfyUI /prompt): its filename_prefix folder and name
+                final = out_dir / image.subfolder / Path(image.filename).name
+                final.parent.mkdir(parents=True, exist_ok=True)
             else:
-                stem = Path(base).stem if index == 0 else f"{Path(base).stem}_{index + 1}"
-                final = out_dir / f"{stem}.png"
+                final = out_dir / names.for_image(job.row_number, index)
             _atomic_write(final, image.data)
             paths.append(final)
         first = result.images[0]
@@ -565,6 +618,28 @@ class BatchRunner:
         return paths
 
 
+@dataclass
+class FileNames:
+    """The output file names of a batch: per row, one reserved name per image, unique regardless of case."""
+
+    rows: dict[int, list[str]] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
+
+    def claim(self, stem: str) -> str:
+        return safe_filename(stem, self.used)
+
+    def for_image(self, row_number: int, index: int) -> str:
+        reserved = self.rows.setdefault(row_number, [])
+        while len(reserved) <= index:  # more images than nodes (a latent batch): take the next free name
+            base = Path(reserved[0]).stem if reserved else f"row_{row_number}"
+            reserved.append(self.claim(f"{base}_{len(reserved) + 1}"))
+        return reserved[index]
+
+
+def _saving_nodes(workflow: dict[str, Any]) -> int:
+    return sum(1 for node in workflow.values() if isinstance(node, dict) and node.get("class_type") == "SaveImage")
+
+
 @dataclass(frozen=True)
 class _WorkflowTemplate:
     """Stands in for a template in batches made from a ready workflow: recorded name, hash, file names."""
@@ -572,6 +647,23 @@ class _WorkflowTemplate:
     name: str
     content_hash: str
     filename_pattern: str
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

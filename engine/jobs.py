@@ -14,6 +14,7 @@ from typing import Any
 from engine.errors import BatchError
 
 DONE, FAILED, TIMED_OUT, CANCELLED, QUEUED, SKIPPED = "done", "failed", "timed_out", "cancelled", "queued", "skipped"
+RUNNING = "running"
 
 
 @dataclass
@@ -76,6 +77,7 @@ class RowImage:
     width: int
     height: int
     node_id: str = ""
+    subfolder: str = ""  # the output node's filename_prefix folder, kept for ready workflows (ComfyUI)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "data": base64.b64encode(self.data).decode("ascii")}
@@ -124,4 +126,4 @@ def jsonable(value: Any) -> Any:
 
 
 
-__all__ = ["jsonable", "plain_file_name", "CANCELLED", "DONE", "FAILED", "QUEUED", "SKIPPED", "TIMED_OUT", "RowImage", "RowJob", "RowResult"]
+__all__ = ["jsonable", "plain_file_name", "CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "SKIPPED", "TIMED_OUT", "RowImage", "RowJob", "RowResult"]

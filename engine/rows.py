@@ -212,6 +212,7 @@ class RowExecutor:
             parts.append(RowImage(
                 filename=Path(saved.path).name, data=data, sha256=hashlib.sha256(data).hexdigest(),
                 width=int(saved.width), height=int(saved.height), node_id=str(getattr(saved, "node_id", "") or ""),
+                subfolder=str(getattr(saved, "subfolder", "") or ""),
             ))
         record = dict(outcome.record)
         if vae_tiled:
@@ -234,7 +235,7 @@ class RowExecutor:
                 png_s += encoded.encode_s
                 images.append(RowImage(
                     filename=encoded.filename, data=encoded.data, sha256=encoded.sha256, width=encoded.width,
-                    height=encoded.height, node_id=str(encoded.node_id or ""),
+                    height=encoded.height, node_id=str(encoded.node_id or ""), subfolder=str(encoded.subfolder or ""),
                 ))
             if not images:
                 return self._failure(job, BadOutput("the workflow produced no image"))

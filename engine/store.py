@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -32,7 +33,7 @@ from engine.errors import BatchError, BatchMismatch, StoreError
 if TYPE_CHECKING:
     from sqlite_utils import Database
 
-__all__ = ["BatchLedger", "Generation", "ROW_STATUSES", "FINAL_STATUSES", "MIGRATIONS", "row_key"]
+__all__ = ["BATCH_ID_PATTERN", "BatchLedger", "Generation", "ROW_STATUSES", "FINAL_STATUSES", "MIGRATIONS", "row_key"]
 
 ROW_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")
 FAILURE_STATUSES = ("failed", "timed_out", "skipped", "cancelled")
@@ -40,6 +41,7 @@ FINAL_STATUSES = ("done",) + FAILURE_STATUSES
 BATCH_STATUSES = ("created", "running", "finished", "cancelled", "failed")
 
 T = TypeVar("T")
+BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 # Record keys (ctx.record) stored in their own columns; any other key goes to the ``extra`` JSON.
 _RECORD_COLUMNS = {
@@ -199,7 +201,9 @@ class BatchLedger:
         # Autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT (see _write).
         conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
                                check_same_thread=False)
-        from sqlite_utils import Database  # imported here: it pulls in pandas when installed (slow)
+        from sqlite_utils import (
+            Database,  # imported here: it pulls in pandas when installed (slow)
+        )
 
         self.db: Database = Database(conn)
         self._retry(self._configure)
@@ -316,8 +320,12 @@ class BatchLedger:
     ) -> str:
         """Record a new batch and return its id (a new uuid4 hex unless ``batch_id`` is given)."""
         batch_id = batch_id or uuid.uuid4().hex
-        if ":" in batch_id or not batch_id.strip():
-            raise BatchError(f"batch id {batch_id!r} must be non-empty and contain no ':'", batch_id=batch_id)
+        if not BATCH_ID_PATTERN.fullmatch(batch_id):  # it names a folder under the outputs: no path tricks
+            raise BatchError(
+                f"batch id {batch_id[:80]!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.' "
+                "(not starting with '.')",
+                batch_id=batch_id,
+            )
 
         def insert(conn: sqlite3.Connection) -> None:
             exists = conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone()

@@ -333,3 +333,66 @@ def test_progress_events_reach_the_listener(services_factory, tmp_path):
     steps = [e for e in events if e.kind == "step"]
     assert steps and max(e.step for e in steps) == 3 and all(e.steps == 3 for e in steps)
     assert events[-1].done == 2 and events[-1].remaining == 0
+
+
+def test_second_outputs_never_take_another_rows_file(services_factory, tmp_path):
+    """Two rows with the same name, each saving two images: four distinct files, each matching the ledger."""
+    services = services_factory()
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text(
+        "product_name,color,width,height,steps,second_size\n"
+        "Jacket,red,64,64,1,64\nJacket,red,64,64,1,64\n",
+        encoding="utf-8",
+    )
+    prepared, summary = run_batch(services, sheet)
+    assert summary.done == 2
+    files = []
+    for row in services.ledger.rows(prepared.batch_id):
+        assert len(row.images) == 2
+        for image in row.images:
+            assert hashlib.sha256(Path(image["path"]).read_bytes()).hexdigest() == image["sha256"]
+            files.append(Path(image["path"]).name.lower())
+    assert len(set(files)) == 4, files
+
+
+def test_a_row_claimed_by_another_live_process_is_left_to_it(services_factory, tmp_path):
+    import socket
+
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(2))
+    prepared = services.runner.prepare("product_shot", read_sheet(sheet))
+    services.runner.start(prepared)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        first = services.ledger.rows(prepared.batch_id)[0]
+        assert services.ledger.claim_row(first.row_key, worker=f"{socket.gethostname()}:{other.pid}")
+        summary = services.runner.run(prepared.batch_id)
+        assert summary.done == 1  # the other process's row was not generated here
+        assert services.ledger.get_generation(first.row_key).status == "running"
+    finally:
+        other.kill()
+        other.wait()
+    summary = services.runner.run(prepared.batch_id)  # its claimant is gone now: the row runs, once
+    assert summary.done == 2
+    assert services.ledger.get_generation(first.row_key).attempts == 2
+
+
+def test_a_start_that_died_before_its_rows_were_written_resumes(services_factory, tmp_path):
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", small_rows(2))
+    prepared = services.runner.prepare("product_shot", read_sheet(sheet), batch_seed=3)
+    template = prepared.template
+    services.ledger.create_batch(  # what a process killed between the two writes of start() leaves behind
+        template.name, template.content_hash, prepared.sheet_hash, prepared.batch_seed,
+        batch_id=prepared.batch_id, options={"filename_pattern": template.filename_pattern},
+    )
+    resumed = services.runner.prepare("product_shot", read_sheet(sheet), batch_id=prepared.batch_id)
+    services.runner.start(resumed)
+    assert services.runner.run(prepared.batch_id).done == 2
+
+
+@pytest.mark.parametrize("bad", ["../escape", "/abs", ".hidden", "a/b", "x" * 65])
+def test_batch_ids_that_could_leave_the_outputs_folder_are_refused(services_factory, bad):
+    services = services_factory()
+    with pytest.raises(BatchError, match="not allowed"):
+        services.ledger.create_batch("t", "h", "s", 1, batch_id=bad)

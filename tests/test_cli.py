@@ -139,3 +139,14 @@ def test_library_errors_become_one_line_and_exit_2(tmp_path):
     missing = app("run", "--template", "no_such_template", "--sheet", str(tmp_path / "x.csv"), cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ")
     assert "Traceback" not in missing.stderr
+
+
+def test_resume_of_an_unknown_batch_is_an_error_not_a_new_batch(tmp_path):
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("product_name,width,height,steps\nJacket,64,64,1\n", encoding="utf-8")
+    result = app(
+        "--data-dir", str(tmp_path / "data"), "--templates-dir", str(ROOT / "templates"),
+        "run", "--template", "product_shot", "--sheet", str(sheet), "--resume", "b-typo", cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "no batch 'b-typo' to resume" in result.stderr
+    assert not list((tmp_path / "data").rglob("*.png"))
