@@ -43,6 +43,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("jwt_issuer", "sd35-batch", "Issuer claim of API tokens.", str),
     SettingSpec("jwt_audience", "sd35-batch-api", "Audience claim of API tokens.", str),
     SettingSpec("rate_limit_per_minute", 120, "Requests per user per route per minute on the API.", int),
+    SettingSpec("route_rate_limits", "", "Per-route limits overriding rate_limit_per_minute, as METHOD PATH=REQUESTS_PER_MINUTE pairs, e.g. \"POST /prompt=10,POST /api/batches=5,POST /login=5\" (ComfyUI routes under /api are separate routes: \"POST /api/prompt\").", str),
+    SettingSpec("max_token_ttl", "7d", "Longest token lifetime POST /api/token grants (e.g. 12h, 7d); `python app.py token create --ttl` may issue longer ones.", str),
     SettingSpec("max_upload_mb", 50, "Largest accepted upload, in MiB.", int),
     SettingSpec("broker", "", "Redis URL of the Celery broker; empty means rows run in this process.", str),
     SettingSpec("log_format", "console", "console or json.", str),
@@ -71,6 +73,8 @@ class Settings:
     jwt_issuer: str = "sd35-batch"
     jwt_audience: str = "sd35-batch-api"
     rate_limit_per_minute: int = 120
+    route_rate_limits: str = ""
+    max_token_ttl: str = "7d"
     max_upload_mb: int = 50
     broker: str = ""
     log_format: str = "console"

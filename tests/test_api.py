@@ -107,6 +107,52 @@ def test_token_for_a_password_and_refusals(server, anonymous):
     assert wrong.status_code == 401 and error_of(wrong)["details"]["reason"] == "bad_credentials"
 
 
+def lifetime(token: str) -> int:
+    payload = jwt.decode(token, options={"verify_signature": False})
+    return payload["exp"] - payload["iat"]
+
+
+def test_token_lifetimes_are_capped_by_max_token_ttl(anonymous):
+    login = {"username": "bob", "password": "bob-pass"}
+    assert lifetime(anonymous.post("/api/token", json=login).json()["access_token"]) == 24 * 3600
+    assert lifetime(anonymous.post("/api/token", json={**login, "ttl": "7d"}).json()["access_token"]) == 7 * 86400
+    for ttl in ("8d", "36500d", "9999999999d"):
+        refused = anonymous.post("/api/token", json={**login, "ttl": ttl})
+        assert refused.status_code == 400, (ttl, refused.text)
+        assert ttl in error_of(refused)["message"] and error_of(refused)["details"]["max_ttl"] == "7d"
+
+
+@pytest.mark.parametrize("bad", ["forever", "5000d"])
+def test_a_bad_max_token_ttl_stops_the_app_at_start_up(bad):
+    from engine.errors import EngineError
+    from webapp.api import api_router
+    from webapp.auth import UserStore
+    from webapp.ratelimit import UploadLimit
+    from webapp.server import api_guard
+
+    settings = load_settings({"max_token_ttl": bad}, environ={})
+    with pytest.raises(EngineError, match=f"setting max_token_ttl: .*'{bad}'"):
+        api_router(SimpleNamespace(settings=settings), api_guard(settings, UserStore([])), UploadLimit(1024))
+
+
+def test_tokens_act_with_the_users_current_role_and_die_with_the_user(server, anonymous):
+    # A token says admin, but the users store says bob is a user: the store wins.
+    promoted = bearer(jwt.encode(claims(server, role="admin"), SECRET, algorithm="HS256"))
+    assert anonymous.get("/api/templates", headers=promoted).status_code == 200
+    refused = anonymous.post("/api/system/model", json={"checkpoint": "sd35_demo_tiny"}, headers=promoted)
+    assert refused.status_code == 403 and error_of(refused)["details"]["action"] == "switch_model"
+    # A validly signed token of a user who is not (or no longer) in the store is refused.
+    gone = anonymous.get("/api/templates", headers=bearer(server.tokens.create("mallory", "admin")))
+    assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "unknown_user"
+
+
+def test_http_routes_refuse_a_token_in_the_query_string(server, anonymous):
+    token = server.tokens.create("bob", "user")
+    for path in ("/api/templates", "/api/batches"):
+        refused = anonymous.get(path, params={"token": token})
+        assert refused.status_code == 401 and error_of(refused)["details"]["reason"] == "missing_token"
+
+
 def claims(server, **changes) -> dict:
     now = int(time.time())
     base = {
@@ -276,8 +322,10 @@ def test_sheet_upload_cancel_and_resume(server, bob):
     assert answer.json()["queued_rows"] == 2
 
     cancelled = bob.post(f"/api/batches/{batch_id}/cancel")
-    assert cancelled.status_code == 200 and cancelled.json()["cancelled"]
+    assert cancelled.status_code == 200 and cancelled.json()["state"] in {"cancelling", "removed_from_queue"}
     finished(server, batch_id)
+    again = bob.post(f"/api/batches/{batch_id}/cancel")  # nothing left to cancel, and the answer says so
+    assert again.status_code == 200 and again.json() == {"batch_id": batch_id, "state": "not_running"}
     resumed = bob.post(f"/api/batches/{batch_id}/resume")
     assert resumed.status_code == 200 and resumed.json()["state"] in {"queued", "running"}
     finished(server, batch_id)
@@ -316,6 +364,16 @@ def test_single_generation_waits_and_is_searchable(server, bob):
 
     refused = bob.post("/api/generate", json={"template": "product_shot", "values": {**values, "height": 5}})
     assert refused.status_code == 400 and "height" in error_of(refused)["message"]
+
+
+@pytest.mark.parametrize("timeout_s", ["soon", -1, [5], True])
+def test_generate_refuses_a_bad_timeout_naming_the_field(server, bob, timeout_s):
+    batches = len(server.services.ledger.list_batches(limit=500))
+    values = {"product_name": "kettle", "seed": 1, **SMALL}
+    refused = bob.post("/api/generate", json={"template": "product_shot", "values": values, "timeout_s": timeout_s})
+    assert refused.status_code == 400, refused.text
+    assert "timeout_s" in error_of(refused)["message"] and error_of(refused)["details"]["field"] == "timeout_s"
+    assert len(server.services.ledger.list_batches(limit=500)) == batches  # refused before anything was queued
 
 
 def test_system_info_and_admin_only_model_switch(alice, bob):

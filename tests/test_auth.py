@@ -8,6 +8,8 @@ import pytest
 
 from engine.errors import AccessDenied, EngineError
 from engine.settings import Settings
+from webapp.guard import ApiGuard, Caller
+from webapp.ratelimit import RateLimiter
 from webapp.auth import (
     ADMIN,
     USER,
@@ -16,7 +18,6 @@ from webapp.auth import (
     UserStore,
     add_user,
     authorize,
-    bearer_dependency,
     hash_password,
     load_users,
     parse_bearer,
@@ -232,6 +233,43 @@ def test_parse_ttl():
             parse_ttl(bad)
 
 
+@pytest.mark.parametrize("absurd", ["9999999999d", "3651d", "99999999999999999999999s", "1" * 5000 + "d"])
+def test_parse_ttl_refuses_absurd_lifetimes_naming_them(absurd):
+    with pytest.raises(EngineError) as refused:
+        parse_ttl(absurd)
+    assert absurd[:40] in refused.value.message and refused.value.details["max_ttl"] == "3650d"
+    assert len(refused.value.message) < 200  # the value is named, not echoed whole
+
+
+def test_parse_ttl_maximum():
+    assert parse_ttl("7d", maximum=timedelta(days=7)) == timedelta(days=7)
+    with pytest.raises(EngineError, match="'169h' is longer than the 7d allowed"):
+        parse_ttl("169h", maximum=timedelta(days=7))
+    with pytest.raises(EngineError, match="longer than the 12h allowed"):
+        parse_ttl(timedelta(hours=13), maximum=timedelta(hours=12))
+
+
+# --- the API guard -------------------------------------------------------------------------------------------
+
+
+def _guard(users):
+    return ApiGuard(UserStore(users), TokenIssuer(SECRET, ISSUER, AUDIENCE), RateLimiter(100))
+
+
+def test_guard_uses_the_users_current_role_and_refuses_removed_users(alice_hash, tokens):
+    guard = _guard([User("alice", USER, alice_hash)])
+    # alice was an admin when the token was issued; the store says she is a user now
+    assert guard.identify(f"Bearer {tokens.create('alice', ADMIN)}") == Caller("alice", USER)
+    with pytest.raises(AccessDenied) as refused:
+        guard.identify(f"Bearer {tokens.create('bob', ADMIN)}")  # bob is not (or no longer) a user
+    assert refused.value.status == 401 and refused.value.details["reason"] == "unknown_user"
+
+
+def test_guard_without_users_trusts_the_signed_token(tokens):
+    guard = _guard([])  # API-only deployment: just a signing key
+    assert guard.identify(f"Bearer {tokens.create('ci-bot', ADMIN)}") == Caller("ci-bot", ADMIN)
+
+
 # --- roles and headers ---------------------------------------------------------------------------------------
 
 
@@ -262,27 +300,3 @@ def test_parse_bearer():
         with pytest.raises(AccessDenied) as caught:
             parse_bearer(bad)
         assert caught.value.status == 401
-
-
-def test_bearer_dependency_in_fastapi(tokens):
-    from fastapi import Depends, FastAPI
-    from fastapi.responses import JSONResponse
-    from fastapi.testclient import TestClient
-
-    app = FastAPI()
-
-    @app.exception_handler(AccessDenied)
-    def refuse(request, exc):
-        return JSONResponse({"reason": exc.details["reason"]}, status_code=exc.status)
-
-    @app.post("/models/switch")
-    def switch(claims=Depends(bearer_dependency(tokens, ADMIN))):
-        return {"by": claims.sub}
-
-    client = TestClient(app)
-    admin = tokens.create("alice", ADMIN)
-    user = tokens.create("bob", USER)
-    assert client.post("/models/switch", headers={"Authorization": f"Bearer {admin}"}).json() == {"by": "alice"}
-    assert client.post("/models/switch", headers={"Authorization": f"Bearer {user}"}).status_code == 403
-    anonymous = client.post("/models/switch")
-    assert anonymous.status_code == 401 and anonymous.json() == {"reason": "missing_token"}

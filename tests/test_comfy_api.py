@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import time
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -107,6 +109,15 @@ def test_client_flow_prompt_ws_history_view(server):
     generation = server.services.ledger.rows(prompt_id)[0]  # the same ledger as every batch
     assert generation.status == "done" and generation.user == "comfy-user"
 
+    # History tells when the prompt ran (the ledger's times), not when history was asked for.
+    def ms(stamp: str) -> int:
+        return int(datetime.fromisoformat(stamp).timestamp() * 1000)
+
+    time.sleep(0.05)
+    (_, start), (_, success) = server.http.get(f"/history/{prompt_id}").json()[prompt_id]["status"]["messages"]
+    assert start["timestamp"] == ms(generation.started_at)
+    assert success["timestamp"] == ms(generation.finished_at)
+
 
 def test_invalid_prompts_get_comfy_validation_bodies(server):
     bad_model = example_prompt()
@@ -199,6 +210,10 @@ def test_token_applies_to_comfy_routes_and_websocket(server):
         for method, path in (("POST", "/prompt"), ("GET", "/history"), ("GET", "/queue"), ("GET", "/view"),
                              ("POST", "/interrupt"), ("GET", "/object_info"), ("GET", "/system_stats")):
             assert anonymous.request(method, path).status_code == 401, path
+        # A token in the query string (which access logs record) is for the WebSocket handshake only.
+        for path in ("/queue", "/history", "/api/queue"):
+            refused = anonymous.get(path, params={"token": server.token})
+            assert refused.status_code == 401 and refused.json()["error"]["details"]["reason"] == "missing_token"
     with pytest.raises(InvalidStatus):
         with connect(f"{server.ws_url}/ws?clientId=intruder"):
             pass

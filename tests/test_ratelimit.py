@@ -101,6 +101,19 @@ def test_parse_route_limits():
         parse_route_limits("/prompt:10")
 
 
+def test_route_rate_limits_setting_reaches_the_api_guard():
+    from engine.settings import load_settings
+    from webapp.auth import UserStore
+    from webapp.server import api_guard
+
+    settings = load_settings({"rate_limit_per_minute": 50},
+                             environ={"SD35_ROUTE_RATE_LIMITS": "POST /prompt=10, POST /api/batches=5"})
+    limiter = api_guard(settings, UserStore([])).limiter
+    assert [limiter.limit_for(r) for r in ("POST /prompt", "POST /api/batches", "GET /queue")] == [10, 5, 50]
+    with pytest.raises(EngineError, match="ROUTE=REQUESTS_PER_MINUTE"):
+        api_guard(load_settings({"route_rate_limits": "POST /prompt"}, environ={}), UserStore([]))
+
+
 # --- uploads -------------------------------------------------------------------------------------------------
 
 
@@ -136,6 +149,12 @@ def test_upload_within_limit_is_read_and_copied():
     sink = io.BytesIO()
     assert limit.copy(io.BytesIO(b"b" * 5000), sink, chunk_size=1024) == 5000
     assert sink.getvalue() == b"b" * 5000
+
+
+def test_too_large_names_the_limit():
+    refusal = UploadLimit(1024).too_large(2048, declared=True)
+    assert refusal.status == 413 and refusal.details["reason"] == "too_large" and refusal.details["max_bytes"] == 1024
+    assert "declares 2048 bytes; the limit is 1024 bytes" in refusal.message
 
 
 def test_content_length_check():

@@ -204,6 +204,40 @@ def test_only_admins_switch_models_and_edit_templates(services):
         handlers.save_template(services, USER, "{}", "{}")
 
 
+def test_model_allow_list_is_the_runners(settings, demo_engine):
+    from dataclasses import replace
+
+    from engine.services import build_services
+
+    listed = build_services(replace(settings, allowed_models="sd35_demo_tiny, not_on_disk"), demo_engine)
+    try:
+        # Only allowed checkpoints that exist are offered, exactly as the API's /api/system lists them.
+        assert handlers.model_choices(listed) == listed.runner.allowed_checkpoints() == ["sd35_demo_tiny"]
+        with pytest.raises(BatchError, match="not allowed; allowed: sd35_demo_tiny"):
+            handlers.switch_model(listed, ADMIN, "not_on_disk")
+    finally:
+        listed.close()
+
+
+def test_cancel_reports_what_happened(services, sheet_path):
+    first = handlers.check_sheet(services, USER, "turbo_draft", sheet_path)
+    second = handlers.check_sheet(services, USER, "turbo_draft", sheet_path)
+    services.engine._run_lock.acquire()  # the GPU is busy: the first batch runs (and waits), the second queues
+    try:
+        running = handlers.start_batch(services, first.prepared)
+        deadline = time.monotonic() + 10
+        while services.queue.status(running).state != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = handlers.start_batch(services, second.prepared)
+        assert handlers.cancel_batch(services, waiting) == "removed_from_queue"
+        assert handlers.cancel_batch(services, running) == "cancelling"
+    finally:
+        services.engine._run_lock.release()
+    assert services.queue.wait(running, timeout=60).state == "cancelled"
+    assert handlers.cancel_batch(services, running) == "not_running"
+    assert handlers.cancel_batch(services, waiting) == "not_running"
+
+
 def test_admin_saves_only_a_valid_template(services, tmp_path):
     from engine.errors import TemplateError
 
@@ -320,6 +354,27 @@ def test_login_refuses_a_wrong_password(client):
     assert answer.status_code == 401 and "sd35_session" not in answer.cookies
     assert client.get("/").status_code == 303  # the page itself sends a signed-out browser to the form
     assert "<form" in client.get("/login", headers={"accept-language": "zh-CN"}).text
+
+
+def test_login_attempts_are_rate_limited_per_address(settings, demo_engine, tmp_path):
+    from dataclasses import replace
+
+    from fastapi.testclient import TestClient
+
+    from webapp.server import create_app
+
+    users_file = tmp_path / "users.json"
+    add_user(users_file, "alice", "alice-pass", "admin")
+    limited = replace(settings, route_rate_limits="POST /login=3")
+    app, _ = create_app(limited, demo_engine, users=UserStore.from_file(users_file))
+    with TestClient(app, follow_redirects=False) as browser:
+        assert [sign_in(browser, "alice", "guess").status_code for _ in range(3)] == [401, 401, 401]
+        refused = browser.post("/login", data={"username": "alice", "password": "alice-pass"},
+                               headers={"accept-language": "zh-CN"})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert "sd35_session" not in refused.cookies  # even the right password waits
+        wait_s = refused.headers["retry-after"]
+        assert ZH["login.rate_limited"].format(seconds=wait_s) in refused.text and "<form" in refused.text
 
 
 def test_files_need_a_session_and_stay_inside_the_outputs(client, sheet_path):

@@ -4,13 +4,14 @@ Thin: every route calls the library (engine.services.Services) and library error
 one place (:func:`install_error_handlers`): ``{"error": {"type", "message", "details"}}`` with the status
 of :func:`error_status`.
 
-    POST /api/token                          user name + password -> bearer token (when users and a key exist)
+    POST /api/token                          user name + password -> bearer token (when users and a key exist;
+                                             ``ttl`` up to the max_token_ttl setting)
     GET  /api/templates[/{name}]             templates with their field schemas
     POST /api/templates                      add or replace a template (admin; multipart upload)
     POST /api/batches                        template + rows as JSON -> batch id and validation report
     POST /api/batches/upload                 template + CSV/XLSX sheet (+ optional photos zip) (multipart)
     GET  /api/batches[/{id}]                 recent batches; one batch's counts, progress and rows
-    POST /api/batches/{id}/cancel|resume     stop between steps; run the rows that are not done
+    POST /api/batches/{id}/cancel|resume     stop between steps (says what happened); run the rows not done
     GET  /api/batches/{id}/zip               images + manifests, streamed
     POST /api/generate                       one image from a template, waits for it
     GET  /api/generations[/{key}[/image]]    search the ledger; one generation; its PNG
@@ -20,6 +21,7 @@ of :func:`error_status`.
 # No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
 import asyncio
 import json
+import math
 import re
 import time
 from dataclasses import asdict
@@ -40,7 +42,8 @@ from engine.errors import (
 )
 from engine.sheets import Sheet, SheetRow, read_sheet
 from engine.templates import TEMPLATE_FILE, WORKFLOW_FILE
-from webapp.auth import ADMIN
+from webapp import handlers
+from webapp.auth import ADMIN, parse_ttl
 from webapp.files import resolve_inside
 from webapp.guard import ApiGuard, RateLimited, fastapi_dependency
 from webapp.ratelimit import UploadLimit
@@ -119,16 +122,23 @@ def sheet_from_records(records: list[dict[str, Any]], name: str = "api.json") ->
             if str(key) not in columns:
                 columns.append(str(key))
     rows = [
-        SheetRow(number=index + 2, cells={str(k): "" if v is None else _cell_text(v) for k, v in record.items()})
+        SheetRow(number=index + 2, cells={str(k): handlers.cell_text(v) for k, v in record.items()})
         for index, record in enumerate(records)
     ]
     return Sheet(columns=columns, rows=rows, filename=name, format="json")
 
 
-def _cell_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+def _wait_seconds(value: Any, default: float) -> float:
+    """``timeout_s`` of ``/api/generate``: a positive number of seconds (``default`` when absent)."""
+    if value in (None, ""):
+        return default
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise BatchError(f"timeout_s must be a positive number of seconds, not {str(value)[:40]!r}", field="timeout_s")
+    return seconds
 
 
 def batch_status(services: Any, batch_id: str, with_rows: bool = True) -> dict[str, Any]:
@@ -165,9 +175,12 @@ def public_row(row: Any) -> dict[str, Any]:
     return out
 
 
-def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metrics: Any = None) -> Any:
-    """The JSON API as a FastAPI router under ``/api``. ``metrics`` is accepted for symmetry with the
-    server's wiring; the server feeds it from batch events."""
+def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any:
+    """The JSON API as a FastAPI router under ``/api``.
+
+    ``/api/token`` grants lifetimes up to the ``max_token_ttl`` setting (checked here, so a bad setting
+    stops the app at start-up rather than at the first login).
+    """
     from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
     from fastapi.responses import FileResponse, StreamingResponse
 
@@ -175,7 +188,11 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
     user = Depends(fastapi_dependency(guard))
     admin_models = Depends(fastapi_dependency(guard, ADMIN, "switch_model"))
     admin_templates = Depends(fastapi_dependency(guard, ADMIN, "upload_template"))
-    del metrics
+    try:
+        max_token_ttl = parse_ttl(services.settings.max_token_ttl)
+    except EngineError as exc:
+        raise EngineError(f"setting max_token_ttl: {exc.message}", setting="max_token_ttl") from exc
+    default_token_ttl = min(parse_ttl("24h"), max_token_ttl)
 
     async def json_body(request: Request) -> dict[str, Any]:
         try:
@@ -193,7 +210,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
         while chunk := await upload.read(1024 * 1024):
             total += len(chunk)
             if total > upload_limit.max_bytes:
-                raise upload_limit._too_large(total, declared=False)
+                raise upload_limit.too_large(total, declared=False)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -244,11 +261,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
 
     @router.post("/token", summary="Exchange a user name and password for a bearer token")
     async def create_token(request: Request) -> Any:
-        client = request.client.host if request.client else "unknown"
-        # Limited per client address: each attempt costs a password hash, and guessing must stay slow.
-        decision = guard.limiter.check(f"address:{client}", "POST /api/token")
-        if not decision.allowed:
-            raise RateLimited(decision.retry_after_s, decision.headers())
+        guard.admit_address(request.client.host if request.client else "unknown", "POST /api/token")
         body = await json_body(request)
         if guard.tokens is None or not guard.users.configured:
             raise AccessDenied(
@@ -259,7 +272,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
         )
         if found is None:
             raise AccessDenied("wrong user name or password", status=401, reason="bad_credentials")
-        ttl = str(body.get("ttl") or "24h")
+        ttl = parse_ttl(str(body["ttl"]), maximum=max_token_ttl) if body.get("ttl") else default_token_ttl
         return {"access_token": guard.tokens.create(found, ttl=ttl), "token_type": "bearer", "role": found.role}
 
     @router.get("/templates", summary="Templates with their field schemas")
@@ -327,9 +340,10 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
 
     @router.post("/batches/{batch_id}/cancel", summary="Stop a batch between sampler steps")
     def cancel_batch(batch_id: str, caller: Any = user) -> Any:
+        """``state``: ``cancelling`` (running; stops between sampler steps), ``removed_from_queue`` (it had
+        not started), or ``not_running`` (nothing to cancel here: finished, interrupted or run elsewhere)."""
         batch_status(services, batch_id, with_rows=False)
-        services.queue.cancel(batch_id)
-        return {"batch_id": batch_id, "cancelled": True}
+        return {"batch_id": batch_id, "state": handlers.cancel_batch(services, batch_id)}
 
     @router.post("/batches/{batch_id}/resume", summary="Run the rows of a batch that are not done")
     def resume_batch(batch_id: str, caller: Any = user) -> Any:
@@ -348,11 +362,11 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit, metric
         body = await json_body(request)
         if "template" not in body:
             raise BatchError("the body needs 'template' and 'values'")
+        timeout = _wait_seconds(body.get("timeout_s"), float(services.settings.row_timeout_s))
         sheet = sheet_from_records([body.get("values") or {}], name="generate.json")
         options = {"on_invalid": "stop", "batch_seed": body.get("batch_seed")}
         prepared = await asyncio.to_thread(prepare, str(body["template"]), sheet, options, caller)
         submit(prepared, start=True)
-        timeout = float(body.get("timeout_s") or services.settings.row_timeout_s)
         progress = await asyncio.to_thread(services.queue.wait, prepared.batch_id, timeout)
         rows = services.ledger.rows(prepared.batch_id)
         return {

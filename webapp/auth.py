@@ -31,7 +31,7 @@ import re
 import secrets
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -56,7 +56,6 @@ __all__ = [
     "UserStore",
     "add_user",
     "authorize",
-    "bearer_dependency",
     "hash_password",
     "is_admin",
     "load_users",
@@ -81,6 +80,7 @@ MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key must be at least as long as 
 JWT_ALGORITHM = "HS256"
 _TTL_PATTERN = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _TTL_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+LONGEST_TTL = timedelta(days=3650)  # ten years: the longest lifetime any token may have, CLI-issued ones included
 
 
 # --- passwords -----------------------------------------------------------------------------------------------
@@ -214,11 +214,6 @@ class UserStore:
     def from_file(cls, path: str | os.PathLike[str]) -> UserStore:
         return cls(_users_from_file(Path(path)))
 
-    @classmethod
-    def from_env_value(cls, value: str) -> UserStore:
-        """Parse ``name:role:hash`` entries separated by commas (the ``SD35_USERS`` format)."""
-        return cls(_users_from_env_value(value))
-
 
 def _users_from_dict(data: Mapping[str, Any], source: str) -> list[User]:
     entries = data.get("users") if isinstance(data, Mapping) else None
@@ -321,20 +316,44 @@ def remove_user(path: str | os.PathLike[str], name: str) -> None:
 # --- tokens --------------------------------------------------------------------------------------------------
 
 
-def parse_ttl(ttl: timedelta | str) -> timedelta:
-    """``"30s"``, ``"30m"``, ``"24h"``, ``"7d"`` or a timedelta -> a positive timedelta."""
+def parse_ttl(ttl: timedelta | str, maximum: timedelta | None = None) -> timedelta:
+    """``"30s"``, ``"30m"``, ``"24h"``, ``"7d"`` or a timedelta -> a positive timedelta.
+
+    Refused (EngineError naming the value): anything else, zero, and lifetimes over ``maximum`` (when
+    given) or over :data:`LONGEST_TTL`, past which a token is as good as a password that never expires.
+    """
+    shown = str(ttl)[:40]  # the value as messages echo it: a request body may hold megabytes of digits
     if isinstance(ttl, timedelta):
         value = ttl
     else:
         match = _TTL_PATTERN.match(str(ttl))
         if not match:
             raise EngineError(
-                f"invalid token lifetime {ttl!r}; use a number with s, m, h or d (e.g. 30m, 24h, 7d)", ttl=ttl
+                f"invalid token lifetime {shown!r}; use a number with s, m, h or d (e.g. 30m, 24h, 7d)", ttl=shown
             )
-        value = timedelta(**{_TTL_UNITS[match.group(2)]: int(match.group(1))})
+        try:
+            value = timedelta(**{_TTL_UNITS[match.group(2)]: int(match.group(1))})
+        except (OverflowError, ValueError):  # more than a timedelta (or an int) holds: far past any limit
+            value = timedelta.max
     if value <= timedelta(0):
-        raise EngineError(f"token lifetime must be positive, got {ttl!r}", ttl=str(ttl))
+        raise EngineError(f"token lifetime must be positive, got {shown!r}", ttl=shown)
+    limit = LONGEST_TTL if maximum is None else min(maximum, LONGEST_TTL)
+    if value > limit:
+        raise EngineError(
+            f"token lifetime {shown!r} is longer than the {_describe_ttl(limit)} allowed",
+            ttl=shown,
+            max_ttl=_describe_ttl(limit),
+        )
     return value
+
+
+def _describe_ttl(value: timedelta) -> str:
+    """``7d``, ``12h``, ``90m``, ``45s``: a lifetime in the largest unit that divides it."""
+    seconds = int(value.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 @dataclass(frozen=True)
@@ -519,22 +538,3 @@ def parse_bearer(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise _denied("Authorization header must be 'Bearer <token>'", "bad_scheme")
     return token.strip()
-
-
-def bearer_dependency(tokens: TokenIssuer, required_role: str = USER) -> Callable[..., Claims]:
-    """A FastAPI dependency: verifies the request's bearer token and role, returns its Claims.
-
-    It raises AccessDenied; the app registers one handler that turns it into a response with ``status``
-    (and ``WWW-Authenticate: Bearer`` on 401).
-    """
-    from fastapi import Request  # the one framework import, only for apps that ask for it
-
-    _check_role(required_role)
-
-    def require_token(request: Request) -> Claims:
-        claims = tokens.verify(parse_bearer(request.headers.get("authorization")))
-        authorize(claims, required_role)
-        return claims
-
-    require_token.__annotations__ = {"request": Request, "return": Claims}
-    return require_token

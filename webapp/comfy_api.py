@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,11 @@ COMFYUI_COMPAT_VERSION = "0.3.64"
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _ledger_ms(stamp: str) -> int:
+    """A ledger timestamp (ISO 8601, UTC) in ComfyUI's unit: milliseconds since the epoch."""
+    return int(datetime.fromisoformat(stamp).timestamp() * 1000)
 
 
 def comfy_error(exc: EngineError) -> dict[str, Any]:
@@ -141,11 +147,14 @@ class ComfyBridge:
         outputs: dict[str, Any] = {}
         for image in self.images_of(row):
             outputs.setdefault(image.pop("node_id") or "output", {"images": []})["images"].append(image)
-        started = {"prompt_id": prompt_id, "timestamp": _now_ms()}
+        # When it ran, as the ledger recorded it. A row refused before it ran has no start: it ended then.
+        finished_at = row.finished_at or row.started_at
+        started = {"prompt_id": prompt_id, "timestamp": _ledger_ms(row.started_at or finished_at)}
+        ended = {"prompt_id": prompt_id, "timestamp": _ledger_ms(finished_at)}
         if row.status == "done":
-            messages = [["execution_start", started], ["execution_success", started]]
+            messages = [["execution_start", started], ["execution_success", ended]]
         else:
-            failure = {**started, "exception_message": row.error or row.status, "exception_type": row.status}
+            failure = {**ended, "exception_message": row.error or row.status, "exception_type": row.status}
             kind = "execution_interrupted" if row.status == "cancelled" else "execution_error"
             messages = [["execution_start", started], [kind, failure]]
         return {

@@ -44,7 +44,16 @@ class ApiGuard:
         return self.tokens is not None or self.users.configured
 
     def identify(self, authorization: str | None, query_token: str | None = None) -> Caller:
-        """The caller named by a bearer token (header, or ``?token=`` for WebSockets), or the local user."""
+        """The caller named by a bearer token, or the local user when no auth is configured.
+
+        The token comes from the ``Authorization`` header; ``query_token`` (``?token=``) is for the WebSocket
+        handshake only, where browsers cannot set headers; HTTP routes never pass it, because access logs
+        record query strings.
+
+        With users configured, the token's user must still exist (401 ``unknown_user`` otherwise) and acts
+        with the role the users store gives them now, not the one written into the token. With only a
+        signing key (API-only deployments) the token's name and role are all there is.
+        """
         if not self.auth_required:
             return Caller(LOCAL_USER, ADMIN)
         if self.tokens is None:
@@ -55,12 +64,27 @@ class ApiGuard:
             )
         token = query_token if (query_token and not authorization) else parse_bearer(authorization)
         claims: Claims = self.tokens.verify(token)
-        return Caller(claims.sub, claims.role)
+        if not self.users.configured:
+            return Caller(claims.sub, claims.role)
+        user = self.users.get(claims.sub)
+        if user is None:
+            raise AccessDenied(
+                f"the token's user {claims.sub!r} no longer exists", status=401, reason="unknown_user", user=claims.sub
+            )
+        return Caller(user.name, user.role)
 
     def admit(self, caller: Caller, route: str, role: str = USER, action: str | None = None) -> dict[str, str]:
         """Role check then rate limit; returns the rate-limit headers to add to the response."""
         authorize(caller, role, action)
-        decision = self.limiter.check(caller.name, route)
+        return self._spend(caller.name, route)
+
+    def admit_address(self, address: str, route: str) -> dict[str, str]:
+        """Rate limit per client address, for routes that check a password (each try costs a scrypt hash,
+        and guessing must stay slow); returns the rate-limit headers, or raises :class:`RateLimited`."""
+        return self._spend(f"address:{address}", route)
+
+    def _spend(self, key: str, route: str) -> dict[str, str]:
+        decision = self.limiter.check(key, route)
         if not decision.allowed:
             raise RateLimited(decision.retry_after_s, decision.headers())
         return decision.headers()
@@ -83,7 +107,7 @@ def fastapi_dependency(guard: ApiGuard, role: str = USER, action: str | None = N
     from fastapi import Request, Response
 
     def admitted(request: Request, response: Response) -> Caller:
-        caller = guard.identify(request.headers.get("authorization"), request.query_params.get("token"))
+        caller = guard.identify(request.headers.get("authorization"))  # never ?token=: see ApiGuard.identify
         route = request.scope.get("route")
         route_name = f"{request.method} {getattr(route, 'path', request.url.path)}"
         for key, value in guard.admit(caller, route_name, role, action).items():

@@ -19,6 +19,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+from engine.batch import describe_error
 from engine.errors import AccessDenied, BatchError, EngineError, SheetError
 from webapp.auth import ADMIN
 from webapp.guard import LOCAL_USER, Caller
@@ -61,11 +62,15 @@ def require_admin(caller: Caller, action: str, lang: str = "en") -> None:
 
 
 def error_message(exc: EngineError) -> str:
-    """One readable sentence (or a few lines) for a library error, as shown to the user."""
+    """One readable sentence (or a few lines) for a library error, as shown to the user.
+
+    The words are the engine's (:func:`engine.batch.describe_error`, as batch reports give them); only a
+    list of validation problems is laid out one per line, for a page rather than a log line.
+    """
     problems = getattr(exc, "problems", None)
     if problems:
         return exc.message.split(":", 1)[0] + ":\n" + "\n".join(f"• {p.describe()}" for p in problems[:10])
-    return exc.message
+    return describe_error(exc)
 
 
 # ------------------------------------------------------------------------------------------ templates
@@ -75,11 +80,12 @@ def one_row_sheet(values: dict[str, Any], row_number: int, filename: str) -> Any
     """A one-row sheet of text cells from form or recorded values, read exactly as an uploaded CSV is."""
     from engine.sheets import Sheet, SheetRow
 
-    cells = {name: _cell_text(value) for name, value in values.items()}
+    cells = {name: cell_text(value) for name, value in values.items()}
     return Sheet(columns=list(cells), rows=[SheetRow(number=row_number, cells=cells)], filename=filename)
 
 
-def _cell_text(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """A form or JSON value as the text a spreadsheet cell would hold (``True`` -> ``"true"``, ``None`` -> ``""``)."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -257,10 +263,20 @@ def start_batch(services: Any, prepared: Any) -> str:
     return batch_id
 
 
-def cancel_batch(services: Any, batch_id: str) -> None:
+def cancel_batch(services: Any, batch_id: str) -> str:
+    """Cancel a batch; returns what happened: ``"cancelling"`` (running here: it stops between sampler
+    steps), ``"removed_from_queue"`` (it had not started) or ``"not_running"`` (nothing to cancel here)."""
     if not batch_id:
         raise BatchError("no batch selected")
+    before = _state(services, batch_id)
     services.queue.cancel(batch_id)
+    after = _state(services, batch_id)
+    if before == "queued" and after == "cancelled":
+        return "removed_from_queue"
+    # Queued then started meanwhile, or running: either way the cancel reached a running batch.
+    if before in ACTIVE_STATES and after in ("running", "cancelled"):
+        return "cancelling"
+    return "not_running"
 
 
 def resume_batch(services: Any, batch_id: str) -> None:
@@ -753,20 +769,14 @@ def system_rows(info: dict[str, Any], lang: str = "en") -> list[tuple[str, str]]
 
 
 def model_choices(services: Any) -> list[str]:
-    """Checkpoints an admin may switch to: ``allowed_models`` when set, else every checkpoint found."""
-    allowed = [m.strip() for m in services.settings.allowed_models.split(",") if m.strip()]
-    return allowed or list(services.engine.available_checkpoints())
+    """Checkpoints an admin may switch to (:meth:`engine.batch.BatchRunner.allowed_checkpoints`)."""
+    return list(services.runner.allowed_checkpoints())
 
 
 def switch_model(services: Any, caller: Caller, name: str, lang: str = "en") -> str:
-    """Admins only: make ``name`` the default checkpoint (loaded on the GPU when first used)."""
+    """Admins only: make ``name`` the default checkpoint (:meth:`engine.batch.BatchRunner.switch_checkpoint`)."""
     require_admin(caller, "switch_model", lang)
-    choices = model_choices(services)
-    if name not in choices:
-        raise AccessDenied(
-            f"model {name!r} is not allowed; allowed: {', '.join(choices) or 'none'}", status=400, model=name
-        )
-    services.engine.switch_model(name)
+    services.runner.switch_checkpoint(name)
     return name
 
 
@@ -779,6 +789,7 @@ __all__ = [
     "batch_view",
     "caller_for",
     "cancel_batch",
+    "cell_text",
     "check_sheet",
     "current_batch",
     "demo_in_use",

@@ -206,6 +206,7 @@ EN: dict[str, str] = {
     "login.password": "Password",
     "login.submit": "Sign in",
     "login.failed": "Wrong user name or password.",
+    "login.rate_limited": "Too many sign-in attempts. Try again in {seconds} s.",
 }
 
 ZH: dict[str, str] = {
@@ -387,6 +388,7 @@ ZH: dict[str, str] = {
     "login.password": "密码",
     "login.submit": "登录",
     "login.failed": "用户名或密码错误。",
+    "login.rate_limited": "登录尝试次数过多，请在 {seconds} 秒后重试。",
 }
 
 TABLES: dict[str, dict[str, str]] = {"en": EN, "zh": ZH}

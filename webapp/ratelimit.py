@@ -22,7 +22,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -157,7 +157,8 @@ class UploadLimit:
     def from_megabytes(cls, megabytes: float) -> UploadLimit:
         return cls(int(megabytes * 1024 * 1024))
 
-    def _too_large(self, size: int, declared: bool) -> AccessDenied:
+    def too_large(self, size: int, declared: bool) -> AccessDenied:
+        """The 413 refusal of a body of ``size`` bytes (``declared``: by its Content-Length, else counted)."""
         how = "declares" if declared else "exceeds"
         return AccessDenied(
             f"upload {how} {size} bytes; the limit is {self.max_bytes} bytes ({self.max_bytes / 2**20:.1f} MiB)",
@@ -179,7 +180,7 @@ class UploadLimit:
         if length < 0:
             raise AccessDenied(f"invalid Content-Length {value!r}", status=400, reason="bad_content_length")
         if length > self.max_bytes:
-            raise self._too_large(length, declared=True)
+            raise self.too_large(length, declared=True)
         return length
 
     def iter_chunks(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -188,16 +189,7 @@ class UploadLimit:
         for chunk in chunks:
             total += len(chunk)
             if total > self.max_bytes:
-                raise self._too_large(total, declared=False)
-            yield chunk
-
-    async def aiter_chunks(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        """The async twin of :meth:`iter_chunks` (e.g. over Starlette's ``request.stream()``)."""
-        total = 0
-        async for chunk in chunks:
-            total += len(chunk)
-            if total > self.max_bytes:
-                raise self._too_large(total, declared=False)
+                raise self.too_large(total, declared=False)
             yield chunk
 
     def read(self, stream: IO[bytes], chunk_size: int = DEFAULT_CHUNK) -> bytes:
@@ -251,7 +243,7 @@ class UploadLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit.max_bytes:
-                    exceeded = self.limit._too_large(received, declared=False)
+                    exceeded = self.limit.too_large(received, declared=False)
                     raise exceeded
             return message
 

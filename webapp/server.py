@@ -12,8 +12,9 @@ read whole) -> the routes. The JSON API and the ComfyUI routes go through one
 
 Sign-in: when users are configured (a users file or ``SD35_USERS``), ``/login`` checks the password with
 :class:`webapp.auth.UserStore` and sets an HttpOnly session cookie holding a signed token; the Gradio app
-and the ``/files`` routes accept only requests carrying a valid one. With no users configured nobody signs
-in, and :func:`listen_address` keeps the server on localhost.
+and the ``/files`` routes accept only requests carrying a valid one. Sign-in attempts are rate-limited per
+client address by the API's guard (``POST /login``; a 429 page says how long to wait). With no users
+configured nobody signs in, and :func:`listen_address` keeps the server on localhost.
 
 Images and zips are served only through ``/files/...`` (never a public cache): paths are resolved inside
 the outputs folder and anything outside it is refused.
@@ -34,7 +35,6 @@ from urllib.parse import quote
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from engine.archive import iter_zip_stream
 from engine.batch import BatchEvent
 from engine.errors import AccessDenied, EngineError
 from engine.logs import configure_logging
@@ -42,18 +42,16 @@ from engine.settings import Settings
 from engine.store import row_key
 from webapp.auth import TokenIssuer, User, UserStore, load_users
 from webapp.files import resolve_inside
-from webapp.guard import ApiGuard
+from webapp.guard import ApiGuard, RateLimited
 from webapp.i18n import gradio_i18n, language_of_request, text
 from webapp.metrics import GENERATION_STATUSES, HttpMetricsMiddleware, Metrics
-from webapp.ratelimit import RateLimiter, UploadLimit, UploadLimitMiddleware
+from webapp.ratelimit import RateLimiter, UploadLimit, UploadLimitMiddleware, parse_route_limits
 
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "sd35_session"
 SESSION_TTL = "12h"
 LOCALHOST = "127.0.0.1"
-# Paths a signed-out browser may reach: the login form itself and what it needs.
-_PUBLIC_PREFIXES = ("/login", "/logout", "/favicon.ico")
 
 
 class WebAuth:
@@ -99,9 +97,11 @@ def session_issuer(settings: Settings) -> TokenIssuer:
 
 
 def api_guard(settings: Settings, users: UserStore) -> ApiGuard:
-    """The guard of the JSON API and the ComfyUI routes: tokens only when a signing key is configured."""
+    """The guard of the JSON API, the ComfyUI routes and ``POST /login``: tokens only when a signing key is
+    configured; ``route_rate_limits`` overrides ``rate_limit_per_minute`` route by route."""
     tokens = TokenIssuer.from_settings(settings) if settings.jwt_secret else None
-    return ApiGuard(users, tokens, RateLimiter(int(settings.rate_limit_per_minute)))
+    limiter = RateLimiter(int(settings.rate_limit_per_minute), overrides=parse_route_limits(settings.route_rate_limits))
+    return ApiGuard(users, tokens, limiter)
 
 
 class BatchMetrics:
@@ -189,9 +189,10 @@ def listen_address(settings: Settings, users: UserStore, environ: Mapping[str, s
     return settings.host, int(settings.port), None
 
 
-def _login_page(lang: str, failed: bool) -> str:
+def _login_page(lang: str, error: str | None = None) -> str:
+    """The sign-in form in ``lang``, with ``error`` (already in ``lang``) above the fields when given."""
     t = lambda key: html.escape(text(key, lang))  # noqa: E731
-    error = f'<p class="error" role="alert">{t("login.failed")}</p>' if failed else ""
+    error = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
     return f"""<!doctype html>
 <html lang="{'zh-CN' if lang == 'zh' else 'en'}"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -292,13 +293,7 @@ def create_app(
     async def require_session(request: Request, call_next):
         # Gradio answers a signed-out page load with a bare 401; send browsers to the login form instead.
         path = request.url.path
-        if (
-            auth.required
-            and request.method == "GET"
-            and path in {"/", ""}
-            and not path.startswith(_PUBLIC_PREFIXES)
-            and auth.user_of(request) is None
-        ):
+        if auth.required and request.method == "GET" and path in {"/", ""} and auth.user_of(request) is None:
             return RedirectResponse("/login", status_code=303)
         return await call_next(request)
 
@@ -306,14 +301,20 @@ def create_app(
     def login_form(request: Request, failed: int = 0):
         if not auth.required:
             return RedirectResponse("/", status_code=303)
-        return HTMLResponse(_login_page(language_of_request(request), bool(failed)))
+        lang = language_of_request(request)
+        return HTMLResponse(_login_page(lang, text("login.failed", lang) if failed else None))
 
     @app.post("/login")
     def login(request: Request, username: str = Form(""), password: str = Form("")):
+        lang = language_of_request(request)
+        try:  # every attempt costs a password hash: guessing is limited per client address, like /api/token
+            guard.admit_address(request.client.host if request.client else "unknown", "POST /login")
+        except RateLimited as refused:
+            message = text("login.rate_limited", lang, seconds=refused.retry_after_s)
+            return HTMLResponse(_login_page(lang, message), status_code=429, headers=refused.headers)
         token = auth.sign_in(username, password) if auth.required else None
         if token is None:
-            lang = language_of_request(request)
-            return HTMLResponse(_login_page(lang, failed=True), status_code=401)
+            return HTMLResponse(_login_page(lang, text("login.failed", lang)), status_code=401)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(
             SESSION_COOKIE,
@@ -340,13 +341,11 @@ def create_app(
     @app.get("/files/zip/{batch_id}")
     def batch_zip(batch_id: str, request: Request):
         signed_in(request)
-        batch = services.ledger.get_batch(batch_id)
-        if batch is None:
+        if services.ledger.get_batch(batch_id) is None:
             raise AccessDenied(f"no batch {batch_id!r}", status=404, batch_id=batch_id)
-        pattern = (batch.get("options") or {}).get("filename_pattern") or "row_{row}"
         # Streamed as it is built: a batch of thousands of images never sits in memory or on disk twice.
         return StreamingResponse(
-            iter_zip_stream(services.ledger, batch_id, pattern, image_root=outputs),
+            services.runner.zip_stream(batch_id),
             media_type="application/zip",
             headers={"Content-Disposition": f'attachment; filename="{batch_id}.zip"'},
         )
@@ -362,7 +361,7 @@ def create_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    app.include_router(api_router(services, guard, upload_limit, metrics))
+    app.include_router(api_router(services, guard, upload_limit))
     comfy = comfy_router(services, guard)
     app.include_router(comfy)
     # ComfyUI serves every route under /api as well, and newer clients use that form.
