@@ -370,6 +370,10 @@ class BatchRunner:
         with self._lock:
             self._cancelled.add(batch_id)
 
+    def forget_cancel(self, batch_id: str) -> None:
+        with self._lock:
+            self._cancelled.discard(batch_id)
+
     def is_cancelled(self, batch_id: str) -> bool:
         with self._lock:
             return batch_id in self._cancelled
@@ -418,8 +422,8 @@ class BatchRunner:
         try:
             return self._run(batch_id, on_event, should_cancel, retry_failed)
         finally:
-            with self._lock:  # a cancel stops the run it arrived before or during, never the next one
-                self._cancelled.discard(batch_id)
+            self.forget_cancel(batch_id)  # a cancel stops the run it arrived before or during, never the next
+            with self._lock:
                 self._active.discard(batch_id)
 
     def _run(

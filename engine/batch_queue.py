@@ -85,11 +85,13 @@ class BatchQueue:
         with self._lock:
             return list(self._order)
 
-    def cancel(self, batch_id: str) -> None:
+    def cancel(self, batch_id: str) -> str:
         """Stop a running batch between sampler steps, or take a waiting one off the queue.
 
-        A batch that is neither waiting nor running here is left alone: a stale cancel must not stop the
-        batch's next resume.
+        Returns what happened: ``"cancelling"`` (running here), ``"removed_from_queue"`` (it had not
+        started; its rows are marked cancelled, ready to resume) or ``"not_running"`` (nothing to cancel
+        here). A batch that is neither waiting nor running is left alone: a stale cancel must not stop its
+        next resume.
         """
         with self._lock:
             waiting = batch_id in self._order
@@ -98,10 +100,13 @@ class BatchQueue:
             if waiting:
                 self._order.remove(batch_id)
                 progress.state = "cancelled"
-        if waiting:  # never started: its rows are marked cancelled, ready to resume
+            elif running:
+                # Under the lock: the queue thread cannot finish the run between this check and the flag.
+                self.runner.cancel(batch_id)
+        if waiting:
             self.runner.ledger.cancel_batch(batch_id)
-        elif running:
-            self.runner.cancel(batch_id)
+            return "removed_from_queue"
+        return "cancelling" if running else "not_running"
 
     def interrupted(self) -> list[dict[str, Any]]:
         """Batches the ledger says were left unfinished and that are not queued or running here."""
@@ -143,6 +148,9 @@ class BatchQueue:
             finally:
                 with self._lock:
                     progress.updated = time.time()
+                    # A cancel that landed after the run's last step has nothing left to stop: drop it, so
+                    # it cannot stop this batch's next resume.
+                    self.runner.forget_cancel(batch_id)
 
     def _on_event(self, event: BatchEvent) -> None:
         with self._lock:

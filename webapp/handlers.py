@@ -268,15 +268,7 @@ def cancel_batch(services: Any, batch_id: str) -> str:
     steps), ``"removed_from_queue"`` (it had not started) or ``"not_running"`` (nothing to cancel here)."""
     if not batch_id:
         raise BatchError("no batch selected")
-    before = _state(services, batch_id)
-    services.queue.cancel(batch_id)
-    after = _state(services, batch_id)
-    if before == "queued" and after == "cancelled":
-        return "removed_from_queue"
-    # Queued then started meanwhile, or running: either way the cancel reached a running batch.
-    if before in ACTIVE_STATES and after in ("running", "cancelled"):
-        return "cancelling"
-    return "not_running"
+    return services.queue.cancel(batch_id)
 
 
 def resume_batch(services: Any, batch_id: str) -> None:
