@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from engine.errors import StoreError
-from engine.naming import fill_filename_pattern, safe_filename
-from engine.sheets import column_key
+from engine.naming import fill_filename_pattern, pattern_values, safe_filename
 from engine.store import BatchLedger, Generation
 
 __all__ = ["write_batch_zip", "iter_zip_stream", "neutralise_csv_cell", "ZipSummary", "MANIFEST_COLUMNS"]
@@ -92,12 +91,6 @@ def _row_images(row: Generation, image_root: Path | None) -> list[Path]:
     return [p if p.is_absolute() or image_root is None else image_root / p for p in paths]
 
 
-def _pattern_values(row: Generation) -> dict[str, Any]:
-    values: dict[str, Any] = {column_key(k): v for k, v in row.row_values.items()}
-    values.update(row=row.row_number, seed="" if row.seed is None else row.seed, batch_id=row.batch_id)
-    return values
-
-
 def _copy_file(zf: zipfile.ZipFile, path: Path, name: str) -> Iterator[str]:
     """Copy ``path`` into entry ``name`` chunk by chunk, yielding after each chunk; the last value is its sha256."""
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
@@ -127,7 +120,8 @@ def _entries(
     for row in rows:
         if row.status != "done":
             continue
-        stem = fill_filename_pattern(pattern, _pattern_values(row)).strip() or f"row_{row.row_number}"
+        values = pattern_values(row.row_values, row.row_number, row.batch_id, row.seed)
+        stem = fill_filename_pattern(pattern, values).strip() or f"row_{row.row_number}"
         names: list[str] = []
         for index, path in enumerate(_row_images(row, image_root)):
             name = safe_filename(stem if index == 0 else f"{stem}_{index + 1}", used)

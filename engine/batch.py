@@ -564,7 +564,7 @@ class BatchRunner:
             },
             deadline_s=float(self.settings.row_timeout_s),
             checkpoint=_checkpoint_of(workflow) or self.default_checkpoint,
-            attempt=int(row.attempts or 0) + 1,
+            attempt=max(1, int(row.attempts or 0)),  # the claim just counted this attempt
             input_dir=str(photos) if (photos := self.images_dir(batch["id"])).is_dir() else None,
         )
 

@@ -13,7 +13,9 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["safe_filename", "fill_filename_pattern", "pattern_fields", "PATTERN_BUILTINS"]
+from engine.sheets import column_key
+
+__all__ = ["safe_filename", "fill_filename_pattern", "pattern_fields", "pattern_values", "PATTERN_BUILTINS"]
 
 # Device names Windows refuses as a file name whatever the extension (``con.png`` is the console).
 _WINDOWS_RESERVED = frozenset(
@@ -78,6 +80,22 @@ def safe_filename(stem: str, used: set[str], suffix: str = ".png") -> str:
 def pattern_fields(pattern: str) -> list[str]:
     """The ``{name}`` placeholders of a filename pattern, in order."""
     return _PATTERN_FIELD.findall(pattern)
+
+
+def pattern_values(
+    row_values: Mapping[str, Any], row_number: int, batch_id: str, seed: int | None
+) -> dict[str, Any]:
+    """What a row's filename pattern is filled from: its cells plus ``row``, ``seed`` and ``batch_id``.
+
+    The one source of these values for every place that names a row's image (the batch runner's files
+    and the batch zip), so both give a row the same name. Cell names are folded with
+    :func:`engine.sheets.column_key` (as fields are matched to columns), so ``{productName}`` finds a
+    ``ProductName`` cell. The built-in names win over cells of the same name; a row without a seed yet
+    fills ``{seed}`` with an empty string.
+    """
+    values: dict[str, Any] = {column_key(name): value for name, value in row_values.items()}
+    values.update(row=row_number, seed="" if seed is None else seed, batch_id=batch_id)
+    return values
 
 
 def fill_filename_pattern(pattern: str, values: Mapping[str, Any]) -> str:

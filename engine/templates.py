@@ -11,11 +11,14 @@ string, build it inside one expression: ``{{ "photo of " ~ product_name ~ ", " ~
 ``{{ [product_name, color, style] | join_nonempty(", ") }}``.
 
 Rendering is sandboxed (``ImmutableSandboxedEnvironment``: no ``__class__`` tricks, no mutation), an
-undefined name is an error naming the field (``StrictUndefined``), and work is bounded: a render budget
-(time and output size) is checked while loops run and output is produced, ``range`` is capped, string
-repetition and padding are size-checked. A template that cannot render its own field examples into a JSON
-object of nodes is refused when loaded; files the example names that a fresh install lacks (model files,
-input images: problems the engine marks ``missing_file``) are left to each row's own check.
+undefined name is an error naming the field (``StrictUndefined``), and work is bounded by a render budget
+of time and size. Time is checked on every loop iteration (``{% for %}``, recursive ``loop()``, ``range``),
+every call, operator, filter and test (so ``map``/``select`` check it per item) and every output chunk; a
+template that loops for ever is stopped after ``RenderLimits.max_seconds``. ``range`` is capped, and
+repetition, padding, ``~`` and ``+`` are size-checked before they build a value. A template that cannot
+render its own field examples into a JSON object of nodes is refused when loaded; files the example names
+that a fresh install lacks (model files, input images: problems the engine marks ``missing_file``) are left
+to each row's own check.
 
 Each template is versioned by ``content_hash`` (sha256 of ``template.json`` and the workflow text), which
 the ledger records with every generation.
@@ -36,9 +39,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, UndefinedError, meta, pass_context
-from jinja2.runtime import Context
+from jinja2 import (
+    StrictUndefined,
+    TemplateSyntaxError,
+    Undefined,
+    UndefinedError,
+    meta,
+    nodes,
+    pass_context,
+)
+from jinja2.runtime import Context, LoopContext, markup_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.visitor import NodeTransformer
 
 from engine.errors import TemplateError, WorkflowInvalid
 from engine.naming import PATTERN_BUILTINS, pattern_fields
@@ -65,7 +77,7 @@ _TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # Names Jinja gives a meaning of its own; a field so named would shadow it.
 _RESERVED_NAMES = frozenset(
     {"range", "dict", "namespace", "cycler", "joiner", "loop", "self", "caller", "varargs", "kwargs",
-     "true", "false", "none", "True", "False", "None", "_render_budget"}
+     "true", "false", "none", "True", "False", "None"}
 )
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SEED_MAX = 2**64 - 1
@@ -220,11 +232,81 @@ class _RenderBudget:
             raise SecurityError(f"{what} would be {size:,} long; the limit is {self._limits.max_output_chars:,}")
 
 
+# The render context key of the budget: not a Jinja name, so no template can read, set or shadow it.
+_BUDGET_KEY = "render budget"
+# The filters every ``{% for %}`` iterable and every ``~`` are rewritten into (see _BudgetRewrite); Jinja
+# names, but calling them from a template only does what the loop or the ``~`` would.
+_LOOP_FILTER = "_budgeted_loop"
+_CONCAT_FILTER = "_budgeted_concat"
+
+
 def _budget(context: Context) -> _RenderBudget:
-    budget = context.get("_render_budget")
+    budget = context.get(_BUDGET_KEY)
     if not isinstance(budget, _RenderBudget):  # compile-time constant folding has no render context
         return _RenderBudget(RenderLimits())
     return budget
+
+
+@pass_context
+def _budgeted_loop(context: Context, iterable: Any) -> Iterable[Any]:
+    """``iterable``, checking the render's time budget before each item: nested loops over a long string
+    would otherwise run for minutes without producing output or calling anything."""
+    budget = _budget(context)
+    for item in iterable:
+        budget._check()
+        yield item
+
+
+@pass_context
+def _budgeted_concat(context: Context, parts: list[Any]) -> str:
+    """What ``a ~ b`` gives, refused before it is built when it would exceed the render size limit:
+    ``{% set ns.s = ns.s ~ ns.s %}`` in a short loop would otherwise take gigabytes."""
+    budget = _budget(context)
+    if context.eval_ctx.autoescape:
+        joined = markup_join(parts)
+        budget._check_size(len(joined), "a joined value")
+        return joined
+    texts = [str(part) for part in parts]
+    budget._check_size(sum(len(text) for text in texts), "a joined value")
+    return "".join(texts)
+
+
+class _BudgetRewrite(NodeTransformer):
+    """Rewrites what the compiled template runs as plain Python, where no sandbox hook sees it: every
+    ``{% for %}`` iterates through :func:`_budgeted_loop`, every ``~`` joins through :func:`_budgeted_concat`."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        node = self.generic_visit(node)
+        node.iter = nodes.Filter(node.iter, _LOOP_FILTER, [], [], None, None, lineno=node.iter.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        node = self.generic_visit(node)
+        parts = nodes.List(node.nodes, lineno=node.lineno)
+        return nodes.Filter(parts, _CONCAT_FILTER, [], [], None, None, lineno=node.lineno)
+
+
+def _budgeted(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter or test that checks the render's time budget before it runs.
+
+    ``map``, ``select``, ``reject`` and friends call filters and tests once per item, so this bounds them
+    too. The wrapper takes the render context and hands ``function`` what it asked for (its
+    ``pass_context`` / ``pass_eval_context`` / ``pass_environment`` marker).
+    """
+    wants = getattr(getattr(function, "jinja_pass_arg", None), "name", None)
+
+    @pass_context
+    def checked(context: Context, *args: Any, **kwargs: Any) -> Any:
+        _budget(context)._check()
+        if wants == "context":
+            return function(context, *args, **kwargs)
+        if wants == "eval_context":
+            return function(context.eval_ctx, *args, **kwargs)
+        if wants == "environment":
+            return function(context.environment, *args, **kwargs)
+        return function(*args, **kwargs)
+
+    return checked
 
 
 def _json_finalize(value: Any) -> str:
@@ -244,7 +326,7 @@ def _sized(length: Any) -> int:
 class _TemplateEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox plus size checks on the operations that can build huge values from small ones."""
 
-    intercepted_binops = frozenset({"*", "**", "%"})
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
 
     def __init__(self, limits: RenderLimits) -> None:
         super().__init__(undefined=StrictUndefined, finalize=_json_finalize, autoescape=False)
@@ -253,6 +335,10 @@ class _TemplateEnvironment(ImmutableSandboxedEnvironment):
         for name in ("center", "indent", "wordwrap", "truncate", "format", "replace", "join"):
             self.filters[name] = self._size_checked_filter(self.filters[name])
         self.filters["join_nonempty"] = _join_nonempty
+        self.filters[_LOOP_FILTER] = _budgeted_loop
+        self.filters[_CONCAT_FILTER] = _budgeted_concat
+        self.filters = {name: _budgeted(function) for name, function in self.filters.items()}
+        self.tests = {name: _budgeted(function) for name, function in self.tests.items()}
 
     @pass_context
     def _capped_range(self, context: Context, *args: int) -> Iterable[int]:
@@ -288,6 +374,7 @@ class _TemplateEnvironment(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         budget = _budget(context)
+        budget._check()
         if operator == "**":
             if isinstance(right, (int, float)) and abs(right) > 128:
                 raise SecurityError(f"exponent {right} is too large")
@@ -295,6 +382,8 @@ class _TemplateEnvironment(ImmutableSandboxedEnvironment):
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
                     budget._check_size(len(seq) * max(times, 0), "a repeated value")
+        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            budget._check_size(len(left) + len(right), "a joined value")
         elif operator == "%" and isinstance(left, str) and re.search(r"\d{7,}", left):
             raise SecurityError("a format width exceeds the render size limit")
         return super().call_binop(context, operator, left, right)
@@ -302,6 +391,8 @@ class _TemplateEnvironment(ImmutableSandboxedEnvironment):
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         budget = _budget(__context)
         budget._check()
+        if isinstance(__obj, LoopContext) and args:  # loop(children) of a recursive for: iterate on budget
+            args = (_budgeted_loop(__context, args[0]), *args[1:])
         if isinstance(__obj, types.BuiltinMethodType) and isinstance(getattr(__obj, "__self__", None), str):
             text: str = __obj.__self__
             name = __obj.__name__
@@ -425,7 +516,7 @@ class WorkflowTemplate:
         """The rendered workflow text (before JSON parsing); see :meth:`render`."""
         context = self._context(values, defaults)
         budget = _RenderBudget(self.limits)
-        context["_render_budget"] = budget
+        context[_BUDGET_KEY] = budget
         parts: list[str] = []
         size = 0
         try:
@@ -546,7 +637,8 @@ def parse_template(
     if not isinstance(pattern, str):
         raise TemplateError(f"template '{name}': filename_pattern must be a string", template=name)
     for placeholder in pattern_fields(pattern):
-        if placeholder not in seen and placeholder not in PATTERN_BUILTINS:
+        # Filled by engine.naming.pattern_values, which matches names case-insensitively.
+        if placeholder.casefold() not in seen and placeholder.casefold() not in PATTERN_BUILTINS:
             raise TemplateError(
                 f"template '{name}': filename_pattern uses '{{{placeholder}}}', which is not a field "
                 f"(fields: {', '.join(f.name for f in fields)}; also: {', '.join(PATTERN_BUILTINS)})",
@@ -559,7 +651,7 @@ def parse_template(
     environment = _TemplateEnvironment(limits)
     try:
         ast = environment.parse(source)
-        compiled = environment.from_string(source)
+        compiled = environment.from_string(_BudgetRewrite().visit(environment.parse(source)))
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template '{name}': Jinja syntax error at line {exc.lineno}: {exc.message}",
                             template=name, line=exc.lineno) from exc

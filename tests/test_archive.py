@@ -9,6 +9,7 @@ import zipfile
 import pytest
 
 from engine.archive import iter_zip_stream, neutralise_csv_cell, write_batch_zip
+from engine.naming import fill_filename_pattern, pattern_values, safe_filename
 from engine.sheets import read_sheet
 from engine.store import BatchLedger
 
@@ -108,6 +109,17 @@ def test_zip_to_a_file_object_and_missing_or_changed_images_are_reported(batch):
     manifest = {m["row"]: m for m in read_csv(archive.read("manifest.csv"))}
     assert manifest["3"]["file"] == "" and "missing" in manifest["3"]["error"]
     assert "sha256 mismatch" in manifest["4"]["error"]
+
+
+def test_zip_names_come_from_the_shared_pattern_values(batch):
+    """The zip names a row's image from the same values the batch runner names its file from."""
+    ledger, batch_id, images = batch
+    pattern = "{Product_Name}-{row}-{seed}-{batch_id}"
+    summary = write_batch_zip(ledger, batch_id, io.BytesIO(), pattern, image_root=images)
+    row = next(r for r in ledger.rows(batch_id) if r.row_number == 2)
+    expected = safe_filename(fill_filename_pattern(pattern, pattern_values(row.row_values, 2, batch_id, row.seed)),
+                             set())
+    assert summary.images[0] == f"images/{expected}" == f"images/Cat-2-{2**64 - 2}-{batch_id}.png"
 
 
 def test_neutralise_csv_cell():

@@ -1,6 +1,11 @@
 """Safe file names from spreadsheet cells (RELIABILITY.md: files and downloads)."""
 
-from engine.naming import fill_filename_pattern, pattern_fields, safe_filename
+from engine.naming import (
+    fill_filename_pattern,
+    pattern_fields,
+    pattern_values,
+    safe_filename,
+)
 
 
 def test_parent_directory_parts_never_survive():
@@ -59,3 +64,12 @@ def test_pattern_is_filled_without_attribute_access():
     assert fill_filename_pattern("{a}_{missing}", {"a": 1}) == "1_"
     # Format-string tricks are plain text here, never evaluated.
     assert fill_filename_pattern("{a.__class__}", {"a": 1}) == "{a.__class__}"
+
+
+def test_pattern_values_are_the_cells_plus_row_seed_and_batch_id():
+    values = pattern_values({"Product Name": "Neon", "productName": "Jacket", "seed": "cell"}, 7, "b-1", 2**64 - 1)
+    # Cells are matched as fields are matched to columns (case-folded); the built-in names win over cells.
+    assert values == {"product name": "Neon", "productname": "Jacket", "seed": 2**64 - 1, "row": 7,
+                      "batch_id": "b-1"}
+    assert fill_filename_pattern("{ProductName}_{row}_{batch_id}_{seed}", values) == f"Jacket_7_b-1_{2**64 - 1}"
+    assert pattern_values({}, 3, "b-2", None)["seed"] == ""  # no seed yet: empty, never "None"

@@ -9,9 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.errors import BadOutput, ExecutionError
+from engine.errors import BadOutput, ExecutionError, WorkflowInvalid
+from engine.nodes import default_registry
 from engine.nodes.context import NodeContext
 from engine.nodes.image import PreviewImage, SaveImage, check_images, expand_prefix
+from engine.validate import validate_workflow
+from engine.workflow import parse_workflow
 
 
 @pytest.fixture
@@ -65,6 +68,36 @@ def test_symlinked_subfolder_leading_out_is_refused(ctx, tmp_path):
     (ctx.output_dir / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (tmp_path / "elsewhere").mkdir()
     with pytest.raises(ExecutionError):
+        SaveImage().run(ctx, gradient(), filename_prefix="link/x")
+
+
+def save_problems(prefix, ctx=None):
+    """Validation problems of a LoadImage -> SaveImage workflow saving under ``prefix``."""
+    registry = default_registry()
+    api = {"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}},
+           "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}
+    return [p for p in validate_workflow(parse_workflow(api, registry), registry, ctx) if p.node_id == "2"]
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "a/../../escape", "/etc/x", "..", "sub/..", "..\\x"])
+def test_unsafe_prefixes_are_refused_by_validation_before_anything_runs(prefix):
+    problems = save_problems(prefix)
+    assert [(p.type, p.input_name) for p in problems] == [("custom_validation_failed", "filename_prefix")]
+    assert "outside the output folder" in problems[0].message and prefix in problems[0].message
+    body = WorkflowInvalid(problems).to_comfy()  # what ComfyUI's /prompt answers with (a 400)
+    error = body["node_errors"]["2"]["errors"][0]
+    assert error["type"] == "custom_validation_failed" and error["extra_info"]["input_name"] == "filename_prefix"
+
+
+def test_validation_and_saving_apply_one_rule(ctx, tmp_path):
+    assert save_problems("batch/%width%x%height%/img_%year%", ctx) == []
+    assert save_problems("ComfyUI", ctx) == []
+    ctx.output_dir.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (ctx.output_dir / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    problem, = save_problems("link/x", ctx)  # the output folder on disk is checked when validation knows it
+    assert problem.type == "custom_validation_failed" and "linked folder" in problem.message
+    with pytest.raises(ExecutionError, match="linked folder"):
         SaveImage().run(ctx, gradient(), filename_prefix="link/x")
 
 

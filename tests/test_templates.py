@@ -192,6 +192,60 @@ def test_render_time_budget_stops_silent_loops():
     assert time.perf_counter() - start < 3
 
 
+NESTED_LOOPS_OVER_A_LONG_STRING = (
+    '{% set s = "x"*1000000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}'
+)
+
+
+def test_uploaded_template_looping_without_output_is_refused_within_the_time_limit(tmp_path):
+    """Loops that neither call, range nor output anything still run on the render budget."""
+    files = {
+        "template.json": json.dumps({"name": "spin", "fields": PROMPT}).encode(),
+        "workflow.json.j2": ('{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}'
+                             + NESTED_LOOPS_OVER_A_LONG_STRING).encode(),
+    }
+    library = TemplateLibrary(tmp_path, limits=RenderLimits(max_seconds=0.5))
+    start = time.perf_counter()
+    with pytest.raises(TemplateError, match=r"longer than 0\.5 s") as info:
+        library.add(files)
+    assert info.value.details["template"] == "spin" and time.perf_counter() - start < 5
+    assert not (tmp_path / "spin").exists()
+    (tmp_path / "spin").mkdir()  # the same files placed by hand: listing reports them instead of hanging
+    for name, data in files.items():
+        (tmp_path / "spin" / name).write_bytes(data)
+    start = time.perf_counter()
+    assert library.list() == [] and "longer than 0.5 s" in str(library.errors()["spin"])
+    assert time.perf_counter() - start < 5
+
+
+def test_filters_and_tests_applied_per_item_are_on_the_budget():
+    """``select`` runs its test once per item, inside one filter call: no loop, call or output between."""
+    body = '{% set s = ["x"*100000]*100000 %}{{ s | select("in", "y"*100000) | list | length }}'
+    start = time.perf_counter()
+    with pytest.raises(TemplateError, match="longer than 0.5 s"):
+        parse_template(json.dumps({"name": "t", "fields": PROMPT}),
+                       '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}' + body,
+                       limits=RenderLimits(max_seconds=0.5))
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("grow", ["ns.s ~ ns.s", "ns.s + ns.s", "ns.s ~ ns.s ~ ns.s"])
+def test_values_cannot_double_past_the_size_limit(grow):
+    body = ('{% set ns = namespace(s="x"*600000) %}{% for i in range(30) %}{% set ns.s = ' + grow
+            + ' %}{% endfor %}')
+    with pytest.raises(TemplateError, match="a joined value would be"):
+        simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}' + body)
+
+
+def test_budget_cannot_be_replaced_from_a_template():
+    """The budget lives under a key no Jinja name can reach, so a template cannot reset its own clock."""
+    body = '{% set _render_budget = none %}{% set render_budget = none %}' + NESTED_LOOPS_OVER_A_LONG_STRING
+    with pytest.raises(TemplateError, match="longer than 0.5 s"):
+        parse_template(json.dumps({"name": "t", "fields": PROMPT}),
+                       '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}' + body,
+                       limits=RenderLimits(max_seconds=0.5))
+
+
 def test_loops_may_add_nodes_per_row():
     fields = PROMPT + [{"name": "copies", "type": "int", "default": 2, "min": 1, "max": 4}]
     t = simple(fields, """{
@@ -237,6 +291,11 @@ def test_filename_pattern_must_use_fields():
         simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}', filename_pattern="{colour}")
     t = simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}', filename_pattern="{row}_{prompt}")
     assert t.filename_pattern == "{row}_{prompt}"
+    # Names are matched as the file names are filled (engine.naming.pattern_values): case-insensitively.
+    fields = [{"name": "productName", "type": "string", "required": True}]
+    t = simple(fields, '{"1": {"class_type": "X", "inputs": {"t": {{ productName }}}}}',
+               filename_pattern="{productName}_{ProductName}_{Row}_{batch_id}")
+    assert t.filename_pattern == "{productName}_{ProductName}_{Row}_{batch_id}"
 
 
 def test_content_hash_changes_with_either_file():

@@ -204,37 +204,46 @@ def expand_prefix(prefix: str, width: int, height: int, now: time.struct_time | 
     return prefix
 
 
+def save_prefix_problem(root: Path | None, filename_prefix: str) -> str | None:
+    """Why files named by ``filename_prefix`` cannot be saved under ``root``; None when they can.
+
+    The one rule for both validation (:meth:`SaveImage.check`) and saving (:func:`resolve_save_path`).
+    Refused: absolute prefixes, prefixes without a file name, and those whose folder leaves ``root``:
+    by ``..`` or, when ``root`` is given, through a symlinked subfolder that leads out. The ``%...%``
+    variables of :func:`expand_prefix` only ever become digits, so they cannot change the answer.
+    """
+    normalized = os.path.normpath(filename_prefix.replace("\\", "/"))
+    subfolder, filename = os.path.split(normalized)
+    if os.path.isabs(normalized) or filename in ("", ".", "..") or subfolder.split("/")[0] == "..":
+        return "would save outside the output folder"
+    if root is None:
+        return None
+    root = root.resolve()
+    # A symlinked subfolder must not lead out of the output folder either.
+    existing = Path(os.path.abspath(os.path.join(root, subfolder)))
+    while not existing.exists() and existing != root:
+        existing = existing.parent
+    if os.path.commonpath((str(root), str(existing.resolve()))) != str(root):
+        return "would save outside the output folder (through a linked folder)"
+    return None
+
+
 def resolve_save_path(
     ctx: "NodeContext", root: Path, filename_prefix: str, width: int, height: int
 ) -> tuple[Path, str, str]:
     """(folder, file name prefix, subfolder) for ``filename_prefix`` under ``root``.
 
-    Refuses (ExecutionError naming the node) absolute prefixes and any that leave ``root``.
+    Refuses (ExecutionError naming the node) what :func:`save_prefix_problem` refuses.
     """
     prefix = expand_prefix(filename_prefix, width, height)
-    normalized = os.path.normpath(prefix.replace("\\", "/"))
-    subfolder = os.path.dirname(normalized)
-    filename = os.path.basename(normalized)
-    root = root.resolve()
-    folder = Path(os.path.abspath(os.path.join(root, subfolder)))
-    outside = (
-        os.path.isabs(prefix)
-        or not filename
-        or filename in (".", "..")
-        or os.path.commonpath((str(root), str(folder))) != str(root)
-    )
-    if not outside:
-        # A symlinked subfolder must not lead out of the output folder either.
-        existing = folder
-        while not existing.exists() and existing != root:
-            existing = existing.parent
-        outside = os.path.commonpath((str(root), str(existing.resolve()))) != str(root)
-    if outside:
+    problem = save_prefix_problem(root, prefix)
+    if problem is not None:
         raise ExecutionError(
-            f"filename_prefix '{filename_prefix}' would save outside the output folder; "
-            "use a relative prefix such as 'batch/portrait'",
+            f"filename_prefix '{filename_prefix}' {problem}; use a relative prefix such as 'batch/portrait'",
             node_id=ctx.node_id, class_type=ctx.class_type, filename_prefix=filename_prefix,
         )
+    subfolder, filename = os.path.split(os.path.normpath(prefix.replace("\\", "/")))
+    folder = Path(os.path.abspath(os.path.join(root.resolve(), subfolder)))
     return folder, filename, "" if subfolder in ("", ".") else subfolder.replace(os.sep, "/")
 
 
@@ -510,6 +519,21 @@ class SaveImage(NodeType):
               tooltip="May hold a subfolder and %width% %height% %year% %month% %day% %hour% %minute% %second%."),
     )
     outputs = ()
+
+    @classmethod
+    def check(cls, values: dict[str, Any], ctx: "NodeContext | None") -> list[tuple[str | None, str, str, str]]:
+        """Refuse a prefix that would save outside the output folder before any GPU work starts."""
+        prefix = values.get("filename_prefix")
+        if not isinstance(prefix, str):
+            return []  # linked from another node: known only at run time, where save_images checks it
+        problem = save_prefix_problem(ctx.output_dir if ctx is not None else None, expand_prefix(prefix, 1, 1))
+        if problem is None:
+            return []
+        # ComfyUI reports a node's own refusal of an input value (its VALIDATE_INPUTS) as
+        # "custom_validation_failed"; value_not_in_list is for COMBO lists, invalid_input_type for a value of
+        # the wrong type and exception_during_validation for a check that crashed, none of which this is.
+        return [("filename_prefix", "custom_validation_failed", f"filename_prefix '{prefix}' {problem}",
+                 "use a relative prefix such as 'batch/portrait'")]
 
     def run(self, ctx: "NodeContext", images: Any, filename_prefix: str = "ComfyUI") -> dict[str, Any]:
         return save_images(ctx, images, ctx.output_dir, filename_prefix, "output", SAVE_COMPRESS_LEVEL)
