@@ -129,15 +129,6 @@ class RowExecutor:
                 self._encoder = PngEncoder(self.png_workers)
             return self._encoder
 
-    def _execute_group(
-        self,
-        group: list[RowJob],
-        on_progress: ProgressCallback | None,
-        should_cancel: Callable[[], bool] | None,
-        vae_tiled: bool = False,
-    ) -> list[RowResult]:
-        return [row.result() for row in self.start_group(group, on_progress, should_cancel, vae_tiled)]
-
     def start_group(
         self,
         group: list[RowJob],
