@@ -98,6 +98,9 @@ def pattern_values(
     return values
 
 
+_SEPARATOR_RUN = re.compile(r"([_\-.])\1+")
+
+
 def fill_filename_pattern(pattern: str, values: Mapping[str, Any]) -> str:
     """Fill ``{name}`` placeholders from ``values`` (looked up as written, then case-folded; a missing
     value becomes an empty string).
@@ -112,4 +115,8 @@ def fill_filename_pattern(pattern: str, values: Mapping[str, Any]) -> str:
         value = values.get(name, values.get(name.casefold()))
         return "" if value is None else str(value)
 
-    return _PATTERN_FIELD.sub(replace, pattern)
+    filled = _PATTERN_FIELD.sub(replace, pattern)
+    # An empty optional field leaves its separator behind ("Jacket_" from "{product_name}_{color}"):
+    # collapse runs of separators and trim them from the ends.
+    filled = _SEPARATOR_RUN.sub(lambda m: m.group(0)[0], filled)
+    return filled.strip("_-. ")

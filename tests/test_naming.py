@@ -61,7 +61,10 @@ def test_pattern_is_filled_without_attribute_access():
     assert fill_filename_pattern("{product_name}_{color}", {"product_name": "Neon Jacket", "color": "red"}) == (
         "Neon Jacket_red"
     )
-    assert fill_filename_pattern("{a}_{missing}", {"a": 1}) == "1_"
+    # An empty field leaves no dangling or doubled separator behind.
+    assert fill_filename_pattern("{a}_{missing}", {"a": 1}) == "1"
+    assert fill_filename_pattern("{a}_{missing}_{b}", {"a": 1, "b": 2}) == "1_2"
+    assert fill_filename_pattern("{a} - {b}", {"a": 1, "b": 2}) == "1 - 2"
     # Format-string tricks are plain text here, never evaluated.
     assert fill_filename_pattern("{a.__class__}", {"a": 1}) == "{a.__class__}"
 
