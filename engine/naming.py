@@ -98,7 +98,9 @@ def pattern_values(
     return values
 
 
-_SEPARATOR_RUN = re.compile(r"([_\-.])\1+")
+_EMPTY = "\x00"  # stands for an empty field while its separator is removed (never in a cell: stripped)
+_EMPTY_AFTER_SEPARATOR = re.compile("[_\\-.]\x00")
+_EMPTY_BEFORE_SEPARATOR = re.compile("\x00[_\\-.]?")
 
 
 def fill_filename_pattern(pattern: str, values: Mapping[str, Any]) -> str:
@@ -115,8 +117,8 @@ def fill_filename_pattern(pattern: str, values: Mapping[str, Any]) -> str:
         value = values.get(name, values.get(name.casefold()))
         return "" if value is None else str(value)
 
-    filled = _PATTERN_FIELD.sub(replace, pattern)
-    # An empty optional field leaves its separator behind ("Jacket_" from "{product_name}_{color}"):
-    # collapse runs of separators and trim them from the ends.
-    filled = _SEPARATOR_RUN.sub(lambda m: m.group(0)[0], filled)
-    return filled.strip("_-. ")
+    # An empty field takes one neighbouring separator with it: "{product_name}_{color}" without a colour
+    # gives "Jacket", not "Jacket_"; literal text of the pattern is left as written.
+    filled = _PATTERN_FIELD.sub(lambda match: replace(match) or _EMPTY, pattern)
+    filled = _EMPTY_AFTER_SEPARATOR.sub("", filled)
+    return _EMPTY_BEFORE_SEPARATOR.sub("", filled)

@@ -59,7 +59,7 @@ def test_zip_names_manifest_and_failed_rows(batch, tmp_path):
     archive = zipfile.ZipFile(out)
     assert archive.testzip() is None
     names = archive.namelist()
-    assert summary.images == ["images/Cat_red.png", "images/cat_red_2.png", "images/_CON_.png"]
+    assert summary.images == ["images/Cat_red.png", "images/cat_red_2.png", "images/_CON.png"]
     assert set(names) == set(summary.images) | {"manifest.csv", "manifest.json", "failed_rows.csv"}
     assert archive.read("images/Cat_red.png") == (images / "2.png").read_bytes()
     assert not list(tmp_path.glob(".batch.zip.*"))  # temp file renamed into place
