@@ -3,9 +3,15 @@
 A LoRA never changes the cached model permanently. :class:`LoraPatch` is an immutable description
 (file, strength, which model) carried by a ``ModelHandle.patches`` tuple or a :class:`PatchedClipHandle`;
 the sampler (for the transformer) and :meth:`PatchedClipHandle.encode` (for the text encoders) apply the
-patches right before they compute and take them off right after. Applying swaps each touched weight for
-``W + strength * scale * up @ down`` (a new tensor) and keeps the original tensor object; taking it off
-puts that object back, so the base model is restored bit for bit and nothing is reloaded.
+patches right before they compute and take them off right after. Nothing is reloaded, and afterwards the
+base model computes bit for bit what it did before:
+
+* a float layer (``nn.Linear`` and the like) gets its weight swapped for ``W + strength * scale * up @ down``
+  (a new tensor); taking the patch off puts the original tensor object back;
+* an FP8 layer (:class:`engine.fp8.Fp8Linear`) keeps its E4M3 weight untouched (dequantizing, merging and
+  requantizing would be lossy, slow and not exactly undoable); the LoRA runs beside it as a low-rank
+  branch, ``y = fp8_linear(x) + strength * scale * (x @ down.T) @ up.T`` in the layer's compute dtype,
+  appended to its ``low_rank_branches`` and removed again afterwards. Stacked LoRAs add up either way.
 
 Key layouts understood (the ones ComfyUI and diffusers users have):
 
@@ -117,8 +123,14 @@ class LoraWeights:
         pairs = [p for p in self.pairs if p.target == target]
         if not pairs:
             return []
+        from engine.fp8.linear import Fp8Linear
+
         tensor = _tensor_type()
-        names = {name for name, sub in module.named_modules() if isinstance(getattr(sub, "weight", None), tensor)}
+        # A transformer_engine FP8 layer keeps its weight inside TE (``weight`` is None) but takes a branch too.
+        names = {
+            name for name, sub in module.named_modules()
+            if isinstance(sub, Fp8Linear) or isinstance(getattr(sub, "weight", None), tensor)
+        }
         underscored = {name.replace(".", "_"): name for name in names}
         resolved, unmatched = [], []
         for pair in pairs:
@@ -159,25 +171,40 @@ class LoraPatch:
 
     @contextlib.contextmanager
     def applied(self, module: Any, target: str = "transformer") -> Iterator[None]:
-        """Within the block, ``module``'s weights include this LoRA; afterwards they are the originals."""
+        """Within the block, ``module`` computes with this LoRA; afterwards exactly as before.
+
+        Float layers get a merged weight, FP8 layers a low-rank side branch (see the module docstring).
+        """
         with apply_pairs(module, self.lora.resolve(module, target), self.strength, self.name):
             yield
 
 
 @contextlib.contextmanager
 def apply_pairs(module: Any, resolved: list[tuple[str, LoraPair]], strength: float, name: str) -> Iterator[None]:
-    """Swap every touched weight for ``W + strength * delta``; put the original tensors back on exit."""
+    """Patch every touched layer of ``module`` for the block; restore each one exactly on exit.
+
+    Float weights are swapped for ``W + strength * delta``; :class:`~engine.fp8.Fp8Linear` layers get
+    one low-rank branch per layer (all of this LoRA's pairs on that layer, concatenated along the rank).
+    """
     import torch
 
+    from engine.fp8.linear import Fp8Linear
+
     originals: list[tuple[Any, Any]] = []
+    branches: list[tuple[Any, tuple[Any, Any]]] = []
     try:
         deltas: dict[str, Any] = {}
+        factors: dict[str, list[tuple[Any, Any]]] = {}
         for path, pair in resolved:
-            weight = module.get_submodule(path).weight
+            layer = module.get_submodule(path)
+            if isinstance(layer, Fp8Linear):
+                factors.setdefault(path, []).append(_pair_factors(pair, layer, strength))
+                continue
+            weight = layer.weight
             if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 raise ExecutionError(
                     f"LoRA '{name}' cannot patch layer '{path}' stored as {weight.dtype}; LoRAs apply to "
-                    "float32/bf16/fp16 weights (load the model with weight_dtype 'default')",
+                    "float32/bf16/fp16 weights and to FP8 layers built by the FP8 loader (Fp8Linear)",
                     lora=name, layer=path, dtype=str(weight.dtype),
                 )
             delta = _pair_delta(pair, weight)
@@ -188,10 +215,18 @@ def apply_pairs(module: Any, resolved: list[tuple[str, LoraPair]], strength: flo
                 original = weight.data
                 originals.append((weight, original))
                 weight.data = (original.to(torch.float32) + strength * delta).to(original.dtype)
+            for path, pairs in factors.items():
+                layer = module.get_submodule(path)
+                branch = (torch.cat([down for down, _ in pairs], dim=0), torch.cat([up for _, up in pairs], dim=1))
+                branches.append((layer, branch))
+                layer.low_rank_branches = layer.low_rank_branches + (branch,)
         yield
     finally:
         for weight, original in reversed(originals):
             weight.data = original
+        for layer, branch in reversed(branches):
+            # By identity: another LoRA's branch on the same layer stays, whatever the exit order.
+            layer.low_rank_branches = tuple(b for b in layer.low_rank_branches if b is not branch)
 
 
 def _pair_delta(pair: LoraPair, weight: Any) -> "torch.Tensor":
@@ -209,6 +244,27 @@ def _pair_delta(pair: LoraPair, weight: Any) -> "torch.Tensor":
             key=pair.key, lora_shape=list(delta.shape), weight_shape=list(weight.shape),
         )
     return (delta * pair.scale).reshape(weight.shape)
+
+
+def _pair_factors(pair: LoraPair, layer: Any, strength: float) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``(down, up)`` of one pair for an FP8 layer's branch: ``strength * scale`` folded into ``up``,
+    both on the layer's device in its compute dtype (the branch adds to the layer's output there)."""
+    import torch
+
+    device = (layer.weight if layer.weight is not None else next(layer.te_linear.parameters())).device
+    up = pair.up.to(device=device, dtype=torch.float32).flatten(1)
+    down = pair.down.to(device=device, dtype=torch.float32).flatten(1)
+    if pair.chunk is not None:
+        index, count = pair.chunk
+        up = up.chunk(count, dim=0)[index]
+    if up.shape[0] != layer.out_features or down.shape[1] != layer.in_features or up.shape[1] != down.shape[0]:
+        raise ModelLoadError(
+            f"LoRA key '{pair.key}' has shape {(up.shape[0], down.shape[1])} (rank {down.shape[0]}), the layer "
+            f"({layer.out_features}, {layer.in_features})",
+            key=pair.key, lora_shape=[up.shape[0], down.shape[1]],
+            weight_shape=[layer.out_features, layer.in_features],
+        )
+    return down.to(layer.compute_dtype), (up * (strength * pair.scale)).to(layer.compute_dtype)
 
 
 # --- files -------------------------------------------------------------------------------------------

@@ -15,6 +15,12 @@ Backends (one attribute, switchable on a built layer between the two that share 
 
 The FP8 tensors are buffers, not parameters, and keep their dtype through ``module.to(dtype)``:
 moving a quantized model to BF16 must never silently upcast its weights.
+
+``low_rank_branches`` carries LoRAs for the length of one run (see :mod:`engine.lora`): each
+``(down, up)`` pair adds ``(x @ down.T) @ up.T`` to the output in the compute dtype, so the FP8
+weight itself is never rewritten. It is a plain attribute rather than a forward hook because
+``torch.compile`` (``settings.compile``) ignores hooks added after compilation but guards on
+attributes the forward reads; an empty tuple leaves the output bit for bit what it was.
 """
 
 from __future__ import annotations
@@ -128,6 +134,8 @@ class Fp8Linear(nn.Module):
         self.te_linear = te_linear
         # Set by calibration: TE layers then record amax in high precision instead of running FP8.
         self.te_calibrating = False
+        # (down [rank, in], up [out, rank]) pairs in the compute dtype, set and cleared by engine.lora.
+        self.low_rank_branches: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -299,10 +307,14 @@ class Fp8Linear(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "weight_only":
-            return self._forward_weight_only(x)
-        if self.backend == "scaled_mm":
-            return self._forward_scaled_mm(x)
-        return self._forward_transformer_engine(x)
+            y = self._forward_weight_only(x)
+        elif self.backend == "scaled_mm":
+            y = self._forward_scaled_mm(x)
+        else:
+            y = self._forward_transformer_engine(x)
+        for down, up in self.low_rank_branches:
+            y = y + F.linear(F.linear(x.to(down.dtype), down), up)
+        return y
 
     def _forward_weight_only(self, x: torch.Tensor) -> torch.Tensor:
         # x @ (q * s)^T == (x @ q^T) * s for per-row s: scale the output, never build a scaled weight.

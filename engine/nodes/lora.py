@@ -34,15 +34,12 @@ def _record(ctx: "NodeContext", lora: Any, strength_model: float, strength_clip:
 
 
 def model_with_lora(ctx: "NodeContext", model: Any, lora: Any, strength: float) -> Any:
-    """``model`` with ``lora`` at ``strength`` as a patch; its keys are checked against the transformer now."""
+    """``model`` with ``lora`` at ``strength`` as a patch; its keys are checked against the transformer now.
+
+    FP8 models take LoRAs too: their FP8 layers run the LoRA as a side branch (see :mod:`engine.lora`).
+    """
     from engine.lora import LoraPatch
 
-    if model.precision.startswith("fp8"):
-        raise ExecutionError(
-            f"LoRA '{lora.name}' cannot be applied to the FP8 model '{model.name}' ({model.precision}); "
-            "load the model with weight_dtype 'default' to use LoRAs",
-            node_id=ctx.node_id, class_type=ctx.class_type, lora=lora.name, precision=model.precision,
-        )
     lora.resolve(model.transformer, "transformer")
     return model.with_patches(LoraPatch.of(lora, strength, "model"))
 
