@@ -194,6 +194,97 @@ def test_single_image_with_a_bad_value_names_the_field(services):
         handlers.generate_single(services, USER, "turbo_draft", {"prompt": "x", "height": 5, "width": 64, "steps": 1})
 
 
+def write_photo(path: Path, colour: tuple[int, int, int] = (200, 40, 30)) -> Path:
+    """A small product photo: an opaque product on a transparent background (the inpaint mask)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo = Image.new("RGBA", (40, 48), (0, 0, 0, 0))
+    photo.paste((*colour, 255), (10, 12, 30, 36))
+    photo.save(path)
+    return path
+
+
+PRODUCT = {"product_name": "sneaker", "seed": "3", "width": 256.0, "height": 256.0, "steps": 1.0,
+           "checkpoint": None}
+
+
+def staged_photos(services) -> list[Path]:
+    from engine.batch import STAGING_FOLDER
+
+    staging = Path(services.settings.uploads_path) / STAGING_FOLDER
+    return list(staging.iterdir()) if staging.is_dir() else []
+
+
+def test_single_image_reads_the_uploaded_photo_as_a_batch_does(services, tmp_path):
+    red = write_photo(tmp_path / "upload" / "Red Sneaker.png")
+    result = handlers.generate_single(services, USER, "product_in_scene", PRODUCT,
+                                      photos={"product_photo": str(red)})
+    assert Path(result.image_path).is_file()
+    # The photo is the batch's own, in its input folder, named as uploaded; the cell holds that name.
+    assert [Path(p).name for p in result.reference_images] == ["Red Sneaker.png"]
+    assert Path(result.reference_images[0]).parent == services.runner.images_dir(result.batch_id)
+    assert Path(result.reference_images[0]).read_bytes() == red.read_bytes()
+    row = services.ledger.rows(result.batch_id)[0]
+    assert row.row_values["product_photo"] == "Red Sneaker.png"
+    assert staged_photos(services) == []  # the staging copy went once the batch had its own
+
+    # Another photo, everything else equal: another image, so the run really read the photo.
+    blue = write_photo(tmp_path / "other" / "Red Sneaker.png", colour=(20, 40, 220))
+    again = handlers.generate_single(services, USER, "product_in_scene", PRODUCT, photos={"product_photo": str(blue)})
+    assert Path(again.image_path).read_bytes() != Path(result.image_path).read_bytes()
+    assert Path(again.reference_images[0]).read_bytes() == blue.read_bytes()
+
+
+def test_single_image_refuses_a_missing_or_unusable_photo(services, tmp_path):
+    with pytest.raises(BatchError, match="product_photo: required value is empty"):
+        handlers.generate_single(services, USER, "product_in_scene", PRODUCT, photos={"product_photo": None})
+    gif = tmp_path / "sneaker.gif"
+    gif.write_bytes(b"GIF89a")
+    with pytest.raises(SheetError, match=r"not a supported photo; supported: \.png, \.jpg, \.jpeg, \.webp"):
+        handlers.generate_single(services, USER, "product_in_scene", PRODUCT, photos={"product_photo": str(gif)})
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    with pytest.raises(BatchError, match="cannot be read as an image"):
+        handlers.generate_single(services, USER, "product_in_scene", PRODUCT, photos={"product_photo": str(broken)})
+    with pytest.raises(SheetError, match="no image field 'prompt'; its image fields: none"):
+        handlers.generate_single(services, USER, "turbo_draft", {"prompt": "x"}, photos={"prompt": str(broken)})
+    assert staged_photos(services) == []  # a refused photo leaves nothing behind
+
+
+def test_single_image_photos_named_alike_stay_apart(services, tmp_path):
+    first = write_photo(tmp_path / "a" / "photo.png")
+    second = write_photo(tmp_path / "b" / "PHOTO.png", colour=(0, 200, 0))
+    library, names = handlers.stage_single_photos(services, "product_in_scene", {"product_photo": str(first)})
+    try:
+        assert names == {"product_photo": "photo.png"} and library.names() == ["photo.png"]
+    finally:
+        services.runner.discard_staging(library)
+    assert staged_photos(services) == []
+    # A template with two image fields, both uploading files named alike: both photos are kept.
+    import json
+
+    schema = json.loads((ROOT / "templates" / "product_in_scene" / "template.json").read_text(encoding="utf-8"))
+    schema["name"] = "two_photos"
+    schema["fields"].append({"name": "backdrop", "type": "image", "example": "backdrop.png"})
+    workflow = (ROOT / "templates" / "product_in_scene" / "workflow.json.j2").read_bytes()
+    services.templates.folder = tmp_path / "templates"  # a scratch folder, not the shipped one
+    services.templates.add({"template.json": json.dumps(schema).encode(), "workflow.json.j2": workflow})
+    library, names = handlers.stage_single_photos(
+        services, "two_photos", {"product_photo": str(first), "backdrop": str(second)})
+    try:
+        assert names == {"product_photo": "photo.png", "backdrop": "PHOTO_2.png"}
+        assert library.path("PHOTO_2.png").read_bytes() == second.read_bytes()
+    finally:
+        services.runner.discard_staging(library)
+
+
+def test_a_cut_out_photo_is_shown_white_where_it_is_transparent(tmp_path):
+    thumb = handlers.reference_thumbnail(write_photo(tmp_path / "cut-out.png"))
+    assert thumb.mode == "RGB"
+    assert thumb.getpixel((0, 0)) == (255, 255, 255) and thumb.getpixel((20, 20)) == (200, 40, 30)
+
+
 def test_only_admins_switch_models_and_edit_templates(services):
     choices = handlers.model_choices(services)
     with pytest.raises(AccessDenied) as refused:

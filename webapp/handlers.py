@@ -12,6 +12,8 @@ one-row batch, so it is recorded in the ledger like every other image.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from engine.batch import describe_error
+from engine.batch import STAGING_FOLDER, describe_error
 from engine.errors import AccessDenied, BatchError, EngineError, SheetError
 from webapp.auth import ADMIN
 from webapp.guard import LOCAL_USER, Caller
@@ -421,7 +423,15 @@ def reference_thumbnail(path: str | Path, size: int = 256) -> Any:
 
     with Image.open(path) as image:
         image.draft("RGB", (size, size))
-        thumb = ImageOps.exif_transpose(image).convert("RGB")
+        upright = ImageOps.exif_transpose(image)
+        if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+            # A cut-out product: show its transparent area white, as a page would, not as the black the
+            # hidden colour values often are.
+            rgba = upright.convert("RGBA")
+            thumb = Image.new("RGB", rgba.size, (255, 255, 255))
+            thumb.paste(rgba, mask=rgba.getchannel("A"))
+        else:
+            thumb = upright.convert("RGB")
     thumb.thumbnail((size, size))
     return thumb
 
@@ -444,6 +454,55 @@ class SingleResult:
     batch_id: str
     image_path: str
     parameters: dict[str, Any]
+    reference_images: list[str] = field(default_factory=list)  # the product photo(s) the image was made from
+
+
+def stage_single_photos(
+    services: Any, template_name: str, photos: dict[str, str | Path | None]
+) -> tuple[Any, dict[str, str]]:
+    """The photos uploaded on the single-image form as an :class:`engine.image_refs.ImageLibrary`, staged
+    where :meth:`engine.batch.BatchRunner.unpack_photos` stages a batch's zip, so the one-row batch installs
+    and reads them exactly as a batch does.
+
+    ``photos`` maps an ``image`` field of the template to the uploaded file (None: nothing uploaded).
+    Returns ``(library, names)``: ``names`` maps each field with an upload to its stored file name, the
+    value the row's cell takes. The library is None when nothing was uploaded. Each photo keeps its own
+    name (made safe, and unique when two fields upload files named alike); a name that is not a supported
+    photo is refused with the supported extensions.
+    """
+    from engine.image_refs import IMAGE_EXTENSIONS, ImageLibrary
+    from engine.naming import safe_filename
+
+    image_fields = {spec.name for spec in services.templates.get(template_name).fields if spec.type == "image"}
+    unknown = sorted(set(photos) - image_fields)
+    if unknown:
+        raise SheetError(
+            f"template {template_name!r} has no image field {', '.join(map(repr, unknown))}; "
+            f"its image fields: {', '.join(sorted(image_fields)) or 'none'}", column=unknown[0])
+    uploads = {name: Path(path) for name, path in photos.items() if path}
+    if not uploads:
+        return None, {}
+    for name, path in uploads.items():
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise SheetError(f"{name}: '{path.name}' is not a supported photo; supported: {', '.join(IMAGE_EXTENSIONS)}",
+                             column=name, image=path.name)
+        if not path.is_file():
+            raise SheetError(f"{name}: the uploaded photo '{path.name}' is gone; upload it again", column=name)
+    root = Path(services.settings.uploads_path) / STAGING_FOLDER
+    root.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix="photos-", dir=root))  # the layout discard_staging removes
+    folder = holder / "images"
+    folder.mkdir()
+    try:
+        used: set[str] = set()
+        names = {}
+        for name, path in uploads.items():
+            names[name] = safe_filename(path.stem, used, suffix=path.suffix.lower())
+            shutil.copyfile(path, folder / names[name])
+        return ImageLibrary.from_folder(folder), names
+    except BaseException:
+        shutil.rmtree(holder, ignore_errors=True)
+        raise
 
 
 def _prepare_one_row(services: Any, template_name: str, sheet: Any, caller: Caller, images: Any = None) -> Any:
@@ -463,14 +522,25 @@ def generate_single(
     on_progress: Callable[[float, str], None] | None = None,
     timeout_s: float | None = None,
     lang: str = "en",
+    photos: dict[str, str | Path | None] | None = None,
 ) -> SingleResult:
     """Render one row from form ``values`` and run it through the batch queue; waits for the image.
 
-    ``on_progress(fraction, description)`` is called while waiting (queue position, then sampler steps).
+    ``photos`` maps the template's ``image`` fields to uploaded files: they become the batch's photos
+    (:func:`stage_single_photos`) and the fields' values their file names, so ``LoadImage`` finds them
+    as it finds a batch's. ``on_progress(fraction, description)`` is called while waiting (queue
+    position, then sampler steps).
     """
-    sheet = one_row_sheet(values, row_number=2, filename="single-image")
-    prepared = _prepare_one_row(services, template_name, sheet, caller)
-    batch_id = start_batch(services, prepared)
+    images, names = stage_single_photos(services, template_name, photos or {})
+    try:
+        # A field left without a photo is an empty cell, so the row says which photo is required.
+        cells = {**values, **{name: "" for name in photos or {}}, **names}
+        sheet = one_row_sheet(cells, row_number=2, filename="single-image")
+        prepared = _prepare_one_row(services, template_name, sheet, caller, images)
+        batch_id = start_batch(services, prepared)
+    finally:
+        if images is not None:  # started: the batch has its own copy; refused: nothing needs them
+            services.runner.discard_staging(images)
     limit = timeout_s if timeout_s is not None else float(services.settings.row_timeout_s) * 2 + 600
     deadline = time.monotonic() + limit
     while True:
@@ -487,7 +557,8 @@ def generate_single(
     if row.status != "done":
         reason = row.error or view.error or row.status
         raise BatchError(text("single.failed", lang, error=reason), batch_id=batch_id, status=row.status)
-    return SingleResult(batch_id, row.image_path, generation_parameters(row))
+    references = [str(p) for p in services.runner.reference_images(batch_id, row.row_values)]
+    return SingleResult(batch_id, row.image_path, generation_parameters(row), references)
 
 
 # ------------------------------------------------------------------------------------------- history
@@ -801,6 +872,7 @@ __all__ = [
     "save_template",
     "save_uploaded_template",
     "search_history",
+    "stage_single_photos",
     "start_batch",
     "status_label",
     "switch_model",

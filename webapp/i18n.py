@@ -107,7 +107,7 @@ EN: dict[str, str] = {
     "report.ok": "ok",
     "report.problem": "problem",
     # single image tab
-    "single.hint": "Fill in one row to try a template before a batch; the image and the parameters it was made with appear here.",
+    "single.hint": "Fill in one row to try a template before a batch (for an image field, upload the photo: PNG, JPG or WebP). The image, the photo it was made from and its parameters appear here.",
     "single.generate": "Generate",
     "single.image": "Image",
     "single.parameters": "Parameters",
@@ -294,7 +294,7 @@ ZH: dict[str, str] = {
     "report.problems": "问题",
     "report.ok": "正常",
     "report.problem": "有问题",
-    "single.hint": "填写一行即可在批量生成前试用模板；生成的图片及其参数会显示在这里。",
+    "single.hint": "填写一行即可在批量生成前试用模板（图片字段请上传照片：PNG、JPG 或 WebP）。生成的图片、所用照片及其参数会显示在这里。",
     "single.generate": "生成",
     "single.image": "图片",
     "single.parameters": "参数",

@@ -73,6 +73,10 @@ table.data-table td:last-child { overflow-wrap: anywhere; }
 .thumbs figcaption { font-size: .78em; color: var(--body-text-color-subdued); overflow: hidden;
                      text-overflow: ellipsis; white-space: nowrap; }
 .reference-photos { display: flex; gap: 10px; flex-wrap: wrap; margin-top: 8px; }
+.single-result { display: flex; gap: 14px; flex-wrap: wrap; align-items: flex-start; }
+.single-result > .result-image { flex: 0 1 auto; }
+.single-result > .reference-photos { margin-top: 0; }
+.single-result .reference-photos img { border: 1px solid var(--border-color-primary); border-radius: 6px; }
 """
 
 
@@ -159,6 +163,14 @@ def _reference_html(paths: list[str], lang: str) -> str:
     return f'<div class="reference-photos">{figures}</div>'
 
 
+def _result_html(path: str | None, references: list[str], outputs: Any, lang: str) -> str:
+    """A generated image with the product photo(s) it was made from beside it."""
+    image = _image_html(path, outputs)
+    if not references:
+        return image
+    return f'<div class="single-result">{image}{_reference_html(references, lang)}</div>'
+
+
 def _notice(message: str) -> str:
     return f'<div class="notice" role="status">{html.escape(message)}</div>'
 
@@ -190,6 +202,10 @@ def _field_widget(spec: Any, checkpoints: list[str], template_name: str) -> gr.c
                          minimum=spec.min, maximum=spec.max, **common)
     if spec.type == "checkpoint":
         return gr.Dropdown(choices=checkpoints, value=spec.default, allow_custom_value=True, **common)
+    if spec.type == "image":
+        # The uploaded file itself (image_mode None): a product photo's transparency is the inpaint mask.
+        common.pop("info")
+        return gr.Image(type="filepath", image_mode=None, sources=["upload"], height=220, **common)
     if spec.type == "seed":
         # Text, not a number widget: seeds go up to 2**64 - 1 and a browser number keeps only 53 bits.
         return gr.Textbox(value="" if spec.default is None else str(spec.default), placeholder=example, **common)
@@ -288,14 +304,19 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                         def run_single(values: dict[Any, Any], request: gr.Request,
                                        progress=gr.Progress()):  # noqa: B008 (how Gradio injects progress)
                             who, lang = caller(request), language_of_request(request)
-                            form = {spec.name: values[widget] for spec, widget in zip(specs, widgets)}
+                            form = {spec.name: values[widget] for spec, widget in zip(specs, widgets)
+                                    if spec.type != "image"}
+                            photos = {spec.name: values[widget] for spec, widget in zip(specs, widgets)
+                                      if spec.type == "image"}
                             result = handlers.generate_single(
                                 services, who, template_name, form,
                                 on_progress=lambda fraction, desc: progress(fraction, desc=desc), lang=lang,
+                                photos=photos,
                             )
                             table = _pairs_table(handlers.parameter_rows(result.parameters, lang))
                             caption = f'<p class="caption">{html.escape(text("single.parameters", lang))}</p>'
-                            return _image_html(result.image_path, outputs), caption + table
+                            return (_result_html(result.image_path, result.reference_images, outputs, lang),
+                                    caption + table)
 
                         # A set of inputs arrives as one {component: value} dict: the form has any number of fields.
                         generate.click(run_single, inputs=set(widgets), outputs=[single_image, single_params], **GPU)

@@ -1,7 +1,8 @@
 """The web app in a real browser: log in, upload a sheet, validate, run a batch on the demo model, watch the
-gallery fill, download the zip, find the batch in History; a single image from the form; cancel a running
-batch; resume an interrupted one; warm-up; both languages; and the refusals (wrong password, anonymous
-file requests, a non-admin switching models). Screenshots of each page go to test-artifacts/screenshots/.
+gallery fill, download the zip, find the batch in History; a single image from the form, also one made from
+an uploaded product photo; cancel a running batch; resume an interrupted one; warm-up; both languages; and
+the refusals (wrong password, anonymous file requests, a non-admin switching models). Screenshots of each
+page go to test-artifacts/screenshots/.
 
 Images are 64x64 with one or two steps wherever the size does not matter, so the suite stays fast.
 """
@@ -143,6 +144,40 @@ def test_single_image_from_the_form(app_server, new_page, screenshot):
     assert re.search(r"Seed\s+5\b", text) and re.search(r"Steps\s+2\b", text)
     screenshot(page, "single-image-result")
     assert services.ledger.search(text="a yellow teapot", limit=5)[0].status == "done"
+
+
+def test_single_image_with_an_uploaded_product_photo(app_server, new_page, screenshot, tmp_path):
+    from PIL import Image
+
+    base_url, services = app_server
+    photo = tmp_path / "blue-mug.png"  # an opaque product on a transparent background (the inpaint mask)
+    drawing = Image.new("RGBA", (48, 40), (0, 0, 0, 0))
+    drawing.paste((30, 90, 200, 255), (12, 8, 36, 32))
+    drawing.save(photo)
+    page = new_page()
+    log_in(page, base_url, "bob", "bob-pass")
+    open_tab(page, "Single image")
+    pick(page, "single-template", "product_in_scene")
+    field(page, "product_name").wait_for()
+    field(page, "product_name").fill("a blue mug photo")
+    page.locator("#field-product_photo input[type=file]").set_input_files(str(photo))
+    page.locator("#field-product_photo img").wait_for()  # the upload's preview
+    for name, value in (("seed", "7"), ("width", "256"), ("height", "256"), ("steps", "1")):
+        field(page, name).fill(value)
+    screenshot(page, "single-image-photo")
+    page.locator("#single-generate").click()
+
+    result = "#single-image .result-image img"
+    page.wait_for_function(f"() => document.querySelector('{result}')?.naturalWidth === 256", timeout=60_000)
+    reference = page.locator("#single-image .reference-photos img")
+    page.wait_for_function("() => document.querySelector('#single-image .reference-photos img')?.naturalWidth === 48")
+    assert "blue-mug.png" in page.locator("#single-image .reference-photos").inner_text()
+    image_box, reference_box = page.locator(result).bounding_box(), reference.bounding_box()
+    assert reference_box["x"] >= image_box["x"] + image_box["width"]  # beside the image, not under it
+    page.locator("#single-parameters").get_by_text("256 × 256").wait_for()
+    screenshot(page, "single-image-photo-result")
+    row = services.ledger.search(text="a blue mug photo", limit=5)[0]
+    assert row.status == "done" and row.row_values["product_photo"] == "blue-mug.png"
 
 
 def test_cancel_a_running_batch_with_live_progress(app_server, new_page, screenshot, tmp_path):
