@@ -12,8 +12,6 @@ one-row batch, so it is recorded in the ledger like every other image.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from engine.batch import STAGING_FOLDER, describe_error
+from engine.batch import describe_error
 from engine.errors import AccessDenied, BatchError, EngineError, SheetError
 from webapp.auth import ADMIN
 from webapp.guard import LOCAL_USER, Caller
@@ -460,49 +458,9 @@ class SingleResult:
 def stage_single_photos(
     services: Any, template_name: str, photos: dict[str, str | Path | None]
 ) -> tuple[Any, dict[str, str]]:
-    """The photos uploaded on the single-image form as an :class:`engine.image_refs.ImageLibrary`, staged
-    where :meth:`engine.batch.BatchRunner.unpack_photos` stages a batch's zip, so the one-row batch installs
-    and reads them exactly as a batch does.
-
-    ``photos`` maps an ``image`` field of the template to the uploaded file (None: nothing uploaded).
-    Returns ``(library, names)``: ``names`` maps each field with an upload to its stored file name, the
-    value the row's cell takes. The library is None when nothing was uploaded. Each photo keeps its own
-    name (made safe, and unique when two fields upload files named alike); a name that is not a supported
-    photo is refused with the supported extensions.
-    """
-    from engine.image_refs import IMAGE_EXTENSIONS, ImageLibrary
-    from engine.naming import safe_filename
-
-    image_fields = {spec.name for spec in services.templates.get(template_name).fields if spec.type == "image"}
-    unknown = sorted(set(photos) - image_fields)
-    if unknown:
-        raise SheetError(
-            f"template {template_name!r} has no image field {', '.join(map(repr, unknown))}; "
-            f"its image fields: {', '.join(sorted(image_fields)) or 'none'}", column=unknown[0])
-    uploads = {name: Path(path) for name, path in photos.items() if path}
-    if not uploads:
-        return None, {}
-    for name, path in uploads.items():
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise SheetError(f"{name}: '{path.name}' is not a supported photo; supported: {', '.join(IMAGE_EXTENSIONS)}",
-                             column=name, image=path.name)
-        if not path.is_file():
-            raise SheetError(f"{name}: the uploaded photo '{path.name}' is gone; upload it again", column=name)
-    root = Path(services.settings.uploads_path) / STAGING_FOLDER
-    root.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix="photos-", dir=root))  # the layout discard_staging removes
-    folder = holder / "images"
-    folder.mkdir()
-    try:
-        used: set[str] = set()
-        names = {}
-        for name, path in uploads.items():
-            names[name] = safe_filename(path.stem, used, suffix=path.suffix.lower())
-            shutil.copyfile(path, folder / names[name])
-        return ImageLibrary.from_folder(folder), names
-    except BaseException:
-        shutil.rmtree(holder, ignore_errors=True)
-        raise
+    """The photos uploaded on the single-image form, staged like a batch's zip (see
+    :meth:`engine.batch.BatchRunner.stage_photos`)."""
+    return services.runner.stage_photos(template_name, photos)
 
 
 def _prepare_one_row(services: Any, template_name: str, sheet: Any, caller: Caller, images: Any = None) -> Any:
