@@ -9,8 +9,9 @@ kohya/ComfyUI and the diffusers/PEFT layouts.
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
+from test_lora import pixels, run
+from test_lora import workflow as lora_workflow
 from torch import nn
 
 from engine.fp8.linear import Fp8Linear
@@ -75,34 +76,8 @@ def fp32_engine(models_root):
 
 
 def workflow(loras=(), seed=3):
-    """Demo checkpoint -> LoraLoader chain -> prompts -> 2-step KSampler at 64x64 -> SaveImage."""
-    wf = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": DEMO_CHECKPOINT}}}
-    model, clip = ["1", 0], ["1", 1]
-    for index, (name, strength) in enumerate(loras):
-        node = str(20 + index)
-        wf[node] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": name,
-                                                            "strength_model": strength, "strength_clip": 1.0}}
-        model, clip = [node, 0], [node, 1]
-    wf.update({
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a red jacket on a mannequin"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
-        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": model, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
-            "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "lora_fp8"}},
-    })
-    return wf
-
-
-def pixels(result):
-    return np.asarray(Image.open(result.images[0].path)).astype(np.int16)
-
-
-def run(engine, wf):
-    result = engine.run(wf)
-    return pixels(result), result
+    """The LoRA tests' workflow (2-step KSampler at 64x64) with the clip strength fixed at 1.0."""
+    return lora_workflow([(name, strength, 1.0) for name, strength in loras], seed=seed)
 
 
 def transformer(engine):
