@@ -80,7 +80,7 @@ class Engine:
     def validate(self, workflow: Workflow | dict[str, Any] | str, input_dir: str | Path | None = None) -> Workflow:
         """Raise WorkflowInvalid listing every problem; returns the parsed workflow when valid.
 
-        ``input_dir``: where LoadImage looks (default: the uploads folder), e.g. a batch's photos.
+        ``input_dir``: where LoadImage looks (default: the input folder), e.g. a batch's photos.
         """
         parsed = self.parse(workflow)
         problems = self.problems(parsed, input_dir)
@@ -316,7 +316,7 @@ class Engine:
             on_progress=on_progress,
             should_cancel=should_cancel,
             sampler_time_limit_s=sampler_time_limit_s,
-            input_dir=Path(input_dir) if input_dir is not None else Path(self.settings.uploads_path),
+            input_dir=Path(input_dir) if input_dir is not None else Path(self.settings.input_path),
             vae_tiled=vae_tiled,
         )
 

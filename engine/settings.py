@@ -97,6 +97,13 @@ class Settings:
     def uploads_path(self) -> Path:
         return self.data_path / "uploads"
 
+    @property
+    def input_path(self) -> Path:
+        """ComfyUI's input folder: where LoadImage looks when a workflow is not a batch with its own photos.
+
+        Kept apart from the uploads folder, so a workflow can never read another batch's photos."""
+        return self.data_path / "input"
+
 
 def _coerce(spec: SettingSpec, raw: Any) -> Any:
     if spec.type is bool and isinstance(raw, str):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT.parent / "shared" / "comfyui-examples"
+EXAMPLES = Path(__file__).parent / "data" / "comfyui-examples"
 
 
 def app(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -29,8 +29,6 @@ def app(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float
 def small_example(tmp_path: Path) -> Path:
     """The official SD3.5 API example pointed at the demo model, small enough for a CPU."""
     source = EXAMPLES / "sd3.5_simple_example.api.json"
-    if not source.exists():
-        pytest.skip("shared/comfyui-examples is not beside this checkout")
     workflow = json.loads(source.read_text())
     for node in workflow.values():
         if node["class_type"] == "CheckpointLoaderSimple":

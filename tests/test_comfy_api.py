@@ -21,7 +21,7 @@ from engine.settings import load_settings
 from live_server import live_server
 from webapp.auth import TokenIssuer
 
-EXAMPLE = Path("/work/shared/comfyui-examples/sd3.5_simple_example.api.json")
+EXAMPLE = Path(__file__).parent / "data" / "comfyui-examples" / "sd3.5_simple_example.api.json"
 SECRET = "comfy-signing-key-" + "k" * 40
 SEEDS = itertools.count(1000)  # a fresh seed per prompt, so the sampler really runs (and reports steps)
 
@@ -220,3 +220,49 @@ def test_token_applies_to_comfy_routes_and_websocket(server):
     with pytest.raises(InvalidStatus):
         with connect(f"{server.ws_url}/ws?clientId=intruder&token={server.token[:-3]}abc"):
             pass
+
+
+def png_bytes(color=(200, 30, 30), size=(32, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_upload_image_then_load_it_in_a_prompt(server):
+    uploaded = server.http.post("/upload/image", files={"image": ("../../shoe.png", png_bytes(), "image/png")},
+                                data={"subfolder": "refs", "type": "input"})
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json() == {"name": "shoe.png", "subfolder": "refs", "type": "input"}
+    again = server.http.post("/upload/image", files={"image": ("shoe.png", png_bytes((0, 0, 255)), "image/png")},
+                             data={"subfolder": "refs"})
+    assert again.json()["name"] == "shoe (1).png"  # no overwrite unless asked, as in ComfyUI
+    view = server.http.get("/view", params={"filename": "shoe.png", "subfolder": "refs", "type": "input"})
+    assert view.status_code == 200 and Image.open(io.BytesIO(view.content)).size == (32, 32)
+    top = server.http.post("/upload/image", files={"image": ("logo.png", png_bytes(), "image/png")})
+    assert top.json() == {"name": "logo.png", "subfolder": "", "type": "input"}
+    choices = server.http.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"][0]
+    assert "logo.png" in choices  # ComfyUI lists the input folder's top level; subfolders load by path
+
+    prompt = example_prompt()
+    prompt["60"] = {"class_type": "LoadImage", "inputs": {"image": "refs/shoe.png"}}
+    prompt["61"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["60", 0], "vae": ["4", 2]}}
+    prompt["3"]["inputs"].update(latent_image=["61", 0], denoise=0.5)
+    answer = server.http.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 200, answer.text
+    prompt_id = answer.json()["prompt_id"]
+    deadline = time.monotonic() + 60
+    while not (history := server.http.get(f"/history/{prompt_id}").json()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert history[prompt_id]["status"]["status_str"] == "success"
+
+
+@pytest.mark.parametrize("subfolder", ["../outside", "/abs", "a/../../x", "C:evil"])
+def test_upload_image_refuses_paths_outside_the_input_folder(server, subfolder):
+    refused = server.http.post("/upload/image", files={"image": ("x.png", png_bytes(), "image/png")},
+                               data={"subfolder": subfolder})
+    assert refused.status_code == 403
+
+
+def test_upload_image_refuses_what_is_not_an_image(server):
+    refused = server.http.post("/upload/image", files={"image": ("x.png", b"not a png", "image/png")})
+    assert refused.status_code == 400 and "not an image" in refused.json()["error"]["message"]

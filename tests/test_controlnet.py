@@ -15,7 +15,7 @@ from engine.errors import ModelLoadError, ModelNotFound, WorkflowInvalid
 from engine.runtime import Engine
 from engine.settings import DEMO_CHECKPOINT, Settings
 
-EXAMPLES = Path("/work/shared/comfyui-examples")
+EXAMPLES = Path(__file__).parent / "data" / "comfyui-examples"
 CANNY_EXAMPLE = "sd3.5_large_canny_controlnet_example"
 SIZE = 128
 
@@ -55,8 +55,8 @@ def engine(tmp_path_factory):
     net.save_pretrained(str(folder / "tiny_canny_diffusers"))
     save_file({"input_blocks.0.0.weight": torch.zeros(4, 4)}, str(folder / "sd15_canny.safetensors"))
     settings = Settings(data_dir=str(root / "data"), models_dir=str(root / "models"), device="cpu")
-    settings.uploads_path.mkdir(parents=True)
-    layout_image().save(settings.uploads_path / "layout.png")
+    settings.input_path.mkdir(parents=True)
+    layout_image().save(settings.input_path / "layout.png")
     return Engine(settings)
 
 

@@ -18,7 +18,7 @@ from engine.errors import ModelLoadError
 from engine.runtime import Engine
 from engine.settings import DEMO_CHECKPOINT, Settings
 
-EXAMPLE = Path("/work/shared/comfyui-examples/sd3.5_large_canny_controlnet_example.api.json")
+EXAMPLE = Path(__file__).parent / "data" / "comfyui-examples" / "sd3.5_large_canny_controlnet_example.api.json"
 SIZE = 64
 CANNY = 1  # the file's control_type scalar: 0 blur, 1 canny, 2 depth
 
@@ -232,11 +232,11 @@ def engine(tmp_path_factory):
     write(folder / "sd3.5_large_controlnet_canny.safetensors", original_layout(net, CANNY))
     write(folder / "sd3.5_large_controlnet_blur.safetensors", original_layout(net, 0))
     settings = Settings(data_dir=str(root / "data"), models_dir=str(root / "models"), device="cpu")
-    settings.uploads_path.mkdir(parents=True)
+    settings.input_path.mkdir(parents=True)
     y, x = np.mgrid[0:96, 0:96]
     picture = np.stack([x / 96, y / 96, np.full_like(x, 0.3, dtype=float)], -1) * 120
     picture[24:72, 30:70] = [250, 240, 220]
-    Image.fromarray(picture.astype(np.uint8)).save(settings.uploads_path / "layout.png")
+    Image.fromarray(picture.astype(np.uint8)).save(settings.input_path / "layout.png")
     return Engine(settings)
 
 

@@ -35,8 +35,8 @@ def product_photo(size=SIZE):
 def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("img2img")
     settings = Settings(data_dir=str(root / "data"), models_dir=str(root / "models"), device="cpu")
-    (settings.uploads_path / "shop").mkdir(parents=True)
-    product_photo().save(settings.uploads_path / "shop" / "sneaker.png")
+    (settings.input_path / "shop").mkdir(parents=True)
+    product_photo().save(settings.input_path / "shop" / "sneaker.png")
     (root / "data" / "secret.png").write_bytes(b"not for workflows")
     return Engine(settings)
 
@@ -44,7 +44,7 @@ def engine(tmp_path_factory):
 @pytest.fixture()
 def ctx(engine, tmp_path):
     return NodeContext(models=engine.models, output_dir=tmp_path, temp_dir=tmp_path,
-                       input_dir=engine.settings.uploads_path)
+                       input_dir=engine.settings.input_path)
 
 
 def img2img(denoise, seed=6, inpaint=None):

@@ -12,7 +12,7 @@ from engine.errors import ModelLoadError
 from engine.runtime import Engine
 from engine.settings import DEMO_CHECKPOINT, Settings
 
-EXAMPLES = Path("/work/shared/comfyui-examples")
+EXAMPLES = Path(__file__).parent / "data" / "comfyui-examples"
 RUNNABLE_API_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.api.json") if "controlnet" not in p.name)
 SIZE, STEPS = 64, 2
 

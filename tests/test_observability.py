@@ -17,7 +17,7 @@ from engine.settings import load_settings
 from webapp.auth import TokenIssuer
 
 SECRET = "observability-key-" + "k" * 40
-EXAMPLE = Path("/work/shared/comfyui-examples/sd3.5_simple_example.api.json")
+EXAMPLE = Path(__file__).parent / "data" / "comfyui-examples" / "sd3.5_simple_example.api.json"
 
 
 @pytest.fixture(scope="module")

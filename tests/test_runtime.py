@@ -11,7 +11,7 @@ from engine.errors import ModelNotFound, WorkflowFormatError, WorkflowInvalid
 from engine.runtime import Engine, RunResult
 from engine.settings import DEMO_CHECKPOINT, Settings
 
-EXAMPLE = Path("/work/shared/comfyui-examples/sd3.5_simple_example.api.json")
+EXAMPLE = Path(__file__).parent / "data" / "comfyui-examples" / "sd3.5_simple_example.api.json"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from engine.nodes.base import Input, NodeType, Output
 from engine.validate import ensure_valid, output_ancestors, validate_workflow
 from engine.workflow import parse_workflow
 
-EXAMPLES = Path("/work/shared/comfyui-examples")
+EXAMPLES = Path(__file__).parent / "data" / "comfyui-examples"
 VALID = {
     "1": {"class_type": "Number", "inputs": {"value": 5}},
     "2": {"class_type": "Number", "inputs": {"value": 7}},

@@ -12,7 +12,7 @@ from arithmetic_nodes import arithmetic_registry
 from engine.errors import WorkflowFormatError
 from engine.workflow import GraphNode, Link, Workflow, parse_workflow
 
-EXAMPLES = Path("/work/shared/comfyui-examples")
+EXAMPLES = Path(__file__).parent / "data" / "comfyui-examples"
 SOURCE_ARTICLE_EXAMPLE = {
     "nodes": [
         {"id": 1, "type": "LoadCheckpoint", "inputs": {}, "values": {"ckpt_name": "sd3.5_fp8.safetensors"}},

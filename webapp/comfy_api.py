@@ -3,7 +3,7 @@
 Existing ComfyUI clients (scripts, plugins, other apps) talk to this server unchanged: ``POST /prompt``,
 ``GET /prompt``, ``GET /history[/{id}]``, ``GET /view``, ``GET /queue``, ``POST /queue``, ``POST /interrupt``,
 ``GET /object_info[/{class}]``, ``GET /system_stats`` and ``/ws`` progress events (request and response
-shapes: /work/shared/COMFYUI-COMPAT.md). Each prompt is a one-row batch in the ledger whose batch id is the
+shapes). Each prompt is a one-row batch in the ledger whose batch id is the
 prompt id; it runs on the same GPU queue as spreadsheet batches, and its images land in
 ``<outputs>/<prompt_id>/`` (so ``/view`` gets ``subfolder=<prompt_id>``).
 """
@@ -29,6 +29,7 @@ from engine.store import row_key
 from webapp.api import check_batch_id
 from webapp.files import resolve_inside
 from webapp.guard import ApiGuard, fastapi_dependency
+from webapp.ratelimit import UploadLimit
 
 log = logging.getLogger(__name__)
 
@@ -294,10 +295,47 @@ class ComfyBridge:
                     del self.sockets[client_id]
 
 
-def comfy_router(services: Any, guard: ApiGuard) -> Any:
+def save_input_image(root: Path, filename: str, subfolder: str, data: bytes, overwrite: bool) -> Path:
+    """Store an uploaded image in the input folder under a safe name; a clash gets ``name (1).png``
+    unless ``overwrite``, as ComfyUI does. Only files that really are images are kept."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from engine.naming import safe_filename
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise AccessDenied(f"'{filename[:80]}' is not an image file", status=400, reason="not_an_image") from exc
+    if subfolder.startswith(("/", "\\")):
+        raise AccessDenied("subfolder must stay inside the input folder", status=403, reason="bad_path")
+    folder = root.resolve()
+    for part in Path(subfolder.rstrip("/")).parts:
+        if part in {"..", ""} or ":" in part or "\\" in part:
+            raise AccessDenied("subfolder must stay inside the input folder", status=403, reason="bad_path")
+        folder = folder / part
+    if folder != root.resolve() and root.resolve() not in folder.parents:
+        raise AccessDenied("subfolder must stay inside the input folder", status=403, reason="bad_path")
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = Path(filename).suffix.lower() or ".png"
+    name = safe_filename(Path(Path(filename).name).stem or "image", set(), suffix=suffix)
+    target = folder / name
+    counter = 1
+    while target.exists() and not overwrite:
+        target = folder / f"{Path(name).stem} ({counter}){suffix}"
+        counter += 1
+    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    temp.write_bytes(data)
+    temp.replace(target)
+    return target
+
+
+def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") -> Any:
     """The ComfyUI-compatible routes as a FastAPI router (mounted at the server's root); ``.bridge`` is its
     :class:`ComfyBridge`."""
-    from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
+    from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile, WebSocket, WebSocketDisconnect
     from fastapi.responses import FileResponse, JSONResponse
 
     router = APIRouter(tags=["ComfyUI-compatible"])
@@ -382,13 +420,34 @@ def comfy_router(services: Any, guard: ApiGuard) -> Any:
         roots = {
             "output": Path(settings.outputs_path),
             "temp": Path(settings.data_path) / "temp",
-            "input": Path(settings.uploads_path),
+            "input": Path(settings.input_path),
         }
         if type not in roots:
             raise AccessDenied(f"type must be one of {', '.join(VIEW_TYPES)}", status=400, reason="bad_type")
         path = resolve_inside(roots[type], subfolder, filename)
         media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media, filename=path.name, content_disposition_type="inline")
+
+    @router.post("/upload/image")
+    async def upload_image(
+        request: Request,
+        image: UploadFile = File(...),
+        subfolder: str = Form(""),
+        type: str = Form("input"),  # noqa: A002 - ComfyUI's field name
+        overwrite: str = Form("false"),
+        caller: Any = user,
+    ) -> Any:
+        """ComfyUI's image upload, for LoadImage: the file lands in the input folder (never elsewhere)."""
+        if type != "input":
+            raise AccessDenied("only type=input uploads are accepted", status=400, reason="bad_type")
+        data = await image.read(upload_limit.max_bytes + 1)
+        if len(data) > upload_limit.max_bytes:
+            raise upload_limit.too_large(len(data), declared=False)
+        saved = await asyncio.to_thread(
+            save_input_image, Path(services.settings.input_path), image.filename or "image.png", subfolder, data,
+            overwrite.strip().lower() in {"1", "true", "yes"},
+        )
+        return {"name": saved.name, "subfolder": subfolder.rstrip("/"), "type": "input"}
 
     @router.websocket("/ws")
     async def websocket(socket: WebSocket, clientId: str | None = None, token: str | None = None) -> None:  # noqa: N803

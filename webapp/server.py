@@ -362,7 +362,7 @@ def create_app(
         return Response(body, media_type=content_type)
 
     app.include_router(api_router(services, guard, upload_limit))
-    comfy = comfy_router(services, guard)
+    comfy = comfy_router(services, guard, upload_limit)
     app.include_router(comfy)
     # ComfyUI serves every route under /api as well, and newer clients use that form.
     app.include_router(comfy, prefix="/api", include_in_schema=False)
