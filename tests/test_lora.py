@@ -36,9 +36,10 @@ def shapes():
             "transformer_blocks.1.ff.net.0.proj": (4 * INNER, INNER)}
 
 
-def kohya_state(seed=1, with_clip=False):
+def kohya_state(seed=1, with_clip=False, modules=None):
+    """A LoRA in ComfyUI/kohya keys over ``modules`` ({diffusers module: (out, in)}; default: shapes())."""
     state = {}
-    for i, (module, (out_f, in_f)) in enumerate(shapes().items()):
+    for i, (module, (out_f, in_f)) in enumerate((modules or shapes()).items()):
         up, down = factors(seed + i, out_f, in_f)
         stem = "lora_unet_" + module.replace(".", "_")
         state.update({f"{stem}.lora_up.weight": up, f"{stem}.lora_down.weight": down,
@@ -51,9 +52,10 @@ def kohya_state(seed=1, with_clip=False):
     return state
 
 
-def peft_state(seed=1):
+def peft_state(seed=1, modules=None):
+    """The same LoRA in diffusers/PEFT keys."""
     state = {}
-    for i, (module, (out_f, in_f)) in enumerate(shapes().items()):
+    for i, (module, (out_f, in_f)) in enumerate((modules or shapes()).items()):
         up, down = factors(seed + i, out_f, in_f)
         state.update({f"transformer.{module}.lora_B.weight": up, f"transformer.{module}.lora_A.weight": down,
                       f"transformer.{module}.alpha": torch.tensor(ALPHA)})

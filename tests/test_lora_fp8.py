@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_lora import pixels, run
+from test_lora import ALPHA, RANK, factors, kohya_state, peft_state, pixels, run
 from test_lora import workflow as lora_workflow
 from torch import nn
 
@@ -20,8 +20,6 @@ from engine.lora import LoraPatch, parse_lora_state_dict
 from engine.runtime import Engine
 from engine.settings import DEMO_CHECKPOINT, Settings
 
-RANK = 4
-ALPHA = 2.0
 INNER = 32  # demo transformer width
 OUT_CHANNELS = 16 * 2 * 2  # proj_out: latent channels x patch x patch
 # Block linears (quantized to FP8) plus proj_out (kept in high precision, merged as a float weight).
@@ -30,37 +28,13 @@ BRAND = {"transformer_blocks.0.attn.to_q": (INNER, INNER), "transformer_blocks.0
 STYLE = {"transformer_blocks.0.attn.to_q": (INNER, INNER), "proj_out": (OUT_CHANNELS, INNER)}
 
 
-def factors(seed, out_features, in_features, scale=0.6):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(out_features, RANK, generator=generator) * scale,
-            torch.randn(RANK, in_features, generator=generator) * scale)
-
-
-def kohya_state(modules, seed):
-    state = {}
-    for i, (module, (out_f, in_f)) in enumerate(modules.items()):
-        up, down = factors(seed + i, out_f, in_f)
-        stem = "lora_unet_" + module.replace(".", "_")
-        state.update({f"{stem}.lora_up.weight": up, f"{stem}.lora_down.weight": down, f"{stem}.alpha": torch.tensor(ALPHA)})
-    return state
-
-
-def peft_state(modules, seed):
-    state = {}
-    for i, (module, (out_f, in_f)) in enumerate(modules.items()):
-        up, down = factors(seed + i, out_f, in_f)
-        state.update({f"transformer.{module}.lora_B.weight": up, f"transformer.{module}.lora_A.weight": down,
-                      f"transformer.{module}.alpha": torch.tensor(ALPHA)})
-    return state
-
-
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_fp8")
     loras = root / "models" / "loras"
     loras.mkdir(parents=True)
-    save_file(kohya_state(BRAND, seed=1), str(loras / "brand_kohya.safetensors"))
-    save_file(peft_state(STYLE, seed=20), str(loras / "style_peft.safetensors"))
+    save_file(kohya_state(seed=1, modules=BRAND), str(loras / "brand_kohya.safetensors"))
+    save_file(peft_state(seed=20, modules=STYLE), str(loras / "style_peft.safetensors"))
     return root
 
 
@@ -112,7 +86,7 @@ def test_stacked_branches_add_up_and_zero_strength_changes_nothing(fp8_engine):
     model = transformer(fp8_engine)
     layer = model.get_submodule("transformer_blocks.0.attn.to_q")
     brand = fp8_engine.models.lora("brand_kohya.safetensors")
-    style_state = peft_state(STYLE, seed=20)
+    style_state = peft_state(seed=20, modules=STYLE)
     style = parse_lora_state_dict(style_state, "style")
     x = torch.randn(5, INNER, generator=torch.Generator().manual_seed(4))
     base = layer(x)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_workflow_parse import SOURCE_ARTICLE_EXAMPLE
 
 from engine.errors import ModelLoadError
 from engine.runtime import Engine
@@ -16,19 +17,6 @@ EXAMPLES = Path(__file__).parent / "data" / "comfyui-examples"
 RUNNABLE_API_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.api.json") if "controlnet" not in p.name)
 SIZE, STEPS = 64, 2
 
-SOURCE_ARTICLE_EXAMPLE = {
-    "nodes": [
-        {"id": 1, "type": "LoadCheckpoint", "inputs": {}, "values": {"ckpt_name": "sd3.5_fp8.safetensors"}},
-        {"id": 2, "type": "CLIPTextEncode", "inputs": {"clip": [1, "CLIP"]},
-         "values": {"text": "cyberpunk city, neon lights, raining"}},
-        {"id": 3, "type": "KSampler",
-         "inputs": {"model": [1, "MODEL"], "positive": [2, 0], "negative": [2, 0], "latent_image": [4, 0]},
-         "values": {"seed": 12345, "steps": 30, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"}},
-        {"id": 4, "type": "EmptyLatentImage", "values": {"width": 1024, "height": 1024}},
-        {"id": 5, "type": "VAEDecode", "inputs": {"vae": [1, "VAE"], "samples": [3, 0]}},
-        {"id": 6, "type": "SaveImage", "inputs": {"images": [5, 0]}, "values": {"filename_prefix": "SD35_FP8_Batch"}},
-    ]
-}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +98,11 @@ def separate_files_models(tmp_path_factory, demo_components):
     from safetensors.torch import save_file
     from transformers import T5Config, T5EncoderModel
 
-    from engine.models.checkpoint import CONFIG_METADATA_KEY, checkpoint_metadata, write_checkpoint
+    from engine.models.checkpoint import (
+        CONFIG_METADATA_KEY,
+        checkpoint_metadata,
+        write_checkpoint,
+    )
     from engine.models.demo import DEMO_MARKER
 
     root = tmp_path_factory.mktemp("separate_models")
