@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, TextIO
 
 import torch
 
+from engine.attention import attention_priority, choose_attention
 from engine.errors import Fp8Error
 from engine.fp8.backends import compile_blocks, fp8_compute_problem, transformer_engine_available, uncompile_blocks
 from engine.fp8.calibrate import calibrate
@@ -113,6 +114,8 @@ class VariantResult:
     backend: str  # "" for bf16
     activation_scaling: str  # "", dynamic, static, none (weight_only), delayed (TE)
     compiled: bool
+    attention: str = "default"  # SDPA backend first in priority (engine.attention); "default": torch's order
+    weight_scales: str = ""  # fp8: per_channel or per_tensor
     ms: float | None = None
     ms_all: list[float] = field(default_factory=list)
     warmup_s: float | None = None  # includes compilation for compiled variants
@@ -265,6 +268,7 @@ def run_benchmark(
     warmup: int = 2,
     compile: bool | None = None,
     seed: int = 0,
+    attention: str = "auto",
     out: TextIO | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -272,7 +276,11 @@ def run_benchmark(
 
     ``backends``: FP8 backends to time (default: every one the device runs). ``compile``: also time
     block-compiled variants (default: on CUDA only; on a CPU compilation needs a C++ toolchain and
-    minutes). Progress, the table and the JSON go to ``out`` (default: stdout) unless ``quiet``.
+    minutes). ``attention``: the attention setting the FP8 variants run with (:mod:`engine.attention`);
+    when it picks another kernel than torch's default, BF16 compiled is timed with it too, so the
+    same-compile comparison runs both precisions on the same attention kernel. BF16 eager always runs
+    on torch's default (diffusers' out-of-the-box speed). Progress, the table and the JSON go to ``out``
+    (default: stdout) unless ``quiet``.
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -295,6 +303,9 @@ def run_benchmark(
     inputs = make_inputs(size, dev)
     model = build_transformer(size, dev, seed)
     params = sum(p.numel() for p in model.parameters())
+    kernels = choose_attention(attention, model, dev, torch.bfloat16)
+    chosen = kernels[0] if kernels else "default"
+    say(f"  attention: {chosen}" + (f" (priority {', '.join(kernels)})" if kernels else " (torch's order)"))
     results: list[VariantResult] = []
     reference: dict[str, Any] = {}
 
@@ -304,9 +315,10 @@ def run_benchmark(
             say(f"  {result.name}: skipped ({result.skipped})")
             return
         try:
-            if result.compiled:
-                compile_blocks(model_now)
-            timings, result.warmup_s, result.peak_bytes, output = time_forward(model_now, inputs, dev, repeats, warmup)
+            with attention_priority(kernels if result.attention != "default" else ()):
+                if result.compiled:
+                    compile_blocks(model_now)
+                timings, result.warmup_s, result.peak_bytes, output = time_forward(model_now, inputs, dev, repeats, warmup)
             result.ms_all = [round(t, 3) for t in timings]
             result.ms = statistics.median(timings)
             result.weight_bytes = module_bytes(model_now)
@@ -324,14 +336,27 @@ def run_benchmark(
         results.append(result)
         say(f"  {result.name}: " + (f"{result.ms:.2f} ms" if result.ms is not None else f"error {result.error}"))
 
+    def rebuilt(model_now):
+        """A fresh BF16 model with the same weights (same seed), the old one freed first."""
+        del model_now
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        return build_transformer(size, dev, seed)
+
     no_compile = "" if do_compile else "compile disabled (default off on a CPU)"
     measure(VariantResult("bf16 eager", "bf16", "", "", False), model)
     measure(VariantResult("bf16 compiled", "bf16", "", "", True, skipped=no_compile), model)
+    if chosen != "default":
+        measure(VariantResult(f"bf16 compiled, {chosen} attn", "bf16", "", "", True, chosen, skipped=no_compile), model)
+
+    def fp8(name: str, backend: str, scaling: str, compiled: bool, scales: str = "per_channel", **extra) -> VariantResult:
+        return VariantResult(name, "fp8", backend, scaling, compiled, chosen, scales, **extra)
 
     quantized_with = None
     for backend in [b for b in ("scaled_mm", "weight_only") if b in requested]:
         if backend not in available:
-            measure(VariantResult(f"fp8 {backend}", "fp8", backend, "", False, skipped="not supported on this device"), model)
+            measure(fp8(f"fp8 {backend}", backend, "", False, skipped="not supported on this device"), model)
             continue
         if quantized_with is None:
             quantize_transformer(model, backend)
@@ -340,27 +365,30 @@ def run_benchmark(
             set_backend(model, backend)
         if backend == "weight_only":
             # Activations stay in BF16: static and dynamic scales are the same computation.
-            measure(VariantResult("fp8 weight_only eager", "fp8", backend, "none", False), model)
+            measure(fp8("fp8 weight_only eager", backend, "none", False), model)
             continue
-        measure(VariantResult(f"fp8 {backend} dynamic eager", "fp8", backend, "dynamic", False), model)
-        measure(VariantResult(f"fp8 {backend} dynamic compiled", "fp8", backend, "dynamic", True, skipped=no_compile), model)
-        scales = calibrate(model, _timestep_runner(model, inputs), ["999", "500", "50"]).scales
-        apply_activation_scales(model, scales)
-        measure(VariantResult(f"fp8 {backend} static eager", "fp8", backend, "static", False), model)
-        measure(VariantResult(f"fp8 {backend} static compiled", "fp8", backend, "static", True, skipped=no_compile), model)
+        measure(fp8(f"fp8 {backend} dynamic eager", backend, "dynamic", False), model)
+        measure(fp8(f"fp8 {backend} dynamic compiled", backend, "dynamic", True, skipped=no_compile), model)
+        _calibrate_at_shape(model, inputs, kernels)
+        measure(fp8(f"fp8 {backend} static eager", backend, "static", False), model)
+        measure(fp8(f"fp8 {backend} static compiled", backend, "static", True, skipped=no_compile), model)
+
+    if "scaled_mm" in requested and "scaled_mm" in available and do_compile:
+        # One scale per weight tensor instead of per output channel: cuBLAS's tensor-wise FP8 GEMM instead
+        # of the row-wise kernel; the weights must be quantized again, from the same BF16 values.
+        model = rebuilt(model)
+        quantize_transformer(model, "scaled_mm", per_channel=False)
+        _calibrate_at_shape(model, inputs, kernels)
+        measure(fp8("fp8 scaled_mm static compiled, per-tensor", "scaled_mm", "static", True, "per_tensor"), model)
 
     if "transformer_engine" in requested:
         if "transformer_engine" not in available:
-            measure(VariantResult("fp8 transformer_engine eager", "fp8", "transformer_engine", "delayed", False,
-                                  skipped="Transformer Engine not importable or no FP8 GPU"), model)
+            measure(fp8("fp8 transformer_engine eager", "transformer_engine", "delayed", False,
+                        skipped="Transformer Engine not importable or no FP8 GPU"), model)
         else:
-            del model
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            model = build_transformer(size, dev, seed)  # same seed: the same weights as the reference
+            model = rebuilt(model)
             quantize_transformer(model, "transformer_engine")
-            measure(VariantResult("fp8 transformer_engine eager", "fp8", "transformer_engine", "delayed", False), model)
+            measure(fp8("fp8 transformer_engine eager", "transformer_engine", "delayed", False), model)
 
     _fill_ratios(results)
     report = {
@@ -371,6 +399,7 @@ def run_benchmark(
         "shape": asdict(MODELS[size][1]),
         "repeats": repeats,
         "warmup": warmup,
+        "attention": list(kernels),
         "variants": [asdict(r) for r in results],
         "targets": [asdict(c) for c in check_targets(results, size, dev)],
         "wall_s": round(time.perf_counter() - started, 1),
@@ -378,6 +407,13 @@ def run_benchmark(
     say(format_table(report))
     say(json.dumps(report, default=str))
     return report
+
+
+def _calibrate_at_shape(model, inputs: dict, kernels: tuple[str, ...]) -> None:
+    """Static activation scales from forwards at a few timesteps of the benchmark's own inputs."""
+    with attention_priority(kernels):
+        scales = calibrate(model, _timestep_runner(model, inputs), ["999", "500", "50"]).scales
+    apply_activation_scales(model, scales)
 
 
 def _timestep_runner(model, inputs: dict) -> Callable[[str], None]:
@@ -398,24 +434,37 @@ def describe_device(device: torch.device) -> str:
 
 
 def _fill_ratios(results: list[VariantResult]) -> None:
-    by_name = {r.name: r for r in results}
-    eager, compiled = by_name.get("bf16 eager"), by_name.get("bf16 compiled")
+    """Speed-ups against BF16 eager, and against BF16 compiled on the same attention kernel."""
+    eager = next((r for r in results if r.name == "bf16 eager"), None)
     for r in results:
         if r.ms:
+            compiled = bf16_compiled_like(results, r.attention)
             if eager and eager.ms:
                 r.speedup_vs_bf16_eager = eager.ms / r.ms
             if compiled and compiled.ms:
                 r.speedup_vs_bf16_compiled = compiled.ms / r.ms
 
 
+def bf16_compiled_like(results: list[VariantResult], attention: str) -> VariantResult | None:
+    """The measured BF16 compiled variant that ran on ``attention``, else the one on torch's default."""
+    compiled = [r for r in results if r.precision == "bf16" and r.compiled and r.ms is not None]
+    return next((r for r in compiled if r.attention == attention), None) or next(
+        (r for r in compiled if r.attention == "default"), None
+    )
+
+
 def check_targets(results: list[VariantResult], size: str, device: torch.device, targets: Targets = TARGETS) -> list[TargetCheck]:
-    """Compare the measurements with the targets; ``passed`` is None where this run cannot tell."""
+    """Compare the measurements with the targets; ``passed`` is None where this run cannot tell.
+
+    FP8 is compared with BF16 compiled the same way and on the same attention kernel, and with BF16
+    eager on torch's default kernel (what diffusers gives out of the box).
+    """
     measured = [r for r in results if r.ms is not None]
     bf16_eager = next((r for r in measured if r.name == "bf16 eager"), None)
-    bf16_compiled = next((r for r in measured if r.name == "bf16 compiled"), None)
     fp8 = [r for r in measured if r.fp8_compute] or [r for r in measured if r.precision == "fp8"]
     best = min(fp8, key=lambda r: r.ms, default=None)
     best_compiled = min((r for r in fp8 if r.compiled), key=lambda r: r.ms, default=None)
+    bf16_compiled = bf16_compiled_like(measured, best_compiled.attention) if best_compiled else None
     checks = []
 
     def check(name: str, value: float | None, limit: float, higher_is_better: bool, detail: str) -> None:
@@ -424,7 +473,8 @@ def check_targets(results: list[VariantResult], size: str, device: torch.device,
 
     same = bf16_compiled.ms / best_compiled.ms if bf16_compiled and best_compiled else None
     check("speedup_same_compile", same, targets.min_speedup_same_compile, True,
-          f"bf16 compiled / {best_compiled.name}" if best_compiled else "needs compiled BF16 and FP8 variants")
+          f"{bf16_compiled.name} / {best_compiled.name}" if bf16_compiled and best_compiled
+          else "needs compiled BF16 and FP8 variants")
     vs_eager = bf16_eager.ms / best.ms if bf16_eager and best else None
     check("speedup_vs_bf16_eager", vs_eager, targets.min_speedup_vs_bf16_eager, True,
           f"bf16 eager / {best.name}" if best else "no FP8 variant ran")
@@ -445,7 +495,8 @@ def check_targets(results: list[VariantResult], size: str, device: torch.device,
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as one fixed-width table plus the target checks."""
-    head = f"{'variant':34} {'ms':>9} {'x eager':>8} {'x compiled':>10} {'rel err':>8} {'weights MiB':>11} {'peak MiB':>9}"
+    head = (f"{'variant':42} {'attention':>9} {'ms':>9} {'x eager':>8} {'x compiled':>10} {'rel err':>8} "
+            f"{'weights MiB':>11} {'peak MiB':>9}")
     lines = [
         f"SD3.5 {report['size']} ({report['parameters'] / 1e9:.2f} B params) on {report['device']}, "
         f"one CFG forward, median of {report['repeats']}",
@@ -459,10 +510,10 @@ def format_table(report: dict[str, Any]) -> str:
 
     for v in report["variants"]:
         if v["skipped"] or v["error"]:
-            lines.append(f"{v['name']:34} {'skipped: ' + v['skipped'] if v['skipped'] else 'error: ' + v['error'][:80]}")
+            lines.append(f"{v['name']:42} {'skipped: ' + v['skipped'] if v['skipped'] else 'error: ' + v['error'][:80]}")
             continue
         lines.append(
-            f"{v['name']:34} {num(v['ms'], '9.2f')} {num(v['speedup_vs_bf16_eager'], '8.2f')} "
+            f"{v['name']:42} {v['attention']:>9} {num(v['ms'], '9.2f')} {num(v['speedup_vs_bf16_eager'], '8.2f')} "
             f"{num(v['speedup_vs_bf16_compiled'], '10.2f')} {num(v['rel_error'] and 100 * v['rel_error'], '7.2f')}% "
             f"{num(v['weight_bytes'] and v['weight_bytes'] / 2**20, '11.1f')} {num(v['peak_bytes'] and v['peak_bytes'] / 2**20, '9.1f')}"
         )

@@ -178,8 +178,9 @@ class Engine:
 
         ``size``: the square image side to warm up at (compiled blocks are specialised to a shape): 1024 on
         CUDA, where the templates' default size is, and 64 on the CPU, where nothing compiles. Nothing is
-        saved. ``warming_up`` is True meanwhile. Returns ``{"checkpoint", "size", "load_s", "sample_s",
-        "sampled"}``; ``sampled`` is False when the checkpoint holds no text encoders or VAE to sample with.
+        saved. With compiled blocks on CUDA the GPU batch size the runner will form is warmed up too. ``warming_up``
+        is True meanwhile. Returns ``{"checkpoint", "size", "load_s", "sample_s", "sampled", "batch_sizes"}``;
+        ``sampled`` is False when the checkpoint holds no text encoders or VAE to sample with.
         Raises the EngineError of a checkpoint that does not load.
         """
         from engine.nodes.image import DiscardImages, deferred_saves
@@ -193,27 +194,28 @@ class Engine:
                 _, clip, vae = self.models.checkpoint(name)
             load_s = time.perf_counter() - started
             sampled = clip is not None and vae is not None
+            batch_sizes = [1]
             if sampled:
-                workflow = {
-                    "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
-                    "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "warm-up", "clip": ["1", 1]}},
-                    "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
-                    "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": side, "height": side, "batch_size": 1}},
-                    "5": {"class_type": "KSampler", "inputs": {
-                        "model": ["1", 0], "seed": 0, "steps": 1, "cfg": 4.5, "sampler_name": "euler",
-                        "scheduler": "sgm_uniform", "positive": ["2", 0], "negative": ["3", 0],
-                        "latent_image": ["4", 0], "denoise": 1.0}},
-                    "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-                    "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
-                }
                 with deferred_saves(DiscardImages()):
-                    self.run(workflow, output_dir=Path(self.settings.data_path) / "temp")
+                    self.run(_warm_up_workflow(name, side, 1), output_dir=Path(self.settings.data_path) / "temp")
+                    # Compiled blocks are specialised to their batch size too: compile the GPU batch the
+                    # runner will form now, not on a user's first full batch.
+                    if self.settings.compile and str(self.models.device).startswith("cuda"):
+                        from engine.throughput import choose_gpu_batch
+
+                        workflow = _warm_up_workflow(name, side, self.settings.max_gpu_batch)
+                        batch = choose_gpu_batch(self, self.parse(workflow), self.settings.max_gpu_batch)
+                        if batch > 1:
+                            workflow["4"]["inputs"]["batch_size"] = batch
+                            self.run(workflow, output_dir=Path(self.settings.data_path) / "temp")
+                            batch_sizes.append(batch)
             return {
                 "checkpoint": name,
                 "size": side,
                 "load_s": round(load_s, 3),
                 "sample_s": round(time.perf_counter() - started - load_s, 3),
                 "sampled": sampled,
+                "batch_sizes": batch_sizes,
             }
         finally:
             self.warming_up = False
@@ -376,6 +378,7 @@ def build_model_cache(settings: Settings, *, use_sidecars: bool = True) -> "Mode
         dtype=dtype,
         hash_cache_path=Path(settings.data_path) / "model_hashes.json",
         transformer_postprocess=policy,
+        attention=settings.attention,
     )
 
 
@@ -428,3 +431,19 @@ def _run_result(workflow: Workflow, outcome: "ExecutionOutcome") -> RunResult:
     return RunResult(
         images=list(outcome.saved_images), record=dict(outcome.record), timings=timings, outputs=outcome.outputs
     )
+
+
+def _warm_up_workflow(checkpoint: str, side: int, batch_size: int) -> dict[str, Any]:
+    """One sampling step at ``side``² for ``batch_size`` images, previews only (nothing saved)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "warm-up", "clip": ["1", 1]}},
+        "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": side, "height": side, "batch_size": batch_size}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 0, "steps": 1, "cfg": 4.5, "sampler_name": "euler",
+            "scheduler": "sgm_uniform", "positive": ["2", 0], "negative": ["3", 0],
+            "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }

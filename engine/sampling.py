@@ -399,18 +399,20 @@ class GuidedDenoiser:
         """
         import torch
 
+        from engine.attention import attention_priority
+
         transformer = self.model.transformer
         dtype = self.model.dtype or next(transformer.parameters()).dtype
         device = x.device
         timestep = self.schedule.timestep(sigma).to(device=device, dtype=dtype).expand(x.shape[0])
         extra = {}
-        if controls:
-            from engine.controlnet import block_residuals
+        with attention_priority(self.model.attention), torch.inference_mode():
+            if controls:
+                from engine.controlnet import block_residuals
 
-            residuals = block_residuals(transformer, controls, sigma, timestep, self.schedule, dtype)
-            if residuals is not None:
-                extra["block_controlnet_hidden_states"] = residuals
-        with torch.inference_mode():
+                residuals = block_residuals(transformer, controls, sigma, timestep, self.schedule, dtype)
+                if residuals is not None:
+                    extra["block_controlnet_hidden_states"] = residuals
             out = transformer(
                 hidden_states=x.to(dtype),
                 encoder_hidden_states=embeds.to(device=device, dtype=dtype),

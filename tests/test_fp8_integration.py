@@ -147,7 +147,7 @@ def test_unknown_precision_settings_name_the_supported_ones(tmp_path, models):
 
 def test_compile_on_cpu_is_skipped_with_a_message(tmp_path, models, caplog):
     engine = Engine(settings_for(tmp_path, models, precision="fp32", compile=True))
-    with caplog.at_level(logging.WARNING, logger="engine.fp8"):
+    with caplog.at_level(logging.INFO, logger="engine.fp8"):
         model = engine.models.checkpoint(DEMO_CHECKPOINT)[0]
     assert model.precision == "fp32" and "compile is for CUDA devices" in caplog.text
 

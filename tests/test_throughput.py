@@ -54,9 +54,12 @@ def save_context(root: Path) -> NodeContext:
 
 
 def test_e2e_benchmark_reports_sane_numbers(tmp_path):
-    report = run_e2e_benchmark(settings_for(tmp_path), rows=4, size=64, steps=2, quiet=True)
+    report = run_e2e_benchmark(settings_for(tmp_path), rows=6, size=64, steps=2, quiet=True)
     (result,) = report["results"]
-    assert (result["done"], result["failed"]) == (4, 0)
+    assert (result["done"], result["failed"]) == (6, 0)
+    assert result["gpu_batches"] == 2  # 4 + 2: memory growth is measured after the first batch
+    assert result["rss_after_first_batch_mib"] > 0
+    assert result["compiles_after_warm_up"] == 0  # nothing compiles on a CPU
     assert result["images_per_hour"] > 0 and result["gpu_only"]["images_per_hour"] > 0
     assert 0 < result["ratio_to_gpu_only"] <= 1.2
     assert 0 <= result["gpu_busy_share"] <= 1

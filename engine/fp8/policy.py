@@ -23,6 +23,7 @@ scale), ``.../dynamic`` (none has), ``.../mixed``, ``fp8_e4m3fn/transformer_engi
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -213,8 +214,11 @@ class PrecisionPolicy:
         if not self.compile:
             return
         if device.type != "cuda":
-            log.warning("%s: compile is for CUDA devices; the transformer runs eagerly on %s", name, device)
+            log.info("%s: compile is for CUDA devices; the transformer runs eagerly on %s", name, device)
             return
+        # Inductor keeps compiled graphs and kernels on disk: under data_dir they outlive the process, so a
+        # restart loads them instead of compiling again.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.data_dir / "cache" / "torchinductor"))
         count = compile_blocks(transformer)
         log.info("%s: compiled %d transformer blocks", name, count)
 
