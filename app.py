@@ -247,9 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from engine.bench import run_benchmark
 
-        report = run_benchmark(
-            size=args.model, device=args.device_name, repeats=args.repeats, attention=_settings_from(args).attention
-        )
+        report = run_benchmark(size=args.model, device=args.device_name, repeats=args.repeats)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     return 0

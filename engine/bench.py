@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterable, TextIO
 
 import torch
 
-from engine.attention import attention_priority, choose_attention
 from engine.errors import Fp8Error
 from engine.fp8.backends import compile_blocks, fp8_compute_problem, transformer_engine_available, uncompile_blocks
 from engine.fp8.calibrate import calibrate
@@ -114,7 +113,6 @@ class VariantResult:
     backend: str  # "" for bf16
     activation_scaling: str  # "", dynamic, static, none (weight_only), delayed (TE)
     compiled: bool
-    attention: str = "default"  # SDPA backend first in priority (engine.attention); "default": torch's order
     weight_scales: str = ""  # fp8: per_channel or per_tensor
     ms: float | None = None
     ms_all: list[float] = field(default_factory=list)
@@ -268,7 +266,6 @@ def run_benchmark(
     warmup: int = 2,
     compile: bool | None = None,
     seed: int = 0,
-    attention: str = "auto",
     out: TextIO | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -276,11 +273,8 @@ def run_benchmark(
 
     ``backends``: FP8 backends to time (default: every one the device runs). ``compile``: also time
     block-compiled variants (default: on CUDA only; on a CPU compilation needs a C++ toolchain and
-    minutes). ``attention``: the attention setting the FP8 variants run with (:mod:`engine.attention`);
-    when it picks another kernel than torch's default, BF16 compiled is timed with it too, so the
-    same-compile comparison runs both precisions on the same attention kernel. BF16 eager always runs
-    on torch's default (diffusers' out-of-the-box speed). Progress, the table and the JSON go to ``out``
-    (default: stdout) unless ``quiet``.
+    minutes). FP8 weights are scaled per output channel, and on CUDA once more per tensor (cuBLAS's
+    tensor-wise FP8 GEMM). Progress, the table and the JSON go to ``out`` (default: stdout) unless ``quiet``.
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -303,9 +297,6 @@ def run_benchmark(
     inputs = make_inputs(size, dev)
     model = build_transformer(size, dev, seed)
     params = sum(p.numel() for p in model.parameters())
-    kernels = choose_attention(attention, model, dev, torch.bfloat16)
-    chosen = kernels[0] if kernels else "default"
-    say(f"  attention: {chosen}" + (f" (priority {', '.join(kernels)})" if kernels else " (torch's order)"))
     results: list[VariantResult] = []
     reference: dict[str, Any] = {}
 
@@ -315,10 +306,9 @@ def run_benchmark(
             say(f"  {result.name}: skipped ({result.skipped})")
             return
         try:
-            with attention_priority(kernels if result.attention != "default" else ()):
-                if result.compiled:
-                    compile_blocks(model_now)
-                timings, result.warmup_s, result.peak_bytes, output = time_forward(model_now, inputs, dev, repeats, warmup)
+            if result.compiled:
+                compile_blocks(model_now)
+            timings, result.warmup_s, result.peak_bytes, output = time_forward(model_now, inputs, dev, repeats, warmup)
             result.ms_all = [round(t, 3) for t in timings]
             result.ms = statistics.median(timings)
             result.weight_bytes = module_bytes(model_now)
@@ -347,11 +337,9 @@ def run_benchmark(
     no_compile = "" if do_compile else "compile disabled (default off on a CPU)"
     measure(VariantResult("bf16 eager", "bf16", "", "", False), model)
     measure(VariantResult("bf16 compiled", "bf16", "", "", True, skipped=no_compile), model)
-    if chosen != "default":
-        measure(VariantResult(f"bf16 compiled, {chosen} attn", "bf16", "", "", True, chosen, skipped=no_compile), model)
 
     def fp8(name: str, backend: str, scaling: str, compiled: bool, scales: str = "per_channel", **extra) -> VariantResult:
-        return VariantResult(name, "fp8", backend, scaling, compiled, chosen, scales, **extra)
+        return VariantResult(name, "fp8", backend, scaling, compiled, scales, **extra)
 
     quantized_with = None
     for backend in [b for b in ("scaled_mm", "weight_only") if b in requested]:
@@ -369,7 +357,7 @@ def run_benchmark(
             continue
         measure(fp8(f"fp8 {backend} dynamic eager", backend, "dynamic", False), model)
         measure(fp8(f"fp8 {backend} dynamic compiled", backend, "dynamic", True, skipped=no_compile), model)
-        _calibrate_at_shape(model, inputs, kernels)
+        _calibrate_at_shape(model, inputs)
         measure(fp8(f"fp8 {backend} static eager", backend, "static", False), model)
         measure(fp8(f"fp8 {backend} static compiled", backend, "static", True, skipped=no_compile), model)
 
@@ -378,7 +366,7 @@ def run_benchmark(
         # of the row-wise kernel; the weights must be quantized again, from the same BF16 values.
         model = rebuilt(model)
         quantize_transformer(model, "scaled_mm", per_channel=False)
-        _calibrate_at_shape(model, inputs, kernels)
+        _calibrate_at_shape(model, inputs)
         measure(fp8("fp8 scaled_mm static compiled, per-tensor", "scaled_mm", "static", True, "per_tensor"), model)
 
     if "transformer_engine" in requested:
@@ -399,7 +387,6 @@ def run_benchmark(
         "shape": asdict(MODELS[size][1]),
         "repeats": repeats,
         "warmup": warmup,
-        "attention": list(kernels),
         "variants": [asdict(r) for r in results],
         "targets": [asdict(c) for c in check_targets(results, size, dev)],
         "wall_s": round(time.perf_counter() - started, 1),
@@ -409,10 +396,9 @@ def run_benchmark(
     return report
 
 
-def _calibrate_at_shape(model, inputs: dict, kernels: tuple[str, ...]) -> None:
+def _calibrate_at_shape(model, inputs: dict) -> None:
     """Static activation scales from forwards at a few timesteps of the benchmark's own inputs."""
-    with attention_priority(kernels):
-        scales = calibrate(model, _timestep_runner(model, inputs), ["999", "500", "50"]).scales
+    scales = calibrate(model, _timestep_runner(model, inputs), ["999", "500", "50"]).scales
     apply_activation_scales(model, scales)
 
 
@@ -434,37 +420,24 @@ def describe_device(device: torch.device) -> str:
 
 
 def _fill_ratios(results: list[VariantResult]) -> None:
-    """Speed-ups against BF16 eager, and against BF16 compiled on the same attention kernel."""
-    eager = next((r for r in results if r.name == "bf16 eager"), None)
+    by_name = {r.name: r for r in results}
+    eager, compiled = by_name.get("bf16 eager"), by_name.get("bf16 compiled")
     for r in results:
         if r.ms:
-            compiled = bf16_compiled_like(results, r.attention)
             if eager and eager.ms:
                 r.speedup_vs_bf16_eager = eager.ms / r.ms
             if compiled and compiled.ms:
                 r.speedup_vs_bf16_compiled = compiled.ms / r.ms
 
 
-def bf16_compiled_like(results: list[VariantResult], attention: str) -> VariantResult | None:
-    """The measured BF16 compiled variant that ran on ``attention``, else the one on torch's default."""
-    compiled = [r for r in results if r.precision == "bf16" and r.compiled and r.ms is not None]
-    return next((r for r in compiled if r.attention == attention), None) or next(
-        (r for r in compiled if r.attention == "default"), None
-    )
-
-
 def check_targets(results: list[VariantResult], size: str, device: torch.device, targets: Targets = TARGETS) -> list[TargetCheck]:
-    """Compare the measurements with the targets; ``passed`` is None where this run cannot tell.
-
-    FP8 is compared with BF16 compiled the same way and on the same attention kernel, and with BF16
-    eager on torch's default kernel (what diffusers gives out of the box).
-    """
+    """Compare the measurements with the targets; ``passed`` is None where this run cannot tell."""
     measured = [r for r in results if r.ms is not None]
     bf16_eager = next((r for r in measured if r.name == "bf16 eager"), None)
     fp8 = [r for r in measured if r.fp8_compute] or [r for r in measured if r.precision == "fp8"]
     best = min(fp8, key=lambda r: r.ms, default=None)
     best_compiled = min((r for r in fp8 if r.compiled), key=lambda r: r.ms, default=None)
-    bf16_compiled = bf16_compiled_like(measured, best_compiled.attention) if best_compiled else None
+    bf16_compiled = next((r for r in measured if r.name == "bf16 compiled"), None)
     checks = []
 
     def check(name: str, value: float | None, limit: float, higher_is_better: bool, detail: str) -> None:
@@ -495,7 +468,7 @@ def check_targets(results: list[VariantResult], size: str, device: torch.device,
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as one fixed-width table plus the target checks."""
-    head = (f"{'variant':42} {'attention':>9} {'ms':>9} {'x eager':>8} {'x compiled':>10} {'rel err':>8} "
+    head = (f"{'variant':42} {'ms':>9} {'x eager':>8} {'x compiled':>10} {'rel err':>8} "
             f"{'weights MiB':>11} {'peak MiB':>9}")
     lines = [
         f"SD3.5 {report['size']} ({report['parameters'] / 1e9:.2f} B params) on {report['device']}, "
@@ -513,7 +486,7 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{v['name']:42} {'skipped: ' + v['skipped'] if v['skipped'] else 'error: ' + v['error'][:80]}")
             continue
         lines.append(
-            f"{v['name']:42} {v['attention']:>9} {num(v['ms'], '9.2f')} {num(v['speedup_vs_bf16_eager'], '8.2f')} "
+            f"{v['name']:42} {num(v['ms'], '9.2f')} {num(v['speedup_vs_bf16_eager'], '8.2f')} "
             f"{num(v['speedup_vs_bf16_compiled'], '10.2f')} {num(v['rel_error'] and 100 * v['rel_error'], '7.2f')}% "
             f"{num(v['weight_bytes'] and v['weight_bytes'] / 2**20, '11.1f')} {num(v['peak_bytes'] and v['peak_bytes'] / 2**20, '9.1f')}"
         )

@@ -214,7 +214,7 @@ class RowExecutor:
 
         def finish() -> RowResult:
             images: list[RowImage] = []
-            png_s = 0.0
+            png_s = png_cpu_s = 0.0
             for part in parts:
                 if not isinstance(part, PendingImage):
                     images.append(part)
@@ -224,13 +224,14 @@ class RowExecutor:
                 except Exception as exc:  # an encoding failure fails this row only
                     return self._failure(job, BadOutput(f"PNG encoding failed: {type(exc).__name__}: {exc}"))
                 png_s += encoded.encode_s
+                png_cpu_s += encoded.encode_cpu_s
                 images.append(RowImage(
                     filename=encoded.filename, data=encoded.data, sha256=encoded.sha256, width=encoded.width,
                     height=encoded.height, node_id=str(encoded.node_id or ""), subfolder=str(encoded.subfolder or ""),
                 ))
             if not images:
                 return self._failure(job, BadOutput("the workflow produced no image"))
-            row_timings = {**timings, "png_s": round(png_s, 4)}
+            row_timings = {**timings, "png_s": round(png_s, 4), "png_cpu_s": round(png_cpu_s, 4)}
             row_timings.setdefault("row_s", timings["gpu_s"] + png_s)
             return RowResult(job.row_key, DONE, None, images, record, row_timings, self.worker_name)
 

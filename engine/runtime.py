@@ -378,7 +378,6 @@ def build_model_cache(settings: Settings, *, use_sidecars: bool = True) -> "Mode
         dtype=dtype,
         hash_cache_path=Path(settings.data_path) / "model_hashes.json",
         transformer_postprocess=policy,
-        attention=settings.attention,
     )
 
 

@@ -399,14 +399,12 @@ class GuidedDenoiser:
         """
         import torch
 
-        from engine.attention import attention_priority
-
         transformer = self.model.transformer
         dtype = self.model.dtype or next(transformer.parameters()).dtype
         device = x.device
         timestep = self.schedule.timestep(sigma).to(device=device, dtype=dtype).expand(x.shape[0])
         extra = {}
-        with attention_priority(self.model.attention), torch.inference_mode():
+        with torch.inference_mode():
             if controls:
                 from engine.controlnet import block_residuals
 

@@ -204,7 +204,7 @@ def run_e2e_benchmark(
         "size": size,
         "steps": steps,
         "max_gpu_batch": settings.max_gpu_batch,
-        "compile": settings.compile,
+        "compile": settings.compile and on_cuda,  # blocks compile on CUDA only
         "results": results,
         "targets": asdict(E2E_TARGETS),
         "wall_s": round(time.perf_counter() - started, 1),
@@ -298,6 +298,7 @@ def _measure_pipeline(
     wall_s = run_s + zip_s
     stage_s = _stage_seconds(done, workflow_of)
     png_s = sum(float(r.timings.get("png_s") or 0.0) for r in done)
+    png_cpu_s = sum(float(r.timings.get("png_cpu_s") or 0.0) for r in done)
     count = max(len(done), 1)
     cpu_side = {
         "png_encode_hash_s": png_s / count,
@@ -325,6 +326,9 @@ def _measure_pipeline(
         "stage_s_per_row": {k: round(v / count, 4) for k, v in stage_s.items()},
         "cpu_side_s_per_row": {k: round(v, 4) for k, v in cpu_side.items()},
         "cpu_side_share": round(cpu_side["total_s"] / row_wall, 4) if row_wall > 0 else None,
+        # The encoder threads' CPU seconds for the PNG work above, which counts their wall time (waiting
+        # for a core included): how much CPU a row really costs.
+        "png_encode_hash_cpu_s_per_row": round(png_cpu_s / count, 4),
         "gpu_only": {
             "rows": len(jobs),
             "seconds": round(gpu_only_s, 3),
@@ -457,6 +461,7 @@ def format_table(report: dict[str, Any]) -> str:
         stages = ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in r["stage_s_per_row"].items())
         side = ", ".join(f"{k.removesuffix('_s')} {1000 * v:.1f} ms" for k, v in r["cpu_side_s_per_row"].items() if k != "total_s")
         lines.append(f"  {r['label']}: GPU stages per row: {stages}; CPU side per row: {side}; "
+                     f"(PNG CPU time {1000 * r['png_encode_hash_cpu_s_per_row']:.1f} ms); "
                      f"{r['done']}/{r['rows']} done in {r['gpu_batches']} GPU batches; "
                      f"{r['compiles_after_warm_up']} compiles after warm-up")
     if "fp8_over_bf16" in report:
@@ -605,7 +610,6 @@ def _random_weight_runs(
     (the production PrecisionPolicy), with activation scales calibrated at this shape for ``scaled_mm``."""
     import torch
 
-    from engine.attention import choose_attention
     from engine.fp8.backends import compile_blocks, uncompile_blocks
     from engine.models.checkpoint import handles_from_components
     from engine.runtime import Engine
@@ -615,16 +619,14 @@ def _random_weight_runs(
     began = time.perf_counter()
     components = random_weight_components(shape, device, dtype)
     model, clip, vae = handles_from_components(components, RANDOM_WEIGHT_CHECKPOINT, device=device)
-    model = dataclasses.replace(model, attention=choose_attention(settings.attention, model.transformer, device, dtype))
-    say(f"  built random-weight components in {time.perf_counter() - began:.1f} s; "
-        f"attention {', '.join(model.attention) or 'torch default'}")
+    say(f"  built random-weight components in {time.perf_counter() - began:.1f} s")
     on_cuda = device.startswith("cuda")
     gpu_only_rows = min(rows, GPU_ONLY_ROWS_ON_CUDA) if on_cuda else rows
     results = []
     for precision in precisions:
         transformer = model.transformer
         if precision == "fp8":
-            transformer, recorded = _quantize(settings, transformer, shape, device, model.attention)
+            transformer, recorded = _quantize(settings, transformer, shape, device)
         elif precision == "bf16":
             recorded = "bf16"
         else:
@@ -651,11 +653,10 @@ def _random_weight_runs(
     return results
 
 
-def _quantize(settings: Settings, transformer: Any, shape: str, device: str, attention: tuple[str, ...]) -> tuple[Any, str]:
+def _quantize(settings: Settings, transformer: Any, shape: str, device: str) -> tuple[Any, str]:
     """The transformer through the production precision policy (fp8), calibrated when it computes in FP8."""
     import torch
 
-    from engine.attention import attention_priority
     from engine.bench import make_inputs
     from engine.fp8.calibrate import calibrate
     from engine.fp8.policy import PrecisionPolicy, fp8_precision_string
@@ -671,7 +672,7 @@ def _quantize(settings: Settings, transformer: Any, shape: str, device: str, att
 
         def forward_at(timestep: str) -> None:
             batch = inputs["timestep"].shape[0]
-            with attention_priority(attention), torch.inference_mode():
+            with torch.inference_mode():
                 transformer(**{**inputs, "timestep": torch.full((batch,), float(timestep), device=device)},
                             return_dict=False)
 

@@ -64,6 +64,7 @@ def test_e2e_benchmark_reports_sane_numbers(tmp_path):
     assert 0 < result["ratio_to_gpu_only"] <= 1.2
     assert 0 <= result["gpu_busy_share"] <= 1
     assert result["cpu_side_s_per_row"]["png_encode_hash_s"] > 0 and result["cpu_side_s_per_row"]["store_s"] > 0
+    assert 0 < result["png_encode_hash_cpu_s_per_row"] <= result["cpu_side_s_per_row"]["png_encode_hash_s"] * 1.05
     assert result["stage_s_per_row"]["sampler"] > 0 and result["stage_s_per_row"]["vae"] > 0
     assert result["rss_start_mib"] > 0 and result["rss_end_mib"] > 0
     # Verdicts are computed from the measurements, never fixed.

@@ -79,15 +79,10 @@ class ModelCache:
         dtype: Any = None,
         hash_cache_path: str | os.PathLike[str] | None = None,
         transformer_postprocess: Callable[[LoadedTransformer], LoadedTransformer] | None = None,
-        attention: str = "default",
     ) -> None:
         import torch
 
-        from engine.attention import check_attention_choice
-
-        check_attention_choice(attention)
         self.resolver = resolver
-        self.attention = attention
         self.device = resolve_device(device)
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
         self.hash_cache_path = Path(hash_cache_path) if hash_cache_path else None
@@ -269,9 +264,6 @@ class ModelCache:
         return self.transformer_postprocess is not None
 
     def _postprocess(self, handle: "ModelHandle", ref: ResolvedModel, weight_dtype: str, fp8_state: dict) -> "ModelHandle":
-        from engine.attention import choose_attention
-
-        handle = replace(handle, attention=choose_attention(self.attention, handle.transformer, self.device, self.dtype))
         if self.transformer_postprocess is None:
             return handle
         result = self.transformer_postprocess(

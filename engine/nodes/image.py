@@ -340,7 +340,8 @@ class EncodedImage:
     height: int
     data: bytes
     sha256: str
-    encode_s: float = 0.0  # seconds spent on pixels -> PNG bytes -> sha256
+    encode_s: float = 0.0  # wall seconds spent on pixels -> PNG bytes -> sha256
+    encode_cpu_s: float = 0.0  # CPU seconds of the encoding thread for the same (no waiting for a core)
 
 
 class PendingImage:
@@ -370,12 +371,13 @@ def encode_image(
     image_type: str, node_id: str | None,
 ) -> EncodedImage:
     """One IMAGE [H,W,C] as an :class:`EncodedImage`: the same bytes :func:`save_images` writes."""
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.thread_time()
     data = png_bytes(image, metadata, compress_level)
     digest = hashlib.sha256(data).hexdigest()
     return EncodedImage(
         filename=filename, subfolder=subfolder, type=image_type, node_id=node_id, width=int(image.shape[1]),
         height=int(image.shape[0]), data=data, sha256=digest, encode_s=time.perf_counter() - started,
+        encode_cpu_s=time.thread_time() - started_cpu,
     )
 
 

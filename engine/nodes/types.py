@@ -48,7 +48,6 @@ class ModelHandle:
     patch_size: int = 2
     path: str | None = None
     patches: tuple[Any, ...] = ()
-    attention: tuple[str, ...] = ()  # SDPA backends in priority order, () = torch's (engine.attention)
 
     def with_shift(self, shift: float) -> "ModelHandle":
         """A copy with another flow shift, sharing the same transformer (what ModelSamplingSD3 returns)."""
