@@ -113,7 +113,7 @@ class VariantResult:
     backend: str  # "" for bf16
     activation_scaling: str  # "", dynamic, static, none (weight_only), delayed (TE)
     compiled: bool
-    weight_scales: str = ""  # fp8: per_channel or per_tensor
+    weight_scales: str = ""  # fp8: how many layers scale their weights per output channel (the rest per tensor)
     ms: float | None = None
     ms_all: list[float] = field(default_factory=list)
     warmup_s: float | None = None  # includes compilation for compiled variants
@@ -273,8 +273,8 @@ def run_benchmark(
 
     ``backends``: FP8 backends to time (default: every one the device runs). ``compile``: also time
     block-compiled variants (default: on CUDA only; on a CPU compilation needs a C++ toolchain and
-    minutes). FP8 weights are scaled per output channel, and on CUDA once more per tensor (cuBLAS's
-    tensor-wise FP8 GEMM). Progress, the table and the JSON go to ``out`` (default: stdout) unless ``quiet``.
+    minutes). FP8 weight scales are the production default (per tensor where a layer loses nothing by
+    it, see :mod:`engine.fp8.quantize`); on CUDA an all-per-channel variant is timed too. Progress, the table and the JSON go to ``out`` (default: stdout) unless ``quiet``.
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -338,8 +338,15 @@ def run_benchmark(
     measure(VariantResult("bf16 eager", "bf16", "", "", False), model)
     measure(VariantResult("bf16 compiled", "bf16", "", "", True, skipped=no_compile), model)
 
-    def fp8(name: str, backend: str, scaling: str, compiled: bool, scales: str = "per_channel", **extra) -> VariantResult:
-        return VariantResult(name, "fp8", backend, scaling, compiled, scales, **extra)
+    weight_scales = {"label": ""}
+
+    def fp8(name: str, backend: str, scaling: str, compiled: bool, **extra) -> VariantResult:
+        return VariantResult(name, "fp8", backend, scaling, compiled, weight_scales["label"], **extra)
+
+    def quantize(backend: str, per_channel: bool | None = None) -> None:
+        report = quantize_transformer(model, backend, per_channel=per_channel)
+        weight_scales["label"] = f"{len(report.per_channel_layers)} of {len(report.quantized)} layers per-channel"
+        say(f"  quantized for {backend}: {weight_scales['label']}, the rest per-tensor")
 
     quantized_with = None
     for backend in [b for b in ("scaled_mm", "weight_only") if b in requested]:
@@ -347,7 +354,7 @@ def run_benchmark(
             measure(fp8(f"fp8 {backend}", backend, "", False, skipped="not supported on this device"), model)
             continue
         if quantized_with is None:
-            quantize_transformer(model, backend)
+            quantize(backend)
             quantized_with = backend
         else:
             set_backend(model, backend)
@@ -362,12 +369,12 @@ def run_benchmark(
         measure(fp8(f"fp8 {backend} static compiled", backend, "static", True, skipped=no_compile), model)
 
     if "scaled_mm" in requested and "scaled_mm" in available and do_compile:
-        # One scale per weight tensor instead of per output channel: cuBLAS's tensor-wise FP8 GEMM instead
-        # of the row-wise kernel; the weights must be quantized again, from the same BF16 values.
+        # Every layer scaled per output channel (the row-wise FP8 GEMM), against the default above where
+        # layers that lose nothing by it use one scale per tensor; quantized again from the same weights.
         model = rebuilt(model)
-        quantize_transformer(model, "scaled_mm", per_channel=False)
+        quantize("scaled_mm", per_channel=True)
         _calibrate_at_shape(model, inputs)
-        measure(fp8("fp8 scaled_mm static compiled, per-tensor", "scaled_mm", "static", True, "per_tensor"), model)
+        measure(fp8("fp8 scaled_mm static compiled, all per-channel", "scaled_mm", "static", True), model)
 
     if "transformer_engine" in requested:
         if "transformer_engine" not in available:
@@ -375,7 +382,7 @@ def run_benchmark(
                         skipped="Transformer Engine not importable or no FP8 GPU"), model)
         else:
             model = rebuilt(model)
-            quantize_transformer(model, "transformer_engine")
+            quantize("transformer_engine")
             measure(fp8("fp8 transformer_engine eager", "transformer_engine", "delayed", False), model)
 
     _fill_ratios(results)

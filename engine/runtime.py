@@ -172,13 +172,14 @@ class Engine:
             results[index] = outcome if isinstance(outcome, EngineError) else _run_result(workflow, outcome)
         return results
 
-    def warm_up(self, checkpoint: str | None = None, size: int | None = None) -> dict[str, Any]:
+    def warm_up(self, checkpoint: str | None = None, size: int | None = None, gpu_batch: int | None = None) -> dict[str, Any]:
         """Load ``checkpoint`` (default: the engine's) and sample one step, so that no user's first row pays
         for loading, compilation (``settings.compile``) or first-call kernel selection.
 
         ``size``: the square image side to warm up at (compiled blocks are specialised to a shape): 1024 on
         CUDA, where the templates' default size is, and 64 on the CPU, where nothing compiles. Nothing is
-        saved. With compiled blocks on CUDA the GPU batch size the runner will form is warmed up too. ``warming_up``
+        saved. With compiled blocks on CUDA the GPU batch the runner will form (at most ``gpu_batch``, default
+        ``settings.max_gpu_batch``; 1 for a worker that runs rows one by one) is warmed up too. ``warming_up``
         is True meanwhile. Returns ``{"checkpoint", "size", "load_s", "sample_s", "sampled", "batch_sizes"}``;
         ``sampled`` is False when the checkpoint holds no text encoders or VAE to sample with.
         Raises the EngineError of a checkpoint that does not load.
@@ -203,8 +204,9 @@ class Engine:
                     if self.settings.compile and str(self.models.device).startswith("cuda"):
                         from engine.throughput import choose_gpu_batch
 
-                        workflow = _warm_up_workflow(name, side, self.settings.max_gpu_batch)
-                        batch = choose_gpu_batch(self, self.parse(workflow), self.settings.max_gpu_batch)
+                        cap = gpu_batch or self.settings.max_gpu_batch
+                        workflow = _warm_up_workflow(name, side, cap)
+                        batch = choose_gpu_batch(self, self.parse(workflow), cap)
                         if batch > 1:
                             workflow["4"]["inputs"]["batch_size"] = batch
                             self.run(workflow, output_dir=Path(self.settings.data_path) / "temp")

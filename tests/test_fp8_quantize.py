@@ -16,6 +16,7 @@ from engine.fp8 import (
     Fp8Linear,
     choose_backend,
     compile_blocks,
+    prefers_per_channel,
     quantize_text_encoder,
     quantize_transformer,
     uncompile_blocks,
@@ -124,3 +125,33 @@ def test_compile_blocks_wires_every_block_and_raises_the_recompile_limit(tiny):
 def test_compile_blocks_needs_transformer_blocks():
     with pytest.raises(Fp8Error, match="transformer_blocks"):
         compile_blocks(nn.Linear(4, 4))
+
+
+def test_scaled_mm_layers_take_one_weight_scale_unless_a_channel_would_lose_precision():
+    torch.manual_seed(3)
+    even, skewed = nn.Linear(512, 48), nn.Linear(512, 48)
+    with torch.no_grad():
+        skewed.weight[4:] /= 30000.0  # most channels far below the first four: subnormals under one scale
+    assert not prefers_per_channel(even.weight) and prefers_per_channel(skewed.weight)
+    model = nn.Sequential(even, nn.GELU(), nn.Linear(48, 512), skewed)
+    report = quantize_transformer(model, "scaled_mm", keep_bf16=(), compute_dtype=torch.float32)
+    assert model[0].weight_scale.shape == () and model[3].weight_scale.shape == (48,)
+    assert report.per_channel_layers == ["3"]
+    # Other backends gain nothing from one scale per tensor: per channel throughout.
+    model = nn.Sequential(nn.Linear(64, 48))
+    assert quantize_transformer(model, "weight_only", keep_bf16=()).per_channel_layers == ["0"]
+    # An explicit choice wins.
+    model = nn.Sequential(nn.Linear(64, 48))
+    quantize_transformer(model, "scaled_mm", per_channel=True, keep_bf16=())
+    assert model[0].weight_scale.shape == (48,)
+
+
+def test_per_tensor_default_keeps_the_tiny_transformer_as_close_as_per_channel(tiny):
+    model, inputs, reference = tiny
+    errors = {}
+    for per_channel in (None, True):
+        quantized = copy.deepcopy(model)
+        quantize_transformer(quantized, "scaled_mm", per_channel=per_channel, compute_dtype=torch.float32)
+        with torch.no_grad():
+            errors[per_channel] = rel_error(quantized(**inputs).sample, reference)
+    assert errors[None] < 0.03 and errors[None] <= 1.1 * errors[True]

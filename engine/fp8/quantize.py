@@ -7,6 +7,11 @@ What stays in BF16 by default, and why:
 * the final ``norm_out`` / ``proj_out``: their error lands directly in the predicted velocity;
 * norms themselves (LayerNorm/RMSNorm are not linears and are never touched).
 
+Weight scales: per output channel, except for the ``scaled_mm`` backend, where each layer gets one scale
+per tensor when that costs it no accuracy (:func:`prefers_per_channel`): cuBLAS's tensor-wise FP8 GEMM was
+2-3 % faster than the row-wise one for SD3.5 Large and Medium on an H200 (docs/PERFORMANCE.md), while a
+layer whose output channels differ a lot in range keeps per-channel scales.
+
 The adaLN modulation linears inside the blocks (``norm1.linear``, ``norm1_context.linear``) *are*
 quantized: they hold a third of SD3.5 Large's weights, and keeping them in BF16 would miss the
 memory target (FP8 transformer <= 55 % of BF16). Pass ``keep_bf16=DEFAULT_KEEP_BF16 + ("*.norm1*",)``
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from engine.errors import Fp8Error
-from engine.fp8.linear import Fp8Linear, check_backend_name
+from engine.fp8.linear import Fp8Linear, check_backend_name, quantize_weight
 
 DEFAULT_KEEP_BF16: tuple[str, ...] = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
 # T5's feed-forward output (``wo``) is the layer transformers keeps in float32 for range reasons, and
@@ -42,7 +47,7 @@ class QuantizationReport:
     bytes_before: int = 0
     bytes_after: int = 0
     static_scales: int = 0
-    per_channel: bool = True
+    per_channel_layers: list[str] = field(default_factory=list)  # the others have one weight scale per tensor
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -52,7 +57,8 @@ class QuantizationReport:
     def summary(self) -> str:
         return (
             f"FP8 ({self.backend}): {len(self.quantized)} linears quantized, {len(self.kept)} kept in high "
-            f"precision, {self.static_scales} static activation scales; "
+            f"precision, {len(self.per_channel_layers)} with per-channel weight scales, "
+            f"{self.static_scales} static activation scales; "
             f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
             f"({100 * self.memory_ratio:.0f} %)"
         )
@@ -98,26 +104,50 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+# A layer keeps per-channel weight scales when one scale per tensor would raise the quantization error
+# of its worst output channel by more than this factor. E4M3 is a float format, so a shared scale costs a
+# channel precision only when its range lies far below the tensor's largest (values fall into subnormals):
+# a channel 200x smaller than the rest loses 7-10 %, one 30x smaller nothing measurable.
+PER_TENSOR_TOLERANCE = 1.05
+
+
+def prefers_per_channel(weight: torch.Tensor, tolerance: float = PER_TENSOR_TOLERANCE) -> bool:
+    """Whether ``weight`` [out, in] quantizes measurably better with one scale per output channel."""
+    worst = {}
+    reference = weight.detach().to(torch.float32)
+    row_norms = reference.norm(dim=1).clamp_min(1e-30)
+    for per_channel in (True, False):
+        fp8, scale = quantize_weight(reference, per_channel=per_channel)
+        restored = fp8.to(torch.float32) * (scale[:, None] if per_channel else scale)
+        worst[per_channel] = float(((restored - reference).norm(dim=1) / row_norms).max())
+    return worst[False] > tolerance * worst[True]
+
+
 def _quantize_linears(
     model: nn.Module,
     *,
     backend: str,
     keep: Iterable[str],
     scales: Mapping[str, torch.Tensor] | None,
-    per_channel: bool,
+    per_channel: bool | None,
     compute_dtype: torch.dtype | None,
 ) -> QuantizationReport:
     check_backend_name(backend)
-    report = QuantizationReport(backend=backend, per_channel=per_channel, bytes_before=module_bytes(model))
+    report = QuantizationReport(backend=backend, bytes_before=module_bytes(model))
     selected, report.kept = quantizable_linears(model, keep)
     scales_given = bool(scales)
     scales = dict(scales or {})
     for name in selected:
         linear = model.get_submodule(name)
         input_scale = scales.pop(name, None)
+        layer_per_channel = per_channel
+        if layer_per_channel is None:
+            layer_per_channel = backend != "scaled_mm" or prefers_per_channel(linear.weight)
         new = Fp8Linear.from_linear(
-            linear, backend=backend, per_channel=per_channel, input_scale=input_scale, compute_dtype=compute_dtype
+            linear, backend=backend, per_channel=layer_per_channel, input_scale=input_scale, compute_dtype=compute_dtype
         )
+        if layer_per_channel and backend != "transformer_engine":
+            report.per_channel_layers.append(name)
         replace_module(model, name, new)
         report.quantized.append(name)
         report.static_scales += input_scale is not None
@@ -135,7 +165,7 @@ def quantize_transformer(
     transformer: nn.Module,
     backend: str = "weight_only",
     scales: Mapping[str, torch.Tensor] | None = None,
-    per_channel: bool = True,
+    per_channel: bool | None = None,
     keep_bf16: Iterable[str] = DEFAULT_KEEP_BF16,
     compute_dtype: torch.dtype | None = None,
 ) -> QuantizationReport:
@@ -143,6 +173,8 @@ def quantize_transformer(
 
     ``scales`` maps layer names (``transformer_blocks.0.attn.to_q``) to calibrated input scales
     (from :func:`engine.fp8.calibrate` or a sidecar); layers without one scale dynamically.
+    ``per_channel``: weight scales per output channel (True), per tensor (False), or None: per channel,
+    except per tensor for ``scaled_mm`` layers that lose nothing by it (see the module docstring).
     ``keep_bf16`` lists module names / fnmatch patterns left in high precision.
     """
     return _quantize_linears(
