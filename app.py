@@ -7,7 +7,7 @@
     python app.py demo-checkpoint      write the built-in demo model as a single-file checkpoint
     python app.py calibrate            FP8 activation scales for a checkpoint (sidecar file)
     python app.py bench [--e2e]        FP8 vs BF16 benchmark; end-to-end batch throughput
-    python app.py token create         issue an API token
+    python app.py token create|revoke  issue an API token; refuse one (or all of a user's) from now on
     python app.py users add            add a user to the users file
     python app.py worker --broker URL  a GPU worker for scale-out over Redis
 
@@ -255,10 +255,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from webapp.auth import TokenIssuer
+    from webapp.revocation import TokenRevocations
 
     settings = _settings_from(args)
     issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
-    print(issuer.create(args.user, args.role, args.ttl))
+    if args.token_command == "create":
+        token = issuer.create(args.user, args.role, args.ttl)
+        claims = issuer.verify(token)
+        print(token)
+        print(f"token {claims.jti} for {claims.sub} ({claims.role}) expires {claims.expires_at.isoformat()}",
+              file=sys.stderr)
+        return 0
+    if bool(args.token) == bool(args.user):
+        raise SystemExit("give either a TOKEN or --user NAME")
+    revocations = TokenRevocations(settings.ledger_path)
+    if args.user:
+        cutoff = revocations.revoke_user(args.user, "cli")
+        print(f"every token of {args.user} issued before {cutoff.isoformat()} is refused from now on")
+        return 0
+    claims = issuer.verify(args.token)
+    revocations.revoke(claims, "cli")
+    print(f"token {claims.jti} of {claims.sub} is refused from now on (it would have expired "
+          f"{claims.expires_at.isoformat()})")
     return 0
 
 
@@ -342,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user", required=True)
     create.add_argument("--role", choices=["user", "admin"], default="user")
     create.add_argument("--ttl", default="24h", help="lifetime, e.g. 30m, 24h, 7d")
+    revoke = token_sub.add_parser("revoke", parents=[settings], help="refuse a token, or all of a user's, from now on")
+    revoke.add_argument("token", nargs="?", help="the token to refuse (it must still be valid)")
+    revoke.add_argument("--user", help="refuse every token of this user issued so far (browser sessions too)")
 
     users = add_command("users", help="manage the users file")
     users_sub = users.add_subparsers(dest="users_command", required=True)

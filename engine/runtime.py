@@ -61,6 +61,11 @@ class Engine:
     ) -> None:
         from engine.execute import Executor
 
+        if not 0 <= settings.png_compress_level <= 9:
+            raise EngineError(
+                f"png_compress_level must be a zlib level from 0 to 9, got {settings.png_compress_level}",
+                setting="png_compress_level",
+            )
         self.settings = settings
         self.registry = registry if registry is not None else default_registry()
         self.models = models if models is not None else build_model_cache(settings)
@@ -322,6 +327,7 @@ class Engine:
             sampler_time_limit_s=sampler_time_limit_s,
             input_dir=Path(input_dir) if input_dir is not None else Path(self.settings.input_path),
             vae_tiled=vae_tiled,
+            png_compress_level=self.settings.png_compress_level,
         )
 
 

@@ -42,7 +42,7 @@ def server(tmp_path_factory, engine):
     root = tmp_path_factory.mktemp("api")
     shutil.copytree(ROOT / "templates", root / "templates")  # admins upload templates into this copy
     users_file = root / "users.json"
-    for name, role in (("alice", "admin"), ("bob", "user"), ("carol", "user")):
+    for name, role in (("alice", "admin"), ("bob", "user"), ("carol", "user"), ("dave", "user"), ("erin", "user")):
         add_user(users_file, name, f"{name}-pass", role)
     settings = load_settings(
         {
@@ -144,6 +144,40 @@ def test_tokens_act_with_the_users_current_role_and_die_with_the_user(server, an
     # A validly signed token of a user who is not (or no longer) in the store is refused.
     gone = anonymous.get("/api/templates", headers=bearer(server.tokens.create("mallory", "admin")))
     assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "unknown_user"
+
+
+def test_an_admin_revokes_one_token_and_only_that_one_stops_working(server, alice, bob, anonymous):
+    leaked, other = server.tokens.create("dave", "user"), server.tokens.create("dave", "user")
+    assert anonymous.get("/api/templates", headers=bearer(leaked)).status_code == 200
+    refused = bob.post("/api/token/revoke", json={"token": leaked})
+    assert refused.status_code == 403 and error_of(refused)["details"]["action"] == "revoke_tokens"
+    answer = alice.post("/api/token/revoke", json={"token": leaked})
+    assert answer.status_code == 200 and answer.json()["user"] == "dave"
+    gone = anonymous.get("/api/templates", headers=bearer(leaked))
+    assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "revoked"
+    assert anonymous.get("/api/templates", headers=bearer(other)).status_code == 200
+    # The ComfyUI routes share the guard.
+    assert anonymous.get("/queue", headers=bearer(leaked)).status_code == 401
+    both = alice.post("/api/token/revoke", json={"token": other, "user": "dave"})
+    assert both.status_code == 400 and error_of(both)["details"]["reason"] == "bad_request"
+
+
+def test_the_cli_revokes_every_token_of_a_user_in_the_running_server(server, anonymous):
+    import subprocess
+    import sys
+
+    before = server.tokens.create("erin", "user")
+    assert anonymous.get("/api/templates", headers=bearer(before)).status_code == 200
+    env = {"SD35_DATA_DIR": server.settings.data_dir, "SD35_JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "app.py", "token", "revoke", "--user", "erin"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "erin" in done.stdout
+    gone = anonymous.get("/api/templates", headers=bearer(before))
+    assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "revoked"
+    time.sleep(1.1)  # tokens carry whole seconds: the cutoff is the second after the revocation
+    after = server.tokens.create("erin", "user")
+    assert anonymous.get("/api/templates", headers=bearer(after)).status_code == 200
 
 
 def test_http_routes_refuse_a_token_in_the_query_string(server, anonymous):

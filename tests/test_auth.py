@@ -300,3 +300,28 @@ def test_parse_bearer():
         with pytest.raises(AccessDenied) as caught:
             parse_bearer(bad)
         assert caught.value.status == 401
+
+
+def test_revoking_a_user_signs_out_their_browser_sessions_and_api_tokens(tmp_path):
+    from types import SimpleNamespace
+
+    from webapp.revocation import TokenRevocations
+    from webapp.server import SESSION_COOKIE, WebAuth
+
+    users = UserStore([User("ann", "user", hash_password("pw", n=2**4))])
+    issuer = TokenIssuer("k" * 48, "sd35-batch", "sd35-batch-api")
+    revocations = TokenRevocations(tmp_path / "ledger.db")
+    auth = WebAuth(users, issuer, revocations)
+    guard = ApiGuard(users, issuer, RateLimiter(100), revocations)
+    session = auth.sign_in("ann", "pw")
+    api_token = issuer.create("ann", "user")
+    request = SimpleNamespace(cookies={SESSION_COOKIE: session})
+    assert auth.user_of(request).name == "ann"
+    assert guard.identify(f"Bearer {api_token}").name == "ann"
+
+    revocations.revoke_user("ann", "test")
+    assert auth.user_of(request) is None
+    with pytest.raises(AccessDenied) as refused:
+        guard.identify(f"Bearer {api_token}")
+    assert refused.value.details["reason"] == "revoked" and refused.value.details["status"] == 401
+    assert revocations.entries()["users"][0]["subject"] == "ann"

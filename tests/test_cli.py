@@ -120,8 +120,19 @@ def test_token_and_users_commands(tmp_path):
 
     claims = TokenIssuer(secret, "sd35-batch", "sd35-batch-api").verify(token.stdout.strip())
     assert (claims.sub, claims.role) == ("alice", "admin")
+    assert claims.jti in token.stderr  # what `token revoke` and the audit trail know it by
     refused = app("token", "create", "--user", "alice", cwd=tmp_path, env={"SD35_JWT_SECRET": ""})
     assert refused.returncode == 2 and "SD35_JWT_SECRET" in refused.stderr
+
+    revoked = app("token", "revoke", token.stdout.strip(), cwd=tmp_path, env={"SD35_JWT_SECRET": secret})
+    assert revoked.returncode == 0 and claims.jti in revoked.stdout, revoked.stderr
+    from engine.errors import AccessDenied
+    from webapp.revocation import TokenRevocations
+
+    with pytest.raises(AccessDenied, match="revoked"):
+        TokenRevocations(tmp_path / "data" / "ledger.db").check(claims)
+    forged = app("token", "revoke", "not-a-token", cwd=tmp_path, env={"SD35_JWT_SECRET": secret})
+    assert forged.returncode == 2 and "token is invalid" in forged.stderr
 
     users = tmp_path / "users.json"
     added = app("users", "add", "bob", "--role", "user", "--password", "correct horse", "--file", str(users), cwd=tmp_path)

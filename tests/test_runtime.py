@@ -130,3 +130,22 @@ def test_workflow_on_cuda(tmp_path, models_dir):
 
     pa, pb = (numpy.asarray(Image.open(r.images[0].path), dtype=numpy.int16) for r in (a, b))
     assert numpy.abs(pa - pb).max() <= 8  # same seed, same image on any device (up to float rounding)
+
+
+def test_png_compress_level_changes_the_file_not_the_picture(tmp_path, models_dir):
+    import numpy as np
+
+    from engine.errors import EngineError
+
+    sizes, pixels = {}, {}
+    for level in (0, 9):
+        engine = Engine(Settings(data_dir=str(tmp_path / str(level)), models_dir=str(models_dir), png_compress_level=level))
+        (image,) = engine.run(small_example(seed=5), output_dir=tmp_path / f"out{level}").images
+        sizes[level] = Path(image.path).stat().st_size
+        with Image.open(image.path) as png:
+            pixels[level] = np.asarray(png.convert("RGB"))
+            assert "prompt" in png.info  # the ComfyUI metadata rides along at any level
+    assert sizes[0] > sizes[9]
+    assert np.array_equal(pixels[0], pixels[9])
+    with pytest.raises(EngineError, match="png_compress_level"):
+        Engine(Settings(data_dir=str(tmp_path / "bad"), models_dir=str(models_dir), png_compress_level=12))

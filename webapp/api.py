@@ -6,6 +6,7 @@ of :func:`error_status`.
 
     POST /api/token                          user name + password -> bearer token (when users and a key exist;
                                              ``ttl`` up to the max_token_ttl setting)
+    POST /api/token/revoke                   refuse one token from now on, or every token of a user (admin)
     GET  /api/templates[/{name}]             templates with their field schemas
     POST /api/templates                      add or replace a template (admin; multipart upload)
     POST /api/batches                        template + rows as JSON -> batch id and validation report
@@ -188,6 +189,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     user = Depends(fastapi_dependency(guard))
     admin_models = Depends(fastapi_dependency(guard, ADMIN, "switch_model"))
     admin_templates = Depends(fastapi_dependency(guard, ADMIN, "upload_template"))
+    admin_tokens = Depends(fastapi_dependency(guard, ADMIN, "revoke_tokens"))
     try:
         max_token_ttl = parse_ttl(services.settings.max_token_ttl)
     except EngineError as exc:
@@ -274,6 +276,21 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
             raise AccessDenied("wrong user name or password", status=401, reason="bad_credentials")
         ttl = parse_ttl(str(body["ttl"]), maximum=max_token_ttl) if body.get("ttl") else default_token_ttl
         return {"access_token": guard.tokens.create(found, ttl=ttl), "token_type": "bearer", "role": found.role}
+
+    @router.post("/token/revoke", summary="Revoke one token, or every token of a user issued so far (admin)")
+    async def revoke_token(request: Request, caller: Any = admin_tokens) -> Any:
+        body = await json_body(request)
+        if guard.tokens is None or guard.revocations is None:
+            raise AccessDenied("tokens need SD35_JWT_SECRET configured", status=400, reason="not_configured")
+        if bool(body.get("token")) == bool(body.get("user")):
+            raise AccessDenied('give either "token" (the token to refuse) or "user" (all of their tokens)',
+                               status=400, reason="bad_request")
+        if body.get("user"):
+            cutoff = await asyncio.to_thread(guard.revocations.revoke_user, str(body["user"]), caller.name)
+            return {"revoked": "user", "user": str(body["user"]), "not_before": cutoff.isoformat()}
+        claims = guard.tokens.verify(str(body["token"]))  # only a valid token of ours; expired ones are moot
+        await asyncio.to_thread(guard.revocations.revoke, claims, caller.name)
+        return {"revoked": "token", "jti": claims.jti, "user": claims.sub, "expires_at": claims.expires_at.isoformat()}
 
     @router.get("/templates", summary="Templates with their field schemas")
     def list_templates(caller: Any = user) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 from engine.errors import AccessDenied
 from webapp.auth import ADMIN, USER, Claims, TokenIssuer, UserStore, authorize, parse_bearer
 from webapp.ratelimit import RateLimiter
+from webapp.revocation import TokenRevocations
 
 LOCAL_USER = "local"
 
@@ -32,12 +33,17 @@ class Caller:
 
 
 class ApiGuard:
-    """Identifies callers (bearer tokens), checks roles, and applies the per-user, per-route rate limits."""
+    """Identifies callers (bearer tokens, minus revoked ones), checks roles, and applies the per-user,
+    per-route rate limits."""
 
-    def __init__(self, users: UserStore, tokens: TokenIssuer | None, limiter: RateLimiter) -> None:
+    def __init__(
+        self, users: UserStore, tokens: TokenIssuer | None, limiter: RateLimiter,
+        revocations: TokenRevocations | None = None,
+    ) -> None:
         self.users = users
         self.tokens = tokens
         self.limiter = limiter
+        self.revocations = revocations
 
     @property
     def auth_required(self) -> bool:
@@ -64,6 +70,8 @@ class ApiGuard:
             )
         token = query_token if (query_token and not authorization) else parse_bearer(authorization)
         claims: Claims = self.tokens.verify(token)
+        if self.revocations is not None:
+            self.revocations.check(claims)
         if not self.users.configured:
             return Caller(claims.sub, claims.role)
         user = self.users.get(claims.sub)

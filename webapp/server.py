@@ -45,6 +45,7 @@ from webapp.files import resolve_inside
 from webapp.guard import ApiGuard, RateLimited
 from webapp.i18n import gradio_i18n, language_of_request, text
 from webapp.metrics import GENERATION_STATUSES, HttpMetricsMiddleware, Metrics
+from webapp.revocation import TokenRevocations
 from webapp.ratelimit import RateLimiter, UploadLimit, UploadLimitMiddleware, parse_route_limits
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,16 @@ LOCALHOST = "127.0.0.1"
 
 
 class WebAuth:
-    """Who is signed in: checks passwords, issues and reads session cookies."""
+    """Who is signed in: checks passwords, issues and reads session cookies.
 
-    def __init__(self, users: UserStore, sessions: TokenIssuer) -> None:
+    ``revocations``: a user's tokens revoked with ``python app.py token revoke --user`` sign their browser
+    sessions out too.
+    """
+
+    def __init__(self, users: UserStore, sessions: TokenIssuer, revocations: TokenRevocations | None = None) -> None:
         self.users = users
         self.sessions = sessions
+        self.revocations = revocations
 
     @property
     def required(self) -> bool:
@@ -79,6 +85,8 @@ class WebAuth:
             return None
         try:
             claims = self.sessions.verify(token)
+            if self.revocations is not None:
+                self.revocations.check(claims)
         except AccessDenied:
             return None
         return self.users.get(claims.sub)
@@ -101,7 +109,8 @@ def api_guard(settings: Settings, users: UserStore) -> ApiGuard:
     configured; ``route_rate_limits`` overrides ``rate_limit_per_minute`` route by route."""
     tokens = TokenIssuer.from_settings(settings) if settings.jwt_secret else None
     limiter = RateLimiter(int(settings.rate_limit_per_minute), overrides=parse_route_limits(settings.route_rate_limits))
-    return ApiGuard(users, tokens, limiter)
+    revocations = TokenRevocations(settings.ledger_path) if tokens is not None else None
+    return ApiGuard(users, tokens, limiter, revocations)
 
 
 class BatchMetrics:
@@ -265,8 +274,8 @@ def create_app(
 
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
-    auth = WebAuth(users, session_issuer(settings))
     guard = api_guard(settings, users)
+    auth = WebAuth(users, session_issuer(settings), guard.revocations)
     upload_limit = UploadLimit.from_megabytes(settings.max_upload_mb)
     metrics = Metrics()
     batch_metrics = BatchMetrics(metrics, services)

@@ -49,6 +49,7 @@ class NodeContext:
     saved_images: list[Any] = field(default_factory=list)
     input_dir: Path | None = None  # where LoadImage looks for files
     vae_tiled: bool = False  # set on an out-of-memory retry: VAEDecode decodes in tiles
+    png_compress_level: int = 4  # SaveImage's zlib level (ComfyUI's default; the engine passes its setting)
 
     def progress(self, kind: str, value: int = 0, maximum: int = 0, **extra: Any) -> None:
         if self.on_progress is not None:

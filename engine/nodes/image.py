@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 # Decoded images whose pixel values span less than one 8-bit level are blank (all black or one colour).
 BLANK_RANGE = 1.0 / 255.0
 PREVIEW_COMPRESS_LEVEL = 1
-SAVE_COMPRESS_LEVEL = 4  # ComfyUI's SaveImage default
 
 
 @dataclass(frozen=True)
@@ -538,7 +537,7 @@ class SaveImage(NodeType):
                  "use a relative prefix such as 'batch/portrait'")]
 
     def run(self, ctx: "NodeContext", images: Any, filename_prefix: str = "ComfyUI") -> dict[str, Any]:
-        return save_images(ctx, images, ctx.output_dir, filename_prefix, "output", SAVE_COMPRESS_LEVEL)
+        return save_images(ctx, images, ctx.output_dir, filename_prefix, "output", ctx.png_compress_level)
 
 
 class PreviewImage(NodeType):
