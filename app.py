@@ -247,7 +247,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from engine.bench import run_benchmark
 
-        report = run_benchmark(size=args.model, device=args.device_name, repeats=args.repeats)
+        report = run_benchmark(size=args.model, device=args.device_name, repeats=args.repeats,
+                               compile_mode=_settings_from(args).compile_mode, quick=args.quick)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     return 0
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="auto", help="large, medium or tiny (auto: large on a GPU, tiny on a CPU)")
     bench.add_argument("--device-name", default="auto")
     bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--quick", action="store_true", help="only the variants the targets compare")
     bench.add_argument("--rows", type=int, default=16)
     bench.add_argument("--size", type=int, default=None)
     bench.add_argument("--steps", type=int, default=None)

@@ -25,7 +25,13 @@ from typing import Any, Callable, Iterable, TextIO
 import torch
 
 from engine.errors import Fp8Error
-from engine.fp8.backends import compile_blocks, fp8_compute_problem, transformer_engine_available, uncompile_blocks
+from engine.fp8.backends import (
+    check_compile_mode,
+    compile_blocks,
+    fp8_compute_problem,
+    transformer_engine_available,
+    uncompile_blocks,
+)
 from engine.fp8.calibrate import calibrate
 from engine.fp8.quantize import apply_activation_scales, module_bytes, quantize_transformer, set_backend
 
@@ -266,6 +272,8 @@ def run_benchmark(
     warmup: int = 2,
     compile: bool | None = None,
     seed: int = 0,
+    compile_mode: str = "default",
+    quick: bool = False,
     out: TextIO | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -273,7 +281,10 @@ def run_benchmark(
 
     ``backends``: FP8 backends to time (default: every one the device runs). ``compile``: also time
     block-compiled variants (default: on CUDA only; on a CPU compilation needs a C++ toolchain and
-    minutes). FP8 weight scales are the production default (per tensor where a layer loses nothing by
+    minutes). ``compile_mode``: the torch.compile mode of every compiled variant, BF16 and FP8 alike
+    (:data:`engine.fp8.backends.COMPILE_MODES`). ``quick``: only the variants the targets compare (BF16
+    eager, BF16 compiled, FP8 static compiled), e.g. to try a slow-compiling mode. FP8 weight scales are the
+    production default (per tensor where a layer loses nothing by
     it, see :mod:`engine.fp8.quantize`); on CUDA an all-per-channel variant is timed too. Progress, the table and the JSON go to ``out`` (default: stdout) unless ``quiet``.
     """
     started = time.perf_counter()
@@ -288,11 +299,13 @@ def run_benchmark(
             backends=unknown,
         )
     do_compile = dev.type == "cuda" if compile is None else compile
+    check_compile_mode(compile_mode)
     def say(line: str) -> None:
         if not quiet:
             print(line, file=out or sys.stdout, flush=True)
 
-    say(f"bench: {size} SD3.5-shaped transformer on {describe_device(dev)}; backends {', '.join(requested)}")
+    say(f"bench: {size} SD3.5-shaped transformer on {describe_device(dev)}; backends {', '.join(requested)}"
+        + (f"; compile mode {compile_mode}" if do_compile else ""))
 
     inputs = make_inputs(size, dev)
     model = build_transformer(size, dev, seed)
@@ -307,7 +320,7 @@ def run_benchmark(
             return
         try:
             if result.compiled:
-                compile_blocks(model_now)
+                compile_blocks(model_now, mode=compile_mode)
             timings, result.warmup_s, result.peak_bytes, output = time_forward(model_now, inputs, dev, repeats, warmup)
             result.ms_all = [round(t, 3) for t in timings]
             result.ms = statistics.median(timings)
@@ -348,6 +361,8 @@ def run_benchmark(
         weight_scales["label"] = f"{len(report.per_channel_layers)} of {len(report.quantized)} layers per-channel"
         say(f"  quantized for {backend}: {weight_scales['label']}, the rest per-tensor")
 
+    if quick:
+        requested = [b for b in requested if b == "scaled_mm"] or requested[:1]
     quantized_with = None
     for backend in [b for b in ("scaled_mm", "weight_only") if b in requested]:
         if backend not in available:
@@ -362,13 +377,15 @@ def run_benchmark(
             # Activations stay in BF16: static and dynamic scales are the same computation.
             measure(fp8("fp8 weight_only eager", backend, "none", False), model)
             continue
-        measure(fp8(f"fp8 {backend} dynamic eager", backend, "dynamic", False), model)
-        measure(fp8(f"fp8 {backend} dynamic compiled", backend, "dynamic", True, skipped=no_compile), model)
+        if not quick:
+            measure(fp8(f"fp8 {backend} dynamic eager", backend, "dynamic", False), model)
+            measure(fp8(f"fp8 {backend} dynamic compiled", backend, "dynamic", True, skipped=no_compile), model)
         _calibrate_at_shape(model, inputs)
-        measure(fp8(f"fp8 {backend} static eager", backend, "static", False), model)
+        if not quick or not do_compile:
+            measure(fp8(f"fp8 {backend} static eager", backend, "static", False), model)
         measure(fp8(f"fp8 {backend} static compiled", backend, "static", True, skipped=no_compile), model)
 
-    if "scaled_mm" in requested and "scaled_mm" in available and do_compile:
+    if "scaled_mm" in requested and "scaled_mm" in available and do_compile and not quick:
         # Every layer scaled per output channel (the row-wise FP8 GEMM), against the default above where
         # layers that lose nothing by it use one scale per tensor; quantized again from the same weights.
         model = rebuilt(model)
@@ -394,6 +411,7 @@ def run_benchmark(
         "shape": asdict(MODELS[size][1]),
         "repeats": repeats,
         "warmup": warmup,
+        "compile_mode": compile_mode if do_compile else None,
         "variants": [asdict(r) for r in results],
         "targets": [asdict(c) for c in check_targets(results, size, dev)],
         "wall_s": round(time.perf_counter() - started, 1),
@@ -479,7 +497,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{'weights MiB':>11} {'peak MiB':>9}")
     lines = [
         f"SD3.5 {report['size']} ({report['parameters'] / 1e9:.2f} B params) on {report['device']}, "
-        f"one CFG forward, median of {report['repeats']}",
+        f"one CFG forward, median of {report['repeats']}"
+        + (f", compile mode {report['compile_mode']}" if report.get("compile_mode") else ""),
         head,
         "-" * len(head),
     ]
@@ -512,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--compile-mode", default="default", help="default or max-autotune-no-cudagraphs")
+    parser.add_argument("--quick", action="store_true", help="only BF16 eager, BF16 compiled and FP8 static compiled")
     parser.add_argument("--json", help="write the report(s) as JSON here")
     args = parser.parse_args(argv)
     dev = resolve_device(args.device)
@@ -519,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
     backends = args.backends.split(",") if args.backends else None
     reports = [
-        run_benchmark(size, args.device, backends, repeats=args.repeats, warmup=args.warmup, compile=compile_flag)
+        run_benchmark(size, args.device, backends, repeats=args.repeats, warmup=args.warmup, compile=compile_flag,
+                      compile_mode=args.compile_mode, quick=args.quick)
         for size in sizes
     ]
     if args.json:

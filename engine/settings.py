@@ -34,6 +34,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("precision", "auto", "Transformer precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32, or fp8 (E4M3 weights; FP8 compute on CUDA >= 8.9, else weight_only with a logged message; calibrated scales from the checkpoint's sidecar).", str),
     SettingSpec("fp8_backend", "auto", "FP8 backend for precision fp8 and UNETLoader fp8_e4m3fn_fast: auto (scaled_mm where the GPU can), scaled_mm, transformer_engine, weight_only (FP8 storage, high-precision matmuls).", str),
     SettingSpec("compile", True, "torch.compile each transformer block at load, after FP8 quantization, and warm up at the GPU batch sizes (CUDA only; the CPU runs eagerly). FP8 is faster than BF16 only compiled.", bool),
+    SettingSpec("compile_mode", "default", "torch.compile mode of the transformer blocks: default, or max-autotune-no-cudagraphs (Inductor tunes its kernels: minutes more compile per shape, once, then cached on disk).", str),
     SettingSpec("png_compress_level", 1, "zlib level (0-9) of saved PNGs: 1 takes about half the CPU of ComfyUI's 4 on photographic pictures for files ~15 % larger, with the same pixels and metadata.", int),
     SettingSpec("max_gpu_batch", 4, "Rows of the same shape sampled together on the GPU (1-4).", int),
     SettingSpec("row_timeout_s", 600.0, "Per-row deadline for sampling, in seconds.", float),
@@ -65,6 +66,7 @@ class Settings:
     precision: str = "auto"
     fp8_backend: str = "auto"
     compile: bool = True
+    compile_mode: str = "default"
     png_compress_level: int = 1
     max_gpu_batch: int = 4
     row_timeout_s: float = 600.0

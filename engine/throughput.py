@@ -205,6 +205,7 @@ def run_e2e_benchmark(
         "steps": steps,
         "max_gpu_batch": settings.max_gpu_batch,
         "compile": settings.compile and on_cuda,  # blocks compile on CUDA only
+        "compile_mode": settings.compile_mode,
         "results": results,
         "targets": asdict(E2E_TARGETS),
         "wall_s": round(time.perf_counter() - started, 1),
@@ -442,7 +443,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{'CPU-side/row':>13} {'share':>6} {'RSS MiB start->end':>19} {'CUDA peak MiB':>13}")
     lines = [
         f"{report['model']} on {report['device']}: {report['rows']} rows, {report['size']}x{report['size']}, "
-        f"{report['steps']} steps, GPU batch <= {report['max_gpu_batch']}, compile {report['compile']}",
+        f"{report['steps']} steps, GPU batch <= {report['max_gpu_batch']}, compile {report['compile']}"
+        + (f" ({report['compile_mode']})" if report["compile"] else ""),
         head,
         "-" * len(head),
     ]
@@ -632,7 +634,7 @@ def _random_weight_runs(
         else:
             raise ValueError(f"unknown precision {precision!r}; supported: bf16, fp8")
         if settings.compile and on_cuda:
-            compile_blocks(transformer)
+            compile_blocks(transformer, mode=settings.compile_mode)
         handles = (dataclasses.replace(model, transformer=transformer, precision=recorded), clip, vae)
         run_settings = dataclasses.replace(
             settings, precision=precision, default_checkpoint=RANDOM_WEIGHT_CHECKPOINT,

@@ -32,3 +32,9 @@ step "${LIMIT_E2E:-170}" "bench --e2e" "$py" app.py bench --e2e --rows 8 --size 
     --json "$out/e2e.json"
 step "${LIMIT_TESTS:-120}" "GPU tests" "$py" -m pytest tests/test_gpu.py -q -rs -s -p no:cacheprovider
 step "${LIMIT_MEDIUM:-110}" "bench medium" "$py" app.py bench --model medium --repeats 5 --json "$out/bench-medium.json"
+# Optional (AUTOTUNE=1, about 5 more minutes): the same comparison with Inductor's tuned kernels, BF16 and FP8
+# both compiled in max-autotune-no-cudagraphs mode.
+if [ "${AUTOTUNE:-0}" = 1 ]; then
+    step "${LIMIT_AUTOTUNE:-300}" "bench large, max-autotune" env SD35_COMPILE_MODE=max-autotune-no-cudagraphs \
+        "$py" app.py bench --model large --quick --repeats 5 --json "$out/bench-large-autotune.json"
+fi

@@ -89,3 +89,21 @@ def test_cli_writes_json(tmp_path, capsys):
     reports = json.loads(path.read_text())
     assert [r["size"] for r in reports] == ["tiny"]
     assert "fp8 weight_only eager" in capsys.readouterr().out
+
+
+def test_quick_run_times_only_what_the_targets_compare():
+    report = run_benchmark("tiny", "cpu", repeats=1, warmup=1, quick=True, quiet=True)
+    assert [v["name"] for v in report["variants"]] == [
+        "bf16 eager", "bf16 compiled", "fp8 scaled_mm static eager", "fp8 scaled_mm static compiled",
+    ]
+    assert report["compile_mode"] is None  # nothing compiles on a CPU by default
+
+
+def test_compile_modes_are_checked_everywhere(tmp_path, models_dir):
+    from engine.runtime import Engine
+    from engine.settings import Settings
+
+    with pytest.raises(Fp8Error, match="supported: default, max-autotune-no-cudagraphs"):
+        run_benchmark("tiny", "cpu", repeats=1, compile_mode="fastest", quiet=True)
+    with pytest.raises(Fp8Error, match="compile_mode"):
+        Engine(Settings(data_dir=str(tmp_path), models_dir=str(models_dir), compile_mode="fastest"))

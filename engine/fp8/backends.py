@@ -102,6 +102,15 @@ def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise Fp8Error(f"unknown compile_mode {mode!r}; supported: {', '.join(COMPILE_MODES)}",
+                       compile_mode=mode, supported=list(COMPILE_MODES))
+
+
 def compile_blocks(transformer: nn.Module, *, mode: str | None = None, dynamic: bool = False) -> int:
     """``torch.compile`` each transformer block in place (regional compilation); returns the count.
 
@@ -124,8 +133,10 @@ def compile_blocks(transformer: nn.Module, *, mode: str | None = None, dynamic: 
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 4 * needed))
     if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
         dynamo_config.fail_on_recompile_limit_hit = True
+    if mode is not None:
+        check_compile_mode(mode)
     for block in blocks:
-        block.compile(mode=mode, dynamic=dynamic)
+        block.compile(mode=None if mode in (None, "default") else mode, dynamic=dynamic)
     return len(blocks)
 
 

@@ -36,6 +36,7 @@ from engine.fp8.backends import (
     BACKEND_CHOICES,
     FP8_MIN_CAPABILITY,
     BackendChoice,
+    check_compile_mode,
     choose_backend,
     compile_blocks,
     fp8_compute_problem,
@@ -137,21 +138,25 @@ class PrecisionPolicy:
         compile: bool = False,
         data_dir: str | Path = "data",
         *,
+        compile_mode: str = "default",
         use_sidecars: bool = True,
         choose: BackendChooser = choose_backend,
     ) -> None:
         check_precision_settings(precision, fp8_backend)
+        check_compile_mode(compile_mode)
         self.precision = precision
         self.fp8_backend = fp8_backend
         self.compile = compile
+        self.compile_mode = compile_mode
         self.data_dir = Path(data_dir)
         self.use_sidecars = use_sidecars
         self.choose = choose
 
     @classmethod
     def from_settings(cls, settings: "Settings", **options: Any) -> "PrecisionPolicy":
-        """The policy of ``settings.precision``, ``fp8_backend``, ``compile`` and ``data_dir``."""
-        return cls(settings.precision, settings.fp8_backend, settings.compile, settings.data_dir, **options)
+        """The policy of ``settings.precision``, ``fp8_backend``, ``compile``, ``compile_mode`` and ``data_dir``."""
+        return cls(settings.precision, settings.fp8_backend, settings.compile, settings.data_dir,
+                   compile_mode=settings.compile_mode, **options)
 
     def requested_backend(self, weight_dtype: str) -> str | None:
         """The FP8 backend asked for by ``weight_dtype`` and the settings; None when no FP8 is asked."""
@@ -219,8 +224,8 @@ class PrecisionPolicy:
         # Inductor keeps compiled graphs and kernels on disk: under data_dir they outlive the process, so a
         # restart loads them instead of compiling again.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.data_dir / "cache" / "torchinductor"))
-        count = compile_blocks(transformer)
-        log.info("%s: compiled %d transformer blocks", name, count)
+        count = compile_blocks(transformer, mode=self.compile_mode)
+        log.info("%s: compiled %d transformer blocks (%s)", name, count, self.compile_mode)
 
 
 def _switch_backend(model: nn.Module, backend: str, compute_dtype: torch.dtype) -> None:
