@@ -355,6 +355,17 @@ def _mark_missing_file(problem: NodeProblem, workflow: Workflow, registry: "Node
     return dataclasses.replace(problem, extra_info={**problem.extra_info, "missing_file": kind})
 
 
+def import_model_libraries() -> None:
+    """Import the diffusers, transformers and peft classes the engine uses, in the calling thread.
+
+    Their lazy modules are not safe to import from two threads at once: one thread can be handed the
+    other's half-initialised module ("cannot import name 'AutoModel' from 'transformers'"). Servers call
+    this before they start the warm-up and batch threads.
+    """
+    from diffusers import AutoencoderKL, SD3ControlNetModel, SD3Transformer2DModel  # noqa: F401
+    from transformers import AutoModel, CLIPTextModelWithProjection, T5EncoderModel  # noqa: F401
+
+
 def build_model_cache(settings: Settings, *, use_sidecars: bool = True) -> "ModelCache":
     """The model cache the settings describe: device, compute dtype, models folder, sha256 memo file,
     and the precision policy (FP8 quantization, calibrated scales, compile) applied to every transformer.

@@ -159,3 +159,39 @@ def test_resume_of_an_unknown_batch_is_an_error_not_a_new_batch(tmp_path):
     )
     assert result.returncode == 2 and "no batch 'b-typo' to resume" in result.stderr
     assert not list((tmp_path / "data").rglob("*.png"))
+
+
+def test_python_app_py_serves_the_page_and_warms_up_cleanly(tmp_path):
+    """`python app.py` as the README starts it: the page answers while the model warms up on its own thread,
+    and the warm-up finishes without an error (two threads importing diffusers/transformers at once once
+    broke it: "cannot import name 'AutoModel'")."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path / "serve.log"
+    env = {**os.environ, "SD35_DATA_DIR": str(tmp_path / "data"), "SD35_PORT": str(port)}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        page = None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert page is not None and page.status_code == 200, log_path.read_text()
+        assert httpx.get(f"http://127.0.0.1:{port}/api/system", timeout=10).json()["demo_in_use"] is True
+        while time.monotonic() < deadline and "model warmed up" not in log_path.read_text():
+            time.sleep(0.2)
+        text = log_path.read_text()
+        assert "model warmed up" in text and "Traceback" not in text and "warm-up failed" not in text, text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -38,6 +38,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from engine.batch import BatchEvent
 from engine.errors import AccessDenied, EngineError
 from engine.logs import configure_logging
+from engine.runtime import import_model_libraries
 from engine.settings import Settings
 from engine.store import row_key
 from webapp.auth import TokenIssuer, User, UserStore, load_users
@@ -284,6 +285,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app):
+        import_model_libraries()  # before any thread of ours imports them (see its docstring)
         services.queue.start()
         start_warm_up(services.engine)
         try:
