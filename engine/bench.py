@@ -284,8 +284,9 @@ def run_benchmark(
     minutes). ``compile_mode``: the torch.compile mode of every compiled variant, BF16 and FP8 alike
     (:data:`engine.fp8.backends.COMPILE_MODES`). ``quick``: only the variants the targets compare (BF16
     eager, BF16 compiled, FP8 static compiled), e.g. to try a slow-compiling mode. FP8 weight scales are the
-    production default (per tensor where a layer loses nothing by
-    it, see :mod:`engine.fp8.quantize`); on CUDA an all-per-channel variant is timed too. Progress, the table and the JSON go to ``out`` (default: stdout) unless ``quiet``.
+    production default (per tensor where a layer loses nothing by it, see :mod:`engine.fp8.quantize`); on
+    CUDA an all-per-channel variant is timed too. Progress, the table and the JSON go to ``out`` (default:
+    stdout) unless ``quiet``.
     """
     started = time.perf_counter()
     dev = resolve_device(device)

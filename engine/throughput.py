@@ -339,7 +339,9 @@ def _measure_pipeline(
         "rss_start_mib": round(rss_start / 2**20, 1),
         # Growth once the first GPU batch is stored: what a long batch would keep adding (the first batch
         # also pays one-off buffers: pinned memory, encoder threads, SQLite's page cache).
-        "rss_after_first_batch_mib": round(rss_after[first_batch - 1] / 2**20, 1) if len(rss_after) > first_batch else None,
+        "rss_after_first_batch_mib": (
+            round(rss_after[first_batch - 1] / 2**20, 1) if len(rss_after) > first_batch else None
+        ),
         "rss_end_mib": round(rss_end / 2**20, 1),
         "peak_rss_start_mib": round(peak_start / 2**20, 1),
         "peak_rss_end_mib": round(peak_end / 2**20, 1),
