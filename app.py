@@ -255,6 +255,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from engine.store import BatchLedger
     from webapp.auth import TokenIssuer
     from webapp.revocation import TokenRevocations
 
@@ -269,13 +270,14 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 0
     if bool(args.token) == bool(args.user):
         raise SystemExit("give either a TOKEN or --user NAME")
-    revocations = TokenRevocations(settings.ledger_path)
-    if args.user:
-        cutoff = revocations.revoke_user(args.user, "cli")
-        print(f"every token of {args.user} issued before {cutoff.isoformat()} is refused from now on")
-        return 0
-    claims = issuer.verify(args.token)
-    revocations.revoke(claims, "cli")
+    with BatchLedger(settings.ledger_path) as ledger:
+        revocations = TokenRevocations(ledger)
+        if args.user:
+            cutoff = revocations.revoke_user(args.user, "cli")
+            print(f"every token of {args.user} issued before {cutoff.isoformat()} is refused from now on")
+            return 0
+        claims = issuer.verify(args.token)
+        revocations.revoke(claims, "cli")
     print(f"token {claims.jti} of {claims.sub} is refused from now on (it would have expired "
           f"{claims.expires_at.isoformat()})")
     return 0

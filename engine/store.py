@@ -1,4 +1,5 @@
-"""The batch ledger: every batch and every generation in one SQLite file (through sqlite-utils).
+"""The batch ledger: every batch and every generation in one SQLite file (through sqlite-utils), and the
+API tokens revoked before they expire (``webapp.revocation`` says what a revocation means).
 
 One row of ``generations`` per spreadsheet row, keyed ``<batch_id>:<row_number>``. Resume = run the rows
 whose status is not ``done``; the image file is written (temp name, fsync, rename) before the row is
@@ -119,6 +120,25 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "CREATE INDEX idx_generations_batch_status ON generations (batch_id, status, row_number)",
             "CREATE INDEX idx_generations_finished ON generations (finished_at)",
             "CREATE INDEX idx_batches_created ON batches (created_at)",
+        ),
+    ),
+    (
+        2,
+        "revoked API tokens",
+        (
+            """CREATE TABLE revoked_tokens (
+                jti TEXT PRIMARY KEY,
+                subject TEXT NOT NULL,
+                expires_at TEXT NOT NULL,
+                revoked_at TEXT NOT NULL,
+                revoked_by TEXT NOT NULL
+            )""",
+            """CREATE TABLE token_cutoffs (
+                subject TEXT PRIMARY KEY,
+                not_before TEXT NOT NULL,
+                revoked_at TEXT NOT NULL,
+                revoked_by TEXT NOT NULL
+            )""",
         ),
     ),
 )
@@ -300,6 +320,41 @@ class BatchLedger:
                              (version, name, _now()))
 
         self._write(apply)
+
+    # -- revoked API tokens ---------------------------------------------------------------------------
+
+    def revoke_token(self, jti: str, subject: str, expires_at: str, revoked_by: str) -> None:
+        """Record token ``jti`` as revoked; rows of tokens that have expired anyway are dropped meanwhile."""
+
+        def record(conn: sqlite3.Connection) -> None:
+            now = _now()
+            conn.execute(
+                "INSERT OR REPLACE INTO revoked_tokens (jti, subject, expires_at, revoked_at, revoked_by) "
+                "VALUES (?, ?, ?, ?, ?)", (jti, subject, expires_at, now, revoked_by),
+            )
+            conn.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (now,))
+
+        self._write(record)
+
+    def set_token_cutoff(self, subject: str, not_before: str, revoked_by: str) -> None:
+        """Record that ``subject``'s tokens issued before ``not_before`` are revoked."""
+        self._write(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO token_cutoffs (subject, not_before, revoked_at, revoked_by) VALUES (?, ?, ?, ?)",
+            (subject, not_before, _now(), revoked_by),
+        ))
+
+    def token_revocation(self, jti: str, subject: str) -> tuple[bool, str | None]:
+        """(whether token ``jti`` is revoked, ``subject``'s cutoff or None): one lookup per request."""
+        revoked = bool(jti) and bool(self._read("SELECT 1 AS x FROM revoked_tokens WHERE jti = ?", [jti]))
+        cutoff = self._read("SELECT not_before FROM token_cutoffs WHERE subject = ?", [subject])
+        return revoked, cutoff[0]["not_before"] if cutoff else None
+
+    def token_revocations(self) -> dict[str, list[dict[str, Any]]]:
+        """Every revoked token and user cutoff."""
+        return {
+            "tokens": self._read("SELECT * FROM revoked_tokens ORDER BY revoked_at"),
+            "users": self._read("SELECT * FROM token_cutoffs ORDER BY subject"),
+        }
 
     def schema_version(self) -> int:
         rows = self._read("SELECT max(version) AS v FROM migrations")

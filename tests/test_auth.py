@@ -305,12 +305,13 @@ def test_parse_bearer():
 def test_revoking_a_user_signs_out_their_browser_sessions_and_api_tokens(tmp_path):
     from types import SimpleNamespace
 
+    from engine.store import BatchLedger
     from webapp.revocation import TokenRevocations
     from webapp.server import SESSION_COOKIE, WebAuth
 
     users = UserStore([User("ann", "user", hash_password("pw", n=2**4))])
     issuer = TokenIssuer("k" * 48, "sd35-batch", "sd35-batch-api")
-    revocations = TokenRevocations(tmp_path / "ledger.db")
+    revocations = TokenRevocations(BatchLedger(tmp_path / "ledger.db"))
     auth = WebAuth(users, issuer, revocations)
     guard = ApiGuard(users, issuer, RateLimiter(100), revocations)
     session = auth.sign_in("ann", "pw")

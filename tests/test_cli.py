@@ -127,10 +127,11 @@ def test_token_and_users_commands(tmp_path):
     revoked = app("token", "revoke", token.stdout.strip(), cwd=tmp_path, env={"SD35_JWT_SECRET": secret})
     assert revoked.returncode == 0 and claims.jti in revoked.stdout, revoked.stderr
     from engine.errors import AccessDenied
+    from engine.store import BatchLedger
     from webapp.revocation import TokenRevocations
 
-    with pytest.raises(AccessDenied, match="revoked"):
-        TokenRevocations(tmp_path / "data" / "ledger.db").check(claims)
+    with BatchLedger(tmp_path / "data" / "ledger.db") as ledger, pytest.raises(AccessDenied, match="revoked"):
+        TokenRevocations(ledger).check(claims)
     forged = app("token", "revoke", "not-a-token", cwd=tmp_path, env={"SD35_JWT_SECRET": secret})
     assert forged.returncode == 2 and "token is invalid" in forged.stderr
 

@@ -105,12 +105,13 @@ def session_issuer(settings: Settings) -> TokenIssuer:
     return TokenIssuer.for_process(settings.jwt_issuer, settings.jwt_audience)
 
 
-def api_guard(settings: Settings, users: UserStore) -> ApiGuard:
+def api_guard(settings: Settings, users: UserStore, ledger: Any = None) -> ApiGuard:
     """The guard of the JSON API, the ComfyUI routes and ``POST /login``: tokens only when a signing key is
-    configured; ``route_rate_limits`` overrides ``rate_limit_per_minute`` route by route."""
+    configured, minus those revoked in ``ledger`` (when given); ``route_rate_limits`` overrides
+    ``rate_limit_per_minute`` route by route."""
     tokens = TokenIssuer.from_settings(settings) if settings.jwt_secret else None
     limiter = RateLimiter(int(settings.rate_limit_per_minute), overrides=parse_route_limits(settings.route_rate_limits))
-    revocations = TokenRevocations(settings.ledger_path) if tokens is not None else None
+    revocations = TokenRevocations(ledger) if tokens is not None and ledger is not None else None
     return ApiGuard(users, tokens, limiter, revocations)
 
 
@@ -275,7 +276,7 @@ def create_app(
 
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
-    guard = api_guard(settings, users)
+    guard = api_guard(settings, users, services.ledger)
     auth = WebAuth(users, session_issuer(settings), guard.revocations)
     upload_limit = UploadLimit.from_megabytes(settings.max_upload_mb)
     metrics = Metrics()
