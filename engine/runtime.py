@@ -202,19 +202,18 @@ class Engine:
             sampled = clip is not None and vae is not None
             batch_sizes = [1]
             if sampled:
+                temp = Path(self.settings.data_path) / "temp"
+                one_row = _warm_up_workflow(name, side, 1)
                 with deferred_saves(DiscardImages()):
-                    self.run(_warm_up_workflow(name, side, 1), output_dir=Path(self.settings.data_path) / "temp")
+                    self.run(one_row, output_dir=temp)
                     # Compiled blocks are specialised to their batch size too: compile the GPU batch the
-                    # runner will form now, not on a user's first full batch.
+                    # runner will form from such rows now, not on a user's first full batch.
                     if self.settings.compile and str(self.models.device).startswith("cuda"):
                         from engine.throughput import choose_gpu_batch
 
-                        cap = gpu_batch or self.settings.max_gpu_batch
-                        workflow = _warm_up_workflow(name, side, cap)
-                        batch = choose_gpu_batch(self, self.parse(workflow), cap)
+                        batch = choose_gpu_batch(self, self.parse(one_row), gpu_batch or self.settings.max_gpu_batch)
                         if batch > 1:
-                            workflow["4"]["inputs"]["batch_size"] = batch
-                            self.run(workflow, output_dir=Path(self.settings.data_path) / "temp")
+                            self.run(_warm_up_workflow(name, side, batch), output_dir=temp)
                             batch_sizes.append(batch)
             return {
                 "checkpoint": name,
