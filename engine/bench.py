@@ -144,6 +144,15 @@ class TargetCheck:
     passed: bool | None  # None: not measurable in this run
     detail: str
 
+    @classmethod
+    def judge(cls, name: str, value: float | None, limit: float, higher_is_better: bool, detail: str) -> "TargetCheck":
+        """``value`` against ``limit`` (at least it, or at most it); no verdict when the run had no value."""
+        passed = None if value is None else (value >= limit if higher_is_better else value <= limit)
+        return cls(name, None if value is None else round(value, 4), limit, passed, detail)
+
+
+VERDICTS = {True: "PASS", False: "FAIL", None: "n/a"}  # TargetCheck.passed as the tables print it
+
 
 # ----------------------------------------------------------------------------------------- setup
 
@@ -467,8 +476,7 @@ def check_targets(results: list[VariantResult], size: str, device: torch.device,
     checks = []
 
     def check(name: str, value: float | None, limit: float, higher_is_better: bool, detail: str) -> None:
-        passed = None if value is None else (value >= limit if higher_is_better else value <= limit)
-        checks.append(TargetCheck(name, None if value is None else round(value, 4), limit, passed, detail))
+        checks.append(TargetCheck.judge(name, value, limit, higher_is_better, detail))
 
     same = bf16_compiled.ms / best_compiled.ms if bf16_compiled and best_compiled else None
     check("speedup_same_compile", same, targets.min_speedup_same_compile, True,
@@ -519,8 +527,7 @@ def format_table(report: dict[str, Any]) -> str:
         )
     lines.append("targets (PERF-BASELINE.md):")
     for c in report["targets"]:
-        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["passed"]]
-        lines.append(f"  {verdict:4} {c['name']}: {num(c['value'], '.3f')} (limit {c['limit']}) - {c['detail']}")
+        lines.append(f"  {VERDICTS[c['passed']]:4} {c['name']}: {num(c['value'], '.3f')} (limit {c['limit']}) - {c['detail']}")
     return "\n".join(lines)
 
 

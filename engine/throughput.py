@@ -421,10 +421,10 @@ def _stage_seconds(done: list[Any], workflow_of: dict[str, dict[str, Any]]) -> d
 
 def _checks(result: dict[str, Any], targets: E2eTargets = E2E_TARGETS) -> list[dict[str, Any]]:
     """PASS/FAIL of each target from the measured numbers (None: not measurable in this run)."""
+    from engine.bench import TargetCheck
 
     def check(name: str, value: float | None, limit: float, higher_is_better: bool, detail: str) -> dict[str, Any]:
-        passed = None if value is None else (value >= limit if higher_is_better else value <= limit)
-        return {"name": name, "value": value, "limit": limit, "passed": passed, "detail": detail}
+        return asdict(TargetCheck.judge(name, value, limit, higher_is_better, detail))
 
     settled = result.get("rss_after_first_batch_mib")
     growth = None if settled is None else round(result["rss_end_mib"] - settled, 1)
@@ -470,11 +470,12 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{r['compiles_after_warm_up']} compiles after warm-up")
     if "fp8_over_bf16" in report:
         lines.append(f"FP8 / BF16 end-to-end images/hour: {report['fp8_over_bf16']:.3f}x")
+    from engine.bench import VERDICTS
+
     lines.append("targets (PERF-BASELINE.md, end to end):")
     for r in report["results"]:
         for c in r["checks"]:
-            verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["passed"]]
-            lines.append(f"  {verdict:4} {r['label']}: {c['name']} {num(c['value'], '.3f')} (limit {c['limit']}) - {c['detail']}")
+            lines.append(f"  {VERDICTS[c['passed']]:4} {r['label']}: {c['name']} {num(c['value'], '.3f')} (limit {c['limit']}) - {c['detail']}")
     return "\n".join(lines)
 
 
