@@ -265,7 +265,8 @@ def time_forward(model, inputs: dict, device: torch.device, repeats: int, warmup
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float(), ref.float()
+    """‖out − ref‖ / ‖ref‖ in float32 (tensors that track gradients too)."""
+    out, ref = out.detach().float(), ref.detach().float()
     return float((out - ref).norm() / ref.norm())
 
 

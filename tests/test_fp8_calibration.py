@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from engine.bench import build_transformer, make_inputs
+from engine.bench import build_transformer, make_inputs, relative_error
 from engine.errors import Fp8Error
 from engine.fp8 import (
     DEFAULT_PROMPTS_PATH,
@@ -21,10 +21,6 @@ from engine.fp8 import (
     save_sidecar,
     sidecar_path_for,
 )
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +65,7 @@ def test_calibrated_scales_round_trip_through_the_sidecar(tiny, tmp_path):
     with torch.no_grad():
         reference = model(**inputs).sample
         out = quantized(**inputs).sample
-    assert rel_error(out, reference) < 0.03
+    assert relative_error(out, reference) < 0.03
 
 
 def test_calibrating_a_quantized_model_hooks_its_fp8_layers(tiny):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.bench import TINY_CONFIG, build_transformer, make_inputs
+from engine.bench import TINY_CONFIG, build_transformer, make_inputs, relative_error
 from engine.errors import Fp8Error
 from engine.fp8 import (
     FP8_DTYPE,
@@ -21,10 +21,6 @@ from engine.fp8 import (
     quantize_weight,
     save_fp8_scaled,
 )
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
 def meta_transformer():
@@ -86,7 +82,7 @@ def test_legacy_comfy_layout_loads_into_fp8_layers_without_float_copy(tiny, tmp_
     with torch.no_grad():
         reference = model(**inputs).sample
         out = loaded(**inputs).sample
-    assert rel_error(out, reference) < 0.03
+    assert relative_error(out, reference) < 0.03
 
 
 def test_save_and_reload_current_layout_keeps_static_scales(tiny, tmp_path):
@@ -219,4 +215,4 @@ def test_original_sd3_naming_converts_with_fused_qkv_scales(tiny):
     with torch.no_grad():
         reference = model(**inputs).sample
         out = loaded(**inputs).sample
-    assert rel_error(out, reference) < 0.03
+    assert relative_error(out, reference) < 0.03

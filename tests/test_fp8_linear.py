@@ -6,13 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from engine.bench import relative_error
 from engine.errors import Fp8Error
 from engine.fp8 import FP8_DTYPE, Fp8Linear, quantize_weight
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().float(), ref.detach().float()
-    return float((out - ref).norm() / ref.norm())
 
 
 @pytest.fixture
@@ -30,7 +26,7 @@ def test_fp8_linear_close_to_float_linear(linear, backend, per_channel):
     assert layer.weight_scale.shape == ((48,) if per_channel else ())
     out = layer(x)
     assert out.shape == (2, 40, 48) and out.dtype == torch.float32
-    assert rel_error(out, linear(x)) < 0.05
+    assert relative_error(out, linear(x)) < 0.05
 
 
 def test_scaled_mm_pads_rows_and_matches_weight_only(linear):
@@ -42,8 +38,8 @@ def test_scaled_mm_pads_rows_and_matches_weight_only(linear):
     upcast = layer(x)
     assert fp8_gemm.shape == (21, 48) and fp8_gemm.dtype == torch.bfloat16
     # Both use the same FP8 weights; scaled_mm also quantizes the activations.
-    assert rel_error(fp8_gemm, upcast) < 0.05
-    assert rel_error(fp8_gemm, linear(x.float())) < 0.05
+    assert relative_error(fp8_gemm, upcast) < 0.05
+    assert relative_error(fp8_gemm, linear(x.float())) < 0.05
 
 
 def test_per_channel_beats_per_tensor_on_skewed_weights():
@@ -54,7 +50,7 @@ def test_per_channel_beats_per_tensor_on_skewed_weights():
     errors = {}
     for per_channel in (True, False):
         layer = Fp8Linear.from_linear(linear, backend="weight_only", per_channel=per_channel, compute_dtype=torch.float32)
-        errors[per_channel] = rel_error(layer.dequantized_weight(torch.float32)[4:], linear.weight[4:])
+        errors[per_channel] = relative_error(layer.dequantized_weight(torch.float32)[4:], linear.weight[4:])
     assert errors[True] <= errors[False]
     assert errors[True] < 0.05
 
@@ -66,10 +62,10 @@ def test_static_input_scale_is_used(linear):
     assert layer.activation_scaling == "dynamic"
     layer.set_input_scale(x.abs().amax() / 448)
     assert layer.activation_scaling == "static" and "input_scale" in layer.state_dict()
-    assert rel_error(layer(x), dynamic) < 1e-3
+    assert relative_error(layer(x), dynamic) < 1e-3
     # A calibrated range 10x too small saturates most inputs: the static scale really is in use.
     layer.set_input_scale(x.abs().amax() / 4480)
-    assert rel_error(layer(x), dynamic) > 0.2
+    assert relative_error(layer(x), dynamic) > 0.2
 
 
 def test_module_to_dtype_keeps_fp8_weights(linear):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.bench import build_transformer, make_inputs
+from engine.bench import build_transformer, make_inputs, relative_error
 from engine.errors import Fp8Error
 from engine.fp8 import (
     DEFAULT_KEEP_BF16,
@@ -21,10 +21,6 @@ from engine.fp8 import (
     quantize_transformer,
     uncompile_blocks,
 )
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +39,7 @@ def test_quantized_tiny_transformer_stays_close(tiny, backend):
     report = quantize_transformer(quantized, backend, compute_dtype=torch.float32)
     with torch.no_grad():
         out = quantized(**inputs).sample
-    assert rel_error(out, reference) < 0.03
+    assert relative_error(out, reference) < 0.03
     assert report.quantized and report.bytes_after < report.bytes_before
     assert all(isinstance(quantized.get_submodule(n), Fp8Linear) for n in report.quantized)
 
@@ -89,7 +85,7 @@ def test_text_encoder_t5_quantizes_but_keeps_wo():
     with torch.no_grad():
         out = encoder(input_ids=ids).last_hidden_state
     # Random T5 weights compound the rounding over layers: a few percent, not the transformer's 3 %.
-    assert rel_error(out, reference) < 0.05
+    assert relative_error(out, reference) < 0.05
 
 
 def test_choose_backend_on_cpu_falls_back_with_a_message():
@@ -153,5 +149,5 @@ def test_per_tensor_default_keeps_the_tiny_transformer_as_close_as_per_channel(t
         quantized = copy.deepcopy(model)
         quantize_transformer(quantized, "scaled_mm", per_channel=per_channel, compute_dtype=torch.float32)
         with torch.no_grad():
-            errors[per_channel] = rel_error(quantized(**inputs).sample, reference)
+            errors[per_channel] = relative_error(quantized(**inputs).sample, reference)
     assert errors[None] < 0.03 and errors[None] <= 1.1 * errors[True]

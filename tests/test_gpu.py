@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from engine.bench import relative_error
 from engine.settings import Settings
 
 pytestmark = pytest.mark.gpu
@@ -19,10 +20,6 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 FP8_COMPUTE = torch.cuda.get_device_capability() >= (8, 9)
-
-
-def rel_error(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.mark.skipif(not FP8_COMPUTE, reason="FP8 GEMMs need compute capability >= 8.9")
@@ -41,7 +38,7 @@ def test_scaled_mm_linear_matches_bf16(per_channel, rows):
     assert layer.weight.dtype == torch.float8_e4m3fn
     # One random layer: E4M3's 3 mantissa bits on both operands give ~3.5 % here; the whole-model target
     # (<= 3 % per forward) is checked below and by the benchmark.
-    assert rel_error(out, reference) < 0.05
+    assert relative_error(out, reference) < 0.05
 
 
 @pytest.mark.skipif(not FP8_COMPUTE, reason="FP8 GEMMs need compute capability >= 8.9")
@@ -70,7 +67,7 @@ def test_quantized_compiled_transformer_stays_close_and_never_falls_back_to_eage
         compile_blocks(model)
         for _ in range(3):  # the same shape again must not recompile (a fallback would raise)
             out = model(**inputs).sample
-    assert rel_error(out, reference) < 0.03
+    assert relative_error(out, reference) < 0.03
 
 
 def test_engine_records_what_ran_on_the_gpu(tmp_path, models_dir):
@@ -132,7 +129,7 @@ def test_transformer_engine_backend_when_installed():
         reference = model(**inputs).sample
         quantize_transformer(model, "transformer_engine")
         out = model(**inputs).sample
-    assert rel_error(out, reference) < 0.05
+    assert relative_error(out, reference) < 0.05
 
 
 def _small_workflow() -> dict:
