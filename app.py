@@ -185,9 +185,11 @@ def _run_batch(args: argparse.Namespace) -> int:
         print(f"zip: {zip_path}")
     print(
         f"batch {summary.batch_id}: {summary.done} done, {summary.failed} failed, {summary.timed_out} timed out, "
-        f"{summary.skipped} skipped, {summary.cancelled} not run; images in {summary.output_dir}"
+        f"{summary.skipped} skipped, {summary.cancelled} not run"
+        + (f", {summary.running} still running in another process" if summary.running else "")
+        + f"; images in {summary.output_dir}"
     )
-    return 0 if summary.ok and summary.skipped == 0 else 1
+    return 0 if summary.ok and summary.skipped == 0 and summary.running == 0 else 1
 
 
 def _photos_from(runner: Any, source: str) -> Any:

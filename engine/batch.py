@@ -97,6 +97,7 @@ class BatchSummary:
     total: int
     output_dir: Path
     seconds: float
+    running: int = 0  # rows another live process has claimed and is still generating
 
     @property
     def ok(self) -> bool:
@@ -566,6 +567,7 @@ class BatchRunner:
             len(rows),
             self.output_dir(batch_id),
             seconds,
+            count(RUNNING),
         )
 
     # ------------------------------------------------------------------- zips
@@ -703,7 +705,13 @@ def _process_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    # A killed process stays a zombie until its parent reaps it (in a container without an init, maybe
+    # never): it still answers signal 0, but it runs nothing and holds no row.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):  # no /proc (not Linux): signal 0 is all there is
+        return True
+    return state not in ("Z", "X")
 
 
 def _parse_time(text: str | None) -> datetime | None:

@@ -368,6 +368,7 @@ def test_a_row_claimed_by_another_live_process_is_left_to_it(services_factory, t
         assert services.ledger.claim_row(first.row_key, worker=f"{socket.gethostname()}:{other.pid}")
         summary = services.runner.run(prepared.batch_id)
         assert summary.done == 1  # the other process's row was not generated here
+        assert summary.running == 1  # and the summary says it is still being generated elsewhere
         assert services.ledger.get_generation(first.row_key).status == "running"
     finally:
         other.kill()
@@ -396,3 +397,22 @@ def test_batch_ids_that_could_leave_the_outputs_folder_are_refused(services_fact
     services = services_factory()
     with pytest.raises(BatchError, match="not allowed"):
         services.ledger.create_batch("t", "h", "s", 1, batch_id=bad)
+
+
+def test_a_killed_claimant_that_is_still_a_zombie_counts_as_gone():
+    from engine.batch import _process_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _process_alive(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 10
+        # Not reaped yet (no wait()): the process is a zombie, which still answers signal 0.
+        while _process_alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(child.pid, 0)  # the zombie is still there...
+        assert not _process_alive(child.pid)  # ...and holds no rows
+    finally:
+        child.kill()
+        child.wait()
+    assert not _process_alive(child.pid)
