@@ -484,6 +484,7 @@ class BatchRunner:
         out_dir = self.output_dir(batch_id)
         out_dir.mkdir(parents=True, exist_ok=True)
         self._requeue_abandoned(batch_id)
+        _remove_abandoned_temp_files(out_dir)
         all_rows = self.ledger.rows(batch_id)
         names = self._file_names(batch, all_rows)
         requeue = [CANCELLED] + ([FAILED, TIMED_OUT] if retry_failed else [])
@@ -722,7 +723,7 @@ def _parse_time(text: str | None) -> datetime | None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # named after its writer: see below
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -736,6 +737,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _remove_abandoned_temp_files(folder: Path) -> None:
+    """Delete the temp files of :func:`_atomic_write` calls whose process died mid-write (``kill -9``): their
+    rows are not done and will be written again. A live writer's temp file is left alone."""
+    for tmp in folder.rglob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def _checkpoint_of(workflow: dict[str, Any]) -> str | None:

@@ -416,3 +416,19 @@ def test_a_killed_claimant_that_is_still_a_zombie_counts_as_gone():
         child.kill()
         child.wait()
     assert not _process_alive(child.pid)
+
+
+def test_a_resume_removes_temp_files_of_writers_killed_mid_write(services_factory, tmp_path):
+    services = services_factory()
+    prepared = services.runner.prepare("product_shot", read_sheet(write_sheet(tmp_path / "rows.csv", small_rows(1))))
+    services.runner.start(prepared)
+    out_dir = services.runner.output_dir(prepared.batch_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = out_dir / f".Item 0.png.{dead.pid}.tmp"
+    in_progress = out_dir / f".Item 9.png.{os.getpid()}.tmp"  # a live writer's: not ours to delete
+    abandoned.write_bytes(b"half a png")
+    in_progress.write_bytes(b"being written")
+    assert services.runner.run(prepared.batch_id).done == 1
+    assert not abandoned.exists() and in_progress.exists()
