@@ -6,7 +6,7 @@
     python app.py templates            list the workflow templates and their fields
     python app.py demo-checkpoint      write the built-in demo model as a single-file checkpoint
     python app.py calibrate            FP8 activation scales for a checkpoint (sidecar file)
-    python app.py bench [--e2e]        FP8 vs BF16 benchmark; end-to-end batch throughput
+    python app.py bench [--e2e|--png]  FP8 vs BF16 benchmark; end-to-end batch throughput; PNG encoding
     python app.py token create|revoke  issue an API token; refuse one (or all of a user's) from now on
     python app.py users add            add a user to the users file
     python app.py worker --broker URL  a GPU worker for scale-out over Redis
@@ -242,7 +242,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.e2e:
+    if args.png:
+        from engine.png_bench import run_png_benchmark
+
+        report = run_png_benchmark(size=args.size or 1024, repeats=args.repeats)
+    elif args.e2e:
         from engine.throughput import run_e2e_benchmark
 
         report = run_e2e_benchmark(_settings_from(args), rows=args.rows, size=args.size, steps=args.steps)
@@ -351,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = add_command("bench", help="FP8 vs BF16 benchmark (or --e2e batch throughput)")
     bench.add_argument("--e2e", action="store_true", help="end-to-end batch throughput instead")
+    bench.add_argument("--png", action="store_true", help="the PNG writer against Pillow's encoder instead (CPU)")
     bench.add_argument("--model", default="auto", help="large, medium or tiny (auto: large on a GPU, tiny on a CPU)")
     bench.add_argument("--device-name", default="auto")
     bench.add_argument("--repeats", type=int, default=5)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-import io
 import json
 import os
 import secrets
@@ -265,17 +264,12 @@ def next_counter(folder: Path, filename: str) -> int:
 def png_bytes(image: "torch.Tensor", metadata: dict[str, Any], compress_level: int) -> bytes:
     """One IMAGE [H,W,C] in 0..1 as PNG bytes with a tEXt chunk per metadata key (JSON-encoded)."""
     import numpy as np
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
+
+    from engine.png import encode_png
 
     pixels = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
-    info = PngInfo()
-    for key, value in metadata.items():
-        if value is not None:
-            info.add_text(key, json.dumps(value))
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
-    return buffer.getvalue()
+    text = {key: json.dumps(value) for key, value in metadata.items() if value is not None}
+    return encode_png(pixels, text, compress_level)
 
 
 def write_new_file(folder: Path, filename: str, counter: int, data: bytes) -> tuple[Path, int]:
