@@ -31,6 +31,9 @@ FAST_LEVELS = (0, 1)  # zlib levels written by the vectorised Up-filter path; 2-
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (grey, grey+alpha, RGB, RGBA)
 _UP_FILTER = 2
+# Compressed data goes out in IDAT chunks of at most this size: one chunk for any picture this engine makes,
+# and well under PNG's 2**31 - 1 byte limit per chunk for the rare giant one.
+_IDAT_BYTES = 1 << 26
 
 
 def encode_png(pixels: np.ndarray, text: Mapping[str, str], compress_level: int) -> bytes:
@@ -47,16 +50,21 @@ def encode_png(pixels: np.ndarray, text: Mapping[str, str], compress_level: int)
         raise ValueError(f"PNG pixels must be [height, width, 1-4 channels], got shape {pixels.shape}")
     if not 0 <= compress_level <= 9:
         raise ValueError(f"compress_level must be a zlib level from 0 to 9, got {compress_level}")
+    for key in text:
+        _keyword(key)
     if compress_level not in FAST_LEVELS:
         return pillow_png(pixels, text, compress_level)
 
     height, width, channels = pixels.shape
     header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[channels], 0, 0, 0)
-    chunks = [_chunk(b"IHDR", header)]
-    chunks.extend(_text_chunk(key, value) for key, value in text.items())
-    chunks.append(_chunk(b"IDAT", _deflate(_up_filtered(pixels), compress_level)))
-    chunks.append(_chunk(b"IEND", b""))
-    return _SIGNATURE + b"".join(chunks)
+    pieces = [_SIGNATURE, *_chunk(b"IHDR", header)]
+    for key, value in text.items():
+        pieces.extend(_text_chunk(key, value))
+    data = memoryview(_deflate(_up_filtered(pixels), compress_level))
+    for start in range(0, len(data), _IDAT_BYTES):
+        pieces.extend(_chunk(b"IDAT", data[start : start + _IDAT_BYTES]))
+    pieces.extend(_chunk(b"IEND", b""))
+    return b"".join(pieces)
 
 
 def _up_filtered(pixels: np.ndarray) -> np.ndarray:
@@ -80,10 +88,19 @@ def _deflate(data: np.ndarray, level: int) -> bytes:
     return compressor.compress(memoryview(data).cast("B")) + compressor.flush()
 
 
-def _text_chunk(key: str, value: str) -> bytes:
-    keyword = key.encode("latin-1")  # PNG keywords are 1-79 Latin-1 characters
+def _keyword(key: str) -> bytes:
+    """``key`` as a PNG keyword: 1-79 Latin-1 characters, no NUL; anything else is refused."""
+    try:
+        keyword = key.encode("latin-1")
+    except UnicodeEncodeError:
+        keyword = b""
     if not 1 <= len(keyword) <= 79 or b"\0" in keyword:
         raise ValueError(f"PNG text keys must be 1-79 Latin-1 characters without NUL, got {key!r}")
+    return keyword
+
+
+def _text_chunk(key: str, value: str) -> list[bytes]:
+    keyword = _keyword(key)
     try:
         return _chunk(b"tEXt", keyword + b"\0" + value.encode("latin-1"))
     except UnicodeEncodeError:
@@ -91,9 +108,10 @@ def _text_chunk(key: str, value: str) -> bytes:
         return _chunk(b"iTXt", keyword + b"\0\0\0\0\0" + value.encode("utf-8"))
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
+def _chunk(kind: bytes, body: bytes | memoryview) -> list[bytes | memoryview]:
+    """A PNG chunk as the pieces to join: length, type, body, CRC of type and body."""
     crc = zlib.crc32(body, zlib.crc32(kind))
-    return b"".join((struct.pack(">I", len(body)), kind, body, struct.pack(">I", crc)))
+    return [struct.pack(">I", len(body)), kind, body, struct.pack(">I", crc)]
 
 
 def pillow_png(pixels: np.ndarray, text: Mapping[str, str], compress_level: int) -> bytes:

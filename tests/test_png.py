@@ -99,10 +99,25 @@ def test_the_fast_writer_makes_files_no_larger_than_pillow_at_the_same_level():
     (np.zeros((2, 2, 3), np.uint8), {}, 10, "zlib level from 0 to 9"),
     (np.zeros((2, 2, 3), np.uint8), {"": "x"}, 1, "1-79 Latin-1 characters"),
     (np.zeros((2, 2, 3), np.uint8), {"k" * 80: "x"}, 1, "1-79 Latin-1 characters"),
+    (np.zeros((2, 2, 3), np.uint8), {"提示": "x"}, 1, "1-79 Latin-1 characters"),
 ])
 def test_bad_input_is_refused_with_what_was_wrong(pixels, text, level, message):
     with pytest.raises(ValueError, match=message):
         encode_png(pixels, text, level)
+    if level == 1:  # the Pillow path refuses the same input with the same message
+        with pytest.raises(ValueError, match=message):
+            encode_png(pixels, text, 6)
+
+
+def test_compressed_data_over_the_chunk_size_is_split_across_idat_chunks(monkeypatch):
+    import engine.png
+
+    monkeypatch.setattr(engine.png, "_IDAT_BYTES", 1000)
+    pixels = np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    data = encode_png(pixels, {"prompt": "{}"}, 1)
+    sizes = [len(body) for kind, body in chunks(data) if kind == b"IDAT"]
+    assert len(sizes) > 5 and max(sizes) == 1000
+    assert np.array_equal(np.asarray(decode(data)), pixels)
 
 
 def test_a_non_contiguous_view_is_written_as_the_picture_it_shows():
