@@ -34,10 +34,12 @@ def _settings_parent() -> argparse.ArgumentParser:
     group = parent.add_argument_group("settings (also SD35_<NAME> environment variables)")
     for spec in SETTINGS:
         flags = ["--" + spec.name.replace("_", "-"), *SETTING_ALIASES.get(spec.name, [])]
+        text = spec.help.replace("%", "%%")  # argparse formats help with %: "40 %" would be a format code
         if spec.type is bool:
-            group.add_argument(*flags, dest=spec.name, action="store_const", const=True, default=argparse.SUPPRESS, help=spec.help)
+            group.add_argument(*flags, dest=spec.name, action="store_const", const=True, default=argparse.SUPPRESS, help=text)
         else:
-            group.add_argument(*flags, dest=spec.name, type=spec.type, default=argparse.SUPPRESS, help=f"{spec.help} (default: {spec.default!r})")
+            default = repr(spec.default).replace("%", "%%")
+            group.add_argument(*flags, dest=spec.name, type=spec.type, default=argparse.SUPPRESS, help=f"{text} (default: {default})")
     return parent
 
 

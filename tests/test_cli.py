@@ -196,3 +196,16 @@ def test_python_app_py_serves_the_page_and_warms_up_cleanly(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["run"], ["validate"], ["templates"], ["demo-checkpoint"],
+                                     ["calibrate"], ["bench"], ["token", "create"], ["token", "revoke"],
+                                     ["users", "add"], ["worker"]])
+def test_every_help_page_prints_with_every_settings_text(tmp_path, command):
+    from engine.settings import SETTINGS
+
+    result = app(*command, "--help", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    page = " ".join(result.stdout.split())  # argparse wraps lines
+    for spec in SETTINGS:  # help texts hold "%", which argparse would read as a format code
+        assert " ".join(spec.help.split()) in page, spec.name
