@@ -21,6 +21,7 @@ Every error the library raises derives from :class:`EngineError`. Each carries s
     ├── BatchError                   batch-level refusals (``batch_id``)
     │   └── BatchMismatch            resume with a different sheet/template than the batch was started with
     ├── StoreError                   the ledger
+    │   └── BadQuery                 a listing or search filter the ledger cannot apply (unknown status)
     └── AccessDenied                 authentication / authorisation refusals (``status`` for HTTP)
 """
 
@@ -177,6 +178,10 @@ class BatchMismatch(BatchError):
 
 
 class StoreError(EngineError):
+    pass
+
+
+class BadQuery(StoreError):
     pass
 
 

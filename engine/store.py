@@ -29,12 +29,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.errors import BatchError, BatchMismatch, StoreError
+from engine.errors import BadQuery, BatchError, BatchMismatch, StoreError
 
 if TYPE_CHECKING:
     from sqlite_utils import Database
 
-__all__ = ["BATCH_ID_PATTERN", "BatchLedger", "Generation", "ROW_STATUSES", "FINAL_STATUSES", "MIGRATIONS", "row_key"]
+__all__ = ["BATCH_ID_PATTERN", "BatchLedger", "check_batch_id", "Generation", "ROW_STATUSES", "FINAL_STATUSES", "MIGRATIONS", "row_key"]
 
 ROW_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")
 FAILURE_STATUSES = ("failed", "timed_out", "skipped", "cancelled")
@@ -42,7 +42,24 @@ FINAL_STATUSES = ("done",) + FAILURE_STATUSES
 BATCH_STATUSES = ("created", "running", "finished", "cancelled", "failed")
 
 T = TypeVar("T")
+# Batch ids name folders under the outputs: letters, digits, '-', '_' and '.', never a leading dot.
 BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+# Names a batch folder cannot take because the web app's file routes use them beside the batch folders
+# (/files/zip/<batch> is a batch's zip; /files/<batch>/<image> its images).
+RESERVED_BATCH_IDS = frozenset({"zip"})
+
+
+def check_batch_id(batch_id: Any) -> str:
+    """``batch_id`` when it may name a batch (and so a folder under the outputs); BatchError otherwise."""
+    if not isinstance(batch_id, str) or not BATCH_ID_PATTERN.fullmatch(batch_id):
+        raise BatchError(
+            f"batch id {str(batch_id)[:80]!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.' "
+            "(not starting with '.')",
+            batch_id=str(batch_id)[:80],
+        )
+    if batch_id.lower() in RESERVED_BATCH_IDS:
+        raise BatchError(f"batch id {batch_id!r} is reserved: choose another name", batch_id=batch_id)
+    return batch_id
 
 # Record keys (ctx.record) stored in their own columns; any other key goes to the ``extra`` JSON.
 _RECORD_COLUMNS = {
@@ -374,13 +391,7 @@ class BatchLedger:
         batch_id: str | None = None,
     ) -> str:
         """Record a new batch and return its id (a new uuid4 hex unless ``batch_id`` is given)."""
-        batch_id = batch_id or uuid.uuid4().hex
-        if not BATCH_ID_PATTERN.fullmatch(batch_id):  # it names a folder under the outputs: no path tricks
-            raise BatchError(
-                f"batch id {batch_id[:80]!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.' "
-                "(not starting with '.')",
-                batch_id=batch_id,
-            )
+        batch_id = check_batch_id(batch_id or uuid.uuid4().hex)  # it names a folder under the outputs
 
         def insert(conn: sqlite3.Connection) -> None:
             exists = conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone()
@@ -733,7 +744,7 @@ class BatchLedger:
             params.append(batch_id)
         if status:
             if status not in ROW_STATUSES:
-                raise StoreError(f"unknown status {status}; supported: {', '.join(ROW_STATUSES)}")
+                raise BadQuery(f"unknown status {status!r}; supported: {', '.join(ROW_STATUSES)}", status=status)
             where.append("status = ?")
             params.append(status)
         when = "coalesce(finished_at, queued_at)"

@@ -162,6 +162,27 @@ def test_an_admin_revokes_one_token_and_only_that_one_stops_working(server, alic
     assert both.status_code == 400 and error_of(both)["details"]["reason"] == "bad_request"
 
 
+@pytest.mark.parametrize(("body", "status", "reason"), [
+    ({"user": ["bob"]}, 400, "bad_request"),
+    ({"user": "nobody"}, 404, "not_found"),
+    ({"token": 12345}, 400, "bad_request"),
+    ({"token": "garbage"}, 400, "token_malformed"),
+])
+def test_revoking_something_that_is_not_there_is_a_clear_refusal_not_a_success(server, alice, bob, body, status, reason):
+    answer = alice.post("/api/token/revoke", json=body)
+    assert answer.status_code == status, answer.text
+    assert error_of(answer)["details"]["reason"] == reason
+    assert "WWW-Authenticate" not in answer.headers  # the admin's own token is fine
+    assert bob.get("/api/templates").status_code == 200  # and nothing was revoked
+
+
+def test_revoking_an_expired_token_says_so_with_400(server, alice):
+    past = int(time.time()) - 7200
+    expired = jwt.encode(claims(server, sub="dave", iat=past, nbf=past, exp=past + 600), SECRET, algorithm="HS256")
+    answer = alice.post("/api/token/revoke", json={"token": expired})
+    assert answer.status_code == 400 and error_of(answer)["details"]["reason"] == "token_expired"
+
+
 def test_the_cli_revokes_every_token_of_a_user_in_the_running_server(server, anonymous):
     import subprocess
     import sys
@@ -504,6 +525,44 @@ def test_generation_image_never_leaves_the_outputs(server, bob):
         (str(Path(server.settings.data_dir) / "ledger.db"), generation["row_key"]),
     )
     assert bob.get(url).status_code == 403
+
+
+def test_signing_out_kills_the_session_cookie_even_where_a_copy_was_kept(server):
+    outputs = Path(server.settings.outputs_path)
+    image = "/files/" + next(outputs.rglob("*.png")).relative_to(outputs).as_posix()
+    with httpx.Client(base_url=server.url, timeout=30) as browser:
+        assert browser.post("/login", data={"username": "carol", "password": "carol-pass"}).status_code == 303
+        kept = browser.cookies.get("sd35_session")
+        assert kept and browser.get(image).status_code == 200
+        assert browser.get("/logout").status_code == 303
+    with httpx.Client(base_url=server.url, timeout=30, cookies={"sd35_session": kept}) as replay:
+        assert replay.get(image).status_code == 401
+    with httpx.Client(base_url=server.url, timeout=30) as again:  # signing in again works
+        assert again.post("/login", data={"username": "carol", "password": "carol-pass"}).status_code == 303
+        assert again.get(image).status_code == 200
+
+
+def test_list_filters_a_client_got_wrong_are_400_and_huge_offsets_find_nothing(bob):
+    bad = bob.get("/api/generations", params={"status": "bogus"})
+    assert bad.status_code == 400 and "supported: queued, running, done" in error_of(bad)["message"]
+    for path in ("/api/generations", "/api/batches"):
+        answer = bob.get(path, params={"offset": 10**20})
+        assert answer.status_code == 200 and answer.json() == [], path
+
+
+def test_batch_ids_that_file_routes_use_are_reserved(bob):
+    answer = bob.post("/api/batches", json={"template": "product_shot", "batch_id": "zip",
+                                             "rows": [{"product_name": "x", **SMALL}]})
+    assert answer.status_code == 400 and "reserved" in error_of(answer)["message"]
+
+
+def test_batch_progress_shows_image_urls_not_server_paths(server, bob):
+    rows = [{"product_name": "progress urls", "seed": 31, **SMALL}]
+    batch_id = bob.post("/api/batches", json={"template": "product_shot", "rows": rows}).json()["batch_id"]
+    finished(server, batch_id)
+    progress = bob.get(f"/api/batches/{batch_id}").json()["progress"]
+    assert progress["recent_images"] and all(u.startswith(f"/files/{batch_id}/") for u in progress["recent_images"])
+    assert str(server.settings.data_dir) not in json.dumps(progress)
 
 
 def test_session_file_routes_never_leave_the_outputs(server):

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -266,3 +267,33 @@ def test_upload_image_refuses_paths_outside_the_input_folder(server, subfolder):
 def test_upload_image_refuses_what_is_not_an_image(server):
     refused = server.http.post("/upload/image", files={"image": ("x.png", b"not a png", "image/png")})
     assert refused.status_code == 400 and "not an image" in refused.json()["error"]["message"]
+
+
+def test_an_upload_named_like_a_page_is_stored_and_served_as_the_image_it_is(server):
+    # A real PNG whose text chunk holds markup, uploaded as .html: a browser must never render it as a page.
+    buffer = io.BytesIO()
+    info = PngInfo()
+    info.add_text("comment", "<html><script>alert(document.domain)</script></html>")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG", pnginfo=info)
+    uploaded = server.http.post("/upload/image", files={"image": ("poly.html", buffer.getvalue(), "text/html")})
+    assert uploaded.status_code == 200 and uploaded.json()["name"] == "poly.png"
+    view = server.http.get("/view", params={"filename": "poly.png", "type": "input"})
+    assert view.headers["content-type"] == "image/png" and view.headers["x-content-type-options"] == "nosniff"
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
+    for name, stored in (("photo.jpeg", "photo.jpeg"), ("photo.png", "photo.jpg"), ("photo", "photo.jpg")):
+        answer = server.http.post("/upload/image", files={"image": (name, jpeg.getvalue(), "image/jpeg")},
+                                  data={"subfolder": "kinds", "overwrite": "true"})
+        assert answer.json()["name"] == stored, name
+
+
+def test_view_sends_anything_but_a_raster_image_as_a_download(server):
+    root = Path(server.services.settings.input_path)
+    (root / "page.html").write_text("<script>alert(1)</script>")
+    (root / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>')
+    for name in ("page.html", "drawing.svg"):
+        view = server.http.get("/view", params={"filename": name, "type": "input"})
+        assert view.status_code == 200
+        assert view.headers["content-type"] == "application/octet-stream"
+        assert view.headers["content-disposition"].startswith("attachment")
+        assert view.headers["x-content-type-options"] == "nosniff"

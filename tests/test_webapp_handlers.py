@@ -18,7 +18,8 @@ from webapp import handlers
 from webapp.auth import UserStore, add_user, hash_password
 from webapp.guard import Caller
 from webapp.i18n import EN, ZH, language_of, text
-from webapp.server import file_url, listen_address
+from webapp.files import file_url
+from webapp.server import listen_address
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,6 @@ of :func:`error_status`.
 import asyncio
 import json
 import math
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 from engine.errors import (
     AccessDenied,
+    BadQuery,
     BatchError,
     BatchMismatch,
     EngineError,
@@ -42,10 +42,11 @@ from engine.errors import (
     WorkflowInvalid,
 )
 from engine.sheets import Sheet, SheetRow, read_sheet
+from engine.store import check_batch_id
 from engine.templates import TEMPLATE_FILE, WORKFLOW_FILE
 from webapp import handlers
 from webapp.auth import ADMIN, parse_ttl
-from webapp.files import resolve_inside
+from webapp.files import file_response, file_url, resolve_inside
 from webapp.guard import ApiGuard, RateLimited, fastapi_dependency
 from webapp.ratelimit import UploadLimit
 
@@ -58,11 +59,11 @@ STATUS_BY_ERROR: dict[type[EngineError], int] = {
     BatchError: 400,
     ModelNotFound: 404,
     ExecutionError: 500,
+    BadQuery: 400,
     StoreError: 500,
 }
 ON_INVALID = ("skip", "stop")
-# Batch ids become folder names under the outputs: letters, digits, '-', '_' and '.', never a leading dot.
-BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+MAX_OFFSET = 2**62  # list offsets beyond any ledger's size simply find nothing (SQLite integers are 64-bit)
 
 
 def error_status(exc: EngineError) -> int:
@@ -97,17 +98,6 @@ def install_error_handlers(app: Any) -> None:
 
 def not_found(message: str, **details: Any) -> AccessDenied:
     return AccessDenied(message, status=404, reason="not_found", **details)
-
-
-def check_batch_id(batch_id: str) -> str:
-    """A client-chosen batch (or prompt) id, refused unless it is a safe folder name."""
-    if not isinstance(batch_id, str) or not BATCH_ID_PATTERN.fullmatch(batch_id):
-        raise BatchError(
-            f"batch id {str(batch_id)[:80]!r} is not allowed: use 1-64 letters, digits, '-', '_' or '.' "
-            "(not starting with '.')",
-            batch_id=str(batch_id)[:80],
-        )
-    return batch_id
 
 
 def sheet_from_records(records: list[dict[str, Any]], name: str = "api.json") -> Sheet:
@@ -159,10 +149,26 @@ def batch_status(services: Any, batch_id: str, with_rows: bool = True) -> dict[s
             "not_run": summary.cancelled,
             "total": summary.total,
         },
-        "progress": asdict(progress) if progress is not None else None,
+        "progress": public_progress(services, progress),
     }
     if with_rows:
         body["rows"] = [public_row(row) for row in services.ledger.rows(batch_id)]
+    return body
+
+
+def public_progress(services: Any, progress: Any) -> dict[str, Any] | None:
+    """A batch's live progress as the API shows it: recent images as ``/files`` URLs, not server paths."""
+    if progress is None:
+        return None
+    body = asdict(progress)
+    outputs = services.settings.outputs_path
+    urls = []
+    for path in progress.recent_images:
+        try:
+            urls.append(file_url(outputs, path))
+        except ValueError:  # not under the outputs folder: nothing a client could fetch
+            continue
+    body["recent_images"] = urls
     return body
 
 
@@ -183,7 +189,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     stops the app at start-up rather than at the first login).
     """
     from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-    from fastapi.responses import FileResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
 
     router = APIRouter(prefix="/api", tags=["API"])
     user = Depends(fastapi_dependency(guard))
@@ -286,9 +292,20 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
             raise AccessDenied('give either "token" (the token to refuse) or "user" (all of their tokens)',
                                status=400, reason="bad_request")
         if body.get("user"):
-            cutoff = await asyncio.to_thread(guard.revocations.revoke_user, str(body["user"]), caller.name)
-            return {"revoked": "user", "user": str(body["user"]), "not_before": cutoff.isoformat()}
-        claims = guard.tokens.verify(str(body["token"]))  # only a valid token of ours; expired ones are moot
+            name = body["user"]
+            if not isinstance(name, str):
+                raise AccessDenied('"user" must be a user name', status=400, reason="bad_request")
+            if guard.users.configured and name not in guard.users:
+                raise not_found(f"no user {name[:80]!r}", user=name[:80])
+            cutoff = await asyncio.to_thread(guard.revocations.revoke_user, name, caller.name)
+            return {"revoked": "user", "user": name, "not_before": cutoff.isoformat()}
+        if not isinstance(body["token"], str):
+            raise AccessDenied('"token" must be the token text', status=400, reason="bad_request")
+        try:  # only a valid token of ours can be revoked; an expired one is refused anyway
+            claims = guard.tokens.verify(body["token"])
+        except AccessDenied as exc:  # the token given is bad, not the caller's own credentials: no 401
+            reason = exc.details.get("reason", "invalid")
+            raise AccessDenied(f"cannot revoke that token: {exc.message}", status=400, reason=f"token_{reason}") from exc
         await asyncio.to_thread(guard.revocations.revoke, claims, caller.name)
         return {"revoked": "token", "jti": claims.jti, "user": claims.sub, "expires_at": claims.expires_at.isoformat()}
 
@@ -349,7 +366,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
 
     @router.get("/batches", summary="Recent batches")
     def list_batches(limit: int = 50, offset: int = 0, caller: Any = user) -> Any:
-        return services.ledger.list_batches(limit=min(max(limit, 1), 500), offset=max(offset, 0))
+        return services.ledger.list_batches(limit=min(max(limit, 1), 500), offset=min(max(offset, 0), MAX_OFFSET))
 
     @router.get("/batches/{batch_id}", summary="A batch's status and per-row results")
     def get_batch(batch_id: str, caller: Any = user) -> Any:
@@ -405,7 +422,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     ) -> Any:
         found = services.ledger.search(
             text=q, batch_id=batch, status=status, date_from=date_from, date_to=date_to,
-            limit=min(max(limit, 1), 500), offset=max(offset, 0),
+            limit=min(max(limit, 1), 500), offset=min(max(offset, 0), MAX_OFFSET),
         )
         return [public_row(r) for r in found]
 
@@ -427,7 +444,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         if outputs not in stored.parents:
             raise AccessDenied("path outside the allowed folder", status=403, reason="bad_path")
         relative = stored.relative_to(outputs).as_posix()
-        return FileResponse(resolve_inside(outputs, relative), media_type="image/png")
+        return file_response(resolve_inside(outputs, relative))
 
     @router.get("/system", summary="Model in use, device, memory, queue, versions")
     def system(caller: Any = user) -> Any:
@@ -459,9 +476,9 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
 __all__ = [
     "api_router",
     "batch_status",
-    "check_batch_id",
     "error_status",
     "install_error_handlers",
+    "public_progress",
     "public_row",
     "sheet_from_records",
 ]

@@ -12,7 +12,6 @@ prompt id; it runs on the same GPU queue as spreadsheet batches, and its images 
 import asyncio
 import itertools
 import logging
-import mimetypes
 import platform
 import threading
 import time
@@ -25,9 +24,8 @@ from typing import Any
 from engine.batch import BatchEvent
 from engine.errors import AccessDenied, EngineError, WorkflowFormatError, WorkflowInvalid
 from engine.logs import log_context
-from engine.store import row_key
-from webapp.api import check_batch_id
-from webapp.files import resolve_inside
+from engine.store import check_batch_id, row_key
+from webapp.files import file_response, resolve_inside
 from webapp.guard import ApiGuard, fastapi_dependency
 from webapp.ratelimit import UploadLimit
 
@@ -307,6 +305,7 @@ def save_input_image(root: Path, filename: str, subfolder: str, data: bytes, ove
     try:
         with Image.open(io.BytesIO(data)) as probe:
             probe.verify()
+            image_format = probe.format
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise AccessDenied(f"'{filename[:80]}' is not an image file", status=400, reason="not_an_image") from exc
     if subfolder.startswith(("/", "\\")):
@@ -319,7 +318,7 @@ def save_input_image(root: Path, filename: str, subfolder: str, data: bytes, ove
     if folder != root.resolve() and root.resolve() not in folder.parents:
         raise AccessDenied("subfolder must stay inside the input folder", status=403, reason="bad_path")
     folder.mkdir(parents=True, exist_ok=True)
-    suffix = Path(filename).suffix.lower() or ".png"
+    suffix = image_suffix(Path(filename).suffix.lower(), image_format)
     name = safe_filename(Path(Path(filename).name).stem or "image", set(), suffix=suffix)
     target = folder / name
     counter = 1
@@ -332,11 +331,28 @@ def save_input_image(root: Path, filename: str, subfolder: str, data: bytes, ove
     return target
 
 
+# The extension an upload is stored under when its own name's does not fit what the file really is.
+FORMAT_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tiff"}
+SAME_FORMAT = {"MPO": "JPEG"}  # phone cameras' multi-picture JPEGs are JPEG files to everyone but Pillow
+
+
+def image_suffix(suffix: str, image_format: str | None) -> str:
+    """The extension an uploaded image is stored under: its own when that is one of its format's, else the
+    format's own. A PNG named ``photo.html`` is stored as ``photo.png``, so no upload is ever served as a
+    page, and every stored name says what the file is."""
+    from PIL import Image
+
+    image_format = SAME_FORMAT.get(image_format or "", image_format or "")
+    if suffix and Image.registered_extensions().get(suffix) == image_format:
+        return suffix
+    return FORMAT_SUFFIXES.get(image_format, f".{image_format.lower() or 'png'}")
+
+
 def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") -> Any:
     """The ComfyUI-compatible routes as a FastAPI router (mounted at the server's root); ``.bridge`` is its
     :class:`ComfyBridge`."""
     from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile, WebSocket, WebSocketDisconnect
-    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.responses import JSONResponse
 
     router = APIRouter(tags=["ComfyUI-compatible"])
     bridge = ComfyBridge(services)
@@ -424,9 +440,7 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
         }
         if type not in roots:
             raise AccessDenied(f"type must be one of {', '.join(VIEW_TYPES)}", status=400, reason="bad_type")
-        path = resolve_inside(roots[type], subfolder, filename)
-        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, filename=path.name, content_disposition_type="inline")
+        return file_response(resolve_inside(roots[type], subfolder, filename))
 
     @router.post("/upload/image")
     async def upload_image(

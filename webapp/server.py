@@ -30,10 +30,9 @@ from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from fastapi import FastAPI, Form, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from engine.batch import BatchEvent
 from engine.errors import AccessDenied, EngineError
@@ -42,7 +41,7 @@ from engine.runtime import import_model_libraries
 from engine.settings import Settings
 from engine.store import row_key
 from webapp.auth import TokenIssuer, User, UserStore, load_users
-from webapp.files import resolve_inside
+from webapp.files import file_response, resolve_inside
 from webapp.guard import ApiGuard, RateLimited
 from webapp.i18n import gradio_i18n, language_of_request, text
 from webapp.metrics import GENERATION_STATUSES, HttpMetricsMiddleware, Metrics
@@ -60,7 +59,7 @@ class WebAuth:
     """Who is signed in: checks passwords, issues and reads session cookies.
 
     ``revocations``: a user's tokens revoked with ``python app.py token revoke --user`` sign their browser
-    sessions out too.
+    sessions out too, and signing out revokes the session's own token.
     """
 
     def __init__(self, users: UserStore, sessions: TokenIssuer, revocations: TokenRevocations | None = None) -> None:
@@ -91,6 +90,17 @@ class WebAuth:
         except AccessDenied:
             return None
         return self.users.get(claims.sub)
+
+    def sign_out(self, request: Any) -> None:
+        """Refuse the request's session cookie from now on: a copy of it kept elsewhere is dead too."""
+        token = request.cookies.get(SESSION_COOKIE)
+        if not token or self.revocations is None:
+            return
+        try:
+            claims = self.sessions.verify(token)
+        except AccessDenied:
+            return  # expired or not ours: nothing left to refuse
+        self.revocations.revoke(claims, claims.sub)
 
     def username_of(self, request: Any) -> str | None:
         """Gradio's ``auth_dependency``: the user name, or None to refuse the request."""
@@ -171,16 +181,6 @@ class BatchMetrics:
                     fresh.append(entry)
         for entry in fresh:
             self.metrics.observe_model_load(entry["name"], float(entry["load_seconds"]))
-
-
-def file_url(outputs: Path, path: str | Path) -> str:
-    """The ``/files/...`` URL of an image under the outputs folder."""
-    relative = Path(path).resolve().relative_to(Path(outputs).resolve())
-    return "/files/" + quote(relative.as_posix())
-
-
-def zip_url(batch_id: str) -> str:
-    return f"/files/zip/{quote(batch_id)}"
 
 
 def listen_address(settings: Settings, users: UserStore, environ: Mapping[str, str] | None = None) -> tuple[str, int, str | None]:
@@ -277,7 +277,7 @@ def create_app(
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
     guard = api_guard(settings, users, services.ledger)
-    auth = WebAuth(users, session_issuer(settings), guard.revocations)
+    auth = WebAuth(users, session_issuer(settings), guard.revocations or TokenRevocations(services.ledger))
     upload_limit = UploadLimit.from_megabytes(settings.max_upload_mb)
     metrics = Metrics()
     batch_metrics = BatchMetrics(metrics, services)
@@ -339,7 +339,8 @@ def create_app(
         return response
 
     @app.get("/logout")
-    def logout():
+    def logout(request: Request):
+        auth.sign_out(request)
         response = RedirectResponse("/login" if auth.required else "/", status_code=303)
         response.delete_cookie(SESSION_COOKIE)
         return response
@@ -365,7 +366,7 @@ def create_app(
     @app.get("/files/{relative:path}")
     def output_file(relative: str, request: Request):
         signed_in(request)
-        return FileResponse(resolve_inside(outputs, relative))
+        return file_response(resolve_inside(outputs, relative))
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics():
@@ -427,11 +428,9 @@ __all__ = [
     "WebAuth",
     "api_guard",
     "create_app",
-    "file_url",
     "listen_address",
     "serve",
     "session_issuer",
     "start_warm_up",
-    "zip_url",
 ]
 

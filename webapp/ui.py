@@ -25,7 +25,7 @@ import gradio as gr
 from engine.errors import EngineError
 from webapp import handlers
 from webapp.i18n import gradio_i18n, language_of_request, text
-from webapp.server import file_url, zip_url
+from webapp.files import file_url, zip_url
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 QUIET = {"show_progress": "hidden", "concurrency_limit": None}
