@@ -66,6 +66,9 @@ class BatchEvent:
     failed: int = 0
     remaining: int = 0
     eta_s: float | None = None
+    # Rows that end without a row event of their own, so whoever counts rows learns of them once:
+    skipped: int = 0  # on the batch's first "batch_started": rows refused at validation
+    cancelled: int = 0  # on "batch_cancelled" (taken off the queue before it ran): rows marked cancelled
 
 
 @dataclass
@@ -523,8 +526,9 @@ class BatchRunner:
             elif event.kind in {"node", "cached"}:
                 emit("node" if event.kind == "node" else "cached", row_number=job.row_number, node_id=event.node_id)
 
+        first_run = not batch.get("started_at")  # a resume must not report the skipped rows again
         self.ledger.set_batch_status(batch_id, "running")
-        emit("batch_started")
+        emit("batch_started", skipped=sum(1 for r in all_rows if r.status == SKIPPED) if first_run else 0)
         last_finish = time.perf_counter()
         with log_context(batch_id=batch_id, user=batch.get("user")):
             log.info("batch started: %d row(s) to run", len(jobs))

@@ -104,7 +104,8 @@ class BatchQueue:
                 # Under the lock: the queue thread cannot finish the run between this check and the flag.
                 self.runner.cancel(batch_id)
         if waiting:
-            self.runner.ledger.cancel_batch(batch_id)
+            cancelled_rows = self.runner.ledger.cancel_batch(batch_id)
+            self._publish(BatchEvent("batch_cancelled", batch_id, cancelled=cancelled_rows))
             return "removed_from_queue"
         return "cancelling" if running else "not_running"
 
@@ -165,6 +166,9 @@ class BatchQueue:
                 progress.recent_images.append(event.image_path)
                 del progress.recent_images[: -self.keep_images]
             progress.updated = time.time()
+        self._publish(event)
+
+    def _publish(self, event: BatchEvent) -> None:
         for listener in list(self.listeners):
             try:
                 listener(event)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -32,10 +33,13 @@ from engine.errors import EngineError
 
 __all__ = [
     "CONTEXT_FIELDS",
+    "LIBRARY_LOGGERS",
     "LOG_FORMATS",
     "ConsoleFormatter",
     "ContextFilter",
     "JsonFormatter",
+    "SecretFilter",
+    "adopt_library_loggers",
     "bind_context",
     "configure_logging",
     "current_log_context",
@@ -102,6 +106,46 @@ class ContextFilter(logging.Filter):
         if not hasattr(record, "log_context"):
             record.log_context = dict(_CONTEXT.get())
         return True
+
+
+class SecretFilter(logging.Filter):
+    """Blanks bearer tokens out of every message before it is written, whoever logged it.
+
+    A WebSocket client may only pass its token in the query string (``/ws?token=...``: browsers cannot set
+    headers there), and uvicorn logs every handshake's path; a token in a log file is a credential anyone
+    who reads logs can use.
+    """
+
+    PATTERNS = (
+        (re.compile(r"([?&](?:access_)?token=)[^&\s\"']+", re.IGNORECASE), r"\1[redacted]"),
+        (re.compile(r"(bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1[redacted]"),
+        (re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), "[redacted token]"),  # any JWT
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message.lower() or "bearer" in message.lower() or "eyJ" in message:
+            for pattern, replacement in self.PATTERNS:
+                message = pattern.sub(replacement, message)
+            record.msg, record.args = message, None
+        return True
+
+
+# Libraries that give their loggers handlers of their own and stop propagation, so their records would skip
+# our handler: plain-text lines in a JSON log.
+LIBRARY_LOGGERS = ("transformers", "diffusers")
+
+
+def adopt_library_loggers() -> None:
+    """Send the model libraries' records through the root logger's handler, in the configured format.
+
+    Call it after importing them (their logging modules add their handlers at import time).
+    """
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -190,6 +234,7 @@ def configure_logging(
     setattr(handler, _HANDLER_MARK, True)
     handler.setFormatter(JsonFormatter() if format == "json" else ConsoleFormatter())
     handler.addFilter(ContextFilter())
+    handler.addFilter(SecretFilter())
     target.addHandler(handler)
     target.setLevel(level)
     return handler

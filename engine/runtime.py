@@ -359,10 +359,14 @@ def import_model_libraries() -> None:
 
     Their lazy modules are not safe to import from two threads at once: one thread can be handed the
     other's half-initialised module ("cannot import name 'AutoModel' from 'transformers'"). Servers call
-    this before they start the warm-up and batch threads.
+    this before they start the warm-up and batch threads. Their log records then go through our handler.
     """
     from diffusers import AutoencoderKL, SD3ControlNetModel, SD3Transformer2DModel  # noqa: F401
     from transformers import AutoModel, CLIPTextModelWithProjection, T5EncoderModel  # noqa: F401
+
+    from engine.logs import adopt_library_loggers
+
+    adopt_library_loggers()  # their warnings (e.g. prompts over 77 tokens) in our log format
 
 
 def build_model_cache(settings: Settings, *, use_sidecars: bool = True) -> "ModelCache":

@@ -143,3 +143,40 @@ def test_reconfigure_replaces_handler_and_rejects_unknown(capture):
         configure_logging("xml", logger=log)
     with pytest.raises(EngineError, match="unknown log level"):
         configure_logging("json", "LOUD", logger=log)
+
+
+def test_tokens_never_reach_the_log_whoever_logs_them(capture):
+    setup, lines = capture
+    logger = setup("json")
+    jwt_text = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXBhcnQ"
+    # uvicorn's WebSocket handshake line, with the query string a browser client must use
+    logger.info('%s - "WebSocket %s" [accepted]', "127.0.0.1:5000", f"/ws?clientId=abc&token={jwt_text}")
+    logger.info("header was Authorization: Bearer %s", "abc.def.ghi")
+    logger.info("a bare token %s in a message", jwt_text)
+    logger.info("nothing secret: tokens=3 of 77")
+    messages = [json.loads(line)["message"] for line in lines()]
+    assert all("c2lnbmF0dXJl" not in m and "abc.def.ghi" not in m for m in messages)
+    assert messages[0] == '127.0.0.1:5000 - "WebSocket /ws?clientId=abc&token=[redacted]" [accepted]'
+    assert messages[1] == "header was Authorization: Bearer [redacted]"
+    assert messages[3] == "nothing secret: tokens=3 of 77"
+
+
+def test_model_library_warnings_come_out_in_the_configured_format():
+    from engine.runtime import import_model_libraries
+
+    root = logging.getLogger()
+    stream = io.StringIO()
+    handler = configure_logging("json", "INFO", stream=stream)
+    try:
+        import_model_libraries()
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.get_logger("transformers.tokenization_utils_base").warning(
+            "Token indices sequence length is longer than the specified maximum sequence length")
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.get_logger("diffusers.pipelines").warning("a diffusers warning")
+    finally:
+        root.removeHandler(handler)
+    records = [json.loads(line) for line in stream.getvalue().splitlines() if line]  # every line is JSON
+    assert [r["logger"] for r in records] == ["transformers.tokenization_utils_base", "diffusers.pipelines"]

@@ -117,6 +117,52 @@ def test_queue_gauges_while_work_waits(client):
     assert value(idle, "sd35_generations_total", status="cancelled") >= 1
 
 
+def test_rows_of_a_batch_cancelled_in_the_queue_are_counted_though_they_never_ran(client):
+    long_id = client.post("/prompt", json={"prompt": comfy_prompt(steps=5000, seed=2)}).json()["prompt_id"]
+    before = scrape(client)
+    try:
+        sheet = rows("waits a", "waits b", "waits c") + rows("refused", width=9999)
+        batch_id = client.post("/api/batches", json={"template": "product_shot", "rows": sheet}).json()["batch_id"]
+        cancelled = client.post(f"/api/batches/{batch_id}/cancel")
+        assert cancelled.json()["state"] == "removed_from_queue", cancelled.text
+    finally:
+        client.post("/interrupt", json={"prompt_id": long_id})
+    finished(client, long_id)
+    resumed = client.post("/api/batches", json={"template": "product_shot", "rows": sheet, "batch_id": batch_id})
+    assert resumed.status_code == 200, resumed.text
+    finished(client, batch_id)
+    after = scrape(client)
+    counts = client.services.ledger.batch_summary(batch_id)["counts"]
+    assert counts["skipped"] == 1 and counts["done"] == 3
+
+    def grew(status):
+        return value(after, "sd35_generations_total", status=status) - value(before, "sd35_generations_total", status=status)
+
+    assert grew("skipped") == 1
+    assert grew("done") == 3
+    assert grew("cancelled") == 3 + 1  # the three waiting rows, and the interrupted prompt's row
+
+
+def test_skipped_rows_are_counted_once_however_often_the_batch_is_resumed(client):
+    sheet = [{"product_name": "slow", "width": 512, "height": 512, "steps": 150}] + rows("refused twice", width=9999)
+    before = scrape(client)
+    batch_id = None
+    for _ in range(2):  # start, cancel while the first row runs, resume, cancel again
+        answer = client.post("/api/batches", json={"template": "product_shot", "rows": sheet,
+                                                    **({"batch_id": batch_id} if batch_id else {})})
+        assert answer.status_code == 200, answer.text
+        batch_id = answer.json()["batch_id"]
+        deadline = time.monotonic() + 30
+        while (client.services.queue.status(batch_id).state != "running" or client.services.queue.status(batch_id).steps == 0) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.post(f"/api/batches/{batch_id}/cancel").json()["state"] == "cancelling"
+        finished(client, batch_id)
+    after = scrape(client)
+    assert client.services.ledger.batch_summary(batch_id)["counts"]["skipped"] == 1
+    assert value(after, "sd35_generations_total", status="skipped") - value(before, "sd35_generations_total", status="skipped") == 1
+
+
 @pytest.fixture
 def json_logs():
     """The server's JSON log format on the root logger, captured; restored afterwards."""

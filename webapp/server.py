@@ -150,11 +150,12 @@ class BatchMetrics:
             row = self.services.ledger.get_generation(row_key(event.batch_id, event.row_number))
             if row is not None and row.status in GENERATION_STATUSES:
                 self.metrics.observe_generation(row.status, row.duration_s, row.sampler_s, row.steps)
-        elif event.kind == "batch_started" and event.done == 0:
-            # Rows refused at validation never run; count them once, when the batch first starts.
-            counts = self.services.ledger.batch_summary(event.batch_id)["counts"]
-            for _ in range(counts.get("skipped", 0)):
-                self.metrics.observe_generation("skipped")
+        # Rows that end without a row event: refused at validation (told once, on the first start) and
+        # cancelled while their batch still waited in the queue.
+        for _ in range(event.skipped):
+            self.metrics.observe_generation("skipped")
+        for _ in range(event.cancelled):
+            self.metrics.observe_generation("cancelled")
         if event.kind != "step":
             self.refresh()
 
