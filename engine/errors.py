@@ -62,6 +62,7 @@ class NodeProblem:
     details: str = ""
     input_name: str | None = None
     extra_info: dict[str, Any] = field(default_factory=dict)
+    dependent_outputs: tuple[str, ...] = ()  # the output nodes that need this node (ComfyUI reports them)
 
     def describe(self) -> str:
         where = f"node {self.node_id} ({self.class_type})" if self.node_id else "workflow"
@@ -87,7 +88,7 @@ class WorkflowInvalid(WorkflowError):
             if p.node_id is None:
                 continue
             entry = node_errors.setdefault(
-                p.node_id, {"errors": [], "dependent_outputs": [], "class_type": p.class_type}
+                p.node_id, {"errors": [], "dependent_outputs": list(p.dependent_outputs), "class_type": p.class_type}
             )
             extra = dict(p.extra_info)
             if p.input_name:
@@ -102,7 +103,8 @@ class WorkflowInvalid(WorkflowError):
             error = {
                 "type": "prompt_outputs_failed_validation",
                 "message": "Prompt outputs failed validation",
-                "details": "",
+                # every node's problems, one per line, as ComfyUI joins them
+                "details": "\n".join(f"{p.message}: {p.details}" for p in self.problems),
                 "extra_info": {},
             }
         return {"error": error, "node_errors": node_errors}

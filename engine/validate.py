@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,25 @@ def validate_workflow(
         node_cls = registry.get(node.class_type)
         if node_cls is not None:
             problems.extend(_node_problems(workflow, node, node_cls, registry, ctx))
-    return problems
+    needed_by = _outputs_needing(workflow, outputs)
+    return [replace(p, dependent_outputs=tuple(needed_by.get(p.node_id, ()))) if p.node_id else p for p in problems]
+
+
+def _outputs_needing(workflow: Workflow, outputs: list[str]) -> dict[str, list[str]]:
+    """node id -> the output nodes among ``outputs`` that need it (an output needs itself)."""
+    needed_by: dict[str, list[str]] = {}
+    for output in outputs:
+        seen: set[str] = set()
+        pending = [output]
+        while pending:
+            node_id = pending.pop()
+            if node_id in seen or node_id not in workflow.nodes:
+                continue
+            seen.add(node_id)
+            pending.extend(link.node_id for link in workflow.nodes[node_id].links().values())
+        for node_id in seen:
+            needed_by.setdefault(node_id, []).append(output)
+    return needed_by
 
 
 def ensure_valid(workflow: Workflow, registry: "NodeRegistry", ctx: "NodeContext | None" = None) -> None:

@@ -131,6 +131,9 @@ def test_invalid_prompts_get_comfy_validation_bodies(server):
     assert body["node_errors"]["4"]["class_type"] == "CheckpointLoaderSimple"
     assert body["node_errors"]["3"]["errors"][0]["type"] == "value_not_in_list"
     assert body["node_errors"]["3"]["errors"][0]["extra_info"]["input_name"] == "sampler_name"
+    # As ComfyUI: the output nodes each failing node holds up, and every problem in the top-level details
+    assert body["node_errors"]["4"]["dependent_outputs"] == ["9"] == body["node_errors"]["3"]["dependent_outputs"]
+    assert "no_such_sampler" in body["error"]["details"] and "no_such_model" in body["error"]["details"]
 
     for request in ({"no_prompt": {}}, {"prompt": example_prompt(), "prompt_id": "../../escape"}):
         refused = server.http.post("/prompt", json=request)
