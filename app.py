@@ -17,12 +17,16 @@ Library errors become one-line messages and a non-zero exit status here, in one 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.errors import BatchError, EngineError
+from engine.errors import BatchError, EngineError, TemplateError
 from engine.settings import SETTINGS, Settings, load_settings
 
 SETTING_ALIASES = {"db_path": ["--db"]}
@@ -140,6 +144,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     services = build_services(settings)
     runner = services.runner
     sheet = read_sheet(Path(args.sheet), sheet_name=args.sheet_name)
+    for note in sheet.notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.resume and services.ledger.get_batch(args.resume) is None:
         unfinished = ", ".join(b["id"] for b in runner.unfinished_batches()[:10]) or "none"
         raise BatchError(f"no batch {args.resume!r} to resume; unfinished batches: {unfinished}", batch_id=args.resume)
@@ -178,11 +184,12 @@ def _run_batch(args: argparse.Namespace) -> int:
             bar.update(1)
             tqdm.write(f"row {event.row_number} failed: {event.error}")
 
-    summary = runner.run(prepared.batch_id, on_event=on_event, retry_failed=args.retry_failed)
+    zip_path = _zip_path(args.zip, prepared.batch_id, runner.output_dir(prepared.batch_id)) if args.zip else None
+    with _ctrl_c_cancels(runner, prepared.batch_id):
+        summary = runner.run(prepared.batch_id, on_event=on_event, retry_failed=args.retry_failed)
     step_bar.close()
     bar.close()
-    if args.zip:
-        zip_path = Path(args.zip) if isinstance(args.zip, str) else summary.output_dir.with_suffix(".zip")
+    if zip_path is not None:
         runner.write_zip(prepared.batch_id, zip_path)
         print(f"zip: {zip_path}")
     print(
@@ -192,6 +199,39 @@ def _run_batch(args: argparse.Namespace) -> int:
         + f"; images in {summary.output_dir}"
     )
     return 0 if summary.ok and summary.skipped == 0 and summary.running == 0 else 1
+
+
+def _zip_path(option: str | bool, batch_id: str, output_dir: Path) -> Path:
+    """Where ``--zip [PATH]`` writes: beside the images, PATH, or PATH/<batch>.zip for a folder. Checked
+    before the batch runs, so a bad path never costs a run."""
+    if option is True:
+        return output_dir.with_suffix(".zip")
+    path = Path(option)
+    if path.is_dir():
+        return path / f"{batch_id}.zip"
+    if not path.parent.is_dir():
+        raise BatchError(f"--zip {option}: the folder {path.parent} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(runner: Any, batch_id: str) -> Iterator[None]:
+    """The first Ctrl-C cancels the batch between sampler steps: finished rows are kept, the rest are marked
+    cancelled and resume with the same command. A second Ctrl-C stops at once."""
+
+    def cancel(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, previous)  # the next Ctrl-C is the hard stop
+        print("\nstopping after the current sampler step (Ctrl-C again to quit at once); "
+              "run the same command again to resume", file=sys.stderr)
+        # On a thread of its own: the handler runs between the main thread's bytecodes, maybe while that
+        # thread holds the runner's lock, which cancel() takes.
+        threading.Thread(target=runner.cancel, args=(batch_id,), daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, cancel)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _photos_from(runner: Any, source: str) -> Any:
@@ -211,7 +251,9 @@ def cmd_templates(args: argparse.Namespace) -> int:
     from engine.templates import TemplateLibrary
 
     settings = _settings_from(args)
-    library = TemplateLibrary(Path(settings.templates_dir), validate_workflow=Engine(settings).validate)
+    library = TemplateLibrary(settings.templates_path, validate_workflow=Engine(settings).validate)
+    if not library.names() and not library.errors():
+        raise TemplateError(f"no templates to list: {library.describe_available()}")
     for template in library.list():
         print(f"{template.name}  ({template.content_hash[:12]})  {template.title}")
         if template.description:
@@ -415,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValueError as exc:  # bad settings values
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path argument
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
 
 

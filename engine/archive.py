@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from engine.errors import StoreError
 from engine.naming import fill_filename_pattern, pattern_values, safe_filename
+from engine.sheets import FORMULA_STARTS
 from engine.store import BatchLedger, Generation
 
 __all__ = ["write_batch_zip", "iter_zip_stream", "neutralise_csv_cell", "ZipSummary", "MANIFEST_COLUMNS"]
@@ -36,14 +37,13 @@ MANIFEST_COLUMNS = (
     "duration_s", "attempts", "error", "finished_at",
 )
 IMAGES_FOLDER = "images/"
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _CHUNK = 1 << 20
 
 
 def neutralise_csv_cell(value: Any) -> str:
     """Text for a CSV cell that Excel/LibreOffice will not run as a formula (leading apostrophe)."""
     text = "" if value is None else str(value)
-    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 @dataclass

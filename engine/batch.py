@@ -225,10 +225,12 @@ class BatchRunner:
                 }
             )
         if on_invalid == "stop" and any(row["status"] == SKIPPED for row in rows):
-            bad = [row["row_number"] for row in rows if row["status"] == SKIPPED]
+            bad = [row for row in rows if row["status"] == SKIPPED]
+            listed = "; ".join(f"row {row['row_number']}: {row['error']}" for row in bad[:20])
+            more = f"; and {len(bad) - 20} more row(s)" if len(bad) > 20 else ""
             raise BatchError(
-                f"{len(bad)} row(s) have problems (rows {', '.join(map(str, bad[:20]))}); nothing was queued",
-                rows=bad,
+                f"{len(bad)} row(s) have problems, so nothing was queued: {listed}{more}",
+                rows=[row["row_number"] for row in bad], problems={row["row_number"]: row["error"] for row in bad},
             )
         return PreparedBatch(batch_id, template, sheet, report, batch_seed, fingerprint, rows, user, resumed, images)
 

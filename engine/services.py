@@ -44,7 +44,7 @@ def build_services(settings: Settings, engine: Any = None, dispatcher: Any = Non
 
         dispatcher = CeleryDispatcher(settings.broker, row_timeout_s=settings.row_timeout_s)
     ledger = BatchLedger(settings.ledger_path)
-    templates = TemplateLibrary(Path(settings.templates_dir), validate_workflow=engine.validate)
+    templates = TemplateLibrary(settings.templates_path, validate_workflow=engine.validate)
     runner = BatchRunner(engine, ledger, templates, settings, dispatcher=dispatcher)
     queue = BatchQueue(runner)
     return Services(settings, engine, ledger, templates, runner, queue)

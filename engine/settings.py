@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where app.py and the shipped templates/ live
+
 DEMO_CHECKPOINT = "sd35_demo_tiny"
 
 
@@ -26,7 +28,7 @@ class SettingSpec:
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("data_dir", "data", "Folder for the ledger, outputs, uploads and sidecars (/data on Spaces).", str),
     SettingSpec("models_dir", "models", "ComfyUI-style models folder (checkpoints/, diffusion_models/, text_encoders/, vae/, loras/, controlnet/).", str),
-    SettingSpec("templates_dir", "templates", "Folder of workflow templates.", str),
+    SettingSpec("templates_dir", "templates", "Folder of workflow templates. A relative path that does not exist in the working directory is taken beside app.py, where the shipped templates are.", str),
     SettingSpec("db_path", "", "SQLite ledger file; empty means <data_dir>/ledger.db.", str),
     SettingSpec("output_dir", "", "Where images are written; empty means <data_dir>/outputs.", str),
     SettingSpec("default_checkpoint", DEMO_CHECKPOINT, "Checkpoint used by templates that do not name one.", str),
@@ -92,6 +94,15 @@ class Settings:
     @property
     def ledger_path(self) -> Path:
         return Path(self.db_path) if self.db_path else self.data_path / "ledger.db"
+
+    @property
+    def templates_path(self) -> Path:
+        """The templates folder: ``templates_dir``, or for a relative one missing here, the project's own."""
+        path = Path(self.templates_dir)
+        if path.is_absolute() or path.is_dir():
+            return path
+        beside_code = PROJECT_ROOT / path
+        return beside_code if beside_code.is_dir() else path
 
     @property
     def outputs_path(self) -> Path:

@@ -18,6 +18,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import math
 import re
 import unicodedata
 import zipfile
@@ -127,6 +128,11 @@ class Sheet:
     def problems_for(self, row_number: int) -> list[RowProblem]:
         return [p for p in self.problems if p.row == row_number]
 
+    @property
+    def notes(self) -> list[str]:
+        """What was found about the sheet as a whole (row 1 is the header): encoding, unnamed columns."""
+        return [p.reason for p in self.problems_for(1)]
+
 
 @dataclass
 class RowReport:
@@ -143,6 +149,7 @@ class ValidationReport:
     missing_columns: list[str]  # required template fields no column provides
     unknown_columns: list[str]  # sheet columns no template field uses (ignored)
     column_map: dict[str, str] = field(default_factory=dict)  # field name -> sheet column name
+    notes: list[str] = field(default_factory=list)  # about the sheet as a whole (encoding, unnamed columns)
 
     @property
     def ok(self) -> bool:
@@ -166,6 +173,7 @@ class ValidationReport:
             "missing_columns": self.missing_columns,
             "unknown_columns": self.unknown_columns,
             "column_map": self.column_map,
+            "notes": self.notes,
             "rows": [
                 {"row": r.number, "ok": r.ok, "problems": [asdict(p) for p in r.problems], "values": r.values}
                 for r in self.rows
@@ -212,11 +220,11 @@ def _read_bytes(source: Any, filename: str | None, limits: SheetLimits) -> tuple
         filename = filename or path.name
         try:
             size = path.stat().st_size
-        except OSError as exc:
+            if size > limits.max_file_bytes:
+                raise _too_big(size, limits)
+            data = path.read_bytes()
+        except OSError as exc:  # missing, a folder, not readable
             raise SheetError(f"cannot open spreadsheet '{path}': {exc.strerror or exc}") from exc
-        if size > limits.max_file_bytes:
-            raise _too_big(size, limits)
-        data = path.read_bytes()
     else:
         data = source.read(limits.max_file_bytes + 1)
     if len(data) > limits.max_file_bytes:
@@ -314,26 +322,69 @@ def _sniff_delimiter(text: str) -> str:
 def _read_csv(data: bytes, limits: SheetLimits) -> Sheet:
     text, encoding = _decode_text(data)
     delimiter = _sniff_delimiter(text)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: an unclosed quote is an error, not a cell that silently swallows every row after it
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     records: list[tuple[int, list[Any]]] = []
-    nonblank = 0
+    nonblank = number = 0
     try:
         for number, record in enumerate(reader, start=1):
             if not any(cell.strip() for cell in record):
                 continue
-            records.append((number, record))
+            records.append((number, [_without_formula_guard(cell) for cell in record]))
             nonblank += 1
             if nonblank > limits.max_rows + 1:
                 break  # enough to refuse the sheet; do not read the rest
     except csv.Error as exc:
         raise SheetError(
-            f"row {len(records) + 1}: the CSV cannot be parsed ({exc}); check for an unclosed quote "
-            "or a cell longer than the CSV reader's limit",
-            row=len(records) + 1,
+            f"row {number + 1}: the CSV cannot be parsed ({exc}); check that row for an unclosed quote, "
+            "text after a closing quote, or a cell longer than the CSV reader's limit",
+            row=number + 1,
         ) from exc
     sheet = _build_sheet(records, limits)
     sheet.format, sheet.encoding, sheet.delimiter = "csv", encoding, delimiter
+    if encoding == "utf-8" and (hint := _looks_like_gb18030(data, text)):
+        sheet.problems.insert(0, RowProblem(1, None, hint))
     return sheet
+
+
+# A leading apostrophe is how exported CSVs (our manifests and failed_rows.csv) keep a cell starting with one
+# of these from being run as a formula; reading such a file back takes the apostrophe off again.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _without_formula_guard(cell: str) -> str:
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
+
+
+def _looks_like_gb18030(data: bytes, text: str) -> str | None:
+    """A note when UTF-8 text looks like Chinese GB18030/GBK bytes that happen to be valid UTF-8.
+
+    Short GBK text can decode as UTF-8 into a jumble of letters from unrelated scripts ("一只猫" reads as
+    "һֻè"): no Chinese in the UTF-8 reading, several scripts mixed, and only Chinese in the GB18030 one.
+    Real UTF-8 text in one European script (French, Russian) does not trigger it.
+    """
+    foreign = {ch for ch in text if ord(ch) > 0x7F}
+    if not foreign or any(_is_cjk(ch) for ch in foreign):
+        return None
+    scripts = {unicodedata.name(ch, "?").split(" ")[0] for ch in foreign}
+    if len(scripts) < 2:
+        return None
+    try:
+        other = data.decode("gb18030")
+    except UnicodeDecodeError:
+        return None
+    chinese = [ch for ch in other if ord(ch) > 0x7F]
+    if not chinese or not all(_is_cjk(ch) for ch in chinese):
+        return None
+    sample = next((line for line in other.splitlines() if any(ord(ch) > 0x7F for ch in line)), "")[:60]
+    return ("the file was read as UTF-8, but its text reads as Chinese in GB18030/GBK (e.g. "
+            f"'{sample}'); if it was saved by Chinese Excel, save it again as 'CSV UTF-8' and upload that")
+
+
+def _is_cjk(ch: str) -> bool:
+    code = ord(ch)
+    return (0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0x3000 <= code <= 0x303F
+            or 0xFF00 <= code <= 0xFFEF or 0x20000 <= code <= 0x2FFFF)
 
 
 # XLSX ----------------------------------------------------------------------------------------------
@@ -505,8 +556,9 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
 
 
 def column_key(name: str) -> str:
-    """How column names and field names are compared: NFKC, surrounding spaces stripped, case-folded."""
-    return unicodedata.normalize("NFKC", name).strip(_HEADER_JUNK).casefold()
+    """How column names and field names are compared: NFKC, surrounding spaces stripped, case-folded, and
+    runs of inner spaces, underscores or hyphens as one separator ("Product Name" is ``product_name``)."""
+    return re.sub(r"[\s_-]+", "_", unicodedata.normalize("NFKC", name).strip(_HEADER_JUNK).casefold())
 
 
 def _column_letter(index: int) -> str:
@@ -549,6 +601,8 @@ def _build_sheet(
         listed = "; ".join(" and ".join(s) for s in duplicates)
         raise SheetError(f"duplicate column names (compared ignoring case and spaces): {listed}", row=1)
     data = records[1:]
+    if not data:
+        raise SheetError("the sheet has column names in row 1 but no data rows below them", row=2)
     if len(data) > limits.max_rows:
         raise SheetError(f"the sheet has more than {limits.max_rows} data rows; split it into smaller sheets")
 
@@ -655,6 +709,8 @@ def coerce_cell(field: "TemplateField", text: str) -> Any:
         if not number.is_finite():
             raise ValueError(f"'{_short(text)}' is not a finite number")
         value = float(number)
+        if not math.isfinite(value):
+            raise ValueError(f"'{_short(text)}' is too large a number")
         _check_range(field, value)
         return value
     if kind == "bool":
@@ -723,7 +779,7 @@ def validate_rows(
         own = [p for p in sheet_problems.get(row.number, []) if p.column is None or p.column in field_by_column]
         all_problems = own + problems
         reports.append(RowReport(row.number, not all_problems, all_problems, values, dict(row.cells)))
-    return ValidationReport(reports, missing, unknown, column_map)
+    return ValidationReport(reports, missing, unknown, column_map, sheet.notes)
 
 
 def _image_problems(

@@ -757,15 +757,18 @@ class TemplateLibrary:
     def names(self) -> list[str]:
         return [t.name for t in self.list()]
 
+    def describe_available(self) -> str:
+        """What a user asking for a template needs to hear: the names there are, or why there are none."""
+        if not self.folder.is_dir():
+            return f"the templates folder {self.folder} does not exist (setting templates_dir)"
+        names = self.names()
+        return f"available: {', '.join(names)}" if names else f"the templates folder {self.folder} holds none"
+
     def get(self, name: str) -> WorkflowTemplate:
         """The template ``name``; :class:`TemplateError` naming the available ones when there is none."""
-        if not _TEMPLATE_NAME.fullmatch(name or ""):
-            raise TemplateError(f"no template '{name}'; available: {', '.join(self.names()) or 'none'}",
-                                template=name)
         folder = self.folder / name
-        if not (folder / TEMPLATE_FILE).exists():
-            raise TemplateError(f"no template '{name}'; available: {', '.join(self.names()) or 'none'}",
-                                template=name)
+        if not _TEMPLATE_NAME.fullmatch(name or "") or not (folder / TEMPLATE_FILE).exists():
+            raise TemplateError(f"no template '{name}'; {self.describe_available()}", template=name)
         result = self._load(folder)
         if isinstance(result, TemplateError):
             raise result

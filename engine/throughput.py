@@ -242,7 +242,7 @@ def _measure_pipeline(
 
     sheet = read_sheet(_write_sheet(data / "rows.csv", rows, size, steps))
     ledger = BatchLedger(settings.ledger_path)
-    templates = TemplateLibrary(Path(settings.templates_dir), validate_workflow=engine.validate)
+    templates = TemplateLibrary(settings.templates_path, validate_workflow=engine.validate)
     executor = RowExecutor(engine, max_gpu_batch=settings.max_gpu_batch)
     dispatcher = LocalDispatcher(executor)
     collected: list[Any] = []

@@ -209,3 +209,69 @@ def test_every_help_page_prints_with_every_settings_text(tmp_path, command):
     page = " ".join(result.stdout.split())  # argparse wraps lines
     for spec in SETTINGS:  # help texts hold "%", which argparse would read as a format code
         assert " ".join(spec.help.split()) in page, spec.name
+
+
+def ledger_statuses(data: Path) -> dict[int, str]:
+    import sqlite3
+
+    with sqlite3.connect(data / "ledger.db") as conn:
+        return dict(conn.execute("SELECT row_number, status FROM generations"))
+
+
+def test_ctrl_c_stops_between_steps_keeps_finished_rows_and_the_same_command_resumes(tmp_path):
+    import signal
+
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\n" + "".join(
+        f"{name},512,512,60\n" for name in "ABCD"))
+    command = [sys.executable, str(ROOT / "app.py"), "--data-dir", "d", "run", "--template", "product_shot",
+               "--sheet", "s.csv", "--max-gpu-batch", "1"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()  # the first finished row; the second is being sampled
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert first.startswith("row 2: ") and process.returncode == 1, err[-2000:]
+    assert "stopping after the current sampler step" in err and "Traceback" not in err
+    assert "1 done" in out and "3 not run" in out
+    assert ledger_statuses(tmp_path / "d") == {2: "done", 3: "cancelled", 4: "cancelled", 5: "cancelled"}
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resuming unfinished batch" in again.stdout, again.stderr[-2000:]
+    assert set(ledger_statuses(tmp_path / "d").values()) == {"done"}
+    assert len(list((tmp_path / "d" / "outputs").rglob("*.png"))) == 4
+
+
+def test_path_arguments_that_are_missing_or_folders_get_one_line_errors(tmp_path):
+    for args in (["validate", "missing.json"], ["validate", str(tmp_path)], ["run", "--workflow", "missing.json"],
+                 ["run", "--template", "product_shot", "--sheet", str(tmp_path)]):
+        result = app("--data-dir", str(tmp_path / "d"), *args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_zip_into_a_folder_and_a_bad_zip_path_refused_before_the_run(tmp_path):
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\nmug,64,64,1\n")
+    (tmp_path / "zips").mkdir()
+    base = ["--data-dir", str(tmp_path / "d"), "run", "--template", "product_shot", "--sheet", "s.csv"]
+    refused = app(*base, "--zip", str(tmp_path / "nowhere" / "x.zip"), cwd=tmp_path)
+    assert refused.returncode == 2 and "does not exist" in refused.stderr
+    assert not (tmp_path / "d" / "outputs").exists() or not list((tmp_path / "d" / "outputs").rglob("*.png"))
+    done = app(*base, "--zip", str(tmp_path / "zips"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "zips").glob("b*.zip"))) == 1
+
+
+def test_stop_on_invalid_rows_says_what_is_wrong_with_each_and_sheet_notes_are_printed(tmp_path):
+    (tmp_path / "s.csv").write_bytes("product_name,seed,width,,steps\n一只猫,1,64,x,1\nB,abc,64,,1\nC,1,9999,,1\n"
+                                     .encode("gb18030"))
+    result = app("--data-dir", str(tmp_path / "d"), "run", "--template", "product_shot", "--sheet", "s.csv",
+                 "--on-invalid", "stop", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "row 3: seed: " in result.stderr and "row 4: width: " in result.stderr
+    assert "note: column D has no name in row 1" in result.stderr
+
+
+def test_templates_are_found_from_any_working_directory(tmp_path):
+    listed = app("templates", cwd=tmp_path)
+    assert listed.returncode == 0 and "product_shot" in listed.stdout
+    missing = app("--templates-dir", str(tmp_path / "none"), "templates", cwd=tmp_path)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -117,6 +117,47 @@ def test_headers_forgiving_about_case_and_spaces(template):
     assert report.ok and report.rows[0].values["seed"] == 5
 
 
+def test_inner_spaces_underscores_and_hyphens_in_headers_are_one_separator(template):
+    schema = json.loads(json.dumps(SCHEMA))
+    schema["fields"].append({"name": "product_name", "type": "string"})
+    schema["fields"].append({"name": "brand_color", "type": "string"})
+    with_names = parse_template(json.dumps(schema), WORKFLOW.replace("{{ prompt }}", "{{ prompt ~ product_name ~ brand_color }}"))
+    sheet = read_sheet("Prompt,Product  Name,brand-color\ncat,Mug,red\n".encode(), "rows.csv")
+    report = validate_rows(sheet, with_names)
+    assert report.ok, report.to_dict()
+    assert report.rows[0].values["product_name"] == "Mug" and report.rows[0].values["brand_color"] == "red"
+    with pytest.raises(SheetError, match="duplicate column names"):
+        read_sheet(b"product name,Product_Name\na,b\n", "rows.csv")
+
+
+def test_an_unclosed_quote_refuses_the_sheet_naming_the_row_instead_of_swallowing_rows():
+    with pytest.raises(SheetError) as info:
+        read_sheet(b'prompt,seed\ncat,1\n\n"unclosed,2\ndog,3\n', "rows.csv")
+    assert "row 4" in info.value.message and "unclosed quote" in info.value.message
+    with pytest.raises(SheetError, match="row 2"):
+        read_sheet(b'prompt,seed\n"cat" and more,1\n', "rows.csv")
+
+
+def test_a_sheet_with_column_names_but_no_rows_is_refused():
+    for data, name in ((b"prompt,seed\n", "rows.csv"), (xlsx_bytes([["prompt", "seed"]]), "rows.xlsx")):
+        with pytest.raises(SheetError, match="no data rows"):
+            read_sheet(data, name)
+
+
+def test_our_own_formula_guard_comes_off_when_an_exported_csv_is_read_back():
+    sheet = read_sheet("prompt,note\n'=SUM(1),'-2\n'@x,'+86 10\nit's,'plain\n".encode(), "rows.csv")
+    assert [list(r.cells.values()) for r in sheet.rows] == [["=SUM(1)", "-2"], ["@x", "+86 10"], ["it's", "'plain"]]
+
+
+def test_utf8_that_reads_as_chinese_in_gb18030_gets_a_note_and_real_utf8_does_not():
+    tricky = "prompt,seed\n一只猫,1\n".encode("gb18030")  # happens to be valid UTF-8
+    sheet = read_sheet(tricky, "rows.csv")
+    assert sheet.encoding == "utf-8"
+    assert any("GB18030" in p.reason and "一只猫" in p.reason for p in sheet.problems)
+    for text in ("prompt,seed\nCafé Müller,1\n", "prompt,seed\nПривет мир,1\n", "prompt,seed\n一只猫,1\n"):
+        assert read_sheet(text.encode("utf-8"), "rows.csv").problems == [], text
+
+
 def test_duplicate_headers_are_an_error_naming_them():
     with pytest.raises(SheetError) as info:
         read_sheet(b"prompt,Seed,PROMPT \na,1,b\n", "rows.csv")
@@ -191,6 +232,12 @@ def test_big_integers_never_go_through_float(template):
     # 2**63 + 1 is not representable as a float; any float detour changes the last digit.
     report = report_for(read_sheet(f"prompt,seed\na,{2**63 + 1}\n".encode(), "rows.csv"), template)
     assert report[2].values["seed"] == 2**63 + 1
+
+
+def test_a_float_too_large_for_a_number_says_so(template):
+    sheet = read_sheet(b"prompt,cfg\ncat,1e400\n", "rows.csv")
+    problem = validate_rows(sheet, template).rows[0].problems[0]
+    assert problem.column == "cfg" and "too large" in problem.reason
 
 
 def test_booleans_choices_and_ranges(template):

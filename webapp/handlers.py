@@ -230,7 +230,7 @@ def check_sheet(
         ok += good
         bad += not good
         table.append([row["row_number"], text("report.ok" if good else "report.problem", lang), row["error"] or ""])
-    summary = text("batch.report_summary", lang, ok=ok, bad=bad)
+    summary = " ".join([text("batch.report_summary", lang, ok=ok, bad=bad), *prepared.report.notes])
     startable = prepared.runnable > 0 and (on_invalid == "skip" or bad == 0)
     if bad and on_invalid == "stop":
         summary += " " + text("batch.report_blocked", lang, bad=bad)

@@ -398,7 +398,7 @@ def create_app(
         max_file_size=f"{int(settings.max_upload_mb)}mb",
         show_error=True,
         css=CSS,
-        allowed_paths=[str(Path(settings.templates_dir).resolve())],  # example images only
+        allowed_paths=[str(settings.templates_path.resolve())],  # example images only
     )
 
     return app, services
