@@ -1,7 +1,8 @@
-"""A batch as one zip: images named from the template's filename pattern, plus manifests.
+"""A batch as one zip: its images under the names they have on disk, plus manifests.
 
-Entries: ``images/<name>.png`` for every finished row (names from the template's ``filename_pattern``
-filled with the row's cells, made safe and unique by :func:`engine.naming.safe_filename`),
+Entries: ``images/<name>.png`` for every finished row, named as the batch runner named the file (the
+template's ``filename_pattern`` filled with the row's cells, made safe and unique when the rows were
+written; a name is only changed to keep entries unique when files of several folders meet),
 ``manifest.csv`` (one line per row; every cell that a spreadsheet would run as a formula is neutralised),
 ``manifest.json`` (everything, typed) and ``failed_rows.csv`` (the original columns of every row not done,
 plus ``error``: fix it and upload it again as a new sheet).
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from engine.errors import StoreError
-from engine.naming import fill_filename_pattern, pattern_values, safe_filename
+from engine.naming import safe_filename
 from engine.sheets import FORMULA_STARTS
 from engine.store import BatchLedger, Generation
 
@@ -106,8 +107,7 @@ def _copy_file(zf: zipfile.ZipFile, path: Path, name: str) -> Iterator[str]:
 
 
 def _entries(
-    zf: zipfile.ZipFile, ledger: BatchLedger, batch_id: str, filename_pattern: str,
-    image_root: Path | None, summary: ZipSummary,
+    zf: zipfile.ZipFile, ledger: BatchLedger, batch_id: str, image_root: Path | None, summary: ZipSummary,
 ) -> Iterator[None]:
     batch = ledger.get_batch(batch_id)
     if batch is None:
@@ -116,16 +116,13 @@ def _entries(
     used: set[str] = set()
     files: dict[str, list[str]] = {}
     notes: dict[str, str] = {}
-    pattern = filename_pattern or "row_{row}"
     for row in rows:
         if row.status != "done":
             continue
-        values = pattern_values(row.row_values, row.row_number, row.batch_id, row.seed)
-        stem = fill_filename_pattern(pattern, values).strip() or f"row_{row.row_number}"
         names: list[str] = []
         for index, path in enumerate(_row_images(row, image_root)):
-            name = safe_filename(stem if index == 0 else f"{stem}_{index + 1}", used)
-            entry = IMAGES_FOLDER + name
+            # The file's own name: the one the manifest's image_path shows and the runner made unique
+            entry = IMAGES_FOLDER + safe_filename(path.stem, used, suffix=path.suffix or ".png")
             if not path.is_file():
                 summary.problems.append(f"row {row.row_number}: image file missing: {path}")
                 notes[row.row_key] = "image file missing on disk"
@@ -167,7 +164,7 @@ def _entries(
     manifest = {
         "batch": {**batch, "batch_seed": str(batch["batch_seed"])},
         "summary": ledger.batch_summary(batch_id)["counts"],
-        "filename_pattern": pattern,
+        "filename_pattern": (batch.get("options") or {}).get("filename_pattern"),
         "problems": summary.problems,
         "rows": json_rows,
     }
@@ -206,13 +203,11 @@ def write_batch_zip(
     ledger: BatchLedger,
     batch_id: str,
     out: str | Path | IO[bytes],
-    filename_pattern: str,
     image_root: str | Path | None = None,
 ) -> ZipSummary:
     """Write the batch's zip to a path (atomically: temp file, then rename) or a binary file object.
 
-    ``filename_pattern`` is the template's (e.g. ``"{product_name}_{color}"``); relative image paths in
-    the ledger are resolved against ``image_root``.
+    Relative image paths in the ledger are resolved against ``image_root``.
     """
     root = Path(image_root) if image_root is not None else None
     summary = ZipSummary()
@@ -223,7 +218,7 @@ def write_batch_zip(
         try:
             with os.fdopen(fd, "wb") as handle:
                 with zipfile.ZipFile(handle, "w", allowZip64=True) as zf:
-                    for _ in _entries(zf, ledger, batch_id, filename_pattern, root, summary):
+                    for _ in _entries(zf, ledger, batch_id, root, summary):
                         pass
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -233,7 +228,7 @@ def write_batch_zip(
             raise
         return summary
     with zipfile.ZipFile(out, "w", allowZip64=True) as zf:
-        for _ in _entries(zf, ledger, batch_id, filename_pattern, root, summary):
+        for _ in _entries(zf, ledger, batch_id, root, summary):
             pass
     return summary
 
@@ -241,7 +236,6 @@ def write_batch_zip(
 def iter_zip_stream(
     ledger: BatchLedger,
     batch_id: str,
-    filename_pattern: str,
     image_root: str | Path | None = None,
     summary: ZipSummary | None = None,
 ) -> Iterator[bytes]:
@@ -253,7 +247,7 @@ def iter_zip_stream(
     summary = summary if summary is not None else ZipSummary()
     sink = _StreamSink()
     with zipfile.ZipFile(sink, "w", allowZip64=True) as zf:
-        for _ in _entries(zf, ledger, batch_id, filename_pattern, root, summary):
+        for _ in _entries(zf, ledger, batch_id, root, summary):
             data = sink.take()
             if data:
                 yield data

@@ -579,23 +579,21 @@ class BatchRunner:
 
     # ------------------------------------------------------------------- zips
 
-    def _zip_pattern(self, batch_id: str) -> str:
-        batch = self.ledger.get_batch(batch_id)
-        if batch is None:
-            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
-        return (batch.get("options") or {}).get("filename_pattern") or "row_{row}"
-
     def write_zip(self, batch_id: str, out: Path | Any) -> Any:
-        """The batch's zip (images named by the template's pattern + manifests) to a path or file object."""
+        """The batch's zip (its images + manifests) to a path or file object."""
         from engine.archive import write_batch_zip
 
-        return write_batch_zip(self.ledger, batch_id, out, self._zip_pattern(batch_id))
+        if self.ledger.get_batch(batch_id) is None:
+            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+        return write_batch_zip(self.ledger, batch_id, out)
 
     def zip_stream(self, batch_id: str) -> Iterator[bytes]:
         """The batch's zip as byte chunks, for streaming over HTTP without holding it in memory."""
         from engine.archive import iter_zip_stream
 
-        return iter_zip_stream(self.ledger, batch_id, self._zip_pattern(batch_id))
+        if self.ledger.get_batch(batch_id) is None:
+            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+        return iter_zip_stream(self.ledger, batch_id)
 
     # ---------------------------------------------------------------- helpers
 

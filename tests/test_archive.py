@@ -1,4 +1,4 @@
-"""Batch zips: safe unique names from the filename pattern, manifests, failed rows, streaming."""
+"""Batch zips: the images under their file names, manifests, failed rows, streaming."""
 
 import csv
 import hashlib
@@ -9,7 +9,6 @@ import zipfile
 import pytest
 
 from engine.archive import iter_zip_stream, neutralise_csv_cell, write_batch_zip
-from engine.naming import fill_filename_pattern, pattern_values, safe_filename
 from engine.sheets import read_sheet
 from engine.store import BatchLedger
 
@@ -34,13 +33,14 @@ def batch(tmp_path):
                                 "error": "product_name: required value is empty"}])
     images = tmp_path / "outputs"
     images.mkdir()
+    names = {2: "Cat_red.png", 3: "cat_red_2.png", 4: "_CON.png"}  # as the runner names them
     for n in (2, 3, 4):
         row = ledger.claim_next(batch_id)
         assert row.row_number == n
         data = PNG + bytes([n]) * (3 << 20 if n == 2 else 10)  # row 2 spans several copy chunks
-        (images / f"{n}.png").write_bytes(data)
+        (images / names[n]).write_bytes(data)
         ledger.complete_row(row.row_key, {"prompt": f"=cmd|' /C calc'!A{n}", "seed": 2**64 - n, "steps": 28},
-                            image_path=f"{n}.png", image_sha256=hashlib.sha256(data).hexdigest())
+                            image_path=names[n], image_sha256=hashlib.sha256(data).hexdigest())
     failed = ledger.claim_next(batch_id)
     ledger.fail_row(failed.row_key, "failed", "CUDA out of memory after a tiled retry")
     yield ledger, batch_id, images
@@ -54,14 +54,14 @@ def read_csv(data: bytes):
 def test_zip_names_manifest_and_failed_rows(batch, tmp_path):
     ledger, batch_id, images = batch
     out = tmp_path / "batch.zip"
-    summary = write_batch_zip(ledger, batch_id, out, "{product_name}_{color}", image_root=images)
+    summary = write_batch_zip(ledger, batch_id, out, image_root=images)
     assert summary.problems == []
     archive = zipfile.ZipFile(out)
     assert archive.testzip() is None
     names = archive.namelist()
     assert summary.images == ["images/Cat_red.png", "images/cat_red_2.png", "images/_CON.png"]
     assert set(names) == set(summary.images) | {"manifest.csv", "manifest.json", "failed_rows.csv"}
-    assert archive.read("images/Cat_red.png") == (images / "2.png").read_bytes()
+    assert archive.read("images/Cat_red.png") == (images / "Cat_red.png").read_bytes()
     assert not list(tmp_path.glob(".batch.zip.*"))  # temp file renamed into place
 
     manifest = read_csv(archive.read("manifest.csv"))
@@ -90,20 +90,20 @@ def test_zip_names_manifest_and_failed_rows(batch, tmp_path):
 
 def test_streamed_zip_equals_a_readable_archive(batch):
     ledger, batch_id, images = batch
-    chunks = list(iter_zip_stream(ledger, batch_id, "{product_name}_{color}", image_root=images))
+    chunks = list(iter_zip_stream(ledger, batch_id, image_root=images))
     assert len(chunks) > 3 and max(len(c) for c in chunks) <= (1 << 20) + 4096  # never the whole batch at once
     archive = zipfile.ZipFile(io.BytesIO(b"".join(chunks)))
     assert archive.testzip() is None
-    assert archive.read("images/Cat_red.png") == (images / "2.png").read_bytes()
+    assert archive.read("images/Cat_red.png") == (images / "Cat_red.png").read_bytes()
     assert len(read_csv(archive.read("manifest.csv"))) == 5
 
 
 def test_zip_to_a_file_object_and_missing_or_changed_images_are_reported(batch):
     ledger, batch_id, images = batch
-    (images / "3.png").unlink()
-    (images / "4.png").write_bytes(PNG + b"tampered")
+    (images / "cat_red_2.png").unlink()
+    (images / "_CON.png").write_bytes(PNG + b"tampered")
     buffer = io.BytesIO()
-    summary = write_batch_zip(ledger, batch_id, buffer, "{product_name}", image_root=images)
+    summary = write_batch_zip(ledger, batch_id, buffer, image_root=images)
     assert any("row 3: image file missing" in p for p in summary.problems)
     assert any("row 4" in p and "sha256" in p for p in summary.problems)
     archive = zipfile.ZipFile(buffer)
@@ -112,15 +112,16 @@ def test_zip_to_a_file_object_and_missing_or_changed_images_are_reported(batch):
     assert "sha256 mismatch" in manifest["4"]["error"]
 
 
-def test_zip_names_come_from_the_shared_pattern_values(batch):
-    """The zip names a row's image from the same values the batch runner names its file from."""
+def test_files_of_several_folders_with_one_name_stay_apart_in_the_zip(batch, tmp_path):
     ledger, batch_id, images = batch
-    pattern = "{Product_Name}-{row}-{seed}-{batch_id}"
-    summary = write_batch_zip(ledger, batch_id, io.BytesIO(), pattern, image_root=images)
-    row = next(r for r in ledger.rows(batch_id) if r.row_number == 2)
-    expected = safe_filename(fill_filename_pattern(pattern, pattern_values(row.row_values, 2, batch_id, row.seed)),
-                             set())
-    assert summary.images[0] == f"images/{expected}" == f"images/Cat-2-{2**64 - 2}-{batch_id}.png"
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "Cat_red.png").write_bytes(PNG)
+    row = next(r for r in ledger.rows(batch_id) if r.row_number == 3)
+    ledger.conn.execute("UPDATE generations SET image_path = ?, images = NULL, image_sha256 = NULL WHERE row_key = ?",
+                        (str(other / "Cat_red.png"), row.row_key))
+    summary = write_batch_zip(ledger, batch_id, io.BytesIO(), image_root=images)
+    assert summary.images == ["images/Cat_red.png", "images/Cat_red_2.png", "images/_CON.png"]
 
 
 def test_neutralise_csv_cell():

@@ -4,6 +4,7 @@ batch must survive (bad rows, timeouts, out of memory, NaN output, cancel, kill 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -94,6 +95,25 @@ def test_batch_runs_every_row_records_it_and_zips(services_factory, tmp_path):
     names = zipfile.ZipFile(zip_path).namelist()
     assert {"manifest.csv", "manifest.json", "failed_rows.csv"} <= set(names)
     assert sum(n.endswith(".png") for n in names) == 3
+
+
+def test_zip_names_are_the_file_names_even_when_a_skipped_row_took_a_name_first(services_factory, tmp_path):
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", ["Item,red,minimal,9999,64,2", "Item,red,minimal,64,64,2",
+                                                 "item,red,minimal,64,64,2"])  # the first row is refused
+    prepared, summary = run_batch(services, sheet, batch_seed=7)
+    assert (summary.done, summary.skipped) == (2, 1)
+    on_disk = sorted(Path(r.image_path).name for r in services.ledger.rows(prepared.batch_id) if r.status == "done")
+    import zipfile
+
+    services.runner.write_zip(prepared.batch_id, tmp_path / "out.zip")
+    archive = zipfile.ZipFile(tmp_path / "out.zip")
+    in_zip = sorted(n.removeprefix("images/") for n in archive.namelist() if n.startswith("images/"))
+    assert in_zip == on_disk
+    manifest = json.loads(archive.read("manifest.json"))
+    for row in manifest["rows"]:
+        if row["status"] == "done":
+            assert row["files"] == ["images/" + Path(row["image_path"]).name]
 
 
 def test_seeds_are_derived_from_the_batch_seed_and_reproducible(services_factory, tmp_path):
