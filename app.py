@@ -93,50 +93,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_workflow(args: argparse.Namespace) -> int:
-    """The source article's `--prompt-file prompts.txt --workflow wf.json --output-dir ./out`."""
-    from tqdm import tqdm
+    """The source article's `--prompt-file prompts.txt --workflow wf.json`: a batch of one row per prompt
+    (or one row for the workflow as it is), recorded in the ledger, resumable like any batch."""
+    from engine.services import build_services
+    from engine.sheets import decode_text
 
-    from engine.prompts import replace_positive_prompt
-    from engine.runtime import Engine
-
-    settings = _settings_from(args)
-    engine = Engine(settings)
-    base = engine.parse(Path(args.workflow).read_text(encoding="utf-8-sig"))
-    engine.validate(base)
-    prompts = [None]
+    services = build_services(_settings_from(args))
+    runner = services.runner
+    workflow = decode_text(Path(args.workflow).read_bytes())[0]  # JSON text in any of the three formats
+    prompts = None
     if args.prompt_file:
-        lines = Path(args.prompt_file).read_text(encoding="utf-8-sig").splitlines()
-        prompts = [line.strip() for line in lines if line.strip()]
-    output_dir = settings.outputs_path
-    output_dir.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    with tqdm(total=len(prompts), unit="image", desc="workflow") as bar:
-        for number, prompt in enumerate(prompts, start=1):
-            workflow = base if prompt is None else replace_positive_prompt(base, prompt, engine.registry)
-            step_bar = tqdm(total=0, leave=False, unit="step", desc=f"  #{number}")
-
-            def on_progress(event: Any, step_bar: Any = step_bar) -> None:
-                if event.kind == "step":
-                    step_bar.total = event.maximum
-                    step_bar.n = event.value
-                    step_bar.refresh()
-
-            try:
-                result = engine.run(workflow, output_dir=output_dir, on_progress=on_progress, deadline_s=settings.row_timeout_s)
-                for image in result.images:
-                    tqdm.write(f"#{number}: {image.path}")
-            except EngineError as exc:
-                failures += 1
-                tqdm.write(f"#{number} failed: {exc.message}")
-            finally:
-                step_bar.close()
-            bar.update(1)
-    return 1 if failures else 0
+        lines = decode_text(Path(args.prompt_file).read_bytes())[0].splitlines()  # UTF-8, or GBK from Chinese Windows
+        prompts = {number: line.strip() for number, line in enumerate(lines, start=1) if line.strip()}
+    if args.resume and services.ledger.get_batch(args.resume) is None:
+        raise BatchError(f"no batch {args.resume!r} to resume", batch_id=args.resume)
+    batch_id = args.resume or runner.find_unfinished_workflow(workflow, prompts)
+    if batch_id and not args.resume:
+        print(f"resuming unfinished batch {batch_id} of the same workflow and prompts")
+    prepared = runner.prepare_workflow(workflow, prompts=prompts, prompts_name=args.prompt_file, user=args.user,
+                                       batch_id=batch_id)
+    runner.start(prepared)
+    return _run_prepared(args, runner, prepared, unit="prompt line" if prompts is not None else "row")
 
 
 def _run_batch(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from engine.services import build_services
     from engine.sheets import read_sheet
 
@@ -166,6 +146,13 @@ def _run_batch(args: argparse.Namespace) -> int:
     finally:
         if images is not None and not Path(args.images).is_dir():
             runner.discard_staging(images)  # a refused batch leaves no unpacked zip behind
+    return _run_prepared(args, runner, prepared)
+
+
+def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, unit: str = "row") -> int:
+    """Run a started batch with progress bars; Ctrl-C cancels between steps; the zip; the summary line."""
+    from tqdm import tqdm
+
     summary_before = runner.summary(prepared.batch_id)
     total = summary_before.total - summary_before.skipped
     bar = tqdm(total=total, initial=summary_before.done, unit="image", desc=prepared.batch_id)
@@ -179,10 +166,10 @@ def _run_batch(args: argparse.Namespace) -> int:
             step_bar.refresh()
         elif event.kind == "row_done":
             bar.update(1)
-            tqdm.write(f"row {event.row_number}: {event.image_path}")
+            tqdm.write(f"{unit} {event.row_number}: {event.image_path}")
         elif event.kind == "row_failed":
             bar.update(1)
-            tqdm.write(f"row {event.row_number} failed: {event.error}")
+            tqdm.write(f"{unit} {event.row_number} failed: {event.error}")
 
     zip_path = _zip_path(args.zip, prepared.batch_id, runner.output_dir(prepared.batch_id)) if args.zip else None
     with _ctrl_c_cancels(runner, prepared.batch_id):

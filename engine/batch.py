@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -179,7 +179,7 @@ class BatchRunner:
         if batch_id is not None:
             existing = self.ledger.get_batch(batch_id)
             if existing is not None:
-                self.ledger.ensure_same_inputs(batch_id, template.content_hash, fingerprint)
+                self.ledger.ensure_same_inputs(batch_id, template.content_hash, fingerprint, template_name=template.name)
                 resumed = True
                 batch_seed = int(existing["batch_seed"])
                 images = self._resumed_images(batch_id, images)
@@ -348,24 +348,68 @@ class BatchRunner:
 
     def prepare_workflow(
         self,
-        workflow: dict[str, Any],
+        workflow: dict[str, Any] | str,
         *,
         user: str | None = None,
         batch_id: str | None = None,
         png_extra: dict[str, Any] | None = None,
         kind: str = "workflow",
+        prompts: Mapping[int, str] | None = None,
+        prompts_name: str | None = None,
     ) -> PreparedBatch:
-        """A one-row batch from a ready workflow (ComfyUI's /prompt, the single-image form, a re-run)."""
+        """A batch from a ready workflow (ComfyUI's /prompt, the single-image form, a re-run): one row, or
+        with ``prompts`` (line number -> text, the source article's prompt file) one row per prompt, each
+        the workflow with that positive prompt, numbered by its line.
+
+        A ``batch_id`` already in the ledger resumes that batch when it was made from the same workflow and
+        prompts (BatchMismatch otherwise).
+        """
+        workflow_hash, inputs_hash, rows = self._workflow_rows(workflow, prompts, kind, png_extra, prompts_name)
+        batch_id = batch_id or f"{kind[:1]}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        resumed = self.ledger.get_batch(batch_id) is not None
+        if resumed:
+            self.ledger.ensure_same_inputs(batch_id, workflow_hash, inputs_hash, template_name=f"({kind})")
+        sheet = Sheet(columns=["prompt"] if prompts is not None else [], rows=[], filename=prompts_name or kind)
+        template = _WorkflowTemplate(name=f"({kind})", content_hash=workflow_hash, filename_pattern=f"{kind}_{{row}}")
+        report = ValidationReport(rows=[], missing_columns=[], unknown_columns=[])
+        return PreparedBatch(batch_id, template, sheet, report, 0, inputs_hash, rows, user, resumed)
+
+    def find_unfinished_workflow(
+        self, workflow: dict[str, Any] | str, prompts: Mapping[int, str] | None = None, kind: str = "workflow"
+    ) -> str | None:
+        """The id of an unfinished batch made from the same workflow and prompts (re-running resumes it)."""
+        workflow_hash, inputs_hash, _ = self._workflow_rows(workflow, prompts, kind, None, None)
+        for batch in self.unfinished_batches():
+            if batch["template_hash"] == workflow_hash and batch["sheet_hash"] == inputs_hash:
+                return batch["id"]
+        return None
+
+    def _workflow_rows(
+        self, workflow: dict[str, Any] | str, prompts: Mapping[int, str] | None, kind: str,
+        png_extra: dict[str, Any] | None, prompts_name: str | None,
+    ) -> tuple[str, str, list[dict[str, Any]]]:
+        """(hash of the workflow, hash of workflow + prompts, the ledger rows) of a workflow batch."""
+        from engine.prompts import replace_positive_prompt
+
         parsed = self.engine.parse(workflow)
         self.engine.validate(parsed)
         api = parsed.to_api()
-        batch_id = batch_id or f"{kind[:1]}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        values = {"workflow_kind": kind, **({"png_extra": png_extra} if png_extra else {})}
-        row = {"row_number": 1, "values": values, "workflow": api, "status": QUEUED, "error": None}
-        sheet = Sheet(columns=[], rows=[], filename=kind)
-        digest = hashlib.sha256(json.dumps(api, sort_keys=True).encode()).hexdigest()
-        template = _WorkflowTemplate(name=f"({kind})", content_hash=digest, filename_pattern=f"{kind}_{{row}}")
-        return PreparedBatch(batch_id, template, sheet, ValidationReport(rows=[], missing_columns=[], unknown_columns=[]), 0, digest, [row], user)
+        workflow_hash = hashlib.sha256(json.dumps(api, sort_keys=True).encode()).hexdigest()
+        extra = {"png_extra": png_extra} if png_extra else {}
+        if prompts is None:
+            row = {"row_number": 1, "values": {"workflow_kind": kind, **extra}, "workflow": api, "status": QUEUED,
+                   "error": None}
+            return workflow_hash, workflow_hash, [row]
+        if not prompts:
+            raise BatchError(f"the prompt file {prompts_name or ''} holds no prompts (one per line)".replace("  ", " "))
+        rows = [
+            {"row_number": line, "values": {"workflow_kind": kind, "prompt": text, **extra},
+             "workflow": replace_positive_prompt(parsed, text, self.engine.registry).to_api(),
+             "status": QUEUED, "error": None}
+            for line, text in sorted(prompts.items())
+        ]
+        inputs_hash = hashlib.sha256(json.dumps([workflow_hash, sorted(prompts.items())]).encode()).hexdigest()
+        return workflow_hash, inputs_hash, rows
 
     def find_unfinished(self, template_name: str, sheet: Sheet) -> str | None:
         """The id of an unfinished batch of the same template and sheet, so re-running a command resumes it."""

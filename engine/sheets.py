@@ -42,6 +42,7 @@ __all__ = [
     "RowReport",
     "ValidationReport",
     "read_sheet",
+    "decode_text",
     "validate_rows",
     "derive_seed",
     "coerce_cell",
@@ -282,7 +283,9 @@ def _check_extension(kind: str, ext: str, filename: str | None) -> None:
 # CSV -----------------------------------------------------------------------------------------------
 
 
-def _decode_text(data: bytes) -> tuple[str, str]:
+def decode_text(data: bytes) -> tuple[str, str]:
+    """(text, encoding) of a text file from a spreadsheet user: UTF-8 with or without BOM, UTF-16 with its
+    mark, else GB18030/GBK (what Chinese Excel and Notepad save); SheetError when none fits."""
     if data.startswith(b"\xef\xbb\xbf"):
         return data[3:].decode("utf-8", errors="strict"), "utf-8-sig"
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
@@ -320,7 +323,7 @@ def _sniff_delimiter(text: str) -> str:
 
 
 def _read_csv(data: bytes, limits: SheetLimits) -> Sheet:
-    text, encoding = _decode_text(data)
+    text, encoding = decode_text(data)
     delimiter = _sniff_delimiter(text)
     # strict: an unclosed quote is an error, not a cell that silently swallows every row after it
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)

@@ -435,11 +435,15 @@ class BatchLedger:
 
         self._write(update)
 
-    def ensure_same_inputs(self, batch_id: str, template_hash: str, sheet_hash: str) -> None:
+    def ensure_same_inputs(
+        self, batch_id: str, template_hash: str, sheet_hash: str, template_name: str | None = None
+    ) -> None:
         """Refuse to resume ``batch_id`` with a different template or spreadsheet (BatchMismatch)."""
         batch = self._require_batch(batch_id)
         changed = []
-        if batch["template_hash"] != template_hash:
+        if template_name is not None and template_name != batch["template_name"]:
+            changed.append(f"it was made with the template '{batch['template_name']}', not '{template_name}'")
+        elif batch["template_hash"] != template_hash:
             changed.append(
                 f"the template '{batch['template_name']}' changed (was {batch['template_hash'][:12]}, "
                 f"now {template_hash[:12]})"

@@ -52,12 +52,35 @@ def test_run_workflow_once_per_prompt_line(tmp_path):
         "--prompt-file", str(prompts), "--output-dir", str(out), cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    files = sorted(out.glob("*.png"))
+    files = sorted(out.rglob("*.png"))  # in the batch's folder, under the workflow's own SaveImage names
     assert [f.name for f in files] == ["ComfyUI_00001_.png", "ComfyUI_00002_.png"]
     for file, text in zip(files, ["a red jacket on a hanger", "a white boot, studio light"]):
         prompt = json.loads(Image.open(file).text["prompt"])
         assert any(n["inputs"].get("text") == text for n in prompt.values() if n["class_type"] == "CLIPTextEncode")
-        assert str(file) in result.stdout + result.stderr
+        assert file.name in result.stdout + result.stderr
+    # Recorded like any batch: one generation per prompt, numbered by its line (line 2 is blank)
+    assert ledger_statuses(tmp_path / "data") == {1: "done", 3: "done"}
+
+
+def test_a_prompt_file_run_killed_resumes_without_redoing_finished_prompts(tmp_path):
+    workflow = small_example(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("一只红色的杯子\na white boot\na green lamp\n".encode("gb18030"))  # Chinese Notepad
+    base = ["--data-dir", str(tmp_path / "data"), "run", "--workflow", str(workflow), "--prompt-file", str(prompts)]
+    first = app(*base, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / "ledger.db") as conn:
+        texts = [json.loads(v)["prompt"] for (v,) in conn.execute("SELECT row_values FROM generations ORDER BY row_number")]
+        assert texts == ["一只红色的杯子", "a white boot", "a green lamp"]
+        # as if the process had died after the first prompt: the others back to queued
+        conn.execute("UPDATE generations SET status = 'queued', image_path = NULL WHERE row_number > 1")
+        conn.execute("UPDATE batches SET status = 'running'")
+    resumed = app(*base, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming unfinished batch" in resumed.stdout
+    assert "prompt line 1:" not in resumed.stdout and "prompt line 2:" in resumed.stdout
 
 
 def test_validate_prints_every_problem_and_fails(tmp_path):
@@ -109,7 +132,7 @@ def test_demo_checkpoint_file_runs_through_the_single_file_loader(tmp_path):
         "run", "--workflow", str(path), cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
-    assert list((tmp_path / "data" / "outputs").glob("*.png"))
+    assert list((tmp_path / "data" / "outputs").rglob("*.png"))
 
 
 def test_token_and_users_commands(tmp_path):
