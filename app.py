@@ -40,7 +40,8 @@ def _settings_parent() -> argparse.ArgumentParser:
         flags = ["--" + spec.name.replace("_", "-"), *SETTING_ALIASES.get(spec.name, [])]
         text = spec.help.replace("%", "%%")  # argparse formats help with %: "40 %" would be a format code
         if spec.type is bool:
-            group.add_argument(*flags, dest=spec.name, action="store_const", const=True, default=argparse.SUPPRESS, help=text)
+            group.add_argument(*flags, dest=spec.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"{text} (default: {'on' if spec.default else 'off'})")
         else:
             default = repr(spec.default).replace("%", "%%")
             group.add_argument(*flags, dest=spec.name, type=spec.type, default=argparse.SUPPRESS, help=f"{text} (default: {default})")

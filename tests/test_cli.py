@@ -298,3 +298,13 @@ def test_templates_are_found_from_any_working_directory(tmp_path):
     assert listed.returncode == 0 and "product_shot" in listed.stdout
     missing = app("--templates-dir", str(tmp_path / "none"), "templates", cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_on_off_settings_can_be_turned_off_from_the_command_line():
+    sys.path.insert(0, str(ROOT))
+    import app as cli
+
+    parse = lambda *args: cli._settings_from(cli.build_parser().parse_args([*args, "templates"]))  # noqa: E731
+    assert parse("--no-compile").compile is False
+    assert parse("--compile").compile is True
+    assert parse().compile is True  # the default
