@@ -550,6 +550,19 @@ def test_list_filters_a_client_got_wrong_are_400_and_huge_offsets_find_nothing(b
         assert answer.status_code == 200 and answer.json() == [], path
 
 
+def test_only_the_owner_or_an_admin_cancels_or_resumes_a_batch(server, alice, bob):
+    rows = [{"product_name": "owned", "seed": 41, **SMALL}]
+    batch_id = bob.post("/api/batches", json={"template": "product_shot", "rows": rows}).json()["batch_id"]
+    carol = server.tokens.create("carol", "user")
+    with httpx.Client(base_url=server.url, headers=bearer(carol), timeout=60) as other:
+        assert other.get(f"/api/batches/{batch_id}").status_code == 200  # the team sees every batch
+        for action in ("cancel", "resume"):
+            refused = other.post(f"/api/batches/{batch_id}/{action}")
+            assert refused.status_code == 403 and error_of(refused)["details"]["reason"] == "not_owner", action
+    assert alice.post(f"/api/batches/{batch_id}/resume").status_code == 200  # an admin may
+    finished(server, batch_id)
+
+
 def test_batch_ids_that_file_routes_use_are_reserved(bob):
     answer = bob.post("/api/batches", json={"template": "product_shot", "batch_id": "zip",
                                              "rows": [{"product_name": "x", **SMALL}]})

@@ -300,3 +300,27 @@ def test_view_sends_anything_but_a_raster_image_as_a_download(server):
         assert view.headers["content-type"] == "application/octet-stream"
         assert view.headers["content-disposition"].startswith("attachment")
         assert view.headers["x-content-type-options"] == "nosniff"
+
+
+def test_another_user_can_neither_watch_nor_stop_a_prompt(server):
+    """Prompts belong to whoever queued them: another user's socket (even with the same client id) gets
+    none of its messages, and their /interrupt and /queue delete leave it alone."""
+    other = TokenIssuer.from_settings(server.services.settings).create("someone-else", "user")
+    long_prompt = example_prompt(steps=5000)
+    with connect(f"{server.ws_url}/ws?clientId=shared-id&token={other}") as intruder, \
+            connect(f"{server.ws_url}/ws?clientId=shared-id&token={server.token}") as owner:
+        json.loads(intruder.recv(timeout=10)), json.loads(owner.recv(timeout=10))  # greetings
+        long_id = server.http.post("/prompt", json={"prompt": long_prompt, "client_id": "shared-id"}).json()["prompt_id"]
+        while json.loads(owner.recv(timeout=60))["type"] != "progress":  # sampling has begun
+            pass
+        waiting_id = server.http.post("/prompt", json={"prompt": example_prompt()}).json()["prompt_id"]
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {other}"}, timeout=30) as them:
+            assert them.post("/interrupt", json={}).status_code == 200
+            assert them.post("/queue", json={"delete": [waiting_id]}).status_code == 200
+        assert server.services.queue.status(long_id).state == "running"
+        assert [item[1] for item in server.http.get("/queue").json()["queue_pending"]] == [waiting_id]
+        with pytest.raises(TimeoutError):
+            intruder.recv(timeout=1)  # nothing of the owner's prompt reached the other user
+        assert server.http.post("/interrupt", json={"prompt_id": long_id}).status_code == 200
+        assert "execution_interrupted" in [m["type"] for m in messages_until_done(owner, long_id)]
+    server.services.queue.wait(waiting_id, timeout=60)

@@ -321,13 +321,35 @@ def test_cancel_reports_what_happened(services, sheet_path):
         while services.queue.status(running).state != "running" and time.monotonic() < deadline:
             time.sleep(0.01)
         waiting = handlers.start_batch(services, second.prepared)
-        assert handlers.cancel_batch(services, waiting) == "removed_from_queue"
-        assert handlers.cancel_batch(services, running) == "cancelling"
+        assert handlers.cancel_batch(services, USER, waiting) == "removed_from_queue"
+        assert handlers.cancel_batch(services, USER, running) == "cancelling"
     finally:
         services.engine._run_lock.release()
     assert services.queue.wait(running, timeout=60).state == "cancelled"
-    assert handlers.cancel_batch(services, running) == "not_running"
-    assert handlers.cancel_batch(services, waiting) == "not_running"
+    assert handlers.cancel_batch(services, USER, running) == "not_running"
+    assert handlers.cancel_batch(services, USER, waiting) == "not_running"
+
+
+def test_only_whoever_started_a_batch_or_an_admin_stops_or_resumes_it(services, sheet_path):
+    from engine.errors import AccessDenied
+
+    started = handlers.check_sheet(services, USER, "turbo_draft", sheet_path)
+    services.engine._run_lock.acquire()  # keep it waiting in the queue
+    try:
+        batch_id = handlers.start_batch(services, started.prepared)
+        carol = Caller("carol", "user")
+        with pytest.raises(AccessDenied, match="started by bob: only they or an admin") as refused:
+            handlers.cancel_batch(services, carol, batch_id)
+        assert refused.value.status == 403
+        assert handlers.may_control(services, USER, batch_id) and handlers.may_control(services, ADMIN, batch_id)
+        assert handlers.cancel_batch(services, ADMIN, batch_id) in {"removed_from_queue", "cancelling"}
+    finally:
+        services.engine._run_lock.release()
+    services.queue.wait(batch_id, timeout=60)
+    with pytest.raises(AccessDenied):
+        handlers.resume_batch(services, carol, batch_id)
+    handlers.resume_batch(services, USER, batch_id)
+    assert services.queue.wait(batch_id, timeout=60).state == "done"
 
 
 def test_admin_saves_only_a_valid_template(services, tmp_path):

@@ -377,11 +377,12 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         """``state``: ``cancelling`` (running; stops between sampler steps), ``removed_from_queue`` (it had
         not started), or ``not_running`` (nothing to cancel here: finished, interrupted or run elsewhere)."""
         batch_status(services, batch_id, with_rows=False)
-        return {"batch_id": batch_id, "state": handlers.cancel_batch(services, batch_id)}
+        return {"batch_id": batch_id, "state": handlers.cancel_batch(services, caller, batch_id)}
 
     @router.post("/batches/{batch_id}/resume", summary="Run the rows of a batch that are not done")
     def resume_batch(batch_id: str, caller: Any = user) -> Any:
         batch_status(services, batch_id, with_rows=False)
+        handlers.check_may_control(services, caller, batch_id)
         progress = services.queue.submit(batch_id)
         return {"batch_id": batch_id, "state": progress.state}
 

@@ -25,6 +25,7 @@ from engine.batch import BatchEvent
 from engine.errors import AccessDenied, EngineError, WorkflowFormatError, WorkflowInvalid
 from engine.logs import log_context
 from engine.store import check_batch_id, row_key
+from webapp import handlers
 from webapp.files import file_response, resolve_inside
 from webapp.guard import ApiGuard, fastapi_dependency
 from webapp.ratelimit import UploadLimit
@@ -70,6 +71,7 @@ class ComfyBridge:
         self._lock = threading.Lock()
         self.prompts: OrderedDict[str, dict[str, Any]] = OrderedDict()  # prompt_id -> number, client, prompt
         self.sockets: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}  # client_id -> outboxes
+        self.socket_users: dict[asyncio.Queue[dict[str, Any]], str] = {}  # outbox -> the user who opened it
         self.loop: asyncio.AbstractEventLoop | None = None
         services.queue.listeners.append(self.on_batch_event)
 
@@ -224,8 +226,10 @@ class ComfyBridge:
         meta = self.prompts.get(event.batch_id)
         if meta is None or self.loop is None:
             return
+        batch = self.services.ledger.get_batch(event.batch_id)
+        owner = batch.get("user") if batch is not None else None
         for message in self._messages(event):
-            self._send(meta.get("client_id"), message)
+            self._send(meta.get("client_id"), message, owner)
 
     def _messages(self, event: BatchEvent) -> list[dict[str, Any]]:
         pid = event.batch_id
@@ -265,27 +269,33 @@ class ComfyBridge:
     def status_message(self) -> dict[str, Any]:
         return {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": self.queue_remaining()}}}}
 
-    def _send(self, client_id: str | None, message: dict[str, Any]) -> None:
-        """Queue ``message`` for the client's sockets (every socket when the prompt named no client)."""
+    def _send(self, client_id: str | None, message: dict[str, Any], owner: str | None = None) -> None:
+        """Queue ``message`` for the client's sockets (every socket when the prompt named no client), as
+        ComfyUI does, but only sockets opened by the prompt's ``owner``: another user never sees its progress,
+        whatever client id they connect with. A prompt without an owner (no sign-in) goes to everyone."""
         with self._lock:
             if client_id:
                 outboxes = list(self.sockets.get(client_id, ()))
             else:
                 outboxes = [box for boxes in self.sockets.values() for box in boxes]
+            if owner:
+                outboxes = [box for box in outboxes if self.socket_users.get(box) == owner]
         loop = self.loop
         if loop is None or loop.is_closed():
             return
         for outbox in outboxes:
             loop.call_soon_threadsafe(outbox.put_nowait, message)
 
-    def connect(self, client_id: str) -> asyncio.Queue[dict[str, Any]]:
+    def connect(self, client_id: str, user: str) -> asyncio.Queue[dict[str, Any]]:
         outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         with self._lock:
             self.sockets.setdefault(client_id, set()).add(outbox)
+            self.socket_users[outbox] = user
         return outbox
 
     def disconnect(self, client_id: str, outbox: asyncio.Queue[dict[str, Any]]) -> None:
         with self._lock:
+            self.socket_users.pop(outbox, None)
             boxes = self.sockets.get(client_id)
             if boxes is not None:
                 boxes.discard(outbox)
@@ -402,7 +412,8 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
             targets += [item[1] for item in bridge.queue_state()["queue_pending"]]
         pending = {item[1] for item in bridge.queue_state()["queue_pending"]}
         for prompt_id in targets:
-            if prompt_id in pending:  # ComfyUI deletes queued prompts only; running ones need /interrupt
+            # ComfyUI deletes queued prompts only (running ones need /interrupt); a user only their own
+            if prompt_id in pending and handlers.may_control(services, caller, prompt_id):
                 services.queue.cancel(prompt_id)
         return {}
 
@@ -414,7 +425,7 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
             body = {}
         wanted = body.get("prompt_id") if isinstance(body, dict) else None
         for prompt_id in bridge.running_ids():
-            if wanted is None or wanted == prompt_id:
+            if (wanted is None or wanted == prompt_id) and handlers.may_control(services, caller, prompt_id):
                 services.queue.cancel(prompt_id)
         return {}
 
@@ -466,14 +477,14 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
     @router.websocket("/ws")
     async def websocket(socket: WebSocket, clientId: str | None = None, token: str | None = None) -> None:  # noqa: N803
         try:
-            guard.identify(socket.headers.get("authorization"), token)
+            who = guard.identify(socket.headers.get("authorization"), token)
         except AccessDenied:
             await socket.close(code=4401)  # before accept: the handshake is refused
             return
         bridge.loop = asyncio.get_running_loop()
         client = clientId or uuid.uuid4().hex
         await socket.accept()
-        outbox = bridge.connect(client)
+        outbox = bridge.connect(client, who.name)
         greeting = bridge.status_message()
         greeting["data"]["sid"] = client
         await socket.send_json(greeting)

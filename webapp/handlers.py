@@ -263,18 +263,37 @@ def start_batch(services: Any, prepared: Any) -> str:
     return batch_id
 
 
-def cancel_batch(services: Any, batch_id: str) -> str:
+def may_control(services: Any, caller: Caller, batch_id: str) -> bool:
+    """Whether ``caller`` may stop or resume ``batch_id``: whoever started it, or an admin. Everyone signed
+    in may look at every batch (a team shares its production line); stopping another's work is for admins.
+    Batches started without a user (no sign-in configured) belong to everyone."""
+    batch = services.ledger.get_batch(batch_id)
+    owner = batch.get("user") if batch is not None else None
+    return caller.is_admin or not owner or owner == caller.name
+
+
+def check_may_control(services: Any, caller: Caller, batch_id: str) -> None:
+    """AccessDenied (403) unless :func:`may_control`."""
+    if not may_control(services, caller, batch_id):
+        owner = services.ledger.get_batch(batch_id)["user"]
+        raise AccessDenied(f"batch {batch_id} was started by {owner}: only they or an admin can stop or resume it",
+                           status=403, reason="not_owner", batch_id=batch_id)
+
+
+def cancel_batch(services: Any, caller: Caller, batch_id: str) -> str:
     """Cancel a batch; returns what happened: ``"cancelling"`` (running here: it stops between sampler
     steps), ``"removed_from_queue"`` (it had not started) or ``"not_running"`` (nothing to cancel here)."""
     if not batch_id:
         raise BatchError("no batch selected")
+    check_may_control(services, caller, batch_id)
     return services.queue.cancel(batch_id)
 
 
-def resume_batch(services: Any, batch_id: str) -> None:
+def resume_batch(services: Any, caller: Caller, batch_id: str) -> None:
     """Queue an interrupted batch again: the runner only runs the rows that are not done."""
     if not batch_id or services.ledger.get_batch(batch_id) is None:
         raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+    check_may_control(services, caller, batch_id)
     services.queue.submit(batch_id)
 
 

@@ -586,7 +586,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         @_guard
         def cancel(batch_id: str | None, request: gr.Request):
             lang = language_of_request(request)
-            handlers.cancel_batch(services, batch_id)
+            handlers.cancel_batch(services, caller(request), batch_id)
             gr.Info(text("batch.cancelled", lang, batch_id=batch_id))
 
         cancel_button.click(cancel, inputs=watched)
@@ -594,7 +594,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         @_guard
         def resume(batch_id: str | None, request: gr.Request):
             lang = language_of_request(request)
-            handlers.resume_batch(services, batch_id)
+            handlers.resume_batch(services, caller(request), batch_id)
             gr.Info(text("batch.resumed", lang, batch_id=batch_id))
             return (gr.update(choices=handlers.recent_batches(services), value=batch_id), batch_id,
                     *_interrupted_outputs(lang))
