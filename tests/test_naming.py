@@ -71,8 +71,10 @@ def test_pattern_is_filled_without_attribute_access():
 
 def test_pattern_values_are_the_cells_plus_row_seed_and_batch_id():
     values = pattern_values({"Product Name": "Neon", "productName": "Jacket", "seed": "cell"}, 7, "b-1", 2**64 - 1)
-    # Cells are matched as fields are matched to columns (case-folded); the built-in names win over cells.
-    assert values == {"product name": "Neon", "productname": "Jacket", "seed": 2**64 - 1, "row": 7,
+    # Cells are matched as fields are matched to columns (case-folded, inner spaces as "_"); the built-in
+    # names win over cells.
+    assert values == {"product_name": "Neon", "productname": "Jacket", "seed": 2**64 - 1, "row": 7,
                       "batch_id": "b-1"}
     assert fill_filename_pattern("{ProductName}_{row}_{batch_id}_{seed}", values) == f"Jacket_7_b-1_{2**64 - 1}"
+    assert fill_filename_pattern("{product_name}", values) == "Neon"
     assert pattern_values({}, 3, "b-2", None)["seed"] == ""  # no seed yet: empty, never "None"
