@@ -238,6 +238,24 @@ def test_source_article_example_validates():
     assert validate_workflow(wf, registry) == []
 
 
+@pytest.mark.parametrize("class_type", ["EmptySD3LatentImage", "EmptyLatentImage"])
+def test_a_size_sd3_cannot_sample_is_refused_before_anything_runs(class_type):
+    from engine.settings import DEMO_CHECKPOINT
+    from test_workflow_parse import SOURCE_ARTICLE_EXAMPLE
+
+    registry = real_registry()
+    wf = parse_workflow(SOURCE_ARTICLE_EXAMPLE, registry)
+    wf.nodes["1"].inputs["ckpt_name"] = DEMO_CHECKPOINT
+    latent = next(n for n in wf.nodes.values() if n.class_type in ("EmptySD3LatentImage", "EmptyLatentImage"))
+    latent.class_type = class_type
+    latent.inputs.update(width=72, height=1024)
+    problem = only(validate_workflow(wf, registry))
+    assert (problem.node_id, problem.type, problem.input_name) == (latent.id, "custom_validation_failed", "width")
+    assert problem.message == "width 72 is not a multiple of 16" and "use 64 or 80" in problem.details
+    latent.inputs.update(width=80)
+    assert validate_workflow(wf, registry) == []
+
+
 MODEL_FILE_INPUTS = {"ckpt_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name", "unet_name",
                      "control_net_name"}
 

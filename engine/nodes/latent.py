@@ -24,6 +24,24 @@ SD3_PLACEHOLDER_CHANNELS = 16
 SD15_PLACEHOLDER_CHANNELS = 4
 
 
+# SD3 models sample 2×2 patches of a latent at 1/8 of the pixel size: a side must be a multiple of 16 pixels.
+SD3_PIXEL_MULTIPLE = 16
+
+
+def size_problems(values: dict[str, Any]) -> list[tuple[str | None, str, str, str]]:
+    """Width or height that an SD3 model cannot sample, found before any row runs (not at sampling)."""
+    problems = []
+    for name in ("width", "height"):
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value % SD3_PIXEL_MULTIPLE:
+            lower = value - value % SD3_PIXEL_MULTIPLE
+            problems.append((name, "custom_validation_failed",
+                             f"{name} {value} is not a multiple of {SD3_PIXEL_MULTIPLE}",
+                             f"SD3 models work on {SD3_PIXEL_MULTIPLE}-pixel blocks: use {lower or SD3_PIXEL_MULTIPLE} "
+                             f"or {lower + SD3_PIXEL_MULTIPLE}"))
+    return problems
+
+
 def empty_latent(width: int, height: int, batch_size: int, channels: int) -> dict[str, Any]:
     """A zero latent in ComfyUI's placeholder layout, remembering the requested pixel size."""
     import torch
@@ -44,6 +62,10 @@ class EmptySD3LatentImage(NodeType):
     )
     outputs = (Output("LATENT"),)
 
+    @classmethod
+    def check(cls, values: dict[str, Any], ctx: "NodeContext | None") -> list[tuple[str | None, str, str, str]]:
+        return size_problems(values)
+
     def run(self, ctx: "NodeContext", width: int, height: int, batch_size: int = 1) -> tuple[Any]:
         return (empty_latent(width, height, batch_size, SD3_PLACEHOLDER_CHANNELS),)
 
@@ -57,6 +79,10 @@ class EmptyLatentImage(NodeType):
         Input("batch_size", "INT", default=1, min=1, max=4096),
     )
     outputs = (Output("LATENT"),)
+
+    @classmethod
+    def check(cls, values: dict[str, Any], ctx: "NodeContext | None") -> list[tuple[str | None, str, str, str]]:
+        return size_problems(values)  # ComfyUI allows steps of 8; the SD3 models this engine runs need 16
 
     def run(self, ctx: "NodeContext", width: int, height: int, batch_size: int = 1) -> tuple[Any]:
         return (empty_latent(width, height, batch_size, SD15_PLACEHOLDER_CHANNELS),)
