@@ -154,12 +154,22 @@ def test_batch_runs_in_the_background_and_is_searchable(services, sheet_path):
     assert (view.done, view.failed, view.remaining) == (2, 0, 0)
     assert view.finished and len(view.images) == 2
     assert all(Path(p).is_file() for p in view.images)
+    # The gallery holds the newest images; the count says how many there are, so the page redraws it
+    newest = handlers.batch_view(services, f" {batch_id} ", max_images=1)  # a pasted id with spaces
+    assert newest.images == view.images[-1:] and newest.image_count == view.image_count == 2
+    with pytest.raises(BatchError, match="No batch nope in the ledger"):
+        handlers.batch_view(services, "nope")
 
-    header, rows = handlers.search_history(services, batch_id=batch_id)
-    assert header[0] == EN["col.row_key"]
-    assert {row[2] for row in rows} == {"done", "skipped"}
-    header, rows = handlers.search_history(services, text_query="blue mug", lang="zh")
+    found = handlers.search_history(services, batch_id=batch_id)
+    assert found.header[0] == EN["col.row_key"]
+    assert {row[2] for row in found.rows} == {"done", "skipped"}
+    rows = handlers.search_history(services, text_query="blue mug", lang="zh").rows
     assert [row[1:3] for row in rows] == [[3, ZH["status.done"]]]
+    # Pages: every row once, in order, and each page says whether another follows
+    everything = handlers.search_history(services, batch_id=batch_id).rows
+    first, second = (handlers.search_history(services, batch_id=batch_id, page=p, limit=1) for p in (1, 2))
+    assert first.rows + second.rows == everything[:2] and first.more and "page 2" in first.note
+    assert not handlers.search_history(services, batch_id=batch_id, page=len(everything), limit=1).more
 
     detail = handlers.generation_detail(services, rows[0][0])
     assert detail["row_values"]["prompt"] == "a blue mug"

@@ -230,7 +230,10 @@ def check_sheet(
         ok += good
         bad += not good
         table.append([row["row_number"], text("report.ok" if good else "report.problem", lang), row["error"] or ""])
-    summary = " ".join([text("batch.report_summary", lang, ok=ok, bad=bad), *prepared.report.notes])
+    notes = list(prepared.report.notes)
+    if prepared.report.unknown_columns:  # a misspelt column would otherwise quietly take the default
+        notes.append(text("batch.unused_columns", lang, columns=", ".join(prepared.report.unknown_columns)))
+    summary = " ".join([text("batch.report_summary", lang, ok=ok, bad=bad), *notes])
     startable = prepared.runnable > 0 and (on_invalid == "skip" or bad == 0)
     if bad and on_invalid == "stop":
         summary += " " + text("batch.report_blocked", lang, bad=bad)
@@ -291,7 +294,9 @@ def cancel_batch(services: Any, caller: Caller, batch_id: str) -> str:
 
 def resume_batch(services: Any, caller: Caller, batch_id: str) -> None:
     """Queue an interrupted batch again: the runner only runs the rows that are not done."""
-    if not batch_id or services.ledger.get_batch(batch_id) is None:
+    if not batch_id:
+        raise BatchError("no batch selected")
+    if services.ledger.get_batch(batch_id) is None:
         raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
     check_may_control(services, caller, batch_id)
     services.queue.submit(batch_id)
@@ -345,7 +350,7 @@ class BatchView:
     status_line: str
     step_line: str
     step_fraction: float
-    images: list[str]  # image paths under the outputs folder, oldest first
+    images: list[str]  # the newest image paths under the outputs folder (at most max_images), oldest first
     finished: bool
     references: dict[str, list[str]] = field(default_factory=dict)  # image path -> the row's product photos
     done: int = 0
@@ -353,13 +358,15 @@ class BatchView:
     remaining: int = 0
     error: str | None = None
     warming_up: bool = False  # the model is loading: a running batch waits for it
+    image_count: int = 0  # every image the batch has made so far (``images`` holds the newest of them)
 
 
 def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int = 48) -> BatchView:
     """Progress of ``batch_id``: live while this process runs it, from the ledger otherwise."""
+    batch_id = (batch_id or "").strip()  # a pasted id often carries a space
     batch = services.ledger.get_batch(batch_id)
     if batch is None:
-        raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+        raise BatchError(text("batch.unknown", lang, batch_id=batch_id), batch_id=batch_id)
     progress = services.queue.status(batch_id)
     rows = services.ledger.rows(batch_id)
     counts: dict[str, int] = {}
@@ -413,6 +420,7 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
         remaining=remaining,
         error=error,
         warming_up=is_warming_up(services),
+        image_count=len(images),
     )
 
 
@@ -563,18 +571,23 @@ def search_history(
     date_from: str = "",
     date_to: str = "",
     lang: str = "en",
+    page: int = 1,
     limit: int = 200,
-) -> tuple[list[str], list[list[Any]]]:
-    """Search the ledger; returns ``(header, rows)`` for the history table, newest first."""
+) -> "HistoryPage":
+    """One page (``limit`` rows, 1-based ``page``) of a ledger search for the history table, newest first."""
     since, until = parse_day(date_from, lang), parse_day(date_to, lang)
+    page = max(1, int(page or 1))
     found = services.ledger.search(
         text=text_query.strip() or None,
         batch_id=batch_id.strip() or None,
         status=status or None,
         date_from=since.isoformat() if since else None,
         date_to=until.isoformat() if until else None,
-        limit=limit,
+        limit=limit + 1,  # one more tells whether a next page exists
+        offset=(page - 1) * limit,
     )
+    more = len(found) > limit
+    found = found[:limit]
     header = [text(f"col.{name}", lang) for name in HISTORY_COLUMNS]
     rows = [
         [
@@ -589,7 +602,22 @@ def search_history(
         ]
         for row in found
     ]
-    return header, rows
+    first = (page - 1) * limit + 1
+    note = text("history.page", lang, first=first, last=first + len(rows) - 1, page=page) if rows else ""
+    if more:
+        note += " " + text("history.more", lang, next=page + 1)
+    return HistoryPage(header, rows, page, more, note)
+
+
+@dataclass
+class HistoryPage:
+    """One page of the history table and what to say about its place in the results."""
+
+    header: list[str]
+    rows: list[list[Any]]
+    page: int
+    more: bool  # another page follows
+    note: str  # "rows 201-400; more on page 3"
 
 
 PARAMETER_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "scheduler", "denoise",
@@ -849,6 +877,7 @@ __all__ = [
     "save_template",
     "save_uploaded_template",
     "search_history",
+    "HistoryPage",
     "stage_single_photos",
     "start_batch",
     "status_label",

@@ -22,7 +22,7 @@ from typing import Any
 
 import gradio as gr
 
-from engine.errors import EngineError
+from engine.errors import BatchError, EngineError
 from webapp import handlers
 from webapp.i18n import gradio_i18n, language_of_request, text
 from webapp.files import file_url, zip_url
@@ -224,7 +224,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         return handlers.caller_for(users, getattr(request, "username", None), language_of_request(request))
 
     with gr.Blocks(title="SD3.5 batch images", analytics_enabled=False) as ui:
-        header = gr.Markdown(elem_id="app-header")
+        header = gr.HTML(elem_id="app-header", **PLAIN)
         demo_banner = gr.HTML(visible=False, elem_id="demo-banner", **PLAIN)
 
         with gr.Tabs():
@@ -250,8 +250,8 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                         with gr.Row():
                             on_invalid = gr.Radio(
                                 choices=[(L("batch.on_invalid.skip"), "skip"), (L("batch.on_invalid.stop"), "stop")],
-                                value="skip", label=L("batch.on_invalid"), scale=3)
-                            batch_seed = gr.Textbox(label=L("batch.seed"), value="", scale=2)
+                                value="skip", label=L("batch.on_invalid"), scale=3, elem_id="on-invalid")
+                            batch_seed = gr.Textbox(label=L("batch.seed"), value="", scale=2, elem_id="batch-seed")
                         check_button = gr.Button(L("batch.check"), variant="secondary")
                         report_summary = gr.Markdown(elem_id="report-summary")
                         report_table = gr.HTML(elem_id="validation-report", **PLAIN)
@@ -327,7 +327,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                     single_params = gr.HTML(elem_id="single-parameters", **PLAIN)
 
             # ----------------------------------------------------------------------------- history
-            with gr.Tab(L("tab.history"), id="history"):
+            with gr.Tab(L("tab.history"), id="history") as history_tab:
                 with gr.Row():
                     history_text = gr.Textbox(label=L("history.text"), scale=3, elem_id="history-text")
                     history_batch = gr.Textbox(label=L("history.batch"), scale=2, elem_id="history-batch")
@@ -337,7 +337,11 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                                               placeholder="2026-01-31")
                     history_to = gr.Textbox(label=L("history.date_to"), scale=1, min_width=170,
                                             placeholder="2026-12-31")
-                history_search = gr.Button(L("history.search"), variant="primary", elem_id="history-search")
+                with gr.Row():
+                    history_search = gr.Button(L("history.search"), variant="primary", elem_id="history-search",
+                                               scale=4)
+                    history_page = gr.Number(label=L("history.page_number"), value=1, minimum=1, precision=0,
+                                             scale=1, min_width=100, elem_id="history-page")
                 history_table = gr.Dataframe(label=L("history.results"), interactive=False, wrap=True,
                                              max_height=360, elem_id="history-table",
                                              column_widths=["21%", "5%", "8%", "24%", "8%", "11%", "7%", "16%"])
@@ -387,11 +391,12 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             who, lang = caller(request), language_of_request(request)
             if users is not None and users.configured:
                 role = text(f"role.{who.role}", lang)
-                head = text("app.signed_in", lang, user=who.name, role=role)
-                head += f" [{text('app.sign_out', lang)}](/logout)"
+                head = html.escape(text("app.signed_in", lang, user=who.name, role=role))
+                # In this tab (Markdown links open a new one, leaving this tab signed in on screen only)
+                head += f' <a href="/logout" target="_self">{html.escape(text("app.sign_out", lang))}</a>'
             else:
-                head = text("app.no_users", lang)
-            title = f"## {text('app.title', lang)}\n{head}"
+                head = html.escape(text("app.no_users", lang))
+            title = f"<h2>{html.escape(text('app.title', lang))}</h2><p>{head}</p>"
             banner = gr.update(
                 value=f'<div class="demo-banner" role="note">{_badge(text("app.demo_badge", lang), "demo")} '
                       f'{html.escape(text("app.demo_model", lang))}</div>',
@@ -468,14 +473,20 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         batch_template_outputs = [batch_template_desc, batch_template_image, batch_fields, photos_hint, photos_file]
         ui.load(show_batch_template, inputs=batch_template, outputs=batch_template_outputs)
 
-        @_guard
         def check(template_name, path, mode, seed, photos, request: gr.Request):
             who, lang = caller(request), language_of_request(request)
             if not path:
                 return None, text("batch.nothing_prepared", lang), "", gr.update(interactive=False)
-            seed = handlers.parse_seed(seed)
-            result = handlers.check_sheet(
-                services, who, template_name, path, on_invalid=mode, batch_seed=seed, lang=lang, images_path=photos)
+            try:
+                seed = handlers.parse_seed(seed)
+                result = handlers.check_sheet(
+                    services, who, template_name, path, on_invalid=mode, batch_seed=seed, lang=lang,
+                    images_path=photos)
+            except EngineError as exc:
+                # Whatever an earlier check prepared is gone: Start never runs a sheet other than the one shown.
+                message = handlers.error_message(exc)
+                gr.Warning(message)
+                return None, f"⚠ {message}", "", gr.update(interactive=False)
             ok_label = text("report.ok", lang)
             rows = [[number, _badge(status, "ok" if status == ok_label else "problem"), problems]
                     for number, status, problems in result.rows]
@@ -487,11 +498,18 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         check_button.click(check, inputs=check_inputs, outputs=check_outputs)
         sheet_file.upload(check, inputs=check_inputs, outputs=check_outputs)
         photos_file.upload(check, inputs=check_inputs, outputs=check_outputs)
+        photos_file.clear(check, inputs=check_inputs, outputs=check_outputs)  # the rows may now lack photos
+        on_invalid.change(check, inputs=check_inputs, outputs=check_outputs)
 
         def clear_report():
             return None, "", "", gr.update(interactive=False)
 
+        def seed_changed(request: gr.Request):
+            # Checked on every keystroke would be wasteful; Start waits for the next check instead.
+            return None, text("batch.recheck", language_of_request(request)), "", gr.update(interactive=False)
+
         sheet_file.clear(clear_report, outputs=check_outputs)
+        batch_seed.change(seed_changed, outputs=check_outputs)
 
         def switch_batch_template(name: str | None, request: gr.Request):
             # One event for both: a report checked against the previous template must never survive the
@@ -535,7 +553,10 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                 url, name = file_url(outputs, path), html.escape(Path(path).name)
                 items.append(f'<a href="{url}" target="_blank" title="{name}"><img src="{url}" alt="{name}" '
                              'loading="lazy"></a>')
-            caption = html.escape(f"{text('batch.gallery', lang)} ({len(view.images)})")
+            if view.image_count > len(view.images):
+                caption = html.escape(text("batch.gallery_newest", lang, count=view.image_count, shown=len(view.images)))
+            else:
+                caption = html.escape(f"{text('batch.gallery', lang)} ({len(view.images)})")
             return f'<p class="caption">{caption}</p><div class="thumbs">{"".join(items)}</div>'
 
         @_guard
@@ -546,8 +567,13 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             if not batch_id:
                 return ("", "", "", "", gr.update(visible=False), -1, notice, (None, warming),
                         gr.skip(), gr.skip())
-            view = handlers.batch_view(services, batch_id, lang)
-            gallery_update = gallery_html(view, lang) if len(view.images) != shown else gr.skip()
+            try:
+                view = handlers.batch_view(services, batch_id, lang)
+            except BatchError as exc:  # an id typed or pasted that is no batch: say so once, in place
+                return (exc.message, "", "", "", gr.update(visible=False), -1, notice, (None, warming),
+                        gr.skip(), gr.skip())
+            # Redrawn whenever the batch made another image (the gallery holds only the newest ones)
+            gallery_update = gallery_html(view, lang) if view.image_count != shown else gr.skip()
             line = view.status_line + (f"\n\n⚠ {view.error}" if view.error else "")
             # The interrupted list changes when the watched batch starts or stops: re-read it only then.
             state = (view.state, warming)
@@ -559,7 +585,7 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
                 gallery_update,
                 _download_link(batch_id, text("batch.download", lang)) if view.finished and view.done else "",
                 gr.update(visible=not view.finished),
-                len(view.images),
+                view.image_count,
                 notice,
                 state,
                 *interrupted,
@@ -586,8 +612,9 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
         @_guard
         def cancel(batch_id: str | None, request: gr.Request):
             lang = language_of_request(request)
-            handlers.cancel_batch(services, caller(request), batch_id)
-            gr.Info(text("batch.cancelled", lang, batch_id=batch_id))
+            state = handlers.cancel_batch(services, caller(request), batch_id)
+            key = "batch.removed_from_queue" if state == "removed_from_queue" else "batch.cancelled"
+            gr.Info(text(key, lang, batch_id=batch_id))
 
         cancel_button.click(cancel, inputs=watched)
 
@@ -603,17 +630,25 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
 
         # history
         @_guard
-        def search(query, batch_id, status, since, until, request: gr.Request):
+        def search(query, batch_id, status, since, until, page, request: gr.Request):
             lang = language_of_request(request)
-            header, rows = handlers.search_history(
+            found = handlers.search_history(
                 services, text_query=query or "", batch_id=batch_id or "", status=status or "",
-                date_from=since or "", date_to=until or "", lang=lang,
+                date_from=since or "", date_to=until or "", lang=lang, page=int(page or 1),
             )
-            return {"headers": header, "data": rows}, text("history.select_hint", lang) if rows else ""
+            hint = " ".join(filter(None, [found.note, text("history.select_hint", lang) if found.rows else ""]))
+            return {"headers": found.header, "data": found.rows}, hint
+
+        def search_first_page(query, batch_id, status, since, until, request: gr.Request):
+            return (*search(query, batch_id, status, since, until, 1, request), 1)
 
         history_filters = [history_text, history_batch, history_status, history_from, history_to]
-        history_search.click(search, inputs=history_filters, outputs=[history_table, history_hint])
-        ui.load(search, inputs=history_filters, outputs=[history_table, history_hint])  # the newest first
+        history_outputs = [history_table, history_hint]
+        history_search.click(search_first_page, inputs=history_filters, outputs=[*history_outputs, history_page])
+        history_page.submit(search, inputs=[*history_filters, history_page], outputs=history_outputs)
+        # Opening the tab shows what was made since the page loaded
+        history_tab.select(search, inputs=[*history_filters, history_page], outputs=history_outputs)
+        ui.load(search_first_page, inputs=history_filters, outputs=[*history_outputs, history_page])
 
         @_guard
         def select_generation(table, evt: gr.SelectData, request: gr.Request):

@@ -323,3 +323,34 @@ def test_chinese_browser_gets_chinese_labels(app_server, new_page, screenshot, t
         screenshot(page, name)
     page.locator("#model-line").get_by_text("演示模型").wait_for()
     assert "当前模型" in page.locator("#system-info").inner_text()
+
+
+def test_start_never_runs_a_check_the_page_no_longer_shows(app_server, new_page, screenshot, tmp_path):
+    base_url, services = app_server
+    page = new_page()
+    log_in(page, base_url, "bob", "bob-pass")
+    sign_out = page.locator("#app-header a", has_text="Sign out")
+    sign_out.wait_for()
+    assert sign_out.get_attribute("target") == "_self"  # signs this tab out, not a new one
+
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text(SHEET, encoding="utf-8")
+    upload_sheet(page, sheet)
+    start = page.locator("#start-batch")
+    page.get_by_text("2 rows ready, 1 rows with problems").wait_for()
+    assert start.is_enabled()
+
+    page.locator("#on-invalid").get_by_text("Do not start").click()  # checked again at once: now blocked
+    page.get_by_text("stop on problems").wait_for()
+    page.wait_for_function("() => document.querySelector('#start-batch').disabled")
+    page.locator("#on-invalid").get_by_text("Skip").click()
+    page.wait_for_function("() => !document.querySelector('#start-batch').disabled")
+
+    page.locator("#batch-seed textarea, #batch-seed input").first.fill("7")  # a new seed needs a new check
+    page.get_by_text("check the spreadsheet again").wait_for()
+    assert not start.is_enabled()
+    page.locator("#batch-seed textarea, #batch-seed input").first.fill("not-a-seed")
+    page.get_by_role("button", name="Check spreadsheet").click()
+    page.locator("#report-summary").get_by_text("⚠").wait_for()  # the failed check leaves nothing to start
+    assert not start.is_enabled()
+    screenshot(page, "batch-stale-check")
