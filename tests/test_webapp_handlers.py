@@ -454,6 +454,28 @@ def test_listen_address_keeps_an_unprotected_app_on_localhost(settings):
     assert listen_address(open_settings, UserStore([]), environ={"SPACE_ID": "x/y"})[0] == "0.0.0.0"
 
 
+def test_a_public_space_without_users_serves_everyone_as_an_ordinary_user(settings, demo_engine, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from webapp.server import create_app
+
+    monkeypatch.setenv("SPACE_ID", "team/batch-studio")
+    app, services = create_app(settings, demo_engine, users=UserStore([]))
+    with TestClient(app) as visitor:
+        assert visitor.get("/api/templates").status_code == 200  # the app works for whoever reaches it
+        refused = visitor.post("/api/system/free")
+        assert refused.status_code == 403 and refused.json()["error"]["details"]["action"] == "switch_model"
+    anyone = handlers.caller_for(UserStore([]), None, anonymous_role="user")
+    assert not anyone.is_admin
+    with pytest.raises(AccessDenied):
+        handlers.require_admin(anyone, "upload_template")
+    assert "public" in EN["app.public_no_users"] and ZH["app.public_no_users"]
+    monkeypatch.delenv("SPACE_ID")
+    app, services = create_app(settings, demo_engine, users=UserStore([]))  # a workstation: localhost's owner
+    with TestClient(app) as owner:
+        assert owner.post("/api/system/free").status_code == 200
+
+
 @pytest.fixture
 def client(settings, demo_engine, tmp_path):
     from fastapi.testclient import TestClient

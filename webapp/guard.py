@@ -44,6 +44,10 @@ class ApiGuard:
         self.tokens = tokens
         self.limiter = limiter
         self.revocations = revocations
+        # Who an unauthenticated caller is when no auth is configured: the workstation's owner (admin) on
+        # localhost; an ordinary user where the app is public without users (a Space), so that nobody who
+        # merely reaches it may switch models or upload templates.
+        self.anonymous_role = ADMIN
 
     @property
     def auth_required(self) -> bool:
@@ -61,7 +65,7 @@ class ApiGuard:
         signing key (API-only deployments) the token's name and role are all there is.
         """
         if not self.auth_required:
-            return Caller(LOCAL_USER, ADMIN)
+            return Caller(LOCAL_USER, self.anonymous_role)
         if self.tokens is None:
             raise AccessDenied(
                 "API access needs a token, and no token signing key is configured (set SD35_JWT_SECRET)",

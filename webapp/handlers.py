@@ -32,14 +32,15 @@ LEDGER_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped"
 # --------------------------------------------------------------------------------------------- caller
 
 
-def caller_for(users: Any, username: str | None, lang: str = "en") -> Caller:
+def caller_for(users: Any, username: str | None, lang: str = "en", anonymous_role: str = ADMIN) -> Caller:
     """The caller behind a browser request: the signed-in user with their role.
 
-    Without users the app listens on localhost only (see ``webapp.server.listen_address``), so the one
-    local person owns the workstation and acts as the local admin, as on the JSON API.
+    Without users a workstation listens on localhost only (see ``webapp.server.listen_address``), so the
+    one local person owns it and acts as the local admin, as on the JSON API; a public app without users
+    (a Space) passes ``anonymous_role`` "user".
     """
     if users is None or not users.configured:
-        return Caller(LOCAL_USER, ADMIN)
+        return Caller(LOCAL_USER, anonymous_role)
     user = users.get(username) if username else None
     if user is None:
         raise AccessDenied(text("error.login_required", lang), status=401, reason="not_authenticated")

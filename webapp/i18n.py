@@ -19,10 +19,11 @@ LANGUAGES = ("en", "zh")
 EN: dict[str, str] = {
     # page frame
     "app.title": "SD3.5 batch images",
-    "app.signed_in": "Signed in as **{user}** ({role}).",
+    "app.signed_in": "Signed in as {user} ({role}).",
     "app.sign_out": "Sign out",
     "app.no_users": "No users are configured: the app listens on this computer only (localhost). "
     "Add a users file to share it on the network.",
+    "app.public_no_users": "No users are configured and this app is public: everyone uses it without signing in, and admin actions (template upload, model switch) are off. Configure users (SD35_USERS) to sign in.",
     "app.demo_model": "Demo model in use: images are placeholders from a tiny built-in model, not real renders.",
     "app.demo_badge": "Demo model",
     "app.warming_up": "Warming up the model… Batches submitted now wait their turn and start as soon as it is ready.",
@@ -219,9 +220,10 @@ EN: dict[str, str] = {
 
 ZH: dict[str, str] = {
     "app.title": "SD3.5 批量出图",
-    "app.signed_in": "已登录：**{user}**（{role}）。",
+    "app.signed_in": "已登录：{user}（{role}）。",
     "app.sign_out": "退出登录",
     "app.no_users": "未配置用户：本应用仅在本机（localhost）监听。添加用户文件后即可在网络上共享。",
+    "app.public_no_users": "未配置用户且本应用是公开的：任何人无需登录即可使用，管理员操作（上传模板、切换模型）已关闭。配置用户（SD35_USERS）后即可登录。",
     "app.demo_model": "正在使用演示模型：图片来自内置的微型模型，仅作占位，并非真实渲染。",
     "app.demo_badge": "演示模型",
     "app.warming_up": "模型预热中…… 现在提交的批次会排队等候，模型就绪后立即开始。",

@@ -40,7 +40,7 @@ from engine.logs import configure_logging
 from engine.runtime import import_model_libraries
 from engine.settings import Settings
 from engine.store import row_key
-from webapp.auth import TokenIssuer, User, UserStore, load_users
+from webapp.auth import USER, TokenIssuer, User, UserStore, load_users
 from webapp.files import file_response, resolve_inside
 from webapp.guard import ApiGuard, RateLimited
 from webapp.i18n import gradio_i18n, language_of_request, text
@@ -184,6 +184,12 @@ class BatchMetrics:
             self.metrics.observe_model_load(entry["name"], float(entry["load_seconds"]))
 
 
+def public_without_users(users: UserStore, environ: Mapping[str, str] | None = None) -> bool:
+    """A Hugging Face Space (``SPACE_ID``) serves whoever reaches it; without users nobody signs in."""
+    env = os.environ if environ is None else environ
+    return not users.configured and bool(env.get("SPACE_ID"))
+
+
 def listen_address(settings: Settings, users: UserStore, environ: Mapping[str, str] | None = None) -> tuple[str, int, str | None]:
     """``(host, port, note)``. Without users, a workstation listens on localhost only (``note`` says so).
 
@@ -232,6 +238,9 @@ button {{ margin-top: 1.2rem; width: 100%; padding: .6rem; font-size: 1rem; bord
 </form></main></body></html>"""
 
 
+WARM_UP_JOIN_S = 120.0  # how long shutting down waits for a warm-up still running
+
+
 def start_warm_up(engine: Any) -> threading.Thread:
     """Load the default model and sample one step on a background thread, so start-up does not wait for it
     and the first user's row does not pay for it.
@@ -278,6 +287,11 @@ def create_app(
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
     guard = api_guard(settings, users, services.ledger)
+    if public_without_users(users):
+        guard.anonymous_role = USER
+        log.warning("no users are configured and this app is public (a Space): everyone uses it without "
+                    "signing in, as an ordinary user; admin actions are off until users are configured "
+                    "(SD35_USERS or SD35_USERS_FILE)")
     auth = WebAuth(users, session_issuer(settings), guard.revocations or TokenRevocations(services.ledger))
     upload_limit = UploadLimit.from_megabytes(settings.max_upload_mb)
     metrics = Metrics()
@@ -289,10 +303,14 @@ def create_app(
     async def lifespan(_app):
         import_model_libraries()  # before any thread of ours imports them (see its docstring)
         services.queue.start()
-        start_warm_up(services.engine)
+        # A coordinator (rows go to GPU workers over the broker) never samples: nothing to warm up.
+        warming = None if settings.broker else start_warm_up(services.engine)
         try:
             yield
         finally:
+            if warming is not None:
+                # A process must not exit while the warm-up is inside torch (the runtime aborts).
+                warming.join(timeout=WARM_UP_JOIN_S)
             services.close()
 
     app = FastAPI(title="SD3.5 batch images", docs_url=None, redoc_url=None, lifespan=lifespan)
@@ -386,7 +404,7 @@ def create_app(
     app.add_middleware(UploadLimitMiddleware, limit=upload_limit)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
 
-    blocks = build_ui(services, settings, users=users)
+    blocks = build_ui(services, settings, users=users, anonymous_role=guard.anonymous_role)
     gr.mount_gradio_app(
         app,
         blocks,

@@ -212,8 +212,9 @@ def _field_widget(spec: Any, checkpoints: list[str], template_name: str) -> gr.c
     return gr.Textbox(value=spec.default, placeholder=example, lines=3 if spec.type == "text" else 1, **common)
 
 
-def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
-    """The web app's Blocks. ``users`` (a UserStore) decides login and roles; None means no users."""
+def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: str = "admin") -> gr.Blocks:
+    """The web app's Blocks. ``users`` (a UserStore) decides login and roles; None means no users, and
+    then everyone acts with ``anonymous_role`` (admin on a localhost workstation, user on a public Space)."""
     L = gradio_i18n()
     outputs = settings.outputs_path
     names = handlers.template_names(services)
@@ -221,7 +222,8 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
     status_choices = [(L("history.any_status"), ""), *[(L(f"status.{s}"), s) for s in handlers.LEDGER_STATUSES]]
 
     def caller(request: gr.Request) -> handlers.Caller:
-        return handlers.caller_for(users, getattr(request, "username", None), language_of_request(request))
+        return handlers.caller_for(users, getattr(request, "username", None), language_of_request(request),
+                                   anonymous_role)
 
     with gr.Blocks(title="SD3.5 batch images", analytics_enabled=False) as ui:
         header = gr.HTML(elem_id="app-header", **PLAIN)
@@ -391,9 +393,12 @@ def build_ui(services: Any, settings: Any, users: Any = None) -> gr.Blocks:
             who, lang = caller(request), language_of_request(request)
             if users is not None and users.configured:
                 role = text(f"role.{who.role}", lang)
-                head = html.escape(text("app.signed_in", lang, user=who.name, role=role))
+                head = html.escape(text("app.signed_in", lang, user="{user}", role=role)).replace(
+                    "{user}", f"<strong>{html.escape(who.name)}</strong>")
                 # In this tab (Markdown links open a new one, leaving this tab signed in on screen only)
                 head += f' <a href="/logout" target="_self">{html.escape(text("app.sign_out", lang))}</a>'
+            elif anonymous_role != "admin":
+                head = html.escape(text("app.public_no_users", lang))
             else:
                 head = html.escape(text("app.no_users", lang))
             title = f"<h2>{html.escape(text('app.title', lang))}</h2><p>{head}</p>"
