@@ -196,7 +196,7 @@ class RowWorker:
     # heartbeat + watchdog ------------------------------------------------------------------------
 
     def start_heartbeat(self) -> None:
-        self.beat()
+        self._safe_beat()  # the broker may blink at start; the loop announces the worker again
         self._thread = threading.Thread(target=self._heartbeat_loop, name="sd35-heartbeat", daemon=True)
         self._thread.start()
 
@@ -321,6 +321,49 @@ class RowWorker:
             log.warning("heartbeat failed: %s", exc)
 
 
+def _wait_for_broker(redis_client: Any, broker: str, *, retry_s: float = 2.0) -> None:
+    """Return once Redis answers; until then say so every few tries (Celery waits for its broker too)."""
+    tries = 0
+    while True:
+        try:
+            redis_client.ping()
+            return
+        except _BROKER_ERRORS() as exc:
+            if tries % 15 == 0:
+                log.warning("waiting for the broker at %s: %s", broker, exc)
+            tries += 1
+            time.sleep(retry_s)
+
+
+def _refuse_a_taken_name(redis_client: Any, nodename: str) -> None:
+    """EngineError when a live worker announces ``nodename``: the two would overwrite each other's
+    heartbeat, and the dispatcher would take each one's rows for lost. A stale announcement of a process
+    on this host that is gone (the worker being restarted after a crash) does not count."""
+    raw = redis_client.get(WORKER_KEY_PREFIX + nodename)
+    if raw is None:
+        return
+    try:
+        holder = WorkerAnnouncement.from_json(raw)
+    except (ValueError, KeyError, TypeError):
+        return
+    if holder.host == socket.gethostname() and not _pid_alive(holder.pid):
+        return
+    raise EngineError(
+        f"a worker named {nodename} is already running (pid {holder.pid} on {holder.host}); give this one "
+        "another --name", worker=nodename,
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def worker_queues(models: list[str]) -> list[str]:
     """A worker consumes the queue of each checkpoint it holds, plus the default queue."""
     return [checkpoint_queue(m) for m in models] + [DEFAULT_QUEUE]
@@ -350,18 +393,22 @@ def run_worker(
         raise EngineError("a worker needs the Redis URL of the broker: --broker redis://HOST:6379/0 "
                           "(or SD35_BROKER)", setting="broker")
     models = list(models or [settings.default_checkpoint])
+    name = name or f"sd35-{socket.gethostname()}-{os.getpid()}"
+    nodename = name if "@" in name else f"{name}@{socket.gethostname()}"
+    redis_client = redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
+    # Before loading anything: a supervisor restarting a worker whose broker is down must not reload the
+    # model in a loop, and a second worker under a live worker's name would make its rows look lost.
+    _wait_for_broker(redis_client, broker)
+    _refuse_a_taken_name(redis_client, nodename)
     engine = engine or Engine(settings)
     for model in models:
         log.info("loading and warming up %s", model)
         # Resident from now on, compiled and its kernels chosen: the first row pays for none of it.
         warm = engine.warm_up(model, gpu_batch=1)
         log.info("%s ready: loaded in %.1f s, warm-up step %.1f s", model, warm["load_s"], warm["sample_s"])
-    name = name or f"sd35-{socket.gethostname()}-{os.getpid()}"
-    nodename = name if "@" in name else f"{name}@{socket.gethostname()}"
     queues = worker_queues(models)
     # One job at a time: a batch of one keeps each worker's rows independent of its neighbours.
     executor = RowExecutor(engine, max_gpu_batch=1, worker_name=nodename)
-    redis_client = redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
     worker = RowWorker(executor, redis_client, name=nodename, models=models, queues=queues,
                        heartbeat_s=heartbeat_s, test_faults=test_faults)
     app = make_celery(broker, row_timeout_s=float(settings.row_timeout_s), worker=worker)
@@ -488,6 +535,7 @@ class CeleryDispatcher:
                             break
                     else:
                         self._fill(waiting, flights, live)
+                        self._reroute_orphans(flights, live)
                     for row_key in list(flights):
                         result = self._poll(flights[row_key], live, on_event)
                         if result is not None:
@@ -524,9 +572,30 @@ class CeleryDispatcher:
                 attempt = max(attempt, _attempt_of(previous_task) + 1)
                 if previous_task == previous:
                     flight.task_ids.append(previous_task)
+                    if self._adopt(flight, previous_task):
+                        waiting.popleft()
+                        flights[job.row_key] = flight
+                        continue
             self._send(flight, live, attempt)
             waiting.popleft()
             flights[job.row_key] = flight
+
+    def _adopt(self, flight: _Flight, task_id: str) -> bool:
+        """Whether the row's last attempt (sent before this coordinator restarted) is still worth following:
+        its result is stored, a worker runs it, or it waits in a queue. Then it is not sent again, which
+        would make a worker redo a finished row in full; a lost one is sent again by the usual checks."""
+        state, info = self._task_state(task_id)
+        adopted = (state == "SUCCESS" and isinstance(info, dict) and "superseded" not in info) or \
+            state in {"STARTED", "PROGRESS"}
+        if not adopted:
+            for queue in (checkpoint_queue(flight.job.checkpoint), DEFAULT_QUEUE):
+                if task_id in self._queued_task_ids({queue}):
+                    flight.queue, adopted = queue, True
+                    break
+        if adopted:
+            flight.job.attempt = _attempt_of(task_id)
+            log.info("row %s: following attempt %s sent before the restart", flight.job.row_key, task_id)
+        return adopted
 
     def _send(self, flight: _Flight, live: dict[str, WorkerAnnouncement], attempt: int) -> None:
         job = flight.job
@@ -544,6 +613,19 @@ class CeleryDispatcher:
         flight.sent_at = time.monotonic()
         flight.worker = flight.instance = flight.started_at = flight.missing_since = None
         flight.node_id, flight.step_node, flight.step = None, None, -1
+
+    def _reroute_orphans(self, flights: dict[str, _Flight], live: dict[str, WorkerAnnouncement]) -> None:
+        """Rows still waiting in the queue of a checkpoint that no live worker announces any more (its only
+        worker died) go to the default queue, where any worker takes them and loads the model on demand.
+        The copy left behind is stale: a worker that comes back skips it."""
+        now = time.monotonic()
+        for flight in flights.values():
+            if (flight.started_at is None and flight.queue != DEFAULT_QUEUE and not flight.cancelled
+                    and now - flight.sent_at >= self.lost_confirm_s
+                    and self._queue_for(flight.job.checkpoint, live) == DEFAULT_QUEUE):
+                log.warning("row %s waited for %s, which no live worker holds any more; sending it to any "
+                            "worker", flight.job.row_key, flight.job.checkpoint)
+                self._send(flight, live, flight.job.attempt + 1)
 
     def _queue_for(self, checkpoint: str, live: dict[str, WorkerAnnouncement]) -> str:
         if any(checkpoint in worker.models for worker in live.values()):

@@ -303,3 +303,91 @@ def test_poison_row_is_failed_after_bounded_attempts_and_the_rest_finish(redis_s
     assert poison.status == "failed" and "2 attempts" in poison.error
     assert workers.restarts - restarts_before == 2  # each attempt took a worker down, no third one ran
     assert len(list(services.runner.output_dir(batch_id).glob("*.png"))) == 3
+
+
+def test_a_worker_waits_for_an_unreachable_broker_and_refuses_a_live_workers_name(redis_server, workers, tmp_path):
+    from engine.distributed import live_workers
+    import redis
+
+    base = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(tmp_path / "w"), "worker"]
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    waiting = subprocess.Popen([*base, "--broker", nowhere, "--name", "gamma"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(4)
+        assert waiting.poll() is None  # still waiting, not crashed
+    finally:
+        waiting.kill()
+    output = waiting.communicate()[0]
+    assert "waiting for the broker" in output and "Traceback" not in output, output[-2000:]
+
+    twin = subprocess.run([*base, "--broker", redis_server.url, "--name", "alpha"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert twin.returncode == 2 and "a worker named alpha@" in twin.stderr and "already running" in twin.stderr
+    assert len(live_workers(redis.Redis.from_url(redis_server.url))) == 2  # the real alpha is untouched
+
+
+def test_a_restarted_coordinator_follows_rows_workers_finished_meanwhile_instead_of_redoing_them(
+        redis_server, workers, tmp_path):
+    from engine.distributed import ROW_KEY_PREFIX
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    sheet = write_sheet(tmp_path / "rows.csv", 8)
+    command = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(tmp_path / "coordinator"),
+               "--templates-dir", str(ROOT / "templates"), "--broker", redis_server.url,
+               "run", "--template", "product_shot", "--sheet", str(sheet)]
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = first.stdout.readline()  # the first row is stored: others are on the workers or queued
+    first.kill()
+    first.wait()
+    assert line.startswith("row "), line
+
+    services = coordinator(tmp_path, "coordinator")
+    batch_id = services.ledger.list_batches(limit=1)[0]["id"]
+    row_keys = [r.row_key for r in services.ledger.rows(batch_id) if r.status != "done"]
+    services.close()
+    time.sleep(6)  # the workers finish what they had taken
+    finished_meanwhile = []
+    for row_key in row_keys:
+        task = (client.get(ROW_KEY_PREFIX + row_key) or b"").decode()
+        if task and not task.startswith("done:") and b'"SUCCESS"' in (client.get(f"celery-task-meta-{task}") or b""):
+            finished_meanwhile.append((row_key, task))
+    assert finished_meanwhile, "no row finished while the coordinator was down"
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming unfinished batch" in again.stdout
+    services = coordinator(tmp_path, "coordinator")
+    assert_each_row_once(services, batch_id, 8)
+    for row_key, task in finished_meanwhile:  # recorded from the attempt that ran, not run a second time
+        assert client.get(ROW_KEY_PREFIX + row_key).decode() == f"done:{task}", row_key
+
+
+def test_rows_waiting_for_a_checkpoint_whose_only_worker_died_go_to_any_worker(redis_server, workers, tmp_path):
+    from engine.distributed import WORKER_KEY_PREFIX, WorkerAnnouncement, checkpoint_queue, worker_queues
+    import redis
+
+    models = tmp_path / "models" / "checkpoints"
+    made = subprocess.run([sys.executable, str(ROOT / "app.py"), "demo-checkpoint", "--out",
+                           str(models / "special.safetensors")], cwd=tmp_path, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    # A worker that holds special.safetensors, announced for three seconds and then gone (killed for good)
+    ghost = WorkerAnnouncement("ghost@elsewhere", ["special.safetensors"], worker_queues(["special.safetensors"]),
+                               pid=1, host="elsewhere", instance="ghost")
+    client = redis.Redis.from_url(redis_server.url)
+    client.set(WORKER_KEY_PREFIX + ghost.name, ghost.to_json(), px=3000)
+    services = coordinator(tmp_path, "orphans", celery_dispatcher(redis_server), models_dir=str(tmp_path / "models"),
+                           default_checkpoint="special.safetensors")
+    batch_id = start_batch(services, write_sheet(tmp_path / "rows.csv", 2), "borphan")
+    outcome: list = []
+    runner = threading.Thread(target=lambda: outcome.append(services.runner.run(batch_id)), daemon=True)
+    runner.start()
+    time.sleep(1)
+    assert client.llen(checkpoint_queue("special.safetensors")) == 2  # routed to the checkpoint's own queue
+    runner.join(timeout=90)
+    assert outcome, "the rows still wait for a worker that is gone"
+    # alpha and beta do not have the file: the rows end with their reason instead of waiting forever
+    rows = services.ledger.rows(batch_id)
+    assert all(r.status == "failed" and "special.safetensors" in (r.error or "") for r in rows), \
+        [(r.status, r.error) for r in rows]
