@@ -8,7 +8,7 @@
     python app.py calibrate            FP8 activation scales for a checkpoint (sidecar file)
     python app.py bench [--e2e|--png]  FP8 vs BF16 benchmark; end-to-end batch throughput; PNG encoding
     python app.py token create|revoke  issue an API token; refuse one (or all of a user's) from now on
-    python app.py users add            add a user to the users file
+    python app.py users add|entry      add a user to the users file; print an SD35_USERS entry
     python app.py worker --broker URL  a GPU worker for scale-out over Redis
 
 Library errors become one-line messages and a non-zero exit status here, in one place.
@@ -154,6 +154,7 @@ def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, unit: st
     """Run a started batch with progress bars; Ctrl-C cancels between steps; the zip; the summary line."""
     from tqdm import tqdm
 
+    print(runner.engine.describe_model_banner(), file=sys.stderr)  # says so when it is the demo model
     summary_before = runner.summary(prepared.batch_id)
     total = summary_before.total - summary_before.skipped
     bar = tqdm(total=total, initial=summary_before.done, unit="image", desc=prepared.batch_id)
@@ -322,15 +323,18 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_users(args: argparse.Namespace) -> int:
-    from webapp.auth import add_user
+    from webapp.auth import add_user, users_entry
 
     settings = _settings_from(args)
-    path = Path(args.file or settings.users_file or Path(settings.data_dir) / "users.json")
     password = args.password
     if password is None:
         import getpass
 
         password = getpass.getpass(f"password for {args.name}: ")
+    if args.users_command == "entry":
+        print(users_entry(args.name, password, args.role))  # join several with "," in SD35_USERS
+        return 0
+    path = Path(args.file or settings.users_file or Path(settings.data_dir) / "users.json")
     add_user(path, args.name, password, args.role)
     print(f"user {args.name} ({args.role}) written to {path}")
     return 0
@@ -414,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--role", choices=["user", "admin"], default="user")
     add.add_argument("--password", help="(prompted when omitted)")
     add.add_argument("--file", help="users file (default: the users_file setting or <data_dir>/users.json)")
+    entry = users_sub.add_parser("entry", parents=[settings],
+                                 help="print a name:role:hash entry for SD35_USERS (e.g. a Space secret)")
+    entry.add_argument("name")
+    entry.add_argument("--role", choices=["user", "admin"], default="user")
+    entry.add_argument("--password", help="(prompted when omitted)")
 
     worker = add_command("worker", help="a GPU worker taking rows from Redis")
     worker.add_argument("--models", help="comma-separated checkpoints to keep resident")

@@ -113,6 +113,7 @@ def test_batch_exit_status_and_summary(tmp_path):
     )
     assert result.returncode == 1  # a skipped row makes the run non-zero
     assert "row 3: steps" in result.stderr
+    assert "built-in demo model" in result.stderr  # an unattended log says what made the pictures
     assert "1 done, 0 failed, 0 timed out, 1 skipped" in result.stdout
     assert list((tmp_path / "data" / "outputs").glob("*.zip"))
 
@@ -308,3 +309,14 @@ def test_on_off_settings_can_be_turned_off_from_the_command_line():
     assert parse("--no-compile").compile is False
     assert parse("--compile").compile is True
     assert parse().compile is True  # the default
+
+
+def test_users_entry_prints_an_sd35_users_entry_the_app_accepts(tmp_path):
+    result = app("users", "entry", "alice", "--role", "admin", "--password", "pa55word!", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    from webapp.auth import load_users
+    from engine.settings import load_settings
+
+    users = load_users(load_settings({}, environ={}), environ={"SD35_USERS": result.stdout.strip()})
+    assert users.authenticate("alice", "pa55word!").role == "admin"
+    assert users.authenticate("alice", "wrong") is None

@@ -89,6 +89,9 @@ def test_metrics_follow_the_work(client):
     assert value(after, "sd35_queue_depth") == 0 and value(after, "sd35_batches_running") == 0
     assert grew("sd35_http_requests_total", route="/api/batches", method="POST", status="200") == 1
 
+    # Behind the token like every route once auth is configured
+    assert client.get("/metrics", headers={"Authorization": ""}).status_code == 401
+
     # Refusals are counted too: a 401 under its route template, a 413 before any route matched.
     client.get("/api/batches/some-batch", headers={"Authorization": "Bearer nope"})
     client.post("/api/batches", content=b"x" * (2 * 2**20), headers={"content-type": "application/json"})

@@ -109,7 +109,7 @@ def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
         scheme = parts[0] if len(parts) > 1 else "?"
         raise EngineError(
             f"unsupported password hash format (scheme '{scheme}'); supported: scrypt$n$r$p$salt$hash "
-            "as written by `python app.py hash-password`",
+            "as written by `python app.py users add` (users file) or `python app.py users entry` (SD35_USERS)",
             scheme=scheme,
         )
     try:
@@ -236,6 +236,11 @@ def _users_from_file(path: Path) -> list[User]:
     except json.JSONDecodeError as exc:
         raise EngineError(f"users file {path} is not valid JSON: {exc}", path=str(path)) from exc
     return _users_from_dict(data, source=str(path))
+
+
+def users_entry(name: str, password: str, role: str = USER) -> str:
+    """One ``name:role:hash`` entry of ``SD35_USERS`` (entries are joined with commas)."""
+    return f"{_check_name(name)}:{_check_role(role)}:{hash_password(password)}"
 
 
 def _users_from_env_value(value: str) -> list[User]:

@@ -388,7 +388,10 @@ def create_app(
         return file_response(resolve_inside(outputs, relative))
 
     @app.get("/metrics", include_in_schema=False)
-    def prometheus_metrics():
+    def prometheus_metrics(request: Request):
+        # Like every route, behind a bearer token once auth is configured (Prometheus sends one with
+        # `authorization: {credentials: ...}`); not rate-limited, a scraper calls it on a schedule.
+        guard.identify(request.headers.get("authorization"))
         batch_metrics.refresh()
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
