@@ -220,6 +220,7 @@ class BatchRunner:
                     "values": {**row_report.cells, **jsonable(values)},
                     "seed": seeds[0] if seeds else None,
                     "workflow": rendered,
+                    "prompt": self._positive_prompt(rendered) if rendered is not None else None,
                     "status": status,
                     "error": "; ".join(problems) or None,
                 }
@@ -405,11 +406,24 @@ class BatchRunner:
         rows = [
             {"row_number": line, "values": {"workflow_kind": kind, "prompt": text, **extra},
              "workflow": replace_positive_prompt(parsed, text, self.engine.registry).to_api(),
-             "status": QUEUED, "error": None}
+             "prompt": text, "status": QUEUED, "error": None}
             for line, text in sorted(prompts.items())
         ]
         inputs_hash = hashlib.sha256(json.dumps([workflow_hash, sorted(prompts.items())]).encode()).hexdigest()
         return workflow_hash, inputs_hash, rows
+
+    def _positive_prompt(self, api: dict[str, Any]) -> str | None:
+        """The positive prompt a rendered workflow encodes, recorded before the row runs: a row that fails
+        still shows (and is found by) what it was asked to make."""
+        from engine.prompts import TEXT_INPUTS, positive_text_node
+
+        try:
+            workflow = self.engine.parse(api)
+            node = workflow.nodes[positive_text_node(workflow, self.engine.registry)]
+        except EngineError:
+            return None
+        texts = (node.inputs.get(name) for name in TEXT_INPUTS[self.engine.registry.canonical(node.class_type)])
+        return next((text for text in texts if isinstance(text, str)), None)
 
     def find_unfinished(self, template_name: str, sheet: Sheet) -> str | None:
         """The id of an unfinished batch of the same template and sheet, so re-running a command resumes it."""

@@ -550,7 +550,14 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
         values_book.close()
     if formula_book is not None:
         formula_book.close()
-    sheet = _build_sheet(records, limits, positional_problems=cell_problems)
+    try:
+        sheet = _build_sheet(records, limits, positional_problems=cell_problems)
+    except SheetError as exc:
+        others = [n for n in names if n != chosen]
+        if not records and others:  # the data is often on another worksheet of the workbook
+            raise SheetError(f"worksheet '{chosen}' is empty; the workbook also has: {', '.join(others)} "
+                             "(choose the worksheet, or move the data to the first one)", sheet_names=names) from exc
+        raise
     sheet.format, sheet.sheet_name, sheet.sheet_names = "xlsx", chosen, names
     return sheet
 

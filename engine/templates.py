@@ -800,7 +800,8 @@ class TemplateLibrary:
                                 template=template.name)
         target = self.folder / template.name
         if target.exists() and not replace:
-            raise TemplateError(f"template '{template.name}' already exists", template=template.name)
+            raise TemplateError(f"template '{template.name}' already exists; save it with replace to overwrite it",
+                                template=template.name)
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{template.name}-", dir=self.folder))
         try:

@@ -452,3 +452,19 @@ def test_a_resume_removes_temp_files_of_writers_killed_mid_write(services_factor
     in_progress.write_bytes(b"being written")
     assert services.runner.run(prepared.batch_id).done == 1
     assert not abandoned.exists() and in_progress.exists()
+
+
+def test_a_row_shows_its_prompt_before_it_runs_and_after_it_fails(services_factory, tmp_path):
+    from engine.errors import OutOfMemory
+
+    services = services_factory()
+    sheet = write_sheet(tmp_path / "rows.csv", ["Teapot,green,minimal,64,64,2"])
+    prepared = services.runner.prepare("product_shot", read_sheet(sheet))
+    services.runner.start(prepared)
+    queued = services.ledger.rows(prepared.batch_id)[0]
+    assert queued.status == "queued" and "Teapot" in queued.prompt  # searchable in History already
+    services.runner.engine.run_batch = lambda workflows, *a, **k: [OutOfMemory("CUDA out of memory") for _ in workflows]
+    services.runner.run(prepared.batch_id)
+    failed = services.ledger.rows(prepared.batch_id)[0]
+    assert failed.status == "failed" and failed.prompt == queued.prompt
+    assert [r.row_key for r in services.ledger.search(text="Teapot")] == [failed.row_key]

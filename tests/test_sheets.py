@@ -416,3 +416,10 @@ def test_empty_file_and_empty_header_row():
         read_sheet(b"  \n", "rows.csv")
     with pytest.raises(SheetError, match="row 1 must hold the column names"):
         read_sheet(b",\ncat,1\n", "rows.csv")
+
+
+def test_an_empty_first_worksheet_names_the_ones_that_hold_data():
+    data = xlsx_bytes([], extra_sheets={"Products": [["prompt", "seed"], ["cat", 1]]})
+    with pytest.raises(SheetError, match="worksheet 'Sheet1' is empty; the workbook also has: Products"):
+        read_sheet(data, "rows.xlsx")
+    assert read_sheet(data, "rows.xlsx", sheet_name="Products").rows[0].cells["prompt"] == "cat"

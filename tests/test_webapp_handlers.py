@@ -543,3 +543,11 @@ def test_files_need_a_session_and_stay_inside_the_outputs(client, sheet_path):
     names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
     assert sum(name.endswith(".png") for name in names) == 2
     assert "manifest.csv" in names and "manifest.json" in names
+
+
+def test_a_photo_sheet_checked_without_its_photos_zip_says_to_upload_it(services, tmp_path):
+    sheet = tmp_path / "scene.csv"
+    sheet.write_text("product_name,product_photo,width,height,steps\nMug,mug.png,64,64,2\n", encoding="utf-8")
+    result = handlers.check_sheet(services, USER, "product_in_scene", sheet)
+    assert result.bad_rows == 1 and not result.can_start
+    assert EN["batch.photos_missing"].format(columns="product_photo") in result.summary

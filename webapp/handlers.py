@@ -232,6 +232,9 @@ def check_sheet(
         bad += not good
         table.append([row["row_number"], text("report.ok" if good else "report.problem", lang), row["error"] or ""])
     notes = list(prepared.report.notes)
+    image_fields = [f.name for f in getattr(prepared.template, "fields", ()) if f.type == "image"]
+    if image_fields and images is None and bad:  # the usual cause: the photos zip was not uploaded
+        notes.append(text("batch.photos_missing", lang, columns=", ".join(image_fields)))
     if prepared.report.unknown_columns:  # a misspelt column would otherwise quietly take the default
         notes.append(text("batch.unused_columns", lang, columns=", ".join(prepared.report.unknown_columns)))
     summary = " ".join([text("batch.report_summary", lang, ok=ok, bad=bad), *notes])
