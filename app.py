@@ -194,7 +194,7 @@ def _zip_path(option: str | bool, batch_id: str, output_dir: Path) -> Path:
     """Where ``--zip [PATH]`` writes: beside the images, PATH, or PATH/<batch>.zip for a folder. Checked
     before the batch runs, so a bad path never costs a run."""
     if option is True:
-        return output_dir.with_suffix(".zip")
+        return output_dir.parent / f"{batch_id}.zip"  # not with_suffix: batch ids may hold dots
     path = Path(option)
     if path.is_dir():
         return path / f"{batch_id}.zip"
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path argument
-        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
         return 2
 
 

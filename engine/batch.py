@@ -381,7 +381,8 @@ class BatchRunner:
         """The id of an unfinished batch made from the same workflow and prompts (re-running resumes it)."""
         workflow_hash, inputs_hash, _ = self._workflow_rows(workflow, prompts, kind, None, None)
         for batch in self.unfinished_batches():
-            if batch["template_hash"] == workflow_hash and batch["sheet_hash"] == inputs_hash:
+            if (batch["template_name"] == f"({kind})" and batch["template_hash"] == workflow_hash
+                    and batch["sheet_hash"] == inputs_hash):
                 return batch["id"]
         return None
 

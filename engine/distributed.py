@@ -323,16 +323,50 @@ class RowWorker:
 
 def _wait_for_broker(redis_client: Any, broker: str, *, retry_s: float = 2.0) -> None:
     """Return once Redis answers; until then say so every few tries (Celery waits for its broker too)."""
+    import redis
+
     tries = 0
     while True:
         try:
             redis_client.ping()
             return
+        except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError) as exc:
+            # Reached, but refused: waiting would not help, and a supervisor must see the failure
+            raise EngineError(f"the broker at {broker} refused this worker: {exc}", setting="broker") from exc
         except _BROKER_ERRORS() as exc:
             if tries % 15 == 0:
                 log.warning("waiting for the broker at %s: %s", broker, exc)
             tries += 1
             time.sleep(retry_s)
+
+
+class _NameClaim:
+    """Keeps ``nodename`` announced (with no models and no queues) until the worker's own heartbeat takes over."""
+
+    def __init__(self, redis_client: Any, nodename: str, heartbeat_s: float) -> None:
+        self.redis, self.nodename, self.heartbeat_s = redis_client, nodename, heartbeat_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sd35-name-claim", daemon=True)
+
+    def _announce(self) -> None:
+        claim = WorkerAnnouncement(self.nodename, [], [], os.getpid(), socket.gethostname(), "starting")
+        try:
+            self.redis.set(WORKER_KEY_PREFIX + self.nodename, claim.to_json(), px=int(self.heartbeat_s * 3000))
+        except _BROKER_ERRORS() as exc:
+            log.warning("could not announce %s while loading: %s", self.nodename, exc)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self._announce()
+
+    def __enter__(self) -> "_NameClaim":
+        self._announce()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _refuse_a_taken_name(redis_client: Any, nodename: str) -> None:
@@ -346,7 +380,8 @@ def _refuse_a_taken_name(redis_client: Any, nodename: str) -> None:
         holder = WorkerAnnouncement.from_json(raw)
     except (ValueError, KeyError, TypeError):
         return
-    if holder.host == socket.gethostname() and not _pid_alive(holder.pid):
+    # Gone from this host, or this very process: in a container a restarted worker is pid 1 again
+    if holder.host == socket.gethostname() and (holder.pid == os.getpid() or not _pid_alive(holder.pid)):
         return
     raise EngineError(
         f"a worker named {nodename} is already running (pid {holder.pid} on {holder.host}); give this one "
@@ -401,11 +436,14 @@ def run_worker(
     _wait_for_broker(redis_client, broker)
     _refuse_a_taken_name(redis_client, nodename)
     engine = engine or Engine(settings)
-    for model in models:
-        log.info("loading and warming up %s", model)
-        # Resident from now on, compiled and its kernels chosen: the first row pays for none of it.
-        warm = engine.warm_up(model, gpu_batch=1)
-        log.info("%s ready: loaded in %.1f s, warm-up step %.1f s", model, warm["load_s"], warm["sample_s"])
+    # Announced from now on, holding nothing yet: a second worker under this name started while the models
+    # load is refused too, and no row is routed here before the models are ready.
+    with _NameClaim(redis_client, nodename, heartbeat_s):
+        for model in models:
+            log.info("loading and warming up %s", model)
+            # Resident from now on, compiled and its kernels chosen: the first row pays for none of it.
+            warm = engine.warm_up(model, gpu_batch=1)
+            log.info("%s ready: loaded in %.1f s, warm-up step %.1f s", model, warm["load_s"], warm["sample_s"])
     queues = worker_queues(models)
     # One job at a time: a batch of one keeps each worker's rows independent of its neighbours.
     executor = RowExecutor(engine, max_gpu_batch=1, worker_name=nodename)
@@ -483,6 +521,7 @@ class CeleryDispatcher:
         self.app = make_celery(broker_url, result_backend, row_timeout_s=row_timeout_s)
         self.redis = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
         self._row_key_ttl_s = broker_visibility_timeout_s(row_timeout_s, deadline_margin_s) * 2
+        self._unheld_since: dict[str, float] = {}  # checkpoint -> when rows waited for it with no live holder
 
     def workers(self) -> list[WorkerAnnouncement]:
         """The live workers and what they hold."""
@@ -619,12 +658,19 @@ class CeleryDispatcher:
         worker died) go to the default queue, where any worker takes them and loads the model on demand.
         The copy left behind is stale: a worker that comes back skips it."""
         now = time.monotonic()
+        held = {model for worker in live.values() for model in worker.models}
+        for checkpoint in list(self._unheld_since):
+            if checkpoint in held:
+                del self._unheld_since[checkpoint]  # back (or a blip): nothing to reroute
         for flight in flights.values():
-            if (flight.started_at is None and flight.queue != DEFAULT_QUEUE and not flight.cancelled
-                    and now - flight.sent_at >= self.lost_confirm_s
-                    and self._queue_for(flight.job.checkpoint, live) == DEFAULT_QUEUE):
+            checkpoint = flight.job.checkpoint
+            if flight.started_at is not None or flight.queue == DEFAULT_QUEUE or flight.cancelled or checkpoint in held:
+                continue
+            # Confirmed over time, as a lost worker is: one poll without its key may be a Redis blip
+            since = self._unheld_since.setdefault(checkpoint, now)
+            if now - since >= self.lost_confirm_s:
                 log.warning("row %s waited for %s, which no live worker holds any more; sending it to any "
-                            "worker", flight.job.row_key, flight.job.checkpoint)
+                            "worker", flight.job.row_key, checkpoint)
                 self._send(flight, live, flight.job.attempt + 1)
 
     def _queue_for(self, checkpoint: str, live: dict[str, WorkerAnnouncement]) -> str:

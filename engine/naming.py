@@ -104,8 +104,8 @@ _EMPTY_BEFORE_SEPARATOR = re.compile("\x00[_\\-.]?")
 
 
 def fill_filename_pattern(pattern: str, values: Mapping[str, Any]) -> str:
-    """Fill ``{name}`` placeholders from ``values`` (looked up as written, then case-folded; a missing
-    value becomes an empty string).
+    """Fill ``{name}`` placeholders from ``values`` (looked up as written, case-folded, then as
+    :func:`pattern_values` keys cells; a missing value becomes an empty string).
 
     Only plain ``{name}`` placeholders are replaced; unlike ``str.format`` there is no attribute or index
     access, so a pattern uploaded with a template cannot reach into objects. The result is a stem still
@@ -114,7 +114,7 @@ def fill_filename_pattern(pattern: str, values: Mapping[str, Any]) -> str:
 
     def replace(match: re.Match[str]) -> str:
         name = match.group(1)
-        value = values.get(name, values.get(name.casefold()))
+        value = values.get(name, values.get(name.casefold(), values.get(column_key(name))))
         return "" if value is None else str(value)
 
     # An empty field takes one neighbouring separator with it: "{product_name}_{color}" without a colour

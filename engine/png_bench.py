@@ -94,7 +94,9 @@ def format_png_table(report: dict[str, Any]) -> str:
     """The report as a fixed-width table, one line per picture and encoder."""
     lines = [f"PNG encoding, {report['size']}² RGB, median of {report['repeats']}; ratios against {report['baseline']}",
              f"{'picture':8} {'encoder':28} {'wall ms':>8} {'CPU ms':>8} {'KiB':>8} {'CPU x':>6} {'size x':>6} same pixels"]
+    ratio = lambda value: "     -" if value is None else f"{value:6.2f}"  # noqa: E731 - a baseline too fast to time
     for r in report["results"]:
         lines.append(f"{r['picture']:8} {r['encoder']:28} {r['wall_ms']:8.1f} {r['cpu_ms']:8.1f} {r['kib']:8.1f} "
-                     f"{r['cpu_vs_baseline']:6.2f} {r['size_vs_baseline']:6.2f} {'yes' if r['same_pixels'] else 'NO'}")
+                     f"{ratio(r['cpu_vs_baseline'])} {ratio(r['size_vs_baseline'])} "
+                     f"{'yes' if r['same_pixels'] else 'NO'}")
     return "\n".join(lines)

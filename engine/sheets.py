@@ -369,7 +369,8 @@ def _looks_like_gb18030(data: bytes, text: str) -> str | None:
     foreign = {ch for ch in text if ord(ch) > 0x7F}
     if not foreign or any(_is_cjk(ch) for ch in foreign):
         return None
-    scripts = {unicodedata.name(ch, "?").split(" ")[0] for ch in foreign}
+    # Letters only: typographic quotes, × or € belong to no script and mix with any
+    scripts = {unicodedata.name(ch, "?").split(" ")[0] for ch in foreign if unicodedata.category(ch).startswith("L")}
     if len(scripts) < 2:
         return None
     try:

@@ -559,6 +559,9 @@ def test_only_the_owner_or_an_admin_cancels_or_resumes_a_batch(server, alice, bo
         for action in ("cancel", "resume"):
             refused = other.post(f"/api/batches/{batch_id}/{action}")
             assert refused.status_code == 403 and error_of(refused)["details"]["reason"] == "not_owner", action
+        # Resubmitting the same batch id is a resume too
+        again = other.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_id": batch_id})
+        assert again.status_code == 403 and error_of(again)["details"]["reason"] == "not_owner"
     assert alice.post(f"/api/batches/{batch_id}/resume").status_code == 200  # an admin may
     finished(server, batch_id)
 

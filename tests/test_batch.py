@@ -468,3 +468,16 @@ def test_a_row_shows_its_prompt_before_it_runs_and_after_it_fails(services_facto
     failed = services.ledger.rows(prepared.batch_id)[0]
     assert failed.status == "failed" and failed.prompt == queued.prompt
     assert [r.row_key for r in services.ledger.search(text="Teapot")] == [failed.row_key]
+
+
+def test_a_cli_workflow_run_never_resumes_a_comfyui_prompt_of_the_same_workflow(services_factory):
+    from engine.settings import DEMO_CHECKPOINT
+
+    services = services_factory()
+    workflow = json.loads((ROOT / "tests" / "data" / "comfyui-examples" / "sd3.5_simple_example.api.json").read_text())
+    workflow["4"]["inputs"]["ckpt_name"] = DEMO_CHECKPOINT
+    prompt = services.runner.prepare_workflow(workflow, kind="comfy", batch_id="comfy-prompt-1")
+    services.runner.start(prompt)
+    services.ledger.cancel_batch(prompt.batch_id)  # taken off the queue: unfinished for good
+    assert services.runner.find_unfinished_workflow(workflow, None, kind="comfy") == "comfy-prompt-1"
+    assert services.runner.find_unfinished_workflow(workflow) is None  # a CLI run starts its own batch

@@ -320,3 +320,11 @@ def test_users_entry_prints_an_sd35_users_entry_the_app_accepts(tmp_path):
     users = load_users(load_settings({}, environ={}), environ={"SD35_USERS": result.stdout.strip()})
     assert users.authenticate("alice", "pa55word!").role == "admin"
     assert users.authenticate("alice", "wrong") is None
+
+
+def test_the_zip_beside_the_images_keeps_a_dotted_batch_id_whole(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import app as cli
+
+    assert cli._zip_path(True, "v1.2", tmp_path / "outputs" / "v1.2") == tmp_path / "outputs" / "v1.2.zip"
+    assert cli._zip_path(str(tmp_path), "v1.2", tmp_path / "x") == tmp_path / "v1.2.zip"

@@ -391,3 +391,21 @@ def test_rows_waiting_for_a_checkpoint_whose_only_worker_died_go_to_any_worker(r
     rows = services.ledger.rows(batch_id)
     assert all(r.status == "failed" and "special.safetensors" in (r.error or "") for r in rows), \
         [(r.status, r.error) for r in rows]
+
+
+def test_a_worker_the_broker_refuses_exits_with_the_reason_instead_of_waiting(tmp_path):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    port = free_port()
+    server = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--requirepass", "the-right-one", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        refused = subprocess.run([sys.executable, str(ROOT / "app.py"), "--data-dir", str(tmp_path / "w"), "worker",
+                                  "--broker", f"redis://:wrong-password@127.0.0.1:{port}/0", "--name", "delta"],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    assert refused.returncode == 2 and "refused this worker" in refused.stderr, refused.stderr[-2000:]

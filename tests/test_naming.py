@@ -78,3 +78,8 @@ def test_pattern_values_are_the_cells_plus_row_seed_and_batch_id():
     assert fill_filename_pattern("{ProductName}_{row}_{batch_id}_{seed}", values) == f"Jacket_7_b-1_{2**64 - 1}"
     assert fill_filename_pattern("{product_name}", values) == "Neon"
     assert pattern_values({}, 3, "b-2", None)["seed"] == ""  # no seed yet: empty, never "None"
+
+
+def test_a_field_name_column_key_folds_still_fills_its_placeholder():
+    values = pattern_values({"product__name": "Jacket", "Brand Color": "red"}, 1, "b", 5)
+    assert fill_filename_pattern("{product__name}_{brand_color}_{row}", values) == "Jacket_red_1"

@@ -131,9 +131,12 @@ def test_png_benchmark_compares_the_writer_with_pillow_on_every_picture():
     rows = {(r["picture"], r["encoder"]): r for r in report["results"]}
     assert {picture for picture, _ in rows} == {"noise", "studio", "flat"}
     assert all(r["same_pixels"] for r in report["results"])
-    assert all(r["cpu_vs_baseline"] == 1.0 for (_, encoder), r in rows.items() if encoder == report["baseline"])
+    assert all(r["cpu_vs_baseline"] in (1.0, None) for (_, encoder), r in rows.items() if encoder == report["baseline"])
+    assert all(r["size_vs_baseline"] == 1.0 for (_, encoder), r in rows.items() if encoder == report["baseline"])
     table = format_png_table(report)
     assert "engine, level 1 (default)" in table and "NO" not in table
+    report["results"][0]["cpu_vs_baseline"] = None  # a baseline below the clock's resolution
+    assert "     -" in format_png_table(report)
 
 
 def test_bench_png_command_prints_the_table(tmp_path):

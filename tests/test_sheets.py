@@ -154,7 +154,8 @@ def test_utf8_that_reads_as_chinese_in_gb18030_gets_a_note_and_real_utf8_does_no
     sheet = read_sheet(tricky, "rows.csv")
     assert sheet.encoding == "utf-8"
     assert any("GB18030" in p.reason and "一只猫" in p.reason for p in sheet.problems)
-    for text in ("prompt,seed\nCafé Müller,1\n", "prompt,seed\nПривет мир,1\n", "prompt,seed\n一只猫,1\n"):
+    for text in ("prompt,seed\nCafé Müller,1\n", "prompt,seed\nПривет мир,1\n", "prompt,seed\n一只猫,1\n",
+                 "prompt,seed\nMen’s café jacket ×2,1\n", "prompt,seed\nSøren’s 10 €,1\n"):
         assert read_sheet(text.encode("utf-8"), "rows.csv").problems == [], text
 
 

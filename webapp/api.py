@@ -235,6 +235,8 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         except (TypeError, ValueError) as exc:
             raise BatchError(f"batch_seed must be a whole number, not {seed!r}") from exc
         batch_id = body.get("batch_id")
+        if batch_id not in (None, "") and services.ledger.get_batch(str(batch_id)) is not None:
+            handlers.check_may_control(services, caller, str(batch_id))  # resuming is controlling the batch
         prepared = services.runner.prepare(
             template,
             sheet,
