@@ -4,7 +4,7 @@ One CFG forward (batch 2) at 1024x1024 = 4096 image tokens + 333 text tokens, fo
 BF16 with each block compiled, and every FP8 backend the device runs (static and dynamic
 activation scales, eager and compiled): median of ``repeats`` timed forwards after warm-up (CUDA
 events on a GPU, ``perf_counter`` on a CPU), peak memory and relative error against BF16 eager on
-the same inputs. Targets come from ``PERF-BASELINE.md`` and are checked against the measurements.
+the same inputs. Targets come from ``docs/PERFORMANCE.md`` and are checked against the measurements.
 
 The end-to-end throughput mode (text encoders, sampler, VAE, PNG, ledger) is a separate function
 elsewhere; this module times the transformer alone. CLI: ``python -m engine.bench`` or
@@ -100,7 +100,7 @@ MODELS: dict[str, tuple[dict[str, Any], BenchShape]] = {
 
 @dataclass(frozen=True)
 class Targets:
-    """PERF-BASELINE.md, "Targets for this project" (same GPU, same run)."""
+    """docs/PERFORMANCE.md, "Targets for this project" (same GPU, same run)."""
 
     min_speedup_same_compile: float = 1.25  # FP8 vs BF16 with the same compile setting
     min_speedup_vs_bf16_eager: float = 1.8  # FP8 vs diffusers' default BF16 eager
@@ -428,7 +428,6 @@ def run_benchmark(
         "wall_s": round(time.perf_counter() - started, 1),
     }
     say(format_table(report))
-    say(json.dumps(report, default=str))
     return report
 
 
@@ -506,7 +505,7 @@ def format_table(report: dict[str, Any]) -> str:
     head = (f"{'variant':42} {'ms':>9} {'x eager':>8} {'x compiled':>10} {'rel err':>8} "
             f"{'weights MiB':>11} {'peak MiB':>9}")
     lines = [
-        f"SD3.5 {report['size']} ({report['parameters'] / 1e9:.2f} B params) on {report['device']}, "
+        f"SD3.5 {report['size']} ({_count(report['parameters'])} params) on {report['device']}, "
         f"one CFG forward, median of {report['repeats']}"
         + (f", compile mode {report['compile_mode']}" if report.get("compile_mode") else ""),
         head,
@@ -526,7 +525,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{num(v['speedup_vs_bf16_compiled'], '10.2f')} {num(v['rel_error'] and 100 * v['rel_error'], '7.2f')}% "
             f"{num(v['weight_bytes'] and v['weight_bytes'] / 2**20, '11.1f')} {num(v['peak_bytes'] and v['peak_bytes'] / 2**20, '9.1f')}"
         )
-    lines.append("targets (PERF-BASELINE.md):")
+    lines.append("targets (docs/PERFORMANCE.md):")
     for c in report["targets"]:
         lines.append(f"  {VERDICTS[c['passed']]:4} {c['name']}: {num(c['value'], '.3f')} (limit {c['limit']}) - {c['detail']}")
     return "\n".join(lines)
@@ -561,3 +560,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _count(number: int) -> str:
+    """8.06 B, 2.24 B, 323.9 K: parameter counts of every model size readable."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if number >= size:
+            return f"{number / size:.2f} {unit}"
+    return str(number)

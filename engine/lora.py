@@ -237,13 +237,17 @@ def _pair_delta(pair: LoraPair, weight: Any) -> "torch.Tensor":
     if pair.chunk is not None:
         index, count = pair.chunk
         up = up.chunk(count, dim=0)[index]
-    delta = up.flatten(1) @ down.flatten(1)
-    if delta.numel() != weight.numel():
+    up, down = up.flatten(1), down.flatten(1)
+    # The factors' own shape must match the layer's, not just their product's size: a LoRA stored the
+    # wrong way round has as many numbers and would be applied as noise.
+    expected = (weight.shape[0], weight[0].numel())
+    if (up.shape[0], down.shape[1]) != expected or up.shape[1] != down.shape[0]:
         raise ModelLoadError(
-            f"LoRA key '{pair.key}' has shape {tuple(delta.shape)}, the layer's weight {tuple(weight.shape)}",
-            key=pair.key, lora_shape=list(delta.shape), weight_shape=list(weight.shape),
+            f"LoRA key '{pair.key}' has shape {(up.shape[0], down.shape[1])} (rank {down.shape[0]}), the layer's "
+            f"weight {tuple(weight.shape)}",
+            key=pair.key, lora_shape=[up.shape[0], down.shape[1]], weight_shape=list(weight.shape),
         )
-    return (delta * pair.scale).reshape(weight.shape)
+    return ((up @ down) * pair.scale).reshape(weight.shape)
 
 
 def _pair_factors(pair: LoraPair, layer: Any, strength: float) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -278,7 +282,9 @@ def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            # Copied out of the memory map: a LoRA stays cached for the life of the process, and a file
+            # replaced under it would change its tensors in place, or crash the process if it shrank.
+            return {key: tensor.clone() for key, tensor in load_file(str(path), device="cpu").items()}
         except Exception as exc:  # noqa: BLE001 - any parse failure means "not a readable file"
             raise ModelLoadError(f"cannot read '{path.name}': {exc}", path=str(path)) from exc
     try:

@@ -241,9 +241,12 @@ class Engine:
         return self.models.available("checkpoints")
 
     def switch_model(self, name: str) -> None:
-        """Make ``name`` the default checkpoint; other resident checkpoints are freed (one GPU).
+        """Make ``name`` the default checkpoint, loaded now; other resident checkpoints are freed first
+        (one GPU holds one model).
 
-        Raises ModelNotFound when ``name`` resolves to nothing. The model loads when first used.
+        Raises ModelNotFound when ``name`` resolves to nothing, and the load's error when it cannot load:
+        then the default stays what it was (it loads again when next used), so a bad file never becomes
+        the model every row is sent to.
         """
         self.models.resolver.resolve("checkpoints", name)
         with self._run_lock:
@@ -251,6 +254,7 @@ class Engine:
                 if entry["kind"] in ("checkpoint", "diffusion_model") and entry["name"] != name:
                     self.models.free(entry["name"])
             self.executor.clear_cache()  # cached node outputs hold the freed modules
+            self.models.checkpoint(name)
             self.default_checkpoint = name
 
     def free_models(self) -> int:

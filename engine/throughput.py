@@ -10,7 +10,7 @@ GPU work alone (the same rows as bare :meth:`Engine.run_batch` calls, nothing st
 On a CPU it runs the built-in demo model at a small size. On a CUDA GPU it builds an SD3.5 Large-shaped
 pipeline from the published configs with random weights (transformer, CLIP-L, CLIP-G, T5-XXL and VAE at
 their real sizes; no download; tokenizers are the demo's generated ones, so the token counts are real
-but the words are not) and measures BF16 and FP8 side by side. Targets (PERF-BASELINE.md): end-to-end
+but the words are not) and measures BF16 and FP8 side by side. Targets (docs/PERFORMANCE.md): end-to-end
 throughput >= 95 % of the GPU work alone, CPU-side work per row <= 5 % of the row's time, memory flat.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gc
-import json
 import resource
 import sys
 import tempfile
@@ -49,7 +48,7 @@ __all__ = [
 
 # --- GPU batch size from free memory -----------------------------------------------------------------
 
-# Per-row device memory of sampling + decoding, measured on SD3.5 Large in BF16 (PERF-BASELINE.md): the
+# Per-row device memory of sampling + decoding, measured on SD3.5 Large in BF16 (docs/PERFORMANCE.md): the
 # VAE decoder peaks at 2.6 GB for a 1024x1024 image; the transformer's activations at ~0.7 GB for one
 # CFG pair of 4096 + 333 tokens, i.e. ~80 KiB per token (rounded up: other widths stay below).
 VAE_DECODE_BYTES_PER_PIXEL = 2560
@@ -119,7 +118,7 @@ def choose_gpu_batch(engine: Any, workflow: "Workflow", cap: int) -> int:
 
 @dataclass(frozen=True)
 class E2eTargets:
-    """PERF-BASELINE.md, "End to end"."""
+    """docs/PERFORMANCE.md, "End to end"."""
 
     min_ratio_to_gpu_only: float = 0.95  # end-to-end images/hour over GPU-work-only images/hour
     max_cpu_side_share: float = 0.05  # CPU-side seconds per row over the row's wall seconds
@@ -213,7 +212,6 @@ def run_e2e_benchmark(
     if len(results) == 2 and results[0]["images_per_hour"] and results[1]["images_per_hour"]:
         report["fp8_over_bf16"] = round(results[1]["images_per_hour"] / results[0]["images_per_hour"], 3)
     say(format_table(report))
-    say(json.dumps(report, default=str))
     return report
 
 
@@ -472,7 +470,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"FP8 / BF16 end-to-end images/hour: {report['fp8_over_bf16']:.3f}x")
     from engine.bench import VERDICTS
 
-    lines.append("targets (PERF-BASELINE.md, end to end):")
+    lines.append("targets (docs/PERFORMANCE.md, end to end):")
     for r in report["results"]:
         for c in r["checks"]:
             lines.append(f"  {VERDICTS[c['passed']]:4} {r['label']}: {c['name']} {num(c['value'], '.3f')} (limit {c['limit']}) - {c['detail']}")

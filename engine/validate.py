@@ -263,7 +263,9 @@ def coerce_literal(spec: "Input", value: Any, ctx: "NodeContext | None" = None, 
         result = value
         if check_choices:
             choices = spec.choice_list(ctx)
-            if not isinstance(value, (str, int, float)) or value not in choices:
+            accepts = getattr(spec.choices, "accepts", None)  # model lists also take cached hub repo ids
+            if not isinstance(value, (str, int, float)) or (
+                    value not in choices and not (accepts is not None and accepts(ctx, value))):
                 shown = ", ".join(map(str, choices[:50])) + (" ..." if len(choices) > 50 else "")
                 raise LiteralProblem(
                     "value_not_in_list",

@@ -328,3 +328,24 @@ def test_the_zip_beside_the_images_keeps_a_dotted_batch_id_whole(tmp_path):
 
     assert cli._zip_path(True, "v1.2", tmp_path / "outputs" / "v1.2") == tmp_path / "outputs" / "v1.2.zip"
     assert cli._zip_path(str(tmp_path), "v1.2", tmp_path / "x") == tmp_path / "v1.2.zip"
+
+
+def test_a_hugging_face_repo_id_in_the_local_cache_passes_validation(tmp_path):
+    # The cache layout huggingface_hub reads offline: refs/main names the snapshot folder
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-sd35"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    workflow = json.loads(small_example(tmp_path).read_text())
+    for repo_id, expected in (("acme/tiny-sd35", 0), ("acme/not-cached", 1)):
+        for node in workflow.values():
+            if node["class_type"] == "CheckpointLoaderSimple":
+                node["inputs"]["ckpt_name"] = repo_id
+        path = tmp_path / f"{repo_id.replace('/', '_')}.json"
+        path.write_text(json.dumps(workflow))
+        result = app("validate", str(path), cwd=tmp_path, env=env)
+        assert result.returncode == expected, (repo_id, result.stdout, result.stderr)
+    assert "acme/not-cached" in result.stdout and "Value not in list" in result.stdout

@@ -5,6 +5,7 @@ random low-rank factors, so both layouts must give the same image.
 """
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,26 @@ def test_brand_lora_template_applies_the_row_strength(engine):
     assert result.record["loras"][0]["strength_model"] == 0.25
     plain = template.render({**values, "lora": ""}, defaults={"checkpoint": DEMO_CHECKPOINT})
     assert "LoraLoader" not in {node["class_type"] for node in plain.values()}
+
+
+def test_a_lora_stored_the_wrong_way_round_is_refused_not_applied_as_noise(engine):
+    up, down = factors(3, 4 * INNER, INNER)
+    # (128 × 32) as up 32 × 4 and down 4 × 128: as many numbers as the layer, in the wrong shape
+    stem = "lora_unet_transformer_blocks_1_ff_net_0_proj"
+    state = {f"{stem}.lora_up.weight": down.T.contiguous(), f"{stem}.lora_down.weight": up.T.contiguous(),
+             f"{stem}.alpha": torch.tensor(ALPHA)}
+    save_file(state, str(Path(engine.settings.models_dir) / "loras" / "transposed.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"has shape \(32, 128\) \(rank 4\), the layer's weight \(128, 32\)"):
+        engine.run(workflow([("transposed.safetensors", 1.0, 0.0)], model_only=True))
+
+
+def test_a_lora_file_replaced_under_its_name_is_read_again_and_never_crashes(engine):
+    folder = Path(engine.settings.models_dir) / "loras"
+    save_file(kohya_state(seed=11), str(folder / "live.safetensors"))
+    first = engine.models.lora("live.safetensors")
+    before = first.pairs[0].up.clone()
+    small = {k: v for k, v in kohya_state(seed=12, modules={"transformer_blocks.0.attn.to_q": (INNER, INNER)}).items()}
+    save_file(small, str(folder / "live.safetensors"))  # shorter: a mapped file would now end mid-tensor
+    assert torch.equal(first.pairs[0].up, before)  # what was loaded is a copy, untouched
+    second = engine.models.lora("live.safetensors")
+    assert second is not first and len(second.pairs) == 1 and second.sha256 != first.sha256

@@ -149,3 +149,23 @@ def test_png_compress_level_changes_the_file_not_the_picture(tmp_path, models_di
     assert np.array_equal(pixels[0], pixels[9])
     with pytest.raises(EngineError, match="png_compress_level"):
         Engine(Settings(data_dir=str(tmp_path / "bad"), models_dir=str(models_dir), png_compress_level=12))
+
+
+def test_switching_to_a_file_that_cannot_load_keeps_the_default_and_sidecars_are_no_models(tmp_path, models_dir):
+    import shutil
+
+    from engine.errors import ModelLoadError
+
+    models = tmp_path / "models"
+    shutil.copytree(models_dir, models)
+    good = (models / "checkpoints" / "sd35_demo_tiny.safetensors").read_bytes()
+    (models / "checkpoints" / "trunc.safetensors").write_bytes(good[: len(good) // 3])
+    (models / "checkpoints" / "sd35_demo_tiny.fp8scales.safetensors").write_bytes(good[:64])
+    engine = Engine(Settings(data_dir=str(tmp_path / "data"), models_dir=str(models), device="cpu"))
+    assert "sd35_demo_tiny.fp8scales.safetensors" not in engine.available_checkpoints()
+    assert "trunc.safetensors" in engine.available_checkpoints()
+    before = engine.default_checkpoint
+    with pytest.raises(ModelLoadError):
+        engine.switch_model("trunc.safetensors")
+    assert engine.default_checkpoint == before
+    engine.run(small_example(), output_dir=engine.settings.outputs_path)  # rows still run

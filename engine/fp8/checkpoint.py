@@ -307,7 +307,9 @@ def load_fp8_scaled_file(
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-        raw = load_file(str(path))
+        # Copied out of the memory map: the FP8 weights go into the layers as they are, and a file replaced
+        # under a resident model must not change or crash it.
+        raw = {key: tensor.clone() for key, tensor in load_file(str(path)).items()}
     except Exception as exc:
         raise Fp8Error(f"cannot read fp8_scaled checkpoint {path}: {exc}", path=str(path)) from exc
     if any(k.startswith(ORIGINAL_PREFIX) or k.startswith("joint_blocks.") for k in raw):

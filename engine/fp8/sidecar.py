@@ -18,8 +18,8 @@ from typing import Mapping
 import torch
 
 from engine.errors import Fp8Error
+from engine.models.resolve import SIDECAR_SUFFIX
 
-SIDECAR_SUFFIX = ".fp8scales.safetensors"
 SIDECAR_FORMAT = "sd35-fp8-activation-scales"
 SIDECAR_VERSION = "1"
 _KEY_SUFFIX = ".input_scale"
@@ -116,7 +116,8 @@ def load_sidecar(path: str | Path, expected_sha256: str) -> dict[str, torch.Tens
             found_sha256=found,
         )
     tensors = load_file(str(path))
-    return {key[: -len(_KEY_SUFFIX)]: value for key, value in tensors.items() if key.endswith(_KEY_SUFFIX)}
+    # Copies, not views of the memory-mapped file, which a later calibration may rewrite
+    return {key[: -len(_KEY_SUFFIX)]: value.clone() for key, value in tensors.items() if key.endswith(_KEY_SUFFIX)}
 
 
 def find_sidecar(checkpoint_path: str | Path, checkpoint_sha: str) -> dict[str, torch.Tensor] | None:

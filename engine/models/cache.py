@@ -150,7 +150,10 @@ class ModelCache:
     def lora(self, name: str) -> "LoraWeights":
         """LoraLoader: a LoRA file from models/loras, parsed once; applied per run, never merged in."""
         ref = self.resolver.resolve("loras", name)
-        return self._get(("lora", ref.key), "lora", name, lambda: self._load_lora(ref))
+        # The file's size and time are part of the key: a LoRA exported again under its name is read again
+        stat = ref.path.stat() if ref.path is not None else None
+        stamp = (stat.st_size, stat.st_mtime_ns) if stat is not None else None
+        return self._get(("lora", ref.key, stamp), "lora", name, lambda: self._load_lora(ref))
 
     def controlnet(self, name: str) -> "ControlNetHandle":
         """ControlNetLoader: an SD3 ControlNet from models/controlnet (single file or diffusers folder)."""

@@ -812,7 +812,8 @@ def _build_clip(role, state, device, dtype, extras, path: Path):
         hidden_size=int(hidden),
         intermediate_size=int(state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
         num_hidden_layers=len(layers),
-        num_attention_heads=int(extras.get("num_attention_heads", hidden // 64)),
+        # Real CLIPs use 64-wide heads; a file narrower than one head (a tiny test model) has one head
+        num_attention_heads=int(extras.get("num_attention_heads", max(1, hidden // 64))),
         max_position_embeddings=int(state["text_model.embeddings.position_embedding.weight"].shape[0]),
         projection_dim=int(state["text_projection.weight"].shape[0]),
         hidden_act=extras.get("hidden_act", defaults["hidden_act"]),

@@ -25,6 +25,7 @@ KIND_FOLDERS: dict[str, tuple[str, ...]] = {
     "controlnet": ("controlnet",),
 }
 MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+SIDECAR_SUFFIX = ".fp8scales.safetensors"  # engine.fp8.sidecar's calibrated scales beside a checkpoint
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -177,6 +178,7 @@ def _list_models(folder: Path) -> list[str]:
             continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for filename in files:
-            if filename.lower().endswith(MODEL_FILE_SUFFIXES):
+            # FP8 scale sidecars sit beside their checkpoints but are no model of their own
+            if filename.lower().endswith(MODEL_FILE_SUFFIXES) and not filename.lower().endswith(SIDECAR_SUFFIX):
                 names.append((rel_root / filename).as_posix())
     return names

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import ModelLoadError
+from engine.errors import EngineError, ModelLoadError
 from engine.nodes.base import Input, NodeType, Output
 from engine.settings import DEMO_CHECKPOINT
 
@@ -43,6 +43,16 @@ def model_choices(kind: str, include_demo: bool = False) -> Callable[["NodeConte
                     names.append(name)
         return names
 
+    def accepts(ctx: "NodeContext | None", value: Any) -> bool:
+        """A name no folder lists but the resolver finds: a Hugging Face repo id in the local cache."""
+        if ctx is None or ctx.models is None or not isinstance(value, str) or "/" not in value:
+            return False
+        try:
+            return ctx.models.resolver.resolve(kind, value).source == "hub"
+        except EngineError:
+            return False
+
+    choices.accepts = accepts  # type: ignore[attr-defined] - read by validation (engine/validate.py)
     return choices
 
 
