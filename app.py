@@ -269,7 +269,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from engine.fp8.calibrate import calibrate_checkpoint
 
     settings = _settings_from(args)
-    path = calibrate_checkpoint(settings, args.checkpoint, prompts_file=args.prompts, steps=args.steps, size=args.size)
+    encoders = [name.strip() for name in (args.text_encoders or "").split(",") if name.strip()]
+    path = calibrate_checkpoint(settings, args.checkpoint, prompts_file=args.prompts, steps=args.steps, size=args.size,
+                                text_encoders=encoders)
     print(f"wrote FP8 activation scales to {path}")
     return 0
 
@@ -384,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True)
 
     calibrate = add_command("calibrate", help="calibrate FP8 activation scales for a checkpoint")
-    calibrate.add_argument("--checkpoint", default=None, help="checkpoint name (default: the default checkpoint)")
+    calibrate.add_argument("--checkpoint", default=None,
+                           help="checkpoint, or transformer in diffusion_models/ (default: the default checkpoint)")
+    calibrate.add_argument("--text-encoders", metavar="CLIP_L,CLIP_G[,T5]",
+                           help="text encoder files (models/text_encoders) for a checkpoint without its own")
     calibrate.add_argument("--prompts", help="prompt file (default: the shipped representative set)")
     calibrate.add_argument("--steps", type=int, default=4)
     calibrate.add_argument("--size", type=int, default=512)

@@ -334,3 +334,28 @@ def test_text_encoders_find_tokenizers_saved_under_models(tmp_path, demo_checkpo
     cache = ModelCache(ModelResolver(tmp_path, allow_hub=False), device="cpu")
     clip = cache.text_encoders(["clip_l.safetensors", "clip_g.safetensors"])
     assert clip.tokenizer_l("a shoe").input_ids[0] == clip.tokenizer_l.bos_token_id
+
+
+def test_a_transformer_only_file_calibrates_with_text_encoders_named_beside_it(models, demo_checkpoint_file, tmp_path):
+    from engine.fp8.calibrate import calibrate_checkpoint
+    from engine.models.demo import write_demo_tokenizer
+
+    state = load_file(str(demo_checkpoint_file))
+    with safe_open(str(demo_checkpoint_file), "pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "engine.demo"}
+    (models / "text_encoders").mkdir(exist_ok=True)
+    for role in ("clip_l", "clip_g"):
+        prefix = f"text_encoders.{role}.transformer."
+        part = {k: v for k, v in state.items() if k.startswith(prefix)}
+        save_file(part, str(models / "text_encoders" / f"{role}.safetensors"), metadata=metadata)
+        write_demo_tokenizer(models / "text_encoders" / "tokenizers" / role)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red shoe\na blue mug\n")
+    settings = Settings(data_dir=str(tmp_path / "data"), models_dir=str(models), device="cpu")
+    with pytest.raises(Fp8Error, match="--text-encoders"):  # as SD3.5 Large is published: no CLIP inside
+        calibrate_checkpoint(settings, "demo_unet.safetensors", prompts_file=prompts, steps=1, size=32, progress=False)
+    path = calibrate_checkpoint(settings, "demo_unet.safetensors", prompts_file=prompts, steps=1, size=32,
+                                progress=False, text_encoders=["clip_l.safetensors", "clip_g.safetensors"])
+    assert path == models / "diffusion_models" / "demo_unet.fp8scales.safetensors"
+    assert read_sidecar_metadata(path)["checkpoint"] == "demo_unet.safetensors"
+    path.unlink()  # the module's models folder is shared: later FP8 loads must not pick these scales up

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from engine.errors import Fp8Error
+from engine.errors import Fp8Error, ModelNotFound
 from engine.fp8.linear import Fp8Linear, import_transformer_engine, scale_from_amax, transformer_engine_recipe
 from engine.fp8.quantize import DEFAULT_KEEP_BF16, quantizable_linears
 
@@ -154,8 +154,14 @@ def calibrate_checkpoint(
     cfg: float = 4.0,
     margin: float = 1.0,
     progress: bool = True,
+    text_encoders: Sequence[str] = (),
 ) -> Path:
     """Calibrate the FP8 activation scales of ``checkpoint`` (default: the default checkpoint).
+
+    ``checkpoint`` is a file of ``models/checkpoints`` or, like SD3.5 Large and Medium as published (the
+    transformer alone), of ``models/diffusion_models``. ``text_encoders`` (two or three names from
+    ``models/text_encoders``: CLIP-L, CLIP-G and optionally T5-XXL, as TripleCLIPLoader takes them) encode
+    the prompts instead of the checkpoint's own, which a transformer-only file does not have.
 
     The checkpoint loads through the model cache the settings describe, in high precision
     (``precision=fp8`` counts as ``auto`` here, and existing sidecars are ignored). Each prompt (the
@@ -185,7 +191,9 @@ def calibrate_checkpoint(
         settings, precision="auto" if settings.precision == "fp8" else settings.precision, compile=False
     )
     models = build_model_cache(calibration_settings, use_sidecars=False)
-    ref = models.resolver.resolve("checkpoints", name)
+    if len(text_encoders) not in (0, 2, 3):
+        raise Fp8Error(f"give two or three text encoders (CLIP-L, CLIP-G, optionally T5-XXL), not "
+                       f"{len(text_encoders)}", text_encoders=list(text_encoders))
     registry = default_registry()
     temp_dir = Path(settings.data_dir) / "temp"
     ctx = NodeContext(models=models, output_dir=temp_dir, temp_dir=temp_dir, device=models.device)
@@ -193,11 +201,23 @@ def calibrate_checkpoint(
     def node(class_type: str) -> Any:
         return registry.get(class_type)()
 
-    model, clip, _vae = node("CheckpointLoaderSimple").run(ctx, ckpt_name=name)
+    try:
+        ref = models.resolver.resolve("checkpoints", name)
+        model, clip, _vae = node("CheckpointLoaderSimple").run(ctx, ckpt_name=name)
+    except ModelNotFound:  # the transformer alone, as SD3.5 is published: UNETLoader's folder
+        ref = models.resolver.resolve("diffusion_models", name)
+        (model,) = node("UNETLoader").run(ctx, unet_name=name, weight_dtype="default")
+        clip = None
+    if text_encoders:
+        names = dict(zip(("clip_name1", "clip_name2", "clip_name3"), text_encoders))
+        if len(text_encoders) == 3:
+            (clip,) = node("TripleCLIPLoader").run(ctx, **names)
+        else:
+            (clip,) = node("DualCLIPLoader").run(ctx, **names, type="sd3")
     if clip is None:
         raise Fp8Error(
-            f"checkpoint '{name}' holds no text encoders; calibration encodes its prompts with the "
-            "checkpoint's own CLIP, so it needs a checkpoint that includes them",
+            f"'{name}' holds no text encoders; name the ones to encode the calibration prompts with "
+            "(--text-encoders clip_l.safetensors,clip_g.safetensors,t5xxl_fp16.safetensors)",
             checkpoint=name,
         )
     encode, sampler = node("CLIPTextEncode"), node("KSampler")
