@@ -327,6 +327,9 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                     gr.Markdown(L("single.hint"))
                     single_image = gr.HTML(elem_id="single-image", **PLAIN)
                     single_params = gr.HTML(elem_id="single-parameters", **PLAIN)
+                # The last result belongs to the template that made it: another template starts blank
+                single_template.change(lambda _name: ("", ""), inputs=single_template,
+                                       outputs=[single_image, single_params], **QUIET)
 
             # ----------------------------------------------------------------------------- history
             with gr.Tab(L("tab.history"), id="history") as history_tab:
