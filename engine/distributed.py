@@ -279,6 +279,12 @@ class RowWorker:
 
             result = self.executor.execute([job], on_progress=on_progress, should_cancel=should_cancel)[0]
             result.worker = self.name
+            settled = self._get(ROW_KEY_PREFIX + job.row_key)
+            if settled is not None and settled.startswith(ROW_DONE_MARK + ":"):
+                # Another attempt's result was recorded while this one ran (this worker was stalled): nobody
+                # will collect this one, so it is not left in Redis (an image's worth) until it expires.
+                log.info("dropping %s: the row was settled by %s meanwhile", task_id, settled)
+                return {"superseded": task_id, "row_key": job.row_key, "worker": self.name}
             return result.to_dict()
         finally:
             with self._lock:

@@ -409,3 +409,30 @@ def test_a_worker_the_broker_refuses_exits_with_the_reason_instead_of_waiting(tm
         server.kill()
         server.wait()
     assert refused.returncode == 2 and "refused this worker" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_a_result_finished_after_its_row_was_settled_elsewhere_is_not_kept(redis_server, workers, tmp_path):
+    """A stalled worker that finishes a row another attempt already settled stores a small note, not the
+    image, which nobody would collect before it expired."""
+    from engine.distributed import DEFAULT_QUEUE, ROW_KEY_PREFIX, TASK_RUN_ROW
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    services = coordinator(tmp_path, "late")
+    batch_id = start_batch(services, write_sheet(tmp_path / "rows.csv", 3), SLOW_ROW.split(":")[0])
+    row = next(r for r in services.ledger.rows(batch_id) if r.row_key == SLOW_ROW)  # its worker waits 3 s first
+    job = services.runner._job(services.ledger.get_batch(batch_id), row)
+    dispatcher = celery_dispatcher(redis_server)
+    task_id = f"{SLOW_ROW}:1"
+    client.set(ROW_KEY_PREFIX + SLOW_ROW, task_id)
+    dispatcher.app.send_task(TASK_RUN_ROW, args=[job.to_dict()], task_id=task_id, queue=DEFAULT_QUEUE)
+    deadline = time.monotonic() + 30
+    while dispatcher._task_state(task_id)[0] != "PROGRESS" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.set(ROW_KEY_PREFIX + SLOW_ROW, f"done:{SLOW_ROW}:2")  # another attempt was recorded meanwhile
+    while dispatcher._task_state(task_id)[0] != "SUCCESS" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state, info = dispatcher._task_state(task_id)
+    assert state == "SUCCESS" and info == {"superseded": task_id, "row_key": SLOW_ROW, "worker": info["worker"]}
+    dispatcher.app.backend.forget(task_id)
+    dispatcher.close()
