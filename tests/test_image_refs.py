@@ -229,12 +229,26 @@ def test_a_sheet_naming_photos_reports_the_missing_and_runs_the_rest(services, t
         runner.prepare("photo_restyle", sheet, batch_id=batch_id, images=other)
 
 
+def cut_out_bytes(size: int = 48) -> bytes:
+    """A product photo as inpainting wants it: the product opaque, the background transparent."""
+    pixels = np.zeros((size, size, 4), dtype=np.uint8)
+    pixels[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = (200, 40, 40, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_the_shipped_product_in_scene_template_runs_on_uploaded_photos(services):
+    photos = make_zip({"cutout.png": cut_out_bytes(), "mug.jpg": photo_bytes((40, 40, 200), "JPEG")})
     sheet = read_sheet(b"product_name,product_photo,width,height,steps,mode\n"
-                       b"Shoe,sneaker.png,256,256,1,inpaint\nMug,MUG.jpg,256,256,1,img2img\n", "rows.csv")
-    prepared = services.runner.prepare("product_in_scene", sheet, images=services.runner.unpack_photos(photos_zip()))
+                       b"Shoe,cutout.png,256,256,1,inpaint\nMug,MUG.jpg,256,256,1,img2img\n"
+                       b"Cup,mug.jpg,256,256,1,inpaint\n", "rows.csv")
+    prepared = services.runner.prepare("product_in_scene", sheet, images=services.runner.unpack_photos(photos))
     summary = services.runner.run(services.runner.start(prepared))
-    assert (summary.done, summary.failed) == (2, 0)
+    assert (summary.done, summary.failed) == (2, 1)
+    # An opaque photo has nothing to repaint: the row says so instead of returning the photo as a "result"
+    cup = next(r for r in services.ledger.rows(prepared.batch_id) if r.row_number == 4)
+    assert cup.status == "failed" and "inpaint mask is empty" in cup.error and "transparent" in cup.error
 
 
 def test_without_photos_an_image_row_is_refused_by_the_engine_check(services):

@@ -1,6 +1,8 @@
 """The product's own photo: LoadImage, ImageScale, Canny, VAEEncode, img2img with denoise < 1, and
 inpainting with VAEEncodeForInpaint / SetLatentNoiseMask (engine/nodes/image_input.py), on the demo model."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +207,19 @@ def test_product_in_scene_template_runs_with_the_uploaded_photo(engine, mode):
     result = engine.run(wf)
     assert (result.images[0].width, result.images[0].height) == (256, 256)
     assert result.record["denoise"] == (1.0 if mode == "inpaint" else 0.6)
+
+
+def test_a_16_bit_png_loads_at_its_grey_levels_not_clipped_to_white(ctx):
+    from PIL import Image
+
+    from engine.nodes.image_input import LoadImageMask
+
+    levels = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))  # black to white across
+    path = Path(ctx.input_dir) / "sixteen_bit.png"
+    Image.fromarray(levels).save(path)
+    assert Image.open(path).mode in ("I;16", "I")  # as Pillow opens 16-bit greyscale PNGs
+    image, _mask = LoadImage().run(ctx, image="sixteen_bit.png")
+    row = image[0, 0, :, 0].numpy()
+    assert row[0] == 0.0 and row[-1] == 1.0 and abs(float(image.mean()) - 0.5) < 0.02
+    (mask,) = LoadImageMask().run(ctx, image="sixteen_bit.png", channel="red")
+    assert abs(float(mask.mean()) - 0.5) < 0.02

@@ -100,6 +100,23 @@ def _open_image(ctx: "NodeContext", path: Path):
                              class_type=ctx.class_type, image=path.name) from exc
 
 
+def _eight_bit(frame: Any) -> Any:
+    """A greyscale frame of more than 8 bits (16-bit PNGs open as "I;16" or "I") as 8-bit "L".
+
+    ComfyUI divides "I" by 255 and lets Pillow clip the rest, which turns a mid-grey 16-bit photo white;
+    the range is scaled here instead: 0-65535 to 0-255 (an "I" frame whose values fit 8 bits is kept).
+    """
+    import numpy as np
+    from PIL import Image
+
+    if frame.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return frame
+    values = np.asarray(frame).astype(np.float64)
+    if frame.mode == "I" and values.size and values.max() <= 255 and values.min() >= 0:
+        return Image.fromarray(values.astype(np.uint8))
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+
+
 def load_image_file(ctx: "NodeContext", path: Path) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(IMAGE [F,H,W,3], MASK [F,H,W]) of a file: every frame of the first frame's size, EXIF-rotated.
 
@@ -114,9 +131,7 @@ def load_image_file(ctx: "NodeContext", path: Path) -> tuple["torch.Tensor", "to
     with _open_image(ctx, path) as img:
         try:
             for frame in ImageSequence.Iterator(img):
-                frame = ImageOps.exif_transpose(frame)
-                if frame.mode == "I":
-                    frame = frame.point(lambda value: value * (1 / 255))
+                frame = _eight_bit(ImageOps.exif_transpose(frame))
                 rgb = frame.convert("RGB")
                 if size is None:
                     size = rgb.size
@@ -199,10 +214,8 @@ class LoadImageMask(NodeType):
 
         path = input_file_path(ctx, image)
         with _open_image(ctx, path) as img:
-            frame = ImageOps.exif_transpose(img)
+            frame = _eight_bit(ImageOps.exif_transpose(img))
             if frame.getbands() != ("R", "G", "B", "A"):
-                if frame.mode == "I":
-                    frame = frame.point(lambda value: value * (1 / 255))
                 frame = frame.convert("RGBA")
             band = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}[channel]
             mask = torch.from_numpy(np.array(frame.getchannel(band)).astype(np.float32) / 255.0)
@@ -426,6 +439,13 @@ class VAEEncodeForInpaint(NodeType):
         import torch.nn.functional as F
 
         vae = _require_vae(ctx, vae)
+        if not bool((_as_mask_batch(mask) > 0).any()):
+            # ComfyUI samples anyway and returns the photo unchanged: a wasted row that looks successful
+            raise ExecutionError(
+                "the inpaint mask is empty, so nothing would change: the photo has no transparent area; use "
+                "a PNG whose background is transparent, or img2img", node_id=ctx.node_id,
+                class_type=ctx.class_type,
+            )
         height, width, y, x = _crop_offsets(pixels, vae.downscale)
         mask = F.interpolate(_as_mask_batch(mask), size=(pixels.shape[1], pixels.shape[2]), mode="bilinear")
         pixels = pixels.clone().float()[:, y: y + height, x: x + width, :3]
