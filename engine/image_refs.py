@@ -304,6 +304,25 @@ def _refuse_duplicate(seen: dict[str, str], stored: str, original: str) -> None:
     seen[key] = original
 
 
+def _member_name(member: zipfile.ZipInfo) -> str:
+    """The member's name as its maker wrote it. Zips made on Chinese Windows store names in GBK without
+    the UTF-8 flag, which Python reads as cp437 ("产品.png" becomes "▓·╞╖.png" and matches no cell);
+    such a name is read again as UTF-8 (tools that omit the flag) or else GB18030."""
+    name = member.filename
+    if member.flag_bits & 0x800 or name.isascii():
+        return name
+    try:
+        raw = name.encode("cp437")
+    except UnicodeEncodeError:
+        return name
+    for encoding in ("utf-8", "gb18030"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return name
+
+
 def _plan_extraction(archive: zipfile.ZipFile, limits: ImageLimits) -> tuple[list[tuple[zipfile.ZipInfo, str]], list[str]]:
     """The members to unpack with their flat stored names, after every name and declared-size check."""
     members = archive.infolist()
@@ -315,6 +334,7 @@ def _plan_extraction(archive: zipfile.ZipFile, limits: ImageLimits) -> tuple[lis
     skipped: list[str] = []
     seen: dict[str, str] = {}
     for member in members:
+        member.filename = _member_name(member)
         parts = _member_parts(member.filename)  # every name is checked, even those not unpacked
         mode = member.external_attr >> 16
         if member.is_dir() or not parts:

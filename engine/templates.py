@@ -177,13 +177,31 @@ def _parse_field(template: str, raw: Any) -> TemplateField:
     if kind == "choice" and (not isinstance(choices, list) or not choices):
         raise TemplateError(f"template '{template}': choice field '{name}' needs a non-empty 'choices' list",
                             template=template, field=name)
+    if kind != "choice" and choices:
+        raise TemplateError(f"template '{template}': field '{name}' has choices but type {kind!r}; make it a "
+                            "choice field or drop the choices", template=template, field=name)
+    if kind == "choice":
+        if not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
+            raise TemplateError(f"template '{template}': choice field '{name}' choices must be text or numbers",
+                                template=template, field=name)
+        folded = [str(c).casefold() for c in choices]
+        if len(set(folded)) != len(folded):  # a cell matches a choice ignoring case: two would be one
+            raise TemplateError(f"template '{template}': choice field '{name}' lists a choice twice",
+                                template=template, field=name)
     for bound in ("min", "max"):
         value = raw.get(bound)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TemplateError(f"template '{template}': field '{name}' {bound} must be a number",
                                 template=template, field=name)
+    if raw.get("min") is not None and raw.get("max") is not None and raw["min"] > raw["max"]:
+        raise TemplateError(f"template '{template}': field '{name}' min {raw['min']} is above its max {raw['max']}",
+                            template=template, field=name)
+    if not isinstance(raw.get("required", False), bool):
+        # "false" (a string) is truthy: the field would silently become required
+        raise TemplateError(f"template '{template}': field '{name}' required must be true or false, "
+                            f"not {raw['required']!r}", template=template, field=name)
     result = TemplateField(
-        name=name, type=kind, default=raw.get("default"), required=bool(raw.get("required", False)),
+        name=name, type=kind, default=raw.get("default"), required=raw.get("required", False),
         choices=tuple(choices), min=raw.get("min"), max=raw.get("max"),
         description=str(raw.get("description", "")), example=raw.get("example"),
     )
@@ -636,6 +654,12 @@ def parse_template(
     pattern = schema.get("filename_pattern") or "row_{row}"
     if not isinstance(pattern, str):
         raise TemplateError(f"template '{name}': filename_pattern must be a string", template=name)
+    stray = re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", "", pattern)
+    if "{" in stray or "}" in stray:  # "{name:>10}", "{a.b}" or an unclosed brace would land in file names
+        raise TemplateError(
+            f"template '{name}': filename_pattern {pattern!r} may hold only plain {{field}} placeholders",
+            template=name,
+        )
     for placeholder in pattern_fields(pattern):
         # Filled by engine.naming.pattern_values, which matches names case-insensitively.
         if placeholder.casefold() not in seen and placeholder.casefold() not in PATTERN_BUILTINS:
@@ -657,6 +681,18 @@ def parse_template(
                             template=name, line=exc.lineno) from exc
     except SecurityError as exc:
         raise TemplateError(f"template '{name}' refused: {exc}", template=name) from exc
+    for node in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+        # A template is one file: there is nothing to include, and the sandbox has no loader
+        raise TemplateError(
+            f"template '{name}': line {node.lineno}: include, import and extends are not supported; "
+            "write the workflow as one file", template=name, line=node.lineno,
+        )
+    for node in ast.find_all(nodes.Filter):
+        if node.name == "tojson":  # every expression is JSON-encoded where it lands: this would encode twice
+            raise TemplateError(
+                f"template '{name}': line {node.lineno}: drop '|tojson': every {{{{ ... }}}} is already written "
+                "as JSON", template=name, line=node.lineno,
+            )
     undeclared = meta.find_undeclared_variables(ast) - {f.name for f in fields} - set(environment.globals)
     if undeclared:
         listed = ", ".join(sorted(undeclared))

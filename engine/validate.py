@@ -267,10 +267,12 @@ def coerce_literal(spec: "Input", value: Any, ctx: "NodeContext | None" = None, 
             if not isinstance(value, (str, int, float)) or (
                     value not in choices and not (accepts is not None and accepts(ctx, value))):
                 shown = ", ".join(map(str, choices[:50])) + (" ..." if len(choices) > 50 else "")
+                where = getattr(spec.choices, "where", None)  # model lists: say where the file goes
+                details = "no values are available" if not choices else ""
+                if where is not None:
+                    details = f"put the file in {where(ctx)}" if not choices else f"files are looked up in {where(ctx)}"
                 raise LiteralProblem(
-                    "value_not_in_list",
-                    f"Value not in list: {spec.name}: '{value}' not in [{shown}]",
-                    "no values are available" if not choices else "",
+                    "value_not_in_list", f"Value not in list: {spec.name}: '{value}' not in [{shown}]", details,
                 )
     else:
         raise LiteralProblem(

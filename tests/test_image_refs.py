@@ -356,3 +356,17 @@ def test_a_later_batch_with_another_photo_of_the_same_name_uses_its_own_photo(se
         runner.run(batch_id)
         outputs.append(np.asarray(Image.open(services.ledger.rows(batch_id)[0].image_path)))
     assert not np.array_equal(*outputs)
+
+
+def test_a_zip_from_chinese_windows_with_gbk_names_matches_the_sheet(services):
+    name = "产品图片ab.png"
+    gbk = name.encode("gb18030")
+    stand_in = b"X" * (len(gbk) - len(b"ab.png")) + b"ab.png"  # ASCII: written without the UTF-8 flag
+    data = make_zip({stand_in.decode(): photo_bytes((10, 200, 10))}).replace(stand_in, gbk)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.infolist()[0].flag_bits & 0x800 == 0 and archive.namelist() != [name]  # cp437 garble
+    library = services.runner.unpack_photos(data)
+    try:
+        assert library.check(name) is None and (library.folder / library.resolve(name)).is_file()
+    finally:
+        services.runner.discard_staging(library)

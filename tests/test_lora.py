@@ -213,6 +213,7 @@ def test_missing_and_foreign_lora_files_are_clear_errors(engine):
     problem = info.value.problems[0]
     assert (problem.input_name, problem.type) == ("lora_name", "value_not_in_list")
     assert "brand_kohya.safetensors" in problem.message
+    assert problem.details.startswith("files are looked up in ") and "loras" in problem.details  # where to put it
     with pytest.raises(ModelNotFound) as missing:
         engine.models.lora("missing.safetensors")
     assert "brand_peft.safetensors" in missing.value.available

@@ -280,10 +280,32 @@ def test_template_that_cannot_render_its_examples_is_refused():
     ({"name": "x", "type": "int", "default": "ten"}, "not a int"),
     ({"name": "x", "type": "choice", "choices": ["a"], "default": "b"}, "not one of"),
     ({"name": "x", "type": "int", "default": 5, "max": 3}, "above the maximum"),
+    ({"name": "x", "type": "int", "required": True, "min": 10, "max": 1}, "min 10 is above its max 1"),
+    ({"name": "x", "type": "string", "required": "false"}, "required must be true or false"),
+    ({"name": "x", "type": "string", "default": "a", "choices": ["b"]}, "has choices but type 'string'"),
+    ({"name": "x", "type": "choice", "choices": ["a", "A"], "default": "a"}, "lists a choice twice"),
+    ({"name": "x", "type": "choice", "choices": ["a", None], "default": "a"}, "text or numbers"),
 ])
 def test_bad_schemas_are_refused(field, message):
     with pytest.raises(TemplateError, match=message):
         simple(PROMPT + [field], '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}')
+
+
+@pytest.mark.parametrize("pattern", ["{prompt:>10}_{row}", "{prompt.__class__}", "{prompt", "row}"])
+def test_filename_pattern_holds_only_plain_placeholders(pattern):
+    with pytest.raises(TemplateError, match="only plain"):
+        simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}', filename_pattern=pattern)
+
+
+@pytest.mark.parametrize(("workflow", "message"), [
+    ('{% if prompt == "x" %}{% include "other.j2" %}{% endif %}{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}',
+     "line 1: include, import and extends are not supported"),
+    ('{% import "m.j2" as m %}{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}', "not supported"),
+    ('{"1": {"class_type": "X",\n "inputs": {"t": {{ prompt | tojson }}}}}', "line 2: drop '|tojson'"),
+])
+def test_jinja_that_cannot_work_here_is_refused_at_upload_with_its_line(workflow, message):
+    with pytest.raises(TemplateError, match=message):
+        simple(PROMPT, workflow)
 
 
 def test_filename_pattern_must_use_fields():

@@ -52,7 +52,14 @@ def model_choices(kind: str, include_demo: bool = False) -> Callable[["NodeConte
         except EngineError:
             return False
 
+    def where(ctx: "NodeContext | None") -> str:
+        """The folders a file of this kind goes in, for the message when none is there."""
+        if ctx is None or ctx.models is None:
+            return f"models/{kind}"
+        return " or ".join(str(folder) for folder in ctx.models.resolver.folders(kind))
+
     choices.accepts = accepts  # type: ignore[attr-defined] - read by validation (engine/validate.py)
+    choices.where = where  # type: ignore[attr-defined]
     return choices
 
 
