@@ -132,7 +132,7 @@ def workers(redis_server, tmp_path_factory):
     pool.start(["alpha", "beta"])
     client = redis.Redis.from_url(redis_server.url)
     deadline = time.monotonic() + 120
-    while len(live_workers(client)) < 2:
+    while len([w for w in live_workers(client) if w.models]) < 2:  # loaded, not just claiming their names
         if time.monotonic() > deadline:
             logs = "\n".join(p.read_text()[-2000:] for p in pool.logs.glob("*.log"))
             pool.stop()
