@@ -113,8 +113,9 @@ def _run_workflow(args: argparse.Namespace) -> int:
         print(f"resuming unfinished batch {batch_id} of the same workflow and prompts")
     prepared = runner.prepare_workflow(workflow, prompts=prompts, prompts_name=args.prompt_file, user=args.user,
                                        batch_id=batch_id)
+    zip_path = _zip_path(args.zip, prepared.batch_id, runner.output_dir(prepared.batch_id)) if args.zip else None
     runner.start(prepared)
-    return _run_prepared(args, runner, prepared, unit="prompt line" if prompts is not None else "row")
+    return _run_prepared(args, runner, prepared, zip_path, unit="prompt line" if prompts is not None else "row")
 
 
 def _run_batch(args: argparse.Namespace) -> int:
@@ -139,18 +140,24 @@ def _run_batch(args: argparse.Namespace) -> int:
             args.template, sheet, batch_seed=args.batch_seed, on_invalid=args.on_invalid, user=args.user,
             batch_id=batch_id, images=images,
         )
+        if prepared.report.unknown_columns:  # a misspelt column would otherwise quietly take the default
+            print(f"note: columns no field of {args.template} uses (ignored; check their spelling): "
+                  f"{', '.join(prepared.report.unknown_columns)}", file=sys.stderr)
         for row in prepared.report.rows:
             if not row.ok:
                 for problem in row.problems:
                     print(f"row {row.number}: {problem.column or '-'}: {problem.reason}", file=sys.stderr)
+        # Checked before anything is recorded: a refused path leaves no batch behind to "resume"
+        zip_path = _zip_path(args.zip, prepared.batch_id, runner.output_dir(prepared.batch_id)) if args.zip else None
         runner.start(prepared)
     finally:
         if images is not None and not Path(args.images).is_dir():
             runner.discard_staging(images)  # a refused batch leaves no unpacked zip behind
-    return _run_prepared(args, runner, prepared)
+    return _run_prepared(args, runner, prepared, zip_path)
 
 
-def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, unit: str = "row") -> int:
+def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path: Path | None,
+                  unit: str = "row") -> int:
     """Run a started batch with progress bars; Ctrl-C cancels between steps; the zip; the summary line."""
     from tqdm import tqdm
 
@@ -171,9 +178,9 @@ def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, unit: st
             tqdm.write(f"{unit} {event.row_number}: {event.image_path}")
         elif event.kind == "row_failed":
             bar.update(1)
-            tqdm.write(f"{unit} {event.row_number} failed: {event.error}")
+            outcome = "not run" if event.status == "cancelled" else event.status or "failed"
+            tqdm.write(f"{unit} {event.row_number} {outcome.replace('_', ' ')}: {event.error}")
 
-    zip_path = _zip_path(args.zip, prepared.batch_id, runner.output_dir(prepared.batch_id)) if args.zip else None
     with _ctrl_c_cancels(runner, prepared.batch_id):
         summary = runner.run(prepared.batch_id, on_event=on_event, retry_failed=args.retry_failed)
     step_bar.close()

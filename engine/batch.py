@@ -69,6 +69,7 @@ class BatchEvent:
     # Rows that end without a row event of their own, so whoever counts rows learns of them once:
     skipped: int = 0  # on the batch's first "batch_started": rows refused at validation
     cancelled: int = 0  # on "batch_cancelled" (taken off the queue before it ran): rows marked cancelled
+    status: str | None = None  # on "row_failed": failed, timed_out or cancelled
 
 
 @dataclass
@@ -371,7 +372,8 @@ class BatchRunner:
         if resumed:
             self.ledger.ensure_same_inputs(batch_id, workflow_hash, inputs_hash, template_name=f"({kind})")
         sheet = Sheet(columns=["prompt"] if prompts is not None else [], rows=[], filename=prompts_name or kind)
-        template = _WorkflowTemplate(name=f"({kind})", content_hash=workflow_hash, filename_pattern=f"{kind}_{{row}}")
+        pattern = f"{_save_prefix(rows[0]['workflow']) or kind}_{{row}}"  # a prompt line's row is its line number
+        template = _WorkflowTemplate(name=f"({kind})", content_hash=workflow_hash, filename_pattern=pattern)
         report = ValidationReport(rows=[], missing_columns=[], unknown_columns=[])
         return PreparedBatch(batch_id, template, sheet, report, 0, inputs_hash, rows, user, resumed)
 
@@ -462,7 +464,9 @@ class BatchRunner:
                 options={
                     "filename_pattern": template.filename_pattern,
                     "columns": list(prepared.sheet.columns),
-                    "keep_workflow_names": isinstance(template, _WorkflowTemplate),
+                    # One ready workflow keeps its SaveImage names (ComfyUI's /prompt); several rows of one
+                    # (a prompt file) would number their files alike: they are named by row instead.
+                    "keep_workflow_names": isinstance(template, _WorkflowTemplate) and len(prepared.rows) == 1,
                     "image_fields": [f.name for f in getattr(template, "fields", ()) if f.type == "image"],
                     **({"images": {"count": len(images), "content_hash": images.content_hash}} if images is not None else {}),
                 },
@@ -611,7 +615,7 @@ class BatchRunner:
                         emit("row_done", row_number=job.row_number, image_path=str(stored[0]) if stored else None)
                     else:
                         counts[FAILED] += result.status in {FAILED, TIMED_OUT}
-                        emit("row_failed", row_number=job.row_number, error=result.error)
+                        emit("row_failed", row_number=job.row_number, error=result.error, status=result.status)
                     if self.on_result is not None:
                         self.on_result(result)
             log.info("batch ended: %d done, %d failed", counts[DONE], counts[FAILED])
@@ -747,6 +751,16 @@ class FileNames:
             base = Path(reserved[0]).stem if reserved else f"row_{row_number}"
             reserved.append(self.claim(f"{base}_{len(reserved) + 1}"))
         return reserved[index]
+
+
+def _save_prefix(workflow: dict[str, Any]) -> str | None:
+    """The last part of the first SaveImage's literal filename_prefix ("ComfyUI", "shop/shoe" -> "shoe")."""
+    for node in workflow.values():
+        if isinstance(node, dict) and node.get("class_type") == "SaveImage":
+            prefix = (node.get("inputs") or {}).get("filename_prefix")
+            if isinstance(prefix, str) and prefix.strip():
+                return prefix.replace("\\", "/").rstrip("/").split("/")[-1] or None
+    return None
 
 
 def _saving_nodes(workflow: dict[str, Any]) -> int:

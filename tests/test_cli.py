@@ -45,21 +45,26 @@ def small_example(tmp_path: Path) -> Path:
 def test_run_workflow_once_per_prompt_line(tmp_path):
     workflow = small_example(tmp_path)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red jacket on a hanger\n\na white boot, studio light\n", encoding="utf-8")
+    texts = ["a red jacket on a hanger", "", "a white boot, studio light", "a green lamp", "a blue mug",
+             "a yellow scarf", "a black hat"]  # six prompts: more than one GPU batch of four
+    prompts.write_text("\n".join(texts) + "\n", encoding="utf-8")
     out = tmp_path / "batch_out"
     result = app(
         "--data-dir", str(tmp_path / "data"), "run", "--workflow", str(workflow),
         "--prompt-file", str(prompts), "--output-dir", str(out), cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    files = sorted(out.rglob("*.png"))  # in the batch's folder, under the workflow's own SaveImage names
-    assert [f.name for f in files] == ["ComfyUI_00001_.png", "ComfyUI_00002_.png"]
-    for file, text in zip(files, ["a red jacket on a hanger", "a white boot, studio light"]):
+    files = sorted(out.rglob("*.png"))  # in the batch's folder: the SaveImage prefix and the line number
+    lines = [n for n, t in enumerate(texts, start=1) if t]
+    assert sorted(f.name for f in files) == sorted(f"ComfyUI_{n}.png" for n in lines)  # none overwritten
+    for line in lines:
+        file = next(f for f in files if f.name == f"ComfyUI_{line}.png")
         prompt = json.loads(Image.open(file).text["prompt"])
-        assert any(n["inputs"].get("text") == text for n in prompt.values() if n["class_type"] == "CLIPTextEncode")
+        assert any(n["inputs"].get("text") == texts[line - 1] for n in prompt.values()
+                   if n["class_type"] == "CLIPTextEncode")
         assert file.name in result.stdout + result.stderr
     # Recorded like any batch: one generation per prompt, numbered by its line (line 2 is blank)
-    assert ledger_statuses(tmp_path / "data") == {1: "done", 3: "done"}
+    assert ledger_statuses(tmp_path / "data") == {n: "done" for n in lines}
 
 
 def test_a_prompt_file_run_killed_resumes_without_redoing_finished_prompts(tmp_path):
@@ -279,6 +284,7 @@ def test_zip_into_a_folder_and_a_bad_zip_path_refused_before_the_run(tmp_path):
     refused = app(*base, "--zip", str(tmp_path / "nowhere" / "x.zip"), cwd=tmp_path)
     assert refused.returncode == 2 and "does not exist" in refused.stderr
     assert not (tmp_path / "d" / "outputs").exists() or not list((tmp_path / "d" / "outputs").rglob("*.png"))
+    assert ledger_statuses(tmp_path / "d") == {}  # nothing recorded: the next run is not a "resume"
     done = app(*base, "--zip", str(tmp_path / "zips"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "zips").glob("b*.zip"))) == 1
@@ -349,3 +355,11 @@ def test_a_hugging_face_repo_id_in_the_local_cache_passes_validation(tmp_path):
         result = app("validate", str(path), cwd=tmp_path, env=env)
         assert result.returncode == expected, (repo_id, result.stdout, result.stderr)
     assert "acme/not-cached" in result.stdout and "Value not in list" in result.stdout
+
+
+def test_the_cli_names_columns_no_field_uses(tmp_path):
+    (tmp_path / "s.csv").write_text("Product Name,Colr,width,height,steps\nMug,red,64,64,1\n")
+    result = app("--data-dir", str(tmp_path / "d"), "run", "--template", "product_shot", "--sheet", "s.csv",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "note: columns no field of product_shot uses (ignored; check their spelling): Colr" in result.stderr

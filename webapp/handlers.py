@@ -612,6 +612,8 @@ def search_history(
     note = text("history.page", lang, first=first, last=first + len(rows) - 1, page=page) if rows else ""
     if more:
         note += " " + text("history.more", lang, next=page + 1)
+    if not rows and page > 1:
+        note = text("history.page_empty", lang, page=page)
     return HistoryPage(header, rows, page, more, note)
 
 
