@@ -200,6 +200,7 @@ class BatchRunner:
             values = dict(row_report.values or {})
             problems = [f"{p.column or 'row'}: {p.reason}" for p in row_report.problems]
             rendered: dict[str, Any] | None = None
+            failure: EngineError | None = None
             if row_report.ok:
                 for seed_field in (f.name for f in template.fields if f.type == "seed"):
                     if values.get(seed_field) in (None, ""):
@@ -209,11 +210,12 @@ class BatchRunner:
                     self.engine.validate(self.engine.parse(rendered), input_dir=input_dir)
                 except EngineError as exc:
                     problems.append(describe_error(exc))
-                    rendered = None
+                    rendered, failure = None, exc
             status = QUEUED if rendered is not None else SKIPPED
             if rendered is None and row_report.ok:
                 row_report.ok = False
-                row_report.problems.append(_row_problem(row_report.number, None, problems[-1]))
+                column = _problem_column(failure, template, report.column_map)
+                row_report.problems.append(_row_problem(row_report.number, column, problems[-1]))
             seeds = [values[f.name] for f in template.fields if f.type == "seed" and values.get(f.name) is not None]
             rows.append(
                 {
@@ -839,6 +841,23 @@ def describe_error(exc: EngineError) -> str:
     if problems:
         return "workflow: " + "; ".join(p.describe() for p in problems)
     return exc.message
+
+
+# Node inputs that templates usually fill from a field of another name
+_INPUT_FIELDS = {"ckpt_name": "checkpoint", "unet_name": "checkpoint", "lora_name": "lora",
+                 "control_net_name": "controlnet", "image": "product_photo", "noise_seed": "seed"}
+
+
+def _problem_column(exc: EngineError, template: Any, column_map: dict[str, str]) -> str | None:
+    """The sheet column a workflow problem comes from, where a field feeds the input it names: the
+    field of the input's own name (width, steps, seed) or its usual one (lora_name <- lora)."""
+    fields = {f.name.casefold(): f.name for f in getattr(template, "fields", ())}
+    for problem in getattr(exc, "problems", None) or ():
+        name = (problem.input_name or "").casefold()
+        field_name = fields.get(name) or fields.get(_INPUT_FIELDS.get(name, ""))
+        if field_name is not None:
+            return column_map.get(field_name, field_name)
+    return None
 
 
 def _row_problem(row: int, column: str | None, reason: str) -> Any:

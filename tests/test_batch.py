@@ -481,3 +481,12 @@ def test_a_cli_workflow_run_never_resumes_a_comfyui_prompt_of_the_same_workflow(
     services.ledger.cancel_batch(prompt.batch_id)  # taken off the queue: unfinished for good
     assert services.runner.find_unfinished_workflow(workflow, None, kind="comfy") == "comfy-prompt-1"
     assert services.runner.find_unfinished_workflow(workflow) is None  # a CLI run starts its own batch
+
+
+def test_a_workflow_problem_names_the_column_that_fed_it(services_factory, tmp_path):
+    services = services_factory()
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("product_name,Width,height,steps\nMug,72,64,2\n", encoding="utf-8")
+    prepared = services.runner.prepare("product_shot", read_sheet(sheet))
+    problem = prepared.report.rows[0].problems[-1]
+    assert problem.column == "Width" and "width 72 is not a multiple of 16" in problem.reason
