@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--steps", type=int, default=4)
     calibrate.add_argument("--size", type=int, default=512)
 
-    bench = add_command("bench", help="FP8 vs BF16 benchmark (or --e2e batch throughput)")
+    bench = add_command("bench", help="FP8 vs BF16 benchmark (or --e2e batch throughput, --png PNG encoding)")
     bench.add_argument("--e2e", action="store_true", help="end-to-end batch throughput instead")
     bench.add_argument("--png", action="store_true", help="the PNG writer against Pillow's encoder instead (CPU)")
     bench.add_argument("--model", default="auto", help="large, medium or tiny (auto: large on a GPU, tiny on a CPU)")

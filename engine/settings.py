@@ -26,7 +26,7 @@ class SettingSpec:
 
 
 SETTINGS: tuple[SettingSpec, ...] = (
-    SettingSpec("data_dir", "data", "Folder for the ledger, outputs, uploads and sidecars (/data on Spaces).", str),
+    SettingSpec("data_dir", "data", "Folder for the ledger, outputs, uploads, ComfyUI's input folder and the compile cache (/data on Spaces).", str),
     SettingSpec("models_dir", "models", "ComfyUI-style models folder (checkpoints/, diffusion_models/, text_encoders/, vae/, loras/, controlnet/).", str),
     SettingSpec("templates_dir", "templates", "Folder of workflow templates. A relative path that does not exist in the working directory is taken beside app.py, where the shipped templates are.", str),
     SettingSpec("db_path", "", "SQLite ledger file; empty means <data_dir>/ledger.db.", str),
@@ -38,7 +38,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("compile", True, "torch.compile each transformer block at load, after FP8 quantization, and warm up at the GPU batch sizes (CUDA only; the CPU runs eagerly). FP8 is faster than BF16 only compiled.", bool),
     SettingSpec("compile_mode", "default", "torch.compile mode of the transformer blocks: default, or max-autotune-no-cudagraphs (Inductor tunes its kernels: minutes more compile per shape, once, then cached on disk).", str),
     SettingSpec("png_compress_level", 1, "zlib level (0-9) of saved PNGs. 0-1 use the engine's own writer (one Up filter for the whole picture, zlib's run-length strategy): about 40 % of Pillow's CPU at level 1 on photographs (25 % on noise) for files of about the same size. 2-9 use Pillow's encoder at that level (ComfyUI's is 4). Pixels and metadata are the same at every level.", int),
-    SettingSpec("max_gpu_batch", 4, "Rows of the same shape sampled together on the GPU (1-4).", int),
+    SettingSpec("max_gpu_batch", 4, "Most rows of the same shape sampled together (at least 1; on CUDA also limited by free memory).", int),
     SettingSpec("row_timeout_s", 600.0, "Per-row deadline for sampling, in seconds.", float),
     SettingSpec("host", "127.0.0.1", "Address the web app listens on (0.0.0.0 on Spaces).", str),
     SettingSpec("port", 7860, "Port of the web app.", int),
