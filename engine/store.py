@@ -49,6 +49,11 @@ BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 RESERVED_BATCH_IDS = frozenset({"zip"})
 
 
+def _sql_offset(offset: int) -> int:
+    """A list offset SQLite can take: beyond any ledger's size it finds nothing, never an integer overflow."""
+    return min(max(int(offset), 0), 2**62)
+
+
 def check_batch_id(batch_id: Any) -> str:
     """``batch_id`` when it may name a batch (and so a folder under the outputs); BatchError otherwise."""
     if not isinstance(batch_id, str) or not BATCH_ID_PATTERN.fullmatch(batch_id):
@@ -462,7 +467,7 @@ class BatchLedger:
         """Batches, newest first."""
         where, params = ("WHERE user = ?", [user]) if user is not None else ("", [])
         rows = self._read(f"SELECT * FROM batches {where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
-                          [*params, int(limit), int(offset)])
+                          [*params, int(limit), _sql_offset(offset)])
         return [_batch_dict(r) for r in rows]
 
     def batch_summary(self, batch_id: str) -> dict[str, Any]:
@@ -761,7 +766,7 @@ class BatchLedger:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         rows = self._read(
             f"SELECT * FROM generations {clause} ORDER BY {when} DESC, row_key LIMIT ? OFFSET ?",
-            [*params, int(limit), int(offset)],
+            [*params, int(limit), _sql_offset(offset)],
         )
         return [Generation.from_row(r) for r in rows]
 
