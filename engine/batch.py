@@ -516,7 +516,7 @@ class BatchRunner:
             if claimant == me:
                 gone = batch_id not in self._active
             elif claim_host == host and pid.isdigit():
-                gone = not _process_alive(int(pid))
+                gone = not process_alive(int(pid))
             else:
                 claimed_at = _parse_time(row.started_at)
                 gone = claimed_at is None or datetime.now(timezone.utc) - claimed_at > stale_after
@@ -778,7 +778,7 @@ class _WorkflowTemplate:
     filename_pattern: str
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -823,7 +823,7 @@ def _remove_abandoned_temp_files(folder: Path) -> None:
     rows are not done and will be written again. A live writer's temp file is left alone."""
     for tmp in folder.rglob(".*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 

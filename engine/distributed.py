@@ -386,23 +386,15 @@ def _refuse_a_taken_name(redis_client: Any, nodename: str) -> None:
         holder = WorkerAnnouncement.from_json(raw)
     except (ValueError, KeyError, TypeError):
         return
+    from engine.batch import process_alive
+
     # Gone from this host, or this very process: in a container a restarted worker is pid 1 again
-    if holder.host == socket.gethostname() and (holder.pid == os.getpid() or not _pid_alive(holder.pid)):
+    if holder.host == socket.gethostname() and (holder.pid == os.getpid() or not process_alive(holder.pid)):
         return
     raise EngineError(
         f"a worker named {nodename} is already running (pid {holder.pid} on {holder.host}); give this one "
         "another --name", worker=nodename,
     )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def worker_queues(models: list[str]) -> list[str]:

@@ -420,22 +420,22 @@ def test_batch_ids_that_could_leave_the_outputs_folder_are_refused(services_fact
 
 
 def test_a_killed_claimant_that_is_still_a_zombie_counts_as_gone():
-    from engine.batch import _process_alive
+    from engine.batch import process_alive
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert _process_alive(child.pid)
+        assert process_alive(child.pid)
         child.kill()
         deadline = time.monotonic() + 10
         # Not reaped yet (no wait()): the process is a zombie, which still answers signal 0.
-        while _process_alive(child.pid) and time.monotonic() < deadline:
+        while process_alive(child.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(child.pid, 0)  # the zombie is still there...
-        assert not _process_alive(child.pid)  # ...and holds no rows
+        assert not process_alive(child.pid)  # ...and holds no rows
     finally:
         child.kill()
         child.wait()
-    assert not _process_alive(child.pid)
+    assert not process_alive(child.pid)
 
 
 def test_a_resume_removes_temp_files_of_writers_killed_mid_write(services_factory, tmp_path):
