@@ -108,11 +108,10 @@ def _run_workflow(args: argparse.Namespace) -> int:
         prompts = {number: line.strip() for number, line in enumerate(lines, start=1) if line.strip()}
     if args.resume and services.ledger.get_batch(args.resume) is None:
         raise BatchError(f"no batch {args.resume!r} to resume", batch_id=args.resume)
-    batch_id = args.resume or runner.find_unfinished_workflow(workflow, prompts)
-    if batch_id and not args.resume:
-        print(f"resuming unfinished batch {batch_id} of the same workflow and prompts")
     prepared = runner.prepare_workflow(workflow, prompts=prompts, prompts_name=args.prompt_file, user=args.user,
-                                       batch_id=batch_id)
+                                       batch_id=args.resume, resume_unfinished=True)
+    if prepared.resumed and not args.resume:
+        print(f"resuming unfinished batch {prepared.batch_id} of the same workflow and prompts")
     zip_path = _zip_path(args.zip, prepared.batch_id, runner.output_dir(prepared.batch_id)) if args.zip else None
     runner.start(prepared)
     return _run_prepared(args, runner, prepared, zip_path, unit="prompt line" if prompts is not None else "row")

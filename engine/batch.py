@@ -360,15 +360,19 @@ class BatchRunner:
         kind: str = "workflow",
         prompts: Mapping[int, str] | None = None,
         prompts_name: str | None = None,
+        resume_unfinished: bool = False,
     ) -> PreparedBatch:
         """A batch from a ready workflow (ComfyUI's /prompt, the single-image form, a re-run): one row, or
         with ``prompts`` (line number -> text, the source article's prompt file) one row per prompt, each
         the workflow with that positive prompt, numbered by its line.
 
         A ``batch_id`` already in the ledger resumes that batch when it was made from the same workflow and
-        prompts (BatchMismatch otherwise).
+        prompts (BatchMismatch otherwise); without one, ``resume_unfinished`` resumes an unfinished batch of
+        the same workflow and prompts if there is one (a command run again).
         """
         workflow_hash, inputs_hash, rows = self._workflow_rows(workflow, prompts, kind, png_extra, prompts_name)
+        if batch_id is None and resume_unfinished:
+            batch_id = self._unfinished_workflow_batch(kind, workflow_hash, inputs_hash)
         batch_id = batch_id or f"{kind[:1]}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         resumed = self.ledger.get_batch(batch_id) is not None
         if resumed:
@@ -384,6 +388,9 @@ class BatchRunner:
     ) -> str | None:
         """The id of an unfinished batch made from the same workflow and prompts (re-running resumes it)."""
         workflow_hash, inputs_hash, _ = self._workflow_rows(workflow, prompts, kind, None, None)
+        return self._unfinished_workflow_batch(kind, workflow_hash, inputs_hash)
+
+    def _unfinished_workflow_batch(self, kind: str, workflow_hash: str, inputs_hash: str) -> str | None:
         for batch in self.unfinished_batches():
             if (batch["template_name"] == f"({kind})" and batch["template_hash"] == workflow_hash
                     and batch["sheet_hash"] == inputs_hash):
