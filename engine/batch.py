@@ -719,8 +719,11 @@ class BatchRunner:
         if current is None or current.status == DONE:
             return None
         duration = result.timings.get("row_s")
+        # A Celery worker's name replaces the coordinator's claim; a local row keeps its host:pid claimant.
+        worker = None if result.worker in ("local", "?", "") else result.worker
         if result.status != DONE:
-            self.ledger.fail_row(job.row_key, result.status, result.error or result.status, duration_s=duration)
+            self.ledger.fail_row(job.row_key, result.status, result.error or result.status, duration_s=duration,
+                                 worker=worker)
             return []
         paths: list[Path] = []
         for index, image in enumerate(result.images):
@@ -734,7 +737,8 @@ class BatchRunner:
         first = result.images[0]
         self.ledger.complete_row(
             job.row_key,
-            record={**result.record, "worker": result.worker},
+            record=result.record,
+            worker=worker,
             image_path=str(paths[0]),
             image_sha256=first.sha256,
             images=[{"path": str(p), "sha256": i.sha256, "node_id": i.node_id} for p, i in zip(paths, result.images)],

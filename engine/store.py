@@ -575,9 +575,11 @@ class BatchLedger:
         duration_s: float | None = None,
         sampler_s: float | None = None,
         workflow: Mapping[str, Any] | None = None,
+        worker: str | None = None,
     ) -> None:
         """Commit a finished row: status ``done`` with its record and image. Call after the file is renamed
-        into place. A row already ``done`` is refused (no row ever gets two images)."""
+        into place. A row already ``done`` is refused (no row ever gets two images). ``worker`` names the
+        machine that ran the row when it is not the claimant (a Celery worker); None keeps the claimant."""
         columns: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for name, value in record.items():
@@ -598,6 +600,8 @@ class BatchLedger:
         )
         if workflow is not None:
             columns["workflow"] = json.dumps(workflow, ensure_ascii=False)
+        if worker is not None:
+            columns["worker"] = worker
         assignments = ", ".join(f"{name} = ?" for name in columns)
 
         def update(conn: sqlite3.Connection) -> None:
@@ -611,8 +615,11 @@ class BatchLedger:
 
         self._write(update)
 
-    def fail_row(self, key: str, status: str, error: str, duration_s: float | None = None) -> None:
-        """End a row without an image: ``failed``, ``timed_out``, ``skipped`` or ``cancelled``, with why."""
+    def fail_row(
+        self, key: str, status: str, error: str, duration_s: float | None = None, worker: str | None = None
+    ) -> None:
+        """End a row without an image: ``failed``, ``timed_out``, ``skipped`` or ``cancelled``, with why.
+        ``worker`` as for :meth:`complete_row`."""
         if status not in FAILURE_STATUSES:
             raise StoreError(f"fail_row takes one of {', '.join(FAILURE_STATUSES)}, not '{status}'")
 
@@ -623,8 +630,8 @@ class BatchLedger:
             if current[0] == "done":
                 raise StoreError(f"row {key} is done; it cannot become {status}", row_key=key)
             conn.execute(
-                "UPDATE generations SET status = ?, error = ?, finished_at = ?, duration_s = coalesce(?, duration_s) "
-                "WHERE row_key = ?", (status, error, _now(), duration_s, key),
+                "UPDATE generations SET status = ?, error = ?, finished_at = ?, duration_s = coalesce(?, duration_s), "
+                "worker = coalesce(?, worker) WHERE row_key = ?", (status, error, _now(), duration_s, worker, key),
             )
             _refresh_counts(conn, current[1])
 

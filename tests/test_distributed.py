@@ -196,6 +196,8 @@ def test_rows_spread_over_two_workers_match_the_in_process_runner(redis_server, 
     assert (summary.done, summary.failed) == (8, 0)
     rows = assert_each_row_once(remote, batch_id, 8)
     assert set(remote.runner.dispatcher.workers.values()) == {"alpha", "beta"}  # both workers took rows
+    # The audit trail names the worker that made each image, not the coordinator that claimed the row.
+    assert {r.row_key: r.worker.split("@")[0] for r in rows} == remote.runner.dispatcher.workers
     assert sorted(remote.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
     # Remote progress reaches listeners like local progress does (polled: the latest step of a fast row
     # may be overtaken by its result, so any step of the row counts).
@@ -301,6 +303,7 @@ def test_poison_row_is_failed_after_bounded_attempts_and_the_rest_finish(redis_s
     assert (summary.done, summary.failed) == (3, 1)
     poison = services.ledger.get_generation(POISON_ROW)
     assert poison.status == "failed" and "2 attempts" in poison.error
+    assert poison.worker.split("@")[0] in {"alpha", "beta"}  # the last worker it took down
     assert workers.restarts - restarts_before == 2  # each attempt took a worker down, no third one ran
     assert len(list(services.runner.output_dir(batch_id).glob("*.png"))) == 3
 
