@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import signal
 import sys
 import threading
@@ -126,7 +127,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     runner = services.runner
     sheet = read_sheet(Path(args.sheet), sheet_name=args.sheet_name)
     for note in sheet.notes:
-        print(f"note: {note}", file=sys.stderr)
+        _say(f"note: {note}")
     if args.resume and services.ledger.get_batch(args.resume) is None:
         unfinished = ", ".join(b["id"] for b in runner.unfinished_batches()[:10]) or "none"
         raise BatchError(f"no batch {args.resume!r} to resume; unfinished batches: {unfinished}", batch_id=args.resume)
@@ -140,12 +141,12 @@ def _run_batch(args: argparse.Namespace) -> int:
             batch_id=batch_id, images=images,
         )
         if prepared.report.unknown_columns:  # a misspelt column would otherwise quietly take the default
-            print(f"note: columns no field of {args.template} uses (ignored; check their spelling): "
-                  f"{', '.join(prepared.report.unknown_columns)}", file=sys.stderr)
+            _say(f"note: columns no field of {args.template} uses (ignored; check their spelling): "
+                 f"{', '.join(prepared.report.unknown_columns)}")
         for row in prepared.report.rows:
             if not row.ok:
                 for problem in row.problems:
-                    print(f"row {row.number}: {problem.column or '-'}: {problem.reason}", file=sys.stderr)
+                    _say(f"row {row.number}: {problem.column or '-'}: {problem.reason}")
         # Checked before anything is recorded: a refused path leaves no batch behind to "resume"
         zip_path = _zip_path(args.zip, prepared.batch_id, runner.output_dir(prepared.batch_id)) if args.zip else None
         runner.start(prepared)
@@ -160,11 +161,13 @@ def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path
     """Run a started batch with progress bars; Ctrl-C cancels between steps; the zip; the summary line."""
     from tqdm import tqdm
 
-    print(runner.engine.describe_model_banner(), file=sys.stderr)  # says so when it is the demo model
+    _say(runner.engine.describe_model_banner(), logging.INFO)  # says so when it is the demo model
     summary_before = runner.summary(prepared.batch_id)
     total = summary_before.total - summary_before.skipped
-    bar = tqdm(total=total, initial=summary_before.done, unit="image", desc=prepared.batch_id)
-    step_bar = tqdm(total=0, leave=False, unit="step", desc="  row")
+    # With JSON logs stderr is for machines: one JSON object per line, no progress bars between them.
+    quiet = runner.settings.log_format == "json"
+    bar = tqdm(total=total, initial=summary_before.done, unit="image", desc=prepared.batch_id, disable=quiet)
+    step_bar = tqdm(total=0, leave=False, unit="step", desc="  row", disable=quiet)
 
     def on_event(event: Any) -> None:
         if event.kind == "step":
@@ -216,8 +219,8 @@ def _ctrl_c_cancels(runner: Any, batch_id: str) -> Iterator[None]:
 
     def cancel(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, previous)  # the next Ctrl-C is the hard stop
-        print("\nstopping after the current sampler step (Ctrl-C again to quit at once); "
-              "run the same command again to resume", file=sys.stderr)
+        _say(("" if _json_stderr else "\n") + "stopping after the current sampler step (Ctrl-C again to quit at once); "
+             "run the same command again to resume")
         # On a thread of its own: the handler runs between the main thread's bytecodes, maybe while that
         # thread holds the runner's lock, which cancel() takes.
         threading.Thread(target=runner.cancel, args=(batch_id,), daemon=True).start()
@@ -456,21 +459,47 @@ COMMANDS = {
 }
 
 
+_json_stderr = False  # set by _configure_logging: stderr then carries only JSON log lines
+
+
+def _say(message: str, level: int = logging.WARNING) -> None:
+    """A message for the person at the terminal, on stderr; a log record when stderr is JSON lines."""
+    if _json_stderr:
+        logging.getLogger("app").log(level, message)
+    else:
+        print(message, file=sys.stderr)
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Logs on stderr in the ``log_format`` setting. The web server sets up its own (uvicorn's records
+    included). A worker runs unattended, so it logs from INFO; an interactive command shows warnings
+    only next to its progress bars, unless JSON logs were asked for (a log collector wants every row)."""
+    if args.command in (None, "serve"):
+        return
+    from engine.logs import configure_logging
+
+    global _json_stderr
+    log_format = _settings_from(args).log_format
+    _json_stderr = log_format == "json"
+    configure_logging(log_format, "INFO" if args.command == "worker" or log_format == "json" else "WARNING")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _configure_logging(args)
         return COMMANDS[args.command](args)
     except EngineError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        _say(f"error: {exc.message}", logging.ERROR)
         return 2
     except ValueError as exc:  # bad settings values
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}", logging.ERROR)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path argument
-        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", logging.ERROR)
         return 2
 
 

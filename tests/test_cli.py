@@ -363,3 +363,63 @@ def test_the_cli_names_columns_no_field_uses(tmp_path):
                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "note: columns no field of product_shot uses (ignored; check their spelling): Colr" in result.stderr
+
+
+def _json_lines(text: str) -> list[dict]:
+    """Every non-empty line parsed as JSON: one that is not fails the test with the line itself."""
+    records = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pytest.fail(f"not a JSON log line on stderr: {line!r}")
+    return records
+
+
+def test_json_logs_make_a_batch_runs_stderr_pure_json_lines_with_its_rows_and_problems(tmp_path):
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("product_name,width,height,steps,colour\nJacket,64,64,2,red\nBoots,64,64,oops,\n",
+                     encoding="utf-8")
+    result = app("--data-dir", "d", "--log-format", "json", "run", "--template", "product_shot",
+                 "--sheet", str(sheet), cwd=tmp_path)
+    assert result.returncode == 1
+    records = _json_lines(result.stderr)  # no progress bars in between
+    messages = [r["message"] for r in records]
+    assert any("built-in demo model" in m for m in messages)
+    assert any(m.startswith("row 3: steps") and r["level"] == "WARNING" for m, r in zip(messages, records))
+    assert any("colour" in m for m in messages)  # the column no field uses
+    assert "batch started: 1 row(s) to run" in messages and "batch ended: 1 done, 0 failed" in messages
+    assert "1 done, 0 failed, 0 timed out, 1 skipped" in result.stdout  # the summary stays on stdout
+
+    failed = app("--data-dir", "d", "--log-format", "json", "run", "--template", "product_shot",
+                 "--sheet", "missing.csv", cwd=tmp_path)
+    assert failed.returncode == 2
+    (error,) = _json_lines(failed.stderr)
+    assert error["level"] == "ERROR" and "missing.csv" in error["message"]
+
+
+def test_a_worker_logs_in_the_log_format_setting(tmp_path):
+    """A worker runs unattended under a supervisor: what it says (here, that its broker is down) must reach
+    the log collector as JSON lines, and in console format when that is the setting."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for log_format in ("json", "console"):
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--data-dir", "d", "--log-format", log_format, "worker",
+             "--broker", f"redis://127.0.0.1:{port}/0"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            _, stderr = process.communicate(timeout=8)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+        if log_format == "json":
+            records = _json_lines(stderr)
+            assert any(r["level"] == "WARNING" and "waiting for the broker" in r["message"] for r in records)
+        else:
+            assert "waiting for the broker" in stderr and not stderr.lstrip().startswith("{")
