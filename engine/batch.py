@@ -146,11 +146,15 @@ class BatchRunner:
         return [name for name in available if name in allow] if allow else available
 
     def switch_checkpoint(self, name: str) -> None:
-        """Make ``name`` the checkpoint templates use by default, loading it now (admins only, at the edge)."""
+        """Make ``name`` the checkpoint templates use by default, loading it now (admins only, at the edge).
+        A coordinator whose rows run on workers only changes the name: the workers load the model."""
         allowed = self.allowed_checkpoints()
         if name not in allowed:
             raise BatchError(f"checkpoint {name!r} is not allowed; allowed: {', '.join(allowed) or 'none'}")
-        self.engine.switch_model(name)
+        if getattr(self.dispatcher, "runs_rows_elsewhere", False):
+            self.engine.default_checkpoint = name
+        else:
+            self.engine.switch_model(name)
 
     # ---------------------------------------------------------------- prepare
 

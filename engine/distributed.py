@@ -29,6 +29,8 @@ Guarantees (see docs/SCALE-OUT.md):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -43,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.jobs import CANCELLED, FAILED, TIMED_OUT, RowJob, RowResult
+from engine.models.resolve import KIND_FOLDERS
 from engine.rows import RowExecutor
 from engine.errors import EngineError
 from engine.nodes.context import ProgressEvent
@@ -51,7 +54,10 @@ log = logging.getLogger(__name__)
 
 TASK_RUN_ROW = "sd35.run_row"
 DEFAULT_QUEUE = "sd35.rows"  # rows whose checkpoint no live worker announces; every worker consumes it
-CHECKPOINT_QUEUE_PREFIX = "sd35.ckpt."
+CHECKPOINT_QUEUE_PREFIX = "sd35.ckpt."  # rows for a checkpoint: consumed by the workers holding it loaded
+FILE_QUEUE_PREFIX = "sd35.file."  # rows for a checkpoint nobody holds: consumed by workers that have its file
+FILES_REFRESH_S = 30.0  # how often a worker lists its model folders again for its announcement
+FLEET_CACHE_S = 3.0  # how long the coordinator reuses the workers' announced model names
 WORKER_KEY_PREFIX = "sd35:worker:"  # heartbeat: JSON WorkerAnnouncement, TTL = 3 heartbeats
 ROW_KEY_PREFIX = "sd35:row:"  # the task id the dispatcher wants for a row, or "done:<task id>"
 CANCEL_KEY_PREFIX = "sd35:cancel:"  # set while a batch is being cancelled; workers poll it between steps
@@ -64,7 +70,17 @@ TEST_FAULTS = ("exit", "hang", "delay")
 
 def checkpoint_queue(checkpoint: str) -> str:
     """The queue of rows that need ``checkpoint``: workers holding that model consume it."""
-    return CHECKPOINT_QUEUE_PREFIX + re.sub(r"[^A-Za-z0-9_.\-]", "_", checkpoint)
+    return CHECKPOINT_QUEUE_PREFIX + _queue_safe(checkpoint)
+
+
+def file_queue(checkpoint: str) -> str:
+    """The queue of rows for ``checkpoint`` when no live worker holds it: workers whose models folder has
+    the file consume it, so such a row never lands on a worker that would fail it for a missing file."""
+    return FILE_QUEUE_PREFIX + _queue_safe(checkpoint)
+
+
+def _queue_safe(checkpoint: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", checkpoint)
 
 
 def broker_visibility_timeout_s(row_timeout_s: float, margin_s: float = DEFAULT_DEADLINE_MARGIN_S) -> int:
@@ -135,13 +151,19 @@ class WorkerAnnouncement:
     task_id: str | None = None  # the row it runs right now
     task_started: float | None = None  # wall clock
     seen: float = field(default_factory=time.time)
+    # Model names per kind (checkpoints, loras, ...) this worker can load from its folders: the coordinator
+    # validates workflows against them, so it needs no copy of the models.
+    files: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "WorkerAnnouncement":
-        return cls(**json.loads(text))
+        # Fields this version does not know are dropped: during a rolling upgrade workers and the
+        # coordinator run different versions against the same Redis.
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 def live_workers(redis_client: Any) -> list[WorkerAnnouncement]:
@@ -173,6 +195,7 @@ class RowWorker:
         heartbeat_s: float = 2.0,
         deadline_margin_s: float = DEFAULT_DEADLINE_MARGIN_S,
         test_faults: dict[str, str] | None = None,
+        list_files: Callable[[], dict[str, list[str]]] | None = None,
     ) -> None:
         self.executor = executor
         self.redis = redis_client
@@ -192,6 +215,9 @@ class RowWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.instance = uuid.uuid4().hex[:12]
+        self._list_files = list_files
+        self.files = list_files() if list_files is not None else {}
+        self._files_listed = time.monotonic()
 
     # heartbeat + watchdog ------------------------------------------------------------------------
 
@@ -211,7 +237,7 @@ class RowWorker:
         with self._lock:
             announcement = WorkerAnnouncement(
                 self.name, self.models, self.queues, os.getpid(), socket.gethostname(), self.instance,
-                self._task_id, self._task_started,
+                self._task_id, self._task_started, files=self.files,
             )
         ttl_ms = int(self.heartbeat_s * 3 * 1000)
         self.redis.set(WORKER_KEY_PREFIX + self.name, announcement.to_json(), px=ttl_ms)
@@ -228,10 +254,24 @@ class RowWorker:
                 log.error("row %s ran past its deadline plus %ss; stopping worker %s", task_id,
                           self.deadline_margin_s, self.name)
                 os._exit(75)
+            self._refresh_files()
             try:
                 self.beat()
             except Exception as exc:  # Redis restarting: keep beating, the key comes back when it is up
                 log.warning("heartbeat failed: %s", exc)
+
+    def _refresh_files(self) -> None:
+        """Model files added to (or removed from) the folders since the last listing reach the announcement."""
+        if self._list_files is None or time.monotonic() - self._files_listed < FILES_REFRESH_S:
+            return
+        self._files_listed = time.monotonic()
+        try:
+            files = self._list_files()
+        except OSError as exc:  # a network share blinking: keep announcing the last listing
+            log.warning("could not list the model folders: %s", exc)
+            return
+        with self._lock:
+            self.files = files
 
     # the task ------------------------------------------------------------------------------------
 
@@ -397,9 +437,17 @@ def _refuse_a_taken_name(redis_client: Any, nodename: str) -> None:
     )
 
 
-def worker_queues(models: list[str]) -> list[str]:
-    """A worker consumes the queue of each checkpoint it holds, plus the default queue."""
-    return [checkpoint_queue(m) for m in models] + [DEFAULT_QUEUE]
+def worker_queues(models: list[str], checkpoint_files: list[str] = ()) -> list[str]:
+    """A worker consumes the queue of each checkpoint it holds, the file queue of each checkpoint file it
+    has, and the default queue."""
+    held = [checkpoint_queue(m) for m in models]
+    files = [file_queue(name) for name in checkpoint_files]
+    return list(dict.fromkeys(held + files)) + [DEFAULT_QUEUE]
+
+
+def model_files(resolver: Any) -> dict[str, list[str]]:
+    """Every model name of every kind ``resolver`` finds in its folders (what a worker announces)."""
+    return {kind: resolver.available(kind) for kind in KIND_FOLDERS}
 
 
 def run_worker(
@@ -442,11 +490,14 @@ def run_worker(
             # Resident from now on, compiled and its kernels chosen: the first row pays for none of it.
             warm = engine.warm_up(model, gpu_batch=1)
             log.info("%s ready: loaded in %.1f s, warm-up step %.1f s", model, warm["load_s"], warm["sample_s"])
-    queues = worker_queues(models)
+    list_files = functools.partial(model_files, engine.models.resolver)
+    # Celery consumes a fixed set of queues: a checkpoint file added later is announced (validation on
+    # the coordinator accepts it) and reaches this worker through the default queue.
+    queues = worker_queues(models, list_files()["checkpoints"])
     # One job at a time: a batch of one keeps each worker's rows independent of its neighbours.
     executor = RowExecutor(engine, max_gpu_batch=1, worker_name=nodename)
     worker = RowWorker(executor, redis_client, name=nodename, models=models, queues=queues,
-                       heartbeat_s=heartbeat_s, test_faults=test_faults)
+                       heartbeat_s=heartbeat_s, test_faults=test_faults, list_files=list_files)
     app = make_celery(broker, row_timeout_s=float(settings.row_timeout_s), worker=worker)
     worker.start_heartbeat()
     try:
@@ -519,11 +570,32 @@ class CeleryDispatcher:
         self.app = make_celery(broker_url, result_backend, row_timeout_s=row_timeout_s)
         self.redis = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
         self._row_key_ttl_s = broker_visibility_timeout_s(row_timeout_s, deadline_margin_s) * 2
-        self._unheld_since: dict[str, float] = {}  # checkpoint -> when rows waited for it with no live holder
+        self._unconsumed_since: dict[str, float] = {}  # queue -> when rows waited in it with no live consumer
+        self._fleet: tuple[float, list[WorkerAnnouncement]] = (-FLEET_CACHE_S, [])
+
+    # Rows run elsewhere: the coordinator never loads a model (see BatchRunner.switch_checkpoint).
+    runs_rows_elsewhere = True
 
     def workers(self) -> list[WorkerAnnouncement]:
         """The live workers and what they hold."""
         return live_workers(self.redis)
+
+    def fleet_models(self, kind: str) -> list[str]:
+        """Model names of ``kind`` that live workers can load: the coordinator's validation accepts them
+        beside its own files. Read from Redis at most every few seconds (a batch validates every row);
+        empty while Redis is unreachable, so validation then knows only the local files."""
+        read_at, fleet = self._fleet
+        if time.monotonic() - read_at >= FLEET_CACHE_S:
+            try:
+                fleet = live_workers(self.redis)
+            except _BROKER_ERRORS() as exc:
+                log.warning("could not read the workers' models from Redis: %s", exc)
+                fleet = []
+            self._fleet = (time.monotonic(), fleet)
+        names: list[str] = []
+        for worker in fleet:
+            names.extend(name for name in worker.files.get(kind, []) if name not in names)
+        return names
 
     def close(self) -> None:
         self.redis.close()
@@ -625,7 +697,7 @@ class CeleryDispatcher:
         adopted = (state == "SUCCESS" and isinstance(info, dict) and "superseded" not in info) or \
             state in {"STARTED", "PROGRESS"}
         if not adopted:
-            for queue in (checkpoint_queue(flight.job.checkpoint), DEFAULT_QUEUE):
+            for queue in (checkpoint_queue(flight.job.checkpoint), file_queue(flight.job.checkpoint), DEFAULT_QUEUE):
                 if task_id in self._queued_task_ids({queue}):
                     flight.queue, adopted = queue, True
                     break
@@ -652,29 +724,32 @@ class CeleryDispatcher:
         flight.node_id, flight.step_node, flight.step = None, None, -1
 
     def _reroute_orphans(self, flights: dict[str, _Flight], live: dict[str, WorkerAnnouncement]) -> None:
-        """Rows still waiting in the queue of a checkpoint that no live worker announces any more (its only
-        worker died) go to the default queue, where any worker takes them and loads the model on demand.
-        The copy left behind is stale: a worker that comes back skips it."""
+        """Rows still waiting in a checkpoint's (or a checkpoint file's) queue that no live worker consumes
+        any more (its only worker died) are sent again where a live worker takes them: another holder's
+        file queue, else the default queue, where any worker loads the model on demand. The copy left
+        behind is stale: a worker that comes back skips it."""
         now = time.monotonic()
-        held = {model for worker in live.values() for model in worker.models}
-        for checkpoint in list(self._unheld_since):
-            if checkpoint in held:
-                del self._unheld_since[checkpoint]  # back (or a blip): nothing to reroute
+        consumed = {queue for worker in live.values() for queue in worker.queues}
+        for queue in list(self._unconsumed_since):
+            if queue in consumed:
+                del self._unconsumed_since[queue]  # back (or a blip): nothing to reroute
         for flight in flights.values():
-            checkpoint = flight.job.checkpoint
-            if flight.started_at is not None or flight.queue == DEFAULT_QUEUE or flight.cancelled or checkpoint in held:
+            if flight.started_at is not None or flight.queue == DEFAULT_QUEUE or flight.cancelled \
+                    or flight.queue in consumed:
                 continue
             # Confirmed over time, as a lost worker is: one poll without its key may be a Redis blip
-            since = self._unheld_since.setdefault(checkpoint, now)
+            since = self._unconsumed_since.setdefault(flight.queue, now)
             if now - since >= self.lost_confirm_s:
-                log.warning("row %s waited for %s, which no live worker holds any more; sending it to any "
-                            "worker", flight.job.row_key, checkpoint)
+                log.warning("row %s waited in %s, which no live worker takes from any more; sending it again",
+                            flight.job.row_key, flight.queue)
                 self._send(flight, live, flight.job.attempt + 1)
 
     def _queue_for(self, checkpoint: str, live: dict[str, WorkerAnnouncement]) -> str:
-        if any(checkpoint in worker.models for worker in live.values()):
-            return checkpoint_queue(checkpoint)
-        # No live worker announces it: any worker takes the row and loads the model on demand.
+        """A worker holding the checkpoint; else one that has its file; else any worker (the default queue)."""
+        consumed = {queue for worker in live.values() for queue in worker.queues}
+        for queue in (checkpoint_queue(checkpoint), file_queue(checkpoint)):
+            if queue in consumed:
+                return queue
         return DEFAULT_QUEUE
 
     def _resend_all(self, flights: dict[str, _Flight]) -> None:

@@ -43,6 +43,8 @@ def build_services(settings: Settings, engine: Any = None, dispatcher: Any = Non
         from engine.distributed import CeleryDispatcher
 
         dispatcher = CeleryDispatcher(settings.broker, row_timeout_s=settings.row_timeout_s)
+    if hasattr(dispatcher, "fleet_models"):  # workflows may name models only the workers have
+        engine.models.remote_catalog = dispatcher.fleet_models
     ledger = BatchLedger(settings.ledger_path)
     templates = TemplateLibrary(settings.templates_path, validate_workflow=engine.validate)
     runner = BatchRunner(engine, ledger, templates, settings, dispatcher=dispatcher)

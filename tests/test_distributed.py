@@ -67,8 +67,10 @@ class RedisServer:
 class WorkerPool:
     """Worker processes kept alive the way systemd's Restart=always would: a dead one is started again."""
 
-    def __init__(self, broker: str, data_dir: Path, logs: Path, faults: dict[str, str]) -> None:
+    def __init__(self, broker: str, data_dir: Path, logs: Path, faults: dict[str, str],
+                 settings: dict[str, str] | None = None) -> None:
         self.broker, self.data_dir, self.logs, self.faults = broker, data_dir, logs, faults
+        self.settings = settings or {}
         self.processes: dict[str, subprocess.Popen] = {}
         self.restarts = 0
         self._stop = threading.Event()
@@ -80,7 +82,7 @@ class WorkerPool:
         self._thread.start()
 
     def _spawn(self, name: str) -> None:
-        settings = {"data_dir": str(self.data_dir / name), "templates_dir": str(ROOT / "templates")}
+        settings = {"data_dir": str(self.data_dir / name), "templates_dir": str(ROOT / "templates"), **self.settings}
         code = (
             "import logging; logging.basicConfig(level=logging.INFO)\n"
             "from engine.distributed import run_worker\n"
@@ -164,6 +166,9 @@ class Recording:
 
     def __init__(self, inner) -> None:
         self.inner, self.yielded, self.workers = inner, [], {}
+
+    def __getattr__(self, name):  # everything else is the wrapped dispatcher's (fleet_models, ...)
+        return getattr(self.inner, name)
 
     def run(self, jobs, on_event, should_cancel):
         for result in self.inner.run(jobs, on_event, should_cancel):
@@ -439,3 +444,52 @@ def test_a_result_finished_after_its_row_was_settled_elsewhere_is_not_kept(redis
     assert state == "SUCCESS" and info == {"superseded": task_id, "row_key": SLOW_ROW, "worker": info["worker"]}
     dispatcher.app.backend.forget(task_id)
     dispatcher.close()
+
+
+def test_a_coordinator_without_the_model_file_accepts_and_routes_rows_by_what_the_workers_have(
+    redis_server, workers, tmp_path
+):
+    """The web app runs on a small machine without the models: it validates checkpoint names against what
+    live workers announce, sends such rows only to a worker that has the file, and an admin's switch of
+    the default checkpoint loads nothing on the coordinator."""
+    from engine.distributed import live_workers
+    from engine.models.demo import write_demo_checkpoint
+    import redis
+
+    models = tmp_path / "gamma-models"
+    write_demo_checkpoint(models / "checkpoints" / "brand_v2.safetensors")
+    gamma = WorkerPool(redis_server.url, tmp_path, tmp_path, {}, settings={"models_dir": str(models)})
+    gamma.start(["gamma"])
+    client = redis.Redis.from_url(redis_server.url)
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("product_name,checkpoint,width,height,steps\n" + "".join(
+        f"Item {i},brand_v2.safetensors,64,64,2\n" for i in range(4)), encoding="utf-8")
+    services = coordinator(tmp_path, "fleet", Recording(celery_dispatcher(redis_server)),
+                           models_dir=str(tmp_path / "no-models"))
+    try:
+        deadline = time.monotonic() + 120
+        while not any(w.name.startswith("gamma@") and w.models for w in live_workers(client)):
+            assert time.monotonic() < deadline, "worker gamma did not start"
+            time.sleep(0.2)
+        assert "brand_v2.safetensors" not in services.engine.models.resolver.available("checkpoints")
+        assert "brand_v2.safetensors" in services.runner.allowed_checkpoints()
+
+        batch_id = start_batch(services, sheet, "bfleet")
+        summary = services.runner.run(batch_id)
+
+        assert (summary.done, summary.failed) == (4, 0)
+        rows = assert_each_row_once(services, batch_id, 4)
+        assert set(services.runner.dispatcher.workers.values()) == {"gamma"}  # alpha and beta lack the file
+        assert all(r.model_name == "brand_v2.safetensors" and r.worker.startswith("gamma@") for r in rows)
+
+        services.runner.switch_checkpoint("brand_v2.safetensors")
+        assert services.runner.default_checkpoint == "brand_v2.safetensors"
+        assert services.engine.models.loaded() == []  # the coordinator loads no model
+    finally:
+        gamma.stop()
+
+    # Gone with its worker: the name is refused again, naming the row and the model.
+    time.sleep(3 * HEARTBEAT_S + 3.5)  # the heartbeat key expires, then the coordinator reads Redis again
+    prepared = services.runner.prepare("product_shot", read_sheet(sheet), batch_seed=1, batch_id="bgone")
+    problems = [p for row in prepared.report.rows for p in row.problems]
+    assert not any(row.ok for row in prepared.report.rows) and "brand_v2.safetensors" in problems[0].reason

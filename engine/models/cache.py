@@ -93,12 +93,19 @@ class ModelCache:
         self._loading: dict[tuple, threading.Lock] = {}
         self._hashes: dict[str, str] = {}
         self._hashes_loaded = False
+        # Names other machines can load (scale-out: what live workers announce), offered and accepted by
+        # validation beside the local files, so a coordinator needs no copy of the models folder.
+        self.remote_catalog: Callable[[str], list[str]] | None = None
 
     # -- public API -----------------------------------------------------------------------------------
 
     def available(self, kind: str) -> list[str]:
-        """Names a loader node may offer for ``kind`` (see :meth:`ModelResolver.available`)."""
-        return self.resolver.available(kind)
+        """Names a loader node may offer for ``kind`` (see :meth:`ModelResolver.available`), then the
+        names of the remote catalog that are not local."""
+        names = self.resolver.available(kind)
+        if self.remote_catalog is not None:
+            names.extend(name for name in self.remote_catalog(kind) if name not in names)
+        return names
 
     def checkpoint(self, name: str) -> tuple["ModelHandle", "ClipHandle | None", "VaeHandle | None"]:
         """CheckpointLoaderSimple: (MODEL, CLIP, VAE) of a single-file checkpoint, diffusers folder or the demo.
