@@ -176,18 +176,27 @@ class ImageLibrary:
 
     def check(self, name: str) -> str | None:
         """Why a cell naming ``name`` cannot be used, or None when it names a readable photo."""
+        problem = self.problem(name)
+        return None if problem is None else problem[1]
+
+    def problem(self, name: str) -> tuple[str, str, dict[str, Any]] | None:
+        """:meth:`check` as (code, reason, params), the form of :class:`engine.sheets.RowProblem`."""
         if not isinstance(name, str) or not name.strip():
-            return "no image file named"
+            return "photo_not_named", "no image file named", {}
         key = image_key(name)
         if key in self.files:
             return None
         if key in self.unreadable:
-            return f"image '{name}' cannot be read as an image: {self.unreadable[key]}"
+            return ("photo_unreadable", f"image '{name}' cannot be read as an image: {self.unreadable[key]}",
+                    {"value": name, "error": self.unreadable[key]})
         if not key.endswith(IMAGE_EXTENSIONS):
-            return f"image '{name}' is not a supported photo; supported: {', '.join(IMAGE_EXTENSIONS)}"
+            supported = ", ".join(IMAGE_EXTENSIONS)
+            return ("photo_type_unsupported", f"image '{name}' is not a supported photo; supported: {supported}",
+                    {"value": name, "supported": supported})
         shown = self.names()
         listed = ", ".join(shown[:20]) + (f" … ({len(shown) - 20} more)" if len(shown) > 20 else "")
-        return f"image '{name}' is not in the uploaded photos; available: {listed or 'none'}"
+        return ("photo_not_uploaded", f"image '{name}' is not in the uploaded photos; available: {listed or 'none'}",
+                {"value": name, "available": listed or "-"})
 
     def resolve(self, name: str) -> str:
         """The stored file name a cell's ``name`` refers to; SheetError saying why when there is none."""

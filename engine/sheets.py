@@ -23,7 +23,7 @@ import re
 import unicodedata
 import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -91,6 +91,10 @@ class RowProblem:
     row: int
     column: str | None
     reason: str
+    # What went wrong as a stable code and its values (``not_whole_number``, {"value": "abc"}), so a page
+    # or an API client can say it in the user's language; None for problems found outside the cell checks.
+    code: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         where = f"row {self.row}" + (f", column '{self.column}'" if self.column else "")
@@ -631,7 +635,8 @@ def _build_sheet(
             if len(text) > limits.max_cell_chars:
                 problems.append(
                     RowProblem(number, name, f"the cell is {len(text):,} characters; the limit is "
-                               f"{limits.max_cell_chars:,}")
+                               f"{limits.max_cell_chars:,}", "cell_too_long",
+                               {"length": len(text), "max": limits.max_cell_chars})
                 )
                 text = text[: limits.max_cell_chars]
             row_cells[name] = text
@@ -655,22 +660,40 @@ def _build_sheet(
 # Converting cells
 
 
+# The codes of RowProblem: part of the HTTP API's validation report, so clients can word them themselves.
+PROBLEM_CODES = (
+    "required_column_missing", "required_value_empty", "not_whole_number", "not_a_number", "too_large",
+    "not_yes_no", "below_minimum", "above_maximum", "text_too_long", "seed_out_of_range", "not_a_choice",
+    "not_a_file_name", "cell_too_long", "photo_not_named", "photo_unreadable", "photo_type_unsupported",
+    "photo_not_uploaded",
+)
+
+
+class CellValueError(ValueError):
+    """A cell that does not fit its field: ``reason`` in English, plus ``code`` and ``params`` (see RowProblem)."""
+
+    def __init__(self, code: str, reason: str, **params: Any) -> None:
+        super().__init__(reason)
+        self.code, self.params = code, params
+
+
 def parse_integer(text: str) -> int:
     """An exact integer from text: ``12345``, ``12345.0``, ``1.2345E+4``. Never goes through a float.
 
     Raises ValueError (with a user-facing reason) for ``12345.5``, ``abc``, ``inf``.
     """
     cleaned = text.strip().replace("\u00a0", "").replace(" ", "")
+    not_whole = CellValueError("not_whole_number", f"'{_short(text)}' is not a whole number", value=_short(text))
     try:
         number = Decimal(cleaned)
     except InvalidOperation:
-        raise ValueError(f"'{_short(text)}' is not a whole number") from None
+        raise not_whole from None
     if not number.is_finite():
-        raise ValueError(f"'{_short(text)}' is not a whole number")
+        raise not_whole
     if number.adjusted() > 40:  # far past 2**64; refuse before int() builds a huge number
-        raise ValueError(f"'{_short(text)}' is far too large")
+        raise CellValueError("too_large", f"'{_short(text)}' is far too large", value=_short(text))
     if number != number.to_integral_value():
-        raise ValueError(f"'{_short(text)}' is not a whole number")
+        raise not_whole
     return int(number)
 
 
@@ -680,7 +703,8 @@ def parse_bool(text: str) -> bool:
         return True
     if word in FALSE_WORDS:
         return False
-    raise ValueError(f"'{_short(text)}' is not yes/no; use one of: {', '.join(BOOL_WORDS)}")
+    raise CellValueError("not_yes_no", f"'{_short(text)}' is not yes/no; use one of: {', '.join(BOOL_WORDS)}",
+                         value=_short(text), words=", ".join(BOOL_WORDS))
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -689,9 +713,9 @@ def _short(text: str, limit: int = 40) -> str:
 
 def _check_range(field: "TemplateField", value: float | int) -> None:
     if field.min is not None and value < field.min:
-        raise ValueError(f"{value} is below the minimum {field.min}")
+        raise CellValueError("below_minimum", f"{value} is below the minimum {field.min}", value=value, min=field.min)
     if field.max is not None and value > field.max:
-        raise ValueError(f"{value} is above the maximum {field.max}")
+        raise CellValueError("above_maximum", f"{value} is above the maximum {field.max}", value=value, max=field.max)
 
 
 def coerce_cell(field: "TemplateField", text: str) -> Any:
@@ -699,7 +723,8 @@ def coerce_cell(field: "TemplateField", text: str) -> Any:
     kind = field.type
     if kind in ("string", "text"):
         if kind == "string" and field.max is not None and len(text) > field.max:
-            raise ValueError(f"the text is {len(text)} characters; the maximum is {int(field.max)}")
+            raise CellValueError("text_too_long", f"the text is {len(text)} characters; the maximum is {int(field.max)}",
+                                 length=len(text), max=int(field.max))
         return text
     if kind == "int":
         value = parse_integer(text)
@@ -708,7 +733,8 @@ def coerce_cell(field: "TemplateField", text: str) -> Any:
     if kind == "seed":
         value = parse_integer(text)
         if not 0 <= value <= SEED_MAX:
-            raise ValueError(f"seed {value} is outside 0 … {SEED_MAX} (2^64−1)")
+            raise CellValueError("seed_out_of_range", f"seed {value} is outside 0 … {SEED_MAX} (2^64−1)",
+                                 value=value, max=SEED_MAX)
         _check_range(field, value)
         return value
     if kind == "float":
@@ -716,12 +742,12 @@ def coerce_cell(field: "TemplateField", text: str) -> Any:
         try:
             number = Decimal(cleaned)
         except InvalidOperation:
-            raise ValueError(f"'{_short(text)}' is not a number") from None
+            raise CellValueError("not_a_number", f"'{_short(text)}' is not a number", value=_short(text)) from None
         if not number.is_finite():
-            raise ValueError(f"'{_short(text)}' is not a finite number")
+            raise CellValueError("not_a_number", f"'{_short(text)}' is not a finite number", value=_short(text))
         value = float(number)
         if not math.isfinite(value):
-            raise ValueError(f"'{_short(text)}' is too large a number")
+            raise CellValueError("too_large", f"'{_short(text)}' is too large a number", value=_short(text))
         _check_range(field, value)
         return value
     if kind == "bool":
@@ -731,11 +757,15 @@ def coerce_cell(field: "TemplateField", text: str) -> Any:
         for choice in field.choices:
             if str(choice).casefold() == wanted:
                 return choice
-        raise ValueError(f"'{_short(text)}' is not one of: {', '.join(map(str, field.choices))}")
+        choices = ", ".join(map(str, field.choices))
+        raise CellValueError("not_a_choice", f"'{_short(text)}' is not one of: {choices}", value=_short(text),
+                             choices=choices)
     if kind in ("checkpoint", "image"):
         name = text.strip()
         if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in re.split(r"[\\/]", name):
-            raise ValueError(f"'{_short(name)}' must be a file name inside the models/inputs folder, not a path")
+            raise CellValueError("not_a_file_name",
+                                 f"'{_short(name)}' must be a file name inside the models/inputs folder, not a path",
+                                 value=_short(name))
         return name
     raise ValueError(f"unsupported field type '{kind}'")
 
@@ -783,10 +813,7 @@ def validate_rows(
         if images is not None:
             problems += _image_problems(template, values, images, row.number)
         # Problems speak of the sheet's own column spelling.
-        problems = [
-            RowProblem(p.row, column_map.get(p.column, p.column) if p.column else None, p.reason)
-            for p in problems
-        ]
+        problems = [replace(p, column=column_map.get(p.column, p.column)) if p.column else p for p in problems]
         own = [p for p in sheet_problems.get(row.number, []) if p.column is None or p.column in field_by_column]
         all_problems = own + problems
         reports.append(RowReport(row.number, not all_problems, all_problems, values, dict(row.cells)))
@@ -801,11 +828,12 @@ def _image_problems(
     for f in template.fields:
         if f.type != "image" or not isinstance(values.get(f.name), str):
             continue
-        reason = images.check(values[f.name])
-        if reason is None:
+        problem = images.problem(values[f.name])
+        if problem is None:
             values[f.name] = images.resolve(values[f.name])
         else:
-            problems.append(RowProblem(row_number, f.name, reason))
+            code, reason, params = problem
+            problems.append(RowProblem(row_number, f.name, reason, code, params))
             del values[f.name]
     return problems
 
@@ -825,13 +853,16 @@ def coerce_fields(
         text = by_key.get(column_key(f.name))
         if text is None or not text.strip():
             if f.required:
+                code = "required_column_missing" if text is None else "required_value_empty"
                 reason = "required column is missing" if text is None else "required value is empty"
-                problems.append(RowProblem(row_number, f.name, reason))
+                problems.append(RowProblem(row_number, f.name, reason, code))
             elif f.default is not None:
                 values[f.name] = f.default
             continue
         try:
             values[f.name] = coerce_cell(f, text)
+        except CellValueError as exc:
+            problems.append(RowProblem(row_number, f.name, str(exc), exc.code, exc.params))
         except ValueError as exc:
             problems.append(RowProblem(row_number, f.name, str(exc)))
     return values, problems

@@ -477,7 +477,7 @@ def test_a_coordinator_without_the_model_file_accepts_and_routes_rows_by_what_th
         batch_id = start_batch(services, sheet, "bfleet")
         summary = services.runner.run(batch_id)
 
-        assert (summary.done, summary.failed) == (4, 0)
+        assert (summary.done, summary.failed) == (4, 0), [r.error for r in services.ledger.rows(batch_id)]
         rows = assert_each_row_once(services, batch_id, 4)
         assert set(services.runner.dispatcher.workers.values()) == {"gamma"}  # alpha and beta lack the file
         assert all(r.model_name == "brand_v2.safetensors" and r.worker.startswith("gamma@") for r in rows)

@@ -424,3 +424,47 @@ def test_an_empty_first_worksheet_names_the_ones_that_hold_data():
     with pytest.raises(SheetError, match="worksheet 'Sheet1' is empty; the workbook also has: Products"):
         read_sheet(data, "rows.xlsx")
     assert read_sheet(data, "rows.xlsx", sheet_name="Products").rows[0].cells["prompt"] == "cat"
+
+
+def test_every_cell_problem_carries_a_documented_code_whose_chinese_words_take_its_values(tmp_path):
+    """The validation report's codes are an API contract (clients word them in their own language) and the
+    Chinese page words each of them: every code the checks produce is listed, and fills its sentence."""
+    import string
+
+    from engine.image_refs import ImageLibrary
+    from engine.sheets import PROBLEM_CODES, coerce_fields
+    from engine.templates import TemplateField
+    from webapp.i18n import PROBLEMS_ZH
+
+    fields = [
+        TemplateField("prompt", "text", required=True), TemplateField("title", "string", max=5),
+        TemplateField("steps", "int", default=1, min=1, max=50), TemplateField("cfg", "float", default=1.0),
+        TemplateField("seed", "seed"), TemplateField("tiled", "bool", default=False),
+        TemplateField("sampler", "choice", default="euler", choices=("euler", "dpmpp_2m")),
+        TemplateField("checkpoint", "checkpoint"), TemplateField("style", "text", required=True),
+    ]
+    bad_cells = [
+        {"prompt": "", "title": "too long a title", "steps": "1.5", "cfg": "abc", "seed": "-1", "tiled": "maybe",
+         "sampler": "ddim", "checkpoint": "../etc/passwd"},
+        {"prompt": "a", "steps": "0", "cfg": "1e999", "seed": "1e60", "style": "x"},
+        {"prompt": "a", "steps": "99", "cfg": "inf", "style": "x"},
+    ]
+    problems = [p for number, raw in enumerate(bad_cells, start=2) for p in coerce_fields(fields, raw, number)[1]]
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "shoe.png").write_bytes(b"not a png at all")
+    photos = ImageLibrary.from_folder(tmp_path / "photos")
+    for name in ("", "shoe.png", "shoe.gif", "boot.jpg"):
+        code, reason, params = photos.problem(name)
+        problems.append(type(problems[0])(5, "photo", reason, code, params))
+
+    limits = SheetLimits(max_cell_chars=10)
+    problems += read_sheet(io.BytesIO(b"prompt\n" + b"x" * 11 + b"\n"), "long.csv", limits=limits).problems
+
+    produced = {p.code for p in problems}
+    assert produced == set(PROBLEM_CODES), f"never produced: {set(PROBLEM_CODES) - produced}"
+    assert set(PROBLEMS_ZH) == set(PROBLEM_CODES)
+    for problem in problems:
+        wanted = {name for _, name, _, _ in string.Formatter().parse(PROBLEMS_ZH[problem.code]) if name}
+        assert wanted <= set(problem.params), (problem.code, problem.params)
+        PROBLEMS_ZH[problem.code].format(**problem.params)

@@ -141,6 +141,20 @@ def test_check_sheet_reports_the_bad_row_with_its_reason(services, sheet_path):
     assert not stopped.can_start and "stop" in stopped.summary
 
 
+def test_a_chinese_page_words_cell_problems_in_chinese_and_an_english_one_keeps_the_engines_words(
+    services, tmp_path
+):
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt,seed,width,height,steps\n,1,64,64,1\nb,x,64,64,1\nc,1,64,9999,1\n", encoding="utf-8")
+
+    chinese = {row[0]: row[2] for row in handlers.check_sheet(services, USER, "turbo_draft", path, lang="zh").rows}
+    english = {row[0]: row[2] for row in handlers.check_sheet(services, USER, "turbo_draft", path).rows}
+
+    assert chinese == {2: "prompt: 必填项为空", 3: "seed: “x”不是整数", 4: "height: 9999 大于最大值 2048"}
+    assert english == {2: "prompt: required value is empty", 3: "seed: 'x' is not a whole number",
+                       4: "height: 9999 is above the maximum 2048"}
+
+
 def test_unreadable_sheet_is_a_library_error(services, tmp_path):
     path = tmp_path / "rows.xls"
     path.write_bytes(b"\xd0\xcf\x11\xe0legacy excel")

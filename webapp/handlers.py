@@ -23,7 +23,7 @@ from engine.batch import describe_error
 from engine.errors import AccessDenied, BatchError, EngineError, SheetError
 from webapp.auth import ADMIN
 from webapp.guard import LOCAL_USER, Caller
-from webapp.i18n import text
+from webapp.i18n import problem_text, text
 
 ACTIVE_STATES = ("queued", "running")
 LEDGER_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")
@@ -226,11 +226,14 @@ def check_sheet(
         raise
     header = [text("report.row", lang), text("report.status", lang), text("report.problems", lang)]
     table, ok, bad = [], 0, 0
+    problems = {report.number: report.problems for report in prepared.report.rows}
     for row in prepared.rows:
         good = row["status"] == "queued"
         ok += good
         bad += not good
-        table.append([row["row_number"], text("report.ok" if good else "report.problem", lang), row["error"] or ""])
+        described = "; ".join(problem_text(p, lang) for p in problems.get(row["row_number"], []))
+        table.append([row["row_number"], text("report.ok" if good else "report.problem", lang),
+                      described or row["error"] or ""])
     notes = list(prepared.report.notes)
     image_fields = [f.name for f in getattr(prepared.template, "fields", ()) if f.type == "image"]
     if image_fields and images is None and bad:  # the usual cause: the photos zip was not uploaded
@@ -494,12 +497,15 @@ def stage_single_photos(
     return services.runner.stage_photos(template_name, photos)
 
 
-def _prepare_one_row(services: Any, template_name: str, sheet: Any, caller: Caller, images: Any = None) -> Any:
+def _prepare_one_row(
+    services: Any, template_name: str, sheet: Any, caller: Caller, images: Any = None, lang: str = "en"
+) -> Any:
     """Prepare a one-row batch; a row with problems is refused with its reasons (which field, why)."""
     prepared = services.runner.prepare(template_name, sheet, on_invalid="skip", user=caller.name, images=images)
     row = prepared.rows[0]
     if row["status"] != "queued":
-        raise BatchError(row["error"] or "the row cannot run", row=row["row_number"])
+        described = "; ".join(problem_text(p, lang) for p in prepared.report.rows[0].problems)
+        raise BatchError(described or row["error"] or "the row cannot run", row=row["row_number"])
     return prepared
 
 
@@ -525,7 +531,7 @@ def generate_single(
         # A field left without a photo is an empty cell, so the row says which photo is required.
         cells = {**values, **{name: "" for name in photos or {}}, **names}
         sheet = one_row_sheet(cells, row_number=2, filename="single-image")
-        prepared = _prepare_one_row(services, template_name, sheet, caller, images)
+        prepared = _prepare_one_row(services, template_name, sheet, caller, images, lang)
         batch_id = start_batch(services, prepared)
     finally:
         if images is not None:  # started: the batch has its own copy; refused: nothing needs them

@@ -113,6 +113,7 @@ EN: dict[str, str] = {
     "report.problems": "Problems",
     "report.ok": "ok",
     "report.problem": "problem",
+    "report.whole_row": "row",
     # single image tab
     "single.hint": "Fill in one row to try a template before a batch (for an image field, upload the photo: PNG, JPG or WebP). The image, the photo it was made from and its parameters appear here.",
     "single.generate": "Generate",
@@ -312,6 +313,7 @@ ZH: dict[str, str] = {
     "report.problems": "问题",
     "report.ok": "正常",
     "report.problem": "有问题",
+    "report.whole_row": "整行",
     "single.hint": "填写一行即可在批量生成前试用模板（图片字段请上传照片：PNG、JPG 或 WebP）。生成的图片、所用照片及其参数会显示在这里。",
     "single.generate": "生成",
     "single.image": "图片",
@@ -414,6 +416,38 @@ ZH: dict[str, str] = {
 }
 
 TABLES: dict[str, dict[str, str]] = {"en": EN, "zh": ZH}
+
+# Spreadsheet cell problems by code (engine.sheets.PROBLEM_CODES). English needs no table: the engine's
+# own reason is English, with the very values these fill in.
+PROBLEMS_ZH: dict[str, str] = {
+    "required_column_missing": "缺少必填列",
+    "required_value_empty": "必填项为空",
+    "not_whole_number": "“{value}”不是整数",
+    "not_a_number": "“{value}”不是有效数字",
+    "too_large": "“{value}”数值过大",
+    "not_yes_no": "“{value}”不是“是/否”；可用：{words}",
+    "below_minimum": "{value} 小于最小值 {min}",
+    "above_maximum": "{value} 大于最大值 {max}",
+    "text_too_long": "文字有 {length} 个字符，上限为 {max}",
+    "seed_out_of_range": "种子 {value} 超出范围 0 … {max}",
+    "not_a_choice": "“{value}”不在可选值中：{choices}",
+    "not_a_file_name": "“{value}”必须是 models/inputs 文件夹内的文件名，不能是路径",
+    "cell_too_long": "单元格有 {length:,} 个字符，上限为 {max:,}",
+    "photo_not_named": "未填写图片文件名",
+    "photo_unreadable": "图片“{value}”无法读取：{error}",
+    "photo_type_unsupported": "“{value}”不是支持的图片格式；支持：{supported}",
+    "photo_not_uploaded": "上传的图片中没有“{value}”；可用：{available}",
+}
+PROBLEM_TABLES: dict[str, dict[str, str]] = {"zh": PROBLEMS_ZH}
+
+
+def problem_text(problem: Any, lang: str = "en") -> str:
+    """One spreadsheet problem as "column: why" in ``lang``. Problems without a code (a workflow check
+    that failed, say) and languages without a table keep the engine's English reason."""
+    template = PROBLEM_TABLES.get(lang, {}).get(problem.code or "")
+    reason = template.format(**problem.params) if template is not None else problem.reason
+    where = problem.column or text("report.whole_row", lang)
+    return f"{where}: {reason}"
 
 
 def language_of(accept_language: str | None) -> str:
