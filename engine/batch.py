@@ -622,7 +622,9 @@ class BatchRunner:
                     if stored is None:
                         continue  # the ledger already had it done: a duplicate delivery
                     remaining -= 1
-                    log.info("row %s", result.status, extra={"error": result.error} if result.error else None)
+                    # A failed row is worth an alert; a finished or cancelled one is routine.
+                    level = logging.WARNING if result.status in (FAILED, TIMED_OUT) else logging.INFO
+                    log.log(level, "row %s", result.status, extra={"error": result.error} if result.error else None)
                     if result.status == DONE:
                         counts[DONE] += 1
                         emit("row_done", row_number=job.row_number, image_path=str(stored[0]) if stored else None)

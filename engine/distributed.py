@@ -503,6 +503,9 @@ def run_worker(
     try:
         app.worker_main(
             argv=[
+                # Celery's banner is for a person at a terminal; a log collector reading JSON gets the
+                # same facts from the "ready" records.
+                *(["--quiet"] if getattr(settings, "log_format", "console") == "json" else []),
                 "worker", "--pool=solo", "--concurrency=1", f"--hostname={nodename}",
                 f"--queues={','.join(queues)}", f"--loglevel={loglevel}",
                 "--without-gossip", "--without-mingle", "--without-heartbeat",

@@ -237,4 +237,6 @@ def configure_logging(
     handler.addFilter(SecretFilter())
     target.addHandler(handler)
     target.setLevel(level)
+    if target is logging.getLogger():
+        logging.captureWarnings(True)  # library warnings become records in the same format, not raw stderr
     return handler

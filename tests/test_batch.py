@@ -202,7 +202,9 @@ def test_out_of_memory_twice_fails_the_row(services_factory, tmp_path):
     assert summary.failed == 1 and row.status == "failed" and "out of memory" in row.error
 
 
-def test_nan_output_fails_the_row_not_the_batch(services_factory, tmp_path):
+def test_nan_output_fails_the_row_not_the_batch(services_factory, tmp_path, caplog):
+    import logging
+
     import torch
 
     services = services_factory()
@@ -214,6 +216,9 @@ def test_nan_output_fails_the_row_not_the_batch(services_factory, tmp_path):
     rows = services.ledger.rows(prepared.batch_id)
     assert summary.failed == 2 and all(r.status == "failed" and "VAEDecode" in r.error for r in rows)
     assert not list(services.runner.output_dir(prepared.batch_id).glob("*.png"))
+    # An alert on warnings sees each failed row, with why.
+    failed = [r for r in caplog.records if r.name == "engine.batch" and r.getMessage() == "row failed"]
+    assert len(failed) == 2 and all(r.levelno == logging.WARNING and "VAEDecode" in r.error for r in failed)
 
 
 def test_cancel_keeps_finished_rows_and_resume_finishes_the_rest(services_factory, tmp_path):

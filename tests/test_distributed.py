@@ -493,3 +493,28 @@ def test_a_coordinator_without_the_model_file_accepts_and_routes_rows_by_what_th
     prepared = services.runner.prepare("product_shot", read_sheet(sheet), batch_seed=1, batch_id="bgone")
     problems = [p for row in prepared.report.rows for p in row.problems]
     assert not any(row.ok for row in prepared.report.rows) and "brand_v2.safetensors" in problems[0].reason
+
+
+def test_a_worker_with_json_logs_writes_only_json_records_from_start_to_ready(redis_server, tmp_path):
+    """Under a supervisor a worker's output goes to a log collector: no Celery banner, no raw warnings."""
+    import json
+
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--data-dir", str(tmp_path / "d"), "--log-format", "json",
+         "worker", "--broker", redis_server.url, "--name", "jsonlogs"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    records, deadline = [], time.monotonic() + 120
+    try:
+        for line in process.stderr:  # one record per line, until Celery says the worker is ready
+            records.append(json.loads(line))
+            if records[-1]["message"].endswith(" ready.") or time.monotonic() > deadline:
+                break
+    finally:
+        process.terminate()
+        stdout, rest = process.communicate(timeout=30)
+    records += [json.loads(line) for line in rest.splitlines() if line.strip()]
+    messages = [r["message"] for r in records]
+    assert any(m.startswith("loading and warming up") for m in messages)
+    assert any(m.endswith(" ready.") for m in messages), messages
+    assert "[queues]" not in stdout  # the banner is left out
