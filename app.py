@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path argument
+    except OSError as exc:  # a path argument, a full disk, a read-only folder
         _say(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", logging.ERROR)
         return 2
 

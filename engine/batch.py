@@ -10,6 +10,7 @@ two images. Resume is simply "run the rows that are not done".
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from engine.jobs import (
     CANCELLED,
     DONE,
     FAILED,
+    MAX_ROW_ATTEMPTS,
     QUEUED,
     RUNNING,
     SKIPPED,
@@ -525,14 +527,18 @@ class BatchRunner:
             claimant = row.worker or ""
             claim_host, _, pid = claimant.rpartition(":")
             if claimant == me:
-                gone = batch_id not in self._active
+                # Only one run of a batch at a time in a process (see run), and this one has not claimed
+                # anything yet: the claim is an earlier run's that stopped (a full disk), or a process
+                # before a restart that got the same pid (pid 1 in a container).
+                gone = True
             elif claim_host == host and pid.isdigit():
                 gone = not process_alive(int(pid))
             else:
                 claimed_at = _parse_time(row.started_at)
                 gone = claimed_at is None or datetime.now(timezone.utc) - claimed_at > stale_after
             if gone:
-                self.ledger.reset_stale_running(batch_id, worker=row.worker)
+                # A row that took its process down every time is failed, not retried forever.
+                self.ledger.reset_stale_running(batch_id, worker=row.worker, max_attempts=MAX_ROW_ATTEMPTS)
 
     def run(
         self,
@@ -543,6 +549,8 @@ class BatchRunner:
     ) -> BatchSummary:
         """Run every row of the batch that is not done. Safe to call again after a crash: that is resume."""
         with self._lock:
+            if batch_id in self._active:
+                raise BatchError(f"batch {batch_id} is already running in this process", batch_id=batch_id)
             self._active.add(batch_id)
         try:
             return self._run(batch_id, on_event, should_cancel, retry_failed)
@@ -563,7 +571,11 @@ class BatchRunner:
             raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
         started = time.perf_counter()
         out_dir = self.output_dir(batch_id)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # before any row is claimed: the batch stays resumable as it is
+            raise BatchError(f"batch {batch_id}: cannot create the output folder {out_dir}: "
+                             f"{exc.strerror or exc}", batch_id=batch_id, path=str(out_dir)) from exc
         self._requeue_abandoned(batch_id)
         _remove_abandoned_temp_files(out_dir)
         all_rows = self.ledger.rows(batch_id)
@@ -608,9 +620,10 @@ class BatchRunner:
         self.ledger.set_batch_status(batch_id, "running")
         emit("batch_started", skipped=sum(1 for r in all_rows if r.status == SKIPPED) if first_run else 0)
         last_finish = time.perf_counter()
-        with log_context(batch_id=batch_id, user=batch.get("user")):
+        with log_context(batch_id=batch_id, user=batch.get("user")), \
+                contextlib.closing(self.dispatcher.run(jobs, on_progress, cancelled)) as results:
             log.info("batch started: %d row(s) to run", len(jobs))
-            for result in self.dispatcher.run(jobs, on_progress, cancelled):
+            for result in results:
                 job = by_key.get(result.row_key)
                 if job is None:
                     continue  # a late or repeated result for a row we no longer wait for
@@ -618,7 +631,10 @@ class BatchRunner:
                     now = time.perf_counter()
                     durations.append(now - last_finish)
                     last_finish = now
-                    stored = self._store_result(job, result, names, out_dir)
+                    try:
+                        stored = self._store_result(job, result, names, out_dir)
+                    except OSError as exc:
+                        raise self._stopped_by_storage(batch_id, job, exc) from exc
                     if stored is None:
                         continue  # the ledger already had it done: a duplicate delivery
                     remaining -= 1
@@ -635,9 +651,27 @@ class BatchRunner:
                         self.on_result(result)
             log.info("batch ended: %d done, %d failed", counts[DONE], counts[FAILED])
         summary = self.summary(batch_id, time.perf_counter() - started)
-        self.ledger.set_batch_status(batch_id, "cancelled" if summary.cancelled or cancelled() else "finished")
+        if summary.running == 0:  # else another live process still works on rows: the batch is not over
+            self.ledger.set_batch_status(batch_id, "cancelled" if summary.cancelled or cancelled() else "finished")
         emit("batch_done")
         return summary
+
+    def _stopped_by_storage(self, batch_id: str, job: RowJob, exc: OSError) -> BatchError:
+        """A full disk or an unwritable folder stops the batch: no later row could be stored either. The
+        rows this run claimed go back to ``queued`` (none of them is the row's fault), so a resume after
+        the space is freed runs them; finished rows and files are untouched."""
+        self.ledger.reset_stale_running(batch_id, worker=self.worker_id)
+        where = f" {exc.filename}" if exc.filename else ""
+        return BatchError(
+            f"batch {batch_id} stopped at row {job.row_number}: cannot write{where}: {exc.strerror or exc}. "
+            f"Finished rows are kept; free space (or fix the folder) and resume the batch",
+            batch_id=batch_id, row=job.row_number, path=exc.filename,
+        )
+
+    def abandoned_batches(self) -> list[str]:
+        """Batches a process left unfinished when it died (still ``created`` or ``running`` in the ledger,
+        with rows to run; not those a user cancelled): what a restarted web app resumes. Oldest first."""
+        return self.ledger.abandoned_batch_ids()
 
     def summary(self, batch_id: str, seconds: float = 0.0) -> BatchSummary:
         rows = self.ledger.rows(batch_id)
@@ -820,11 +854,17 @@ def _parse_time(text: str | None) -> datetime | None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # named after its writer: see below
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
+        if exc.filename is None or exc.filename == str(tmp):
+            exc.filename = str(path)  # the caller reports the file the row was writing, not the temp name
+        raise
     try:  # make the rename itself durable before the ledger says "done"
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

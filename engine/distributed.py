@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.jobs import CANCELLED, FAILED, TIMED_OUT, RowJob, RowResult
+from engine.jobs import CANCELLED, FAILED, MAX_ROW_ATTEMPTS, TIMED_OUT, RowJob, RowResult
 from engine.models.resolve import KIND_FOLDERS
 from engine.rows import RowExecutor
 from engine.errors import EngineError
@@ -553,7 +553,7 @@ class CeleryDispatcher:
         broker_url: str,
         *,
         result_backend: str | None = None,
-        max_attempts: int = 3,
+        max_attempts: int = MAX_ROW_ATTEMPTS,
         max_in_flight: int | None = None,
         row_timeout_s: float = 600.0,
         deadline_margin_s: float = DEFAULT_DEADLINE_MARGIN_S,

@@ -15,6 +15,8 @@ from engine.errors import BatchError
 
 DONE, FAILED, TIMED_OUT, CANCELLED, QUEUED, SKIPPED = "done", "failed", "timed_out", "cancelled", "queued", "skipped"
 RUNNING = "running"
+# How many times a row may take its process (or its worker) down before it is failed instead of retried.
+MAX_ROW_ATTEMPTS = 3
 
 
 @dataclass

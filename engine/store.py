@@ -470,6 +470,16 @@ class BatchLedger:
                           [*params, int(limit), _sql_offset(offset)])
         return [_batch_dict(r) for r in rows]
 
+    def abandoned_batch_ids(self) -> list[str]:
+        """Ids of batches still ``created`` or ``running`` that have rows ``queued`` or ``running``, oldest
+        first: what a process that died left to do."""
+        rows = self._read(
+            "SELECT id FROM batches WHERE status IN ('created', 'running') AND EXISTS (SELECT 1 FROM generations "
+            "WHERE generations.batch_id = batches.id AND generations.status IN ('queued', 'running')) "
+            "ORDER BY created_at, id", (),
+        )
+        return [row["id"] for row in rows]
+
     def batch_summary(self, batch_id: str) -> dict[str, Any]:
         """The batch with counts per row status (every status present, zero when none) and ``total``."""
         batch = self._require_batch(batch_id)

@@ -591,3 +591,45 @@ def test_session_file_routes_never_leave_the_outputs(server):
         for path in ("/files/%2e%2e/ledger.db", "/files/..%2fledger.db", "/files/..%2F..%2Fetc%2Fpasswd",
                      "/files/%2Fetc%2Fpasswd", "/files/zip/..%2Fledger.db", "/files/nothing-here.png"):
             assert browser.get(path).status_code in (403, 404), path
+
+
+def test_a_restarted_web_app_resumes_the_batches_its_last_process_left_but_not_cancelled_ones(engine, tmp_path):
+    """RELIABILITY: killed mid-batch, the app restarts and the batch resumes by itself; the API shows rows
+    a process still holds as ``running``, so a client never waits on rows counted nowhere."""
+    import subprocess
+    import sys
+
+    from engine.services import build_services
+    from engine.sheets import read_sheet
+    from webapp.server import create_app
+
+    settings = load_settings({"data_dir": str(tmp_path / "data"), "templates_dir": str(ROOT / "templates")},
+                             environ={})
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("product_name,width,height,steps\nA,64,64,1\nB,64,64,1\n", encoding="utf-8")
+    before = build_services(settings, engine=engine)  # the process that "died"
+    started = []
+    for batch_id in ("waiting", "half-done", "cancelled-by-user"):
+        prepared = before.runner.prepare("product_shot", read_sheet(sheet), batch_seed=1, batch_id=batch_id)
+        started.append(before.runner.start(prepared))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    first, second = before.ledger.rows("half-done")
+    before.ledger.set_batch_status("half-done", "running")
+    before.ledger.claim_row(first.row_key, worker=f"{socket.gethostname()}:{int(dead.stdout)}")
+    before.ledger.set_batch_status("cancelled-by-user", "cancelled")
+    before.close()
+
+    app, services = create_app(settings, engine)
+    with live_server(app) as url:
+        status = httpx.get(f"{url}/api/batches/half-done").json()
+        assert status["counts"]["running"] + status["counts"]["done"] + status["counts"]["not_run"] == 2
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            counts = {b: httpx.get(f"{url}/api/batches/{b}").json()["counts"]
+                      for b in ("waiting", "half-done")}
+            if all(c["done"] == 2 for c in counts.values()):
+                break
+            time.sleep(0.2)
+        assert all(c["done"] == 2 and c["running"] == 0 for c in counts.values()), counts
+        untouched = httpx.get(f"{url}/api/batches/cancelled-by-user").json()
+        assert untouched["counts"]["done"] == 0 and untouched["batch"]["status"] == "cancelled"

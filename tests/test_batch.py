@@ -495,3 +495,89 @@ def test_a_workflow_problem_names_the_column_that_fed_it(services_factory, tmp_p
     prepared = services.runner.prepare("product_shot", read_sheet(sheet))
     problem = prepared.report.rows[0].problems[-1]
     assert problem.column == "Width" and "width 72 is not a multiple of 16" in problem.reason
+
+
+def _started(services, rows: list[str], tmp_path) -> str:
+    runner = services.runner
+    prepared = runner.prepare("product_shot", read_sheet(write_sheet(tmp_path / "rows.csv", rows)), batch_seed=3)
+    return runner.start(prepared)
+
+
+def test_an_image_that_cannot_be_written_stops_the_batch_naming_row_and_file_and_the_same_process_resumes(
+    services_factory, tmp_path
+):
+    import shutil
+
+    services = services_factory(max_gpu_batch=1)
+    runner = services.runner
+    batch_id = _started(services, [f"Item{i},red,minimal,64,64,1" for i in range(4)], tmp_path)
+    blocker = runner.output_dir(batch_id) / "Item2_red.png"
+    (blocker / "in the way").mkdir(parents=True)  # the OS refuses to put row 4's image where a folder is
+
+    with pytest.raises(BatchError) as stopped:
+        runner.run(batch_id)
+
+    assert "row 4" in stopped.value.message and str(blocker) in stopped.value.message
+    assert "resume" in stopped.value.message
+    statuses = {r.row_number: r.status for r in services.ledger.rows(batch_id)}
+    assert statuses == {2: "done", 3: "done", 4: "queued", 5: "queued"}  # nothing left "running"
+    assert not list(runner.output_dir(batch_id).glob(".*.tmp"))
+
+    shutil.rmtree(blocker)
+    summary = runner.run(batch_id)  # the same process and runner, as the web app's resume button does
+    assert (summary.done, summary.running) == (4, 0)
+    assert services.ledger.get_batch(batch_id)["status"] == "finished"
+
+
+def test_rows_this_process_claimed_in_an_earlier_run_are_run_again_on_resume(services_factory, tmp_path):
+    """A run that stopped, or a process restarted with the same pid (pid 1 in a container), left rows
+    claimed under this process's name: a resume here runs them instead of calling the batch finished."""
+    services = services_factory()
+    batch_id = _started(services, small_rows(2, steps=1), tmp_path)
+    for row in services.ledger.rows(batch_id):
+        services.ledger.claim_row(row.row_key, worker=services.runner.worker_id)
+
+    summary = services.runner.run(batch_id)
+
+    assert (summary.done, summary.running) == (2, 0)
+    with pytest.raises(BatchError, match="already running in this process"):
+        with services.runner._lock:
+            services.runner._active.add(batch_id)
+        try:
+            services.runner.run(batch_id)
+        finally:
+            services.runner._active.discard(batch_id)
+
+
+def test_a_row_that_killed_its_process_three_times_is_failed_not_retried_forever(services_factory, tmp_path):
+    import socket
+
+    services = services_factory()
+    batch_id = _started(services, small_rows(2, steps=1), tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_claimant = f"{socket.gethostname()}:{int(dead.stdout)}"
+    killer = services.ledger.rows(batch_id)[0].row_key
+    for attempt in range(3):
+        services.ledger.claim_row(killer, worker=dead_claimant)  # the process died with the row running
+        if attempt < 2:
+            services.ledger.reset_stale_running(batch_id, worker=dead_claimant)
+
+    summary = services.runner.run(batch_id)
+
+    row = services.ledger.get_generation(killer)
+    assert row.status == "failed" and "died 3 time(s)" in row.error
+    assert (summary.done, summary.failed) == (1, 1)
+
+
+def test_a_batch_another_live_process_still_works_on_is_not_called_finished(services_factory, tmp_path):
+    import socket
+
+    services = services_factory()
+    batch_id = _started(services, small_rows(2, steps=1), tmp_path)
+    elsewhere = f"{socket.gethostname()}:{os.getppid()}"  # alive: the process that started these tests
+    services.ledger.claim_row(services.ledger.rows(batch_id)[0].row_key, worker=elsewhere)
+
+    summary = services.runner.run(batch_id)
+
+    assert (summary.done, summary.running) == (1, 1)
+    assert services.ledger.get_batch(batch_id)["status"] == "running"

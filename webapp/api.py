@@ -146,6 +146,7 @@ def batch_status(services: Any, batch_id: str, with_rows: bool = True) -> dict[s
             "timed_out": summary.timed_out,
             "skipped": summary.skipped,
             "not_run": summary.cancelled,
+            "running": summary.running,  # claimed by a process (this one, another, or one that died)
             "total": summary.total,
         },
         "progress": public_progress(services, progress),

@@ -303,6 +303,9 @@ def create_app(
     async def lifespan(_app):
         import_model_libraries()  # before any thread of ours imports them (see its docstring)
         services.queue.start()
+        for batch_id in services.runner.abandoned_batches():  # RELIABILITY: after a crash the batch resumes
+            log.info("resuming batch %s, left unfinished when the app last stopped", batch_id)
+            services.queue.submit(batch_id)
         # A coordinator (rows go to GPU workers over the broker) never samples: nothing to warm up.
         warming = None if settings.broker else start_warm_up(services.engine)
         try:
