@@ -241,8 +241,11 @@ class BatchLedger:
         self.retry_for_s = retry_for_s
         self._lock = threading.RLock()
         # Autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT (see _write).
-        conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
-                               check_same_thread=False)
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:  # a folder in its place, no permission
+            raise StoreError(f"the ledger {self.path} cannot be opened: {exc}", path=str(self.path)) from exc
         from sqlite_utils import (
             Database,  # imported here: it pulls in pandas when installed (slow)
         )
@@ -286,7 +289,7 @@ class BatchLedger:
             except sqlite3.OperationalError as exc:
                 message = str(exc).lower()
                 if "locked" not in message and "busy" not in message:
-                    raise StoreError(f"ledger error: {exc}", path=str(self.path)) from exc
+                    raise StoreError(f"the ledger {self.path}: {exc}", path=str(self.path)) from exc
                 if time.monotonic() > deadline:
                     raise StoreError(
                         f"the ledger {self.path} stayed locked for {self.retry_for_s:.0f} s; another process "
@@ -294,6 +297,12 @@ class BatchLedger:
                     ) from exc
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 0.5)
+            except sqlite3.DatabaseError as exc:  # not a database, or a damaged one: never retried
+                raise StoreError(
+                    f"the ledger {self.path} is damaged or not a SQLite database ({exc}); restore it from a "
+                    "backup or move it away to start a new one (the images in the outputs folder are kept)",
+                    path=str(self.path),
+                ) from exc
 
     def _write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``operation`` in one ``BEGIN IMMEDIATE`` transaction (retried whole when locked)."""

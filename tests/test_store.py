@@ -236,3 +236,23 @@ def test_a_long_foreign_write_lock_is_waited_out_not_reported(tmp_path):
     releaser.join()
     other.close()
     ledger.close()
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "a folder"])
+def test_a_damaged_ledger_is_one_clear_error_naming_the_file(tmp_path, damage):
+    path = tmp_path / "ledger.db"
+    if damage == "random bytes":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif damage == "truncated":
+        with BatchLedger(path) as ledger:
+            ledger.create_batch("p", "t", "s", 1, batch_id="b1")
+            ledger.add_rows("b1", [{"row_number": n, "values": {"x": "y" * 500}} for n in range(2, 200)])
+            ledger.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        path.write_bytes(path.read_bytes()[:5000])
+    else:
+        path.mkdir()
+
+    with pytest.raises(StoreError) as refused:
+        BatchLedger(path).rows("b1")
+
+    assert str(path) in refused.value.message
