@@ -81,6 +81,7 @@ _RESERVED_NAMES = frozenset(
 )
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SEED_MAX = 2**64 - 1
+MAX_INT_BITS = 4096  # integers a template may compute: far past any seed (64 bits) or size
 
 
 @dataclass(frozen=True)
@@ -396,10 +397,16 @@ class _TemplateEnvironment(ImmutableSandboxedEnvironment):
         if operator == "**":
             if isinstance(right, (int, float)) and abs(right) > 128:
                 raise SecurityError(f"exponent {right} is too large")
+            if _is_int(left) and _is_int(right) and left.bit_length() * max(right, 0) > MAX_INT_BITS:
+                # Chained powers grow without bound and CPython computes them holding the GIL: the
+                # whole server would stop, so the size is checked before, not timed after.
+                raise SecurityError(f"a power with a result over {MAX_INT_BITS} bits is refused")
         elif operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
                     budget._check_size(len(seq) * max(times, 0), "a repeated value")
+            if _is_int(left) and _is_int(right) and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise SecurityError(f"a product with a result over {MAX_INT_BITS} bits is refused")
         elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
             budget._check_size(len(left) + len(right), "a joined value")
         elif operator == "%" and isinstance(left, str) and re.search(r"\d{7,}", left):
@@ -437,6 +444,10 @@ class _TemplateEnvironment(ImmutableSandboxedEnvironment):
         if wrapped is not None and re.search(r"\d{5,}", value.__self__):
             raise SecurityError("a format width exceeds the render size limit")
         return wrapped
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _join_nonempty(items: Iterable[Any], separator: str = ", ") -> str:

@@ -173,6 +173,8 @@ def test_sandbox_refuses_attribute_tricks(expression):
     '{{ "{:>999999999}".format(1) }}',
     '{% for i in range(900) %}{% for j in range(900) %}{{ i }}{% endfor %}{% endfor %}',
     '{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}',
+    '{{ (((10 ** 128) ** 128) ** 128) ** 128 }}',  # each exponent small, the number astronomically large
+    '{% set n = 10 ** 100 %}{{ n * n * n * n * n * n * n * n * n * n * n * n * n * n * n * n }}',
 ])
 def test_runaway_templates_are_stopped_quickly(body):
     start = time.perf_counter()
