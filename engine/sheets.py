@@ -42,7 +42,11 @@ __all__ = [
     "RowReport",
     "ValidationReport",
     "read_sheet",
+    "sheet_from_records",
+    "cell_text",
     "decode_text",
+    "CellValueError",
+    "PROBLEM_CODES",
     "validate_rows",
     "derive_seed",
     "coerce_cell",
@@ -326,9 +330,67 @@ def _sniff_delimiter(text: str) -> str:
     return best if counts[best] else ","
 
 
+def sheet_from_records(
+    records: list[Mapping[str, Any]], filename: str = "rows.json", limits: SheetLimits | None = None,
+    first_row: int = 2,
+) -> Sheet:
+    """Rows given as objects (the JSON API, a form) read exactly as an uploaded CSV is: the same cleaning,
+    column checks and limits, cells as text. The first object is row ``first_row`` (a spreadsheet's row 2,
+    row 1 being the header)."""
+    if not isinstance(records, list) or not records or not all(isinstance(r, Mapping) for r in records):
+        raise SheetError("'rows' must be a non-empty list of objects (one per image)")
+    limits = limits or SheetLimits()
+    if len(records) > limits.max_rows:
+        raise SheetError(f"{len(records)} rows; the limit is {limits.max_rows}: split them into smaller batches")
+    columns: list[str] = []
+    for record in records:
+        for key in record:
+            if str(key) not in columns:
+                columns.append(str(key))
+    if len(columns) > limits.max_columns:
+        raise SheetError(f"the rows have {len(columns)} columns; the limit is {limits.max_columns}")
+    spellings: dict[str, list[str]] = {}
+    for column in columns:
+        spellings.setdefault(column_key(column), []).append(f"'{column}'")
+    duplicates = ["; ".join(" and ".join(names) for names in spellings.values() if len(names) > 1)]
+    if duplicates[0]:
+        raise SheetError(f"duplicate column names (compared ignoring case and spaces): {duplicates[0]}")
+    rows: list[SheetRow] = []
+    problems: list[RowProblem] = []
+    for number, record in enumerate(records, start=first_row):
+        cells: dict[str, str] = {}
+        for key, value in record.items():
+            text = _clean_cell(cell_text(value))
+            if len(text) > limits.max_cell_chars:  # as a CSV's huge cell: a problem of this row only
+                problems.append(RowProblem(
+                    number, str(key), f"the cell is {len(text):,} characters; the limit is {limits.max_cell_chars:,}",
+                    "cell_too_long", {"length": len(text), "max": limits.max_cell_chars},
+                ))
+                text = text[: limits.max_cell_chars]
+            cells[str(key)] = text
+        rows.append(SheetRow(number, cells))
+    return Sheet(columns=columns, rows=rows, problems=problems, filename=filename, format="json")
+
+
+def cell_text(value: Any) -> str:
+    """A form or JSON value as the text a spreadsheet cell would hold (``True`` -> ``"true"``, ``None`` -> ``""``)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # a Number widget gives 42.0 for an integer field
+    return str(value)
+
+
 def _read_csv(data: bytes, limits: SheetLimits) -> Sheet:
     text, encoding = decode_text(data)
     delimiter = _sniff_delimiter(text)
+    # A cell as long as the file is read whole, so the per-cell limit below makes it a problem of its row,
+    # as in an XLSX, instead of the csv module refusing the whole sheet (its default limit is 128 KiB).
+    # The setting is process-wide; it only ever grows, up to the largest sheet accepted.
+    if len(text) >= csv.field_size_limit():
+        csv.field_size_limit(len(text) + 1)
     # strict: an unclosed quote is an error, not a cell that silently swallows every row after it
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     records: list[tuple[int, list[Any]]] = []
@@ -343,8 +405,8 @@ def _read_csv(data: bytes, limits: SheetLimits) -> Sheet:
                 break  # enough to refuse the sheet; do not read the rest
     except csv.Error as exc:
         raise SheetError(
-            f"row {number + 1}: the CSV cannot be parsed ({exc}); check that row for an unclosed quote, "
-            "text after a closing quote, or a cell longer than the CSV reader's limit",
+            f"row {number + 1}: the CSV cannot be parsed ({exc}); check that row for an unclosed quote or "
+            "text after a closing quote",
             row=number + 1,
         ) from exc
     sheet = _build_sheet(records, limits)

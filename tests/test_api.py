@@ -306,6 +306,17 @@ def test_only_admins_upload_templates(server, alice, bob):
 # ---------------------------------------------------------------------------------------------- batches
 
 
+def test_json_rows_meet_the_same_limits_as_a_spreadsheet(bob):
+    too_many = bob.post("/api/batches", json={"template": "product_shot",
+                                               "rows": [{"product_name": "x"}] * 10_001})
+    assert too_many.status_code == 400 and "10001 rows; the limit is 10000" in too_many.text
+
+    huge = {"product_name": "x" * 20_000, **SMALL}
+    answer = bob.post("/api/batches", json={"template": "product_shot", "rows": [huge], "on_invalid": "stop"})
+    assert answer.status_code == 400, answer.text
+    assert "row 2" in answer.text and "20,000 characters; the limit is 10,000" in answer.text
+
+
 def test_batch_from_json_rows_runs_and_reports_its_rows(server, bob):
     rows = [
         {"product_name": "api teapot", "color": "green", "seed": 1, **SMALL},
@@ -321,7 +332,8 @@ def test_batch_from_json_rows_runs_and_reports_its_rows(server, bob):
     batch_id = body["batch_id"]
     finished(server, batch_id)
     status = bob.get(f"/api/batches/{batch_id}").json()
-    assert status["counts"] == {"done": 1, "failed": 0, "timed_out": 0, "skipped": 1, "not_run": 0, "total": 2}
+    assert status["counts"] == {"done": 1, "failed": 0, "timed_out": 0, "skipped": 1, "not_run": 0, "running": 0,
+                                "total": 2}
     assert status["batch"]["user"] == "bob" and status["progress"]["state"] == "done"
     done = next(r for r in status["rows"] if r["status"] == "done")
     assert "workflow" not in done and "image_path" not in done  # no server paths leak

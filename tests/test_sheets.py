@@ -468,3 +468,28 @@ def test_every_cell_problem_carries_a_documented_code_whose_chinese_words_take_i
         wanted = {name for _, name, _, _ in string.Formatter().parse(PROBLEMS_ZH[problem.code]) if name}
         assert wanted <= set(problem.params), (problem.code, problem.params)
         PROBLEMS_ZH[problem.code].format(**problem.params)
+
+
+def test_a_csv_cell_longer_than_the_csv_readers_own_limit_is_a_problem_of_its_row_only():
+    huge = "x" * 200_000  # the csv module refuses fields over 131,072 characters by default
+    data = f"product_name,color\nA,red\nB,{huge}\nC,blue\n".encode()
+
+    sheet = read_sheet(io.BytesIO(data), "big.csv")
+
+    assert [row.cells["product_name"] for row in sheet.rows] == ["A", "B", "C"]
+    (problem,) = sheet.problems
+    assert (problem.row, problem.column, problem.code) == (3, "color", "cell_too_long")
+    assert len(sheet.rows[1].cells["color"]) == SheetLimits().max_cell_chars
+
+
+def test_json_rows_are_read_with_a_spreadsheets_limits_and_cleaning():
+    from engine.sheets import sheet_from_records
+
+    sheet = sheet_from_records([{"prompt": "a\x00b\x07c", "n": 3, "ok": True}, {"prompt": "y" * 11}],
+                               limits=SheetLimits(max_cell_chars=10))
+    assert sheet.rows[0].cells == {"prompt": "abc", "n": "3", "ok": "true"}
+    assert [(p.row, p.column, p.code) for p in sheet.problems] == [(3, "prompt", "cell_too_long")]
+    with pytest.raises(SheetError, match="the limit is 2"):
+        sheet_from_records([{"a": 1}] * 3, limits=SheetLimits(max_rows=2))
+    with pytest.raises(SheetError, match="duplicate column names"):
+        sheet_from_records([{"Product Name": "a", "product_name": "b"}])

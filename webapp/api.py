@@ -41,7 +41,7 @@ from engine.errors import (
     TemplateError,
     WorkflowInvalid,
 )
-from engine.sheets import Sheet, SheetRow, read_sheet
+from engine.sheets import Sheet, read_sheet, sheet_from_records
 from engine.store import check_batch_id
 from engine.templates import TEMPLATE_FILE, WORKFLOW_FILE
 from webapp import handlers
@@ -97,25 +97,6 @@ def install_error_handlers(app: Any) -> None:
 
 def not_found(message: str, **details: Any) -> AccessDenied:
     return AccessDenied(message, status=404, reason="not_found", **details)
-
-
-def sheet_from_records(records: list[dict[str, Any]], name: str = "api.json") -> Sheet:
-    """Rows given as JSON objects become a sheet whose cells are text, exactly like an uploaded CSV.
-
-    Row numbers follow a spreadsheet's: the first object is row 2 (row 1 is the header).
-    """
-    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
-        raise SheetError("'rows' must be a non-empty list of objects (one per image)")
-    columns: list[str] = []
-    for record in records:
-        for key in record:
-            if str(key) not in columns:
-                columns.append(str(key))
-    rows = [
-        SheetRow(number=index + 2, cells={str(k): handlers.cell_text(v) for k, v in record.items()})
-        for index, record in enumerate(records)
-    ]
-    return Sheet(columns=columns, rows=rows, filename=name, format="json")
 
 
 def _wait_seconds(value: Any, default: float) -> float:
@@ -337,7 +318,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         body = await json_body(request)
         if "template" not in body or "rows" not in body:
             raise BatchError("the body needs 'template' and 'rows'")
-        sheet = sheet_from_records(body["rows"])
+        sheet = sheet_from_records(body["rows"], "api.json")
         prepared = await asyncio.to_thread(prepare, str(body["template"]), sheet, body, caller)
         return submit(prepared, bool(body.get("start", True)))
 
@@ -400,7 +381,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         if "template" not in body:
             raise BatchError("the body needs 'template' and 'values'")
         timeout = _wait_seconds(body.get("timeout_s"), float(services.settings.row_timeout_s))
-        sheet = sheet_from_records([body.get("values") or {}], name="generate.json")
+        sheet = sheet_from_records([body.get("values") or {}], "generate.json")
         options = {"on_invalid": "stop", "batch_seed": body.get("batch_seed")}
         prepared = await asyncio.to_thread(prepare, str(body["template"]), sheet, options, caller)
         submit(prepared, start=True)
@@ -483,5 +464,4 @@ __all__ = [
     "install_error_handlers",
     "public_progress",
     "public_row",
-    "sheet_from_records",
 ]

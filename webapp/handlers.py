@@ -79,21 +79,10 @@ def error_message(exc: EngineError) -> str:
 
 def one_row_sheet(values: dict[str, Any], row_number: int, filename: str) -> Any:
     """A one-row sheet of text cells from form or recorded values, read exactly as an uploaded CSV is."""
-    from engine.sheets import Sheet, SheetRow
+    from engine.sheets import Sheet, SheetRow, cell_text
 
     cells = {name: cell_text(value) for name, value in values.items()}
     return Sheet(columns=list(cells), rows=[SheetRow(number=row_number, cells=cells)], filename=filename)
-
-
-def cell_text(value: Any) -> str:
-    """A form or JSON value as the text a spreadsheet cell would hold (``True`` -> ``"true"``, ``None`` -> ``""``)."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # a Number widget gives 42.0 for an integer field
-    return str(value)
 
 
 @dataclass
@@ -869,7 +858,6 @@ __all__ = [
     "batch_view",
     "caller_for",
     "cancel_batch",
-    "cell_text",
     "check_sheet",
     "current_batch",
     "demo_in_use",
