@@ -44,7 +44,12 @@ def _truncate_utf8(text: str, max_bytes: int) -> str:
 
 
 def _clean_stem(stem: str) -> str:
+    """The cleaned stem. Cleaning a cleaned stem changes nothing: the batch names a file and its zip
+    entry in two passes, and both must agree."""
     text = unicodedata.normalize("NFKC", str(stem))
+    # Invisible format characters (bidi overrides, zero-width spaces) would let a name display as another
+    # one ("photo\u202egnp.exe"): they are dropped.
+    text = "".join(char for char in text if unicodedata.category(char) != "Cf")
     text = _ILLEGAL.sub("_", text)
     text = _SPACE_RUN.sub(" ", text)
     # Windows drops trailing dots and spaces (so "a." and "a" collide); a leading dot hides the file.
@@ -53,8 +58,10 @@ def _clean_stem(stem: str) -> str:
     text = _truncate_utf8(text, _MAX_STEM_BYTES).strip(" .")
     if not text:
         return "image"
-    if text.split(".", 1)[0].upper().rstrip(" ") in _WINDOWS_RESERVED:
-        text = f"{text}_"
+    device, dot, rest = text.partition(".")
+    if device.upper().rstrip(" ") in _WINDOWS_RESERVED:
+        # "NUL.tar" is still the device on Windows: the part before the first dot must change
+        text = f"{device.rstrip(' ')}_{dot}{rest}"
     return text
 
 

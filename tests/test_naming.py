@@ -24,9 +24,24 @@ def test_windows_reserved_names_are_suffixed():
     used: set[str] = set()
     assert safe_filename("CON", used) == "CON_.png"
     assert safe_filename("nul", used) == "nul_.png"
-    assert safe_filename("com1.final", used) == "com1.final_.png"
+    assert safe_filename("com1.final", used) == "com1_.final.png"  # "COM1.final" is still the device
+    assert safe_filename("NUL.tar", used) == "NUL_.tar.png"
     assert safe_filename("LPT9", used) == "LPT9_.png"
     assert safe_filename("CONSOLE", used) == "CONSOLE.png"  # only exact device names are reserved
+
+
+def test_invisible_format_characters_are_dropped_so_a_name_shows_what_it_is():
+    assert safe_filename("photo\u202egnp.exe", set()) == "photognp.exe.png"
+    assert safe_filename("a\u200bb\ufeffc\u2066d", set()) == "abcd.png"
+
+
+def test_a_safe_name_made_safe_again_is_unchanged():
+    """The batch names a row's file and its zip entry in two passes: they must agree."""
+    from pathlib import Path
+
+    for stem in ("aux.txt", "con.v2", "COM1", " lpt¹ .x", "..a..b..", "Ｃａｔ", "x\u202ey", "a" * 300, ""):
+        once = safe_filename(stem, set())
+        assert safe_filename(Path(once).stem, set()) == once, stem
 
 
 def test_full_width_characters_are_normalised():
