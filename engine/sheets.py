@@ -727,7 +727,7 @@ PROBLEM_CODES = (
     "required_column_missing", "required_value_empty", "not_whole_number", "not_a_number", "too_large",
     "not_yes_no", "below_minimum", "above_maximum", "text_too_long", "seed_out_of_range", "not_a_choice",
     "not_a_file_name", "cell_too_long", "photo_not_named", "photo_unreadable", "photo_type_unsupported",
-    "photo_not_uploaded",
+    "photo_not_uploaded", "excel_rounded",
 )
 
 
@@ -756,6 +756,12 @@ def parse_integer(text: str) -> int:
         raise CellValueError("too_large", f"'{_short(text)}' is far too large", value=_short(text))
     if number != number.to_integral_value():
         raise not_whole
+    if "e" in cleaned.lower() and abs(number) >= 10**15:
+        # How Excel writes a number it could not keep whole (over 15 digits) into a CSV: the digits past
+        # the 15th are gone, so the seed typed is not the seed read.
+        raise CellValueError(
+            "excel_rounded", f"'{_short(text)}' is a number Excel rounded to 15 digits; format the column as "
+            "Text in Excel and type the value again", value=_short(text))
     return int(number)
 
 

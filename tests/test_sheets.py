@@ -215,6 +215,7 @@ def test_seed_spellings(template):
         "h,-1\n"
         "i,1.23456E+2\n"
         "j,\n"
+        "k,1.23456789012346E+17\n"  # how Excel writes an 18-digit seed it already rounded into a CSV
     )
     report = report_for(read_sheet(text.encode(), "rows.csv"), template)
     assert report[2].values["seed"] == 12345
@@ -227,6 +228,7 @@ def test_seed_spellings(template):
     assert "not a whole number" in report[6].problems[0].reason
     assert "2^64" in report[8].problems[0].reason
     assert report[11].ok and "seed" not in report[11].values  # blank: derived from the batch seed later
+    assert not report[12].ok and "Excel rounded to 15 digits" in report[12].problems[0].reason
 
 
 def test_big_integers_never_go_through_float(template):
@@ -447,7 +449,7 @@ def test_every_cell_problem_carries_a_documented_code_whose_chinese_words_take_i
         {"prompt": "", "title": "too long a title", "steps": "1.5", "cfg": "abc", "seed": "-1", "tiled": "maybe",
          "sampler": "ddim", "checkpoint": "../etc/passwd"},
         {"prompt": "a", "steps": "0", "cfg": "1e999", "seed": "1e60", "style": "x"},
-        {"prompt": "a", "steps": "99", "cfg": "inf", "style": "x"},
+        {"prompt": "a", "steps": "99", "cfg": "inf", "style": "x", "seed": "1.23456789012346E+17"},
     ]
     problems = [p for number, raw in enumerate(bad_cells, start=2) for p in coerce_fields(fields, raw, number)[1]]
 

@@ -437,6 +437,7 @@ PROBLEMS_ZH: dict[str, str] = {
     "photo_unreadable": "图片“{value}”无法读取：{error}",
     "photo_type_unsupported": "“{value}”不是支持的图片格式；支持：{supported}",
     "photo_not_uploaded": "上传的图片中没有“{value}”；可用：{available}",
+    "excel_rounded": "“{value}”是被 Excel 舍入到 15 位的数字；请在 Excel 中把该列设为“文本”格式后重新输入",
 }
 PROBLEM_TABLES: dict[str, dict[str, str]] = {"zh": PROBLEMS_ZH}
 
