@@ -243,8 +243,8 @@ def _pair_delta(pair: LoraPair, weight: Any) -> "torch.Tensor":
     expected = (weight.shape[0], weight[0].numel())
     if (up.shape[0], down.shape[1]) != expected or up.shape[1] != down.shape[0]:
         raise ModelLoadError(
-            f"LoRA key '{pair.key}' has shape {(up.shape[0], down.shape[1])} (rank {down.shape[0]}), the layer's "
-            f"weight {tuple(weight.shape)}",
+            f"LoRA key '{pair.key}' makes a {(up.shape[0], down.shape[1])} update (rank {down.shape[0]}); the "
+            f"layer's weight is {tuple(weight.shape)}",
             key=pair.key, lora_shape=[up.shape[0], down.shape[1]], weight_shape=list(weight.shape),
         )
     return ((up @ down) * pair.scale).reshape(weight.shape)
@@ -263,8 +263,8 @@ def _pair_factors(pair: LoraPair, layer: Any, strength: float) -> tuple["torch.T
         up = up.chunk(count, dim=0)[index]
     if up.shape[0] != layer.out_features or down.shape[1] != layer.in_features or up.shape[1] != down.shape[0]:
         raise ModelLoadError(
-            f"LoRA key '{pair.key}' has shape {(up.shape[0], down.shape[1])} (rank {down.shape[0]}), the layer "
-            f"({layer.out_features}, {layer.in_features})",
+            f"LoRA key '{pair.key}' makes a {(up.shape[0], down.shape[1])} update (rank {down.shape[0]}); the "
+            f"layer is ({layer.out_features}, {layer.in_features})",
             key=pair.key, lora_shape=[up.shape[0], down.shape[1]],
             weight_shape=[layer.out_features, layer.in_features],
         )
@@ -331,6 +331,7 @@ def parse_lora_state_dict(
             missing = "up (lora_up/lora_B)" if "up" not in parts else "down (lora_down/lora_A)"
             raise ModelLoadError(f"LoRA '{name}': key '{stem}' has no {missing} weight", name=name, key=stem)
         up, down = parts["up"], parts["down"]
+        _check_factors(name, stem, up, down, parts.get("alpha"))
         rank = int(down.shape[0])
         scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
         for target, module, chunk in _locate(stem, name):
@@ -338,6 +339,24 @@ def parse_lora_state_dict(
     if not pairs:
         raise ModelLoadError(f"LoRA '{name}' holds no LoRA weights", name=name, supported=list(SUPPORTED_LAYOUTS))
     return LoraWeights(name=name, sha256=sha256, pairs=tuple(pairs), path=path)
+
+
+def _check_factors(name: str, stem: str, up: Any, down: Any, alpha: Any) -> None:
+    """A pair that can form a low-rank product at all: matrices (or conv kernels) of one rank, a single alpha.
+    Said per key here, before any layer is touched, instead of a tensor error mid-sampling."""
+    for role, tensor in (("up (lora_up/lora_B)", up), ("down (lora_down/lora_A)", down)):
+        if tensor.ndim < 2:
+            raise ModelLoadError(
+                f"LoRA '{name}': key '{stem}' has a {role} weight of shape {tuple(tensor.shape)}; it must be a "
+                "matrix", name=name, key=stem)
+    if up.shape[1] != down.shape[0]:
+        raise ModelLoadError(
+            f"LoRA '{name}': key '{stem}' has an up weight of rank {up.shape[1]} {tuple(up.shape)} and a down "
+            f"weight of rank {down.shape[0]} {tuple(down.shape)}; they must match", name=name, key=stem)
+    if alpha is not None and alpha.numel() != 1:
+        raise ModelLoadError(
+            f"LoRA '{name}': key '{stem}' has an alpha of shape {tuple(alpha.shape)}; it must be one number",
+            name=name, key=stem)
 
 
 def _locate(stem: str, name: str) -> list[tuple[str, str, tuple[int, int] | None]]:

@@ -244,8 +244,25 @@ def test_a_lora_stored_the_wrong_way_round_is_refused_not_applied_as_noise(engin
     state = {f"{stem}.lora_up.weight": down.T.contiguous(), f"{stem}.lora_down.weight": up.T.contiguous(),
              f"{stem}.alpha": torch.tensor(ALPHA)}
     save_file(state, str(Path(engine.settings.models_dir) / "loras" / "transposed.safetensors"))
-    with pytest.raises(ModelLoadError, match=r"has shape \(32, 128\) \(rank 4\), the layer's weight \(128, 32\)"):
+    with pytest.raises(ModelLoadError, match=r"makes a \(32, 128\) update \(rank 4\); the layer's weight is \(128, 32\)"):
         engine.run(workflow([("transposed.safetensors", 1.0, 0.0)], model_only=True))
+
+
+@pytest.mark.parametrize("broken, message", [
+    ({"lora_down.weight": torch.ones(32)}, r"down \(lora_down/lora_A\) weight of shape \(32,\); it must be a matrix"),
+    ({"lora_up.weight": torch.ones(128, 3)}, r"up weight of rank 3 \(128, 3\) and a down weight of rank 4"),
+    ({"alpha": torch.ones(4)}, r"alpha of shape \(4,\); it must be one number"),
+])
+def test_a_malformed_lora_pair_is_refused_naming_its_key_before_any_layer_is_touched(broken, message):
+    from engine.lora import parse_lora_state_dict
+
+    stem = "lora_unet_transformer_blocks_1_ff_net_0_proj"
+    up, down = factors(3, 4 * INNER, INNER)
+    state = {f"{stem}.lora_up.weight": up, f"{stem}.lora_down.weight": down, f"{stem}.alpha": torch.tensor(ALPHA)}
+    state.update({f"{stem}.{suffix}": tensor for suffix, tensor in broken.items()})
+    with pytest.raises(ModelLoadError, match=message) as refused:
+        parse_lora_state_dict(state, name="bad.safetensors")
+    assert stem in refused.value.message and "bad.safetensors" in refused.value.message
 
 
 def test_a_lora_file_replaced_under_its_name_is_read_again_and_never_crashes(engine):
