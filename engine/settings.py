@@ -42,6 +42,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("row_timeout_s", 600.0, "Per-row deadline for sampling, in seconds.", float),
     SettingSpec("host", "127.0.0.1", "Address the web app listens on (0.0.0.0 on Spaces).", str),
     SettingSpec("port", 7860, "Port of the web app.", int),
+    SettingSpec("forwarded_allow_ips", "", "Peers whose forwarded headers (the client address and scheme a reverse proxy such as nginx passes on) are believed, as comma-separated addresses or networks, e.g. \"10.0.0.5\" or \"10.0.0.0/8\". The client address they name keys the sign-in and token rate limits, and https makes the session cookie Secure. Empty: loopback only (uvicorn's default) on a workstation; on a Hugging Face Space the private networks its proxy connects from.", str),
     SettingSpec("users_file", "", "JSON file of users with hashed passwords and roles; empty means no login.", str),
     SettingSpec("jwt_secret", "", "Signing key of API tokens (HS256).", str),
     SettingSpec("jwt_issuer", "sd35-batch", "Issuer claim of API tokens.", str),
@@ -74,6 +75,7 @@ class Settings:
     row_timeout_s: float = 600.0
     host: str = "127.0.0.1"
     port: int = 7860
+    forwarded_allow_ips: str = ""
     users_file: str = ""
     jwt_secret: str = ""
     jwt_issuer: str = "sd35-batch"

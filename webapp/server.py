@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 SESSION_COOKIE = "sd35_session"
 SESSION_TTL = "12h"
 LOCALHOST = "127.0.0.1"
+# Where a Hugging Face Space's proxy connects from: the container is reached only through it, over the
+# platform's private network. Trusting these (not "*") makes uvicorn take the client address the proxy
+# appended to X-Forwarded-For, not whatever the client wrote there itself.
+SPACE_PROXY_NETWORKS = "127.0.0.0/8,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
 
 
 class WebAuth:
@@ -184,10 +188,40 @@ class BatchMetrics:
             self.metrics.observe_model_load(entry["name"], float(entry["load_seconds"]))
 
 
+def on_space(environ: Mapping[str, str] | None = None) -> bool:
+    """Running as a Hugging Face Space (``SPACE_ID`` set): public, behind HF's HTTPS proxy, in an iframe."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("SPACE_ID"))
+
+
 def public_without_users(users: UserStore, environ: Mapping[str, str] | None = None) -> bool:
     """A Hugging Face Space (``SPACE_ID``) serves whoever reaches it; without users nobody signs in."""
+    return not users.configured and on_space(environ)
+
+
+def uvicorn_options(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """How uvicorn reads proxy headers: ``X-Forwarded-Proto`` and ``-For`` are believed from the peers in
+    the ``forwarded_allow_ips`` setting; by default from loopback only on a workstation (uvicorn's own
+    default, ``FORWARDED_ALLOW_IPS`` included) and from :data:`SPACE_PROXY_NETWORKS` on a Space, whose HTTPS
+    proxy would otherwise make every request look like plain http from one address."""
     env = os.environ if environ is None else environ
-    return not users.configured and bool(env.get("SPACE_ID"))
+    trusted = settings.forwarded_allow_ips.strip()
+    if not trusted and on_space(env):
+        trusted = SPACE_PROXY_NETWORKS
+    options: dict[str, Any] = {"proxy_headers": True}
+    if trusted:
+        options["forwarded_allow_ips"] = trusted
+    return options
+
+
+def session_cookie_options(request: Any, space: bool) -> dict[str, Any]:
+    """Attributes of the session cookie. A Space is shown inside huggingface.co's page, a cross-site iframe
+    where browsers send only ``SameSite=None; Secure`` cookies (what Gradio sets there too; HF serves the
+    Space over https). Elsewhere ``Lax``, Secure when the request came over https (through a trusted
+    proxy: see :func:`uvicorn_options`)."""
+    if space:
+        return {"httponly": True, "samesite": "none", "secure": True}
+    return {"httponly": True, "samesite": "lax", "secure": request.url.scheme == "https"}
 
 
 def listen_address(settings: Settings, users: UserStore, environ: Mapping[str, str] | None = None) -> tuple[str, int, str | None]:
@@ -286,6 +320,7 @@ def create_app(
 
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
+    space = on_space()
     guard = api_guard(settings, users, services.ledger)
     if public_without_users(users):
         guard.anonymous_role = USER
@@ -347,21 +382,15 @@ def create_app(
         if token is None:
             return HTMLResponse(_login_page(lang, text("login.failed", lang)), status_code=401)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(
-            SESSION_COOKIE,
-            token,
-            httponly=True,
-            samesite="lax",
-            secure=request.url.scheme == "https",
-            max_age=12 * 3600,
-        )
+        response.set_cookie(SESSION_COOKIE, token, max_age=12 * 3600, **session_cookie_options(request, space))
         return response
 
     @app.get("/logout")
     def logout(request: Request):
         auth.sign_out(request)
         response = RedirectResponse("/login" if auth.required else "/", status_code=303)
-        response.delete_cookie(SESSION_COOKIE)
+        # With the attributes it was set with: a browser in a cross-site frame ignores a Lax deletion.
+        response.delete_cookie(SESSION_COOKIE, **session_cookie_options(request, space))
         return response
 
     def signed_in(request: Request) -> User | None:
@@ -441,7 +470,7 @@ def serve(settings: Settings, engine: Any = None, environ: Mapping[str, str] | N
     app, services = create_app(settings, engine, users=users)
     log.info(services.engine.describe_model_banner())
     log.info("serving on http://%s:%d", host, port)
-    uvicorn.run(app, host=host, port=port, log_config=None, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_config=None, log_level="info", **uvicorn_options(settings, environ))
 
 
 __all__ = [
@@ -451,8 +480,11 @@ __all__ = [
     "api_guard",
     "create_app",
     "listen_address",
+    "on_space",
     "serve",
+    "session_cookie_options",
     "session_issuer",
     "start_warm_up",
+    "uvicorn_options",
 ]
 
