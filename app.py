@@ -306,10 +306,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from engine.store import BatchLedger
-    from webapp.auth import TokenIssuer
+    from webapp.auth import TokenIssuer, load_users, signing_key_for
     from webapp.revocation import TokenRevocations
 
+    # The key the server signs with: SD35_JWT_SECRET, or with users configured the one kept in the data folder.
     settings = _settings_from(args)
+    settings, _ = signing_key_for(settings, load_users(settings))
     issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
     if args.token_command == "create":
         token = issuer.create(args.user, args.role, args.ttl)

@@ -44,7 +44,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("port", 7860, "Port of the web app.", int),
     SettingSpec("forwarded_allow_ips", "", "Peers whose forwarded headers (the client address and scheme a reverse proxy such as nginx passes on) are believed, as comma-separated addresses or networks, e.g. \"10.0.0.5\" or \"10.0.0.0/8\". The client address they name keys the sign-in and token rate limits, and https makes the session cookie Secure. Empty: loopback only (uvicorn's default) on a workstation; on a Hugging Face Space the private networks its proxy connects from.", str),
     SettingSpec("users_file", "", "JSON file of users with hashed passwords and roles; empty means no login.", str),
-    SettingSpec("jwt_secret", "", "Signing key of API tokens (HS256).", str),
+    SettingSpec("jwt_secret", "", "Signing key of API tokens and browser sessions (HS256). Empty with users configured: a key generated once and kept in the data folder, readable by its owner only.", str),
     SettingSpec("jwt_issuer", "sd35-batch", "Issuer claim of API tokens.", str),
     SettingSpec("jwt_audience", "sd35-batch-api", "Audience claim of API tokens.", str),
     SettingSpec("rate_limit_per_minute", 120, "Requests per user per route per minute on the API.", int),

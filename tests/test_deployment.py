@@ -140,3 +140,59 @@ def test_on_a_space_a_client_cannot_escape_its_limit_by_writing_x_forwarded_for_
         assert attempts(url, "/api/token", "198.51.100.1, 203.0.113.9", 2) == ["refused", "refused"]
         assert attempts(url, "/api/token", "198.51.100.2, 203.0.113.9", 1) == ["limited"]
         assert attempts(url, "/api/token", "203.0.113.10", 1) == ["refused"]
+
+
+# ------------------------------------------------------------------- a Space configured as the README says
+
+
+def test_a_space_with_users_and_no_key_issues_api_tokens_and_keeps_sessions_across_restarts(
+    tmp_path, engine, monkeypatch, caplog
+):
+    monkeypatch.setenv("SPACE_ID", SPACE["SPACE_ID"])
+    monkeypatch.setenv("SD35_USERS", users_entry("alice", "alice-pass", "admin"))
+    monkeypatch.delenv("SD35_JWT_SECRET", raising=False)
+    settings = make_settings(tmp_path)
+    key_file = Path(settings.data_dir) / "token-signing-key"
+    with caplog.at_level(logging.INFO, logger="webapp.server"):
+        app, _ = create_app(settings, engine)
+    assert [r for r in caplog.records if "generated a token signing key" in r.getMessage()]
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    with live_server(app, **uvicorn_options(settings, SPACE)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        answer = c.post("/api/token", json={"username": "alice", "password": "alice-pass"})
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["access_token"]
+        assert c.get("/metrics", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert c.get("/metrics").status_code == 401
+        session = c.post("/login", data={"username": "alice", "password": "alice-pass"}).cookies[SESSION_COOKIE]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="webapp.server"):
+        restarted, _ = create_app(settings, engine)  # a restart, or the Space waking up
+    assert [r for r in caplog.records if "token signing key read from" in r.getMessage()]
+    with live_server(restarted, **uvicorn_options(settings, SPACE)) as url:
+        with httpx.Client(base_url=url, timeout=30, cookies={SESSION_COOKIE: session}) as browser:
+            assert browser.get("/", follow_redirects=False).status_code == 200  # still signed in
+        with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
+            assert client.get("/api/templates").status_code == 200
+
+
+def test_a_workstation_without_users_makes_no_key_and_its_api_stays_open(tmp_path, engine, monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("SD35_USERS", raising=False)
+    settings = make_settings(tmp_path)
+    app, _ = create_app(settings, engine)
+    with live_server(app, **uvicorn_options(settings, {})) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/api/templates").status_code == 200
+        assert c.post("/api/token", json={"username": "a", "password": "b"}).status_code == 400
+    assert not (Path(settings.data_dir) / "token-signing-key").exists()
+
+
+def test_processes_starting_together_share_one_stored_key(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from webapp.auth import stored_signing_key
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: stored_signing_key(tmp_path), range(16)))
+    assert len({key for _, key, _ in results}) == 1 and sum(created for *_, created in results) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["token-signing-key"]  # no temporary files left behind

@@ -62,6 +62,8 @@ __all__ = [
     "parse_bearer",
     "parse_ttl",
     "remove_user",
+    "signing_key_for",
+    "stored_signing_key",
     "verify_password",
 ]
 
@@ -81,6 +83,7 @@ JWT_ALGORITHM = "HS256"
 _TTL_PATTERN = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _TTL_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 LONGEST_TTL = timedelta(days=3650)  # ten years: the longest lifetime any token may have, CLI-issued ones included
+SIGNING_KEY_FILE = "token-signing-key"  # in the data folder: the key used when users exist and none is set
 
 
 # --- passwords -----------------------------------------------------------------------------------------------
@@ -398,7 +401,8 @@ class TokenIssuer:
         if not secret:
             raise EngineError(
                 "no token signing key configured: set SD35_JWT_SECRET (e.g. to the output of "
-                "`python -c \"import secrets; print(secrets.token_urlsafe(48))\"`)",
+                "`python -c \"import secrets; print(secrets.token_urlsafe(48))\"`), or configure users "
+                "(a key is then generated and kept in the data folder)",
                 setting="jwt_secret",
             )
         if len(secret.encode("utf-8")) < MIN_SECRET_BYTES:
@@ -505,6 +509,59 @@ class TokenIssuer:
             issuer=payload["iss"],
             audience=aud if isinstance(aud, str) else self.audience,
         )
+
+
+def stored_signing_key(folder: str | os.PathLike[str]) -> tuple[Path, str, bool]:
+    """``(path, key, created)``: the signing key kept in ``folder``, generated the first time it is asked for.
+
+    The key is written to a private (0600) temporary file and linked into place, so a second process
+    starting at the same moment finds either no file or the whole key, never half of one, and both end up
+    with the same key.
+    """
+    path = Path(folder) / SIGNING_KEY_FILE
+    created = False
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{SIGNING_KEY_FILE}.", suffix=".tmp")  # mode 0600
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(secrets.token_urlsafe(48) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, path)  # fails if the file appeared meanwhile: that one is the key
+                created = True
+            except FileExistsError:
+                pass
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    key = path.read_text(encoding="ascii").strip()
+    if len(key.encode("ascii")) < MIN_SECRET_BYTES:
+        raise EngineError(
+            f"the token signing key in {path} is shorter than {MIN_SECRET_BYTES} bytes; delete the file to have "
+            "a new one generated (everyone signs in again) or set SD35_JWT_SECRET",
+            path=str(path),
+        )
+    return path, key, created
+
+
+def signing_key_for(settings: Settings, users: UserStore) -> tuple[Settings, str | None]:
+    """``settings`` with the key that signs API tokens and sessions, and a line for the log saying where
+    it came from (None when nothing changed).
+
+    ``jwt_secret`` when set. Otherwise, once users are configured, the key kept in the data folder
+    (:func:`stored_signing_key`): sign-in and API tokens then work without a secret to manage, and sessions
+    survive restarts (on a Space, persistent storage keeps the file). Without users nothing signs in and
+    no key is made: a workstation's API stays open on localhost.
+    """
+    from dataclasses import replace
+
+    if settings.jwt_secret or not users.configured:
+        return settings, None
+    path, key, created = stored_signing_key(settings.data_path)
+    how = "generated a token signing key and stored it in" if created else "token signing key read from"
+    note = f"{how} {path} (sessions and API tokens stay valid across restarts; SD35_JWT_SECRET overrides it)"
+    return replace(settings, jwt_secret=key), note
 
 
 # --- roles and headers ---------------------------------------------------------------------------------------

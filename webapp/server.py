@@ -40,7 +40,7 @@ from engine.logs import configure_logging
 from engine.runtime import import_model_libraries
 from engine.settings import Settings
 from engine.store import row_key
-from webapp.auth import USER, TokenIssuer, User, UserStore, load_users
+from webapp.auth import USER, TokenIssuer, User, UserStore, load_users, signing_key_for
 from webapp.files import file_response, resolve_inside
 from webapp.guard import ApiGuard, RateLimited
 from webapp.i18n import gradio_i18n, language_of_request, text
@@ -320,6 +320,9 @@ def create_app(
 
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
+    settings, key_note = signing_key_for(settings, users)
+    if key_note:
+        log.info(key_note)
     space = on_space()
     guard = api_guard(settings, users, services.ledger)
     if public_without_users(users):
