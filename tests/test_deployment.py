@@ -196,3 +196,37 @@ def test_processes_starting_together_share_one_stored_key(tmp_path):
         results = list(pool.map(lambda _: stored_signing_key(tmp_path), range(16)))
     assert len({key for _, key, _ in results}) == 1 and sum(created for *_, created in results) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["token-signing-key"]  # no temporary files left behind
+
+
+# ----------------------------------------------------------------------------- a token key but no users
+
+
+@pytest.mark.parametrize("where", ["space", "proxy"])
+def test_a_public_app_with_a_token_key_and_no_users_warns_that_its_page_is_open(
+    tmp_path, engine, monkeypatch, caplog, where
+):
+    if where == "space":
+        monkeypatch.setenv("SPACE_ID", SPACE["SPACE_ID"])
+        settings = make_settings(tmp_path, jwt_secret="s" * 48)
+    else:
+        monkeypatch.delenv("SPACE_ID", raising=False)
+        settings = make_settings(tmp_path, jwt_secret="s" * 48, forwarded_allow_ips="127.0.0.1")
+    monkeypatch.delenv("SD35_USERS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="webapp.server"):
+        app, _ = create_app(settings, engine)
+    warnings = [r.getMessage() for r in caplog.records if "no users" in r.getMessage() and "/gradio_api" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    # What the warning says is what happens: the API asks for a token, the page and Gradio's API do not.
+    with live_server(app, **uvicorn_options(settings, SPACE if where == "space" else {})) as url:
+        with httpx.Client(base_url=url, timeout=30) as visitor:
+            assert visitor.get("/api/templates").status_code == 401
+            assert visitor.get("/", follow_redirects=False).status_code == 200
+            assert visitor.get("/gradio_api/info").status_code == 200
+
+
+def test_a_token_key_without_users_on_localhost_says_nothing(tmp_path, engine, monkeypatch, caplog):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("SD35_USERS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="webapp.server"):
+        create_app(make_settings(tmp_path, jwt_secret="s" * 48), engine)
+    assert not [r for r in caplog.records if "/gradio_api" in r.getMessage()]

@@ -330,6 +330,13 @@ def create_app(
         log.warning("no users are configured and this app is public (a Space): everyone uses it without "
                     "signing in, as an ordinary user; admin actions are off until users are configured "
                     "(SD35_USERS or SD35_USERS_FILE)")
+    if settings.jwt_secret and not users.configured and (space or settings.forwarded_allow_ips.strip()):
+        # Tokens name API callers only: nobody signs in to the page, so it cannot ask for them.
+        log.warning("a token signing key is configured but no users, and this app is reachable beyond this "
+                    "machine (%s): the JSON API and the ComfyUI routes ask for bearer tokens, but the web page, "
+                    "its Gradio API (/gradio_api/...) and /files are open to whoever reaches it; configure users "
+                    "(SD35_USERS or SD35_USERS_FILE) to close them",
+                    "a Space" if space else "behind a proxy, forwarded_allow_ips")
     auth = WebAuth(users, session_issuer(settings), guard.revocations or TokenRevocations(services.ledger))
     upload_limit = UploadLimit.from_megabytes(settings.max_upload_mb)
     metrics = Metrics()
