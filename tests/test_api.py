@@ -146,6 +146,56 @@ def test_tokens_act_with_the_users_current_role_and_die_with_the_user(server, an
     assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "unknown_user"
 
 
+def test_the_users_file_is_followed_without_a_restart(server, anonymous):
+    import subprocess
+    import sys
+
+    users_file = server.settings.users_file
+    # A user added while the server runs signs in at once ...
+    add_user(users_file, "frank", "frank-pass", "user")
+    answer = anonymous.post("/api/token", json={"username": "frank", "password": "frank-pass"})
+    assert answer.status_code == 200, answer.text
+    token = answer.json()["access_token"]
+    assert anonymous.get("/api/templates", headers=bearer(token)).status_code == 200
+    with httpx.Client(base_url=server.url, timeout=30) as browser:
+        assert browser.post("/login", data={"username": "frank", "password": "frank-pass"}).status_code == 303
+        session = browser.cookies.get("sd35_session")
+    outputs = Path(server.settings.outputs_path)
+    with httpx.Client(base_url=server.url, timeout=30, cookies={"sd35_session": session}) as browser:
+        assert browser.get("/", follow_redirects=False).status_code == 200
+
+        # ... and once removed, their session and their tokens stop working on the next request.
+        removed = subprocess.run([sys.executable, "app.py", "users", "remove", "frank", "--file", str(users_file)],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert removed.returncode == 0, removed.stderr
+        assert "frank" in removed.stdout
+        assert browser.get("/", follow_redirects=False).status_code == 303  # to the sign-in form
+        assert browser.get("/gradio_api/info").status_code == 401
+        if any(outputs.rglob("*.png")):
+            image = "/files/" + next(outputs.rglob("*.png")).relative_to(outputs).as_posix()
+            assert browser.get(image).status_code == 401
+    gone = anonymous.get("/api/templates", headers=bearer(token))
+    assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "unknown_user"
+    refused = anonymous.post("/api/token", json={"username": "frank", "password": "frank-pass"})
+    assert refused.status_code == 401
+
+
+def test_an_unreadable_users_file_keeps_the_users_loaded_before(server, bob):
+    users_file = Path(server.settings.users_file)
+    saved = users_file.read_bytes()
+    try:
+        users_file.write_text('{"users": [', encoding="utf-8")  # half-saved by an editor
+        assert bob.get("/api/templates").status_code == 200
+        users_file.write_text('{"users": []}', encoding="utf-8")  # everyone removed: locked, never open
+        assert bob.get("/api/templates").status_code == 401
+        with httpx.Client(base_url=server.url, timeout=30) as nobody:
+            assert nobody.get("/api/templates").status_code == 401
+            assert nobody.get("/", follow_redirects=False).status_code == 303
+    finally:
+        users_file.write_bytes(saved)
+    assert bob.get("/api/templates").status_code == 200
+
+
 def test_an_admin_revokes_one_token_and_only_that_one_stops_working(server, alice, bob, anonymous):
     leaked, other = server.tokens.create("dave", "user"), server.tokens.create("dave", "user")
     assert anonymous.get("/api/templates", headers=bearer(leaked)).status_code == 200

@@ -229,7 +229,7 @@ def test_python_app_py_serves_the_page_and_warms_up_cleanly(tmp_path):
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["run"], ["validate"], ["templates"], ["demo-checkpoint"],
                                      ["calibrate"], ["bench"], ["token", "create"], ["token", "revoke"],
-                                     ["users", "add"], ["worker"]])
+                                     ["users", "add"], ["users", "remove"], ["worker"]])
 def test_every_help_page_prints_with_every_settings_text(tmp_path, command):
     from engine.settings import SETTINGS
 

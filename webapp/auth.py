@@ -26,10 +26,12 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -44,6 +46,8 @@ from engine.errors import AccessDenied, EngineError
 if TYPE_CHECKING:
     from engine.settings import Settings
 
+_log = logging.getLogger(__name__)
+
 __all__ = [
     "ADMIN",
     "ADMIN_ACTIONS",
@@ -51,6 +55,7 @@ __all__ = [
     "USER",
     "USERS_ENV",
     "Claims",
+    "ReloadingUserStore",
     "TokenIssuer",
     "User",
     "UserStore",
@@ -167,41 +172,52 @@ class User:
         return {"name": self.name, "password_hash": self.password_hash, "role": self.role}
 
 
+def _index_users(users: Iterable[User]) -> dict[str, User]:
+    indexed: dict[str, User] = {}
+    for user in users:
+        _check_name(user.name)
+        _check_role(user.role)
+        _parse_hash(user.password_hash)  # a broken hash is a startup error, not a login failure later
+        if user.name in indexed:
+            raise EngineError(f"user '{user.name}' is configured twice", name=user.name)
+        indexed[user.name] = user
+    return indexed
+
+
 class UserStore:
     """The configured users, looked up by name. An empty store means login is not configured."""
 
     def __init__(self, users: Iterable[User] = ()) -> None:
-        self._users: dict[str, User] = {}
-        for user in users:
-            _check_name(user.name)
-            _check_role(user.role)
-            _parse_hash(user.password_hash)  # a broken hash is a startup error, not a login failure later
-            if user.name in self._users:
-                raise EngineError(f"user '{user.name}' is configured twice", name=user.name)
-            self._users[user.name] = user
+        self._users: dict[str, User] = _index_users(users)
+        self._configured = bool(self._users)
         # Unknown names are checked against this so a miss costs the same scrypt time as a wrong password.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16)) if self._users else ""
 
+    def _current(self) -> dict[str, User]:
+        """The users as they are now (a store read from a file that changes re-reads it here)."""
+        return self._users
+
     def __len__(self) -> int:
-        return len(self._users)
+        return len(self._current())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._users
+        return name in self._current()
 
     def __iter__(self):
-        return iter(self._users.values())
+        return iter(list(self._current().values()))
 
     @property
     def configured(self) -> bool:
-        """True when at least one user exists, i.e. the app must ask for a login."""
-        return bool(self._users)
+        """True when the app must ask for a login: users existed when the store was made. Fixed for the
+        store's life, so removing every user from a file locks the app rather than opening it."""
+        return self._configured
 
     def get(self, name: str) -> User | None:
-        return self._users.get(name)
+        return self._current().get(name)
 
     def authenticate(self, name: str, password: str) -> User | None:
         """The user when ``password`` is theirs, else None (unknown name and wrong password look alike)."""
-        user = self._users.get(name)
+        user = self._current().get(name)
         if user is None:
             if self._decoy_hash:
                 verify_password(password, self._decoy_hash)
@@ -214,8 +230,58 @@ class UserStore:
         return cls(_users_from_dict(data, source))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> UserStore:
-        return cls(_users_from_file(Path(path)))
+    def from_file(cls, path: str | os.PathLike[str], also: Iterable[User] = ()) -> UserStore:
+        """The users of a JSON file (plus ``also``, e.g. from ``SD35_USERS``), re-read when the file changes."""
+        return ReloadingUserStore(Path(path), also)
+
+
+class ReloadingUserStore(UserStore):
+    """Users from a JSON file that follows the file: ``python app.py users add|remove`` (or an edit) takes
+    effect on the next request, in every process reading it. A removed user's sessions and tokens stop
+    working (:class:`webapp.server.WebAuth` and :class:`webapp.guard.ApiGuard` look the user up each time).
+
+    Each lookup costs one ``stat``; the file is read again only when its modification time, size or inode
+    changed. A file that cannot be read or parsed keeps the users last loaded (logged), so a half-saved
+    edit neither locks everyone out nor lets anyone in; a deleted file means no users from it.
+    """
+
+    def __init__(self, path: Path, also: Iterable[User] = ()) -> None:
+        self.path = path
+        self._also = list(also)
+        self._stamp = self._file_stamp()
+        super().__init__([*_users_from_file(path), *self._also])
+        self._lock = threading.Lock()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _current(self) -> dict[str, User]:
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return self._users
+        with self._lock:
+            if stamp != self._stamp:  # another thread may have reloaded while this one waited
+                self._reload(stamp)
+            return self._users
+
+    def _reload(self, stamp: tuple[int, int, int] | None) -> None:
+        try:
+            from_file = _users_from_file(self.path) if stamp is not None else []
+            users = _index_users([*from_file, *self._also])
+        except EngineError as exc:
+            _log.error("users file %s not reloaded, keeping the users loaded before: %s", self.path, exc.message)
+        else:
+            if stamp is None:
+                _log.warning("users file %s is gone: its users can no longer sign in", self.path)
+            if users and not self._decoy_hash:
+                self._decoy_hash = hash_password(secrets.token_urlsafe(16))
+            self._users = users
+            _log.info("users file %s reloaded: %d user(s)", self.path, len(users))
+        self._stamp = stamp
 
 
 def _users_from_dict(data: Mapping[str, Any], source: str) -> list[User]:
@@ -257,14 +323,13 @@ def _users_from_env_value(value: str) -> list[User]:
 
 
 def load_users(settings: Settings, environ: Mapping[str, str] | None = None) -> UserStore:
-    """Users from ``settings.users_file`` and ``SD35_USERS`` together (a name in both is an error)."""
+    """Users from ``settings.users_file`` and ``SD35_USERS`` together (a name in both is an error); the
+    file's users follow the file as it changes."""
     env = os.environ if environ is None else environ
-    users: list[User] = []
-    if settings.users_file:
-        users.extend(_users_from_file(Path(settings.users_file)))
-    if env.get(USERS_ENV, "").strip():
-        users.extend(_users_from_env_value(env[USERS_ENV]))
-    return UserStore(users)
+    from_env = _users_from_env_value(env[USERS_ENV]) if env.get(USERS_ENV, "").strip() else []
+    if settings.users_file:  # followed while the app runs: see ReloadingUserStore
+        return UserStore.from_file(settings.users_file, also=from_env)
+    return UserStore(from_env)
 
 
 def _read_users_file(path: Path) -> list[dict[str, str]]:
