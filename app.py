@@ -249,7 +249,9 @@ def cmd_templates(args: argparse.Namespace) -> int:
     from engine.templates import TemplateLibrary
 
     settings = _settings_from(args)
-    library = TemplateLibrary(settings.templates_path, validate_workflow=Engine(settings).validate)
+    if not settings.templates_path.is_dir():  # a mistyped --templates-dir, even with uploaded templates around
+        raise TemplateError(f"the templates folder {settings.templates_path} does not exist (setting templates_dir)")
+    library = TemplateLibrary.for_settings(settings, validate_workflow=Engine(settings).validate)
     if not library.names() and not library.errors():
         raise TemplateError(f"no templates to list: {library.describe_available()}")
     for template in library.list():

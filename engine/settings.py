@@ -28,7 +28,7 @@ class SettingSpec:
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("data_dir", "data", "Folder for the ledger, outputs, uploads, ComfyUI's input folder and the compile cache (/data on Spaces).", str),
     SettingSpec("models_dir", "models", "ComfyUI-style models folder (checkpoints/, diffusion_models/, text_encoders/, vae/, loras/, controlnet/).", str),
-    SettingSpec("templates_dir", "templates", "Folder of workflow templates. A relative path that does not exist in the working directory is taken beside app.py, where the shipped templates are.", str),
+    SettingSpec("templates_dir", "templates", "Folder of the shipped (read-only) workflow templates. A relative path that does not exist in the working directory is taken beside app.py, where the shipped templates are. Templates admins upload or edit are kept in <data_dir>/templates.", str),
     SettingSpec("db_path", "", "SQLite ledger file; empty means <data_dir>/ledger.db.", str),
     SettingSpec("output_dir", "", "Where images are written; empty means <data_dir>/outputs.", str),
     SettingSpec("default_checkpoint", DEMO_CHECKPOINT, "Checkpoint used by templates that do not name one.", str),
@@ -105,6 +105,11 @@ class Settings:
             return path
         beside_code = PROJECT_ROOT / path
         return beside_code if beside_code.is_dir() else path
+
+    @property
+    def user_templates_path(self) -> Path:
+        """Where templates admins upload or edit are kept: the data folder, not the code's templates/."""
+        return self.data_path / "templates"
 
     @property
     def outputs_path(self) -> Path:

@@ -40,7 +40,7 @@ def server(tmp_path_factory, engine):
     from webapp.server import create_app
 
     root = tmp_path_factory.mktemp("api")
-    shutil.copytree(ROOT / "templates", root / "templates")  # admins upload templates into this copy
+    shutil.copytree(ROOT / "templates", root / "templates")  # a scratch copy of the shipped templates
     users_file = root / "users.json"
     for name, role in (("alice", "admin"), ("bob", "user"), ("carol", "user"), ("dave", "user"), ("erin", "user")):
         add_user(users_file, name, f"{name}-pass", role)
@@ -346,11 +346,16 @@ def test_only_admins_upload_templates(server, alice, bob):
     assert saved.status_code == 200, saved.text
     assert saved.json()["name"] == "shot_copy"
     assert bob.get("/api/templates/shot_copy").status_code == 200
-    assert (Path(server.settings.templates_dir) / "shot_copy" / "template.json").is_file()
+    # Kept with the app's data, not in the code's templates folder (a Space's checkout, a git tree).
+    assert (Path(server.settings.data_dir) / "templates" / "shot_copy" / "template.json").is_file()
+    assert not (Path(server.settings.templates_dir) / "shot_copy").exists()
 
     broken = alice.post("/api/templates", files=template_upload("shot_broken", workflow="{{ no_such_field }}"))
     assert broken.status_code == 400 and error_of(broken)["type"] == "TemplateError"
-    assert not (Path(server.settings.templates_dir) / "shot_broken").exists()
+    assert not (Path(server.settings.data_dir) / "templates" / "shot_broken").exists()
+
+    shipped = alice.post("/api/templates", files=template_upload("product_shot"), data={"replace": "true"})
+    assert shipped.status_code == 400 and "shipped template" in error_of(shipped)["message"]
 
 
 # ---------------------------------------------------------------------------------------------- batches

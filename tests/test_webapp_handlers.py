@@ -295,7 +295,6 @@ def test_single_image_photos_named_alike_stay_apart(services, tmp_path):
     schema["name"] = "two_photos"
     schema["fields"].append({"name": "backdrop", "type": "image", "example": "backdrop.png"})
     workflow = (ROOT / "templates" / "product_in_scene" / "workflow.json.j2").read_bytes()
-    services.templates.folder = tmp_path / "templates"  # a scratch folder, not the shipped one
     services.templates.add({"template.json": json.dumps(schema).encode(), "workflow.json.j2": workflow})
     library, names = handlers.stage_single_photos(
         services, "two_photos", {"product_photo": str(first), "backdrop": str(second)})
@@ -378,16 +377,37 @@ def test_only_whoever_started_a_batch_or_an_admin_stops_or_resumes_it(services, 
     assert services.queue.wait(batch_id, timeout=60).state == "done"
 
 
-def test_admin_saves_only_a_valid_template(services, tmp_path):
+def test_admin_saves_only_a_valid_template_into_the_data_folder_never_over_a_shipped_one(services):
+    import json
+
     from engine.errors import TemplateError
 
+    shipped = ROOT / "templates" / "turbo_draft"
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
     schema, workflow = handlers.template_sources(services, "turbo_draft")
-    services.templates.folder = tmp_path / "templates"  # write into a scratch copy, not the shipped folder
+    with pytest.raises(TemplateError, match="shipped template"):
+        handlers.save_template(services, ADMIN, schema, workflow, replace=True)
+    mine = json.dumps({**json.loads(schema), "name": "turbo_mine"})
     with pytest.raises(TemplateError):
-        handlers.save_template(services, ADMIN, schema, workflow.replace('"KSampler"', '"NoSuchNode"', 1)
+        handlers.save_template(services, ADMIN, mine, workflow.replace('"KSampler"', '"NoSuchNode"', 1)
                                .replace("{{ seed }}", "{{ no_such_field }}"))
-    assert handlers.save_template(services, ADMIN, schema, workflow) == "turbo_draft"
-    assert (tmp_path / "templates" / "turbo_draft" / "template.json").is_file()
+    assert handlers.save_template(services, ADMIN, mine, workflow) == "turbo_mine"
+    saved = services.settings.user_templates_path / "turbo_mine" / "template.json"
+    assert saved.is_file() and saved.is_relative_to(services.settings.data_path)
+    assert not (ROOT / "templates" / "turbo_mine").exists()
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+    assert {"turbo_draft", "turbo_mine"} <= set(handlers.template_names(services))
+    assert handlers.save_template(services, ADMIN, mine, workflow, replace=True) == "turbo_mine"  # its own: yes
+
+
+def test_a_user_template_named_like_a_shipped_one_is_not_used_and_says_why(services):
+    copy = services.settings.user_templates_path / "product_shot"
+    copy.mkdir(parents=True)
+    for name in ("template.json", "workflow.json.j2"):
+        (copy / name).write_bytes((ROOT / "templates" / "product_shot" / name).read_bytes())
+    assert services.templates.get("product_shot").folder == ROOT / "templates" / "product_shot"
+    assert "shipped template" in services.templates.errors()["product_shot"].message
+    assert handlers.template_names(services).count("product_shot") == 1
 
 
 def test_system_info_says_the_demo_model_is_in_use(services):

@@ -458,7 +458,8 @@ def create_app(
         max_file_size=f"{int(settings.max_upload_mb)}mb",
         show_error=True,
         css=CSS,
-        allowed_paths=[str(settings.templates_path.resolve())],  # example images only
+        # example images only (shipped templates and those uploaded)
+        allowed_paths=[str(settings.templates_path.resolve()), str(settings.user_templates_path.resolve())],
     )
 
     return app, services
