@@ -636,6 +636,33 @@ def test_batch_progress_shows_image_urls_not_server_paths(server, bob):
     assert str(server.settings.data_dir) not in json.dumps(progress)
 
 
+def test_image_links_the_api_returns_download_with_its_bearer_token(server, bob):
+    rows = [{"product_name": "fetched with a token", "seed": 33, **SMALL}]
+    batch_id = bob.post("/api/batches", json={"template": "product_shot", "rows": rows}).json()["batch_id"]
+    finished(server, batch_id)
+    link = bob.get(f"/api/batches/{batch_id}").json()["progress"]["recent_images"][0]
+    image = bob.get(link)
+    assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "x-ratelimit-remaining" in {k.lower() for k in image.headers}
+    archive = bob.get(f"/files/zip/{batch_id}")
+    assert archive.status_code == 200 and any(n.endswith(".png") for n in zipfile.ZipFile(io.BytesIO(archive.content)).namelist())
+    with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+        assert anonymous.get(link).status_code == 401
+        assert anonymous.get(link, headers=bearer(tampered(server))).status_code == 401
+        # A revoked token is refused here as on the API.
+        token = server.tokens.create("dave", "user")
+        assert anonymous.get(link, headers=bearer(token)).status_code == 200
+        assert anonymous.post("/api/token/revoke", json={"token": token},
+                              headers=bearer(server.tokens.create("alice", "admin"))).status_code == 200
+        gone = anonymous.get(link, headers=bearer(token))
+        assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "revoked"
+        # And the API's rate limit applies, per user and route.
+        other = bearer(server.tokens.create("dave", "user"))
+        answers = [anonymous.get(link, headers=other) for _ in range(RATE_LIMIT + 1)]
+        assert answers[0].status_code == 200 and answers[-1].status_code == 429  # dave spent one above
+        assert int(answers[-1].headers["retry-after"]) >= 1
+
+
 def test_session_file_routes_never_leave_the_outputs(server):
     with httpx.Client(base_url=server.url, timeout=30) as browser:
         assert browser.post("/login", data={"username": "bob", "password": "bob-pass"}).status_code == 303

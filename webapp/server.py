@@ -12,7 +12,7 @@ read whole) -> the routes. The JSON API and the ComfyUI routes go through one
 
 Sign-in: when users are configured (a users file or ``SD35_USERS``), ``/login`` checks the password with
 :class:`webapp.auth.UserStore` and sets an HttpOnly session cookie holding a signed token; the Gradio app
-and the ``/files`` routes accept only requests carrying a valid one. Sign-in attempts are rate-limited per
+accepts only requests carrying a valid one, and the ``/files`` routes that or an API bearer token. Sign-in attempts are rate-limited per
 client address by the API's guard (``POST /login``; a 429 page says how long to wait). With no users
 configured nobody signs in, and :func:`listen_address` keeps the server on localhost.
 
@@ -403,28 +403,36 @@ def create_app(
         response.delete_cookie(SESSION_COOKIE, **session_cookie_options(request, space))
         return response
 
-    def signed_in(request: Request) -> User | None:
-        user = auth.user_of(request)
-        if auth.required and user is None:
-            raise AccessDenied("sign in to download files", status=401, reason="not_authenticated")
-        return user
+    def may_download(request: Request, route: str) -> dict[str, str]:
+        """A browser's session cookie, or the API's bearer token (the links the API hands out, such as a
+        batch's ``recent_images``, must work with the token that fetched them: revocation and rate limits
+        as on the API). Returns the rate-limit headers for the answer."""
+        authorization = request.headers.get("authorization")
+        if authorization and guard.auth_required:
+            return guard.admit(guard.identify(authorization), route)
+        if auth.required and auth.user_of(request) is None:
+            raise AccessDenied("sign in, or send an API bearer token, to download files", status=401,
+                               reason="not_authenticated")
+        return {}
 
     @app.get("/files/zip/{batch_id}")
     def batch_zip(batch_id: str, request: Request):
-        signed_in(request)
+        limits = may_download(request, "GET /files/zip/{batch_id}")
         if services.ledger.get_batch(batch_id) is None:
             raise AccessDenied(f"no batch {batch_id!r}", status=404, batch_id=batch_id)
         # Streamed as it is built: a batch of thousands of images never sits in memory or on disk twice.
         return StreamingResponse(
             services.runner.zip_stream(batch_id),
             media_type="application/zip",
-            headers={"Content-Disposition": f'attachment; filename="{batch_id}.zip"'},
+            headers={"Content-Disposition": f'attachment; filename="{batch_id}.zip"', **limits},
         )
 
     @app.get("/files/{relative:path}")
     def output_file(relative: str, request: Request):
-        signed_in(request)
-        return file_response(resolve_inside(outputs, relative))
+        limits = may_download(request, "GET /files/{relative:path}")
+        response = file_response(resolve_inside(outputs, relative))
+        response.headers.update(limits)
+        return response
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics(request: Request):
