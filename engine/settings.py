@@ -51,6 +51,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("route_rate_limits", "", "Per-route limits overriding rate_limit_per_minute, as METHOD PATH=REQUESTS_PER_MINUTE pairs, e.g. \"POST /prompt=10,POST /api/batches=5,POST /login=5\" (ComfyUI routes under /api are separate routes: \"POST /api/prompt\").", str),
     SettingSpec("max_token_ttl", "7d", "Longest token lifetime POST /api/token grants (e.g. 12h, 7d); `python app.py token create --ttl` may issue longer ones.", str),
     SettingSpec("max_upload_mb", 50, "Largest accepted upload, in MiB.", int),
+    SettingSpec("upload_retention_s", 86400, "Seconds the web page's uploads (sheets, photo zips, template files, in Gradio's cache, GRADIO_TEMP_DIR) are kept before they are deleted; 0 keeps them. A batch keeps its own copy of what it needs from the moment it is checked.", int),
     SettingSpec("broker", "", "Redis URL of the Celery broker; empty means rows run in this process.", str),
     SettingSpec("log_format", "console", "console or json.", str),
     SettingSpec("allowed_models", "", "Comma-separated checkpoint names admins may switch to; empty means any found.", str),
@@ -84,6 +85,7 @@ class Settings:
     route_rate_limits: str = ""
     max_token_ttl: str = "7d"
     max_upload_mb: int = 50
+    upload_retention_s: int = 86400
     broker: str = ""
     log_format: str = "console"
     allowed_models: str = ""

@@ -587,3 +587,45 @@ def test_a_photo_sheet_checked_without_its_photos_zip_says_to_upload_it(services
     result = handlers.check_sheet(services, USER, "product_in_scene", sheet)
     assert result.bad_rows == 1 and not result.can_start
     assert EN["batch.photos_missing"].format(columns="product_photo") in result.summary
+
+
+def test_uploads_leave_gradios_cache_and_a_checked_batch_keeps_what_it_needs(settings, demo_engine, tmp_path):
+    from dataclasses import replace
+
+    import httpx
+
+    from live_server import live_server
+    from webapp.server import create_app
+
+    photos = tmp_path / "photos.zip"
+    with zipfile.ZipFile(photos, "w") as archive:
+        archive.write(write_photo(tmp_path / "mug.png"), "mug.png")
+    sheet = tmp_path / "scene.csv"
+    sheet.write_text("product_name,product_photo,width,height,steps\nMug,mug.png,256,256,1\n", encoding="utf-8")
+    app, services = create_app(replace(settings, upload_retention_s=2), demo_engine, users=UserStore([]))
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as browser:
+        # What the page does when a sheet and a photos zip are dropped on it.
+        answer = browser.post("/gradio_api/upload", files=[("files", (p.name, p.read_bytes())) for p in (sheet, photos)])
+        assert answer.status_code == 200, answer.text
+        cached_sheet, cached_photos = map(Path, answer.json())
+        assert cached_sheet.is_file() and cached_photos.is_file()
+        checked = handlers.check_sheet(services, USER, "product_in_scene", cached_sheet, images_path=cached_photos)
+        assert checked.can_start, checked.summary
+
+        deadline = time.monotonic() + 30
+        while (cached_sheet.exists() or cached_photos.exists()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not cached_sheet.exists() and not cached_photos.exists()  # cleaned up after upload_retention_s
+
+        batch_id = handlers.start_batch(services, checked.prepared)  # started after its uploads are gone
+        progress = services.queue.wait(batch_id, timeout=60)
+        assert progress is not None and progress.state == "done", progress
+        assert [row.status for row in services.ledger.rows(batch_id)] == ["done"]
+
+
+def test_upload_retention_becomes_gradios_cache_schedule():
+    from webapp.ui import upload_cache_schedule
+
+    assert upload_cache_schedule(86400) == (3600, 86400)
+    assert upload_cache_schedule(2) == (1, 2)
+    assert upload_cache_schedule(0) is None  # kept, as Gradio does by default
