@@ -230,3 +230,32 @@ def test_a_token_key_without_users_on_localhost_says_nothing(tmp_path, engine, m
     with caplog.at_level(logging.WARNING, logger="webapp.server"):
         create_app(make_settings(tmp_path, jwt_secret="s" * 48), engine)
     assert not [r for r in caplog.records if "/gradio_api" in r.getMessage()]
+
+
+# -------------------------------------------------------------------- visitors of a public Space without users
+
+
+def test_each_browser_on_a_public_space_gets_its_own_visitor_cookie_which_is_no_api_token(
+    tmp_path, engine, monkeypatch
+):
+    from webapp.server import VisitorIdentity
+
+    monkeypatch.setenv("SPACE_ID", SPACE["SPACE_ID"])
+    monkeypatch.delenv("SD35_USERS", raising=False)
+    settings = make_settings(tmp_path, jwt_secret="v" * 48)  # API tokens and visitor cookies share the key
+    app, _ = create_app(settings, engine)
+    with live_server(app, **uvicorn_options(settings, SPACE)) as url:
+        names = []
+        for _ in range(2):
+            with httpx.Client(base_url=url, timeout=30) as browser:
+                page = browser.get("/")
+                cookie = next(v for k, v in page.headers.multi_items()
+                              if k == "set-cookie" and v.startswith(VisitorIdentity.COOKIE))
+                assert "samesite=none" in cookie.lower() and "secure" in cookie.lower()
+                value = page.cookies[VisitorIdentity.COOKIE]
+                names.append(VisitorIdentity.from_settings(settings).name_in({VisitorIdentity.COOKIE: value}))
+                again = browser.get("/", cookies={VisitorIdentity.COOKIE: value})
+                assert VisitorIdentity.COOKIE not in again.cookies  # kept, not replaced
+                refused = browser.get("/api/templates", headers={"Authorization": f"Bearer {value}"})
+                assert refused.status_code == 401 and refused.json()["error"]["details"]["reason"] == "bad_audience"
+        assert all(n and n.startswith("visitor-") for n in names) and names[0] != names[1]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
@@ -40,7 +41,7 @@ from engine.logs import configure_logging
 from engine.runtime import import_model_libraries
 from engine.settings import Settings
 from engine.store import row_key
-from webapp.auth import USER, TokenIssuer, User, UserStore, load_users, signing_key_for
+from webapp.auth import USER, TokenIssuer, User, UserStore, load_users, signing_key_for, stored_signing_key
 from webapp.files import file_response, resolve_inside
 from webapp.guard import ApiGuard, RateLimited
 from webapp.i18n import gradio_i18n, language_of_request, text
@@ -110,6 +111,51 @@ class WebAuth:
         """Gradio's ``auth_dependency``: the user name, or None to refuse the request."""
         user = self.user_of(request)
         return user.name if user is not None else None
+
+
+class VisitorIdentity:
+    """Who a browser is on a public app without users (a Space), for ownership checks only: each browser
+    gets a signed cookie naming a ``visitor-...`` of its own, so one visitor cannot cancel or resume
+    another's batch. It grants nothing else: visitors are ordinary users, and the cookie's audience is
+    not the API's, so it never passes as a bearer token.
+
+    A browser that refuses the cookie (third-party cookies blocked in HF's frame) is named after its page
+    session instead: it still cannot touch others' batches, only loses its own after a reload.
+    """
+
+    COOKIE = "sd35_visitor"
+    TTL = "30d"
+    AUDIENCE = "sd35-visitor"
+
+    def __init__(self, secret: str, issuer: str) -> None:
+        self.tokens = TokenIssuer(secret, issuer, self.AUDIENCE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VisitorIdentity:
+        """Signed with the token key, or the one kept in the data folder, so visitors stay who they were
+        across restarts."""
+        secret = settings.jwt_secret or stored_signing_key(settings.data_path)[1]
+        return cls(secret, settings.jwt_issuer)
+
+    def new_cookie(self) -> str:
+        return self.tokens.create(f"visitor-{secrets.token_hex(8)}", USER, ttl=self.TTL, process_local=True)
+
+    def name_in(self, cookies: Mapping[str, str]) -> str | None:
+        token = cookies.get(self.COOKIE)
+        if not token:
+            return None
+        try:
+            return self.tokens.verify(token).sub
+        except AccessDenied:
+            return None
+
+    def name_of(self, request: Any) -> str:
+        """The visitor behind a Gradio request: the cookie's name, else one for this page session."""
+        try:
+            name = self.name_in(request.cookies)
+        except AttributeError:  # no HTTP request behind it
+            name = None
+        return name or f"visitor-page-{str(getattr(request, 'session_hash', '') or 'unknown')[:16]}"
 
 
 def session_issuer(settings: Settings) -> TokenIssuer:
@@ -325,8 +371,10 @@ def create_app(
         log.info(key_note)
     space = on_space()
     guard = api_guard(settings, users, services.ledger)
+    visitors = None
     if public_without_users(users):
         guard.anonymous_role = USER
+        visitors = VisitorIdentity.from_settings(settings)
         log.warning("no users are configured and this app is public (a Space): everyone uses it without "
                     "signing in, as an ordinary user; admin actions are off until users are configured "
                     "(SD35_USERS or SD35_USERS_FILE)")
@@ -371,7 +419,12 @@ def create_app(
         path = request.url.path
         if auth.required and request.method == "GET" and path in {"/", ""} and auth.user_of(request) is None:
             return RedirectResponse("/login", status_code=303)
-        return await call_next(request)
+        response = await call_next(request)
+        if visitors is not None and request.method == "GET" and path in {"/", ""} \
+                and visitors.name_in(request.cookies) is None:
+            response.set_cookie(visitors.COOKIE, visitors.new_cookie(), max_age=30 * 86400,
+                                **session_cookie_options(request, space))
+        return response
 
     @app.get("/login", response_class=HTMLResponse)
     def login_form(request: Request, failed: int = 0):
@@ -454,7 +507,8 @@ def create_app(
     app.add_middleware(UploadLimitMiddleware, limit=upload_limit)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
 
-    blocks = build_ui(services, settings, users=users, anonymous_role=guard.anonymous_role)
+    blocks = build_ui(services, settings, users=users, anonymous_role=guard.anonymous_role,
+                      visitor_of=visitors.name_of if visitors is not None else None)
     gr.mount_gradio_app(
         app,
         blocks,
@@ -495,6 +549,7 @@ def serve(settings: Settings, engine: Any = None, environ: Mapping[str, str] | N
 __all__ = [
     "SESSION_COOKIE",
     "BatchMetrics",
+    "VisitorIdentity",
     "WebAuth",
     "api_guard",
     "create_app",

@@ -222,9 +222,11 @@ def upload_cache_schedule(retention_s: int) -> tuple[int, int] | None:
     return max(1, min(3600, retention_s // 4)), retention_s
 
 
-def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: str = "admin") -> gr.Blocks:
+def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: str = "admin",
+             visitor_of: Callable[[gr.Request], str] | None = None) -> gr.Blocks:
     """The web app's Blocks. ``users`` (a UserStore) decides login and roles; None means no users, and
-    then everyone acts with ``anonymous_role`` (admin on a localhost workstation, user on a public Space)."""
+    then everyone acts with ``anonymous_role`` (admin on a localhost workstation, user on a public Space),
+    named by ``visitor_of`` (a public Space: each browser its own visitor, so it owns its own batches)."""
     L = gradio_i18n()
     outputs = settings.outputs_path
     names = handlers.template_names(services)
@@ -232,6 +234,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
     status_choices = [(L("history.any_status"), ""), *[(L(f"status.{s}"), s) for s in handlers.LEDGER_STATUSES]]
 
     def caller(request: gr.Request) -> handlers.Caller:
+        if visitor_of is not None and (users is None or not users.configured):
+            return handlers.Caller(visitor_of(request), anonymous_role)
         return handlers.caller_for(users, getattr(request, "username", None), language_of_request(request),
                                    anonymous_role)
 
