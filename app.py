@@ -8,7 +8,7 @@
     python app.py calibrate            FP8 activation scales for a checkpoint (sidecar file)
     python app.py bench [--e2e|--png]  FP8 vs BF16 benchmark; end-to-end batch throughput; PNG encoding
     python app.py token create|revoke  issue an API token; refuse one (or all of a user's) from now on
-    python app.py users add|entry      add a user to the users file; print an SD35_USERS entry
+    python app.py users add|remove|entry   add or remove a user in the users file; print an SD35_USERS entry
     python app.py worker --broker URL  a GPU worker for scale-out over Redis
 
 Library errors become one-line messages and a non-zero exit status here, in one place.
@@ -249,7 +249,9 @@ def cmd_templates(args: argparse.Namespace) -> int:
     from engine.templates import TemplateLibrary
 
     settings = _settings_from(args)
-    library = TemplateLibrary(settings.templates_path, validate_workflow=Engine(settings).validate)
+    if not settings.templates_path.is_dir():  # a mistyped --templates-dir, even with uploaded templates around
+        raise TemplateError(f"the templates folder {settings.templates_path} does not exist (setting templates_dir)")
+    library = TemplateLibrary.for_settings(settings, validate_workflow=Engine(settings).validate)
     if not library.names() and not library.errors():
         raise TemplateError(f"no templates to list: {library.describe_available()}")
     for template in library.list():
@@ -306,10 +308,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from engine.store import BatchLedger
-    from webapp.auth import TokenIssuer
+    from webapp.auth import TokenIssuer, load_users, signing_key_for
     from webapp.revocation import TokenRevocations
 
+    # The key the server signs with: SD35_JWT_SECRET, or with users configured the one kept in the data folder.
     settings = _settings_from(args)
+    settings, _ = signing_key_for(settings, load_users(settings))
     issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
     if args.token_command == "create":
         token = issuer.create(args.user, args.role, args.ttl)
@@ -334,9 +338,15 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_users(args: argparse.Namespace) -> int:
-    from webapp.auth import add_user, users_entry
+    from webapp.auth import add_user, remove_user, users_entry
 
     settings = _settings_from(args)
+    path = Path(getattr(args, "file", None) or settings.users_file or Path(settings.data_dir) / "users.json")
+    if args.users_command == "remove":
+        remove_user(path, args.name)
+        # A running server re-reads the file on its next request: their sessions and tokens stop working.
+        print(f"user {args.name} removed from {path}; their sessions and tokens stop working now")
+        return 0
     password = args.password
     if password is None:
         import getpass
@@ -345,7 +355,6 @@ def cmd_users(args: argparse.Namespace) -> int:
     if args.users_command == "entry":
         print(users_entry(args.name, password, args.role))  # join several with "," in SD35_USERS
         return 0
-    path = Path(args.file or settings.users_file or Path(settings.data_dir) / "users.json")
     add_user(path, args.name, password, args.role)
     print(f"user {args.name} ({args.role}) written to {path}")
     return 0
@@ -432,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--role", choices=["user", "admin"], default="user")
     add.add_argument("--password", help="(prompted when omitted)")
     add.add_argument("--file", help="users file (default: the users_file setting or <data_dir>/users.json)")
+    remove = users_sub.add_parser("remove", parents=[settings],
+                                  help="remove a user from the users file (a running server follows at once)")
+    remove.add_argument("name")
+    remove.add_argument("--file", help="users file (default: the users_file setting or <data_dir>/users.json)")
     entry = users_sub.add_parser("entry", parents=[settings],
                                  help="print a name:role:hash entry for SD35_USERS (e.g. a Space secret)")
     entry.add_argument("name")

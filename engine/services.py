@@ -46,7 +46,7 @@ def build_services(settings: Settings, engine: Any = None, dispatcher: Any = Non
     if hasattr(dispatcher, "fleet_models"):  # workflows may name models only the workers have
         engine.models.remote_catalog = dispatcher.fleet_models
     ledger = BatchLedger(settings.ledger_path)
-    templates = TemplateLibrary(settings.templates_path, validate_workflow=engine.validate)
+    templates = TemplateLibrary.for_settings(settings, validate_workflow=engine.validate)
     runner = BatchRunner(engine, ledger, templates, settings, dispatcher=dispatcher)
     queue = BatchQueue(runner)
     return Services(settings, engine, ledger, templates, runner, queue)

@@ -28,7 +28,7 @@ class SettingSpec:
 SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("data_dir", "data", "Folder for the ledger, outputs, uploads, ComfyUI's input folder and the compile cache (/data on Spaces).", str),
     SettingSpec("models_dir", "models", "ComfyUI-style models folder (checkpoints/, diffusion_models/, text_encoders/, vae/, loras/, controlnet/).", str),
-    SettingSpec("templates_dir", "templates", "Folder of workflow templates. A relative path that does not exist in the working directory is taken beside app.py, where the shipped templates are.", str),
+    SettingSpec("templates_dir", "templates", "Folder of the shipped (read-only) workflow templates. A relative path that does not exist in the working directory is taken beside app.py, where the shipped templates are. Templates admins upload or edit are kept in <data_dir>/templates.", str),
     SettingSpec("db_path", "", "SQLite ledger file; empty means <data_dir>/ledger.db.", str),
     SettingSpec("output_dir", "", "Where images are written; empty means <data_dir>/outputs.", str),
     SettingSpec("default_checkpoint", DEMO_CHECKPOINT, "Checkpoint used by templates that do not name one.", str),
@@ -42,14 +42,16 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("row_timeout_s", 600.0, "Per-row deadline for sampling, in seconds.", float),
     SettingSpec("host", "127.0.0.1", "Address the web app listens on (0.0.0.0 on Spaces).", str),
     SettingSpec("port", 7860, "Port of the web app.", int),
+    SettingSpec("forwarded_allow_ips", "", "Peers whose forwarded headers (the client address and scheme a reverse proxy such as nginx passes on) are believed, as comma-separated addresses or networks, e.g. \"10.0.0.5\" or \"10.0.0.0/8\". The client address they name keys the sign-in and token rate limits, and https makes the session cookie Secure. Empty: loopback only (uvicorn's default) on a workstation; on a Hugging Face Space the private networks its proxy connects from.", str),
     SettingSpec("users_file", "", "JSON file of users with hashed passwords and roles; empty means no login.", str),
-    SettingSpec("jwt_secret", "", "Signing key of API tokens (HS256).", str),
+    SettingSpec("jwt_secret", "", "Signing key of API tokens and browser sessions (HS256). Empty with users configured: a key generated once and kept in the data folder, readable by its owner only.", str),
     SettingSpec("jwt_issuer", "sd35-batch", "Issuer claim of API tokens.", str),
     SettingSpec("jwt_audience", "sd35-batch-api", "Audience claim of API tokens.", str),
     SettingSpec("rate_limit_per_minute", 120, "Requests per user per route per minute on the API.", int),
     SettingSpec("route_rate_limits", "", "Per-route limits overriding rate_limit_per_minute, as METHOD PATH=REQUESTS_PER_MINUTE pairs, e.g. \"POST /prompt=10,POST /api/batches=5,POST /login=5\" (ComfyUI routes under /api are separate routes: \"POST /api/prompt\").", str),
     SettingSpec("max_token_ttl", "7d", "Longest token lifetime POST /api/token grants (e.g. 12h, 7d); `python app.py token create --ttl` may issue longer ones.", str),
     SettingSpec("max_upload_mb", 50, "Largest accepted upload, in MiB.", int),
+    SettingSpec("upload_retention_s", 86400, "Seconds the web page's uploads (sheets, photo zips, template files, in Gradio's cache, GRADIO_TEMP_DIR) are kept before they are deleted; 0 keeps them. A batch keeps its own copy of what it needs from the moment it is checked.", int),
     SettingSpec("broker", "", "Redis URL of the Celery broker; empty means rows run in this process.", str),
     SettingSpec("log_format", "console", "console or json.", str),
     SettingSpec("allowed_models", "", "Comma-separated checkpoint names admins may switch to; empty means any found.", str),
@@ -74,6 +76,7 @@ class Settings:
     row_timeout_s: float = 600.0
     host: str = "127.0.0.1"
     port: int = 7860
+    forwarded_allow_ips: str = ""
     users_file: str = ""
     jwt_secret: str = ""
     jwt_issuer: str = "sd35-batch"
@@ -82,6 +85,7 @@ class Settings:
     route_rate_limits: str = ""
     max_token_ttl: str = "7d"
     max_upload_mb: int = 50
+    upload_retention_s: int = 86400
     broker: str = ""
     log_format: str = "console"
     allowed_models: str = ""
@@ -103,6 +107,11 @@ class Settings:
             return path
         beside_code = PROJECT_ROOT / path
         return beside_code if beside_code.is_dir() else path
+
+    @property
+    def user_templates_path(self) -> Path:
+        """Where templates admins upload or edit are kept: the data folder, not the code's templates/."""
+        return self.data_path / "templates"
 
     @property
     def outputs_path(self) -> Path:

@@ -735,6 +735,20 @@ def parse_template(
     return template
 
 
+def _template_folders(root: Path) -> list[Path]:
+    """The template folders directly under ``root`` (hidden ones, e.g. an upload being written, left out)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / TEMPLATE_FILE).exists())
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
 def load_template(
     folder: str | Path,
     limits: RenderLimits | None = None,
@@ -752,18 +766,43 @@ def load_template(
 
 
 class TemplateLibrary:
-    """The templates in one folder. Loads lazily; reloads a template when its files change."""
+    """The shipped templates in ``folder`` and, when ``user_folder`` is given, the ones admins upload or edit,
+    kept there (``<data_dir>/templates``: the app's data, not its code, so they survive a Space's restart
+    and leave a git checkout clean). Loads lazily; reloads a template when its files change.
+
+    Shipped templates are read-only: :meth:`add` refuses their names (save an edited copy under another
+    name), so a template's name means the same workflow wherever the code is updated. A user template
+    that nonetheless carries a shipped name (copied in by hand, or shipped later) is not used: it is
+    listed by :meth:`errors` with the reason. Without ``user_folder`` the one folder is both.
+    """
 
     def __init__(
         self,
         folder: str | Path,
         limits: RenderLimits | None = None,
         validate_workflow: Callable[[dict[str, Any]], None] | None = None,
+        user_folder: str | Path | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self.user_folder = Path(user_folder) if user_folder is not None else None
+        if self.user_folder is not None and _same_folder(self.user_folder, self.folder):
+            self.user_folder = None  # one folder configured twice: it is simply the writable one
         self.limits = limits or RenderLimits()
         self.validate_workflow = validate_workflow
-        self._loaded: dict[str, tuple[tuple[int, ...], WorkflowTemplate | TemplateError]] = {}
+        self._loaded: dict[Path, tuple[tuple[int, ...], WorkflowTemplate | TemplateError]] = {}
+
+    @classmethod
+    def for_settings(
+        cls, settings: Any, validate_workflow: Callable[[dict[str, Any]], None] | None = None
+    ) -> TemplateLibrary:
+        """The shipped templates (``settings.templates_path``) and the data folder's (``user_templates_path``)."""
+        return cls(settings.templates_path, validate_workflow=validate_workflow,
+                   user_folder=settings.user_templates_path)
+
+    @property
+    def writable_folder(self) -> Path:
+        """Where :meth:`add` saves."""
+        return self.user_folder if self.user_folder is not None else self.folder
 
     def _stamp(self, folder: Path) -> tuple[int, ...]:
         stamp: list[int] = []
@@ -777,49 +816,74 @@ class TemplateLibrary:
 
     def _load(self, folder: Path) -> WorkflowTemplate | TemplateError:
         stamp = self._stamp(folder)
-        cached = self._loaded.get(folder.name)
+        cached = self._loaded.get(folder)
         if cached is not None and cached[0] == stamp:
             return cached[1]
         try:
             result: WorkflowTemplate | TemplateError = load_template(folder, self.limits, self.validate_workflow)
         except TemplateError as exc:
             result = exc
-        self._loaded[folder.name] = (stamp, result)
+        self._loaded[folder] = (stamp, result)
         return result
 
+    def _shipped_folders(self) -> list[Path]:
+        return _template_folders(self.folder)
+
+    def _user_folders(self) -> tuple[list[Path], list[Path]]:
+        """``(used, shadowed)``: the user folder's templates, and those whose name a shipped one has."""
+        if self.user_folder is None:
+            return [], []
+        shipped = {p.name for p in self._shipped_folders()}
+        found = _template_folders(self.user_folder)
+        return [p for p in found if p.name not in shipped], [p for p in found if p.name in shipped]
+
     def _folders(self) -> list[Path]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(p for p in self.folder.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / TEMPLATE_FILE).exists())
+        return sorted([*self._shipped_folders(), *self._user_folders()[0]], key=lambda p: p.name)
+
+    def is_shipped(self, name: str) -> bool:
+        """Whether ``name`` is a shipped (read-only) template."""
+        return self.user_folder is not None and (self.folder / name / TEMPLATE_FILE).exists()
 
     def list(self) -> list[WorkflowTemplate]:
         """Every template that loads, by name. Those that do not are reported by :meth:`errors`."""
         return [t for t in (self._load(p) for p in self._folders()) if isinstance(t, WorkflowTemplate)]
 
     def errors(self) -> dict[str, TemplateError]:
-        """Template folders that fail to load, with the reason."""
-        return {p.name: t for p in self._folders() if isinstance(t := self._load(p), TemplateError)}
+        """Template folders that fail to load, or are not used, with the reason."""
+        found = {p.name: t for p in self._folders() if isinstance(t := self._load(p), TemplateError)}
+        for folder in self._user_folders()[1]:
+            found.setdefault(folder.name, TemplateError(
+                f"{folder} is not used: a shipped template is named '{folder.name}'; rename it (change the "
+                "name in its template.json and the folder)", template=folder.name))
+        return found
 
     def names(self) -> list[str]:
         return [t.name for t in self.list()]
 
     def describe_available(self) -> str:
         """What a user asking for a template needs to hear: the names there are, or why there are none."""
-        if not self.folder.is_dir():
+        if not self.folder.is_dir() and (self.user_folder is None or not self.user_folder.is_dir()):
             return f"the templates folder {self.folder} does not exist (setting templates_dir)"
         names = self.names()
         return f"available: {', '.join(names)}" if names else f"the templates folder {self.folder} holds none"
 
     def get(self, name: str) -> WorkflowTemplate:
         """The template ``name``; :class:`TemplateError` naming the available ones when there is none."""
-        folder = self.folder / name
-        if not _TEMPLATE_NAME.fullmatch(name or "") or not (folder / TEMPLATE_FILE).exists():
+        folder = self._folder_of(name)
+        if folder is None:
             raise TemplateError(f"no template '{name}'; {self.describe_available()}", template=name)
         result = self._load(folder)
         if isinstance(result, TemplateError):
             raise result
         return result
+
+    def _folder_of(self, name: str) -> Path | None:
+        if not _TEMPLATE_NAME.fullmatch(name or ""):
+            return None
+        for root in (self.folder, self.user_folder):  # shipped first: a shipped name is never shadowed
+            if root is not None and (root / name / TEMPLATE_FILE).exists():
+                return root / name
+        return None
 
     def add(self, files: Mapping[str, bytes], replace: bool = False) -> WorkflowTemplate:
         """Validate and save an uploaded template (admins only; the caller checks the role).
@@ -845,12 +909,16 @@ class TemplateLibrary:
                                     or len(example) > self.limits.max_example_bytes):
             raise TemplateError(f"{EXAMPLE_FILE} must be a PNG under {self.limits.max_example_bytes} bytes",
                                 template=template.name)
-        target = self.folder / template.name
+        if self.is_shipped(template.name):
+            raise TemplateError(f"'{template.name}' is a shipped template and cannot be replaced; save your version "
+                                "under another name (the \"name\" in template.json)", template=template.name)
+        folder = self.writable_folder
+        target = folder / template.name
         if target.exists() and not replace:
             raise TemplateError(f"template '{template.name}' already exists; save it with replace to overwrite it",
                                 template=template.name)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{template.name}-", dir=self.folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{template.name}-", dir=folder))
         try:
             for file_name, data in by_name.items():
                 with open(staging / file_name, "wb") as handle:
@@ -858,7 +926,7 @@ class TemplateLibrary:
                     handle.flush()
                     os.fsync(handle.fileno())
             if target.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{template.name}-old-", dir=self.folder))
+                retired = Path(tempfile.mkdtemp(prefix=f".{template.name}-old-", dir=folder))
                 os.replace(target, retired / template.name)
                 os.replace(staging, target)
                 shutil.rmtree(retired, ignore_errors=True)

@@ -11,11 +11,13 @@ from typing import Any
 
 
 @contextmanager
-def live_server(app: Any, startup_timeout_s: float = 30.0) -> Iterator[str]:
-    """Serve ``app`` (lifespan included) on 127.0.0.1 at a port the OS picks; yields ``http://host:port``."""
+def live_server(app: Any, startup_timeout_s: float = 30.0, **options: Any) -> Iterator[str]:
+    """Serve ``app`` (lifespan included) on 127.0.0.1 at a port the OS picks; yields ``http://host:port``.
+
+    ``options`` go to uvicorn's config as ``serve`` passes them (e.g. ``webapp.server.uvicorn_options``)."""
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="live-server", daemon=True)
     thread.start()

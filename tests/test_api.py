@@ -40,7 +40,7 @@ def server(tmp_path_factory, engine):
     from webapp.server import create_app
 
     root = tmp_path_factory.mktemp("api")
-    shutil.copytree(ROOT / "templates", root / "templates")  # admins upload templates into this copy
+    shutil.copytree(ROOT / "templates", root / "templates")  # a scratch copy of the shipped templates
     users_file = root / "users.json"
     for name, role in (("alice", "admin"), ("bob", "user"), ("carol", "user"), ("dave", "user"), ("erin", "user")):
         add_user(users_file, name, f"{name}-pass", role)
@@ -144,6 +144,56 @@ def test_tokens_act_with_the_users_current_role_and_die_with_the_user(server, an
     # A validly signed token of a user who is not (or no longer) in the store is refused.
     gone = anonymous.get("/api/templates", headers=bearer(server.tokens.create("mallory", "admin")))
     assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "unknown_user"
+
+
+def test_the_users_file_is_followed_without_a_restart(server, anonymous):
+    import subprocess
+    import sys
+
+    users_file = server.settings.users_file
+    # A user added while the server runs signs in at once ...
+    add_user(users_file, "frank", "frank-pass", "user")
+    answer = anonymous.post("/api/token", json={"username": "frank", "password": "frank-pass"})
+    assert answer.status_code == 200, answer.text
+    token = answer.json()["access_token"]
+    assert anonymous.get("/api/templates", headers=bearer(token)).status_code == 200
+    with httpx.Client(base_url=server.url, timeout=30) as browser:
+        assert browser.post("/login", data={"username": "frank", "password": "frank-pass"}).status_code == 303
+        session = browser.cookies.get("sd35_session")
+    outputs = Path(server.settings.outputs_path)
+    with httpx.Client(base_url=server.url, timeout=30, cookies={"sd35_session": session}) as browser:
+        assert browser.get("/", follow_redirects=False).status_code == 200
+
+        # ... and once removed, their session and their tokens stop working on the next request.
+        removed = subprocess.run([sys.executable, "app.py", "users", "remove", "frank", "--file", str(users_file)],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert removed.returncode == 0, removed.stderr
+        assert "frank" in removed.stdout
+        assert browser.get("/", follow_redirects=False).status_code == 303  # to the sign-in form
+        assert browser.get("/gradio_api/info").status_code == 401
+        if any(outputs.rglob("*.png")):
+            image = "/files/" + next(outputs.rglob("*.png")).relative_to(outputs).as_posix()
+            assert browser.get(image).status_code == 401
+    gone = anonymous.get("/api/templates", headers=bearer(token))
+    assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "unknown_user"
+    refused = anonymous.post("/api/token", json={"username": "frank", "password": "frank-pass"})
+    assert refused.status_code == 401
+
+
+def test_an_unreadable_users_file_keeps_the_users_loaded_before(server, bob):
+    users_file = Path(server.settings.users_file)
+    saved = users_file.read_bytes()
+    try:
+        users_file.write_text('{"users": [', encoding="utf-8")  # half-saved by an editor
+        assert bob.get("/api/templates").status_code == 200
+        users_file.write_text('{"users": []}', encoding="utf-8")  # everyone removed: locked, never open
+        assert bob.get("/api/templates").status_code == 401
+        with httpx.Client(base_url=server.url, timeout=30) as nobody:
+            assert nobody.get("/api/templates").status_code == 401
+            assert nobody.get("/", follow_redirects=False).status_code == 303
+    finally:
+        users_file.write_bytes(saved)
+    assert bob.get("/api/templates").status_code == 200
 
 
 def test_an_admin_revokes_one_token_and_only_that_one_stops_working(server, alice, bob, anonymous):
@@ -296,11 +346,16 @@ def test_only_admins_upload_templates(server, alice, bob):
     assert saved.status_code == 200, saved.text
     assert saved.json()["name"] == "shot_copy"
     assert bob.get("/api/templates/shot_copy").status_code == 200
-    assert (Path(server.settings.templates_dir) / "shot_copy" / "template.json").is_file()
+    # Kept with the app's data, not in the code's templates folder (a Space's checkout, a git tree).
+    assert (Path(server.settings.data_dir) / "templates" / "shot_copy" / "template.json").is_file()
+    assert not (Path(server.settings.templates_dir) / "shot_copy").exists()
 
     broken = alice.post("/api/templates", files=template_upload("shot_broken", workflow="{{ no_such_field }}"))
     assert broken.status_code == 400 and error_of(broken)["type"] == "TemplateError"
-    assert not (Path(server.settings.templates_dir) / "shot_broken").exists()
+    assert not (Path(server.settings.data_dir) / "templates" / "shot_broken").exists()
+
+    shipped = alice.post("/api/templates", files=template_upload("product_shot"), data={"replace": "true"})
+    assert shipped.status_code == 400 and "shipped template" in error_of(shipped)["message"]
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -591,6 +646,33 @@ def test_batch_progress_shows_image_urls_not_server_paths(server, bob):
     progress = bob.get(f"/api/batches/{batch_id}").json()["progress"]
     assert progress["recent_images"] and all(u.startswith(f"/files/{batch_id}/") for u in progress["recent_images"])
     assert str(server.settings.data_dir) not in json.dumps(progress)
+
+
+def test_image_links_the_api_returns_download_with_its_bearer_token(server, bob):
+    rows = [{"product_name": "fetched with a token", "seed": 33, **SMALL}]
+    batch_id = bob.post("/api/batches", json={"template": "product_shot", "rows": rows}).json()["batch_id"]
+    finished(server, batch_id)
+    link = bob.get(f"/api/batches/{batch_id}").json()["progress"]["recent_images"][0]
+    image = bob.get(link)
+    assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "x-ratelimit-remaining" in {k.lower() for k in image.headers}
+    archive = bob.get(f"/files/zip/{batch_id}")
+    assert archive.status_code == 200 and any(n.endswith(".png") for n in zipfile.ZipFile(io.BytesIO(archive.content)).namelist())
+    with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+        assert anonymous.get(link).status_code == 401
+        assert anonymous.get(link, headers=bearer(tampered(server))).status_code == 401
+        # A revoked token is refused here as on the API.
+        token = server.tokens.create("dave", "user")
+        assert anonymous.get(link, headers=bearer(token)).status_code == 200
+        assert anonymous.post("/api/token/revoke", json={"token": token},
+                              headers=bearer(server.tokens.create("alice", "admin"))).status_code == 200
+        gone = anonymous.get(link, headers=bearer(token))
+        assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "revoked"
+        # And the API's rate limit applies, per user and route.
+        other = bearer(server.tokens.create("dave", "user"))
+        answers = [anonymous.get(link, headers=other) for _ in range(RATE_LIMIT + 1)]
+        assert answers[0].status_code == 200 and answers[-1].status_code == 429  # dave spent one above
+        assert int(answers[-1].headers["retry-after"]) >= 1
 
 
 def test_session_file_routes_never_leave_the_outputs(server):

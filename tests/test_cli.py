@@ -229,7 +229,7 @@ def test_python_app_py_serves_the_page_and_warms_up_cleanly(tmp_path):
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["run"], ["validate"], ["templates"], ["demo-checkpoint"],
                                      ["calibrate"], ["bench"], ["token", "create"], ["token", "revoke"],
-                                     ["users", "add"], ["worker"]])
+                                     ["users", "add"], ["users", "remove"], ["worker"]])
 def test_every_help_page_prints_with_every_settings_text(tmp_path, command):
     from engine.settings import SETTINGS
 
@@ -303,6 +303,14 @@ def test_stop_on_invalid_rows_says_what_is_wrong_with_each_and_sheet_notes_are_p
 def test_templates_are_found_from_any_working_directory(tmp_path):
     listed = app("templates", cwd=tmp_path)
     assert listed.returncode == 0 and "product_shot" in listed.stdout
+    # An uploaded template (kept in the data folder) is listed beside the shipped ones.
+    mine = tmp_path / "data" / "templates" / "shot_mine"
+    mine.mkdir(parents=True)
+    schema = json.loads((ROOT / "templates" / "product_shot" / "template.json").read_text(encoding="utf-8"))
+    (mine / "template.json").write_text(json.dumps({**schema, "name": "shot_mine"}), encoding="utf-8")
+    (mine / "workflow.json.j2").write_bytes((ROOT / "templates" / "product_shot" / "workflow.json.j2").read_bytes())
+    listed = app("templates", cwd=tmp_path)
+    assert listed.returncode == 0 and "shot_mine" in listed.stdout and "product_shot" in listed.stdout
     missing = app("--templates-dir", str(tmp_path / "none"), "templates", cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 

@@ -295,7 +295,6 @@ def test_single_image_photos_named_alike_stay_apart(services, tmp_path):
     schema["name"] = "two_photos"
     schema["fields"].append({"name": "backdrop", "type": "image", "example": "backdrop.png"})
     workflow = (ROOT / "templates" / "product_in_scene" / "workflow.json.j2").read_bytes()
-    services.templates.folder = tmp_path / "templates"  # a scratch folder, not the shipped one
     services.templates.add({"template.json": json.dumps(schema).encode(), "workflow.json.j2": workflow})
     library, names = handlers.stage_single_photos(
         services, "two_photos", {"product_photo": str(first), "backdrop": str(second)})
@@ -378,16 +377,37 @@ def test_only_whoever_started_a_batch_or_an_admin_stops_or_resumes_it(services, 
     assert services.queue.wait(batch_id, timeout=60).state == "done"
 
 
-def test_admin_saves_only_a_valid_template(services, tmp_path):
+def test_admin_saves_only_a_valid_template_into_the_data_folder_never_over_a_shipped_one(services):
+    import json
+
     from engine.errors import TemplateError
 
+    shipped = ROOT / "templates" / "turbo_draft"
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
     schema, workflow = handlers.template_sources(services, "turbo_draft")
-    services.templates.folder = tmp_path / "templates"  # write into a scratch copy, not the shipped folder
+    with pytest.raises(TemplateError, match="shipped template"):
+        handlers.save_template(services, ADMIN, schema, workflow, replace=True)
+    mine = json.dumps({**json.loads(schema), "name": "turbo_mine"})
     with pytest.raises(TemplateError):
-        handlers.save_template(services, ADMIN, schema, workflow.replace('"KSampler"', '"NoSuchNode"', 1)
+        handlers.save_template(services, ADMIN, mine, workflow.replace('"KSampler"', '"NoSuchNode"', 1)
                                .replace("{{ seed }}", "{{ no_such_field }}"))
-    assert handlers.save_template(services, ADMIN, schema, workflow) == "turbo_draft"
-    assert (tmp_path / "templates" / "turbo_draft" / "template.json").is_file()
+    assert handlers.save_template(services, ADMIN, mine, workflow) == "turbo_mine"
+    saved = services.settings.user_templates_path / "turbo_mine" / "template.json"
+    assert saved.is_file() and saved.is_relative_to(services.settings.data_path)
+    assert not (ROOT / "templates" / "turbo_mine").exists()
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+    assert {"turbo_draft", "turbo_mine"} <= set(handlers.template_names(services))
+    assert handlers.save_template(services, ADMIN, mine, workflow, replace=True) == "turbo_mine"  # its own: yes
+
+
+def test_a_user_template_named_like_a_shipped_one_is_not_used_and_says_why(services):
+    copy = services.settings.user_templates_path / "product_shot"
+    copy.mkdir(parents=True)
+    for name in ("template.json", "workflow.json.j2"):
+        (copy / name).write_bytes((ROOT / "templates" / "product_shot" / name).read_bytes())
+    assert services.templates.get("product_shot").folder == ROOT / "templates" / "product_shot"
+    assert "shipped template" in services.templates.errors()["product_shot"].message
+    assert handlers.template_names(services).count("product_shot") == 1
 
 
 def test_system_info_says_the_demo_model_is_in_use(services):
@@ -567,3 +587,45 @@ def test_a_photo_sheet_checked_without_its_photos_zip_says_to_upload_it(services
     result = handlers.check_sheet(services, USER, "product_in_scene", sheet)
     assert result.bad_rows == 1 and not result.can_start
     assert EN["batch.photos_missing"].format(columns="product_photo") in result.summary
+
+
+def test_uploads_leave_gradios_cache_and_a_checked_batch_keeps_what_it_needs(settings, demo_engine, tmp_path):
+    from dataclasses import replace
+
+    import httpx
+
+    from live_server import live_server
+    from webapp.server import create_app
+
+    photos = tmp_path / "photos.zip"
+    with zipfile.ZipFile(photos, "w") as archive:
+        archive.write(write_photo(tmp_path / "mug.png"), "mug.png")
+    sheet = tmp_path / "scene.csv"
+    sheet.write_text("product_name,product_photo,width,height,steps\nMug,mug.png,256,256,1\n", encoding="utf-8")
+    app, services = create_app(replace(settings, upload_retention_s=2), demo_engine, users=UserStore([]))
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as browser:
+        # What the page does when a sheet and a photos zip are dropped on it.
+        answer = browser.post("/gradio_api/upload", files=[("files", (p.name, p.read_bytes())) for p in (sheet, photos)])
+        assert answer.status_code == 200, answer.text
+        cached_sheet, cached_photos = map(Path, answer.json())
+        assert cached_sheet.is_file() and cached_photos.is_file()
+        checked = handlers.check_sheet(services, USER, "product_in_scene", cached_sheet, images_path=cached_photos)
+        assert checked.can_start, checked.summary
+
+        deadline = time.monotonic() + 30
+        while (cached_sheet.exists() or cached_photos.exists()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not cached_sheet.exists() and not cached_photos.exists()  # cleaned up after upload_retention_s
+
+        batch_id = handlers.start_batch(services, checked.prepared)  # started after its uploads are gone
+        progress = services.queue.wait(batch_id, timeout=60)
+        assert progress is not None and progress.state == "done", progress
+        assert [row.status for row in services.ledger.rows(batch_id)] == ["done"]
+
+
+def test_upload_retention_becomes_gradios_cache_schedule():
+    from webapp.ui import upload_cache_schedule
+
+    assert upload_cache_schedule(86400) == (3600, 86400)
+    assert upload_cache_schedule(2) == (1, 2)
+    assert upload_cache_schedule(0) is None  # kept, as Gradio does by default

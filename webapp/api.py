@@ -256,7 +256,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         body = await json_body(request)
         if guard.tokens is None or not guard.users.configured:
             raise AccessDenied(
-                "token login needs users and SD35_JWT_SECRET configured", status=400, reason="not_configured"
+                "token login needs users configured (SD35_USERS or SD35_USERS_FILE)", status=400, reason="not_configured"
             )
         found = await asyncio.to_thread(
             guard.users.authenticate, str(body.get("username", "")), str(body.get("password", ""))

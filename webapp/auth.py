@@ -26,10 +26,12 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -44,6 +46,8 @@ from engine.errors import AccessDenied, EngineError
 if TYPE_CHECKING:
     from engine.settings import Settings
 
+_log = logging.getLogger(__name__)
+
 __all__ = [
     "ADMIN",
     "ADMIN_ACTIONS",
@@ -51,6 +55,7 @@ __all__ = [
     "USER",
     "USERS_ENV",
     "Claims",
+    "ReloadingUserStore",
     "TokenIssuer",
     "User",
     "UserStore",
@@ -62,6 +67,8 @@ __all__ = [
     "parse_bearer",
     "parse_ttl",
     "remove_user",
+    "signing_key_for",
+    "stored_signing_key",
     "verify_password",
 ]
 
@@ -81,6 +88,7 @@ JWT_ALGORITHM = "HS256"
 _TTL_PATTERN = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _TTL_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 LONGEST_TTL = timedelta(days=3650)  # ten years: the longest lifetime any token may have, CLI-issued ones included
+SIGNING_KEY_FILE = "token-signing-key"  # in the data folder: the key used when users exist and none is set
 
 
 # --- passwords -----------------------------------------------------------------------------------------------
@@ -164,41 +172,52 @@ class User:
         return {"name": self.name, "password_hash": self.password_hash, "role": self.role}
 
 
+def _index_users(users: Iterable[User]) -> dict[str, User]:
+    indexed: dict[str, User] = {}
+    for user in users:
+        _check_name(user.name)
+        _check_role(user.role)
+        _parse_hash(user.password_hash)  # a broken hash is a startup error, not a login failure later
+        if user.name in indexed:
+            raise EngineError(f"user '{user.name}' is configured twice", name=user.name)
+        indexed[user.name] = user
+    return indexed
+
+
 class UserStore:
     """The configured users, looked up by name. An empty store means login is not configured."""
 
     def __init__(self, users: Iterable[User] = ()) -> None:
-        self._users: dict[str, User] = {}
-        for user in users:
-            _check_name(user.name)
-            _check_role(user.role)
-            _parse_hash(user.password_hash)  # a broken hash is a startup error, not a login failure later
-            if user.name in self._users:
-                raise EngineError(f"user '{user.name}' is configured twice", name=user.name)
-            self._users[user.name] = user
+        self._users: dict[str, User] = _index_users(users)
+        self._configured = bool(self._users)
         # Unknown names are checked against this so a miss costs the same scrypt time as a wrong password.
         self._decoy_hash = hash_password(secrets.token_urlsafe(16)) if self._users else ""
 
+    def _current(self) -> dict[str, User]:
+        """The users as they are now (a store read from a file that changes re-reads it here)."""
+        return self._users
+
     def __len__(self) -> int:
-        return len(self._users)
+        return len(self._current())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._users
+        return name in self._current()
 
     def __iter__(self):
-        return iter(self._users.values())
+        return iter(list(self._current().values()))
 
     @property
     def configured(self) -> bool:
-        """True when at least one user exists, i.e. the app must ask for a login."""
-        return bool(self._users)
+        """True when the app must ask for a login: users existed when the store was made. Fixed for the
+        store's life, so removing every user from a file locks the app rather than opening it."""
+        return self._configured
 
     def get(self, name: str) -> User | None:
-        return self._users.get(name)
+        return self._current().get(name)
 
     def authenticate(self, name: str, password: str) -> User | None:
         """The user when ``password`` is theirs, else None (unknown name and wrong password look alike)."""
-        user = self._users.get(name)
+        user = self._current().get(name)
         if user is None:
             if self._decoy_hash:
                 verify_password(password, self._decoy_hash)
@@ -211,8 +230,58 @@ class UserStore:
         return cls(_users_from_dict(data, source))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> UserStore:
-        return cls(_users_from_file(Path(path)))
+    def from_file(cls, path: str | os.PathLike[str], also: Iterable[User] = ()) -> UserStore:
+        """The users of a JSON file (plus ``also``, e.g. from ``SD35_USERS``), re-read when the file changes."""
+        return ReloadingUserStore(Path(path), also)
+
+
+class ReloadingUserStore(UserStore):
+    """Users from a JSON file that follows the file: ``python app.py users add|remove`` (or an edit) takes
+    effect on the next request, in every process reading it. A removed user's sessions and tokens stop
+    working (:class:`webapp.server.WebAuth` and :class:`webapp.guard.ApiGuard` look the user up each time).
+
+    Each lookup costs one ``stat``; the file is read again only when its modification time, size or inode
+    changed. A file that cannot be read or parsed keeps the users last loaded (logged), so a half-saved
+    edit neither locks everyone out nor lets anyone in; a deleted file means no users from it.
+    """
+
+    def __init__(self, path: Path, also: Iterable[User] = ()) -> None:
+        self.path = path
+        self._also = list(also)
+        self._stamp = self._file_stamp()
+        super().__init__([*_users_from_file(path), *self._also])
+        self._lock = threading.Lock()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _current(self) -> dict[str, User]:
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return self._users
+        with self._lock:
+            if stamp != self._stamp:  # another thread may have reloaded while this one waited
+                self._reload(stamp)
+            return self._users
+
+    def _reload(self, stamp: tuple[int, int, int] | None) -> None:
+        try:
+            from_file = _users_from_file(self.path) if stamp is not None else []
+            users = _index_users([*from_file, *self._also])
+        except EngineError as exc:
+            _log.error("users file %s not reloaded, keeping the users loaded before: %s", self.path, exc.message)
+        else:
+            if stamp is None:
+                _log.warning("users file %s is gone: its users can no longer sign in", self.path)
+            if users and not self._decoy_hash:
+                self._decoy_hash = hash_password(secrets.token_urlsafe(16))
+            self._users = users
+            _log.info("users file %s reloaded: %d user(s)", self.path, len(users))
+        self._stamp = stamp
 
 
 def _users_from_dict(data: Mapping[str, Any], source: str) -> list[User]:
@@ -254,14 +323,13 @@ def _users_from_env_value(value: str) -> list[User]:
 
 
 def load_users(settings: Settings, environ: Mapping[str, str] | None = None) -> UserStore:
-    """Users from ``settings.users_file`` and ``SD35_USERS`` together (a name in both is an error)."""
+    """Users from ``settings.users_file`` and ``SD35_USERS`` together (a name in both is an error); the
+    file's users follow the file as it changes."""
     env = os.environ if environ is None else environ
-    users: list[User] = []
-    if settings.users_file:
-        users.extend(_users_from_file(Path(settings.users_file)))
-    if env.get(USERS_ENV, "").strip():
-        users.extend(_users_from_env_value(env[USERS_ENV]))
-    return UserStore(users)
+    from_env = _users_from_env_value(env[USERS_ENV]) if env.get(USERS_ENV, "").strip() else []
+    if settings.users_file:  # followed while the app runs: see ReloadingUserStore
+        return UserStore.from_file(settings.users_file, also=from_env)
+    return UserStore(from_env)
 
 
 def _read_users_file(path: Path) -> list[dict[str, str]]:
@@ -398,7 +466,8 @@ class TokenIssuer:
         if not secret:
             raise EngineError(
                 "no token signing key configured: set SD35_JWT_SECRET (e.g. to the output of "
-                "`python -c \"import secrets; print(secrets.token_urlsafe(48))\"`)",
+                "`python -c \"import secrets; print(secrets.token_urlsafe(48))\"`), or configure users "
+                "(a key is then generated and kept in the data folder)",
                 setting="jwt_secret",
             )
         if len(secret.encode("utf-8")) < MIN_SECRET_BYTES:
@@ -505,6 +574,59 @@ class TokenIssuer:
             issuer=payload["iss"],
             audience=aud if isinstance(aud, str) else self.audience,
         )
+
+
+def stored_signing_key(folder: str | os.PathLike[str]) -> tuple[Path, str, bool]:
+    """``(path, key, created)``: the signing key kept in ``folder``, generated the first time it is asked for.
+
+    The key is written to a private (0600) temporary file and linked into place, so a second process
+    starting at the same moment finds either no file or the whole key, never half of one, and both end up
+    with the same key.
+    """
+    path = Path(folder) / SIGNING_KEY_FILE
+    created = False
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{SIGNING_KEY_FILE}.", suffix=".tmp")  # mode 0600
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(secrets.token_urlsafe(48) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, path)  # fails if the file appeared meanwhile: that one is the key
+                created = True
+            except FileExistsError:
+                pass
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    key = path.read_text(encoding="ascii").strip()
+    if len(key.encode("ascii")) < MIN_SECRET_BYTES:
+        raise EngineError(
+            f"the token signing key in {path} is shorter than {MIN_SECRET_BYTES} bytes; delete the file to have "
+            "a new one generated (everyone signs in again) or set SD35_JWT_SECRET",
+            path=str(path),
+        )
+    return path, key, created
+
+
+def signing_key_for(settings: Settings, users: UserStore) -> tuple[Settings, str | None]:
+    """``settings`` with the key that signs API tokens and sessions, and a line for the log saying where
+    it came from (None when nothing changed).
+
+    ``jwt_secret`` when set. Otherwise, once users are configured, the key kept in the data folder
+    (:func:`stored_signing_key`): sign-in and API tokens then work without a secret to manage, and sessions
+    survive restarts (on a Space, persistent storage keeps the file). Without users nothing signs in and
+    no key is made: a workstation's API stays open on localhost.
+    """
+    from dataclasses import replace
+
+    if settings.jwt_secret or not users.configured:
+        return settings, None
+    path, key, created = stored_signing_key(settings.data_path)
+    how = "generated a token signing key and stored it in" if created else "token signing key read from"
+    note = f"{how} {path} (sessions and API tokens stay valid across restarts; SD35_JWT_SECRET overrides it)"
+    return replace(settings, jwt_secret=key), note
 
 
 # --- roles and headers ---------------------------------------------------------------------------------------

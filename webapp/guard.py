@@ -3,7 +3,7 @@
 With no users and no token key configured the server is a workstation tool bound to localhost and every
 request acts as the local user. Once either is configured, every API request needs a bearer token
 (``python app.py token create``), rate limits apply per user and route, and admin-only actions need the
-admin role.
+admin role. (The page and ``/files`` follow the users, not the key: with a key alone they stay open.)
 """
 
 from __future__ import annotations

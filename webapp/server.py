@@ -12,7 +12,7 @@ read whole) -> the routes. The JSON API and the ComfyUI routes go through one
 
 Sign-in: when users are configured (a users file or ``SD35_USERS``), ``/login`` checks the password with
 :class:`webapp.auth.UserStore` and sets an HttpOnly session cookie holding a signed token; the Gradio app
-and the ``/files`` routes accept only requests carrying a valid one. Sign-in attempts are rate-limited per
+accepts only requests carrying a valid one, and the ``/files`` routes that or an API bearer token. Sign-in attempts are rate-limited per
 client address by the API's guard (``POST /login``; a 429 page says how long to wait). With no users
 configured nobody signs in, and :func:`listen_address` keeps the server on localhost.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
@@ -40,7 +41,7 @@ from engine.logs import configure_logging
 from engine.runtime import import_model_libraries
 from engine.settings import Settings
 from engine.store import row_key
-from webapp.auth import USER, TokenIssuer, User, UserStore, load_users
+from webapp.auth import USER, TokenIssuer, User, UserStore, load_users, signing_key_for, stored_signing_key
 from webapp.files import file_response, resolve_inside
 from webapp.guard import ApiGuard, RateLimited
 from webapp.i18n import gradio_i18n, language_of_request, text
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 SESSION_COOKIE = "sd35_session"
 SESSION_TTL = "12h"
 LOCALHOST = "127.0.0.1"
+# Where a Hugging Face Space's proxy connects from: the container is reached only through it, over the
+# platform's private network. Trusting these (not "*") makes uvicorn take the client address the proxy
+# appended to X-Forwarded-For, not whatever the client wrote there itself.
+SPACE_PROXY_NETWORKS = "127.0.0.0/8,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
 
 
 class WebAuth:
@@ -106,6 +111,51 @@ class WebAuth:
         """Gradio's ``auth_dependency``: the user name, or None to refuse the request."""
         user = self.user_of(request)
         return user.name if user is not None else None
+
+
+class VisitorIdentity:
+    """Who a browser is on a public app without users (a Space), for ownership checks only: each browser
+    gets a signed cookie naming a ``visitor-...`` of its own, so one visitor cannot cancel or resume
+    another's batch. It grants nothing else: visitors are ordinary users, and the cookie's audience is
+    not the API's, so it never passes as a bearer token.
+
+    A browser that refuses the cookie (third-party cookies blocked in HF's frame) is named after its page
+    session instead: it still cannot touch others' batches, only loses its own after a reload.
+    """
+
+    COOKIE = "sd35_visitor"
+    TTL = "30d"
+    AUDIENCE = "sd35-visitor"
+
+    def __init__(self, secret: str, issuer: str) -> None:
+        self.tokens = TokenIssuer(secret, issuer, self.AUDIENCE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VisitorIdentity:
+        """Signed with the token key, or the one kept in the data folder, so visitors stay who they were
+        across restarts."""
+        secret = settings.jwt_secret or stored_signing_key(settings.data_path)[1]
+        return cls(secret, settings.jwt_issuer)
+
+    def new_cookie(self) -> str:
+        return self.tokens.create(f"visitor-{secrets.token_hex(8)}", USER, ttl=self.TTL, process_local=True)
+
+    def name_in(self, cookies: Mapping[str, str]) -> str | None:
+        token = cookies.get(self.COOKIE)
+        if not token:
+            return None
+        try:
+            return self.tokens.verify(token).sub
+        except AccessDenied:
+            return None
+
+    def name_of(self, request: Any) -> str:
+        """The visitor behind a Gradio request: the cookie's name, else one for this page session."""
+        try:
+            name = self.name_in(request.cookies)
+        except AttributeError:  # no HTTP request behind it
+            name = None
+        return name or f"visitor-page-{str(getattr(request, 'session_hash', '') or 'unknown')[:16]}"
 
 
 def session_issuer(settings: Settings) -> TokenIssuer:
@@ -184,10 +234,40 @@ class BatchMetrics:
             self.metrics.observe_model_load(entry["name"], float(entry["load_seconds"]))
 
 
+def on_space(environ: Mapping[str, str] | None = None) -> bool:
+    """Running as a Hugging Face Space (``SPACE_ID`` set): public, behind HF's HTTPS proxy, in an iframe."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("SPACE_ID"))
+
+
 def public_without_users(users: UserStore, environ: Mapping[str, str] | None = None) -> bool:
     """A Hugging Face Space (``SPACE_ID``) serves whoever reaches it; without users nobody signs in."""
+    return not users.configured and on_space(environ)
+
+
+def uvicorn_options(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """How uvicorn reads proxy headers: ``X-Forwarded-Proto`` and ``-For`` are believed from the peers in
+    the ``forwarded_allow_ips`` setting; by default from loopback only on a workstation (uvicorn's own
+    default, ``FORWARDED_ALLOW_IPS`` included) and from :data:`SPACE_PROXY_NETWORKS` on a Space, whose HTTPS
+    proxy would otherwise make every request look like plain http from one address."""
     env = os.environ if environ is None else environ
-    return not users.configured and bool(env.get("SPACE_ID"))
+    trusted = settings.forwarded_allow_ips.strip()
+    if not trusted and on_space(env):
+        trusted = SPACE_PROXY_NETWORKS
+    options: dict[str, Any] = {"proxy_headers": True}
+    if trusted:
+        options["forwarded_allow_ips"] = trusted
+    return options
+
+
+def session_cookie_options(request: Any, space: bool) -> dict[str, Any]:
+    """Attributes of the session cookie. A Space is shown inside huggingface.co's page, a cross-site iframe
+    where browsers send only ``SameSite=None; Secure`` cookies (what Gradio sets there too; HF serves the
+    Space over https). Elsewhere ``Lax``, Secure when the request came over https (through a trusted
+    proxy: see :func:`uvicorn_options`)."""
+    if space:
+        return {"httponly": True, "samesite": "none", "secure": True}
+    return {"httponly": True, "samesite": "lax", "secure": request.url.scheme == "https"}
 
 
 def listen_address(settings: Settings, users: UserStore, environ: Mapping[str, str] | None = None) -> tuple[str, int, str | None]:
@@ -286,12 +366,25 @@ def create_app(
 
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
+    settings, key_note = signing_key_for(settings, users)
+    if key_note:
+        log.info(key_note)
+    space = on_space()
     guard = api_guard(settings, users, services.ledger)
+    visitors = None
     if public_without_users(users):
         guard.anonymous_role = USER
+        visitors = VisitorIdentity.from_settings(settings)
         log.warning("no users are configured and this app is public (a Space): everyone uses it without "
                     "signing in, as an ordinary user; admin actions are off until users are configured "
                     "(SD35_USERS or SD35_USERS_FILE)")
+    if settings.jwt_secret and not users.configured and (space or settings.forwarded_allow_ips.strip()):
+        # Tokens name API callers only: nobody signs in to the page, so it cannot ask for them.
+        log.warning("a token signing key is configured but no users, and this app is reachable beyond this "
+                    "machine (%s): the JSON API and the ComfyUI routes ask for bearer tokens, but the web page, "
+                    "its Gradio API (/gradio_api/...) and /files are open to whoever reaches it; configure users "
+                    "(SD35_USERS or SD35_USERS_FILE) to close them",
+                    "a Space" if space else "behind a proxy, forwarded_allow_ips")
     auth = WebAuth(users, session_issuer(settings), guard.revocations or TokenRevocations(services.ledger))
     upload_limit = UploadLimit.from_megabytes(settings.max_upload_mb)
     metrics = Metrics()
@@ -329,7 +422,12 @@ def create_app(
         path = request.url.path
         if auth.required and request.method == "GET" and path in {"/", ""} and auth.user_of(request) is None:
             return RedirectResponse("/login", status_code=303)
-        return await call_next(request)
+        response = await call_next(request)
+        if visitors is not None and request.method == "GET" and path in {"/", ""} \
+                and visitors.name_in(request.cookies) is None:
+            response.set_cookie(visitors.COOKIE, visitors.new_cookie(), max_age=30 * 86400,
+                                **session_cookie_options(request, space))
+        return response
 
     @app.get("/login", response_class=HTMLResponse)
     def login_form(request: Request, failed: int = 0):
@@ -350,45 +448,47 @@ def create_app(
         if token is None:
             return HTMLResponse(_login_page(lang, text("login.failed", lang)), status_code=401)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(
-            SESSION_COOKIE,
-            token,
-            httponly=True,
-            samesite="lax",
-            secure=request.url.scheme == "https",
-            max_age=12 * 3600,
-        )
+        response.set_cookie(SESSION_COOKIE, token, max_age=12 * 3600, **session_cookie_options(request, space))
         return response
 
     @app.get("/logout")
     def logout(request: Request):
         auth.sign_out(request)
         response = RedirectResponse("/login" if auth.required else "/", status_code=303)
-        response.delete_cookie(SESSION_COOKIE)
+        # With the attributes it was set with: a browser in a cross-site frame ignores a Lax deletion.
+        response.delete_cookie(SESSION_COOKIE, **session_cookie_options(request, space))
         return response
 
-    def signed_in(request: Request) -> User | None:
-        user = auth.user_of(request)
-        if auth.required and user is None:
-            raise AccessDenied("sign in to download files", status=401, reason="not_authenticated")
-        return user
+    def may_download(request: Request, route: str) -> dict[str, str]:
+        """A browser's session cookie, or the API's bearer token (the links the API hands out, such as a
+        batch's ``recent_images``, must work with the token that fetched them: revocation and rate limits
+        as on the API). Returns the rate-limit headers for the answer."""
+        authorization = request.headers.get("authorization")
+        if authorization and guard.auth_required:
+            return guard.admit(guard.identify(authorization), route)
+        if auth.required and auth.user_of(request) is None:
+            raise AccessDenied("sign in, or send an API bearer token, to download files", status=401,
+                               reason="not_authenticated")
+        return {}
 
     @app.get("/files/zip/{batch_id}")
     def batch_zip(batch_id: str, request: Request):
-        signed_in(request)
+        limits = may_download(request, "GET /files/zip/{batch_id}")
         if services.ledger.get_batch(batch_id) is None:
             raise AccessDenied(f"no batch {batch_id!r}", status=404, batch_id=batch_id)
         # Streamed as it is built: a batch of thousands of images never sits in memory or on disk twice.
         return StreamingResponse(
             services.runner.zip_stream(batch_id),
             media_type="application/zip",
-            headers={"Content-Disposition": f'attachment; filename="{batch_id}.zip"'},
+            headers={"Content-Disposition": f'attachment; filename="{batch_id}.zip"', **limits},
         )
 
     @app.get("/files/{relative:path}")
     def output_file(relative: str, request: Request):
-        signed_in(request)
-        return file_response(resolve_inside(outputs, relative))
+        limits = may_download(request, "GET /files/{relative:path}")
+        response = file_response(resolve_inside(outputs, relative))
+        response.headers.update(limits)
+        return response
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics(request: Request):
@@ -410,7 +510,8 @@ def create_app(
     app.add_middleware(UploadLimitMiddleware, limit=upload_limit)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
 
-    blocks = build_ui(services, settings, users=users, anonymous_role=guard.anonymous_role)
+    blocks = build_ui(services, settings, users=users, anonymous_role=guard.anonymous_role,
+                      visitor_of=visitors.name_of if visitors is not None else None)
     gr.mount_gradio_app(
         app,
         blocks,
@@ -422,7 +523,8 @@ def create_app(
         max_file_size=f"{int(settings.max_upload_mb)}mb",
         show_error=True,
         css=CSS,
-        allowed_paths=[str(settings.templates_path.resolve())],  # example images only
+        # example images only (shipped templates and those uploaded)
+        allowed_paths=[str(settings.templates_path.resolve()), str(settings.user_templates_path.resolve())],
     )
 
     return app, services
@@ -444,18 +546,22 @@ def serve(settings: Settings, engine: Any = None, environ: Mapping[str, str] | N
     app, services = create_app(settings, engine, users=users)
     log.info(services.engine.describe_model_banner())
     log.info("serving on http://%s:%d", host, port)
-    uvicorn.run(app, host=host, port=port, log_config=None, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_config=None, log_level="info", **uvicorn_options(settings, environ))
 
 
 __all__ = [
     "SESSION_COOKIE",
     "BatchMetrics",
+    "VisitorIdentity",
     "WebAuth",
     "api_guard",
     "create_app",
     "listen_address",
+    "on_space",
     "serve",
+    "session_cookie_options",
     "session_issuer",
     "start_warm_up",
+    "uvicorn_options",
 ]
 

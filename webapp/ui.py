@@ -212,9 +212,21 @@ def _field_widget(spec: Any, checkpoints: list[str], template_name: str) -> gr.c
     return gr.Textbox(value=spec.default, placeholder=example, lines=3 if spec.type == "text" else 1, **common)
 
 
-def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: str = "admin") -> gr.Blocks:
+def upload_cache_schedule(retention_s: int) -> tuple[int, int] | None:
+    """Gradio's ``delete_cache`` ``(every, older_than)`` for the ``upload_retention_s`` setting: uploads would
+    otherwise pile up in Gradio's cache for the life of the machine (sheets and photo zips up to
+    ``max_upload_mb`` each). Nothing the app keeps lives there: a checked sheet is parsed into memory and its
+    photos unpacked into the batch's own folder, a template's files are read when saved."""
+    if retention_s <= 0:
+        return None
+    return max(1, min(3600, retention_s // 4)), retention_s
+
+
+def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: str = "admin",
+             visitor_of: Callable[[gr.Request], str] | None = None) -> gr.Blocks:
     """The web app's Blocks. ``users`` (a UserStore) decides login and roles; None means no users, and
-    then everyone acts with ``anonymous_role`` (admin on a localhost workstation, user on a public Space)."""
+    then everyone acts with ``anonymous_role`` (admin on a localhost workstation, user on a public Space),
+    named by ``visitor_of`` (a public Space: each browser its own visitor, so it owns its own batches)."""
     L = gradio_i18n()
     outputs = settings.outputs_path
     names = handlers.template_names(services)
@@ -222,10 +234,13 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
     status_choices = [(L("history.any_status"), ""), *[(L(f"status.{s}"), s) for s in handlers.LEDGER_STATUSES]]
 
     def caller(request: gr.Request) -> handlers.Caller:
+        if visitor_of is not None and (users is None or not users.configured):
+            return handlers.Caller(visitor_of(request), anonymous_role)
         return handlers.caller_for(users, getattr(request, "username", None), language_of_request(request),
                                    anonymous_role)
 
-    with gr.Blocks(title="SD3.5 batch images", analytics_enabled=False) as ui:
+    with gr.Blocks(title="SD3.5 batch images", analytics_enabled=False,
+                   delete_cache=upload_cache_schedule(int(settings.upload_retention_s))) as ui:
         header = gr.HTML(elem_id="app-header", **PLAIN)
         demo_banner = gr.HTML(visible=False, elem_id="demo-banner", **PLAIN)
 

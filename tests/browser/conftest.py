@@ -59,6 +59,46 @@ def app_server(tmp_path_factory):
     thread.join(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def space_server(tmp_path_factory):
+    """``(base_url, services)`` of the app as a public Hugging Face Space without users (``SPACE_ID`` set
+    while it is built): everyone uses it without signing in."""
+    import os
+
+    import uvicorn
+
+    from engine.settings import load_settings
+    from webapp.auth import UserStore
+    from webapp.server import create_app
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    folder = tmp_path_factory.mktemp("space")
+    port = _free_port()
+    settings = load_settings({"data_dir": str(folder / "data"), "templates_dir": str(ROOT / "templates"),
+                              "port": port}, environ={})
+    before = os.environ.get("SPACE_ID")
+    os.environ["SPACE_ID"] = "team/batch-studio"
+    try:
+        app, services = create_app(settings, users=UserStore([]))
+    finally:
+        if before is None:
+            os.environ.pop("SPACE_ID")
+        else:
+            os.environ["SPACE_ID"] = before
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="space", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the web app did not start")
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}", services
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")  # Playwright's sync API holds an event loop: let it go before other tests
 def browser():
     from playwright.sync_api import sync_playwright

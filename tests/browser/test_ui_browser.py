@@ -354,3 +354,30 @@ def test_start_never_runs_a_check_the_page_no_longer_shows(app_server, new_page,
     page.locator("#report-summary").get_by_text("⚠").wait_for()  # the failed check leaves nothing to start
     assert not start.is_enabled()
     screenshot(page, "batch-stale-check")
+
+
+def test_on_a_public_space_each_visitor_owns_their_own_batches(space_server, new_page, screenshot, tmp_path):
+    base_url, services = space_server
+    owner = new_page()
+    owner.goto(base_url + "/")
+    sheet = tmp_path / "long.csv"
+    sheet.write_text("prompt,seed,width,height,steps\n"
+                     + "".join(f"row {n},{n},768,768,12\n" for n in range(8)), encoding="utf-8")
+    upload_sheet(owner, sheet)
+    owner.get_by_text("8 rows ready, 0 rows with problems").wait_for()
+    owner.locator("#start-batch").click()
+    owner.locator("#batch-progress").get_by_text(re.compile(r"running · done \d")).wait_for(timeout=60_000)
+    batch_id = owner.locator("#watched-batch input").input_value()
+    assert services.ledger.get_batch(batch_id)["user"].startswith("visitor-")
+
+    # Another visitor (another browser) sees the batch but cannot stop it.
+    other = new_page()
+    other.goto(base_url + "/")
+    pick(other, "watched-batch", batch_id)
+    other.locator("#cancel-batch").click()
+    other.get_by_text(re.compile("only they or an admin")).first.wait_for()
+    screenshot(other, "space-visitor-cannot-cancel")
+    assert services.queue.status(batch_id).state == "running"
+
+    owner.locator("#cancel-batch").click()
+    owner.locator("#batch-progress").get_by_text(re.compile(r"cancelled · done \d")).wait_for(timeout=30_000)

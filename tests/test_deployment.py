@@ -1,0 +1,261 @@
+"""The app where it is deployed: behind a reverse proxy, as a Hugging Face Space (``SPACE_ID``), restarted.
+
+Real uvicorn servers on localhost ports, started with the options ``serve`` uses
+(:func:`webapp.server.uvicorn_options`); the test client plays the proxy by sending X-Forwarded-* headers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.settings import load_settings
+from live_server import live_server
+from webapp.auth import add_user, users_entry
+from webapp.server import SESSION_COOKIE, create_app, uvicorn_options
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = {"SPACE_ID": "team/batch-studio"}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from engine.runtime import Engine
+
+    return Engine(load_settings({"data_dir": str(tmp_path_factory.mktemp("engine"))}, environ={}))
+
+
+@pytest.fixture
+def users_file(tmp_path):
+    path = tmp_path / "users.json"
+    add_user(path, "alice", "alice-pass", "admin")
+    add_user(path, "bob", "bob-pass", "user")
+    return path
+
+
+def make_settings(tmp_path, **overrides):
+    values = {"data_dir": str(tmp_path / "data"), "templates_dir": str(ROOT / "templates"), **overrides}
+    return load_settings(values, environ={})
+
+
+def set_cookie_of(answer: httpx.Response) -> str:
+    return next(v for k, v in answer.headers.multi_items() if k == "set-cookie" and v.startswith(SESSION_COOKIE))
+
+
+def sign_in(url: str, headers: dict[str, str] | None = None, password: str = "bob-pass") -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=30) as browser:
+        return browser.post("/login", data={"username": "bob", "password": password}, headers=headers or {})
+
+
+# ------------------------------------------------------------------------------ cookies behind HTTPS proxies
+
+
+def test_on_a_space_the_session_cookie_works_in_huggingfaces_cross_site_frame(tmp_path, engine, users_file, monkeypatch):
+    monkeypatch.setenv("SPACE_ID", SPACE["SPACE_ID"])
+    settings = make_settings(tmp_path, users_file=str(users_file))
+    app, _ = create_app(settings, engine)
+    # HF's proxy speaks plain http to the container, from its private network.
+    with live_server(app, **uvicorn_options(settings, SPACE)) as url:
+        answer = sign_in(url)
+        assert answer.status_code == 303
+        cookie = set_cookie_of(answer).lower()
+        assert "samesite=none" in cookie and "secure" in cookie and "httponly" in cookie
+        with httpx.Client(base_url=url, timeout=30, cookies={SESSION_COOKIE: answer.cookies[SESSION_COOKIE]}) as b:
+            gone = b.get("/logout")  # deleting it must use the same attributes, or the frame keeps it
+        assert "samesite=none" in set_cookie_of(gone).lower() and "secure" in set_cookie_of(gone).lower()
+
+
+def test_behind_a_trusted_proxy_https_makes_the_cookie_secure_and_an_untrusted_peer_cannot_claim_it(
+    tmp_path, engine, users_file
+):
+    trusted = make_settings(tmp_path, users_file=str(users_file), forwarded_allow_ips="127.0.0.1")
+    app, _ = create_app(trusted, engine)
+    with live_server(app, **uvicorn_options(trusted, {})) as url:
+        cookie = set_cookie_of(sign_in(url, {"X-Forwarded-Proto": "https"})).lower()
+        assert "secure" in cookie and "samesite=lax" in cookie
+        assert "secure" not in set_cookie_of(sign_in(url)).lower()  # plain http through the proxy
+
+    untrusted = make_settings(tmp_path, users_file=str(users_file), forwarded_allow_ips="10.9.9.9")
+    app, _ = create_app(untrusted, engine)
+    with live_server(app, **uvicorn_options(untrusted, {})) as url:
+        assert "secure" not in set_cookie_of(sign_in(url, {"X-Forwarded-Proto": "https"})).lower()
+
+
+def test_proxy_trust_defaults():
+    workstation = load_settings({}, environ={})
+    assert "forwarded_allow_ips" not in uvicorn_options(workstation, {})  # uvicorn's default: loopback only
+    space = uvicorn_options(load_settings({}, environ=SPACE), SPACE)
+    assert "10.0.0.0/8" in space["forwarded_allow_ips"] and "*" not in space["forwarded_allow_ips"]
+    nginx = load_settings({}, environ={"SD35_FORWARDED_ALLOW_IPS": "192.168.1.10"})
+    assert uvicorn_options(nginx, SPACE)["forwarded_allow_ips"] == "192.168.1.10"  # the setting wins
+
+
+# ----------------------------------------------------------------------- rate limits per client, not per proxy
+
+
+def attempts(url: str, path: str, forwarded_for: str, count: int) -> list[str]:
+    """Wrong-password attempts: "refused" (a wrong password) or "limited" (429) each."""
+    with httpx.Client(base_url=url, timeout=30, headers={"X-Forwarded-For": forwarded_for}) as client:
+        body = {"username": "bob", "password": "guess"}
+        answers = [client.post(path, data=body) if path == "/login" else client.post(path, json=body)
+                   for _ in range(count)]
+    return ["limited" if a.status_code == 429 else "refused" if a.status_code in (400, 401) else str(a.status_code)
+            for a in answers]
+
+
+@pytest.mark.parametrize("path", ["/login", "/api/token"])
+def test_clients_behind_a_trusted_proxy_have_their_own_sign_in_limits(tmp_path, engine, users_file, path):
+    settings = make_settings(tmp_path, users_file=str(users_file), forwarded_allow_ips="127.0.0.1",
+                             route_rate_limits="POST /login=2,POST /api/token=2")
+    app, _ = create_app(settings, engine)
+    with live_server(app, **uvicorn_options(settings, {})) as url:
+        assert attempts(url, path, "203.0.113.1", 3) == ["refused", "refused", "limited"]
+        assert attempts(url, path, "203.0.113.2", 1) == ["refused"]  # another client: its own bucket
+
+
+@pytest.mark.parametrize("path", ["/login", "/api/token"])
+def test_an_untrusted_peer_cannot_pick_its_bucket_with_x_forwarded_for(tmp_path, engine, users_file, path):
+    settings = make_settings(tmp_path, users_file=str(users_file), forwarded_allow_ips="10.9.9.9",
+                             route_rate_limits="POST /login=2,POST /api/token=2")
+    app, _ = create_app(settings, engine)
+    with live_server(app, **uvicorn_options(settings, {})) as url:
+        assert attempts(url, path, "203.0.113.1", 2) == ["refused", "refused"]
+        assert attempts(url, path, "203.0.113.2", 1) == ["limited"]  # same peer, whatever it writes
+
+
+def test_on_a_space_a_client_cannot_escape_its_limit_by_writing_x_forwarded_for_itself(
+    tmp_path, engine, users_file, monkeypatch
+):
+    monkeypatch.setenv("SPACE_ID", SPACE["SPACE_ID"])
+    settings = make_settings(tmp_path, users_file=str(users_file), route_rate_limits="POST /api/token=2")
+    app, _ = create_app(settings, engine)
+    with live_server(app, **uvicorn_options(settings, SPACE)) as url:
+        # The proxy appends the address it saw (203.0.113.9) to whatever the client sent.
+        assert attempts(url, "/api/token", "198.51.100.1, 203.0.113.9", 2) == ["refused", "refused"]
+        assert attempts(url, "/api/token", "198.51.100.2, 203.0.113.9", 1) == ["limited"]
+        assert attempts(url, "/api/token", "203.0.113.10", 1) == ["refused"]
+
+
+# ------------------------------------------------------------------- a Space configured as the README says
+
+
+def test_a_space_with_users_and_no_key_issues_api_tokens_and_keeps_sessions_across_restarts(
+    tmp_path, engine, monkeypatch, caplog
+):
+    monkeypatch.setenv("SPACE_ID", SPACE["SPACE_ID"])
+    monkeypatch.setenv("SD35_USERS", users_entry("alice", "alice-pass", "admin"))
+    monkeypatch.delenv("SD35_JWT_SECRET", raising=False)
+    settings = make_settings(tmp_path)
+    key_file = Path(settings.data_dir) / "token-signing-key"
+    with caplog.at_level(logging.INFO, logger="webapp.server"):
+        app, _ = create_app(settings, engine)
+    assert [r for r in caplog.records if "generated a token signing key" in r.getMessage()]
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    with live_server(app, **uvicorn_options(settings, SPACE)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        answer = c.post("/api/token", json={"username": "alice", "password": "alice-pass"})
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["access_token"]
+        assert c.get("/metrics", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert c.get("/metrics").status_code == 401
+        session = c.post("/login", data={"username": "alice", "password": "alice-pass"}).cookies[SESSION_COOKIE]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="webapp.server"):
+        restarted, _ = create_app(settings, engine)  # a restart, or the Space waking up
+    assert [r for r in caplog.records if "token signing key read from" in r.getMessage()]
+    with live_server(restarted, **uvicorn_options(settings, SPACE)) as url:
+        with httpx.Client(base_url=url, timeout=30, cookies={SESSION_COOKIE: session}) as browser:
+            assert browser.get("/", follow_redirects=False).status_code == 200  # still signed in
+        with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
+            assert client.get("/api/templates").status_code == 200
+
+
+def test_a_workstation_without_users_makes_no_key_and_its_api_stays_open(tmp_path, engine, monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("SD35_USERS", raising=False)
+    settings = make_settings(tmp_path)
+    app, _ = create_app(settings, engine)
+    with live_server(app, **uvicorn_options(settings, {})) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/api/templates").status_code == 200
+        assert c.post("/api/token", json={"username": "a", "password": "b"}).status_code == 400
+    assert not (Path(settings.data_dir) / "token-signing-key").exists()
+
+
+def test_processes_starting_together_share_one_stored_key(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from webapp.auth import stored_signing_key
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: stored_signing_key(tmp_path), range(16)))
+    assert len({key for _, key, _ in results}) == 1 and sum(created for *_, created in results) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["token-signing-key"]  # no temporary files left behind
+
+
+# ----------------------------------------------------------------------------- a token key but no users
+
+
+@pytest.mark.parametrize("where", ["space", "proxy"])
+def test_a_public_app_with_a_token_key_and_no_users_warns_that_its_page_is_open(
+    tmp_path, engine, monkeypatch, caplog, where
+):
+    if where == "space":
+        monkeypatch.setenv("SPACE_ID", SPACE["SPACE_ID"])
+        settings = make_settings(tmp_path, jwt_secret="s" * 48)
+    else:
+        monkeypatch.delenv("SPACE_ID", raising=False)
+        settings = make_settings(tmp_path, jwt_secret="s" * 48, forwarded_allow_ips="127.0.0.1")
+    monkeypatch.delenv("SD35_USERS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="webapp.server"):
+        app, _ = create_app(settings, engine)
+    warnings = [r.getMessage() for r in caplog.records if "no users" in r.getMessage() and "/gradio_api" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    # What the warning says is what happens: the API asks for a token, the page and Gradio's API do not.
+    with live_server(app, **uvicorn_options(settings, SPACE if where == "space" else {})) as url:
+        with httpx.Client(base_url=url, timeout=30) as visitor:
+            assert visitor.get("/api/templates").status_code == 401
+            assert visitor.get("/", follow_redirects=False).status_code == 200
+            assert visitor.get("/gradio_api/info").status_code == 200
+
+
+def test_a_token_key_without_users_on_localhost_says_nothing(tmp_path, engine, monkeypatch, caplog):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("SD35_USERS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="webapp.server"):
+        create_app(make_settings(tmp_path, jwt_secret="s" * 48), engine)
+    assert not [r for r in caplog.records if "/gradio_api" in r.getMessage()]
+
+
+# -------------------------------------------------------------------- visitors of a public Space without users
+
+
+def test_each_browser_on_a_public_space_gets_its_own_visitor_cookie_which_is_no_api_token(
+    tmp_path, engine, monkeypatch
+):
+    from webapp.server import VisitorIdentity
+
+    monkeypatch.setenv("SPACE_ID", SPACE["SPACE_ID"])
+    monkeypatch.delenv("SD35_USERS", raising=False)
+    settings = make_settings(tmp_path, jwt_secret="v" * 48)  # API tokens and visitor cookies share the key
+    app, _ = create_app(settings, engine)
+    with live_server(app, **uvicorn_options(settings, SPACE)) as url:
+        names = []
+        for _ in range(2):
+            with httpx.Client(base_url=url, timeout=30) as browser:
+                page = browser.get("/")
+                cookie = next(v for k, v in page.headers.multi_items()
+                              if k == "set-cookie" and v.startswith(VisitorIdentity.COOKIE))
+                assert "samesite=none" in cookie.lower() and "secure" in cookie.lower()
+                value = page.cookies[VisitorIdentity.COOKIE]
+                names.append(VisitorIdentity.from_settings(settings).name_in({VisitorIdentity.COOKIE: value}))
+                again = browser.get("/", cookies={VisitorIdentity.COOKIE: value})
+                assert VisitorIdentity.COOKIE not in again.cookies  # kept, not replaced
+                refused = browser.get("/api/templates", headers={"Authorization": f"Bearer {value}"})
+                assert refused.status_code == 401 and refused.json()["error"]["details"]["reason"] == "bad_audience"
+        assert all(n and n.startswith("visitor-") for n in names) and names[0] != names[1]
