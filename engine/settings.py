@@ -155,4 +155,18 @@ def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, st
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
-    return Settings(**{k: _coerce(by_name[k], v) if k in by_name else v for k, v in values.items()})
+    settings = Settings(**{k: _coerce(by_name[k], v) if k in by_name else v for k, v in values.items()})
+    _check_outputs_hold_no_private_files(settings)
+    return settings
+
+
+def _check_outputs_hold_no_private_files(settings: Settings) -> None:
+    """The outputs folder is served to users (/files, /view): the ledger, the signing key and the uploads
+    must not be inside it."""
+    outputs = settings.outputs_path.resolve()
+    for label, private in (("data folder", settings.data_path), ("ledger", settings.ledger_path)):
+        if private.resolve().is_relative_to(outputs):
+            raise ValueError(
+                f"output_dir {settings.outputs_path} would serve the {label} {private} to every user; give the "
+                f"images a folder of their own (the default is {settings.data_path / 'outputs'})"
+            )

@@ -431,3 +431,10 @@ def test_a_worker_logs_in_the_log_format_setting(tmp_path):
             assert any(r["level"] == "WARNING" and "waiting for the broker" in r["message"] for r in records)
         else:
             assert "waiting for the broker" in stderr and not stderr.lstrip().startswith("{")
+
+
+def test_an_output_folder_that_would_serve_the_ledger_is_refused(tmp_path):
+    result = app("--data-dir", "d", "--output-dir", ".", "templates", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "would serve the data folder d to every user" in result.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything was created
