@@ -63,6 +63,16 @@ def messages_until_done(ws, prompt_id: str, timeout_s: float = 60.0) -> list[dic
             return seen
 
 
+def drain(ws, quiet_s: float = 1.0) -> list[dict]:
+    """Every message that arrives until the socket has been quiet for ``quiet_s``."""
+    seen = []
+    while True:
+        try:
+            seen.append(json.loads(ws.recv(timeout=quiet_s)))
+        except TimeoutError:
+            return seen
+
+
 def test_client_flow_prompt_ws_history_view(server):
     prompt = example_prompt()
     with connect(f"{server.ws_url}/ws?clientId=flow-client&token={server.token}") as ws:
@@ -319,8 +329,59 @@ def test_another_user_can_neither_watch_nor_stop_a_prompt(server):
             assert them.post("/queue", json={"delete": [waiting_id]}).status_code == 200
         assert server.services.queue.status(long_id).state == "running"
         assert [item[1] for item in server.http.get("/queue").json()["queue_pending"]] == [waiting_id]
-        with pytest.raises(TimeoutError):
-            intruder.recv(timeout=1)  # nothing of the owner's prompt reached the other user
+        # Nothing of the owner's prompt reached the other user: only the queue's length, which every socket
+        # is told (ComfyUI's status broadcast).
+        assert {m["type"] for m in drain(intruder)} <= {"status"}
         assert server.http.post("/interrupt", json={"prompt_id": long_id}).status_code == 200
         assert "execution_interrupted" in [m["type"] for m in messages_until_done(owner, long_id)]
     server.services.queue.wait(waiting_id, timeout=60)
+
+
+def queue_lengths(messages: list[dict]) -> list[int]:
+    return [m["data"]["status"]["exec_info"]["queue_remaining"] for m in messages if m["type"] == "status"]
+
+
+def test_a_finished_prompt_is_no_longer_counted_and_every_socket_hears_the_queue_change(server):
+    """ComfyUI's queue_updated: status goes to every socket when a prompt is queued, starts and ends, and
+    the status sent after execution_success no longer counts the finished prompt."""
+    with connect(f"{server.ws_url}/ws?clientId=count-client&token={server.token}") as ws, \
+            connect(f"{server.ws_url}/ws?clientId=bystander&token={server.token}") as bystander:
+        ws.recv(timeout=10), bystander.recv(timeout=10)
+        prompt_id = server.http.post("/prompt", json={"prompt": example_prompt(), "client_id": "count-client"}).json()["prompt_id"]
+        messages = messages_until_done(ws, prompt_id)
+        assert server.http.get("/prompt").json() == {"exec_info": {"queue_remaining": 0}}
+        heard = drain(bystander)
+
+    kinds = [m["type"] for m in messages]
+    after_success = messages[kinds.index("execution_success"):]
+    assert queue_lengths(after_success) == [0], "the status after execution_success counts the prompt as done"
+    assert kinds[-2:] == ["status", "executing"], "as ComfyUI: the queue's status, then executing with node null"
+    assert kinds.index("status") < kinds.index("execution_start")
+    # Another client's socket hears every change (queued, started, done), and nothing of the prompt itself.
+    assert queue_lengths(heard) == [1, 1, 0] and {m["type"] for m in heard} == {"status"}
+
+
+def test_queue_lists_the_spreadsheet_batch_a_prompt_waits_for(server):
+    rows = [{"product_name": f"queue item {n}", "seed": n, "width": 64, "height": 64, "steps": 150} for n in range(40)]
+    answer = server.http.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_seed": 3})
+    assert answer.status_code == 200, answer.text
+    batch_id = answer.json()["batch_id"]
+    deadline = time.monotonic() + 60
+    while server.services.queue.status(batch_id).state != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waiting_id = server.http.post("/prompt", json={"prompt": example_prompt()}).json()["prompt_id"]
+    try:
+        queue = server.http.get("/queue").json()
+        running = queue["queue_running"]
+        assert [item[1] for item in running] == [batch_id]
+        assert running[0][3]["batch"]["template"] == "product_shot" and running[0][2] == {} and running[0][4] == []
+        assert [item[1] for item in queue["queue_pending"]] == [waiting_id]
+        assert server.http.get("/prompt").json() == {"exec_info": {"queue_remaining": 2}}
+        # ComfyUI's delete and clear reach prompts only: a team's spreadsheet batch is stopped elsewhere.
+        server.http.post("/queue", json={"delete": [batch_id]})
+        server.http.post("/interrupt", json={})
+        assert server.services.queue.status(batch_id).state == "running"
+    finally:
+        server.http.post(f"/api/batches/{batch_id}/cancel")
+        server.services.queue.wait(batch_id, timeout=60)
+        server.services.queue.wait(waiting_id, timeout=60)

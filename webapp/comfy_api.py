@@ -37,6 +37,8 @@ COMFY_TEMPLATE_NAME = f"({COMFY_KIND})"  # how prepare_workflow records the batc
 FINISHED = {"done", "failed", "timed_out", "cancelled"}
 MAX_REMEMBERED_PROMPTS = 1000  # prompt bodies kept for /queue and /history; older ones are read from the ledger
 VIEW_TYPES = ("output", "temp", "input")
+# Queue events after which every socket is told the queue's new length (ComfyUI's queue_updated).
+QUEUE_EVENTS = {"batch_queued", "batch_started", "batch_done", "batch_cancelled", "batch_failed"}
 # The ComfyUI release whose API this server answers like (clients gate features on this version).
 COMFYUI_COMPAT_VERSION = "0.3.64"
 
@@ -70,6 +72,7 @@ class ComfyBridge:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self.prompts: OrderedDict[str, dict[str, Any]] = OrderedDict()  # prompt_id -> number, client, prompt
+        self.batch_numbers: dict[str, int] = {}  # other batches on the queue -> their number in /queue
         self.sockets: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}  # client_id -> outboxes
         self.socket_users: dict[asyncio.Queue[dict[str, Any]], str] = {}  # outbox -> the user who opened it
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -199,21 +202,32 @@ class ComfyBridge:
         return result
 
     def queue_state(self) -> dict[str, Any]:
-        running, pending = [], []
-        with self._lock:
-            remembered = list(self.prompts.items())
-        for prompt_id, meta in remembered:
-            progress = self.services.queue.status(prompt_id)
-            if progress is None or progress.state not in {"queued", "running"}:
-                continue
-            item = [meta["number"], prompt_id, meta["prompt"], meta["extra_data"], meta["outputs"]]
-            (running if progress.state == "running" else pending).append(item)
-        return {"queue_running": running, "queue_pending": pending}
+        """ComfyUI's ``/queue``: everything on the shared GPU queue, running and waiting, in queue order.
+
+        Spreadsheet batches share the queue with prompts, so they are listed too (a client then sees what
+        its prompt waits for): as items with an empty prompt, no outputs and the batch in ``extra_data``.
+        """
+        queue = self.services.queue
+        running, pending = queue.running(), queue.queued()
+        return {"queue_running": [self._queue_item(b) for b in running],
+                "queue_pending": [self._queue_item(b) for b in pending if b not in running]}
+
+    def _queue_item(self, batch_id: str) -> list[Any]:
+        meta = self.prompts.get(batch_id)
+        if meta is not None:
+            return [meta["number"], batch_id, meta["prompt"], meta["extra_data"], meta["outputs"]]
+        batch = self.services.ledger.get_batch(batch_id) or {}
+        about = {"id": batch_id, "template": batch.get("template_name"), "user": batch.get("user"),
+                 "rows": batch.get("row_count")}
+        return [self.batch_numbers.get(batch_id, 0), batch_id, {}, {"batch": about}, []]
 
     def running_ids(self) -> list[str]:
-        with self._lock:
-            remembered = list(self.prompts)
-        return [p for p in remembered if (s := self.services.queue.status(p)) is not None and s.state == "running"]
+        """The ComfyUI prompts running now (what /interrupt may stop; a spreadsheet batch never)."""
+        return [p for p in self.services.queue.running() if p in self.prompts]
+
+    def pending_ids(self) -> list[str]:
+        """The ComfyUI prompts waiting now (what POST /queue may delete; a spreadsheet batch never)."""
+        return [p for p in self.services.queue.queued() if p in self.prompts]
 
     def queue_remaining(self) -> int:
         state = self.queue_state()
@@ -222,17 +236,35 @@ class ComfyBridge:
     # ------------------------------------------------------------------ websockets
 
     def on_batch_event(self, event: BatchEvent) -> None:
-        """Called on the queue thread: translate to ComfyUI messages and hand them to the event loop."""
+        """Called on the queue thread: translate to ComfyUI messages and hand them to the event loop.
+
+        Every change of the queue (a batch or prompt queued, started, finished, failed or deleted) sends
+        ``status`` to every socket, as ComfyUI's ``queue_updated`` does; a prompt's own messages go to its
+        client only.
+        """
         meta = self.prompts.get(event.batch_id)
-        if meta is None or self.loop is None:
+        if meta is None:
+            with self._lock:
+                if event.kind == "batch_queued":
+                    self.batch_numbers[event.batch_id] = next(self._numbers)
+                elif event.kind in {"batch_done", "batch_cancelled", "batch_failed"}:
+                    self.batch_numbers.pop(event.batch_id, None)
+        if self.loop is None:
+            return
+        if meta is None:
+            if event.kind in QUEUE_EVENTS:
+                self._send(None, self.status_message())
             return
         batch = self.services.ledger.get_batch(event.batch_id)
         owner = batch.get("user") if batch is not None else None
+        if event.kind in QUEUE_EVENTS:  # before execution_start and before the end's executing: null
+            self._send(None, self.status_message())
         for message in self._messages(event):
             self._send(meta.get("client_id"), message, owner)
 
     def _messages(self, event: BatchEvent) -> list[dict[str, Any]]:
         pid = event.batch_id
+        finished = {"type": "executing", "data": {"node": None, "prompt_id": pid}}
         if event.kind == "batch_started":
             return [{"type": "execution_start", "data": {"prompt_id": pid, "timestamp": _now_ms()}}]
         if event.kind == "node":
@@ -247,23 +279,17 @@ class ComfyBridge:
                 {"type": "executed", "data": {"node": node, "display_node": node, "output": output, "prompt_id": pid}}
                 for node, output in entry["outputs"].items()
             ]
-            return [
-                *executed,
-                {"type": "execution_success", "data": {"prompt_id": pid, "timestamp": _now_ms()}},
-                {"type": "executing", "data": {"node": None, "prompt_id": pid}},
-            ]
+            return [*executed, {"type": "execution_success", "data": {"prompt_id": pid, "timestamp": _now_ms()}}]
         if event.kind == "row_failed":
             row = self.services.ledger.get_generation(row_key(pid, event.row_number or 1))
             interrupted = row is not None and row.status == "cancelled"
             data = {"prompt_id": pid, "timestamp": _now_ms()}
             if not interrupted:
                 data.update(exception_message=event.error, exception_type="ExecutionError", traceback=[])
-            return [
-                {"type": "execution_interrupted" if interrupted else "execution_error", "data": data},
-                {"type": "executing", "data": {"node": None, "prompt_id": pid}},
-            ]
-        if event.kind == "batch_done":
-            return [self.status_message()]
+            return [{"type": "execution_interrupted" if interrupted else "execution_error", "data": data}]
+        if event.kind in {"batch_done", "batch_failed"}:
+            # As ComfyUI's worker: the queue's status first, then the prompt's end, executing with node null.
+            return [finished]
         return []
 
     def status_message(self) -> dict[str, Any]:
@@ -408,11 +434,12 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
             body = {}
         body = body if isinstance(body, dict) else {}
         targets = [str(p) for p in body.get("delete", [])] if isinstance(body.get("delete"), list) else []
+        pending = set(bridge.pending_ids())
         if body.get("clear"):
-            targets += [item[1] for item in bridge.queue_state()["queue_pending"]]
-        pending = {item[1] for item in bridge.queue_state()["queue_pending"]}
+            targets += list(pending)
         for prompt_id in targets:
-            # ComfyUI deletes queued prompts only (running ones need /interrupt); a user only their own
+            # ComfyUI deletes queued prompts only (running ones need /interrupt); a user only their own. A
+            # spreadsheet batch listed in /queue is left alone: it is stopped from the batch pages or /api.
             if prompt_id in pending and handlers.may_control(services, caller, prompt_id):
                 services.queue.cancel(prompt_id)
         return {}
