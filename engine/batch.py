@@ -70,6 +70,7 @@ class BatchEvent:
     skipped: int = 0  # on the batch's first "batch_started": rows refused at validation
     cancelled: int = 0  # on "batch_cancelled" (taken off the queue before it ran): rows marked cancelled
     status: str | None = None  # on "row_failed": failed, timed_out or cancelled
+    nodes: tuple[str, ...] = ()  # on "cached" (once per row, before its nodes run): the nodes the cache serves
 
 
 @dataclass
@@ -601,8 +602,10 @@ class BatchRunner:
                 return
             if event.kind == "step":
                 emit("step", row_number=job.row_number, node_id=event.node_id, step=event.value, steps=event.maximum)
-            elif event.kind in {"node", "cached"}:
-                emit("node" if event.kind == "node" else "cached", row_number=job.row_number, node_id=event.node_id)
+            elif event.kind == "node":
+                emit("node", row_number=job.row_number, node_id=event.node_id)
+            elif event.kind == "cached":
+                emit("cached", row_number=job.row_number, nodes=tuple(event.nodes))
 
         first_run = not batch.get("started_at")  # a resume must not report the skipped rows again
         self.ledger.set_batch_status(batch_id, "running")
@@ -727,7 +730,7 @@ class BatchRunner:
         worker = None if result.worker in ("local", "?", "") else result.worker
         if result.status != DONE:
             self.ledger.fail_row(job.row_key, result.status, result.error or result.status, duration_s=duration,
-                                 worker=worker)
+                                 worker=worker, failure=result.failure or None)
             return []
         paths: list[Path] = []
         for index, image in enumerate(result.images):

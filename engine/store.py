@@ -616,10 +616,13 @@ class BatchLedger:
         self._write(update)
 
     def fail_row(
-        self, key: str, status: str, error: str, duration_s: float | None = None, worker: str | None = None
+        self, key: str, status: str, error: str, duration_s: float | None = None, worker: str | None = None,
+        failure: Mapping[str, Any] | None = None,
     ) -> None:
         """End a row without an image: ``failed``, ``timed_out``, ``skipped`` or ``cancelled``, with why.
-        ``worker`` as for :meth:`complete_row`."""
+        ``worker`` as for :meth:`complete_row`; ``failure`` (where and how it failed: node, exception type,
+        ...) is kept in the row's ``extra`` as ``{"failure": ...}``."""
+        extra = json.dumps({"failure": dict(failure)}, ensure_ascii=False, default=str) if failure else None
         if status not in FAILURE_STATUSES:
             raise StoreError(f"fail_row takes one of {', '.join(FAILURE_STATUSES)}, not '{status}'")
 
@@ -631,7 +634,8 @@ class BatchLedger:
                 raise StoreError(f"row {key} is done; it cannot become {status}", row_key=key)
             conn.execute(
                 "UPDATE generations SET status = ?, error = ?, finished_at = ?, duration_s = coalesce(?, duration_s), "
-                "worker = coalesce(?, worker) WHERE row_key = ?", (status, error, _now(), duration_s, worker, key),
+                "worker = coalesce(?, worker), extra = ? WHERE row_key = ?",
+                (status, error, _now(), duration_s, worker, extra, key),
             )
             _refresh_counts(conn, current[1])
 

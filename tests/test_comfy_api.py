@@ -171,10 +171,14 @@ def test_queue_delete_and_interrupt(server):
         assert server.http.post("/interrupt", json={}).status_code == 200
         messages = messages_until_done(ws, long_id)
 
-    assert "execution_interrupted" in [m["type"] for m in messages]
+    interrupted = next(m["data"] for m in messages if m["type"] == "execution_interrupted")
+    assert interrupted["node_id"] == "3" and interrupted["node_type"] == "KSampler"
+    assert isinstance(interrupted["executed"], list) and "3" not in interrupted["executed"]
     history = server.http.get(f"/history/{long_id}").json()[long_id]
     assert history["status"]["status_str"] == "error" and not history["status"]["completed"]
     assert history["status"]["messages"][-1][0] == "execution_interrupted"
+    assert {k: v for k, v in history["status"]["messages"][-1][1].items() if k != "timestamp"} == \
+        {k: v for k, v in interrupted.items() if k != "timestamp"}
     assert server.http.get(f"/history/{waiting_id}").json() == {}  # deleted before it ran
     assert server.http.get("/queue").json() == {"queue_running": [], "queue_pending": []}
 
@@ -385,3 +389,45 @@ def test_queue_lists_the_spreadsheet_batch_a_prompt_waits_for(server):
         server.http.post(f"/api/batches/{batch_id}/cancel")
         server.services.queue.wait(batch_id, timeout=60)
         server.services.queue.wait(waiting_id, timeout=60)
+
+
+def test_execution_cached_is_one_message_right_after_execution_start(server):
+    with connect(f"{server.ws_url}/ws?clientId=cache-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        runs = []
+        for _ in range(2):  # the second run finds the loaders, encodings and latent in the cache
+            prompt_id = server.http.post("/prompt", json={"prompt": example_prompt(), "client_id": "cache-client"}).json()["prompt_id"]
+            runs.append(messages_until_done(ws, prompt_id))
+    for messages in runs:
+        kinds = [m["type"] for m in messages]
+        assert kinds.count("execution_cached") == 1
+        assert kinds.index("execution_cached") == kinds.index("execution_start") + 1
+    cached = next(m["data"]["nodes"] for m in runs[1] if m["type"] == "execution_cached")
+    assert {"4", "16", "40", "53"} <= set(cached) and "3" not in cached  # a new seed: the sampler runs again
+    executing = {m["data"]["node"] for m in runs[1] if m["type"] == "executing"}
+    assert not executing & set(cached), "a node served from the cache is not announced as executing"
+
+
+def test_a_failed_prompt_reports_where_and_how_alike_on_the_socket_and_in_history(server):
+    (Path(server.services.settings.input_path) / "broken.png").write_bytes(b"this is no image")
+    prompt = example_prompt()
+    prompt["60"] = {"class_type": "LoadImage", "inputs": {"image": "broken.png"}}
+    prompt["61"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["60", 0], "vae": ["4", 2]}}
+    prompt["3"]["inputs"].update(latent_image=["61", 0], denoise=0.5)
+    with connect(f"{server.ws_url}/ws?clientId=error-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        answer = server.http.post("/prompt", json={"prompt": prompt, "client_id": "error-client"})
+        assert answer.status_code == 200, answer.text
+        prompt_id = answer.json()["prompt_id"]
+        messages = messages_until_done(ws, prompt_id)
+    error = next(m["data"] for m in messages if m["type"] == "execution_error")
+    assert error["node_id"] == "60" and error["node_type"] == "LoadImage"
+    assert error["exception_type"] == "PIL.UnidentifiedImageError"
+    assert error["current_inputs"] == {"image": ["broken.png"]}
+    assert {"executed", "current_outputs", "traceback", "exception_message"} <= set(error)
+    assert "4" in error["executed"] + error["current_outputs"]  # the loader ran (or was cached) before it
+
+    history = server.http.get(f"/history/{prompt_id}").json()[prompt_id]
+    kind, recorded = history["status"]["messages"][-1]
+    assert kind == "execution_error"
+    assert {k: v for k, v in recorded.items() if k != "timestamp"} == {k: v for k, v in error.items() if k != "timestamp"}

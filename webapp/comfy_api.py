@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from engine.batch import BatchEvent
-from engine.errors import AccessDenied, EngineError, WorkflowFormatError, WorkflowInvalid
+from engine.errors import (
+    AccessDenied,
+    DeadlineExceeded,
+    EngineError,
+    ExecutionError,
+    WorkflowFormatError,
+    WorkflowInvalid,
+)
+from engine.execute import full_type_name
 from engine.logs import log_context
 from engine.store import check_batch_id, row_key
 from webapp import handlers
@@ -50,6 +58,33 @@ def _now_ms() -> int:
 def _ledger_ms(stamp: str) -> int:
     """A ledger timestamp (ISO 8601, UTC) in ComfyUI's unit: milliseconds since the epoch."""
     return int(datetime.fromisoformat(stamp).timestamp() * 1000)
+
+
+# The exception type of a failed row recorded before rows kept how they failed.
+LEGACY_EXCEPTION_TYPES = {"timed_out": full_type_name(DeadlineExceeded), "failed": full_type_name(ExecutionError)}
+
+
+def failure_message(row: Any, timestamp: int) -> tuple[str, dict[str, Any]]:
+    """ComfyUI's execution_interrupted or execution_error for a row that ended without an image: the same
+    message on the socket and in /history, from what the ledger recorded of the failure."""
+    failure = (row.extra or {}).get("failure") or {}
+    data: dict[str, Any] = {
+        "prompt_id": row.batch_id,
+        "node_id": failure.get("node_id"),
+        "node_type": failure.get("node_type"),
+        "executed": list(failure.get("executed", [])),
+        "timestamp": timestamp,
+    }
+    if row.status == "cancelled":
+        return "execution_interrupted", data
+    data.update(
+        exception_message=row.error or row.status,
+        exception_type=failure.get("exception_type") or LEGACY_EXCEPTION_TYPES.get(row.status, row.status),
+        traceback=[],  # the engine reports errors by node and type, not by Python frames
+        current_inputs=dict(failure.get("current_inputs", {})),
+        current_outputs=list(failure.get("current_outputs", [])),
+    )
+    return "execution_error", data
 
 
 def comfy_error(exc: EngineError) -> dict[str, Any]:
@@ -158,8 +193,7 @@ class ComfyBridge:
         if row.status == "done":
             messages = [["execution_start", started], ["execution_success", ended]]
         else:
-            failure = {**ended, "exception_message": row.error or row.status, "exception_type": row.status}
-            kind = "execution_interrupted" if row.status == "cancelled" else "execution_error"
+            kind, failure = failure_message(row, ended["timestamp"])
             messages = [["execution_start", started], [kind, failure]]
         return {
             "prompt": [
@@ -269,8 +303,8 @@ class ComfyBridge:
             return [{"type": "execution_start", "data": {"prompt_id": pid, "timestamp": _now_ms()}}]
         if event.kind == "node":
             return [{"type": "executing", "data": {"node": event.node_id, "display_node": event.node_id, "prompt_id": pid}}]
-        if event.kind == "cached":
-            return [{"type": "execution_cached", "data": {"nodes": [event.node_id], "prompt_id": pid, "timestamp": _now_ms()}}]
+        if event.kind == "cached":  # once, before any node runs, as ComfyUI sends it
+            return [{"type": "execution_cached", "data": {"nodes": list(event.nodes), "prompt_id": pid, "timestamp": _now_ms()}}]
         if event.kind == "step":
             return [{"type": "progress", "data": {"value": event.step, "max": event.steps, "prompt_id": pid, "node": event.node_id}}]
         if event.kind == "row_done":
@@ -282,11 +316,10 @@ class ComfyBridge:
             return [*executed, {"type": "execution_success", "data": {"prompt_id": pid, "timestamp": _now_ms()}}]
         if event.kind == "row_failed":
             row = self.services.ledger.get_generation(row_key(pid, event.row_number or 1))
-            interrupted = row is not None and row.status == "cancelled"
-            data = {"prompt_id": pid, "timestamp": _now_ms()}
-            if not interrupted:
-                data.update(exception_message=event.error, exception_type="ExecutionError", traceback=[])
-            return [{"type": "execution_interrupted" if interrupted else "execution_error", "data": data}]
+            if row is None:
+                return []
+            kind, data = failure_message(row, _now_ms())
+            return [{"type": kind, "data": data}]
         if event.kind in {"batch_done", "batch_failed"}:
             # As ComfyUI's worker: the queue's status first, then the prompt's end, executing with node null.
             return [finished]
