@@ -431,3 +431,23 @@ def test_a_failed_prompt_reports_where_and_how_alike_on_the_socket_and_in_histor
     kind, recorded = history["status"]["messages"][-1]
     assert kind == "execution_error"
     assert {k: v for k, v in recorded.items() if k != "timestamp"} == {k: v for k, v in error.items() if k != "timestamp"}
+
+
+def test_preview_images_are_temp_images(server):
+    prompt = example_prompt()
+    prompt["10"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    with connect(f"{server.ws_url}/ws?clientId=preview-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        prompt_id = server.http.post("/prompt", json={"prompt": prompt, "client_id": "preview-client"}).json()["prompt_id"]
+        messages = messages_until_done(ws, prompt_id)
+    executed = {m["data"]["node"]: m["data"]["output"]["images"] for m in messages if m["type"] == "executed"}
+    preview, saved = executed["10"][0], executed["9"][0]
+    assert preview["type"] == "temp" and saved["type"] == "output"
+    assert preview["filename"].startswith("ComfyUI_temp_")
+    history = server.http.get(f"/history/{prompt_id}").json()[prompt_id]
+    assert history["outputs"]["10"]["images"] == [preview] and history["outputs"]["9"]["images"] == [saved]
+    view = server.http.get("/view", params=preview)
+    assert view.status_code == 200 and view.headers["content-type"] == "image/png"
+    assert server.http.get("/view", params={**preview, "type": "output"}).status_code == 404
+    outputs = Path(server.services.settings.outputs_path)
+    assert not list(outputs.rglob(preview["filename"])), "a preview is not stored among the outputs"

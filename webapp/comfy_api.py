@@ -87,6 +87,15 @@ def failure_message(row: Any, timestamp: int) -> tuple[str, dict[str, Any]]:
     return "execution_error", data
 
 
+def view_roots(settings: Any) -> dict[str, Path]:
+    """The folders ComfyUI's image types name: where /view reads and where each kind of image lives."""
+    return {
+        "output": Path(settings.outputs_path),
+        "temp": Path(settings.data_path) / "temp",  # previews; BatchRunner.temp_dir puts them here
+        "input": Path(settings.input_path),
+    }
+
+
 def comfy_error(exc: EngineError) -> dict[str, Any]:
     """ComfyUI's 400 body for a refused prompt: ``{"error": {...}, "node_errors": {...}}``."""
     if isinstance(exc, WorkflowInvalid):
@@ -213,16 +222,16 @@ class ComfyBridge:
         }
 
     def images_of(self, row: Any) -> list[dict[str, Any]]:
-        """A row's images as ComfyUI addresses them: filename, subfolder (under the outputs), type."""
-        outputs = Path(self.services.settings.outputs_path).resolve()
+        """A row's images as ComfyUI addresses them: filename, subfolder (under the type's folder) and type,
+        "output" (SaveImage) or "temp" (PreviewImage), the folders /view serves."""
+        roots = {kind: root.resolve() for kind, root in view_roots(self.services.settings).items()}
         images = row.images or ([{"path": row.image_path, "node_id": None}] if row.image_path else [])
         found = []
         for image in images:
-            path = Path(image["path"]).resolve()
-            subfolder = path.parent.relative_to(outputs).as_posix() if outputs in path.parents else ""
-            found.append(
-                {"filename": path.name, "subfolder": subfolder, "type": "output", "node_id": image.get("node_id")}
-            )
+            kind = image.get("type", "output")
+            path, root = Path(image["path"]).resolve(), roots[kind]
+            subfolder = path.parent.relative_to(root).as_posix() if root in path.parents else ""
+            found.append({"filename": path.name, "subfolder": subfolder, "type": kind, "node_id": image.get("node_id")})
         return found
 
     def history(self, max_items: int | None = None) -> dict[str, Any]:
@@ -503,12 +512,7 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
 
     @router.get("/view")
     def get_view(filename: str, subfolder: str = "", type: str = "output", caller: Any = user) -> Any:
-        settings = services.settings
-        roots = {
-            "output": Path(settings.outputs_path),
-            "temp": Path(settings.data_path) / "temp",
-            "input": Path(settings.input_path),
-        }
+        roots = view_roots(services.settings)
         if type not in roots:
             raise AccessDenied(f"type must be one of {', '.join(VIEW_TYPES)}", status=400, reason="bad_type")
         return file_response(resolve_inside(roots[type], subfolder, filename))
