@@ -409,7 +409,9 @@ def test_execution_cached_is_one_message_right_after_execution_start(server):
 
 
 def test_a_failed_prompt_reports_where_and_how_alike_on_the_socket_and_in_history(server):
-    (Path(server.services.settings.input_path) / "broken.png").write_bytes(b"this is no image")
+    inputs = Path(server.services.settings.input_path)
+    inputs.mkdir(parents=True, exist_ok=True)
+    (inputs / "broken.png").write_bytes(b"this is no image")
     prompt = example_prompt()
     prompt["60"] = {"class_type": "LoadImage", "inputs": {"image": "broken.png"}}
     prompt["61"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["60", 0], "vae": ["4", 2]}}
@@ -451,3 +453,38 @@ def test_preview_images_are_temp_images(server):
     assert server.http.get("/view", params={**preview, "type": "output"}).status_code == 404
     outputs = Path(server.services.settings.outputs_path)
     assert not list(outputs.rglob(preview["filename"])), "a preview is not stored among the outputs"
+
+
+def run_prompt(http: httpx.Client, prompt: dict | None = None) -> str:
+    prompt_id = http.post("/prompt", json={"prompt": prompt or example_prompt()}).json()["prompt_id"]
+    deadline = time.monotonic() + 60
+    while not http.get(f"/history/{prompt_id}").json() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return prompt_id
+
+
+def test_history_limits_count_prompts_not_other_batches(server):
+    first, second = run_prompt(server.http), run_prompt(server.http)
+    runner = server.services.runner
+    for n in range(3):  # newer batches that are not ComfyUI prompts (a CLI run's, waiting)
+        runner.start(runner.prepare_workflow(example_prompt(), kind="workflow"))
+    assert list(server.http.get("/history", params={"max_items": 2}).json()) == [first, second]
+    assert list(server.http.get("/history", params={"max_items": 1}).json()) == [second]
+    everything = server.http.get("/history").json()
+    assert list(everything)[-2:] == [first, second]
+
+
+def test_deleting_history_hides_prompts_but_the_ledger_keeps_them(server):
+    other = TokenIssuer.from_settings(server.services.settings).create("history-neighbour", "user")
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {other}"}, timeout=60) as them:
+        theirs = run_prompt(them)
+    kept, deleted = run_prompt(server.http), run_prompt(server.http)
+    assert server.http.post("/history", json={"delete": [deleted, theirs]}).status_code == 200
+    history = server.http.get("/history").json()
+    assert kept in history and deleted not in history and theirs in history  # only one's own prompts
+    assert server.http.get(f"/history/{deleted}").json() == {}
+    assert server.services.ledger.rows(deleted)[0].status == "done", "the audit log keeps the row"
+
+    assert server.http.post("/history", json={"clear": True}).status_code == 200
+    assert list(server.http.get("/history").json()) == [theirs]
+    assert server.services.ledger.rows(kept)[0].status == "done"

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 COMFY_KIND = "comfy"
 COMFY_TEMPLATE_NAME = f"({COMFY_KIND})"  # how prepare_workflow records the batch's template
 FINISHED = {"done", "failed", "timed_out", "cancelled"}
+MAXIMUM_HISTORY_SIZE = 10000  # ComfyUI's: /history lists at most the last this many prompts
 MAX_REMEMBERED_PROMPTS = 1000  # prompt bodies kept for /queue and /history; older ones are read from the ledger
 VIEW_TYPES = ("output", "temp", "input")
 # Queue events after which every socket is told the queue's new length (ComfyUI's queue_updated).
@@ -184,6 +185,8 @@ class ComfyBridge:
         batch = self.services.ledger.get_batch(prompt_id)
         if batch is None or batch.get("template_name") != COMFY_TEMPLATE_NAME:
             return None
+        if self.services.ledger.hidden_from_history(prompt_id):
+            return None  # deleted from history by a client (the ledger keeps it)
         rows = self.services.ledger.rows(prompt_id)
         if not rows or rows[0].status not in FINISHED:
             return None
@@ -235,14 +238,28 @@ class ComfyBridge:
         return found
 
     def history(self, max_items: int | None = None) -> dict[str, Any]:
-        """Finished prompts, oldest first (the most recent ``max_items`` when given)."""
-        batches = self.services.ledger.list_batches(limit=max(1, min(max_items or 200, 1000)))
+        """Finished prompts in the order they ended, oldest first: the most recent ``max_items`` when given,
+        else all of the last MAXIMUM_HISTORY_SIZE, as ComfyUI keeps them. The ledger picks ComfyUI's prompts
+        that have ended, so other batches and unfinished prompts never take a place of the limit."""
+        limit = MAXIMUM_HISTORY_SIZE if max_items is None else max(0, min(max_items, MAXIMUM_HISTORY_SIZE))
+        batches = self.services.ledger.ended_batches(COMFY_TEMPLATE_NAME, limit=limit) if limit else []
         result = {}
         for batch in reversed(batches):
-            entry = self.history_entry(batch["id"]) if batch.get("template_name") == COMFY_TEMPLATE_NAME else None
+            entry = self.history_entry(batch["id"])
             if entry is not None:
                 result[batch["id"]] = entry
         return result
+
+    def hide_history(self, prompt_ids: list[str] | None, caller: Any) -> int:
+        """ComfyUI's POST /history: ``prompt_ids`` (None: every finished prompt) leave /history. The ledger
+        is an audit log, so nothing is deleted: they are only hidden from history, and only those the
+        caller may control (their own, or any for an admin)."""
+        ledger = self.services.ledger
+        if prompt_ids is None:
+            prompt_ids = [b["id"] for b in ledger.ended_batches(COMFY_TEMPLATE_NAME)]
+        mine = [p for p in prompt_ids if self.history_entry(p) is not None
+                and handlers.may_control(self.services, caller, p)]
+        return ledger.hide_from_history(mine, hidden_by=caller.name)
 
     def queue_state(self) -> dict[str, Any]:
         """ComfyUI's ``/queue``: everything on the shared GPU queue, running and waiting, in queue order.
@@ -458,6 +475,20 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
     @router.get("/history")
     def get_history(max_items: int | None = Query(None), caller: Any = user) -> Any:
         return bridge.history(max_items)
+
+    @router.post("/history")
+    async def post_history(request: Request, caller: Any = user) -> Any:
+        """ComfyUI's history clear and delete: hides prompts from /history; the ledger keeps them."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        if body.get("clear"):
+            await asyncio.to_thread(bridge.hide_history, None, caller)
+        if isinstance(body.get("delete"), list):
+            await asyncio.to_thread(bridge.hide_history, [str(p) for p in body["delete"]], caller)
+        return {}
 
     @router.get("/history/{prompt_id}")
     def get_history_one(prompt_id: str, caller: Any = user) -> Any:
