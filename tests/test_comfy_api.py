@@ -108,6 +108,7 @@ def test_client_flow_prompt_ws_history_view(server):
     assert [m[0] for m in history["status"]["messages"]] == ["execution_start", "execution_success"]
     assert history["outputs"]["9"]["images"] == [image]
     assert history["prompt"][1] == prompt_id and history["prompt"][4] == ["9"]
+    assert history["prompt"][3]["client_id"] == "flow-client"  # as ComfyUI, extra_data names the client
     assert prompt_id in server.http.get("/history").json()
 
     view = server.http.get("/view", params=image)
@@ -488,3 +489,73 @@ def test_deleting_history_hides_prompts_but_the_ledger_keeps_them(server):
     assert server.http.post("/history", json={"clear": True}).status_code == 200
     assert list(server.http.get("/history").json()) == [theirs]
     assert server.services.ledger.rows(kept)[0].status == "done"
+
+
+def test_an_unknown_node_type_is_refused_as_comfyui_does(server):
+    prompt = example_prompt()
+    prompt["3"]["class_type"] = "NoSuchNode"
+    answer = server.http.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 400
+    assert answer.json() == {"error": {"type": "invalid_prompt", "message": "Cannot execute because node NoSuchNode does not exist.",
+                                       "details": "Node ID '#3'", "extra_info": {}}, "node_errors": {}}
+    dangling = example_prompt()
+    dangling["500"] = {"class_type": "SomeCustomNode", "inputs": {}}  # unconnected: still refused, as ComfyUI
+    assert server.http.post("/prompt", json={"prompt": dangling}).json()["error"]["details"] == "Node ID '#500'"
+
+
+def test_the_outputs_that_validate_run_and_the_others_come_back_as_node_errors(server):
+    prompt = example_prompt()
+    prompt["100"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 1]}}  # a CLIP as VAE
+    prompt["101"] = {"class_type": "SaveImage", "inputs": {"images": ["100", 0], "filename_prefix": "broken"}}
+    answer = server.http.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["node_errors"]["100"]["errors"][0]["type"] == "return_type_mismatch"
+    assert body["node_errors"]["100"]["dependent_outputs"] == ["101"] and "9" not in body["node_errors"]
+    prompt_id = body["prompt_id"]
+    server.services.queue.wait(prompt_id, timeout=60)
+    history = server.http.get(f"/history/{prompt_id}").json()[prompt_id]
+    assert history["status"]["status_str"] == "success"
+    assert list(history["outputs"]) == ["9"] and history["prompt"][4] == ["9"]
+    assert history["prompt"][2] == prompt  # the prompt as sent, as ComfyUI keeps it
+
+    prompt["9"]["inputs"]["images"] = ["100", 0]  # now no output validates: refused
+    refused = server.http.post("/prompt", json={"prompt": prompt})
+    assert refused.status_code == 400 and refused.json()["error"]["type"] == "prompt_outputs_failed_validation"
+
+
+def test_partial_execution_targets_run_only_those_outputs(server):
+    prompt = example_prompt()
+    prompt["10"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "partial"}}
+    answer = server.http.post("/prompt", json={"prompt": prompt, "partial_execution_targets": ["10"]})
+    assert answer.status_code == 200, answer.text
+    prompt_id = answer.json()["prompt_id"]
+    server.services.queue.wait(prompt_id, timeout=60)
+    history = server.http.get(f"/history/{prompt_id}").json()[prompt_id]
+    assert list(history["outputs"]) == ["10"] and history["prompt"][4] == ["10"]
+    assert history["outputs"]["10"]["images"][0]["filename"].startswith("partial_")
+    refused = server.http.post("/prompt", json={"prompt": prompt, "partial_execution_targets": ["3"]})  # not an output
+    assert refused.status_code == 400 and refused.json()["error"]["type"] == "prompt_no_outputs"
+    wrong = server.http.post("/prompt", json={"prompt": prompt, "partial_execution_targets": "10"})
+    assert wrong.status_code == 400
+
+
+def test_front_puts_a_prompt_ahead_of_the_waiting_ones(server):
+    with connect(f"{server.ws_url}/ws?clientId=front-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        long_id = server.http.post("/prompt", json={"prompt": example_prompt(steps=5000), "client_id": "front-client"}).json()["prompt_id"]
+        while json.loads(ws.recv(timeout=60))["type"] != "progress":  # sampling has begun
+            pass
+        waiting = [server.http.post("/prompt", json={"prompt": example_prompt()}).json() for _ in range(2)]
+        front = server.http.post("/prompt", json={"prompt": example_prompt(), "front": True}).json()
+        assert front["number"] < 0 < waiting[0]["number"] < waiting[1]["number"]
+        queue = server.http.get("/queue").json()
+        assert [item[1] for item in queue["queue_pending"]] == [front["prompt_id"]] + [w["prompt_id"] for w in waiting]
+        server.http.post("/interrupt", json={"prompt_id": long_id})
+        messages_until_done(ws, long_id)
+        started = json.loads(ws.recv(timeout=60))
+        while started["type"] != "execution_start":  # the front prompt runs next (its messages go to everyone)
+            started = json.loads(ws.recv(timeout=60))
+    assert started["data"]["prompt_id"] == front["prompt_id"]
+    for item in [front, *waiting]:
+        server.services.queue.wait(item["prompt_id"], timeout=60)

@@ -126,37 +126,52 @@ class ComfyBridge:
     # ------------------------------------------------------------------ submission
 
     def submit(self, body: Any, user: str) -> dict[str, Any]:
-        """Validate and queue a prompt; WorkflowInvalid / WorkflowFormatError / BatchError when refused."""
+        """Validate and queue a prompt; WorkflowInvalid / WorkflowFormatError / BatchError when refused.
+
+        As ComfyUI: the output nodes that validate run and the others come back in ``node_errors`` (the
+        prompt is refused only when none validates); ``partial_execution_targets`` limits the run to those
+        output nodes; ``front`` queues the prompt ahead of every waiting batch (its number is negative).
+        """
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
             raise WorkflowFormatError("the request body needs a 'prompt' object in ComfyUI's API format")
         prompt = body["prompt"]
-        extra_data = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
+        extra_data = dict(body["extra_data"]) if isinstance(body.get("extra_data"), dict) else {}
+        if body.get("client_id") is not None:
+            extra_data["client_id"] = body["client_id"]  # as ComfyUI: the client travels in extra_data
+        targets = body.get("partial_execution_targets")
+        if targets is not None and not (isinstance(targets, list) and all(isinstance(t, (str, int)) for t in targets)):
+            raise WorkflowFormatError("partial_execution_targets must be a list of node ids")
         extra_pnginfo = extra_data.get("extra_pnginfo")
         # 'prompt' is always the API JSON the engine ran; a client cannot replace that chunk.
         png_extra = {str(k): v for k, v in extra_pnginfo.items() if k != "prompt"} if isinstance(extra_pnginfo, dict) else {}
         prompt_id = check_batch_id(str(body.get("prompt_id") or uuid.uuid4()))
         if self.services.ledger.get_batch(prompt_id) is not None:
             raise WorkflowFormatError(f"prompt_id {prompt_id} was already used")
-        client_id = body.get("client_id") or extra_data.get("client_id")
+        client_id = extra_data.get("client_id")
+        front = bool(body.get("front"))
         with log_context(prompt_id=prompt_id, user=user):
+            runnable, problems = self.services.engine.runnable_part(
+                prompt, [str(t) for t in targets] if targets is not None else None
+            )
             runner = self.services.runner
             prepared = runner.prepare_workflow(
-                prompt, user=user, batch_id=prompt_id, png_extra=png_extra or None, kind=COMFY_KIND
+                runnable, user=user, batch_id=prompt_id, png_extra=png_extra or None, kind=COMFY_KIND
             )
             runner.start(prepared)
             with self._lock:
-                number = next(self._numbers)
+                number = -next(self._numbers) if front else next(self._numbers)
                 self.prompts[prompt_id] = {
                     "number": number,
                     "client_id": client_id,
                     "prompt": prompt,
                     "extra_data": extra_data,
-                    "outputs": self._output_nodes(prompt),
+                    "outputs": self._output_nodes(runnable.to_api()),
                 }
                 self._forget_old()
-            self.services.queue.submit(prompt_id)
+            self.services.queue.submit(prompt_id, front=front)
             log.info("prompt queued (number %d)", number)
-        return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+        node_errors = WorkflowInvalid(problems).node_errors() if problems else {}
+        return {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
 
     def _forget_old(self) -> None:
         """Keep at most MAX_REMEMBERED_PROMPTS, dropping the oldest finished ones (caller holds the lock)."""
