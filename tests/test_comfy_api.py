@@ -559,3 +559,27 @@ def test_front_puts_a_prompt_ahead_of_the_waiting_ones(server):
     assert started["data"]["prompt_id"] == front["prompt_id"]
     for item in [front, *waiting]:
         server.services.queue.wait(item["prompt_id"], timeout=60)
+
+
+def test_embeddings_extensions_and_features_answer_as_comfyui_routes(server):
+    for path in ("/embeddings", "/api/embeddings", "/extensions", "/api/extensions"):
+        answer = server.http.get(path)
+        assert answer.status_code == 200 and answer.json() == [], path
+    features = server.http.get("/features").json()
+    assert features == server.http.get("/api/features").json()
+    assert features["max_upload_size"] == server.services.settings.max_upload_mb * 1024 * 1024
+    assert features["supports_preview_metadata"] is False  # no previews are sent over the socket
+
+
+def test_the_socket_ignores_binary_frames_and_answers_feature_flags(server):
+    with connect(f"{server.ws_url}/ws?clientId=flags-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+        answer = json.loads(ws.recv(timeout=10))
+        assert answer == {"type": "feature_flags", "data": server.http.get("/features").json()}
+        ws.send(b"\x00\x01binary")
+        ws.send(json.dumps({"type": "feature_flags", "data": {}}))  # only a first message is answered
+        prompt_id = server.http.post("/prompt", json={"prompt": example_prompt(), "client_id": "flags-client"}).json()["prompt_id"]
+        messages = messages_until_done(ws, prompt_id)  # the socket is still alive and served
+    assert "execution_success" in [m["type"] for m in messages]
+    assert "feature_flags" not in [m["type"] for m in messages]

@@ -11,6 +11,7 @@ prompt id; it runs on the same GPU queue as spreadsheet batches, and its images 
 # No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
 import asyncio
 import itertools
+import json
 import logging
 import platform
 import threading
@@ -86,6 +87,13 @@ def failure_message(row: Any, timestamp: int) -> tuple[str, dict[str, Any]]:
         current_outputs=list(failure.get("current_outputs", [])),
     )
     return "execution_error", data
+
+
+def server_features(upload_limit: "UploadLimit") -> dict[str, Any]:
+    """ComfyUI's server feature flags (GET /features, and the answer to a socket's feature_flags), saying
+    only what this server does: it sends no preview images, so no preview metadata either, and it has no
+    ComfyUI-Manager extension."""
+    return {"supports_preview_metadata": False, "max_upload_size": upload_limit.max_bytes}
 
 
 def view_roots(settings: Any) -> dict[str, Path]:
@@ -458,6 +466,17 @@ def image_suffix(suffix: str, image_format: str | None) -> str:
     return FORMAT_SUFFIXES.get(image_format, f".{image_format.lower() or 'png'}")
 
 
+def client_feature_flags(text: str) -> dict[str, Any] | None:
+    """The flags in a client's ``{"type": "feature_flags", "data": {...}}`` message; None for any other."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("type") != "feature_flags":
+        return None
+    return message.get("data") if isinstance(message.get("data"), dict) else {}
+
+
 def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") -> Any:
     """The ComfyUI-compatible routes as a FastAPI router (mounted at the server's root); ``.bridge`` is its
     :class:`ComfyBridge`."""
@@ -556,6 +575,20 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
     def get_system_stats(caller: Any = user) -> Any:
         return system_stats(services)
 
+    @router.get("/embeddings")
+    def get_embeddings(caller: Any = user) -> Any:
+        """ComfyUI's textual-inversion embeddings: the engine loads none, so there are none to name."""
+        return []
+
+    @router.get("/extensions")
+    def get_extensions(caller: Any = user) -> Any:
+        """ComfyUI's front-end extension scripts: this server serves none (its pages are its own)."""
+        return []
+
+    @router.get("/features")
+    def get_features(caller: Any = user) -> Any:
+        return server_features(upload_limit)
+
     @router.get("/view")
     def get_view(filename: str, subfolder: str = "", type: str = "output", caller: Any = user) -> Any:
         roots = view_roots(services.settings)
@@ -604,9 +637,18 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
                 await socket.send_json(await outbox.get())
 
         sender = asyncio.create_task(forward())
+        first = True
         try:
             while True:  # clients may send nothing; reading notices the disconnect
-                await socket.receive_text()
+                received = await socket.receive()
+                if received["type"] == "websocket.disconnect":
+                    break
+                if received.get("text") is None:
+                    continue  # as ComfyUI: a binary frame is ignored
+                if first and client_feature_flags(received["text"]) is not None:
+                    # ComfyUI answers a client's first message, its feature flags, with the server's own
+                    outbox.put_nowait({"type": "feature_flags", "data": server_features(upload_limit)})
+                first = False
         except WebSocketDisconnect:
             pass
         finally:
