@@ -285,7 +285,8 @@ def types_compatible(output_type: str, input_type: str) -> bool:
 def coerce_literal(spec: "Input", value: Any, ctx: "NodeContext | None" = None, check_choices: bool = True) -> Any:
     """The value ``spec`` accepts for literal ``value``, converted exactly; raises :class:`LiteralProblem`.
 
-    INT takes ints, integral floats and integer strings (never through float, so 64-bit seeds stay exact);
+    INT takes ints, floats (truncated toward zero, as ComfyUI's int()) and integer strings (never through
+    float, so 64-bit seeds stay exact);
     bools are not numbers. FLOAT takes finite numbers and numeric strings. STRING takes text and numbers
     (as ComfyUI does). BOOLEAN takes bools, 0/1 and "true"/"false". COMBO takes one of its choices.
     Ranges (min/max) are checked after conversion.
@@ -349,8 +350,8 @@ def _to_int(value: Any) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
-            return int(value)
+        if math.isfinite(value):
+            return int(value)  # truncated toward zero, as ComfyUI's int() does: 2.5 -> 2
         raise _wrong_type_named("INT", value)
     if isinstance(value, str):
         try:

@@ -583,3 +583,63 @@ def test_the_socket_ignores_binary_frames_and_answers_feature_flags(server):
         messages = messages_until_done(ws, prompt_id)  # the socket is still alive and served
     assert "execution_success" in [m["type"] for m in messages]
     assert "feature_flags" not in [m["type"] for m in messages]
+
+
+def test_upload_to_temp_and_output_keeps_the_name_of_identical_bytes_and_its_case(server):
+    picture = png_bytes((10, 200, 10))
+    first = server.http.post("/upload/image", files={"image": ("Mask.PNG", picture, "image/png")},
+                             data={"subfolder": "dupes"})
+    assert first.json() == {"name": "Mask.PNG", "subfolder": "dupes", "type": "input"}
+    again = server.http.post("/upload/image", files={"image": ("Mask.PNG", picture, "image/png")},
+                             data={"subfolder": "dupes"})
+    assert again.json()["name"] == "Mask.PNG", "the same bytes again: ComfyUI answers with the stored file"
+    other = server.http.post("/upload/image", files={"image": ("Mask.PNG", png_bytes((1, 1, 1)), "image/png")},
+                             data={"subfolder": "dupes"})
+    assert other.json()["name"] == "Mask (1).PNG"
+
+    for kind in ("temp", "output"):
+        answer = server.http.post("/upload/image", files={"image": ("edit.png", picture, "image/png")},
+                                  data={"type": kind, "subfolder": "uploads"})
+        assert answer.json() == {"name": "edit.png", "subfolder": "uploads", "type": kind}
+        view = server.http.get("/view", params={**answer.json(), "filename": "edit.png"})
+        assert view.status_code == 200 and view.content == picture
+    refused = server.http.post("/upload/image", files={"image": ("edit.png", png_bytes((9, 9, 9)), "image/png")},
+                               data={"type": "output", "subfolder": "uploads", "overwrite": "true"})
+    assert refused.status_code == 403 and "never overwritten" in refused.json()["error"]["message"]
+    assert server.http.post("/upload/image", files={"image": ("x.png", picture, "image/png")},
+                            data={"type": "elsewhere"}).status_code == 400
+
+
+def test_view_answers_head_previews_and_channels(server):
+    buffer = io.BytesIO()
+    Image.new("RGBA", (16, 8), (200, 100, 50, 128)).save(buffer, format="PNG")
+    server.http.post("/upload/image", files={"image": ("alpha.png", buffer.getvalue(), "image/png")},
+                     data={"overwrite": "true"})
+    where = {"filename": "alpha.png", "type": "input"}
+    full = server.http.get("/view", params=where)
+    head = server.http.head("/view", params=where)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == "image/png" and head.headers["content-length"] == str(len(full.content))
+    assert server.http.head("/view", params={**where, "filename": "missing.png"}).status_code == 404
+
+    webp = server.http.get("/view", params={**where, "preview": "webp;50"})
+    assert webp.headers["content-type"] == "image/webp" and Image.open(io.BytesIO(webp.content)).format == "WEBP"
+    jpeg = server.http.get("/view", params={**where, "preview": "jpeg;80"})
+    assert Image.open(io.BytesIO(jpeg.content)).format == "JPEG"
+    with_alpha = server.http.get("/view", params={**where, "preview": "jpeg", "channel": "a"})
+    assert with_alpha.headers["content-type"] == "image/webp"  # as ComfyUI: alpha needs webp
+    rgb = Image.open(io.BytesIO(server.http.get("/view", params={**where, "channel": "rgb"}).content))
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (200, 100, 50)
+    alpha = Image.open(io.BytesIO(server.http.get("/view", params={**where, "channel": "a"}).content))
+    assert alpha.mode == "RGBA" and alpha.getpixel((0, 0)) == (0, 0, 0, 128)
+    assert server.http.get("/view", params={**where, "channel": "rgba"}).content == full.content
+
+
+def test_an_int_input_given_a_fraction_is_truncated_as_comfyui_does(server):
+    prompt = example_prompt()
+    prompt["3"]["inputs"]["steps"] = 2.5
+    answer = server.http.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 200, answer.text
+    prompt_id = answer.json()["prompt_id"]
+    server.services.queue.wait(prompt_id, timeout=60)
+    assert server.services.ledger.rows(prompt_id)[0].steps == 2

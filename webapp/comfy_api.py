@@ -411,9 +411,46 @@ class ComfyBridge:
                     del self.sockets[client_id]
 
 
-def save_input_image(root: Path, filename: str, subfolder: str, data: bytes, overwrite: bool) -> Path:
-    """Store an uploaded image in the input folder under a safe name; a clash gets ``name (1).png``
-    unless ``overwrite``, as ComfyUI does. Only files that really are images are kept."""
+def image_variant(path: Path, preview: str | None, channel: str) -> tuple[bytes, str]:
+    """(bytes, format) of ComfyUI's /view variants of an image: ``preview`` "webp;90" / "jpeg;80" re-encodes
+    (webp whenever alpha is asked for, quality 90 unless given), else ``channel`` "rgb" (no alpha) or "a"
+    (the alpha alone, on transparent black) as PNG."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise AccessDenied(f"'{path.name}' is not an image: it has no preview or channels", status=400,
+                           reason="not_an_image") from exc
+    buffer = io.BytesIO()
+    if preview is not None:
+        parts = preview.split(";")
+        image_format = parts[0] if parts[0] in ("webp", "jpeg") and "a" not in channel else "webp"
+        quality = int(parts[-1]) if parts[-1].isdigit() else 90
+        if image_format == "jpeg" or channel == "rgb":
+            image = image.convert("RGB")
+        image.save(buffer, format=image_format, quality=min(quality, 100))
+        return buffer.getvalue(), image_format
+    if channel == "rgb":
+        image.convert("RGB").save(buffer, format="PNG")
+    else:
+        alpha = image.getchannel("A") if image.mode == "RGBA" else Image.new("L", image.size, 255)
+        only_alpha = Image.new("RGBA", image.size)
+        only_alpha.putalpha(alpha)
+        only_alpha.save(buffer, format="PNG")
+    return buffer.getvalue(), "png"
+
+
+def save_uploaded_image(
+    root: Path, filename: str, subfolder: str, data: bytes, overwrite: bool, may_overwrite: bool = True
+) -> Path:
+    """Store an uploaded image under ``root`` (the input, temp or output folder) under a safe name, as
+    ComfyUI does: a clash gets ``name (1).png`` unless ``overwrite``, and a file with the same bytes already
+    under the name is the answer itself (nothing is written twice). Only files that really are images are
+    kept; where ``may_overwrite`` is False (the outputs, which the ledger vouches for) overwrite is refused."""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -427,20 +464,25 @@ def save_input_image(root: Path, filename: str, subfolder: str, data: bytes, ove
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise AccessDenied(f"'{filename[:80]}' is not an image file", status=400, reason="not_an_image") from exc
     if subfolder.startswith(("/", "\\")):
-        raise AccessDenied("subfolder must stay inside the input folder", status=403, reason="bad_path")
+        raise AccessDenied("subfolder must stay inside its folder", status=403, reason="bad_path")
     folder = root.resolve()
     for part in Path(subfolder.rstrip("/")).parts:
         if part in {"..", ""} or ":" in part or "\\" in part:
-            raise AccessDenied("subfolder must stay inside the input folder", status=403, reason="bad_path")
+            raise AccessDenied("subfolder must stay inside its folder", status=403, reason="bad_path")
         folder = folder / part
     if folder != root.resolve() and root.resolve() not in folder.parents:
-        raise AccessDenied("subfolder must stay inside the input folder", status=403, reason="bad_path")
+        raise AccessDenied("subfolder must stay inside its folder", status=403, reason="bad_path")
+    if overwrite and not may_overwrite:
+        raise AccessDenied("images in the output folder are never overwritten; upload without overwrite",
+                           status=403, reason="no_overwrite")
     folder.mkdir(parents=True, exist_ok=True)
-    suffix = image_suffix(Path(filename).suffix.lower(), image_format)
+    suffix = image_suffix(Path(filename).suffix, image_format)
     name = safe_filename(Path(Path(filename).name).stem or "image", set(), suffix=suffix)
     target = folder / name
     counter = 1
     while target.exists() and not overwrite:
+        if target.is_file() and target.read_bytes() == data:
+            return target  # ComfyUI's duplicate check: the same image is not stored again
         target = folder / f"{Path(name).stem} ({counter}){suffix}"
         counter += 1
     temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
@@ -461,8 +503,8 @@ def image_suffix(suffix: str, image_format: str | None) -> str:
     from PIL import Image
 
     image_format = SAME_FORMAT.get(image_format or "", image_format or "")
-    if suffix and Image.registered_extensions().get(suffix) == image_format:
-        return suffix
+    if suffix and Image.registered_extensions().get(suffix.lower()) == image_format:
+        return suffix  # as the client named it, case and all
     return FORMAT_SUFFIXES.get(image_format, f".{image_format.lower() or 'png'}")
 
 
@@ -589,12 +631,25 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
     def get_features(caller: Any = user) -> Any:
         return server_features(upload_limit)
 
-    @router.get("/view")
-    def get_view(filename: str, subfolder: str = "", type: str = "output", caller: Any = user) -> Any:
+    @router.api_route("/view", methods=["GET", "HEAD"])
+    def get_view(
+        filename: str, subfolder: str = "", type: str = "output",  # noqa: A002 - ComfyUI's parameter names
+        preview: str | None = None, channel: str | None = None, caller: Any = user,
+    ) -> Any:
+        """The file, or as ComfyUI: ``preview=webp;90`` (or ``jpeg;Q``) a re-encoded copy, ``channel=rgb``
+        the image without alpha, ``channel=a`` its alpha alone (``rgba``, the default: the file itself)."""
+        from fastapi.responses import Response
+
         roots = view_roots(services.settings)
         if type not in roots:
             raise AccessDenied(f"type must be one of {', '.join(VIEW_TYPES)}", status=400, reason="bad_type")
-        return file_response(resolve_inside(roots[type], subfolder, filename))
+        path = resolve_inside(roots[type], subfolder, filename)
+        if preview is None and channel not in ("rgb", "a"):
+            return file_response(path)  # ComfyUI serves the file itself for rgba and any unknown channel too
+        data, image_format = image_variant(path, preview, channel or "")
+        name = Path(path.name).with_suffix(f".{image_format}").name
+        return Response(data, media_type=f"image/{image_format}",
+                        headers={"Content-Disposition": f'inline; filename="{name}"', "X-Content-Type-Options": "nosniff"})
 
     @router.post("/upload/image")
     async def upload_image(
@@ -605,17 +660,19 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
         overwrite: str = Form("false"),
         caller: Any = user,
     ) -> Any:
-        """ComfyUI's image upload, for LoadImage: the file lands in the input folder (never elsewhere)."""
-        if type != "input":
-            raise AccessDenied("only type=input uploads are accepted", status=400, reason="bad_type")
+        """ComfyUI's image upload: into the input folder (for LoadImage), or with ``type`` temp or output
+        into those folders, never outside them. An output is never overwritten."""
+        roots = view_roots(services.settings)
+        if type not in roots:
+            raise AccessDenied(f"type must be one of {', '.join(VIEW_TYPES)}", status=400, reason="bad_type")
         data = await image.read(upload_limit.max_bytes + 1)
         if len(data) > upload_limit.max_bytes:
             raise upload_limit.too_large(len(data), declared=False)
         saved = await asyncio.to_thread(
-            save_input_image, Path(services.settings.input_path), image.filename or "image.png", subfolder, data,
-            overwrite.strip().lower() in {"1", "true", "yes"},
+            save_uploaded_image, roots[type], image.filename or "image.png", subfolder, data,
+            overwrite.strip().lower() in {"1", "true", "yes"}, type != "output",
         )
-        return {"name": saved.name, "subfolder": subfolder.rstrip("/"), "type": "input"}
+        return {"name": saved.name, "subfolder": subfolder.rstrip("/"), "type": type}
 
     @router.websocket("/ws")
     async def websocket(socket: WebSocket, clientId: str | None = None, token: str | None = None) -> None:  # noqa: N803
