@@ -1,11 +1,16 @@
 """ComfyUI's HTTP and WebSocket API, served from the same engine and recorded in the same ledger.
 
 Existing ComfyUI clients (scripts, plugins, other apps) talk to this server unchanged: ``POST /prompt``,
-``GET /prompt``, ``GET /history[/{id}]``, ``GET /view``, ``GET /queue``, ``POST /queue``, ``POST /interrupt``,
-``GET /object_info[/{class}]``, ``GET /system_stats`` and ``/ws`` progress events (request and response
-shapes). Each prompt is a one-row batch in the ledger whose batch id is the
-prompt id; it runs on the same GPU queue as spreadsheet batches, and its images land in
-``<outputs>/<prompt_id>/`` (so ``/view`` gets ``subfolder=<prompt_id>``).
+``GET /prompt``, ``GET|POST /history[/{id}]``, ``GET|HEAD /view``, ``POST /upload/image``, ``GET /queue``,
+``POST /queue``, ``POST /interrupt``, ``GET /object_info[/{class}]``, ``GET /system_stats``, ``GET /embeddings``,
+``GET /extensions``, ``GET /features`` and ``/ws`` progress events (request and response shapes). Each prompt
+is a one-row batch in the ledger whose batch id is the prompt id; it runs on the same GPU queue as
+spreadsheet batches, and its images land in ``<outputs>/<prompt_id>/`` (previews in
+``<data>/temp/<prompt_id>/``), so ``/view`` gets ``subfolder=<prompt_id>``.
+
+Where this server cannot do what ComfyUI does it says so rather than pretend: ``executed`` messages are sent
+when the prompt's images are on disk (the end of its row), not as each output node finishes, because the
+PNGs are encoded off the GPU thread and stored with the ledger row; a /view URL sent earlier could 404.
 """
 
 # No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
