@@ -636,7 +636,8 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
     def get_features(caller: Any = user) -> Any:
         return server_features(upload_limit)
 
-    @router.api_route("/view", methods=["GET", "HEAD"])
+    @router.get("/view")
+    @router.head("/view", include_in_schema=False)  # ComfyUI's routes answer HEAD as GET without the body
     def get_view(
         filename: str, subfolder: str = "", type: str = "output",  # noqa: A002 - ComfyUI's parameter names
         preview: str | None = None, channel: str | None = None, caller: Any = user,
