@@ -5,7 +5,8 @@ Closing a browser tab does not stop a batch: the queue owns it.
 Listeners get every :class:`BatchEvent` of the batches it runs, plus the queue's own: ``batch_queued``
 (submitted), ``batch_cancelled`` (taken off the queue before it ran) and ``batch_failed`` (the run itself
 raised). A batch's progress already shows its final state when its ``batch_done`` reaches listeners, so
-anyone counting the queue from a listener never counts a finished batch as waiting.
+anyone counting the queue from a listener never counts a finished batch as waiting. ``batch_queued`` and
+``batch_cancelled`` are published on the caller's thread (a web request): listeners must not block on them.
 """
 
 from __future__ import annotations
