@@ -87,7 +87,9 @@ def _csv_bytes(header: list[str], lines: list[list[Any]]) -> bytes:
 
 
 def _row_images(row: Generation, image_root: Path | None) -> list[Path]:
-    listed = [img.get("path") for img in (row.images or []) if isinstance(img, Mapping) and img.get("path")]
+    # Previews (type "temp") are not deliverables: ComfyUI does not keep them either.
+    listed = [img.get("path") for img in (row.images or [])
+              if isinstance(img, Mapping) and img.get("path") and img.get("type", "output") != "temp"]
     paths = [Path(p) for p in (listed or ([row.image_path] if row.image_path else []))]
     return [p if p.is_absolute() or image_root is None else image_root / p for p in paths]
 

@@ -72,6 +72,7 @@ class BatchEvent:
     skipped: int = 0  # on the batch's first "batch_started": rows refused at validation
     cancelled: int = 0  # on "batch_cancelled" (taken off the queue before it ran): rows marked cancelled
     status: str | None = None  # on "row_failed": failed, timed_out or cancelled
+    nodes: tuple[str, ...] = ()  # on "cached" (once per row, before its nodes run): the nodes the cache serves
 
 
 @dataclass
@@ -508,6 +509,10 @@ class BatchRunner:
     def output_dir(self, batch_id: str) -> Path:
         return Path(self.settings.outputs_path) / batch_id
 
+    def temp_dir(self, batch_id: str) -> Path:
+        """Where a batch's preview images (PreviewImage, ComfyUI's type "temp") go: apart from its outputs."""
+        return Path(self.settings.data_path) / "temp" / batch_id
+
     @property
     def worker_id(self) -> str:
         """Who claims rows in the ledger: this host and process (so a dead claimant can be told apart)."""
@@ -613,8 +618,10 @@ class BatchRunner:
                 return
             if event.kind == "step":
                 emit("step", row_number=job.row_number, node_id=event.node_id, step=event.value, steps=event.maximum)
-            elif event.kind in {"node", "cached"}:
-                emit("node" if event.kind == "node" else "cached", row_number=job.row_number, node_id=event.node_id)
+            elif event.kind == "node":
+                emit("node", row_number=job.row_number, node_id=event.node_id)
+            elif event.kind == "cached":
+                emit("cached", row_number=job.row_number, nodes=tuple(event.nodes))
 
         first_run = not batch.get("started_at")  # a resume must not report the skipped rows again
         self.ledger.set_batch_status(batch_id, "running")
@@ -763,29 +770,35 @@ class BatchRunner:
         worker = None if result.worker in ("local", "?", "") else result.worker
         if result.status != DONE:
             self.ledger.fail_row(job.row_key, result.status, result.error or result.status, duration_s=duration,
-                                 worker=worker)
+                                 worker=worker, failure=result.failure or None)
             return []
         paths: list[Path] = []
-        for index, image in enumerate(result.images):
-            if names is None:  # a ready workflow (ComfyUI /prompt): its filename_prefix folder and name
+        saved = 0  # output images so far: a row's file names are reserved per output
+        for image in result.images:
+            if image.type == "temp":  # a preview keeps its own name, in the batch's temp folder
+                final = self.temp_dir(job.batch_id) / image.subfolder / Path(image.filename).name
+            elif names is None:  # a ready workflow (ComfyUI /prompt): its filename_prefix folder and name
                 final = out_dir / image.subfolder / Path(image.filename).name
-                final.parent.mkdir(parents=True, exist_ok=True)
             else:
-                final = out_dir / names.for_image(job.row_number, index)
+                final = out_dir / names.for_image(job.row_number, saved)
+            saved += image.type != "temp"
+            final.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(final, image.data)
             paths.append(final)
-        first = result.images[0]
+        # The row's image is its first output; a row that only previews has its first preview.
+        primary = next((i for i, image in enumerate(result.images) if image.type != "temp"), 0)
         self.ledger.complete_row(
             job.row_key,
             record=result.record,
             worker=worker,
-            image_path=str(paths[0]),
-            image_sha256=first.sha256,
-            images=[{"path": str(p), "sha256": i.sha256, "node_id": i.node_id} for p, i in zip(paths, result.images)],
+            image_path=str(paths[primary]),
+            image_sha256=result.images[primary].sha256,
+            images=[{"path": str(p), "sha256": i.sha256, "node_id": i.node_id, "type": i.type}
+                    for p, i in zip(paths, result.images)],
             duration_s=duration,
             sampler_s=result.timings.get("sampler_s"),
         )
-        return paths
+        return [paths[primary], *(p for i, p in enumerate(paths) if i != primary)]
 
 
 @dataclass

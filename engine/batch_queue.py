@@ -1,6 +1,12 @@
 """The background queue of batches the web app and the APIs submit to: one batch at a time on its own
 thread (GPU concurrency 1), with a live :class:`BatchProgress` snapshot per batch that anyone can read.
 Closing a browser tab does not stop a batch: the queue owns it.
+
+Listeners get every :class:`BatchEvent` of the batches it runs, plus the queue's own: ``batch_queued``
+(submitted), ``batch_cancelled`` (taken off the queue before it ran) and ``batch_failed`` (the run itself
+raised). A batch's progress already shows its final state when its ``batch_done`` reaches listeners, so
+anyone counting the queue from a listener never counts a finished batch as waiting. ``batch_queued`` and
+``batch_cancelled`` are published on the caller's thread (a web request): listeners must not block on them.
 """
 
 from __future__ import annotations
@@ -65,7 +71,9 @@ class BatchQueue:
             self._stopping = True
             self._wake.notify_all()
 
-    def submit(self, batch_id: str) -> BatchProgress:
+    def submit(self, batch_id: str, front: bool = False) -> BatchProgress:
+        """Queue ``batch_id`` behind the waiting batches, or with ``front`` ahead of them (it runs next,
+        once the running batch ends: ComfyUI's ``front``, where the latest front submission goes first)."""
         self.start()
         with self._wake:
             progress = self._progress.get(batch_id)
@@ -73,9 +81,18 @@ class BatchQueue:
                 return progress
             progress = BatchProgress(batch_id)
             self._progress[batch_id] = progress
-            self._order.append(batch_id)
+            if front:
+                self._order.appendleft(batch_id)
+            else:
+                self._order.append(batch_id)
             self._wake.notify_all()
-            return progress
+        self._publish(BatchEvent("batch_queued", batch_id))
+        return progress
+
+    def running(self) -> list[str]:
+        """The batch this queue is running now (none or one: GPU concurrency 1)."""
+        with self._lock:
+            return [b for b, p in self._progress.items() if p.state == "running"]
 
     def status(self, batch_id: str) -> BatchProgress | None:
         with self._lock:
@@ -137,15 +154,13 @@ class BatchQueue:
             try:
                 summary = self.runner.run(batch_id, on_event=self._on_event)
                 with self._lock:
-                    progress.state = (
-                        "cancelled" if summary.cancelled else ("done" if summary.ok else "finished_with_errors")
-                    )
-                    progress.remaining = 0 if progress.state != "cancelled" else progress.remaining
+                    self._finish(progress, summary)
             except Exception as exc:  # a batch-level failure must not kill the queue thread
                 log.exception("batch %s failed", batch_id)
                 with self._lock:
                     progress.state = "error"
                     progress.error = describe_error(exc) if isinstance(exc, EngineError) else str(exc)
+                self._publish(BatchEvent("batch_failed", batch_id, error=progress.error))
             finally:
                 with self._lock:
                     progress.updated = time.time()
@@ -153,7 +168,16 @@ class BatchQueue:
                     # it cannot stop this batch's next resume.
                     self.runner.forget_cancel(batch_id)
 
+    @staticmethod
+    def _finish(progress: BatchProgress, summary: Any) -> None:
+        """Set the final state of a run from its summary (caller holds the lock)."""
+        progress.state = "cancelled" if summary.cancelled else ("done" if summary.ok else "finished_with_errors")
+        progress.remaining = 0 if progress.state != "cancelled" else progress.remaining
+
     def _on_event(self, event: BatchEvent) -> None:
+        # The run announces its end before it returns: take the final state now, so that a listener
+        # counting the queue on batch_done already sees this batch as finished.
+        summary = self.runner.summary(event.batch_id) if event.kind == "batch_done" else None
         with self._lock:
             progress = self._progress.setdefault(event.batch_id, BatchProgress(event.batch_id))
             progress.done, progress.failed, progress.remaining = event.done, event.failed, event.remaining
@@ -165,6 +189,8 @@ class BatchQueue:
             if event.kind == "row_done" and event.image_path:
                 progress.recent_images.append(event.image_path)
                 del progress.recent_images[: -self.keep_images]
+            if summary is not None:
+                self._finish(progress, summary)
             progress.updated = time.time()
         self._publish(event)
 

@@ -81,9 +81,19 @@ class WorkflowInvalid(WorkflowError):
         super().__init__(f"workflow failed validation: {summary}{more}", problems=[asdict(p) for p in self.problems])
 
     def to_comfy(self) -> dict[str, Any]:
-        """The body ComfyUI's ``POST /prompt`` answers with on a 400."""
+        """The body ComfyUI's ``POST /prompt`` answers with on a 400. As ComfyUI, an unknown node type
+        refuses the whole prompt on its own, named in the top-level error, with no node_errors."""
+        unknown = next((p for p in self.problems if p.extra_info.get("unknown_node_type")), None)
+        if unknown is not None:
+            error = {"type": "invalid_prompt",
+                     "message": f"Cannot execute because node {unknown.class_type} does not exist.",
+                     "details": f"Node ID '#{unknown.node_id}'", "extra_info": {}}
+            return {"error": error, "node_errors": {}}
+        return {"error": self.comfy_error(), "node_errors": self.node_errors()}
+
+    def node_errors(self) -> dict[str, Any]:
+        """ComfyUI's ``node_errors``: per node id, its problems, the outputs they hold up and its class."""
         node_errors: dict[str, Any] = {}
-        prompt_level = [p for p in self.problems if p.node_id is None]
         for p in self.problems:
             if p.node_id is None:
                 continue
@@ -96,6 +106,11 @@ class WorkflowInvalid(WorkflowError):
             entry["errors"].append(
                 {"type": p.type, "message": p.message, "details": p.details, "extra_info": extra}
             )
+        return node_errors
+
+    def comfy_error(self) -> dict[str, Any]:
+        """ComfyUI's top-level ``error``: the first prompt-level problem, else prompt_outputs_failed_validation."""
+        prompt_level = [p for p in self.problems if p.node_id is None]
         if prompt_level:
             head = prompt_level[0]
             error = {"type": head.type, "message": head.message, "details": head.details, "extra_info": {}}
@@ -107,7 +122,7 @@ class WorkflowInvalid(WorkflowError):
                 "details": "\n".join(f"{p.message}: {p.details}" for p in self.problems),
                 "extra_info": {},
             }
-        return {"error": error, "node_errors": node_errors}
+        return error
 
 
 class ModelError(EngineError):

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from engine.nodes.base import NodeRegistry, NodeType
     from engine.nodes.context import NodeContext, ProgressEvent
 
-__all__ = ["ExecutionOutcome", "Executor", "batch_key", "is_out_of_memory"]
+__all__ = ["ExecutionOutcome", "Executor", "batch_key", "full_type_name", "is_out_of_memory"]
 
 _ABSENT = object()
 
@@ -79,8 +79,10 @@ class _Row:
     values: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     signatures: dict[str, str] = field(default_factory=dict)
     volatile: set[str] = field(default_factory=set)  # nodes whose result may differ run to run
+    literals: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> converted literal inputs
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cached_at_start: list[str] = field(default_factory=list)  # nodes the cache held when the row began
     timings: dict[str, float] = field(default_factory=dict)
     cache_hits: list[str] = field(default_factory=list)
     error: EngineError | None = None
@@ -158,13 +160,15 @@ class Executor:
         for rows in shapes.values():
             self._run_rows(rows)
             for row in rows:
-                results[row.index] = row.error or self._outcome(row)
+                results[row.index] = self._failure(row) if row.error is not None else self._outcome(row)
         return [result for result in results if result is not None]  # every slot is filled by now
 
     # --- running ------------------------------------------------------------------------------------
 
     def _run_rows(self, rows: list[_Row]) -> None:
         order = output_ancestors(rows[0].workflow, self.registry)
+        for row in rows:
+            self._sign_all(row, order)
         for node_id in order:
             live = [row for row in rows if row.error is None]
             if not live:
@@ -191,8 +195,50 @@ class Executor:
                 for members in pending:
                     self._call(node_id, node_cls, [members])
 
+    def _sign_all(self, row: _Row, order: list[str]) -> None:
+        """Every node's signature before anything runs, then one "cached" progress event naming the nodes
+        the cache holds (ComfyUI's single execution_cached message); a failing fingerprint fails the row."""
+        for node_id in order:
+            node_cls = self.registry.get(row.workflow.nodes[node_id].class_type)
+            assert node_cls is not None  # validated
+            if not self._sign(row, node_id, node_cls):
+                return
+        row.ctx.node_id = row.ctx.class_type = None
+        cached = tuple(n for n in order if n not in row.volatile and row.signatures[n] in self._cache)
+        row.cached_at_start = list(cached)
+        row.ctx.progress("cached", nodes=cached)
+
+    def _sign(self, row: _Row, node_id: str, node_cls: "type[NodeType]") -> bool:
+        """The row's converted literals and signature for ``node_id``; False if the row failed here."""
+        node = row.workflow.nodes[node_id]
+        literals: dict[str, Any] = {}
+        link_part: list[Any] = []
+        volatile = not node_cls.cacheable
+        for spec in node_cls.inputs:
+            value = node.inputs.get(spec.name, _ABSENT)
+            if value is _ABSENT:
+                continue  # optional input left out: the node's own default applies
+            if isinstance(value, Link):
+                link_part.append([spec.name, row.signatures[value.node_id], value.output_index])
+                volatile = volatile or value.node_id in row.volatile
+            else:
+                literals[spec.name] = coerce_literal(spec, value, row.ctx, check_choices=False)
+        literal_part = list(literals.items())
+        try:
+            fingerprint = node_cls.fingerprint(dict(literal_part), row.ctx)
+        except EngineError as exc:
+            row.error = _node_error(exc, node_id, node.class_type)
+            return False
+        text = json.dumps([node.class_type, literal_part, link_part, fingerprint], default=repr, sort_keys=True)
+        if volatile:
+            row.volatile.add(node_id)
+            text += f"#volatile-row:{row.index}"  # never shared with another row (and never cached)
+        row.signatures[node_id] = hashlib.sha256(text.encode()).hexdigest()
+        row.literals[node_id] = literals
+        return True
+
     def _prepare(self, row: _Row, node_id: str, node_cls: "type[NodeType]") -> bool:
-        """Compute the row's inputs and signature for ``node_id``; False if the row failed here."""
+        """Gather the row's inputs for ``node_id``; False if the row was stopped here."""
         node = row.workflow.nodes[node_id]
         row.ctx.node_id, row.ctx.class_type = node_id, node.class_type
         try:
@@ -201,31 +247,12 @@ class Executor:
             row.error = exc
             return False
         inputs: dict[str, Any] = {}
-        literal_part: list[Any] = []
-        link_part: list[Any] = []
-        volatile = not node_cls.cacheable
-        for spec in node_cls.inputs:
+        for spec in node_cls.inputs:  # declaration order, as the node's run() receives them
             value = node.inputs.get(spec.name, _ABSENT)
-            if value is _ABSENT:
-                continue  # optional input left out: the node's own default applies
             if isinstance(value, Link):
                 inputs[spec.name] = row.values[value.node_id][value.output_index]
-                link_part.append([spec.name, row.signatures[value.node_id], value.output_index])
-                volatile = volatile or value.node_id in row.volatile
-            else:
-                converted = coerce_literal(spec, value, row.ctx, check_choices=False)
-                inputs[spec.name] = converted
-                literal_part.append([spec.name, converted])
-        try:
-            fingerprint = node_cls.fingerprint(dict(literal_part), row.ctx)
-        except EngineError as exc:
-            row.error = exc
-            return False
-        text = json.dumps([node.class_type, literal_part, link_part, fingerprint], default=repr, sort_keys=True)
-        if volatile:
-            row.volatile.add(node_id)
-            text += f"#volatile-row:{row.index}"  # never shared with another row (and never cached)
-        row.signatures[node_id] = hashlib.sha256(text.encode()).hexdigest()
+            elif spec.name in row.literals[node_id]:
+                inputs[spec.name] = row.literals[node_id][spec.name]
         row.inputs[node_id] = inputs
         return True
 
@@ -242,7 +269,6 @@ class Executor:
             row.ctx.record.update(entry.record_updates)
             row.cache_hits.append(node_id)
             row.timings[node_id] = 0.0
-            row.ctx.progress("cached")
         return True
 
     def _call(self, node_id: str, node_cls: "type[NodeType]", groups: list[list[_Row]]) -> None:
@@ -298,6 +324,19 @@ class Executor:
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
 
+    def _failure(self, row: _Row) -> EngineError:
+        """The row's error, its details completed with what ComfyUI's execution_error reports: the nodes
+        that ran before it (``executed``), those served from the cache (``cached``) and the failing node's
+        inputs (``current_inputs``, ComfyUI's shape: a list of values per input)."""
+        error = row.error
+        assert error is not None
+        node_id = getattr(error, "node_id", None)
+        error.details["executed"] = [n for n in row.timings if n not in row.cache_hits]
+        error.details["cached"] = list(row.cached_at_start)
+        inputs = row.inputs.get(node_id, {}) if node_id else {}
+        error.details["current_inputs"] = {name: [_shown_value(value)] for name, value in inputs.items()}
+        return error
+
     def _outcome(self, row: _Row) -> ExecutionOutcome:
         row.ctx.node_id = row.ctx.class_type = None
         row.ctx.progress("done")
@@ -337,6 +376,20 @@ def _split_result(
     return tuple(result), ui, row_record
 
 
+def full_type_name(cls: type) -> str:
+    """A class's name as ComfyUI reports an exception type: module-qualified unless it is a builtin."""
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _shown_value(value: Any) -> Any:
+    """An input value as an error report can carry it: plain values as they are, others by type (and
+    shape), never a tensor's contents."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    shape = getattr(value, "shape", None)
+    return f"{type(value).__name__}{tuple(shape)}" if shape is not None else type(value).__name__
+
+
 def _node_error(exc: BaseException, node_id: str, class_type: str) -> EngineError:
     """``exc`` as an EngineError that names the node it came from."""
     if isinstance(exc, EngineError):
@@ -350,12 +403,12 @@ def _node_error(exc: BaseException, node_id: str, class_type: str) -> EngineErro
     if is_out_of_memory(exc):
         error: EngineError = OutOfMemory(
             f"out of device memory in {class_type} (node {node_id}): {exc}",
-            node_id=node_id, class_type=class_type, exception_type=type(exc).__name__,
+            node_id=node_id, class_type=class_type, exception_type=full_type_name(type(exc)),
         )
     else:
         error = ExecutionError(
             f"{class_type} (node {node_id}) failed: {type(exc).__name__}: {exc}",
-            node_id=node_id, class_type=class_type, exception_type=type(exc).__name__,
+            node_id=node_id, class_type=class_type, exception_type=full_type_name(type(exc)),
         )
     error.__cause__ = exc
     return error

@@ -80,6 +80,7 @@ class RowImage:
     height: int
     node_id: str = ""
     subfolder: str = ""  # the output node's filename_prefix folder, kept for ready workflows (ComfyUI)
+    type: str = "output"  # "output" (SaveImage) or "temp" (PreviewImage: kept apart from the outputs)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "data": base64.b64encode(self.data).decode("ascii")}
@@ -98,6 +99,9 @@ class RowResult:
     record: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     worker: str = "local"
+    # A failed row: where and how, as ComfyUI's execution_error reports it (node_id, node_type,
+    # exception_type, executed, current_outputs, current_inputs); empty when unknown.
+    failure: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +112,7 @@ class RowResult:
             "record": jsonable(self.record),
             "timings": jsonable(self.timings),
             "worker": self.worker,
+            "failure": jsonable(self.failure),
         }
 
     @classmethod
@@ -120,6 +125,7 @@ class RowResult:
             record=data.get("record", {}),
             timings=data.get("timings", {}),
             worker=data.get("worker", "?"),
+            failure=data.get("failure") or {},
         )
 
 

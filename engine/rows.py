@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.errors import BadOutput, Cancelled, DeadlineExceeded, EngineError, OutOfMemory
+from engine.errors import BadOutput, Cancelled, DeadlineExceeded, EngineError, ExecutionError, OutOfMemory
+from engine.execute import full_type_name
 from engine.jobs import CANCELLED, DONE, FAILED, TIMED_OUT, RowImage, RowJob, RowResult
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class RowExecutor:
             parts.append(RowImage(
                 filename=Path(saved.path).name, data=data, sha256=hashlib.sha256(data).hexdigest(),
                 width=int(saved.width), height=int(saved.height), node_id=str(getattr(saved, "node_id", "") or ""),
-                subfolder=str(getattr(saved, "subfolder", "") or ""),
+                subfolder=str(getattr(saved, "subfolder", "") or ""), type=str(getattr(saved, "type", "output")),
             ))
         record = dict(outcome.record)
         if vae_tiled:
@@ -228,6 +229,7 @@ class RowExecutor:
                 images.append(RowImage(
                     filename=encoded.filename, data=encoded.data, sha256=encoded.sha256, width=encoded.width,
                     height=encoded.height, node_id=str(encoded.node_id or ""), subfolder=str(encoded.subfolder or ""),
+                    type=encoded.type,
                 ))
             if not images:
                 return self._failure(job, BadOutput("the workflow produced no image"))
@@ -248,7 +250,19 @@ class RowExecutor:
         where = getattr(error, "node_id", None)
         if where:
             message = f"node {where} ({getattr(error, 'class_type', '?')}): {message}"
-        return RowResult(job.row_key, status, message, [], {}, {}, self.worker_name)
+        details = error.details if isinstance(error, EngineError) else {}
+        # What went wrong as ComfyUI names it, the exception's type: for a generic ExecutionError that a node
+        # raised from another exception (a file it could not read), that exception's.
+        cause = error.__cause__ if type(error) is ExecutionError else None
+        failure = {
+            "node_id": where,
+            "node_type": getattr(error, "class_type", None),
+            "exception_type": details.get("exception_type") or full_type_name(type(cause or error)),
+            "executed": list(details.get("executed", [])),
+            "current_outputs": list(details.get("cached", [])),
+            "current_inputs": dict(details.get("current_inputs", {})),
+        }
+        return RowResult(job.row_key, status, message, [], {}, {}, self.worker_name, failure)
 
 
 def _mark_oom_retry(result: RowResult) -> RowResult:

@@ -105,6 +105,25 @@ class Engine:
         ctx = self._context(Path(self.settings.outputs_path), input_dir=input_dir)
         return [_mark_missing_file(p, parsed, self.registry) for p in validate_workflow(parsed, self.registry, ctx)]
 
+    def runnable_part(
+        self, workflow: Workflow | dict[str, Any] | str, targets: list[str] | None = None
+    ) -> tuple[Workflow, list[Any]]:
+        """ComfyUI's validate_prompt: (the part of ``workflow`` that runs, the problems of what is left out).
+
+        The part that runs is every output node that validates (only those among ``targets`` when given,
+        ComfyUI's partial execution) with its ancestors; the problems (NodeProblem) are those of the output
+        nodes that do not. Raises WorkflowInvalid when nothing can run.
+        """
+        from engine.validate import output_subgraph, runnable_outputs
+
+        parsed = self.parse(workflow)
+        ctx = self._context(Path(self.settings.outputs_path))
+        try:
+            outputs, problems = runnable_outputs(parsed, self.registry, ctx, targets)
+        except WorkflowInvalid as invalid:
+            raise WorkflowInvalid([_mark_missing_file(p, parsed, self.registry) for p in invalid.problems]) from None
+        return output_subgraph(parsed, outputs), [_mark_missing_file(p, parsed, self.registry) for p in problems]
+
     def batch_key(self, workflow: Workflow) -> str:
         """Workflows with equal keys have the same graph shape and can share a GPU batch."""
         from engine.execute import batch_key

@@ -163,6 +163,19 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        3,
+        "batches hidden from history",
+        (
+            # ComfyUI's "delete history" hides a prompt from /history; the ledger keeps every row (an audit
+            # log is never thinned by a client), and records who hid what, when.
+            """CREATE TABLE hidden_history (
+                batch_id TEXT PRIMARY KEY REFERENCES batches(id),
+                hidden_at TEXT NOT NULL,
+                hidden_by TEXT
+            )""",
+        ),
+    ),
 )
 
 
@@ -489,6 +502,44 @@ class BatchLedger:
         )
         return [row["id"] for row in rows]
 
+    def ended_batches(
+        self, template_name: str, limit: int | None = None, include_hidden: bool = False
+    ) -> list[dict[str, Any]]:
+        """Batches of ``template_name`` that have ended: no row waits or runs, and at least one row ran (a
+        batch taken off the queue before it started never ran). Most recently ended first, at most
+        ``limit``; batches hidden from history are left out unless ``include_hidden``."""
+        hidden = "" if include_hidden else "AND b.id NOT IN (SELECT batch_id FROM hidden_history)"
+        sql = f"""
+            SELECT b.*, max(g.finished_at) AS ended_at FROM batches b JOIN generations g ON g.batch_id = b.id
+            WHERE b.template_name = ? {hidden}
+            GROUP BY b.id
+            HAVING sum(g.status IN ('queued', 'running')) = 0
+               AND sum(g.status IN ('done', 'failed', 'timed_out') OR (g.status = 'cancelled' AND g.started_at IS NOT NULL)) > 0
+            ORDER BY ended_at DESC, b.id DESC
+        """
+        params: list[Any] = [template_name]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [_batch_dict({k: v for k, v in r.items() if k != "ended_at"}) for r in self._read(sql, params)]
+
+    def hide_from_history(self, batch_ids: Iterable[str], hidden_by: str | None = None) -> int:
+        """Hide batches from history listings (their ledger rows stay); returns how many were newly hidden."""
+        ids = list(dict.fromkeys(batch_ids))
+
+        def insert(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO hidden_history (batch_id, hidden_at, hidden_by) "
+                "SELECT id, ?, ? FROM batches WHERE id = ?", [(_now(), hidden_by, b) for b in ids],
+            )
+            return conn.total_changes - before
+
+        return self._write(insert) if ids else 0
+
+    def hidden_from_history(self, batch_id: str) -> bool:
+        return bool(self._read("SELECT 1 FROM hidden_history WHERE batch_id = ?", (batch_id,)))
+
     def batch_summary(self, batch_id: str) -> dict[str, Any]:
         """The batch with counts per row status (every status present, zero when none) and ``total``."""
         batch = self._require_batch(batch_id)
@@ -635,10 +686,13 @@ class BatchLedger:
         self._write(update)
 
     def fail_row(
-        self, key: str, status: str, error: str, duration_s: float | None = None, worker: str | None = None
+        self, key: str, status: str, error: str, duration_s: float | None = None, worker: str | None = None,
+        failure: Mapping[str, Any] | None = None,
     ) -> None:
         """End a row without an image: ``failed``, ``timed_out``, ``skipped`` or ``cancelled``, with why.
-        ``worker`` as for :meth:`complete_row`."""
+        ``worker`` as for :meth:`complete_row`; ``failure`` (where and how it failed: node, exception type,
+        ...) is kept in the row's ``extra`` as ``{"failure": ...}``."""
+        extra = json.dumps({"failure": dict(failure)}, ensure_ascii=False, default=str) if failure else None
         if status not in FAILURE_STATUSES:
             raise StoreError(f"fail_row takes one of {', '.join(FAILURE_STATUSES)}, not '{status}'")
 
@@ -650,7 +704,8 @@ class BatchLedger:
                 raise StoreError(f"row {key} is done; it cannot become {status}", row_key=key)
             conn.execute(
                 "UPDATE generations SET status = ?, error = ?, finished_at = ?, duration_s = coalesce(?, duration_s), "
-                "worker = coalesce(?, worker) WHERE row_key = ?", (status, error, _now(), duration_s, worker, key),
+                "worker = coalesce(?, worker), extra = ? WHERE row_key = ?",
+                (status, error, _now(), duration_s, worker, extra, key),
             )
             _refresh_counts(conn, current[1])
 

@@ -29,6 +29,8 @@ __all__ = [
     "find_cycles",
     "output_ancestors",
     "output_node_ids",
+    "output_subgraph",
+    "runnable_outputs",
     "types_compatible",
     "validate_workflow",
 ]
@@ -51,15 +53,7 @@ def validate_workflow(
 
     ``ctx`` (optional) lets COMBO inputs list their run-time choices (model files on disk).
     """
-    problems: list[NodeProblem] = []
-    for node_id in sorted(workflow.nodes, key=node_sort_key):
-        node = workflow.nodes[node_id]
-        if registry.get(node.class_type) is None:
-            problems.append(NodeProblem(
-                node_id, node.class_type, "invalid_prompt",
-                f"unknown node type '{node.class_type}'; supported node types: {', '.join(registry.names())}",
-                f"Node ID '#{node_id}'",
-            ))
+    problems = _unknown_node_types(workflow, registry)
     outputs = output_node_ids(workflow, registry)
     if not outputs:
         problems.append(NodeProblem(
@@ -81,6 +75,64 @@ def validate_workflow(
             problems.extend(_node_problems(workflow, node, node_cls, registry, ctx))
     needed_by = _outputs_needing(workflow, outputs)
     return [replace(p, dependent_outputs=tuple(needed_by.get(p.node_id, ()))) if p.node_id else p for p in problems]
+
+
+def runnable_outputs(
+    workflow: Workflow, registry: "NodeRegistry", ctx: "NodeContext | None" = None,
+    targets: Iterable[str] | None = None,
+) -> tuple[list[str], list[NodeProblem]]:
+    """ComfyUI's validate_prompt: (the output nodes that validate, the problems of those that do not).
+
+    Only the output nodes among ``targets`` count when it is given (ComfyUI's partial execution). Raises
+    :class:`WorkflowInvalid` when nothing can run: an unknown node type anywhere in the workflow, no output
+    node (among the targets), a cycle, or no output node that validates.
+    """
+    unknown = _unknown_node_types(workflow, registry)
+    if unknown:
+        raise WorkflowInvalid(unknown)
+    wanted = None if targets is None else {str(t) for t in targets}
+    outputs = [o for o in output_node_ids(workflow, registry) if wanted is None or o in wanted]
+    if not outputs:
+        raise WorkflowInvalid([NodeProblem(
+            None, None, "prompt_no_outputs", "Prompt has no outputs",
+            "none of the nodes to run is an output node" if wanted is not None
+            else "a workflow needs at least one output node (e.g. SaveImage or PreviewImage)",
+        )])
+    problems = validate_workflow(output_subgraph(workflow, outputs), registry, ctx)
+    if any(p.node_id is None for p in problems):
+        raise WorkflowInvalid(problems)
+    failing = {o for p in problems for o in p.dependent_outputs}
+    good = [o for o in outputs if o not in failing]
+    if not good:
+        raise WorkflowInvalid(problems)
+    return good, problems
+
+
+def output_subgraph(workflow: Workflow, outputs: Iterable[str]) -> Workflow:
+    """The part of ``workflow`` that ``outputs`` need: those output nodes and their ancestors. Running it
+    runs exactly those outputs (only ancestors of output nodes ever run)."""
+    keep: set[str] = set()
+    pending = [o for o in outputs if o in workflow.nodes]
+    while pending:
+        node_id = pending.pop()
+        if node_id in keep:
+            continue
+        keep.add(node_id)
+        pending.extend(l.node_id for l in workflow.nodes[node_id].links().values() if l.node_id in workflow.nodes)
+    return replace(workflow, nodes={n: node for n, node in workflow.nodes.items() if n in keep})
+
+
+def _unknown_node_types(workflow: Workflow, registry: "NodeRegistry") -> list[NodeProblem]:
+    """A problem per node whose class type the registry does not know, wherever it is in the workflow."""
+    return [
+        NodeProblem(
+            node_id, node.class_type, "invalid_prompt",
+            f"unknown node type '{node.class_type}'; supported node types: {', '.join(registry.names())}",
+            f"Node ID '#{node_id}'", extra_info={"unknown_node_type": node.class_type},
+        )
+        for node_id in sorted(workflow.nodes, key=node_sort_key)
+        if registry.get((node := workflow.nodes[node_id]).class_type) is None
+    ]
 
 
 def _outputs_needing(workflow: Workflow, outputs: list[str]) -> dict[str, list[str]]:
@@ -233,7 +285,8 @@ def types_compatible(output_type: str, input_type: str) -> bool:
 def coerce_literal(spec: "Input", value: Any, ctx: "NodeContext | None" = None, check_choices: bool = True) -> Any:
     """The value ``spec`` accepts for literal ``value``, converted exactly; raises :class:`LiteralProblem`.
 
-    INT takes ints, integral floats and integer strings (never through float, so 64-bit seeds stay exact);
+    INT takes ints, floats (truncated toward zero, as ComfyUI's int()) and integer strings (never through
+    float, so 64-bit seeds stay exact);
     bools are not numbers. FLOAT takes finite numbers and numeric strings. STRING takes text and numbers
     (as ComfyUI does). BOOLEAN takes bools, 0/1 and "true"/"false". COMBO takes one of its choices.
     Ranges (min/max) are checked after conversion.
@@ -297,8 +350,8 @@ def _to_int(value: Any) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
-            return int(value)
+        if math.isfinite(value):
+            return int(value)  # truncated toward zero, as ComfyUI's int() does: 2.5 -> 2
         raise _wrong_type_named("INT", value)
     if isinstance(value, str):
         try:

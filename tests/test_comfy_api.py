@@ -63,6 +63,16 @@ def messages_until_done(ws, prompt_id: str, timeout_s: float = 60.0) -> list[dic
             return seen
 
 
+def drain(ws, quiet_s: float = 1.0) -> list[dict]:
+    """Every message that arrives until the socket has been quiet for ``quiet_s``."""
+    seen = []
+    while True:
+        try:
+            seen.append(json.loads(ws.recv(timeout=quiet_s)))
+        except TimeoutError:
+            return seen
+
+
 def test_client_flow_prompt_ws_history_view(server):
     prompt = example_prompt()
     with connect(f"{server.ws_url}/ws?clientId=flow-client&token={server.token}") as ws:
@@ -98,6 +108,7 @@ def test_client_flow_prompt_ws_history_view(server):
     assert [m[0] for m in history["status"]["messages"]] == ["execution_start", "execution_success"]
     assert history["outputs"]["9"]["images"] == [image]
     assert history["prompt"][1] == prompt_id and history["prompt"][4] == ["9"]
+    assert history["prompt"][3]["client_id"] == "flow-client"  # as ComfyUI, extra_data names the client
     assert prompt_id in server.http.get("/history").json()
 
     view = server.http.get("/view", params=image)
@@ -161,10 +172,14 @@ def test_queue_delete_and_interrupt(server):
         assert server.http.post("/interrupt", json={}).status_code == 200
         messages = messages_until_done(ws, long_id)
 
-    assert "execution_interrupted" in [m["type"] for m in messages]
+    interrupted = next(m["data"] for m in messages if m["type"] == "execution_interrupted")
+    assert interrupted["node_id"] == "3" and interrupted["node_type"] == "KSampler"
+    assert isinstance(interrupted["executed"], list) and "3" not in interrupted["executed"]
     history = server.http.get(f"/history/{long_id}").json()[long_id]
     assert history["status"]["status_str"] == "error" and not history["status"]["completed"]
     assert history["status"]["messages"][-1][0] == "execution_interrupted"
+    assert {k: v for k, v in history["status"]["messages"][-1][1].items() if k != "timestamp"} == \
+        {k: v for k, v in interrupted.items() if k != "timestamp"}
     assert server.http.get(f"/history/{waiting_id}").json() == {}  # deleted before it ran
     assert server.http.get("/queue").json() == {"queue_running": [], "queue_pending": []}
 
@@ -319,8 +334,312 @@ def test_another_user_can_neither_watch_nor_stop_a_prompt(server):
             assert them.post("/queue", json={"delete": [waiting_id]}).status_code == 200
         assert server.services.queue.status(long_id).state == "running"
         assert [item[1] for item in server.http.get("/queue").json()["queue_pending"]] == [waiting_id]
-        with pytest.raises(TimeoutError):
-            intruder.recv(timeout=1)  # nothing of the owner's prompt reached the other user
+        # Nothing of the owner's prompt reached the other user: only the queue's length, which every socket
+        # is told (ComfyUI's status broadcast).
+        assert {m["type"] for m in drain(intruder)} <= {"status"}
         assert server.http.post("/interrupt", json={"prompt_id": long_id}).status_code == 200
         assert "execution_interrupted" in [m["type"] for m in messages_until_done(owner, long_id)]
     server.services.queue.wait(waiting_id, timeout=60)
+
+
+def queue_lengths(messages: list[dict]) -> list[int]:
+    return [m["data"]["status"]["exec_info"]["queue_remaining"] for m in messages if m["type"] == "status"]
+
+
+def test_a_finished_prompt_is_no_longer_counted_and_every_socket_hears_the_queue_change(server):
+    """ComfyUI's queue_updated: status goes to every socket when a prompt is queued, starts and ends, and
+    the status sent after execution_success no longer counts the finished prompt."""
+    with connect(f"{server.ws_url}/ws?clientId=count-client&token={server.token}") as ws, \
+            connect(f"{server.ws_url}/ws?clientId=bystander&token={server.token}") as bystander:
+        ws.recv(timeout=10), bystander.recv(timeout=10)
+        prompt_id = server.http.post("/prompt", json={"prompt": example_prompt(), "client_id": "count-client"}).json()["prompt_id"]
+        messages = messages_until_done(ws, prompt_id)
+        assert server.http.get("/prompt").json() == {"exec_info": {"queue_remaining": 0}}
+        heard = drain(bystander)
+
+    kinds = [m["type"] for m in messages]
+    after_success = messages[kinds.index("execution_success"):]
+    assert queue_lengths(after_success) == [0], "the status after execution_success counts the prompt as done"
+    assert kinds[-2:] == ["status", "executing"], "as ComfyUI: the queue's status, then executing with node null"
+    assert kinds.index("status") < kinds.index("execution_start")
+    # Another client's socket hears every change (queued, started, done), and nothing of the prompt itself.
+    assert queue_lengths(heard) == [1, 1, 0] and {m["type"] for m in heard} == {"status"}
+
+
+def test_queue_lists_the_spreadsheet_batch_a_prompt_waits_for(server):
+    rows = [{"product_name": f"queue item {n}", "seed": n, "width": 64, "height": 64, "steps": 150} for n in range(40)]
+    answer = server.http.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_seed": 3})
+    assert answer.status_code == 200, answer.text
+    batch_id = answer.json()["batch_id"]
+    deadline = time.monotonic() + 60
+    while server.services.queue.status(batch_id).state != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waiting_id = server.http.post("/prompt", json={"prompt": example_prompt()}).json()["prompt_id"]
+    try:
+        queue = server.http.get("/queue").json()
+        running = queue["queue_running"]
+        assert [item[1] for item in running] == [batch_id]
+        assert running[0][3]["batch"]["template"] == "product_shot" and running[0][2] == {} and running[0][4] == []
+        assert [item[1] for item in queue["queue_pending"]] == [waiting_id]
+        assert server.http.get("/prompt").json() == {"exec_info": {"queue_remaining": 2}}
+        # ComfyUI's delete and clear reach prompts only: a team's spreadsheet batch is stopped elsewhere.
+        server.http.post("/queue", json={"delete": [batch_id]})
+        server.http.post("/interrupt", json={})
+        assert server.services.queue.status(batch_id).state == "running"
+    finally:
+        server.http.post(f"/api/batches/{batch_id}/cancel")
+        server.services.queue.wait(batch_id, timeout=60)
+        server.services.queue.wait(waiting_id, timeout=60)
+
+
+def test_execution_cached_is_one_message_right_after_execution_start(server):
+    with connect(f"{server.ws_url}/ws?clientId=cache-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        runs = []
+        for _ in range(2):  # the second run finds the loaders, encodings and latent in the cache
+            prompt_id = server.http.post("/prompt", json={"prompt": example_prompt(), "client_id": "cache-client"}).json()["prompt_id"]
+            runs.append(messages_until_done(ws, prompt_id))
+    for messages in runs:
+        kinds = [m["type"] for m in messages]
+        assert kinds.count("execution_cached") == 1
+        assert kinds.index("execution_cached") == kinds.index("execution_start") + 1
+    cached = next(m["data"]["nodes"] for m in runs[1] if m["type"] == "execution_cached")
+    assert {"4", "16", "40", "53"} <= set(cached) and "3" not in cached  # a new seed: the sampler runs again
+    executing = {m["data"]["node"] for m in runs[1] if m["type"] == "executing"}
+    assert not executing & set(cached), "a node served from the cache is not announced as executing"
+
+
+def test_a_failed_prompt_reports_where_and_how_alike_on_the_socket_and_in_history(server):
+    inputs = Path(server.services.settings.input_path)
+    inputs.mkdir(parents=True, exist_ok=True)
+    (inputs / "broken.png").write_bytes(b"this is no image")
+    prompt = example_prompt()
+    prompt["60"] = {"class_type": "LoadImage", "inputs": {"image": "broken.png"}}
+    prompt["61"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["60", 0], "vae": ["4", 2]}}
+    prompt["3"]["inputs"].update(latent_image=["61", 0], denoise=0.5)
+    with connect(f"{server.ws_url}/ws?clientId=error-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        answer = server.http.post("/prompt", json={"prompt": prompt, "client_id": "error-client"})
+        assert answer.status_code == 200, answer.text
+        prompt_id = answer.json()["prompt_id"]
+        messages = messages_until_done(ws, prompt_id)
+    error = next(m["data"] for m in messages if m["type"] == "execution_error")
+    assert error["node_id"] == "60" and error["node_type"] == "LoadImage"
+    assert error["exception_type"] == "PIL.UnidentifiedImageError"
+    assert error["current_inputs"] == {"image": ["broken.png"]}
+    assert {"executed", "current_outputs", "traceback", "exception_message"} <= set(error)
+    assert "4" in error["executed"] + error["current_outputs"]  # the loader ran (or was cached) before it
+
+    history = server.http.get(f"/history/{prompt_id}").json()[prompt_id]
+    kind, recorded = history["status"]["messages"][-1]
+    assert kind == "execution_error"
+    assert {k: v for k, v in recorded.items() if k != "timestamp"} == {k: v for k, v in error.items() if k != "timestamp"}
+
+
+def test_preview_images_are_temp_images(server):
+    prompt = example_prompt()
+    prompt["10"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    with connect(f"{server.ws_url}/ws?clientId=preview-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        prompt_id = server.http.post("/prompt", json={"prompt": prompt, "client_id": "preview-client"}).json()["prompt_id"]
+        messages = messages_until_done(ws, prompt_id)
+    executed = {m["data"]["node"]: m["data"]["output"]["images"] for m in messages if m["type"] == "executed"}
+    preview, saved = executed["10"][0], executed["9"][0]
+    assert preview["type"] == "temp" and saved["type"] == "output"
+    assert preview["filename"].startswith("ComfyUI_temp_")
+    history = server.http.get(f"/history/{prompt_id}").json()[prompt_id]
+    assert history["outputs"]["10"]["images"] == [preview] and history["outputs"]["9"]["images"] == [saved]
+    view = server.http.get("/view", params=preview)
+    assert view.status_code == 200 and view.headers["content-type"] == "image/png"
+    assert server.http.get("/view", params={**preview, "type": "output"}).status_code == 404
+    outputs = Path(server.services.settings.outputs_path)
+    assert not list(outputs.rglob(preview["filename"])), "a preview is not stored among the outputs"
+
+
+def run_prompt(http: httpx.Client, prompt: dict | None = None) -> str:
+    prompt_id = http.post("/prompt", json={"prompt": prompt or example_prompt()}).json()["prompt_id"]
+    deadline = time.monotonic() + 60
+    while not http.get(f"/history/{prompt_id}").json() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return prompt_id
+
+
+def test_history_limits_count_prompts_not_other_batches(server):
+    first, second = run_prompt(server.http), run_prompt(server.http)
+    runner = server.services.runner
+    for n in range(3):  # newer batches that are not ComfyUI prompts (a CLI run's, waiting)
+        runner.start(runner.prepare_workflow(example_prompt(), kind="workflow"))
+    assert list(server.http.get("/history", params={"max_items": 2}).json()) == [first, second]
+    assert list(server.http.get("/history", params={"max_items": 1}).json()) == [second]
+    everything = server.http.get("/history").json()
+    assert list(everything)[-2:] == [first, second]
+
+
+def test_deleting_history_hides_prompts_but_the_ledger_keeps_them(server):
+    other = TokenIssuer.from_settings(server.services.settings).create("history-neighbour", "user")
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {other}"}, timeout=60) as them:
+        theirs = run_prompt(them)
+    kept, deleted = run_prompt(server.http), run_prompt(server.http)
+    assert server.http.post("/history", json={"delete": [deleted, theirs]}).status_code == 200
+    history = server.http.get("/history").json()
+    assert kept in history and deleted not in history and theirs in history  # only one's own prompts
+    assert server.http.get(f"/history/{deleted}").json() == {}
+    assert server.services.ledger.rows(deleted)[0].status == "done", "the audit log keeps the row"
+
+    assert server.http.post("/history", json={"clear": True}).status_code == 200
+    assert list(server.http.get("/history").json()) == [theirs]
+    assert server.services.ledger.rows(kept)[0].status == "done"
+
+
+def test_an_unknown_node_type_is_refused_as_comfyui_does(server):
+    prompt = example_prompt()
+    prompt["3"]["class_type"] = "NoSuchNode"
+    answer = server.http.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 400
+    assert answer.json() == {"error": {"type": "invalid_prompt", "message": "Cannot execute because node NoSuchNode does not exist.",
+                                       "details": "Node ID '#3'", "extra_info": {}}, "node_errors": {}}
+    dangling = example_prompt()
+    dangling["500"] = {"class_type": "SomeCustomNode", "inputs": {}}  # unconnected: still refused, as ComfyUI
+    assert server.http.post("/prompt", json={"prompt": dangling}).json()["error"]["details"] == "Node ID '#500'"
+
+
+def test_the_outputs_that_validate_run_and_the_others_come_back_as_node_errors(server):
+    prompt = example_prompt()
+    prompt["100"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 1]}}  # a CLIP as VAE
+    prompt["101"] = {"class_type": "SaveImage", "inputs": {"images": ["100", 0], "filename_prefix": "broken"}}
+    answer = server.http.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["node_errors"]["100"]["errors"][0]["type"] == "return_type_mismatch"
+    assert body["node_errors"]["100"]["dependent_outputs"] == ["101"] and "9" not in body["node_errors"]
+    prompt_id = body["prompt_id"]
+    server.services.queue.wait(prompt_id, timeout=60)
+    history = server.http.get(f"/history/{prompt_id}").json()[prompt_id]
+    assert history["status"]["status_str"] == "success"
+    assert list(history["outputs"]) == ["9"] and history["prompt"][4] == ["9"]
+    assert history["prompt"][2] == prompt  # the prompt as sent, as ComfyUI keeps it
+
+    prompt["9"]["inputs"]["images"] = ["100", 0]  # now no output validates: refused
+    refused = server.http.post("/prompt", json={"prompt": prompt})
+    assert refused.status_code == 400 and refused.json()["error"]["type"] == "prompt_outputs_failed_validation"
+
+
+def test_partial_execution_targets_run_only_those_outputs(server):
+    prompt = example_prompt()
+    prompt["10"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "partial"}}
+    answer = server.http.post("/prompt", json={"prompt": prompt, "partial_execution_targets": ["10"]})
+    assert answer.status_code == 200, answer.text
+    prompt_id = answer.json()["prompt_id"]
+    server.services.queue.wait(prompt_id, timeout=60)
+    history = server.http.get(f"/history/{prompt_id}").json()[prompt_id]
+    assert list(history["outputs"]) == ["10"] and history["prompt"][4] == ["10"]
+    assert history["outputs"]["10"]["images"][0]["filename"].startswith("partial_")
+    refused = server.http.post("/prompt", json={"prompt": prompt, "partial_execution_targets": ["3"]})  # not an output
+    assert refused.status_code == 400 and refused.json()["error"]["type"] == "prompt_no_outputs"
+    wrong = server.http.post("/prompt", json={"prompt": prompt, "partial_execution_targets": "10"})
+    assert wrong.status_code == 400
+
+
+def test_front_puts_a_prompt_ahead_of_the_waiting_ones(server):
+    with connect(f"{server.ws_url}/ws?clientId=front-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        long_id = server.http.post("/prompt", json={"prompt": example_prompt(steps=5000), "client_id": "front-client"}).json()["prompt_id"]
+        while json.loads(ws.recv(timeout=60))["type"] != "progress":  # sampling has begun
+            pass
+        waiting = [server.http.post("/prompt", json={"prompt": example_prompt()}).json() for _ in range(2)]
+        front = server.http.post("/prompt", json={"prompt": example_prompt(), "front": True}).json()
+        assert front["number"] < 0 < waiting[0]["number"] < waiting[1]["number"]
+        queue = server.http.get("/queue").json()
+        assert [item[1] for item in queue["queue_pending"]] == [front["prompt_id"]] + [w["prompt_id"] for w in waiting]
+        server.http.post("/interrupt", json={"prompt_id": long_id})
+        messages_until_done(ws, long_id)
+        started = json.loads(ws.recv(timeout=60))
+        while started["type"] != "execution_start":  # the front prompt runs next (its messages go to everyone)
+            started = json.loads(ws.recv(timeout=60))
+    assert started["data"]["prompt_id"] == front["prompt_id"]
+    for item in [front, *waiting]:
+        server.services.queue.wait(item["prompt_id"], timeout=60)
+
+
+def test_embeddings_extensions_and_features_answer_as_comfyui_routes(server):
+    for path in ("/embeddings", "/api/embeddings", "/extensions", "/api/extensions"):
+        answer = server.http.get(path)
+        assert answer.status_code == 200 and answer.json() == [], path
+    features = server.http.get("/features").json()
+    assert features == server.http.get("/api/features").json()
+    assert features["max_upload_size"] == server.services.settings.max_upload_mb * 1024 * 1024
+    assert features["supports_preview_metadata"] is False  # no previews are sent over the socket
+
+
+def test_the_socket_ignores_binary_frames_and_answers_feature_flags(server):
+    with connect(f"{server.ws_url}/ws?clientId=flags-client&token={server.token}") as ws:
+        ws.recv(timeout=10)
+        ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+        answer = json.loads(ws.recv(timeout=10))
+        assert answer == {"type": "feature_flags", "data": server.http.get("/features").json()}
+        ws.send(b"\x00\x01binary")
+        ws.send(json.dumps({"type": "feature_flags", "data": {}}))  # only a first message is answered
+        prompt_id = server.http.post("/prompt", json={"prompt": example_prompt(), "client_id": "flags-client"}).json()["prompt_id"]
+        messages = messages_until_done(ws, prompt_id)  # the socket is still alive and served
+    assert "execution_success" in [m["type"] for m in messages]
+    assert "feature_flags" not in [m["type"] for m in messages]
+
+
+def test_upload_to_temp_and_output_keeps_the_name_of_identical_bytes_and_its_case(server):
+    picture = png_bytes((10, 200, 10))
+    first = server.http.post("/upload/image", files={"image": ("Mask.PNG", picture, "image/png")},
+                             data={"subfolder": "dupes"})
+    assert first.json() == {"name": "Mask.PNG", "subfolder": "dupes", "type": "input"}
+    again = server.http.post("/upload/image", files={"image": ("Mask.PNG", picture, "image/png")},
+                             data={"subfolder": "dupes"})
+    assert again.json()["name"] == "Mask.PNG", "the same bytes again: ComfyUI answers with the stored file"
+    other = server.http.post("/upload/image", files={"image": ("Mask.PNG", png_bytes((1, 1, 1)), "image/png")},
+                             data={"subfolder": "dupes"})
+    assert other.json()["name"] == "Mask (1).PNG"
+
+    for kind in ("temp", "output"):
+        answer = server.http.post("/upload/image", files={"image": ("edit.png", picture, "image/png")},
+                                  data={"type": kind, "subfolder": "uploads"})
+        assert answer.json() == {"name": "edit.png", "subfolder": "uploads", "type": kind}
+        view = server.http.get("/view", params={**answer.json(), "filename": "edit.png"})
+        assert view.status_code == 200 and view.content == picture
+    refused = server.http.post("/upload/image", files={"image": ("edit.png", png_bytes((9, 9, 9)), "image/png")},
+                               data={"type": "output", "subfolder": "uploads", "overwrite": "true"})
+    assert refused.status_code == 403 and "never overwritten" in refused.json()["error"]["message"]
+    assert server.http.post("/upload/image", files={"image": ("x.png", picture, "image/png")},
+                            data={"type": "elsewhere"}).status_code == 400
+
+
+def test_view_answers_head_previews_and_channels(server):
+    buffer = io.BytesIO()
+    Image.new("RGBA", (16, 8), (200, 100, 50, 128)).save(buffer, format="PNG")
+    server.http.post("/upload/image", files={"image": ("alpha.png", buffer.getvalue(), "image/png")},
+                     data={"overwrite": "true"})
+    where = {"filename": "alpha.png", "type": "input"}
+    full = server.http.get("/view", params=where)
+    head = server.http.head("/view", params=where)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == "image/png" and head.headers["content-length"] == str(len(full.content))
+    assert server.http.head("/view", params={**where, "filename": "missing.png"}).status_code == 404
+
+    webp = server.http.get("/view", params={**where, "preview": "webp;50"})
+    assert webp.headers["content-type"] == "image/webp" and Image.open(io.BytesIO(webp.content)).format == "WEBP"
+    jpeg = server.http.get("/view", params={**where, "preview": "jpeg;80"})
+    assert Image.open(io.BytesIO(jpeg.content)).format == "JPEG"
+    with_alpha = server.http.get("/view", params={**where, "preview": "jpeg", "channel": "a"})
+    assert with_alpha.headers["content-type"] == "image/webp"  # as ComfyUI: alpha needs webp
+    rgb = Image.open(io.BytesIO(server.http.get("/view", params={**where, "channel": "rgb"}).content))
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (200, 100, 50)
+    alpha = Image.open(io.BytesIO(server.http.get("/view", params={**where, "channel": "a"}).content))
+    assert alpha.mode == "RGBA" and alpha.getpixel((0, 0)) == (0, 0, 0, 128)
+    assert server.http.get("/view", params={**where, "channel": "rgba"}).content == full.content
+
+
+def test_an_int_input_given_a_fraction_is_truncated_as_comfyui_does(server):
+    prompt = example_prompt()
+    prompt["3"]["inputs"]["steps"] = 2.5
+    answer = server.http.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 200, answer.text
+    prompt_id = answer.json()["prompt_id"]
+    server.services.queue.wait(prompt_id, timeout=60)
+    assert server.services.ledger.rows(prompt_id)[0].steps == 2

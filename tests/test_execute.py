@@ -53,8 +53,8 @@ def test_runs_ancestors_of_outputs_in_order(registry, calls, tmp_path):
     assert outcome.saved_images == [("sum", 270)] and outcome.record == {"shown": 270}
     assert set(outcome.timings) == {"1", "2", "3", "4", "5"} and outcome.cache_hits == []
     node_events = [(e.kind, e.node_id, e.class_type) for e in events]
-    assert node_events == [("node", "1", "Number"), ("node", "2", "Number"), ("node", "3", "Add"),
-                           ("node", "4", "Pick"), ("node", "5", "Show"), ("done", None, None)]
+    assert node_events == [("cached", None, None), ("node", "1", "Number"), ("node", "2", "Number"),
+                           ("node", "3", "Add"), ("node", "4", "Pick"), ("node", "5", "Show"), ("done", None, None)]
 
 
 def test_literals_are_converted_exactly_and_optional_inputs_left_out(registry, calls, tmp_path):
@@ -83,7 +83,9 @@ def test_cache_serves_unchanged_nodes_but_outputs_always_run(registry, calls, tm
     outcome = executor.execute(graph(registry), ctx)
     assert ran(calls) == ["Show"], "identical run: only the output node runs again"
     assert outcome.cache_hits == ["1", "2", "3", "4"] and executor.cache_hits == 4
-    assert [e.node_id for e in events if e.kind == "cached"] == ["1", "2", "3", "4"]
+    # one event, before anything runs, naming every node the cache serves (ComfyUI's execution_cached)
+    assert [e.nodes for e in events if e.kind == "cached"] == [("1", "2", "3", "4")]
+    assert [e.kind for e in events][:2] == ["cached", "node"]
     assert ctx.saved_images == [("sum", 270)], "the output still saves"
 
     calls.clear()
@@ -243,7 +245,7 @@ def test_batch_rows_report_progress_to_their_own_context(registry, tmp_path):
     Executor(registry).execute_batch(rows, [make_context(tmp_path, e) for e in events])
     for row_events in events:
         kinds = [(e.kind, e.node_id) for e in row_events]
-        assert kinds == [("node", "1"), ("node", "2"), ("node", "3"), ("done", None)]
+        assert kinds == [("cached", None), ("node", "1"), ("node", "2"), ("node", "3"), ("done", None)]
 
 
 def test_batch_needs_one_context_per_row(registry, tmp_path):

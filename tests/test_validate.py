@@ -11,7 +11,7 @@ import pytest
 from arithmetic_nodes import arithmetic_registry, make_context
 from engine.errors import WorkflowInvalid
 from engine.nodes.base import Input, NodeType, Output
-from engine.validate import ensure_valid, output_ancestors, validate_workflow
+from engine.validate import coerce_literal, ensure_valid, output_ancestors, validate_workflow
 from engine.workflow import parse_workflow
 
 EXAMPLES = Path(__file__).parent / "data" / "comfyui-examples"
@@ -99,7 +99,8 @@ def test_a_link_only_input_refuses_literals_and_wrong_types(registry):
     [
         ("1", "value", "abc", "invalid_input_type"),
         ("1", "value", True, "invalid_input_type"),  # bools are not ints
-        ("1", "value", 1.5, "invalid_input_type"),
+        ("1", "value", float("inf"), "invalid_input_type"),
+        ("1", "value", "2.5", "invalid_input_type"),  # ComfyUI's int("2.5") fails too
         ("1", "value", [1], "invalid_input_type"),
         ("4", "scale", "fast", "invalid_input_type"),
         ("4", "scale", float("nan"), "invalid_input_type"),
@@ -113,6 +114,11 @@ def test_a_link_only_input_refuses_literals_and_wrong_types(registry):
 def test_bad_literals(registry, node_id, name, value, kind):
     problem = only(problems_of(registry, {node_id: {name: value}}))
     assert (problem.node_id, problem.type, problem.input_name) == (node_id, kind, name)
+
+
+@pytest.mark.parametrize("value, expected", [(2.5, 2), (-2.7, -2), (7.0, 7)])
+def test_int_truncates_a_float_as_comfyui_does(value, expected):
+    assert coerce_literal(Input("steps", "INT", min=-10, max=10), value) == expected
 
 
 def test_value_not_in_list_names_the_allowed_values(registry):

@@ -1,16 +1,22 @@
 """ComfyUI's HTTP and WebSocket API, served from the same engine and recorded in the same ledger.
 
 Existing ComfyUI clients (scripts, plugins, other apps) talk to this server unchanged: ``POST /prompt``,
-``GET /prompt``, ``GET /history[/{id}]``, ``GET /view``, ``GET /queue``, ``POST /queue``, ``POST /interrupt``,
-``GET /object_info[/{class}]``, ``GET /system_stats`` and ``/ws`` progress events (request and response
-shapes). Each prompt is a one-row batch in the ledger whose batch id is the
-prompt id; it runs on the same GPU queue as spreadsheet batches, and its images land in
-``<outputs>/<prompt_id>/`` (so ``/view`` gets ``subfolder=<prompt_id>``).
+``GET /prompt``, ``GET|POST /history[/{id}]``, ``GET|HEAD /view``, ``POST /upload/image``, ``GET /queue``,
+``POST /queue``, ``POST /interrupt``, ``GET /object_info[/{class}]``, ``GET /system_stats``, ``GET /embeddings``,
+``GET /extensions``, ``GET /features`` and ``/ws`` progress events (request and response shapes). Each prompt
+is a one-row batch in the ledger whose batch id is the prompt id; it runs on the same GPU queue as
+spreadsheet batches, and its images land in ``<outputs>/<prompt_id>/`` (previews in
+``<data>/temp/<prompt_id>/``), so ``/view`` gets ``subfolder=<prompt_id>``.
+
+Where this server cannot do what ComfyUI does it says so rather than pretend: ``executed`` messages are sent
+when the prompt's images are on disk (the end of its row), not as each output node finishes, because the
+PNGs are encoded off the GPU thread and stored with the ledger row; a /view URL sent earlier could 404.
 """
 
 # No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
 import asyncio
 import itertools
+import json
 import logging
 import platform
 import threading
@@ -22,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from engine.batch import BatchEvent
-from engine.errors import AccessDenied, EngineError, WorkflowFormatError, WorkflowInvalid
+from engine.errors import (
+    AccessDenied,
+    DeadlineExceeded,
+    EngineError,
+    ExecutionError,
+    WorkflowFormatError,
+    WorkflowInvalid,
+)
+from engine.execute import full_type_name
 from engine.logs import log_context
 from engine.store import check_batch_id, row_key
 from webapp import handlers
@@ -35,8 +49,11 @@ log = logging.getLogger(__name__)
 COMFY_KIND = "comfy"
 COMFY_TEMPLATE_NAME = f"({COMFY_KIND})"  # how prepare_workflow records the batch's template
 FINISHED = {"done", "failed", "timed_out", "cancelled"}
+MAXIMUM_HISTORY_SIZE = 10000  # ComfyUI's: /history lists at most the last this many prompts
 MAX_REMEMBERED_PROMPTS = 1000  # prompt bodies kept for /queue and /history; older ones are read from the ledger
 VIEW_TYPES = ("output", "temp", "input")
+# Queue events after which every socket is told the queue's new length (ComfyUI's queue_updated).
+QUEUE_EVENTS = {"batch_queued", "batch_started", "batch_done", "batch_cancelled", "batch_failed"}
 # The ComfyUI release whose API this server answers like (clients gate features on this version).
 COMFYUI_COMPAT_VERSION = "0.3.64"
 
@@ -48,6 +65,49 @@ def _now_ms() -> int:
 def _ledger_ms(stamp: str) -> int:
     """A ledger timestamp (ISO 8601, UTC) in ComfyUI's unit: milliseconds since the epoch."""
     return int(datetime.fromisoformat(stamp).timestamp() * 1000)
+
+
+# The exception type of a failed row recorded before rows kept how they failed.
+LEGACY_EXCEPTION_TYPES = {"timed_out": full_type_name(DeadlineExceeded), "failed": full_type_name(ExecutionError)}
+
+
+def failure_message(row: Any, timestamp: int) -> tuple[str, dict[str, Any]]:
+    """ComfyUI's execution_interrupted or execution_error for a row that ended without an image: the same
+    message on the socket and in /history, from what the ledger recorded of the failure."""
+    failure = (row.extra or {}).get("failure") or {}
+    data: dict[str, Any] = {
+        "prompt_id": row.batch_id,
+        "node_id": failure.get("node_id"),
+        "node_type": failure.get("node_type"),
+        "executed": list(failure.get("executed", [])),
+        "timestamp": timestamp,
+    }
+    if row.status == "cancelled":
+        return "execution_interrupted", data
+    data.update(
+        exception_message=row.error or row.status,
+        exception_type=failure.get("exception_type") or LEGACY_EXCEPTION_TYPES.get(row.status, row.status),
+        traceback=[],  # the engine reports errors by node and type, not by Python frames
+        current_inputs=dict(failure.get("current_inputs", {})),
+        current_outputs=list(failure.get("current_outputs", [])),
+    )
+    return "execution_error", data
+
+
+def server_features(upload_limit: "UploadLimit") -> dict[str, Any]:
+    """ComfyUI's server feature flags (GET /features, and the answer to a socket's feature_flags), saying
+    only what this server does: it sends no preview images, so no preview metadata either, and it has no
+    ComfyUI-Manager extension."""
+    return {"supports_preview_metadata": False, "max_upload_size": upload_limit.max_bytes}
+
+
+def view_roots(settings: Any) -> dict[str, Path]:
+    """The folders ComfyUI's image types name: where /view reads and where each kind of image lives."""
+    return {
+        "output": Path(settings.outputs_path),
+        "temp": Path(settings.data_path) / "temp",  # previews; BatchRunner.temp_dir puts them here
+        "input": Path(settings.input_path),
+    }
 
 
 def comfy_error(exc: EngineError) -> dict[str, Any]:
@@ -70,6 +130,7 @@ class ComfyBridge:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self.prompts: OrderedDict[str, dict[str, Any]] = OrderedDict()  # prompt_id -> number, client, prompt
+        self.batch_numbers: dict[str, int] = {}  # other batches on the queue -> their number in /queue
         self.sockets: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}  # client_id -> outboxes
         self.socket_users: dict[asyncio.Queue[dict[str, Any]], str] = {}  # outbox -> the user who opened it
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -78,37 +139,52 @@ class ComfyBridge:
     # ------------------------------------------------------------------ submission
 
     def submit(self, body: Any, user: str) -> dict[str, Any]:
-        """Validate and queue a prompt; WorkflowInvalid / WorkflowFormatError / BatchError when refused."""
+        """Validate and queue a prompt; WorkflowInvalid / WorkflowFormatError / BatchError when refused.
+
+        As ComfyUI: the output nodes that validate run and the others come back in ``node_errors`` (the
+        prompt is refused only when none validates); ``partial_execution_targets`` limits the run to those
+        output nodes; ``front`` queues the prompt ahead of every waiting batch (its number is negative).
+        """
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
             raise WorkflowFormatError("the request body needs a 'prompt' object in ComfyUI's API format")
         prompt = body["prompt"]
-        extra_data = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
+        extra_data = dict(body["extra_data"]) if isinstance(body.get("extra_data"), dict) else {}
+        if body.get("client_id") is not None:
+            extra_data["client_id"] = body["client_id"]  # as ComfyUI: the client travels in extra_data
+        targets = body.get("partial_execution_targets")
+        if targets is not None and not (isinstance(targets, list) and all(isinstance(t, (str, int)) for t in targets)):
+            raise WorkflowFormatError("partial_execution_targets must be a list of node ids")
         extra_pnginfo = extra_data.get("extra_pnginfo")
         # 'prompt' is always the API JSON the engine ran; a client cannot replace that chunk.
         png_extra = {str(k): v for k, v in extra_pnginfo.items() if k != "prompt"} if isinstance(extra_pnginfo, dict) else {}
         prompt_id = check_batch_id(str(body.get("prompt_id") or uuid.uuid4()))
         if self.services.ledger.get_batch(prompt_id) is not None:
             raise WorkflowFormatError(f"prompt_id {prompt_id} was already used")
-        client_id = body.get("client_id") or extra_data.get("client_id")
+        client_id = extra_data.get("client_id")
+        front = bool(body.get("front"))
         with log_context(prompt_id=prompt_id, user=user):
+            runnable, problems = self.services.engine.runnable_part(
+                prompt, [str(t) for t in targets] if targets is not None else None
+            )
             runner = self.services.runner
             prepared = runner.prepare_workflow(
-                prompt, user=user, batch_id=prompt_id, png_extra=png_extra or None, kind=COMFY_KIND
+                runnable, user=user, batch_id=prompt_id, png_extra=png_extra or None, kind=COMFY_KIND
             )
             runner.start(prepared)
             with self._lock:
-                number = next(self._numbers)
+                number = -next(self._numbers) if front else next(self._numbers)
                 self.prompts[prompt_id] = {
                     "number": number,
                     "client_id": client_id,
                     "prompt": prompt,
                     "extra_data": extra_data,
-                    "outputs": self._output_nodes(prompt),
+                    "outputs": self._output_nodes(runnable.to_api()),
                 }
                 self._forget_old()
-            self.services.queue.submit(prompt_id)
+            self.services.queue.submit(prompt_id, front=front)
             log.info("prompt queued (number %d)", number)
-        return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+        node_errors = WorkflowInvalid(problems).node_errors() if problems else {}
+        return {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
 
     def _forget_old(self) -> None:
         """Keep at most MAX_REMEMBERED_PROMPTS, dropping the oldest finished ones (caller holds the lock)."""
@@ -137,6 +213,8 @@ class ComfyBridge:
         batch = self.services.ledger.get_batch(prompt_id)
         if batch is None or batch.get("template_name") != COMFY_TEMPLATE_NAME:
             return None
+        if self.services.ledger.hidden_from_history(prompt_id):
+            return None  # deleted from history by a client (the ledger keeps it)
         rows = self.services.ledger.rows(prompt_id)
         if not rows or rows[0].status not in FINISHED:
             return None
@@ -155,8 +233,7 @@ class ComfyBridge:
         if row.status == "done":
             messages = [["execution_start", started], ["execution_success", ended]]
         else:
-            failure = {**ended, "exception_message": row.error or row.status, "exception_type": row.status}
-            kind = "execution_interrupted" if row.status == "cancelled" else "execution_error"
+            kind, failure = failure_message(row, ended["timestamp"])
             messages = [["execution_start", started], [kind, failure]]
         return {
             "prompt": [
@@ -176,44 +253,69 @@ class ComfyBridge:
         }
 
     def images_of(self, row: Any) -> list[dict[str, Any]]:
-        """A row's images as ComfyUI addresses them: filename, subfolder (under the outputs), type."""
-        outputs = Path(self.services.settings.outputs_path).resolve()
+        """A row's images as ComfyUI addresses them: filename, subfolder (under the type's folder) and type,
+        "output" (SaveImage) or "temp" (PreviewImage), the folders /view serves."""
+        roots = {kind: root.resolve() for kind, root in view_roots(self.services.settings).items()}
         images = row.images or ([{"path": row.image_path, "node_id": None}] if row.image_path else [])
         found = []
         for image in images:
-            path = Path(image["path"]).resolve()
-            subfolder = path.parent.relative_to(outputs).as_posix() if outputs in path.parents else ""
-            found.append(
-                {"filename": path.name, "subfolder": subfolder, "type": "output", "node_id": image.get("node_id")}
-            )
+            kind = image.get("type", "output")
+            path, root = Path(image["path"]).resolve(), roots[kind]
+            subfolder = path.parent.relative_to(root).as_posix() if root in path.parents else ""
+            found.append({"filename": path.name, "subfolder": subfolder, "type": kind, "node_id": image.get("node_id")})
         return found
 
     def history(self, max_items: int | None = None) -> dict[str, Any]:
-        """Finished prompts, oldest first (the most recent ``max_items`` when given)."""
-        batches = self.services.ledger.list_batches(limit=max(1, min(max_items or 200, 1000)))
+        """Finished prompts in the order they ended, oldest first: the most recent ``max_items`` when given,
+        else all of the last MAXIMUM_HISTORY_SIZE, as ComfyUI keeps them. The ledger picks ComfyUI's prompts
+        that have ended, so other batches and unfinished prompts never take a place of the limit."""
+        limit = MAXIMUM_HISTORY_SIZE if max_items is None else max(0, min(max_items, MAXIMUM_HISTORY_SIZE))
+        batches = self.services.ledger.ended_batches(COMFY_TEMPLATE_NAME, limit=limit) if limit else []
         result = {}
         for batch in reversed(batches):
-            entry = self.history_entry(batch["id"]) if batch.get("template_name") == COMFY_TEMPLATE_NAME else None
+            entry = self.history_entry(batch["id"])
             if entry is not None:
                 result[batch["id"]] = entry
         return result
 
+    def hide_history(self, prompt_ids: list[str] | None, caller: Any) -> int:
+        """ComfyUI's POST /history: ``prompt_ids`` (None: every finished prompt) leave /history. The ledger
+        is an audit log, so nothing is deleted: they are only hidden from history, and only those the
+        caller may control (their own, or any for an admin)."""
+        ledger = self.services.ledger
+        if prompt_ids is None:
+            prompt_ids = [b["id"] for b in ledger.ended_batches(COMFY_TEMPLATE_NAME)]
+        mine = [p for p in prompt_ids if self.history_entry(p) is not None
+                and handlers.may_control(self.services, caller, p)]
+        return ledger.hide_from_history(mine, hidden_by=caller.name)
+
     def queue_state(self) -> dict[str, Any]:
-        running, pending = [], []
-        with self._lock:
-            remembered = list(self.prompts.items())
-        for prompt_id, meta in remembered:
-            progress = self.services.queue.status(prompt_id)
-            if progress is None or progress.state not in {"queued", "running"}:
-                continue
-            item = [meta["number"], prompt_id, meta["prompt"], meta["extra_data"], meta["outputs"]]
-            (running if progress.state == "running" else pending).append(item)
-        return {"queue_running": running, "queue_pending": pending}
+        """ComfyUI's ``/queue``: everything on the shared GPU queue, running and waiting, in queue order.
+
+        Spreadsheet batches share the queue with prompts, so they are listed too (a client then sees what
+        its prompt waits for): as items with an empty prompt, no outputs and the batch in ``extra_data``.
+        """
+        queue = self.services.queue
+        running, pending = queue.running(), queue.queued()
+        return {"queue_running": [self._queue_item(b) for b in running],
+                "queue_pending": [self._queue_item(b) for b in pending if b not in running]}
+
+    def _queue_item(self, batch_id: str) -> list[Any]:
+        meta = self.prompts.get(batch_id)
+        if meta is not None:
+            return [meta["number"], batch_id, meta["prompt"], meta["extra_data"], meta["outputs"]]
+        batch = self.services.ledger.get_batch(batch_id) or {}
+        about = {"id": batch_id, "template": batch.get("template_name"), "user": batch.get("user"),
+                 "rows": batch.get("row_count")}
+        return [self.batch_numbers.get(batch_id, 0), batch_id, {}, {"batch": about}, []]
 
     def running_ids(self) -> list[str]:
-        with self._lock:
-            remembered = list(self.prompts)
-        return [p for p in remembered if (s := self.services.queue.status(p)) is not None and s.state == "running"]
+        """The ComfyUI prompts running now (what /interrupt may stop; a spreadsheet batch never)."""
+        return [p for p in self.services.queue.running() if p in self.prompts]
+
+    def pending_ids(self) -> list[str]:
+        """The ComfyUI prompts waiting now (what POST /queue may delete; a spreadsheet batch never)."""
+        return [p for p in self.services.queue.queued() if p in self.prompts]
 
     def queue_remaining(self) -> int:
         state = self.queue_state()
@@ -222,23 +324,41 @@ class ComfyBridge:
     # ------------------------------------------------------------------ websockets
 
     def on_batch_event(self, event: BatchEvent) -> None:
-        """Called on the queue thread: translate to ComfyUI messages and hand them to the event loop."""
+        """Called on the queue thread: translate to ComfyUI messages and hand them to the event loop.
+
+        Every change of the queue (a batch or prompt queued, started, finished, failed or deleted) sends
+        ``status`` to every socket, as ComfyUI's ``queue_updated`` does; a prompt's own messages go to its
+        client only.
+        """
         meta = self.prompts.get(event.batch_id)
-        if meta is None or self.loop is None:
+        if meta is None:
+            with self._lock:
+                if event.kind == "batch_queued":
+                    self.batch_numbers[event.batch_id] = next(self._numbers)
+                elif event.kind in {"batch_done", "batch_cancelled", "batch_failed"}:
+                    self.batch_numbers.pop(event.batch_id, None)
+        if self.loop is None:
+            return
+        if meta is None:
+            if event.kind in QUEUE_EVENTS:
+                self._send(None, self.status_message())
             return
         batch = self.services.ledger.get_batch(event.batch_id)
         owner = batch.get("user") if batch is not None else None
+        if event.kind in QUEUE_EVENTS:  # before execution_start and before the end's executing: null
+            self._send(None, self.status_message())
         for message in self._messages(event):
             self._send(meta.get("client_id"), message, owner)
 
     def _messages(self, event: BatchEvent) -> list[dict[str, Any]]:
         pid = event.batch_id
+        finished = {"type": "executing", "data": {"node": None, "prompt_id": pid}}
         if event.kind == "batch_started":
             return [{"type": "execution_start", "data": {"prompt_id": pid, "timestamp": _now_ms()}}]
         if event.kind == "node":
             return [{"type": "executing", "data": {"node": event.node_id, "display_node": event.node_id, "prompt_id": pid}}]
-        if event.kind == "cached":
-            return [{"type": "execution_cached", "data": {"nodes": [event.node_id], "prompt_id": pid, "timestamp": _now_ms()}}]
+        if event.kind == "cached":  # once, before any node runs, as ComfyUI sends it
+            return [{"type": "execution_cached", "data": {"nodes": list(event.nodes), "prompt_id": pid, "timestamp": _now_ms()}}]
         if event.kind == "step":
             return [{"type": "progress", "data": {"value": event.step, "max": event.steps, "prompt_id": pid, "node": event.node_id}}]
         if event.kind == "row_done":
@@ -247,23 +367,16 @@ class ComfyBridge:
                 {"type": "executed", "data": {"node": node, "display_node": node, "output": output, "prompt_id": pid}}
                 for node, output in entry["outputs"].items()
             ]
-            return [
-                *executed,
-                {"type": "execution_success", "data": {"prompt_id": pid, "timestamp": _now_ms()}},
-                {"type": "executing", "data": {"node": None, "prompt_id": pid}},
-            ]
+            return [*executed, {"type": "execution_success", "data": {"prompt_id": pid, "timestamp": _now_ms()}}]
         if event.kind == "row_failed":
             row = self.services.ledger.get_generation(row_key(pid, event.row_number or 1))
-            interrupted = row is not None and row.status == "cancelled"
-            data = {"prompt_id": pid, "timestamp": _now_ms()}
-            if not interrupted:
-                data.update(exception_message=event.error, exception_type="ExecutionError", traceback=[])
-            return [
-                {"type": "execution_interrupted" if interrupted else "execution_error", "data": data},
-                {"type": "executing", "data": {"node": None, "prompt_id": pid}},
-            ]
-        if event.kind == "batch_done":
-            return [self.status_message()]
+            if row is None:
+                return []
+            kind, data = failure_message(row, _now_ms())
+            return [{"type": kind, "data": data}]
+        if event.kind in {"batch_done", "batch_failed"}:
+            # As ComfyUI's worker: the queue's status first, then the prompt's end, executing with node null.
+            return [finished]
         return []
 
     def status_message(self) -> dict[str, Any]:
@@ -303,9 +416,46 @@ class ComfyBridge:
                     del self.sockets[client_id]
 
 
-def save_input_image(root: Path, filename: str, subfolder: str, data: bytes, overwrite: bool) -> Path:
-    """Store an uploaded image in the input folder under a safe name; a clash gets ``name (1).png``
-    unless ``overwrite``, as ComfyUI does. Only files that really are images are kept."""
+def image_variant(path: Path, preview: str | None, channel: str) -> tuple[bytes, str]:
+    """(bytes, format) of ComfyUI's /view variants of an image: ``preview`` "webp;90" / "jpeg;80" re-encodes
+    (webp whenever alpha is asked for, quality 90 unless given), else ``channel`` "rgb" (no alpha) or "a"
+    (the alpha alone, on transparent black) as PNG."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise AccessDenied(f"'{path.name}' is not an image: it has no preview or channels", status=400,
+                           reason="not_an_image") from exc
+    buffer = io.BytesIO()
+    if preview is not None:
+        parts = preview.split(";")
+        image_format = parts[0] if parts[0] in ("webp", "jpeg") and "a" not in channel else "webp"
+        quality = int(parts[-1]) if parts[-1].isdigit() else 90
+        if image_format == "jpeg" or channel == "rgb":
+            image = image.convert("RGB")
+        image.save(buffer, format=image_format, quality=min(quality, 100))
+        return buffer.getvalue(), image_format
+    if channel == "rgb":
+        image.convert("RGB").save(buffer, format="PNG")
+    else:
+        alpha = image.getchannel("A") if image.mode == "RGBA" else Image.new("L", image.size, 255)
+        only_alpha = Image.new("RGBA", image.size)
+        only_alpha.putalpha(alpha)
+        only_alpha.save(buffer, format="PNG")
+    return buffer.getvalue(), "png"
+
+
+def save_uploaded_image(
+    root: Path, filename: str, subfolder: str, data: bytes, overwrite: bool, may_overwrite: bool = True
+) -> Path:
+    """Store an uploaded image under ``root`` (the input, temp or output folder) under a safe name, as
+    ComfyUI does: a clash gets ``name (1).png`` unless ``overwrite``, and a file with the same bytes already
+    under the name is the answer itself (nothing is written twice). Only files that really are images are
+    kept; where ``may_overwrite`` is False (the outputs, which the ledger vouches for) overwrite is refused."""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -319,20 +469,25 @@ def save_input_image(root: Path, filename: str, subfolder: str, data: bytes, ove
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise AccessDenied(f"'{filename[:80]}' is not an image file", status=400, reason="not_an_image") from exc
     if subfolder.startswith(("/", "\\")):
-        raise AccessDenied("subfolder must stay inside the input folder", status=403, reason="bad_path")
+        raise AccessDenied("subfolder must stay inside its folder", status=403, reason="bad_path")
     folder = root.resolve()
     for part in Path(subfolder.rstrip("/")).parts:
         if part in {"..", ""} or ":" in part or "\\" in part:
-            raise AccessDenied("subfolder must stay inside the input folder", status=403, reason="bad_path")
+            raise AccessDenied("subfolder must stay inside its folder", status=403, reason="bad_path")
         folder = folder / part
     if folder != root.resolve() and root.resolve() not in folder.parents:
-        raise AccessDenied("subfolder must stay inside the input folder", status=403, reason="bad_path")
+        raise AccessDenied("subfolder must stay inside its folder", status=403, reason="bad_path")
+    if overwrite and not may_overwrite:
+        raise AccessDenied("images in the output folder are never overwritten; upload without overwrite",
+                           status=403, reason="no_overwrite")
     folder.mkdir(parents=True, exist_ok=True)
-    suffix = image_suffix(Path(filename).suffix.lower(), image_format)
+    suffix = image_suffix(Path(filename).suffix, image_format)
     name = safe_filename(Path(Path(filename).name).stem or "image", set(), suffix=suffix)
     target = folder / name
     counter = 1
     while target.exists() and not overwrite:
+        if target.is_file() and target.read_bytes() == data:
+            return target  # ComfyUI's duplicate check: the same image is not stored again
         target = folder / f"{Path(name).stem} ({counter}){suffix}"
         counter += 1
     temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
@@ -353,9 +508,20 @@ def image_suffix(suffix: str, image_format: str | None) -> str:
     from PIL import Image
 
     image_format = SAME_FORMAT.get(image_format or "", image_format or "")
-    if suffix and Image.registered_extensions().get(suffix) == image_format:
-        return suffix
+    if suffix and Image.registered_extensions().get(suffix.lower()) == image_format:
+        return suffix  # as the client named it, case and all
     return FORMAT_SUFFIXES.get(image_format, f".{image_format.lower() or 'png'}")
+
+
+def client_feature_flags(text: str) -> dict[str, Any] | None:
+    """The flags in a client's ``{"type": "feature_flags", "data": {...}}`` message; None for any other."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("type") != "feature_flags":
+        return None
+    return message.get("data") if isinstance(message.get("data"), dict) else {}
 
 
 def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") -> Any:
@@ -391,6 +557,20 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
     def get_history(max_items: int | None = Query(None), caller: Any = user) -> Any:
         return bridge.history(max_items)
 
+    @router.post("/history")
+    async def post_history(request: Request, caller: Any = user) -> Any:
+        """ComfyUI's history clear and delete: hides prompts from /history; the ledger keeps them."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        if body.get("clear"):
+            await asyncio.to_thread(bridge.hide_history, None, caller)
+        if isinstance(body.get("delete"), list):
+            await asyncio.to_thread(bridge.hide_history, [str(p) for p in body["delete"]], caller)
+        return {}
+
     @router.get("/history/{prompt_id}")
     def get_history_one(prompt_id: str, caller: Any = user) -> Any:
         entry = bridge.history_entry(prompt_id)
@@ -408,11 +588,12 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
             body = {}
         body = body if isinstance(body, dict) else {}
         targets = [str(p) for p in body.get("delete", [])] if isinstance(body.get("delete"), list) else []
+        pending = set(bridge.pending_ids())
         if body.get("clear"):
-            targets += [item[1] for item in bridge.queue_state()["queue_pending"]]
-        pending = {item[1] for item in bridge.queue_state()["queue_pending"]}
+            targets += list(pending)
         for prompt_id in targets:
-            # ComfyUI deletes queued prompts only (running ones need /interrupt); a user only their own
+            # ComfyUI deletes queued prompts only (running ones need /interrupt); a user only their own. A
+            # spreadsheet batch listed in /queue is left alone: it is stopped from the batch pages or /api.
             if prompt_id in pending and handlers.may_control(services, caller, prompt_id):
                 services.queue.cancel(prompt_id)
         return {}
@@ -441,17 +622,40 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
     def get_system_stats(caller: Any = user) -> Any:
         return system_stats(services)
 
+    @router.get("/embeddings")
+    def get_embeddings(caller: Any = user) -> Any:
+        """ComfyUI's textual-inversion embeddings: the engine loads none, so there are none to name."""
+        return []
+
+    @router.get("/extensions")
+    def get_extensions(caller: Any = user) -> Any:
+        """ComfyUI's front-end extension scripts: this server serves none (its pages are its own)."""
+        return []
+
+    @router.get("/features")
+    def get_features(caller: Any = user) -> Any:
+        return server_features(upload_limit)
+
     @router.get("/view")
-    def get_view(filename: str, subfolder: str = "", type: str = "output", caller: Any = user) -> Any:
-        settings = services.settings
-        roots = {
-            "output": Path(settings.outputs_path),
-            "temp": Path(settings.data_path) / "temp",
-            "input": Path(settings.input_path),
-        }
+    @router.head("/view", include_in_schema=False)  # ComfyUI's routes answer HEAD as GET without the body
+    def get_view(
+        filename: str, subfolder: str = "", type: str = "output",  # noqa: A002 - ComfyUI's parameter names
+        preview: str | None = None, channel: str | None = None, caller: Any = user,
+    ) -> Any:
+        """The file, or as ComfyUI: ``preview=webp;90`` (or ``jpeg;Q``) a re-encoded copy, ``channel=rgb``
+        the image without alpha, ``channel=a`` its alpha alone (``rgba``, the default: the file itself)."""
+        from fastapi.responses import Response
+
+        roots = view_roots(services.settings)
         if type not in roots:
             raise AccessDenied(f"type must be one of {', '.join(VIEW_TYPES)}", status=400, reason="bad_type")
-        return file_response(resolve_inside(roots[type], subfolder, filename))
+        path = resolve_inside(roots[type], subfolder, filename)
+        if preview is None and channel not in ("rgb", "a"):
+            return file_response(path)  # ComfyUI serves the file itself for rgba and any unknown channel too
+        data, image_format = image_variant(path, preview, channel or "")
+        name = Path(path.name).with_suffix(f".{image_format}").name
+        return Response(data, media_type=f"image/{image_format}",
+                        headers={"Content-Disposition": f'inline; filename="{name}"', "X-Content-Type-Options": "nosniff"})
 
     @router.post("/upload/image")
     async def upload_image(
@@ -462,17 +666,19 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
         overwrite: str = Form("false"),
         caller: Any = user,
     ) -> Any:
-        """ComfyUI's image upload, for LoadImage: the file lands in the input folder (never elsewhere)."""
-        if type != "input":
-            raise AccessDenied("only type=input uploads are accepted", status=400, reason="bad_type")
+        """ComfyUI's image upload: into the input folder (for LoadImage), or with ``type`` temp or output
+        into those folders, never outside them. An output is never overwritten."""
+        roots = view_roots(services.settings)
+        if type not in roots:
+            raise AccessDenied(f"type must be one of {', '.join(VIEW_TYPES)}", status=400, reason="bad_type")
         data = await image.read(upload_limit.max_bytes + 1)
         if len(data) > upload_limit.max_bytes:
             raise upload_limit.too_large(len(data), declared=False)
         saved = await asyncio.to_thread(
-            save_input_image, Path(services.settings.input_path), image.filename or "image.png", subfolder, data,
-            overwrite.strip().lower() in {"1", "true", "yes"},
+            save_uploaded_image, roots[type], image.filename or "image.png", subfolder, data,
+            overwrite.strip().lower() in {"1", "true", "yes"}, type != "output",
         )
-        return {"name": saved.name, "subfolder": subfolder.rstrip("/"), "type": "input"}
+        return {"name": saved.name, "subfolder": subfolder.rstrip("/"), "type": type}
 
     @router.websocket("/ws")
     async def websocket(socket: WebSocket, clientId: str | None = None, token: str | None = None) -> None:  # noqa: N803
@@ -494,9 +700,18 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
                 await socket.send_json(await outbox.get())
 
         sender = asyncio.create_task(forward())
+        first = True
         try:
             while True:  # clients may send nothing; reading notices the disconnect
-                await socket.receive_text()
+                received = await socket.receive()
+                if received["type"] == "websocket.disconnect":
+                    break
+                if received.get("text") is None:
+                    continue  # as ComfyUI: a binary frame is ignored
+                if first and client_feature_flags(received["text"]) is not None:
+                    # ComfyUI answers a client's first message, its feature flags, with the server's own
+                    outbox.put_nowait({"type": "feature_flags", "data": server_features(upload_limit)})
+                first = False
         except WebSocketDisconnect:
             pass
         finally:

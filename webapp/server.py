@@ -206,7 +206,9 @@ class BatchMetrics:
             self.metrics.observe_generation("skipped")
         for _ in range(event.cancelled):
             self.metrics.observe_generation("cancelled")
-        if event.kind != "step":
+        # batch_queued arrives on the submitting request's thread: refreshing there would make a submission
+        # wait for the model cache (a model loading holds it for minutes).
+        if event.kind not in ("step", "batch_queued"):
             self.refresh()
 
     def refresh(self) -> None:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """One progress report. ``kind`` is "node" (a node started), "step" (a sampler step) or "done"."""
+    """One progress report. ``kind`` is "cached" (once, before any node runs: ``nodes`` lists those the
+    cache will serve), "node" (a node started), "step" (a sampler step) or "done"."""
 
     kind: str
     node_id: str | None = None
@@ -25,6 +26,7 @@ class ProgressEvent:
     maximum: int = 0
     row_index: int | None = None  # set by the batch runner when several rows share one GPU batch
     preview: Any = None  # optional PIL image of the current latent (step events)
+    nodes: tuple[str, ...] = ()  # "cached" events: the node ids served from the cache
 
 
 @dataclass
