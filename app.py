@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -313,10 +314,13 @@ def cmd_token(args: argparse.Namespace) -> int:
 
     # The key the server signs with: SD35_JWT_SECRET, or with users configured the one kept in the data folder.
     settings = _settings_from(args)
-    settings, _ = signing_key_for(settings, load_users(settings))
+    users = load_users(settings)
+    settings, _ = signing_key_for(settings, users)
     issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
     if args.token_command == "create":
-        token = issuer.create(args.user, args.role, args.ttl)
+        known = users.get(args.user)
+        # A user of the users file gets a token tied to their password (see User.credential_id), with the role asked
+        token = issuer.create(replace(known, role=args.role) if known else args.user, args.role, args.ttl)
         claims = issuer.verify(token)
         print(token)
         print(f"token {claims.jti} for {claims.sub} ({claims.role}) expires {claims.expires_at.isoformat()}",

@@ -118,7 +118,10 @@ class SecretFilter(logging.Filter):
 
     PATTERNS = (
         (re.compile(r"([?&](?:access_)?token=)[^&\s\"']+", re.IGNORECASE), r"\1[redacted]"),
-        (re.compile(r"(bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1[redacted]"),
+        # Token-shaped words only (a digit or punctuation in them, or 16 characters long): "bearer tokens" in a
+        # sentence is left as it is.
+        (re.compile(r"(bearer\s+)(?=[A-Za-z]*[0-9._~+/=-]|[A-Za-z]{16})[A-Za-z0-9._~+/=-]+", re.IGNORECASE),
+         r"\1[redacted]"),
         (re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), "[redacted token]"),  # any JWT
     )
 

@@ -161,10 +161,13 @@ def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, st
 
 
 def _check_outputs_hold_no_private_files(settings: Settings) -> None:
-    """The outputs folder is served to users (/files, /view): the ledger, the signing key and the uploads
-    must not be inside it."""
+    """The outputs folder is served to users (/files, /view): the ledger, the signing key, the uploads and
+    the users file (password hashes) must not be inside it."""
     outputs = settings.outputs_path.resolve()
-    for label, private in (("data folder", settings.data_path), ("ledger", settings.ledger_path)):
+    private_files = [("data folder", settings.data_path), ("ledger", settings.ledger_path)]
+    if settings.users_file:
+        private_files.append(("users file", Path(settings.users_file)))
+    for label, private in private_files:
         if private.resolve().is_relative_to(outputs):
             raise ValueError(
                 f"output_dir {settings.outputs_path} would serve the {label} {private} to every user; give the "

@@ -179,6 +179,15 @@ def test_the_users_file_is_followed_without_a_restart(server, anonymous):
     refused = anonymous.post("/api/token", json={"username": "frank", "password": "frank-pass"})
     assert refused.status_code == 401
 
+    # A new frank (the name added back) is not the old one: what the old one held stays dead.
+    add_user(users_file, "frank", "another-pass", "admin")
+    revived = anonymous.get("/api/templates", headers=bearer(token))
+    assert revived.status_code == 401 and error_of(revived)["details"]["reason"] == "credentials_changed"
+    with httpx.Client(base_url=server.url, timeout=30, cookies={"sd35_session": session}) as browser:
+        assert browser.get("/", follow_redirects=False).status_code == 303
+    fresh = anonymous.post("/api/token", json={"username": "frank", "password": "another-pass"}).json()
+    assert anonymous.get("/api/templates", headers=bearer(fresh["access_token"])).status_code == 200
+
 
 def test_an_unreadable_users_file_keeps_the_users_loaded_before(server, bob):
     users_file = Path(server.settings.users_file)

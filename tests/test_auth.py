@@ -326,3 +326,17 @@ def test_revoking_a_user_signs_out_their_browser_sessions_and_api_tokens(tmp_pat
         guard.identify(f"Bearer {api_token}")
     assert refused.value.details["reason"] == "revoked" and refused.value.details["status"] == 401
     assert revocations.entries()["users"][0]["subject"] == "ann"
+
+
+def test_a_token_is_tied_to_the_password_its_user_had_when_it_was_issued():
+    tokens = TokenIssuer(SECRET, ISSUER, AUDIENCE)
+    alice = User("alice", ADMIN, hash_password("first-pass"))
+    claims = tokens.verify(tokens.create(alice))
+    claims.check_credential(alice)  # unchanged: accepted
+
+    again = User("alice", ADMIN, hash_password("first-pass"))  # the same password set again: a new salt
+    with pytest.raises(AccessDenied) as refused:
+        claims.check_credential(again)
+    assert refused.value.details["reason"] == "credentials_changed"
+    assert tokens.verify(tokens.create("bot", USER)).credential == ""  # a bare name has no password to follow
+    assert "first-pass" not in alice.credential_id and len(alice.credential_id) == 16

@@ -438,3 +438,5 @@ def test_an_output_folder_that_would_serve_the_ledger_is_refused(tmp_path):
     assert result.returncode == 2
     assert "would serve the data folder d to every user" in result.stderr
     assert not (tmp_path / "d").exists()  # refused before anything was created
+    users = app("--output-dir", "out", "--users-file", "out/users.json", "templates", cwd=tmp_path)
+    assert users.returncode == 2 and "would serve the users file out/users.json" in users.stderr

@@ -154,11 +154,15 @@ def test_tokens_never_reach_the_log_whoever_logs_them(capture):
     logger.info("header was Authorization: Bearer %s", "abc.def.ghi")
     logger.info("a bare token %s in a message", jwt_text)
     logger.info("nothing secret: tokens=3 of 77")
+    logger.info("the API asks for bearer tokens, the page does not")
+    logger.info("Authorization: Bearer %s", "abcdefghijklmnopqrst")
     messages = [json.loads(line)["message"] for line in lines()]
     assert all("c2lnbmF0dXJl" not in m and "abc.def.ghi" not in m for m in messages)
     assert messages[0] == '127.0.0.1:5000 - "WebSocket /ws?clientId=abc&token=[redacted]" [accepted]'
     assert messages[1] == "header was Authorization: Bearer [redacted]"
     assert messages[3] == "nothing secret: tokens=3 of 77"
+    assert messages[4] == "the API asks for bearer tokens, the page does not"
+    assert messages[5] == "Authorization: Bearer [redacted]"
 
 
 def test_model_library_warnings_come_out_in_the_configured_format():

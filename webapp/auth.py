@@ -168,6 +168,13 @@ class User:
     def is_admin(self) -> bool:
         return self.role == ADMIN
 
+    @property
+    def credential_id(self) -> str:
+        """Changes whenever the password is set again (a new salt each time): tokens and sessions carry it,
+        so a new password, or a removed user added back under the same name, leaves none of the old ones
+        working. A hash of the hash: nothing about the password can be learnt from it."""
+        return hashlib.sha256(self.password_hash.encode()).hexdigest()[:16] if self.password_hash else ""
+
     def to_dict(self) -> dict[str, str]:
         return {"name": self.name, "password_hash": self.password_hash, "role": self.role}
 
@@ -440,14 +447,28 @@ class Claims:
     jti: str
     issuer: str
     audience: str
+    credential: str = ""  # the user's credential_id when issued; "" for tokens of a bare name
 
     @property
     def name(self) -> str:
         return self.sub
 
+    def check_credential(self, user: "User") -> None:
+        """AccessDenied when ``user``'s password was set again after this token was issued."""
+        if self.credential and self.credential != user.credential_id:
+            raise _denied(f"the password of {user.name!r} was set again after this token was issued; sign in again",
+                          "credentials_changed")
+
     @property
     def is_admin(self) -> bool:
         return self.role == ADMIN
+
+    @property
+    def credential_id(self) -> str:
+        """Changes whenever the password is set again (a new salt each time): tokens and sessions carry it,
+        so a new password, or a removed user added back under the same name, leaves none of the old ones
+        working. A hash of the hash: nothing about the password can be learnt from it."""
+        return hashlib.sha256(self.password_hash.encode()).hexdigest()[:16] if self.password_hash else ""
 
 
 def _denied(message: str, reason: str) -> AccessDenied:
@@ -514,6 +535,7 @@ class TokenIssuer:
                 setting="jwt_secret",
             )
         name = user.name if isinstance(user, User) else user
+        credential = user.credential_id if isinstance(user, User) else ""
         if role is None:
             if not isinstance(user, User):
                 raise EngineError("a role is needed when issuing a token for a bare user name", name=name)
@@ -529,6 +551,8 @@ class TokenIssuer:
             "aud": self.audience,
             "jti": uuid.uuid4().hex,
         }
+        if credential:
+            claims["cred"] = credential
         return jwt.encode(claims, self._secret, algorithm=JWT_ALGORITHM)
 
     def verify(self, token: str) -> Claims:
@@ -573,6 +597,7 @@ class TokenIssuer:
             jti=str(payload.get("jti", "")),
             issuer=payload["iss"],
             audience=aud if isinstance(aud, str) else self.audience,
+            credential=str(payload.get("cred", "")),
         )
 
 

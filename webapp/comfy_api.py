@@ -524,6 +524,16 @@ def client_feature_flags(text: str) -> dict[str, Any] | None:
     return message.get("data") if isinstance(message.get("data"), dict) else {}
 
 
+async def _json_object(request: Any) -> dict[str, Any]:
+    """The request's JSON object; anything else (no body, not JSON, a list) reads as ``{}``, as ComfyUI's
+    optional bodies do."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") -> Any:
     """The ComfyUI-compatible routes as a FastAPI router (mounted at the server's root); ``.bridge`` is its
     :class:`ComfyBridge`."""
@@ -560,11 +570,7 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
     @router.post("/history")
     async def post_history(request: Request, caller: Any = user) -> Any:
         """ComfyUI's history clear and delete: hides prompts from /history; the ledger keeps them."""
-        try:
-            body = await request.json()
-        except ValueError:
-            body = {}
-        body = body if isinstance(body, dict) else {}
+        body = await _json_object(request)
         if body.get("clear"):
             await asyncio.to_thread(bridge.hide_history, None, caller)
         if isinstance(body.get("delete"), list):
@@ -582,11 +588,7 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
 
     @router.post("/queue")
     async def post_queue(request: Request, caller: Any = user) -> Any:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = {}
-        body = body if isinstance(body, dict) else {}
+        body = await _json_object(request)
         targets = [str(p) for p in body.get("delete", [])] if isinstance(body.get("delete"), list) else []
         pending = set(bridge.pending_ids())
         if body.get("clear"):
@@ -600,11 +602,7 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
 
     @router.post("/interrupt")
     async def post_interrupt(request: Request, caller: Any = user) -> Any:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = {}
-        wanted = body.get("prompt_id") if isinstance(body, dict) else None
+        wanted = (await _json_object(request)).get("prompt_id")
         for prompt_id in bridge.running_ids():
             if (wanted is None or wanted == prompt_id) and handlers.may_control(services, caller, prompt_id):
                 services.queue.cancel(prompt_id)

@@ -83,6 +83,7 @@ class ApiGuard:
             raise AccessDenied(
                 f"the token's user {claims.sub!r} no longer exists", status=401, reason="unknown_user", user=claims.sub
             )
+        claims.check_credential(user)
         return Caller(user.name, user.role)
 
     def admit(self, caller: Caller, route: str, role: str = USER, action: str | None = None) -> dict[str, str]:

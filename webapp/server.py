@@ -92,9 +92,12 @@ class WebAuth:
             claims = self.sessions.verify(token)
             if self.revocations is not None:
                 self.revocations.check(claims)
+            user = self.users.get(claims.sub)
+            if user is not None:
+                claims.check_credential(user)
         except AccessDenied:
             return None
-        return self.users.get(claims.sub)
+        return user
 
     def sign_out(self, request: Any) -> None:
         """Refuse the request's session cookie from now on: a copy of it kept elsewhere is dead too."""

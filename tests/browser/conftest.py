@@ -3,6 +3,7 @@ folder, a users file with an admin and a user, the demo model, and Debian's chro
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -27,8 +28,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
     """``(base_url, services)`` of the running web app."""
-    import uvicorn
-
     from engine.settings import load_settings
     from webapp.auth import UserStore, add_user
     from webapp.server import create_app
@@ -46,17 +45,8 @@ def app_server(tmp_path_factory):
         environ={},
     )
     app, services = create_app(settings, users=UserStore.from_file(users_file))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="webapp", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the web app did not start")
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", services
-    server.should_exit = True
-    thread.join(timeout=10)
+    with _serving(app, port):
+        yield f"http://127.0.0.1:{port}", services
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +54,6 @@ def space_server(tmp_path_factory):
     """``(base_url, services)`` of the app as a public Hugging Face Space without users (``SPACE_ID`` set
     while it is built): everyone uses it without signing in."""
     import os
-
-    import uvicorn
 
     from engine.settings import load_settings
     from webapp.auth import UserStore
@@ -86,17 +74,8 @@ def space_server(tmp_path_factory):
             os.environ.pop("SPACE_ID")
         else:
             os.environ["SPACE_ID"] = before
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="space", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the web app did not start")
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", services
-    server.should_exit = True
-    thread.join(timeout=10)
+    with _serving(app, port):
+        yield f"http://127.0.0.1:{port}", services
 
 
 @pytest.fixture(scope="module")  # Playwright's sync API holds an event loop: let it go before other tests
@@ -133,3 +112,23 @@ def screenshot():
         page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
     return take
+
+
+@contextlib.contextmanager
+def _serving(app, port: int):
+    """``app`` served by uvicorn on a thread, from started to stopped."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="webapp", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the web app did not start")
+        time.sleep(0.1)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

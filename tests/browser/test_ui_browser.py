@@ -180,14 +180,19 @@ def test_single_image_with_an_uploaded_product_photo(app_server, new_page, scree
     assert row.status == "done" and row.row_values["product_photo"] == "blue-mug.png"
 
 
+def long_sheet(tmp_path):
+    """Eight rows large enough (for the demo model) that the batch still runs when Cancel is pressed."""
+    sheet = tmp_path / "long.csv"
+    sheet.write_text("prompt,seed,width,height,steps\n"
+                     + "".join(f"row {n},{n},768,768,12\n" for n in range(8)), encoding="utf-8")
+    return sheet
+
+
 def test_cancel_a_running_batch_with_live_progress(app_server, new_page, screenshot, tmp_path):
     base_url, services = app_server
     page = new_page()
     log_in(page, base_url, "bob", "bob-pass")
-    # Rows large enough (for the demo model) that the batch is still running when Cancel is pressed.
-    sheet = tmp_path / "long.csv"
-    sheet.write_text("prompt,seed,width,height,steps\n"
-                     + "".join(f"row {n},{n},768,768,12\n" for n in range(8)), encoding="utf-8")
+    sheet = long_sheet(tmp_path)
     upload_sheet(page, sheet)
     page.get_by_text("8 rows ready, 0 rows with problems").wait_for()
     page.locator("#start-batch").click()
@@ -360,9 +365,7 @@ def test_on_a_public_space_each_visitor_owns_their_own_batches(space_server, new
     base_url, services = space_server
     owner = new_page()
     owner.goto(base_url + "/")
-    sheet = tmp_path / "long.csv"
-    sheet.write_text("prompt,seed,width,height,steps\n"
-                     + "".join(f"row {n},{n},768,768,12\n" for n in range(8)), encoding="utf-8")
+    sheet = long_sheet(tmp_path)
     upload_sheet(owner, sheet)
     owner.get_by_text("8 rows ready, 0 rows with problems").wait_for()
     owner.locator("#start-batch").click()
