@@ -519,31 +519,29 @@ class BatchRunner:
         return f"{socket.gethostname()}:{os.getpid()}"
 
     def _requeue_abandoned(self, batch_id: str) -> None:
-        """Rows left ``running`` by a process that is gone (killed, crashed) go back to ``queued``.
+        """Rows left ``running`` by a process that is gone (killed, crashed) go back to ``queued``; a row
+        whose process died while running it ``MAX_ROW_ATTEMPTS`` times is failed instead."""
+        for claimant in {row.worker for row in self.ledger.rows(batch_id, RUNNING) if self._claim_is_gone(row)}:
+            self.ledger.reset_stale_running(batch_id, worker=claimant, max_attempts=MAX_ROW_ATTEMPTS)
 
-        A claimant on this host is gone when its process no longer exists, or when it is this very process
-        and the batch is not running here. A claimant on another host is trusted until its claim is older
-        than a row could possibly take.
+    def _claim_is_gone(self, row: Any) -> bool:
+        """Whether no live process holds the claim on ``row``.
+
+        This process's own claim is gone: callers ask about batches not running here, or (run) before this
+        run claimed anything, and there is one run of a batch at a time; so it was an earlier run's that
+        stopped, or a process before a restart that got the same pid (pid 1 in a container). A claimant on this host is gone when its process is, or when the process
+        with its pid started after the claim (the pid was reused). A claimant on another host is trusted
+        until its claim is older than a row could possibly take.
         """
-        me = self.worker_id
-        host = socket.gethostname()
+        claimant = row.worker or ""
+        claim_host, _, pid = claimant.rpartition(":")
+        claimed_at = _parse_time(row.started_at)
+        if claimant == self.worker_id:
+            return True  # callers never ask about a batch running here
+        if claim_host == socket.gethostname() and pid.isdigit():
+            return not process_alive(int(pid), since=claimed_at)
         stale_after = timedelta(seconds=2 * float(self.settings.row_timeout_s) + 600)
-        for row in self.ledger.rows(batch_id, RUNNING):
-            claimant = row.worker or ""
-            claim_host, _, pid = claimant.rpartition(":")
-            if claimant == me:
-                # Only one run of a batch at a time in a process (see run), and this one has not claimed
-                # anything yet: the claim is an earlier run's that stopped (a full disk), or a process
-                # before a restart that got the same pid (pid 1 in a container).
-                gone = True
-            elif claim_host == host and pid.isdigit():
-                gone = not process_alive(int(pid))
-            else:
-                claimed_at = _parse_time(row.started_at)
-                gone = claimed_at is None or datetime.now(timezone.utc) - claimed_at > stale_after
-            if gone:
-                # A row that took its process down every time is failed, not retried forever.
-                self.ledger.reset_stale_running(batch_id, worker=row.worker, max_attempts=MAX_ROW_ATTEMPTS)
+        return claimed_at is None or datetime.now(timezone.utc) - claimed_at > stale_after
 
     def run(
         self,
@@ -612,10 +610,15 @@ class BatchRunner:
         def cancelled() -> bool:
             return self.is_cancelled(batch_id) or (should_cancel is not None and should_cancel())
 
+        began: set[str] = set()
+
         def on_progress(row_key: str, event: Any) -> None:
             job = by_key.get(row_key)
             if job is None:
                 return
+            if row_key not in began:  # its first node runs: from now on a crash of this process is its crash
+                began.add(row_key)
+                self.ledger.mark_began(row_key)
             if event.kind == "step":
                 emit("step", row_number=job.row_number, node_id=event.node_id, step=event.value, steps=event.maximum)
             elif event.kind == "node":
@@ -667,7 +670,7 @@ class BatchRunner:
         """A full disk or an unwritable folder stops the batch: no later row could be stored either. The
         rows this run claimed go back to ``queued`` (none of them is the row's fault), so a resume after
         the space is freed runs them; finished rows and files are untouched."""
-        self.ledger.reset_stale_running(batch_id, worker=self.worker_id)
+        self.ledger.reset_stale_running(batch_id, worker=self.worker_id, crashed=False)
         where = f" {exc.filename}" if exc.filename else ""
         return BatchError(
             f"batch {batch_id} stopped at row {job.row_number}: cannot write{where}: {exc.strerror or exc}. "
@@ -675,10 +678,27 @@ class BatchRunner:
             batch_id=batch_id, row=job.row_number, path=exc.filename,
         )
 
+    def cancel_waiting(self, batch_id: str) -> int:
+        """Cancel a batch that is not running in this process: its queued rows, and those a dead process
+        left claimed, become ``cancelled`` (rows a live process runs are left to it). Returns how many."""
+        self._requeue_abandoned(batch_id)
+        return self.ledger.cancel_batch(batch_id)
+
+    def release_claims(self) -> int:
+        """Give back every row this process has claimed (shutting down): they are queued again, and none
+        counts a crash. Returns how many."""
+        return self.ledger.reset_stale_running(worker=self.worker_id, crashed=False)
+
     def abandoned_batches(self) -> list[str]:
         """Batches a process left unfinished when it died (still ``created`` or ``running`` in the ledger,
-        with rows to run; not those a user cancelled): what a restarted web app resumes. Oldest first."""
-        return self.ledger.abandoned_batch_ids()
+        with rows to run; not those a user cancelled), and that no live process works on now: what the web
+        app resumes when it starts and whenever such a process goes away. Oldest first."""
+        with self._lock:
+            active = set(self._active)
+        return [
+            batch_id for batch_id in self.ledger.abandoned_batch_ids()
+            if batch_id not in active and all(self._claim_is_gone(row) for row in self.ledger.rows(batch_id, RUNNING))
+        ]
 
     def summary(self, batch_id: str, seconds: float = 0.0) -> BatchSummary:
         rows = self.ledger.rows(batch_id)
@@ -733,7 +753,7 @@ class BatchRunner:
             },
             deadline_s=float(self.settings.row_timeout_s),
             checkpoint=_checkpoint_of(workflow) or self.default_checkpoint,
-            attempt=max(1, int(row.attempts or 0)),  # the claim just counted this attempt
+            attempt=int(row.attempts or 0) + 1,  # the attempt about to begin
             input_dir=str(photos) if (photos := self.images_dir(batch["id"])).is_dir() else None,
         )
 
@@ -842,7 +862,11 @@ class _WorkflowTemplate:
     filename_pattern: str
 
 
-def process_alive(pid: int) -> bool:
+def process_alive(pid: int, since: datetime | None = None) -> bool:
+    """Whether process ``pid`` runs (a zombie does not). With ``since``: and started no later than that,
+    so a pid the system gave to a new process after a reboot is not taken for the old one (Linux)."""
+    if since is not None and (started := _process_start_time(pid)) is not None and started > since:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -856,6 +880,19 @@ def process_alive(pid: int) -> bool:
     except (OSError, IndexError):  # no /proc (not Linux): signal 0 is all there is
         return True
     return state not in ("Z", "X")
+
+
+def _process_start_time(pid: int) -> datetime | None:
+    """When process ``pid`` started, from /proc (None where there is no /proc, or no such process). Rounded
+    down to the clock tick, with a second of slack for the boot time's own rounding."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        ticks = int(fields[19])  # starttime: clock ticks after boot (field 22; fields here start at field 3)
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK") - 1.0, timezone.utc)
 
 
 def _parse_time(text: str | None) -> datetime | None:
@@ -874,7 +911,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
+        with contextlib.suppress(OSError):  # a read-only folder refuses this too: the first error is the one
+            tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
         if exc.filename is None or exc.filename == str(tmp):
             exc.filename = str(path)  # the caller reports the file the row was writing, not the temp name
         raise

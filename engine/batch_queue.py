@@ -121,7 +121,7 @@ class BatchQueue:
                 # Under the lock: the queue thread cannot finish the run between this check and the flag.
                 self.runner.cancel(batch_id)
         if waiting:
-            cancelled_rows = self.runner.ledger.cancel_batch(batch_id)
+            cancelled_rows = self.runner.cancel_waiting(batch_id)
             self._publish(BatchEvent("batch_cancelled", batch_id, cancelled=cancelled_rows))
             return "removed_from_queue"
         return "cancelling" if running else "not_running"
@@ -171,6 +171,9 @@ class BatchQueue:
     @staticmethod
     def _finish(progress: BatchProgress, summary: Any) -> None:
         """Set the final state of a run from its summary (caller holds the lock)."""
+        if summary.running:  # rows another live process holds: this run is over, the batch is not
+            progress.state, progress.remaining = "running_elsewhere", summary.running
+            return
         progress.state = "cancelled" if summary.cancelled else ("done" if summary.ok else "finished_with_errors")
         progress.remaining = 0 if progress.state != "cancelled" else progress.remaining
 

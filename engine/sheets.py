@@ -360,6 +360,12 @@ def sheet_from_records(
     for number, record in enumerate(records, start=first_row):
         cells: dict[str, str] = {}
         for key, value in record.items():
+            if isinstance(value, float) and abs(value) >= 2**53:  # JSON parsed it as a double: digits lost
+                problems.append(RowProblem(
+                    number, str(key), f"{value!r} is a number past 2^53, which JSON readers keep only "
+                    "approximately; send it as a string or an integer without a decimal point",
+                    "inexact_number", {"value": repr(value)},
+                ))
             text = _clean_cell(cell_text(value))
             if len(text) > limits.max_cell_chars:  # as a CSV's huge cell: a problem of this row only
                 problems.append(RowProblem(
@@ -727,7 +733,7 @@ PROBLEM_CODES = (
     "required_column_missing", "required_value_empty", "not_whole_number", "not_a_number", "too_large",
     "not_yes_no", "below_minimum", "above_maximum", "text_too_long", "seed_out_of_range", "not_a_choice",
     "not_a_file_name", "cell_too_long", "photo_not_named", "photo_unreadable", "photo_type_unsupported",
-    "photo_not_uploaded", "excel_rounded",
+    "photo_not_uploaded", "excel_rounded", "inexact_number",
 )
 
 

@@ -176,6 +176,16 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        4,
+        "rows that began, and crashes while running",
+        (
+            # A claim takes a row; it *begins* when its first node runs. Only a row that had begun when its
+            # process died counts a crash: rows claimed in advance, cancelled or released never do.
+            "ALTER TABLE generations ADD COLUMN began_at TEXT",
+            "ALTER TABLE generations ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 
 
@@ -214,10 +224,12 @@ class Generation:
     template_hash: str | None = None
     workflow: dict[str, Any] | None = None
     error: str | None = None
-    attempts: int = 0
+    attempts: int = 0  # times the row began running
+    crashes: int = 0  # times its process died while it was running
     worker: str | None = None
     queued_at: str | None = None
-    started_at: str | None = None
+    started_at: str | None = None  # when it was claimed
+    began_at: str | None = None  # when its first node ran, in the current claim
     finished_at: str | None = None
     duration_s: float | None = None
     sampler_s: float | None = None
@@ -601,8 +613,8 @@ class BatchLedger:
             if found is None:
                 return None
             cursor = conn.execute(
-                "UPDATE generations SET status = 'running', worker = ?, started_at = ?, finished_at = NULL, "
-                "attempts = attempts + 1 WHERE row_key = ? AND status = 'queued'",
+                "UPDATE generations SET status = 'running', worker = ?, started_at = ?, began_at = NULL, "
+                "finished_at = NULL WHERE row_key = ? AND status = 'queued'",
                 (worker, now, found[0]),
             )
             return found[0] if cursor.rowcount == 1 else None
@@ -617,6 +629,12 @@ class BatchLedger:
     def claim_row(self, key: str, worker: str | None = None) -> Generation | None:
         """Atomically take one queued row by key; None when it is not queued (someone else has it)."""
         return self._claim("row_key = ?", [key], worker)
+
+    def mark_began(self, key: str) -> None:
+        """The claimed row's first node runs now: one more attempt, and a crash from here on counts."""
+        self._write(lambda conn: conn.execute(
+            "UPDATE generations SET began_at = ?, attempts = attempts + 1 "
+            "WHERE row_key = ? AND status = 'running' AND began_at IS NULL", (_now(), key)))
 
     def mark_running(
         self, key: str, workflow: Mapping[str, Any] | None = None, prompt_id: str | None = None,
@@ -748,13 +766,16 @@ class BatchLedger:
         return self._write(update)
 
     def reset_stale_running(
-        self, batch_id: str | None = None, worker: str | None = None, max_attempts: int | None = None
+        self, batch_id: str | None = None, worker: str | None = None, max_attempts: int | None = None,
+        crashed: bool = True,
     ) -> int:
-        """Rows left ``running`` by a crashed process go back to ``queued`` (attempts kept).
+        """Rows left ``running`` go back to ``queued`` (attempts kept).
 
         Call it only when no live process works on those rows (at start-up, or with the dead ``worker``).
-        With ``max_attempts``, a row that already used them is failed instead: a row that kills every
-        worker does not loop forever. Returns how many rows were requeued.
+        ``crashed``: their process died, so each row that had begun counts a crash; False when a live process
+        gives its claims back (a full disk, shutting down). With ``max_attempts``, a row whose process died
+        that many times while running it is failed instead: a row that kills every worker does not loop
+        forever, while rows that only waited their turn are never blamed. Returns how many were requeued.
         """
         where = ["status = 'running'"]
         params: list[Any] = []
@@ -770,15 +791,18 @@ class BatchLedger:
         def update(conn: sqlite3.Connection) -> int:
             batches = [r[0] for r in conn.execute(f"SELECT DISTINCT batch_id FROM generations WHERE {condition}",
                                                   params)]
+            if crashed:
+                conn.execute(f"UPDATE generations SET crashes = crashes + 1 WHERE {condition} AND began_at IS NOT NULL",
+                             params)
             if max_attempts is not None:
                 conn.execute(
-                    f"UPDATE generations SET status = 'failed', finished_at = ?, error = 'abandoned: the process "
-                    f"running it died ' || attempts || ' time(s)' WHERE {condition} AND attempts >= ?",
+                    f"UPDATE generations SET status = 'failed', finished_at = ?, error = 'abandoned: its process "
+                    f"died while running it ' || crashes || ' time(s)' WHERE {condition} AND crashes >= ?",
                     [now, *params, int(max_attempts)],
                 )
             cursor = conn.execute(
-                f"UPDATE generations SET status = 'queued', worker = NULL, started_at = NULL WHERE {condition}",
-                params,
+                f"UPDATE generations SET status = 'queued', worker = NULL, started_at = NULL, began_at = NULL "
+                f"WHERE {condition}", params,
             )
             for bid in batches:
                 _refresh_counts(conn, bid)

@@ -400,7 +400,7 @@ def test_a_row_claimed_by_another_live_process_is_left_to_it(services_factory, t
         other.wait()
     summary = services.runner.run(prepared.batch_id)  # its claimant is gone now: the row runs, once
     assert summary.done == 2
-    assert services.ledger.get_generation(first.row_key).attempts == 2
+    assert services.ledger.get_generation(first.row_key).attempts == 1  # it began once: here
 
 
 def test_a_start_that_died_before_its_rows_were_written_resumes(services_factory, tmp_path):
@@ -558,14 +558,15 @@ def test_a_row_that_killed_its_process_three_times_is_failed_not_retried_forever
     dead_claimant = f"{socket.gethostname()}:{int(dead.stdout)}"
     killer = services.ledger.rows(batch_id)[0].row_key
     for attempt in range(3):
-        services.ledger.claim_row(killer, worker=dead_claimant)  # the process died with the row running
+        services.ledger.claim_row(killer, worker=dead_claimant)
+        services.ledger.mark_began(killer)  # the process died with the row running
         if attempt < 2:
             services.ledger.reset_stale_running(batch_id, worker=dead_claimant)
 
     summary = services.runner.run(batch_id)
 
     row = services.ledger.get_generation(killer)
-    assert row.status == "failed" and "died 3 time(s)" in row.error
+    assert row.status == "failed" and "died while running it 3 time(s)" in row.error
     assert (summary.done, summary.failed) == (1, 1)
 
 
@@ -581,3 +582,63 @@ def test_a_batch_another_live_process_still_works_on_is_not_called_finished(serv
 
     assert (summary.done, summary.running) == (1, 1)
     assert services.ledger.get_batch(batch_id)["status"] == "running"
+
+
+def _live_process():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_a_claim_whose_pid_now_belongs_to_a_newer_process_is_gone(services_factory, tmp_path):
+    """After a reboot the claimant's pid may be some other program's: the claim is older than that process."""
+    import socket
+
+    services = services_factory()
+    batch_id = _started(services, small_rows(1, steps=1), tmp_path)
+    stranger = _live_process()
+    try:
+        key = services.ledger.rows(batch_id)[0].row_key
+        services.ledger.claim_row(key, worker=f"{socket.gethostname()}:{stranger.pid}")
+        services.ledger.conn.execute("UPDATE generations SET started_at = '2026-01-01T00:00:00.000+00:00'")
+        summary = services.runner.run(batch_id)
+        assert (summary.done, summary.running) == (1, 0)
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_the_web_apps_watch_resumes_a_batch_once_the_process_working_on_it_is_gone(services_factory, tmp_path):
+    import socket
+
+    from webapp.server import AbandonedBatchWatch
+
+    services = services_factory()
+    batch_id = _started(services, small_rows(2, steps=1), tmp_path)
+    services.ledger.set_batch_status(batch_id, "running")
+    cli = _live_process()  # a CLI run of the batch, in the middle of its first row
+    first = services.ledger.rows(batch_id)[0].row_key
+    services.ledger.claim_row(first, worker=f"{socket.gethostname()}:{cli.pid}")
+    watch = AbandonedBatchWatch(services)
+    try:
+        assert watch.check() == []  # left to the live process
+        services.queue.submit(batch_id)  # a user presses Resume anyway: the other process's row is left alone
+        progress = services.queue.wait(batch_id, timeout=60)
+        assert progress.state == "running_elsewhere" and progress.remaining == 1
+    finally:
+        cli.kill()
+        cli.wait()
+    assert watch.check() == [batch_id]  # its process is gone: the batch resumes
+    assert services.queue.wait(batch_id, timeout=60).state == "done"
+    assert all(row.status == "done" for row in services.ledger.rows(batch_id))
+
+
+def test_cancelling_a_batch_that_waits_also_ends_rows_a_dead_process_left_claimed(services_factory, tmp_path):
+    import socket
+
+    services = services_factory()
+    batch_id = _started(services, small_rows(2, steps=1), tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    services.ledger.claim_row(services.ledger.rows(batch_id)[0].row_key,
+                              worker=f"{socket.gethostname()}:{int(dead.stdout)}")
+
+    assert services.runner.cancel_waiting(batch_id) == 2
+    assert {row.status for row in services.ledger.rows(batch_id)} == {"cancelled"}

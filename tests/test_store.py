@@ -100,7 +100,10 @@ def test_add_rows_is_idempotent_and_batch_ids_unique(ledger):
 def test_row_lifecycle_claim_complete_fail(ledger):
     batch_id = new_batch(ledger)
     first = ledger.claim_next(batch_id, worker="w1")
-    assert first.row_number == 2 and first.status == "running" and first.attempts == 1 and first.worker == "w1"
+    assert first.row_number == 2 and first.status == "running" and first.attempts == 0 and first.worker == "w1"
+    ledger.mark_began(first.row_key)
+    ledger.mark_began(first.row_key)  # once per claim
+    assert ledger.get_generation(first.row_key).attempts == 1
     ledger.mark_running(first.row_key, workflow={"1": {"class_type": "KSampler", "inputs": {}}}, prompt_id="p1")
     ledger.complete_row(first.row_key, RECORD, image_path="/out/a.png", image_sha256="f" * 64,
                         duration_s=1.5, sampler_s=1.2)
@@ -131,17 +134,28 @@ def test_row_lifecycle_claim_complete_fail(ledger):
         ledger.fail_row(row_key(batch_id, 4), "done", "x")
 
 
-def test_reset_stale_running_requeues_and_bounds_attempts(ledger):
+def test_reset_stale_running_requeues_and_fails_only_rows_their_process_died_running(ledger):
     batch_id = new_batch(ledger, rows=2)
     crashed = ledger.claim_next(batch_id, worker="dead")
-    assert ledger.reset_stale_running(batch_id) == 1
+    waiting = ledger.claim_next(batch_id, worker="dead")  # claimed in advance, never began
+    ledger.mark_began(crashed.row_key)
+    assert ledger.reset_stale_running(batch_id) == 2
     again = ledger.get_generation(crashed.row_key)
-    assert again.status == "queued" and again.attempts == 1
+    assert again.status == "queued" and (again.attempts, again.crashes) == (1, 1)
     for _ in range(2):
-        ledger.claim_row(crashed.row_key, worker="dead")
+        for key in (crashed.row_key, waiting.row_key):
+            ledger.claim_row(key, worker="dead")
+        ledger.mark_began(crashed.row_key)
         ledger.reset_stale_running(worker="dead", max_attempts=3)
     row = ledger.get_generation(crashed.row_key)
-    assert row.attempts == 3 and row.status == "failed" and "died 3 time(s)" in row.error
+    assert row.crashes == 3 and row.status == "failed" and "died while running it 3 time(s)" in row.error
+    bystander = ledger.get_generation(waiting.row_key)
+    assert bystander.status == "queued" and (bystander.attempts, bystander.crashes) == (0, 0)
+
+    ledger.claim_row(waiting.row_key, worker="alive")
+    ledger.mark_began(waiting.row_key)
+    ledger.reset_stale_running(worker="alive", crashed=False)  # given back (a full disk, shutting down)
+    assert ledger.get_generation(waiting.row_key).crashes == 0
 
 
 def test_requeue_and_cancel(ledger):

@@ -431,7 +431,8 @@ def is_warming_up(services: Any) -> bool:
     return bool(getattr(services.engine, "warming_up", False))
 
 
-_STATUS_KEYS = {f"status.{s}" for s in (*LEDGER_STATUSES, "interrupted", "finished", "finished_with_errors", "error")}
+_STATUS_KEYS = {f"status.{s}" for s in (*LEDGER_STATUSES, "interrupted", "finished", "finished_with_errors", "error",
+                                         "running_elsewhere")}
 
 
 def _anything_running(services: Any) -> bool:

@@ -106,6 +106,7 @@ EN: dict[str, str] = {
     "status.interrupted": "interrupted",
     "status.finished": "finished",
     "status.finished_with_errors": "finished with errors",
+    "status.running_elsewhere": "running in another process",
     "status.error": "stopped by an error",
     "status.unknown": "unknown",
     "report.row": "Row",
@@ -306,6 +307,7 @@ ZH: dict[str, str] = {
     "status.interrupted": "已中断",
     "status.finished": "已结束",
     "status.finished_with_errors": "已结束（有失败的行）",
+    "status.running_elsewhere": "正在由另一个进程运行",
     "status.error": "因错误停止",
     "status.unknown": "未知",
     "report.row": "行号",
@@ -438,6 +440,7 @@ PROBLEMS_ZH: dict[str, str] = {
     "photo_type_unsupported": "“{value}”不是支持的图片格式；支持：{supported}",
     "photo_not_uploaded": "上传的图片中没有“{value}”；可用：{available}",
     "excel_rounded": "“{value}”是被 Excel 舍入到 15 位的数字；请在 Excel 中把该列设为“文本”格式后重新输入",
+    "inexact_number": "{value} 超过 2^53，JSON 只能近似保存；请以字符串或不带小数点的整数发送",
 }
 PROBLEM_TABLES: dict[str, dict[str, str]] = {"zh": PROBLEMS_ZH}
 

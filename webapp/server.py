@@ -161,6 +161,45 @@ class VisitorIdentity:
         return name or f"visitor-page-{str(getattr(request, 'session_hash', '') or 'unknown')[:16]}"
 
 
+ABANDONED_CHECK_S = 60.0  # how often the app looks for batches a process that stopped left unfinished
+
+
+class AbandonedBatchWatch:
+    """Resumes batches that a process left unfinished (the app killed, a CLI run that died): once at
+    start-up, then every ``interval_s``. A batch another live process still works on is left to it."""
+
+    def __init__(self, services: Any, interval_s: float = ABANDONED_CHECK_S) -> None:
+        self.services, self.interval_s = services, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="abandoned-batches", daemon=True)
+
+    def start(self) -> None:
+        self.check()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check(self) -> list[str]:
+        """Submit every abandoned batch not already queued or running here; returns their ids."""
+        resumed = []
+        for batch_id in self.services.runner.abandoned_batches():
+            progress = self.services.queue.status(batch_id)
+            if progress is not None and progress.state in ("queued", "running"):
+                continue
+            log.info("resuming batch %s, left unfinished by a process that stopped", batch_id)
+            self.services.queue.submit(batch_id)
+            resumed.append(batch_id)
+        return resumed
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except EngineError:  # the ledger busy or gone for a moment: the next round tries again
+                log.exception("checking for abandoned batches failed")
+
+
 def session_issuer(settings: Settings) -> TokenIssuer:
     """Sessions signed with the configured key (they survive restarts), else with a per-process key."""
     if settings.jwt_secret:
@@ -401,18 +440,22 @@ def create_app(
     async def lifespan(_app):
         import_model_libraries()  # before any thread of ours imports them (see its docstring)
         services.queue.start()
-        for batch_id in services.runner.abandoned_batches():  # RELIABILITY: after a crash the batch resumes
-            log.info("resuming batch %s, left unfinished when the app last stopped", batch_id)
-            services.queue.submit(batch_id)
+        # RELIABILITY: a batch whose process died resumes, now and whenever such a process goes away later
+        watch = AbandonedBatchWatch(services)
+        watch.start()
         # A coordinator (rows go to GPU workers over the broker) never samples: nothing to warm up.
         warming = None if settings.broker else start_warm_up(services.engine)
         try:
             yield
         finally:
+            watch.stop()
             if warming is not None:
                 # A process must not exit while the warm-up is inside torch (the runtime aborts).
                 warming.join(timeout=WARM_UP_JOIN_S)
             services.close()
+            # Rows this process claimed are given back, so the next start resumes them and none is
+            # blamed for a crash that did not happen.
+            services.runner.release_claims()
 
     app = FastAPI(title="SD3.5 batch images", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.services = services
