@@ -611,12 +611,15 @@ class BatchRunner:
             return self.is_cancelled(batch_id) or (should_cancel is not None and should_cancel())
 
         began: set[str] = set()
+        # Rows on Celery workers: this process dying is no crash of theirs (a worker's death is counted by
+        # the dispatcher, and a restarted coordinator follows the attempt still running).
+        local_rows = not getattr(self.dispatcher, "runs_rows_elsewhere", False)
 
         def on_progress(row_key: str, event: Any) -> None:
             job = by_key.get(row_key)
             if job is None:
                 return
-            if row_key not in began:  # its first node runs: from now on a crash of this process is its crash
+            if local_rows and row_key not in began:  # its first node runs: a crash of this process is now its crash
                 began.add(row_key)
                 self.ledger.mark_began(row_key)
             if event.kind == "step":

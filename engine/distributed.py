@@ -196,6 +196,7 @@ class RowWorker:
         deadline_margin_s: float = DEFAULT_DEADLINE_MARGIN_S,
         test_faults: dict[str, str] | None = None,
         list_files: Callable[[], dict[str, list[str]]] | None = None,
+        files_refresh_s: float = FILES_REFRESH_S,
     ) -> None:
         self.executor = executor
         self.redis = redis_client
@@ -216,6 +217,9 @@ class RowWorker:
         self._thread: threading.Thread | None = None
         self.instance = uuid.uuid4().hex[:12]
         self._list_files = list_files
+        self.files_refresh_s = files_refresh_s
+        # Set by run_worker once Celery runs: starts consuming one more queue (a checkpoint file added later)
+        self.add_queue: Callable[[str], None] | None = None
         self.files = list_files() if list_files is not None else {}
         self._files_listed = time.monotonic()
 
@@ -262,7 +266,7 @@ class RowWorker:
 
     def _refresh_files(self) -> None:
         """Model files added to (or removed from) the folders since the last listing reach the announcement."""
-        if self._list_files is None or time.monotonic() - self._files_listed < FILES_REFRESH_S:
+        if self._list_files is None or time.monotonic() - self._files_listed < self.files_refresh_s:
             return
         self._files_listed = time.monotonic()
         try:
@@ -270,8 +274,20 @@ class RowWorker:
         except OSError as exc:  # a network share blinking: keep announcing the last listing
             log.warning("could not list the model folders: %s", exc)
             return
+        new_queues = [file_queue(name) for name in files.get("checkpoints", [])
+                      if file_queue(name) not in self.queues]
+        if new_queues and self.add_queue is not None:
+            for queue in new_queues:
+                try:
+                    self.add_queue(queue)
+                except Exception as exc:  # the broker blinking: the next listing tries again
+                    log.warning("could not start consuming %s: %s", queue, exc)
+                    return
+                log.info("a new checkpoint file: consuming %s", queue)
         with self._lock:
             self.files = files
+            if self.add_queue is not None:
+                self.queues = [*self.queues[:-1], *new_queues, self.queues[-1]]  # the default queue stays last
 
     # the task ------------------------------------------------------------------------------------
 
@@ -415,6 +431,19 @@ class _NameClaim:
         self._thread.join()
 
 
+def _claim_name(redis_client: Any, nodename: str, heartbeat_s: float) -> None:
+    """Take ``nodename`` in Redis atomically (SET NX), so two workers started under one name at the same
+    moment cannot both pass; EngineError naming the holder when a live worker has it (see
+    :func:`_refuse_a_taken_name`)."""
+    key = WORKER_KEY_PREFIX + nodename
+    claim = WorkerAnnouncement(nodename, [], [], os.getpid(), socket.gethostname(), "starting").to_json()
+    ttl_ms = int(heartbeat_s * 3000)
+    if redis_client.set(key, claim, nx=True, px=ttl_ms):
+        return
+    _refuse_a_taken_name(redis_client, nodename)
+    redis_client.set(key, claim, px=ttl_ms)  # the holder was a dead process of this host: take over
+
+
 def _refuse_a_taken_name(redis_client: Any, nodename: str) -> None:
     """EngineError when a live worker announces ``nodename``: the two would overwrite each other's
     heartbeat, and the dispatcher would take each one's rows for lost. A stale announcement of a process
@@ -460,6 +489,7 @@ def run_worker(
     heartbeat_s: float = 2.0,
     test_faults: dict[str, str] | None = None,
     loglevel: str = "INFO",
+    files_refresh_s: float = FILES_REFRESH_S,
 ) -> None:
     """Run a GPU worker until it is stopped: load ``models`` (default: the default checkpoint) once,
     keep them resident, announce them, and take row jobs one at a time from their queues.
@@ -480,25 +510,27 @@ def run_worker(
     # Before loading anything: a supervisor restarting a worker whose broker is down must not reload the
     # model in a loop, and a second worker under a live worker's name would make its rows look lost.
     _wait_for_broker(redis_client, broker)
-    _refuse_a_taken_name(redis_client, nodename)
-    engine = engine or Engine(settings)
+    _claim_name(redis_client, nodename, heartbeat_s)
     # Announced from now on, holding nothing yet: a second worker under this name started while the models
     # load is refused too, and no row is routed here before the models are ready.
     with _NameClaim(redis_client, nodename, heartbeat_s):
+        engine = engine or Engine(settings)
         for model in models:
             log.info("loading and warming up %s", model)
             # Resident from now on, compiled and its kernels chosen: the first row pays for none of it.
             warm = engine.warm_up(model, gpu_batch=1)
             log.info("%s ready: loaded in %.1f s, warm-up step %.1f s", model, warm["load_s"], warm["sample_s"])
     list_files = functools.partial(model_files, engine.models.resolver)
-    # Celery consumes a fixed set of queues: a checkpoint file added later is announced (validation on
-    # the coordinator accepts it) and reaches this worker through the default queue.
     queues = worker_queues(models, list_files()["checkpoints"])
     # One job at a time: a batch of one keeps each worker's rows independent of its neighbours.
     executor = RowExecutor(engine, max_gpu_batch=1, worker_name=nodename)
     worker = RowWorker(executor, redis_client, name=nodename, models=models, queues=queues,
-                       heartbeat_s=heartbeat_s, test_faults=test_faults, list_files=list_files)
+                       heartbeat_s=heartbeat_s, test_faults=test_faults, list_files=list_files,
+                       files_refresh_s=files_refresh_s)
     app = make_celery(broker, row_timeout_s=float(settings.row_timeout_s), worker=worker)
+    # A checkpoint file added later: this worker starts consuming its file queue (a remote-control message
+    # to itself, handled between rows), and announces it.
+    worker.add_queue = lambda queue: app.control.add_consumer(queue, destination=[nodename], reply=False)
     worker.start_heartbeat()
     try:
         app.worker_main(
@@ -560,6 +592,7 @@ class CeleryDispatcher:
         poll_interval_s: float = 0.1,
         lost_confirm_s: float = 1.0,
         cancel_grace_s: float = 10.0,
+        holder_grace_s: float = 300.0,
     ) -> None:
         import redis
 
@@ -570,6 +603,11 @@ class CeleryDispatcher:
         self.poll_interval_s = poll_interval_s
         self.lost_confirm_s = lost_confirm_s
         self.cancel_grace_s = cancel_grace_s
+        self.holder_grace_s = holder_grace_s
+        # Every worker seen lately and when: rows for a model only a worker that just went away has (killed
+        # and being restarted, or Redis restarted under everyone) wait in its queue for up to
+        # holder_grace_s instead of going to workers that would fail them for want of the file.
+        self._seen: dict[str, tuple[float, WorkerAnnouncement]] = {}
         self.app = make_celery(broker_url, result_backend, row_timeout_s=row_timeout_s)
         self.redis = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
         self._row_key_ttl_s = broker_visibility_timeout_s(row_timeout_s, deadline_margin_s) * 2
@@ -628,6 +666,7 @@ class CeleryDispatcher:
                         self._resend_all(flights)
                     run_id = current_run_id
                     live = {w.name: w for w in live_workers(self.redis)}
+                    self._note_seen(live)
                     if cancelled_at is None and should_cancel is not None and should_cancel():
                         cancelled_at = time.monotonic()
                         self._cancel(batch_ids, flights)
@@ -728,9 +767,9 @@ class CeleryDispatcher:
 
     def _reroute_orphans(self, flights: dict[str, _Flight], live: dict[str, WorkerAnnouncement]) -> None:
         """Rows still waiting in a checkpoint's (or a checkpoint file's) queue that no live worker consumes
-        any more (its only worker died) are sent again where a live worker takes them: another holder's
-        file queue, else the default queue, where any worker loads the model on demand. The copy left
-        behind is stale: a worker that comes back skips it."""
+        any more (its only worker died) are sent again where :meth:`_queue_for` now points: another holder's
+        queue, else (once the holder has been gone for holder_grace_s) the default queue, where any worker
+        loads the model on demand. The copy left behind is stale: a worker that comes back skips it."""
         now = time.monotonic()
         consumed = {queue for worker in live.values() for queue in worker.queues}
         for queue in list(self._unconsumed_since):
@@ -742,18 +781,29 @@ class CeleryDispatcher:
                 continue
             # Confirmed over time, as a lost worker is: one poll without its key may be a Redis blip
             since = self._unconsumed_since.setdefault(flight.queue, now)
-            if now - since >= self.lost_confirm_s:
+            if now - since >= self.lost_confirm_s and self._queue_for(flight.job.checkpoint, live) != flight.queue:
                 log.warning("row %s waited in %s, which no live worker takes from any more; sending it again",
                             flight.job.row_key, flight.queue)
                 self._send(flight, live, flight.job.attempt + 1)
 
     def _queue_for(self, checkpoint: str, live: dict[str, WorkerAnnouncement]) -> str:
-        """A worker holding the checkpoint; else one that has its file; else any worker (the default queue)."""
-        consumed = {queue for worker in live.values() for queue in worker.queues}
-        for queue in (checkpoint_queue(checkpoint), file_queue(checkpoint)):
-            if queue in consumed:
-                return queue
+        """A live worker holding the checkpoint; else a live one that has its file; else a worker seen within
+        holder_grace_s that held it or had it (it is coming back); else any worker (the default queue)."""
+        wanted = (checkpoint_queue(checkpoint), file_queue(checkpoint))
+        now = time.monotonic()
+        recent = [worker for seen, worker in self._seen.values() if now - seen <= self.holder_grace_s]
+        for workers in (live.values(), recent):
+            consumed = {queue for worker in workers for queue in worker.queues}
+            for queue in wanted:
+                if queue in consumed:
+                    return queue
         return DEFAULT_QUEUE
+
+    def _note_seen(self, live: dict[str, WorkerAnnouncement]) -> None:
+        now = time.monotonic()
+        for name, worker in live.items():
+            if worker.queues:  # a worker still loading (no queues yet) says nothing about where rows go
+                self._seen[name] = (now, worker)
 
     def _resend_all(self, flights: dict[str, _Flight]) -> None:
         for flight in flights.values():

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REDIS_SERVER = shutil.which("redis-server")
 HEADER = "product_name,color,style,width,height,steps\n"
 HEARTBEAT_S = 0.5
+FLEET_WAIT_S = 3.5  # the coordinator reads the workers' model names again after this long
 POISON_ROW = "bpoison:3"  # the sheet's first data row is row 2
 SLOW_ROW = "bkill:4"  # delayed so the test can kill its worker while the row is running
 
@@ -68,9 +69,10 @@ class WorkerPool:
     """Worker processes kept alive the way systemd's Restart=always would: a dead one is started again."""
 
     def __init__(self, broker: str, data_dir: Path, logs: Path, faults: dict[str, str],
-                 settings: dict[str, str] | None = None) -> None:
+                 settings: dict[str, str] | None = None, files_refresh_s: float = 30.0) -> None:
         self.broker, self.data_dir, self.logs, self.faults = broker, data_dir, logs, faults
         self.settings = settings or {}
+        self.files_refresh_s = files_refresh_s
         self.processes: dict[str, subprocess.Popen] = {}
         self.restarts = 0
         self._stop = threading.Event()
@@ -88,7 +90,7 @@ class WorkerPool:
             "from engine.distributed import run_worker\n"
             "from engine.settings import load_settings\n"
             f"run_worker(load_settings({settings!r}), {self.broker!r}, name={name!r}, "
-            f"heartbeat_s={HEARTBEAT_S}, test_faults={self.faults!r})\n"
+            f"heartbeat_s={HEARTBEAT_S}, test_faults={self.faults!r}, files_refresh_s={self.files_refresh_s})\n"
         )
         log = open(self.logs / f"{name}.log", "a")
         self.processes[name] = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=log, stderr=log)
@@ -203,6 +205,8 @@ def test_rows_spread_over_two_workers_match_the_in_process_runner(redis_server, 
     assert set(remote.runner.dispatcher.workers.values()) == {"alpha", "beta"}  # both workers took rows
     # The audit trail names the worker that made each image, not the coordinator that claimed the row.
     assert {r.row_key: r.worker.split("@")[0] for r in rows} == remote.runner.dispatcher.workers
+    # A coordinator that dies is no crash of the rows workers run: it never marks them begun here.
+    assert all(r.began_at is None and r.crashes == 0 for r in rows)
     assert sorted(remote.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
     # Remote progress reaches listeners like local progress does (polled: the latest step of a fast row
     # may be overtaken by its result, so any step of the row counts).
@@ -385,8 +389,8 @@ def test_rows_waiting_for_a_checkpoint_whose_only_worker_died_go_to_any_worker(r
                                pid=1, host="elsewhere", instance="ghost")
     client = redis.Redis.from_url(redis_server.url)
     client.set(WORKER_KEY_PREFIX + ghost.name, ghost.to_json(), px=3000)
-    services = coordinator(tmp_path, "orphans", celery_dispatcher(redis_server), models_dir=str(tmp_path / "models"),
-                           default_checkpoint="special.safetensors")
+    services = coordinator(tmp_path, "orphans", celery_dispatcher(redis_server, holder_grace_s=1.0),
+                           models_dir=str(tmp_path / "models"), default_checkpoint="special.safetensors")
     batch_id = start_batch(services, write_sheet(tmp_path / "rows.csv", 2), "borphan")
     outcome: list = []
     runner = threading.Thread(target=lambda: outcome.append(services.runner.run(batch_id)), daemon=True)
@@ -518,3 +522,58 @@ def test_a_worker_with_json_logs_writes_only_json_records_from_start_to_ready(re
     assert any(m.startswith("loading and warming up") for m in messages)
     assert any(m.endswith(" ready.") for m in messages), messages
     assert "[queues]" not in stdout  # the banner is left out
+
+
+def test_two_workers_started_at_once_under_one_name_cannot_both_run(redis_server, tmp_path):
+    base = [sys.executable, str(ROOT / "app.py"), "worker", "--broker", redis_server.url, "--name", "twin"]
+    twins = [subprocess.Popen([*base[:2], "--data-dir", str(tmp_path / f"d{n}"), *base[2:]], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in (1, 2)]
+    try:
+        deadline = time.monotonic() + 60
+        while all(t.poll() is None for t in twins) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        refused = [t for t in twins if t.poll() is not None]
+        assert len(refused) == 1, "both ran, or neither"
+        assert refused[0].returncode == 2 and "already running" in refused[0].stderr.read()
+        time.sleep(2)
+        assert sum(t.poll() is None for t in twins) == 1  # the other one runs on
+    finally:
+        for t in twins:
+            t.kill()
+            t.wait()
+
+
+def test_a_checkpoint_file_added_to_a_running_worker_is_consumed_from_its_own_queue(redis_server, workers, tmp_path):
+    """Announced within a refresh, accepted by the coordinator, and its rows reach only the worker that has
+    it (alpha and beta, which lack it, would fail them)."""
+    from engine.distributed import file_queue, live_workers
+    from engine.models.demo import write_demo_checkpoint
+    import redis
+
+    models = tmp_path / "delta-models"
+    (models / "checkpoints").mkdir(parents=True)
+    delta = WorkerPool(redis_server.url, tmp_path, tmp_path, {}, settings={"models_dir": str(models)},
+                       files_refresh_s=1.0)
+    delta.start(["delta"])
+    client = redis.Redis.from_url(redis_server.url)
+    services = coordinator(tmp_path, "late", Recording(celery_dispatcher(redis_server)),
+                           models_dir=str(tmp_path / "no-models"))
+    try:
+        deadline = time.monotonic() + 120
+        while not any(w.name.startswith("delta@") and w.models for w in live_workers(client)):
+            assert time.monotonic() < deadline, "worker delta did not start"
+            time.sleep(0.2)
+        write_demo_checkpoint(models / "checkpoints" / "late.safetensors")  # dropped in while it runs
+        while not any(file_queue("late.safetensors") in w.queues for w in live_workers(client)):
+            assert time.monotonic() < deadline, "the new file's queue was never announced"
+            time.sleep(0.2)
+        time.sleep(FLEET_WAIT_S)
+        sheet = tmp_path / "rows.csv"
+        sheet.write_text("product_name,checkpoint,width,height,steps\n" + "".join(
+            f"Item {i},late.safetensors,64,64,2\n" for i in range(3)), encoding="utf-8")
+        batch_id = start_batch(services, sheet, "blate")
+        summary = services.runner.run(batch_id)
+        assert (summary.done, summary.failed) == (3, 0), [r.error for r in services.ledger.rows(batch_id)]
+        assert set(services.runner.dispatcher.workers.values()) == {"delta"}
+    finally:
+        delta.stop()
