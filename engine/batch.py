@@ -452,13 +452,21 @@ class BatchRunner:
                 return batch["id"]
         return None
 
+    def held_elsewhere(self, batch_id: str) -> bool:
+        """Whether a live process other than this one holds rows of the batch (it is running them)."""
+        return not all(self._claim_is_gone(row) for row in self.ledger.rows(batch_id, RUNNING))
+
     def unfinished_batches(self, limit: int = 200) -> list[dict[str, Any]]:
-        """Batches with rows still to run (queued, running or cancelled), newest first."""
+        """Batches with rows still to run (queued, running or cancelled), newest first; not those another
+        live process is running (a CLI run of the same data folder): nothing to resume there."""
         found = []
         for batch in self.ledger.list_batches(limit=limit):
             counts = self.ledger.batch_summary(batch["id"])["counts"]
-            if counts["queued"] + counts["running"] + counts["cancelled"] > 0:
-                found.append(batch)
+            if counts["queued"] + counts["running"] + counts["cancelled"] == 0:
+                continue
+            if counts["running"] and self.held_elsewhere(batch["id"]):
+                continue
+            found.append(batch)
         return found
 
     def start(self, prepared: PreparedBatch) -> str:
@@ -698,10 +706,8 @@ class BatchRunner:
         app resumes when it starts and whenever such a process goes away. Oldest first."""
         with self._lock:
             active = set(self._active)
-        return [
-            batch_id for batch_id in self.ledger.abandoned_batch_ids()
-            if batch_id not in active and all(self._claim_is_gone(row) for row in self.ledger.rows(batch_id, RUNNING))
-        ]
+        return [batch_id for batch_id in self.ledger.abandoned_batch_ids()
+                if batch_id not in active and not self.held_elsewhere(batch_id)]
 
     def summary(self, batch_id: str, seconds: float = 0.0) -> BatchSummary:
         rows = self.ledger.rows(batch_id)

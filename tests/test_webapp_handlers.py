@@ -429,6 +429,26 @@ def test_cancelled_rows_count_as_remaining(services, sheet_path):
     assert [b["id"] for b in handlers.interrupted_batches(services)] == [batch_id]
 
 
+def test_a_batch_another_process_runs_is_shown_as_such_and_not_offered_for_resume(services, sheet_path):
+    import socket
+    import subprocess
+    import sys
+
+    check = handlers.check_sheet(services, USER, "turbo_draft", sheet_path)
+    batch_id = services.runner.start(check.prepared)
+    cli = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a CLI run of the batch
+    try:
+        row = services.ledger.rows(batch_id)[0]
+        services.ledger.claim_row(row.row_key, worker=f"{socket.gethostname()}:{cli.pid}")
+        assert handlers.batch_view(services, batch_id).state == "running_elsewhere"
+        assert batch_id not in [b["id"] for b in handlers.interrupted_batches(services)]
+    finally:
+        cli.kill()
+        cli.wait()
+    assert handlers.batch_view(services, batch_id).state == "interrupted"  # its process is gone now
+    assert batch_id in [b["id"] for b in handlers.interrupted_batches(services)]
+
+
 def test_a_batch_submitted_during_warm_up_waits_for_the_model(services, sheet_path):
     engine = services.engine
     check = handlers.check_sheet(services, USER, "turbo_draft", sheet_path)

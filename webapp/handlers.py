@@ -391,6 +391,8 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
         error = progress.error
     else:
         state = "interrupted" if remaining else (batch.get("status") or "done")
+        if counts.get("running") and services.runner.held_elsewhere(batch_id):
+            state = "running_elsewhere"  # a CLI run of the same data folder, say: nothing to resume here
         eta, step_line, fraction, error = None, "", 0.0, None
     label = status_label(state, lang)
     if state == "running" and not step_line and is_warming_up(services):

@@ -191,15 +191,16 @@ def _model_card(info: dict[str, Any], lang: str) -> str:
 def _field_widget(spec: Any, checkpoints: list[str], template_name: str) -> gr.components.Component:
     """The input widget for one template field, by its type (engine.templates.FIELD_TYPES)."""
     common = {"label": spec.name + (" *" if spec.required else ""), "info": spec.description or None,
-              "elem_id": f"field-{spec.name}", "key": f"single-{template_name}-{spec.name}", "interactive": True}
+              "elem_id": f"field-{spec.name}", "interactive": True}
     example = "" if spec.example is None else str(spec.example)
     if spec.type == "choice" or spec.choices:
         return gr.Dropdown(choices=list(spec.choices), value=spec.default, **common)
     if spec.type == "bool":
         return gr.Checkbox(value=bool(spec.default), **common)
     if spec.type in {"int", "float"}:
-        return gr.Number(value=spec.default, precision=0 if spec.type == "int" else None,
-                         minimum=spec.min, maximum=spec.max, **common)
+        # No minimum/maximum here: Gradio would refuse an out-of-range number in its own English words,
+        # without the field's name; the engine's check says which field, in the page's language.
+        return gr.Number(value=spec.default, precision=0 if spec.type == "int" else None, **common)
     if spec.type == "checkpoint":
         return gr.Dropdown(choices=checkpoints, value=spec.default, allow_custom_value=True, **common)
     if spec.type == "image":
@@ -314,8 +315,6 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                         specs = handlers.template_fields(services, template_name)
                         checkpoints = handlers.model_choices(services)
                         widgets = [_field_widget(spec, checkpoints, template_name) for spec in specs]
-                        generate = gr.Button(L("single.generate"), variant="primary", elem_id="single-generate",
-                                             key=f"single-{template_name}-generate")
 
                         @_guard
                         def run_single(values: dict[Any, Any], request: gr.Request,
@@ -337,6 +336,11 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
 
                         # A set of inputs arrives as one {component: value} dict: the form has any number of fields.
                         generate.click(run_single, inputs=set(widgets), outputs=[single_image, single_params], **GPU)
+
+                    # Outside the form that is rendered again for each template: a button rendered inside it
+                    # left its label in the page's store, where an empty photo field of the next form read it
+                    # as its value (an error before anything ran).
+                    generate = gr.Button(L("single.generate"), variant="primary", elem_id="single-generate")
 
                 with gr.Column(scale=3):
                     gr.Markdown(L("single.hint"))

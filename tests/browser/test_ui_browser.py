@@ -146,6 +146,28 @@ def test_single_image_from_the_form(app_server, new_page, screenshot):
     assert services.ledger.search(text="a yellow teapot", limit=5)[0].status == "done"
 
 
+def test_single_image_without_its_required_photo_or_with_a_size_out_of_range_says_which_field(
+    app_server, new_page, screenshot
+):
+    base_url, _ = app_server
+    page = new_page()
+    log_in(page, base_url, "bob", "bob-pass")
+    open_tab(page, "Single image")
+    pick(page, "single-template", "product_in_scene")
+    field(page, "product_name").wait_for()
+    field(page, "product_name").fill("a mug with no photo")
+    page.locator("#single-generate").click()
+    page.get_by_text("product_photo: required value is empty").wait_for(timeout=30_000)
+    screenshot(page, "single-image-no-photo")
+
+    pick(page, "single-template", "turbo_draft")
+    field(page, "steps").wait_for()
+    field(page, "prompt").fill("a teapot")
+    field(page, "width").fill("5000")
+    page.locator("#single-generate").click()
+    page.get_by_text("width: 5000 is above the maximum 2048").wait_for(timeout=30_000)
+
+
 def test_single_image_with_an_uploaded_product_photo(app_server, new_page, screenshot, tmp_path):
     from PIL import Image
 
