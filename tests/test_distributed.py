@@ -146,6 +146,16 @@ def workers(redis_server, tmp_path_factory):
     pool.stop()
 
 
+def wait_for_worker(client, name: str, timeout_s: float = 120) -> None:
+    """Until the worker ``name`` announces loaded models (ready for rows)."""
+    from engine.distributed import live_workers
+
+    deadline = time.monotonic() + timeout_s
+    while not any(w.name.startswith(f"{name}@") and w.models for w in live_workers(client)):
+        assert time.monotonic() < deadline, f"worker {name} did not start"
+        time.sleep(0.2)
+
+
 def write_sheet(path: Path, count: int) -> Path:
     rows = [f"Item {i},color{i},minimal,64,64,2" for i in range(count)]
     path.write_text(HEADER + "".join(r + "\n" for r in rows), encoding="utf-8")
@@ -456,7 +466,6 @@ def test_a_coordinator_without_the_model_file_accepts_and_routes_rows_by_what_th
     """The web app runs on a small machine without the models: it validates checkpoint names against what
     live workers announce, sends such rows only to a worker that has the file, and an admin's switch of
     the default checkpoint loads nothing on the coordinator."""
-    from engine.distributed import live_workers
     from engine.models.demo import write_demo_checkpoint
     import redis
 
@@ -471,10 +480,7 @@ def test_a_coordinator_without_the_model_file_accepts_and_routes_rows_by_what_th
     services = coordinator(tmp_path, "fleet", Recording(celery_dispatcher(redis_server)),
                            models_dir=str(tmp_path / "no-models"))
     try:
-        deadline = time.monotonic() + 120
-        while not any(w.name.startswith("gamma@") and w.models for w in live_workers(client)):
-            assert time.monotonic() < deadline, "worker gamma did not start"
-            time.sleep(0.2)
+        wait_for_worker(client, "gamma")
         assert "brand_v2.safetensors" not in services.engine.models.resolver.available("checkpoints")
         assert "brand_v2.safetensors" in services.runner.allowed_checkpoints()
 
@@ -559,11 +565,9 @@ def test_a_checkpoint_file_added_to_a_running_worker_is_consumed_from_its_own_qu
     services = coordinator(tmp_path, "late", Recording(celery_dispatcher(redis_server)),
                            models_dir=str(tmp_path / "no-models"))
     try:
-        deadline = time.monotonic() + 120
-        while not any(w.name.startswith("delta@") and w.models for w in live_workers(client)):
-            assert time.monotonic() < deadline, "worker delta did not start"
-            time.sleep(0.2)
+        wait_for_worker(client, "delta")
         write_demo_checkpoint(models / "checkpoints" / "late.safetensors")  # dropped in while it runs
+        deadline = time.monotonic() + 60
         while not any(file_queue("late.safetensors") in w.queues for w in live_workers(client)):
             assert time.monotonic() < deadline, "the new file's queue was never announced"
             time.sleep(0.2)
