@@ -349,12 +349,7 @@ def sheet_from_records(
                 columns.append(str(key))
     if len(columns) > limits.max_columns:
         raise SheetError(f"the rows have {len(columns)} columns; the limit is {limits.max_columns}")
-    spellings: dict[str, list[str]] = {}
-    for column in columns:
-        spellings.setdefault(column_key(column), []).append(f"'{column}'")
-    duplicates = ["; ".join(" and ".join(names) for names in spellings.values() if len(names) > 1)]
-    if duplicates[0]:
-        raise SheetError(f"duplicate column names (compared ignoring case and spaces): {duplicates[0]}")
+    _refuse_duplicate_columns([(column, f"'{column}'") for column in columns])
     rows: list[SheetRow] = []
     problems: list[RowProblem] = []
     for number, record in enumerate(records, start=first_row):
@@ -366,14 +361,7 @@ def sheet_from_records(
                     "approximately; send it as a string or an integer without a decimal point",
                     "inexact_number", {"value": repr(value)},
                 ))
-            text = _clean_cell(cell_text(value))
-            if len(text) > limits.max_cell_chars:  # as a CSV's huge cell: a problem of this row only
-                problems.append(RowProblem(
-                    number, str(key), f"the cell is {len(text):,} characters; the limit is {limits.max_cell_chars:,}",
-                    "cell_too_long", {"length": len(text), "max": limits.max_cell_chars},
-                ))
-                text = text[: limits.max_cell_chars]
-            cells[str(key)] = text
+            cells[str(key)] = _within_cell_limit(_clean_cell(cell_text(value)), number, str(key), limits, problems)
         rows.append(SheetRow(number, cells))
     return Sheet(columns=columns, rows=rows, problems=problems, filename=filename, format="json")
 
@@ -659,6 +647,28 @@ def _clean_cell(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
+def _refuse_duplicate_columns(columns: list[tuple[str, str]]) -> None:
+    """SheetError listing the columns (name, how to show it) whose names are equal ignoring case and spaces."""
+    spellings: dict[str, list[str]] = {}
+    for name, shown in columns:
+        spellings.setdefault(column_key(name), []).append(shown)
+    duplicates = [shown for shown in spellings.values() if len(shown) > 1]
+    if duplicates:
+        listed = "; ".join(" and ".join(shown) for shown in duplicates)
+        raise SheetError(f"duplicate column names (compared ignoring case and spaces): {listed}", row=1)
+
+
+def _within_cell_limit(text: str, row: int, column: str, limits: SheetLimits, problems: list[RowProblem]) -> str:
+    """``text`` cut to the cell limit; a cut cell is a problem of its row only (the rest of the sheet reads on)."""
+    if len(text) <= limits.max_cell_chars:
+        return text
+    problems.append(RowProblem(
+        row, column, f"the cell is {len(text):,} characters; the limit is {limits.max_cell_chars:,}",
+        "cell_too_long", {"length": len(text), "max": limits.max_cell_chars},
+    ))
+    return text[: limits.max_cell_chars]
+
+
 def _build_sheet(
     records: list[tuple[int, list[Any]]],
     limits: SheetLimits,
@@ -675,14 +685,8 @@ def _build_sheet(
         header.pop()
     if len(header) > limits.max_columns:
         raise SheetError(f"the sheet has {len(header)} columns; the limit is {limits.max_columns}")
-    by_key: dict[str, list[str]] = {}
-    for index, name in enumerate(header):
-        if name:
-            by_key.setdefault(column_key(name), []).append(f"'{name}' (column {_column_letter(index)})")
-    duplicates = [spellings for spellings in by_key.values() if len(spellings) > 1]
-    if duplicates:
-        listed = "; ".join(" and ".join(s) for s in duplicates)
-        raise SheetError(f"duplicate column names (compared ignoring case and spaces): {listed}", row=1)
+    _refuse_duplicate_columns([(name, f"'{name}' (column {_column_letter(index)})")
+                               for index, name in enumerate(header) if name])
     data = records[1:]
     if not data:
         raise SheetError("the sheet has column names in row 1 but no data rows below them", row=2)
@@ -700,14 +704,7 @@ def _build_sheet(
                 if text.strip():
                     unnamed_values[index] = unnamed_values.get(index, 0) + 1
                 continue
-            if len(text) > limits.max_cell_chars:
-                problems.append(
-                    RowProblem(number, name, f"the cell is {len(text):,} characters; the limit is "
-                               f"{limits.max_cell_chars:,}", "cell_too_long",
-                               {"length": len(text), "max": limits.max_cell_chars})
-                )
-                text = text[: limits.max_cell_chars]
-            row_cells[name] = text
+            row_cells[name] = _within_cell_limit(text, number, name, limits, problems)
         for name in header:
             if name:
                 row_cells.setdefault(name, "")
