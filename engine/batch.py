@@ -537,9 +537,10 @@ class BatchRunner:
 
         This process's own claim is gone: callers ask about batches not running here, or (run) before this
         run claimed anything, and there is one run of a batch at a time; so it was an earlier run's that
-        stopped, or a process before a restart that got the same pid (pid 1 in a container). A claimant on this host is gone when its process is, or when the process
-        with its pid started after the claim (the pid was reused). A claimant on another host is trusted
-        until its claim is older than a row could possibly take.
+        stopped, or a process before a restart that got the same pid (pid 1 in a container). A claimant on
+        this host is gone when its process is, or when the process with its pid started after the claim
+        (the pid was reused). A claimant on another host is trusted until its claim is older than a row
+        could possibly take.
         """
         claimant = row.worker or ""
         claim_host, _, pid = claimant.rpartition(":")

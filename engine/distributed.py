@@ -403,17 +403,29 @@ def _wait_for_broker(redis_client: Any, broker: str, *, retry_s: float = 2.0) ->
 
 
 class _NameClaim:
-    """Keeps ``nodename`` announced (with no models and no queues) until the worker's own heartbeat takes over."""
+    """Takes ``nodename`` in Redis (:meth:`take`) and keeps it announced, with no models and no queues, until
+    the worker's own heartbeat takes over."""
 
     def __init__(self, redis_client: Any, nodename: str, heartbeat_s: float) -> None:
         self.redis, self.nodename, self.heartbeat_s = redis_client, nodename, heartbeat_s
+        self.key = WORKER_KEY_PREFIX + nodename
+        self.ttl_ms = int(heartbeat_s * 3000)
+        self.claim = WorkerAnnouncement(nodename, [], [], os.getpid(), socket.gethostname(), "starting").to_json()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sd35-name-claim", daemon=True)
 
+    def take(self) -> None:
+        """Claim the name atomically (SET NX), so two workers started under one name at the same moment
+        cannot both pass; EngineError naming the holder when a live worker has it (see
+        :func:`_refuse_a_taken_name`)."""
+        if self.redis.set(self.key, self.claim, nx=True, px=self.ttl_ms):
+            return
+        _refuse_a_taken_name(self.redis, self.nodename)
+        self.redis.set(self.key, self.claim, px=self.ttl_ms)  # the holder was a dead process of this host
+
     def _announce(self) -> None:
-        claim = WorkerAnnouncement(self.nodename, [], [], os.getpid(), socket.gethostname(), "starting")
         try:
-            self.redis.set(WORKER_KEY_PREFIX + self.nodename, claim.to_json(), px=int(self.heartbeat_s * 3000))
+            self.redis.set(self.key, self.claim, px=self.ttl_ms)
         except _BROKER_ERRORS() as exc:
             log.warning("could not announce %s while loading: %s", self.nodename, exc)
 
@@ -429,19 +441,6 @@ class _NameClaim:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _claim_name(redis_client: Any, nodename: str, heartbeat_s: float) -> None:
-    """Take ``nodename`` in Redis atomically (SET NX), so two workers started under one name at the same
-    moment cannot both pass; EngineError naming the holder when a live worker has it (see
-    :func:`_refuse_a_taken_name`)."""
-    key = WORKER_KEY_PREFIX + nodename
-    claim = WorkerAnnouncement(nodename, [], [], os.getpid(), socket.gethostname(), "starting").to_json()
-    ttl_ms = int(heartbeat_s * 3000)
-    if redis_client.set(key, claim, nx=True, px=ttl_ms):
-        return
-    _refuse_a_taken_name(redis_client, nodename)
-    redis_client.set(key, claim, px=ttl_ms)  # the holder was a dead process of this host: take over
 
 
 def _refuse_a_taken_name(redis_client: Any, nodename: str) -> None:
@@ -510,10 +509,11 @@ def run_worker(
     # Before loading anything: a supervisor restarting a worker whose broker is down must not reload the
     # model in a loop, and a second worker under a live worker's name would make its rows look lost.
     _wait_for_broker(redis_client, broker)
-    _claim_name(redis_client, nodename, heartbeat_s)
+    name_claim = _NameClaim(redis_client, nodename, heartbeat_s)
+    name_claim.take()
     # Announced from now on, holding nothing yet: a second worker under this name started while the models
     # load is refused too, and no row is routed here before the models are ready.
-    with _NameClaim(redis_client, nodename, heartbeat_s):
+    with name_claim:
         engine = engine or Engine(settings)
         for model in models:
             log.info("loading and warming up %s", model)

@@ -6,6 +6,7 @@ Real uvicorn servers on localhost ports, started with the options ``serve`` uses
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -109,22 +110,27 @@ def attempts(url: str, path: str, forwarded_for: str, count: int) -> list[str]:
             for a in answers]
 
 
-@pytest.mark.parametrize("path", ["/login", "/api/token"])
-def test_clients_behind_a_trusted_proxy_have_their_own_sign_in_limits(tmp_path, engine, users_file, path):
-    settings = make_settings(tmp_path, users_file=str(users_file), forwarded_allow_ips="127.0.0.1",
+@contextlib.contextmanager
+def sign_in_limited_app(tmp_path, engine, users_file, trusted_proxy: str):
+    """The app, served, allowing two sign-in attempts per client and believing proxy headers from
+    ``trusted_proxy`` only; yields its URL."""
+    settings = make_settings(tmp_path, users_file=str(users_file), forwarded_allow_ips=trusted_proxy,
                              route_rate_limits="POST /login=2,POST /api/token=2")
     app, _ = create_app(settings, engine)
     with live_server(app, **uvicorn_options(settings, {})) as url:
+        yield url
+
+
+@pytest.mark.parametrize("path", ["/login", "/api/token"])
+def test_clients_behind_a_trusted_proxy_have_their_own_sign_in_limits(tmp_path, engine, users_file, path):
+    with sign_in_limited_app(tmp_path, engine, users_file, trusted_proxy="127.0.0.1") as url:
         assert attempts(url, path, "203.0.113.1", 3) == ["refused", "refused", "limited"]
         assert attempts(url, path, "203.0.113.2", 1) == ["refused"]  # another client: its own bucket
 
 
 @pytest.mark.parametrize("path", ["/login", "/api/token"])
 def test_an_untrusted_peer_cannot_pick_its_bucket_with_x_forwarded_for(tmp_path, engine, users_file, path):
-    settings = make_settings(tmp_path, users_file=str(users_file), forwarded_allow_ips="10.9.9.9",
-                             route_rate_limits="POST /login=2,POST /api/token=2")
-    app, _ = create_app(settings, engine)
-    with live_server(app, **uvicorn_options(settings, {})) as url:
+    with sign_in_limited_app(tmp_path, engine, users_file, trusted_proxy="10.9.9.9") as url:
         assert attempts(url, path, "203.0.113.1", 2) == ["refused", "refused"]
         assert attempts(url, path, "203.0.113.2", 1) == ["limited"]  # same peer, whatever it writes
 

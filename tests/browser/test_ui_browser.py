@@ -122,13 +122,18 @@ def test_batch_from_upload_to_zip_and_history(app_server, new_page, screenshot, 
         screenshot(page, tab.lower())
 
 
+def open_single_form(page, base_url: str, template: str, field_name: str) -> None:
+    """Signed in as bob, on the Single image tab, with ``template``'s form rebuilt (``field_name`` shown)."""
+    log_in(page, base_url, "bob", "bob-pass")
+    open_tab(page, "Single image")
+    pick(page, "single-template", template)
+    field(page, field_name).wait_for()  # the form is rebuilt for the chosen template's fields
+
+
 def test_single_image_from_the_form(app_server, new_page, screenshot):
     base_url, services = app_server
     page = new_page()
-    log_in(page, base_url, "bob", "bob-pass")
-    open_tab(page, "Single image")
-    pick(page, "single-template", "turbo_draft")
-    field(page, "steps").wait_for()  # the form is rebuilt for the chosen template's fields
+    open_single_form(page, base_url, "turbo_draft", "steps")
     field(page, "prompt").fill("a yellow teapot")
     field(page, "seed").fill("5")
     for name, value in (("width", "64"), ("height", "80"), ("steps", "2")):
@@ -151,10 +156,7 @@ def test_single_image_without_its_required_photo_or_with_a_size_out_of_range_say
 ):
     base_url, _ = app_server
     page = new_page()
-    log_in(page, base_url, "bob", "bob-pass")
-    open_tab(page, "Single image")
-    pick(page, "single-template", "product_in_scene")
-    field(page, "product_name").wait_for()
+    open_single_form(page, base_url, "product_in_scene", "product_name")
     field(page, "product_name").fill("a mug with no photo")
     page.locator("#single-generate").click()
     page.get_by_text("product_photo: required value is empty").wait_for(timeout=30_000)
@@ -177,10 +179,7 @@ def test_single_image_with_an_uploaded_product_photo(app_server, new_page, scree
     drawing.paste((30, 90, 200, 255), (12, 8, 36, 32))
     drawing.save(photo)
     page = new_page()
-    log_in(page, base_url, "bob", "bob-pass")
-    open_tab(page, "Single image")
-    pick(page, "single-template", "product_in_scene")
-    field(page, "product_name").wait_for()
+    open_single_form(page, base_url, "product_in_scene", "product_name")
     field(page, "product_name").fill("a blue mug photo")
     page.locator("#field-product_photo input[type=file]").set_input_files(str(photo))
     page.locator("#field-product_photo img").wait_for()  # the upload's preview
