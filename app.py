@@ -166,9 +166,8 @@ def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path
     summary_before = runner.summary(prepared.batch_id)
     total = summary_before.total - summary_before.skipped
     # With JSON logs stderr is for machines: one JSON object per line, no progress bars between them.
-    quiet = runner.settings.log_format == "json"
-    bar = tqdm(total=total, initial=summary_before.done, unit="image", desc=prepared.batch_id, disable=quiet)
-    step_bar = tqdm(total=0, leave=False, unit="step", desc="  row", disable=quiet)
+    bar = tqdm(total=total, initial=summary_before.done, unit="image", desc=prepared.batch_id, disable=_json_stderr)
+    step_bar = tqdm(total=0, leave=False, unit="step", desc="  row", disable=_json_stderr)
 
     def on_event(event: Any) -> None:
         if event.kind == "step":
