@@ -113,7 +113,7 @@ def _entries(
 ) -> Iterator[None]:
     batch = ledger.get_batch(batch_id)
     if batch is None:
-        raise StoreError(f"no batch '{batch_id}' in the ledger", batch_id=batch_id)
+        raise StoreError(f"no batch '{batch_id}' in the ledger", batch_id=batch_id, code="batch_not_found")
     rows = ledger.rows(batch_id)
     used: set[str] = set()
     files: dict[str, list[str]] = {}

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,9 @@ class BatchRunner:
         if report.missing_columns:
             raise BatchError(
                 f"the sheet lacks required column(s): {', '.join(report.missing_columns)}",
+                code="required_columns_missing",
                 missing_columns=report.missing_columns,
+                columns=report.missing_columns,
             )
         input_dir = images.folder if images is not None else None
         if batch_seed is None:
@@ -222,7 +224,7 @@ class BatchRunner:
             if rendered is None and row_report.ok:
                 row_report.ok = False
                 column = _problem_column(failure, template, report.column_map)
-                row_report.problems.append(_row_problem(row_report.number, column, problems[-1]))
+                row_report.problems.append(_row_problem(row_report.number, column, problems[-1], failure))
             seeds = [values[f.name] for f in template.fields if f.type == "seed" and values.get(f.name) is not None]
             rows.append(
                 {
@@ -580,7 +582,7 @@ class BatchRunner:
     ) -> BatchSummary:
         batch = self.ledger.get_batch(batch_id)
         if batch is None:
-            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id, code="batch_not_found")
         started = time.perf_counter()
         out_dir = self.output_dir(batch_id)
         try:
@@ -733,7 +735,7 @@ class BatchRunner:
         from engine.archive import write_batch_zip
 
         if self.ledger.get_batch(batch_id) is None:
-            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id, code="batch_not_found")
         return write_batch_zip(self.ledger, batch_id, out)
 
     def zip_stream(self, batch_id: str) -> Iterator[bytes]:
@@ -741,7 +743,7 @@ class BatchRunner:
         from engine.archive import iter_zip_stream
 
         if self.ledger.get_batch(batch_id) is None:
-            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+            raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id, code="batch_not_found")
         return iter_zip_stream(self.ledger, batch_id)
 
     # ---------------------------------------------------------------- helpers
@@ -978,9 +980,15 @@ def _problem_column(exc: EngineError, template: Any, column_map: dict[str, str])
     return None
 
 
-def _row_problem(row: int, column: str | None, reason: str) -> Any:
+def _row_problem(row: int, column: str | None, reason: str, failure: EngineError | None) -> Any:
+    """The report's problem for a row whose rendered workflow failed: a failed graph check carries its node
+    problems (code ``workflow_invalid``), so a client or page can name node and input in its own words."""
     from engine.sheets import RowProblem
 
+    problems = getattr(failure, "problems", None)
+    if problems:
+        return RowProblem(row=row, column=column, reason=reason, code="workflow_invalid",
+                          params={"problems": [asdict(p) for p in problems]})
     return RowProblem(row=row, column=column, reason=reason)
 
 

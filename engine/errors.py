@@ -31,16 +31,56 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-class EngineError(Exception):
-    """Base of every error raised by the engine."""
+# The refusals a person meets most often, by stable code, with the ``details`` each one fills in. The
+# message stays the engine's English; a page or an API client says the same thing in its own language from
+# the code and these values (``webapp.i18n.error_text``). Codes are never renamed: clients match on them.
+ERROR_CODES: dict[str, tuple[str, ...]] = {
+    "sheet_empty": ("file",),
+    "sheet_too_large": ("size_mib", "limit_mib"),
+    "sheet_old_excel": ("file",),
+    "sheet_not_a_spreadsheet": ("file",),
+    "sheet_type_unsupported": ("file", "extension"),
+    "sheet_no_header": (),
+    "sheet_no_data_rows": (),
+    "sheet_too_many_rows": ("limit",),
+    "sheet_too_many_columns": ("count", "limit"),
+    "sheet_duplicate_columns": ("columns",),
+    "workbook_damaged": (),
+    "worksheet_not_found": ("sheet", "available"),
+    "worksheet_empty": ("sheet", "available"),
+    "required_columns_missing": ("columns",),
+    "batch_seed_not_whole": ("value",),
+    "batch_seed_out_of_range": ("limit",),
+    "template_not_chosen": (),
+    "template_not_found": ("template", "available"),
+    "template_shipped": ("template",),
+    "template_exists": ("template",),
+    "batch_not_selected": (),
+    "batch_not_found": ("batch_id",),
+    "batch_not_checked": (),
+    "batch_not_owner": ("batch_id", "owner"),
+    "model_not_found": ("kind", "name", "available"),
+}
 
-    def __init__(self, message: str, **details: Any) -> None:
+
+class EngineError(Exception):
+    """Base of every error raised by the engine.
+
+    ``code``: one of :data:`ERROR_CODES` where the refusal is one people meet often enough to be said in
+    their language; its values are in ``details``.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
         super().__init__(message)
         self.message = message
+        self.code = code
         self.details = details
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "message": self.message, "details": self.details}
+        body: dict[str, Any] = {"type": type(self).__name__, "message": self.message, "details": self.details}
+        if self.code is not None:
+            body["code"] = self.code
+        return body
 
 
 class WorkflowError(EngineError):
@@ -134,6 +174,7 @@ class ModelNotFound(ModelError):
         shown = ", ".join(available[:20]) or "none"
         super().__init__(
             f"{kind} '{name}' not found; looked in: {', '.join(searched) or 'nowhere'}; available: {shown}",
+            code="model_not_found",
             name=name,
             kind=kind,
             searched=searched,

@@ -96,7 +96,9 @@ class RowProblem:
     column: str | None
     reason: str
     # What went wrong as a stable code and its values (``not_whole_number``, {"value": "abc"}), so a page
-    # or an API client can say it in the user's language; None for problems found outside the cell checks.
+    # or an API client can say it in the user's language: one of PROBLEM_CODES for the cell checks, or
+    # ``workflow_invalid`` ({"problems": [NodeProblem as a dict, ...]}) for a row whose rendered workflow
+    # fails the graph check; None for the rest.
     code: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -239,15 +241,20 @@ def _read_bytes(source: Any, filename: str | None, limits: SheetLimits) -> tuple
     if len(data) > limits.max_file_bytes:
         raise _too_big(len(data), limits)
     if not data.strip():
-        raise SheetError(f"'{filename or 'the spreadsheet'}' is empty")
+        raise SheetError(f"'{filename or 'the spreadsheet'}' is empty", code="sheet_empty",
+                         file=filename or "")
     return data, filename or ""
 
 
 def _too_big(size: int, limits: SheetLimits) -> SheetError:
+    size_mib, limit_mib = f"{size / 1048576:.1f}", f"{limits.max_file_bytes / 1048576:.0f}"
     return SheetError(
-        f"the spreadsheet is {size / 1048576:.1f} MiB; the limit is {limits.max_file_bytes / 1048576:.0f} MiB",
+        f"the spreadsheet is {size_mib} MiB; the limit is {limit_mib} MiB",
+        code="sheet_too_large",
         size=size,
         limit=limits.max_file_bytes,
+        size_mib=size_mib,
+        limit_mib=limit_mib,
     )
 
 
@@ -268,10 +275,12 @@ def _check_extension(kind: str, ext: str, filename: str | None) -> None:
     name = f"'{filename}'" if filename else "the file"
     if kind == "xls":
         raise SheetError(
-            f"{name} is an old Excel 97-2003 workbook (.xls); save it as .xlsx (Excel Workbook) or CSV"
+            f"{name} is an old Excel 97-2003 workbook (.xls); save it as .xlsx (Excel Workbook) or CSV",
+            code="sheet_old_excel", file=filename or "",
         )
     if kind == "binary":
-        raise SheetError(f"{name} is neither CSV text nor an XLSX workbook; supported: .csv, .xlsx")
+        raise SheetError(f"{name} is neither CSV text nor an XLSX workbook; supported: .csv, .xlsx",
+                         code="sheet_not_a_spreadsheet", file=filename or "")
     if not ext:
         return
     if ext in XLSX_EXTENSIONS and kind == "csv":
@@ -285,7 +294,8 @@ def _check_extension(kind: str, ext: str, filename: str | None) -> None:
             "rename it to .xlsx or export it from Excel as CSV UTF-8"
         )
     if ext not in XLSX_EXTENSIONS + CSV_EXTENSIONS:
-        raise SheetError(f"{name}: unsupported file type '{ext}'; supported: .csv, .tsv, .txt, .xlsx, .xlsm")
+        raise SheetError(f"{name}: unsupported file type '{ext}'; supported: .csv, .tsv, .txt, .xlsx, .xlsm",
+                         code="sheet_type_unsupported", file=filename or "", extension=ext)
 
 
 # CSV -----------------------------------------------------------------------------------------------
@@ -341,14 +351,16 @@ def sheet_from_records(
         raise SheetError("'rows' must be a non-empty list of objects (one per image)")
     limits = limits or SheetLimits()
     if len(records) > limits.max_rows:
-        raise SheetError(f"{len(records)} rows; the limit is {limits.max_rows}: split them into smaller batches")
+        raise SheetError(f"{len(records)} rows; the limit is {limits.max_rows}: split them into smaller batches",
+                         code="sheet_too_many_rows", limit=limits.max_rows)
     columns: list[str] = []
     for record in records:
         for key in record:
             if str(key) not in columns:
                 columns.append(str(key))
     if len(columns) > limits.max_columns:
-        raise SheetError(f"the rows have {len(columns)} columns; the limit is {limits.max_columns}")
+        raise SheetError(f"the rows have {len(columns)} columns; the limit is {limits.max_columns}",
+                         code="sheet_too_many_columns", count=len(columns), limit=limits.max_columns)
     _refuse_duplicate_columns([(column, f"'{column}'") for column in columns])
     rows: list[SheetRow] = []
     problems: list[RowProblem] = []
@@ -463,7 +475,8 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise SheetError(f"the workbook is not a valid zip archive (damaged or not .xlsx): {exc}") from exc
+        raise SheetError(f"the workbook is not a valid zip archive (damaged or not .xlsx): {exc}",
+                         code="workbook_damaged") from exc
     if len(members) > limits.max_zip_members:
         raise SheetError(f"the workbook has {len(members)} parts; the limit is {limits.max_zip_members}")
     names = {m.filename for m in members}
@@ -558,7 +571,8 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
     try:
         values_book = load_workbook(io.BytesIO(data), read_only=True, data_only=True)
     except Exception as exc:  # openpyxl raises many types for damaged files
-        raise SheetError(f"the workbook cannot be opened: {type(exc).__name__}: {exc}") from exc
+        raise SheetError(f"the workbook cannot be opened: {type(exc).__name__}: {exc}",
+                         code="workbook_damaged") from exc
     try:
         names = list(values_book.sheetnames)
         if sheet_name is None:
@@ -570,7 +584,7 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
             if not matches:
                 raise SheetError(
                     f"the workbook has no worksheet '{sheet_name}'; it has: {', '.join(names)}",
-                    sheet_names=names,
+                    code="worksheet_not_found", sheet=sheet_name, available=names, sheet_names=names,
                 )
             chosen = matches[0]
         worksheet = values_book[chosen]
@@ -617,7 +631,8 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
         others = [n for n in names if n != chosen]
         if not records and others:  # the data is often on another worksheet of the workbook
             raise SheetError(f"worksheet '{chosen}' is empty; the workbook also has: {', '.join(others)} "
-                             "(choose the worksheet, or move the data to the first one)", sheet_names=names) from exc
+                             "(choose the worksheet, or move the data to the first one)",
+                             code="worksheet_empty", sheet=chosen, available=others, sheet_names=names) from exc
         raise
     sheet.format, sheet.sheet_name, sheet.sheet_names = "xlsx", chosen, names
     return sheet
@@ -655,7 +670,8 @@ def _refuse_duplicate_columns(columns: list[tuple[str, str]]) -> None:
     duplicates = [shown for shown in spellings.values() if len(shown) > 1]
     if duplicates:
         listed = "; ".join(" and ".join(shown) for shown in duplicates)
-        raise SheetError(f"duplicate column names (compared ignoring case and spaces): {listed}", row=1)
+        raise SheetError(f"duplicate column names (compared ignoring case and spaces): {listed}", row=1,
+                         code="sheet_duplicate_columns", columns=listed)
 
 
 def _within_cell_limit(text: str, row: int, column: str, limits: SheetLimits, problems: list[RowProblem]) -> str:
@@ -679,19 +695,22 @@ def _build_sheet(
     records = [(n, [_clean_cell("" if c is None else str(c)) for c in cells]) for n, cells in records]
     records = [(n, cells) for n, cells in records if n in flagged_rows or any(c.strip() for c in cells)]
     if not records or records[0][0] != 1:
-        raise SheetError("row 1 must hold the column names, but it is empty", row=1)
+        raise SheetError("row 1 must hold the column names, but it is empty", row=1, code="sheet_no_header")
     header = [unicodedata.normalize("NFKC", h).strip(_HEADER_JUNK) for h in records[0][1]]
     while header and not header[-1]:
         header.pop()
     if len(header) > limits.max_columns:
-        raise SheetError(f"the sheet has {len(header)} columns; the limit is {limits.max_columns}")
+        raise SheetError(f"the sheet has {len(header)} columns; the limit is {limits.max_columns}",
+                         code="sheet_too_many_columns", count=len(header), limit=limits.max_columns)
     _refuse_duplicate_columns([(name, f"'{name}' (column {_column_letter(index)})")
                                for index, name in enumerate(header) if name])
     data = records[1:]
     if not data:
-        raise SheetError("the sheet has column names in row 1 but no data rows below them", row=2)
+        raise SheetError("the sheet has column names in row 1 but no data rows below them", row=2,
+                         code="sheet_no_data_rows")
     if len(data) > limits.max_rows:
-        raise SheetError(f"the sheet has more than {limits.max_rows} data rows; split it into smaller sheets")
+        raise SheetError(f"the sheet has more than {limits.max_rows} data rows; split it into smaller sheets",
+                         code="sheet_too_many_rows", limit=limits.max_rows)
 
     problems: list[RowProblem] = []
     rows: list[SheetRow] = []

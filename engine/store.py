@@ -453,7 +453,7 @@ class BatchLedger:
     def _require_batch(self, batch_id: str) -> dict[str, Any]:
         batch = self.get_batch(batch_id)
         if batch is None:
-            raise BatchError(f"no batch '{batch_id}' in the ledger", batch_id=batch_id)
+            raise BatchError(f"no batch '{batch_id}' in the ledger", batch_id=batch_id, code="batch_not_found")
         return batch
 
     def set_batch_status(self, batch_id: str, status: str) -> None:

@@ -871,7 +871,8 @@ class TemplateLibrary:
         """The template ``name``; :class:`TemplateError` naming the available ones when there is none."""
         folder = self._folder_of(name)
         if folder is None:
-            raise TemplateError(f"no template '{name}'; {self.describe_available()}", template=name)
+            raise TemplateError(f"no template '{name}'; {self.describe_available()}", template=name,
+                                code="template_not_found", available=self.names())
         result = self._load(folder)
         if isinstance(result, TemplateError):
             raise result
@@ -911,12 +912,13 @@ class TemplateLibrary:
                                 template=template.name)
         if self.is_shipped(template.name):
             raise TemplateError(f"'{template.name}' is a shipped template and cannot be replaced; save your version "
-                                "under another name (the \"name\" in template.json)", template=template.name)
+                                "under another name (the \"name\" in template.json)", template=template.name,
+                                code="template_shipped")
         folder = self.writable_folder
         target = folder / template.name
         if target.exists() and not replace:
             raise TemplateError(f"template '{template.name}' already exists; save it with replace to overwrite it",
-                                template=template.name)
+                                template=template.name, code="template_exists")
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{template.name}-", dir=folder))
         try:

@@ -338,6 +338,8 @@ def test_templates_with_their_schemas(bob):
     assert width["type"] == "int" and width["min"] <= SMALL["width"] <= width["max"]
     missing = bob.get("/api/templates/no_such_template")
     assert missing.status_code == 404 and "product_shot" in error_of(missing)["message"]
+    assert error_of(missing)["code"] == "template_not_found"  # clients word it in their own language
+    assert "product_shot" in error_of(missing)["details"]["available"]
 
 
 def template_upload(name: str, workflow: str | None = None) -> dict:
@@ -421,6 +423,7 @@ def test_bad_rows_refused_with_row_and_column_named(bob):
 
     missing = bob.post("/api/batches", json={"template": "product_shot", "rows": [{"color": "red"}]})
     assert missing.status_code == 400 and error_of(missing)["details"]["missing_columns"] == ["product_name"]
+    assert error_of(missing)["code"] == "required_columns_missing"
     for body in ({"rows": []}, {"template": "product_shot", "rows": []}, {"template": "nope", "rows": [{"a": 1}]},
                  {"template": "product_shot", "rows": [{"product_name": "x"}], "on_invalid": "maybe"},
                  {"template": "product_shot", "rows": [{"product_name": "x"}], "batch_id": "../escape"}):

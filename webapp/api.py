@@ -76,7 +76,7 @@ def error_status(exc: EngineError) -> int:
 
 
 def install_error_handlers(app: Any) -> None:
-    """Library errors -> JSON answers: ``{"error": {type, message, details}}`` with the right status.
+    """Library errors -> JSON answers: ``{"error": {type, message, details[, code]}}`` with the right status.
 
     401s carry ``WWW-Authenticate: Bearer``; 429s carry ``Retry-After`` and the rate-limit headers.
     """
@@ -116,7 +116,7 @@ def batch_status(services: Any, batch_id: str, with_rows: bool = True) -> dict[s
     """A batch's ledger record, counts, live progress and (optionally) its rows; 404 when unknown."""
     batch = services.ledger.get_batch(batch_id)
     if batch is None:
-        raise not_found(f"no batch {batch_id!r}", batch_id=batch_id)
+        raise not_found(f"no batch {batch_id!r}", batch_id=batch_id, code="batch_not_found")
     summary = services.runner.summary(batch_id)
     progress = services.queue.status(batch_id)
     body: dict[str, Any] = {
@@ -299,7 +299,9 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     @router.get("/templates/{name}", summary="One template with its field schema")
     def get_template(name: str, caller: Any = user) -> Any:
         if name not in services.templates.names():
-            raise not_found(f"no template {name!r}; available: {', '.join(services.templates.names())}")
+            names = services.templates.names()
+            raise not_found(f"no template {name!r}; available: {', '.join(names)}", code="template_not_found",
+                            template=name, available=names)
         return services.templates.get(name).to_dict()
 
     @router.post("/templates", summary="Add or replace a template (admin)")

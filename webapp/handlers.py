@@ -19,11 +19,10 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from engine.batch import describe_error
 from engine.errors import AccessDenied, BatchError, EngineError, SheetError
 from webapp.auth import ADMIN
 from webapp.guard import LOCAL_USER, Caller
-from webapp.i18n import problem_text, text
+from webapp.i18n import error_text, problem_text, text
 
 ACTIVE_STATES = ("queued", "running")
 LEDGER_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")
@@ -62,16 +61,13 @@ def require_admin(caller: Caller, action: str, lang: str = "en") -> None:
         )
 
 
-def error_message(exc: EngineError) -> str:
-    """One readable sentence (or a few lines) for a library error, as shown to the user.
+def error_message(exc: EngineError, lang: str = "en") -> str:
+    """One readable sentence (or a few lines) for a library error, as shown to the user in ``lang``.
 
-    The words are the engine's (:func:`engine.batch.describe_error`, as batch reports give them); only a
-    list of validation problems is laid out one per line, for a page rather than a log line.
+    Errors with a code are said in the page's language; the rest in the engine's words. A list of
+    validation problems is laid out one per line, for a page rather than a log line.
     """
-    problems = getattr(exc, "problems", None)
-    if problems:
-        return exc.message.split(":", 1)[0] + ":\n" + "\n".join(f"• {p.describe()}" for p in problems[:10])
-    return describe_error(exc)
+    return error_text(exc, lang)
 
 
 # ------------------------------------------------------------------------------------------ templates
@@ -196,7 +192,7 @@ def check_sheet(
     from engine.sheets import SheetLimits, read_sheet
 
     if not template_name:
-        raise BatchError("no template chosen")
+        raise BatchError("no template chosen", code="template_not_chosen")
     if on_invalid not in {"skip", "stop"}:
         raise BatchError(f"on_invalid must be 'skip' or 'stop', not {on_invalid!r}")
     limits = SheetLimits(max_file_bytes=int(services.settings.max_upload_mb) * 1024 * 1024)
@@ -247,16 +243,18 @@ def parse_seed(value: Any) -> int | None:
     try:
         seed = parse_integer(str(value))
     except (ValueError, SheetError) as exc:
-        raise SheetError(f"the batch seed must be a whole number, not {value!r}", column="batch_seed") from exc
+        raise SheetError(f"the batch seed must be a whole number, not {value!r}", column="batch_seed",
+                         code="batch_seed_not_whole", value=str(value)) from exc
     if not 0 <= seed <= SEED_MAX:
-        raise SheetError(f"the batch seed must be between 0 and {SEED_MAX}", column="batch_seed")
+        raise SheetError(f"the batch seed must be between 0 and {SEED_MAX}", column="batch_seed",
+                         code="batch_seed_out_of_range", limit=SEED_MAX)
     return seed
 
 
 def start_batch(services: Any, prepared: Any) -> str:
     """Record a prepared batch in the ledger and queue it; returns its id."""
     if prepared is None:
-        raise BatchError("nothing to start: check a spreadsheet first")
+        raise BatchError("nothing to start: check a spreadsheet first", code="batch_not_checked")
     batch_id = services.runner.start(prepared)
     services.queue.submit(batch_id)
     return batch_id
@@ -276,14 +274,14 @@ def check_may_control(services: Any, caller: Caller, batch_id: str) -> None:
     if not may_control(services, caller, batch_id):
         owner = services.ledger.get_batch(batch_id)["user"]
         raise AccessDenied(f"batch {batch_id} was started by {owner}: only they or an admin can stop or resume it",
-                           status=403, reason="not_owner", batch_id=batch_id)
+                           status=403, reason="not_owner", batch_id=batch_id, owner=owner, code="batch_not_owner")
 
 
 def cancel_batch(services: Any, caller: Caller, batch_id: str) -> str:
     """Cancel a batch; returns what happened: ``"cancelling"`` (running here: it stops between sampler
     steps), ``"removed_from_queue"`` (it had not started) or ``"not_running"`` (nothing to cancel here)."""
     if not batch_id:
-        raise BatchError("no batch selected")
+        raise BatchError("no batch selected", code="batch_not_selected")
     check_may_control(services, caller, batch_id)
     return services.queue.cancel(batch_id)
 
@@ -291,9 +289,9 @@ def cancel_batch(services: Any, caller: Caller, batch_id: str) -> str:
 def resume_batch(services: Any, caller: Caller, batch_id: str) -> None:
     """Queue an interrupted batch again: the runner only runs the rows that are not done."""
     if not batch_id:
-        raise BatchError("no batch selected")
+        raise BatchError("no batch selected", code="batch_not_selected")
     if services.ledger.get_batch(batch_id) is None:
-        raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id)
+        raise BatchError(f"no batch {batch_id!r} in the ledger", batch_id=batch_id, code="batch_not_found")
     check_may_control(services, caller, batch_id)
     services.queue.submit(batch_id)
 

@@ -12,6 +12,7 @@ Every key must exist in both tables; ``tests/test_webapp_handlers.py`` checks th
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 LANGUAGES = ("en", "zh")
@@ -210,6 +211,7 @@ EN: dict[str, str] = {
     # errors
     "error.admin_only": "Only admins may {action}.",
     "error.login_required": "Please sign in.",
+    "error.workflow_invalid": "workflow failed validation",
     "action.switch_model": "switch the model",
     "action.edit_template": "add or edit templates",
     "action.upload_template": "upload templates",
@@ -406,6 +408,7 @@ ZH: dict[str, str] = {
     "system.real": "正式模型",
     "error.admin_only": "只有管理员可以{action}。",
     "error.login_required": "请先登录。",
+    "error.workflow_invalid": "工作流检查未通过",
     "action.switch_model": "切换模型",
     "action.edit_template": "新增或编辑模板",
     "action.upload_template": "上传模板",
@@ -444,12 +447,97 @@ PROBLEMS_ZH: dict[str, str] = {
 }
 PROBLEM_TABLES: dict[str, dict[str, str]] = {"zh": PROBLEMS_ZH}
 
+# Library refusals by code (engine.errors.ERROR_CODES), filled in from the error's details.
+ERRORS_ZH: dict[str, str] = {
+    "sheet_empty": "表格文件“{file}”是空的",
+    "sheet_too_large": "表格文件有 {size_mib} MiB，上限为 {limit_mib} MiB",
+    "sheet_old_excel": "“{file}”是旧版 Excel 97-2003 工作簿（.xls）；请另存为 .xlsx（Excel 工作簿）或 CSV",
+    "sheet_not_a_spreadsheet": "“{file}”既不是 CSV 文本也不是 XLSX 工作簿；支持：.csv、.xlsx",
+    "sheet_type_unsupported": "“{file}”：不支持的文件类型“{extension}”；支持：.csv、.tsv、.txt、.xlsx、.xlsm",
+    "sheet_no_header": "第 1 行必须是列名，但它是空的",
+    "sheet_no_data_rows": "表格第 1 行有列名，但下面没有数据行",
+    "sheet_too_many_rows": "表格超过 {limit} 行数据；请拆分成较小的表格",
+    "sheet_too_many_columns": "表格有 {count} 列，上限为 {limit}",
+    "sheet_duplicate_columns": "列名重复（不区分大小写和空格）：{columns}",
+    "workbook_damaged": "工作簿无法打开（文件已损坏，或不是 .xlsx）",
+    "worksheet_not_found": "工作簿中没有工作表“{sheet}”；现有：{available}",
+    "worksheet_empty": "工作表“{sheet}”是空的；工作簿中还有：{available}（请选择该工作表，或把数据移到第一个工作表）",
+    "required_columns_missing": "表格缺少必填列：{columns}",
+    "batch_seed_not_whole": "批次种子必须是整数，而不是“{value}”",
+    "batch_seed_out_of_range": "批次种子必须在 0 到 {limit} 之间",
+    "template_not_chosen": "请先选择模板",
+    "template_not_found": "没有模板“{template}”；可用：{available}",
+    "template_shipped": "“{template}”是内置模板，不能替换；请用另一个名称保存（template.json 中的 \"name\"）",
+    "template_exists": "模板“{template}”已存在；勾选替换后再保存即可覆盖",
+    "batch_not_selected": "没有选择批次",
+    "batch_not_found": "记录中没有批次“{batch_id}”",
+    "batch_not_checked": "还没有可开始的内容：请先检查表格",
+    "batch_not_owner": "批次 {batch_id} 由 {owner} 启动：只有本人或管理员可以停止或继续",
+    "model_not_found": "找不到 {kind}“{name}”；可用：{available}",
+}
+ERROR_TABLES: dict[str, dict[str, str]] = {"zh": ERRORS_ZH}
+
+# Workflow problems by ComfyUI's error type. The node, input and the engine's own English words (which
+# carry the values: the bad value, the allowed list) stay; the kind of problem is said in the language.
+NODE_PROBLEMS_ZH: dict[str, str] = {
+    "required_input_missing": "缺少必需的输入",
+    "value_not_in_list": "值不在可选列表中",
+    "value_smaller_than_min": "值小于最小值",
+    "value_bigger_than_max": "值大于最大值",
+    "invalid_input_type": "值的类型不对",
+    "return_type_mismatch": "连接的输出类型不匹配",
+    "bad_linked_input": "连接无效",
+    "exception_during_validation": "检查时出错",
+    "custom_validation_failed": "检查未通过",
+    "prompt_no_outputs": "工作流没有输出节点（例如 SaveImage 或 PreviewImage）",
+    "invalid_prompt": "工作流无效",
+}
+NODE_WORDS_ZH = {"node": "节点 {node_id}（{class_type}）", "input": "的输入“{input_name}”", "workflow": "工作流"}
+
+
+def _filled(template: str, values: dict[str, Any]) -> str:
+    """``template`` with ``values``; lists are written as comma-separated names."""
+    shown = {k: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
+    return template.format(**shown)
+
+
+def node_problem_text(problem: Any, lang: str = "en") -> str:
+    """One workflow problem (``engine.errors.NodeProblem`` or its dict) in ``lang``, naming node and input."""
+    from engine.errors import NodeProblem
+
+    if isinstance(problem, dict):
+        problem = NodeProblem(**problem)
+    kind = NODE_PROBLEMS_ZH.get(problem.type) if lang == "zh" else None
+    if kind is None:
+        return problem.describe()
+    fields = asdict(problem)
+    english = problem.message + (f": {problem.details}" if problem.details else "")
+    where = _filled(NODE_WORDS_ZH["node"], fields) if fields.get("node_id") else NODE_WORDS_ZH["workflow"]
+    if fields.get("input_name"):
+        where += _filled(NODE_WORDS_ZH["input"], fields)
+    return f"{where}：{kind}（{english}）"
+
+
+def error_text(exc: Any, lang: str = "en") -> str:
+    """A library error (``engine.errors.EngineError``) as one message in ``lang``: the table's words for
+    its code, or, for a failed workflow check, its problems one per line. Without either the engine's own
+    English message stands, so no error is ever swallowed for want of a translation."""
+    problems = getattr(exc, "problems", None)
+    if problems:
+        return text("error.workflow_invalid", lang) + ":\n" + "\n".join(f"• {node_problem_text(p, lang)}" for p in problems[:10])
+    template = ERROR_TABLES.get(lang, {}).get(getattr(exc, "code", None) or "")
+    return _filled(template, exc.details) if template is not None else exc.message
+
 
 def problem_text(problem: Any, lang: str = "en") -> str:
-    """One spreadsheet problem as "column: why" in ``lang``. Problems without a code (a workflow check
-    that failed, say) and languages without a table keep the engine's English reason."""
-    template = PROBLEM_TABLES.get(lang, {}).get(problem.code or "")
-    reason = template.format(**problem.params) if template is not None else problem.reason
+    """One spreadsheet problem as "column: why" in ``lang``. A workflow check that failed for the row
+    lists its node problems; problems without a code and languages without a table keep the engine's
+    English reason."""
+    if problem.code == "workflow_invalid" and lang != "en":
+        reason = "; ".join(node_problem_text(p, lang) for p in problem.params["problems"])
+    else:
+        template = PROBLEM_TABLES.get(lang, {}).get(problem.code or "")
+        reason = template.format(**problem.params) if template is not None else problem.reason
     where = problem.column or text("report.whole_row", lang)
     return f"{where}: {reason}"
 

@@ -85,14 +85,17 @@ class _Html(str):
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The one place library errors become messages in the browser."""
+    """The one place library errors become messages in the browser, in the language of the request
+    the handler was called with."""
 
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except EngineError as exc:
-            raise gr.Error(handlers.error_message(exc), print_exception=False) from exc
+            request = next((a for a in [*args, *kwargs.values()] if isinstance(a, gr.Request)), None)
+            message = handlers.error_message(exc, language_of_request(request))
+            raise gr.Error(message, print_exception=False) from exc
 
     return guarded
 
@@ -511,7 +514,7 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                     images_path=photos)
             except EngineError as exc:
                 # Whatever an earlier check prepared is gone: Start never runs a sheet other than the one shown.
-                message = handlers.error_message(exc)
+                message = handlers.error_message(exc, lang)
                 gr.Warning(message)
                 return None, f"⚠ {message}", "", gr.update(interactive=False)
             ok_label = text("report.ok", lang)
@@ -597,8 +600,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
             try:
                 view = handlers.batch_view(services, batch_id, lang)
             except BatchError as exc:  # an id typed or pasted that is no batch: say so once, in place
-                return (exc.message, "", "", "", gr.update(visible=False), -1, notice, (None, warming),
-                        gr.skip(), gr.skip())
+                return (handlers.error_message(exc, lang), "", "", "", gr.update(visible=False), -1, notice,
+                        (None, warming), gr.skip(), gr.skip())
             # Redrawn whenever the batch made another image (the gallery holds only the newest ones)
             gallery_update = gallery_html(view, lang) if view.image_count != shown else gr.skip()
             line = view.status_line + (f"\n\n⚠ {view.error}" if view.error else "")

@@ -342,6 +342,13 @@ def test_chinese_browser_gets_chinese_labels(app_server, new_page, screenshot, t
     page.get_by_text("2 行可以生成，1 行有问题。").wait_for()
     assert "有问题" in page.locator("#validation-report").inner_text()
     screenshot(page, "batch-zh")
+    lacking = tmp_path / "lacking.csv"  # a refusal of the whole sheet is said in Chinese too
+    lacking.write_text("colour\nred\n", encoding="utf-8")
+    refused = new_page(locale="zh-CN")
+    log_in(refused, base_url, "alice", "alice-pass")
+    upload_sheet(refused, lacking)
+    refused.locator("#report-summary").get_by_text("表格缺少必填列：prompt").wait_for()
+    screenshot(refused, "batch-refused-zh")
     for tab, name in (("单张生成", "single-image-zh"), ("历史记录", "history-zh"), ("模板", "templates-zh"),
                       ("系统", "system-zh")):
         open_tab(page, tab)

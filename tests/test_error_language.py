@@ -1,0 +1,193 @@
+"""Library refusals said in the page's language: error codes (engine.errors.ERROR_CODES), the Chinese
+words for each (webapp.i18n.ERRORS_ZH), workflow problems per node, and the codes API clients receive."""
+
+from __future__ import annotations
+
+import ast
+import string
+from pathlib import Path
+
+import pytest
+
+from arithmetic_nodes import arithmetic_registry
+from engine.errors import ERROR_CODES, EngineError, NodeProblem, WorkflowInvalid
+from engine.settings import load_settings
+from engine.sheets import read_sheet
+from engine.validate import validate_workflow
+from engine.workflow import parse_workflow
+from webapp import handlers
+from webapp.guard import Caller
+from webapp.i18n import ERRORS_ZH, NODE_PROBLEMS_ZH, error_text, node_problem_text, problem_text
+
+ROOT = Path(__file__).resolve().parents[1]
+ALICE, BOB = Caller("alice", "user"), Caller("bob", "user")
+
+
+def _codes_raised_in_source() -> dict[str, set[str]]:
+    """Every ``code="..."`` passed to a call in engine/ and webapp/, with the keywords passed beside it."""
+    found: dict[str, set[str]] = {}
+    for path in [*ROOT.glob("engine/**/*.py"), *ROOT.glob("webapp/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            keywords = {k.arg: k.value for k in node.keywords if k.arg}
+            code = keywords.get("code")
+            if isinstance(code, ast.Constant) and isinstance(code.value, str) and code.value in ERROR_CODES:
+                found.setdefault(code.value, set()).update(keywords)
+    return found
+
+
+def _placeholders(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def test_every_error_code_is_raised_with_its_values_and_has_chinese_words():
+    raised = _codes_raised_in_source()
+    assert set(raised) == set(ERROR_CODES), f"registered but never raised: {set(ERROR_CODES) - set(raised)}"
+    assert set(ERRORS_ZH) == set(ERROR_CODES)
+    for code, params in ERROR_CODES.items():
+        assert _placeholders(ERRORS_ZH[code]) == set(params), code
+    # ModelNotFound passes its values positionally; every other site names them beside the code
+    for code, keywords in raised.items():
+        if code != "model_not_found":
+            assert set(ERROR_CODES[code]) <= keywords, (code, keywords)
+
+
+# ---------------------------------------------------------------------------------- over the real library
+
+
+@pytest.fixture(scope="module")
+def demo_engine(tmp_path_factory):
+    from engine.runtime import Engine
+
+    return Engine(load_settings({"data_dir": str(tmp_path_factory.mktemp("engine"))}, environ={}))
+
+
+@pytest.fixture
+def services(tmp_path, demo_engine):
+    from engine.services import build_services
+
+    settings = load_settings({"data_dir": str(tmp_path / "data"), "templates_dir": str(ROOT / "templates")},
+                             environ={})
+    built = build_services(settings, demo_engine)
+    yield built
+    built.close()
+
+
+def refusal(call) -> EngineError:
+    with pytest.raises(EngineError) as caught:
+        call()
+    return caught.value
+
+
+def test_sheet_refusals_are_said_in_chinese_and_keep_the_english_words_on_an_english_page(services, tmp_path):
+    empty, header_only, missing = tmp_path / "empty.csv", tmp_path / "header.csv", tmp_path / "missing.csv"
+    empty.write_text("", encoding="utf-8")
+    header_only.write_text("product_name,color\n", encoding="utf-8")
+    missing.write_text("color\nred\n", encoding="utf-8")
+
+    def check(path, template="product_shot"):
+        return lambda: handlers.check_sheet(services, ALICE, template, path)
+
+    cases = [
+        (check(empty), "sheet_empty", "表格文件“empty.csv”是空的"),
+        (check(header_only), "sheet_no_data_rows", "没有数据行"),
+        (check(missing), "required_columns_missing", "表格缺少必填列：product_name"),
+        (check(missing, template="no_such"), "template_not_found", "没有模板“no_such”；可用：article_workflow"),
+        (check(missing, template=""), "template_not_chosen", "请先选择模板"),
+        (lambda: handlers.parse_seed("12.5"), "batch_seed_not_whole", "批次种子必须是整数，而不是“12.5”"),
+        (lambda: handlers.resume_batch(services, ALICE, "b-none"), "batch_not_found", "记录中没有批次“b-none”"),
+        (lambda: handlers.start_batch(services, None), "batch_not_checked", "请先检查表格"),
+    ]
+    for call, code, chinese in cases:
+        exc = refusal(call)
+        assert exc.code == code
+        assert chinese in handlers.error_message(exc, "zh")
+        assert handlers.error_message(exc, "en") == exc.message  # the engine's own words, unchanged
+
+
+def test_another_users_batch_is_refused_in_chinese_naming_batch_and_owner(services, tmp_path):
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("product_name,width,height,steps\nmug,64,64,1\n", encoding="utf-8")
+    checked = handlers.check_sheet(services, ALICE, "product_shot", sheet)
+    batch_id = services.runner.start(checked.prepared)  # recorded, not queued: ownership is all that matters
+
+    exc = refusal(lambda: handlers.cancel_batch(services, BOB, batch_id))
+    assert exc.code == "batch_not_owner"
+    assert handlers.error_message(exc, "zh") == f"批次 {batch_id} 由 alice 启动：只有本人或管理员可以停止或继续"
+
+
+def test_saving_over_a_shipped_template_is_refused_in_chinese(services):
+    shipped = ROOT / "templates" / "turbo_draft"
+    files = {name: (shipped / name).read_bytes() for name in ("template.json", "workflow.json.j2")}
+    exc = refusal(lambda: services.templates.add(files, replace=True))
+    assert exc.code == "template_shipped"
+    assert handlers.error_message(exc, "zh").startswith("“turbo_draft”是内置模板，不能替换")
+
+
+def test_a_row_whose_workflow_fails_names_node_and_input_in_chinese(services, tmp_path):
+    """A photo template's sheet without the photos: the row's problem is LoadImage's, said per node."""
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("product_name,product_photo,scene\nmug,mug.png,kitchen\n", encoding="utf-8")
+    prepared = services.runner.prepare("product_in_scene", read_sheet(sheet), on_invalid="skip")
+    (problem,) = prepared.report.rows[0].problems
+    assert problem.code == "workflow_invalid"
+    (node,) = problem.params["problems"]
+    assert (node["class_type"], node["input_name"]) == ("LoadImage", "image")
+
+    chinese = problem_text(problem, "zh")
+    assert chinese.startswith(f"{problem.column}: 节点 {node['node_id']}（LoadImage）的输入“image”：")
+    assert "mug.png" in chinese  # the specifics stay in the engine's words
+    assert problem_text(problem, "en") == f"{problem.column}: {problem.reason}"
+
+    table = handlers.check_sheet(services, ALICE, "product_in_scene", sheet, lang="zh").rows
+    assert table[0][2] == chinese
+
+
+def test_workflow_problems_of_every_kind_are_said_in_chinese_per_node():
+    registry = arithmetic_registry()
+    broken = {
+        "1": {"class_type": "Number", "inputs": {"value": "many"}},  # invalid_input_type
+        "3": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["9", 0]}},  # bad_linked_input
+        # required_input_missing (number) and value_not_in_list (mode)
+        "4": {"class_type": "Pick", "inputs": {"seed": 1, "mode": "median", "scale": 2.0}},
+        "5": {"class_type": "Show", "inputs": {"value": ["4", 1], "label": ["3", 0]}},  # return_type_mismatch
+        "6": {"class_type": "Teleport", "inputs": {}},  # invalid_prompt (unknown node type)
+    }
+    problems = validate_workflow(parse_workflow(broken, registry), registry)
+    kinds = {p.type for p in problems}
+    assert {"invalid_input_type", "required_input_missing", "bad_linked_input", "value_not_in_list",
+            "return_type_mismatch", "invalid_prompt"} <= kinds
+    for problem in problems:
+        chinese = node_problem_text(problem, "zh")
+        assert chinese.startswith(f"节点 {problem.node_id}（{problem.class_type}）"), chinese
+        assert NODE_PROBLEMS_ZH[problem.type] in chinese
+        assert problem.message in chinese
+        assert node_problem_text(problem, "en") == problem.describe()
+
+    page = error_text(WorkflowInvalid(problems), "zh")
+    assert page.splitlines()[0] == "工作流检查未通过:"
+    assert len(page.splitlines()) == 1 + min(len(problems), 10)
+    no_outputs = NodeProblem(None, None, "prompt_no_outputs", "Prompt has no outputs")
+    assert node_problem_text(no_outputs, "zh").startswith("工作流：")
+
+
+def test_an_error_without_a_code_keeps_the_engines_words_in_every_language():
+    plain = EngineError("the moon is in the way", reason="moon")
+    assert error_text(plain, "zh") == error_text(plain, "en") == "the moon is in the way"
+    assert "code" not in plain.to_dict()
+
+
+def test_page_handlers_raise_the_refusal_in_the_language_of_the_request(services):
+    import gradio as gr
+
+    from webapp.ui import _guard
+
+    @_guard
+    def resume(batch_id: str, request: gr.Request):
+        handlers.resume_batch(services, ALICE, batch_id)
+
+    for header, expected in (("zh-CN,zh;q=0.9", "记录中没有批次“b-none”"), ("en-US", "no batch 'b-none' in the ledger")):
+        with pytest.raises(gr.Error) as raised:
+            resume("b-none", gr.Request(headers={"accept-language": header}))
+        assert raised.value.message == expected
