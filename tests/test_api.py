@@ -19,7 +19,7 @@ import pytest
 
 from engine.settings import load_settings
 from live_server import live_server
-from webapp.auth import TokenIssuer, add_user
+from webapp.auth import TokenIssuer, add_user, load_users
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "test-signing-key-" + "k" * 40
@@ -62,19 +62,24 @@ def server(tmp_path_factory, engine):
         yield SimpleNamespace(url=url, services=services, settings=settings, tokens=tokens)
 
 
+def token_for(server, name: str) -> str:
+    """A token for a user of the users file, tied to their password as every token the server issues is."""
+    return server.tokens.create(load_users(server.settings).get(name))
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture(scope="module")
 def bob(server):
-    with httpx.Client(base_url=server.url, headers=bearer(server.tokens.create("bob", "user")), timeout=60) as c:
+    with httpx.Client(base_url=server.url, headers=bearer(token_for(server, "bob")), timeout=60) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def alice(server):
-    with httpx.Client(base_url=server.url, headers=bearer(server.tokens.create("alice", "admin")), timeout=60) as c:
+    with httpx.Client(base_url=server.url, headers=bearer(token_for(server, "alice")), timeout=60) as c:
         yield c
 
 
@@ -141,6 +146,11 @@ def test_tokens_act_with_the_users_current_role_and_die_with_the_user(server, an
     assert anonymous.get("/api/templates", headers=promoted).status_code == 200
     refused = anonymous.post("/api/system/model", json={"checkpoint": "sd35_demo_tiny"}, headers=promoted)
     assert refused.status_code == 403 and error_of(refused)["details"]["action"] == "switch_model"
+    # A validly signed token not tied to bob's password (a bare name's, or one from before tokens carried
+    # the credential) is refused: it would outlive every password reset.
+    untied = {k: v for k, v in claims(server).items() if k != "cred"}
+    refused = anonymous.get("/api/templates", headers=bearer(jwt.encode(untied, SECRET, algorithm="HS256")))
+    assert refused.status_code == 401 and error_of(refused)["details"]["reason"] == "credentials_changed"
     # A validly signed token of a user who is not (or no longer) in the store is refused.
     gone = anonymous.get("/api/templates", headers=bearer(server.tokens.create("mallory", "admin")))
     assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "unknown_user"
@@ -206,7 +216,7 @@ def test_an_unreadable_users_file_keeps_the_users_loaded_before(server, bob):
 
 
 def test_an_admin_revokes_one_token_and_only_that_one_stops_working(server, alice, bob, anonymous):
-    leaked, other = server.tokens.create("dave", "user"), server.tokens.create("dave", "user")
+    leaked, other = token_for(server, "dave"), token_for(server, "dave")
     assert anonymous.get("/api/templates", headers=bearer(leaked)).status_code == 200
     refused = bob.post("/api/token/revoke", json={"token": leaked})
     assert refused.status_code == 403 and error_of(refused)["details"]["action"] == "revoke_tokens"
@@ -246,7 +256,7 @@ def test_the_cli_revokes_every_token_of_a_user_in_the_running_server(server, ano
     import subprocess
     import sys
 
-    before = server.tokens.create("erin", "user")
+    before = token_for(server, "erin")
     assert anonymous.get("/api/templates", headers=bearer(before)).status_code == 200
     env = {"SD35_DATA_DIR": server.settings.data_dir, "SD35_JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "app.py", "token", "revoke", "--user", "erin"], cwd=ROOT, env=env,
@@ -256,12 +266,12 @@ def test_the_cli_revokes_every_token_of_a_user_in_the_running_server(server, ano
     gone = anonymous.get("/api/templates", headers=bearer(before))
     assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "revoked"
     time.sleep(1.1)  # tokens carry whole seconds: the cutoff is the second after the revocation
-    after = server.tokens.create("erin", "user")
+    after = token_for(server, "erin")
     assert anonymous.get("/api/templates", headers=bearer(after)).status_code == 200
 
 
 def test_http_routes_refuse_a_token_in_the_query_string(server, anonymous):
-    token = server.tokens.create("bob", "user")
+    token = token_for(server, "bob")
     for path in ("/api/templates", "/api/batches"):
         refused = anonymous.get(path, params={"token": token})
         assert refused.status_code == 401 and error_of(refused)["details"]["reason"] == "missing_token"
@@ -272,6 +282,7 @@ def claims(server, **changes) -> dict:
     base = {
         "sub": "bob", "role": "user", "iat": now, "nbf": now, "exp": now + 600,
         "iss": server.settings.jwt_issuer, "aud": server.settings.jwt_audience, "jti": "t",
+        "cred": load_users(server.settings).get("bob").credential_id,
     }
     return {**base, **changes}
 
@@ -281,7 +292,7 @@ def b64(data: dict) -> str:
 
 
 def tampered(server) -> str:
-    header, _, signature = server.tokens.create("bob", "user").split(".")
+    header, _, signature = token_for(server, "bob").split(".")
     return ".".join([header, b64(claims(server, role="admin")), signature])  # escalated, old signature
 
 
@@ -314,7 +325,7 @@ def test_bad_tokens_are_refused_with_401(server, anonymous, make, reason):
 
 
 def test_rate_limit_answers_429_with_retry_after_per_user_and_route(server, bob):
-    with httpx.Client(base_url=server.url, headers=bearer(server.tokens.create("carol", "user"))) as carol:
+    with httpx.Client(base_url=server.url, headers=bearer(token_for(server, "carol"))) as carol:
         answers = [carol.get("/api/templates") for _ in range(RATE_LIMIT + 1)]
         assert [a.status_code for a in answers[:RATE_LIMIT]] == [200] * RATE_LIMIT
         refused = answers[-1]
@@ -552,7 +563,7 @@ def read_head(sock: socket.socket) -> bytes:
 
 def test_upload_declared_over_the_limit_is_refused_before_the_body_is_sent(server):
     host, port = server.url.removeprefix("http://").split(":")
-    token = server.tokens.create("bob", "user")
+    token = token_for(server, "bob")
     with socket.create_connection((host, int(port)), timeout=20) as sock:
         sock.sendall(
             (
@@ -568,7 +579,7 @@ def test_upload_declared_over_the_limit_is_refused_before_the_body_is_sent(serve
 
 def test_upload_without_length_is_stopped_at_the_limit(server):
     host, port = server.url.removeprefix("http://").split(":")
-    token = server.tokens.create("bob", "user")
+    token = token_for(server, "bob")
     chunk = b"x" * (256 * 1024)
     with socket.create_connection((host, int(port)), timeout=20) as sock:
         sock.sendall(
@@ -632,7 +643,7 @@ def test_list_filters_a_client_got_wrong_are_400_and_huge_offsets_find_nothing(b
 def test_only_the_owner_or_an_admin_cancels_or_resumes_a_batch(server, alice, bob):
     rows = [{"product_name": "owned", "seed": 41, **SMALL}]
     batch_id = bob.post("/api/batches", json={"template": "product_shot", "rows": rows}).json()["batch_id"]
-    carol = server.tokens.create("carol", "user")
+    carol = token_for(server, "carol")
     with httpx.Client(base_url=server.url, headers=bearer(carol), timeout=60) as other:
         assert other.get(f"/api/batches/{batch_id}").status_code == 200  # the team sees every batch
         for action in ("cancel", "resume"):
@@ -674,14 +685,14 @@ def test_image_links_the_api_returns_download_with_its_bearer_token(server, bob)
         assert anonymous.get(link).status_code == 401
         assert anonymous.get(link, headers=bearer(tampered(server))).status_code == 401
         # A revoked token is refused here as on the API.
-        token = server.tokens.create("dave", "user")
+        token = token_for(server, "dave")
         assert anonymous.get(link, headers=bearer(token)).status_code == 200
         assert anonymous.post("/api/token/revoke", json={"token": token},
-                              headers=bearer(server.tokens.create("alice", "admin"))).status_code == 200
+                              headers=bearer(token_for(server, "alice"))).status_code == 200
         gone = anonymous.get(link, headers=bearer(token))
         assert gone.status_code == 401 and error_of(gone)["details"]["reason"] == "revoked"
         # And the API's rate limit applies, per user and route.
-        other = bearer(server.tokens.create("dave", "user"))
+        other = bearer(token_for(server, "dave"))
         answers = [anonymous.get(link, headers=other) for _ in range(RATE_LIMIT + 1)]
         assert answers[0].status_code == 200 and answers[-1].status_code == 429  # dave spent one above
         assert int(answers[-1].headers["retry-after"]) >= 1

@@ -259,7 +259,8 @@ def _guard(users):
 def test_guard_uses_the_users_current_role_and_refuses_removed_users(alice_hash, tokens):
     guard = _guard([User("alice", USER, alice_hash)])
     # alice was an admin when the token was issued; the store says she is a user now
-    assert guard.identify(f"Bearer {tokens.create('alice', ADMIN)}") == Caller("alice", USER)
+    token = tokens.create(User("alice", ADMIN, alice_hash))
+    assert guard.identify(f"Bearer {token}") == Caller("alice", USER)
     with pytest.raises(AccessDenied) as refused:
         guard.identify(f"Bearer {tokens.create('bob', ADMIN)}")  # bob is not (or no longer) a user
     assert refused.value.status == 401 and refused.value.details["reason"] == "unknown_user"
@@ -315,7 +316,7 @@ def test_revoking_a_user_signs_out_their_browser_sessions_and_api_tokens(tmp_pat
     auth = WebAuth(users, issuer, revocations)
     guard = ApiGuard(users, issuer, RateLimiter(100), revocations)
     session = auth.sign_in("ann", "pw")
-    api_token = issuer.create("ann", "user")
+    api_token = issuer.create(users.get("ann"))
     request = SimpleNamespace(cookies={SESSION_COOKIE: session})
     assert auth.user_of(request).name == "ann"
     assert guard.identify(f"Bearer {api_token}").name == "ann"
@@ -340,3 +341,14 @@ def test_a_token_is_tied_to_the_password_its_user_had_when_it_was_issued():
     assert refused.value.details["reason"] == "credentials_changed"
     assert tokens.verify(tokens.create("bot", USER)).credential == ""  # a bare name has no password to follow
     assert "first-pass" not in alice.credential_id and len(alice.credential_id) == 16
+
+
+def test_a_token_without_a_credential_is_refused_for_a_user_with_a_password():
+    """A bare-name token issued before a user of that name was added (or one from before tokens carried the
+    credential) would otherwise be that user's for as long as it lives, whatever passwords are set."""
+    tokens = TokenIssuer(SECRET, ISSUER, AUDIENCE)
+    bare = tokens.verify(tokens.create("alice", ADMIN))
+    with pytest.raises(AccessDenied) as refused:
+        bare.check_credential(User("alice", ADMIN, hash_password("first-pass")))
+    assert refused.value.details["reason"] == "credentials_changed" and refused.value.status == 401
+    bare.check_credential(User("alice", ADMIN))  # a user without a password has no credential to follow

@@ -454,10 +454,16 @@ class Claims:
         return self.sub
 
     def check_credential(self, user: "User") -> None:
-        """AccessDenied when ``user``'s password was set again after this token was issued."""
-        if self.credential and self.credential != user.credential_id:
-            raise _denied(f"the password of {user.name!r} was set again after this token was issued; sign in again",
-                          "credentials_changed")
+        """AccessDenied when ``user``'s password was set again after this token was issued, or when the
+        token was not issued for this password at all: one of a bare name that a user took later, or one
+        from before tokens carried the credential. Either would otherwise outlive every password reset."""
+        if self.credential == user.credential_id:
+            return
+        if not self.credential:
+            raise _denied(f"this token was not issued for the current password of {user.name!r}; sign in again "
+                          "(or issue a new token)", "credentials_changed")
+        raise _denied(f"the password of {user.name!r} was set again after this token was issued; sign in again",
+                      "credentials_changed")
 
     @property
     def is_admin(self) -> bool:
