@@ -558,6 +558,23 @@ def test_login_refuses_a_wrong_password(client):
     assert "<form" in client.get("/login", headers={"accept-language": "zh-CN"}).text
 
 
+def test_a_browser_that_drops_the_sign_in_cookie_is_told_why_and_offered_a_tab_of_its_own(client):
+    """Inside a Space's huggingface.co frame, browsers that block third-party cookies drop the session
+    cookie: the sign-in must not just land on an empty form again."""
+    answer = sign_in(client, "alice", "alice-pass")
+    assert (answer.status_code, answer.headers["location"]) == (303, "/signed-in")
+    kept = client.get("/signed-in")  # this client keeps its cookies: on to the app
+    assert (kept.status_code, kept.headers["location"]) == (303, "/")
+
+    client.cookies.clear()  # what a browser blocking the frame's cookies sends next: none
+    dropped = client.get("/signed-in")
+    assert (dropped.status_code, dropped.headers["location"]) == (303, "/login?cookie_refused=1")
+    page = client.get(dropped.headers["location"], headers={"accept-language": "zh-CN"})
+    assert ZH["login.cookie_refused"] in page.text and "<form" in page.text
+    assert '<a id="open-in-tab" href="/login" target="_blank"' in page.text
+    assert "open-in-tab" not in client.get("/login").text  # an ordinary visit to the form has no such note
+
+
 def test_login_attempts_are_rate_limited_per_address(settings, demo_engine, tmp_path):
     from dataclasses import replace
 

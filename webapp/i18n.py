@@ -222,6 +222,8 @@ EN: dict[str, str] = {
     "login.submit": "Sign in",
     "login.failed": "Wrong user name or password.",
     "login.rate_limited": "Too many sign-in attempts. Try again in {seconds} s.",
+    "login.cookie_refused": "You were signed in, but your browser did not keep the sign-in cookie: it blocks cookies of pages embedded in another site (as a Hugging Face Space is). Open the app in a tab of its own and sign in there.",
+    "login.open_in_tab": "Open the app in a new tab",
 }
 
 ZH: dict[str, str] = {
@@ -418,6 +420,8 @@ ZH: dict[str, str] = {
     "login.submit": "登录",
     "login.failed": "用户名或密码错误。",
     "login.rate_limited": "登录尝试次数过多，请在 {seconds} 秒后重试。",
+    "login.cookie_refused": "登录已成功，但浏览器没有保存登录 Cookie：它会拦截嵌入在其他网站中的页面（例如 Hugging Face Space）的 Cookie。请在单独的标签页中打开本应用并在那里登录。",
+    "login.open_in_tab": "在新标签页中打开本应用",
 }
 
 TABLES: dict[str, dict[str, str]] = {"en": EN, "zh": ZH}

@@ -331,10 +331,14 @@ def listen_address(settings: Settings, users: UserStore, environ: Mapping[str, s
     return settings.host, int(settings.port), None
 
 
-def _login_page(lang: str, error: str | None = None) -> str:
-    """The sign-in form in ``lang``, with ``error`` (already in ``lang``) above the fields when given."""
+def _login_page(lang: str, error: str | None = None, open_in_tab: bool = False) -> str:
+    """The sign-in form in ``lang``, with ``error`` (already in ``lang``) above the fields when given.
+    ``open_in_tab``: also a link that opens the app outside the frame it is shown in, where its cookie is
+    first-party."""
     t = lambda key: html.escape(text(key, lang))  # noqa: E731
     error = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
+    if open_in_tab:
+        error += f'<p><a id="open-in-tab" href="/login" target="_blank" rel="noopener">{t("login.open_in_tab")}</a></p>'
     return f"""<!doctype html>
 <html lang="{'zh-CN' if lang == 'zh' else 'en'}"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -478,11 +482,22 @@ def create_app(
         return response
 
     @app.get("/login", response_class=HTMLResponse)
-    def login_form(request: Request, failed: int = 0):
+    def login_form(request: Request, failed: int = 0, cookie_refused: int = 0):
         if not auth.required:
             return RedirectResponse("/", status_code=303)
         lang = language_of_request(request)
+        if cookie_refused:
+            return HTMLResponse(_login_page(lang, text("login.cookie_refused", lang), open_in_tab=True))
         return HTMLResponse(_login_page(lang, text("login.failed", lang) if failed else None))
+
+    @app.get("/signed-in")
+    def signed_in(request: Request):
+        # Where a sign-in lands: a browser that did not keep the cookie it was just given (third-party
+        # cookies blocked in a Space's huggingface.co frame) would otherwise be sent back to an empty form
+        # without a word. It is told why, with a link that opens the app in a tab of its own.
+        if auth.required and auth.user_of(request) is None:
+            return RedirectResponse("/login?cookie_refused=1", status_code=303)
+        return RedirectResponse("/", status_code=303)
 
     @app.post("/login")
     def login(request: Request, username: str = Form(""), password: str = Form("")):
@@ -495,7 +510,7 @@ def create_app(
         token = auth.sign_in(username, password) if auth.required else None
         if token is None:
             return HTMLResponse(_login_page(lang, text("login.failed", lang)), status_code=401)
-        response = RedirectResponse("/", status_code=303)
+        response = RedirectResponse("/signed-in", status_code=303)
         response.set_cookie(SESSION_COOKIE, token, max_age=12 * 3600, **session_cookie_options(request, space))
         return response
 

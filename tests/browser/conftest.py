@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+                 "--disable-sync", "--no-first-run",
+                 # A page of one loopback site (localhost) framing the app on another (127.0.0.1) stands in
+                 # for huggingface.co framing a Space; Chromium's local-network checks would refuse the frame.
+                 "--disable-features=LocalNetworkAccessChecks"]
 USERS = {"alice": ("alice-pass", "admin"), "bob": ("bob-pass", "user")}
 
 

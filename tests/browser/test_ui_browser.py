@@ -412,3 +412,32 @@ def test_on_a_public_space_each_visitor_owns_their_own_batches(space_server, new
 
     owner.locator("#cancel-batch").click()
     owner.locator("#batch-progress").get_by_text(re.compile(r"cancelled · done \d")).wait_for(timeout=30_000)
+
+
+def test_signing_in_inside_a_cross_site_frame_that_drops_the_cookie_says_so(app_server, new_page, screenshot):
+    """The app embedded in another site's page, as a Space is in huggingface.co's: the browser drops the
+    session cookie set inside the frame. The frame says why and links to the app in a tab of its own,
+    where signing in works."""
+    base_url, _ = app_server
+    page = new_page()
+    # Another site (localhost is not 127.0.0.1's site), answered by the browser itself: the frame's cookies
+    # are third-party. Both are loopback, so Chromium's private-network checks do not stop the frame.
+    outer = base_url.replace("127.0.0.1", "localhost") + "/embedding-page"
+    page.route(outer, lambda route: route.fulfill(
+        content_type="text/html",
+        body=f'<!doctype html><iframe id="app" src="{base_url}/login" style="width:900px;height:700px"></iframe>'))
+    page.goto(outer)
+    frame = page.frame_locator("#app")
+    frame.locator("#username").fill("bob")
+    frame.locator("#password").fill("bob-pass")
+    frame.locator("button[type=submit]").click()
+    frame.get_by_text("did not keep the sign-in cookie").wait_for()
+    screenshot(page, "login-cookie-refused-in-frame")
+
+    with page.context.expect_page() as opened:
+        frame.locator("#open-in-tab").click()
+    tab = opened.value  # first-party here: the same sign-in now reaches the app
+    tab.fill("#username", "bob")
+    tab.fill("#password", "bob-pass")
+    tab.click("button[type=submit]")
+    tab.get_by_text("Signed in as").wait_for()
