@@ -667,7 +667,22 @@ def _bypass_upstream(
 
 
 def _ui_widget_values(node_id: str, ui_node: dict[str, Any], node_cls: "type[NodeType]") -> dict[str, Any]:
-    """Map a UI node's ``widgets_values`` onto its class's widget inputs (declaration order)."""
+    """Map a UI node's ``widgets_values`` onto its class's widget inputs (declaration order).
+
+    Required widgets the file holds no value for take their declared default, as in ComfyUI's editor,
+    which builds every widget with its default before it reads the saved values: a node saved before a
+    widget was added (VAEDecodeTiled's temporal_size) or with no ``widgets_values`` at all still runs
+    there. Widgets without a default (a model or sampler name) stay missing, for validation to report;
+    optional ones stay out, as in a prompt, and the node uses its own default.
+    """
+    values = _ui_saved_widget_values(node_id, ui_node, node_cls)
+    for spec in node_cls.widget_inputs():
+        if spec.name not in values and not spec.optional and spec.default is not None:
+            values[spec.name] = copy.deepcopy(spec.default)
+    return values
+
+
+def _ui_saved_widget_values(node_id: str, ui_node: dict[str, Any], node_cls: "type[NodeType]") -> dict[str, Any]:
     raw = ui_node.get("widgets_values")
     widgets = node_cls.widget_inputs()
     if raw is None:
@@ -693,7 +708,7 @@ def _ui_widget_values(node_id: str, ui_node: dict[str, Any], node_cls: "type[Nod
     position = 0
     for widget in widgets:
         if position >= len(raw):
-            break  # older files may lack trailing optional widgets; validation reports required ones
+            break  # a file saved before the node gained its last widgets: see _ui_widget_values
         values[widget.name] = copy.deepcopy(raw[position])
         position += 1
         if (

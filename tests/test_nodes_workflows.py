@@ -75,6 +75,26 @@ def test_official_ui_example_runs_and_embeds_the_ui_json(engine, tmp_path):
     assert result.record["sampler"] == "euler" and result.record["scheduler"] == "sgm_uniform"
 
 
+def test_ui_node_saved_before_its_last_widgets_existed_runs_with_their_defaults(engine, tmp_path):
+    """A VAEDecodeTiled saved before temporal_size and temporal_overlap were added: [tile_size, overlap]."""
+    ui = json.loads((EXAMPLES / "sd3.5_simple_example.ui.json").read_text())
+    for node in ui["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"][0] = DEMO_CHECKPOINT
+        if node["type"] == "EmptySD3LatentImage":
+            node["widgets_values"][:2] = [SIZE, SIZE]
+        if node["type"] == "KSampler":
+            node["widgets_values"][2] = STEPS
+        if node["type"] == "VAEDecode":
+            node.update(type="VAEDecodeTiled", widgets_values=[512, 64])
+    result = engine.run(ui, output_dir=tmp_path)
+    assert (result.images[0].width, result.images[0].height) == (SIZE, SIZE)
+    decode = read_text_chunks(result.images[0].path)["prompt"]["8"]
+    assert decode["class_type"] == "VAEDecodeTiled"
+    widgets = {k: v for k, v in decode["inputs"].items() if k not in ("samples", "vae")}
+    assert widgets == {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}
+
+
 def test_ui_workflow_with_a_subgraph_runs_its_inner_nodes(engine, tmp_path):
     """The positive prompt's encoder inside a subgraph whose text is a widget on the instance, as the
     frontend saves it after "Convert to Subgraph" and promoting the text widget."""

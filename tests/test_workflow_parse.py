@@ -219,6 +219,15 @@ def test_ui_trailing_upload_widget_is_skipped(registry):
     assert parse_workflow(data, registry).nodes["1"].inputs == {"name": "b.png", "repeat": 3}
 
 
+def test_ui_required_widgets_a_file_holds_no_value_for_take_their_defaults(registry):
+    # Saved before Pick gained mode and scale (or with no widgets_values): ComfyUI's editor gives them
+    # their defaults; the optional label stays out, and number (no default) is left for validation.
+    data = {"nodes": [ui_node(1, "Pick", widgets=[4, 9, "fixed"]), ui_node(2, "Pick")], "links": []}
+    wf = parse_workflow(data, registry)
+    assert wf.nodes["1"].inputs == {"number": 4, "seed": 9, "mode": "sum", "scale": 1.0}
+    assert wf.nodes["2"].inputs == {"seed": 0, "mode": "sum", "scale": 1.0}
+
+
 def test_ui_widget_values_may_be_a_dict(registry):
     data = {"nodes": [ui_node(1, "Pick", widgets={"seed": 5, "control_after_generate": "fixed", "mode": "sum",
                                                   "scale": 1.5})], "links": []}
