@@ -417,6 +417,11 @@ class BatchRunner:
         self.engine.validate(parsed)
         api = parsed.to_api()
         workflow_hash = hashlib.sha256(json.dumps(api, sort_keys=True).encode()).hexdigest()
+        if prompts is None and parsed.ui is not None and "workflow" not in (png_extra or {}):
+            # Rows keep only the API graph, so the UI file a user ran (`run --workflow wf.json`) must travel
+            # as a PNG chunk, as ComfyUI's editor sends it: the image then opens in ComfyUI with its layout.
+            # Prompt-file rows change the text, and the saved UI graph would no longer match what ran.
+            png_extra = {**(png_extra or {}), "workflow": parsed.ui}
         extra = {"png_extra": png_extra} if png_extra else {}
         if prompts is None:
             row = {"row_number": 1, "values": {"workflow_kind": kind, **extra}, "workflow": api, "status": QUEUED,

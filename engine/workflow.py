@@ -5,9 +5,12 @@ No torch import here: parsing and validation must be cheap and run before any mo
 :func:`parse_workflow` detects the format and returns a :class:`Workflow`:
 
 * API ("prompt") format: ``{node_id: {"class_type", "inputs", "_meta"?}}``.
-* UI ("workflow") format, version 0.4: ``{"nodes": [...], "links": [...], ...}``. Widget values are
-  mapped onto the node class's declared widget inputs; muted, bypassed, note, reroute and primitive nodes
-  are resolved the way ComfyUI's frontend does when it turns a workflow into a prompt.
+* UI ("workflow") format, schema versions 0.4 and 1: ``{"nodes": [...], "links": [...], ...}``. Widget
+  values are mapped onto the node class's declared widget inputs; muted, bypassed, note, reroute and
+  primitive nodes are resolved the way ComfyUI's frontend does when it turns a workflow into a prompt.
+  Subgraph instances (definitions in ``definitions.subgraphs``) are expanded into their inner nodes, whose
+  ids are the path of instance ids and the inner id joined by ":" (``"16:3"``), as the frontend numbers
+  them; legacy group nodes are refused by name.
 * The source article's list format: ``{"nodes": [{"id", "type", "inputs": {name: [src, out]}, "values"}]}``
   where ``out`` is an output index or an output type name; widgets left out take their declared default.
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import WorkflowFormatError
@@ -41,6 +44,13 @@ UI_MODE_RUN = 0
 UI_MODE_MUTED = 2
 UI_MODE_BYPASSED = 4
 UI_SUPPORTED_MODES = (UI_MODE_RUN, UI_MODE_MUTED, UI_MODE_BYPASSED)
+# Inside a subgraph definition, links from the subgraph's inputs start at this pseudo node and links to
+# its outputs end at the other (the frontend's SUBGRAPH_INPUT_ID / SUBGRAPH_OUTPUT_ID).
+SUBGRAPH_INPUT_NODE = "-10"
+SUBGRAPH_OUTPUT_NODE = "-20"
+# Legacy group nodes are typed "workflow>NAME" (older frontends: "workflow/NAME") and defined in
+# extra.groupNodes; newer frontends turn them into subgraphs.
+GROUP_NODE_PREFIXES = ("workflow>", "workflow/")
 
 
 @dataclass(frozen=True)
@@ -307,8 +317,7 @@ class _UiLink:
 
 
 def _parse_ui(data: dict[str, Any], registry: "NodeRegistry") -> Workflow:
-    ui_nodes = _ui_nodes(data)
-    links = _ui_links(data)
+    ui_nodes, links = _flatten_subgraphs(data)
     muted = _muted_closure(ui_nodes, links)
     nodes: dict[str, GraphNode] = {}
     for node_id, ui_node in ui_nodes.items():
@@ -344,6 +353,203 @@ def _parse_ui(data: dict[str, Any], registry: "NodeRegistry") -> Workflow:
         title = ui_node.get("title") if isinstance(ui_node.get("title"), str) else None
         nodes[node_id] = GraphNode(node_id, class_type, inputs, title)
     return Workflow(nodes, "ui", ui=copy.deepcopy(data))
+
+
+@dataclass
+class _UiScope:
+    """One graph level: the root workflow, or one subgraph instance's copy of its definition."""
+
+    path: tuple[str, ...]  # instance ids from the root down to this level; () for the root
+    nodes: dict[str, dict[str, Any]]
+    links: dict[Any, _UiLink]
+    instance: dict[str, Any] | None = None  # the subgraph node this level expands
+    parent: "_UiScope | None" = None
+
+    def flat_id(self, node_id: str) -> str:
+        return ":".join((*self.path, node_id))
+
+
+def _flatten_subgraphs(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[Any, _UiLink]]:
+    """The workflow's nodes and links with every running subgraph instance replaced by its inner nodes.
+
+    Links crossing a subgraph's boundary are followed to the real node on the other side, so what comes
+    back is one flat graph that reroutes, bypasses, mutes and primitives are then resolved on. Muted and
+    bypassed instances stay whole: muting drops what depends on them, bypassing passes inputs through.
+    """
+    definitions = _subgraph_definitions(data)
+    scopes: list[_UiScope] = []
+    root = _UiScope((), _ui_nodes(data), _ui_links(data))
+    _expand_scope(root, definitions, scopes, ())
+    nodes: dict[str, dict[str, Any]] = {}
+    links: dict[Any, _UiLink] = {}
+    for scope in scopes:
+        for node_id, node in scope.nodes.items():
+            if _expands(node, definitions):
+                continue
+            flat_id = scope.flat_id(node_id)
+            if not scope.path:  # the root's nodes and links keep their ids
+                nodes[flat_id] = node
+                continue
+            node = {**node, "id": flat_id, "inputs": [dict(i) for i in node.get("inputs") or []]}
+            for slot, ui_input in enumerate(node["inputs"]):
+                link_id = ui_input.get("link")
+                if link_id is None:
+                    continue
+                if link_id not in scope.links:
+                    raise WorkflowFormatError(
+                        f"node {flat_id} input '{ui_input.get('name')}' refers to link {link_id}, which is not "
+                        f"in the links of subgraph {scope.instance.get('type')!r}",
+                        node_id=flat_id,
+                    )
+                ui_input["link"] = _link_across_boundaries(
+                    scope, scope.links[link_id], flat_id, slot, definitions, nodes, links, scopes
+                )
+            nodes[flat_id] = node
+    for link_id, link in root.links.items():
+        resolved = _root_link(root, link, definitions, scopes)
+        if resolved is not None:
+            links[link_id] = resolved
+    return nodes, links
+
+
+def _subgraph_definitions(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    definitions = data.get("definitions") or {}
+    found: dict[str, dict[str, Any]] = {}
+    listed = (definitions.get("subgraphs") or []) if isinstance(definitions, dict) else []
+    for position, definition in enumerate(listed):
+        if not isinstance(definition, dict) or not isinstance(definition.get("id"), str) \
+                or not isinstance(definition.get("nodes"), list):
+            raise WorkflowFormatError(
+                f"subgraph definition #{position} needs a string 'id' and a 'nodes' list", position=position
+            )
+        found[definition["id"]] = definition
+    return found
+
+
+def _expands(node: dict[str, Any], definitions: dict[str, dict[str, Any]]) -> bool:
+    return node["type"] in definitions and node.get("mode", UI_MODE_RUN) == UI_MODE_RUN
+
+
+def _expand_scope(
+    scope: _UiScope, definitions: dict[str, dict[str, Any]], scopes: list[_UiScope], active: tuple[str, ...]
+) -> None:
+    scopes.append(scope)
+    for node_id, node in scope.nodes.items():
+        node_type = node["type"]
+        if node_type.startswith(GROUP_NODE_PREFIXES):
+            raise WorkflowFormatError(
+                f"node {scope.flat_id(node_id)} ({node_type}) is a legacy group node, which this engine does "
+                "not expand: convert it to a subgraph in ComfyUI (or ungroup it) and save the workflow again",
+                node_id=scope.flat_id(node_id), class_type=node_type,
+            )
+        if not _expands(node, definitions):
+            continue
+        if node_type in active:
+            raise WorkflowFormatError(
+                f"node {scope.flat_id(node_id)}: subgraph {definitions[node_type].get('name', node_type)!r} "
+                "contains itself",
+                node_id=scope.flat_id(node_id), class_type=node_type,
+            )
+        definition = definitions[node_type]
+        child = _UiScope((*scope.path, node_id), _ui_nodes(definition), _ui_links(definition), node, scope)
+        _expand_scope(child, definitions, scopes, (*active, node_type))
+
+
+def _child_scope(scope: _UiScope, node_id: str, scopes: list[_UiScope]) -> _UiScope:
+    path = (*scope.path, node_id)
+    return next(s for s in scopes if s.path == path)
+
+
+def _resolve_across_boundaries(
+    scope: _UiScope, link: _UiLink, definitions: dict[str, dict[str, Any]], scopes: list[_UiScope]
+) -> tuple[_UiScope, _UiLink] | tuple[None, Any] | None:
+    """Follow ``link`` out of subgraph inputs and into subgraph outputs to a node that is not an instance.
+
+    Returns (scope, link) for a real source, (None, value) for the value of an instance's promoted widget
+    whose input is not connected, or None when the subgraph input is connected to nothing at all (the
+    inner node then keeps its own widget value, as the frontend leaves it).
+    """
+    seen: set[tuple[tuple[str, ...], _UiLink]] = set()
+    while True:
+        # An instance's output wired back to its own input through the subgraph would go round forever
+        if (scope.path, link) in seen:
+            raise WorkflowFormatError(
+                f"the links into node {scope.flat_id(link.target)} go round through subgraph "
+                f"{':'.join(scope.path) or 'instances'} forever", node_id=scope.flat_id(link.target),
+            )
+        seen.add((scope.path, link))
+        if link.source == SUBGRAPH_INPUT_NODE and scope.instance is not None and scope.parent is not None:
+            instance, parent = scope.instance, scope.parent
+            inputs = instance.get("inputs") or []
+            if link.slot >= len(inputs):
+                return None
+            outer = inputs[link.slot].get("link")
+            if outer is None:
+                return _promoted_widget_value(instance, link.slot)
+            if outer not in parent.links:
+                instance_id = parent.flat_id(str(instance["id"]))
+                raise WorkflowFormatError(
+                    f"node {instance_id} ({instance['type']}) input '{inputs[link.slot].get('name')}' refers "
+                    f"to link {outer}, which is not in links[]", node_id=instance_id,
+                )
+            scope, link = parent, parent.links[outer]
+            continue
+        source = scope.nodes.get(link.source)
+        if source is not None and _expands(source, definitions):
+            inner = _child_scope(scope, link.source, scopes)
+            feeding = next((l for l in inner.links.values()
+                            if l.target == SUBGRAPH_OUTPUT_NODE and l.target_slot == link.slot), None)
+            if feeding is None:
+                return None
+            scope, link = inner, feeding
+            continue
+        return scope, link
+
+
+def _promoted_widget_value(instance: dict[str, Any], slot: int) -> tuple[None, Any] | None:
+    """The instance's own value for a subgraph input shown as a widget on it. The frontend gives the
+    instance one widget per such input, in input order, and saves their values in ``widgets_values``."""
+    inputs = instance.get("inputs") or []
+    widget = inputs[slot].get("widget")
+    values = instance.get("widgets_values")
+    if not isinstance(widget, dict):
+        return None
+    if isinstance(values, dict):
+        return (None, copy.deepcopy(values[widget["name"]])) if widget.get("name") in values else None
+    position = sum(1 for i in inputs[:slot] if isinstance(i.get("widget"), dict))
+    if isinstance(values, list) and position < len(values):
+        return None, copy.deepcopy(values[position])
+    return None
+
+
+def _link_across_boundaries(
+    scope: _UiScope, link: _UiLink, target: str, target_slot: int, definitions: dict[str, dict[str, Any]],
+    nodes: dict[str, dict[str, Any]], links: dict[Any, _UiLink], scopes: list[_UiScope],
+) -> str | None:
+    """The flat link id that now feeds input ``target_slot`` of inner node ``target`` (None: no link)."""
+    resolved = _resolve_across_boundaries(scope, link, definitions, scopes)
+    if resolved is None:
+        return None
+    source_scope, value = resolved
+    link_id = f"{target}[{target_slot}]"
+    if source_scope is None:  # a promoted widget's value: delivered like a PrimitiveNode's
+        primitive_id = f"{target}[{target_slot}]:value"
+        nodes[primitive_id] = {"id": primitive_id, "type": UI_PRIMITIVE_TYPE, "widgets_values": [value]}
+        links[link_id] = _UiLink(primitive_id, 0, target, target_slot, link.type)
+        return link_id
+    links[link_id] = _UiLink(source_scope.flat_id(value.source), value.slot, target, target_slot, link.type)
+    return link_id
+
+
+def _root_link(
+    scope: _UiScope, link: _UiLink, definitions: dict[str, dict[str, Any]], scopes: list[_UiScope]
+) -> _UiLink | None:
+    """A root-level link, its source moved into the subgraph when it comes out of an instance."""
+    resolved = _resolve_across_boundaries(scope, link, definitions, scopes)
+    if resolved is None or resolved[0] is None:
+        return None
+    source_scope, source_link = resolved
+    return replace(link, source=source_scope.flat_id(source_link.source), slot=source_link.slot)
 
 
 def _ui_nodes(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -461,7 +667,22 @@ def _bypass_upstream(
 
 
 def _ui_widget_values(node_id: str, ui_node: dict[str, Any], node_cls: "type[NodeType]") -> dict[str, Any]:
-    """Map a UI node's ``widgets_values`` onto its class's widget inputs (declaration order)."""
+    """Map a UI node's ``widgets_values`` onto its class's widget inputs (declaration order).
+
+    Required widgets the file holds no value for take their declared default, as in ComfyUI's editor,
+    which builds every widget with its default before it reads the saved values: a node saved before a
+    widget was added (VAEDecodeTiled's temporal_size) or with no ``widgets_values`` at all still runs
+    there. Widgets without a default (a model or sampler name) stay missing, for validation to report;
+    optional ones stay out, as in a prompt, and the node uses its own default.
+    """
+    values = _ui_saved_widget_values(node_id, ui_node, node_cls)
+    for spec in node_cls.widget_inputs():
+        if spec.name not in values and not spec.optional and spec.default is not None:
+            values[spec.name] = copy.deepcopy(spec.default)
+    return values
+
+
+def _ui_saved_widget_values(node_id: str, ui_node: dict[str, Any], node_cls: "type[NodeType]") -> dict[str, Any]:
     raw = ui_node.get("widgets_values")
     widgets = node_cls.widget_inputs()
     if raw is None:
@@ -487,7 +708,7 @@ def _ui_widget_values(node_id: str, ui_node: dict[str, Any], node_cls: "type[Nod
     position = 0
     for widget in widgets:
         if position >= len(raw):
-            break  # older files may lack trailing optional widgets; validation reports required ones
+            break  # a file saved before the node gained its last widgets: see _ui_widget_values
         values[widget.name] = copy.deepcopy(raw[position])
         position += 1
         if (

@@ -642,3 +642,27 @@ def test_cancelling_a_batch_that_waits_also_ends_rows_a_dead_process_left_claime
 
     assert services.runner.cancel_waiting(batch_id) == 2
     assert {row.status for row in services.ledger.rows(batch_id)} == {"cancelled"}
+
+
+def test_a_ui_workflow_run_as_a_batch_embeds_its_ui_json_in_the_png(services_factory):
+    from PIL import Image
+
+    from engine.settings import DEMO_CHECKPOINT
+
+    services = services_factory()
+    ui = json.loads((ROOT / "tests" / "data" / "comfyui-examples" / "sd3.5_simple_example.ui.json").read_text())
+    for node in ui["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"][0] = DEMO_CHECKPOINT
+        if node["type"] == "EmptySD3LatentImage":
+            node["widgets_values"][:2] = [64, 64]
+        if node["type"] == "KSampler":
+            node["widgets_values"][2] = 2  # [seed, control_after_generate, steps, ...]
+    prepared = services.runner.prepare_workflow(ui)  # what `app.py run --workflow wf.json` does
+    services.runner.start(prepared)
+    assert services.runner.run(prepared.batch_id).done == 1
+    (row,) = services.ledger.rows(prepared.batch_id)
+    with Image.open(row.images[0]["path"]) as image:
+        chunks = dict(image.text)
+    assert json.loads(chunks["workflow"]) == ui  # the file opens in ComfyUI with its own layout
+    assert json.loads(chunks["prompt"]) == services.runner.engine.parse(ui).to_api()

@@ -75,6 +75,67 @@ def test_official_ui_example_runs_and_embeds_the_ui_json(engine, tmp_path):
     assert result.record["sampler"] == "euler" and result.record["scheduler"] == "sgm_uniform"
 
 
+def test_ui_node_saved_before_its_last_widgets_existed_runs_with_their_defaults(engine, tmp_path):
+    """A VAEDecodeTiled saved before temporal_size and temporal_overlap were added: [tile_size, overlap]."""
+    ui = json.loads((EXAMPLES / "sd3.5_simple_example.ui.json").read_text())
+    for node in ui["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"][0] = DEMO_CHECKPOINT
+        if node["type"] == "EmptySD3LatentImage":
+            node["widgets_values"][:2] = [SIZE, SIZE]
+        if node["type"] == "KSampler":
+            node["widgets_values"][2] = STEPS
+        if node["type"] == "VAEDecode":
+            node.update(type="VAEDecodeTiled", widgets_values=[512, 64])
+    result = engine.run(ui, output_dir=tmp_path)
+    assert (result.images[0].width, result.images[0].height) == (SIZE, SIZE)
+    decode = read_text_chunks(result.images[0].path)["prompt"]["8"]
+    assert decode["class_type"] == "VAEDecodeTiled"
+    widgets = {k: v for k, v in decode["inputs"].items() if k not in ("samples", "vae")}
+    assert widgets == {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}
+
+
+def test_ui_workflow_with_a_subgraph_runs_its_inner_nodes(engine, tmp_path):
+    """The positive prompt's encoder inside a subgraph whose text is a widget on the instance, as the
+    frontend saves it after "Convert to Subgraph" and promoting the text widget."""
+    ui = json.loads((EXAMPLES / "sd3.5_simple_example.ui.json").read_text())
+    for node in ui["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["widgets_values"][0] = DEMO_CHECKPOINT
+        if node["type"] == "EmptySD3LatentImage":
+            node["widgets_values"][:2] = [SIZE, SIZE]
+        if node["type"] == "KSampler":
+            node["widgets_values"][2] = STEPS
+    encoder = next(n for n in ui["nodes"] if n["id"] == 16)
+    subgraph_id = "5d2a7c1e-8b3f-4e6a-9c0d-1f2e3a4b5c6d"
+    ui["nodes"].remove(encoder)
+    ui["nodes"].append({
+        "id": 16, "type": subgraph_id, "mode": 0,
+        "inputs": [{"name": "clip", "type": "CLIP", "link": 101},
+                   {"name": "text", "type": "STRING", "link": None, "widget": {"name": "text"}}],
+        "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [21]}],
+        "widgets_values": ["a lighthouse at dusk"],
+    })
+    inner = {**encoder, "id": 1, "inputs": [{"name": "clip", "type": "CLIP", "link": 1},
+                                            {"name": "text", "type": "STRING", "link": 2, "widget": {"name": "text"}}],
+             "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [3]}]}
+    ui["definitions"] = {"subgraphs": [{
+        "id": subgraph_id, "name": "Prompt", "nodes": [inner],
+        "inputs": [{"name": "clip", "type": "CLIP"}, {"name": "text", "type": "STRING"}],
+        "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING"}],
+        "links": [{"id": 1, "origin_id": -10, "origin_slot": 0, "target_id": 1, "target_slot": 0, "type": "CLIP"},
+                  {"id": 2, "origin_id": -10, "origin_slot": 1, "target_id": 1, "target_slot": 1, "type": "STRING"},
+                  {"id": 3, "origin_id": 1, "origin_slot": 0, "target_id": -20, "target_slot": 0,
+                   "type": "CONDITIONING"}],
+    }]}
+    result = engine.run(ui, output_dir=tmp_path)
+    assert result.record["prompt"] == "a lighthouse at dusk"
+    chunks = read_text_chunks(result.images[0].path)
+    assert chunks["prompt"]["3"]["inputs"]["positive"] == ["16:1", 0]
+    assert chunks["prompt"]["16:1"]["inputs"]["text"] == "a lighthouse at dusk"
+    assert chunks["workflow"] == ui
+
+
 def test_source_article_list_workflow_runs(engine, tmp_path):
     workflow = copy.deepcopy(SOURCE_ARTICLE_EXAMPLE)
     for node in workflow["nodes"]:

@@ -219,6 +219,15 @@ def test_ui_trailing_upload_widget_is_skipped(registry):
     assert parse_workflow(data, registry).nodes["1"].inputs == {"name": "b.png", "repeat": 3}
 
 
+def test_ui_required_widgets_a_file_holds_no_value_for_take_their_defaults(registry):
+    # Saved before Pick gained mode and scale (or with no widgets_values): ComfyUI's editor gives them
+    # their defaults; the optional label stays out, and number (no default) is left for validation.
+    data = {"nodes": [ui_node(1, "Pick", widgets=[4, 9, "fixed"]), ui_node(2, "Pick")], "links": []}
+    wf = parse_workflow(data, registry)
+    assert wf.nodes["1"].inputs == {"number": 4, "seed": 9, "mode": "sum", "scale": 1.0}
+    assert wf.nodes["2"].inputs == {"seed": 0, "mode": "sum", "scale": 1.0}
+
+
 def test_ui_widget_values_may_be_a_dict(registry):
     data = {"nodes": [ui_node(1, "Pick", widgets={"seed": 5, "control_after_generate": "fixed", "mode": "sum",
                                                   "scale": 1.5})], "links": []}
@@ -245,6 +254,103 @@ def test_ui_unsupported_mode_is_refused(registry):
     data = ui_fixture()
     data["nodes"][0]["mode"] = 1
     with pytest.raises(WorkflowFormatError, match="supported modes"):
+        parse_workflow(data, registry)
+
+
+SUBGRAPH_ID = "9f1c2e3d-4b5a-4c6d-8e7f-0a1b2c3d4e5f"
+
+
+def subgraph_fixture() -> dict:
+    """The UI fixture with Add and Pick made into a subgraph (instance 20); Pick's scale is an input of
+    the subgraph shown as a widget on the instance, its value 3.5 saved there."""
+    return {
+        "version": 1,
+        "state": {"lastNodeId": 20, "lastLinkId": 9},
+        "nodes": [
+            ui_node(1, "Number", widgets=[5], outputs=[("INT", [1])]),
+            ui_node(2, "Integer", widgets=[7], outputs=[("INT", [2])]),
+            ui_node(20, SUBGRAPH_ID, inputs=[{"name": "a", "type": "INT", "link": 1},
+                                             {"name": "b", "type": "INT", "link": 2},
+                                             {"name": "scale", "type": "FLOAT", "link": None,
+                                              "widget": {"name": "scale"}}],
+                    widgets=[3.5], outputs=[("INT", [5]), ("STRING", [6])]),
+            ui_node(5, "Show", inputs=[{"name": "value", "type": "INT", "link": 5},
+                                       {"name": "label", "type": "STRING", "link": 6}], title="Result"),
+        ],
+        "links": [{"id": i, "origin_id": s, "origin_slot": ss, "target_id": t, "target_slot": ts, "type": ty}
+                  for i, s, ss, t, ts, ty in [(1, 1, 0, 20, 0, "INT"), (2, 2, 0, 20, 1, "INT"),
+                                              (5, 20, 0, 5, 0, "INT"), (6, 20, 1, 5, 1, "STRING")]],
+        "definitions": {"subgraphs": [{
+            "id": SUBGRAPH_ID, "name": "Add and pick",
+            "inputNode": {"id": -10}, "outputNode": {"id": -20},
+            "inputs": [{"name": "a", "type": "INT"}, {"name": "b", "type": "INT"}, {"name": "scale", "type": "FLOAT"}],
+            "outputs": [{"name": "number", "type": "INT"}, {"name": "label", "type": "STRING"}],
+            "nodes": [
+                ui_node(3, "Add", inputs=[{"name": "a", "type": "INT", "link": 1, "widget": {"name": "a"}},
+                                          {"name": "b", "type": "INT", "link": 2, "widget": {"name": "b"}}],
+                        widgets=[0, 0], outputs=[("INT", [3])]),
+                ui_node(4, "Pick", inputs=[{"name": "number", "type": "INT", "link": 3, "widget": {"name": "number"}},
+                                           {"name": "scale", "type": "FLOAT", "link": 4, "widget": {"name": "scale"}}],
+                        widgets=[0, 123, "randomize", "sum", 1.0, "x"], outputs=[("INT", [5]), ("STRING", [6])]),
+            ],
+            "links": [{"id": i, "origin_id": s, "origin_slot": ss, "target_id": t, "target_slot": ts, "type": ty}
+                      for i, s, ss, t, ts, ty in [(1, -10, 0, 3, 0, "INT"), (2, -10, 1, 3, 1, "INT"),
+                                                  (3, 3, 0, 4, 0, "INT"), (4, -10, 2, 4, 1, "FLOAT"),
+                                                  (5, 4, 0, -20, 0, "INT"), (6, 4, 1, -20, 1, "STRING")]],
+        }]},
+    }
+
+
+def test_ui_subgraph_instances_expand_into_their_inner_nodes(registry):
+    wf = parse_workflow(subgraph_fixture(), registry)
+    # The inner nodes take the frontend's ids (instance id, inner id), their links cross the boundary
+    expected = copy.deepcopy(API)
+    expected["20:3"] = expected.pop("3")
+    expected["20:4"] = expected.pop("4")
+    expected["20:4"]["inputs"].update(number=["20:3", 0], scale=3.5)  # scale: the instance's widget value
+    expected["5"]["inputs"].update(value=["20:4", 0], label=["20:4", 1])
+    assert wf == parse_workflow(expected, registry)
+
+
+def test_ui_subgraph_inside_a_subgraph_and_an_unconnected_input_keep_inner_values(registry):
+    data = subgraph_fixture()
+    outer_id = "0c0c0c0c-1111-4222-8333-444444444444"
+    instance = data["nodes"][2]
+    instance["inputs"][2].pop("widget")  # scale is no widget of the instance: Pick keeps its own value
+    instance["widgets_values"] = []
+    inner_instance = {**copy.deepcopy(instance), "id": 7}
+    for slot, ui_input in enumerate(inner_instance["inputs"][:2]):
+        ui_input["link"] = 11 + slot
+    instance["type"] = outer_id
+    data["definitions"]["subgraphs"].append({
+        "id": outer_id, "name": "Wrapper", "nodes": [inner_instance],
+        "links": [{"id": 11, "origin_id": -10, "origin_slot": 0, "target_id": 7, "target_slot": 0, "type": "INT"},
+                  {"id": 12, "origin_id": -10, "origin_slot": 1, "target_id": 7, "target_slot": 1, "type": "INT"},
+                  {"id": 13, "origin_id": 7, "origin_slot": 0, "target_id": -20, "target_slot": 0, "type": "INT"},
+                  {"id": 14, "origin_id": 7, "origin_slot": 1, "target_id": -20, "target_slot": 1, "type": "STRING"}],
+    })
+    wf = parse_workflow(data, registry)
+    assert sorted(wf.nodes) == ["1", "2", "20:7:3", "20:7:4", "5"]
+    assert wf.nodes["20:7:3"].inputs == {"a": Link("1", 0), "b": Link("2", 0)}
+    assert wf.nodes["20:7:4"].literals()["scale"] == 1.0
+    assert wf.nodes["5"].inputs == {"value": Link("20:7:4", 0), "label": Link("20:7:4", 1)}
+
+
+def test_ui_muted_or_bypassed_subgraph_instances_act_as_one_node(registry):
+    data = subgraph_fixture()
+    data["nodes"][2]["mode"] = 2
+    assert sorted(parse_workflow(data, registry).nodes) == ["1", "2"]
+    data["nodes"][2]["mode"] = 4  # bypassed: Show's INT input takes the instance's first INT input
+    assert parse_workflow(data, registry).nodes["5"].inputs == {"value": Link("1", 0)}
+
+
+def test_ui_subgraph_that_contains_itself_and_legacy_group_nodes_are_refused_by_node(registry):
+    data = subgraph_fixture()
+    data["definitions"]["subgraphs"][0]["nodes"].append(ui_node(9, SUBGRAPH_ID))
+    with pytest.raises(WorkflowFormatError, match="node 20:9: subgraph 'Add and pick' contains itself"):
+        parse_workflow(data, registry)
+    data = {"nodes": [ui_node(1, "workflow>Adders")], "links": [], "extra": {"groupNodes": {"Adders": {}}}}
+    with pytest.raises(WorkflowFormatError, match=r"node 1 \(workflow>Adders\) is a legacy group node"):
         parse_workflow(data, registry)
 
 
