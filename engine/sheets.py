@@ -543,6 +543,10 @@ def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[tuple[int,
         problems.append((row, column, f"the cell holds the Excel error {value}; fix the formula in Excel"))
         return ""
     if isinstance(value, _dt.datetime):
+        # Excel has no date-only type: a cell shown as 2024-01-05 arrives as midnight of that day, and the
+        # prompt or file name should read as the cell does, not gain " 00:00:00"
+        if value.time() == _dt.time(0) and value.tzinfo is None:
+            return value.date().isoformat()
         return value.isoformat(sep=" ")
     if isinstance(value, (_dt.date, _dt.time)):
         return value.isoformat()

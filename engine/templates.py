@@ -82,6 +82,8 @@ _RESERVED_NAMES = frozenset(
     {"range", "dict", "namespace", "cycler", "joiner", "loop", "self", "caller", "varargs", "kwargs",
      "true", "false", "none", "True", "False", "None"}
 )
+# The field types each bound is checked for (engine.sheets.coerce_cell): max is the longest text of a string
+_BOUNDED_TYPES = {"min": ("int", "float", "seed"), "max": ("int", "float", "seed", "string")}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SEED_MAX = 2**64 - 1
 MAX_INT_BITS = 4096  # integers a template may compute: far past any seed (64 bits) or size
@@ -197,6 +199,12 @@ def _parse_field(template: str, raw: Any) -> TemplateField:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TemplateError(f"template '{template}': field '{name}' {bound} must be a number",
                                 template=template, field=name)
+        if value is not None and kind not in _BOUNDED_TYPES[bound]:
+            # Nothing would check it: the author would believe cells are bounded that are not
+            raise TemplateError(
+                f"template '{template}': field '{name}' of type {kind!r} cannot have a {bound}; "
+                f"{bound} applies to {', '.join(_BOUNDED_TYPES[bound])} fields", template=template, field=name,
+            )
     if raw.get("min") is not None and raw.get("max") is not None and raw["min"] > raw["max"]:
         raise TemplateError(f"template '{template}': field '{name}' min {raw['min']} is above its max {raw['max']}",
                             template=template, field=name)

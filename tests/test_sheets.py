@@ -517,3 +517,11 @@ def test_number_choices_match_cells_by_value_as_excel_writes_them():
     # In a CSV, a number choice typed with trailing zeros is the same choice
     report = report_for(read_sheet(b"prompt,strength\nd,0.50\n", "rows.csv"), template)
     assert report[2].ok and report[2].values["strength"] == 0.5
+
+
+def test_xlsx_dates_read_as_the_cell_shows_them():
+    import datetime
+
+    data = xlsx_bytes([["prompt", "launch"], ["a", datetime.date(2024, 1, 5)],
+                       ["b", datetime.datetime(2024, 1, 5, 14, 30)]])
+    assert [r.cells["launch"] for r in read_sheet(data, "rows.xlsx").rows] == ["2024-01-05", "2024-01-05 14:30:00"]

@@ -488,3 +488,13 @@ def test_a_default_is_kept_as_the_choice_it_names():
     assert problems == [] and values["tile"] == "512"
     assert t.render(values)["1"]["inputs"] == {"t": "x", "tile": "512", "cfg": 4.0}
     assert t.render(values) == t.render(t.coerce_row({"prompt": "x", "tile": "512", "cfg": "4"}, 2)[0])
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    ({"name": "x", "type": "text", "default": "", "max": 200}, "type 'text' cannot have a max"),
+    ({"name": "x", "type": "string", "default": "", "min": 3}, "type 'string' cannot have a min"),
+    ({"name": "x", "type": "choice", "choices": [1, 2], "default": 1, "max": 2}, "type 'choice' cannot have a max"),
+])
+def test_a_bound_nothing_would_check_is_refused(field, message):
+    with pytest.raises(TemplateError, match=message):
+        simple(PROMPT + [field], '{"1": {"class_type": "X", "inputs": {"t": {{ prompt ~ x }}}}}')
