@@ -52,6 +52,7 @@ __all__ = [
     "coerce_cell",
     "parse_integer",
     "parse_bool",
+    "choice_key",
     "column_key",
     "SEED_MAX",
     "BOOL_WORDS",
@@ -555,6 +556,10 @@ def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[tuple[int,
         problems.append((row, column, f"the cell holds the Excel error {value}; fix the formula in Excel"))
         return ""
     if isinstance(value, _dt.datetime):
+        # Excel has no date-only type: a cell shown as 2024-01-05 arrives as midnight of that day, and the
+        # prompt or file name should read as the cell does, not gain " 00:00:00"
+        if value.time() == _dt.time(0) and value.tzinfo is None:
+            return value.date().isoformat()
         return value.isoformat(sep=" ")
     if isinstance(value, (_dt.date, _dt.time)):
         return value.isoformat()
@@ -843,10 +848,9 @@ def coerce_cell(field: "TemplateField", text: str) -> Any:
     if kind == "bool":
         return parse_bool(text)
     if kind == "choice":
-        wanted = unicodedata.normalize("NFKC", text).strip().casefold()
-        for choice in field.choices:
-            if str(choice).casefold() == wanted:
-                return choice
+        choice = _match_choice(field.choices, text)
+        if choice is not None:
+            return choice
         choices = ", ".join(map(str, field.choices))
         raise CellValueError("not_a_choice", f"'{_short(text)}' is not one of: {choices}", value=_short(text),
                              choices=choices)
@@ -858,6 +862,33 @@ def coerce_cell(field: "TemplateField", text: str) -> Any:
                                  value=_short(name))
         return name
     raise ValueError(f"unsupported field type '{kind}'")
+
+
+def choice_key(value: Any) -> str:
+    """What a choice is compared by: a number by its value (``1`` and ``1.0`` are one), text ignoring case
+    and width."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"number:{Decimal(str(value)).normalize():f}"
+    return unicodedata.normalize("NFKC", str(value)).strip().casefold()
+
+
+def _match_choice(choices: Iterable[Any], text: str) -> Any:
+    """The choice a cell names, or None: as text ignoring case, or for a number choice by value, since a
+    cell typed ``1.0`` reaches the sheet from Excel as ``1`` and one typed ``0.50`` means the choice ``0.5``."""
+    wanted = unicodedata.normalize("NFKC", text).strip().casefold()
+    for choice in choices:
+        if unicodedata.normalize("NFKC", str(choice)).strip().casefold() == wanted:
+            return choice
+    try:
+        number = Decimal(wanted)
+    except InvalidOperation:
+        return None
+    if number.is_finite():
+        key = f"number:{number.normalize():f}"
+        for choice in choices:
+            if choice_key(choice) == key:
+                return choice
+    return None
 
 
 def derive_seed(batch_seed: int, row_number: int) -> int:

@@ -3,12 +3,15 @@
 A template is a folder ``templates/<name>/`` holding ``template.json`` (the schema, see
 :class:`TemplateField`), ``workflow.json.j2`` (the workflow) and optionally ``example.png``.
 
-Rendering cannot be broken by a cell. Every ``{{ expression }}`` is JSON-encoded where it lands
-(``finalize``), so templates write ``"text": {{ prompt }}`` without quotes and a cell holding quotes,
-backslashes, newlines, ``"}``, ``{{ }}`` or ``{% %}`` arrives verbatim inside one JSON string: it can neither
-break the JSON, nor add or change nodes, nor be evaluated (Jinja never re-reads its output). To build a
-string, build it inside one expression: ``{{ "photo of " ~ product_name ~ ", " ~ color }}`` or
-``{{ [product_name, color, style] | join_nonempty(", ") }}``.
+Rendering cannot be broken by a cell. Every ``{{ expression }}`` of the workflow is JSON-encoded where it
+lands, so templates write ``"text": {{ prompt }}`` without quotes and a cell holding quotes, backslashes,
+newlines, ``"}``, ``{{ }}`` or ``{% %}`` arrives verbatim inside one JSON string: it can neither break the
+JSON, nor add or change nodes, nor be evaluated (Jinja never re-reads its output). To build a string, build
+it inside one expression: ``{{ "photo of " ~ product_name ~ ", " ~ color }}`` or
+``{{ [product_name, color, style] | join_nonempty(", ") }}``, or with a macro or a ``{% set name %}`` block:
+their bodies build plain text (nothing in them is JSON-encoded), which is encoded once where ``{{ }}``
+writes it. ``{% filter %}`` and ``{% call %}`` blocks outside a macro are refused: what they write would land
+in the workflow as it is, unencoded.
 
 Rendering is sandboxed (``ImmutableSandboxedEnvironment``: no ``__class__`` tricks, no mutation), an
 undefined name is an error naming the field (``StrictUndefined``), and work is bounded by a render budget
@@ -55,7 +58,7 @@ from jinja2.visitor import NodeTransformer
 from engine.errors import TemplateError, WorkflowInvalid
 from engine.naming import PATTERN_BUILTINS, pattern_fields
 from engine.settings import DEMO_CHECKPOINT
-from engine.sheets import RowProblem, coerce_cell, coerce_fields
+from engine.sheets import RowProblem, choice_key, coerce_cell, coerce_fields, column_key
 
 __all__ = [
     "FIELD_TYPES",
@@ -79,6 +82,8 @@ _RESERVED_NAMES = frozenset(
     {"range", "dict", "namespace", "cycler", "joiner", "loop", "self", "caller", "varargs", "kwargs",
      "true", "false", "none", "True", "False", "None"}
 )
+# The field types each bound is checked for (engine.sheets.coerce_cell): max is the longest text of a string
+_BOUNDED_TYPES = {"min": ("int", "float", "seed"), "max": ("int", "float", "seed", "string")}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SEED_MAX = 2**64 - 1
 MAX_INT_BITS = 4096  # integers a template may compute: far past any seed (64 bits) or size
@@ -185,8 +190,8 @@ def _parse_field(template: str, raw: Any) -> TemplateField:
         if not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
             raise TemplateError(f"template '{template}': choice field '{name}' choices must be text or numbers",
                                 template=template, field=name)
-        folded = [str(c).casefold() for c in choices]
-        if len(set(folded)) != len(folded):  # a cell matches a choice ignoring case: two would be one
+        folded = [choice_key(c) for c in choices]
+        if len(set(folded)) != len(folded):  # a cell matches a choice ignoring case and by value: two would be one
             raise TemplateError(f"template '{template}': choice field '{name}' lists a choice twice",
                                 template=template, field=name)
     for bound in ("min", "max"):
@@ -194,6 +199,12 @@ def _parse_field(template: str, raw: Any) -> TemplateField:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TemplateError(f"template '{template}': field '{name}' {bound} must be a number",
                                 template=template, field=name)
+        if value is not None and kind not in _BOUNDED_TYPES[bound]:
+            # Nothing would check it: the author would believe cells are bounded that are not
+            raise TemplateError(
+                f"template '{template}': field '{name}' of type {kind!r} cannot have a {bound}; "
+                f"{bound} applies to {', '.join(_BOUNDED_TYPES[bound])} fields", template=template, field=name,
+            )
     if raw.get("min") is not None and raw.get("max") is not None and raw["min"] > raw["max"]:
         raise TemplateError(f"template '{template}': field '{name}' min {raw['min']} is above its max {raw['max']}",
                             template=template, field=name)
@@ -214,10 +225,13 @@ def _parse_field(template: str, raw: Any) -> TemplateField:
             raise TemplateError(f"template '{template}': field '{name}' {key} {value!r} is not a {kind}",
                                 template=template, field=name)
         try:
-            coerce_cell(result, str(value) if kind != "bool" else ("true" if value else "false"))
+            typed = coerce_cell(result, str(value) if kind != "bool" else ("true" if value else "false"))
         except ValueError as exc:
             raise TemplateError(f"template '{template}': field '{name}' {key}: {exc}",
                                 template=template, field=name) from exc
+        # Kept as a cell holding it would be read (the choice as listed, 512 for "512"; 1.0 for a float's
+        # 1): a row that leaves the cell blank renders exactly as a row that types the default.
+        result = TemplateField(**{**result.__dict__, key: typed})
     if kind in ("string", "text") and result.default is None and not result.required:
         result = TemplateField(**{**result.__dict__, "default": ""})
     if kind == "bool" and result.default is None and not result.required:
@@ -253,10 +267,12 @@ class _RenderBudget:
 
 # The render context key of the budget: not a Jinja name, so no template can read, set or shadow it.
 _BUDGET_KEY = "render budget"
-# The filters every ``{% for %}`` iterable and every ``~`` are rewritten into (see _BudgetRewrite); Jinja
-# names, but calling them from a template only does what the loop or the ``~`` would.
+# The filters every ``{% for %}`` iterable, every ``~`` and every expression the workflow writes are
+# rewritten into (see _BudgetRewrite); Jinja names, but calling them from a template only does what the
+# loop, the ``~`` or the ``{{ }}`` would.
 _LOOP_FILTER = "_budgeted_loop"
 _CONCAT_FILTER = "_budgeted_concat"
+_JSON_FILTER = "_as_json"
 
 
 def _budget(context: Context) -> _RenderBudget:
@@ -292,7 +308,47 @@ def _budgeted_concat(context: Context, parts: list[Any]) -> str:
 
 class _BudgetRewrite(NodeTransformer):
     """Rewrites what the compiled template runs as plain Python, where no sandbox hook sees it: every
-    ``{% for %}`` iterates through :func:`_budgeted_loop`, every ``~`` joins through :func:`_budgeted_concat`."""
+    ``{% for %}`` iterates through :func:`_budgeted_loop`, every ``~`` joins through :func:`_budgeted_concat`.
+
+    It also decides which ``{{ }}`` are JSON-encoded (through :func:`_as_json`): those that write into the
+    workflow, not those inside a macro or a ``{% set %}`` block, which build a text value. Encoding there
+    too would put JSON quotes and escapes into the text (``"a \\"cat\\""`` for a cat) and encode it again
+    where it lands. ``unencoded_blocks`` collects the ``{% filter %}`` and ``{% call %}`` blocks found
+    outside such bodies: their output reaches the workflow unencoded (``upper`` turns the escape ``\\n``
+    into ``\\N``), so the caller refuses them.
+    """
+
+    def __init__(self) -> None:
+        self._text_depth = 0  # > 0 inside a body that builds text
+        self.unencoded_blocks: list[nodes.Node] = []
+
+    def _text_body(self, node: nodes.Node) -> nodes.Node:
+        self._text_depth += 1
+        try:
+            return self.generic_visit(node)
+        finally:
+            self._text_depth -= 1
+
+    visit_Macro = _text_body
+    visit_AssignBlock = _text_body
+
+    def _unencoded_block(self, node: nodes.Node) -> nodes.Node:
+        if not self._text_depth:
+            self.unencoded_blocks.append(node)
+        return self._text_body(node)
+
+    visit_FilterBlock = _unencoded_block
+    visit_CallBlock = _unencoded_block
+
+    def visit_Output(self, node: nodes.Output) -> nodes.Node:
+        node = self.generic_visit(node)
+        if not self._text_depth:
+            node.nodes = [
+                child if isinstance(child, nodes.TemplateData)
+                else nodes.Filter(child, _JSON_FILTER, [], [], None, None, lineno=child.lineno)
+                for child in node.nodes
+            ]
+        return node
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
         node = self.generic_visit(node)
@@ -328,8 +384,9 @@ def _budgeted(function: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
-def _json_finalize(value: Any) -> str:
-    """Every ``{{ expression }}`` lands as JSON: a string is quoted and escaped, a number stays a number."""
+def _as_json(value: Any) -> str:
+    """Every ``{{ expression }}`` of the workflow lands as JSON: a string is quoted and escaped, a number
+    stays a number."""
     if isinstance(value, Undefined):
         str(value)  # StrictUndefined raises UndefinedError naming the variable
     try:
@@ -348,7 +405,7 @@ class _TemplateEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "%", "+"})
 
     def __init__(self, limits: RenderLimits) -> None:
-        super().__init__(undefined=StrictUndefined, finalize=_json_finalize, autoescape=False)
+        super().__init__(undefined=StrictUndefined, autoescape=False)
         self.limits = limits
         self.globals = {"dict": dict, "namespace": self.globals["namespace"], "range": self._capped_range}
         for name in ("center", "indent", "wordwrap", "truncate", "format", "replace", "join"):
@@ -356,8 +413,18 @@ class _TemplateEnvironment(ImmutableSandboxedEnvironment):
         self.filters["join_nonempty"] = _join_nonempty
         self.filters[_LOOP_FILTER] = _budgeted_loop
         self.filters[_CONCAT_FILTER] = _budgeted_concat
+        self.filters[_JSON_FILTER] = _as_json
         self.filters = {name: _budgeted(function) for name, function in self.filters.items()}
         self.tests = {name: _budgeted(function) for name, function in self.tests.items()}
+
+    def concat(self, parts: Iterable[str]) -> str:  # type: ignore[override]
+        """How compiled templates join the output of a macro or ``{% set %}`` block: size-checked first,
+        since a loop in one collects references to one large value and the join would copy it each time."""
+        parts = list(parts)
+        size = sum(len(part) for part in parts)
+        if size > self.limits.max_output_chars:
+            raise SecurityError(f"a block's text would be {size:,} long; the limit is {self.limits.max_output_chars:,}")
+        return "".join(parts)
 
     @pass_context
     def _capped_range(self, context: Context, *args: int) -> Iterable[int]:
@@ -557,20 +624,27 @@ class WorkflowTemplate:
         except UndefinedError as exc:
             missing = _undefined_name(str(exc))
             raise TemplateError(
-                f"template '{self.name}': no value for field '{missing}' (empty cell, no default)"
+                f"template '{self.name}'{_at_line(exc)}: no value for field '{missing}' (empty cell, no default)"
                 if missing in {f.name for f in self.fields}
-                else f"template '{self.name}': {exc}",
-                template=self.name, field=missing,
+                else f"template '{self.name}'{_at_line(exc)}: {exc}",
+                template=self.name, field=missing, line=_template_line(exc),
             ) from exc
         except SecurityError as exc:
-            raise TemplateError(f"template '{self.name}' was stopped: {exc}", template=self.name) from exc
+            raise TemplateError(f"template '{self.name}' was stopped{_at_line(exc)}: {exc}", template=self.name,
+                                line=_template_line(exc)) from exc
         except RecursionError as exc:
             raise TemplateError(f"template '{self.name}' recursed too deeply", template=self.name) from exc
-        except TemplateError:
-            raise
+        except TemplateError as exc:
+            if exc.template is not None:
+                raise
+            # Raised by the template's own expressions (a value that is not JSON): say whose and where
+            raise TemplateError(f"template '{self.name}'{_at_line(exc)}: {exc.message}", template=self.name,
+                                field=exc.field, line=_template_line(exc)) from exc
         except Exception as exc:  # any runtime error inside the template's own expressions
-            raise TemplateError(f"template '{self.name}' failed to render: {type(exc).__name__}: {exc}",
-                                template=self.name) from exc
+            raise TemplateError(
+                f"template '{self.name}' failed to render{_at_line(exc)}: {type(exc).__name__}: {exc}",
+                template=self.name, line=_template_line(exc),
+            ) from exc
         return "".join(parts)
 
     def render(self, values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -582,7 +656,13 @@ class WorkflowTemplate:
         """
         text = self.render_text(values, defaults)
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+        except _DuplicateKey as exc:
+            raise TemplateError(
+                f"template '{self.name}' rendered the key '{exc.key}' twice in one object (a node id, or an input "
+                "of one node, written twice; JSON readers would silently keep only the last)",
+                template=self.name, key=exc.key,
+            ) from exc
         except json.JSONDecodeError as exc:
             line = text.splitlines()[exc.lineno - 1] if exc.lineno - 1 < len(text.splitlines()) else ""
             hint = ""
@@ -594,6 +674,40 @@ class WorkflowTemplate:
             ) from exc
         _check_api_shape(self.name, data)
         return data
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key repeats: a copied node whose id was not changed, or a loop that
+    writes the same id for two items, would otherwise replace the earlier node without a word."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _template_line(exc: BaseException) -> int | None:
+    """The workflow line an error in rendering came from: Jinja rewrites the traceback of a render error so
+    that the template's own frames carry its file name, ``<template>``, and its line numbers."""
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _at_line(exc: BaseException) -> str:
+    line = _template_line(exc)
+    return "" if line is None else f" (workflow.json.j2 line {line})"
 
 
 def _undefined_name(message: str) -> str | None:
@@ -658,10 +772,20 @@ def parse_template(
         raise TemplateError(f"template '{name}': 'fields' must be a non-empty list", template=name)
     fields = tuple(_parse_field(name, raw) for raw in raw_fields)
     seen: set[str] = set()
+    by_column: dict[str, str] = {}
     for f in fields:
         if f.name.casefold() in seen:
             raise TemplateError(f"template '{name}': field '{f.name}' is declared twice", template=name, field=f.name)
         seen.add(f.name.casefold())
+        # Sheet columns match fields by column_key ("Product Name" is product_name): two fields with one key
+        # would both read the same column
+        other = by_column.setdefault(column_key(f.name), f.name)
+        if other != f.name:
+            raise TemplateError(
+                f"template '{name}': fields '{other}' and '{f.name}' would read the same spreadsheet column "
+                "(columns match fields ignoring case, spaces and repeated '_'); rename one",
+                template=name, field=f.name,
+            )
     pattern = schema.get("filename_pattern") or "row_{row}"
     if not isinstance(pattern, str):
         raise TemplateError(f"template '{name}': filename_pattern must be a string", template=name)
@@ -684,9 +808,10 @@ def parse_template(
         raise TemplateError(f"template '{name}': tags must be a list of strings", template=name)
 
     environment = _TemplateEnvironment(limits)
+    rewrite = _BudgetRewrite()
     try:
         ast = environment.parse(source)
-        compiled = environment.from_string(_BudgetRewrite().visit(environment.parse(source)))
+        compiled = environment.from_string(rewrite.visit(environment.parse(source)))
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template '{name}': Jinja syntax error at line {exc.lineno}: {exc.message}",
                             template=name, line=exc.lineno) from exc
@@ -698,18 +823,36 @@ def parse_template(
             f"template '{name}': line {node.lineno}: include, import and extends are not supported; "
             "write the workflow as one file", template=name, line=node.lineno,
         )
+    for node in rewrite.unencoded_blocks:
+        tag = "filter" if isinstance(node, nodes.FilterBlock) else "call"
+        raise TemplateError(
+            f"template '{name}': line {node.lineno}: a {{% {tag} %}} block is not supported outside a macro: "
+            "what it writes would land in the workflow without being JSON-encoded; apply the filter or call "
+            "inside the expression instead ({{ prompt | upper }})", template=name, line=node.lineno,
+        )
     for node in ast.find_all(nodes.Filter):
         if node.name == "tojson":  # every expression is JSON-encoded where it lands: this would encode twice
             raise TemplateError(
                 f"template '{name}': line {node.lineno}: drop '|tojson': every {{{{ ... }}}} is already written "
                 "as JSON", template=name, line=node.lineno,
             )
-    undeclared = meta.find_undeclared_variables(ast) - {f.name for f in fields} - set(environment.globals)
+    used = meta.find_undeclared_variables(ast)
+    undeclared = used - {f.name for f in fields} - set(environment.globals)
     if undeclared:
         listed = ", ".join(sorted(undeclared))
         raise TemplateError(
             f"template '{name}': the workflow uses {listed}, which is not a declared field",
             template=name, field=sorted(undeclared)[0],
+        )
+    in_pattern = {placeholder.casefold() for placeholder in pattern_fields(pattern)}
+    unused = [f.name for f in fields if f.name not in used and f.name.casefold() not in in_pattern]
+    if unused:
+        # Its column would be asked for, checked and then change nothing: a misspelt placeholder, or a
+        # field left over from an edit
+        raise TemplateError(
+            f"template '{name}': field {', '.join(repr(u) for u in unused)} is declared but neither the workflow "
+            "nor the filename_pattern uses it; use it or remove it from template.json",
+            template=name, field=unused[0],
         )
     content_hash = hashlib.sha256(schema_bytes + b"\0" + workflow_bytes).hexdigest()
     template = WorkflowTemplate(

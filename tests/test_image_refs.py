@@ -169,7 +169,7 @@ def test_the_example_check_still_refuses_every_other_problem(fresh_engine):
     bad_steps = PHOTO_WORKFLOW.replace('"steps": 2', '"steps": 0')
     with pytest.raises(TemplateError, match="steps"):
         parse_template(schema, bad_steps, validate_workflow=fresh_engine.validate)
-    outside = PHOTO_WORKFLOW.replace("{{ product_photo }}", '"../secret.png"')
+    outside = PHOTO_WORKFLOW.replace("{{ product_photo }}", '{{ "../" ~ product_photo }}')
     with pytest.raises(TemplateError, match="outside the input folder"):
         parse_template(schema, outside, validate_workflow=fresh_engine.validate)
 

@@ -498,3 +498,30 @@ def test_json_rows_are_read_with_a_spreadsheets_limits_and_cleaning():
         sheet_from_records([{"a": 1}] * 3, limits=SheetLimits(max_rows=2))
     with pytest.raises(SheetError, match="duplicate column names"):
         sheet_from_records([{"Product Name": "a", "product_name": "b"}])
+
+
+def test_number_choices_match_cells_by_value_as_excel_writes_them():
+    # Excel keeps a cell typed 1.0 as the number 1; a choice 1.0 must still be what it picks.
+    schema = {"name": "numeric_choices", "fields": [
+        {"name": "prompt", "type": "text", "required": True, "example": "a cat"},
+        {"name": "strength", "type": "choice", "choices": [0.5, 1.0], "default": 0.5},
+        {"name": "size", "type": "choice", "choices": ["512", "1024"], "default": "512"},
+    ]}
+    workflow = '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}, "s": {{ strength }}, "z": {{ size }}}}}'
+    template = parse_template(json.dumps(schema), workflow)
+    data = xlsx_bytes([["prompt", "strength", "size"], ["a", 1, 1024], ["b", 0.5, 512], ["c", 2, 256]])
+    report = report_for(read_sheet(data, "rows.xlsx"), template)
+    assert report[2].ok and report[2].values == {"prompt": "a", "strength": 1.0, "size": "1024"}
+    assert report[3].ok and report[3].values == {"prompt": "b", "strength": 0.5, "size": "512"}
+    assert {p.column for p in report[4].problems} == {"strength", "size"}
+    # In a CSV, a number choice typed with trailing zeros is the same choice
+    report = report_for(read_sheet(b"prompt,strength\nd,0.50\n", "rows.csv"), template)
+    assert report[2].ok and report[2].values["strength"] == 0.5
+
+
+def test_xlsx_dates_read_as_the_cell_shows_them():
+    import datetime
+
+    data = xlsx_bytes([["prompt", "launch"], ["a", datetime.date(2024, 1, 5)],
+                       ["b", datetime.datetime(2024, 1, 5, 14, 30)]])
+    assert [r.cells["launch"] for r in read_sheet(data, "rows.xlsx").rows] == ["2024-01-05", "2024-01-05 14:30:00"]

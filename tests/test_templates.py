@@ -380,7 +380,7 @@ def test_library_runs_the_engine_validator_on_examples(tmp_path):
     library = TemplateLibrary(tmp_path, validate_workflow=refuse_unknown_nodes)
     schema = json.dumps({"name": "odd", "fields": PROMPT}).encode()
     with pytest.raises(TemplateError, match="unknown node types"):
-        library.add({"template.json": schema, "workflow.json.j2": b'{"1": {"class_type": "Bogus", "inputs": {}}}'})
+        library.add({"template.json": schema, "workflow.json.j2": b'{"1": {"class_type": "Bogus", "inputs": {"t": {{ prompt }}}}}'})
 
 
 def test_library_get_unknown_names_the_available_ones(library):
@@ -399,3 +399,102 @@ def test_library_reports_broken_templates_separately(tmp_path):
     assert "fields" in library.errors()["broken"].message
     with pytest.raises(TemplateError):
         library.get("broken")
+
+
+# Jinja blocks, render errors, duplicate keys ----------------------------------------------------------
+
+CELL = 'a "cat"\\nnext\t\\'
+FIELDS = PROMPT + [{"name": "color", "type": "string", "default": "red"}]
+
+
+@pytest.mark.parametrize("workflow", [
+    '{% macro describe(p, c) %}{{ p }} in {{ c }}{% endmacro %}'
+    '{"1": {"class_type": "X", "inputs": {"t": {{ describe(prompt, color) }}}}}',
+    '{% set described %}{{ prompt }} in {{ color }}{% endset %}{"1": {"class_type": "X", "inputs": {"t": {{ described }}}}}',
+])
+def test_macros_and_set_blocks_build_text_that_is_encoded_once(workflow):
+    t = simple(FIELDS, workflow)
+    assert t.render({"prompt": CELL, "color": "{{ 7*7 }}"})["1"]["inputs"]["t"] == CELL + " in {{ 7*7 }}"
+
+
+@pytest.mark.parametrize("workflow", [
+    '{"1": {"class_type": "X",\n "inputs": {"t": {% filter upper %}{{ prompt }}{% endfilter %}}}}',
+    '{% macro m() %}{{ caller() }}{% endmacro %}{"1": {"class_type": "X",\n '
+    '"inputs": {"t": {% call m() %}{{ prompt }}{% endcall %}}}}',
+])
+def test_filter_and_call_blocks_that_write_into_the_workflow_are_refused_with_their_line(workflow):
+    # Their output lands unencoded: upper would turn a cell's newline escape \n into \N, breaking that row's JSON
+    with pytest.raises(TemplateError, match=r"line 2: a \{% (filter|call) %\} block is not supported"):
+        simple(PROMPT, workflow)
+    # Inside a macro they build text, like the rest of its body
+    t = simple(PROMPT, '{% macro shout(p) %}{% filter upper %}{{ p }}{% endfilter %}{% endmacro %}'
+                       '{"1": {"class_type": "X", "inputs": {"t": {{ shout(prompt) }}}}}')
+    assert t.render({"prompt": "a\nb"})["1"]["inputs"]["t"] == "A\nB"
+
+
+def test_a_set_block_cannot_build_text_past_the_size_limit():
+    workflow = ('{% set big = "x" * 900000 %}{% set s %}{% for i in range(1000) %}{{ big }}{% endfor %}{% endset %}'
+                '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}, "n": {{ s | length }}}}}')
+    started = time.monotonic()
+    with pytest.raises(TemplateError, match="block's text would be 900,000,000 long"):
+        simple(PROMPT, workflow)
+    assert time.monotonic() - started < 1.0
+
+
+def test_render_errors_name_the_template_and_the_workflow_line():
+    with pytest.raises(TemplateError, match=r"template 't' \(workflow.json.j2 line 2\): .*not JSON") as caught:
+        simple(PROMPT, '{"1": {"class_type": "X",\n "inputs": {"t": {{ self }}, "p": {{ prompt }}}}}')
+    assert caught.value.details["line"] == 2
+    fields = PROMPT + [{"name": "parts", "type": "int", "default": 1}]
+    t = simple(fields, '{"1": {"class_type": "X",\n\n "inputs": {"t": {{ prompt }}, "share": {{ 1 / parts }}}}}')
+    with pytest.raises(TemplateError, match=r"template 't' failed to render \(workflow.json.j2 line 3\): ZeroDivision"):
+        t.render({"prompt": "x", "parts": 0})
+
+
+def test_a_node_id_or_input_written_twice_is_refused_not_dropped():
+    with pytest.raises(TemplateError, match="rendered the key '1' twice"):
+        simple(PROMPT, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}, "1": {"class_type": "Y", "inputs": {}}}')
+    t = simple(FIELDS, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}'
+                       '{% if color == "blue" %}, "t": {{ color }}{% endif %}}}}')
+    with pytest.raises(TemplateError, match="rendered the key 't' twice"):
+        t.render({"prompt": "x", "color": "blue"})
+
+
+# Schema against workflow ------------------------------------------------------------------------------
+
+
+def test_a_declared_field_nothing_uses_is_refused_but_one_only_in_the_file_names_is_used():
+    fields = PROMPT + [{"name": "colour", "type": "string", "default": ""}]
+    with pytest.raises(TemplateError, match="field 'colour' is declared but neither the workflow") as caught:
+        simple(fields, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}')
+    assert caught.value.field == "colour"
+    t = simple(fields, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}', filename_pattern="{row}_{Colour}")
+    assert [f.name for f in t.fields] == ["prompt", "colour"]
+
+
+def test_fields_that_would_read_the_same_column_are_refused():
+    fields = PROMPT + [{"name": "product_name", "type": "string", "default": ""},
+                       {"name": "product__name", "type": "string", "default": ""}]
+    with pytest.raises(TemplateError, match="'product_name' and 'product__name' would read the same spreadsheet"):
+        simple(fields, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt ~ product_name ~ product__name }}}}}')
+
+
+def test_a_default_is_kept_as_the_choice_it_names():
+    # A blank cell must render as the cell typed with the default would: 512 is the choice "512"
+    fields = PROMPT + [{"name": "tile", "type": "choice", "choices": ["256", "512"], "default": 512},
+                       {"name": "cfg", "type": "float", "default": 4}]
+    t = simple(fields, '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}, "tile": {{ tile }}, "cfg": {{ cfg }}}}}')
+    values, problems = t.coerce_row({"prompt": "x", "tile": "", "cfg": ""}, 2)
+    assert problems == [] and values["tile"] == "512"
+    assert t.render(values)["1"]["inputs"] == {"t": "x", "tile": "512", "cfg": 4.0}
+    assert t.render(values) == t.render(t.coerce_row({"prompt": "x", "tile": "512", "cfg": "4"}, 2)[0])
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    ({"name": "x", "type": "text", "default": "", "max": 200}, "type 'text' cannot have a max"),
+    ({"name": "x", "type": "string", "default": "", "min": 3}, "type 'string' cannot have a min"),
+    ({"name": "x", "type": "choice", "choices": [1, 2], "default": 1, "max": 2}, "type 'choice' cannot have a max"),
+])
+def test_a_bound_nothing_would_check_is_refused(field, message):
+    with pytest.raises(TemplateError, match=message):
+        simple(PROMPT + [field], '{"1": {"class_type": "X", "inputs": {"t": {{ prompt ~ x }}}}}')

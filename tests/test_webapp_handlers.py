@@ -294,6 +294,7 @@ def test_single_image_photos_named_alike_stay_apart(services, tmp_path):
     schema = json.loads((ROOT / "templates" / "product_in_scene" / "template.json").read_text(encoding="utf-8"))
     schema["name"] = "two_photos"
     schema["fields"].append({"name": "backdrop", "type": "image", "example": "backdrop.png"})
+    schema["filename_pattern"] += "_{backdrop}"  # a field the template uses
     workflow = (ROOT / "templates" / "product_in_scene" / "workflow.json.j2").read_bytes()
     services.templates.add({"template.json": json.dumps(schema).encode(), "workflow.json.j2": workflow})
     library, names = handlers.stage_single_photos(
