@@ -527,6 +527,19 @@ def _join_nonempty(items: Iterable[Any], separator: str = ", ") -> str:
 # Templates
 
 
+@dataclass(frozen=True)
+class TemplateWords:
+    """A template's words for people in one more language (``translations`` in template.json): its title,
+    description and field descriptions. Whatever it leaves out is shown in the template's own words."""
+
+    title: str = ""
+    description: str = ""
+    fields: Mapping[str, str] = field(default_factory=dict)  # field name -> description
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "description": self.description, "fields": dict(self.fields)}
+
+
 @dataclass
 class WorkflowTemplate:
     """A loaded, validated template. Render rows with :meth:`render`; convert cells with :meth:`coerce_row`."""
@@ -542,7 +555,21 @@ class WorkflowTemplate:
     content_hash: str
     folder: Path | None = None
     limits: RenderLimits = field(default_factory=RenderLimits)
+    translations: Mapping[str, TemplateWords] = field(default_factory=dict)  # language tag -> words
     _compiled: Any = field(default=None, repr=False)
+
+    def title_in(self, lang: str) -> str:
+        """The title in ``lang`` where the template has one, else its own."""
+        words = self.translations.get(lang)
+        return (words.title if words is not None else "") or self.title
+
+    def description_in(self, lang: str) -> str:
+        words = self.translations.get(lang)
+        return (words.description if words is not None else "") or self.description
+
+    def field_description_in(self, spec: TemplateField, lang: str) -> str:
+        words = self.translations.get(lang)
+        return (words.fields.get(spec.name, "") if words is not None else "") or spec.description
 
     @property
     def example_image(self) -> Path | None:
@@ -566,6 +593,7 @@ class WorkflowTemplate:
             "name": self.name, "title": self.title, "description": self.description, "version": self.version,
             "content_hash": self.content_hash, "filename_pattern": self.filename_pattern, "tags": list(self.tags),
             "fields": [f.to_dict() for f in self.fields],
+            "translations": {lang: words.to_dict() for lang, words in self.translations.items()},
             "has_example_image": self.example_image is not None,
         }
 
@@ -727,6 +755,39 @@ def _check_api_shape(name: str, data: Any) -> None:
             )
 
 
+_LANGUAGE_TAG = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+
+
+def _parse_translations(name: str, raw: Any, fields: tuple[TemplateField, ...]) -> dict[str, TemplateWords]:
+    """``translations``: ``{"zh": {"title": ..., "description": ..., "fields": {"prompt": ...}}}``. Every
+    mistake is refused by name, so a misspelt field never leaves its description silently untranslated."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise TemplateError(f"template '{name}': translations must be an object of languages", template=name)
+    declared = {f.name for f in fields}
+    parsed: dict[str, TemplateWords] = {}
+    for lang, words in raw.items():
+        where = f"template '{name}': translations.{lang}"
+        if not _LANGUAGE_TAG.fullmatch(lang):
+            raise TemplateError(f"template '{name}': translations key {lang!r} is not a language tag such as "
+                                "'zh' or 'de'", template=name)
+        if not isinstance(words, dict) or set(words) - {"title", "description", "fields"}:
+            raise TemplateError(f"{where} must be an object of title, description and fields", template=name)
+        described = words.get("fields") or {}
+        if not isinstance(described, dict):
+            raise TemplateError(f"{where}.fields must be an object of field name -> description", template=name)
+        unknown = sorted(set(described) - declared)
+        if unknown:
+            raise TemplateError(f"{where}.fields names {', '.join(unknown)}, which is not a declared field",
+                                template=name, field=unknown[0])
+        texts = [words.get("title", ""), words.get("description", ""), *described.values()]
+        if not all(isinstance(value, str) for value in texts):
+            raise TemplateError(f"{where}: every title and description must be text", template=name)
+        parsed[lang] = TemplateWords(words.get("title", ""), words.get("description", ""), dict(described))
+    return parsed
+
+
 def parse_template(
     schema_text: str | bytes,
     workflow_text: str | bytes,
@@ -806,6 +867,7 @@ def parse_template(
     tags = schema.get("tags") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise TemplateError(f"template '{name}': tags must be a list of strings", template=name)
+    translations = _parse_translations(name, schema.get("translations"), fields)
 
     environment = _TemplateEnvironment(limits)
     rewrite = _BudgetRewrite()
@@ -858,7 +920,8 @@ def parse_template(
     template = WorkflowTemplate(
         name=name, title=str(schema.get("title") or name), description=str(schema.get("description", "")),
         version=str(schema.get("version", "1")), fields=fields, filename_pattern=pattern, tags=tuple(tags),
-        workflow_source=source, content_hash=content_hash, folder=folder, limits=limits, _compiled=compiled,
+        workflow_source=source, content_hash=content_hash, folder=folder, limits=limits,
+        translations=translations, _compiled=compiled,
     )
     rendered = template.render(template.example_values(), defaults={"checkpoint": DEMO_CHECKPOINT})
     if validate_workflow is not None:

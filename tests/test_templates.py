@@ -59,6 +59,39 @@ def test_shipped_templates_load_and_use_only_known_nodes(library):
         assert len(template.content_hash) == 64
 
 
+def test_shipped_templates_speak_chinese_to_a_chinese_page(library):
+    """Every shipped template has Chinese words for its title, description and each field's description."""
+    for template in library.list():
+        words = template.translations["zh"]
+        assert words.title and words.description, template.name
+        assert set(words.fields) == {f.name for f in template.fields}, template.name
+        assert all(any("\u4e00" <= ch <= "\u9fff" for ch in text)
+                   for text in (words.title, words.description, *words.fields.values())), template.name
+        assert template.title_in("zh") == words.title and template.title_in("en") == template.title
+        assert template.title_in("fr") == template.title  # a language without words: the template's own
+
+
+def test_translations_fill_in_what_they_have_and_refuse_what_they_cannot_mean():
+    fields = [*PROMPT, {"name": "steps", "type": "int", "default": 4, "description": "Sampling steps."}]
+    workflow = '{"1": {"class_type": "X", "inputs": {"text": {{ prompt }}, "steps": {{ steps }}}}}'
+    template = simple(fields, workflow, title="Draft", translations={"zh": {"fields": {"steps": "采样步数。"}}})
+    steps = template.get_field("steps")
+    assert template.field_description_in(steps, "zh") == "采样步数。"
+    assert template.field_description_in(steps, "en") == "Sampling steps."
+    assert template.title_in("zh") == "Draft"  # no Chinese title given: the template's own
+    assert template.to_dict()["translations"]["zh"]["fields"] == {"steps": "采样步数。"}
+
+    for translations, words in [
+        ({"zh": {"fields": {"stpes": "采样步数。"}}}, "translations.zh.fields names stpes, which is not a declared"),
+        ({"Chinese!": {"title": "草图"}}, "is not a language tag"),
+        ({"zh": {"titel": "草图"}}, "must be an object of title, description and fields"),
+        ({"zh": {"title": 5}}, "every title and description must be text"),
+        (["zh"], "translations must be an object of languages"),
+    ]:
+        with pytest.raises(TemplateError, match=words):
+            simple(fields, workflow, translations=translations)
+
+
 def test_product_shot_defaults(library):
     t = library.get("product_shot")
     wf = t.render({"product_name": "Neon Jacket", "color": "red", "style": "cyberpunk", "seed": 1},

@@ -129,6 +129,12 @@ def test_template_overview_lists_fields_in_the_browser_language(services):
     names = [row[0] for row in overview.fields_rows]
     assert names[:2] == ["prompt", "seed"]
     assert overview.fields_rows[0][2] == ZH["yes"]  # prompt is required
+    # the template's own Chinese words (translations in template.json)
+    assert overview.title == "快速草图（SD3.5 Large Turbo）" and overview.fields_rows[0][4] == "要画的内容。"
+    english = handlers.template_overview(services, "turbo_draft", "en")
+    assert english.title == "Quick draft (SD3.5 Large Turbo)" and english.fields_rows[0][4] == "What to draw."
+    described = dict((spec.name, words) for spec, words in handlers.template_fields(services, "turbo_draft", "zh"))
+    assert described["steps"] == "Turbo 模型只需要很少的步数。"  # the single-image form's field help
 
 
 def test_check_sheet_reports_the_bad_row_with_its_reason(services, sheet_path):

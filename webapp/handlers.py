@@ -120,7 +120,7 @@ def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOve
             _field_kind(spec),
             text("yes" if spec.required else "no", lang),
             "" if spec.default is None else str(spec.default),
-            spec.description or "",
+            template.field_description_in(spec, lang),
         ]
         for spec in template.fields
     ]
@@ -129,7 +129,7 @@ def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOve
             spec.name + (" *" if spec.required else ""),
             _field_kind(spec),
             " ".join(part for part in (
-                spec.description or "",
+                template.field_description_in(spec, lang),
                 "" if spec.default in (None, "") else text("field.default_value", lang, value=spec.default),
             ) if part),
         ]
@@ -138,8 +138,8 @@ def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOve
     example = template.example_image
     return TemplateOverview(
         name=template.name,
-        title=template.title or template.name,
-        description=template.description or "",
+        title=template.title_in(lang) or template.name,
+        description=template.description_in(lang),
         example_image=str(example) if example else None,
         fields_header=header,
         fields_rows=rows,
@@ -149,9 +149,10 @@ def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOve
     )
 
 
-def template_fields(services: Any, name: str) -> list[Any]:
-    """The field specs of template ``name`` (for the single-image form)."""
-    return list(services.templates.get(name).fields)
+def template_fields(services: Any, name: str, lang: str = "en") -> list[tuple[Any, str]]:
+    """The field specs of template ``name`` with their descriptions in ``lang`` (the single-image form)."""
+    template = services.templates.get(name)
+    return [(spec, template.field_description_in(spec, lang)) for spec in template.fields]
 
 
 # --------------------------------------------------------------------------------------------- batches

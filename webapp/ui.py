@@ -191,9 +191,9 @@ def _model_card(info: dict[str, Any], lang: str) -> str:
     return f'<div class="model-card{" demo" if demo else ""}">' + "".join(lines) + "</div>"
 
 
-def _field_widget(spec: Any, checkpoints: list[str], template_name: str) -> gr.components.Component:
+def _field_widget(spec: Any, description: str, checkpoints: list[str], template_name: str) -> gr.components.Component:
     """The input widget for one template field, by its type (engine.templates.FIELD_TYPES)."""
-    common = {"label": spec.name + (" *" if spec.required else ""), "info": spec.description or None,
+    common = {"label": spec.name + (" *" if spec.required else ""), "info": description or None,
               "elem_id": f"field-{spec.name}", "interactive": True}
     example = "" if spec.example is None else str(spec.example)
     if spec.type == "choice" or spec.choices:
@@ -311,13 +311,15 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                                                   elem_id="single-template")
 
                     @gr.render(inputs=single_template)
-                    def single_form(template_name: str | None):
+                    def single_form(template_name: str | None, request: gr.Request):
                         if not template_name:
                             gr.Markdown(L("template.none"))
                             return
-                        specs = handlers.template_fields(services, template_name)
+                        described = handlers.template_fields(services, template_name, language_of_request(request))
+                        specs = [spec for spec, _ in described]
                         checkpoints = handlers.model_choices(services)
-                        widgets = [_field_widget(spec, checkpoints, template_name) for spec in specs]
+                        widgets = [_field_widget(spec, description, checkpoints, template_name)
+                                   for spec, description in described]
 
                         @_guard
                         def run_single(values: dict[Any, Any], request: gr.Request,

@@ -339,6 +339,7 @@ def test_chinese_browser_gets_chinese_labels(app_server, new_page, screenshot, t
     sheet = tmp_path / "rows.csv"
     sheet.write_text(SHEET, encoding="utf-8")
     upload_sheet(page, sheet)
+    page.locator("#batch-template-desc").get_by_text("快速草图（SD3.5 Large Turbo）").wait_for()  # the template's words
     page.get_by_text("2 行可以生成，1 行有问题。").wait_for()
     assert "有问题" in page.locator("#validation-report").inner_text()
     screenshot(page, "batch-zh")
