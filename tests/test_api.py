@@ -548,6 +548,27 @@ def test_openapi_schema_is_published(anonymous):
     assert {"/api/batches", "/api/batches/upload", "/api/generate", "/api/templates", "/prompt"} <= set(paths)
 
 
+def test_openapi_describes_the_json_bodies_tokens_and_error_shape_the_api_really_has(anonymous, bob):
+    schema = anonymous.get("/openapi.json").json()
+    submit = schema["paths"]["/api/batches"]["post"]
+    body = submit["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["required"]) == {"template", "rows"} and {"batch_id", "on_invalid"} <= set(body["properties"])
+    for path in ("/api/generate", "/api/token", "/api/system/model"):
+        assert "requestBody" in schema["paths"][path]["post"], path
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert submit["security"] == [{"bearer": []}] and "security" not in schema["paths"]["/api/token"]["post"]
+
+    # The documented refusal is the one sent: no 422 {"detail": ...} anywhere, the Error shape instead
+    listing = schema["paths"]["/api/batches"]["get"]["responses"]
+    assert "422" not in listing and listing["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/Error")
+    error_schema = schema["components"]["schemas"]["Error"]
+    for refused in (bob.get("/api/batches", params={"limit": "x"}), bob.post("/api/batches", json={"rows": []}),
+                    anonymous.get("/api/batches")):
+        answer = refused.json()
+        assert set(answer) == set(error_schema["required"]), answer
+        assert set(error_schema["properties"]["error"]["required"]) == set(answer["error"]), answer
+
+
 # -------------------------------------------------------------------------------------------- uploads
 
 

@@ -153,6 +153,76 @@ def not_found(message: str, **details: Any) -> AccessDenied:
     return AccessDenied(message, status=404, reason="not_found", **details)
 
 
+def json_body_schema(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself (:func:`api_router`'s ``json_body``):
+    FastAPI cannot see that body, so the schema would show none."""
+    schema = {"type": "object", "properties": properties, "required": list(required)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+SEED_SCHEMA = {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": "^[0-9]+$"}],
+               "description": "0 to 2^64-1; past 2^53 send it as a string"}
+BATCH_BODY = json_body_schema({
+    "template": {"type": "string", "description": "a template name (GET /api/templates)"},
+    "rows": {"type": "array", "items": {"type": "object"}, "minItems": 1,
+             "description": "one object per image, keys named like the template's fields; the first is row 2"},
+    "batch_id": {"type": "string", "description": "your own id; posting it again resumes that batch"},
+    "batch_seed": SEED_SCHEMA,
+    "on_invalid": {"type": "string", "enum": ["skip", "stop"], "default": "skip"},
+    "start": {"type": "boolean", "default": True, "description": "false: only check the rows"},
+}, required=("template", "rows"))
+GENERATE_BODY = json_body_schema({
+    "template": {"type": "string"},
+    "values": {"type": "object", "description": "field values of the one image"},
+    "batch_seed": SEED_SCHEMA,
+    "timeout_s": {"type": "number", "exclusiveMinimum": 0, "description": "how long to wait for the image"},
+}, required=("template",))
+TOKEN_BODY = json_body_schema({
+    "username": {"type": "string"}, "password": {"type": "string", "format": "password"},
+    "ttl": {"type": "string", "description": "lifetime, e.g. 30m, 24h, 7d (at most max_token_ttl)"},
+}, required=("username", "password"))
+REVOKE_BODY = json_body_schema({
+    "token": {"type": "string", "description": "the token to refuse"},
+    "user": {"type": "string", "description": "or: refuse every token of this user issued so far"},
+})
+MODEL_BODY = json_body_schema({"checkpoint": {"type": "string"}}, required=("checkpoint",))
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["type", "message", "details"], "properties": {
+        "type": {"type": "string", "description": "the library error, e.g. SheetError, RequestInvalid, AccessDenied"},
+        "message": {"type": "string"},
+        "details": {"type": "object", "description": "row, column, field, reason, problems... as the error has them"},
+    }}},
+}
+OPEN_ROUTES = {"/api/token"}  # the API routes that take no bearer token
+
+
+def describe_api_errors(schema: dict[str, Any], auth_required: bool) -> dict[str, Any]:
+    """The OpenAPI schema as the API really answers: refusals in :data:`ERROR_SCHEMA` (400 where FastAPI
+    would write its 422, which :func:`install_error_handlers` never sends), and with auth configured the
+    bearer token the ``/api`` routes ask for. Changes ``schema`` in place and returns it."""
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components["schemas"].pop(unused, None)
+    refusal = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    if auth_required:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            if responses.pop("422", None) is not None or path.startswith("/api/"):
+                responses["400"] = {"description": "refused: the request or its rows (details name them)", **refusal}
+            if path.startswith("/api/"):
+                responses["404"] = {"description": "no such route, batch, generation or template", **refusal}
+                responses["429"] = {"description": "rate limited; Retry-After says when to try again", **refusal}
+            if auth_required and path.startswith("/api/") and path not in OPEN_ROUTES:
+                operation["security"] = [{"bearer": []}]
+                responses["401"] = {"description": "no token, or a bad, expired or revoked one", **refusal}
+                responses["403"] = {"description": "not allowed: admin only, or not the batch's owner", **refusal}
+    return schema
+
+
 def _wait_seconds(value: Any, default: float) -> float:
     """``timeout_s`` of ``/api/generate``: a positive number of seconds (``default`` when absent)."""
     if value in (None, ""):
@@ -322,7 +392,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
             # resume it now is (owner and inputs checked again: another caller's or other rows are refused).
             return submit(prepare(template, sheet, body, caller, images), start)
 
-    @router.post("/token", summary="Exchange a user name and password for a bearer token")
+    @router.post("/token", summary="Exchange a user name and password for a bearer token", openapi_extra=TOKEN_BODY)
     async def create_token(request: Request) -> Any:
         guard.admit_address(request.client.host if request.client else "unknown", "POST /api/token")
         body = await json_body(request)
@@ -338,7 +408,8 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         ttl = parse_ttl(str(body["ttl"]), maximum=max_token_ttl) if body.get("ttl") else default_token_ttl
         return {"access_token": guard.tokens.create(found, ttl=ttl), "token_type": "bearer", "role": found.role}
 
-    @router.post("/token/revoke", summary="Revoke one token, or every token of a user issued so far (admin)")
+    @router.post("/token/revoke", summary="Revoke one token, or every token of a user issued so far (admin)",
+                 openapi_extra=REVOKE_BODY)
     async def revoke_token(request: Request, caller: Any = admin_tokens) -> Any:
         body = await json_body(request)
         if guard.tokens is None or guard.revocations is None:
@@ -385,7 +456,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         saved = await asyncio.to_thread(services.templates.add, files, replace)
         return saved.to_dict()
 
-    @router.post("/batches", summary="Submit a batch: template + rows as JSON")
+    @router.post("/batches", summary="Submit a batch: template + rows as JSON", openapi_extra=BATCH_BODY)
     async def submit_batch(request: Request, caller: Any = user) -> Any:
         body = await json_body(request)
         if "template" not in body or "rows" not in body:
@@ -447,7 +518,8 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         headers = {"Content-Disposition": f'attachment; filename="{batch_id}.zip"'}
         return StreamingResponse(services.runner.zip_stream(batch_id), media_type="application/zip", headers=headers)
 
-    @router.post("/generate", summary="One image from a template and field values (waits for it)")
+    @router.post("/generate", summary="One image from a template and field values (waits for it)",
+                 openapi_extra=GENERATE_BODY)
     async def generate(request: Request, caller: Any = user) -> Any:
         body = await json_body(request)
         if "template" not in body:
@@ -510,7 +582,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
             "queue": services.queue.queued(),
         }
 
-    @router.post("/system/model", summary="Switch the default checkpoint (admin)")
+    @router.post("/system/model", summary="Switch the default checkpoint (admin)", openapi_extra=MODEL_BODY)
     async def switch_model(request: Request, caller: Any = admin_models) -> Any:
         body = await json_body(request)
         name = str(body.get("checkpoint", ""))
@@ -531,6 +603,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
 
 __all__ = [
     "answer_unknown_api_paths",
+    "describe_api_errors",
     "api_router",
     "batch_status",
     "error_status",
