@@ -308,7 +308,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from engine.store import BatchLedger
-    from webapp.auth import TokenIssuer, load_users, signing_key_for
+    from engine.errors import AccessDenied
+    from webapp.auth import ADMIN, TokenIssuer, load_users, signing_key_for
     from webapp.revocation import TokenRevocations
 
     # The key the server signs with: SD35_JWT_SECRET, or with users configured the one kept in the data folder.
@@ -318,6 +319,14 @@ def cmd_token(args: argparse.Namespace) -> int:
     issuer = TokenIssuer(settings.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
     if args.token_command == "create":
         known = users.get(args.user)
+        if users.configured and known is None:
+            # The server refuses a token whose user is not among its users: issuing one helps nobody.
+            raise AccessDenied(f"no user {args.user!r} among the configured users; add them first "
+                               f"(python app.py users add {args.user})", status=404, reason="unknown_user")
+        if known is not None and known.role != args.role:
+            _say(f"{args.user} is a{'n' if known.role == ADMIN else ''} {known.role} in the users file, and a server "
+                 f"with users acts with that role whatever the token says (--role {args.role} only tells a "
+                 "server without users)")
         # A user of the users file gets a token tied to their password (see User.credential_id), with the role asked
         token = issuer.create(replace(known, role=args.role) if known else args.user, args.role, args.ttl)
         claims = issuer.verify(token)

@@ -733,6 +733,12 @@ class BatchRunner:
             count(RUNNING),
         )
 
+    def rows_to_run(self, batch_id: str, retry_failed: bool = False) -> int:
+        """Rows a resume of ``batch_id`` still runs: waiting, cancelled, or claimed and not finished (and,
+        with ``retry_failed``, failed and timed out). Done and skipped rows are never run again."""
+        statuses = {QUEUED, CANCELLED, RUNNING} | ({FAILED, TIMED_OUT} if retry_failed else set())
+        return sum(1 for row in self.ledger.rows(batch_id) if row.status in statuses)
+
     # ------------------------------------------------------------------- zips
 
     def write_zip(self, batch_id: str, out: Path | Any) -> Any:

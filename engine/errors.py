@@ -19,9 +19,11 @@ Every error the library raises derives from :class:`EngineError`. Each carries s
     ├── TemplateError                a workflow template cannot load or render (``field``)
     ├── SheetError                   a spreadsheet cannot be read at all (``column``/``row`` where known)
     ├── BatchError                   batch-level refusals (``batch_id``)
-    │   └── BatchMismatch            resume with a different sheet/template than the batch was started with
+    │   ├── BatchMismatch            resume with a different sheet/template than the batch was started with
+    │   └── BatchExists              a new batch under an id the ledger already holds
     ├── StoreError                   the ledger
-    │   └── BadQuery                 a listing or search filter the ledger cannot apply (unknown status)
+    │   └── BadQuery                 a listing or search filter the ledger cannot apply (``field``)
+    ├── RequestInvalid               a request's fields are missing or malformed (``problems``: field, where, why)
     └── AccessDenied                 authentication / authorisation refusals (``status`` for HTTP)
 """
 
@@ -235,12 +237,27 @@ class BatchMismatch(BatchError):
     pass
 
 
+class BatchExists(BatchError):
+    """Creating a batch whose id is taken. Callers that were told the id was free (two submissions of one
+    client-chosen id racing) resume the existing batch instead."""
+
+
 class StoreError(EngineError):
     pass
 
 
 class BadQuery(StoreError):
     pass
+
+
+class RequestInvalid(EngineError):
+    """A request whose shape is wrong before any library code could look at it: a missing field, a query
+    parameter that is not a number, a body that is not JSON. ``problems`` lists each as
+    ``{"field", "location", "message"}`` (location: body, query, path, form, header)."""
+
+    def __init__(self, message: str, problems: list[dict[str, Any]] | None = None, **details: Any) -> None:
+        super().__init__(message, problems=list(problems or []), **details)
+        self.problems = list(problems or [])
 
 
 class AccessDenied(EngineError):

@@ -25,11 +25,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.errors import BadQuery, BatchError, BatchMismatch, StoreError
+from engine.errors import BadQuery, BatchError, BatchExists, BatchMismatch, StoreError
 
 if TYPE_CHECKING:
     from sqlite_utils import Database
@@ -52,6 +52,24 @@ RESERVED_BATCH_IDS = frozenset({"zip"})
 def _sql_offset(offset: int) -> int:
     """A list offset SQLite can take: beyond any ledger's size it finds nothing, never an integer overflow."""
     return min(max(int(offset), 0), 2**62)
+
+
+def _time_bound(value: str, field: str) -> str:
+    """A search bound as the ledger writes its times, so that comparing the text compares the times:
+    ``YYYY-MM-DD`` stays a day; a date and time (``T`` or a space between, any UTC offset, none meaning
+    UTC) becomes UTC with milliseconds, like :func:`_now`. Anything else is a :class:`BadQuery` naming the
+    field: compared as text it would match nothing, or everything, without a word."""
+    text = str(value).strip()
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text).isoformat()
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadQuery(f"{field} must be a date (YYYY-MM-DD) or an ISO date and time "
+                       f"(e.g. 2025-01-31T14:00:00+08:00), not {text[:40]!r}", field=field) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def check_batch_id(batch_id: Any) -> str:
@@ -435,7 +453,7 @@ class BatchLedger:
         def insert(conn: sqlite3.Connection) -> None:
             exists = conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone()
             if exists:
-                raise BatchError(f"batch '{batch_id}' already exists; resume it instead", batch_id=batch_id)
+                raise BatchExists(f"batch '{batch_id}' already exists; resume it instead", batch_id=batch_id)
             conn.execute(
                 "INSERT INTO batches (id, template_name, template_hash, sheet_name, sheet_hash, batch_seed, "
                 "options, user, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'created', ?)",
@@ -858,16 +876,18 @@ class BatchLedger:
             params.append(batch_id)
         if status:
             if status not in ROW_STATUSES:
-                raise BadQuery(f"unknown status {status!r}; supported: {', '.join(ROW_STATUSES)}", status=status)
+                raise BadQuery(f"unknown status {status!r}; supported: {', '.join(ROW_STATUSES)}",
+                               field="status", status=status)
             where.append("status = ?")
             params.append(status)
         when = "coalesce(finished_at, queued_at)"
         if date_from:
             where.append(f"{when} >= ?")
-            params.append(date_from)
+            params.append(_time_bound(date_from, "date_from"))
         if date_to:
+            bound = _time_bound(date_to, "date_to")
             where.append(f"{when} < ?")
-            params.append(date_to + ("\uffff" if len(date_to) <= 10 else ""))
+            params.append(bound + ("\uffff" if len(bound) == 10 else ""))  # a day: all of it
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         rows = self._read(
             f"SELECT * FROM generations {clause} ORDER BY {when} DESC, row_key LIMIT ? OFFSET ?",

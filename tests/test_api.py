@@ -8,8 +8,10 @@ import io
 import json
 import shutil
 import socket
+import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,6 +99,18 @@ def finished(server, batch_id: str):
 
 def error_of(answer: httpx.Response) -> dict:
     return answer.json()["error"]
+
+
+class _AnyText(str):
+    """Equal to any non-empty string: for messages worded by a library the test does not own."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+    __hash__ = str.__hash__
+
+
+ANY_TEXT = _AnyText()
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -548,6 +562,27 @@ def test_openapi_schema_is_published(anonymous):
     assert {"/api/batches", "/api/batches/upload", "/api/generate", "/api/templates", "/prompt"} <= set(paths)
 
 
+def test_openapi_describes_the_json_bodies_tokens_and_error_shape_the_api_really_has(anonymous, bob):
+    schema = anonymous.get("/openapi.json").json()
+    submit = schema["paths"]["/api/batches"]["post"]
+    body = submit["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["required"]) == {"template", "rows"} and {"batch_id", "on_invalid"} <= set(body["properties"])
+    for path in ("/api/generate", "/api/token", "/api/system/model"):
+        assert "requestBody" in schema["paths"][path]["post"], path
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert submit["security"] == [{"bearer": []}] and "security" not in schema["paths"]["/api/token"]["post"]
+
+    # The documented refusal is the one sent: no 422 {"detail": ...} anywhere, the Error shape instead
+    listing = schema["paths"]["/api/batches"]["get"]["responses"]
+    assert "422" not in listing and listing["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/Error")
+    error_schema = schema["components"]["schemas"]["Error"]
+    for refused in (bob.get("/api/batches", params={"limit": "x"}), bob.post("/api/batches", json={"rows": []}),
+                    anonymous.get("/api/batches")):
+        answer = refused.json()
+        assert set(answer) == set(error_schema["required"]), answer
+        assert set(error_schema["properties"]["error"]["required"]) == set(answer["error"]), answer
+
+
 # -------------------------------------------------------------------------------------------- uploads
 
 
@@ -638,6 +673,62 @@ def test_list_filters_a_client_got_wrong_are_400_and_huge_offsets_find_nothing(b
     for path in ("/api/generations", "/api/batches"):
         answer = bob.get(path, params={"offset": 10**20})
         assert answer.status_code == 200 and answer.json() == [], path
+
+
+def test_search_dates_a_client_got_wrong_are_400_naming_the_field(bob):
+    for field in ("date_from", "date_to"):
+        answer = bob.get("/api/generations", params={field: "last week"})
+        assert answer.status_code == 400 and error_of(answer)["details"]["field"] == field, answer.text
+
+
+def test_malformed_requests_answer_in_the_api_error_shape_naming_the_field(bob):
+    answer = bob.get("/api/batches", params={"limit": "ten"})
+    assert answer.status_code == 400, answer.text
+    error = error_of(answer)
+    assert error["type"] == "RequestInvalid" and "limit" in error["message"]
+    assert error["details"]["problems"] == [{"field": "limit", "location": "query", "message": ANY_TEXT}]
+
+    no_sheet = bob.post("/api/batches/upload", data={"template": "product_shot"})
+    assert no_sheet.status_code == 400 and [p["field"] for p in error_of(no_sheet)["details"]["problems"]] == ["sheet"]
+
+    not_json = bob.post("/api/batches", content=b"template=product_shot", headers={"content-type": "text/plain"})
+    assert not_json.status_code == 400 and error_of(not_json)["type"] == "RequestInvalid"
+
+
+def test_paths_under_api_that_no_route_serves_answer_404_or_405_in_the_api_error_shape(bob):
+    unknown = bob.get("/api/batchs")
+    assert unknown.status_code == 404 and error_of(unknown)["details"]["reason"] == "not_found"
+    wrong_method = bob.delete("/api/batches/some-batch")
+    assert wrong_method.status_code == 405 and error_of(wrong_method)["details"]["reason"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "GET"
+
+
+def test_a_retried_submission_racing_the_first_makes_one_batch_and_resumes_it(server, bob):
+    rows = [{"product_name": f"raced {n}", "seed": n, **SMALL} for n in range(40)]
+    body = {"template": "product_shot", "rows": rows, "batch_id": "client-retry-race"}
+    start_together = threading.Barrier(6)
+
+    def post(_):
+        start_together.wait(timeout=30)
+        return bob.post("/api/batches", json=body)
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(post, range(6)))
+    assert [a.status_code for a in answers] == [200] * 6, [a.text[:200] for a in answers]
+    assert sorted(a.json()["resumed"] for a in answers) == [False] + [True] * 5
+    finished(server, "client-retry-race")
+    ledger_rows = server.services.ledger.rows("client-retry-race")
+    assert sorted(r.row_number for r in ledger_rows) == list(range(2, 42))
+    assert {r.status for r in ledger_rows} == {"done"}
+
+
+def test_resubmitting_a_finished_batch_says_it_queues_nothing(server, bob):
+    rows = [{"product_name": f"counted {n}", "seed": n, **SMALL} for n in range(2)]
+    body = {"template": "product_shot", "rows": rows, "batch_id": "client-batch-counted"}
+    assert bob.post("/api/batches", json=body).json()["queued_rows"] == 2
+    finished(server, "client-batch-counted")
+    again = bob.post("/api/batches", json=body).json()
+    assert again["resumed"] and again["queued_rows"] == 0
 
 
 def test_only_the_owner_or_an_admin_cancels_or_resumes_a_batch(server, alice, bob):

@@ -174,6 +174,19 @@ def test_token_and_users_commands(tmp_path):
     assert store.authenticate("bob", "wrong") is None
 
 
+def test_token_create_refuses_a_name_the_server_would_refuse(tmp_path):
+    """With users configured the server answers a token of someone not among them with 401 unknown_user:
+    the command says so at once instead of printing a token that never works."""
+    users = tmp_path / "users.json"
+    assert app("users", "add", "bob", "--password", "pw", "--file", str(users), cwd=tmp_path).returncode == 0
+    env = {"SD35_USERS_FILE": str(users), "SD35_JWT_SECRET": "s" * 48}
+    ghost = app("token", "create", "--user", "ghost", cwd=tmp_path, env=env)
+    assert ghost.returncode == 2 and "no user 'ghost'" in ghost.stderr and not ghost.stdout.strip()
+    bob = app("token", "create", "--user", "bob", "--role", "admin", cwd=tmp_path, env=env)
+    assert bob.returncode == 0 and bob.stdout.strip()
+    assert "bob is a user in the users file" in bob.stderr  # the server acts with that role, not the token's
+
+
 def test_library_errors_become_one_line_and_exit_2(tmp_path):
     missing = app("run", "--template", "no_such_template", "--sheet", str(tmp_path / "x.csv"), cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ")

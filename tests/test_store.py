@@ -199,6 +199,32 @@ def test_search_and_listing(ledger):
     assert ledger.list_batches(user="bob") == []
 
 
+def test_search_dates_compare_as_times_whatever_the_offset_and_bad_ones_are_named(ledger):
+    from datetime import datetime, timedelta, timezone
+
+    from engine.errors import BadQuery
+
+    batch_id = new_batch(ledger, rows=1)
+    row = ledger.claim_next(batch_id)
+    ledger.complete_row(row.row_key, RECORD, "/a.png", "a" * 64)
+    done_at = datetime.fromisoformat(ledger.get_generation(row.row_key).finished_at)
+    china = timezone(timedelta(hours=8))  # the same instants written as a client east of UTC writes them
+    before = (done_at - timedelta(minutes=1)).astimezone(china)
+    after = (done_at + timedelta(minutes=1)).astimezone(china)
+    for bound in (before.isoformat(), before.isoformat(sep=" ", timespec="seconds")):
+        assert [g.row_key for g in ledger.search(date_from=bound)] == [row.row_key], bound
+        assert ledger.search(date_to=bound) == [], bound
+    assert ledger.search(date_from=after.isoformat()) == []
+    assert [g.row_key for g in ledger.search(date_to=after.isoformat())] == [row.row_key]
+    naive_utc = (done_at - timedelta(minutes=1)).replace(tzinfo=None).isoformat()  # no offset: UTC
+    assert [g.row_key for g in ledger.search(date_from=naive_utc)] == [row.row_key]
+    assert [g.row_key for g in ledger.search(date_to=done_at.date().isoformat())] == [row.row_key]  # the whole day
+    for field, bad in (("date_from", "yesterday"), ("date_to", "tomorrow"), ("date_from", "2025-13-01")):
+        with pytest.raises(BadQuery) as refused:
+            ledger.search(**{field: bad})
+        assert refused.value.details["field"] == field and bad in refused.value.message
+
+
 def _claim_worker(path, batch_id, worker, start_together, results):
     claimed, errors = [], []
     try:

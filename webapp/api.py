@@ -32,10 +32,12 @@ from engine.errors import (
     AccessDenied,
     BadQuery,
     BatchError,
+    BatchExists,
     BatchMismatch,
     EngineError,
     ExecutionError,
     ModelNotFound,
+    RequestInvalid,
     SheetError,
     StoreError,
     TemplateError,
@@ -55,7 +57,9 @@ STATUS_BY_ERROR: dict[type[EngineError], int] = {
     WorkflowInvalid: 400,
     TemplateError: 400,
     SheetError: 400,
+    RequestInvalid: 400,
     BatchMismatch: 409,
+    BatchExists: 409,
     BatchError: 400,
     ModelNotFound: 404,
     ExecutionError: 500,
@@ -75,11 +79,27 @@ def error_status(exc: EngineError) -> int:
     return 400
 
 
+def request_invalid(errors: list[dict[str, Any]]) -> RequestInvalid:
+    """FastAPI's request validation errors (a missing form field, ``?limit=abc``) as one library error
+    naming each field, so a client parses one error shape whatever refused its request."""
+    problems = []
+    for error in errors:
+        where = [str(part) for part in error.get("loc", ())]
+        location = where[0] if where else "body"
+        field = ".".join(where[1:]) or location
+        problems.append({"field": field, "location": location, "message": str(error.get("msg", "invalid"))})
+    listed = "; ".join(f"{p['location']} field '{p['field']}': {p['message']}" for p in problems[:10])
+    return RequestInvalid(f"the request is invalid: {listed or 'unreadable'}", problems)
+
+
 def install_error_handlers(app: Any) -> None:
     """Library errors -> JSON answers: ``{"error": {type, message, details[, code]}}`` with the right status.
 
     401s carry ``WWW-Authenticate: Bearer``; 429s carry ``Retry-After`` and the rate-limit headers.
+    FastAPI's own refusals of a request's shape (its 422 ``{"detail": [...]}``) are answered the same way,
+    as :class:`RequestInvalid` (400).
     """
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     async def handle(request: Any, exc: EngineError) -> Any:
@@ -89,14 +109,118 @@ def install_error_handlers(app: Any) -> None:
             headers.update(exc.headers)
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer"
+        if status == 405 and exc.details.get("allow"):
+            headers["Allow"] = ", ".join(exc.details["allow"])
         body = json.loads(json.dumps({"error": exc.to_dict()}, default=str))
         return JSONResponse(body, status_code=status, headers=headers)
 
+    async def handle_request_shape(request: Any, exc: RequestValidationError) -> Any:
+        return await handle(request, request_invalid(list(exc.errors())))
+
     app.add_exception_handler(EngineError, handle)
+    app.add_exception_handler(RequestValidationError, handle_request_shape)
+
+
+def answer_unknown_api_paths(app: Any) -> None:
+    """Paths under ``/api`` that no route serves get the API's error shape, not the ``{"detail": ...}`` of
+    whatever app is mounted below: 405 with ``Allow`` when the path exists for other methods, else 404.
+
+    Add it after every ``/api`` route (the JSON API, the ComfyUI routes under ``/api``) and before Gradio
+    is mounted at ``/``: a route added later would never be reached.
+    """
+    from fastapi import Request
+    from starlette.routing import Match, Mount
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+    def serves(route: Any, scope: dict[str, Any], method: str) -> bool:
+        if isinstance(route, Mount) or getattr(route, "endpoint", None) is unknown_api_path:
+            return False  # Gradio's mount answers every path; this route answers every /api path
+        return route.matches({**scope, "method": method})[0] == Match.FULL
+
+    @app.api_route("/api/{path:path}", methods=methods, include_in_schema=False)
+    def unknown_api_path(path: str, request: Request) -> Any:
+        scope = {key: request.scope[key] for key in ("type", "path", "root_path", "headers") if key in request.scope}
+        allowed = [method for method in methods if any(serves(route, scope, method) for route in app.router.routes)]
+        if allowed:
+            raise AccessDenied(f"{request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}",
+                               status=405, reason="method_not_allowed", allow=allowed)
+        raise not_found(f"no API route {request.url.path}; the routes are listed at /openapi.json",
+                        path=request.url.path)
 
 
 def not_found(message: str, **details: Any) -> AccessDenied:
     return AccessDenied(message, status=404, reason="not_found", **details)
+
+
+def json_body_schema(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself (:func:`api_router`'s ``json_body``):
+    FastAPI cannot see that body, so the schema would show none."""
+    schema = {"type": "object", "properties": properties, "required": list(required)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+SEED_SCHEMA = {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": "^[0-9]+$"}],
+               "description": "0 to 2^64-1; past 2^53 send it as a string"}
+BATCH_BODY = json_body_schema({
+    "template": {"type": "string", "description": "a template name (GET /api/templates)"},
+    "rows": {"type": "array", "items": {"type": "object"}, "minItems": 1,
+             "description": "one object per image, keys named like the template's fields; the first is row 2"},
+    "batch_id": {"type": "string", "description": "your own id; posting it again resumes that batch"},
+    "batch_seed": SEED_SCHEMA,
+    "on_invalid": {"type": "string", "enum": ["skip", "stop"], "default": "skip"},
+    "start": {"type": "boolean", "default": True, "description": "false: only check the rows"},
+}, required=("template", "rows"))
+GENERATE_BODY = json_body_schema({
+    "template": {"type": "string"},
+    "values": {"type": "object", "description": "field values of the one image"},
+    "batch_seed": SEED_SCHEMA,
+    "timeout_s": {"type": "number", "exclusiveMinimum": 0, "description": "how long to wait for the image"},
+}, required=("template",))
+TOKEN_BODY = json_body_schema({
+    "username": {"type": "string"}, "password": {"type": "string", "format": "password"},
+    "ttl": {"type": "string", "description": "lifetime, e.g. 30m, 24h, 7d (at most max_token_ttl)"},
+}, required=("username", "password"))
+REVOKE_BODY = json_body_schema({
+    "token": {"type": "string", "description": "the token to refuse"},
+    "user": {"type": "string", "description": "or: refuse every token of this user issued so far"},
+})
+MODEL_BODY = json_body_schema({"checkpoint": {"type": "string"}}, required=("checkpoint",))
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["type", "message", "details"], "properties": {
+        "type": {"type": "string", "description": "the library error, e.g. SheetError, RequestInvalid, AccessDenied"},
+        "message": {"type": "string"},
+        "details": {"type": "object", "description": "row, column, field, reason, problems... as the error has them"},
+    }}},
+}
+OPEN_ROUTES = {"/api/token"}  # the API routes that take no bearer token
+
+
+def describe_api_errors(schema: dict[str, Any], auth_required: bool) -> dict[str, Any]:
+    """The OpenAPI schema as the API really answers: refusals in :data:`ERROR_SCHEMA` (400 where FastAPI
+    would write its 422, which :func:`install_error_handlers` never sends), and with auth configured the
+    bearer token the ``/api`` routes ask for. Changes ``schema`` in place and returns it."""
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components["schemas"].pop(unused, None)
+    refusal = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    if auth_required:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            if responses.pop("422", None) is not None or path.startswith("/api/"):
+                responses["400"] = {"description": "refused: the request or its rows (details name them)", **refusal}
+            if path.startswith("/api/"):
+                responses["404"] = {"description": "no such route, batch, generation or template", **refusal}
+                responses["429"] = {"description": "rate limited; Retry-After says when to try again", **refusal}
+            if auth_required and path.startswith("/api/") and path not in OPEN_ROUTES:
+                operation["security"] = [{"bearer": []}]
+                responses["401"] = {"description": "no token, or a bad, expired or revoked one", **refusal}
+                responses["403"] = {"description": "not allowed: admin only, or not the batch's owner", **refusal}
+    return schema
 
 
 def _wait_seconds(value: Any, default: float) -> float:
@@ -187,9 +311,11 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         try:
             body = await request.json()
         except ValueError as exc:
-            raise BatchError(f"the request body is not JSON: {exc}") from exc
+            raise RequestInvalid(f"the request body is not JSON: {exc}",
+                                 [{"field": "body", "location": "body", "message": "not JSON"}]) from exc
         if not isinstance(body, dict):
-            raise BatchError("the request body must be a JSON object")
+            raise RequestInvalid("the request body must be a JSON object",
+                                 [{"field": "body", "location": "body", "message": "not a JSON object"}])
         return body
 
     async def read_upload(upload: UploadFile) -> bytes:
@@ -246,11 +372,27 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         }
         if start:
             services.runner.start(prepared)
+            if prepared.resumed:  # what the resume will run, not every valid row: the done ones stay done
+                answer["queued_rows"] = services.runner.rows_to_run(prepared.batch_id)
             services.queue.submit(prepared.batch_id)
             answer["started"] = True
         return answer
 
-    @router.post("/token", summary="Exchange a user name and password for a bearer token")
+    def prepare_and_submit(
+        template: str, sheet: Sheet, body: dict[str, Any], caller: Any, start: bool, images: Any = None,
+    ) -> dict[str, Any]:
+        """:func:`prepare` then :func:`submit`. Resubmitting a batch id resumes that batch, and so does a
+        submission that loses the race to create it: a client retrying a POST whose first answer it did not
+        wait for must find one batch, resumed, not a refusal (or a second batch)."""
+        prepared = prepare(template, sheet, body, caller, images)
+        try:
+            return submit(prepared, start)
+        except BatchExists:
+            # The id was free when prepare() looked and taken when start() wrote it: prepare again as the
+            # resume it now is (owner and inputs checked again: another caller's or other rows are refused).
+            return submit(prepare(template, sheet, body, caller, images), start)
+
+    @router.post("/token", summary="Exchange a user name and password for a bearer token", openapi_extra=TOKEN_BODY)
     async def create_token(request: Request) -> Any:
         guard.admit_address(request.client.host if request.client else "unknown", "POST /api/token")
         body = await json_body(request)
@@ -266,7 +408,8 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         ttl = parse_ttl(str(body["ttl"]), maximum=max_token_ttl) if body.get("ttl") else default_token_ttl
         return {"access_token": guard.tokens.create(found, ttl=ttl), "token_type": "bearer", "role": found.role}
 
-    @router.post("/token/revoke", summary="Revoke one token, or every token of a user issued so far (admin)")
+    @router.post("/token/revoke", summary="Revoke one token, or every token of a user issued so far (admin)",
+                 openapi_extra=REVOKE_BODY)
     async def revoke_token(request: Request, caller: Any = admin_tokens) -> Any:
         body = await json_body(request)
         if guard.tokens is None or guard.revocations is None:
@@ -315,14 +458,15 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         saved = await asyncio.to_thread(services.templates.add, files, replace)
         return saved.to_dict()
 
-    @router.post("/batches", summary="Submit a batch: template + rows as JSON")
+    @router.post("/batches", summary="Submit a batch: template + rows as JSON", openapi_extra=BATCH_BODY)
     async def submit_batch(request: Request, caller: Any = user) -> Any:
         body = await json_body(request)
         if "template" not in body or "rows" not in body:
             raise BatchError("the body needs 'template' and 'rows'")
         sheet = sheet_from_records(body["rows"], "api.json")
-        prepared = await asyncio.to_thread(prepare, str(body["template"]), sheet, body, caller)
-        return submit(prepared, bool(body.get("start", True)))
+        return await asyncio.to_thread(
+            prepare_and_submit, str(body["template"]), sheet, body, caller, bool(body.get("start", True))
+        )
 
     @router.post("/batches/upload", summary="Submit a batch: template + an uploaded CSV/XLSX sheet")
     async def submit_batch_upload(
@@ -343,8 +487,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         if images is not None:  # the product photos the sheet's image columns name, as one zip
             photos = await asyncio.to_thread(services.runner.unpack_photos, await read_upload(images))
         try:
-            prepared = await asyncio.to_thread(prepare, template, parsed, body, caller, photos)
-            return submit(prepared, start)
+            return await asyncio.to_thread(prepare_and_submit, template, parsed, body, caller, start, photos)
         finally:
             if photos is not None:  # a started batch has its own copy; otherwise none is kept
                 services.runner.discard_staging(photos)
@@ -377,7 +520,8 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         headers = {"Content-Disposition": f'attachment; filename="{batch_id}.zip"'}
         return StreamingResponse(services.runner.zip_stream(batch_id), media_type="application/zip", headers=headers)
 
-    @router.post("/generate", summary="One image from a template and field values (waits for it)")
+    @router.post("/generate", summary="One image from a template and field values (waits for it)",
+                 openapi_extra=GENERATE_BODY)
     async def generate(request: Request, caller: Any = user) -> Any:
         body = await json_body(request)
         if "template" not in body:
@@ -440,7 +584,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
             "queue": services.queue.queued(),
         }
 
-    @router.post("/system/model", summary="Switch the default checkpoint (admin)")
+    @router.post("/system/model", summary="Switch the default checkpoint (admin)", openapi_extra=MODEL_BODY)
     async def switch_model(request: Request, caller: Any = admin_models) -> Any:
         body = await json_body(request)
         name = str(body.get("checkpoint", ""))
@@ -460,6 +604,8 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
 
 
 __all__ = [
+    "answer_unknown_api_paths",
+    "describe_api_errors",
     "api_router",
     "batch_status",
     "error_status",

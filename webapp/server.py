@@ -408,7 +408,7 @@ def create_app(
     import gradio as gr
 
     from engine.services import build_services
-    from webapp.api import api_router, install_error_handlers
+    from webapp.api import answer_unknown_api_paths, api_router, describe_api_errors, install_error_handlers
     from webapp.comfy_api import comfy_router
     from webapp.ui import CSS, build_ui
 
@@ -538,7 +538,7 @@ def create_app(
     def batch_zip(batch_id: str, request: Request):
         limits = may_download(request, "GET /files/zip/{batch_id}")
         if services.ledger.get_batch(batch_id) is None:
-            raise AccessDenied(f"no batch {batch_id!r}", status=404, batch_id=batch_id)
+            raise AccessDenied(f"no batch {batch_id!r}", status=404, reason="not_found", batch_id=batch_id)
         # Streamed as it is built: a batch of thousands of images never sits in memory or on disk twice.
         return StreamingResponse(
             services.runner.zip_stream(batch_id),
@@ -568,6 +568,15 @@ def create_app(
     # ComfyUI serves every route under /api as well, and newer clients use that form.
     app.include_router(comfy, prefix="/api", include_in_schema=False)
     app.state.comfy = comfy.bridge
+    answer_unknown_api_paths(app)  # after every /api route, before Gradio takes whatever is left
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:  # built once, on the first request for it
+        if app.openapi_schema is None:
+            app.openapi_schema = describe_api_errors(default_openapi(), guard.auth_required)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     # Added last = outermost: the metrics middleware sees the upload limit's 413s.
     app.add_middleware(UploadLimitMiddleware, limit=upload_limit)
