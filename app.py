@@ -448,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     users = add_command("users", help="manage the users file")
     users_sub = users.add_subparsers(dest="users_command", required=True)
-    add = users_sub.add_parser("add", parents=[settings])
+    add = users_sub.add_parser("add", parents=[settings],
+                               help="add a user, or set a user's password and role again (ending their sessions "
+                                    "and tokens)")
     add.add_argument("name")
     add.add_argument("--role", choices=["user", "admin"], default="user")
     add.add_argument("--password", help="(prompted when omitted)")

@@ -559,6 +559,7 @@ class _Flight:
     sent_at: float
     worker: str | None = None
     instance: str | None = None
+    pid: int | None = None  # of the process that started it (Celery's STARTED state), until instance is known
     started_at: float | None = None  # monotonic, when the dispatcher first saw it started
     missing_since: float | None = None  # monotonic, when its worker's heartbeat was first missed
     losses: int = 0  # attempts whose worker died or hung
@@ -762,7 +763,7 @@ class CeleryDispatcher:
         if task_id not in flight.task_ids:
             flight.task_ids.append(task_id)
         flight.sent_at = time.monotonic()
-        flight.worker = flight.instance = flight.started_at = flight.missing_since = None
+        flight.worker = flight.instance = flight.pid = flight.started_at = flight.missing_since = None
         flight.node_id, flight.step_node, flight.step = None, None, -1
 
     def _reroute_orphans(self, flights: dict[str, _Flight], live: dict[str, WorkerAnnouncement]) -> None:
@@ -865,6 +866,8 @@ class CeleryDispatcher:
             flight.worker = worker
         if info.get("instance"):
             flight.instance = info["instance"]
+        if isinstance(info.get("pid"), int):
+            flight.pid = info["pid"]
         if on_event is None:
             return
         # The worker's latest report only: nodes and steps in between polls are not replayed.
@@ -883,7 +886,7 @@ class CeleryDispatcher:
         reason = None
         if flight.worker is not None and flight.started_at is not None:
             holder = live.get(flight.worker)
-            if holder is not None and (flight.instance is None or holder.instance == flight.instance):
+            if holder is not None and self._same_process(flight, holder):
                 flight.missing_since = None
             elif flight.missing_since is None:
                 flight.missing_since = now
@@ -895,6 +898,16 @@ class CeleryDispatcher:
         if reason is None:
             return None
         return self._lost(flight, live, reason)
+
+    @staticmethod
+    def _same_process(flight: _Flight, holder: WorkerAnnouncement) -> bool:
+        """Whether the worker now announced under the row's worker name is the process that started it. A
+        worker killed and started again under its name announces at once; a row it died on before its
+        first progress report carries only Celery's STARTED state, with the pid, so the pid tells them
+        apart (else the row would wait for its deadline behind the new process's heartbeat)."""
+        if flight.instance is not None:
+            return holder.instance == flight.instance
+        return flight.pid is None or holder.pid == flight.pid
 
     def _lost(self, flight: _Flight, live: dict[str, WorkerAnnouncement], reason: str) -> RowResult | None:
         if flight.cancelled:

@@ -688,6 +688,10 @@ def test_malformed_requests_answer_in_the_api_error_shape_naming_the_field(bob):
     assert error["type"] == "RequestInvalid" and "limit" in error["message"]
     assert error["details"]["problems"] == [{"field": "limit", "location": "query", "message": ANY_TEXT}]
 
+    for path in ("/api/batches", "/api/generations"):  # a negative offset is refused, not read as page one
+        negative = bob.get(path, params={"offset": -5})
+        assert negative.status_code == 400 and error_of(negative)["details"]["problems"][0]["field"] == "offset"
+
     no_sheet = bob.post("/api/batches/upload", data={"template": "product_shot"})
     assert no_sheet.status_code == 400 and [p["field"] for p in error_of(no_sheet)["details"]["problems"]] == ["sheet"]
 

@@ -266,6 +266,43 @@ def test_worker_killed_mid_row_every_row_still_finishes_exactly_once(redis_serve
     assert services.runner.dispatcher.workers[SLOW_ROW] != killed[0].split("@")[0]
 
 
+def test_a_row_whose_worker_restarted_under_its_name_before_reporting_progress_is_sent_again(redis_server):
+    """A worker killed right after Celery marked its row STARTED (before the row's first progress report,
+    which names the process instance) and started again under the same name announces itself at once.
+    The pid in Celery's STARTED state tells the new process from the one that took the row; without it the
+    row waited for its deadline behind the new heartbeat."""
+    import redis
+
+    from engine.distributed import WORKER_KEY_PREFIX, WorkerAnnouncement, _Flight
+    from engine.jobs import RowJob
+
+    dispatcher = celery_dispatcher(redis_server)
+    client = redis.Redis.from_url(redis_server.url)
+    job = RowJob("brestarted:2", "brestarted", 2, {}, {}, deadline_s=600.0, checkpoint="sd35_demo_tiny")
+    dispatcher.app.backend.store_result("brestarted:2:1", {"pid": 4242, "hostname": "gamma@vm"}, "STARTED")
+    flight = _Flight(job, ["brestarted:2:1"], sent_at=time.monotonic())
+    restarted = WorkerAnnouncement("gamma@vm", ["sd35_demo_tiny"], ["sd35.rows"], pid=5151, host="vm",
+                                   instance="starting")
+    client.set(WORKER_KEY_PREFIX + "gamma@vm", restarted.to_json(), px=60_000)
+    live = {w.name: w for w in dispatcher.workers()}
+
+    assert dispatcher._poll(flight, live, None) is None
+    assert flight.worker == "gamma@vm" and flight.losses == 0
+    deadline = time.monotonic() + 10
+    while flight.losses == 0 and time.monotonic() < deadline:  # confirmed after lost_confirm_s, not at once
+        time.sleep(0.1)
+        assert dispatcher._poll(flight, live, None) is None
+    assert flight.losses == 1 and flight.task_id == "brestarted:2:2"  # sent again as the next attempt
+
+    # The process that took the row, still announcing itself, keeps it: nothing is sent twice.
+    alive = _Flight(job, ["brestarted:2:1"], sent_at=time.monotonic())
+    same = WorkerAnnouncement("gamma@vm", ["sd35_demo_tiny"], ["sd35.rows"], pid=4242, host="vm", instance="x")
+    for _ in range(10):
+        time.sleep(0.1)
+        assert dispatcher._poll(alive, {"gamma@vm": same}, None) is None
+    assert alive.losses == 0 and alive.task_id == "brestarted:2:1"
+
+
 def test_redis_restart_mid_batch_is_reconciled(redis_server, workers, tmp_path):
     sheet = write_sheet(tmp_path / "rows.csv", 8)
     services = coordinator(tmp_path, "restart", Recording(celery_dispatcher(redis_server)))

@@ -293,7 +293,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     ``/api/token`` grants lifetimes up to the ``max_token_ttl`` setting (checked here, so a bad setting
     stops the app at start-up rather than at the first login).
     """
-    from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+    from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
     from fastapi.responses import StreamingResponse
 
     router = APIRouter(prefix="/api", tags=["API"])
@@ -493,7 +493,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
                 services.runner.discard_staging(photos)
 
     @router.get("/batches", summary="Recent batches")
-    def list_batches(limit: int = 50, offset: int = 0, caller: Any = user) -> Any:
+    def list_batches(limit: int = 50, offset: int = Query(0, ge=0), caller: Any = user) -> Any:
         return services.ledger.list_batches(limit=min(max(limit, 1), 500), offset=offset)
 
     @router.get("/batches/{batch_id}", summary="A batch's status and per-row results")
@@ -547,7 +547,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         date_from: str | None = None,
         date_to: str | None = None,
         limit: int = 50,
-        offset: int = 0,
+        offset: int = Query(0, ge=0),  # a negative offset is a client's mistake, not the first page
         caller: Any = user,
     ) -> Any:
         found = services.ledger.search(
