@@ -133,6 +133,11 @@ def test_template_overview_lists_fields_in_the_browser_language(services):
     assert overview.title == "快速草图（SD3.5 Large Turbo）" and overview.fields_rows[0][4] == "要画的内容。"
     english = handlers.template_overview(services, "turbo_draft", "en")
     assert english.title == "Quick draft (SD3.5 Large Turbo)" and english.fields_rows[0][4] == "What to draw."
+    # the field types too, with their limits and choices
+    kinds = {row[0]: row[1] for row in overview.fields_rows}
+    assert kinds["prompt"] == ZH["fieldtype.text"] and kinds["width"] == f'{ZH["fieldtype.int"]} (64 – 2048)'
+    assert {row[0]: row[1] for row in overview.compact_rows}["seed"] == ZH["fieldtype.seed"]
+    assert {row[0]: row[1] for row in english.fields_rows}["width"] == "int (64 – 2048)"
     described = dict((spec.name, words) for spec, words in handlers.template_fields(services, "turbo_draft", "zh"))
     assert described["steps"] == "Turbo 模型只需要很少的步数。"  # the single-image form's field help
 
@@ -201,6 +206,13 @@ def test_batch_runs_in_the_background_and_is_searchable(services, sheet_path):
     assert rerun_id != batch_id
     services.queue.wait(rerun_id, timeout=60)
     assert handlers.batch_view(services, rerun_id).done == 1
+
+
+def test_a_history_search_that_finds_nothing_says_so(services):
+    # An empty table alone reads as a click that did nothing
+    for lang, table in (("en", EN), ("zh", ZH)):
+        found = handlers.search_history(services, text_query="no prompt was ever written like this", lang=lang)
+        assert found.rows == [] and found.note == table["history.no_results"]
 
 
 def test_history_rejects_malformed_dates(services):

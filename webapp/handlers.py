@@ -22,7 +22,7 @@ from typing import Any
 from engine.errors import AccessDenied, BatchError, EngineError, SheetError
 from webapp.auth import ADMIN
 from webapp.guard import LOCAL_USER, Caller
-from webapp.i18n import error_text, problem_text, text
+from webapp.i18n import TABLES, error_text, problem_text, text
 
 ACTIVE_STATES = ("queued", "running")
 LEDGER_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")
@@ -98,15 +98,17 @@ def template_names(services: Any) -> list[str]:
     return list(services.templates.names())
 
 
-def _field_kind(spec: Any) -> str:
-    """``int (256 – 2048)``, ``choice: a, b``: the type with its limits, so the table stays narrow."""
+def _field_kind(spec: Any, lang: str = "en") -> str:
+    """``int (256 – 2048)``, ``choice: a, b``: the type (in ``lang``) with its limits, so the table stays narrow."""
+    key = f"fieldtype.{spec.type}"
+    kind = text(key, lang) if key in TABLES["en"] else spec.type
     if spec.choices:
-        return f"{spec.type}: {', '.join(map(str, spec.choices))}"
+        return f"{kind}: {', '.join(map(str, spec.choices))}"
     if spec.min is not None or spec.max is not None:
         low = "" if spec.min is None else spec.min
         high = "" if spec.max is None else spec.max
-        return f"{spec.type} ({low} – {high})"
-    return spec.type
+        return f"{kind} ({low} – {high})"
+    return kind
 
 
 def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOverview:
@@ -117,7 +119,7 @@ def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOve
     rows = [
         [
             spec.name,
-            _field_kind(spec),
+            _field_kind(spec, lang),
             text("yes" if spec.required else "no", lang),
             "" if spec.default is None else str(spec.default),
             template.field_description_in(spec, lang),
@@ -127,7 +129,7 @@ def template_overview(services: Any, name: str, lang: str = "en") -> TemplateOve
     compact = [
         [
             spec.name + (" *" if spec.required else ""),
-            _field_kind(spec),
+            _field_kind(spec, lang),
             " ".join(part for part in (
                 template.field_description_in(spec, lang),
                 "" if spec.default in (None, "") else text("field.default_value", lang, value=spec.default),
@@ -607,8 +609,8 @@ def search_history(
     note = text("history.page", lang, first=first, last=first + len(rows) - 1, page=page) if rows else ""
     if more:
         note += " " + text("history.more", lang, next=page + 1)
-    if not rows and page > 1:
-        note = text("history.page_empty", lang, page=page)
+    if not rows:
+        note = text("history.page_empty", lang, page=page) if page > 1 else text("history.no_results", lang)
     return HistoryPage(header, rows, page, more, note)
 
 

@@ -24,14 +24,38 @@ import gradio as gr
 
 from engine.errors import BatchError, EngineError
 from webapp import handlers
-from webapp.i18n import gradio_i18n, language_of_request, text
+from webapp.i18n import LANGUAGES, gradio_i18n, language_of_request, text
 from webapp.files import file_url, zip_url
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 QUIET = {"show_progress": "hidden", "concurrency_limit": None}
 PLAIN = {"apply_default_css": False, "js_on_load": None}  # HTML blocks styled by CSS below, not clickable
+# For events whose outputs are controls the user still needs (template pickers, the history table, Start): a
+# refusal is said in its pop-up, never laid over them as a red "Error" cover that hides them until dismissed.
+CONTROLS = {"show_progress": "hidden"}
+# Start moves the page to the progress section: at a laptop's height it lies below the fold, and a batch
+# that starts out of sight looks like a click that did nothing.
+SHOW_PROGRESS_JS = ("() => document.getElementById('progress-section')"
+                    "?.scrollIntoView({behavior: 'smooth', block: 'start'})")
+
+def toast_title_css() -> str:
+    """Gradio titles its pop-ups with their type in English ("Info", "Error"; it ignores ``title``): on a page
+    in another language the English word is hidden and the page's word (``toast.*``) shown in its place."""
+    rules = []
+    for lang in LANGUAGES:
+        if lang == "en":
+            continue
+        rules.append(f"html:lang({lang}) .toast-title {{ font-size: 0 !important; }}\n"
+                     f"html:lang({lang}) .toast-title::before, html:lang({lang}) .toast-title > * "
+                     "{ font-size: var(--text-lg); }")
+        rules += [f'html:lang({lang}) .toast-title.{kind}::before {{ content: "{text(f"toast.{kind}", lang)}"; '
+                  "margin-right: .3em; }" for kind in ("info", "warning", "error")]
+    return "\n".join(rules)
+
 
 CSS = """
+#app-header h2 { font-size: 1.6em; font-weight: 700; margin: 4px 0 2px; }
+#app-header p { margin: 0; }
 .demo-banner { background: #fff7ed; border: 1px solid #fdba74; border-radius: 8px; padding: 8px 14px;
                color: #7c2d12; }
 .notice { background: #eff6ff; border: 1px solid #93c5fd; border-radius: 8px; padding: 8px 14px; color: #1e3a8a; }
@@ -77,7 +101,7 @@ table.data-table td:last-child { overflow-wrap: anywhere; }
 .single-result > .result-image { flex: 0 1 auto; }
 .single-result > .reference-photos { margin-top: 0; }
 .single-result .reference-photos img { border: 1px solid var(--border-color-primary); border-radius: 6px; }
-"""
+""" + toast_title_css()
 
 
 class _Html(str):
@@ -280,7 +304,7 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                                                  elem_id="start-batch")
                 prepared_state = gr.State(None)
 
-                gr.Markdown(L("batch.section.progress"), elem_classes="section-title")
+                gr.Markdown(L("batch.section.progress"), elem_classes="section-title", elem_id="progress-section")
                 with gr.Row(equal_height=False, elem_classes="align-end"):
                     watched = gr.Dropdown(choices=[], label=L("batch.watching"), allow_custom_value=True,
                                           scale=5, elem_id="watched-batch")
@@ -389,7 +413,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
 
             # --------------------------------------------------------------------------- templates
             with gr.Tab(L("tab.templates"), id="templates"):
-                browse_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"))
+                browse_template = gr.Dropdown(choices=names, value=first, label=L("template.pick"),
+                                              elem_id="templates-template")
                 browse_desc = gr.Markdown()
                 browse_image = gr.Image(label=L("template.example"), interactive=False, visible=False, height=260)
                 browse_fields = gr.HTML(elem_id="template-fields", **PLAIN)
@@ -560,7 +585,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
             return None, gr.update(interactive=False), gr.update(choices=recent, value=batch_id), batch_id
 
         start_button.click(start, inputs=prepared_state,
-                           outputs=[prepared_state, start_button, watched, remembered_batch])
+                           outputs=[prepared_state, start_button, watched, remembered_batch],
+                           **CONTROLS).success(None, js=SHOW_PROGRESS_JS)
 
         photo_thumbnails: dict[str, str] = {}  # data URLs of the product photos shown, bounded below
 
@@ -658,7 +684,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
             return (gr.update(choices=handlers.recent_batches(services), value=batch_id), batch_id,
                     *_interrupted_outputs(lang))
 
-        resume_button.click(resume, inputs=resume_pick, outputs=[watched, remembered_batch, *interrupted_outputs])
+        resume_button.click(resume, inputs=resume_pick, outputs=[watched, remembered_batch, *interrupted_outputs],
+                            **CONTROLS).success(None, js=SHOW_PROGRESS_JS)
 
         # history
         @_guard
@@ -676,10 +703,11 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
 
         history_filters = [history_text, history_batch, history_status, history_from, history_to]
         history_outputs = [history_table, history_hint]
-        history_search.click(search_first_page, inputs=history_filters, outputs=[*history_outputs, history_page])
-        history_page.submit(search, inputs=[*history_filters, history_page], outputs=history_outputs)
+        history_search.click(search_first_page, inputs=history_filters, outputs=[*history_outputs, history_page],
+                             **CONTROLS)
+        history_page.submit(search, inputs=[*history_filters, history_page], outputs=history_outputs, **CONTROLS)
         # Opening the tab shows what was made since the page loaded
-        history_tab.select(search, inputs=[*history_filters, history_page], outputs=history_outputs)
+        history_tab.select(search, inputs=[*history_filters, history_page], outputs=history_outputs, **CONTROLS)
         ui.load(search_first_page, inputs=history_filters, outputs=[*history_outputs, history_page])
 
         @_guard
@@ -709,7 +737,7 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
             gr.Info(text("history.rerun_done", lang, batch_id=batch_id))
             return gr.update(choices=handlers.recent_batches(services), value=batch_id)
 
-        rerun_button.click(rerun, inputs=selected_row, outputs=watched)
+        rerun_button.click(rerun, inputs=selected_row, outputs=watched, **CONTROLS)
 
         # templates
         @_guard
@@ -717,7 +745,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
             schema, workflow = handlers.template_sources(services, name)
             return schema, workflow, gr.update(value=True)
 
-        load_button.click(load_sources, inputs=browse_template, outputs=[edit_schema, edit_workflow, replace_existing])
+        load_button.click(load_sources, inputs=browse_template, outputs=[edit_schema, edit_workflow, replace_existing],
+                          **CONTROLS)
 
         def _saved(name: str, lang: str):
             gr.Info(text("templates.saved", lang, name=name))
@@ -732,7 +761,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
             saved = handlers.save_template(services, caller(request), schema, workflow, replace=replace, lang=lang)
             return _saved(saved, lang)
 
-        save_button.click(save, inputs=[edit_schema, edit_workflow, replace_existing], outputs=template_pickers)
+        save_button.click(save, inputs=[edit_schema, edit_workflow, replace_existing], outputs=template_pickers,
+                          **CONTROLS)
 
         @_guard
         def save_upload(paths, replace, request: gr.Request):
@@ -740,7 +770,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
             saved = handlers.save_uploaded_template(services, caller(request), paths or [], replace=replace, lang=lang)
             return _saved(saved, lang)
 
-        upload_button.click(save_upload, inputs=[upload_template, replace_existing], outputs=template_pickers)
+        upload_button.click(save_upload, inputs=[upload_template, replace_existing], outputs=template_pickers,
+                            **CONTROLS)
 
         # system
         @_guard

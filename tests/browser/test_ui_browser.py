@@ -442,3 +442,54 @@ def test_signing_in_inside_a_cross_site_frame_that_drops_the_cookie_says_so(app_
     tab.fill("#password", "bob-pass")
     tab.click("button[type=submit]")
     tab.get_by_text("Signed in as").wait_for()
+
+
+def test_start_brings_the_progress_into_view_at_laptop_height(app_server, new_page, screenshot, tmp_path):
+    from playwright.sync_api import expect
+
+    base_url, _ = app_server
+    page = new_page()
+    page.set_viewport_size({"width": 1366, "height": 768})
+    log_in(page, base_url, "bob", "bob-pass")
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text(SHEET, encoding="utf-8")
+    upload_sheet(page, sheet)
+    page.get_by_text("2 rows ready, 1 rows with problems").wait_for()
+    start = page.locator("#start-batch")
+    start.evaluate("button => button.scrollIntoView({block: 'end'})")  # scrolled down just far enough to reach it
+    start.click()
+    # The progress section lies below the fold: Start takes the page there, or the batch starts out of sight.
+    expect(page.locator("#progress-section")).to_be_in_viewport()
+    page.locator("#batch-progress").get_by_text(re.compile(r"done 2 · failed 0 · remaining 0")).wait_for(timeout=90_000)
+    expect(page.locator("#batch-progress")).to_be_in_viewport()
+    screenshot(page, "batch-started-laptop")
+
+
+def test_a_refusal_on_a_chinese_page_is_titled_in_chinese_and_leaves_the_pickers_usable(app_server, new_page,
+                                                                                        screenshot):
+    base_url, _ = app_server
+    page = new_page(locale="zh-CN")
+    log_in(page, base_url, "alice", "alice-pass")
+    title = page.locator("#app-header h2")
+    title.get_by_text("SD3.5 批量出图").wait_for()
+    assert title.evaluate(  # the page's title reads as one, not as body text
+        "h => parseFloat(getComputedStyle(h).fontSize) / parseFloat(getComputedStyle(document.body).fontSize)") >= 1.4
+    open_tab(page, "模板")
+    page.get_by_text("新增或编辑模板（仅管理员）").click()
+    page.get_by_role("button", name="把所选模板载入编辑器").click()
+    page.wait_for_function("() => [...document.querySelectorAll('input[type=checkbox]')].some(box => box.checked)")
+    page.get_by_role("button", name="校验并保存", exact=True).click()  # a shipped template cannot be replaced
+    toast = page.locator(".toast-body.error")
+    toast.get_by_text("是内置模板").wait_for()
+    heading = toast.locator(".toast-title")
+    # Gradio's English "Error" is hidden and the page's word shown in its place
+    assert heading.evaluate("t => getComputedStyle(t).fontSize") == "0px"
+    assert heading.evaluate("t => getComputedStyle(t, '::before').content") == '"错误"'
+    screenshot(page, "templates-refused-zh")
+    # The refusal is in the pop-up only: no red cover laid over the template picker it would have updated
+    picker = page.locator("#templates-template input")
+    picker.scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    assert picker.evaluate("i => { const r = i.getBoundingClientRect();"
+                           " return document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2) === i; }")
+    assert picker.input_value() == "article_workflow"
