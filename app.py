@@ -111,9 +111,9 @@ def _run_workflow(args: argparse.Namespace) -> int:
     if args.resume and services.ledger.get_batch(args.resume) is None:
         raise BatchError(f"no batch {args.resume!r} to resume", batch_id=args.resume)
     prepared = runner.prepare_workflow(workflow, prompts=prompts, prompts_name=args.prompt_file, user=args.user,
-                                       batch_id=args.resume, resume_unfinished=True)
+                                       batch_id=args.resume, continue_same_inputs=not args.new_batch)
     if prepared.resumed and not args.resume:
-        print(f"resuming unfinished batch {prepared.batch_id} of the same workflow and prompts")
+        _say_continued(runner, prepared.batch_id, "workflow and prompts", args.retry_failed)
     zip_path = _zip_path(args.zip, prepared.batch_id, runner.output_dir(prepared.batch_id)) if args.zip else None
     runner.start(prepared)
     return _run_prepared(args, runner, prepared, zip_path, unit="prompt line" if prompts is not None else "row")
@@ -132,9 +132,15 @@ def _run_batch(args: argparse.Namespace) -> int:
     if args.resume and services.ledger.get_batch(args.resume) is None:
         unfinished = ", ".join(b["id"] for b in runner.unfinished_batches()[:10]) or "none"
         raise BatchError(f"no batch {args.resume!r} to resume; unfinished batches: {unfinished}", batch_id=args.resume)
-    batch_id = args.resume or runner.find_unfinished(args.template, sheet)
+    batch_id = args.resume or (None if args.new_batch else
+                               runner.batch_to_continue(args.template, sheet, batch_seed=args.batch_seed))
     if batch_id and not args.resume:
-        print(f"resuming unfinished batch {batch_id} of the same template and sheet")
+        _say_continued(runner, batch_id, "template and sheet", args.retry_failed)
+    elif not args.resume:
+        for other in runner.unfinished_from_another_sheet(args.template, sheet):
+            _say(f"note: batch {other} of {args.template} from {sheet.filename} is unfinished, but the sheet has "
+                 f"changed since it started, so this run starts a new batch; to finish {other} instead, run "
+                 f"it with the original sheet (--resume {other})")
     images = _photos_from(runner, args.images) if args.images else None
     try:
         prepared = runner.prepare(
@@ -155,6 +161,16 @@ def _run_batch(args: argparse.Namespace) -> int:
         if images is not None and not Path(args.images).is_dir():
             runner.discard_staging(images)  # a refused batch leaves no unpacked zip behind
     return _run_prepared(args, runner, prepared, zip_path)
+
+
+def _say_continued(runner: Any, batch_id: str, inputs: str, retry_failed: bool) -> None:
+    """Which batch a command run again continues, and what is left of it to run."""
+    left = runner.rows_to_run(batch_id, retry_failed=retry_failed)
+    if left:
+        print(f"resuming unfinished batch {batch_id} of the same {inputs}")
+    else:
+        print(f"batch {batch_id} of the same {inputs} already ran: nothing left to run "
+              f"({'' if retry_failed else '--retry-failed reruns its failed rows, '}--new-batch starts a new one)")
 
 
 def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path: Path | None,
@@ -446,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--zip", nargs="?", const=True, help="also write the batch zip (optionally to this path)")
     run.add_argument("--resume", metavar="BATCH_ID", help="resume this batch (only unfinished rows run)")
     run.add_argument("--retry-failed", action="store_true", help="on resume, also rerun failed and timed-out rows")
+    run.add_argument("--new-batch", action="store_true",
+                     help="start a new batch even though one of the same inputs exists (without it, running a "
+                          "command again continues that batch, finished or not: nothing is made twice)")
     run.add_argument("--batch-seed", type=int, help="seed from which per-row seeds are derived")
     run.add_argument("--on-invalid", choices=["skip", "stop"], default="skip", help="invalid rows: skip them, or stop before queueing anything")
     run.add_argument("--user", help="recorded with every generation")

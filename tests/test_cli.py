@@ -499,3 +499,67 @@ def test_an_unattended_runs_stderr_holds_no_progress_bars_and_json_logs_hold_onl
     assert logged.returncode == 0, logged.stderr
     records = _json_lines(logged.stderr)
     assert any(r["logger"].startswith("transformers") and "sequence length" in r["message"] for r in records)
+
+
+def _batch_ids(data: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(data / "ledger.db") as conn:
+        return [batch_id for (batch_id,) in conn.execute("SELECT id FROM batches ORDER BY created_at")]
+
+
+def test_the_same_command_run_again_makes_nothing_twice_and_retries_failed_rows_of_its_batch(tmp_path):
+    """A cron job run twice, or a CI retry after a row failed: the finished batch is continued, not made
+    again from scratch in a new batch; --retry-failed reruns only its failed rows; --new-batch starts over."""
+    import sqlite3
+
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\nMug,64,64,1\nLamp,64,64,1\n")
+    command = ["--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv"]
+    first = app(*command, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (batch,) = _batch_ids(tmp_path / "d")
+
+    again = app(*command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"batch {batch} of the same template and sheet already ran: nothing left to run" in again.stdout
+    assert "row 2:" not in again.stdout and _batch_ids(tmp_path / "d") == [batch]
+
+    with sqlite3.connect(tmp_path / "d" / "ledger.db") as conn:  # as if Lamp had failed
+        conn.execute("UPDATE generations SET status = 'failed', error = 'boom', image_path = NULL, images = NULL "
+                     "WHERE row_number = 3")
+    failed = app(*command, cwd=tmp_path)
+    assert failed.returncode == 1 and "--retry-failed reruns its failed rows" in failed.stdout
+    retried = app(*command, "--retry-failed", cwd=tmp_path)
+    assert retried.returncode == 0, retried.stderr
+    assert "row 3: " in retried.stdout and "row 2: " not in retried.stdout
+    assert _batch_ids(tmp_path / "d") == [batch] and ledger_statuses(tmp_path / "d") == {2: "done", 3: "done"}
+
+    fresh = app(*command, "--new-batch", cwd=tmp_path)
+    assert fresh.returncode == 0 and "row 2: " in fresh.stdout and len(_batch_ids(tmp_path / "d")) == 2
+
+
+def test_a_second_copy_of_a_running_command_is_refused_and_an_edited_sheet_is_named(tmp_path):
+    """Overlapping cron runs: the second one must not make every image again in a batch of its own. A sheet
+    edited after a stopped run starts a new batch, and says which unfinished batch it leaves alone."""
+    import signal
+
+    sheet = tmp_path / "s.csv"
+    sheet.write_text("product_name,width,height,steps\n" + "".join(f"{name},512,512,60\n" for name in "ABC"))
+    command = ["--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", "--max-gpu-batch", "1"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *command], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("row 2: ")  # the second row is being sampled
+        second = app(*command, cwd=tmp_path)
+        assert second.returncode == 2, second.stderr
+        assert "is being run by another process" in second.stderr and "not starting a second copy" in second.stderr
+        (batch,) = _batch_ids(tmp_path / "d")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=120)
+
+    sheet.write_text("product_name,width,height,steps\nA,64,64,1\n")  # edited between runs
+    edited = app(*command, cwd=tmp_path)
+    assert edited.returncode == 0, edited.stderr
+    assert f"note: batch {batch} of product_shot from s.csv is unfinished, but the sheet has changed" in edited.stderr
+    assert len(_batch_ids(tmp_path / "d")) == 2
