@@ -111,9 +111,9 @@ def _run_workflow(args: argparse.Namespace) -> int:
     if args.resume and services.ledger.get_batch(args.resume) is None:
         raise BatchError(f"no batch {args.resume!r} to resume", batch_id=args.resume)
     prepared = runner.prepare_workflow(workflow, prompts=prompts, prompts_name=args.prompt_file, user=args.user,
-                                       batch_id=args.resume, resume_unfinished=True)
+                                       batch_id=args.resume, continue_same_inputs=not args.new_batch)
     if prepared.resumed and not args.resume:
-        print(f"resuming unfinished batch {prepared.batch_id} of the same workflow and prompts")
+        _say_continued(runner, prepared.batch_id, "workflow and prompts", args.retry_failed)
     zip_path = _zip_path(args.zip, prepared.batch_id, runner.output_dir(prepared.batch_id)) if args.zip else None
     runner.start(prepared)
     return _run_prepared(args, runner, prepared, zip_path, unit="prompt line" if prompts is not None else "row")
@@ -132,9 +132,15 @@ def _run_batch(args: argparse.Namespace) -> int:
     if args.resume and services.ledger.get_batch(args.resume) is None:
         unfinished = ", ".join(b["id"] for b in runner.unfinished_batches()[:10]) or "none"
         raise BatchError(f"no batch {args.resume!r} to resume; unfinished batches: {unfinished}", batch_id=args.resume)
-    batch_id = args.resume or runner.find_unfinished(args.template, sheet)
+    batch_id = args.resume or (None if args.new_batch else
+                               runner.batch_to_continue(args.template, sheet, batch_seed=args.batch_seed))
     if batch_id and not args.resume:
-        print(f"resuming unfinished batch {batch_id} of the same template and sheet")
+        _say_continued(runner, batch_id, "template and sheet", args.retry_failed)
+    elif not args.resume:
+        for other in runner.unfinished_from_another_sheet(args.template, sheet):
+            _say(f"note: batch {other} of {args.template} from {sheet.filename} is unfinished, but the sheet has "
+                 f"changed since it started, so this run starts a new batch; to finish {other} instead, run "
+                 f"it with the original sheet (--resume {other})")
     images = _photos_from(runner, args.images) if args.images else None
     try:
         prepared = runner.prepare(
@@ -157,6 +163,16 @@ def _run_batch(args: argparse.Namespace) -> int:
     return _run_prepared(args, runner, prepared, zip_path)
 
 
+def _say_continued(runner: Any, batch_id: str, inputs: str, retry_failed: bool) -> None:
+    """Which batch a command run again continues, and what is left of it to run."""
+    left = runner.rows_to_run(batch_id, retry_failed=retry_failed)
+    if left:
+        print(f"resuming unfinished batch {batch_id} of the same {inputs}")
+    else:
+        print(f"batch {batch_id} of the same {inputs} already ran: nothing left to run "
+              f"({'' if retry_failed else '--retry-failed reruns its failed rows, '}--new-batch starts a new one)")
+
+
 def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path: Path | None,
                   unit: str = "row") -> int:
     """Run a started batch with progress bars; Ctrl-C cancels between steps; the zip; the summary line."""
@@ -165,9 +181,12 @@ def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path
     _say(runner.engine.describe_model_banner(), logging.INFO)  # says so when it is the demo model
     summary_before = runner.summary(prepared.batch_id)
     total = summary_before.total - summary_before.skipped
-    # With JSON logs stderr is for machines: one JSON object per line, no progress bars between them.
-    bar = tqdm(total=total, initial=summary_before.done, unit="image", desc=prepared.batch_id, disable=_json_stderr)
-    step_bar = tqdm(total=0, leave=False, unit="step", desc="  row", disable=_json_stderr)
+    # Bars redraw themselves with carriage returns and cursor moves: only for a person at a terminal. A
+    # cron or CI log (stderr not a terminal) would fill with them, and with JSON logs stderr is for
+    # machines, one JSON object per line. The per-row lines on stdout say the same there.
+    no_bars = _json_stderr or not _is_terminal(sys.stderr)
+    bar = tqdm(total=total, initial=summary_before.done, unit="image", desc=prepared.batch_id, disable=no_bars)
+    step_bar = tqdm(total=0, leave=False, unit="step", desc="  row", disable=no_bars)
 
     def on_event(event: Any) -> None:
         if event.kind == "step":
@@ -183,7 +202,7 @@ def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path
             outcome = "not run" if event.status == "cancelled" else event.status or "failed"
             tqdm.write(f"{unit} {event.row_number} {outcome.replace('_', ' ')}: {event.error}")
 
-    with _ctrl_c_cancels(runner, prepared.batch_id):
+    with _stop_signals_cancel(runner, prepared.batch_id) as stopped_by:
         summary = runner.run(prepared.batch_id, on_event=on_event, retry_failed=args.retry_failed)
     step_bar.close()
     bar.close()
@@ -196,7 +215,39 @@ def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path
         + (f", {summary.running} still running in another process" if summary.running else "")
         + f"; images in {summary.output_dir}"
     )
-    return 0 if summary.ok and summary.skipped == 0 and summary.running == 0 else 1
+    return _exit_status(summary, stopped_by)
+
+
+# Exit statuses of `run`, for scripts (README, `run --help`): 2 is also every refusal before the run
+# (bad arguments, an unreadable sheet, a library error), so "no image at all" reads the same either way.
+EXIT_ALL_DONE = 0
+EXIT_SOME_ROWS_NOT_DONE = 1
+EXIT_NOTHING_DONE = 2
+RUN_EXIT_STATUSES = f"""exit status:
+  {EXIT_ALL_DONE}    every row of the batch is done
+  {EXIT_SOME_ROWS_NOT_DONE}    some rows are done, others failed, timed out, were skipped as invalid or
+       are still running in another process (the summary line counts each)
+  {EXIT_NOTHING_DONE}    nothing done: bad arguments, an unreadable sheet or workflow, another error,
+       or no row of the batch could run
+  130  stopped by Ctrl-C (SIGINT), 143 by SIGTERM (e.g. `timeout`, a CI cancel): finished
+       rows are kept; run the same command again to resume"""
+
+
+def _exit_status(summary: Any, stopped_by: list[int]) -> int:
+    if stopped_by:  # the shell's 128 + signal: "stopped, resume me", never mistaken for failed rows
+        return 128 + stopped_by[0]
+    if summary.ok and summary.skipped == 0 and summary.running == 0:
+        return EXIT_ALL_DONE
+    if summary.done == 0 and summary.running == 0:
+        return EXIT_NOTHING_DONE
+    return EXIT_SOME_ROWS_NOT_DONE
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced by a test, or closed
+        return False
 
 
 def _zip_path(option: str | bool, batch_id: str, output_dir: Path) -> Path:
@@ -213,23 +264,30 @@ def _zip_path(option: str | bool, batch_id: str, output_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _ctrl_c_cancels(runner: Any, batch_id: str) -> Iterator[None]:
-    """The first Ctrl-C cancels the batch between sampler steps: finished rows are kept, the rest are marked
-    cancelled and resume with the same command. A second Ctrl-C stops at once."""
+def _stop_signals_cancel(runner: Any, batch_id: str) -> Iterator[list[int]]:
+    """The first Ctrl-C (SIGINT) or SIGTERM cancels the batch between sampler steps: finished rows are kept,
+    the rest are marked cancelled and resume with the same command. The same signal again stops at once.
+
+    SIGTERM is what `timeout`, systemd and CI runners send before they kill: stopping cleanly keeps the
+    rows being sampled from counting as crashes. Yields the signals received, first first."""
+    received: list[int] = []
 
     def cancel(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGINT, previous)  # the next Ctrl-C is the hard stop
-        _say(("" if _json_stderr else "\n") + "stopping after the current sampler step (Ctrl-C again to quit at once); "
-             "run the same command again to resume")
+        signal.signal(signum, previous[signum])  # the same signal again is the hard stop
+        received.append(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        _say(("" if _json_stderr else "\n") + f"{name}: stopping after the current sampler step ({name} again "
+             "to quit at once); run the same command again to resume")
         # On a thread of its own: the handler runs between the main thread's bytecodes, maybe while that
         # thread holds the runner's lock, which cancel() takes.
         threading.Thread(target=runner.cancel, args=(batch_id,), daemon=True).start()
 
-    previous = signal.signal(signal.SIGINT, cancel)
+    previous = {signum: signal.signal(signum, cancel) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _photos_from(runner: Any, source: str) -> Any:
@@ -393,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_command("serve", help="serve the web app (the default)")
 
-    run = add_command("run", help="run a workflow (or a template over a spreadsheet) unattended")
+    run = add_command("run", help="run a workflow (or a template over a spreadsheet) unattended",
+                      epilog=RUN_EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--workflow", help="ComfyUI workflow JSON (API, UI or list format)")
     run.add_argument("--prompt-file", help="one prompt per line; each replaces the positive prompt text")
     run.add_argument("--template", help="template name (see `python app.py templates`)")
@@ -403,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--zip", nargs="?", const=True, help="also write the batch zip (optionally to this path)")
     run.add_argument("--resume", metavar="BATCH_ID", help="resume this batch (only unfinished rows run)")
     run.add_argument("--retry-failed", action="store_true", help="on resume, also rerun failed and timed-out rows")
+    run.add_argument("--new-batch", action="store_true",
+                     help="start a new batch even though one of the same inputs exists (without it, running a "
+                          "command again continues that batch, finished or not: nothing is made twice)")
     run.add_argument("--batch-seed", type=int, help="seed from which per-row seeds are derived")
     run.add_argument("--on-invalid", choices=["skip", "stop"], default="skip", help="invalid rows: skip them, or stop before queueing anything")
     run.add_argument("--user", help="recorded with every generation")
@@ -509,6 +571,15 @@ def _configure_logging(args: argparse.Namespace) -> None:
     log_format = _settings_from(args).log_format
     _json_stderr = log_format == "json"
     configure_logging(log_format, "INFO" if args.command == "worker" or log_format == "json" else "WARNING")
+    if args.command in MODEL_COMMANDS:
+        from engine.runtime import import_model_libraries
+
+        # transformers and diffusers log through handlers of their own (plain "[transformers] ..." lines,
+        # e.g. a prompt over 77 tokens): imported now, their records go through the handler above instead.
+        import_model_libraries()
+
+
+MODEL_COMMANDS = ("run", "worker", "calibrate")  # the commands that load models
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from engine.errors import BatchError, BatchMismatch, EngineError, SheetError
+from engine.errors import BatchBusy, BatchError, BatchMismatch, EngineError, SheetError
 from engine.jobs import (
     CANCELLED,
     DONE,
@@ -369,19 +369,20 @@ class BatchRunner:
         kind: str = "workflow",
         prompts: Mapping[int, str] | None = None,
         prompts_name: str | None = None,
-        resume_unfinished: bool = False,
+        continue_same_inputs: bool = False,
     ) -> PreparedBatch:
         """A batch from a ready workflow (ComfyUI's /prompt, the single-image form, a re-run): one row, or
         with ``prompts`` (line number -> text, the source article's prompt file) one row per prompt, each
         the workflow with that positive prompt, numbered by its line.
 
         A ``batch_id`` already in the ledger resumes that batch when it was made from the same workflow and
-        prompts (BatchMismatch otherwise); without one, ``resume_unfinished`` resumes an unfinished batch of
-        the same workflow and prompts if there is one (a command run again).
+        prompts (BatchMismatch otherwise); without one, ``continue_same_inputs`` continues
+        the batch of the same workflow and prompts if there is one, finished or not (a command run again;
+        BatchBusy when a live process runs it now).
         """
         workflow_hash, inputs_hash, rows = self._workflow_rows(workflow, prompts, kind, png_extra, prompts_name)
-        if batch_id is None and resume_unfinished:
-            batch_id = self._unfinished_workflow_batch(kind, workflow_hash, inputs_hash)
+        if batch_id is None and continue_same_inputs:  # a command run again: its batch, finished or not
+            batch_id = self._batch_of_same_inputs(workflow_hash, inputs_hash, template_name=f"({kind})")
         batch_id = batch_id or f"{kind[:1]}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         resumed = self.ledger.get_batch(batch_id) is not None
         if resumed:
@@ -451,12 +452,44 @@ class BatchRunner:
         texts = (node.inputs.get(name) for name in TEXT_INPUTS[self.engine.registry.canonical(node.class_type)])
         return next((text for text in texts if isinstance(text, str)), None)
 
-    def find_unfinished(self, template_name: str, sheet: Sheet) -> str | None:
-        """The id of an unfinished batch of the same template and sheet, so re-running a command resumes it."""
+    def batch_to_continue(
+        self, template_name: str, sheet: Sheet, batch_seed: int | None = None
+    ) -> str | None:
+        """The batch that running a command again continues: the newest one of the same template and sheet
+        (and ``batch_seed``, when one is given), finished or not, so that a second run of a command, a cron
+        job or a CI retry never makes every image again. Its unfinished rows run; a finished batch runs
+        nothing (or, asked to retry them, its failed rows). None: no such batch, start a new one.
+
+        BatchBusy when a live process is running that batch now: two copies of one command would otherwise
+        make every image twice, in two batches.
+        """
         template = self.templates.get(template_name)
-        for batch in self.unfinished_batches():
-            if batch["template_hash"] == template.content_hash and batch["sheet_hash"] == sheet.content_hash:
-                return batch["id"]
+        return self._batch_of_same_inputs(template.content_hash, sheet.content_hash, batch_seed=batch_seed)
+
+    def unfinished_from_another_sheet(self, template_name: str, sheet: Sheet) -> list[str]:
+        """Unfinished batches of the template started from a file of the same name whose content is not
+        this sheet's: the sheet was edited between runs, so a run of it starts a new batch, not theirs."""
+        template = self.templates.get(template_name)
+        return [batch["id"] for batch in self.unfinished_batches()
+                if batch["template_hash"] == template.content_hash and batch["sheet_name"] == sheet.filename
+                and batch["sheet_hash"] != sheet.content_hash]
+
+    def _batch_of_same_inputs(
+        self, template_hash: str, inputs_hash: str, template_name: str | None = None, batch_seed: int | None = None
+    ) -> str | None:
+        for batch in self.ledger.list_batches(limit=200):
+            if (batch["template_hash"] != template_hash or batch["sheet_hash"] != inputs_hash
+                    or (template_name is not None and batch["template_name"] != template_name)
+                    or (batch_seed is not None and int(batch["batch_seed"]) != batch_seed)):
+                continue
+            claimed = [row for row in self.ledger.rows(batch["id"], RUNNING) if not self._claim_is_gone(row)]
+            if claimed:
+                raise BatchBusy(
+                    f"batch {batch['id']} of the same inputs is being run by another process "
+                    f"({claimed[0].worker}); not starting a second copy. Wait for it, or stop it and run "
+                    "this again to resume", batch_id=batch["id"], worker=claimed[0].worker,
+                )
+            return batch["id"]
         return None
 
     def held_elsewhere(self, batch_id: str) -> bool:

@@ -20,7 +20,8 @@ Every error the library raises derives from :class:`EngineError`. Each carries s
     ├── SheetError                   a spreadsheet cannot be read at all (``column``/``row`` where known)
     ├── BatchError                   batch-level refusals (``batch_id``)
     │   ├── BatchMismatch            resume with a different sheet/template than the batch was started with
-    │   └── BatchExists              a new batch under an id the ledger already holds
+    │   ├── BatchExists              a new batch under an id the ledger already holds
+    │   └── BatchBusy                another live process is running the batch now
     ├── StoreError                   the ledger
     │   └── BadQuery                 a listing or search filter the ledger cannot apply (``field``)
     ├── RequestInvalid               a request's fields are missing or malformed (``problems``: field, where, why)
@@ -240,6 +241,11 @@ class BatchMismatch(BatchError):
 class BatchExists(BatchError):
     """Creating a batch whose id is taken. Callers that were told the id was free (two submissions of one
     client-chosen id racing) resume the existing batch instead."""
+
+
+class BatchBusy(BatchError):
+    """Running a batch that a live process is running now (``batch_id``, ``worker``: its host:pid): a second
+    run of the same command, say from an overlapping cron job, would only wait for rows the first holds."""
 
 
 class StoreError(EngineError):

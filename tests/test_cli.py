@@ -271,7 +271,7 @@ def test_ctrl_c_stops_between_steps_keeps_finished_rows_and_the_same_command_res
     first = process.stdout.readline()  # the first finished row; the second is being sampled
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert first.startswith("row 2: ") and process.returncode == 1, err[-2000:]
+    assert first.startswith("row 2: ") and process.returncode == 130, err[-2000:]  # not 1: nothing failed
     assert "stopping after the current sampler step" in err and "Traceback" not in err
     assert "1 done" in out and "3 not run" in out
     assert ledger_statuses(tmp_path / "d") == {2: "done", 3: "cancelled", 4: "cancelled", 5: "cancelled"}
@@ -453,3 +453,113 @@ def test_an_output_folder_that_would_serve_the_ledger_is_refused(tmp_path):
     assert not (tmp_path / "d").exists()  # refused before anything was created
     users = app("--output-dir", "out", "--users-file", "out/users.json", "templates", cwd=tmp_path)
     assert users.returncode == 2 and "would serve the users file out/users.json" in users.stderr
+
+
+def test_sigterm_stops_a_run_cleanly_with_its_own_exit_status(tmp_path):
+    """`timeout`, systemd and CI runners send SIGTERM: the run stops between steps like Ctrl-C, prints its
+    summary, leaves no row claimed as running, and exits 143 (128 + SIGTERM), which a script tells apart from
+    failed rows (1)."""
+    import signal
+
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\n" + "".join(
+        f"{name},512,512,60\n" for name in "ABC"))
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--data-dir", "d", "run", "--template", "product_shot",
+         "--sheet", "s.csv", "--max-gpu-batch", "1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert first.startswith("row 2: ") and process.returncode == 143, err[-2000:]
+    assert "SIGTERM: stopping after the current sampler step" in err and "Traceback" not in err
+    assert "1 done" in out and "2 not run" in out
+    assert ledger_statuses(tmp_path / "d") == {2: "done", 3: "cancelled", 4: "cancelled"}
+
+
+def test_a_run_where_no_row_can_run_exits_2_and_its_help_lists_the_exit_statuses(tmp_path):
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\nA,64,64,x\nB,64,64,y\n")
+    result = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "0 done, 0 failed, 0 timed out, 2 skipped" in result.stdout
+    page = app("run", "--help", cwd=tmp_path).stdout
+    assert "exit status:" in page and "143 by SIGTERM" in page and "no row of the batch could run" in page
+
+
+def test_an_unattended_runs_stderr_holds_no_progress_bars_and_json_logs_hold_only_json(tmp_path):
+    """A cron or CI log is not a terminal: no carriage-return bars there. With JSON logs, the tokenizer's own
+    warning about a long prompt is a JSON record too, not a plain "[transformers] ..." line."""
+    long_name = " ".join(["waterproof"] * 90)  # far over CLIP's 77 tokens
+    (tmp_path / "s.csv").write_text(f"product_name,width,height,steps\nMug,64,64,1\n{long_name},64,64,1\n")
+    plain = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    assert "\r" not in plain.stderr and "\x1b" not in plain.stderr, plain.stderr[-2000:]
+    assert "row 2: " in plain.stdout and "row 3: " in plain.stdout  # the per-row lines stay
+    logged = app("--data-dir", "d2", "--log-format", "json", "run", "--template", "product_shot",
+                 "--sheet", "s.csv", cwd=tmp_path)
+    assert logged.returncode == 0, logged.stderr
+    records = _json_lines(logged.stderr)
+    assert any(r["logger"].startswith("transformers") and "sequence length" in r["message"] for r in records)
+
+
+def _batch_ids(data: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(data / "ledger.db") as conn:
+        return [batch_id for (batch_id,) in conn.execute("SELECT id FROM batches ORDER BY created_at")]
+
+
+def test_the_same_command_run_again_makes_nothing_twice_and_retries_failed_rows_of_its_batch(tmp_path):
+    """A cron job run twice, or a CI retry after a row failed: the finished batch is continued, not made
+    again from scratch in a new batch; --retry-failed reruns only its failed rows; --new-batch starts over."""
+    import sqlite3
+
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\nMug,64,64,1\nLamp,64,64,1\n")
+    command = ["--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv"]
+    first = app(*command, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (batch,) = _batch_ids(tmp_path / "d")
+
+    again = app(*command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"batch {batch} of the same template and sheet already ran: nothing left to run" in again.stdout
+    assert "row 2:" not in again.stdout and _batch_ids(tmp_path / "d") == [batch]
+
+    with sqlite3.connect(tmp_path / "d" / "ledger.db") as conn:  # as if Lamp had failed
+        conn.execute("UPDATE generations SET status = 'failed', error = 'boom', image_path = NULL, images = NULL "
+                     "WHERE row_number = 3")
+    failed = app(*command, cwd=tmp_path)
+    assert failed.returncode == 1 and "--retry-failed reruns its failed rows" in failed.stdout
+    retried = app(*command, "--retry-failed", cwd=tmp_path)
+    assert retried.returncode == 0, retried.stderr
+    assert "row 3: " in retried.stdout and "row 2: " not in retried.stdout
+    assert _batch_ids(tmp_path / "d") == [batch] and ledger_statuses(tmp_path / "d") == {2: "done", 3: "done"}
+
+    fresh = app(*command, "--new-batch", cwd=tmp_path)
+    assert fresh.returncode == 0 and "row 2: " in fresh.stdout and len(_batch_ids(tmp_path / "d")) == 2
+
+
+def test_a_second_copy_of_a_running_command_is_refused_and_an_edited_sheet_is_named(tmp_path):
+    """Overlapping cron runs: the second one must not make every image again in a batch of its own. A sheet
+    edited after a stopped run starts a new batch, and says which unfinished batch it leaves alone."""
+    import signal
+
+    sheet = tmp_path / "s.csv"
+    sheet.write_text("product_name,width,height,steps\n" + "".join(f"{name},512,512,60\n" for name in "ABC"))
+    command = ["--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", "--max-gpu-batch", "1"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *command], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("row 2: ")  # the second row is being sampled
+        second = app(*command, cwd=tmp_path)
+        assert second.returncode == 2, second.stderr
+        assert "is being run by another process" in second.stderr and "not starting a second copy" in second.stderr
+        (batch,) = _batch_ids(tmp_path / "d")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=120)
+
+    sheet.write_text("product_name,width,height,steps\nA,64,64,1\n")  # edited between runs
+    edited = app(*command, cwd=tmp_path)
+    assert edited.returncode == 0, edited.stderr
+    assert f"note: batch {batch} of product_shot from s.csv is unfinished, but the sheet has changed" in edited.stderr
+    assert len(_batch_ids(tmp_path / "d")) == 2
