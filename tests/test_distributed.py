@@ -372,12 +372,20 @@ def test_a_worker_waits_for_an_unreachable_broker_and_refuses_a_live_workers_nam
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     waiting = subprocess.Popen([*base, "--broker", nowhere, "--name", "gamma"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(waiting.stdout), daemon=True)
+    reader.start()
     try:
-        time.sleep(4)
-        assert waiting.poll() is None  # still waiting, not crashed
+        deadline = time.monotonic() + 60  # the worker imports the model libraries first: seconds on a busy CPU
+        while not any("waiting for the broker" in line for line in lines) and time.monotonic() < deadline:
+            assert waiting.poll() is None, "".join(lines)[-2000:]  # still waiting, not crashed
+            time.sleep(0.2)
+        time.sleep(1.5)  # and it goes on waiting, retrying
+        assert waiting.poll() is None, "".join(lines)[-2000:]
     finally:
         waiting.kill()
-    output = waiting.communicate()[0]
+        reader.join(timeout=10)
+    output = "".join(lines)
     assert "waiting for the broker" in output and "Traceback" not in output, output[-2000:]
 
     twin = subprocess.run([*base, "--broker", redis_server.url, "--name", "alpha"], cwd=tmp_path,

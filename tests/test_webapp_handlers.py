@@ -215,6 +215,20 @@ def test_a_history_search_that_finds_nothing_says_so(services):
         assert found.rows == [] and found.note == table["history.no_results"]
 
 
+def test_durations_and_lists_read_in_the_page_language():
+    assert [handlers.format_duration(s) for s in (2, 185, 3725)] == ["2s", "3m 05s", "1h 02m"]
+    assert [handlers.format_duration(s, "zh") for s in (2, 185, 3725)] == ["2 秒", "3 分 05 秒", "1 小时 02 分"]
+
+
+def test_a_rows_problems_are_listed_with_the_languages_separator(services, tmp_path):
+    sheet = tmp_path / "two.csv"
+    sheet.write_text("prompt,width,height,steps\na cup,9999,9999,1\n", encoding="utf-8")
+    (row,) = handlers.check_sheet(services, USER, "turbo_draft", sheet, lang="zh").rows
+    assert "；" in row[2] and "; " not in row[2]
+    (row,) = handlers.check_sheet(services, USER, "turbo_draft", sheet, lang="en").rows
+    assert "; " in row[2]
+
+
 def test_history_rejects_malformed_dates(services):
     with pytest.raises(SheetError, match="YYYY-MM-DD"):
         handlers.search_history(services, date_from="26/11/2026")

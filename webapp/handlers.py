@@ -219,7 +219,8 @@ def check_sheet(
         good = row["status"] == "queued"
         ok += good
         bad += not good
-        described = "; ".join(problem_text(p, lang) for p in problems.get(row["row_number"], []))
+        described = text("list.separator", lang).join(problem_text(p, lang)
+                                                       for p in problems.get(row["row_number"], []))
         table.append([row["row_number"], text("report.ok" if good else "report.problem", lang),
                       described or row["error"] or ""])
     notes = list(prepared.report.notes)
@@ -325,17 +326,18 @@ def _state(services: Any, batch_id: str) -> str | None:
     return progress.state if progress is not None else None
 
 
-def format_duration(seconds: float | None) -> str | None:
+def format_duration(seconds: float | None, lang: str = "en") -> str | None:
+    """A duration as people read it in ``lang``: "2s", "3m 05s", "1h 02m" (in Chinese "2 秒", "3 分 05 秒")."""
     if seconds is None:
         return None
     seconds = round(seconds)
     if seconds < 60:
-        return f"{seconds}s"
+        return text("duration.s", lang, s=seconds)
     minutes, seconds = divmod(seconds, 60)
     if minutes < 60:
-        return f"{minutes}m {seconds:02d}s"
+        return text("duration.ms", lang, m=minutes, s=f"{seconds:02d}")
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m"
+    return text("duration.hm", lang, h=hours, m=f"{minutes:02d}")
 
 
 @dataclass
@@ -401,7 +403,7 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
     if state not in ACTIVE_STATES or remaining == 0:
         eta_text = ""
     elif eta is not None:
-        eta_text = text("status.eta", lang, eta=format_duration(eta))
+        eta_text = text("status.eta", lang, eta=format_duration(eta, lang))
     else:
         eta_text = text("status.eta_unknown", lang)
     line = text("status.line", lang, status=label, done=done, failed=failed, remaining=remaining, eta=eta_text)
@@ -675,7 +677,8 @@ def generation_rows(detail: dict[str, Any], lang: str = "en") -> list[tuple[str,
     rows += parameter_rows(detail, lang)
     if detail.get("duration_s") is not None:
         seconds = float(detail["duration_s"])
-        rows.append((text("param.duration", lang), f"{seconds:.1f}s" if seconds < 10 else format_duration(seconds)))
+        rows.append((text("param.duration", lang), text("duration.s", lang, s=f"{seconds:.1f}") if seconds < 10
+                     else format_duration(seconds, lang)))
     if detail.get("user"):
         rows.append((text("col.user", lang), str(detail["user"])))
     if detail.get("finished_at"):

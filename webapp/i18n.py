@@ -236,6 +236,10 @@ EN: dict[str, str] = {
     "login.password": "Password",
     "login.submit": "Sign in",
     "login.failed": "Wrong user name or password.",
+    "duration.s": "{s}s",
+    "list.separator": "; ",
+    "duration.ms": "{m}m {s}s",
+    "duration.hm": "{h}h {m}m",
     "login.rate_limited": "Too many sign-in attempts. Try again in {seconds} s.",
     "login.cookie_refused": "You were signed in, but your browser did not keep the sign-in cookie: it blocks cookies of pages embedded in another site (as a Hugging Face Space is). Open the app in a tab of its own and sign in there.",
     "login.open_in_tab": "Open the app in a new tab",
@@ -449,6 +453,10 @@ ZH: dict[str, str] = {
     "login.password": "密码",
     "login.submit": "登录",
     "login.failed": "用户名或密码错误。",
+    "duration.s": "{s} 秒",
+    "list.separator": "；",
+    "duration.ms": "{m} 分 {s} 秒",
+    "duration.hm": "{h} 小时 {m} 分",
     "login.rate_limited": "登录尝试次数过多，请在 {seconds} 秒后重试。",
     "login.cookie_refused": "登录已成功，但浏览器没有保存登录 Cookie：它会拦截嵌入在其他网站中的页面（例如 Hugging Face Space）的 Cookie。请在单独的标签页中打开本应用并在那里登录。",
     "login.open_in_tab": "在新标签页中打开本应用",
@@ -568,7 +576,7 @@ def problem_text(problem: Any, lang: str = "en") -> str:
     lists its node problems; problems without a code and languages without a table keep the engine's
     English reason."""
     if problem.code == "workflow_invalid" and lang != "en":
-        reason = "; ".join(node_problem_text(p, lang) for p in problem.params["problems"])
+        reason = text("list.separator", lang).join(node_problem_text(p, lang) for p in problem.params["problems"])
     else:
         template = PROBLEM_TABLES.get(lang, {}).get(problem.code or "")
         reason = template.format(**problem.params) if template is not None else problem.reason
