@@ -59,7 +59,8 @@ def test_official_api_example_runs(engine, tmp_path, name):
     assert chunks["prompt"] == engine.parse(workflow).to_api()
 
 
-def test_official_ui_example_runs_and_embeds_the_ui_json(engine, tmp_path):
+def demo_sized_ui_example() -> dict:
+    """ComfyUI's SD3.5 UI example on the demo model, small and quick."""
     ui = json.loads((EXAMPLES / "sd3.5_simple_example.ui.json").read_text())
     for node in ui["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
@@ -68,6 +69,11 @@ def test_official_ui_example_runs_and_embeds_the_ui_json(engine, tmp_path):
             node["widgets_values"][:2] = [SIZE, SIZE]
         if node["type"] == "KSampler":
             node["widgets_values"][2] = STEPS  # [seed, control_after_generate, steps, ...]
+    return ui
+
+
+def test_official_ui_example_runs_and_embeds_the_ui_json(engine, tmp_path):
+    ui = demo_sized_ui_example()
     result = engine.run(ui, output_dir=tmp_path)
     chunks = read_text_chunks(result.images[0].path)
     assert chunks["workflow"] == ui
@@ -77,14 +83,8 @@ def test_official_ui_example_runs_and_embeds_the_ui_json(engine, tmp_path):
 
 def test_ui_node_saved_before_its_last_widgets_existed_runs_with_their_defaults(engine, tmp_path):
     """A VAEDecodeTiled saved before temporal_size and temporal_overlap were added: [tile_size, overlap]."""
-    ui = json.loads((EXAMPLES / "sd3.5_simple_example.ui.json").read_text())
+    ui = demo_sized_ui_example()
     for node in ui["nodes"]:
-        if node["type"] == "CheckpointLoaderSimple":
-            node["widgets_values"][0] = DEMO_CHECKPOINT
-        if node["type"] == "EmptySD3LatentImage":
-            node["widgets_values"][:2] = [SIZE, SIZE]
-        if node["type"] == "KSampler":
-            node["widgets_values"][2] = STEPS
         if node["type"] == "VAEDecode":
             node.update(type="VAEDecodeTiled", widgets_values=[512, 64])
     result = engine.run(ui, output_dir=tmp_path)
@@ -98,14 +98,7 @@ def test_ui_node_saved_before_its_last_widgets_existed_runs_with_their_defaults(
 def test_ui_workflow_with_a_subgraph_runs_its_inner_nodes(engine, tmp_path):
     """The positive prompt's encoder inside a subgraph whose text is a widget on the instance, as the
     frontend saves it after "Convert to Subgraph" and promoting the text widget."""
-    ui = json.loads((EXAMPLES / "sd3.5_simple_example.ui.json").read_text())
-    for node in ui["nodes"]:
-        if node["type"] == "CheckpointLoaderSimple":
-            node["widgets_values"][0] = DEMO_CHECKPOINT
-        if node["type"] == "EmptySD3LatentImage":
-            node["widgets_values"][:2] = [SIZE, SIZE]
-        if node["type"] == "KSampler":
-            node["widgets_values"][2] = STEPS
+    ui = demo_sized_ui_example()
     encoder = next(n for n in ui["nodes"] if n["id"] == 16)
     subgraph_id = "5d2a7c1e-8b3f-4e6a-9c0d-1f2e3a4b5c6d"
     ui["nodes"].remove(encoder)
