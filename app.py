@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -215,7 +216,26 @@ def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path
         + (f", {summary.running} still running in another process" if summary.running else "")
         + f"; images in {summary.output_dir}"
     )
-    return _exit_status(summary, stopped_by)
+    status = _exit_status(summary, stopped_by)
+    if args.summary_json:
+        _write_summary_json(args.summary_json, {
+            "batch_id": summary.batch_id, "exit_status": status, "total": summary.total,
+            "rows": {"done": summary.done, "failed": summary.failed, "timed_out": summary.timed_out,
+                     "skipped": summary.skipped, "not_run": summary.cancelled, "running": summary.running},
+            # absolute: a script reading the file may not share this command's working directory
+            "output_dir": str(Path(summary.output_dir).resolve()),
+            "zip": str(zip_path.resolve()) if zip_path is not None else None,
+            "stopped_by_signal": stopped_by[0] if stopped_by else None,
+        })
+    return status
+
+
+def _write_summary_json(path: str, outcome: dict[str, Any]) -> None:
+    """``--summary-json``: written whole or not at all (aside, then renamed), so a script never reads half."""
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(json.dumps(outcome, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(partial, target)
 
 
 # Exit statuses of `run`, for scripts (README, `run --help`): 2 is also every refusal before the run
@@ -468,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-seed", type=int, help="seed from which per-row seeds are derived")
     run.add_argument("--on-invalid", choices=["skip", "stop"], default="skip", help="invalid rows: skip them, or stop before queueing anything")
     run.add_argument("--user", help="recorded with every generation")
+    run.add_argument("--summary-json", metavar="FILE",
+                     help="also write the outcome to FILE as JSON, for scripts: batch id, rows per status, "
+                          "images folder, zip, exit status; for a run refused before it started, the error")
 
     validate = add_command("validate", help="validate a workflow; prints every problem per node")
     validate.add_argument("workflow")
@@ -589,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except EngineError as exc:
         _say(f"error: {exc.message}", logging.ERROR)
+        if getattr(args, "summary_json", None):  # a script waiting for the outcome learns why there is none
+            _write_summary_json(args.summary_json, {"batch_id": None, "exit_status": 2, "error": exc.to_dict()})
         return 2
     except ValueError as exc:  # bad settings values
         _say(f"error: {exc}", logging.ERROR)

@@ -563,3 +563,24 @@ def test_a_second_copy_of_a_running_command_is_refused_and_an_edited_sheet_is_na
     assert edited.returncode == 0, edited.stderr
     assert f"note: batch {batch} of product_shot from s.csv is unfinished, but the sheet has changed" in edited.stderr
     assert len(_batch_ids(tmp_path / "d")) == 2
+
+
+def test_summary_json_tells_a_script_the_outcome_and_why_a_run_was_refused(tmp_path):
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\nMug,64,64,1\nBad,64,64,x\n")
+    result = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", "--zip",
+                 "--summary-json", "outcome.json", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr  # one row done, one skipped as invalid
+    outcome = json.loads((tmp_path / "outcome.json").read_text())
+    assert outcome["exit_status"] == 1 and outcome["total"] == 2
+    assert outcome["rows"] == {"done": 1, "failed": 0, "timed_out": 0, "skipped": 1, "not_run": 0, "running": 0}
+    assert outcome["batch_id"] in _batch_ids(tmp_path / "d")
+    assert Path(outcome["output_dir"]).is_absolute() and Path(outcome["zip"]).is_file()
+    assert len(list(Path(outcome["output_dir"]).glob("*.png"))) == 1
+    assert not list(tmp_path.glob(".outcome.json*"))  # written aside, then renamed
+
+    refused = app("--data-dir", "d", "run", "--template", "no_such_template", "--sheet", "s.csv",
+                  "--summary-json", "refused.json", cwd=tmp_path)
+    assert refused.returncode == 2
+    outcome = json.loads((tmp_path / "refused.json").read_text())
+    assert outcome["exit_status"] == 2 and outcome["batch_id"] is None
+    assert outcome["error"]["code"] == "template_not_found" and "product_shot" in outcome["error"]["details"]["available"]
