@@ -4,7 +4,9 @@ Entries: ``images/<name>.png`` for every finished row, named as the batch runner
 template's ``filename_pattern`` filled with the row's cells, made safe and unique when the rows were
 written; a name is only changed to keep entries unique when files of several folders meet),
 ``manifest.csv`` (one line per row; every cell that a spreadsheet would run as a formula is neutralised),
-``manifest.json`` (everything, typed) and ``failed_rows.csv`` (the original columns of every row not done,
+``manifest.xlsx`` (the same table for Excel, where a CSV loses digits: seeds, product codes with leading
+zeros and long numbers are text cells, and no cell is a formula), ``manifest.json`` (everything, typed) and
+``failed_rows.csv`` (the original columns of every row not done,
 plus ``error``: fix it and upload it again as a new sheet).
 
 The zip is built by streaming: images are copied from disk in chunks and :func:`iter_zip_stream` hands out
@@ -86,6 +88,36 @@ def _csv_bytes(header: list[str], lines: list[list[Any]]) -> bytes:
     return ("\ufeff" + text.getvalue()).encode("utf-8")  # BOM: Excel then reads UTF-8 (Chinese) correctly
 
 
+# Manifest columns Excel may show as numbers: whatever else is text, exactly as recorded.
+_NUMBER_COLUMNS = frozenset({"row", "width", "height", "steps", "cfg", "duration_s", "attempts"})
+
+
+def _xlsx_bytes(header: list[str], lines: list[list[Any]]) -> bytes:
+    """The manifest as a workbook. Excel reads a CSV's 20-digit seed as 1.2E+19 and a product code 00123
+    as 123; here those are text cells. A text cell starting with "=" stays text (openpyxl would otherwise
+    write it as a formula), so nothing in the file runs."""
+    from openpyxl import Workbook
+    from openpyxl.cell import WriteOnlyCell
+
+    book = Workbook(write_only=True)
+    sheet = book.create_sheet("manifest")
+    sheet.append(header)
+    numeric = [name in _NUMBER_COLUMNS for name in header]
+    for line in lines:
+        cells = []
+        for value, is_number in zip(line, numeric):
+            if is_number and isinstance(value, (int, float)) and not isinstance(value, bool):
+                cells.append(value)
+                continue
+            cell = WriteOnlyCell(sheet, value="" if value is None else str(value))
+            cell.data_type = "s"
+            cells.append(cell)
+        sheet.append(cells)
+    buffer = io.BytesIO()
+    book.save(buffer)
+    return buffer.getvalue()
+
+
 def _row_images(row: Generation, image_root: Path | None) -> list[Path]:
     # Previews (type "temp") are not deliverables: ComfyUI does not keep them either.
     listed = [img.get("path") for img in (row.images or [])
@@ -162,6 +194,8 @@ def _entries(
                           None if row.seed is None else str(row.seed), "note": notes.get(row.row_key)})
     header = list(MANIFEST_COLUMNS) + [f"sheet:{c}" if c in clashing else c for c in original_columns]
     _write_small(zf, "manifest.csv", _csv_bytes(header, manifest_lines), summary)
+    yield None
+    _write_small(zf, "manifest.xlsx", _xlsx_bytes(header, manifest_lines), summary)
     yield None
     manifest = {
         "batch": {**batch, "batch_seed": str(batch["batch_seed"])},

@@ -60,7 +60,7 @@ def test_zip_names_manifest_and_failed_rows(batch, tmp_path):
     assert archive.testzip() is None
     names = archive.namelist()
     assert summary.images == ["images/Cat_red.png", "images/cat_red_2.png", "images/_CON.png"]
-    assert set(names) == set(summary.images) | {"manifest.csv", "manifest.json", "failed_rows.csv"}
+    assert set(names) == set(summary.images) | {"manifest.csv", "manifest.xlsx", "manifest.json", "failed_rows.csv"}
     assert archive.read("images/Cat_red.png") == (images / "Cat_red.png").read_bytes()
     assert not list(tmp_path.glob(".batch.zip.*"))  # temp file renamed into place
 
@@ -86,6 +86,43 @@ def test_zip_names_manifest_and_failed_rows(batch, tmp_path):
     assert sheet.rows[0].cells["error"] == "CUDA out of memory after a tiled retry"
     # Guarded against formulas in the file, and read back as the value the row had
     assert "'-2" in failed.decode("utf-8-sig") and sheet.rows[0].cells["note"] == "-2"
+
+
+def test_the_excel_manifest_keeps_seeds_and_codes_exact_and_runs_no_formula(batch, tmp_path):
+    """Excel opening manifest.csv turns a 20-digit seed into 1.2E+19 and a product code 00123 into 123."""
+    from openpyxl import load_workbook
+
+    ledger, batch_id, images = batch
+    out = tmp_path / "batch.zip"
+    write_batch_zip(ledger, batch_id, out, image_root=images)
+    data = zipfile.ZipFile(out).read("manifest.xlsx")
+    sheet = load_workbook(io.BytesIO(data)).active
+    header = [cell.value for cell in sheet[1]]
+    rows = [dict(zip(header, (cell for cell in line))) for line in sheet.iter_rows(min_row=2)]
+    assert [r["row"].value for r in rows] == [2, 3, 4, 5, 6]  # numbers stay numbers
+    first = rows[0]
+    assert first["seed"].value == str(2**64 - 2) and first["seed"].data_type == "s"
+    assert first["prompt"].value == "=cmd|' /C calc'!A2" and first["prompt"].data_type == "s"  # text, not a formula
+    assert first["note"].value.startswith("=HYPERLINK") and first["note"].data_type == "s"
+    assert rows[3]["error"].value == "CUDA out of memory after a tiled retry"
+    # It reads back as a sheet, with the same cells as the CSV manifest
+    as_sheet = read_sheet(data, "manifest.xlsx")
+    csv_rows = read_csv(zipfile.ZipFile(out).read("manifest.csv"))
+    assert [r.cells["seed"] for r in as_sheet.rows] == [m["seed"] for m in csv_rows]
+
+
+def test_product_codes_with_leading_zeros_stay_text_in_the_excel_manifest(tmp_path):
+    from openpyxl import load_workbook
+
+    ledger = BatchLedger(tmp_path / "ledger.db")
+    batch_id = ledger.create_batch("product_shot", "t" * 64, "s" * 64, batch_seed=7, options={"columns": ["sku"]})
+    ledger.add_rows(batch_id, [{"row_number": 2, "values": {"sku": "00123"}, "status": "skipped", "error": "x"}])
+    out = tmp_path / "b.zip"
+    write_batch_zip(ledger, batch_id, out, image_root=tmp_path)
+    sheet = load_workbook(io.BytesIO(zipfile.ZipFile(out).read("manifest.xlsx"))).active
+    header = [cell.value for cell in sheet[1]]
+    assert sheet.cell(row=2, column=header.index("sku") + 1).value == "00123"
+    ledger.close()
 
 
 def test_streamed_zip_equals_a_readable_archive(batch):
