@@ -3,6 +3,7 @@ and the FastAPI routes the Gradio UI is mounted beside (login, authenticated fil
 
 from __future__ import annotations
 
+import html
 import io
 import string
 import threading
@@ -606,6 +607,22 @@ def test_a_browser_that_drops_the_sign_in_cookie_is_told_why_and_offered_a_tab_o
     assert ZH["login.cookie_refused"] in page.text and "<form" in page.text
     assert '<a id="open-in-tab" href="/login" target="_blank"' in page.text
     assert "open-in-tab" not in client.get("/login").text  # an ordinary visit to the form has no such note
+
+
+def test_another_sites_page_can_neither_sign_a_browser_in_nor_out(client):
+    """Browsers mark what another site's form or image sends with ``Sec-Fetch-Site: cross-site``: a form
+    posting the author's own password would sign the visitor in as them, an image at /logout sign them out."""
+    foreign = {"sec-fetch-site": "cross-site", "origin": "https://elsewhere.example"}
+    refused = client.post("/login", data={"username": "bob", "password": "bob-pass"}, headers=foreign)
+    assert refused.status_code == 403 and "sd35_session" not in refused.cookies
+    assert html.escape(EN["login.cross_site"]) in refused.text and "<form" in refused.text
+    own = client.post("/login", data={"username": "alice", "password": "alice-pass"},
+                      headers={"sec-fetch-site": "same-origin"})
+    assert own.status_code == 303
+    assert client.get("/logout", headers={"sec-fetch-site": "cross-site"}).status_code == 303
+    assert client.get("/").status_code == 200, "still signed in"
+    assert client.get("/logout", headers={"sec-fetch-site": "same-origin"}).status_code == 303
+    assert client.get("/").status_code == 303, "signed out from the app's own link"
 
 
 def test_login_attempts_are_rate_limited_per_address(settings, demo_engine, tmp_path):
