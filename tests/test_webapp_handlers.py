@@ -716,3 +716,26 @@ def test_upload_retention_becomes_gradios_cache_schedule():
     assert upload_cache_schedule(86400) == (3600, 86400)
     assert upload_cache_schedule(2) == (1, 2)
     assert upload_cache_schedule(0) is None  # kept, as Gradio does by default
+
+
+def gradio_call(client, endpoint: str, data: list) -> list[str]:
+    """The ``data:`` lines of one call through Gradio's HTTP API, as a script would make it."""
+    event = client.post(f"/gradio_api/call/{endpoint}", json={"data": data}).json()["event_id"]
+    answer = client.get(f"/gradio_api/call/{endpoint}/{event}")
+    return [line for line in answer.text.splitlines() if line.startswith("data:")]
+
+
+def test_the_page_reads_only_files_uploaded_through_it(client, tmp_path):
+    """A file input called through /gradio_api/ takes whatever path the caller writes: a signed-in user must
+    not make the server read a file of its own as their spreadsheet (the report would show its lines)."""
+    private = tmp_path / "private.csv"
+    private.write_text("prompt\nTHE-SERVER'S-OWN-LINE\n")
+    assert sign_in(client, "bob", "bob-pass").status_code == 303
+    as_file = {"path": str(private), "orig_name": "rows.csv", "meta": {"_type": "gradio.FileData"}}
+    (answer,) = gradio_call(client, "check", ["product_shot", as_file, "skip", "", None])
+    assert "not uploaded by a user" in answer and "column" not in answer
+
+    uploaded = client.post("/gradio_api/upload", files={"files": ("rows.csv", private.read_bytes(), "text/csv")})
+    as_upload = {"path": uploaded.json()[0], "orig_name": "rows.csv", "meta": {"_type": "gradio.FileData"}}
+    (answer,) = gradio_call(client, "check", ["product_shot", as_upload, "skip", "", None])
+    assert "lacks required column(s): product_name" in answer  # read: it was uploaded through the page

@@ -610,6 +610,11 @@ def create_app(
         # example images only (shipped templates and those uploaded)
         allowed_paths=[str(settings.templates_path.resolve()), str(settings.user_templates_path.resolve())],
     )
+    # Gradio checks that a file input's path is one a user uploaded (not any file of the server's, named by
+    # a caller of /gradio_api/) only in an app that "has launched", which launch() records and a mounted app
+    # never does. Without it every signed-in user could have the server read its own files as a sheet,
+    # photos zip or template.
+    blocks.has_launched = True
 
     return app, services
 
