@@ -414,6 +414,11 @@ def _image_problem(path: Path, limits: ImageLimits) -> str | None:
             width, height = probe.size
             if width * height > limits.max_pixels:
                 return f"{width}x{height} is more than {limits.max_pixels:,} pixels"
+            # An animated photo of a few KB can hold hundreds of full-size frames, and LoadImage decodes
+            # every one of them: the limit counts them all.
+            frames = getattr(probe, "n_frames", 1)
+            if frames * width * height > limits.max_pixels:
+                return f"{frames} frames of {width}x{height} are more than {limits.max_pixels:,} pixels"
             probe.verify()  # structure and checksums, without decoding
         with Image.open(path) as image:
             image.draft("RGB", (256, 256))  # JPEG decodes at reduced scale: fast, still reads every block

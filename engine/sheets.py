@@ -609,6 +609,7 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
         nonblank = 0
         for number, row in enumerate(worksheet.iter_rows(values_only=True), start=1):
             formulas = next(formula_rows, ()) if formula_rows is not None else ()
+            row = _within_column_limit(row, number, limits)
             if not any(v is not None and v != "" for v in row) and not any(
                 isinstance(f, str) and f.startswith("=") for f in formulas
             ):
@@ -659,6 +660,27 @@ def _column_letter(index: int) -> str:
         index, rem = divmod(index - 1, 26)
         letters = chr(65 + rem) + letters
     return letters
+
+
+def _within_column_limit(row: tuple[Any, ...], number: int, limits: SheetLimits) -> tuple[Any, ...]:
+    """An XLSX row cut to the column limit; SheetError when a cell past the limit holds a value.
+
+    One ``<c r="XFD7">`` of a few bytes makes openpyxl hand over a row of 16384 cells: ten thousand such
+    rows, a file of some 50 KB, took minutes and gigabytes to read cell by cell. Past the limit no column
+    can have a name (the header is refused there), so empty cells there are dropped; the emptiness check
+    runs in ``tuple.count``, not cell by cell in Python.
+    """
+    if len(row) <= limits.max_columns:
+        return row
+    tail = row[limits.max_columns:]
+    if tail.count(None) + tail.count("") == len(tail):
+        return row[: limits.max_columns]
+    width = len(row) - next(i for i, value in enumerate(reversed(row)) if value is not None and value != "")
+    raise SheetError(
+        f"the sheet has {width} columns (row {number} has a value in column {_column_letter(width - 1)}); "
+        f"the limit is {limits.max_columns}",
+        row=number, code="sheet_too_many_columns", count=width, limit=limits.max_columns,
+    )
 
 
 def _clean_cell(text: str) -> str:

@@ -491,6 +491,24 @@ def test_deleting_history_hides_prompts_but_the_ledger_keeps_them(server):
     assert server.services.ledger.rows(kept)[0].status == "done"
 
 
+def test_comfy_org_credentials_in_extra_data_reach_no_other_user(server):
+    """ComfyUI's front end sends its comfy.org key and token in extra_data; every user reads every prompt's
+    extra_data in /queue and /history, so they never get there (as ComfyUI keeps them out)."""
+    extra = {"api_key_comfy_org": "comfyui-KEY-of-the-owner", "auth_token_comfy_org": "TOKEN-of-the-owner",
+             "extra_pnginfo": {"workflow": {"note": "kept"}}}
+    prompt_id = server.http.post("/prompt", json={"prompt": example_prompt(), "extra_data": extra}).json()["prompt_id"]
+    other = TokenIssuer.from_settings(server.services.settings).create("extra-data-neighbour", "user")
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {other}"}, timeout=60) as them:
+        queue = them.get("/queue").text
+        deadline = time.monotonic() + 60
+        while not (history := them.get(f"/history/{prompt_id}").json()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert "KEY-of-the-owner" not in queue and "TOKEN-of-the-owner" not in queue
+    extra_data = history[prompt_id]["prompt"][3]
+    assert "api_key_comfy_org" not in extra_data and "auth_token_comfy_org" not in extra_data
+    assert extra_data["extra_pnginfo"] == {"workflow": {"note": "kept"}}
+
+
 def test_an_unknown_node_type_is_refused_as_comfyui_does(server):
     prompt = example_prompt()
     prompt["3"]["class_type"] = "NoSuchNode"

@@ -142,6 +142,18 @@ def test_zip_bombs_are_refused(tmp_path):
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
+def test_an_animated_photo_counts_the_pixels_of_every_frame(tmp_path):
+    """LoadImage decodes every frame of an animated photo, so the pixel limit counts them all."""
+    frames = [Image.new("RGB", (48, 48), (i * 40, 0, 0)) for i in range(5)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:], duration=40)
+    archive = make_zip({"flipbook.png": buffer.getvalue(), "still.png": photo_bytes((1, 2, 3))})
+    library = ImageLibrary.from_zip(archive, tmp_path / "photos", ImageLimits(max_pixels=48 * 48 * 3))
+    assert library.names() == ["still.png"]
+    assert "5 frames of 48x48" in library.check("flipbook.png")
+    assert not (tmp_path / "photos" / "flipbook.png").exists()
+
+
 def test_names_equal_ignoring_case_and_folders_are_refused(tmp_path):
     data = make_zip({"a/shoe.png": photo_bytes((1, 1, 1)), "b/SHOE.png": photo_bytes((2, 2, 2))})
     with pytest.raises(SheetError, match="both named"):

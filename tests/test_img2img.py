@@ -223,3 +223,17 @@ def test_a_16_bit_png_loads_at_its_grey_levels_not_clipped_to_white(ctx):
     assert row[0] == 0.0 and row[-1] == 1.0 and abs(float(image.mean()) - 0.5) < 0.02
     (mask,) = LoadImageMask().run(ctx, image="sixteen_bit.png", channel="red")
     assert abs(float(mask.mean()) - 0.5) < 0.02
+
+
+def test_an_animated_image_of_many_full_size_frames_is_refused_before_it_is_decoded(ctx):
+    """A few KB of animated PNG can hold frame after frame of a large picture; decoding them all as float RGB
+    took a server past its memory (Pillow checks each frame, not their sum). Here 2 frames of 56 million
+    pixels: each under Pillow's own limit, together over what one LoadImage may load."""
+    first = Image.new("L", (8000, 7000), 10)
+    second = first.copy()
+    second.putpixel((0, 0), 200)  # only one pixel differs: the file stays small
+    path = Path(ctx.input_dir) / "flipbook.png"
+    first.save(path, save_all=True, append_images=[second], duration=40)
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ExecutionError, match="2 frame\\(s\\) of 8000x7000"):
+        LoadImage().run(ctx, image="flipbook.png")

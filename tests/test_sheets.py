@@ -330,6 +330,33 @@ def test_xlsx_thousands_of_formatted_empty_trailing_rows_are_fast():
     assert [r.number for r in sheet.rows] == [2]
 
 
+def test_xlsx_rows_reaching_the_last_column_are_read_in_seconds():
+    """A few bytes per row (one cell at XFD) made every row 16384 cells wide: ten thousand such rows took
+    minutes of CPU and gigabytes to read. Empty cells past the column limit are dropped; a value there
+    refuses the sheet at once, naming its row and column."""
+    fill = PatternFill("solid", fgColor="FFFF00")
+    rows = [["prompt", "seed"]] + [["cat", n] for n in range(1, 10_001)]
+
+    def format_last_column(ws):
+        for row in range(2, 10_002):
+            ws.cell(row=row, column=16384).fill = fill  # formatted, no value
+
+    start = time.perf_counter()
+    sheet = read_sheet(xlsx_bytes(rows, mutate=format_last_column), "rows.xlsx")
+    assert time.perf_counter() - start < 10
+    assert len(sheet.rows) == 10_000 and sheet.rows[0].cells == {"prompt": "cat", "seed": "1"}
+
+    def value_in_last_column(ws):
+        for row in range(2, 10_002):
+            ws.cell(row=row, column=16384).value = "x"
+
+    start = time.perf_counter()
+    with pytest.raises(SheetError, match=r"row 2 has a value in column XFD\); the limit is 200") as refused:
+        read_sheet(xlsx_bytes(rows, mutate=value_in_last_column), "rows.xlsx")
+    assert time.perf_counter() - start < 10
+    assert refused.value.code == "sheet_too_many_columns"
+
+
 def test_xlsx_formula_without_cached_value_is_a_cell_problem(template):
     data = xlsx_bytes([["prompt", "seed"], ["cat", "=1+1"], ["dog", 5]])  # openpyxl stores no cached value
     sheet = read_sheet(data, "rows.xlsx")

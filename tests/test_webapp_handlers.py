@@ -3,6 +3,7 @@ and the FastAPI routes the Gradio UI is mounted beside (login, authenticated fil
 
 from __future__ import annotations
 
+import html
 import io
 import string
 import threading
@@ -608,6 +609,22 @@ def test_a_browser_that_drops_the_sign_in_cookie_is_told_why_and_offered_a_tab_o
     assert "open-in-tab" not in client.get("/login").text  # an ordinary visit to the form has no such note
 
 
+def test_another_sites_page_can_neither_sign_a_browser_in_nor_out(client):
+    """Browsers mark what another site's form or image sends with ``Sec-Fetch-Site: cross-site``: a form
+    posting the author's own password would sign the visitor in as them, an image at /logout sign them out."""
+    foreign = {"sec-fetch-site": "cross-site", "origin": "https://elsewhere.example"}
+    refused = client.post("/login", data={"username": "bob", "password": "bob-pass"}, headers=foreign)
+    assert refused.status_code == 403 and "sd35_session" not in refused.cookies
+    assert html.escape(EN["login.cross_site"]) in refused.text and "<form" in refused.text
+    own = client.post("/login", data={"username": "alice", "password": "alice-pass"},
+                      headers={"sec-fetch-site": "same-origin"})
+    assert own.status_code == 303
+    assert client.get("/logout", headers={"sec-fetch-site": "cross-site"}).status_code == 303
+    assert client.get("/").status_code == 200, "still signed in"
+    assert client.get("/logout", headers={"sec-fetch-site": "same-origin"}).status_code == 303
+    assert client.get("/").status_code == 303, "signed out from the app's own link"
+
+
 def test_login_attempts_are_rate_limited_per_address(settings, demo_engine, tmp_path):
     from dataclasses import replace
 
@@ -699,3 +716,26 @@ def test_upload_retention_becomes_gradios_cache_schedule():
     assert upload_cache_schedule(86400) == (3600, 86400)
     assert upload_cache_schedule(2) == (1, 2)
     assert upload_cache_schedule(0) is None  # kept, as Gradio does by default
+
+
+def gradio_call(client, endpoint: str, data: list) -> list[str]:
+    """The ``data:`` lines of one call through Gradio's HTTP API, as a script would make it."""
+    event = client.post(f"/gradio_api/call/{endpoint}", json={"data": data}).json()["event_id"]
+    answer = client.get(f"/gradio_api/call/{endpoint}/{event}")
+    return [line for line in answer.text.splitlines() if line.startswith("data:")]
+
+
+def test_the_page_reads_only_files_uploaded_through_it(client, tmp_path):
+    """A file input called through /gradio_api/ takes whatever path the caller writes: a signed-in user must
+    not make the server read a file of its own as their spreadsheet (the report would show its lines)."""
+    private = tmp_path / "private.csv"
+    private.write_text("prompt\nTHE-SERVER'S-OWN-LINE\n")
+    assert sign_in(client, "bob", "bob-pass").status_code == 303
+    as_file = {"path": str(private), "orig_name": "rows.csv", "meta": {"_type": "gradio.FileData"}}
+    (answer,) = gradio_call(client, "check", ["product_shot", as_file, "skip", "", None])
+    assert "not uploaded by a user" in answer and "column" not in answer
+
+    uploaded = client.post("/gradio_api/upload", files={"files": ("rows.csv", private.read_bytes(), "text/csv")})
+    as_upload = {"path": uploaded.json()[0], "orig_name": "rows.csv", "meta": {"_type": "gradio.FileData"}}
+    (answer,) = gradio_call(client, "check", ["product_shot", as_upload, "skip", "", None])
+    assert "lacks required column(s): product_name" in answer  # read: it was uploaded through the page

@@ -56,6 +56,10 @@ VIEW_TYPES = ("output", "temp", "input")
 QUEUE_EVENTS = {"batch_queued", "batch_started", "batch_done", "batch_cancelled", "batch_failed"}
 # The ComfyUI release whose API this server answers like (clients gate features on this version).
 COMFYUI_COMPAT_VERSION = "0.3.64"
+# Credentials ComfyUI's front end puts into a prompt's extra_data for its paid API nodes (a comfy.org key or
+# sign-in token). Every user reads every prompt's extra_data in /queue and /history, so they are dropped as
+# the prompt arrives, as ComfyUI keeps them out of both; this server has no node that would use them.
+SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
 
 def _now_ms() -> int:
@@ -151,6 +155,8 @@ class ComfyBridge:
         extra_data = dict(body["extra_data"]) if isinstance(body.get("extra_data"), dict) else {}
         if body.get("client_id") is not None:
             extra_data["client_id"] = body["client_id"]  # as ComfyUI: the client travels in extra_data
+        for key in SENSITIVE_EXTRA_DATA_KEYS:
+            extra_data.pop(key, None)
         targets = body.get("partial_execution_targets")
         if targets is not None and not (isinstance(targets, list) and all(isinstance(t, (str, int)) for t in targets)):
             raise WorkflowFormatError("partial_execution_targets must be a list of node ids")

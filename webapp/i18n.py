@@ -241,6 +241,7 @@ EN: dict[str, str] = {
     "duration.ms": "{m}m {s}s",
     "duration.hm": "{h}h {m}m",
     "login.rate_limited": "Too many sign-in attempts. Try again in {seconds} s.",
+    "login.cross_site": "Sign in on this app's own sign-in page: a sign-in sent from another site is refused.",
     "login.cookie_refused": "You were signed in, but your browser did not keep the sign-in cookie: it blocks cookies of pages embedded in another site (as a Hugging Face Space is). Open the app in a tab of its own and sign in there.",
     "login.open_in_tab": "Open the app in a new tab",
 }
@@ -458,6 +459,7 @@ ZH: dict[str, str] = {
     "duration.ms": "{m} 分 {s} 秒",
     "duration.hm": "{h} 小时 {m} 分",
     "login.rate_limited": "登录尝试次数过多，请在 {seconds} 秒后重试。",
+    "login.cross_site": "请在本应用自己的登录页面登录：从其他网站发来的登录请求会被拒绝。",
     "login.cookie_refused": "登录已成功，但浏览器没有保存登录 Cookie：它会拦截嵌入在其他网站中的页面（例如 Hugging Face Space）的 Cookie。请在单独的标签页中打开本应用并在那里登录。",
     "login.open_in_tab": "在新标签页中打开本应用",
 }

@@ -314,6 +314,14 @@ def session_cookie_options(request: Any, space: bool) -> dict[str, Any]:
     return {"httponly": True, "samesite": "lax", "secure": request.url.scheme == "https"}
 
 
+def sent_from_another_site(request: Any) -> bool:
+    """True for a request a browser sent on behalf of another site's page (``Sec-Fetch-Site: cross-site``):
+    a form there posting to ``/login`` would sign the visitor in as the form's author (their sheets and
+    photos then go to that account), an image pointing at ``/logout`` would sign them out. The header is
+    set by the browser, so no page can forge it; clients that send none (scripts, older browsers) pass."""
+    return request.headers.get("sec-fetch-site", "").strip().lower() == "cross-site"
+
+
 def listen_address(settings: Settings, users: UserStore, environ: Mapping[str, str] | None = None) -> tuple[str, int, str | None]:
     """``(host, port, note)``. Without users, a workstation listens on localhost only (``note`` says so).
 
@@ -507,6 +515,8 @@ def create_app(
         except RateLimited as refused:
             message = text("login.rate_limited", lang, seconds=refused.retry_after_s)
             return HTMLResponse(_login_page(lang, message), status_code=429, headers=refused.headers)
+        if sent_from_another_site(request):
+            return HTMLResponse(_login_page(lang, text("login.cross_site", lang)), status_code=403)
         token = auth.sign_in(username, password) if auth.required else None
         if token is None:
             return HTMLResponse(_login_page(lang, text("login.failed", lang)), status_code=401)
@@ -516,6 +526,8 @@ def create_app(
 
     @app.get("/logout")
     def logout(request: Request):
+        if sent_from_another_site(request):  # another site's link or image: nobody asked to sign out
+            return RedirectResponse("/", status_code=303)
         auth.sign_out(request)
         response = RedirectResponse("/login" if auth.required else "/", status_code=303)
         # With the attributes it was set with: a browser in a cross-site frame ignores a Lax deletion.
@@ -598,6 +610,11 @@ def create_app(
         # example images only (shipped templates and those uploaded)
         allowed_paths=[str(settings.templates_path.resolve()), str(settings.user_templates_path.resolve())],
     )
+    # Gradio checks that a file input's path is one a user uploaded (not any file of the server's, named by
+    # a caller of /gradio_api/) only in an app that "has launched", which launch() records and a mounted app
+    # never does. Without it every signed-in user could have the server read its own files as a sheet,
+    # photos zip or template.
+    blocks.has_launched = True
 
     return app, services
 

@@ -31,6 +31,10 @@ UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 CROP_METHODS = ("disabled", "center")
 MASK_CHANNELS = ("alpha", "red", "green", "blue")
 MAX_RESOLUTION = 16384
+# The most pixels one LoadImage decodes, every frame counted: an animated PNG, GIF or WebP of a few KB can
+# hold hundreds of full-size frames, each decoded to float RGB (12 bytes a pixel). Pillow's own bomb check
+# looks at one frame only. 100 million pixels are about 1.2 GB as an IMAGE.
+MAX_LOADED_PIXELS = 100_000_000
 ANNOTATION = " [input]"  # ComfyUI lets names carry the folder they come from
 
 
@@ -129,6 +133,13 @@ def load_image_file(ctx: "NodeContext", path: Path) -> tuple["torch.Tensor", "to
     images, masks = [], []
     size = None
     with _open_image(ctx, path) as img:
+        frames, (width, height) = getattr(img, "n_frames", 1), img.size
+        if frames * width * height > MAX_LOADED_PIXELS:  # refused before a single frame is decoded
+            raise ExecutionError(
+                f"image '{path.name}' is {frames} frame(s) of {width}x{height}, more than the "
+                f"{MAX_LOADED_PIXELS:,} pixels one image may load", node_id=ctx.node_id, class_type=ctx.class_type,
+                image=path.name, frames=frames, width=width, height=height, max_pixels=MAX_LOADED_PIXELS,
+            )
         try:
             for frame in ImageSequence.Iterator(img):
                 frame = _eight_bit(ImageOps.exif_transpose(frame))
