@@ -469,13 +469,6 @@ class Claims:
     def is_admin(self) -> bool:
         return self.role == ADMIN
 
-    @property
-    def credential_id(self) -> str:
-        """Changes whenever the password is set again (a new salt each time): tokens and sessions carry it,
-        so a new password, or a removed user added back under the same name, leaves none of the old ones
-        working. A hash of the hash: nothing about the password can be learnt from it."""
-        return hashlib.sha256(self.password_hash.encode()).hexdigest()[:16] if self.password_hash else ""
-
 
 def _denied(message: str, reason: str) -> AccessDenied:
     return AccessDenied(message, status=401, reason=reason)
