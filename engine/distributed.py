@@ -559,7 +559,6 @@ class _Flight:
     sent_at: float
     worker: str | None = None
     instance: str | None = None
-    pid: int | None = None  # of the process that started it (Celery's STARTED state), until instance is known
     started_at: float | None = None  # monotonic, when the dispatcher first saw it started
     missing_since: float | None = None  # monotonic, when its worker's heartbeat was first missed
     losses: int = 0  # attempts whose worker died or hung
@@ -763,7 +762,7 @@ class CeleryDispatcher:
         if task_id not in flight.task_ids:
             flight.task_ids.append(task_id)
         flight.sent_at = time.monotonic()
-        flight.worker = flight.instance = flight.pid = flight.started_at = flight.missing_since = None
+        flight.worker = flight.instance = flight.started_at = flight.missing_since = None
         flight.node_id, flight.step_node, flight.step = None, None, -1
 
     def _reroute_orphans(self, flights: dict[str, _Flight], live: dict[str, WorkerAnnouncement]) -> None:
@@ -866,8 +865,6 @@ class CeleryDispatcher:
             flight.worker = worker
         if info.get("instance"):
             flight.instance = info["instance"]
-        if isinstance(info.get("pid"), int):
-            flight.pid = info["pid"]
         if on_event is None:
             return
         # The worker's latest report only: nodes and steps in between polls are not replayed.
@@ -902,12 +899,14 @@ class CeleryDispatcher:
     @staticmethod
     def _same_process(flight: _Flight, holder: WorkerAnnouncement) -> bool:
         """Whether the worker now announced under the row's worker name is the process that started it. A
-        worker killed and started again under its name announces at once; a row it died on before its
-        first progress report carries only Celery's STARTED state, with the pid, so the pid tells them
-        apart (else the row would wait for its deadline behind the new process's heartbeat)."""
-        if flight.instance is not None:
-            return holder.instance == flight.instance
-        return flight.pid is None or holder.pid == flight.pid
+        worker killed and started again under its name announces at once, so the name alone says nothing.
+        The process running a row announces its task id from the row's start (a restarted one never
+        announces the old process's task), and its progress reports carry its instance, which holds too
+        when a heartbeat written just before the row started lands late. Celery's STARTED state names only
+        the pid, which repeats where a worker restarts as pid 1 in its container: a row known only from
+        it, whose worker announces another task or none, is not this process's (else the row would wait
+        for its deadline behind the new process's heartbeat)."""
+        return holder.task_id == flight.task_id or (flight.instance is not None and holder.instance == flight.instance)
 
     def _lost(self, flight: _Flight, live: dict[str, WorkerAnnouncement], reason: str) -> RowResult | None:
         if flight.cancelled:

@@ -294,13 +294,51 @@ def test_a_row_whose_worker_restarted_under_its_name_before_reporting_progress_i
         assert dispatcher._poll(flight, live, None) is None
     assert flight.losses == 1 and flight.task_id == "brestarted:2:2"  # sent again as the next attempt
 
-    # The process that took the row, still announcing itself, keeps it: nothing is sent twice.
+    # The process that took the row, announcing it as its task, keeps it: nothing is sent twice.
     alive = _Flight(job, ["brestarted:2:1"], sent_at=time.monotonic())
-    same = WorkerAnnouncement("gamma@vm", ["sd35_demo_tiny"], ["sd35.rows"], pid=4242, host="vm", instance="x")
+    same = WorkerAnnouncement("gamma@vm", ["sd35_demo_tiny"], ["sd35.rows"], pid=4242, host="vm", instance="x",
+                              task_id="brestarted:2:1")
     for _ in range(10):
         time.sleep(0.1)
         assert dispatcher._poll(alive, {"gamma@vm": same}, None) is None
     assert alive.losses == 0 and alive.task_id == "brestarted:2:1"
+
+
+def test_a_row_whose_worker_restarted_as_the_same_pid_before_reporting_progress_is_sent_again(redis_server):
+    """In a container a worker restarted after a crash is pid 1 again, as the process that took the row
+    was: the pid in Celery's STARTED state cannot tell them apart. The new process does not announce the
+    row as its task, so the row is sent again instead of waiting for its deadline."""
+    import redis
+
+    from engine.distributed import WORKER_KEY_PREFIX, WorkerAnnouncement, _Flight
+    from engine.jobs import RowJob
+
+    dispatcher = celery_dispatcher(redis_server)
+    client = redis.Redis.from_url(redis_server.url)
+    job = RowJob("bcontainer:2", "bcontainer", 2, {}, {}, deadline_s=600.0, checkpoint="sd35_demo_tiny")
+    dispatcher.app.backend.store_result("bcontainer:2:1", {"pid": 1, "hostname": "epsilon@pod"}, "STARTED")
+    running = WorkerAnnouncement("epsilon@pod", ["sd35_demo_tiny"], ["sd35.rows"], pid=1, host="pod",
+                                 instance="first", task_id="bcontainer:2:1")
+    restarted = WorkerAnnouncement("epsilon@pod", ["sd35_demo_tiny"], ["sd35.rows"], pid=1, host="pod",
+                                   instance="second")
+
+    # The process running it announces it as its task: it keeps the row, nothing is sent twice.
+    kept = _Flight(job, ["bcontainer:2:1"], sent_at=time.monotonic())
+    for _ in range(10):
+        time.sleep(0.1)
+        assert dispatcher._poll(kept, {running.name: running}, None) is None
+    assert kept.losses == 0 and kept.task_id == "bcontainer:2:1"
+
+    client.set(WORKER_KEY_PREFIX + restarted.name, restarted.to_json(), px=60_000)
+    live = {w.name: w for w in dispatcher.workers()}
+    lost = _Flight(job, ["bcontainer:2:1"], sent_at=time.monotonic())
+    deadline = time.monotonic() + 10
+    while lost.losses == 0 and time.monotonic() < deadline:  # confirmed after lost_confirm_s
+        assert dispatcher._poll(lost, live, None) is None
+        time.sleep(0.1)
+    assert lost.losses == 1 and lost.task_id == "bcontainer:2:2", "the row waits behind the restarted worker"
+    client.delete(WORKER_KEY_PREFIX + restarted.name)
+    dispatcher.close()
 
 
 def test_redis_restart_mid_batch_is_reconciled(redis_server, workers, tmp_path):
