@@ -22,7 +22,8 @@ Guarantees (see docs/SCALE-OUT.md):
   the row already has its result), so a re-delivered stale message costs no GPU time.
 * Poison rows. A row whose attempts lose their worker ``max_attempts`` times is failed, so one bad row
   cannot take down every worker in turn.
-* Redis restarts. The dispatcher notices a new Redis ``run_id`` (or reconnects after an outage) and sends
+* Redis restarts. The dispatcher notices a new Redis ``run_id``, or Redis losing its data without a restart
+  (its own key there gone: FLUSHALL, a failover to an empty replica), or reconnects after an outage, and sends
   again every row whose result it does not have; a worker reconnects on its own.
 * Coordinator restarts. ``BatchRunner.run`` resumes from the ledger: rows not ``done`` are sent again.
 """
@@ -61,6 +62,8 @@ FLEET_CACHE_S = 3.0  # how long the coordinator reuses the workers' announced mo
 WORKER_KEY_PREFIX = "sd35:worker:"  # heartbeat: JSON WorkerAnnouncement, TTL = 3 heartbeats
 ROW_KEY_PREFIX = "sd35:row:"  # the task id the dispatcher wants for a row, or "done:<task id>"
 CANCEL_KEY_PREFIX = "sd35:cancel:"  # set while a batch is being cancelled; workers poll it between steps
+# Kept by each coordinator while it sends rows: gone while Redis still runs means Redis lost its data
+DISPATCHER_KEY_PREFIX = "sd35:dispatcher:"
 ROW_DONE_MARK = "done"
 # Added to a row's deadline before the coordinator or the worker's watchdog calls a running row hung:
 # model loading on a cold worker and the PNG encode happen outside the sampler's deadline.
@@ -611,6 +614,8 @@ class CeleryDispatcher:
         self.app = make_celery(broker_url, result_backend, row_timeout_s=row_timeout_s)
         self.redis = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
         self._row_key_ttl_s = broker_visibility_timeout_s(row_timeout_s, deadline_margin_s) * 2
+        self._data_key = DISPATCHER_KEY_PREFIX + uuid.uuid4().hex
+        self._data_token = ""  # the value of _data_key: a new one each time the key had to be written again
         self._unconsumed_since: dict[str, float] = {}  # queue -> when rows waited in it with no live consumer
         self._fleet: tuple[float, list[WorkerAnnouncement]] = (-FLEET_CACHE_S, [])
 
@@ -662,7 +667,7 @@ class CeleryDispatcher:
                 try:
                     current_run_id = self._redis_run_id()
                     if run_id is not None and current_run_id != run_id:
-                        log.warning("Redis restarted (run id changed); sending %d row(s) again", len(flights))
+                        log.warning("Redis restarted or lost its data; sending %d row(s) again", len(flights))
                         self._resend_all(flights)
                     run_id = current_run_id
                     live = {w.name: w for w in live_workers(self.redis)}
@@ -816,7 +821,7 @@ class CeleryDispatcher:
         except _BROKER_ERRORS():
             return run_id
         if run_id is not None and current != run_id:
-            log.warning("Redis restarted; sending %d row(s) again", len(flights))
+            log.warning("Redis restarted or lost its data; sending %d row(s) again", len(flights))
             try:
                 self._resend_all(flights)
             except _BROKER_ERRORS():
@@ -828,7 +833,16 @@ class CeleryDispatcher:
         return raw.decode() if isinstance(raw, bytes) else raw
 
     def _redis_run_id(self) -> str:
-        return str(self.redis.info("server")["run_id"])
+        """Names what Redis holds now; it changes when Redis restarts (its ``run_id``) and when it loses its
+        data while running on (FLUSHALL, a failover to an empty replica), which leaves the run id as it was
+        but removes this dispatcher's own key. Either way the queued rows, the workers' heartbeats and the
+        rows' current attempts are gone: every row in flight is sent again, and none of that counts against
+        a row as a lost worker (else the workers' heartbeats, missing until their next beat, would)."""
+        run_id = str(self.redis.info("server")["run_id"])
+        if not self.redis.set(self._data_key, self._data_token, xx=True, ex=self._row_key_ttl_s):
+            self._data_token = uuid.uuid4().hex
+            self.redis.set(self._data_key, self._data_token, ex=self._row_key_ttl_s)
+        return f"{run_id}/{self._data_token}"
 
     # polling -------------------------------------------------------------------------------------
 

@@ -362,6 +362,32 @@ def test_redis_restart_mid_batch_is_reconciled(redis_server, workers, tmp_path):
     assert sorted(services.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
 
 
+def test_redis_losing_its_data_mid_batch_is_reconciled_without_counting_lost_workers(redis_server, workers, tmp_path):
+    """FLUSHALL (or a failover to an empty replica) keeps Redis' run id but empties its queues, results and
+    the workers' heartbeats: every row in flight is sent again, as after a restart, and none of that counts
+    as an attempt that lost its worker (with one attempt allowed, such a count fails the row)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    sheet = write_sheet(tmp_path / "rows.csv", 8)
+    services = coordinator(tmp_path, "flushed",
+                           Recording(celery_dispatcher(redis_server, max_attempts=1, max_in_flight=6)))
+    batch_id = start_batch(services, sheet, "bflushed")
+    flushed = threading.Event()
+
+    def flush_after_the_first_row(event) -> None:
+        if event.kind == "row_done" and not flushed.is_set():
+            flushed.set()
+            client.flushall()
+
+    summary = services.runner.run(batch_id, on_event=flush_after_the_first_row)
+
+    assert flushed.is_set()
+    assert (summary.done, summary.failed) == (8, 0), [r.error for r in services.ledger.rows(batch_id)]
+    rows = assert_each_row_once(services, batch_id, 8)
+    assert sorted(services.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
+
+
 def test_cancel_then_resume_sends_only_the_rows_not_done(redis_server, workers, tmp_path):
     sheet = write_sheet(tmp_path / "rows.csv", 6)
     first = Recording(celery_dispatcher(redis_server, max_in_flight=2))
