@@ -221,8 +221,12 @@ class RowWorker:
         self.instance = uuid.uuid4().hex[:12]
         self._list_files = list_files
         self.files_refresh_s = files_refresh_s
-        # Set by run_worker once Celery runs: starts consuming one more queue (a checkpoint file added later)
+        # Set by run_worker once Celery runs: asks Celery to consume one more queue (a checkpoint file added
+        # later), and the queues it consumes now. The request is a broadcast that is lost when Celery is not
+        # listening yet (still starting) or Redis blinks, so a queue is announced only once it is consumed.
         self.add_queue: Callable[[str], None] | None = None
+        self.consumed_queues: Callable[[], set[str]] | None = None
+        self._pending_queues: set[str] = set()  # asked for, not consumed yet: neither they nor their files announced
         self.files = list_files() if list_files is not None else {}
         self._files_listed = time.monotonic()
 
@@ -244,10 +248,16 @@ class RowWorker:
         with self._lock:
             announcement = WorkerAnnouncement(
                 self.name, self.models, self.queues, os.getpid(), socket.gethostname(), self.instance,
-                self._task_id, self._task_started, files=self.files,
+                self._task_id, self._task_started, files=self._announced_files(),
             )
         ttl_ms = int(self.heartbeat_s * 3 * 1000)
         self.redis.set(WORKER_KEY_PREFIX + self.name, announcement.to_json(), px=ttl_ms)
+
+    def _announced_files(self) -> dict[str, list[str]]:
+        """The model files, less checkpoints whose file queue is not consumed yet (rows for them would go
+        to any worker, which lacks the file). Called under the lock."""
+        return {kind: [name for name in names if kind != "checkpoints" or file_queue(name) not in self._pending_queues]
+                for kind, names in self.files.items()}
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -268,7 +278,10 @@ class RowWorker:
                 log.warning("heartbeat failed: %s", exc)
 
     def _refresh_files(self) -> None:
-        """Model files added to (or removed from) the folders since the last listing reach the announcement."""
+        """Model files added to (or removed from) the folders since the last listing reach the announcement:
+        a new checkpoint file once this worker consumes its file queue (a worker that announced the queue
+        without consuming it would leave the rows sent there waiting for ever)."""
+        self._announce_consumed_queues()
         if self._list_files is None or time.monotonic() - self._files_listed < self.files_refresh_s:
             return
         self._files_listed = time.monotonic()
@@ -280,17 +293,30 @@ class RowWorker:
         new_queues = [file_queue(name) for name in files.get("checkpoints", [])
                       if file_queue(name) not in self.queues]
         if new_queues and self.add_queue is not None:
-            for queue in new_queues:
+            for queue in new_queues:  # asked again at every listing until consumed: a request may be lost
                 try:
                     self.add_queue(queue)
                 except Exception as exc:  # the broker blinking: the next listing tries again
                     log.warning("could not start consuming %s: %s", queue, exc)
                     return
-                log.info("a new checkpoint file: consuming %s", queue)
+                if queue not in self._pending_queues:
+                    log.info("a new checkpoint file: asking to consume %s", queue)
         with self._lock:
-            self.files = files
             if self.add_queue is not None:
-                self.queues = [*self.queues[:-1], *new_queues, self.queues[-1]]  # the default queue stays last
+                self._pending_queues.update(new_queues)
+            self.files = files
+        self._announce_consumed_queues()
+
+    def _announce_consumed_queues(self) -> None:
+        """Queues asked for that Celery consumes now join the announcement, with their checkpoint files."""
+        with self._lock:
+            consumed = self.consumed_queues() if self.consumed_queues is not None else set()
+            started = sorted(self._pending_queues & consumed)
+            if started:
+                self._pending_queues.difference_update(started)
+                self.queues = [*self.queues[:-1], *started, self.queues[-1]]  # the default queue stays last
+                for queue in started:
+                    log.info("consuming %s", queue)
 
     # the task ------------------------------------------------------------------------------------
 
@@ -532,8 +558,10 @@ def run_worker(
                        files_refresh_s=files_refresh_s)
     app = make_celery(broker, row_timeout_s=float(settings.row_timeout_s), worker=worker)
     # A checkpoint file added later: this worker starts consuming its file queue (a remote-control message
-    # to itself, handled between rows), and announces it.
+    # to itself, handled between rows), and announces it once Celery consumes it (the queues it consumes
+    # are Celery's selection, which the message's handler extends).
     worker.add_queue = lambda queue: app.control.add_consumer(queue, destination=[nodename], reply=False)
+    worker.consumed_queues = lambda: set(app.amqp.queues.consume_from or ())
     worker.start_heartbeat()
     try:
         app.worker_main(

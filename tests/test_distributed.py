@@ -690,3 +690,49 @@ def test_a_checkpoint_file_added_to_a_running_worker_is_consumed_from_its_own_qu
         assert set(services.runner.dispatcher.workers.values()) == {"delta"}
     finally:
         delta.stop()
+
+
+
+def test_a_new_checkpoint_files_queue_is_announced_only_once_celery_consumes_it(redis_server):
+    """A worker asks its Celery to consume a new checkpoint file's queue with a broadcast, which nobody hears
+    while Celery is still starting (or Redis blinks). Announcing the queue (and the file) at once left the
+    rows sent there waiting for ever; the worker announces them once Celery consumes the queue."""
+    from engine.distributed import (
+        WORKER_KEY_PREFIX, RowWorker, WorkerAnnouncement, file_queue, make_celery, worker_queues,
+    )
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    app = make_celery(redis_server.url)
+    files = {"checkpoints": ["sd35_demo_tiny"], "loras": []}
+    worker = RowWorker(None, client, name="eta@vm", models=["sd35_demo_tiny"],
+                       queues=worker_queues(["sd35_demo_tiny"], ["sd35_demo_tiny"]), heartbeat_s=HEARTBEAT_S,
+                       list_files=lambda: {kind: list(names) for kind, names in files.items()}, files_refresh_s=0)
+    requests: list[str] = []
+
+    def ask_to_consume(queue: str) -> None:  # no Celery listens under this name: the broadcast is lost
+        requests.append(queue)
+        app.control.add_consumer(queue, destination=[worker.name], reply=False)
+
+    worker.add_queue = ask_to_consume
+    app.amqp.queues.select(worker.queues)  # what Celery consumes, as the worker's own Celery selects it
+    worker.consumed_queues = lambda: set(app.amqp.queues.consume_from or ())
+    new_queue = file_queue("brand_v3.safetensors")
+
+    def announced() -> WorkerAnnouncement:
+        worker._refresh_files()
+        worker.beat()
+        return WorkerAnnouncement.from_json(client.get(WORKER_KEY_PREFIX + worker.name))
+
+    files["checkpoints"].append("brand_v3.safetensors")
+    for _ in range(2):
+        now = announced()
+        assert new_queue not in now.queues and "brand_v3.safetensors" not in now.files["checkpoints"]
+    assert requests == [new_queue, new_queue]  # asked again at every listing until consumed
+
+    app.amqp.queues.select_add(new_queue)  # a request heard at last: Celery's handler adds it to its selection
+    now = announced()
+    assert now.queues[-2:] == [new_queue, "sd35.rows"] and "brand_v3.safetensors" in now.files["checkpoints"]
+    assert requests == [new_queue, new_queue]
+    client.delete(WORKER_KEY_PREFIX + worker.name)
+    app.close()
