@@ -22,7 +22,8 @@ Guarantees (see docs/SCALE-OUT.md):
   the row already has its result), so a re-delivered stale message costs no GPU time.
 * Poison rows. A row whose attempts lose their worker ``max_attempts`` times is failed, so one bad row
   cannot take down every worker in turn.
-* Redis restarts. The dispatcher notices a new Redis ``run_id`` (or reconnects after an outage) and sends
+* Redis restarts. The dispatcher notices a new Redis ``run_id``, or Redis losing its data without a restart
+  (its own key there gone: FLUSHALL, a failover to an empty replica), or reconnects after an outage, and sends
   again every row whose result it does not have; a worker reconnects on its own.
 * Coordinator restarts. ``BatchRunner.run`` resumes from the ledger: rows not ``done`` are sent again.
 """
@@ -61,6 +62,8 @@ FLEET_CACHE_S = 3.0  # how long the coordinator reuses the workers' announced mo
 WORKER_KEY_PREFIX = "sd35:worker:"  # heartbeat: JSON WorkerAnnouncement, TTL = 3 heartbeats
 ROW_KEY_PREFIX = "sd35:row:"  # the task id the dispatcher wants for a row, or "done:<task id>"
 CANCEL_KEY_PREFIX = "sd35:cancel:"  # set while a batch is being cancelled; workers poll it between steps
+# Kept by each coordinator while it sends rows: gone while Redis still runs means Redis lost its data
+DISPATCHER_KEY_PREFIX = "sd35:dispatcher:"
 ROW_DONE_MARK = "done"
 # Added to a row's deadline before the coordinator or the worker's watchdog calls a running row hung:
 # model loading on a cold worker and the PNG encode happen outside the sampler's deadline.
@@ -218,8 +221,12 @@ class RowWorker:
         self.instance = uuid.uuid4().hex[:12]
         self._list_files = list_files
         self.files_refresh_s = files_refresh_s
-        # Set by run_worker once Celery runs: starts consuming one more queue (a checkpoint file added later)
+        # Set by run_worker once Celery runs: asks Celery to consume one more queue (a checkpoint file added
+        # later), and the queues it consumes now. The request is a broadcast that is lost when Celery is not
+        # listening yet (still starting) or Redis blinks, so a queue is announced only once it is consumed.
         self.add_queue: Callable[[str], None] | None = None
+        self.consumed_queues: Callable[[], set[str]] | None = None
+        self._pending_queues: set[str] = set()  # asked for, not consumed yet: neither they nor their files announced
         self.files = list_files() if list_files is not None else {}
         self._files_listed = time.monotonic()
 
@@ -241,10 +248,16 @@ class RowWorker:
         with self._lock:
             announcement = WorkerAnnouncement(
                 self.name, self.models, self.queues, os.getpid(), socket.gethostname(), self.instance,
-                self._task_id, self._task_started, files=self.files,
+                self._task_id, self._task_started, files=self._announced_files(),
             )
         ttl_ms = int(self.heartbeat_s * 3 * 1000)
         self.redis.set(WORKER_KEY_PREFIX + self.name, announcement.to_json(), px=ttl_ms)
+
+    def _announced_files(self) -> dict[str, list[str]]:
+        """The model files, less checkpoints whose file queue is not consumed yet (rows for them would go
+        to any worker, which lacks the file). Called under the lock."""
+        return {kind: [name for name in names if kind != "checkpoints" or file_queue(name) not in self._pending_queues]
+                for kind, names in self.files.items()}
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -265,7 +278,10 @@ class RowWorker:
                 log.warning("heartbeat failed: %s", exc)
 
     def _refresh_files(self) -> None:
-        """Model files added to (or removed from) the folders since the last listing reach the announcement."""
+        """Model files added to (or removed from) the folders since the last listing reach the announcement:
+        a new checkpoint file once this worker consumes its file queue (a worker that announced the queue
+        without consuming it would leave the rows sent there waiting for ever)."""
+        self._announce_consumed_queues()
         if self._list_files is None or time.monotonic() - self._files_listed < self.files_refresh_s:
             return
         self._files_listed = time.monotonic()
@@ -277,17 +293,30 @@ class RowWorker:
         new_queues = [file_queue(name) for name in files.get("checkpoints", [])
                       if file_queue(name) not in self.queues]
         if new_queues and self.add_queue is not None:
-            for queue in new_queues:
+            for queue in new_queues:  # asked again at every listing until consumed: a request may be lost
                 try:
                     self.add_queue(queue)
                 except Exception as exc:  # the broker blinking: the next listing tries again
                     log.warning("could not start consuming %s: %s", queue, exc)
                     return
-                log.info("a new checkpoint file: consuming %s", queue)
+                if queue not in self._pending_queues:
+                    log.info("a new checkpoint file: asking to consume %s", queue)
         with self._lock:
-            self.files = files
             if self.add_queue is not None:
-                self.queues = [*self.queues[:-1], *new_queues, self.queues[-1]]  # the default queue stays last
+                self._pending_queues.update(new_queues)
+            self.files = files
+        self._announce_consumed_queues()
+
+    def _announce_consumed_queues(self) -> None:
+        """Queues asked for that Celery consumes now join the announcement, with their checkpoint files."""
+        with self._lock:
+            consumed = self.consumed_queues() if self.consumed_queues is not None else set()
+            started = sorted(self._pending_queues & consumed)
+            if started:
+                self._pending_queues.difference_update(started)
+                self.queues = [*self.queues[:-1], *started, self.queues[-1]]  # the default queue stays last
+                for queue in started:
+                    log.info("consuming %s", queue)
 
     # the task ------------------------------------------------------------------------------------
 
@@ -529,8 +558,10 @@ def run_worker(
                        files_refresh_s=files_refresh_s)
     app = make_celery(broker, row_timeout_s=float(settings.row_timeout_s), worker=worker)
     # A checkpoint file added later: this worker starts consuming its file queue (a remote-control message
-    # to itself, handled between rows), and announces it.
+    # to itself, handled between rows), and announces it once Celery consumes it (the queues it consumes
+    # are Celery's selection, which the message's handler extends).
     worker.add_queue = lambda queue: app.control.add_consumer(queue, destination=[nodename], reply=False)
+    worker.consumed_queues = lambda: set(app.amqp.queues.consume_from or ())
     worker.start_heartbeat()
     try:
         app.worker_main(
@@ -559,7 +590,6 @@ class _Flight:
     sent_at: float
     worker: str | None = None
     instance: str | None = None
-    pid: int | None = None  # of the process that started it (Celery's STARTED state), until instance is known
     started_at: float | None = None  # monotonic, when the dispatcher first saw it started
     missing_since: float | None = None  # monotonic, when its worker's heartbeat was first missed
     losses: int = 0  # attempts whose worker died or hung
@@ -612,6 +642,8 @@ class CeleryDispatcher:
         self.app = make_celery(broker_url, result_backend, row_timeout_s=row_timeout_s)
         self.redis = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
         self._row_key_ttl_s = broker_visibility_timeout_s(row_timeout_s, deadline_margin_s) * 2
+        self._data_key = DISPATCHER_KEY_PREFIX + uuid.uuid4().hex
+        self._data_token = ""  # the value of _data_key: a new one each time the key had to be written again
         self._unconsumed_since: dict[str, float] = {}  # queue -> when rows waited in it with no live consumer
         self._fleet: tuple[float, list[WorkerAnnouncement]] = (-FLEET_CACHE_S, [])
 
@@ -663,7 +695,7 @@ class CeleryDispatcher:
                 try:
                     current_run_id = self._redis_run_id()
                     if run_id is not None and current_run_id != run_id:
-                        log.warning("Redis restarted (run id changed); sending %d row(s) again", len(flights))
+                        log.warning("Redis restarted or lost its data; sending %d row(s) again", len(flights))
                         self._resend_all(flights)
                     run_id = current_run_id
                     live = {w.name: w for w in live_workers(self.redis)}
@@ -763,7 +795,7 @@ class CeleryDispatcher:
         if task_id not in flight.task_ids:
             flight.task_ids.append(task_id)
         flight.sent_at = time.monotonic()
-        flight.worker = flight.instance = flight.pid = flight.started_at = flight.missing_since = None
+        flight.worker = flight.instance = flight.started_at = flight.missing_since = None
         flight.node_id, flight.step_node, flight.step = None, None, -1
 
     def _reroute_orphans(self, flights: dict[str, _Flight], live: dict[str, WorkerAnnouncement]) -> None:
@@ -817,7 +849,7 @@ class CeleryDispatcher:
         except _BROKER_ERRORS():
             return run_id
         if run_id is not None and current != run_id:
-            log.warning("Redis restarted; sending %d row(s) again", len(flights))
+            log.warning("Redis restarted or lost its data; sending %d row(s) again", len(flights))
             try:
                 self._resend_all(flights)
             except _BROKER_ERRORS():
@@ -829,7 +861,16 @@ class CeleryDispatcher:
         return raw.decode() if isinstance(raw, bytes) else raw
 
     def _redis_run_id(self) -> str:
-        return str(self.redis.info("server")["run_id"])
+        """Names what Redis holds now; it changes when Redis restarts (its ``run_id``) and when it loses its
+        data while running on (FLUSHALL, a failover to an empty replica), which leaves the run id as it was
+        but removes this dispatcher's own key. Either way the queued rows, the workers' heartbeats and the
+        rows' current attempts are gone: every row in flight is sent again, and none of that counts against
+        a row as a lost worker (else the workers' heartbeats, missing until their next beat, would)."""
+        run_id = str(self.redis.info("server")["run_id"])
+        if not self.redis.set(self._data_key, self._data_token, xx=True, ex=self._row_key_ttl_s):
+            self._data_token = uuid.uuid4().hex
+            self.redis.set(self._data_key, self._data_token, ex=self._row_key_ttl_s)
+        return f"{run_id}/{self._data_token}"
 
     # polling -------------------------------------------------------------------------------------
 
@@ -866,8 +907,6 @@ class CeleryDispatcher:
             flight.worker = worker
         if info.get("instance"):
             flight.instance = info["instance"]
-        if isinstance(info.get("pid"), int):
-            flight.pid = info["pid"]
         if on_event is None:
             return
         # The worker's latest report only: nodes and steps in between polls are not replayed.
@@ -902,12 +941,14 @@ class CeleryDispatcher:
     @staticmethod
     def _same_process(flight: _Flight, holder: WorkerAnnouncement) -> bool:
         """Whether the worker now announced under the row's worker name is the process that started it. A
-        worker killed and started again under its name announces at once; a row it died on before its
-        first progress report carries only Celery's STARTED state, with the pid, so the pid tells them
-        apart (else the row would wait for its deadline behind the new process's heartbeat)."""
-        if flight.instance is not None:
-            return holder.instance == flight.instance
-        return flight.pid is None or holder.pid == flight.pid
+        worker killed and started again under its name announces at once, so the name alone says nothing.
+        The process running a row announces its task id from the row's start (a restarted one never
+        announces the old process's task), and its progress reports carry its instance, which holds too
+        when a heartbeat written just before the row started lands late. Celery's STARTED state names only
+        the pid, which repeats where a worker restarts as pid 1 in its container: a row known only from
+        it, whose worker announces another task or none, is not this process's (else the row would wait
+        for its deadline behind the new process's heartbeat)."""
+        return holder.task_id == flight.task_id or (flight.instance is not None and holder.instance == flight.instance)
 
     def _lost(self, flight: _Flight, live: dict[str, WorkerAnnouncement], reason: str) -> RowResult | None:
         if flight.cancelled:

@@ -294,13 +294,51 @@ def test_a_row_whose_worker_restarted_under_its_name_before_reporting_progress_i
         assert dispatcher._poll(flight, live, None) is None
     assert flight.losses == 1 and flight.task_id == "brestarted:2:2"  # sent again as the next attempt
 
-    # The process that took the row, still announcing itself, keeps it: nothing is sent twice.
+    # The process that took the row, announcing it as its task, keeps it: nothing is sent twice.
     alive = _Flight(job, ["brestarted:2:1"], sent_at=time.monotonic())
-    same = WorkerAnnouncement("gamma@vm", ["sd35_demo_tiny"], ["sd35.rows"], pid=4242, host="vm", instance="x")
+    same = WorkerAnnouncement("gamma@vm", ["sd35_demo_tiny"], ["sd35.rows"], pid=4242, host="vm", instance="x",
+                              task_id="brestarted:2:1")
     for _ in range(10):
         time.sleep(0.1)
         assert dispatcher._poll(alive, {"gamma@vm": same}, None) is None
     assert alive.losses == 0 and alive.task_id == "brestarted:2:1"
+
+
+def test_a_row_whose_worker_restarted_as_the_same_pid_before_reporting_progress_is_sent_again(redis_server):
+    """In a container a worker restarted after a crash is pid 1 again, as the process that took the row
+    was: the pid in Celery's STARTED state cannot tell them apart. The new process does not announce the
+    row as its task, so the row is sent again instead of waiting for its deadline."""
+    import redis
+
+    from engine.distributed import WORKER_KEY_PREFIX, WorkerAnnouncement, _Flight
+    from engine.jobs import RowJob
+
+    dispatcher = celery_dispatcher(redis_server)
+    client = redis.Redis.from_url(redis_server.url)
+    job = RowJob("bcontainer:2", "bcontainer", 2, {}, {}, deadline_s=600.0, checkpoint="sd35_demo_tiny")
+    dispatcher.app.backend.store_result("bcontainer:2:1", {"pid": 1, "hostname": "epsilon@pod"}, "STARTED")
+    running = WorkerAnnouncement("epsilon@pod", ["sd35_demo_tiny"], ["sd35.rows"], pid=1, host="pod",
+                                 instance="first", task_id="bcontainer:2:1")
+    restarted = WorkerAnnouncement("epsilon@pod", ["sd35_demo_tiny"], ["sd35.rows"], pid=1, host="pod",
+                                   instance="second")
+
+    # The process running it announces it as its task: it keeps the row, nothing is sent twice.
+    kept = _Flight(job, ["bcontainer:2:1"], sent_at=time.monotonic())
+    for _ in range(10):
+        time.sleep(0.1)
+        assert dispatcher._poll(kept, {running.name: running}, None) is None
+    assert kept.losses == 0 and kept.task_id == "bcontainer:2:1"
+
+    client.set(WORKER_KEY_PREFIX + restarted.name, restarted.to_json(), px=60_000)
+    live = {w.name: w for w in dispatcher.workers()}
+    lost = _Flight(job, ["bcontainer:2:1"], sent_at=time.monotonic())
+    deadline = time.monotonic() + 10
+    while lost.losses == 0 and time.monotonic() < deadline:  # confirmed after lost_confirm_s
+        assert dispatcher._poll(lost, live, None) is None
+        time.sleep(0.1)
+    assert lost.losses == 1 and lost.task_id == "bcontainer:2:2", "the row waits behind the restarted worker"
+    client.delete(WORKER_KEY_PREFIX + restarted.name)
+    dispatcher.close()
 
 
 def test_redis_restart_mid_batch_is_reconciled(redis_server, workers, tmp_path):
@@ -320,6 +358,32 @@ def test_redis_restart_mid_batch_is_reconciled(redis_server, workers, tmp_path):
 
     assert restarted.is_set()
     assert (summary.done, summary.failed) == (8, 0)
+    rows = assert_each_row_once(services, batch_id, 8)
+    assert sorted(services.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
+
+
+def test_redis_losing_its_data_mid_batch_is_reconciled_without_counting_lost_workers(redis_server, workers, tmp_path):
+    """FLUSHALL (or a failover to an empty replica) keeps Redis' run id but empties its queues, results and
+    the workers' heartbeats: every row in flight is sent again, as after a restart, and none of that counts
+    as an attempt that lost its worker (with one attempt allowed, such a count fails the row)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    sheet = write_sheet(tmp_path / "rows.csv", 8)
+    services = coordinator(tmp_path, "flushed",
+                           Recording(celery_dispatcher(redis_server, max_attempts=1, max_in_flight=6)))
+    batch_id = start_batch(services, sheet, "bflushed")
+    flushed = threading.Event()
+
+    def flush_after_the_first_row(event) -> None:
+        if event.kind == "row_done" and not flushed.is_set():
+            flushed.set()
+            client.flushall()
+
+    summary = services.runner.run(batch_id, on_event=flush_after_the_first_row)
+
+    assert flushed.is_set()
+    assert (summary.done, summary.failed) == (8, 0), [r.error for r in services.ledger.rows(batch_id)]
     rows = assert_each_row_once(services, batch_id, 8)
     assert sorted(services.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
 
@@ -626,3 +690,49 @@ def test_a_checkpoint_file_added_to_a_running_worker_is_consumed_from_its_own_qu
         assert set(services.runner.dispatcher.workers.values()) == {"delta"}
     finally:
         delta.stop()
+
+
+
+def test_a_new_checkpoint_files_queue_is_announced_only_once_celery_consumes_it(redis_server):
+    """A worker asks its Celery to consume a new checkpoint file's queue with a broadcast, which nobody hears
+    while Celery is still starting (or Redis blinks). Announcing the queue (and the file) at once left the
+    rows sent there waiting for ever; the worker announces them once Celery consumes the queue."""
+    from engine.distributed import (
+        WORKER_KEY_PREFIX, RowWorker, WorkerAnnouncement, file_queue, make_celery, worker_queues,
+    )
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    app = make_celery(redis_server.url)
+    files = {"checkpoints": ["sd35_demo_tiny"], "loras": []}
+    worker = RowWorker(None, client, name="eta@vm", models=["sd35_demo_tiny"],
+                       queues=worker_queues(["sd35_demo_tiny"], ["sd35_demo_tiny"]), heartbeat_s=HEARTBEAT_S,
+                       list_files=lambda: {kind: list(names) for kind, names in files.items()}, files_refresh_s=0)
+    requests: list[str] = []
+
+    def ask_to_consume(queue: str) -> None:  # no Celery listens under this name: the broadcast is lost
+        requests.append(queue)
+        app.control.add_consumer(queue, destination=[worker.name], reply=False)
+
+    worker.add_queue = ask_to_consume
+    app.amqp.queues.select(worker.queues)  # what Celery consumes, as the worker's own Celery selects it
+    worker.consumed_queues = lambda: set(app.amqp.queues.consume_from or ())
+    new_queue = file_queue("brand_v3.safetensors")
+
+    def announced() -> WorkerAnnouncement:
+        worker._refresh_files()
+        worker.beat()
+        return WorkerAnnouncement.from_json(client.get(WORKER_KEY_PREFIX + worker.name))
+
+    files["checkpoints"].append("brand_v3.safetensors")
+    for _ in range(2):
+        now = announced()
+        assert new_queue not in now.queues and "brand_v3.safetensors" not in now.files["checkpoints"]
+    assert requests == [new_queue, new_queue]  # asked again at every listing until consumed
+
+    app.amqp.queues.select_add(new_queue)  # a request heard at last: Celery's handler adds it to its selection
+    now = announced()
+    assert now.queues[-2:] == [new_queue, "sd35.rows"] and "brand_v3.safetensors" in now.files["checkpoints"]
+    assert requests == [new_queue, new_queue]
+    client.delete(WORKER_KEY_PREFIX + worker.name)
+    app.close()
