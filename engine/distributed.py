@@ -604,6 +604,30 @@ class _Flight:
         return self.task_ids[-1]
 
 
+class _OutageLog:
+    """Says that Redis is unreachable when it starts, then every ``every_s`` seconds, and when it ends: the
+    coordinator retries once a second, and a line per try would bury the rest of an outage's log."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = every_s
+        self.since: float | None = None
+        self.said_at = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = self.said_at = now
+            log.warning("Redis unreachable (%s); retrying every second", exc)
+        elif now - self.said_at >= self.every_s:
+            self.said_at = now
+            log.warning("Redis still unreachable after %.0f s (%s); retrying", now - self.since, exc)
+
+    def ended(self) -> None:
+        if self.since is not None:
+            log.warning("Redis reachable again after %.0f s", time.monotonic() - self.since)
+            self.since = None
+
+
 class CeleryDispatcher:
     """Sends row jobs to Celery workers and yields their results as they complete (see module docs).
 
@@ -690,10 +714,12 @@ class CeleryDispatcher:
         live: dict[str, WorkerAnnouncement] = {}
         cancelled_at: float | None = None
         batch_ids = {job.batch_id for job in jobs}
+        outage = _OutageLog()
         try:
             while waiting or flights:
                 try:
                     current_run_id = self._redis_run_id()
+                    outage.ended()
                     if run_id is not None and current_run_id != run_id:
                         log.warning("Redis restarted or lost its data; sending %d row(s) again", len(flights))
                         self._resend_all(flights)
@@ -729,7 +755,7 @@ class CeleryDispatcher:
                         self._settle(flights.pop(row_key))
                         yield result
                 except _BROKER_ERRORS() as exc:
-                    log.warning("Redis unreachable (%s); retrying", exc)
+                    outage.failed(exc)
                     time.sleep(1.0)
                     run_id = self._reconnected_run_id(run_id, flights)
                     continue

@@ -736,3 +736,21 @@ def test_a_new_checkpoint_files_queue_is_announced_only_once_celery_consumes_it(
     assert requests == [new_queue, new_queue]
     client.delete(WORKER_KEY_PREFIX + worker.name)
     app.close()
+
+
+def test_an_outage_of_redis_is_logged_when_it_starts_now_and_then_and_when_it_ends(caplog):
+    """The coordinator retries once a second; a warning per try would bury everything else in the log."""
+    from engine.distributed import _OutageLog
+
+    outage = _OutageLog(every_s=0.3)
+    with caplog.at_level("WARNING", logger="engine.distributed"):
+        for _ in range(5):  # five tries within the first 0.3 s: one line
+            outage.failed(ConnectionError("refused"))
+        time.sleep(0.35)
+        outage.failed(ConnectionError("refused"))
+        outage.ended()
+        outage.ended()  # nothing more to say once it said so
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3, said
+    assert said[0].startswith("Redis unreachable (refused)") and said[1].startswith("Redis still unreachable after")
+    assert said[2].startswith("Redis reachable again after")
