@@ -509,6 +509,24 @@ def test_comfy_org_credentials_in_extra_data_reach_no_other_user(server):
     assert extra_data["extra_pnginfo"] == {"workflow": {"note": "kept"}}
 
 
+def test_only_a_prompts_owner_adds_files_to_its_output_and_preview_folders(server):
+    """An output or temp upload into a prompt's folder shows among that prompt's images (/view, /files)."""
+    prompt_id = server.http.post("/prompt", json={"prompt": example_prompt()}).json()["prompt_id"]
+    server.services.queue.wait(prompt_id, timeout=60)
+    other = TokenIssuer.from_settings(server.services.settings).create("folder-neighbour", "user")
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {other}"}, timeout=30) as them:
+        for kind in ("output", "temp"):
+            refused = them.post("/upload/image", files={"image": ("planted.png", png_bytes(), "image/png")},
+                                data={"type": kind, "subfolder": f"{prompt_id}/deeper"})
+            assert refused.status_code == 403 and refused.json()["error"]["details"]["reason"] == "not_owner"
+        assert them.post("/upload/image", files={"image": ("mine.png", png_bytes(), "image/png")},
+                         data={"type": "output", "subfolder": "their-own-folder"}).status_code == 200
+    assert not list(server.services.settings.outputs_path.glob(f"{prompt_id}/**/planted*"))
+    owner = server.http.post("/upload/image", files={"image": ("added.png", png_bytes(), "image/png")},
+                             data={"type": "output", "subfolder": prompt_id})
+    assert owner.status_code == 200 and owner.json()["subfolder"] == prompt_id
+
+
 def test_an_unknown_node_type_is_refused_as_comfyui_does(server):
     prompt = example_prompt()
     prompt["3"]["class_type"] = "NoSuchNode"

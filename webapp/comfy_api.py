@@ -675,6 +675,13 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
         roots = view_roots(services.settings)
         if type not in roots:
             raise AccessDenied(f"type must be one of {', '.join(VIEW_TYPES)}", status=400, reason="bad_type")
+        # Outputs and previews live in a folder per batch or prompt: a file added there shows among its
+        # owner's images (/view, /files), so only whoever may control that batch adds one.
+        folder = subfolder.replace("\\", "/").strip("/").split("/")[0]
+        if type != "input" and folder and services.ledger.get_batch(folder) is not None \
+                and not handlers.may_control(services, caller, folder):
+            raise AccessDenied(f"{type} folder {folder} belongs to another user's batch", status=403,
+                               reason="not_owner", batch_id=folder)
         data = await image.read(upload_limit.max_bytes + 1)
         if len(data) > upload_limit.max_bytes:
             raise upload_limit.too_large(len(data), declared=False)
