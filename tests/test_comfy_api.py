@@ -515,9 +515,10 @@ def test_only_a_prompts_owner_adds_files_to_its_output_and_preview_folders(serve
     server.services.queue.wait(prompt_id, timeout=60)
     other = TokenIssuer.from_settings(server.services.settings).create("folder-neighbour", "user")
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {other}"}, timeout=30) as them:
-        for kind in ("output", "temp"):
+        for kind, subfolder in (("output", f"{prompt_id}/deeper"), ("temp", prompt_id),
+                                ("output", f"./{prompt_id}"), ("output", f"elsewhere/../{prompt_id}")):
             refused = them.post("/upload/image", files={"image": ("planted.png", png_bytes(), "image/png")},
-                                data={"type": kind, "subfolder": f"{prompt_id}/deeper"})
+                                data={"type": kind, "subfolder": subfolder})
             assert refused.status_code == 403 and refused.json()["error"]["details"]["reason"] == "not_owner"
         assert them.post("/upload/image", files={"image": ("mine.png", png_bytes(), "image/png")},
                          data={"type": "output", "subfolder": "their-own-folder"}).status_code == 200

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import platform
+import posixpath
 import threading
 import time
 import uuid
@@ -677,8 +678,9 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
             raise AccessDenied(f"type must be one of {', '.join(VIEW_TYPES)}", status=400, reason="bad_type")
         # Outputs and previews live in a folder per batch or prompt: a file added there shows among its
         # owner's images (/view, /files), so only whoever may control that batch adds one.
-        folder = subfolder.replace("\\", "/").strip("/").split("/")[0]
-        if type != "input" and folder and services.ledger.get_batch(folder) is not None \
+        # normalised first, as the file will be saved: "./<id>" and "x/../<id>" name the same folder
+        folder = posixpath.normpath(subfolder.replace("\\", "/")).strip("/").split("/")[0]
+        if type != "input" and folder not in ("", ".") and services.ledger.get_batch(folder) is not None \
                 and not handlers.may_control(services, caller, folder):
             raise AccessDenied(f"{type} folder {folder} belongs to another user's batch", status=403,
                                reason="not_owner", batch_id=folder)
