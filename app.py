@@ -611,19 +611,28 @@ def main(argv: list[str] | None = None) -> int:
         _configure_logging(args)
         return COMMANDS[args.command](args)
     except EngineError as exc:
-        _say(f"error: {exc.message}", logging.ERROR)
-        if getattr(args, "summary_json", None):  # a script waiting for the outcome learns why there is none
-            _write_summary_json(args.summary_json, {"batch_id": None, "exit_status": 2, "error": exc.to_dict()})
-        return 2
+        return _refused(args, exc.message, exc.to_dict())
     except ValueError as exc:  # bad settings values
-        _say(f"error: {exc}", logging.ERROR)
-        return 2
+        return _refused(args, str(exc), {"type": "ValueError", "message": str(exc)})
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
     except OSError as exc:  # a path argument, a full disk, a read-only folder
-        _say(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", logging.ERROR)
-        return 2
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        return _refused(args, message, {"type": type(exc).__name__, "message": message})
+    except SystemExit as exc:  # a command's own argument check: a usage error, as argparse's exit 2
+        if not isinstance(exc.code, str):
+            raise
+        return _refused(args, exc.code, {"type": "UsageError", "message": exc.code})
+
+
+def _refused(args: argparse.Namespace, message: str, error: dict[str, Any]) -> int:
+    """A command refused before it could do its work: said on stderr, and in ``--summary-json`` for a
+    script waiting for the outcome; exit status 2 (see RUN_EXIT_STATUSES)."""
+    _say(f"error: {message}", logging.ERROR)
+    if getattr(args, "summary_json", None):
+        _write_summary_json(args.summary_json, {"batch_id": None, "exit_status": EXIT_NOTHING_DONE, "error": error})
+    return EXIT_NOTHING_DONE
 
 
 if __name__ == "__main__":

@@ -584,3 +584,14 @@ def test_summary_json_tells_a_script_the_outcome_and_why_a_run_was_refused(tmp_p
     outcome = json.loads((tmp_path / "refused.json").read_text())
     assert outcome["exit_status"] == 2 and outcome["batch_id"] is None
     assert outcome["error"]["code"] == "template_not_found" and "product_shot" in outcome["error"]["details"]["available"]
+
+
+def test_a_command_given_the_wrong_arguments_exits_2_and_says_why_in_its_summary(tmp_path):
+    """run --help promises exit status 2 for bad arguments; a run without --template or --workflow is one."""
+    result = app("--data-dir", "d", "run", "--sheet", "s.csv", "--summary-json", "outcome.json", cwd=tmp_path)
+    assert result.returncode == 2 and "give --workflow WF.json or --template NAME" in result.stderr
+    outcome = json.loads((tmp_path / "outcome.json").read_text())
+    assert outcome["exit_status"] == 2 and outcome["error"]["type"] == "UsageError"
+    missing = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "none.csv",
+                  "--summary-json", "missing.json", cwd=tmp_path)
+    assert missing.returncode == 2 and json.loads((tmp_path / "missing.json").read_text())["exit_status"] == 2
