@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from engine.errors import BatchBusy, BatchError, BatchMismatch, EngineError, SheetError
+from engine.errors import BatchBusy, BatchError, BatchMismatch, EngineError, SheetError, WorkflowInvalid
 from engine.jobs import (
     CANCELLED,
     DONE,
@@ -482,7 +482,7 @@ class BatchRunner:
                     or (template_name is not None and batch["template_name"] != template_name)
                     or (batch_seed is not None and int(batch["batch_seed"]) != batch_seed)):
                 continue
-            claimed = [row for row in self.ledger.rows(batch["id"], RUNNING) if not self._claim_is_gone(row)]
+            claimed = self._live_claims(batch["id"])
             if claimed:
                 raise BatchBusy(
                     f"batch {batch['id']} of the same inputs is being run by another process "
@@ -494,7 +494,11 @@ class BatchRunner:
 
     def held_elsewhere(self, batch_id: str) -> bool:
         """Whether a live process other than this one holds rows of the batch (it is running them)."""
-        return not all(self._claim_is_gone(row) for row in self.ledger.rows(batch_id, RUNNING))
+        return bool(self._live_claims(batch_id))
+
+    def _live_claims(self, batch_id: str) -> list[Any]:
+        """The batch's rows that a live process other than this one holds."""
+        return [row for row in self.ledger.rows(batch_id, RUNNING) if not self._claim_is_gone(row)]
 
     def unfinished_batches(self, limit: int = 200) -> list[dict[str, Any]]:
         """Batches with rows still to run (queued, running or cancelled), newest first; not those another
@@ -1029,10 +1033,9 @@ def _row_problem(row: int, column: str | None, reason: str, failure: EngineError
     problems (code ``workflow_invalid``), so a client or page can name node and input in its own words."""
     from engine.sheets import RowProblem
 
-    problems = getattr(failure, "problems", None)
-    if problems:
+    if isinstance(failure, WorkflowInvalid):
         return RowProblem(row=row, column=column, reason=reason, code="workflow_invalid",
-                          params={"problems": [asdict(p) for p in problems]})
+                          params={"problems": [asdict(p) for p in failure.problems]})
     return RowProblem(row=row, column=column, reason=reason)
 
 

@@ -540,6 +540,9 @@ class TemplateWords:
         return {"title": self.title, "description": self.description, "fields": dict(self.fields)}
 
 
+_NO_WORDS = TemplateWords()  # a language the template has no words for
+
+
 @dataclass
 class WorkflowTemplate:
     """A loaded, validated template. Render rows with :meth:`render`; convert cells with :meth:`coerce_row`."""
@@ -558,18 +561,15 @@ class WorkflowTemplate:
     translations: Mapping[str, TemplateWords] = field(default_factory=dict)  # language tag -> words
     _compiled: Any = field(default=None, repr=False)
 
+    # The words in ``lang`` where the template has them, else its own.
     def title_in(self, lang: str) -> str:
-        """The title in ``lang`` where the template has one, else its own."""
-        words = self.translations.get(lang)
-        return (words.title if words is not None else "") or self.title
+        return self.translations.get(lang, _NO_WORDS).title or self.title
 
     def description_in(self, lang: str) -> str:
-        words = self.translations.get(lang)
-        return (words.description if words is not None else "") or self.description
+        return self.translations.get(lang, _NO_WORDS).description or self.description
 
     def field_description_in(self, spec: TemplateField, lang: str) -> str:
-        words = self.translations.get(lang)
-        return (words.fields.get(spec.name, "") if words is not None else "") or spec.description
+        return self.translations.get(lang, _NO_WORDS).fields.get(spec.name) or spec.description
 
     @property
     def example_image(self) -> Path | None:

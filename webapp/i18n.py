@@ -12,7 +12,6 @@ Every key must exist in both tables; ``tests/test_webapp_handlers.py`` checks th
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 LANGUAGES = ("en", "zh")
@@ -227,6 +226,11 @@ EN: dict[str, str] = {
     "error.admin_only": "Only admins may {action}.",
     "error.login_required": "Please sign in.",
     "error.workflow_invalid": "workflow failed validation",
+    # durations and lists inside sentences
+    "duration.s": "{s}s",
+    "duration.ms": "{m}m {s}s",
+    "duration.hm": "{h}h {m}m",
+    "list.separator": "; ",
     "action.switch_model": "switch the model",
     "action.edit_template": "add or edit templates",
     "action.upload_template": "upload templates",
@@ -236,10 +240,6 @@ EN: dict[str, str] = {
     "login.password": "Password",
     "login.submit": "Sign in",
     "login.failed": "Wrong user name or password.",
-    "duration.s": "{s}s",
-    "list.separator": "; ",
-    "duration.ms": "{m}m {s}s",
-    "duration.hm": "{h}h {m}m",
     "login.rate_limited": "Too many sign-in attempts. Try again in {seconds} s.",
     "login.cross_site": "Sign in on this app's own sign-in page: a sign-in sent from another site is refused.",
     "login.cookie_refused": "You were signed in, but your browser did not keep the sign-in cookie: it blocks cookies of pages embedded in another site (as a Hugging Face Space is). Open the app in a tab of its own and sign in there.",
@@ -446,6 +446,10 @@ ZH: dict[str, str] = {
     "error.admin_only": "只有管理员可以{action}。",
     "error.login_required": "请先登录。",
     "error.workflow_invalid": "工作流检查未通过",
+    "duration.s": "{s} 秒",
+    "duration.ms": "{m} 分 {s} 秒",
+    "duration.hm": "{h} 小时 {m} 分",
+    "list.separator": "；",
     "action.switch_model": "切换模型",
     "action.edit_template": "新增或编辑模板",
     "action.upload_template": "上传模板",
@@ -454,10 +458,6 @@ ZH: dict[str, str] = {
     "login.password": "密码",
     "login.submit": "登录",
     "login.failed": "用户名或密码错误。",
-    "duration.s": "{s} 秒",
-    "list.separator": "；",
-    "duration.ms": "{m} 分 {s} 秒",
-    "duration.hm": "{h} 小时 {m} 分",
     "login.rate_limited": "登录尝试次数过多，请在 {seconds} 秒后重试。",
     "login.cross_site": "请在本应用自己的登录页面登录：从其他网站发来的登录请求会被拒绝。",
     "login.cookie_refused": "登录已成功，但浏览器没有保存登录 Cookie：它会拦截嵌入在其他网站中的页面（例如 Hugging Face Space）的 Cookie。请在单独的标签页中打开本应用并在那里登录。",
@@ -545,6 +545,13 @@ def _filled(template: str, values: dict[str, Any]) -> str:
     return template.format(**shown)
 
 
+def _coded_text(tables: dict[str, dict[str, str]], code: str | None, values: dict[str, Any], lang: str) -> str | None:
+    """What ``code`` says in ``lang`` with ``values`` filled in; None where ``lang`` has no words for it (the
+    caller keeps the engine's English)."""
+    template = tables.get(lang, {}).get(code or "")
+    return None if template is None else _filled(template, values)
+
+
 def node_problem_text(problem: Any, lang: str = "en") -> str:
     """One workflow problem (``engine.errors.NodeProblem`` or its dict) in ``lang``, naming node and input."""
     from engine.errors import NodeProblem
@@ -554,11 +561,13 @@ def node_problem_text(problem: Any, lang: str = "en") -> str:
     kind = NODE_PROBLEMS_ZH.get(problem.type) if lang == "zh" else None
     if kind is None:
         return problem.describe()
-    fields = asdict(problem)
     english = problem.message + (f": {problem.details}" if problem.details else "")
-    where = _filled(NODE_WORDS_ZH["node"], fields) if fields.get("node_id") else NODE_WORDS_ZH["workflow"]
-    if fields.get("input_name"):
-        where += _filled(NODE_WORDS_ZH["input"], fields)
+    if problem.node_id:
+        where = NODE_WORDS_ZH["node"].format(node_id=problem.node_id, class_type=problem.class_type)
+    else:
+        where = NODE_WORDS_ZH["workflow"]
+    if problem.input_name:
+        where += NODE_WORDS_ZH["input"].format(input_name=problem.input_name)
     return f"{where}：{kind}（{english}）"
 
 
@@ -566,11 +575,13 @@ def error_text(exc: Any, lang: str = "en") -> str:
     """A library error (``engine.errors.EngineError``) as one message in ``lang``: the table's words for
     its code, or, for a failed workflow check, its problems one per line. Without either the engine's own
     English message stands, so no error is ever swallowed for want of a translation."""
-    problems = getattr(exc, "problems", None)
-    if problems:
-        return text("error.workflow_invalid", lang) + ":\n" + "\n".join(f"• {node_problem_text(p, lang)}" for p in problems[:10])
-    template = ERROR_TABLES.get(lang, {}).get(getattr(exc, "code", None) or "")
-    return _filled(template, exc.details) if template is not None else exc.message
+    from engine.errors import WorkflowInvalid
+
+    if isinstance(exc, WorkflowInvalid):  # other errors may carry "problems" of their own shape
+        lines = [f"• {node_problem_text(p, lang)}" for p in exc.problems[:10]]
+        return text("error.workflow_invalid", lang) + ":\n" + "\n".join(lines)
+    coded = _coded_text(ERROR_TABLES, getattr(exc, "code", None), exc.details, lang)
+    return exc.message if coded is None else coded
 
 
 def problem_text(problem: Any, lang: str = "en") -> str:
@@ -580,8 +591,8 @@ def problem_text(problem: Any, lang: str = "en") -> str:
     if problem.code == "workflow_invalid" and lang != "en":
         reason = text("list.separator", lang).join(node_problem_text(p, lang) for p in problem.params["problems"])
     else:
-        template = PROBLEM_TABLES.get(lang, {}).get(problem.code or "")
-        reason = template.format(**problem.params) if template is not None else problem.reason
+        coded = _coded_text(PROBLEM_TABLES, problem.code, problem.params, lang)
+        reason = problem.reason if coded is None else coded
     where = problem.column or text("report.whole_row", lang)
     return f"{where}: {reason}"
 

@@ -38,6 +38,7 @@ CONTROLS = {"show_progress": "hidden"}
 SHOW_PROGRESS_JS = ("() => document.getElementById('progress-section')"
                     "?.scrollIntoView({behavior: 'smooth', block: 'start'})")
 
+
 def toast_title_css() -> str:
     """Gradio titles its pop-ups with their type in English ("Info", "Error"; it ignores ``title``): on a page
     in another language the English word is hidden and the page's word (``toast.*``) shown in its place."""
@@ -215,7 +216,7 @@ def _model_card(info: dict[str, Any], lang: str) -> str:
     return f'<div class="model-card{" demo" if demo else ""}">' + "".join(lines) + "</div>"
 
 
-def _field_widget(spec: Any, description: str, checkpoints: list[str], template_name: str) -> gr.components.Component:
+def _field_widget(spec: Any, description: str, checkpoints: list[str]) -> gr.components.Component:
     """The input widget for one template field, by its type (engine.templates.FIELD_TYPES)."""
     common = {"label": spec.name + (" *" if spec.required else ""), "info": description or None,
               "elem_id": f"field-{spec.name}", "interactive": True}
@@ -342,7 +343,7 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                         described = handlers.template_fields(services, template_name, language_of_request(request))
                         specs = [spec for spec, _ in described]
                         checkpoints = handlers.model_choices(services)
-                        widgets = [_field_widget(spec, description, checkpoints, template_name)
+                        widgets = [_field_widget(spec, description, checkpoints)
                                    for spec, description in described]
 
                         @_guard
