@@ -62,15 +62,24 @@ def scale_from_amax(amax: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     return (amax.to(torch.float32) * margin / E4M3_MAX).clamp(min=MIN_SCALE)
 
 
-def quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    weight: torch.Tensor, per_channel: bool = True, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a ``[out, in]`` weight to E4M3.
 
     Returns ``(fp8_weight, scale)``; ``scale`` is float32, shape ``[out]`` per channel or ``[]`` per
     tensor. Computed in float32 one layer at a time, so the transient copy is one layer's size.
+    ``scale`` imposes a per-tensor scale instead of the weight's own (one shared by several layers,
+    which must then cover this weight's range: values beyond it saturate).
     """
     w = weight.detach().to(torch.float32)
-    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax()
-    scale = scale_from_amax(amax)
+    if scale is not None:
+        if per_channel:
+            raise Fp8Error("a given weight scale is one per tensor; per_channel must be False", per_channel=True)
+        scale = scale.detach().to(w.device, torch.float32).reshape(()).clamp(min=MIN_SCALE)
+    else:
+        amax = w.abs().amax(dim=1) if per_channel else w.abs().amax()
+        scale = scale_from_amax(amax)
     divisor = scale[:, None] if per_channel else scale
     fp8 = (w / divisor).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
     return fp8, scale
@@ -79,6 +88,72 @@ def quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> tuple[tor
 def quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x / scale`` saturated to the E4M3 range (a plain cast would turn overflow into NaN on CUDA)."""
     return (x / scale.to(x.dtype)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+
+
+def scaled_mm_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``x @ (weight * weight_scale).T + bias`` as one FP8 GEMM (``torch._scaled_mm``), in ``compute_dtype``.
+
+    ``x`` is ``[..., in]``; ``weight`` ``[out, in]`` E4M3 with a per-tensor (``[]``) or per-output-channel
+    (``[out]``) scale. ``input_scale`` is the static activation scale, or None to take one from this call's
+    input. A function rather than a method because an :class:`Fp8Linear` and a fused q/k/v projection
+    (:mod:`engine.fp8.fused`) run the same GEMM on their own tensors.
+    """
+    out_features, in_features = weight.shape
+    per_channel = weight_scale.dim() == 1
+    lead_shape = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).to(compute_dtype)
+    rows = x2.shape[0]
+    scale_in = input_scale if input_scale is not None else scale_from_amax(x2.abs().amax())
+    padding = (-rows) % GEMM_ROW_MULTIPLE
+    if padding:
+        x2 = F.pad(x2, (0, 0, 0, padding))
+    xq = quantize_activation(x2, scale_in)
+    out_dtype = torch.bfloat16 if per_channel else compute_dtype
+    fuse_bias = bias is not None and bias.dtype == out_dtype == torch.bfloat16
+    if per_channel and rowwise_scaling_supported(x2.device):
+        y = torch._scaled_mm(
+            xq,
+            weight.t(),
+            scale_a=scale_in.reshape(1, 1).expand(xq.shape[0], 1).contiguous(),
+            scale_b=weight_scale.reshape(1, -1),
+            bias=bias if fuse_bias else None,
+            out_dtype=out_dtype,
+        )
+    elif per_channel:
+        # Row-wise scaled GEMMs need sm90+: run per-tensor and scale the output columns instead.
+        one = torch.ones((), dtype=torch.float32, device=xq.device)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=scale_in, scale_b=one, out_dtype=out_dtype)
+        y = y * weight_scale.to(out_dtype)
+        fuse_bias = False
+    else:
+        y = torch._scaled_mm(
+            xq,
+            weight.t(),
+            scale_a=scale_in,
+            scale_b=weight_scale,
+            bias=bias if fuse_bias else None,
+            out_dtype=out_dtype,
+        )
+    if padding:
+        y = y[:rows]
+    y = y.to(compute_dtype)
+    if bias is not None and not fuse_bias:
+        y = y + bias
+    return y.reshape(*lead_shape, out_features)
+
+
+def rowwise_scaling_supported(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` takes per-row/per-column scales on ``device`` (CPUs, CUDA sm90+)."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def import_transformer_engine() -> Any:
@@ -147,13 +222,18 @@ class Fp8Linear(nn.Module):
         per_channel: bool = True,
         input_scale: torch.Tensor | None = None,
         compute_dtype: torch.dtype | None = None,
+        weight_scale: torch.Tensor | None = None,
     ) -> "Fp8Linear":
-        """Quantize a float ``nn.Linear`` (its weight is not kept)."""
+        """Quantize a float ``nn.Linear`` (its weight is not kept).
+
+        ``weight_scale``: a per-tensor scale to quantize with instead of the weight's own (see
+        :func:`quantize_weight`); q/k/v projections share one so that they fuse without requantizing.
+        """
         check_backend_name(backend)
         dtype = compute_dtype or (linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.bfloat16)
         if backend == "transformer_engine":
             return cls._from_weight_te(linear.weight.detach(), linear.bias, dtype)
-        fp8, scale = quantize_weight(linear.weight, per_channel=per_channel)
+        fp8, scale = quantize_weight(linear.weight, per_channel=per_channel, scale=weight_scale)
         return cls(
             linear.in_features,
             linear.out_features,
@@ -326,55 +406,7 @@ class Fp8Linear(nn.Module):
         return y
 
     def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        lead_shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        rows = x2.shape[0]
-        if self.input_scale is not None:
-            scale_in = self.input_scale
-        else:
-            scale_in = scale_from_amax(x2.abs().amax())
-        padding = (-rows) % GEMM_ROW_MULTIPLE
-        if padding:
-            x2 = F.pad(x2, (0, 0, 0, padding))
-        xq = quantize_activation(x2, scale_in)
-        out_dtype = torch.bfloat16 if self.per_channel else self.compute_dtype
-        fuse_bias = self.bias is not None and self.bias.dtype == out_dtype == torch.bfloat16
-        if self.per_channel and self._rowwise_supported(x2.device):
-            y = torch._scaled_mm(
-                xq,
-                self.weight.t(),
-                scale_a=scale_in.reshape(1, 1).expand(xq.shape[0], 1).contiguous(),
-                scale_b=self.weight_scale.reshape(1, -1),
-                bias=self.bias if fuse_bias else None,
-                out_dtype=out_dtype,
-            )
-        elif self.per_channel:
-            # Row-wise scaled GEMMs need sm90+: run per-tensor and scale the output columns instead.
-            one = torch.ones((), dtype=torch.float32, device=xq.device)
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_in, scale_b=one, out_dtype=out_dtype)
-            y = y * self.weight_scale.to(out_dtype)
-            fuse_bias = False
-        else:
-            y = torch._scaled_mm(
-                xq,
-                self.weight.t(),
-                scale_a=scale_in,
-                scale_b=self.weight_scale,
-                bias=self.bias if fuse_bias else None,
-                out_dtype=out_dtype,
-            )
-        if padding:
-            y = y[:rows]
-        y = y.to(self.compute_dtype)
-        if self.bias is not None and not fuse_bias:
-            y = y + self.bias
-        return y.reshape(*lead_shape, self.out_features)
-
-    @staticmethod
-    def _rowwise_supported(device: torch.device) -> bool:
-        if device.type != "cuda":
-            return True
-        return torch.cuda.get_device_capability(device) >= (9, 0)
+        return scaled_mm_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale, self.compute_dtype)
 
     def _forward_transformer_engine(self, x: torch.Tensor) -> torch.Tensor:
         te = import_transformer_engine()
