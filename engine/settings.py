@@ -35,6 +35,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("device", "auto", "auto, cuda, cuda:N or cpu.", str),
     SettingSpec("precision", "auto", "Transformer precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32, or fp8 (E4M3 weights; FP8 compute on CUDA >= 8.9, else weight_only with a logged message; calibrated scales from the checkpoint's sidecar).", str),
     SettingSpec("fp8_backend", "auto", "FP8 backend for precision fp8 and UNETLoader fp8_e4m3fn_fast: auto (scaled_mm where the GPU can), scaled_mm, transformer_engine, weight_only (FP8 storage, high-precision matmuls).", str),
+    SettingSpec("fp8_fuse_qkv", True, "With the scaled_mm FP8 backend, run each attention's q, k and v projections (and the text stream's) as one FP8 GEMM with one activation quantization instead of three. The weights stay the same bytes under the same names (the three layers become row slices of one FP8 tensor), so checkpoints, calibration sidecars and LoRAs are unaffected; off runs three GEMMs as before.", bool),
     SettingSpec("compile", True, "torch.compile each transformer block at load, after FP8 quantization, and warm up at the GPU batch sizes (CUDA only; the CPU runs eagerly). FP8 is faster than BF16 only compiled.", bool),
     SettingSpec("compile_mode", "default", "torch.compile mode of the transformer blocks: default, or max-autotune-no-cudagraphs (Inductor tunes its kernels: minutes more compile per shape, once, then cached on disk).", str),
     SettingSpec("png_compress_level", 1, "zlib level (0-9) of saved PNGs. 0-1 use the engine's own writer (one Up filter for the whole picture, zlib's run-length strategy): about 40 % of Pillow's CPU at level 1 on photographs (25 % on noise) for files of about the same size. 2-9 use Pillow's encoder at that level (ComfyUI's is 4). Pixels and metadata are the same at every level.", int),
@@ -69,6 +70,7 @@ class Settings:
     device: str = "auto"
     precision: str = "auto"
     fp8_backend: str = "auto"
+    fp8_fuse_qkv: bool = True
     compile: bool = True
     compile_mode: str = "default"
     png_compress_level: int = 1

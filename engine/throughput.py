@@ -666,7 +666,8 @@ def _quantize(settings: Settings, transformer: Any, shape: str, device: str) -> 
     from engine.fp8.quantize import apply_activation_scales
     from engine.models.cache import LoadedTransformer
 
-    policy = PrecisionPolicy("fp8", settings.fp8_backend, compile=False, data_dir=settings.data_dir)
+    policy = PrecisionPolicy("fp8", settings.fp8_backend, compile=False, data_dir=settings.data_dir,
+                             fuse_qkv=settings.fp8_fuse_qkv)
     loaded = policy(LoadedTransformer(transformer, RANDOM_WEIGHT_CHECKPOINT, None, "default", "bf16"))
     transformer = loaded.transformer
     backend = loaded.precision.split("/")[1] if "/" in loaded.precision else ""

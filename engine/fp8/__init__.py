@@ -2,14 +2,16 @@
 
 Typical use (the model layer does this when a checkpoint loads)::
 
-    from engine.fp8 import choose_backend, quantize_transformer, compile_blocks, find_sidecar
+    from engine.fp8 import choose_backend, quantize_transformer, compile_blocks, find_sidecar, fuse_qkv_projections
 
     choice = choose_backend(settings.fp8_backend, device)       # message set when it fell back
     scales = find_sidecar(checkpoint_path, checkpoint_sha)      # None, or calibrated input scales
     report = quantize_transformer(transformer, choice.backend, scales=scales)
     transformer.to(device)                                      # FP8 buffers keep their dtype
+    if choice.backend == "scaled_mm":
+        fuse_qkv_projections(transformer)                       # one GEMM per attention's q/k/v
     if choice.fp8_compute:
-        compile_blocks(transformer)                             # FP8 pays only when fused
+        compile_blocks(transformer)                             # FP8 pays only compiled
 
 ComfyUI ``*_fp8_scaled.safetensors`` files load straight into FP8 layers with
 ``load_fp8_scaled_into(transformer, convert_sd3_fp8_scaled_to_diffusers(raw_state_dict))``
@@ -48,6 +50,7 @@ from engine.fp8.checkpoint import (
     load_fp8_scaled_into,
     save_fp8_scaled,
 )
+from engine.fp8.fused import FusedQkv, fuse_qkv_projections, fused_qkv_layers, unfuse_qkv_projections
 from engine.fp8.linear import BACKENDS, E4M3_MAX, FP8_DTYPE, Fp8Linear, quantize_weight
 from engine.fp8.policy import (
     PRECISIONS,
@@ -95,6 +98,11 @@ __all__ = [
     "apply_activation_scales",
     "clear_activation_scales",
     "set_backend",
+    # fused q/k/v projections (scaled_mm)
+    "FusedQkv",
+    "fuse_qkv_projections",
+    "unfuse_qkv_projections",
+    "fused_qkv_layers",
     # hardware
     "BACKEND_CHOICES",
     "BackendChoice",

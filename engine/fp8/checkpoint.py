@@ -273,8 +273,17 @@ def fp8_scaled_state_dict(transformer: nn.Module) -> tuple[dict[str, torch.Tenso
                 )
             tensors[f"{name}{_QUANT_CONF_SUFFIX}"] = module.comfy_quant_tensor()
             layers[name] = module.comfy_quant_config()
+    storages: set[int] = set()
     for key, value in transformer.state_dict().items():
-        tensors[key] = value.detach().cpu().contiguous()
+        tensor = value.detach().cpu()
+        storage = tensor.untyped_storage()
+        whole = tensor.is_contiguous() and tensor.storage_offset() == 0 and storage.nbytes() == tensor.nbytes
+        if not whole or storage.data_ptr() in storages:
+            # A slice of a larger tensor (fused q/k/v projections hold their weights as row slices of one):
+            # written as a tensor of its own, since safetensors refuses tensors that share memory.
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
     metadata = {
         "_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers}),
         "format": "pt",

@@ -9,6 +9,8 @@ hook. It turns the settings (``precision``, ``fp8_backend``, ``compile``) and th
 * FP8 compute (settings ``precision=fp8``, or ``fp8_e4m3fn_fast``): the backend
   :func:`choose_backend` finds for the device. Hardware without FP8 GEMMs gets ``weight_only`` and a
   logged warning saying why; the precision string then says ``weight_only``, never what was asked.
+  With ``scaled_mm`` each attention's q/k/v projections then run as one FP8 GEMM
+  (:func:`engine.fp8.fused.fuse_qkv_projections`; settings ``fp8_fuse_qkv``, on by default).
 
 A transformer that already holds FP8 layers (a ComfyUI ``*_fp8_scaled`` file loaded as is) keeps its
 FP8 weights; only its backend is set. Calibrated activation scales are applied from the sidecar of
@@ -41,6 +43,7 @@ from engine.fp8.backends import (
     compile_blocks,
     fp8_compute_problem,
 )
+from engine.fp8.fused import fuse_qkv_projections
 from engine.fp8.linear import Fp8Linear
 from engine.fp8.quantize import (
     apply_activation_scales,
@@ -129,6 +132,7 @@ class PrecisionPolicy:
     ``choose`` picks the backend for a request on a device (:func:`choose_backend`; tests of the
     FP8-compute path on a CPU pass one granting ``scaled_mm``, whose ``torch._scaled_mm`` runs there
     too). ``use_sidecars=False`` ignores calibrated scales (calibration itself loads that way).
+    ``fuse_qkv``: fuse q/k/v projections of ``scaled_mm`` models (same weights, one GEMM instead of three).
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class PrecisionPolicy:
         compile_mode: str = "default",
         use_sidecars: bool = True,
         choose: BackendChooser = choose_backend,
+        fuse_qkv: bool = True,
     ) -> None:
         check_precision_settings(precision, fp8_backend)
         check_compile_mode(compile_mode)
@@ -151,10 +156,13 @@ class PrecisionPolicy:
         self.data_dir = Path(data_dir)
         self.use_sidecars = use_sidecars
         self.choose = choose
+        self.fuse_qkv = fuse_qkv
 
     @classmethod
     def from_settings(cls, settings: "Settings", **options: Any) -> "PrecisionPolicy":
-        """The policy of ``settings.precision``, ``fp8_backend``, ``compile``, ``compile_mode`` and ``data_dir``."""
+        """The policy of ``settings.precision``, ``fp8_backend``, ``fp8_fuse_qkv``, ``compile``, ``compile_mode``
+        and ``data_dir``."""
+        options.setdefault("fuse_qkv", settings.fp8_fuse_qkv)
         return cls(settings.precision, settings.fp8_backend, settings.compile, settings.data_dir,
                    compile_mode=settings.compile_mode, **options)
 
@@ -203,6 +211,9 @@ class PrecisionPolicy:
             for note in report.notes:
                 log.warning("%s: %s", loaded.name, note)
         transformer.to(device)
+        if self.fuse_qkv and choice.backend == "scaled_mm":
+            fused = fuse_qkv_projections(transformer)
+            log.info("%s: %d q/k/v projection triples run as one FP8 GEMM each", loaded.name, fused)
         self._maybe_compile(transformer, device, loaded.name)
         return replace(loaded, transformer=transformer, precision=fp8_precision_string(choice.backend, transformer))
 

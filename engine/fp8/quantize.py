@@ -10,7 +10,9 @@ What stays in BF16 by default, and why:
 Weight scales: per output channel, except for the ``scaled_mm`` backend, where each layer gets one scale
 per tensor when that costs it no accuracy (:func:`prefers_per_channel`): cuBLAS's tensor-wise FP8 GEMM was
 2-3 % faster than the row-wise one for SD3.5 Large and Medium on an H200 (docs/PERFORMANCE.md), while a
-layer whose output channels differ a lot in range keeps per-channel scales.
+layer whose output channels differ a lot in range keeps per-channel scales. The q/k/v projections of one
+attention are decided together and share one per-tensor scale (as the original MMDiT's single ``qkv`` tensor
+does), so that :mod:`engine.fp8.fused` can run them as one GEMM without requantizing.
 
 The adaLN modulation linears inside the blocks (``norm1.linear``, ``norm1_context.linear``) *are*
 quantized: they hold a third of SD3.5 Large's weights, and keeping them in BF16 would miss the
@@ -28,7 +30,8 @@ import torch
 from torch import nn
 
 from engine.errors import Fp8Error
-from engine.fp8.linear import Fp8Linear, check_backend_name, quantize_weight
+from engine.fp8.fused import qkv_triples
+from engine.fp8.linear import Fp8Linear, check_backend_name, quantize_weight, scale_from_amax
 
 DEFAULT_KEEP_BF16: tuple[str, ...] = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
 # T5's feed-forward output (``wo``) is the layer transformers keeps in float32 for range reasons, and
@@ -68,15 +71,22 @@ class QuantizationReport:
 
 
 def module_bytes(*modules: nn.Module) -> int:
-    """Bytes held by the parameters and buffers of ``modules`` (shared tensors counted once)."""
-    seen: set[int] = set()
+    """Bytes held by the parameters and buffers of ``modules``, each storage counted once.
+
+    Counted by storage, not by tensor: fused q/k/v projections (:mod:`engine.fp8.fused`) hold row slices
+    of one fused weight, and tied weights are one tensor under two names.
+    """
+    seen: set[tuple] = set()
     total = 0
     for module in modules:
         for tensor in list(module.parameters()) + list(module.buffers()):
-            if id(tensor) in seen:
+            storage = tensor.untyped_storage()
+            # Meta tensors (and empty ones) have no address: count those tensor by tensor.
+            key = (tensor.device, storage.data_ptr()) if storage.data_ptr() else ("tensor", id(tensor))
+            if key in seen:
                 continue
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
+            seen.add(key)
+            total += storage.nbytes() if storage.data_ptr() else tensor.numel() * tensor.element_size()
     return total
 
 
@@ -123,6 +133,29 @@ def prefers_per_channel(weight: torch.Tensor, tolerance: float = PER_TENSOR_TOLE
     return worst[False] > tolerance * worst[True]
 
 
+def shared_qkv_scales(
+    model: nn.Module, names: Iterable[str], per_channel: bool | None
+) -> dict[str, tuple[bool, torch.Tensor | None]]:
+    """``name -> (per_channel, shared per-tensor scale or None)`` for the q/k/v layers among ``names``.
+
+    The three projections of one attention are quantized alike, so that they fuse into one FP8 GEMM
+    (:mod:`engine.fp8.fused`) without requantizing: per channel when ``per_channel`` says so, or when it is
+    None and :func:`prefers_per_channel` says so for the three weights stacked or for any one of them; else
+    one scale per tensor from the largest of the three weights' ranges.
+    """
+    decisions: dict[str, tuple[bool, torch.Tensor | None]] = {}
+    for triple in qkv_triples(names):
+        weights = [model.get_submodule(name).weight for name in triple]
+        group_per_channel = per_channel
+        if group_per_channel is None:
+            group_per_channel = prefers_per_channel(torch.cat(weights)) or any(prefers_per_channel(w) for w in weights)
+        shared = None
+        if not group_per_channel:
+            shared = scale_from_amax(torch.stack([w.detach().abs().amax().to(torch.float32) for w in weights]).amax())
+        decisions.update({name: (group_per_channel, shared) for name in triple})
+    return decisions
+
+
 def _quantize_linears(
     model: nn.Module,
     *,
@@ -131,20 +164,23 @@ def _quantize_linears(
     scales: Mapping[str, torch.Tensor] | None,
     per_channel: bool | None,
     compute_dtype: torch.dtype | None,
+    share_qkv_scales: bool = False,
 ) -> QuantizationReport:
     check_backend_name(backend)
     report = QuantizationReport(backend=backend, bytes_before=module_bytes(model))
     selected, report.kept = quantizable_linears(model, keep)
     scales_given = bool(scales)
     scales = dict(scales or {})
+    grouped = shared_qkv_scales(model, selected, per_channel) if share_qkv_scales else {}
     for name in selected:
         linear = model.get_submodule(name)
         input_scale = scales.pop(name, None)
-        layer_per_channel = per_channel
+        layer_per_channel, weight_scale = grouped.get(name, (per_channel, None))
         if layer_per_channel is None:
             layer_per_channel = backend != "scaled_mm" or prefers_per_channel(linear.weight)
         new = Fp8Linear.from_linear(
-            linear, backend=backend, per_channel=layer_per_channel, input_scale=input_scale, compute_dtype=compute_dtype
+            linear, backend=backend, per_channel=layer_per_channel, input_scale=input_scale,
+            compute_dtype=compute_dtype, weight_scale=weight_scale,
         )
         if layer_per_channel and backend != "transformer_engine":
             report.per_channel_layers.append(name)
@@ -174,7 +210,9 @@ def quantize_transformer(
     ``scales`` maps layer names (``transformer_blocks.0.attn.to_q``) to calibrated input scales
     (from :func:`engine.fp8.calibrate` or a sidecar); layers without one scale dynamically.
     ``per_channel``: weight scales per output channel (True), per tensor (False), or None: per channel,
-    except per tensor for ``scaled_mm`` layers that lose nothing by it (see the module docstring).
+    except per tensor for ``scaled_mm`` layers that lose nothing by it (see the module docstring). For
+    ``scaled_mm`` the q/k/v projections of each attention share one decision, and a per-tensor scale
+    (:func:`shared_qkv_scales`), so that they fuse into one GEMM exactly.
     ``keep_bf16`` lists module names / fnmatch patterns left in high precision.
     """
     return _quantize_linears(
@@ -184,6 +222,7 @@ def quantize_transformer(
         scales=scales,
         per_channel=per_channel,
         compute_dtype=compute_dtype,
+        share_qkv_scales=backend == "scaled_mm",
     )
 
 
