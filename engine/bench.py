@@ -2,7 +2,8 @@
 
 One CFG forward (batch 2) at 1024x1024 = 4096 image tokens + 333 text tokens, for BF16 eager,
 BF16 with each block compiled, and every FP8 backend the device runs (static and dynamic
-activation scales, eager and compiled): median of ``repeats`` timed forwards after warm-up (CUDA
+activation scales, eager and compiled; ``scaled_mm`` with static scales also with fused q/k/v
+projections, :mod:`engine.fp8.fused`, beside the same weights unfused): median of ``repeats`` timed forwards after warm-up (CUDA
 events on a GPU, ``perf_counter`` on a CPU), peak memory and relative error against BF16 eager on
 the same inputs. Targets come from ``docs/PERFORMANCE.md`` and are checked against the measurements.
 
@@ -33,6 +34,7 @@ from engine.fp8.backends import (
     uncompile_blocks,
 )
 from engine.fp8.calibrate import calibrate
+from engine.fp8.fused import fuse_qkv_projections, unfuse_qkv_projections
 from engine.fp8.quantize import apply_activation_scales, module_bytes, quantize_transformer, set_backend
 
 # Published transformer/config.json of stabilityai/stable-diffusion-3.5-large and -medium.
@@ -120,6 +122,7 @@ class VariantResult:
     activation_scaling: str  # "", dynamic, static, none (weight_only), delayed (TE)
     compiled: bool
     weight_scales: str = ""  # fp8: how many layers scale their weights per output channel (the rest per tensor)
+    fused_qkv: bool = False  # fp8 scaled_mm: each attention's q/k/v projections run as one GEMM
     ms: float | None = None
     ms_all: list[float] = field(default_factory=list)
     warmup_s: float | None = None  # includes compilation for compiled variants
@@ -293,7 +296,8 @@ def run_benchmark(
     block-compiled variants (default: on CUDA only; on a CPU compilation needs a C++ toolchain and
     minutes). ``compile_mode``: the torch.compile mode of every compiled variant, BF16 and FP8 alike
     (:data:`engine.fp8.backends.COMPILE_MODES`). ``quick``: only the variants the targets compare (BF16
-    eager, BF16 compiled, FP8 static compiled), e.g. to try a slow-compiling mode. FP8 weight scales are the
+    eager, BF16 compiled, FP8 static compiled with and without fused q/k/v projections), e.g. to try a
+    slow-compiling mode. FP8 weight scales are the
     production default (per tensor where a layer loses nothing by it, see :mod:`engine.fp8.quantize`); on
     CUDA an all-per-channel variant is timed too. Progress, the table and the JSON go to ``out`` (default:
     stdout) unless ``quiet``.
@@ -395,6 +399,15 @@ def run_benchmark(
         if not quick or not do_compile:
             measure(fp8(f"fp8 {backend} static eager", backend, "static", False), model)
         measure(fp8(f"fp8 {backend} static compiled", backend, "static", True, skipped=no_compile), model)
+        if backend == "scaled_mm":
+            # The production default (settings fp8_fuse_qkv): the same weights and scales as the rows above,
+            # each attention's q/k/v as one GEMM, timed next to them so one run shows what fusion buys.
+            fuse_qkv_projections(model)
+            if not quick or not do_compile:
+                measure(fp8(f"fp8 {backend} static eager, fused qkv", backend, "static", False, fused_qkv=True), model)
+            measure(fp8(f"fp8 {backend} static compiled, fused qkv", backend, "static", True, fused_qkv=True,
+                        skipped=no_compile), model)
+            unfuse_qkv_projections(model)
 
     if "scaled_mm" in requested and "scaled_mm" in available and do_compile and not quick:
         # Every layer scaled per output channel (the row-wise FP8 GEMM), against the default above where
@@ -540,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--compile-mode", default="default", help="default or max-autotune-no-cudagraphs")
-    parser.add_argument("--quick", action="store_true", help="only BF16 eager, BF16 compiled and FP8 static compiled")
+    parser.add_argument("--quick", action="store_true", help="only BF16 eager, BF16 compiled and FP8 static compiled (q/k/v fused and not)")
     parser.add_argument("--json", help="write the report(s) as JSON here")
     args = parser.parse_args(argv)
     dev = resolve_device(args.device)

@@ -36,6 +36,13 @@ def test_tiny_benchmark_runs_on_cpu_and_prints_table_and_json():
     assert all(v["weight_bytes"] < measured[0]["weight_bytes"] for v in fp8)
     compiled = next(v for v in report["variants"] if v["name"] == "bf16 compiled")
     assert compiled["skipped"]  # compile defaults to off on a CPU, and says so
+    # Fused q/k/v projections beside the same weights unfused: the same numbers, timed side by side.
+    by_name = {v["name"]: v for v in report["variants"]}
+    fused, unfused = by_name["fp8 scaled_mm static eager, fused qkv"], by_name["fp8 scaled_mm static eager"]
+    assert fused["fused_qkv"] and not unfused["fused_qkv"] and fused["ms"] is not None
+    assert fused["rel_error"] == pytest.approx(unfused["rel_error"], rel=0.01)
+    assert fused["weight_bytes"] <= unfused["weight_bytes"]  # the three scales of a triple become one
+    assert by_name["fp8 scaled_mm static compiled, fused qkv"]["skipped"]
 
     text = out.getvalue()
     assert "variant" in text and "targets (docs/PERFORMANCE.md)" in text
@@ -95,6 +102,7 @@ def test_quick_run_times_only_what_the_targets_compare():
     report = run_benchmark("tiny", "cpu", repeats=1, warmup=1, quick=True, quiet=True)
     assert [v["name"] for v in report["variants"]] == [
         "bf16 eager", "bf16 compiled", "fp8 scaled_mm static eager", "fp8 scaled_mm static compiled",
+        "fp8 scaled_mm static eager, fused qkv", "fp8 scaled_mm static compiled, fused qkv",
     ]
     assert report["compile_mode"] is None  # nothing compiles on a CPU by default
 

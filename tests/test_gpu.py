@@ -70,6 +70,42 @@ def test_quantized_compiled_transformer_stays_close_and_never_falls_back_to_eage
     assert relative_error(out, reference) < 0.03
 
 
+@pytest.mark.skipif(not FP8_COMPUTE, reason="FP8 GEMMs need compute capability >= 8.9")
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_qkv_compiled_matches_unfused_with_real_fp8_gemms(per_channel):
+    """engine/fp8/fused.py with cuBLAS's FP8 GEMMs (tensor-wise and row-wise) and compiled blocks: one
+    [3N, K] GEMM per q/k/v triple computes what three [N, K] GEMMs do, up to BF16 rounding."""
+    from diffusers import SD3Transformer2DModel
+
+    from engine.fp8 import compile_blocks, quantize_transformer, uncompile_blocks
+    from engine.fp8.fused import fuse_qkv_projections
+
+    config = dict(
+        sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=64,
+        num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=256, pooled_projection_dim=128,
+        pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**config).to("cuda", torch.bfloat16).eval()
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 64, 64, device="cuda", dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(2, 333, 256, device="cuda", dtype=torch.bfloat16),
+        pooled_projections=torch.randn(2, 128, device="cuda", dtype=torch.bfloat16),
+        timestep=torch.tensor([500.0, 500.0], device="cuda"),
+    )
+    with torch.no_grad():
+        quantize_transformer(model, "scaled_mm", per_channel=per_channel)
+        compile_blocks(model)
+        unfused = model(**inputs).sample
+        uncompile_blocks(model)
+        assert fuse_qkv_projections(model) == 2 * 3 + 1  # image and text q/k/v in 3 blocks, attn2's in block 0
+        compile_blocks(model)
+        for _ in range(2):
+            fused = model(**inputs).sample
+        uncompile_blocks(model)
+    assert relative_error(fused, unfused) < 0.01
+
+
 def test_engine_records_what_ran_on_the_gpu(tmp_path, models_dir):
     from engine.runtime import Engine
 
