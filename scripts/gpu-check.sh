@@ -31,9 +31,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 step "${LIMIT_LARGE:-160}" "bench large" "$py" app.py bench --model large --repeats 5 --json "$out/bench-large.json"
 step "${LIMIT_E2E:-170}" "bench --e2e" "$py" app.py bench --e2e --rows 8 --size 1024 --steps 28 \
     --json "$out/e2e.json"
-step "${LIMIT_TESTS:-150}" "GPU tests" "$py" -m pytest tests/test_gpu.py -q -rs -s -p no:cacheprovider
+step "${LIMIT_TESTS:-130}" "GPU tests" "$py" -m pytest tests/test_gpu.py -q -rs -s -p no:cacheprovider
 step "${LIMIT_PNG:-30}" "bench --png (this host's CPU)" "$py" app.py bench --png --repeats 5 --json "$out/png.json"
-step "${LIMIT_MEDIUM:-130}" "bench medium" "$py" app.py bench --model medium --repeats 5 --json "$out/bench-medium.json"
+step "${LIMIT_MEDIUM:-90}" "bench medium" "$py" app.py bench --model medium --repeats 5 --json "$out/bench-medium.json"
 # Optional (AUTOTUNE=1, about 5 more minutes): the same comparison with Inductor's tuned kernels, BF16 and FP8
 # both compiled in max-autotune-no-cudagraphs mode.
 if [ "${AUTOTUNE:-0}" = 1 ]; then
