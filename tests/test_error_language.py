@@ -17,7 +17,8 @@ from engine.validate import validate_workflow
 from engine.workflow import parse_workflow
 from webapp import handlers
 from webapp.guard import Caller
-from webapp.i18n import ERRORS_ZH, NODE_PROBLEMS_ZH, error_text, node_problem_text, problem_text
+from webapp.i18n import (ERRORS_ZH, NODE_DETAILS_ZH, NODE_PROBLEMS_ZH, error_text, node_problem_text,
+                         problem_text)
 
 ROOT = Path(__file__).resolve().parents[1]
 ALICE, BOB = Caller("alice", "user"), Caller("bob", "user")
@@ -155,21 +156,71 @@ def test_workflow_problems_of_every_kind_are_said_in_chinese_per_node():
         "6": {"class_type": "Teleport", "inputs": {}},  # invalid_prompt (unknown node type)
     }
     problems = validate_workflow(parse_workflow(broken, registry), registry)
-    kinds = {p.type for p in problems}
-    assert {"invalid_input_type", "required_input_missing", "bad_linked_input", "value_not_in_list",
-            "return_type_mismatch", "invalid_prompt"} <= kinds
+    said = {(p.node_id, p.input_name): node_problem_text(p, "zh") for p in problems}
+    # Each said whole from the problem's values, not around the engine's English sentence
+    assert said == {
+        ("1", "value"): "节点 1（Number）的输入“value”：“many”不是有效的整数",
+        ("3", "b"): "节点 3（Add）的输入“b”：连接到不存在的节点 9",
+        ("4", "number"): "节点 4（Pick）的输入“number”：缺少必需的输入（类型 整数）",
+        ("4", "mode"): "节点 4（Pick）的输入“mode”：“median”不在可选值中；可选：sum, product",
+        ("5", "value"): "节点 5（Show）的输入“value”：连接的输出类型是 文字，而此输入需要 整数",
+        ("5", "label"): "节点 5（Show）的输入“label”：连接的输出类型是 整数，而此输入需要 文字",
+        ("6", None): "节点 6（Teleport）：未知的节点类型“Teleport”，本程序不支持",
+    }
     for problem in problems:
-        chinese = node_problem_text(problem, "zh")
-        assert chinese.startswith(f"节点 {problem.node_id}（{problem.class_type}）"), chinese
-        assert NODE_PROBLEMS_ZH[problem.type] in chinese
-        assert problem.message in chinese
         assert node_problem_text(problem, "en") == problem.describe()
 
     page = error_text(WorkflowInvalid(problems), "zh")
     assert page.splitlines()[0] == "工作流检查未通过:"
     assert len(page.splitlines()) == 1 + min(len(problems), 10)
     no_outputs = NodeProblem(None, None, "prompt_no_outputs", "Prompt has no outputs")
-    assert node_problem_text(no_outputs, "zh").startswith("工作流：")
+    assert node_problem_text(no_outputs, "zh") == "工作流：没有输出节点（例如 SaveImage 或 PreviewImage），不会生成任何图片"
+
+
+def test_out_of_range_values_links_to_missing_outputs_and_cycles_name_their_values_in_chinese():
+    registry = arithmetic_registry()
+    workflow = {
+        "1": {"class_type": "Number", "inputs": {"value": 5}},
+        "2": {"class_type": "Pick", "inputs": {"number": ["1", 3], "seed": -1, "mode": "sum", "scale": 99.0}},
+        "3": {"class_type": "Show", "inputs": {"value": ["2", 0]}},
+        "7": {"class_type": "Add", "inputs": {"a": ["8", 0], "b": 1}},
+        "8": {"class_type": "Add", "inputs": {"a": ["7", 0], "b": 1}},
+        "9": {"class_type": "Show", "inputs": {"value": ["8", 0]}},
+    }
+    said = {node_problem_text(p, "zh") for p in validate_workflow(parse_workflow(workflow, registry), registry)}
+    assert said >= {
+        "节点 2（Pick）的输入“number”：连接到节点 1 的第 3 号输出，但该节点只有 1 个输出",
+        "节点 2（Pick）的输入“seed”：-1 小于最小值 0",
+        "节点 2（Pick）的输入“scale”：99.0 大于最大值 10.0",
+        "工作流：工作流中有循环：节点 7, 8 互相依赖",
+    }, said
+
+
+def test_a_model_file_not_in_the_folder_lists_the_files_there_in_chinese(demo_engine):
+    with pytest.raises(WorkflowInvalid) as caught:
+        demo_engine.validate(demo_engine.parse({
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "nope.safetensors"}},
+            "2": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+            "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+        }))
+    (problem,) = caught.value.problems
+    assert node_problem_text(problem, "zh") == (
+        "节点 1（CheckpointLoaderSimple）的输入“ckpt_name”：找不到模型文件“nope.safetensors”；可用：sd35_demo_tiny")
+
+
+def test_a_rare_workflow_problem_is_a_whole_chinese_sentence_with_the_engines_words_after_it():
+    rare = NodeProblem("4", "SaveImage", "custom_validation_failed", "filename_prefix '/x' leads outside",
+                       "use a relative prefix", "filename_prefix")
+    assert node_problem_text(rare, "zh") == (
+        "节点 4（SaveImage）的输入“filename_prefix”：检查未通过（filename_prefix '/x' leads outside: use a relative prefix）")
+
+
+def test_every_node_problem_sentence_fills_in_only_values_its_entry_requires():
+    for kind, entries in NODE_DETAILS_ZH.items():
+        assert kind in NODE_PROBLEMS_ZH, kind
+        for wanted, words in entries:
+            assert _placeholders(words) <= set(wanted), (kind, words)
 
 
 def test_an_error_without_a_code_keeps_the_engines_words_in_every_language():

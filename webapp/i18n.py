@@ -521,8 +521,8 @@ ERRORS_ZH: dict[str, str] = {
 }
 ERROR_TABLES: dict[str, dict[str, str]] = {"zh": ERRORS_ZH}
 
-# Workflow problems by ComfyUI's error type. The node, input and the engine's own English words (which
-# carry the values: the bad value, the allowed list) stay; the kind of problem is said in the language.
+# Workflow problems by ComfyUI's error type: the kind of problem in a few words, said where no more
+# precise sentence below fits (rare kinds, a node's own checks).
 NODE_PROBLEMS_ZH: dict[str, str] = {
     "required_input_missing": "缺少必需的输入",
     "value_not_in_list": "值不在可选列表中",
@@ -536,7 +536,47 @@ NODE_PROBLEMS_ZH: dict[str, str] = {
     "prompt_no_outputs": "工作流没有输出节点（例如 SaveImage 或 PreviewImage）",
     "invalid_prompt": "工作流无效",
 }
-NODE_WORDS_ZH = {"node": "节点 {node_id}（{class_type}）", "input": "的输入“{input_name}”", "workflow": "工作流"}
+# The common problems said whole, from the values the engine keeps in ``extra_info`` (the choices, the
+# limits, the types) rather than from its English sentence: per type, ``(what extra_info holds, words)``,
+# the first whose keys are all there (and, where a value is given, equal to it) wins. ``link_node`` and
+# ``link_output`` are read from ``linked_node``.
+NODE_DETAILS_ZH: dict[str, list[tuple[dict[str, Any], str]]] = {
+    "required_input_missing": [({"input_type": None}, "缺少必需的输入（类型 {input_type}）")],
+    "value_not_in_list": [
+        ({"file_problem": "missing", "received_value": None, "available": None},
+         "找不到图片“{received_value}”；可用的图片：{available}"),
+        ({"file_problem": "outside", "received_value": None},
+         "图片“{received_value}”不在输入文件夹内（不接受绝对路径和“..”）"),
+        ({"file_problem": "bad_name", "received_value": None}, "图片文件名“{received_value}”无效"),
+        ({"file_problem": "no_input_folder"}, "没有配置输入文件夹，无法读取图片"),
+        ({"missing_file": "model", "received_value": None, "choices": None},
+         "找不到模型文件“{received_value}”；可用：{choices}"),
+        ({"received_value": None, "choices": None}, "“{received_value}”不在可选值中；可选：{choices}"),
+    ],
+    "invalid_input_type": [
+        ({"link_only": True, "expected_type": None, "received_value": None},
+         "只能连接 {expected_type} 类型的输出，不能直接填写 {received_value}"),
+        ({"expected_type": None, "received_value": None}, "“{received_value}”不是有效的{expected_type}"),
+    ],
+    "value_smaller_than_min": [({"received_value": None, "min": None}, "{received_value} 小于最小值 {min}")],
+    "value_bigger_than_max": [({"received_value": None, "max": None}, "{received_value} 大于最大值 {max}")],
+    "return_type_mismatch": [({"received_type": None, "input_type": None},
+                              "连接的输出类型是 {received_type}，而此输入需要 {input_type}")],
+    "bad_linked_input": [
+        ({"link_node": None, "link_output": None, "output_count": None},
+         "连接到节点 {link_node} 的第 {link_output} 号输出，但该节点只有 {output_count} 个输出"),
+        ({"link_node": None}, "连接到不存在的节点 {link_node}"),
+    ],
+    "invalid_prompt": [
+        ({"unknown_node_type": None}, "未知的节点类型“{unknown_node_type}”，本程序不支持"),
+        ({"nodes": None}, "工作流中有循环：节点 {nodes} 互相依赖"),
+    ],
+    "prompt_no_outputs": [({}, "没有输出节点（例如 SaveImage 或 PreviewImage），不会生成任何图片")],
+}
+NODE_WORDS_ZH = {"node": "节点 {node_id}（{class_type}）", "input": "的输入“{input_name}”", "workflow": "工作流",
+                 "none": "无", "more": "等 {count} 项"}
+# The value types of node inputs people type in; the others (IMAGE, LATENT, MODEL...) are named as ComfyUI does.
+NODE_TYPES_ZH = {"INT": "整数", "FLOAT": "数字", "STRING": "文字", "BOOLEAN": "是/否值", "COMBO": "选项"}
 
 
 def _filled(template: str, values: dict[str, Any]) -> str:
@@ -552,8 +592,39 @@ def _coded_text(tables: dict[str, dict[str, str]], code: str | None, values: dic
     return None if template is None else _filled(template, values)
 
 
+def _node_detail_values(problem: Any) -> dict[str, Any]:
+    """A node problem's ``extra_info`` ready for :data:`NODE_DETAILS_ZH`: value types in words, a link split
+    into node and output, an empty list said as "none" and a cut list of choices marked as longer."""
+    values = dict(problem.extra_info)
+    for key in ("expected_type", "input_type", "received_type"):
+        if values.get(key) in NODE_TYPES_ZH:
+            values[key] = NODE_TYPES_ZH[values[key]]
+    linked = values.get("linked_node")
+    if isinstance(linked, (list, tuple)) and len(linked) == 2:
+        values["link_node"], values["link_output"] = linked
+    for key in ("available", "choices"):
+        if isinstance(values.get(key), (list, tuple)) and not values[key]:
+            values[key] = NODE_WORDS_ZH["none"]
+    count = values.get("choice_count")
+    if isinstance(values.get("choices"), list) and isinstance(count, int) and count > len(values["choices"]):
+        values["choices"] = ", ".join(map(str, values["choices"])) + " " + NODE_WORDS_ZH["more"].format(count=count)
+    return values
+
+
+def _node_detail(problem: Any) -> str | None:
+    """The Chinese sentence for a node problem from its values, or None when no entry fits."""
+    values = _node_detail_values(problem)
+    for wanted, words in NODE_DETAILS_ZH.get(problem.type, ()):
+        if all(key in values and (want is None or values[key] == want) for key, want in wanted.items()):
+            return _filled(words, values)
+    return None
+
+
 def node_problem_text(problem: Any, lang: str = "en") -> str:
-    """One workflow problem (``engine.errors.NodeProblem`` or its dict) in ``lang``, naming node and input."""
+    """One workflow problem (``engine.errors.NodeProblem`` or its dict) in ``lang``, naming node and input.
+
+    In Chinese the common problems are said whole from their values; a rare one is said by its kind, with
+    the engine's own words after it in brackets for whoever fixes the workflow."""
     from engine.errors import NodeProblem
 
     if isinstance(problem, dict):
@@ -561,14 +632,17 @@ def node_problem_text(problem: Any, lang: str = "en") -> str:
     kind = NODE_PROBLEMS_ZH.get(problem.type) if lang == "zh" else None
     if kind is None:
         return problem.describe()
-    english = problem.message + (f": {problem.details}" if problem.details else "")
     if problem.node_id:
         where = NODE_WORDS_ZH["node"].format(node_id=problem.node_id, class_type=problem.class_type)
     else:
         where = NODE_WORDS_ZH["workflow"]
     if problem.input_name:
         where += NODE_WORDS_ZH["input"].format(input_name=problem.input_name)
-    return f"{where}：{kind}（{english}）"
+    detail = _node_detail(problem)
+    if detail is None:
+        english = problem.message + (f": {problem.details}" if problem.details else "")
+        detail = f"{kind}（{english}）"
+    return f"{where}：{detail}"
 
 
 def error_text(exc: Any, lang: str = "en") -> str:
