@@ -4,7 +4,10 @@ words for each (webapp.i18n.ERRORS_ZH), workflow problems per node, and the code
 from __future__ import annotations
 
 import ast
+import io
+import re
 import string
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,21 @@ def _codes_raised_in_source() -> dict[str, set[str]]:
 
 def _placeholders(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+# Names and formats a Chinese sentence may carry as they are: what the user sees in Excel or in a file name.
+_NAMES = {"csv", "xlsx", "xlsm", "tsv", "txt", "excel", "utf", "gb18030", "gbk", "mib", "kib", "zip", "xml", "doctype",
+          "png", "jpg", "jpeg", "webp", "json", "jinja", "workflow", "template", "sd35_demo_tiny", "nan", "vae", "gpu",
+          "saveimage", "previewimage", "loadimage", "checkpointloadersimple", "lora", "controlnet", "yyyy"}
+
+
+def _english_words(text: str) -> list[str]:
+    """Latin words of three letters or more in ``text`` that are not names (file types, formats, nodes) nor
+    inside quotes or file names (the user's own values): what an English sentence left in a Chinese one
+    would show."""
+    unquoted = re.sub(r"“[^”]*”|'[^']*'", "", text)
+    unquoted = re.sub(r"[\w./-]+\.(csv|xlsx|png|zip|json|j2|safetensors|xml)\b", "", unquoted, flags=re.I)
+    return [w for w in re.findall(r"[A-Za-z][A-Za-z0-9_]{2,}", unquoted) if w.lower() not in _NAMES]
 
 
 def test_every_error_code_is_raised_with_its_values_and_has_chinese_words():
@@ -242,3 +260,96 @@ def test_page_handlers_raise_the_refusal_in_the_language_of_the_request(services
         with pytest.raises(gr.Error) as raised:
             resume("b-none", gr.Request(headers={"accept-language": header}))
         assert raised.value.message == expected
+
+
+# ------------------------------------------------------------------------- every message a sheet can get
+
+
+def _zip(members: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", method) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _crc_broken_workbook() -> bytes:
+    data = bytearray(_zip({"xl/workbook.xml": b"<workbook>hello</workbook>"}, zipfile.ZIP_STORED))
+    data[data.index(b"hello")] = ord("j")  # stored as is: the bytes change, the checksum does not
+    return bytes(data)
+
+
+def _workbook_with_a_damaged_number() -> bytes:
+    from openpyxl import Workbook
+
+    book = Workbook()
+    book.active.append(["prompt", "seed"])
+    book.active.append(["cat", 7])
+    buffer = io.BytesIO()
+    book.save(buffer)
+    source, out = zipfile.ZipFile(io.BytesIO(buffer.getvalue())), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            target.writestr(info, data.replace(b"<v>7</v>", b"<v>INF</v>") if "worksheets" in info.filename else data)
+    return out.getvalue()
+
+
+SHEETS_REFUSED = [
+    ("rows.xlsx", b"prompt\na cat\n", {}, "sheet_xlsx_holds_csv",
+     "“rows.xlsx”的扩展名是 .xlsx，但内容是 CSV 文本，不是 Excel 工作簿；请改名为 .csv，或在 Excel 中另存为“Excel 工作簿（.xlsx）”"),
+    ("rows.csv", _zip({"xl/workbook.xml": b"<workbook/>"}), {}, "sheet_csv_holds_zip",
+     "“rows.csv”的扩展名是 .csv，但它是 zip 压缩包（可能是 Excel 工作簿），不是 CSV 文本；请改名为 .xlsx，"
+     "或在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
+    ("rows.csv", b"prompt\n\xff\xff\xff\n", {}, "sheet_encoding_unknown",
+     "无法按 UTF-8 或 GB18030/GBK 读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
+    ("rows.csv", b"\xff\xfea", {}, "sheet_utf16_invalid",
+     "文件以 UTF-16 标记开头，但内容不是有效的 UTF-16；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
+    ("rows.csv", b'prompt\na cat\n"a dog" on a mat\n', {}, "sheet_csv_unparsable",
+     "第 3 行无法按 CSV 读取：请检查该行是否有未闭合的引号，或引号后紧跟着其他文字"),
+    ("rows.xlsx", _zip({"word/document.xml": b"<w/>"}), {}, "workbook_not_excel",
+     "文件是 zip 压缩包，但不是 Excel 工作簿（没有 xl/workbook.xml）"),
+    ("rows.xlsx", _zip({f"xl/{n}.xml": b"<x/>" for n in range(5)}), {"max_zip_members": 3},
+     "workbook_too_many_parts", "工作簿有 5 个部件，上限为 3"),
+    ("rows.xlsx", _zip({"xl/big.xml": b"<x>" + b" " * 3_000_000 + b"</x>"}), {"max_decompressed_bytes": 2 * 1048576},
+     "workbook_unpacks_too_large", "工作簿解压后超过 2 MiB（疑似压缩炸弹），已拒绝"),
+    ("rows.xlsx", _zip({"xl/big.xml": b"<x>" + b" " * 3_000_000 + b"</x>"}), {}, "workbook_part_compressed",
+     "工作簿部件“xl/big.xml”的压缩比为"),
+    ("rows.xlsx", _zip({"xl/workbook.xml": b'<!DOCTYPE x [<!ENTITY a "aaaa">]><x>&a;</x>'}), {},
+     "workbook_xml_entities", "工作簿部件“xl/workbook.xml”声明了 XML 实体（DOCTYPE），疑似 XML 炸弹，已拒绝"),
+    ("rows.xlsx", _crc_broken_workbook(), {}, "workbook_part_unreadable",
+     "工作簿部件“xl/workbook.xml”无法读取（文件已损坏或已加密）"),
+    ("rows.xlsx", _workbook_with_a_damaged_number(), {}, "workbook_damaged", "工作簿无法打开（文件已损坏，或不是 .xlsx）"),
+]
+
+
+@pytest.mark.parametrize("filename, data, limits, code, chinese", SHEETS_REFUSED,
+                         ids=[case[3] for case in SHEETS_REFUSED])
+def test_a_sheet_that_cannot_be_read_is_refused_in_chinese(filename, data, limits, code, chinese):
+    from engine.sheets import SheetLimits
+
+    exc = refusal(lambda: read_sheet(data, filename, limits=SheetLimits(**limits)))
+    assert exc.code == code
+    said = handlers.error_message(exc, "zh")
+    assert said.startswith(chinese), said
+    assert not _english_words(said), said
+    assert handlers.error_message(exc, "en") == exc.message
+
+
+def test_cell_problems_excel_leaves_and_notes_on_the_whole_sheet_are_said_in_chinese(services, tmp_path):
+    from openpyxl import Workbook
+
+    book = Workbook()
+    for row in (["prompt", "seed", "", "steps"], ["a cat", "=1+1", "x", 1], ["a dog", 2**64 - 1, "", 1]):
+        book.active.append(row)
+    book.save(tmp_path / "rows.xlsx")
+    checked = handlers.check_sheet(services, ALICE, "turbo_draft", tmp_path / "rows.xlsx", lang="zh")
+    assert checked.rows[0][2] == "seed: 公式 =1+1 没有保存的计算结果；请在 Excel 中打开文件并重新保存（或粘贴为数值）"
+    assert checked.rows[1][2] == ("seed: “18446744073709549568”是被 Excel 舍入到 15 位的数字；请在 Excel 中把该列设为"
+                                  "“文本”格式后重新输入")
+    assert "第 1 行中 C 列没有列名，该列的 1 个值已忽略" in checked.summary
+
+    (tmp_path / "gbk.csv").write_bytes("prompt,seed\n一只猫,1\n".encode("gb18030"))  # also valid UTF-8
+    checked = handlers.check_sheet(services, ALICE, "turbo_draft", tmp_path / "gbk.csv", lang="zh")
+    assert "文件按 UTF-8 读取，但其中的文字按 GB18030/GBK 读才是中文（例如“一只猫,1”）" in checked.summary
+    assert not _english_words(checked.summary)

@@ -22,7 +22,7 @@ from typing import Any
 from engine.errors import AccessDenied, BatchError, EngineError, SheetError
 from webapp.auth import ADMIN
 from webapp.guard import LOCAL_USER, Caller
-from webapp.i18n import TABLES, error_text, problem_text, text
+from webapp.i18n import TABLES, error_text, problem_reason, problem_text, text
 
 ACTIVE_STATES = ("queued", "running")
 LEDGER_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")
@@ -223,7 +223,7 @@ def check_sheet(
                                                        for p in problems.get(row["row_number"], []))
         table.append([row["row_number"], text("report.ok" if good else "report.problem", lang),
                       described or row["error"] or ""])
-    notes = list(prepared.report.notes)
+    notes = [problem_reason(p, lang) for p in prepared.sheet.problems_for(1)]  # the sheet's own: encoding, ...
     image_fields = [f.name for f in getattr(prepared.template, "fields", ()) if f.type == "image"]
     if image_fields and images is None and bad:  # the usual cause: the photos zip was not uploaded
         notes.append(text("batch.photos_missing", lang, columns=", ".join(image_fields)))

@@ -488,6 +488,13 @@ PROBLEMS_ZH: dict[str, str] = {
     "photo_not_uploaded": "上传的图片中没有“{value}”；可用：{available}",
     "excel_rounded": "“{value}”是被 Excel 舍入到 15 位的数字；请在 Excel 中把该列设为“文本”格式后重新输入",
     "inexact_number": "{value} 超过 2^53，JSON 只能近似保存；请以字符串或不带小数点的整数发送",
+    "not_finite": "单元格中的数字无效（不是有限的数值）",
+    "excel_error": "单元格是 Excel 错误值 {value}；请在 Excel 中修正公式",
+    "formula_without_value": "公式 {formula} 没有保存的计算结果；请在 Excel 中打开文件并重新保存（或粘贴为数值）",
+    # about the sheet as a whole: the report's notes
+    "looks_like_gb18030": "文件按 UTF-8 读取，但其中的文字按 GB18030/GBK 读才是中文（例如“{sample}”）；"
+    "如果是中文版 Excel 保存的，请另存为“CSV UTF-8（逗号分隔）”后重新上传",
+    "column_unnamed": "第 1 行中 {column} 列没有列名，该列的 {count} 个值已忽略",
 }
 PROBLEM_TABLES: dict[str, dict[str, str]] = {"zh": PROBLEMS_ZH}
 
@@ -503,7 +510,22 @@ ERRORS_ZH: dict[str, str] = {
     "sheet_too_many_rows": "表格超过 {limit} 行数据；请拆分成较小的表格",
     "sheet_too_many_columns": "表格有 {count} 列，上限为 {limit}",
     "sheet_duplicate_columns": "列名重复（不区分大小写和空格）：{columns}",
+    "sheet_csv_has_no_worksheets": "“{file}”是 CSV 文件，没有工作表“{sheet}”",
+    "sheet_xlsx_holds_csv": "“{file}”的扩展名是 {extension}，但内容是 CSV 文本，不是 Excel 工作簿；请改名为 .csv，"
+    "或在 Excel 中另存为“Excel 工作簿（.xlsx）”",
+    "sheet_csv_holds_zip": "“{file}”的扩展名是 {extension}，但它是 zip 压缩包（可能是 Excel 工作簿），不是 CSV 文本；"
+    "请改名为 .xlsx，或在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
+    "sheet_utf16_invalid": "文件以 UTF-16 标记开头，但内容不是有效的 UTF-16；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
+    "sheet_encoding_unknown": "无法按 UTF-8 或 GB18030/GBK 读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
+    "sheet_csv_unparsable": "第 {row} 行无法按 CSV 读取：请检查该行是否有未闭合的引号，或引号后紧跟着其他文字",
     "workbook_damaged": "工作簿无法打开（文件已损坏，或不是 .xlsx）",
+    "workbook_too_many_parts": "工作簿有 {count} 个部件，上限为 {limit}",
+    "workbook_not_excel": "文件是 zip 压缩包，但不是 Excel 工作簿（没有 xl/workbook.xml）",
+    "workbook_unpacks_too_large": "工作簿解压后超过 {limit_mib} MiB（疑似压缩炸弹），已拒绝",
+    "workbook_part_compressed": "工作簿部件“{member}”的压缩比为 {ratio}:1，上限为 {limit}:1（疑似压缩炸弹），已拒绝",
+    "workbook_xml_entities": "工作簿部件“{member}”声明了 XML 实体（DOCTYPE），疑似 XML 炸弹，已拒绝",
+    "workbook_part_unreadable": "工作簿部件“{member}”无法读取（文件已损坏或已加密）",
+    "worksheet_is_chart": "“{sheet}”是图表工作表，不是数据工作表；请把数据放到第一个工作表",
     "worksheet_not_found": "工作簿中没有工作表“{sheet}”；现有：{available}",
     "worksheet_empty": "工作表“{sheet}”是空的；工作簿中还有：{available}（请选择该工作表，或把数据移到第一个工作表）",
     "required_columns_missing": "表格缺少必填列：{columns}",
@@ -658,17 +680,20 @@ def error_text(exc: Any, lang: str = "en") -> str:
     return exc.message if coded is None else coded
 
 
-def problem_text(problem: Any, lang: str = "en") -> str:
-    """One spreadsheet problem as "column: why" in ``lang``. A workflow check that failed for the row
-    lists its node problems; problems without a code and languages without a table keep the engine's
-    English reason."""
+def problem_reason(problem: Any, lang: str = "en") -> str:
+    """Why a spreadsheet problem (``engine.sheets.RowProblem``) is one, in ``lang``, without its place. A
+    workflow check that failed for the row lists its node problems; problems without a code and languages
+    without a table keep the engine's English reason."""
     if problem.code == "workflow_invalid" and lang != "en":
-        reason = text("list.separator", lang).join(node_problem_text(p, lang) for p in problem.params["problems"])
-    else:
-        coded = _coded_text(PROBLEM_TABLES, problem.code, problem.params, lang)
-        reason = problem.reason if coded is None else coded
+        return text("list.separator", lang).join(node_problem_text(p, lang) for p in problem.params["problems"])
+    coded = _coded_text(PROBLEM_TABLES, problem.code, problem.params, lang)
+    return problem.reason if coded is None else coded
+
+
+def problem_text(problem: Any, lang: str = "en") -> str:
+    """One spreadsheet problem as "column: why" in ``lang`` (see :func:`problem_reason`)."""
     where = problem.column or text("report.whole_row", lang)
-    return f"{where}: {reason}"
+    return f"{where}: {problem_reason(problem, lang)}"
 
 
 def language_of(accept_language: str | None) -> str:
