@@ -153,7 +153,8 @@ class BatchRunner:
         A coordinator whose rows run on workers only changes the name: the workers load the model."""
         allowed = self.allowed_checkpoints()
         if name not in allowed:
-            raise BatchError(f"checkpoint {name!r} is not allowed; allowed: {', '.join(allowed) or 'none'}")
+            raise BatchError(f"checkpoint {name!r} is not allowed; allowed: {', '.join(allowed) or 'none'}",
+                             code="model_not_allowed", name=name, allowed=list(allowed))
         if getattr(self.dispatcher, "runs_rows_elsewhere", False):
             self.engine.default_checkpoint = name
         else:
@@ -294,9 +295,11 @@ class BatchRunner:
         for name, path in uploads.items():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise SheetError(f"{name}: '{path.name}' is not a supported photo; supported: {', '.join(IMAGE_EXTENSIONS)}",
-                                 column=name, image=path.name)
+                                 column=name, image=path.name, code="upload_photo_unsupported", field=name,
+                                 file=path.name, supported=list(IMAGE_EXTENSIONS))
             if not path.is_file():
-                raise SheetError(f"{name}: the uploaded photo '{path.name}' is gone; upload it again", column=name)
+                raise SheetError(f"{name}: the uploaded photo '{path.name}' is gone; upload it again", column=name,
+                                 code="upload_photo_gone", field=name, file=path.name)
         root = Path(self.settings.uploads_path) / STAGING_FOLDER
         root.mkdir(parents=True, exist_ok=True)
         holder = Path(tempfile.mkdtemp(prefix="photos-", dir=root))  # the layout discard_staging removes

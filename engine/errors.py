@@ -67,6 +67,19 @@ ERROR_CODES: dict[str, tuple[str, ...]] = {
     "required_columns_missing": ("columns",),
     "batch_seed_not_whole": ("value",),
     "batch_seed_out_of_range": ("limit",),
+    "photos_not_a_zip": (),
+    "photos_zip_too_large": ("size_mib", "limit_mib"),
+    "photos_unsafe_path": ("member",),
+    "photos_too_many_entries": ("count", "limit"),
+    "photos_too_many": ("limit",),
+    "photos_duplicate_name": ("name", "first", "second"),
+    "photo_too_large": ("member", "size_mib", "limit_mib"),
+    "photo_compressed": ("member", "ratio", "limit"),
+    "photos_unpack_too_large": ("limit_mib",),
+    "photo_unpacks_past_its_size": ("member",),
+    "photo_unpack_failed": ("member",),
+    "upload_photo_unsupported": ("field", "file", "supported"),
+    "upload_photo_gone": ("field", "file"),
     "template_not_chosen": (),
     "template_not_found": ("template", "available"),
     "template_shipped": ("template",),
@@ -76,6 +89,7 @@ ERROR_CODES: dict[str, tuple[str, ...]] = {
     "batch_not_checked": (),
     "batch_not_owner": ("batch_id", "owner"),
     "model_not_found": ("kind", "name", "available"),
+    "model_not_allowed": ("name", "allowed"),
 }
 
 

@@ -810,8 +810,9 @@ def _build_sheet(
 PROBLEM_CODES = (
     "required_column_missing", "required_value_empty", "not_whole_number", "not_a_number", "too_large",
     "not_yes_no", "below_minimum", "above_maximum", "text_too_long", "seed_out_of_range", "not_a_choice",
-    "not_a_file_name", "cell_too_long", "photo_not_named", "photo_unreadable", "photo_type_unsupported",
-    "photo_not_uploaded", "excel_rounded", "inexact_number", "not_finite", "excel_error", "formula_without_value",
+    "not_a_file_name", "cell_too_long", "photo_not_named", "photo_unreadable", "photo_too_many_pixels",
+    "photo_type_unsupported", "photo_not_uploaded", "excel_rounded", "inexact_number", "not_finite", "excel_error",
+    "formula_without_value",
     # about the sheet as a whole (row 1): Sheet.notes
     "looks_like_gb18030", "column_unnamed",
 )

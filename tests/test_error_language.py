@@ -353,3 +353,80 @@ def test_cell_problems_excel_leaves_and_notes_on_the_whole_sheet_are_said_in_chi
     checked = handlers.check_sheet(services, ALICE, "turbo_draft", tmp_path / "gbk.csv", lang="zh")
     assert "文件按 UTF-8 读取，但其中的文字按 GB18030/GBK 读才是中文（例如“一只猫,1”）" in checked.summary
     assert not _english_words(checked.summary)
+
+
+# ------------------------------------------------------------------------ the photos uploaded with a sheet
+
+
+def _png(size: tuple[int, int] = (8, 8)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _crc_broken_photos() -> bytes:
+    data = bytearray(_zip({"mug.png": b"\x89PNG hello"}, zipfile.ZIP_STORED))
+    data[data.index(b"hello")] = ord("j")
+    return bytes(data)
+
+
+PHOTOS_REFUSED = [
+    (b"PK\x03\x04 truncated", {}, "photos_not_a_zip", "上传的产品照片不是有效的 zip 压缩包；请把照片打包成 zip 后上传"),
+    (_zip({"mug.png": bytes(range(256)) * 8192}, zipfile.ZIP_STORED), {"max_archive_bytes": 1048576},
+     "photos_zip_too_large", "照片压缩包有 2.0 MiB，上限为 1 MiB"),
+    (_zip({"../mug.png": _png()}), {}, "photos_unsafe_path",
+     "照片压缩包中“../mug.png”的路径不安全（绝对路径、“..”或控制字符），已拒绝"),
+    (_zip({"a.png": _png(), "b.png": _png(), "c.png": _png()}), {"max_members": 2}, "photos_too_many_entries",
+     "照片压缩包有 3 个条目，上限为 2"),
+    (_zip({"a.png": _png(), "b.png": _png()}), {"max_images": 1}, "photos_too_many", "照片超过 1 张；请拆分成较小的批次"),
+    (_zip({"red/mug.png": _png(), "blue/MUG.png": _png()}), {}, "photos_duplicate_name",
+     "有两张照片都叫“MUG.png”（不区分大小写和文件夹）：“red/mug.png”和“blue/MUG.png”；请给其中一张改名，使每个单元格只对应一张照片"),
+    (_zip({"mug.png": bytes(range(256)) * 8192}, zipfile.ZIP_STORED), {"max_file_bytes": 1048576}, "photo_too_large",
+     "照片“mug.png”有 2.0 MiB，上限为 1 MiB"),
+    (_zip({"mug.png": bytes(3 * 1048576)}), {}, "photo_compressed", "照片“mug.png”的压缩比为"),
+    (_zip({"a.png": bytes(range(256)) * 4096, "b.png": bytes(range(256)) * 4096}, zipfile.ZIP_STORED),
+     {"max_total_bytes": 1048576, "max_file_bytes": 1048576}, "photos_unpack_too_large",
+     "照片压缩包解压后超过 1 MiB（疑似压缩炸弹），已拒绝"),
+    (_crc_broken_photos(), {}, "photo_unpack_failed", "照片“mug.png”无法解压（压缩包已损坏或已加密）"),
+]
+
+
+@pytest.mark.parametrize("data, limits, code, chinese", PHOTOS_REFUSED, ids=[case[2] for case in PHOTOS_REFUSED])
+def test_a_photos_zip_that_is_refused_is_refused_in_chinese(tmp_path, data, limits, code, chinese):
+    from engine.image_refs import ImageLibrary, ImageLimits
+
+    exc = refusal(lambda: ImageLibrary.from_zip(data, tmp_path / "photos", ImageLimits(**limits)))
+    assert exc.code == code
+    said = handlers.error_message(exc, "zh")
+    assert said.startswith(chinese), said
+    assert not _english_words(said), said
+
+
+def test_photos_that_are_no_photos_or_too_large_are_row_problems_said_in_chinese(services, tmp_path):
+    (tmp_path / "photos.zip").write_bytes(_zip({"mug.png": b"not a png", "poster.png": _png((100, 100))}))
+    (tmp_path / "rows.csv").write_text("product_name,product_photo,scene\nmug,mug.png,desk\nposter,poster.png,wall\n"
+                                       "cup,cup.png,kitchen\n", encoding="utf-8")
+    from engine.image_refs import ImageLimits
+
+    images = services.runner.unpack_photos(tmp_path / "photos.zip", ImageLimits(max_pixels=5000))
+    prepared = services.runner.prepare("product_in_scene", read_sheet(tmp_path / "rows.csv"), images=images)
+    said = [problem_text(p, "zh") for row in prepared.report.rows for p in row.problems]
+    assert said == [
+        "product_photo: 图片“mug.png”无法读取（文件已损坏或不是图片）",
+        "product_photo: 图片“poster.png”（100×100，共 1 帧）超过 5,000 像素的上限",
+        "product_photo: 上传的图片中没有“cup.png”；可用：-",
+    ]
+
+
+def test_a_photo_of_the_single_image_form_and_a_model_switch_are_refused_in_chinese(services, tmp_path):
+    (tmp_path / "mug.gif").write_bytes(b"GIF89a")
+    exc = refusal(lambda: handlers.stage_single_photos(services, "product_in_scene",
+                                                       {"product_photo": tmp_path / "mug.gif"}))
+    assert exc.code == "upload_photo_unsupported"
+    assert handlers.error_message(exc, "zh") == "product_photo：“mug.gif”不是支持的照片格式；支持：.png, .jpg, .jpeg, .webp"
+
+    exc = refusal(lambda: handlers.switch_model(services, Caller("root", "admin"), "sd3.5_large.safetensors"))
+    assert exc.code == "model_not_allowed"
+    assert handlers.error_message(exc, "zh") == "不能切换到模型“sd3.5_large.safetensors”；可选：sd35_demo_tiny"

@@ -482,8 +482,13 @@ def test_every_cell_problem_carries_a_documented_code_whose_chinese_words_take_i
 
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "shoe.png").write_bytes(b"not a png at all")
-    photos = ImageLibrary.from_folder(tmp_path / "photos")
-    for name in ("", "shoe.png", "shoe.gif", "boot.jpg"):
+    from PIL import Image
+
+    from engine.image_refs import ImageLimits
+
+    Image.new("RGB", (10, 10)).save(tmp_path / "photos" / "poster.png")
+    photos = ImageLibrary.from_folder(tmp_path / "photos", ImageLimits(max_pixels=50))
+    for name in ("", "shoe.png", "poster.png", "shoe.gif", "boot.jpg"):
         code, reason, params = photos.problem(name)
         problems.append(type(problems[0])(5, "photo", reason, code, params))
 

@@ -483,7 +483,8 @@ PROBLEMS_ZH: dict[str, str] = {
     "not_a_file_name": "“{value}”必须是 models/inputs 文件夹内的文件名，不能是路径",
     "cell_too_long": "单元格有 {length:,} 个字符，上限为 {max:,}",
     "photo_not_named": "未填写图片文件名",
-    "photo_unreadable": "图片“{value}”无法读取：{error}",
+    "photo_unreadable": "图片“{value}”无法读取（文件已损坏或不是图片）",
+    "photo_too_many_pixels": "图片“{value}”（{width}×{height}，共 {frames} 帧）超过 {max:,} 像素的上限",
     "photo_type_unsupported": "“{value}”不是支持的图片格式；支持：{supported}",
     "photo_not_uploaded": "上传的图片中没有“{value}”；可用：{available}",
     "excel_rounded": "“{value}”是被 Excel 舍入到 15 位的数字；请在 Excel 中把该列设为“文本”格式后重新输入",
@@ -531,6 +532,20 @@ ERRORS_ZH: dict[str, str] = {
     "required_columns_missing": "表格缺少必填列：{columns}",
     "batch_seed_not_whole": "批次种子必须是整数，而不是“{value}”",
     "batch_seed_out_of_range": "批次种子必须在 0 到 {limit} 之间",
+    "photos_not_a_zip": "上传的产品照片不是有效的 zip 压缩包；请把照片打包成 zip 后上传",
+    "photos_zip_too_large": "照片压缩包有 {size_mib} MiB，上限为 {limit_mib} MiB",
+    "photos_unsafe_path": "照片压缩包中“{member}”的路径不安全（绝对路径、“..”或控制字符），已拒绝",
+    "photos_too_many_entries": "照片压缩包有 {count} 个条目，上限为 {limit}",
+    "photos_too_many": "照片超过 {limit} 张；请拆分成较小的批次",
+    "photos_duplicate_name": "有两张照片都叫“{name}”（不区分大小写和文件夹）：“{first}”和“{second}”；"
+    "请给其中一张改名，使每个单元格只对应一张照片",
+    "photo_too_large": "照片“{member}”有 {size_mib} MiB，上限为 {limit_mib} MiB",
+    "photo_compressed": "照片“{member}”的压缩比为 {ratio}:1，上限为 {limit}:1（疑似压缩炸弹），已拒绝",
+    "photos_unpack_too_large": "照片压缩包解压后超过 {limit_mib} MiB（疑似压缩炸弹），已拒绝",
+    "photo_unpacks_past_its_size": "照片“{member}”解压后超过压缩包声明的大小或上限（疑似压缩炸弹），已拒绝",
+    "photo_unpack_failed": "照片“{member}”无法解压（压缩包已损坏或已加密）",
+    "upload_photo_unsupported": "{field}：“{file}”不是支持的照片格式；支持：{supported}",
+    "upload_photo_gone": "{field}：上传的照片“{file}”已不存在，请重新上传",
     "template_not_chosen": "请先选择模板",
     "template_not_found": "没有模板“{template}”；可用：{available}",
     "template_shipped": "“{template}”是内置模板，不能替换；请用另一个名称保存（template.json 中的 \"name\"）",
@@ -540,6 +555,7 @@ ERRORS_ZH: dict[str, str] = {
     "batch_not_checked": "还没有可开始的内容：请先检查表格",
     "batch_not_owner": "批次 {batch_id} 由 {owner} 启动：只有本人或管理员可以停止或继续",
     "model_not_found": "找不到 {kind}“{name}”；可用：{available}",
+    "model_not_allowed": "不能切换到模型“{name}”；可选：{allowed}",
 }
 ERROR_TABLES: dict[str, dict[str, str]] = {"zh": ERRORS_ZH}
 
