@@ -1033,12 +1033,15 @@ def _problem_column(exc: EngineError, template: Any, column_map: dict[str, str])
 
 def _row_problem(row: int, column: str | None, reason: str, failure: EngineError | None) -> Any:
     """The report's problem for a row whose rendered workflow failed: a failed graph check carries its node
-    problems (code ``workflow_invalid``), so a client or page can name node and input in its own words."""
+    problems (code ``workflow_invalid``), so a client or page can name node and input in its own words; a
+    library error with a code (a template that cannot render the row) carries that code and its values."""
     from engine.sheets import RowProblem
 
     if isinstance(failure, WorkflowInvalid):
         return RowProblem(row=row, column=column, reason=reason, code="workflow_invalid",
                           params={"problems": [asdict(p) for p in failure.problems]})
+    if failure is not None and failure.code is not None:  # a template that cannot render the row, say
+        return RowProblem(row=row, column=column, reason=reason, code=failure.code, params=jsonable(failure.details))
     return RowProblem(row=row, column=column, reason=reason)
 
 

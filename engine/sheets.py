@@ -99,7 +99,8 @@ class RowProblem:
     # What went wrong as a stable code and its values (``not_whole_number``, {"value": "abc"}), so a page
     # or an API client can say it in the user's language: one of PROBLEM_CODES for the cell checks, or
     # ``workflow_invalid`` ({"problems": [NodeProblem as a dict, ...]}) for a row whose rendered workflow
-    # fails the graph check; None for the rest.
+    # fails the graph check, a code of engine.errors.ERROR_CODES with its details for a row whose workflow
+    # could not be rendered (``template_value_missing``); None for the rest.
     code: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
 

@@ -48,15 +48,17 @@ def _placeholders(template: str) -> set[str]:
 # Names and formats a Chinese sentence may carry as they are: what the user sees in Excel or in a file name.
 _NAMES = {"csv", "xlsx", "xlsm", "tsv", "txt", "excel", "utf", "gb18030", "gbk", "mib", "kib", "zip", "xml", "doctype",
           "png", "jpg", "jpeg", "webp", "json", "jinja", "workflow", "template", "sd35_demo_tiny", "nan", "vae", "gpu",
-          "saveimage", "previewimage", "loadimage", "checkpointloadersimple", "lora", "controlnet", "yyyy"}
+          "saveimage", "previewimage", "loadimage", "lora", "controlnet", "yyyy", "filename_pattern", "class_type",
+          "inputs", "api"}
 
 
 def _english_words(text: str) -> list[str]:
     """Latin words of three letters or more in ``text`` that are not names (file types, formats, nodes) nor
     inside quotes or file names (the user's own values): what an English sentence left in a Chinese one
     would show."""
-    unquoted = re.sub(r"“[^”]*”|'[^']*'", "", text)
-    unquoted = re.sub(r"[\w./-]+\.(csv|xlsx|png|zip|json|j2|safetensors|xml)\b", "", unquoted, flags=re.I)
+    # values, node types after their ids, and lists of the values allowed
+    unquoted = re.sub(r"“[^”]*”|'[^']*'|（\w+）|(可选|可用|可用的图片|支持)：[^；\n]*", "", text)
+    unquoted = re.sub(r"[\w./-]+\.(csv|xlsx|png|zip|json|j2|safetensors|xml|txt|gif)\b", "", unquoted, flags=re.I)
     return [w for w in re.findall(r"[A-Za-z][A-Za-z0-9_]{2,}", unquoted) if w.lower() not in _NAMES]
 
 
@@ -430,3 +432,80 @@ def test_a_photo_of_the_single_image_form_and_a_model_switch_are_refused_in_chin
     exc = refusal(lambda: handlers.switch_model(services, Caller("root", "admin"), "sd3.5_large.safetensors"))
     assert exc.code == "model_not_allowed"
     assert handlers.error_message(exc, "zh") == "不能切换到模型“sd3.5_large.safetensors”；可选：sd35_demo_tiny"
+
+
+# ------------------------------------------------------------------------------------------ templates
+
+
+def _turbo_files(schema_change=None, workflow_change=None) -> dict[str, bytes]:
+    import json
+
+    shipped = ROOT / "templates" / "turbo_draft"
+    schema = json.loads((shipped / "template.json").read_text(encoding="utf-8"))
+    schema["name"] = "my_draft"
+    if schema_change:
+        schema_change(schema)
+    workflow = (shipped / "workflow.json.j2").read_text(encoding="utf-8")
+    if workflow_change:
+        workflow = workflow_change(workflow)
+    return {"template.json": json.dumps(schema).encode(), "workflow.json.j2": workflow.encode()}
+
+
+def test_a_row_the_template_cannot_render_is_said_in_chinese(services, tmp_path):
+    """An uploaded template whose own expression fails for some rows (a division by steps - 3): the row's
+    problem carries the template error's code, so the report says it in Chinese."""
+    files = _turbo_files(workflow_change=lambda w: w.replace('"cfg": 1.0', '"cfg": {{ 12 // (steps - 3) }}'))
+    services.templates.add(files)
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("prompt,width,height,steps\na cat,64,64,4\na dog,64,64,3\n", encoding="utf-8")
+    checked = handlers.check_sheet(services, ALICE, "my_draft", sheet, lang="zh")
+    assert checked.rows[0][1] == "正常"
+    assert checked.rows[1][2] == "整行: 模板“my_draft”渲染失败：模板本身有误，请管理员检查它的 workflow.json.j2"
+    (problem,) = checked.prepared.report.rows[1].problems
+    assert problem.code == "template_render_failed" and problem.params["template"] == "my_draft"
+
+
+def test_a_field_without_a_value_stops_the_render_in_chinese():
+    from engine.templates import parse_template
+
+    files = _turbo_files()
+    template = parse_template(files["template.json"], files["workflow.json.j2"])
+    exc = refusal(lambda: template.render({"prompt": "a cat"}))  # no checkpoint, and no default given
+    assert exc.code == "template_value_missing"
+    assert error_text(exc, "zh") == "模板“my_draft”需要字段“checkpoint”的值，但单元格为空且没有默认值"
+
+
+TEMPLATES_REFUSED = [
+    (lambda f: f.update({"notes.txt": b"hi"}), "template_upload_unexpected_files",
+     "上传了不属于模板的文件：notes.txt；模板由 template.json、workflow.json.j2 以及可选的 example.png 组成"),
+    (lambda f: f.pop("workflow.json.j2"), "template_upload_lacks_file", "上传的文件中缺少 workflow.json.j2"),
+    (lambda f: f.update({"template.json": b"{'name': 'x'}"}), "template_schema_not_json",
+     "template.json 必须是有效的 UTF-8 JSON 对象"),
+    (lambda f: f.update({"template.json": f["template.json"].replace(b'"my_draft"', b'"My Draft"')}),
+     "template_name_invalid", "模板名称“My Draft”无效：只能由 1–64 个小写字母、数字、“_”或“-”组成"),
+    (lambda f: f.update({"workflow.json.j2": f["workflow.json.j2"].replace(b"{{ prompt }}", b"{{ prompt | }}")}),
+     "template_jinja_syntax", "模板“my_draft”的 workflow.json.j2 第 3 行有 Jinja 语法错误："),
+    (lambda f: f.update({"workflow.json.j2": f["workflow.json.j2"].replace(b"{{ prompt }}", b"{{ promt }}")}),
+     "template_name_not_a_field", "模板“my_draft”的工作流用到了“promt”，但 template.json 没有声明这些字段"),
+    (lambda f: f.update({"workflow.json.j2": f["workflow.json.j2"].replace(b'"steps": {{ steps }}', b'"steps": 4')}),
+     "template_field_unused", "模板“my_draft”声明了字段“steps”，但工作流和 filename_pattern 都没有用到；请使用它，或从 template.json 中删除"),
+    (lambda f: f.update({"workflow.json.j2": f["workflow.json.j2"].replace(b'"cfg": 1.0', b'"cfg": 1.0,')}),
+     "template_invalid_json", "模板“my_draft”渲染出的内容不是有效的 JSON（第 8 行第 58 列）"),
+    (lambda f: f.update({"workflow.json.j2": f["workflow.json.j2"].replace(b'"sgm_uniform"', b'"sideways"')}),
+     "template_example_invalid", "模板“my_draft”的示例工作流未通过检查\n• 节点 5（KSampler）的输入“scheduler”：“sideways”不在可选值中；可选："),
+    (lambda f: f.update({"example.png": b"GIF89a"}), "template_example_not_png", "example.png 必须是 PNG 图片，且小于"),
+    (lambda f: f.update({"template.json": f["template.json"].replace(b'"min": 1,', b'"min": 100,')}), "template_invalid",
+     "模板定义有误，未保存："),
+]
+
+
+@pytest.mark.parametrize("change, code, chinese", TEMPLATES_REFUSED, ids=[case[1] for case in TEMPLATES_REFUSED])
+def test_a_template_an_admin_saves_is_refused_in_chinese(services, change, code, chinese):
+    files = _turbo_files()
+    change(files)
+    exc = refusal(lambda: services.templates.add(files))
+    assert exc.code == code
+    said = handlers.error_message(exc, "zh")
+    assert said.startswith(chinese), said
+    if code not in ("template_jinja_syntax", "template_invalid"):  # these add the engine's specifics
+        assert not _english_words(said), said

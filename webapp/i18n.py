@@ -550,6 +550,24 @@ ERRORS_ZH: dict[str, str] = {
     "template_not_found": "没有模板“{template}”；可用：{available}",
     "template_shipped": "“{template}”是内置模板，不能替换；请用另一个名称保存（template.json 中的 \"name\"）",
     "template_exists": "模板“{template}”已存在；勾选替换后再保存即可覆盖",
+    "template_value_missing": "模板“{template}”需要字段“{field}”的值，但单元格为空且没有默认值",
+    "template_render_failed": "模板“{template}”渲染失败：模板本身有误，请管理员检查它的 workflow.json.j2",
+    "template_duplicate_key": "模板“{template}”在同一个对象中两次写出了键“{key}”（节点编号或同一节点的输入重复）",
+    "template_invalid_json": "模板“{template}”渲染出的内容不是有效的 JSON（第 {line} 行第 {column} 列）",
+    "template_not_api_format": "模板“{template}”必须渲染出由节点组成的 JSON 对象（API 格式，每个节点含 class_type 和 inputs）",
+    "template_file_too_large": "{file} 超过 {limit} 字节的上限",
+    "template_schema_not_json": "{file} 必须是有效的 UTF-8 JSON 对象",
+    "template_name_invalid": "模板名称“{name}”无效：只能由 1–64 个小写字母、数字、“_”或“-”组成",
+    "template_jinja_syntax": "模板“{template}”的 workflow.json.j2 第 {line} 行有 Jinja 语法错误：{detail}",
+    "template_name_not_a_field": "模板“{template}”的工作流用到了“{names}”，但 template.json 没有声明这些字段",
+    "template_field_unused": "模板“{template}”声明了字段“{fields}”，但工作流和 filename_pattern 都没有用到；"
+    "请使用它，或从 template.json 中删除",
+    "template_example_invalid": "模板“{template}”的示例工作流未通过检查",
+    "template_upload_unexpected_files": "上传了不属于模板的文件：{files}；模板由 template.json、workflow.json.j2 "
+    "以及可选的 example.png 组成",
+    "template_upload_lacks_file": "上传的文件中缺少 {file}",
+    "template_example_not_png": "example.png 必须是 PNG 图片，且小于 {limit_kib} KiB",
+    "template_invalid": "模板定义有误，未保存：{detail}",
     "batch_not_selected": "没有选择批次",
     "batch_not_found": "记录中没有批次“{batch_id}”",
     "batch_not_checked": "还没有可开始的内容：请先检查表格",
@@ -693,7 +711,10 @@ def error_text(exc: Any, lang: str = "en") -> str:
         lines = [f"• {node_problem_text(p, lang)}" for p in exc.problems[:10]]
         return text("error.workflow_invalid", lang) + ":\n" + "\n".join(lines)
     coded = _coded_text(ERROR_TABLES, getattr(exc, "code", None), exc.details, lang)
-    return exc.message if coded is None else coded
+    if coded is None:
+        return exc.message
+    node_problems = exc.details.get("node_problems") or []  # a template whose example workflow fails
+    return coded + "".join(f"\n• {node_problem_text(p, lang)}" for p in node_problems[:10])
 
 
 def problem_reason(problem: Any, lang: str = "en") -> str:
@@ -703,6 +724,8 @@ def problem_reason(problem: Any, lang: str = "en") -> str:
     if problem.code == "workflow_invalid" and lang != "en":
         return text("list.separator", lang).join(node_problem_text(p, lang) for p in problem.params["problems"])
     coded = _coded_text(PROBLEM_TABLES, problem.code, problem.params, lang)
+    if coded is None:  # a row whose workflow could not be rendered carries the library error's code
+        coded = _coded_text(ERROR_TABLES, problem.code, problem.params, lang)
     return problem.reason if coded is None else coded
 
 
