@@ -236,6 +236,8 @@ class BatchRunner:
                     "prompt": self._positive_prompt(rendered) if rendered is not None else None,
                     "status": status,
                     "error": "; ".join(problems) or None,
+                    # why, as codes and values (kept with a skipped row, for a page in another language)
+                    "problems": [asdict(p) for p in row_report.problems],
                 }
             )
         if on_invalid == "stop" and any(row["status"] == SKIPPED for row in rows):
@@ -609,7 +611,8 @@ class BatchRunner:
         """Run every row of the batch that is not done. Safe to call again after a crash: that is resume."""
         with self._lock:
             if batch_id in self._active:
-                raise BatchError(f"batch {batch_id} is already running in this process", batch_id=batch_id)
+                raise BatchError(f"batch {batch_id} is already running in this process", batch_id=batch_id,
+                                 code="batch_running_here")
             self._active.add(batch_id)
         try:
             return self._run(batch_id, on_event, should_cancel, retry_failed)
@@ -634,7 +637,8 @@ class BatchRunner:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # before any row is claimed: the batch stays resumable as it is
             raise BatchError(f"batch {batch_id}: cannot create the output folder {out_dir}: "
-                             f"{exc.strerror or exc}", batch_id=batch_id, path=str(out_dir)) from exc
+                             f"{exc.strerror or exc}", batch_id=batch_id, path=str(out_dir),
+                             code="batch_output_unwritable") from exc
         self._requeue_abandoned(batch_id)
         _remove_abandoned_temp_files(out_dir)
         all_rows = self.ledger.rows(batch_id)
@@ -734,7 +738,7 @@ class BatchRunner:
         return BatchError(
             f"batch {batch_id} stopped at row {job.row_number}: cannot write{where}: {exc.strerror or exc}. "
             f"Finished rows are kept; free space (or fix the folder) and resume the batch",
-            batch_id=batch_id, row=job.row_number, path=exc.filename,
+            batch_id=batch_id, row=job.row_number, path=exc.filename or "", code="batch_stopped_by_storage",
         )
 
     def cancel_waiting(self, batch_id: str) -> int:

@@ -106,6 +106,20 @@ ERROR_CODES: dict[str, tuple[str, ...]] = {
     "batch_not_owner": ("batch_id", "owner"),
     "model_not_found": ("kind", "name", "available"),
     "model_not_allowed": ("name", "allowed"),
+    "batch_running_here": ("batch_id",),
+    "batch_output_unwritable": ("batch_id", "path"),
+    "batch_stopped_by_storage": ("batch_id", "row", "path"),
+    "generation_not_found": ("row_key",),
+    "generation_has_no_template": ("row_key",),
+    "single_image_timeout": ("seconds",),
+    # why a row failed while it ran (kept with the row in the ledger: its extra's "failure")
+    "cancelled": (),
+    "sampler_deadline": ("limit_s",),
+    "out_of_memory": ("node_id", "class_type"),
+    "image_nan": (),
+    "image_blank": (),
+    "no_image": (),
+    "node_failed": ("node_id", "class_type", "error"),
 }
 
 

@@ -46,7 +46,7 @@ def _placeholders(template: str) -> set[str]:
 
 
 # Names and formats a Chinese sentence may carry as they are: what the user sees in Excel or in a file name.
-_NAMES = {"csv", "xlsx", "xlsm", "tsv", "txt", "excel", "utf", "gb18030", "gbk", "mib", "kib", "zip", "xml", "doctype",
+_NAMES = {"csv", "xlsx", "xlsm", "xls", "tsv", "txt", "excel", "utf", "gb18030", "gbk", "mib", "kib", "zip", "xml", "doctype",
           "png", "jpg", "jpeg", "webp", "json", "jinja", "workflow", "template", "sd35_demo_tiny", "nan", "vae", "gpu",
           "saveimage", "previewimage", "loadimage", "lora", "controlnet", "yyyy", "filename_pattern", "class_type",
           "inputs", "api"}
@@ -57,7 +57,7 @@ def _english_words(text: str) -> list[str]:
     inside quotes or file names (the user's own values): what an English sentence left in a Chinese one
     would show."""
     # values, node types after their ids, and lists of the values allowed
-    unquoted = re.sub(r"“[^”]*”|'[^']*'|（\w+）|(可选|可用|可用的图片|支持)：[^；\n]*", "", text)
+    unquoted = re.sub(r"“[^”]*”|'[^']*'|\"[^\"]*\"|（\w+）|(可选|可用|可用的图片|支持)：[^；\n]*", "", text)
     unquoted = re.sub(r"[\w./-]+\.(csv|xlsx|png|zip|json|j2|safetensors|xml|txt|gif)\b", "", unquoted, flags=re.I)
     return [w for w in re.findall(r"[A-Za-z][A-Za-z0-9_]{2,}", unquoted) if w.lower() not in _NAMES]
 
@@ -72,6 +72,20 @@ def test_every_error_code_is_raised_with_its_values_and_has_chinese_words():
     for code, keywords in raised.items():
         if code != "model_not_found":
             assert set(ERROR_CODES[code]) <= keywords, (code, keywords)
+
+
+@pytest.mark.parametrize("code", sorted(ERROR_CODES))
+def test_every_registered_code_is_a_whole_chinese_sentence_filled_from_its_detail_names(code):
+    """A code added to ERROR_CODES without Chinese words, or with words that name another value, fails here.
+    Details arrive as text, numbers or lists (a list is written as its items), so the words use no format
+    specifications."""
+    assert code in ERRORS_ZH, f"{code} has no Chinese words in webapp.i18n.ERRORS_ZH"
+    names = ERROR_CODES[code]
+    for sample in ("值", 7, ["甲", "乙"]):
+        said = error_text(EngineError("the engine's English", code=code, **{name: sample for name in names}), "zh")
+        assert said != "the engine's English" and "{" not in said and "}" not in said, (code, said)
+        assert re.search("[\u4e00-\u9fff]", said), (code, said)
+        assert not _english_words(said), (code, said)
 
 
 # ---------------------------------------------------------------------------------- over the real library
@@ -509,3 +523,71 @@ def test_a_template_an_admin_saves_is_refused_in_chinese(services, change, code,
     assert said.startswith(chinese), said
     if code not in ("template_jinja_syntax", "template_invalid"):  # these add the engine's specifics
         assert not _english_words(said), said
+
+
+# -------------------------------------------------------------------------- history, progress, system
+
+
+def test_a_skipped_row_says_why_in_chinese_in_the_history(services, tmp_path):
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("prompt,seed,width,height,steps\na cat,abc,64,64,1\na dog,1,64,64,1\n", encoding="utf-8")
+    batch_id = services_start(services, sheet)
+    detail = handlers.generation_detail(services, f"{batch_id}:2")
+    rows = dict(handlers.generation_rows(detail, "zh"))
+    assert rows["错误"] == "seed: “abc”不是整数"
+    assert dict(handlers.generation_rows(detail, "en"))["Error"] == "seed: 'abc' is not a whole number"
+
+
+def test_a_row_that_ran_past_its_deadline_says_so_in_chinese(tmp_path, demo_engine):
+    from engine.services import build_services
+
+    settings = load_settings({"data_dir": str(tmp_path / "data"), "templates_dir": str(ROOT / "templates"),
+                              "row_timeout_s": 1e-6}, environ={})
+    built = build_services(settings, demo_engine)
+    try:
+        sheet = tmp_path / "rows.csv"
+        sheet.write_text("prompt,seed,width,height,steps\na cat,1,64,64,2\n", encoding="utf-8")
+        batch_id = services_start(built, sheet)
+        built.runner.run(batch_id)
+        detail = handlers.generation_detail(built, f"{batch_id}:2")
+        assert detail["status"] == "timed_out"
+        assert dict(handlers.generation_rows(detail, "zh"))["错误"] == "节点 5（KSampler）：采样超过了 1e-06 秒的时间限制"
+        assert detail["extra"]["failure"]["code"] == "sampler_deadline"
+    finally:
+        built.close()
+
+
+def services_start(services, sheet) -> str:
+    checked = handlers.check_sheet(services, ALICE, "turbo_draft", sheet)
+    return services.runner.start(checked.prepared)
+
+
+def test_a_batch_stopped_by_a_full_disk_says_so_in_chinese_on_the_progress_line(services, tmp_path, monkeypatch):
+    from engine.errors import BatchError
+
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("prompt,seed,width,height,steps\na cat,1,64,64,1\n", encoding="utf-8")
+    batch_id = services_start(services, sheet)
+
+    def full_disk(batch, **_):
+        raise BatchError(f"batch {batch} stopped at row 2: cannot write out.png: No space left on device",
+                         batch_id=batch, row=2, path="out.png", code="batch_stopped_by_storage")
+
+    monkeypatch.setattr(services.runner, "run", full_disk)
+    services.queue.submit(batch_id)
+    progress = services.queue.wait(batch_id, 30)
+    assert progress.state == "error" and progress.error_code == "batch_stopped_by_storage"
+    view = handlers.batch_view(services, batch_id, "zh")
+    assert view.error.startswith(f"批次 {batch_id} 在第 2 行停止：无法写入 out.png（磁盘已满或文件夹不可写）")
+    assert handlers.batch_view(services, batch_id, "en").error.startswith(f"batch {batch_id} stopped at row 2")
+
+
+def test_history_and_single_image_refusals_and_model_kinds_are_said_in_chinese(services):
+    exc = refusal(lambda: handlers.rerun_row(services, ALICE, "b-none:2"))
+    assert exc.code == "generation_not_found" and handlers.error_message(exc, "zh") == "记录中没有生成记录“b-none:2”"
+    exc = refusal(lambda: services.engine.models.resolver.resolve("loras", "brand.safetensors"))
+    assert handlers.error_message(exc, "zh").startswith("找不到 LoRA“brand.safetensors”")
+    info = {"default_checkpoint": "sd35_demo_tiny", "demo_in_use": True, "loaded_models": [
+        {"name": "sd35_demo_tiny", "kind": "checkpoint"}, {"name": "brand", "kind": "lora"}]}
+    rows = dict(handlers.system_rows(info, "zh"))
+    assert rows["已载入的模型"].startswith("brand (LoRA), sd35_demo_tiny (模型文件)")

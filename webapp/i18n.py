@@ -574,8 +574,30 @@ ERRORS_ZH: dict[str, str] = {
     "batch_not_owner": "批次 {batch_id} 由 {owner} 启动：只有本人或管理员可以停止或继续",
     "model_not_found": "找不到 {kind}“{name}”；可用：{available}",
     "model_not_allowed": "不能切换到模型“{name}”；可选：{allowed}",
+    "batch_running_here": "批次 {batch_id} 已在本进程中运行",
+    "batch_output_unwritable": "批次 {batch_id} 无法创建输出文件夹 {path}（磁盘已满或没有写入权限）",
+    "batch_stopped_by_storage": "批次 {batch_id} 在第 {row} 行停止：无法写入 {path}（磁盘已满或文件夹不可写）。"
+    "已完成的行都已保留；请释放空间（或修复文件夹）后继续该批次",
+    "generation_not_found": "记录中没有生成记录“{row_key}”",
+    "generation_has_no_template": "生成记录“{row_key}”没有记录所用的模板，无法重新生成",
+    "single_image_timeout": "图片在 {seconds} 秒内没有完成",
+    "cancelled": "已被用户取消",
+    "sampler_deadline": "采样超过了 {limit_s} 秒的时间限制",
+    "out_of_memory": "节点 {node_id}（{class_type}）运行时显存不足",
+    "image_nan": "生成的图片含有 NaN（模型或 VAE 数值溢出）",
+    "image_blank": "生成的图片是一片空白（所有像素都相同）",
+    "no_image": "工作流没有生成任何图片",
+    "node_failed": "节点 {node_id}（{class_type}）运行失败：{error}",
 }
 ERROR_TABLES: dict[str, dict[str, str]] = {"zh": ERRORS_ZH}
+
+# Kinds of model file (engine.models: the folders looked in, and the kinds the model cache holds), as the
+# errors and the system page name them.
+MODEL_KINDS_ZH = {"checkpoint": "模型文件", "checkpoints": "模型文件", "diffusion_model": "扩散模型",
+                  "diffusion_models": "扩散模型", "text_encoders": "文本编码器", "vae": "VAE", "lora": "LoRA",
+                  "loras": "LoRA", "controlnet": "ControlNet"}
+# Values that are words themselves, said in the language wherever a coded message fills them in.
+VALUE_WORDS: dict[str, dict[str, dict[str, str]]] = {"zh": {"kind": MODEL_KINDS_ZH}}
 
 # Workflow problems by ComfyUI's error type: the kind of problem in a few words, said where no more
 # precise sentence below fits (rare kinds, a node's own checks).
@@ -645,7 +667,11 @@ def _coded_text(tables: dict[str, dict[str, str]], code: str | None, values: dic
     """What ``code`` says in ``lang`` with ``values`` filled in; None where ``lang`` has no words for it (the
     caller keeps the engine's English)."""
     template = tables.get(lang, {}).get(code or "")
-    return None if template is None else _filled(template, values)
+    if template is None:
+        return None
+    words = VALUE_WORDS.get(lang, {})
+    return _filled(template, {k: words[k].get(v, v) if k in words and isinstance(v, str) else v
+                              for k, v in values.items()})
 
 
 def _node_detail_values(problem: Any) -> dict[str, Any]:
@@ -715,6 +741,40 @@ def error_text(exc: Any, lang: str = "en") -> str:
         return exc.message
     node_problems = exc.details.get("node_problems") or []  # a template whose example workflow fails
     return coded + "".join(f"\n• {node_problem_text(p, lang)}" for p in node_problems[:10])
+
+
+def coded_text(code: str | None, values: dict[str, Any], english: str, lang: str = "en") -> str:
+    """A library error kept as its code and values (a batch's progress, a row in the ledger) in ``lang``;
+    ``english``, the engine's message, where the language has no words for the code."""
+    coded = _coded_text(ERROR_TABLES, code, values, lang)
+    return english if coded is None else coded
+
+
+def row_error_text(detail: dict[str, Any], lang: str = "en") -> str | None:
+    """Why a ledger row (``Generation.to_dict()``) was skipped or failed, in ``lang``: from the problems a
+    skipped row keeps, or the code of the error a failed row met (its ``extra``'s failure); the ledger's
+    English ``error`` otherwise."""
+    from engine.errors import ERROR_CODES
+    from engine.sheets import RowProblem
+
+    error = detail.get("error")
+    if lang == "en" or not error:
+        return error
+    extra = detail.get("extra") or {}
+    if extra.get("problems"):
+        return text("list.separator", lang).join(problem_text(RowProblem(**p), lang) for p in extra["problems"])
+    failure = extra.get("failure") or {}
+    said = _coded_text(ERROR_TABLES, failure.get("code"), failure.get("values") or {}, lang)
+    if said is None:
+        return error
+    if failure.get("node_id") and "node_id" not in ERROR_CODES.get(failure["code"], ()):
+        said = NODE_WORDS_ZH["node"].format(node_id=failure["node_id"], class_type=failure.get("node_type")) + "：" + said
+    return said
+
+
+def model_kind_text(kind: str, lang: str = "en") -> str:
+    """A kind of model file ("checkpoint", "loras") in ``lang``."""
+    return VALUE_WORDS.get(lang, {}).get("kind", {}).get(kind, kind)
 
 
 def problem_reason(problem: Any, lang: str = "en") -> str:
