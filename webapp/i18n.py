@@ -223,6 +223,7 @@ EN: dict[str, str] = {
     "system.demo": "demo model",
     "system.real": "real model",
     # errors
+    "upload.too_large": "File(s) exceed the maximum allowed size of {size}: {files}",
     "error.admin_only": "Only admins may {action}.",
     "error.login_required": "Please sign in.",
     "error.workflow_invalid": "workflow failed validation",
@@ -443,6 +444,7 @@ ZH: dict[str, str] = {
     "system.refresh": "刷新",
     "system.demo": "演示模型",
     "system.real": "正式模型",
+    "upload.too_large": "文件超过了 {size} 的上传上限：{files}",
     "error.admin_only": "只有管理员可以{action}。",
     "error.login_required": "请先登录。",
     "error.workflow_invalid": "工作流检查未通过",
