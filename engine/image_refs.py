@@ -432,9 +432,9 @@ def _image_problem(path: Path, limits: ImageLimits) -> tuple[str, str, dict[str,
             # every one of them: the limit counts them all.
             frames = getattr(probe, "n_frames", 1)
             if frames * width * height > limits.max_pixels:
-                shown = f"{width}x{height}" if frames == 1 else f"{frames} frames of {width}x{height}"
-                return ("photo_too_many_pixels", f"{shown} {'is' if frames == 1 else 'are'} more than "
-                        f"{limits.max_pixels:,} pixels",
+                shown = f"{width}x{height} is" if frames == 1 else f"{frames} frames of {width}x{height} are"
+                reason = f"{shown} more than {limits.max_pixels:,} pixels"
+                return ("photo_too_many_pixels", reason,
                         {"width": width, "height": height, "frames": frames, "max": limits.max_pixels})
             probe.verify()  # structure and checksums, without decoding
         with Image.open(path) as image:

@@ -18,8 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.errors import (ERROR_CODES, BadOutput, Cancelled, DeadlineExceeded, EngineError, ExecutionError,
-                           OutOfMemory)
+from engine.errors import ERROR_CODES, BadOutput, Cancelled, DeadlineExceeded, EngineError, ExecutionError, OutOfMemory
 from engine.execute import full_type_name
 from engine.jobs import CANCELLED, DONE, FAILED, TIMED_OUT, RowImage, RowJob, RowResult
 

@@ -58,7 +58,8 @@ def _english_words(text: str) -> list[str]:
     would show."""
     # values, node types after their ids, and lists of the values allowed
     unquoted = re.sub(r"“[^”]*”|'[^']*'|\"[^\"]*\"|（\w+）|(可选|可用|可用的图片|支持)：[^；\n]*", "", text)
-    unquoted = re.sub(r"[\w./-]+\.(csv|xlsx|png|zip|json|j2|safetensors|xml|txt|gif)\b", "", unquoted, flags=re.I)
+    unquoted = re.sub(r"[\w./-]+\.(csv|xlsx|png|zip|json|j2|safetensors|xml|txt|gif)\b", "", unquoted,
+                      flags=re.IGNORECASE)
     return [w for w in re.findall(r"[A-Za-z][A-Za-z0-9_]{2,}", unquoted) if w.lower() not in _NAMES]
 
 
@@ -312,8 +313,8 @@ SHEETS_REFUSED = [
     ("rows.xlsx", b"prompt\na cat\n", {}, "sheet_xlsx_holds_csv",
      "“rows.xlsx”的扩展名是 .xlsx，但内容是 CSV 文本，不是 Excel 工作簿；请改名为 .csv，或在 Excel 中另存为“Excel 工作簿（.xlsx）”"),
     ("rows.csv", _zip({"xl/workbook.xml": b"<workbook/>"}), {}, "sheet_csv_holds_zip",
-     "“rows.csv”的扩展名是 .csv，但它是 zip 压缩包（可能是 Excel 工作簿），不是 CSV 文本；请改名为 .xlsx，"
-     "或在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
+     ("“rows.csv”的扩展名是 .csv，但它是 zip 压缩包（可能是 Excel 工作簿），不是 CSV 文本；请改名为 .xlsx，"
+      "或在 Excel 中另存为“CSV UTF-8（逗号分隔）”")),
     ("rows.csv", b"prompt\n\xff\xff\xff\n", {}, "sheet_encoding_unknown",
      "无法按 UTF-8 或 GB18030/GBK 读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
     ("rows.csv", b"\xff\xfea", {}, "sheet_utf16_invalid",

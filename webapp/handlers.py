@@ -22,8 +22,16 @@ from typing import Any
 from engine.errors import AccessDenied, BatchError, EngineError, SheetError
 from webapp.auth import ADMIN
 from webapp.guard import LOCAL_USER, Caller
-from webapp.i18n import (TABLES, coded_text, error_text, model_kind_text, problem_reason, problem_text, row_error_text,
-                         text)
+from webapp.i18n import (
+    TABLES,
+    coded_text,
+    error_text,
+    model_kind_text,
+    problem_reason,
+    problem_text,
+    row_error_text,
+    text,
+)
 
 ACTIVE_STATES = ("queued", "running")
 LEDGER_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")

@@ -518,7 +518,8 @@ ERRORS_ZH: dict[str, str] = {
     "或在 Excel 中另存为“Excel 工作簿（.xlsx）”",
     "sheet_csv_holds_zip": "“{file}”的扩展名是 {extension}，但它是 zip 压缩包（可能是 Excel 工作簿），不是 CSV 文本；"
     "请改名为 .xlsx，或在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
-    "sheet_utf16_invalid": "文件以 UTF-16 标记开头，但内容不是有效的 UTF-16；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
+    "sheet_utf16_invalid": "文件以 UTF-16 标记开头，但内容不是有效的 UTF-16；"
+    "请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
     "sheet_encoding_unknown": "无法按 UTF-8 或 GB18030/GBK 读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
     "sheet_csv_unparsable": "第 {row} 行无法按 CSV 读取：请检查该行是否有未闭合的引号，或引号后紧跟着其他文字",
     "workbook_damaged": "工作簿无法打开（文件已损坏，或不是 .xlsx）",
@@ -556,7 +557,8 @@ ERRORS_ZH: dict[str, str] = {
     "template_render_failed": "模板“{template}”渲染失败：模板本身有误，请管理员检查它的 workflow.json.j2",
     "template_duplicate_key": "模板“{template}”在同一个对象中两次写出了键“{key}”（节点编号或同一节点的输入重复）",
     "template_invalid_json": "模板“{template}”渲染出的内容不是有效的 JSON（第 {line} 行第 {column} 列）",
-    "template_not_api_format": "模板“{template}”必须渲染出由节点组成的 JSON 对象（API 格式，每个节点含 class_type 和 inputs）",
+    "template_not_api_format": "模板“{template}”必须渲染出由节点组成的 JSON 对象"
+    "（API 格式，每个节点含 class_type 和 inputs）",
     "template_file_too_large": "{file} 超过 {limit} 字节的上限",
     "template_schema_not_json": "{file} 必须是有效的 UTF-8 JSON 对象",
     "template_name_invalid": "模板名称“{name}”无效：只能由 1–64 个小写字母、数字、“_”或“-”组成",
@@ -770,7 +772,8 @@ def row_error_text(detail: dict[str, Any], lang: str = "en") -> str | None:
     if said is None:
         return error
     if failure.get("node_id") and "node_id" not in ERROR_CODES.get(failure["code"], ()):
-        said = NODE_WORDS_ZH["node"].format(node_id=failure["node_id"], class_type=failure.get("node_type")) + "：" + said
+        where = NODE_WORDS_ZH["node"].format(node_id=failure["node_id"], class_type=failure.get("node_type"))
+        said = f"{where}：{said}"
     return said
 
 

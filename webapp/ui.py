@@ -60,9 +60,9 @@ def page_head() -> str:
     only, its refusal of an upload over ``max_file_size`` before sending it ("File(s) exceed the maximum
     allowed size of 1.0 Mb: "big.csv""), is said in the page's language (``upload.too_large``)."""
     words = {lang: text("upload.too_large", lang) for lang in LANGUAGES if lang != "en"}
-    return """<script>
+    script = r"""<script>
 (() => {
-  const words = %s;
+  const words = WORDS;
   const gradio = /^File\(s\) exceed the maximum allowed size of (.+?): (.+)$/s;
   const say = (node) => {
     const template = words[(document.documentElement.lang || "").split("-")[0]];
@@ -72,7 +72,8 @@ def page_head() -> str:
   new MutationObserver(() => document.querySelectorAll('[data-testid="toast-text"]').forEach(say))
     .observe(document.documentElement, {childList: true, subtree: true});
 })();
-</script>""" % json.dumps(words, ensure_ascii=False)
+</script>"""
+    return script.replace("WORDS", json.dumps(words, ensure_ascii=False), 1)
 
 
 CSS = """
