@@ -153,7 +153,8 @@ class BatchRunner:
         A coordinator whose rows run on workers only changes the name: the workers load the model."""
         allowed = self.allowed_checkpoints()
         if name not in allowed:
-            raise BatchError(f"checkpoint {name!r} is not allowed; allowed: {', '.join(allowed) or 'none'}")
+            raise BatchError(f"checkpoint {name!r} is not allowed; allowed: {', '.join(allowed) or 'none'}",
+                             code="model_not_allowed", name=name, allowed=list(allowed))
         if getattr(self.dispatcher, "runs_rows_elsewhere", False):
             self.engine.default_checkpoint = name
         else:
@@ -235,6 +236,8 @@ class BatchRunner:
                     "prompt": self._positive_prompt(rendered) if rendered is not None else None,
                     "status": status,
                     "error": "; ".join(problems) or None,
+                    # why, as codes and values (kept with a skipped row, for a page in another language)
+                    "problems": [asdict(p) for p in row_report.problems],
                 }
             )
         if on_invalid == "stop" and any(row["status"] == SKIPPED for row in rows):
@@ -294,9 +297,11 @@ class BatchRunner:
         for name, path in uploads.items():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise SheetError(f"{name}: '{path.name}' is not a supported photo; supported: {', '.join(IMAGE_EXTENSIONS)}",
-                                 column=name, image=path.name)
+                                 column=name, image=path.name, code="upload_photo_unsupported", field=name,
+                                 file=path.name, supported=list(IMAGE_EXTENSIONS))
             if not path.is_file():
-                raise SheetError(f"{name}: the uploaded photo '{path.name}' is gone; upload it again", column=name)
+                raise SheetError(f"{name}: the uploaded photo '{path.name}' is gone; upload it again", column=name,
+                                 code="upload_photo_gone", field=name, file=path.name)
         root = Path(self.settings.uploads_path) / STAGING_FOLDER
         root.mkdir(parents=True, exist_ok=True)
         holder = Path(tempfile.mkdtemp(prefix="photos-", dir=root))  # the layout discard_staging removes
@@ -606,7 +611,8 @@ class BatchRunner:
         """Run every row of the batch that is not done. Safe to call again after a crash: that is resume."""
         with self._lock:
             if batch_id in self._active:
-                raise BatchError(f"batch {batch_id} is already running in this process", batch_id=batch_id)
+                raise BatchError(f"batch {batch_id} is already running in this process", batch_id=batch_id,
+                                 code="batch_running_here")
             self._active.add(batch_id)
         try:
             return self._run(batch_id, on_event, should_cancel, retry_failed)
@@ -631,7 +637,8 @@ class BatchRunner:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # before any row is claimed: the batch stays resumable as it is
             raise BatchError(f"batch {batch_id}: cannot create the output folder {out_dir}: "
-                             f"{exc.strerror or exc}", batch_id=batch_id, path=str(out_dir)) from exc
+                             f"{exc.strerror or exc}", batch_id=batch_id, path=str(out_dir),
+                             code="batch_output_unwritable") from exc
         self._requeue_abandoned(batch_id)
         _remove_abandoned_temp_files(out_dir)
         all_rows = self.ledger.rows(batch_id)
@@ -731,7 +738,7 @@ class BatchRunner:
         return BatchError(
             f"batch {batch_id} stopped at row {job.row_number}: cannot write{where}: {exc.strerror or exc}. "
             f"Finished rows are kept; free space (or fix the folder) and resume the batch",
-            batch_id=batch_id, row=job.row_number, path=exc.filename,
+            batch_id=batch_id, row=job.row_number, path=exc.filename or "", code="batch_stopped_by_storage",
         )
 
     def cancel_waiting(self, batch_id: str) -> int:
@@ -1030,12 +1037,15 @@ def _problem_column(exc: EngineError, template: Any, column_map: dict[str, str])
 
 def _row_problem(row: int, column: str | None, reason: str, failure: EngineError | None) -> Any:
     """The report's problem for a row whose rendered workflow failed: a failed graph check carries its node
-    problems (code ``workflow_invalid``), so a client or page can name node and input in its own words."""
+    problems (code ``workflow_invalid``), so a client or page can name node and input in its own words; a
+    library error with a code (a template that cannot render the row) carries that code and its values."""
     from engine.sheets import RowProblem
 
     if isinstance(failure, WorkflowInvalid):
         return RowProblem(row=row, column=column, reason=reason, code="workflow_invalid",
                           params={"problems": [asdict(p) for p in failure.problems]})
+    if failure is not None and failure.code is not None:  # a template that cannot render the row, say
+        return RowProblem(row=row, column=column, reason=reason, code=failure.code, params=jsonable(failure.details))
     return RowProblem(row=row, column=column, reason=reason)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.batch import BatchEvent, BatchRunner, describe_error
 from engine.errors import EngineError
+from engine.jobs import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class BatchProgress:
     steps: int = 0
     recent_images: list[str] = field(default_factory=list)
     error: str | None = None
+    error_code: str | None = None  # the error's code (engine.errors.ERROR_CODES), with its values
+    error_details: dict[str, Any] = field(default_factory=dict)
     updated: float = field(default_factory=time.time)
 
 
@@ -160,6 +163,8 @@ class BatchQueue:
                 with self._lock:
                     progress.state = "error"
                     progress.error = describe_error(exc) if isinstance(exc, EngineError) else str(exc)
+                    if isinstance(exc, EngineError) and exc.code is not None:
+                        progress.error_code, progress.error_details = exc.code, jsonable(exc.details)
                 self._publish(BatchEvent("batch_failed", batch_id, error=progress.error))
             finally:
                 with self._lock:

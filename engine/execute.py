@@ -403,12 +403,13 @@ def _node_error(exc: BaseException, node_id: str, class_type: str) -> EngineErro
     if is_out_of_memory(exc):
         error: EngineError = OutOfMemory(
             f"out of device memory in {class_type} (node {node_id}): {exc}",
-            node_id=node_id, class_type=class_type, exception_type=full_type_name(type(exc)),
+            node_id=node_id, class_type=class_type, exception_type=full_type_name(type(exc)), code="out_of_memory",
         )
     else:
         error = ExecutionError(
             f"{class_type} (node {node_id}) failed: {type(exc).__name__}: {exc}",
             node_id=node_id, class_type=class_type, exception_type=full_type_name(type(exc)),
+            code="node_failed", error=f"{type(exc).__name__}: {exc}",
         )
     error.__cause__ = exc
     return error

@@ -81,8 +81,9 @@ class ImageLibrary:
     """Checked photos in one flat folder. Build with :meth:`from_zip` or :meth:`from_folder`.
 
     ``files`` maps :func:`image_key` to the stored file name; ``unreadable`` maps keys of files that are
-    not images to the reason; ``skipped`` lists entries that were not photos at all (other extensions,
-    folders, system files); ``digests`` maps stored names to their sha256.
+    not images to the reason, and ``unreadable_codes`` to the reason's code and values (a RowProblem's);
+    ``skipped`` lists entries that were not photos at all (other extensions, folders, system files);
+    ``digests`` maps stored names to their sha256.
     """
 
     folder: Path
@@ -90,6 +91,7 @@ class ImageLibrary:
     unreadable: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)
+    unreadable_codes: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------- building
 
@@ -151,19 +153,21 @@ class ImageLibrary:
                 continue
             _refuse_duplicate(seen, entry.name, entry.name)
             if len(seen) > limits.max_images:
-                raise SheetError(f"the photos folder holds more than {limits.max_images} images", kind="images")
+                raise SheetError(f"the photos folder holds more than {limits.max_images} images", kind="images",
+                                 code="photos_too_many", limit=limits.max_images)
             library._admit(Path(entry.path), limits)
         return library
 
     def _admit(self, path: Path, limits: ImageLimits) -> None:
         """Check one stored file and record it as a photo, or as unreadable."""
         key = image_key(path.name)
-        reason = _image_problem(path, limits)
-        if reason is None:
+        problem = _image_problem(path, limits)
+        if problem is None:
             self.files[key] = path.name
             self.digests[path.name] = _sha256(path)
         else:
-            self.unreadable[key] = reason
+            code, self.unreadable[key], params = problem
+            self.unreadable_codes[key] = (code, params)
 
     # ------------------------------------------------------------------------------------- looking up
 
@@ -187,8 +191,9 @@ class ImageLibrary:
         if key in self.files:
             return None
         if key in self.unreadable:
-            return ("photo_unreadable", f"image '{name}' cannot be read as an image: {self.unreadable[key]}",
-                    {"value": name, "error": self.unreadable[key]})
+            code, params = self.unreadable_codes.get(key, ("photo_unreadable", {}))
+            return (code, f"image '{name}' cannot be read as an image: {self.unreadable[key]}",
+                    {"value": name, "error": self.unreadable[key], **params})
         if not key.endswith(IMAGE_EXTENSIONS):
             supported = ", ".join(IMAGE_EXTENSIONS)
             return ("photo_type_unsupported", f"image '{name}' is not a supported photo; supported: {supported}",
@@ -243,7 +248,8 @@ class ImageLibrary:
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-        return ImageLibrary(dest, dict(self.files), dict(self.unreadable), list(self.skipped), dict(self.digests))
+        return ImageLibrary(dest, dict(self.files), dict(self.unreadable), list(self.skipped), dict(self.digests),
+                            dict(self.unreadable_codes))
 
     def describe(self) -> str:
         """One line for the user: how many photos, and what was left out."""
@@ -271,13 +277,15 @@ def _open_zip(source: str | Path | bytes | IO[bytes], limits: ImageLimits) -> zi
             return zipfile.ZipFile(source)
         return zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise SheetError(f"the photos upload is not a valid zip archive: {exc}", kind="images") from exc
+        raise SheetError(f"the photos upload is not a valid zip archive: {exc}", kind="images",
+                         code="photos_not_a_zip") from exc
 
 
 def _archive_too_big(size: int, limits: ImageLimits) -> SheetError:
+    size_mib, limit_mib = f"{size / 1048576:.1f}", f"{limits.max_archive_bytes / 1048576:.0f}"
     return SheetError(
-        f"the photos zip is {size / 1048576:.0f} MiB; the limit is {limits.max_archive_bytes / 1048576:.0f} MiB",
-        kind="images", size=size,
+        f"the photos zip is {size_mib} MiB; the limit is {limit_mib} MiB",
+        kind="images", size=size, code="photos_zip_too_large", size_mib=size_mib, limit_mib=limit_mib,
     )
 
 
@@ -286,13 +294,14 @@ def _member_parts(name: str) -> list[str]:
     text = name.replace("\\", "/")
     if _CONTROL.search(text):
         raise SheetError(f"the photos zip holds a member with control characters in its name: {name!r}",
-                         kind="images", member=name)
+                         kind="images", member=name, code="photos_unsafe_path")
     if text.startswith("/") or _DRIVE.match(text):
-        raise SheetError(f"the photos zip holds an absolute path '{name}'; refused", kind="images", member=name)
+        raise SheetError(f"the photos zip holds an absolute path '{name}'; refused", kind="images", member=name,
+                         code="photos_unsafe_path")
     parts = [part for part in text.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise SheetError(f"the photos zip holds a path leading outside the folder ('{name}'); refused",
-                         kind="images", member=name)
+                         kind="images", member=name, code="photos_unsafe_path")
     return parts
 
 
@@ -309,6 +318,7 @@ def _refuse_duplicate(seen: dict[str, str], stored: str, original: str) -> None:
         raise SheetError(
             f"two photos are both named '{stored}' ignoring case and folders ('{seen[key]}' and '{original}'); "
             "rename one so each cell names one photo", kind="images", member=original,
+            code="photos_duplicate_name", name=stored, first=seen[key], second=original,
         )
     seen[key] = original
 
@@ -337,7 +347,7 @@ def _plan_extraction(archive: zipfile.ZipFile, limits: ImageLimits) -> tuple[lis
     members = archive.infolist()
     if len(members) > limits.max_members:
         raise SheetError(f"the photos zip has {len(members)} entries; the limit is {limits.max_members}",
-                         kind="images")
+                         kind="images", code="photos_too_many_entries", count=len(members), limit=limits.max_members)
     declared = 0
     photos: list[tuple[zipfile.ZipInfo, str]] = []
     skipped: list[str] = []
@@ -352,27 +362,30 @@ def _plan_extraction(archive: zipfile.ZipFile, limits: ImageLimits) -> tuple[lis
             skipped.append(member.filename)
             continue
         if member.file_size > limits.max_file_bytes:
+            size_mib, limit_mib = f"{member.file_size / 1048576:.1f}", f"{limits.max_file_bytes / 1048576:.0f}"
             raise SheetError(
-                f"photo '{member.filename}' is {member.file_size / 1048576:.0f} MiB; the limit is "
-                f"{limits.max_file_bytes / 1048576:.0f} MiB", kind="images", member=member.filename,
+                f"photo '{member.filename}' is {size_mib} MiB; the limit is {limit_mib} MiB", kind="images",
+                member=member.filename, code="photo_too_large", size_mib=size_mib, limit_mib=limit_mib,
             )
         ratio = member.file_size / max(member.compress_size, 1)
         if member.file_size > 1024 * 1024 and ratio > limits.max_ratio:
             raise SheetError(
                 f"photo '{member.filename}' is compressed {ratio:.0f}:1; the limit is {limits.max_ratio}:1 "
                 "(possible zip bomb)", kind="images", member=member.filename,
+                code="photo_compressed", ratio=f"{ratio:.0f}", limit=limits.max_ratio,
             )
         declared += member.file_size
         if declared > limits.max_total_bytes:
             raise SheetError(
                 f"the photos zip unpacks to more than {limits.max_total_bytes / 1048576:.0f} MiB "
                 "(possible zip bomb)", kind="images",
+                code="photos_unpack_too_large", limit_mib=f"{limits.max_total_bytes / 1048576:.0f}",
             )
         _refuse_duplicate(seen, parts[-1], member.filename)
         photos.append((member, parts[-1]))
     if len(photos) > limits.max_images:
         raise SheetError(f"the photos zip holds {len(photos)} images; the limit is {limits.max_images}",
-                         kind="images")
+                         kind="images", code="photos_too_many", limit=limits.max_images)
     return photos, skipped
 
 
@@ -389,44 +402,48 @@ def _extract_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: P
                     raise SheetError(
                         f"photo '{member.filename}' unpacks to more bytes than the zip declares or the limit "
                         "allows (possible zip bomb)", kind="images", member=member.filename,
+                        code="photo_unpacks_past_its_size",
                     )
                 if total > limits.max_total_bytes:
                     raise SheetError(
                         f"the photos zip unpacks to more than {limits.max_total_bytes / 1048576:.0f} MiB "
                         "(possible zip bomb)", kind="images",
+                        code="photos_unpack_too_large", limit_mib=f"{limits.max_total_bytes / 1048576:.0f}",
                     )
                 out.write(chunk)
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:  # RuntimeError: encrypted member
         raise SheetError(f"photo '{member.filename}' cannot be unpacked: {exc}", kind="images",
-                         member=member.filename) from exc
+                         member=member.filename, code="photo_unpack_failed") from exc
     return total
 
 
 # ------------------------------------------------------------------------------------------- images
 
 
-def _image_problem(path: Path, limits: ImageLimits) -> str | None:
-    """Why ``path`` is not a usable photo, or None. Decodes it (cheaply for JPEG) to catch damaged files."""
+def _image_problem(path: Path, limits: ImageLimits) -> tuple[str, str, dict[str, Any]] | None:
+    """Why ``path`` is not a usable photo as ``(code, reason, values)``, or None. Decodes it (cheaply for
+    JPEG) to catch damaged files."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as probe:
             width, height = probe.size
-            if width * height > limits.max_pixels:
-                return f"{width}x{height} is more than {limits.max_pixels:,} pixels"
             # An animated photo of a few KB can hold hundreds of full-size frames, and LoadImage decodes
             # every one of them: the limit counts them all.
             frames = getattr(probe, "n_frames", 1)
             if frames * width * height > limits.max_pixels:
-                return f"{frames} frames of {width}x{height} are more than {limits.max_pixels:,} pixels"
+                shown = f"{width}x{height} is" if frames == 1 else f"{frames} frames of {width}x{height} are"
+                reason = f"{shown} more than {limits.max_pixels:,} pixels"
+                return ("photo_too_many_pixels", reason,
+                        {"width": width, "height": height, "frames": frames, "max": limits.max_pixels})
             probe.verify()  # structure and checksums, without decoding
         with Image.open(path) as image:
             image.draft("RGB", (256, 256))  # JPEG decodes at reduced scale: fast, still reads every block
             image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        return str(exc).replace(str(path), path.name)
+        return "photo_unreadable", str(exc).replace(str(path), path.name), {}
     except (OSError, SyntaxError, ValueError) as exc:  # PIL reports damage through all of these
-        return f"{type(exc).__name__}: {exc}".replace(str(path), path.name)
+        return "photo_unreadable", f"{type(exc).__name__}: {exc}".replace(str(path), path.name), {}
     return None
 
 

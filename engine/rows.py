@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.errors import BadOutput, Cancelled, DeadlineExceeded, EngineError, ExecutionError, OutOfMemory
+from engine.errors import ERROR_CODES, BadOutput, Cancelled, DeadlineExceeded, EngineError, ExecutionError, OutOfMemory
 from engine.execute import full_type_name
 from engine.jobs import CANCELLED, DONE, FAILED, TIMED_OUT, RowImage, RowJob, RowResult
 
@@ -232,7 +232,7 @@ class RowExecutor:
                     type=encoded.type,
                 ))
             if not images:
-                return self._failure(job, BadOutput("the workflow produced no image"))
+                return self._failure(job, BadOutput("the workflow produced no image", code="no_image"))
             row_timings = {**timings, "png_s": round(png_s, 4), "png_cpu_s": round(png_cpu_s, 4)}
             row_timings.setdefault("row_s", timings["gpu_s"] + png_s)
             return RowResult(job.row_key, DONE, None, images, record, row_timings, self.worker_name)
@@ -262,6 +262,10 @@ class RowExecutor:
             "current_outputs": list(details.get("cached", [])),
             "current_inputs": dict(details.get("current_inputs", {})),
         }
+        code = getattr(error, "code", None)
+        if code in ERROR_CODES:  # so a page can say why in its language (webapp.i18n.row_error_text)
+            failure["code"] = code
+            failure["values"] = {name: details.get(name) for name in ERROR_CODES[code]}
         return RowResult(job.row_key, status, message, [], {}, {}, self.worker_name, failure)
 
 

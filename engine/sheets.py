@@ -22,7 +22,7 @@ import math
 import re
 import unicodedata
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -99,7 +99,8 @@ class RowProblem:
     # What went wrong as a stable code and its values (``not_whole_number``, {"value": "abc"}), so a page
     # or an API client can say it in the user's language: one of PROBLEM_CODES for the cell checks, or
     # ``workflow_invalid`` ({"problems": [NodeProblem as a dict, ...]}) for a row whose rendered workflow
-    # fails the graph check; None for the rest.
+    # fails the graph check, a code of engine.errors.ERROR_CODES with its details for a row whose workflow
+    # could not be rendered (``template_value_missing``); None for the rest.
     code: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -218,7 +219,8 @@ def read_sheet(
         sheet = _read_xlsx(data, sheet_name, limits)
     else:
         if sheet_name is not None:
-            raise SheetError(f"'{filename or 'the file'}' is a CSV file; it has no worksheet '{sheet_name}'")
+            raise SheetError(f"'{filename or 'the file'}' is a CSV file; it has no worksheet '{sheet_name}'",
+                             code="sheet_csv_has_no_worksheets", file=filename or "", sheet=sheet_name)
         sheet = _read_csv(data, limits)
     sheet.filename = filename or ""
     return sheet
@@ -287,12 +289,14 @@ def _check_extension(kind: str, ext: str, filename: str | None) -> None:
     if ext in XLSX_EXTENSIONS and kind == "csv":
         raise SheetError(
             f"{name} is named {ext} but holds CSV text, not an Excel workbook; rename it to .csv "
-            "or save it from Excel as Excel Workbook (.xlsx)"
+            "or save it from Excel as Excel Workbook (.xlsx)",
+            code="sheet_xlsx_holds_csv", file=filename or "", extension=ext,
         )
     if ext in CSV_EXTENSIONS and kind == "xlsx":
         raise SheetError(
             f"{name} is named {ext} but is a zip archive (an Excel workbook?), not CSV text; "
-            "rename it to .xlsx or export it from Excel as CSV UTF-8"
+            "rename it to .xlsx or export it from Excel as CSV UTF-8",
+            code="sheet_csv_holds_zip", file=filename or "", extension=ext,
         )
     if ext not in XLSX_EXTENSIONS + CSV_EXTENSIONS:
         raise SheetError(f"{name}: unsupported file type '{ext}'; supported: .csv, .tsv, .txt, .xlsx, .xlsm",
@@ -311,7 +315,8 @@ def decode_text(data: bytes) -> tuple[str, str]:
         try:
             return data.decode("utf-16"), "utf-16"
         except UnicodeDecodeError as exc:
-            raise SheetError(f"the file starts with a UTF-16 mark but is not valid UTF-16: {exc}") from exc
+            raise SheetError(f"the file starts with a UTF-16 mark but is not valid UTF-16: {exc}",
+                             code="sheet_utf16_invalid") from exc
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -321,7 +326,7 @@ def decode_text(data: bytes) -> tuple[str, str]:
     except UnicodeDecodeError as exc:
         raise SheetError(
             "cannot decode the CSV file as UTF-8 or GB18030/GBK; save it as 'CSV UTF-8' from Excel",
-            position=exc.start,
+            code="sheet_encoding_unknown", position=exc.start,
         ) from exc
 
 
@@ -414,12 +419,15 @@ def _read_csv(data: bytes, limits: SheetLimits) -> Sheet:
         raise SheetError(
             f"row {number + 1}: the CSV cannot be parsed ({exc}); check that row for an unclosed quote or "
             "text after a closing quote",
-            row=number + 1,
+            row=number + 1, code="sheet_csv_unparsable",
         ) from exc
     sheet = _build_sheet(records, limits)
     sheet.format, sheet.encoding, sheet.delimiter = "csv", encoding, delimiter
-    if encoding == "utf-8" and (hint := _looks_like_gb18030(data, text)):
-        sheet.problems.insert(0, RowProblem(1, None, hint))
+    if encoding == "utf-8" and (sample := _looks_like_gb18030(data, text)) is not None:
+        sheet.problems.insert(0, RowProblem(
+            1, None, "the file was read as UTF-8, but its text reads as Chinese in GB18030/GBK (e.g. "
+            f"'{sample}'); if it was saved by Chinese Excel, save it again as 'CSV UTF-8' and upload that",
+            "looks_like_gb18030", {"sample": sample}))
     return sheet
 
 
@@ -433,7 +441,8 @@ def _without_formula_guard(cell: str) -> str:
 
 
 def _looks_like_gb18030(data: bytes, text: str) -> str | None:
-    """A note when UTF-8 text looks like Chinese GB18030/GBK bytes that happen to be valid UTF-8.
+    """A sample of the text read as GB18030 when UTF-8 text looks like Chinese GB18030/GBK bytes that happen
+    to be valid UTF-8 (for a note on the sheet), else None.
 
     Short GBK text can decode as UTF-8 into a jumble of letters from unrelated scripts ("一只猫" reads as
     "һֻè"): no Chinese in the UTF-8 reading, several scripts mixed, and only Chinese in the GB18030 one.
@@ -453,9 +462,7 @@ def _looks_like_gb18030(data: bytes, text: str) -> str | None:
     chinese = [ch for ch in other if ord(ch) > 0x7F]
     if not chinese or not all(_is_cjk(ch) for ch in chinese):
         return None
-    sample = next((line for line in other.splitlines() if any(ord(ch) > 0x7F for ch in line)), "")[:60]
-    return ("the file was read as UTF-8, but its text reads as Chinese in GB18030/GBK (e.g. "
-            f"'{sample}'); if it was saved by Chinese Excel, save it again as 'CSV UTF-8' and upload that")
+    return next((line for line in other.splitlines() if any(ord(ch) > 0x7F for ch in line)), "")[:60]
 
 
 def _is_cjk(ch: str) -> bool:
@@ -479,16 +486,19 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
         raise SheetError(f"the workbook is not a valid zip archive (damaged or not .xlsx): {exc}",
                          code="workbook_damaged") from exc
     if len(members) > limits.max_zip_members:
-        raise SheetError(f"the workbook has {len(members)} parts; the limit is {limits.max_zip_members}")
+        raise SheetError(f"the workbook has {len(members)} parts; the limit is {limits.max_zip_members}",
+                         code="workbook_too_many_parts", count=len(members), limit=limits.max_zip_members)
     names = {m.filename for m in members}
     if not any(name.startswith("xl/") for name in names):
-        raise SheetError("the file is a zip archive but not an Excel workbook (no xl/workbook.xml)")
+        raise SheetError("the file is a zip archive but not an Excel workbook (no xl/workbook.xml)",
+                         code="workbook_not_excel")
     declared = sum(m.file_size for m in members)
     if declared > limits.max_decompressed_bytes:
         raise SheetError(
             f"the workbook unpacks to {declared / 1048576:.0f} MiB; the limit is "
             f"{limits.max_decompressed_bytes / 1048576:.0f} MiB (possible zip bomb)",
-            decompressed=declared,
+            decompressed=declared, code="workbook_unpacks_too_large",
+            limit_mib=f"{limits.max_decompressed_bytes / 1048576:.0f}",
         )
     for m in members:
         ratio = m.file_size / max(m.compress_size, 1)
@@ -496,7 +506,8 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
             raise SheetError(
                 f"workbook part '{m.filename}' is compressed {ratio:.0f}:1; the limit is "
                 f"{limits.max_compression_ratio}:1 (possible zip bomb)",
-                member=m.filename,
+                member=m.filename, code="workbook_part_compressed", ratio=f"{ratio:.0f}",
+                limit=limits.max_compression_ratio,
             )
     # Declared sizes can lie: decompress for real, counting, and look for DTDs on the way. Excel never
     # writes a DOCTYPE, so any entity declaration is refused rather than expanded.
@@ -514,24 +525,46 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
                     if total > limits.max_decompressed_bytes:
                         raise SheetError(
                             f"the workbook unpacks to more than {limits.max_decompressed_bytes / 1048576:.0f} MiB"
-                            " (possible zip bomb)"
+                            " (possible zip bomb)", code="workbook_unpacks_too_large",
+                            limit_mib=f"{limits.max_decompressed_bytes / 1048576:.0f}",
                         )
                     if is_xml:
                         window = (tail + chunk).lower()
                         if any(decl in window for decl in _XML_DECLS):
                             raise SheetError(
                                 f"workbook part '{m.filename}' declares XML entities (a DOCTYPE); "
-                                "refused as a possible XML bomb"
+                                "refused as a possible XML bomb", code="workbook_xml_entities", member=m.filename,
                             )
                         if m.filename.startswith("xl/worksheets/") and (b"<f>" in window or b"<f " in window):
                             with_formulas.add(m.filename)
                         tail = window[-16:]
         except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:  # bad CRC, encrypted part
-            raise SheetError(f"workbook part '{m.filename}' cannot be read: {exc}") from exc
+            raise SheetError(f"workbook part '{m.filename}' cannot be read: {exc}", code="workbook_part_unreadable",
+                             member=m.filename) from exc
     return archive, with_formulas
 
 
-def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[tuple[int, int, str]]) -> str:
+# A problem of one XLSX cell found while reading, before columns have names: (row, column index, reason,
+# code, params), as RowProblem holds them.
+CellNote = tuple[int, int, str, str, dict[str, Any]]
+
+
+def _damage_refused(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """A worksheet's rows as openpyxl parses them, one at a time; a cell it cannot parse (a number cell
+    holding "INF") is the damaged workbook it is, not an error of the reader."""
+    iterator = iter(rows)
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:  # openpyxl raises ValueError, KeyError, TypeError... for damaged XML
+            raise SheetError(f"the workbook cannot be read: {type(exc).__name__}: {exc}",
+                             code="workbook_damaged") from exc
+        yield row
+
+
+def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[CellNote]) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -540,7 +573,7 @@ def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[tuple[int,
         return str(value)
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
-            problems.append((row, column, "the cell holds a number that is not finite"))
+            problems.append((row, column, "the cell holds a number that is not finite", "not_finite", {}))
             return ""
         if value.is_integer():
             if abs(value) > 2**53:
@@ -548,12 +581,13 @@ def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[tuple[int,
                 # not the digits kept, so the value is not what the user sees. Say so instead of guessing.
                 problems.append(
                     (row, column, "the number has more digits than Excel can keep exactly (15); format the "
-                     "column as Text in Excel and type the value again")
+                     "column as Text in Excel and type the value again", "excel_rounded", {"value": str(int(value))})
                 )
             return str(int(value))
         return repr(value)
     if isinstance(value, str) and value in _EXCEL_ERRORS:
-        problems.append((row, column, f"the cell holds the Excel error {value}; fix the formula in Excel"))
+        problems.append((row, column, f"the cell holds the Excel error {value}; fix the formula in Excel",
+                         "excel_error", {"value": value}))
         return ""
     if isinstance(value, _dt.datetime):
         # Excel has no date-only type: a cell shown as 2024-01-05 arrives as midnight of that day, and the
@@ -594,20 +628,21 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
             chosen = matches[0]
         worksheet = values_book[chosen]
         if not hasattr(worksheet, "iter_rows") or worksheet.__class__.__name__ == "ReadOnlyChartsheet":
-            raise SheetError(f"'{chosen}' is a chart sheet, not a worksheet")
+            raise SheetError(f"'{chosen}' is a chart sheet, not a worksheet", code="worksheet_is_chart",
+                             sheet=chosen)
         formula_rows = None
         formula_book = None
         if with_formulas:
             formula_book = load_workbook(io.BytesIO(data), read_only=True, data_only=False)
             formula_sheet = formula_book[chosen]
             formula_sheet.reset_dimensions()
-            formula_rows = formula_sheet.iter_rows(values_only=True)
+            formula_rows = _damage_refused(formula_sheet.iter_rows(values_only=True))
         # A declared dimension of A1:XFD1048576 would pad every row to 16384 cells; read rows as stored.
         worksheet.reset_dimensions()
         records: list[tuple[int, list[Any]]] = []
-        cell_problems: list[tuple[int, int, str]] = []
+        cell_problems: list[CellNote] = []
         nonblank = 0
-        for number, row in enumerate(worksheet.iter_rows(values_only=True), start=1):
+        for number, row in enumerate(_damage_refused(worksheet.iter_rows(values_only=True)), start=1):
             formulas = next(formula_rows, ()) if formula_rows is not None else ()
             row = _within_column_limit(row, number, limits)
             if not any(v is not None and v != "" for v in row) and not any(
@@ -620,7 +655,8 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                         and formulas[col_index].startswith("="):
                     cell_problems.append(
                         (number, col_index, f"the formula {formulas[col_index][:60]} has no saved value; "
-                         "open the file in Excel and save it again (or paste the values)")
+                         "open the file in Excel and save it again (or paste the values)",
+                         "formula_without_value", {"formula": formulas[col_index][:60]})
                     )
                 cells.append(_xlsx_cell_text(value, number, col_index, cell_problems))
             records.append((number, cells))
@@ -715,10 +751,10 @@ def _within_cell_limit(text: str, row: int, column: str, limits: SheetLimits, pr
 def _build_sheet(
     records: list[tuple[int, list[Any]]],
     limits: SheetLimits,
-    positional_problems: list[tuple[int, int, str]] | None = None,
+    positional_problems: list[CellNote] | None = None,
 ) -> Sheet:
     """Header row + data rows from ``(row number, raw cells)``; the header must be row 1."""
-    flagged_rows = {number for number, _, _ in positional_problems or ()}
+    flagged_rows = {number for number, *_ in positional_problems or ()}
     records = [(n, [_clean_cell("" if c is None else str(c)) for c in cells]) for n, cells in records]
     records = [(n, cells) for n, cells in records if n in flagged_rows or any(c.strip() for c in cells)]
     if not records or records[0][0] != 1:
@@ -758,12 +794,12 @@ def _build_sheet(
     for index, count in sorted(unnamed_values.items()):
         problems.append(
             RowProblem(1, None, f"column {_column_letter(index)} has no name in row 1; its {count} "
-                       "value(s) are ignored")
+                       "value(s) are ignored", "column_unnamed", {"column": _column_letter(index), "count": count})
         )
-    for number, index, reason in positional_problems or ():
+    for number, index, reason, code, params in positional_problems or ():
         name = header[index] if index < len(header) else ""
         if name:
-            problems.append(RowProblem(number, name, reason))
+            problems.append(RowProblem(number, name, reason, code, params))
     return Sheet(columns=[h for h in header if h], rows=rows, problems=problems)
 
 
@@ -775,8 +811,11 @@ def _build_sheet(
 PROBLEM_CODES = (
     "required_column_missing", "required_value_empty", "not_whole_number", "not_a_number", "too_large",
     "not_yes_no", "below_minimum", "above_maximum", "text_too_long", "seed_out_of_range", "not_a_choice",
-    "not_a_file_name", "cell_too_long", "photo_not_named", "photo_unreadable", "photo_type_unsupported",
-    "photo_not_uploaded", "excel_rounded", "inexact_number",
+    "not_a_file_name", "cell_too_long", "photo_not_named", "photo_unreadable", "photo_too_many_pixels",
+    "photo_type_unsupported", "photo_not_uploaded", "excel_rounded", "inexact_number", "not_finite", "excel_error",
+    "formula_without_value",
+    # about the sheet as a whole (row 1): Sheet.notes
+    "looks_like_gb18030", "column_unnamed",
 )
 
 

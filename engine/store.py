@@ -586,7 +586,8 @@ class BatchLedger:
 
         Each row: ``row_number`` (required), ``values`` (the original cells), ``seed`` (recorded now so a
         retry reproduces it), optional ``status`` (``queued``, or ``skipped`` with ``error`` for an invalid
-        row), ``workflow``, ``prompt``. Returns how many rows were new.
+        row, and ``problems``, its RowProblems as dicts, kept in ``extra``), ``workflow``, ``prompt``.
+        Returns how many rows were new.
         """
         batch = self._require_batch(batch_id)
         now = _now()
@@ -596,6 +597,8 @@ class BatchLedger:
             if status not in ("queued", "skipped"):
                 raise StoreError(f"a new row is queued or skipped, not '{status}'")
             seed = row.get("seed")
+            problems = row.get("problems") if status == "skipped" else None
+            extra = json.dumps({"problems": list(problems)}, ensure_ascii=False, default=str) if problems else None
             records.append((
                 row_key(batch_id, row["row_number"]), batch_id, int(row["row_number"]),
                 json.dumps(dict(row.get("values") or {}), ensure_ascii=False),
@@ -603,15 +606,15 @@ class BatchLedger:
                 batch["template_name"], batch["template_hash"],
                 None if row.get("workflow") is None else json.dumps(row["workflow"], ensure_ascii=False),
                 row.get("prompt"), status, row.get("error"), now, batch["user"],
-                now if status == "skipped" else None,
+                now if status == "skipped" else None, extra,
             ))
 
         def insert(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO generations (row_key, batch_id, row_number, row_values, seed, template_name, "
-                "template_hash, workflow, prompt, status, error, queued_at, user, finished_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "template_hash, workflow, prompt, status, error, queued_at, user, finished_at, extra) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 records,
             )
             added = conn.total_changes - before

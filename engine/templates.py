@@ -38,7 +38,7 @@ import tempfile
 import time
 import types
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -651,27 +651,29 @@ class WorkflowTemplate:
                 parts.append(chunk)
         except UndefinedError as exc:
             missing = _undefined_name(str(exc))
-            raise TemplateError(
-                f"template '{self.name}'{_at_line(exc)}: no value for field '{missing}' (empty cell, no default)"
-                if missing in {f.name for f in self.fields}
-                else f"template '{self.name}'{_at_line(exc)}: {exc}",
-                template=self.name, field=missing, line=_template_line(exc),
-            ) from exc
+            if missing in {f.name for f in self.fields}:
+                raise TemplateError(
+                    f"template '{self.name}'{_at_line(exc)}: no value for field '{missing}' (empty cell, no default)",
+                    template=self.name, field=missing, line=_template_line(exc), code="template_value_missing",
+                ) from exc
+            raise TemplateError(f"template '{self.name}'{_at_line(exc)}: {exc}", template=self.name, field=missing,
+                                line=_template_line(exc), code="template_render_failed") from exc
         except SecurityError as exc:
             raise TemplateError(f"template '{self.name}' was stopped{_at_line(exc)}: {exc}", template=self.name,
-                                line=_template_line(exc)) from exc
+                                line=_template_line(exc), code="template_render_failed") from exc
         except RecursionError as exc:
-            raise TemplateError(f"template '{self.name}' recursed too deeply", template=self.name) from exc
+            raise TemplateError(f"template '{self.name}' recursed too deeply", template=self.name,
+                                code="template_render_failed") from exc
         except TemplateError as exc:
             if exc.template is not None:
                 raise
             # Raised by the template's own expressions (a value that is not JSON): say whose and where
             raise TemplateError(f"template '{self.name}'{_at_line(exc)}: {exc.message}", template=self.name,
-                                field=exc.field, line=_template_line(exc)) from exc
+                                field=exc.field, line=_template_line(exc), code="template_render_failed") from exc
         except Exception as exc:  # any runtime error inside the template's own expressions
             raise TemplateError(
                 f"template '{self.name}' failed to render{_at_line(exc)}: {type(exc).__name__}: {exc}",
-                template=self.name, line=_template_line(exc),
+                template=self.name, line=_template_line(exc), code="template_render_failed",
             ) from exc
         return "".join(parts)
 
@@ -689,7 +691,7 @@ class WorkflowTemplate:
             raise TemplateError(
                 f"template '{self.name}' rendered the key '{exc.key}' twice in one object (a node id, or an input "
                 "of one node, written twice; JSON readers would silently keep only the last)",
-                template=self.name, key=exc.key,
+                template=self.name, key=exc.key, code="template_duplicate_key",
             ) from exc
         except json.JSONDecodeError as exc:
             line = text.splitlines()[exc.lineno - 1] if exc.lineno - 1 < len(text.splitlines()) else ""
@@ -699,6 +701,7 @@ class WorkflowTemplate:
             raise TemplateError(
                 f"template '{self.name}' did not render valid JSON: {exc.msg} at line {exc.lineno} column "
                 f"{exc.colno}: {line.strip()[:120]!r}{hint}", template=self.name,
+                code="template_invalid_json", line=exc.lineno, column=exc.colno,
             ) from exc
         _check_api_shape(self.name, data)
         return data
@@ -745,13 +748,14 @@ def _undefined_name(message: str) -> str | None:
 
 def _check_api_shape(name: str, data: Any) -> None:
     if not isinstance(data, dict) or not data:
-        raise TemplateError(f"template '{name}' must render a JSON object of nodes (API format)", template=name)
+        raise TemplateError(f"template '{name}' must render a JSON object of nodes (API format)", template=name,
+                            code="template_not_api_format")
     for node_id, node in data.items():
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) \
                 or not isinstance(node.get("inputs", {}), dict):
             raise TemplateError(
                 f"template '{name}': node {node_id} must be an object with 'class_type' and 'inputs'",
-                template=name,
+                template=name, code="template_not_api_format",
             )
 
 
@@ -808,22 +812,27 @@ def parse_template(
     label = folder.name if folder else "uploaded"
     if len(schema_bytes) > limits.max_schema_bytes:
         raise TemplateError(f"template '{label}': {TEMPLATE_FILE} is over {limits.max_schema_bytes} bytes",
-                            template=label)
+                            template=label, code="template_file_too_large", file=TEMPLATE_FILE,
+                            limit=limits.max_schema_bytes)
     if len(workflow_bytes) > limits.max_template_chars:
         raise TemplateError(f"template '{label}': {WORKFLOW_FILE} is over {limits.max_template_chars} bytes",
-                            template=label)
+                            template=label, code="template_file_too_large", file=WORKFLOW_FILE,
+                            limit=limits.max_template_chars)
     try:
         schema = json.loads(schema_bytes.decode("utf-8-sig"))
         source = workflow_bytes.decode("utf-8-sig")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TemplateError(f"template '{label}': {TEMPLATE_FILE} is not valid UTF-8 JSON: {exc}",
-                            template=label) from exc
+                            template=label, code="template_schema_not_json", file=TEMPLATE_FILE,
+                            line=getattr(exc, "lineno", None)) from exc
     if not isinstance(schema, dict):
-        raise TemplateError(f"template '{label}': {TEMPLATE_FILE} must be a JSON object", template=label)
+        raise TemplateError(f"template '{label}': {TEMPLATE_FILE} must be a JSON object", template=label,
+                            code="template_schema_not_json", file=TEMPLATE_FILE, line=None)
     name = schema.get("name")
     if not isinstance(name, str) or not _TEMPLATE_NAME.fullmatch(name):
         raise TemplateError(
-            f"template '{label}': name {name!r} must be 1-64 lowercase letters, digits, '_' or '-'", template=label
+            f"template '{label}': name {name!r} must be 1-64 lowercase letters, digits, '_' or '-'", template=label,
+            code="template_name_invalid", name=str(name),
         )
     if folder is not None and folder.name != name:
         raise TemplateError(f"template folder '{folder.name}' holds a template named '{name}'; they must match",
@@ -876,7 +885,8 @@ def parse_template(
         compiled = environment.from_string(rewrite.visit(environment.parse(source)))
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template '{name}': Jinja syntax error at line {exc.lineno}: {exc.message}",
-                            template=name, line=exc.lineno) from exc
+                            template=name, line=exc.lineno, code="template_jinja_syntax",
+                            detail=exc.message or "") from exc
     except SecurityError as exc:
         raise TemplateError(f"template '{name}' refused: {exc}", template=name) from exc
     for node in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
@@ -904,7 +914,7 @@ def parse_template(
         listed = ", ".join(sorted(undeclared))
         raise TemplateError(
             f"template '{name}': the workflow uses {listed}, which is not a declared field",
-            template=name, field=sorted(undeclared)[0],
+            template=name, field=sorted(undeclared)[0], code="template_name_not_a_field", names=sorted(undeclared),
         )
     in_pattern = {placeholder.casefold() for placeholder in pattern_fields(pattern)}
     unused = [f.name for f in fields if f.name not in used and f.name.casefold() not in in_pattern]
@@ -914,7 +924,7 @@ def parse_template(
         raise TemplateError(
             f"template '{name}': field {', '.join(repr(u) for u in unused)} is declared but neither the workflow "
             "nor the filename_pattern uses it; use it or remove it from template.json",
-            template=name, field=unused[0],
+            template=name, field=unused[0], code="template_field_unused", fields=unused,
         )
     content_hash = hashlib.sha256(schema_bytes + b"\0" + workflow_bytes).hexdigest()
     template = WorkflowTemplate(
@@ -935,9 +945,11 @@ def parse_template(
             problems = [p for p in exc.problems if not p.extra_info.get("missing_file")]
             if problems:
                 raise TemplateError(f"template '{name}': its example workflow is invalid: "
-                                    f"{WorkflowInvalid(problems)}", template=name) from exc
+                                    f"{WorkflowInvalid(problems)}", template=name, code="template_example_invalid",
+                                    node_problems=[asdict(p) for p in problems]) from exc
         except Exception as exc:
-            raise TemplateError(f"template '{name}': its example workflow is invalid: {exc}", template=name) from exc
+            raise TemplateError(f"template '{name}': its example workflow is invalid: {exc}", template=name,
+                                code="template_example_invalid") from exc
     return template
 
 
@@ -1104,18 +1116,27 @@ class TemplateLibrary:
         if unknown:
             raise TemplateError(
                 f"unexpected files {', '.join(sorted(unknown))}; a template is {TEMPLATE_FILE}, {WORKFLOW_FILE} "
-                f"and optionally {EXAMPLE_FILE}"
+                f"and optionally {EXAMPLE_FILE}", code="template_upload_unexpected_files", files=sorted(unknown),
             )
         for required in (TEMPLATE_FILE, WORKFLOW_FILE):
             if required not in by_name:
-                raise TemplateError(f"the upload lacks {required}")
-        template = parse_template(by_name[TEMPLATE_FILE], by_name[WORKFLOW_FILE], limits=self.limits,
-                                  validate_workflow=self.validate_workflow)
+                raise TemplateError(f"the upload lacks {required}", code="template_upload_lacks_file", file=required)
+        try:
+            template = parse_template(by_name[TEMPLATE_FILE], by_name[WORKFLOW_FILE], limits=self.limits,
+                                      validate_workflow=self.validate_workflow)
+        except TemplateError as exc:
+            if exc.code is not None:
+                raise
+            # The rarer refusals of a template's definition (a field's keys, the filename pattern, the
+            # translations): said whole, with the engine's specifics for the admin who writes the JSON.
+            raise TemplateError(exc.message, template=exc.template, field=exc.field, code="template_invalid",
+                                detail=exc.message) from exc
         example = by_name.get(EXAMPLE_FILE)
         if example is not None and (not example.startswith(_PNG_SIGNATURE)
                                     or len(example) > self.limits.max_example_bytes):
             raise TemplateError(f"{EXAMPLE_FILE} must be a PNG under {self.limits.max_example_bytes} bytes",
-                                template=template.name)
+                                template=template.name, code="template_example_not_png",
+                                limit_kib=self.limits.max_example_bytes // 1024)
         if self.is_shipped(template.name):
             raise TemplateError(f"'{template.name}' is a shipped template and cannot be replaced; save your version "
                                 "under another name (the \"name\" in template.json)", template=template.name,

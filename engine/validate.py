@@ -39,11 +39,13 @@ BOOLEAN_WORDS = {"true": True, "false": False}
 
 
 class LiteralProblem(ValueError):
-    """A literal does not fit its declared input; ``type`` is ComfyUI's error type."""
+    """A literal does not fit its declared input; ``type`` is ComfyUI's error type, ``extra`` the values
+    behind the message (``choices``, ``min``, ``expected_type``...), which land in the problem's
+    ``extra_info`` so a page can say the same in another language."""
 
-    def __init__(self, type: str, message: str, details: str = "") -> None:
+    def __init__(self, type: str, message: str, details: str = "", **extra: Any) -> None:
         super().__init__(message)
-        self.type, self.message, self.details = type, message, details
+        self.type, self.message, self.details, self.extra = type, message, details, extra
 
 
 def validate_workflow(
@@ -326,20 +328,22 @@ def coerce_literal(spec: "Input", value: Any, ctx: "NodeContext | None" = None, 
                     details = f"put the file in {where(ctx)}" if not choices else f"files are looked up in {where(ctx)}"
                 raise LiteralProblem(
                     "value_not_in_list", f"Value not in list: {spec.name}: '{value}' not in [{shown}]", details,
+                    choices=[_jsonable(c) for c in choices[:50]], choice_count=len(choices),
                 )
     else:
         raise LiteralProblem(
             "invalid_input_type",
             f"input '{spec.name}' takes a link to a {kind} output, got the literal {_short(value)}",
+            expected_type=kind, link_only=True,
         )
     if kind in ("INT", "FLOAT"):
         if spec.min is not None and result < spec.min:
             raise LiteralProblem(
-                "value_smaller_than_min", f"Value {result} smaller than min of {spec.min}: {spec.name}"
+                "value_smaller_than_min", f"Value {result} smaller than min of {spec.min}: {spec.name}", min=spec.min
             )
         if spec.max is not None and result > spec.max:
             raise LiteralProblem(
-                "value_bigger_than_max", f"Value {result} bigger than max of {spec.max}: {spec.name}"
+                "value_bigger_than_max", f"Value {result} bigger than max of {spec.max}: {spec.name}", max=spec.max
             )
     return result
 
@@ -389,6 +393,7 @@ def _wrong_type_named(kind: str, value: Any) -> LiteralProblem:
         "invalid_input_type",
         f"Failed to convert an input value to a {kind} value",
         f"got {type(value).__name__} {_short(value)}",
+        expected_type=kind,
     )
 
 
@@ -414,7 +419,7 @@ def _node_problems(
         if spec.name not in node.inputs:
             if not spec.optional:
                 report("required_input_missing", "Required input is missing", f"{spec.name} ({spec.type})",
-                       spec.name)
+                       spec.name, input_type=spec.type)
             continue
         value = node.inputs[spec.name]
         if isinstance(value, Link):
@@ -423,7 +428,8 @@ def _node_problems(
         try:
             checked_literals[spec.name] = coerce_literal(spec, value, ctx)
         except LiteralProblem as problem:
-            report(problem.type, problem.message, problem.details, spec.name, received_value=_jsonable(value))
+            report(problem.type, problem.message, problem.details, spec.name, received_value=_jsonable(value),
+                   **problem.extra)
         except Exception as exc:  # a COMBO choice source that fails (unreadable models folder, ...)
             report("exception_during_validation", f"checking '{spec.name}' failed: {exc}",
                    type(exc).__name__, spec.name)
@@ -432,8 +438,8 @@ def _node_problems(
     except Exception as exc:  # a node's own check must not hide the other problems
         report("exception_during_validation", f"{node.class_type}.check failed: {exc}", type(exc).__name__)
     else:
-        for input_name, kind, message, details in extras:
-            report(kind, message, details, input_name)
+        for input_name, kind, message, details, *extra in extras:  # a 5th item: the values behind the message
+            report(kind, message, details, input_name, **(extra[0] if extra else {}))
     return problems
 
 
@@ -450,13 +456,13 @@ def _check_link(workflow: Workflow, registry: "NodeRegistry", spec: "Input", lin
         report("bad_linked_input",
                f"input '{spec.name}' links to output {link.output_index} of node {link.node_id} "
                f"({source.class_type}), which has {len(source_cls.outputs)} outputs",
-               "", spec.name, linked_node=link.to_api())
+               "", spec.name, linked_node=link.to_api(), output_count=len(source_cls.outputs))
         return
     output_type = source_cls.outputs[link.output_index].type
     if not types_compatible(output_type, spec.type):
         report("return_type_mismatch", "Return type mismatch between linked nodes",
                f"{spec.name}, received_type({output_type}) mismatch input_type({spec.type})",
-               spec.name, received_type=output_type, linked_node=link.to_api())
+               spec.name, received_type=output_type, input_type=spec.type, linked_node=link.to_api())
 
 
 def _jsonable(value: Any) -> Any:

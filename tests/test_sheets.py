@@ -482,8 +482,13 @@ def test_every_cell_problem_carries_a_documented_code_whose_chinese_words_take_i
 
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "shoe.png").write_bytes(b"not a png at all")
-    photos = ImageLibrary.from_folder(tmp_path / "photos")
-    for name in ("", "shoe.png", "shoe.gif", "boot.jpg"):
+    from PIL import Image
+
+    from engine.image_refs import ImageLimits
+
+    Image.new("RGB", (10, 10)).save(tmp_path / "photos" / "poster.png")
+    photos = ImageLibrary.from_folder(tmp_path / "photos", ImageLimits(max_pixels=50))
+    for name in ("", "shoe.png", "poster.png", "shoe.gif", "boot.jpg"):
         code, reason, params = photos.problem(name)
         problems.append(type(problems[0])(5, "photo", reason, code, params))
 
@@ -492,6 +497,15 @@ def test_every_cell_problem_carries_a_documented_code_whose_chinese_words_take_i
     problems += sheet_from_records([{"seed": 1.23456789012346e17}]).problems
     limits = SheetLimits(max_cell_chars=10)
     problems += read_sheet(io.BytesIO(b"prompt\n" + b"x" * 11 + b"\n"), "long.csv", limits=limits).problems
+    # what Excel leaves in a workbook: a formula without its value, an error, a number past 15 digits, a
+    # number that is no number; and notes on the sheet as a whole (an unnamed column, GBK read as UTF-8)
+    workbook = xlsx_bytes([["prompt", "seed", "note"], ["a", 7, "=1+1"], ["b", "=1/0", SEED_MAX]])
+    workbook = rewrite_member(workbook, SHEET_XML, lambda xml: re.sub(
+        rb'<c r="B3"([^>]*)><f>1/0</f>(<v\s*/>|<v></v>)?</c>', rb'<c r="B3" t="e"><f>1/0</f><v>#DIV/0!</v></c>',
+        xml.replace(b"<v>7</v>", b"<v>1E999</v>")))
+    problems += read_sheet(workbook, "rows.xlsx").problems
+    problems += read_sheet(io.BytesIO(b"prompt,,\na,b,\n"), "unnamed.csv").problems
+    problems += read_sheet(io.BytesIO("prompt,seed\n一只猫,1\n".encode("gb18030")), "gbk.csv").problems
 
     produced = {p.code for p in problems}
     assert produced == set(PROBLEM_CODES), f"never produced: {set(PROBLEM_CODES) - produced}"

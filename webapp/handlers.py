@@ -22,7 +22,16 @@ from typing import Any
 from engine.errors import AccessDenied, BatchError, EngineError, SheetError
 from webapp.auth import ADMIN
 from webapp.guard import LOCAL_USER, Caller
-from webapp.i18n import TABLES, error_text, problem_text, text
+from webapp.i18n import (
+    TABLES,
+    coded_text,
+    error_text,
+    model_kind_text,
+    problem_reason,
+    problem_text,
+    row_error_text,
+    text,
+)
 
 ACTIVE_STATES = ("queued", "running")
 LEDGER_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")
@@ -223,7 +232,7 @@ def check_sheet(
                                                        for p in problems.get(row["row_number"], []))
         table.append([row["row_number"], text("report.ok" if good else "report.problem", lang),
                       described or row["error"] or ""])
-    notes = list(prepared.report.notes)
+    notes = [problem_reason(p, lang) for p in prepared.sheet.problems_for(1)]  # the sheet's own: encoding, ...
     image_fields = [f.name for f in getattr(prepared.template, "fields", ()) if f.type == "image"]
     if image_fields and images is None and bad:  # the usual cause: the photos zip was not uploaded
         notes.append(text("batch.photos_missing", lang, columns=", ".join(image_fields)))
@@ -391,7 +400,7 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
             ahead = services.queue.queued()
             position = ahead.index(batch_id) if batch_id in ahead else 0
             step_line = text("status.queue_position", lang, ahead=position + (1 if _anything_running(services) else 0))
-        error = progress.error
+        error = progress.error and coded_text(progress.error_code, progress.error_details, progress.error, lang)
     else:
         state = "interrupted" if remaining else (batch.get("status") or "done")
         if counts.get("running") and services.runner.held_elsewhere(batch_id):
@@ -541,11 +550,12 @@ def generate_single(
         if view.finished:
             break
         if time.monotonic() > deadline:
-            raise BatchError(f"the image did not finish within {int(limit)} s", batch_id=batch_id)
+            raise BatchError(f"the image did not finish within {int(limit)} s", batch_id=batch_id,
+                             code="single_image_timeout", seconds=int(limit))
         time.sleep(0.25)
     row = services.ledger.rows(batch_id)[0]
     if row.status != "done":
-        reason = row.error or view.error or row.status
+        reason = row_error_text(row.to_dict(), lang) or view.error or status_label(row.status, lang)
         raise BatchError(text("single.failed", lang, error=reason), batch_id=batch_id, status=row.status)
     references = [str(p) for p in services.runner.reference_images(batch_id, row.row_values)]
     return SingleResult(batch_id, row.image_path, generation_parameters(row), references)
@@ -673,7 +683,7 @@ def generation_rows(detail: dict[str, Any], lang: str = "en") -> list[tuple[str,
         (text("col.batch", lang), f"{detail.get('batch_id')} · {text('col.row', lang)} {detail.get('row_number')}"),
     ]
     if detail.get("error"):
-        rows.append((text("param.error", lang), str(detail["error"])))
+        rows.append((text("param.error", lang), str(row_error_text(detail, lang))))
     rows += parameter_rows(detail, lang)
     if detail.get("duration_s") is not None:
         seconds = float(detail["duration_s"])
@@ -694,7 +704,7 @@ def generation_detail(services: Any, row_key: str) -> dict[str, Any]:
     """Everything the ledger recorded about one generation (values, parameters, workflow, timings)."""
     row = services.ledger.get_generation(row_key)
     if row is None:
-        raise BatchError(f"no generation {row_key!r} in the ledger", row_key=row_key)
+        raise BatchError(f"no generation {row_key!r} in the ledger", row_key=row_key, code="generation_not_found")
     detail = row.to_dict()
     if row.seed is not None:
         detail["seed"] = str(row.seed)
@@ -706,11 +716,12 @@ def rerun_row(services: Any, caller: Caller, row_key: str) -> str:
     """Queue the recorded values of one row again, as a new one-row batch of the same template."""
     row = services.ledger.get_generation(row_key)
     if row is None:
-        raise BatchError(f"no generation {row_key!r} in the ledger", row_key=row_key)
+        raise BatchError(f"no generation {row_key!r} in the ledger", row_key=row_key, code="generation_not_found")
     values = dict(row.row_values)
     template = row.template_name
     if not template:
-        raise BatchError(f"generation {row_key!r} records no template, so it cannot be re-run", row_key=row_key)
+        raise BatchError(f"generation {row_key!r} records no template, so it cannot be re-run", row_key=row_key,
+                         code="generation_has_no_template")
     sheet = one_row_sheet(values, row_number=row.row_number, filename=f"rerun-{row_key}")
     images = None
     if services.runner.images_dir(row.batch_id).is_dir():  # the photos the original batch used
@@ -834,7 +845,8 @@ def system_rows(info: dict[str, Any], lang: str = "en") -> list[tuple[str, str]]
     if loaded is None:
         rows.append((text("system.loaded", lang), text("system.warming_up", lang)))
     else:
-        resident = ", ".join(sorted({f"{m['name']} ({m['kind']})" for m in loaded})) or text("system.none_loaded", lang)
+        resident = ", ".join(sorted({f"{m['name']} ({model_kind_text(m['kind'], lang)})" for m in loaded})) or text(
+            "system.none_loaded", lang)
         rows.append((text("system.loaded", lang), f"{resident} · {format_bytes(info.get('model_memory_bytes') or 0)}"))
     queue = info.get("queue") or {}
     rows.append((text("system.queue", lang), text(

@@ -223,6 +223,7 @@ EN: dict[str, str] = {
     "system.demo": "demo model",
     "system.real": "real model",
     # errors
+    "upload.too_large": "File(s) exceed the maximum allowed size of {size}: {files}",
     "error.admin_only": "Only admins may {action}.",
     "error.login_required": "Please sign in.",
     "error.workflow_invalid": "workflow failed validation",
@@ -443,6 +444,7 @@ ZH: dict[str, str] = {
     "system.refresh": "刷新",
     "system.demo": "演示模型",
     "system.real": "正式模型",
+    "upload.too_large": "文件超过了 {size} 的上传上限：{files}",
     "error.admin_only": "只有管理员可以{action}。",
     "error.login_required": "请先登录。",
     "error.workflow_invalid": "工作流检查未通过",
@@ -483,11 +485,19 @@ PROBLEMS_ZH: dict[str, str] = {
     "not_a_file_name": "“{value}”必须是 models/inputs 文件夹内的文件名，不能是路径",
     "cell_too_long": "单元格有 {length:,} 个字符，上限为 {max:,}",
     "photo_not_named": "未填写图片文件名",
-    "photo_unreadable": "图片“{value}”无法读取：{error}",
+    "photo_unreadable": "图片“{value}”无法读取（文件已损坏或不是图片）",
+    "photo_too_many_pixels": "图片“{value}”（{width}×{height}，共 {frames} 帧）超过 {max:,} 像素的上限",
     "photo_type_unsupported": "“{value}”不是支持的图片格式；支持：{supported}",
     "photo_not_uploaded": "上传的图片中没有“{value}”；可用：{available}",
     "excel_rounded": "“{value}”是被 Excel 舍入到 15 位的数字；请在 Excel 中把该列设为“文本”格式后重新输入",
     "inexact_number": "{value} 超过 2^53，JSON 只能近似保存；请以字符串或不带小数点的整数发送",
+    "not_finite": "单元格中的数字无效（不是有限的数值）",
+    "excel_error": "单元格是 Excel 错误值 {value}；请在 Excel 中修正公式",
+    "formula_without_value": "公式 {formula} 没有保存的计算结果；请在 Excel 中打开文件并重新保存（或粘贴为数值）",
+    # about the sheet as a whole: the report's notes
+    "looks_like_gb18030": "文件按 UTF-8 读取，但其中的文字按 GB18030/GBK 读才是中文（例如“{sample}”）；"
+    "如果是中文版 Excel 保存的，请另存为“CSV UTF-8（逗号分隔）”后重新上传",
+    "column_unnamed": "第 1 行中 {column} 列没有列名，该列的 {count} 个值已忽略",
 }
 PROBLEM_TABLES: dict[str, dict[str, str]] = {"zh": PROBLEMS_ZH}
 
@@ -503,26 +513,98 @@ ERRORS_ZH: dict[str, str] = {
     "sheet_too_many_rows": "表格超过 {limit} 行数据；请拆分成较小的表格",
     "sheet_too_many_columns": "表格有 {count} 列，上限为 {limit}",
     "sheet_duplicate_columns": "列名重复（不区分大小写和空格）：{columns}",
+    "sheet_csv_has_no_worksheets": "“{file}”是 CSV 文件，没有工作表“{sheet}”",
+    "sheet_xlsx_holds_csv": "“{file}”的扩展名是 {extension}，但内容是 CSV 文本，不是 Excel 工作簿；请改名为 .csv，"
+    "或在 Excel 中另存为“Excel 工作簿（.xlsx）”",
+    "sheet_csv_holds_zip": "“{file}”的扩展名是 {extension}，但它是 zip 压缩包（可能是 Excel 工作簿），不是 CSV 文本；"
+    "请改名为 .xlsx，或在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
+    "sheet_utf16_invalid": "文件以 UTF-16 标记开头，但内容不是有效的 UTF-16；"
+    "请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
+    "sheet_encoding_unknown": "无法按 UTF-8 或 GB18030/GBK 读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
+    "sheet_csv_unparsable": "第 {row} 行无法按 CSV 读取：请检查该行是否有未闭合的引号，或引号后紧跟着其他文字",
     "workbook_damaged": "工作簿无法打开（文件已损坏，或不是 .xlsx）",
+    "workbook_too_many_parts": "工作簿有 {count} 个部件，上限为 {limit}",
+    "workbook_not_excel": "文件是 zip 压缩包，但不是 Excel 工作簿（没有 xl/workbook.xml）",
+    "workbook_unpacks_too_large": "工作簿解压后超过 {limit_mib} MiB（疑似压缩炸弹），已拒绝",
+    "workbook_part_compressed": "工作簿部件“{member}”的压缩比为 {ratio}:1，上限为 {limit}:1（疑似压缩炸弹），已拒绝",
+    "workbook_xml_entities": "工作簿部件“{member}”声明了 XML 实体（DOCTYPE），疑似 XML 炸弹，已拒绝",
+    "workbook_part_unreadable": "工作簿部件“{member}”无法读取（文件已损坏或已加密）",
+    "worksheet_is_chart": "“{sheet}”是图表工作表，不是数据工作表；请把数据放到第一个工作表",
     "worksheet_not_found": "工作簿中没有工作表“{sheet}”；现有：{available}",
     "worksheet_empty": "工作表“{sheet}”是空的；工作簿中还有：{available}（请选择该工作表，或把数据移到第一个工作表）",
     "required_columns_missing": "表格缺少必填列：{columns}",
     "batch_seed_not_whole": "批次种子必须是整数，而不是“{value}”",
     "batch_seed_out_of_range": "批次种子必须在 0 到 {limit} 之间",
+    "photos_not_a_zip": "上传的产品照片不是有效的 zip 压缩包；请把照片打包成 zip 后上传",
+    "photos_zip_too_large": "照片压缩包有 {size_mib} MiB，上限为 {limit_mib} MiB",
+    "photos_unsafe_path": "照片压缩包中“{member}”的路径不安全（绝对路径、“..”或控制字符），已拒绝",
+    "photos_too_many_entries": "照片压缩包有 {count} 个条目，上限为 {limit}",
+    "photos_too_many": "照片超过 {limit} 张；请拆分成较小的批次",
+    "photos_duplicate_name": "有两张照片都叫“{name}”（不区分大小写和文件夹）：“{first}”和“{second}”；"
+    "请给其中一张改名，使每个单元格只对应一张照片",
+    "photo_too_large": "照片“{member}”有 {size_mib} MiB，上限为 {limit_mib} MiB",
+    "photo_compressed": "照片“{member}”的压缩比为 {ratio}:1，上限为 {limit}:1（疑似压缩炸弹），已拒绝",
+    "photos_unpack_too_large": "照片压缩包解压后超过 {limit_mib} MiB（疑似压缩炸弹），已拒绝",
+    "photo_unpacks_past_its_size": "照片“{member}”解压后超过压缩包声明的大小或上限（疑似压缩炸弹），已拒绝",
+    "photo_unpack_failed": "照片“{member}”无法解压（压缩包已损坏或已加密）",
+    "upload_photo_unsupported": "{field}：“{file}”不是支持的照片格式；支持：{supported}",
+    "upload_photo_gone": "{field}：上传的照片“{file}”已不存在，请重新上传",
     "template_not_chosen": "请先选择模板",
     "template_not_found": "没有模板“{template}”；可用：{available}",
     "template_shipped": "“{template}”是内置模板，不能替换；请用另一个名称保存（template.json 中的 \"name\"）",
     "template_exists": "模板“{template}”已存在；勾选替换后再保存即可覆盖",
+    "template_value_missing": "模板“{template}”需要字段“{field}”的值，但单元格为空且没有默认值",
+    "template_render_failed": "模板“{template}”渲染失败：模板本身有误，请管理员检查它的 workflow.json.j2",
+    "template_duplicate_key": "模板“{template}”在同一个对象中两次写出了键“{key}”（节点编号或同一节点的输入重复）",
+    "template_invalid_json": "模板“{template}”渲染出的内容不是有效的 JSON（第 {line} 行第 {column} 列）",
+    "template_not_api_format": "模板“{template}”必须渲染出由节点组成的 JSON 对象"
+    "（API 格式，每个节点含 class_type 和 inputs）",
+    "template_file_too_large": "{file} 超过 {limit} 字节的上限",
+    "template_schema_not_json": "{file} 必须是有效的 UTF-8 JSON 对象",
+    "template_name_invalid": "模板名称“{name}”无效：只能由 1–64 个小写字母、数字、“_”或“-”组成",
+    "template_jinja_syntax": "模板“{template}”的 workflow.json.j2 第 {line} 行有 Jinja 语法错误：{detail}",
+    "template_name_not_a_field": "模板“{template}”的工作流用到了“{names}”，但 template.json 没有声明这些字段",
+    "template_field_unused": "模板“{template}”声明了字段“{fields}”，但工作流和 filename_pattern 都没有用到；"
+    "请使用它，或从 template.json 中删除",
+    "template_example_invalid": "模板“{template}”的示例工作流未通过检查",
+    "template_upload_unexpected_files": "上传了不属于模板的文件：{files}；模板由 template.json、workflow.json.j2 "
+    "以及可选的 example.png 组成",
+    "template_upload_lacks_file": "上传的文件中缺少 {file}",
+    "template_example_not_png": "example.png 必须是 PNG 图片，且小于 {limit_kib} KiB",
+    "template_invalid": "模板定义有误，未保存：{detail}",
     "batch_not_selected": "没有选择批次",
     "batch_not_found": "记录中没有批次“{batch_id}”",
     "batch_not_checked": "还没有可开始的内容：请先检查表格",
     "batch_not_owner": "批次 {batch_id} 由 {owner} 启动：只有本人或管理员可以停止或继续",
     "model_not_found": "找不到 {kind}“{name}”；可用：{available}",
+    "model_not_allowed": "不能切换到模型“{name}”；可选：{allowed}",
+    "batch_running_here": "批次 {batch_id} 已在本进程中运行",
+    "batch_output_unwritable": "批次 {batch_id} 无法创建输出文件夹 {path}（磁盘已满或没有写入权限）",
+    "batch_stopped_by_storage": "批次 {batch_id} 在第 {row} 行停止：无法写入 {path}（磁盘已满或文件夹不可写）。"
+    "已完成的行都已保留；请释放空间（或修复文件夹）后继续该批次",
+    "generation_not_found": "记录中没有生成记录“{row_key}”",
+    "generation_has_no_template": "生成记录“{row_key}”没有记录所用的模板，无法重新生成",
+    "single_image_timeout": "图片在 {seconds} 秒内没有完成",
+    "cancelled": "已被用户取消",
+    "sampler_deadline": "采样超过了 {limit_s} 秒的时间限制",
+    "out_of_memory": "节点 {node_id}（{class_type}）运行时显存不足",
+    "image_nan": "生成的图片含有 NaN（模型或 VAE 数值溢出）",
+    "image_blank": "生成的图片是一片空白（所有像素都相同）",
+    "no_image": "工作流没有生成任何图片",
+    "node_failed": "节点 {node_id}（{class_type}）运行失败：{error}",
 }
 ERROR_TABLES: dict[str, dict[str, str]] = {"zh": ERRORS_ZH}
 
-# Workflow problems by ComfyUI's error type. The node, input and the engine's own English words (which
-# carry the values: the bad value, the allowed list) stay; the kind of problem is said in the language.
+# Kinds of model file (engine.models: the folders looked in, and the kinds the model cache holds), as the
+# errors and the system page name them.
+MODEL_KINDS_ZH = {"checkpoint": "模型文件", "checkpoints": "模型文件", "diffusion_model": "扩散模型",
+                  "diffusion_models": "扩散模型", "text_encoders": "文本编码器", "vae": "VAE", "lora": "LoRA",
+                  "loras": "LoRA", "controlnet": "ControlNet"}
+# Values that are words themselves, said in the language wherever a coded message fills them in.
+VALUE_WORDS: dict[str, dict[str, dict[str, str]]] = {"zh": {"kind": MODEL_KINDS_ZH}}
+
+# Workflow problems by ComfyUI's error type: the kind of problem in a few words, said where no more
+# precise sentence below fits (rare kinds, a node's own checks).
 NODE_PROBLEMS_ZH: dict[str, str] = {
     "required_input_missing": "缺少必需的输入",
     "value_not_in_list": "值不在可选列表中",
@@ -536,7 +618,47 @@ NODE_PROBLEMS_ZH: dict[str, str] = {
     "prompt_no_outputs": "工作流没有输出节点（例如 SaveImage 或 PreviewImage）",
     "invalid_prompt": "工作流无效",
 }
-NODE_WORDS_ZH = {"node": "节点 {node_id}（{class_type}）", "input": "的输入“{input_name}”", "workflow": "工作流"}
+# The common problems said whole, from the values the engine keeps in ``extra_info`` (the choices, the
+# limits, the types) rather than from its English sentence: per type, ``(what extra_info holds, words)``,
+# the first whose keys are all there (and, where a value is given, equal to it) wins. ``link_node`` and
+# ``link_output`` are read from ``linked_node``.
+NODE_DETAILS_ZH: dict[str, list[tuple[dict[str, Any], str]]] = {
+    "required_input_missing": [({"input_type": None}, "缺少必需的输入（类型 {input_type}）")],
+    "value_not_in_list": [
+        ({"file_problem": "missing", "received_value": None, "available": None},
+         "找不到图片“{received_value}”；可用的图片：{available}"),
+        ({"file_problem": "outside", "received_value": None},
+         "图片“{received_value}”不在输入文件夹内（不接受绝对路径和“..”）"),
+        ({"file_problem": "bad_name", "received_value": None}, "图片文件名“{received_value}”无效"),
+        ({"file_problem": "no_input_folder"}, "没有配置输入文件夹，无法读取图片"),
+        ({"missing_file": "model", "received_value": None, "choices": None},
+         "找不到模型文件“{received_value}”；可用：{choices}"),
+        ({"received_value": None, "choices": None}, "“{received_value}”不在可选值中；可选：{choices}"),
+    ],
+    "invalid_input_type": [
+        ({"link_only": True, "expected_type": None, "received_value": None},
+         "只能连接 {expected_type} 类型的输出，不能直接填写 {received_value}"),
+        ({"expected_type": None, "received_value": None}, "“{received_value}”不是有效的{expected_type}"),
+    ],
+    "value_smaller_than_min": [({"received_value": None, "min": None}, "{received_value} 小于最小值 {min}")],
+    "value_bigger_than_max": [({"received_value": None, "max": None}, "{received_value} 大于最大值 {max}")],
+    "return_type_mismatch": [({"received_type": None, "input_type": None},
+                              "连接的输出类型是 {received_type}，而此输入需要 {input_type}")],
+    "bad_linked_input": [
+        ({"link_node": None, "link_output": None, "output_count": None},
+         "连接到节点 {link_node} 的第 {link_output} 号输出，但该节点只有 {output_count} 个输出"),
+        ({"link_node": None}, "连接到不存在的节点 {link_node}"),
+    ],
+    "invalid_prompt": [
+        ({"unknown_node_type": None}, "未知的节点类型“{unknown_node_type}”，本程序不支持"),
+        ({"nodes": None}, "工作流中有循环：节点 {nodes} 互相依赖"),
+    ],
+    "prompt_no_outputs": [({}, "没有输出节点（例如 SaveImage 或 PreviewImage），不会生成任何图片")],
+}
+NODE_WORDS_ZH = {"node": "节点 {node_id}（{class_type}）", "input": "的输入“{input_name}”", "workflow": "工作流",
+                 "none": "无", "more": "等 {count} 项"}
+# The value types of node inputs people type in; the others (IMAGE, LATENT, MODEL...) are named as ComfyUI does.
+NODE_TYPES_ZH = {"INT": "整数", "FLOAT": "数字", "STRING": "文字", "BOOLEAN": "是/否值", "COMBO": "选项"}
 
 
 def _filled(template: str, values: dict[str, Any]) -> str:
@@ -549,11 +671,46 @@ def _coded_text(tables: dict[str, dict[str, str]], code: str | None, values: dic
     """What ``code`` says in ``lang`` with ``values`` filled in; None where ``lang`` has no words for it (the
     caller keeps the engine's English)."""
     template = tables.get(lang, {}).get(code or "")
-    return None if template is None else _filled(template, values)
+    if template is None:
+        return None
+    words = VALUE_WORDS.get(lang, {})
+    return _filled(template, {k: words[k].get(v, v) if k in words and isinstance(v, str) else v
+                              for k, v in values.items()})
+
+
+def _node_detail_values(problem: Any) -> dict[str, Any]:
+    """A node problem's ``extra_info`` ready for :data:`NODE_DETAILS_ZH`: value types in words, a link split
+    into node and output, an empty list said as "none" and a cut list of choices marked as longer."""
+    values = dict(problem.extra_info)
+    for key in ("expected_type", "input_type", "received_type"):
+        if values.get(key) in NODE_TYPES_ZH:
+            values[key] = NODE_TYPES_ZH[values[key]]
+    linked = values.get("linked_node")
+    if isinstance(linked, (list, tuple)) and len(linked) == 2:
+        values["link_node"], values["link_output"] = linked
+    for key in ("available", "choices"):
+        if isinstance(values.get(key), (list, tuple)) and not values[key]:
+            values[key] = NODE_WORDS_ZH["none"]
+    count = values.get("choice_count")
+    if isinstance(values.get("choices"), list) and isinstance(count, int) and count > len(values["choices"]):
+        values["choices"] = ", ".join(map(str, values["choices"])) + " " + NODE_WORDS_ZH["more"].format(count=count)
+    return values
+
+
+def _node_detail(problem: Any) -> str | None:
+    """The Chinese sentence for a node problem from its values, or None when no entry fits."""
+    values = _node_detail_values(problem)
+    for wanted, words in NODE_DETAILS_ZH.get(problem.type, ()):
+        if all(key in values and (want is None or values[key] == want) for key, want in wanted.items()):
+            return _filled(words, values)
+    return None
 
 
 def node_problem_text(problem: Any, lang: str = "en") -> str:
-    """One workflow problem (``engine.errors.NodeProblem`` or its dict) in ``lang``, naming node and input."""
+    """One workflow problem (``engine.errors.NodeProblem`` or its dict) in ``lang``, naming node and input.
+
+    In Chinese the common problems are said whole from their values; a rare one is said by its kind, with
+    the engine's own words after it in brackets for whoever fixes the workflow."""
     from engine.errors import NodeProblem
 
     if isinstance(problem, dict):
@@ -561,14 +718,17 @@ def node_problem_text(problem: Any, lang: str = "en") -> str:
     kind = NODE_PROBLEMS_ZH.get(problem.type) if lang == "zh" else None
     if kind is None:
         return problem.describe()
-    english = problem.message + (f": {problem.details}" if problem.details else "")
     if problem.node_id:
         where = NODE_WORDS_ZH["node"].format(node_id=problem.node_id, class_type=problem.class_type)
     else:
         where = NODE_WORDS_ZH["workflow"]
     if problem.input_name:
         where += NODE_WORDS_ZH["input"].format(input_name=problem.input_name)
-    return f"{where}：{kind}（{english}）"
+    detail = _node_detail(problem)
+    if detail is None:
+        english = problem.message + (f": {problem.details}" if problem.details else "")
+        detail = f"{kind}（{english}）"
+    return f"{where}：{detail}"
 
 
 def error_text(exc: Any, lang: str = "en") -> str:
@@ -581,20 +741,63 @@ def error_text(exc: Any, lang: str = "en") -> str:
         lines = [f"• {node_problem_text(p, lang)}" for p in exc.problems[:10]]
         return text("error.workflow_invalid", lang) + ":\n" + "\n".join(lines)
     coded = _coded_text(ERROR_TABLES, getattr(exc, "code", None), exc.details, lang)
-    return exc.message if coded is None else coded
+    if coded is None:
+        return exc.message
+    node_problems = exc.details.get("node_problems") or []  # a template whose example workflow fails
+    return coded + "".join(f"\n• {node_problem_text(p, lang)}" for p in node_problems[:10])
+
+
+def coded_text(code: str | None, values: dict[str, Any], english: str, lang: str = "en") -> str:
+    """A library error kept as its code and values (a batch's progress, a row in the ledger) in ``lang``;
+    ``english``, the engine's message, where the language has no words for the code."""
+    coded = _coded_text(ERROR_TABLES, code, values, lang)
+    return english if coded is None else coded
+
+
+def row_error_text(detail: dict[str, Any], lang: str = "en") -> str | None:
+    """Why a ledger row (``Generation.to_dict()``) was skipped or failed, in ``lang``: from the problems a
+    skipped row keeps, or the code of the error a failed row met (its ``extra``'s failure); the ledger's
+    English ``error`` otherwise."""
+    from engine.errors import ERROR_CODES
+    from engine.sheets import RowProblem
+
+    error = detail.get("error")
+    if lang == "en" or not error:
+        return error
+    extra = detail.get("extra") or {}
+    if extra.get("problems"):
+        return text("list.separator", lang).join(problem_text(RowProblem(**p), lang) for p in extra["problems"])
+    failure = extra.get("failure") or {}
+    said = _coded_text(ERROR_TABLES, failure.get("code"), failure.get("values") or {}, lang)
+    if said is None:
+        return error
+    if failure.get("node_id") and "node_id" not in ERROR_CODES.get(failure["code"], ()):
+        where = NODE_WORDS_ZH["node"].format(node_id=failure["node_id"], class_type=failure.get("node_type"))
+        said = f"{where}：{said}"
+    return said
+
+
+def model_kind_text(kind: str, lang: str = "en") -> str:
+    """A kind of model file ("checkpoint", "loras") in ``lang``."""
+    return VALUE_WORDS.get(lang, {}).get("kind", {}).get(kind, kind)
+
+
+def problem_reason(problem: Any, lang: str = "en") -> str:
+    """Why a spreadsheet problem (``engine.sheets.RowProblem``) is one, in ``lang``, without its place. A
+    workflow check that failed for the row lists its node problems; problems without a code and languages
+    without a table keep the engine's English reason."""
+    if problem.code == "workflow_invalid" and lang != "en":
+        return text("list.separator", lang).join(node_problem_text(p, lang) for p in problem.params["problems"])
+    coded = _coded_text(PROBLEM_TABLES, problem.code, problem.params, lang)
+    if coded is None:  # a row whose workflow could not be rendered carries the library error's code
+        coded = _coded_text(ERROR_TABLES, problem.code, problem.params, lang)
+    return problem.reason if coded is None else coded
 
 
 def problem_text(problem: Any, lang: str = "en") -> str:
-    """One spreadsheet problem as "column: why" in ``lang``. A workflow check that failed for the row
-    lists its node problems; problems without a code and languages without a table keep the engine's
-    English reason."""
-    if problem.code == "workflow_invalid" and lang != "en":
-        reason = text("list.separator", lang).join(node_problem_text(p, lang) for p in problem.params["problems"])
-    else:
-        coded = _coded_text(PROBLEM_TABLES, problem.code, problem.params, lang)
-        reason = problem.reason if coded is None else coded
+    """One spreadsheet problem as "column: why" in ``lang`` (see :func:`problem_reason`)."""
     where = problem.column or text("report.whole_row", lang)
-    return f"{where}: {reason}"
+    return f"{where}: {problem_reason(problem, lang)}"
 
 
 def language_of(accept_language: str | None) -> str:

@@ -418,7 +418,7 @@ def create_app(
     from engine.services import build_services
     from webapp.api import answer_unknown_api_paths, api_router, describe_api_errors, install_error_handlers
     from webapp.comfy_api import comfy_router
-    from webapp.ui import CSS, build_ui
+    from webapp.ui import CSS, build_ui, page_head
 
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
@@ -607,6 +607,7 @@ def create_app(
         max_file_size=f"{int(settings.max_upload_mb)}mb",
         show_error=True,
         css=CSS,
+        head=page_head(),
         # example images only (shipped templates and those uploaded)
         allowed_paths=[str(settings.templates_path.resolve()), str(settings.user_templates_path.resolve())],
     )

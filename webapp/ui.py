@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import html
+import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,27 @@ def toast_title_css() -> str:
         rules += [f'html:lang({lang}) .toast-title.{kind}::before {{ content: "{text(f"toast.{kind}", lang)}"; '
                   "margin-right: .3em; }" for kind in ("info", "warning", "error")]
     return "\n".join(rules)
+
+
+def page_head() -> str:
+    """A script for the page's ``<head>``: the one message Gradio's own front end makes and says in English
+    only, its refusal of an upload over ``max_file_size`` before sending it ("File(s) exceed the maximum
+    allowed size of 1.0 Mb: "big.csv""), is said in the page's language (``upload.too_large``)."""
+    words = {lang: text("upload.too_large", lang) for lang in LANGUAGES if lang != "en"}
+    script = r"""<script>
+(() => {
+  const words = WORDS;
+  const gradio = /^File\(s\) exceed the maximum allowed size of (.+?): (.+)$/s;
+  const say = (node) => {
+    const template = words[(document.documentElement.lang || "").split("-")[0]];
+    const found = template && gradio.exec(node.textContent.trim());
+    if (found) node.textContent = template.replace("{size}", found[1].replace(/b$/, "B")).replace("{files}", found[2]);
+  };
+  new MutationObserver(() => document.querySelectorAll('[data-testid="toast-text"]').forEach(say))
+    .observe(document.documentElement, {childList: true, subtree: true});
+})();
+</script>"""
+    return script.replace("WORDS", json.dumps(words, ensure_ascii=False), 1)
 
 
 CSS = """

@@ -100,8 +100,9 @@ class NodeType:
     def check(cls, values: dict[str, Any], ctx: "NodeContext | None") -> list[tuple[str | None, str, str, str]]:
         """Extra cross-field validation beyond declared types/ranges.
 
-        Returns ``(input_name, comfy_error_type, message, details)`` tuples. Only literal values are
-        in ``values``; linked inputs are absent.
+        Returns ``(input_name, comfy_error_type, message, details)`` tuples, optionally with a fifth item:
+        a dict of the values behind the message (kept in the problem's ``extra_info``). Only literal
+        values are in ``values``; linked inputs are absent.
         """
         return []
 

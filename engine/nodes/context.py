@@ -67,8 +67,10 @@ class NodeContext:
     def check_interrupt(self) -> None:
         """Called between sampler steps: raise if the caller cancelled or the deadline passed."""
         if self.should_cancel is not None and self.should_cancel():
-            raise Cancelled("cancelled by the user", node_id=self.node_id, class_type=self.class_type)
+            raise Cancelled("cancelled by the user", node_id=self.node_id, class_type=self.class_type,
+                            code="cancelled")
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise DeadlineExceeded(
-                "sampler ran past its deadline", node_id=self.node_id, class_type=self.class_type
+                "sampler ran past its deadline", node_id=self.node_id, class_type=self.class_type,
+                code="sampler_deadline", limit_s=f"{self.sampler_time_limit_s or 0:g}",
             )

@@ -81,13 +81,14 @@ def check_images(ctx: "NodeContext", images: "torch.Tensor") -> None:
         if torch.isnan(image).any():
             raise BadOutput(
                 f"decoded image {index} contains NaN (numerical overflow in the model or VAE)",
-                node_id=ctx.node_id, class_type=ctx.class_type, image_index=index, reason="nan",
+                node_id=ctx.node_id, class_type=ctx.class_type, image_index=index, reason="nan", code="image_nan",
             )
         spread = float(image.max() - image.min())
         if spread < BLANK_RANGE:
             raise BadOutput(
                 f"decoded image {index} is blank (every pixel {float(image.mean()):.3f})",
                 node_id=ctx.node_id, class_type=ctx.class_type, image_index=index, reason="blank",
+                code="image_blank",
             )
 
 

@@ -57,20 +57,26 @@ def list_input_images(folder: Path | None) -> list[str]:
 
 def input_file_problem(input_dir: Path | None, name: Any) -> str | None:
     """Why ``name`` is not a readable file inside ``input_dir``, or None when it is."""
+    problem = _input_file_problem(input_dir, name)
+    return None if problem is None else problem[1]
+
+
+def _input_file_problem(input_dir: Path | None, name: Any) -> tuple[str, str] | None:
+    """:func:`input_file_problem` as ``(kind, reason)``; kind: no_input_folder, bad_name, outside, missing."""
     if input_dir is None:
-        return "this engine has no input folder configured"
+        return "no_input_folder", "this engine has no input folder configured"
     if not isinstance(name, str) or not name.strip() or "\x00" in name:
-        return f"invalid image file name {name!r}"
+        return "bad_name", f"invalid image file name {name!r}"
     clean = name[: -len(ANNOTATION)] if name.endswith(ANNOTATION) else name
     relative = Path(clean.replace("\\", "/"))
     if relative.is_absolute() or ".." in relative.parts:
-        return f"image file '{name}' is outside the input folder (absolute paths and '..' are refused)"
+        return "outside", f"image file '{name}' is outside the input folder (absolute paths and '..' are refused)"
     root = Path(input_dir).resolve()
     path = (root / relative).resolve()
     if os.path.commonpath((str(root), str(path))) != str(root):
-        return f"image file '{name}' leads outside the input folder"
+        return "outside", f"image file '{name}' leads outside the input folder"
     if not path.is_file():
-        return f"Invalid image file: {name}"
+        return "missing", f"Invalid image file: {name}"
     return None
 
 
@@ -84,14 +90,16 @@ def input_file_path(ctx: "NodeContext", name: str) -> Path:
     return (Path(ctx.input_dir).resolve() / clean.replace("\\", "/")).resolve()
 
 
-def _check_image_name(values: dict[str, Any], ctx: "NodeContext | None") -> list[tuple[str | None, str, str, str]]:
+def _check_image_name(values: dict[str, Any], ctx: "NodeContext | None") -> list[tuple[Any, ...]]:
     if ctx is None or "image" not in values:
         return []
-    problem = input_file_problem(ctx.input_dir, values["image"])
+    problem = _input_file_problem(ctx.input_dir, values["image"])
     if problem is None:
         return []
-    shown = ", ".join(list_input_images(ctx.input_dir)[:20]) or "none"
-    return [("image", "value_not_in_list", problem, f"available: {shown}")]
+    kind, reason = problem
+    available = list_input_images(ctx.input_dir)[:20]
+    return [("image", "value_not_in_list", reason, f"available: {', '.join(available) or 'none'}",
+             {"file_problem": kind, "received_value": str(values["image"]), "available": available})]
 
 
 def _open_image(ctx: "NodeContext", path: Path):

@@ -493,3 +493,90 @@ def test_a_refusal_on_a_chinese_page_is_titled_in_chinese_and_leaves_the_pickers
     assert picker.evaluate("i => { const r = i.getBoundingClientRect();"
                            " return document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2) === i; }")
     assert picker.input_value() == "article_workflow"
+
+
+def english_sentence(text: str) -> str | None:
+    """Two or more English words in a row outside quotes: what is left of an English sentence in Chinese text
+    (single names, such as a column, a node type or a file, are values and stay as they are)."""
+    unquoted = re.sub(r"“[^”]*”|\"[^\"]*\"", "", text)
+    found = re.search(r"[A-Za-z]{2,}(?:[ ,:;'-]+[A-Za-z]{2,})+", unquoted)
+    return found.group(0) if found else None
+
+
+def test_a_chinese_page_says_problems_and_refusals_in_chinese(app_server, new_page, screenshot, tmp_path):
+    """A sheet with a bad seed and a value over its maximum, a photo template's sheet naming a photo that is
+    not uploaded (first without the zip: the workflow check's problem, then with it: the sheet's), a
+    CSV named .xlsx, a photos zip that is none, a single image without its photo and a file over the upload
+    limit: every report, status line and pop-up speaks Chinese, without an English sentence."""
+    from PIL import Image
+
+    base_url, services = app_server
+    page = new_page(locale="zh-CN")
+    log_in(page, base_url, "bob", "bob-pass")
+    page.get_by_text("已登录").wait_for()
+    summary, report = page.locator("#report-summary"), page.locator("#validation-report")
+
+    def shown() -> str:
+        return summary.inner_text() + "\n" + report.inner_text()
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,seed,width,height,steps\n一只猫,abc,64,64,1\n一只狗,12.5,64,9999,1\n一只鸟,3,64,64,1\n",
+                   encoding="utf-8")
+    upload_sheet(page, bad)
+    report.get_by_text("seed: “abc”不是整数").wait_for()
+    assert "seed: “12.5”不是整数；height: 9999 大于最大值 2048" in report.inner_text()
+    page.get_by_text("1 行可以生成，2 行有问题。").wait_for()
+    assert english_sentence(shown()) is None, shown()
+    screenshot(page, "batch-problems-zh")
+
+    scene = tmp_path / "scene.csv"
+    scene.write_text("product_name,product_photo,scene\n杯子,mug.png,厨房\n", encoding="utf-8")
+    page.goto(base_url + "/")
+    upload_sheet(page, scene, template="product_in_scene")
+    report.get_by_text("找不到图片“mug.png”").wait_for()  # the workflow's LoadImage, said from its values
+    assert "节点 10（LoadImage）的输入“image”：找不到图片“mug.png”；可用的图片：无" in report.inner_text()
+    assert english_sentence(shown()) is None, shown()
+    photo = tmp_path / "cup.png"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(photo)
+    photos = tmp_path / "photos.zip"
+    with zipfile.ZipFile(photos, "w") as archive:
+        archive.write(photo, "cup.png")
+    page.locator("#photos-file input[type=file]").set_input_files(str(photos))
+    report.get_by_text("上传的图片中没有“mug.png”；可用：cup.png").wait_for()
+    assert english_sentence(shown()) is None, shown()
+    screenshot(page, "batch-photo-missing-zh")
+
+    refused = new_page(locale="zh-CN")
+    log_in(refused, base_url, "bob", "bob-pass")
+    lying = tmp_path / "rows.xlsx"
+    lying.write_text("prompt\n一只猫\n", encoding="utf-8")
+    upload_sheet(refused, lying)
+    refused.locator("#report-summary").get_by_text("“rows.xlsx”的扩展名是 .xlsx，但内容是 CSV 文本").wait_for()
+    assert english_sentence(refused.locator("#report-summary").inner_text()) is None
+
+    not_a_zip = tmp_path / "photos-broken.zip"
+    not_a_zip.write_bytes(b"these are no photos")
+    refused.goto(base_url + "/")
+    upload_sheet(refused, scene, template="product_in_scene")
+    refused.locator("#photos-file input[type=file]").set_input_files(str(not_a_zip))
+    refused.locator("#report-summary").get_by_text("上传的产品照片不是有效的 zip 压缩包").wait_for()
+    screenshot(refused, "batch-photos-refused-zh")
+
+    # Gradio's own refusal of a file over the upload limit, before it is sent
+    huge = tmp_path / "huge.csv"
+    with open(huge, "wb") as out:
+        out.truncate((int(services.settings.max_upload_mb) + 1) * 1024 * 1024)
+    refused.goto(base_url + "/")
+    refused.locator("#sheet-file input[type=file]").set_input_files(str(huge))
+    toast = refused.locator("[data-testid=toast-text]").filter(has_text="huge.csv")
+    toast.wait_for()
+    assert toast.inner_text() == f'文件超过了 {services.settings.max_upload_mb:.1f} MB 的上传上限："huge.csv"'
+    assert english_sentence(toast.inner_text()) is None, toast.inner_text()
+
+    open_tab(refused, "单张生成")
+    pick(refused, "single-template", "product_in_scene")
+    field(refused, "product_name").wait_for()
+    field(refused, "product_name").fill("杯子")
+    refused.locator("#single-generate").click()
+    refused.get_by_text("product_photo: 必填项为空").wait_for(timeout=30_000)
+    screenshot(refused, "single-image-no-photo-zh")
