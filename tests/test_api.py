@@ -438,6 +438,71 @@ def test_batch_from_json_rows_runs_and_reports_its_rows(server, bob):
     assert sum(n.endswith(".png") for n in names) == 1 and "manifest.csv" in names
 
 
+def as_javascript_reads_it(answer: httpx.Response):
+    """The body as JavaScript's ``JSON.parse`` reads it: every number a double (exact only up to 2^53)."""
+    return json.loads(answer.text, parse_int=float)
+
+
+def test_seeds_come_also_as_exact_strings_wherever_the_api_answers_with_one(server, bob):
+    from engine.sheets import derive_seed
+
+    big, batch_seed = 2**64 - 1, 2**64 - 59
+    assert float(big) != big and float(batch_seed) != batch_seed  # past 2^53: a double cannot hold them
+    rows = [{"product_name": "exact seed", "seed": str(big), **SMALL}, {"product_name": "derived seed", **SMALL}]
+    answer = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_seed": str(batch_seed)})
+    assert answer.status_code == 200, answer.text
+    report = as_javascript_reads_it(answer)["report"]["rows"]
+    assert report[0]["values_str"]["seed"] == str(big) and report[0]["values_str"]["width"] == "64"
+    assert answer.json()["report"]["rows"][0]["values"]["seed"] == big  # the number stays for existing clients
+    batch_id = answer.json()["batch_id"]
+    finished(server, batch_id)
+    derived = derive_seed(batch_seed, 3)
+
+    status = as_javascript_reads_it(bob.get(f"/api/batches/{batch_id}"))
+    assert status["batch"]["batch_seed_str"] == str(batch_seed)
+    assert [(r["seed_str"], r["row_values_str"]["seed"]) for r in status["rows"]] == [(str(big), str(big)),
+                                                                                      (str(derived), str(derived))]
+    assert bob.get(f"/api/batches/{batch_id}").json()["rows"][1]["seed"] == derived
+    listed = as_javascript_reads_it(bob.get("/api/batches"))
+    assert next(b for b in listed if b["id"] == batch_id)["batch_seed_str"] == str(batch_seed)
+    one = as_javascript_reads_it(bob.get(f"/api/generations/{batch_id}:2"))
+    assert one["seed_str"] == str(big)
+    found = as_javascript_reads_it(bob.get("/api/generations", params={"batch": batch_id}))
+    assert sorted(g["seed_str"] for g in found) == sorted([str(big), str(derived)])
+
+    single = bob.post("/api/generate", json={"template": "product_shot",
+                                              "values": {"product_name": "exact kettle", "seed": str(big - 1), **SMALL}})
+    assert as_javascript_reads_it(single)["generation"]["seed_str"] == str(big - 1)
+
+    out_of_range = bob.post("/api/batches", json={"template": "product_shot", "start": False,
+                                                  "rows": [{"product_name": "x", "seed": str(big + 1)}]})
+    problem = as_javascript_reads_it(out_of_range)["report"]["rows"][0]["problems"][0]
+    assert problem["code"] == "seed_out_of_range" and problem["params_str"] == {"value": str(big + 1), "max": str(big)}
+
+
+@pytest.mark.parametrize("batch_seed, code", [
+    (1.5, "batch_seed_not_whole"), (True, "batch_seed_not_whole"), ("abc", "batch_seed_not_whole"),
+    (1e19, "batch_seed_not_whole"),  # a double past 2^53: some other seed than the one the client meant
+    (-3, "batch_seed_out_of_range"), (2**64, "batch_seed_out_of_range"),
+])
+def test_a_batch_seed_that_is_not_an_exact_seed_is_refused_not_rounded(server, bob, batch_seed, code):
+    before = len(server.services.ledger.list_batches(limit=500))
+    for route, kwargs in (
+        ("/api/batches", {"json": {"template": "product_shot", "rows": [{"product_name": "x"}], "batch_seed": batch_seed}}),
+        ("/api/batches/upload", {"data": {"template": "product_shot", "batch_seed": str(batch_seed)},
+                                 "files": {"sheet": ("rows.csv", b"product_name\nx\n", "text/csv")}}),
+    ):
+        if route.endswith("upload") and isinstance(batch_seed, (bool, float)) and batch_seed != 1.5:
+            continue  # a form field is text: "True" is plain text, "1e+19" Excel's rounding, both refused anyway
+        answer = bob.post(route, **kwargs)
+        assert answer.status_code == 400, (route, answer.text)
+        assert error_of(answer)["code"] == code, answer.text
+    assert len(server.services.ledger.list_batches(limit=500)) == before
+    exact = bob.post("/api/batches", json={"template": "product_shot", "rows": [{"product_name": "x"}],
+                                           "batch_seed": str(2**64 - 1), "start": False})
+    assert exact.status_code == 200, exact.text
+
+
 def test_bad_rows_refused_with_row_and_column_named(bob):
     rows = [{"product_name": "fine", **SMALL}, {"product_name": "too wide", **SMALL, "width": 9999}]
     answer = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "on_invalid": "stop"})

@@ -161,7 +161,7 @@ def json_body_schema(properties: dict[str, Any], required: tuple[str, ...] = ())
 
 
 SEED_SCHEMA = {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": "^[0-9]+$"}],
-               "description": "0 to 2^64-1; past 2^53 send it as a string"}
+               "description": "0 to 2^64-1; past 2^53 send it as a string (a number there has been rounded)"}
 BATCH_BODY = json_body_schema({
     "template": {"type": "string", "description": "a template name (GET /api/templates)"},
     "rows": {"type": "array", "items": {"type": "object"}, "minItems": 1,
@@ -196,13 +196,106 @@ ERROR_SCHEMA = {
 }
 OPEN_ROUTES = {"/api/token"}  # the API routes that take no bearer token
 
+# Answers: what a client reads. Seeds go to 2^64-1, past the 2^53 a JSON reader such as JavaScript's
+# JSON.parse keeps exactly, so each seed number has an exact decimal-string twin (Twitter's id / id_str).
+_TEXT_OF_WHOLE_NUMBERS = {"type": "object", "additionalProperties": {"type": "string", "pattern": "^-?[0-9]+$"}}
+
+
+def _exact_twin(of: str) -> dict[str, Any]:
+    return {"type": ["string", "null"], "pattern": "^[0-9]+$",
+            "description": f"{of} as a decimal string: exact where a JSON reader rounds numbers past 2^53 "
+                           "(JavaScript's JSON.parse does)"}
+
+
+ANSWER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Problem": {"type": "object", "properties": {
+        "row": {"type": "integer"}, "column": {"type": ["string", "null"]}, "reason": {"type": "string"},
+        "code": {"type": ["string", "null"], "description": "engine.sheets.PROBLEM_CODES, or workflow_invalid"},
+        "params": {"type": "object", "description": "the values the reason names, to word it in another language"},
+        "params_str": {**_TEXT_OF_WHOLE_NUMBERS, "description": "the whole numbers of params as exact strings"},
+    }},
+    "ValidationReport": {"type": "object", "properties": {
+        "ok": {"type": "boolean"},
+        "missing_columns": {"type": "array", "items": {"type": "string"}},
+        "unknown_columns": {"type": "array", "items": {"type": "string"}},
+        "column_map": {"type": "object", "additionalProperties": {"type": "string"}},
+        "notes": {"type": "array", "items": {"type": "string"}},
+        "rows": {"type": "array", "items": {"type": "object", "properties": {
+            "row": {"type": "integer", "description": "the spreadsheet row: the first data row is 2"},
+            "ok": {"type": "boolean"},
+            "problems": {"type": "array", "items": {"$ref": "#/components/schemas/Problem"}},
+            "values": {"type": "object", "description": "the row's values by field, typed (a seed is a number)"},
+            "values_str": {**_TEXT_OF_WHOLE_NUMBERS,
+                           "description": "the whole numbers of values (seeds among them) as exact strings"},
+        }}},
+    }},
+    "BatchSubmitted": {"type": "object", "required": ["batch_id", "resumed", "report", "queued_rows", "started"],
+                       "properties": {
+        "batch_id": {"type": "string", "description": "with start false nothing is recorded under it"},
+        "resumed": {"type": "boolean", "description": "the batch_id was known: its rows not done run again"},
+        "report": {"$ref": "#/components/schemas/ValidationReport"},
+        "queued_rows": {"type": "integer"},
+        "started": {"type": "boolean"},
+    }},
+    "Batch": {"type": "object", "properties": {
+        "id": {"type": "string"}, "template_name": {"type": "string"}, "user": {"type": ["string", "null"]},
+        "status": {"type": "string", "enum": ["created", "running", "finished", "cancelled", "failed"]},
+        "batch_seed": {"type": "integer", "description": "0 to 2^64-1; read batch_seed_str for the exact value"},
+        "batch_seed_str": _exact_twin("batch_seed"),
+        "created_at": {"type": "string", "format": "date-time"},
+        "started_at": {"type": ["string", "null"], "format": "date-time"},
+        "finished_at": {"type": ["string", "null"], "format": "date-time"},
+        "row_count": {"type": "integer"}, "done_count": {"type": "integer"},
+    }},
+    "Generation": {"type": "object", "properties": {
+        "row_key": {"type": "string", "description": "<batch_id>:<row_number>"},
+        "batch_id": {"type": "string"}, "row_number": {"type": "integer"},
+        "status": {"type": "string",
+                   "enum": ["queued", "running", "done", "failed", "timed_out", "skipped", "cancelled"]},
+        "seed": {"type": ["integer", "null"], "description": "0 to 2^64-1; read seed_str for the exact value"},
+        "seed_str": _exact_twin("seed"),
+        "row_values": {"type": "object", "description": "the row's cells and typed values by field"},
+        "row_values_str": {**_TEXT_OF_WHOLE_NUMBERS,
+                           "description": "the whole numbers of row_values (seeds among them) as exact strings"},
+        "prompt": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]},
+        "image_url": {"type": "string", "description": "the PNG, with the same bearer token (done rows only)"},
+    }},
+    "BatchStatus": {"type": "object", "properties": {
+        "batch": {"$ref": "#/components/schemas/Batch"},
+        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "progress": {"type": ["object", "null"], "description": "live progress while this process knows the batch"},
+        "rows": {"type": "array", "items": {"$ref": "#/components/schemas/Generation"}},
+    }},
+    "Generated": {"type": "object", "properties": {
+        "batch_id": {"type": "string"}, "state": {"type": ["string", "null"]},
+        "generation": {"anyOf": [{"$ref": "#/components/schemas/Generation"}, {"type": "null"}]},
+    }},
+}
+# (path, method) -> the schema of its 200 answer
+ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
+    ("/api/batches", "post"): {"$ref": "#/components/schemas/BatchSubmitted"},
+    ("/api/batches/upload", "post"): {"$ref": "#/components/schemas/BatchSubmitted"},
+    ("/api/batches", "get"): {"type": "array", "items": {"$ref": "#/components/schemas/Batch"}},
+    ("/api/batches/{batch_id}", "get"): {"$ref": "#/components/schemas/BatchStatus"},
+    ("/api/generate", "post"): {"$ref": "#/components/schemas/Generated"},
+    ("/api/generations", "get"): {"type": "array", "items": {"$ref": "#/components/schemas/Generation"}},
+    ("/api/generations/{row_key}", "get"): {"$ref": "#/components/schemas/Generation"},
+}
+
 
 def describe_api_errors(schema: dict[str, Any], auth_required: bool) -> dict[str, Any]:
-    """The OpenAPI schema as the API really answers: refusals in :data:`ERROR_SCHEMA` (400 where FastAPI
-    would write its 422, which :func:`install_error_handlers` never sends), and with auth configured the
-    bearer token the ``/api`` routes ask for. Changes ``schema`` in place and returns it."""
+    """The OpenAPI schema as the API really answers: the answers of :data:`ANSWERS`, refusals in
+    :data:`ERROR_SCHEMA` (400 where FastAPI would write its 422, which :func:`install_error_handlers` never
+    sends), and with auth configured the bearer token the ``/api`` routes ask for. Changes ``schema`` in
+    place and returns it."""
     components = schema.setdefault("components", {})
     components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    components["schemas"].update(ANSWER_SCHEMAS)
+    for (path, method), answer in ANSWERS.items():
+        operation = schema.get("paths", {}).get(path, {}).get(method)
+        if operation is not None:
+            operation.setdefault("responses", {})["200"] = {
+                "description": "Successful Response", "content": {"application/json": {"schema": answer}}}
     for unused in ("HTTPValidationError", "ValidationError"):
         components["schemas"].pop(unused, None)
     refusal = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -244,7 +337,7 @@ def batch_status(services: Any, batch_id: str, with_rows: bool = True) -> dict[s
     summary = services.runner.summary(batch_id)
     progress = services.queue.status(batch_id)
     body: dict[str, Any] = {
-        "batch": batch,
+        "batch": public_batch(batch),
         "counts": {
             "done": summary.done,
             "failed": summary.failed,
@@ -277,11 +370,48 @@ def public_progress(services: Any, progress: Any) -> dict[str, Any] | None:
     return body
 
 
+def whole_numbers_as_text(values: Any) -> dict[str, str]:
+    """The whole numbers of a map of field values as decimal strings (``{"seed": 18446744073709551615,
+    "steps": 4}`` -> ``{"seed": "18446744073709551615", "steps": "4"}``): JavaScript's ``JSON.parse`` reads
+    an integer exactly only up to 2^53, and seeds go to 2^64-1."""
+    if not isinstance(values, dict):
+        return {}
+    return {key: str(value) for key, value in values.items() if isinstance(value, int) and not isinstance(value, bool)}
+
+
+def _with_text(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """``data`` with ``<key>_str`` (the number as a decimal string, or None) right after ``key``: the
+    id/id_str pair of APIs whose numbers outgrow what JSON readers keep exactly."""
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        out[name] = value
+        if name == key:
+            out[f"{key}_str"] = None if value is None else str(value)
+    return out
+
+
+def public_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """A ledger batch as the API shows it: ``batch_seed`` also as the exact ``batch_seed_str``."""
+    return _with_text(batch, "batch_seed")
+
+
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
+    """A validation report (``ValidationReport.to_dict``) as the API shows it: each row's ``values`` and
+    each problem's ``params`` also as ``values_str`` / ``params_str``, their whole numbers as text."""
+    rows = []
+    for row in report.get("rows", []):
+        problems = [{**p, "params_str": whole_numbers_as_text(p.get("params"))} for p in row.get("problems", [])]
+        rows.append({**row, "problems": problems, "values_str": whole_numbers_as_text(row.get("values"))})
+    return {**report, "rows": rows}
+
+
 def public_row(row: Any) -> dict[str, Any]:
-    """A ledger generation as the API shows it: no rendered workflow, file paths replaced by a URL."""
+    """A ledger generation as the API shows it: no rendered workflow, file paths replaced by a URL, the seed
+    also as the exact ``seed_str`` and the row's whole-number values as ``row_values_str``."""
     data = row.to_dict() if hasattr(row, "to_dict") else dict(row)
     hidden = {"workflow", "image_path", "images", "id"}
-    out = {k: v for k, v in data.items() if k not in hidden}
+    out = _with_text({k: v for k, v in data.items() if k not in hidden}, "seed")
+    out["row_values_str"] = whole_numbers_as_text(data.get("row_values"))
     if data.get("image_path"):
         out["image_url"] = f"/api/generations/{data['row_key']}/image"
     return out
@@ -336,11 +466,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         on_invalid = body.get("on_invalid") or "skip"
         if on_invalid not in ON_INVALID:
             raise BatchError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
-        seed = body.get("batch_seed")
-        try:
-            batch_seed = int(seed) if seed not in (None, "") else None
-        except (TypeError, ValueError) as exc:
-            raise BatchError(f"batch_seed must be a whole number, not {seed!r}") from exc
+        batch_seed = handlers.parse_seed(body.get("batch_seed"))
         batch_id = body.get("batch_id")
         if batch_id not in (None, "") and services.ledger.get_batch(str(batch_id)) is not None:
             handlers.check_may_control(services, caller, str(batch_id))  # resuming is controlling the batch
@@ -366,7 +492,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         answer: dict[str, Any] = {
             "batch_id": prepared.batch_id,
             "resumed": prepared.resumed,
-            "report": prepared.report.to_dict(),
+            "report": public_report(prepared.report.to_dict()),
             "queued_rows": prepared.runnable,
             "started": False,
         }
@@ -494,7 +620,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
 
     @router.get("/batches", summary="Recent batches")
     def list_batches(limit: int = 50, offset: int = Query(0, ge=0), caller: Any = user) -> Any:
-        return services.ledger.list_batches(limit=min(max(limit, 1), 500), offset=offset)
+        return [public_batch(b) for b in services.ledger.list_batches(limit=min(max(limit, 1), 500), offset=offset)]
 
     @router.get("/batches/{batch_id}", summary="A batch's status and per-row results")
     def get_batch(batch_id: str, caller: Any = user) -> Any:
@@ -610,6 +736,9 @@ __all__ = [
     "batch_status",
     "error_status",
     "install_error_handlers",
+    "public_batch",
     "public_progress",
+    "public_report",
     "public_row",
+    "whole_numbers_as_text",
 ]
