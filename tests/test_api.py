@@ -791,6 +791,95 @@ def test_a_retried_submission_racing_the_first_makes_one_batch_and_resumes_it(se
     assert {r.status for r in ledger_rows} == {"done"}
 
 
+@pytest.fixture
+def carol(server):
+    with httpx.Client(base_url=server.url, headers=bearer(token_for(server, "carol")), timeout=60) as c:
+        yield c
+
+
+def batch_count(server) -> int:
+    return len(server.services.ledger.list_batches(limit=500))
+
+
+def test_a_retry_with_the_same_idempotency_key_gets_the_first_answer_not_a_second_batch(server, carol):
+    rows = [{"product_name": "keyed mug", "seed": str(2**64 - 1), **SMALL}]
+    body = {"template": "product_shot", "rows": rows, "start": True}
+    before = batch_count(server)
+    first = carol.post("/api/batches", json=body, headers={"Idempotency-Key": "order-4711"})
+    assert first.status_code == 200, first.text
+    assert "Idempotent-Replayed" not in first.headers
+    # the retry, its fields in another order and the key quoted as the draft writes it
+    retried = carol.post("/api/batches", json=dict(reversed(list(body.items()))),
+                         headers={"Idempotency-Key": '"order-4711"'})
+    assert retried.status_code == 200 and retried.headers["Idempotent-Replayed"] == "true"
+    assert retried.json() == first.json()
+    assert batch_count(server) == before + 1
+
+    csv = b"product_name,seed,width,height,steps\nkeyed cup,7,64,64,2\n"
+    uploads = [carol.post("/api/batches/upload", data={"template": "product_shot"},
+                          files={"sheet": ("rows.csv", csv, "text/csv")}, headers={"Idempotency-Key": "upload-1"})
+               for _ in range(2)]
+    assert [u.status_code for u in uploads] == [200, 200], uploads[0].text
+    assert uploads[0].json()["batch_id"] == uploads[1].json()["batch_id"]
+    assert uploads[1].headers["Idempotent-Replayed"] == "true"
+
+    single = {"template": "product_shot", "values": {"product_name": "keyed kettle", **SMALL}}
+    generated = [carol.post("/api/generate", json=single, headers={"Idempotency-Key": "one-kettle"}) for _ in range(2)]
+    assert generated[0].json()["batch_id"] == generated[1].json()["batch_id"], generated[0].text
+    assert batch_count(server) == before + 3
+    finished(server, first.json()["batch_id"])
+    finished(server, uploads[0].json()["batch_id"])
+
+
+def test_an_idempotency_key_names_one_request_of_one_user(server, carol, bob):
+    body = {"template": "product_shot", "rows": [{"product_name": "first request", **SMALL}], "start": False}
+    assert carol.post("/api/batches", json=body, headers={"Idempotency-Key": "k-reused"}).status_code == 200
+    other = {**body, "rows": [{"product_name": "another request", **SMALL}]}
+    reused = carol.post("/api/batches", json=other, headers={"Idempotency-Key": "k-reused"})
+    assert reused.status_code == 422, reused.text
+    assert error_of(reused)["code"] == "idempotency_key_reused" and error_of(reused)["details"]["key"] == "k-reused"
+    elsewhere = carol.post("/api/batches/upload", data={"template": "product_shot", "start": "false"},
+                           files={"sheet": ("rows.csv", b"product_name\nfirst request\n", "text/csv")},
+                           headers={"Idempotency-Key": "k-reused"})
+    assert elsewhere.status_code == 422  # another route is another request
+    bobs = bob.post("/api/batches", json=other, headers={"Idempotency-Key": "k-reused"})
+    assert bobs.status_code == 200 and "Idempotent-Replayed" not in bobs.headers  # keys are per user
+
+    refused = carol.post("/api/batches", json={**body, "rows": [{"product_name": "x", "width": 9999}],
+                                                "on_invalid": "stop"}, headers={"Idempotency-Key": "k-refused"})
+    assert refused.status_code == 400
+    corrected = carol.post("/api/batches", json=body | {"rows": [{"product_name": "x", **SMALL}]},
+                           headers={"Idempotency-Key": "k-refused"})
+    assert corrected.status_code == 200, corrected.text  # a refused request kept nothing under its key
+
+    for bad in ("", "k" * 300, "schlüssel".encode()):
+        answer = carol.post("/api/batches", json=body, headers={"Idempotency-Key": bad})
+        assert answer.status_code == 400, (bad, answer.text)
+        assert error_of(answer)["details"]["problems"][0] == {
+            "field": "Idempotency-Key", "location": "header", "message": ANY_TEXT}
+
+
+def test_concurrent_retries_under_one_idempotency_key_make_one_batch(server, carol):
+    rows = [{"product_name": f"raced keyed {n}", "seed": n, **SMALL} for n in range(40)]
+    body = {"template": "product_shot", "rows": rows}
+    before = batch_count(server)
+    start_together = threading.Barrier(5)
+
+    def post(_):
+        start_together.wait(timeout=30)
+        return carol.post("/api/batches", json=body, headers={"Idempotency-Key": "raced-key"})
+
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(post, range(5)))
+    assert {a.status_code for a in answers} <= {200, 409}, [a.text[:200] for a in answers]
+    assert all(error_of(a)["code"] == "idempotency_key_in_use" for a in answers if a.status_code == 409)
+    made = {a.json()["batch_id"] for a in answers if a.status_code == 200}
+    assert len(made) == 1 and batch_count(server) == before + 1
+    finished(server, made.pop())
+    again = carol.post("/api/batches", json=body, headers={"Idempotency-Key": "raced-key"})
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+
+
 def test_resubmitting_a_finished_batch_says_it_queues_nothing(server, bob):
     rows = [{"product_name": f"counted {n}", "seed": n, **SMALL} for n in range(2)]
     body = {"template": "product_shot", "rows": rows, "batch_id": "client-batch-counted"}

@@ -17,17 +17,24 @@ of :func:`error_status`.
     POST /api/generate                       one image from a template, waits for it
     GET  /api/generations[/{key}[/image]]    search the ledger; one generation; its PNG
     GET  /api/system, POST /api/system/model model, device, queue; switch the default checkpoint (admin)
+
+The routes that make a batch (``POST /api/batches``, ``/api/batches/upload``, ``/api/generate``) take an
+``Idempotency-Key`` header: a retry gets the first answer, not a second batch (:mod:`engine.idempotency`).
+Seeds go to 2^64-1, so every seed in an answer comes with its exact decimal string (``seed_str``, ...).
 """
 
 # No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
 import asyncio
+import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from engine.batch import new_batch_id
 from engine.errors import (
     AccessDenied,
     BadQuery,
@@ -36,6 +43,8 @@ from engine.errors import (
     BatchMismatch,
     EngineError,
     ExecutionError,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
     ModelNotFound,
     RequestInvalid,
     SheetError,
@@ -43,6 +52,7 @@ from engine.errors import (
     TemplateError,
     WorkflowInvalid,
 )
+from engine.idempotency import IDEMPOTENCY_TTL_S, check_idempotency_key, request_fingerprint
 from engine.sheets import Sheet, read_sheet, sheet_from_records
 from engine.store import check_batch_id
 from engine.templates import TEMPLATE_FILE, WORKFLOW_FILE
@@ -54,6 +64,8 @@ from webapp.ratelimit import UploadLimit
 
 # HTTP status per library error type; the first match in the class's MRO wins (AccessDenied carries its own).
 STATUS_BY_ERROR: dict[type[EngineError], int] = {
+    IdempotencyKeyReused: 422,  # as draft-ietf-httpapi-idempotency-key-header says
+    IdempotencyKeyInUse: 409,
     WorkflowInvalid: 400,
     TemplateError: 400,
     SheetError: 400,
@@ -67,6 +79,16 @@ STATUS_BY_ERROR: dict[type[EngineError], int] = {
     StoreError: 500,
 }
 ON_INVALID = ("skip", "stop")
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+IDEMPOTENCY_HELP = (
+    "Optional: a key of yours for this request (a UUID is usual; at most 255 printable ASCII characters), so "
+    "that retrying it never makes a second batch: the same key with the same request answers the first "
+    f"answer again (with {REPLAYED_HEADER}: true), with another request 422 (idempotency_key_reused), while "
+    f"the first is still being answered 409 (idempotency_key_in_use). Keys are per user and kept "
+    f"{IDEMPOTENCY_TTL_S // 3600} h; a refused request keeps nothing, so its retry runs again."
+)
+KEYED_ROUTES = {("/api/batches", "post"), ("/api/batches/upload", "post"), ("/api/generate", "post")}
 
 
 def error_status(exc: EngineError) -> int:
@@ -302,13 +324,22 @@ def describe_api_errors(schema: dict[str, Any], auth_required: bool) -> dict[str
     if auth_required:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
     for path, operations in schema.get("paths", {}).items():
-        for operation in operations.values():
+        for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
             if responses.pop("422", None) is not None or path.startswith("/api/"):
                 responses["400"] = {"description": "refused: the request or its rows (details name them)", **refusal}
             if path.startswith("/api/"):
                 responses["404"] = {"description": "no such route, batch, generation or template", **refusal}
                 responses["429"] = {"description": "rate limited; Retry-After says when to try again", **refusal}
+            if (path, method) in KEYED_ROUTES:
+                responses["200"].setdefault("headers", {})[REPLAYED_HEADER] = {
+                    "description": "true: the answer to an earlier request with this Idempotency-Key",
+                    "schema": {"type": "string", "enum": ["true"]}}
+                responses["409"] = {"description": "the request of this Idempotency-Key is still being answered "
+                                                   "(code idempotency_key_in_use); or, with batch_id, the batch "
+                                                   "was made from other inputs", **refusal}
+                responses["422"] = {"description": "this Idempotency-Key came before with another request "
+                                                   "(code idempotency_key_reused)", **refusal}
             if auth_required and path.startswith("/api/") and path not in OPEN_ROUTES:
                 operation["security"] = [{"bearer": []}]
                 responses["401"] = {"description": "no token, or a bad, expired or revoked one", **refusal}
@@ -423,11 +454,12 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     ``/api/token`` grants lifetimes up to the ``max_token_ttl`` setting (checked here, so a bad setting
     stops the app at start-up rather than at the first login).
     """
-    from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
-    from fastapi.responses import StreamingResponse
+    from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     router = APIRouter(prefix="/api", tags=["API"])
     user = Depends(fastapi_dependency(guard))
+    idempotency_header = Header(None, alias=IDEMPOTENCY_HEADER, description=IDEMPOTENCY_HELP)
     admin_models = Depends(fastapi_dependency(guard, ADMIN, "switch_model"))
     admin_templates = Depends(fastapi_dependency(guard, ADMIN, "upload_template"))
     admin_tokens = Depends(fastapi_dependency(guard, ADMIN, "revoke_tokens"))
@@ -584,15 +616,43 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         saved = await asyncio.to_thread(services.templates.add, files, replace)
         return saved.to_dict()
 
+    async def once_per_key(
+        key_header: str | None, caller: Any, route: str, fields: dict[str, Any], given_batch_id: Any,
+        run: Callable[[str | None], dict[str, Any]],
+    ) -> Any:
+        """``run(batch_id)`` in a thread, once per Idempotency-Key (:mod:`engine.idempotency`): a retry of
+        an answered request gets its answer again (``Idempotent-Replayed: true``), and the batch id a keyed
+        request makes is reserved with its key first. ``fields``: what the request asks for, as parsed.
+        Without the header, ``run(None)``."""
+        if key_header is None:
+            return await asyncio.to_thread(run, None)
+        key = check_idempotency_key(key_header)
+        batch_id = check_batch_id(given_batch_id) if given_batch_id not in (None, "") else new_batch_id()
+        keyed = await asyncio.to_thread(services.idempotency.begin, caller.name, key,
+                                        request_fingerprint(route, fields), batch_id)
+        if keyed.answered:
+            return JSONResponse(keyed.answer, status_code=keyed.status, headers={REPLAYED_HEADER: "true"})
+        try:
+            answer = await asyncio.to_thread(run, keyed.batch_id)
+        except BaseException:
+            services.idempotency.abandon(keyed)  # not in a thread: this runs even when the request is cancelled
+            raise
+        await asyncio.to_thread(services.idempotency.finish, keyed, answer)
+        return answer
+
     @router.post("/batches", summary="Submit a batch: template + rows as JSON", openapi_extra=BATCH_BODY)
-    async def submit_batch(request: Request, caller: Any = user) -> Any:
+    async def submit_batch(request: Request, idempotency_key: str | None = idempotency_header,
+                           caller: Any = user) -> Any:
         body = await json_body(request)
         if "template" not in body or "rows" not in body:
             raise BatchError("the body needs 'template' and 'rows'")
         sheet = sheet_from_records(body["rows"], "api.json")
-        return await asyncio.to_thread(
-            prepare_and_submit, str(body["template"]), sheet, body, caller, bool(body.get("start", True))
-        )
+
+        def run(batch_id: str | None) -> dict[str, Any]:
+            fields = body if batch_id is None else {**body, "batch_id": batch_id}
+            return prepare_and_submit(str(body["template"]), sheet, fields, caller, bool(body.get("start", True)))
+
+        return await once_per_key(idempotency_key, caller, "POST /api/batches", body, body.get("batch_id"), run)
 
     @router.post("/batches/upload", summary="Submit a batch: template + an uploaded CSV/XLSX sheet")
     async def submit_batch_upload(
@@ -604,19 +664,29 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         on_invalid: str = Form("skip"),
         start: bool = Form(True),
         images: UploadFile | None = File(None),
+        idempotency_key: str | None = idempotency_header,
         caller: Any = user,
     ) -> Any:
         data = await read_upload(sheet)
-        parsed = await asyncio.to_thread(read_sheet, data, sheet.filename or "upload", sheet_name)
-        body = {"batch_seed": batch_seed, "on_invalid": on_invalid, "batch_id": batch_id}
-        photos = None
-        if images is not None:  # the product photos the sheet's image columns name, as one zip
-            photos = await asyncio.to_thread(services.runner.unpack_photos, await read_upload(images))
-        try:
-            return await asyncio.to_thread(prepare_and_submit, template, parsed, body, caller, start, photos)
-        finally:
-            if photos is not None:  # a started batch has its own copy; otherwise none is kept
-                services.runner.discard_staging(photos)
+        photo_zip = await read_upload(images) if images is not None else None
+        fields = {
+            "template": template, "sheet": hashlib.sha256(data).hexdigest(), "sheet_file": sheet.filename,
+            "sheet_name": sheet_name, "batch_seed": batch_seed, "batch_id": batch_id, "on_invalid": on_invalid,
+            "start": start, "images": None if photo_zip is None else hashlib.sha256(photo_zip).hexdigest(),
+        }
+
+        def run(reserved_id: str | None) -> dict[str, Any]:
+            parsed = read_sheet(data, sheet.filename or "upload", sheet_name)
+            body = {"batch_seed": batch_seed, "on_invalid": on_invalid, "batch_id": reserved_id or batch_id}
+            # the product photos the sheet's image columns name, as one zip
+            photos = services.runner.unpack_photos(photo_zip) if photo_zip is not None else None
+            try:
+                return prepare_and_submit(template, parsed, body, caller, start, photos)
+            finally:
+                if photos is not None:  # a started batch has its own copy; otherwise none is kept
+                    services.runner.discard_staging(photos)
+
+        return await once_per_key(idempotency_key, caller, "POST /api/batches/upload", fields, batch_id, run)
 
     @router.get("/batches", summary="Recent batches")
     def list_batches(limit: int = 50, offset: int = Query(0, ge=0), caller: Any = user) -> Any:
@@ -648,22 +718,27 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
 
     @router.post("/generate", summary="One image from a template and field values (waits for it)",
                  openapi_extra=GENERATE_BODY)
-    async def generate(request: Request, caller: Any = user) -> Any:
+    async def generate(request: Request, idempotency_key: str | None = idempotency_header,
+                       caller: Any = user) -> Any:
         body = await json_body(request)
         if "template" not in body:
             raise BatchError("the body needs 'template' and 'values'")
         timeout = _wait_seconds(body.get("timeout_s"), float(services.settings.row_timeout_s))
         sheet = sheet_from_records([body.get("values") or {}], "generate.json")
-        options = {"on_invalid": "stop", "batch_seed": body.get("batch_seed")}
-        prepared = await asyncio.to_thread(prepare, str(body["template"]), sheet, options, caller)
-        submit(prepared, start=True)
-        progress = await asyncio.to_thread(services.queue.wait, prepared.batch_id, timeout)
-        rows = services.ledger.rows(prepared.batch_id)
-        return {
-            "batch_id": prepared.batch_id,
-            "state": progress.state if progress is not None else None,
-            "generation": public_row(rows[0]) if rows else None,
-        }
+
+        def run(batch_id: str | None) -> dict[str, Any]:
+            options = {"on_invalid": "stop", "batch_seed": body.get("batch_seed"), "batch_id": batch_id}
+            prepared = prepare(str(body["template"]), sheet, options, caller)
+            submit(prepared, start=True)
+            progress = services.queue.wait(prepared.batch_id, timeout)
+            rows = services.ledger.rows(prepared.batch_id)
+            return {
+                "batch_id": prepared.batch_id,
+                "state": progress.state if progress is not None else None,
+                "generation": public_row(rows[0]) if rows else None,
+            }
+
+        return await once_per_key(idempotency_key, caller, "POST /api/generate", body, None, run)
 
     @router.get("/generations", summary="Search the ledger")
     def search(

@@ -518,6 +518,8 @@ ERRORS_ZH: dict[str, str] = {
     "batch_not_checked": "还没有可开始的内容：请先检查表格",
     "batch_not_owner": "批次 {batch_id} 由 {owner} 启动：只有本人或管理员可以停止或继续",
     "model_not_found": "找不到 {kind}“{name}”；可用：{available}",
+    "idempotency_key_reused": "幂等键“{key}”已用于另一个请求；新的请求请使用新的键",
+    "idempotency_key_in_use": "幂等键“{key}”的第一个请求仍在处理中；请稍后重试",
 }
 ERROR_TABLES: dict[str, dict[str, str]] = {"zh": ERRORS_ZH}
 
