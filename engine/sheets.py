@@ -374,6 +374,13 @@ def sheet_from_records(
                     "approximately; send it as a string or an integer without a decimal point",
                     "inexact_number", {"value": repr(value)},
                 ))
+            if isinstance(value, (Mapping, list)):  # a cell holds one value; str() would write Python's repr
+                kind = "object" if isinstance(value, Mapping) else "array"
+                problems.append(RowProblem(
+                    number, str(key), f"a JSON {kind} where a cell's value belongs; send text, a number, "
+                    "true/false or null", "not_a_cell_value", {"type": kind},
+                ))
+                value = json.dumps(value, ensure_ascii=False, default=str)
             cells[str(key)] = _within_cell_limit(_clean_cell(cell_text(value)), number, str(key), limits, problems)
         rows.append(SheetRow(number, cells))
     return Sheet(columns=columns, rows=rows, problems=problems, filename=filename, format="json")
@@ -776,7 +783,7 @@ PROBLEM_CODES = (
     "required_column_missing", "required_value_empty", "not_whole_number", "not_a_number", "too_large",
     "not_yes_no", "below_minimum", "above_maximum", "text_too_long", "seed_out_of_range", "not_a_choice",
     "not_a_file_name", "cell_too_long", "photo_not_named", "photo_unreadable", "photo_type_unsupported",
-    "photo_not_uploaded", "excel_rounded", "inexact_number",
+    "photo_not_uploaded", "excel_rounded", "inexact_number", "not_a_cell_value",
 )
 
 

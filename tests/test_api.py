@@ -521,6 +521,31 @@ def test_bad_rows_refused_with_row_and_column_named(bob):
     assert bob.post("/api/batches", content=b"not json", headers={"content-type": "application/json"}).status_code == 400
 
 
+def test_json_fields_of_the_wrong_type_are_refused_not_guessed(server, bob):
+    before = len(server.services.ledger.list_batches(limit=500))
+    for start in ("false", 0, "no", None):
+        answer = bob.post("/api/batches", json={"template": "product_shot", "rows": [{"product_name": "x"}],
+                                                "start": start})
+        assert answer.status_code == 400, (start, answer.text)
+        assert error_of(answer)["details"]["problems"] == [{"field": "start", "location": "body", "message": ANY_TEXT}]
+    assert len(server.services.ledger.list_batches(limit=500)) == before  # "false" no longer started a batch
+    listed = bob.post("/api/generate", json={"template": "product_shot", "values": [{"product_name": "x"}]})
+    assert listed.status_code == 400 and error_of(listed)["details"]["problems"][0]["field"] == "values"
+
+
+def test_a_json_object_or_list_in_a_cell_is_a_problem_of_that_cell_not_python_text(bob):
+    rows = [{"product_name": {"en": "teapot"}, **SMALL}, {"product_name": "kettle", "color": ["red", "blue"]}]
+    answer = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "start": False})
+    assert answer.status_code == 200, answer.text
+    report = answer.json()["report"]["rows"]
+    assert [(p["row"], p["column"], p["code"], p["params"]) for r in report for p in r["problems"]] == [
+        (2, "product_name", "not_a_cell_value", {"type": "object"}),
+        (3, "color", "not_a_cell_value", {"type": "array"}),
+    ]
+    assert answer.json()["queued_rows"] == 0
+    assert "{'en'" not in answer.text  # never Python's repr of the object as the prompt's text
+
+
 def test_resubmitting_a_batch_id_resumes_it_and_other_inputs_conflict(server, bob):
     rows = [{"product_name": "resumable mug", "seed": 3, **SMALL}]
     first = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_id": "client-batch-1"})

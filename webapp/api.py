@@ -186,12 +186,15 @@ SEED_SCHEMA = {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": "^[0
                "description": "0 to 2^64-1; past 2^53 send it as a string (a number there has been rounded)"}
 BATCH_BODY = json_body_schema({
     "template": {"type": "string", "description": "a template name (GET /api/templates)"},
-    "rows": {"type": "array", "items": {"type": "object"}, "minItems": 1,
-             "description": "one object per image, keys named like the template's fields; the first is row 2"},
+    "rows": {"type": "array", "minItems": 1, "items": {"type": "object", "additionalProperties": {
+                 "type": ["string", "number", "boolean", "null"]}},
+             "description": "one object per image, keys named like the template's fields; the first is row 2. "
+                            "Send seeds as strings: a number past 2^53 has been rounded"},
     "batch_id": {"type": "string", "description": "your own id; posting it again resumes that batch"},
     "batch_seed": SEED_SCHEMA,
     "on_invalid": {"type": "string", "enum": ["skip", "stop"], "default": "skip"},
-    "start": {"type": "boolean", "default": True, "description": "false: only check the rows"},
+    "start": {"type": "boolean", "default": True,
+              "description": "false: only check the rows (nothing is recorded, not even the batch_id answered)"},
 }, required=("template", "rows"))
 GENERATE_BODY = json_body_schema({
     "template": {"type": "string"},
@@ -646,11 +649,15 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         body = await json_body(request)
         if "template" not in body or "rows" not in body:
             raise BatchError("the body needs 'template' and 'rows'")
+        start = body.get("start", True)
+        if not isinstance(start, bool):  # "false" is a non-empty string: truthy, it would start the batch
+            raise RequestInvalid(f"start must be true or false (a JSON boolean), not {str(start)[:40]!r}",
+                                 [{"field": "start", "location": "body", "message": "not a boolean"}])
         sheet = sheet_from_records(body["rows"], "api.json")
 
         def run(batch_id: str | None) -> dict[str, Any]:
             fields = body if batch_id is None else {**body, "batch_id": batch_id}
-            return prepare_and_submit(str(body["template"]), sheet, fields, caller, bool(body.get("start", True)))
+            return prepare_and_submit(str(body["template"]), sheet, fields, caller, start)
 
         return await once_per_key(idempotency_key, caller, "POST /api/batches", body, body.get("batch_id"), run)
 
@@ -724,7 +731,11 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         if "template" not in body:
             raise BatchError("the body needs 'template' and 'values'")
         timeout = _wait_seconds(body.get("timeout_s"), float(services.settings.row_timeout_s))
-        sheet = sheet_from_records([body.get("values") or {}], "generate.json")
+        values = body.get("values") or {}
+        if not isinstance(values, dict):
+            raise RequestInvalid("values must be an object of field values (field name: value)",
+                                 [{"field": "values", "location": "body", "message": "not a JSON object"}])
+        sheet = sheet_from_records([values], "generate.json")
 
         def run(batch_id: str | None) -> dict[str, Any]:
             options = {"on_invalid": "stop", "batch_seed": body.get("batch_seed"), "batch_id": batch_id}

@@ -488,6 +488,7 @@ PROBLEMS_ZH: dict[str, str] = {
     "photo_not_uploaded": "上传的图片中没有“{value}”；可用：{available}",
     "excel_rounded": "“{value}”是被 Excel 舍入到 15 位的数字；请在 Excel 中把该列设为“文本”格式后重新输入",
     "inexact_number": "{value} 超过 2^53，JSON 只能近似保存；请以字符串或不带小数点的整数发送",
+    "not_a_cell_value": "单元格只能是一个值（文本、数字、true/false 或 null），不能是 JSON {type}",
 }
 PROBLEM_TABLES: dict[str, dict[str, str]] = {"zh": PROBLEMS_ZH}
 
