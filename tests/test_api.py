@@ -85,6 +85,29 @@ def alice(server):
         yield c
 
 
+def client_of(server, name: str) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers=bearer(token_for(server, name)), timeout=60)
+
+
+# Users of their own for the tests that post many batches: rate limits count per user and route.
+@pytest.fixture
+def carol(server):
+    with client_of(server, "carol") as c:
+        yield c
+
+
+@pytest.fixture
+def dave(server):
+    with client_of(server, "dave") as c:
+        yield c
+
+
+@pytest.fixture
+def erin(server):
+    with client_of(server, "erin") as c:
+        yield c
+
+
 @pytest.fixture
 def anonymous(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -443,13 +466,13 @@ def as_javascript_reads_it(answer: httpx.Response):
     return json.loads(answer.text, parse_int=float)
 
 
-def test_seeds_come_also_as_exact_strings_wherever_the_api_answers_with_one(server, bob):
+def test_seeds_come_also_as_exact_strings_wherever_the_api_answers_with_one(server, dave):
     from engine.sheets import derive_seed
 
     big, batch_seed = 2**64 - 1, 2**64 - 59
     assert float(big) != big and float(batch_seed) != batch_seed  # past 2^53: a double cannot hold them
     rows = [{"product_name": "exact seed", "seed": str(big), **SMALL}, {"product_name": "derived seed", **SMALL}]
-    answer = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_seed": str(batch_seed)})
+    answer = dave.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_seed": str(batch_seed)})
     assert answer.status_code == 200, answer.text
     report = as_javascript_reads_it(answer)["report"]["rows"]
     assert report[0]["values_str"]["seed"] == str(big) and report[0]["values_str"]["width"] == "64"
@@ -458,23 +481,23 @@ def test_seeds_come_also_as_exact_strings_wherever_the_api_answers_with_one(serv
     finished(server, batch_id)
     derived = derive_seed(batch_seed, 3)
 
-    status = as_javascript_reads_it(bob.get(f"/api/batches/{batch_id}"))
+    status = as_javascript_reads_it(dave.get(f"/api/batches/{batch_id}"))
     assert status["batch"]["batch_seed_str"] == str(batch_seed)
     assert [(r["seed_str"], r["row_values_str"]["seed"]) for r in status["rows"]] == [(str(big), str(big)),
                                                                                       (str(derived), str(derived))]
-    assert bob.get(f"/api/batches/{batch_id}").json()["rows"][1]["seed"] == derived
-    listed = as_javascript_reads_it(bob.get("/api/batches"))
+    assert dave.get(f"/api/batches/{batch_id}").json()["rows"][1]["seed"] == derived
+    listed = as_javascript_reads_it(dave.get("/api/batches"))
     assert next(b for b in listed if b["id"] == batch_id)["batch_seed_str"] == str(batch_seed)
-    one = as_javascript_reads_it(bob.get(f"/api/generations/{batch_id}:2"))
+    one = as_javascript_reads_it(dave.get(f"/api/generations/{batch_id}:2"))
     assert one["seed_str"] == str(big)
-    found = as_javascript_reads_it(bob.get("/api/generations", params={"batch": batch_id}))
+    found = as_javascript_reads_it(dave.get("/api/generations", params={"batch": batch_id}))
     assert sorted(g["seed_str"] for g in found) == sorted([str(big), str(derived)])
 
-    single = bob.post("/api/generate", json={"template": "product_shot",
-                                              "values": {"product_name": "exact kettle", "seed": str(big - 1), **SMALL}})
+    values = {"product_name": "exact kettle", "seed": str(big - 1), **SMALL}
+    single = dave.post("/api/generate", json={"template": "product_shot", "values": values})
     assert as_javascript_reads_it(single)["generation"]["seed_str"] == str(big - 1)
 
-    out_of_range = bob.post("/api/batches", json={"template": "product_shot", "start": False,
+    out_of_range = dave.post("/api/batches", json={"template": "product_shot", "start": False,
                                                   "rows": [{"product_name": "x", "seed": str(big + 1)}]})
     problem = as_javascript_reads_it(out_of_range)["report"]["rows"][0]["problems"][0]
     assert problem["code"] == "seed_out_of_range" and problem["params_str"] == {"value": str(big + 1), "max": str(big)}
@@ -485,20 +508,21 @@ def test_seeds_come_also_as_exact_strings_wherever_the_api_answers_with_one(serv
     (1e19, "batch_seed_not_whole"),  # a double past 2^53: some other seed than the one the client meant
     (-3, "batch_seed_out_of_range"), (2**64, "batch_seed_out_of_range"),
 ])
-def test_a_batch_seed_that_is_not_an_exact_seed_is_refused_not_rounded(server, bob, batch_seed, code):
+def test_a_batch_seed_that_is_not_an_exact_seed_is_refused_not_rounded(server, erin, batch_seed, code):
     before = len(server.services.ledger.list_batches(limit=500))
     for route, kwargs in (
-        ("/api/batches", {"json": {"template": "product_shot", "rows": [{"product_name": "x"}], "batch_seed": batch_seed}}),
+        ("/api/batches", {"json": {"template": "product_shot", "rows": [{"product_name": "x"}],
+                                   "batch_seed": batch_seed}}),
         ("/api/batches/upload", {"data": {"template": "product_shot", "batch_seed": str(batch_seed)},
                                  "files": {"sheet": ("rows.csv", b"product_name\nx\n", "text/csv")}}),
     ):
         if route.endswith("upload") and isinstance(batch_seed, (bool, float)) and batch_seed != 1.5:
             continue  # a form field is text: "True" is plain text, "1e+19" Excel's rounding, both refused anyway
-        answer = bob.post(route, **kwargs)
+        answer = erin.post(route, **kwargs)
         assert answer.status_code == 400, (route, answer.text)
         assert error_of(answer)["code"] == code, answer.text
     assert len(server.services.ledger.list_batches(limit=500)) == before
-    exact = bob.post("/api/batches", json={"template": "product_shot", "rows": [{"product_name": "x"}],
+    exact = erin.post("/api/batches", json={"template": "product_shot", "rows": [{"product_name": "x"}],
                                            "batch_seed": str(2**64 - 1), "start": False})
     assert exact.status_code == 200, exact.text
 
@@ -521,21 +545,21 @@ def test_bad_rows_refused_with_row_and_column_named(bob):
     assert bob.post("/api/batches", content=b"not json", headers={"content-type": "application/json"}).status_code == 400
 
 
-def test_json_fields_of_the_wrong_type_are_refused_not_guessed(server, bob):
+def test_json_fields_of_the_wrong_type_are_refused_not_guessed(server, erin):
     before = len(server.services.ledger.list_batches(limit=500))
     for start in ("false", 0, "no", None):
-        answer = bob.post("/api/batches", json={"template": "product_shot", "rows": [{"product_name": "x"}],
+        answer = erin.post("/api/batches", json={"template": "product_shot", "rows": [{"product_name": "x"}],
                                                 "start": start})
         assert answer.status_code == 400, (start, answer.text)
         assert error_of(answer)["details"]["problems"] == [{"field": "start", "location": "body", "message": ANY_TEXT}]
     assert len(server.services.ledger.list_batches(limit=500)) == before  # "false" no longer started a batch
-    listed = bob.post("/api/generate", json={"template": "product_shot", "values": [{"product_name": "x"}]})
+    listed = erin.post("/api/generate", json={"template": "product_shot", "values": [{"product_name": "x"}]})
     assert listed.status_code == 400 and error_of(listed)["details"]["problems"][0]["field"] == "values"
 
 
-def test_a_json_object_or_list_in_a_cell_is_a_problem_of_that_cell_not_python_text(bob):
+def test_a_json_object_or_list_in_a_cell_is_a_problem_of_that_cell_not_python_text(erin):
     rows = [{"product_name": {"en": "teapot"}, **SMALL}, {"product_name": "kettle", "color": ["red", "blue"]}]
-    answer = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "start": False})
+    answer = erin.post("/api/batches", json={"template": "product_shot", "rows": rows, "start": False})
     assert answer.status_code == 200, answer.text
     report = answer.json()["report"]["rows"]
     assert [(p["row"], p["column"], p["code"], p["params"]) for r in report for p in r["problems"]] == [
@@ -671,6 +695,53 @@ def test_openapi_describes_the_json_bodies_tokens_and_error_shape_the_api_really
         answer = refused.json()
         assert set(answer) == set(error_schema["required"]), answer
         assert set(error_schema["properties"]["error"]["required"]) == set(answer["error"]), answer
+
+
+def answer_schema(document: dict, name: str):
+    """A validator of one answer schema of the published OpenAPI document (OpenAPI 3.1 is JSON Schema 2020-12)."""
+    import jsonschema
+
+    root = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+    return jsonschema.Draft202012Validator(root)
+
+
+def test_openapi_is_valid_and_its_answers_are_the_ones_sent(server, anonymous, dave):
+    from openapi_spec_validator import validate
+
+    document = anonymous.get("/openapi.json").json()
+    validate(document)
+    paths = document["paths"]
+    # files are files: a client generated from the schema must not parse a zip or a PNG as JSON
+    for path, media_type in (("/api/batches/{batch_id}/zip", "application/zip"), ("/view", "image/png"),
+                             ("/api/generations/{row_key}/image", "image/png"),
+                             ("/files/zip/{batch_id}", "application/zip")):
+        assert next(iter(paths[path]["get"]["responses"]["200"]["content"])) == media_type, path
+        assert "application/json" not in paths[path]["get"]["responses"]["200"]["content"], path
+    assert "code" in document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]
+    # the ComfyUI routes ask for the same bearer token (this server has users); /prompt refuses in ComfyUI's shape
+    for path, method in (("/prompt", "post"), ("/history", "get"), ("/view", "get"), ("/upload/image", "post")):
+        assert paths[path][method]["security"] == [{"bearer": []}], path
+        assert {"401", "429"} <= set(paths[path][method]["responses"]), path
+    assert paths["/prompt"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ComfyError")
+    for path in ("/api/batches", "/api/batches/upload", "/api/generate"):
+        responses = paths[path]["post"]["responses"]
+        assert {"409", "413", "422"} <= set(responses), path
+        assert any(p["name"] == "Idempotency-Key" and p["in"] == "header" for p in paths[path]["post"]["parameters"])
+
+    rows = [{"product_name": "described mug", "seed": str(2**64 - 1), **SMALL}, {"product_name": "x", "width": 1}]
+    submitted = dave.post("/api/batches", json={"template": "product_shot", "rows": rows})
+    answer_schema(document, "BatchSubmitted").validate(submitted.json())
+    finished(server, submitted.json()["batch_id"])
+    answer_schema(document, "BatchStatus").validate(dave.get(f"/api/batches/{submitted.json()['batch_id']}").json())
+    for batch in dave.get("/api/batches").json():
+        answer_schema(document, "Batch").validate(batch)
+    generated = dave.post("/api/generate", json={"template": "product_shot", "values": {"product_name": "y", **SMALL}})
+    answer_schema(document, "Generated").validate(generated.json())
+    for generation in dave.get("/api/generations").json():
+        answer_schema(document, "Generation").validate(generation)
+    refused = dave.post("/api/batches", json={"template": "nope", "rows": [{"a": "b"}]})
+    answer_schema(document, "Error").validate(refused.json())
 
 
 # -------------------------------------------------------------------------------------------- uploads
@@ -814,12 +885,6 @@ def test_a_retried_submission_racing_the_first_makes_one_batch_and_resumes_it(se
     ledger_rows = server.services.ledger.rows("client-retry-race")
     assert sorted(r.row_number for r in ledger_rows) == list(range(2, 42))
     assert {r.status for r in ledger_rows} == {"done"}
-
-
-@pytest.fixture
-def carol(server):
-    with httpx.Client(base_url=server.url, headers=bearer(token_for(server, "carol")), timeout=60) as c:
-        yield c
 
 
 def batch_count(server) -> int:

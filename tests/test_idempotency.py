@@ -11,7 +11,11 @@ import time
 import pytest
 
 from engine.errors import IdempotencyKeyInUse, IdempotencyKeyReused, RequestInvalid
-from engine.idempotency import IdempotencyKeys, check_idempotency_key, request_fingerprint
+from engine.idempotency import (
+    IdempotencyKeys,
+    check_idempotency_key,
+    request_fingerprint,
+)
 from engine.store import BatchLedger
 
 HERE = f"{socket.gethostname()}:{os.getpid()}"
@@ -29,7 +33,7 @@ def ledger(tmp_path):
 
 def dead_pid() -> int:
     """The pid of a process that has ended (and been reaped)."""
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     return int(finished.stdout)
 
 

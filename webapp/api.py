@@ -52,7 +52,11 @@ from engine.errors import (
     TemplateError,
     WorkflowInvalid,
 )
-from engine.idempotency import IDEMPOTENCY_TTL_S, check_idempotency_key, request_fingerprint
+from engine.idempotency import (
+    IDEMPOTENCY_TTL_S,
+    check_idempotency_key,
+    request_fingerprint,
+)
 from engine.sheets import Sheet, read_sheet, sheet_from_records
 from engine.store import check_batch_id
 from engine.templates import TEMPLATE_FILE, WORKFLOW_FILE
@@ -217,8 +221,21 @@ ERROR_SCHEMA = {
         "type": {"type": "string", "description": "the library error, e.g. SheetError, RequestInvalid, AccessDenied"},
         "message": {"type": "string"},
         "details": {"type": "object", "description": "row, column, field, reason, problems... as the error has them"},
+        "code": {"type": "string", "description": "for the refusals met most, a stable code whose values are in "
+                                                  "details (engine.errors.ERROR_CODES), e.g. template_not_found"},
     }}},
 }
+# ComfyUI's own refusal of a prompt (POST /prompt answers it with a 400, as ComfyUI does)
+COMFY_ERROR_SCHEMA = {
+    "type": "object", "required": ["error", "node_errors"],
+    "properties": {
+        "error": {"type": "object", "properties": {
+            "type": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "string"},
+            "extra_info": {"type": "object"}}},
+        "node_errors": {"type": "object", "description": "per node id: its errors, dependent_outputs, class_type"},
+    },
+}
+COMFY_TAG = "ComfyUI-compatible"
 OPEN_ROUTES = {"/api/token"}  # the API routes that take no bearer token
 
 # Answers: what a client reads. Seeds go to 2^64-1, past the 2^53 a JSON reader such as JavaScript's
@@ -296,6 +313,15 @@ ANSWER_SCHEMAS: dict[str, dict[str, Any]] = {
         "generation": {"anyOf": [{"$ref": "#/components/schemas/Generation"}, {"type": "null"}]},
     }},
 }
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+# (path, method) -> the media types of a 200 answer that is a file, not JSON
+FILE_ANSWERS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("/api/batches/{batch_id}/zip", "get"): ("application/zip",),
+    ("/api/generations/{row_key}/image", "get"): ("image/png",),
+    ("/files/zip/{batch_id}", "get"): ("application/zip",),
+    ("/files/{relative}", "get"): ("image/png",),
+    ("/view", "get"): ("image/png", "image/jpeg", "image/webp"),
+}
 # (path, method) -> the schema of its 200 answer
 ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
     ("/api/batches", "post"): {"$ref": "#/components/schemas/BatchSubmitted"},
@@ -309,10 +335,11 @@ ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
 
 
 def describe_api_errors(schema: dict[str, Any], auth_required: bool) -> dict[str, Any]:
-    """The OpenAPI schema as the API really answers: the answers of :data:`ANSWERS`, refusals in
-    :data:`ERROR_SCHEMA` (400 where FastAPI would write its 422, which :func:`install_error_handlers` never
-    sends), and with auth configured the bearer token the ``/api`` routes ask for. Changes ``schema`` in
-    place and returns it."""
+    """The OpenAPI schema as the API really answers: the answers of :data:`ANSWERS`, files as their media
+    types (:data:`FILE_ANSWERS`), refusals in :data:`ERROR_SCHEMA` (400 where FastAPI would write its 422,
+    which :func:`install_error_handlers` never sends; ComfyUI's own shape for a refused prompt), and with
+    auth configured the bearer token the ``/api`` and ComfyUI routes ask for. Changes ``schema`` in place
+    and returns it."""
     components = schema.setdefault("components", {})
     components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
     components["schemas"].update(ANSWER_SCHEMAS)
@@ -321,19 +348,33 @@ def describe_api_errors(schema: dict[str, Any], auth_required: bool) -> dict[str
         if operation is not None:
             operation.setdefault("responses", {})["200"] = {
                 "description": "Successful Response", "content": {"application/json": {"schema": answer}}}
+    for (path, method), media_types in FILE_ANSWERS.items():
+        operation = schema.get("paths", {}).get(path, {}).get(method)
+        if operation is not None:
+            operation.setdefault("responses", {})["200"] = {
+                "description": "the file", "content": {media_type: _BINARY for media_type in media_types}}
     for unused in ("HTTPValidationError", "ValidationError"):
         components["schemas"].pop(unused, None)
+    components["schemas"]["ComfyError"] = COMFY_ERROR_SCHEMA
     refusal = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     if auth_required:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
-            if responses.pop("422", None) is not None or path.startswith("/api/"):
+            api = path.startswith("/api/")
+            comfy = COMFY_TAG in operation.get("tags", ())
+            if responses.pop("422", None) is not None or api:
                 responses["400"] = {"description": "refused: the request or its rows (details name them)", **refusal}
-            if path.startswith("/api/"):
+            if (path, method) == ("/prompt", "post"):
+                responses["400"] = {"description": "the prompt is refused, in ComfyUI's own shape", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ComfyError"}}}}
+            if api:
                 responses["404"] = {"description": "no such route, batch, generation or template", **refusal}
+            if api or comfy:
                 responses["429"] = {"description": "rate limited; Retry-After says when to try again", **refusal}
+            if method == "post" and (api or comfy):
+                responses["413"] = {"description": "the body is over the upload limit (max_upload_mb)", **refusal}
             if (path, method) in KEYED_ROUTES:
                 responses["200"].setdefault("headers", {})[REPLAYED_HEADER] = {
                     "description": "true: the answer to an earlier request with this Idempotency-Key",
@@ -343,7 +384,7 @@ def describe_api_errors(schema: dict[str, Any], auth_required: bool) -> dict[str
                                                    "was made from other inputs", **refusal}
                 responses["422"] = {"description": "this Idempotency-Key came before with another request "
                                                    "(code idempotency_key_reused)", **refusal}
-            if auth_required and path.startswith("/api/") and path not in OPEN_ROUTES:
+            if auth_required and (api or comfy) and path not in OPEN_ROUTES:
                 operation["security"] = [{"bearer": []}]
                 responses["401"] = {"description": "no token, or a bad, expired or revoked one", **refusal}
                 responses["403"] = {"description": "not allowed: admin only, or not the batch's owner", **refusal}
@@ -457,7 +498,16 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     ``/api/token`` grants lifetimes up to the ``max_token_ttl`` setting (checked here, so a bad setting
     stops the app at start-up rather than at the first login).
     """
-    from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
+    from fastapi import (
+        APIRouter,
+        Depends,
+        File,
+        Form,
+        Header,
+        Query,
+        Request,
+        UploadFile,
+    )
     from fastapi.responses import JSONResponse, StreamingResponse
 
     router = APIRouter(prefix="/api", tags=["API"])
