@@ -501,6 +501,9 @@ def test_seeds_come_also_as_exact_strings_wherever_the_api_answers_with_one(serv
                                                   "rows": [{"product_name": "x", "seed": str(big + 1)}]})
     problem = as_javascript_reads_it(out_of_range)["report"]["rows"][0]["problems"][0]
     assert problem["code"] == "seed_out_of_range" and problem["params_str"] == {"value": str(big + 1), "max": str(big)}
+    stopped = dave.post("/api/batches", json={"template": "product_shot", "on_invalid": "stop",
+                                              "rows": [{"product_name": "x", "seed": str(big + 1)}]})
+    assert as_javascript_reads_it(stopped)["error"]["details"]["problems"][0]["params_str"]["value"] == str(big + 1)
 
 
 @pytest.mark.parametrize("batch_seed, code", [
@@ -521,6 +524,8 @@ def test_a_batch_seed_that_is_not_an_exact_seed_is_refused_not_rounded(server, e
         answer = erin.post(route, **kwargs)
         assert answer.status_code == 400, (route, answer.text)
         assert error_of(answer)["code"] == code, answer.text
+        if code == "batch_seed_out_of_range":
+            assert as_javascript_reads_it(answer)["error"]["details"]["limit_str"] == str(2**64 - 1)
     assert len(server.services.ledger.list_batches(limit=500)) == before
     exact = erin.post("/api/batches", json={"template": "product_shot", "rows": [{"product_name": "x"}],
                                            "batch_seed": str(2**64 - 1), "start": False})

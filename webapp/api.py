@@ -470,12 +470,17 @@ def public_batch(batch: dict[str, Any]) -> dict[str, Any]:
     return _with_text(batch, "batch_seed")
 
 
+def public_problem(problem: dict[str, Any]) -> dict[str, Any]:
+    """A row problem (a ``RowProblem`` as a dict) as the API shows it: ``params`` also as ``params_str``."""
+    return {**problem, "params_str": whole_numbers_as_text(problem.get("params"))}
+
+
 def public_report(report: dict[str, Any]) -> dict[str, Any]:
     """A validation report (``ValidationReport.to_dict``) as the API shows it: each row's ``values`` and
     each problem's ``params`` also as ``values_str`` / ``params_str``, their whole numbers as text."""
     rows = []
     for row in report.get("rows", []):
-        problems = [{**p, "params_str": whole_numbers_as_text(p.get("params"))} for p in row.get("problems", [])]
+        problems = [public_problem(p) for p in row.get("problems", [])]
         rows.append({**row, "problems": problems, "values_str": whole_numbers_as_text(row.get("values"))})
     return {**report, "rows": rows}
 
@@ -569,7 +574,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
             described = "; ".join(p.describe() for p in problems[:20])
             raise BatchError(
                 f"{len(prepared.report.bad_rows)} row(s) have problems, nothing was queued: {described}",
-                problems=[asdict(p) for p in problems],
+                problems=[public_problem(asdict(p)) for p in problems],
             )
         return prepared
 
@@ -873,6 +878,7 @@ __all__ = [
     "error_status",
     "install_error_handlers",
     "public_batch",
+    "public_problem",
     "public_progress",
     "public_report",
     "public_row",

@@ -263,7 +263,8 @@ def parse_seed(value: Any) -> int | None:
                          code="batch_seed_not_whole", value=str(value)) from exc
     if not 0 <= seed <= SEED_MAX:
         raise SheetError(f"the batch seed must be between 0 and {SEED_MAX}", column="batch_seed",
-                         code="batch_seed_out_of_range", limit=SEED_MAX)
+                         code="batch_seed_out_of_range", limit=SEED_MAX,
+                         limit_str=str(SEED_MAX))  # exact where a JSON reader rounds past 2^53
     return seed
 
 
