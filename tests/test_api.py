@@ -532,6 +532,17 @@ def test_a_batch_seed_that_is_not_an_exact_seed_is_refused_not_rounded(server, e
     assert exact.status_code == 200, exact.text
 
 
+def test_polling_a_batch_can_leave_its_rows_out(server, dave):
+    rows = [{"product_name": f"polled {n}", **SMALL} for n in range(3)]
+    batch_id = dave.post("/api/batches", json={"template": "product_shot", "rows": rows}).json()["batch_id"]
+    finished(server, batch_id)
+    whole = dave.get(f"/api/batches/{batch_id}").json()
+    polled = dave.get(f"/api/batches/{batch_id}", params={"rows": "false"})
+    assert polled.status_code == 200 and "rows" not in polled.json()
+    assert polled.json()["counts"] == whole["counts"] and len(whole["rows"]) == 3
+    assert dave.get(f"/api/batches/{batch_id}", params={"rows": "maybe"}).status_code == 400
+
+
 def test_bad_rows_refused_with_row_and_column_named(bob):
     rows = [{"product_name": "fine", **SMALL}, {"product_name": "too wide", **SMALL, "width": 9999}]
     answer = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "on_invalid": "stop"})

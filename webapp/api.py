@@ -755,8 +755,13 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         return [public_batch(b) for b in services.ledger.list_batches(limit=min(max(limit, 1), 500), offset=offset)]
 
     @router.get("/batches/{batch_id}", summary="A batch's status and per-row results")
-    def get_batch(batch_id: str, caller: Any = user) -> Any:
-        return batch_status(services, batch_id)
+    def get_batch(
+        batch_id: str,
+        rows: bool = Query(True, description="false: the batch, counts and progress without its rows (for polling: "
+                                             "a batch of 10,000 rows answers megabytes with them)"),
+        caller: Any = user,
+    ) -> Any:
+        return batch_status(services, batch_id, with_rows=rows)
 
     @router.post("/batches/{batch_id}/cancel", summary="Stop a batch between sampler steps")
     def cancel_batch(batch_id: str, caller: Any = user) -> Any:
