@@ -573,6 +573,34 @@ def test_json_fields_of_the_wrong_type_are_refused_not_guessed(server, erin):
     assert listed.status_code == 400 and error_of(listed)["details"]["problems"][0]["field"] == "values"
 
 
+def test_fields_a_route_does_not_read_are_refused_naming_the_one_meant(server, erin, anonymous):
+    before = len(server.services.ledger.list_batches(limit=500))
+    body = {"template": "product_shot", "rows": [{"product_name": "x", **SMALL}], "batchId": "my-order-7",
+            "onInvalid": "stop"}
+    answer = erin.post("/api/batches", json=body)  # camelCase, as a JavaScript client writes it
+    assert answer.status_code == 400, answer.text
+    assert error_of(answer)["details"]["problems"] == [
+        {"field": "batchId", "location": "body", "message": "unknown field; did you mean 'batch_id'?"},
+        {"field": "onInvalid", "location": "body", "message": "unknown field; did you mean 'on_invalid'?"},
+    ]
+    upload = erin.post("/api/batches/upload", data={"template": "product_shot", "batchSeed": "7"},
+                       files={"sheet": ("rows.csv", b"product_name\nx\n", "text/csv")})
+    assert upload.status_code == 400 and error_of(upload)["details"]["problems"] == [
+        {"field": "batchSeed", "location": "form", "message": "unknown field; did you mean 'batch_seed'?"}]
+    assert len(server.services.ledger.list_batches(limit=500)) == before  # neither made a batch
+    token = anonymous.post("/api/token", json={"user": "erin", "password": "erin-pass"})
+    assert token.status_code == 400 and error_of(token)["details"]["problems"][0]["field"] == "user"
+    generate = erin.post("/api/generate", json={"template": "product_shot", "value": {"product_name": "x"}})
+    assert generate.status_code == 400 and "'values'" in error_of(generate)["details"]["problems"][0]["message"]
+    # the form fields the check knows are the ones the route declares
+    from webapp.api import UPLOAD_FIELDS
+
+    document = anonymous.get("/openapi.json").json()
+    form = document["paths"]["/api/batches/upload"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    name = form["schema"]["$ref"].rsplit("/", 1)[1]
+    assert set(document["components"]["schemas"][name]["properties"]) == set(UPLOAD_FIELDS)
+
+
 def test_a_json_object_or_list_in_a_cell_is_a_problem_of_that_cell_not_python_text(erin):
     rows = [{"product_name": {"en": "teapot"}, **SMALL}, {"product_name": "kettle", "color": ["red", "blue"]}]
     answer = erin.post("/api/batches", json={"template": "product_shot", "rows": rows, "start": False})

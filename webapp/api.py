@@ -25,11 +25,13 @@ Seeds go to 2^64-1, so every seed in an answer comes with its exact decimal stri
 
 # No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
 import asyncio
+import difflib
 import hashlib
 import json
 import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,27 @@ def not_found(message: str, **details: Any) -> AccessDenied:
     return AccessDenied(message, status=404, reason="not_found", **details)
 
 
+def refuse_unknown_fields(given: Iterable[str], known: tuple[str, ...], location: str) -> None:
+    """RequestInvalid naming each field of ``given`` not among ``known``, with the known name it likely
+    means (``batchId`` -> ``batch_id``, as a JavaScript client writes it)."""
+    problems = []
+    for name in dict.fromkeys(str(n) for n in given):
+        if name in known:
+            continue
+        snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+        guess = snake if snake in known else next(iter(difflib.get_close_matches(name, known, 1)), None)
+        hint = f"did you mean '{guess}'?" if guess else f"the fields are {', '.join(known)}"
+        problems.append({"field": name[:80], "location": location, "message": f"unknown field; {hint}"})
+    if problems:
+        listed = "; ".join(f"'{p['field']}': {p['message']}" for p in problems[:10])
+        raise RequestInvalid(f"the request has fields this route does not read: {listed}", problems)
+
+
+def body_fields(schema: dict[str, Any]) -> tuple[str, ...]:
+    """The fields of a :func:`json_body_schema`."""
+    return tuple(schema["requestBody"]["content"]["application/json"]["schema"]["properties"])
+
+
 def json_body_schema(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
     """``openapi_extra`` for a route that reads its JSON body itself (:func:`api_router`'s ``json_body``):
     FastAPI cannot see that body, so the schema would show none."""
@@ -215,6 +238,7 @@ REVOKE_BODY = json_body_schema({
     "user": {"type": "string", "description": "or: refuse every token of this user issued so far"},
 })
 MODEL_BODY = json_body_schema({"checkpoint": {"type": "string"}}, required=("checkpoint",))
+UPLOAD_FIELDS = ("template", "sheet", "sheet_name", "batch_seed", "batch_id", "on_invalid", "start", "images")
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["type", "message", "details"], "properties": {
@@ -527,7 +551,9 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         raise EngineError(f"setting max_token_ttl: {exc.message}", setting="max_token_ttl") from exc
     default_token_ttl = min(parse_ttl("24h"), max_token_ttl)
 
-    async def json_body(request: Request) -> dict[str, Any]:
+    async def json_body(request: Request, schema: dict[str, Any]) -> dict[str, Any]:
+        """The request's JSON object; a field ``schema`` (a :func:`json_body_schema`) does not name is
+        refused: a misspelt option (``batchId``) would otherwise be ignored without a word."""
         try:
             body = await request.json()
         except ValueError as exc:
@@ -536,6 +562,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         if not isinstance(body, dict):
             raise RequestInvalid("the request body must be a JSON object",
                                  [{"field": "body", "location": "body", "message": "not a JSON object"}])
+        refuse_unknown_fields(body, body_fields(schema), "body")
         return body
 
     async def read_upload(upload: UploadFile) -> bytes:
@@ -611,7 +638,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     @router.post("/token", summary="Exchange a user name and password for a bearer token", openapi_extra=TOKEN_BODY)
     async def create_token(request: Request) -> Any:
         guard.admit_address(request.client.host if request.client else "unknown", "POST /api/token")
-        body = await json_body(request)
+        body = await json_body(request, TOKEN_BODY)
         if guard.tokens is None or not guard.users.configured:
             raise AccessDenied(
                 "token login needs users configured (SD35_USERS or SD35_USERS_FILE)", status=400, reason="not_configured"
@@ -627,7 +654,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     @router.post("/token/revoke", summary="Revoke one token, or every token of a user issued so far (admin)",
                  openapi_extra=REVOKE_BODY)
     async def revoke_token(request: Request, caller: Any = admin_tokens) -> Any:
-        body = await json_body(request)
+        body = await json_body(request, REVOKE_BODY)
         if guard.tokens is None or guard.revocations is None:
             raise AccessDenied("tokens need SD35_JWT_SECRET configured", status=400, reason="not_configured")
         if bool(body.get("token")) == bool(body.get("user")):
@@ -701,7 +728,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     @router.post("/batches", summary="Submit a batch: template + rows as JSON", openapi_extra=BATCH_BODY)
     async def submit_batch(request: Request, idempotency_key: str | None = idempotency_header,
                            caller: Any = user) -> Any:
-        body = await json_body(request)
+        body = await json_body(request, BATCH_BODY)
         if "template" not in body or "rows" not in body:
             raise BatchError("the body needs 'template' and 'rows'")
         start = body.get("start", True)
@@ -718,6 +745,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
 
     @router.post("/batches/upload", summary="Submit a batch: template + an uploaded CSV/XLSX sheet")
     async def submit_batch_upload(
+        request: Request,
         template: str = Form(...),
         sheet: UploadFile = File(...),
         sheet_name: str | None = Form(None),
@@ -729,6 +757,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         idempotency_key: str | None = idempotency_header,
         caller: Any = user,
     ) -> Any:
+        refuse_unknown_fields((await request.form()).keys(), UPLOAD_FIELDS, "form")
         data = await read_upload(sheet)
         photo_zip = await read_upload(images) if images is not None else None
         fields = {
@@ -787,7 +816,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
                  openapi_extra=GENERATE_BODY)
     async def generate(request: Request, idempotency_key: str | None = idempotency_header,
                        caller: Any = user) -> Any:
-        body = await json_body(request)
+        body = await json_body(request, GENERATE_BODY)
         if "template" not in body:
             raise BatchError("the body needs 'template' and 'values'")
         timeout = _wait_seconds(body.get("timeout_s"), float(services.settings.row_timeout_s))
@@ -858,7 +887,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
 
     @router.post("/system/model", summary="Switch the default checkpoint (admin)", openapi_extra=MODEL_BODY)
     async def switch_model(request: Request, caller: Any = admin_models) -> Any:
-        body = await json_body(request)
+        body = await json_body(request, MODEL_BODY)
         name = str(body.get("checkpoint", ""))
         await asyncio.to_thread(services.runner.switch_checkpoint, name)
         return {"default_checkpoint": services.runner.default_checkpoint}
