@@ -227,7 +227,11 @@ GENERATE_BODY = json_body_schema({
     "template": {"type": "string"},
     "values": {"type": "object", "description": "field values of the one image"},
     "batch_seed": SEED_SCHEMA,
-    "timeout_s": {"type": "number", "exclusiveMinimum": 0, "description": "how long to wait for the image"},
+    "timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                  "description": "how long to wait for the image (default: the row timeout, 600 s unless "
+                                 "configured); keep it under your HTTP client's and proxy's own limits (Node's "
+                                 "fetch gives up waiting for an answer after 300 s, nginx after 60 s). Past it the "
+                                 "answer comes with the row still queued or running: poll GET /api/batches/{id}"},
 }, required=("template",))
 TOKEN_BODY = json_body_schema({
     "username": {"type": "string"}, "password": {"type": "string", "format": "password"},
