@@ -721,13 +721,19 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
                                         request_fingerprint(route, fields), batch_id)
         if keyed.answered:
             return JSONResponse(keyed.answer, status_code=keyed.status, headers={REPLAYED_HEADER: "true"})
-        try:
-            answer = await asyncio.to_thread(run, keyed.batch_id)
-        except BaseException:
-            services.idempotency.abandon(keyed)  # not in a thread: this runs even when the request is cancelled
-            raise
-        await asyncio.to_thread(services.idempotency.finish, keyed, answer)
-        return answer
+
+        def run_keyed() -> dict[str, Any]:
+            # Answer or release the key in the thread that runs the request: it ends so even when the
+            # request's coroutine is cancelled while the thread goes on making the batch.
+            try:
+                answer = run(keyed.batch_id)
+            except BaseException:
+                services.idempotency.abandon(keyed)
+                raise
+            services.idempotency.finish(keyed, answer)
+            return answer
+
+        return await asyncio.to_thread(run_keyed)
 
     @router.post("/batches", summary="Submit a batch: template + rows as JSON", openapi_extra=BATCH_BODY)
     async def submit_batch(request: Request, idempotency_key: str | None = idempotency_header,
