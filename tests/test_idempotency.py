@@ -11,11 +11,7 @@ import time
 import pytest
 
 from engine.errors import IdempotencyKeyInUse, IdempotencyKeyReused, RequestInvalid
-from engine.idempotency import (
-    IdempotencyKeys,
-    check_idempotency_key,
-    request_fingerprint,
-)
+from engine.idempotency import IdempotencyKeys, check_idempotency_key, request_fingerprint
 from engine.store import BatchLedger
 
 HERE = f"{socket.gethostname()}:{os.getpid()}"

@@ -54,11 +54,7 @@ from engine.errors import (
     TemplateError,
     WorkflowInvalid,
 )
-from engine.idempotency import (
-    IDEMPOTENCY_TTL_S,
-    check_idempotency_key,
-    request_fingerprint,
-)
+from engine.idempotency import IDEMPOTENCY_TTL_S, check_idempotency_key, request_fingerprint
 from engine.sheets import Sheet, read_sheet, sheet_from_records
 from engine.store import check_batch_id
 from engine.templates import TEMPLATE_FILE, WORKFLOW_FILE
