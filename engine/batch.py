@@ -203,7 +203,7 @@ class BatchRunner:
         input_dir = images.folder if images is not None else None
         if batch_seed is None:
             batch_seed = secrets.randbits(63)
-        batch_id = batch_id or f"b{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        batch_id = batch_id or new_batch_id()
         defaults = {"checkpoint": self.default_checkpoint}
         rows: list[dict[str, Any]] = []
         for row_report in report.rows:
@@ -388,7 +388,7 @@ class BatchRunner:
         workflow_hash, inputs_hash, rows = self._workflow_rows(workflow, prompts, kind, png_extra, prompts_name)
         if batch_id is None and continue_same_inputs:  # a command run again: its batch, finished or not
             batch_id = self._batch_of_same_inputs(workflow_hash, inputs_hash, template_name=f"({kind})")
-        batch_id = batch_id or f"{kind[:1]}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        batch_id = batch_id or new_batch_id(kind[:1])
         resumed = self.ledger.get_batch(batch_id) is not None
         if resumed:
             self.ledger.ensure_same_inputs(batch_id, workflow_hash, inputs_hash, template_name=f"({kind})")
@@ -929,6 +929,11 @@ class _WorkflowTemplate:
     filename_pattern: str
 
 
+def new_batch_id(prefix: str = "b") -> str:
+    """A fresh batch id: ``prefix``, the local time and six random hex digits (``b20250131-140000-1a2b3c``)."""
+    return f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
 def process_alive(pid: int, since: datetime | None = None) -> bool:
     """Whether process ``pid`` runs (a zombie does not). With ``since``: and started no later than that,
     so a pid the system gave to a new process after a reboot is not taken for the old one (Linux)."""
@@ -1050,4 +1055,6 @@ def _row_problem(row: int, column: str | None, reason: str, failure: EngineError
 
 
 
-__all__ = ["BatchEvent", "BatchRunner", "BatchSummary", "PreparedBatch", "describe_error"]
+__all__ = [
+    "BatchEvent", "BatchRunner", "BatchSummary", "PreparedBatch", "describe_error", "new_batch_id", "process_alive",
+]

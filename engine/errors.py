@@ -24,6 +24,9 @@ Every error the library raises derives from :class:`EngineError`. Each carries s
     │   └── BatchBusy                another live process is running the batch now
     ├── StoreError                   the ledger
     │   └── BadQuery                 a listing or search filter the ledger cannot apply (``field``)
+    ├── IdempotencyError             an Idempotency-Key a request cannot use now (``key``)
+    │   ├── IdempotencyKeyReused     the key came before with another request (its body differs)
+    │   └── IdempotencyKeyInUse      the key's first request is still being answered
     ├── RequestInvalid               a request's fields are missing or malformed (``problems``: field, where, why)
     └── AccessDenied                 authentication / authorisation refusals (``status`` for HTTP)
 """
@@ -120,6 +123,8 @@ ERROR_CODES: dict[str, tuple[str, ...]] = {
     "image_blank": (),
     "no_image": (),
     "node_failed": ("node_id", "class_type", "error"),
+    "idempotency_key_reused": ("key",),
+    "idempotency_key_in_use": ("key",),
 }
 
 
@@ -311,6 +316,21 @@ class StoreError(EngineError):
 
 class BadQuery(StoreError):
     pass
+
+
+class IdempotencyError(EngineError):
+    def __init__(self, message: str, key: str, **details: Any) -> None:
+        super().__init__(message, key=key, **details)
+        self.key = key
+
+
+class IdempotencyKeyReused(IdempotencyError):
+    """The Idempotency-Key came before with another request: a key names one request, and its first answer
+    is kept for retries of that request only."""
+
+
+class IdempotencyKeyInUse(IdempotencyError):
+    """The Idempotency-Key's first request is still being answered: retry once it has been."""
 
 
 class RequestInvalid(EngineError):

@@ -20,6 +20,7 @@ class Services:
     templates: Any  # engine.templates.TemplateLibrary
     runner: Any  # engine.batch.BatchRunner
     queue: Any  # engine.batch_queue.BatchQueue
+    idempotency: Any  # engine.idempotency.IdempotencyKeys
 
     def close(self) -> None:
         self.queue.stop()
@@ -32,6 +33,7 @@ def build_services(settings: Settings, engine: Any = None, dispatcher: Any = Non
     """Wire the library from settings. ``engine`` and ``dispatcher`` may be passed in (tests, workers)."""
     from engine.batch import BatchRunner
     from engine.batch_queue import BatchQueue
+    from engine.idempotency import IdempotencyKeys
     from engine.runtime import Engine
     from engine.store import BatchLedger
     from engine.templates import TemplateLibrary
@@ -49,4 +51,5 @@ def build_services(settings: Settings, engine: Any = None, dispatcher: Any = Non
     templates = TemplateLibrary.for_settings(settings, validate_workflow=engine.validate)
     runner = BatchRunner(engine, ledger, templates, settings, dispatcher=dispatcher)
     queue = BatchQueue(runner)
-    return Services(settings, engine, ledger, templates, runner, queue)
+    idempotency = IdempotencyKeys(ledger, claimant=runner.worker_id)
+    return Services(settings, engine, ledger, templates, runner, queue, idempotency)

@@ -379,6 +379,13 @@ def sheet_from_records(
                     "approximately; send it as a string or an integer without a decimal point",
                     "inexact_number", {"value": repr(value)},
                 ))
+            if isinstance(value, (Mapping, list)):  # a cell holds one value; str() would write Python's repr
+                kind = "object" if isinstance(value, Mapping) else "array"
+                problems.append(RowProblem(
+                    number, str(key), f"a JSON {kind} where a cell's value belongs; send text, a number, "
+                    "true/false or null", "not_a_cell_value", {"type": kind},
+                ))
+                value = json.dumps(value, ensure_ascii=False, default=str)
             cells[str(key)] = _within_cell_limit(_clean_cell(cell_text(value)), number, str(key), limits, problems)
         rows.append(SheetRow(number, cells))
     return Sheet(columns=columns, rows=rows, problems=problems, filename=filename, format="json")
@@ -813,7 +820,7 @@ PROBLEM_CODES = (
     "not_yes_no", "below_minimum", "above_maximum", "text_too_long", "seed_out_of_range", "not_a_choice",
     "not_a_file_name", "cell_too_long", "photo_not_named", "photo_unreadable", "photo_too_many_pixels",
     "photo_type_unsupported", "photo_not_uploaded", "excel_rounded", "inexact_number", "not_finite", "excel_error",
-    "formula_without_value",
+    "formula_without_value", "not_a_cell_value",
     # about the sheet as a whole (row 1): Sheet.notes
     "looks_like_gb18030", "column_unnamed",
 )

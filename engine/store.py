@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -202,6 +202,29 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             # process died counts a crash: rows claimed in advance, cancelled or released never do.
             "ALTER TABLE generations ADD COLUMN began_at TEXT",
             "ALTER TABLE generations ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+        ),
+    ),
+    (
+        5,
+        "idempotency keys",
+        (
+            # A client's Idempotency-Key per user (engine.idempotency): the request it came with (a hash),
+            # the batch id reserved for that request before it ran, and once answered, the answer retries
+            # get. ``claimant`` (host:pid) is the process answering it now; NULL when none is.
+            """CREATE TABLE idempotency_keys (
+                user TEXT NOT NULL,
+                key TEXT NOT NULL,
+                request_hash TEXT NOT NULL,
+                batch_id TEXT NOT NULL,
+                status INTEGER,
+                answer TEXT,
+                claimant TEXT,
+                claimed_at TEXT,
+                created_at TEXT NOT NULL,
+                expires_at TEXT NOT NULL,
+                PRIMARY KEY (user, key)
+            )""",
+            "CREATE INDEX idx_idempotency_keys_expires ON idempotency_keys (expires_at)",
         ),
     ),
 )
@@ -429,6 +452,76 @@ class BatchLedger:
             "tokens": self._read("SELECT * FROM revoked_tokens ORDER BY revoked_at"),
             "users": self._read("SELECT * FROM token_cutoffs ORDER BY subject"),
         }
+
+    # -- idempotency keys ------------------------------------------------------------------------------
+
+    def claim_idempotency_key(
+        self, user: str, key: str, request_hash: str, batch_id: str, claimant: str, ttl_s: float,
+        claim_is_gone: Callable[[str | None, str | None], bool],
+    ) -> dict[str, Any]:
+        """Take ``user``'s ``key`` for a request, in one write transaction. Returns ``{"outcome", ...}``:
+
+        - ``claimed`` (with ``batch_id``): the caller answers the request. A new key records
+          ``request_hash`` and ``batch_id``; a key whose earlier request was left unanswered (its claimant is
+          gone: ``claim_is_gone(claimant, claimed_at)``) keeps the batch id reserved then.
+        - ``answered`` (with ``status``, ``answer``, ``batch_id``): the key's request was answered before.
+        - ``reused``: the key came with another request (``request_hash`` differs).
+        - ``in_use``: a live claimant answers the key's request now.
+
+        Keys past their ``expires_at`` (``ttl_s`` after they were first used) are dropped meanwhile.
+        """
+
+        def claim(conn: sqlite3.Connection) -> dict[str, Any]:
+            now = datetime.now(timezone.utc)
+            stamp = now.isoformat(timespec="milliseconds")
+            conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (stamp,))
+            found = conn.execute(
+                "SELECT request_hash, batch_id, status, answer, claimant, claimed_at FROM idempotency_keys "
+                "WHERE user = ? AND key = ?", (user, key),
+            ).fetchone()
+            if found is None:
+                expires = (now + timedelta(seconds=ttl_s)).isoformat(timespec="milliseconds")
+                conn.execute(
+                    "INSERT INTO idempotency_keys (user, key, request_hash, batch_id, claimant, claimed_at, "
+                    "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (user, key, request_hash, batch_id, claimant, stamp, stamp, expires),
+                )
+                return {"outcome": "claimed", "batch_id": batch_id}
+            known_hash, known_batch, status, answer, holder, held_since = found
+            if known_hash != request_hash:
+                return {"outcome": "reused"}
+            if answer is not None:
+                return {"outcome": "answered", "batch_id": known_batch, "status": status, "answer": json.loads(answer)}
+            if not claim_is_gone(holder, held_since):
+                return {"outcome": "in_use"}
+            conn.execute("UPDATE idempotency_keys SET claimant = ?, claimed_at = ? WHERE user = ? AND key = ?",
+                         (claimant, stamp, user, key))
+            return {"outcome": "claimed", "batch_id": known_batch}
+
+        return self._write(claim)
+
+    def answer_idempotency_key(self, user: str, key: str, claimant: str, status: int, answer: Any) -> None:
+        """Keep the answer to the request of ``user``'s ``key`` (claimed by ``claimant``) for its retries."""
+        text = json.dumps(answer, ensure_ascii=False, default=str)
+        self._write(lambda conn: conn.execute(
+            "UPDATE idempotency_keys SET status = ?, answer = ?, claimant = NULL, claimed_at = NULL "
+            "WHERE user = ? AND key = ? AND claimant = ? AND answer IS NULL", (status, text, user, key, claimant)))
+
+    def release_idempotency_key(self, user: str, key: str, claimant: str) -> None:
+        """The request of ``user``'s ``key`` was refused or failed: nothing is kept to answer its retries.
+        A key whose request made no batch is forgotten (it may come again, with another request too); one
+        whose batch exists keeps its request and batch id, so that a retry resumes that batch."""
+
+        def release(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM idempotency_keys WHERE user = ? AND key = ? AND claimant = ? AND answer IS NULL "
+                "AND NOT EXISTS (SELECT 1 FROM batches WHERE batches.id = idempotency_keys.batch_id)",
+                (user, key, claimant))
+            conn.execute(
+                "UPDATE idempotency_keys SET claimant = NULL, claimed_at = NULL "
+                "WHERE user = ? AND key = ? AND claimant = ? AND answer IS NULL", (user, key, claimant))
+
+        self._write(release)
 
     def schema_version(self) -> int:
         rows = self._read("SELECT max(version) AS v FROM migrations")

@@ -85,6 +85,29 @@ def alice(server):
         yield c
 
 
+def client_of(server, name: str) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers=bearer(token_for(server, name)), timeout=60)
+
+
+# Users of their own for the tests that post many batches: rate limits count per user and route.
+@pytest.fixture
+def carol(server):
+    with client_of(server, "carol") as c:
+        yield c
+
+
+@pytest.fixture
+def dave(server):
+    with client_of(server, "dave") as c:
+        yield c
+
+
+@pytest.fixture
+def erin(server):
+    with client_of(server, "erin") as c:
+        yield c
+
+
 @pytest.fixture
 def anonymous(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -438,6 +461,88 @@ def test_batch_from_json_rows_runs_and_reports_its_rows(server, bob):
     assert sum(n.endswith(".png") for n in names) == 1 and "manifest.csv" in names
 
 
+def as_javascript_reads_it(answer: httpx.Response):
+    """The body as JavaScript's ``JSON.parse`` reads it: every number a double (exact only up to 2^53)."""
+    return json.loads(answer.text, parse_int=float)
+
+
+def test_seeds_come_also_as_exact_strings_wherever_the_api_answers_with_one(server, dave):
+    from engine.sheets import derive_seed
+
+    big, batch_seed = 2**64 - 1, 2**64 - 59
+    assert float(big) != big and float(batch_seed) != batch_seed  # past 2^53: a double cannot hold them
+    rows = [{"product_name": "exact seed", "seed": str(big), **SMALL}, {"product_name": "derived seed", **SMALL}]
+    answer = dave.post("/api/batches", json={"template": "product_shot", "rows": rows, "batch_seed": str(batch_seed)})
+    assert answer.status_code == 200, answer.text
+    report = as_javascript_reads_it(answer)["report"]["rows"]
+    assert report[0]["values_str"]["seed"] == str(big) and report[0]["values_str"]["width"] == "64"
+    assert answer.json()["report"]["rows"][0]["values"]["seed"] == big  # the number stays for existing clients
+    batch_id = answer.json()["batch_id"]
+    finished(server, batch_id)
+    derived = derive_seed(batch_seed, 3)
+
+    status = as_javascript_reads_it(dave.get(f"/api/batches/{batch_id}"))
+    assert status["batch"]["batch_seed_str"] == str(batch_seed)
+    assert [(r["seed_str"], r["row_values_str"]["seed"]) for r in status["rows"]] == [(str(big), str(big)),
+                                                                                      (str(derived), str(derived))]
+    assert dave.get(f"/api/batches/{batch_id}").json()["rows"][1]["seed"] == derived
+    listed = as_javascript_reads_it(dave.get("/api/batches"))
+    assert next(b for b in listed if b["id"] == batch_id)["batch_seed_str"] == str(batch_seed)
+    one = as_javascript_reads_it(dave.get(f"/api/generations/{batch_id}:2"))
+    assert one["seed_str"] == str(big)
+    found = as_javascript_reads_it(dave.get("/api/generations", params={"batch": batch_id}))
+    assert sorted(g["seed_str"] for g in found) == sorted([str(big), str(derived)])
+
+    values = {"product_name": "exact kettle", "seed": str(big - 1), **SMALL}
+    single = dave.post("/api/generate", json={"template": "product_shot", "values": values})
+    assert as_javascript_reads_it(single)["generation"]["seed_str"] == str(big - 1)
+
+    out_of_range = dave.post("/api/batches", json={"template": "product_shot", "start": False,
+                                                  "rows": [{"product_name": "x", "seed": str(big + 1)}]})
+    problem = as_javascript_reads_it(out_of_range)["report"]["rows"][0]["problems"][0]
+    assert problem["code"] == "seed_out_of_range" and problem["params_str"] == {"value": str(big + 1), "max": str(big)}
+    stopped = dave.post("/api/batches", json={"template": "product_shot", "on_invalid": "stop",
+                                              "rows": [{"product_name": "x", "seed": str(big + 1)}]})
+    assert as_javascript_reads_it(stopped)["error"]["details"]["problems"][0]["params_str"]["value"] == str(big + 1)
+
+
+@pytest.mark.parametrize("batch_seed, code", [
+    (1.5, "batch_seed_not_whole"), (True, "batch_seed_not_whole"), ("abc", "batch_seed_not_whole"),
+    (1e19, "batch_seed_not_whole"),  # a double past 2^53: some other seed than the one the client meant
+    (-3, "batch_seed_out_of_range"), (2**64, "batch_seed_out_of_range"),
+])
+def test_a_batch_seed_that_is_not_an_exact_seed_is_refused_not_rounded(server, erin, batch_seed, code):
+    before = len(server.services.ledger.list_batches(limit=500))
+    for route, kwargs in (
+        ("/api/batches", {"json": {"template": "product_shot", "rows": [{"product_name": "x"}],
+                                   "batch_seed": batch_seed}}),
+        ("/api/batches/upload", {"data": {"template": "product_shot", "batch_seed": str(batch_seed)},
+                                 "files": {"sheet": ("rows.csv", b"product_name\nx\n", "text/csv")}}),
+    ):
+        if route.endswith("upload") and isinstance(batch_seed, (bool, float)) and batch_seed != 1.5:
+            continue  # a form field is text: "True" is plain text, "1e+19" Excel's rounding, both refused anyway
+        answer = erin.post(route, **kwargs)
+        assert answer.status_code == 400, (route, answer.text)
+        assert error_of(answer)["code"] == code, answer.text
+        if code == "batch_seed_out_of_range":
+            assert as_javascript_reads_it(answer)["error"]["details"]["limit_str"] == str(2**64 - 1)
+    assert len(server.services.ledger.list_batches(limit=500)) == before
+    exact = erin.post("/api/batches", json={"template": "product_shot", "rows": [{"product_name": "x"}],
+                                           "batch_seed": str(2**64 - 1), "start": False})
+    assert exact.status_code == 200, exact.text
+
+
+def test_polling_a_batch_can_leave_its_rows_out(server, dave):
+    rows = [{"product_name": f"polled {n}", **SMALL} for n in range(3)]
+    batch_id = dave.post("/api/batches", json={"template": "product_shot", "rows": rows}).json()["batch_id"]
+    finished(server, batch_id)
+    whole = dave.get(f"/api/batches/{batch_id}").json()
+    polled = dave.get(f"/api/batches/{batch_id}", params={"rows": "false"})
+    assert polled.status_code == 200 and "rows" not in polled.json()
+    assert polled.json()["counts"] == whole["counts"] and len(whole["rows"]) == 3
+    assert dave.get(f"/api/batches/{batch_id}", params={"rows": "maybe"}).status_code == 400
+
+
 def test_bad_rows_refused_with_row_and_column_named(bob):
     rows = [{"product_name": "fine", **SMALL}, {"product_name": "too wide", **SMALL, "width": 9999}]
     answer = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "on_invalid": "stop"})
@@ -454,6 +559,59 @@ def test_bad_rows_refused_with_row_and_column_named(bob):
                  {"template": "product_shot", "rows": [{"product_name": "x"}], "batch_id": "../escape"}):
         assert bob.post("/api/batches", json=body).status_code == 400, body
     assert bob.post("/api/batches", content=b"not json", headers={"content-type": "application/json"}).status_code == 400
+
+
+def test_json_fields_of_the_wrong_type_are_refused_not_guessed(server, erin):
+    before = len(server.services.ledger.list_batches(limit=500))
+    for start in ("false", 0, "no", None):
+        answer = erin.post("/api/batches", json={"template": "product_shot", "rows": [{"product_name": "x"}],
+                                                "start": start})
+        assert answer.status_code == 400, (start, answer.text)
+        assert error_of(answer)["details"]["problems"] == [{"field": "start", "location": "body", "message": ANY_TEXT}]
+    assert len(server.services.ledger.list_batches(limit=500)) == before  # "false" no longer started a batch
+    listed = erin.post("/api/generate", json={"template": "product_shot", "values": [{"product_name": "x"}]})
+    assert listed.status_code == 400 and error_of(listed)["details"]["problems"][0]["field"] == "values"
+
+
+def test_fields_a_route_does_not_read_are_refused_naming_the_one_meant(server, erin, anonymous):
+    before = len(server.services.ledger.list_batches(limit=500))
+    body = {"template": "product_shot", "rows": [{"product_name": "x", **SMALL}], "batchId": "my-order-7",
+            "onInvalid": "stop"}
+    answer = erin.post("/api/batches", json=body)  # camelCase, as a JavaScript client writes it
+    assert answer.status_code == 400, answer.text
+    assert error_of(answer)["details"]["problems"] == [
+        {"field": "batchId", "location": "body", "message": "unknown field; did you mean 'batch_id'?"},
+        {"field": "onInvalid", "location": "body", "message": "unknown field; did you mean 'on_invalid'?"},
+    ]
+    upload = erin.post("/api/batches/upload", data={"template": "product_shot", "batchSeed": "7"},
+                       files={"sheet": ("rows.csv", b"product_name\nx\n", "text/csv")})
+    assert upload.status_code == 400 and error_of(upload)["details"]["problems"] == [
+        {"field": "batchSeed", "location": "form", "message": "unknown field; did you mean 'batch_seed'?"}]
+    assert len(server.services.ledger.list_batches(limit=500)) == before  # neither made a batch
+    token = anonymous.post("/api/token", json={"user": "erin", "password": "erin-pass"})
+    assert token.status_code == 400 and error_of(token)["details"]["problems"][0]["field"] == "user"
+    generate = erin.post("/api/generate", json={"template": "product_shot", "value": {"product_name": "x"}})
+    assert generate.status_code == 400 and "'values'" in error_of(generate)["details"]["problems"][0]["message"]
+    # the form fields the check knows are the ones the route declares
+    from webapp.api import UPLOAD_FIELDS
+
+    document = anonymous.get("/openapi.json").json()
+    form = document["paths"]["/api/batches/upload"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    name = form["schema"]["$ref"].rsplit("/", 1)[1]
+    assert set(document["components"]["schemas"][name]["properties"]) == set(UPLOAD_FIELDS)
+
+
+def test_a_json_object_or_list_in_a_cell_is_a_problem_of_that_cell_not_python_text(erin):
+    rows = [{"product_name": {"en": "teapot"}, **SMALL}, {"product_name": "kettle", "color": ["red", "blue"]}]
+    answer = erin.post("/api/batches", json={"template": "product_shot", "rows": rows, "start": False})
+    assert answer.status_code == 200, answer.text
+    report = answer.json()["report"]["rows"]
+    assert [(p["row"], p["column"], p["code"], p["params"]) for r in report for p in r["problems"]] == [
+        (2, "product_name", "not_a_cell_value", {"type": "object"}),
+        (3, "color", "not_a_cell_value", {"type": "array"}),
+    ]
+    assert answer.json()["queued_rows"] == 0
+    assert "{'en'" not in answer.text  # never Python's repr of the object as the prompt's text
 
 
 def test_resubmitting_a_batch_id_resumes_it_and_other_inputs_conflict(server, bob):
@@ -581,6 +739,53 @@ def test_openapi_describes_the_json_bodies_tokens_and_error_shape_the_api_really
         answer = refused.json()
         assert set(answer) == set(error_schema["required"]), answer
         assert set(error_schema["properties"]["error"]["required"]) == set(answer["error"]), answer
+
+
+def answer_schema(document: dict, name: str):
+    """A validator of one answer schema of the published OpenAPI document (OpenAPI 3.1 is JSON Schema 2020-12)."""
+    import jsonschema
+
+    root = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+    return jsonschema.Draft202012Validator(root)
+
+
+def test_openapi_is_valid_and_its_answers_are_the_ones_sent(server, anonymous, dave):
+    from openapi_spec_validator import validate
+
+    document = anonymous.get("/openapi.json").json()
+    validate(document)
+    paths = document["paths"]
+    # files are files: a client generated from the schema must not parse a zip or a PNG as JSON
+    for path, media_type in (("/api/batches/{batch_id}/zip", "application/zip"), ("/view", "image/png"),
+                             ("/api/generations/{row_key}/image", "image/png"),
+                             ("/files/zip/{batch_id}", "application/zip")):
+        assert next(iter(paths[path]["get"]["responses"]["200"]["content"])) == media_type, path
+        assert "application/json" not in paths[path]["get"]["responses"]["200"]["content"], path
+    assert "code" in document["components"]["schemas"]["Error"]["properties"]["error"]["properties"]
+    # the ComfyUI routes ask for the same bearer token (this server has users); /prompt refuses in ComfyUI's shape
+    for path, method in (("/prompt", "post"), ("/history", "get"), ("/view", "get"), ("/upload/image", "post")):
+        assert paths[path][method]["security"] == [{"bearer": []}], path
+        assert {"401", "429"} <= set(paths[path][method]["responses"]), path
+    assert paths["/prompt"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ComfyError")
+    for path in ("/api/batches", "/api/batches/upload", "/api/generate"):
+        responses = paths[path]["post"]["responses"]
+        assert {"409", "413", "422"} <= set(responses), path
+        assert any(p["name"] == "Idempotency-Key" and p["in"] == "header" for p in paths[path]["post"]["parameters"])
+
+    rows = [{"product_name": "described mug", "seed": str(2**64 - 1), **SMALL}, {"product_name": "x", "width": 1}]
+    submitted = dave.post("/api/batches", json={"template": "product_shot", "rows": rows})
+    answer_schema(document, "BatchSubmitted").validate(submitted.json())
+    finished(server, submitted.json()["batch_id"])
+    answer_schema(document, "BatchStatus").validate(dave.get(f"/api/batches/{submitted.json()['batch_id']}").json())
+    for batch in dave.get("/api/batches").json():
+        answer_schema(document, "Batch").validate(batch)
+    generated = dave.post("/api/generate", json={"template": "product_shot", "values": {"product_name": "y", **SMALL}})
+    answer_schema(document, "Generated").validate(generated.json())
+    for generation in dave.get("/api/generations").json():
+        answer_schema(document, "Generation").validate(generation)
+    refused = dave.post("/api/batches", json={"template": "nope", "rows": [{"a": "b"}]})
+    answer_schema(document, "Error").validate(refused.json())
 
 
 # -------------------------------------------------------------------------------------------- uploads
@@ -724,6 +929,89 @@ def test_a_retried_submission_racing_the_first_makes_one_batch_and_resumes_it(se
     ledger_rows = server.services.ledger.rows("client-retry-race")
     assert sorted(r.row_number for r in ledger_rows) == list(range(2, 42))
     assert {r.status for r in ledger_rows} == {"done"}
+
+
+def batch_count(server) -> int:
+    return len(server.services.ledger.list_batches(limit=500))
+
+
+def test_a_retry_with_the_same_idempotency_key_gets_the_first_answer_not_a_second_batch(server, carol):
+    rows = [{"product_name": "keyed mug", "seed": str(2**64 - 1), **SMALL}]
+    body = {"template": "product_shot", "rows": rows, "start": True}
+    before = batch_count(server)
+    first = carol.post("/api/batches", json=body, headers={"Idempotency-Key": "order-4711"})
+    assert first.status_code == 200, first.text
+    assert "Idempotent-Replayed" not in first.headers
+    # the retry, its fields in another order and the key quoted as the draft writes it
+    retried = carol.post("/api/batches", json=dict(reversed(list(body.items()))),
+                         headers={"Idempotency-Key": '"order-4711"'})
+    assert retried.status_code == 200 and retried.headers["Idempotent-Replayed"] == "true"
+    assert retried.json() == first.json()
+    assert batch_count(server) == before + 1
+
+    csv = b"product_name,seed,width,height,steps\nkeyed cup,7,64,64,2\n"
+    uploads = [carol.post("/api/batches/upload", data={"template": "product_shot"},
+                          files={"sheet": ("rows.csv", csv, "text/csv")}, headers={"Idempotency-Key": "upload-1"})
+               for _ in range(2)]
+    assert [u.status_code for u in uploads] == [200, 200], uploads[0].text
+    assert uploads[0].json()["batch_id"] == uploads[1].json()["batch_id"]
+    assert uploads[1].headers["Idempotent-Replayed"] == "true"
+
+    single = {"template": "product_shot", "values": {"product_name": "keyed kettle", **SMALL}}
+    generated = [carol.post("/api/generate", json=single, headers={"Idempotency-Key": "one-kettle"}) for _ in range(2)]
+    assert generated[0].json()["batch_id"] == generated[1].json()["batch_id"], generated[0].text
+    assert batch_count(server) == before + 3
+    finished(server, first.json()["batch_id"])
+    finished(server, uploads[0].json()["batch_id"])
+
+
+def test_an_idempotency_key_names_one_request_of_one_user(server, carol, bob):
+    body = {"template": "product_shot", "rows": [{"product_name": "first request", **SMALL}], "start": False}
+    assert carol.post("/api/batches", json=body, headers={"Idempotency-Key": "k-reused"}).status_code == 200
+    other = {**body, "rows": [{"product_name": "another request", **SMALL}]}
+    reused = carol.post("/api/batches", json=other, headers={"Idempotency-Key": "k-reused"})
+    assert reused.status_code == 422, reused.text
+    assert error_of(reused)["code"] == "idempotency_key_reused" and error_of(reused)["details"]["key"] == "k-reused"
+    elsewhere = carol.post("/api/batches/upload", data={"template": "product_shot", "start": "false"},
+                           files={"sheet": ("rows.csv", b"product_name\nfirst request\n", "text/csv")},
+                           headers={"Idempotency-Key": "k-reused"})
+    assert elsewhere.status_code == 422  # another route is another request
+    bobs = bob.post("/api/batches", json=other, headers={"Idempotency-Key": "k-reused"})
+    assert bobs.status_code == 200 and "Idempotent-Replayed" not in bobs.headers  # keys are per user
+
+    refused = carol.post("/api/batches", json={**body, "rows": [{"product_name": "x", "width": 9999}],
+                                                "on_invalid": "stop"}, headers={"Idempotency-Key": "k-refused"})
+    assert refused.status_code == 400
+    corrected = carol.post("/api/batches", json=body | {"rows": [{"product_name": "x", **SMALL}]},
+                           headers={"Idempotency-Key": "k-refused"})
+    assert corrected.status_code == 200, corrected.text  # a refused request kept nothing under its key
+
+    for bad in ("", "k" * 300, "schlüssel".encode()):
+        answer = carol.post("/api/batches", json=body, headers={"Idempotency-Key": bad})
+        assert answer.status_code == 400, (bad, answer.text)
+        assert error_of(answer)["details"]["problems"][0] == {
+            "field": "Idempotency-Key", "location": "header", "message": ANY_TEXT}
+
+
+def test_concurrent_retries_under_one_idempotency_key_make_one_batch(server, carol):
+    rows = [{"product_name": f"raced keyed {n}", "seed": n, **SMALL} for n in range(40)]
+    body = {"template": "product_shot", "rows": rows}
+    before = batch_count(server)
+    start_together = threading.Barrier(5)
+
+    def post(_):
+        start_together.wait(timeout=30)
+        return carol.post("/api/batches", json=body, headers={"Idempotency-Key": "raced-key"})
+
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(post, range(5)))
+    assert {a.status_code for a in answers} <= {200, 409}, [a.text[:200] for a in answers]
+    assert all(error_of(a)["code"] == "idempotency_key_in_use" for a in answers if a.status_code == 409)
+    made = {a.json()["batch_id"] for a in answers if a.status_code == 200}
+    assert len(made) == 1 and batch_count(server) == before + 1
+    finished(server, made.pop())
+    again = carol.post("/api/batches", json=body, headers={"Idempotency-Key": "raced-key"})
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
 
 
 def test_resubmitting_a_finished_batch_says_it_queues_nothing(server, bob):

@@ -495,6 +495,7 @@ def test_every_cell_problem_carries_a_documented_code_whose_chinese_words_take_i
     from engine.sheets import sheet_from_records
 
     problems += sheet_from_records([{"seed": 1.23456789012346e17}]).problems
+    problems += sheet_from_records([{"prompt": {"text": "a cat"}}]).problems
     limits = SheetLimits(max_cell_chars=10)
     problems += read_sheet(io.BytesIO(b"prompt\n" + b"x" * 11 + b"\n"), "long.csv", limits=limits).problems
     # what Excel leaves in a workbook: a formula without its value, an error, a number past 15 digits, a

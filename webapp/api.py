@@ -17,17 +17,26 @@ of :func:`error_status`.
     POST /api/generate                       one image from a template, waits for it
     GET  /api/generations[/{key}[/image]]    search the ledger; one generation; its PNG
     GET  /api/system, POST /api/system/model model, device, queue; switch the default checkpoint (admin)
+
+The routes that make a batch (``POST /api/batches``, ``/api/batches/upload``, ``/api/generate``) take an
+``Idempotency-Key`` header: a retry gets the first answer, not a second batch (:mod:`engine.idempotency`).
+Seeds go to 2^64-1, so every seed in an answer comes with its exact decimal string (``seed_str``, ...).
 """
 
 # No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
 import asyncio
+import difflib
+import hashlib
 import json
 import math
+import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from engine.batch import new_batch_id
 from engine.errors import (
     AccessDenied,
     BadQuery,
@@ -36,6 +45,8 @@ from engine.errors import (
     BatchMismatch,
     EngineError,
     ExecutionError,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
     ModelNotFound,
     RequestInvalid,
     SheetError,
@@ -43,6 +54,7 @@ from engine.errors import (
     TemplateError,
     WorkflowInvalid,
 )
+from engine.idempotency import IDEMPOTENCY_TTL_S, check_idempotency_key, request_fingerprint
 from engine.sheets import Sheet, read_sheet, sheet_from_records
 from engine.store import check_batch_id
 from engine.templates import TEMPLATE_FILE, WORKFLOW_FILE
@@ -54,6 +66,8 @@ from webapp.ratelimit import UploadLimit
 
 # HTTP status per library error type; the first match in the class's MRO wins (AccessDenied carries its own).
 STATUS_BY_ERROR: dict[type[EngineError], int] = {
+    IdempotencyKeyReused: 422,  # as draft-ietf-httpapi-idempotency-key-header says
+    IdempotencyKeyInUse: 409,
     WorkflowInvalid: 400,
     TemplateError: 400,
     SheetError: 400,
@@ -67,6 +81,16 @@ STATUS_BY_ERROR: dict[type[EngineError], int] = {
     StoreError: 500,
 }
 ON_INVALID = ("skip", "stop")
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+IDEMPOTENCY_HELP = (
+    "Optional: a key of yours for this request (a UUID is usual; at most 255 printable ASCII characters), so "
+    "that retrying it never makes a second batch: the same key with the same request answers the first "
+    f"answer again (with {REPLAYED_HEADER}: true), with another request 422 (idempotency_key_reused), while "
+    f"the first is still being answered 409 (idempotency_key_in_use). Keys are per user and kept "
+    f"{IDEMPOTENCY_TTL_S // 3600} h; a refused request keeps nothing, so its retry runs again."
+)
+KEYED_ROUTES = {("/api/batches", "post"), ("/api/batches/upload", "post"), ("/api/generate", "post")}
 
 
 def error_status(exc: EngineError) -> int:
@@ -153,6 +177,27 @@ def not_found(message: str, **details: Any) -> AccessDenied:
     return AccessDenied(message, status=404, reason="not_found", **details)
 
 
+def refuse_unknown_fields(given: Iterable[str], known: tuple[str, ...], location: str) -> None:
+    """RequestInvalid naming each field of ``given`` not among ``known``, with the known name it likely
+    means (``batchId`` -> ``batch_id``, as a JavaScript client writes it)."""
+    problems = []
+    for name in dict.fromkeys(str(n) for n in given):
+        if name in known:
+            continue
+        snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+        guess = snake if snake in known else next(iter(difflib.get_close_matches(name, known, 1)), None)
+        hint = f"did you mean '{guess}'?" if guess else f"the fields are {', '.join(known)}"
+        problems.append({"field": name[:80], "location": location, "message": f"unknown field; {hint}"})
+    if problems:
+        listed = "; ".join(f"'{p['field']}': {p['message']}" for p in problems[:10])
+        raise RequestInvalid(f"the request has fields this route does not read: {listed}", problems)
+
+
+def body_fields(schema: dict[str, Any]) -> tuple[str, ...]:
+    """The fields of a :func:`json_body_schema`."""
+    return tuple(schema["requestBody"]["content"]["application/json"]["schema"]["properties"])
+
+
 def json_body_schema(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
     """``openapi_extra`` for a route that reads its JSON body itself (:func:`api_router`'s ``json_body``):
     FastAPI cannot see that body, so the schema would show none."""
@@ -161,21 +206,28 @@ def json_body_schema(properties: dict[str, Any], required: tuple[str, ...] = ())
 
 
 SEED_SCHEMA = {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": "^[0-9]+$"}],
-               "description": "0 to 2^64-1; past 2^53 send it as a string"}
+               "description": "0 to 2^64-1; past 2^53 send it as a string (a number there has been rounded)"}
 BATCH_BODY = json_body_schema({
     "template": {"type": "string", "description": "a template name (GET /api/templates)"},
-    "rows": {"type": "array", "items": {"type": "object"}, "minItems": 1,
-             "description": "one object per image, keys named like the template's fields; the first is row 2"},
+    "rows": {"type": "array", "minItems": 1, "items": {"type": "object", "additionalProperties": {
+                 "type": ["string", "number", "boolean", "null"]}},
+             "description": "one object per image, keys named like the template's fields; the first is row 2. "
+                            "Send seeds as strings: a number past 2^53 has been rounded"},
     "batch_id": {"type": "string", "description": "your own id; posting it again resumes that batch"},
     "batch_seed": SEED_SCHEMA,
     "on_invalid": {"type": "string", "enum": ["skip", "stop"], "default": "skip"},
-    "start": {"type": "boolean", "default": True, "description": "false: only check the rows"},
+    "start": {"type": "boolean", "default": True,
+              "description": "false: only check the rows (nothing is recorded, not even the batch_id answered)"},
 }, required=("template", "rows"))
 GENERATE_BODY = json_body_schema({
     "template": {"type": "string"},
     "values": {"type": "object", "description": "field values of the one image"},
     "batch_seed": SEED_SCHEMA,
-    "timeout_s": {"type": "number", "exclusiveMinimum": 0, "description": "how long to wait for the image"},
+    "timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                  "description": "how long to wait for the image (default: the row timeout, 600 s unless "
+                                 "configured); keep it under your HTTP client's and proxy's own limits (Node's "
+                                 "fetch gives up waiting for an answer after 300 s, nginx after 60 s). Past it the "
+                                 "answer comes with the row still queued or running: poll GET /api/batches/{id}"},
 }, required=("template",))
 TOKEN_BODY = json_body_schema({
     "username": {"type": "string"}, "password": {"type": "string", "format": "password"},
@@ -186,37 +238,177 @@ REVOKE_BODY = json_body_schema({
     "user": {"type": "string", "description": "or: refuse every token of this user issued so far"},
 })
 MODEL_BODY = json_body_schema({"checkpoint": {"type": "string"}}, required=("checkpoint",))
+UPLOAD_FIELDS = ("template", "sheet", "sheet_name", "batch_seed", "batch_id", "on_invalid", "start", "images")
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["type", "message", "details"], "properties": {
         "type": {"type": "string", "description": "the library error, e.g. SheetError, RequestInvalid, AccessDenied"},
         "message": {"type": "string"},
         "details": {"type": "object", "description": "row, column, field, reason, problems... as the error has them"},
+        "code": {"type": "string", "description": "for the refusals met most, a stable code whose values are in "
+                                                  "details (engine.errors.ERROR_CODES), e.g. template_not_found"},
     }}},
 }
+# ComfyUI's own refusal of a prompt (POST /prompt answers it with a 400, as ComfyUI does)
+COMFY_ERROR_SCHEMA = {
+    "type": "object", "required": ["error", "node_errors"],
+    "properties": {
+        "error": {"type": "object", "properties": {
+            "type": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "string"},
+            "extra_info": {"type": "object"}}},
+        "node_errors": {"type": "object", "description": "per node id: its errors, dependent_outputs, class_type"},
+    },
+}
+COMFY_TAG = "ComfyUI-compatible"
 OPEN_ROUTES = {"/api/token"}  # the API routes that take no bearer token
+
+# Answers: what a client reads. Seeds go to 2^64-1, past the 2^53 a JSON reader such as JavaScript's
+# JSON.parse keeps exactly, so each seed number has an exact decimal-string twin (Twitter's id / id_str).
+_TEXT_OF_WHOLE_NUMBERS = {"type": "object", "additionalProperties": {"type": "string", "pattern": "^-?[0-9]+$"}}
+
+
+def _exact_twin(of: str) -> dict[str, Any]:
+    return {"type": ["string", "null"], "pattern": "^[0-9]+$",
+            "description": f"{of} as a decimal string: exact where a JSON reader rounds numbers past 2^53 "
+                           "(JavaScript's JSON.parse does)"}
+
+
+ANSWER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Problem": {"type": "object", "properties": {
+        "row": {"type": "integer"}, "column": {"type": ["string", "null"]}, "reason": {"type": "string"},
+        "code": {"type": ["string", "null"], "description": "engine.sheets.PROBLEM_CODES, or workflow_invalid"},
+        "params": {"type": "object", "description": "the values the reason names, to word it in another language"},
+        "params_str": {**_TEXT_OF_WHOLE_NUMBERS, "description": "the whole numbers of params as exact strings"},
+    }},
+    "ValidationReport": {"type": "object", "properties": {
+        "ok": {"type": "boolean"},
+        "missing_columns": {"type": "array", "items": {"type": "string"}},
+        "unknown_columns": {"type": "array", "items": {"type": "string"}},
+        "column_map": {"type": "object", "additionalProperties": {"type": "string"}},
+        "notes": {"type": "array", "items": {"type": "string"}},
+        "rows": {"type": "array", "items": {"type": "object", "properties": {
+            "row": {"type": "integer", "description": "the spreadsheet row: the first data row is 2"},
+            "ok": {"type": "boolean"},
+            "problems": {"type": "array", "items": {"$ref": "#/components/schemas/Problem"}},
+            "values": {"type": "object", "description": "the row's values by field, typed (a seed is a number)"},
+            "values_str": {**_TEXT_OF_WHOLE_NUMBERS,
+                           "description": "the whole numbers of values (seeds among them) as exact strings"},
+        }}},
+    }},
+    "BatchSubmitted": {"type": "object", "required": ["batch_id", "resumed", "report", "queued_rows", "started"],
+                       "properties": {
+        "batch_id": {"type": "string", "description": "with start false nothing is recorded under it"},
+        "resumed": {"type": "boolean", "description": "the batch_id was known: its rows not done run again"},
+        "report": {"$ref": "#/components/schemas/ValidationReport"},
+        "queued_rows": {"type": "integer"},
+        "started": {"type": "boolean"},
+    }},
+    "Batch": {"type": "object", "properties": {
+        "id": {"type": "string"}, "template_name": {"type": "string"}, "user": {"type": ["string", "null"]},
+        "status": {"type": "string", "enum": ["created", "running", "finished", "cancelled", "failed"]},
+        "batch_seed": {"type": "integer", "description": "0 to 2^64-1; read batch_seed_str for the exact value"},
+        "batch_seed_str": _exact_twin("batch_seed"),
+        "created_at": {"type": "string", "format": "date-time"},
+        "started_at": {"type": ["string", "null"], "format": "date-time"},
+        "finished_at": {"type": ["string", "null"], "format": "date-time"},
+        "row_count": {"type": "integer"}, "done_count": {"type": "integer"},
+    }},
+    "Generation": {"type": "object", "properties": {
+        "row_key": {"type": "string", "description": "<batch_id>:<row_number>"},
+        "batch_id": {"type": "string"}, "row_number": {"type": "integer"},
+        "status": {"type": "string",
+                   "enum": ["queued", "running", "done", "failed", "timed_out", "skipped", "cancelled"]},
+        "seed": {"type": ["integer", "null"], "description": "0 to 2^64-1; read seed_str for the exact value"},
+        "seed_str": _exact_twin("seed"),
+        "row_values": {"type": "object", "description": "the row's cells and typed values by field"},
+        "row_values_str": {**_TEXT_OF_WHOLE_NUMBERS,
+                           "description": "the whole numbers of row_values (seeds among them) as exact strings"},
+        "prompt": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]},
+        "image_url": {"type": "string", "description": "the PNG, with the same bearer token (done rows only)"},
+    }},
+    "BatchStatus": {"type": "object", "properties": {
+        "batch": {"$ref": "#/components/schemas/Batch"},
+        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "progress": {"type": ["object", "null"], "description": "live progress while this process knows the batch"},
+        "rows": {"type": "array", "items": {"$ref": "#/components/schemas/Generation"}},
+    }},
+    "Generated": {"type": "object", "properties": {
+        "batch_id": {"type": "string"}, "state": {"type": ["string", "null"]},
+        "generation": {"anyOf": [{"$ref": "#/components/schemas/Generation"}, {"type": "null"}]},
+    }},
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+# (path, method) -> the media types of a 200 answer that is a file, not JSON
+FILE_ANSWERS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("/api/batches/{batch_id}/zip", "get"): ("application/zip",),
+    ("/api/generations/{row_key}/image", "get"): ("image/png",),
+    ("/files/zip/{batch_id}", "get"): ("application/zip",),
+    ("/files/{relative}", "get"): ("image/png",),
+    ("/view", "get"): ("image/png", "image/jpeg", "image/webp"),
+}
+# (path, method) -> the schema of its 200 answer
+ANSWERS: dict[tuple[str, str], dict[str, Any]] = {
+    ("/api/batches", "post"): {"$ref": "#/components/schemas/BatchSubmitted"},
+    ("/api/batches/upload", "post"): {"$ref": "#/components/schemas/BatchSubmitted"},
+    ("/api/batches", "get"): {"type": "array", "items": {"$ref": "#/components/schemas/Batch"}},
+    ("/api/batches/{batch_id}", "get"): {"$ref": "#/components/schemas/BatchStatus"},
+    ("/api/generate", "post"): {"$ref": "#/components/schemas/Generated"},
+    ("/api/generations", "get"): {"type": "array", "items": {"$ref": "#/components/schemas/Generation"}},
+    ("/api/generations/{row_key}", "get"): {"$ref": "#/components/schemas/Generation"},
+}
 
 
 def describe_api_errors(schema: dict[str, Any], auth_required: bool) -> dict[str, Any]:
-    """The OpenAPI schema as the API really answers: refusals in :data:`ERROR_SCHEMA` (400 where FastAPI
-    would write its 422, which :func:`install_error_handlers` never sends), and with auth configured the
-    bearer token the ``/api`` routes ask for. Changes ``schema`` in place and returns it."""
+    """The OpenAPI schema as the API really answers: the answers of :data:`ANSWERS`, files as their media
+    types (:data:`FILE_ANSWERS`), refusals in :data:`ERROR_SCHEMA` (400 where FastAPI would write its 422,
+    which :func:`install_error_handlers` never sends; ComfyUI's own shape for a refused prompt), and with
+    auth configured the bearer token the ``/api`` and ComfyUI routes ask for. Changes ``schema`` in place
+    and returns it."""
     components = schema.setdefault("components", {})
     components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    components["schemas"].update(ANSWER_SCHEMAS)
+    for (path, method), answer in ANSWERS.items():
+        operation = schema.get("paths", {}).get(path, {}).get(method)
+        if operation is not None:
+            operation.setdefault("responses", {})["200"] = {
+                "description": "Successful Response", "content": {"application/json": {"schema": answer}}}
+    for (path, method), media_types in FILE_ANSWERS.items():
+        operation = schema.get("paths", {}).get(path, {}).get(method)
+        if operation is not None:
+            operation.setdefault("responses", {})["200"] = {
+                "description": "the file", "content": {media_type: _BINARY for media_type in media_types}}
     for unused in ("HTTPValidationError", "ValidationError"):
         components["schemas"].pop(unused, None)
+    components["schemas"]["ComfyError"] = COMFY_ERROR_SCHEMA
     refusal = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     if auth_required:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
     for path, operations in schema.get("paths", {}).items():
-        for operation in operations.values():
+        for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
-            if responses.pop("422", None) is not None or path.startswith("/api/"):
+            api = path.startswith("/api/")
+            comfy = COMFY_TAG in operation.get("tags", ())
+            if responses.pop("422", None) is not None or api:
                 responses["400"] = {"description": "refused: the request or its rows (details name them)", **refusal}
-            if path.startswith("/api/"):
+            if (path, method) == ("/prompt", "post"):
+                responses["400"] = {"description": "the prompt is refused, in ComfyUI's own shape", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ComfyError"}}}}
+            if api:
                 responses["404"] = {"description": "no such route, batch, generation or template", **refusal}
+            if api or comfy:
                 responses["429"] = {"description": "rate limited; Retry-After says when to try again", **refusal}
-            if auth_required and path.startswith("/api/") and path not in OPEN_ROUTES:
+            if method == "post" and (api or comfy):
+                responses["413"] = {"description": "the body is over the upload limit (max_upload_mb)", **refusal}
+            if (path, method) in KEYED_ROUTES:
+                responses["200"].setdefault("headers", {})[REPLAYED_HEADER] = {
+                    "description": "true: the answer to an earlier request with this Idempotency-Key",
+                    "schema": {"type": "string", "enum": ["true"]}}
+                responses["409"] = {"description": "the request of this Idempotency-Key is still being answered "
+                                                   "(code idempotency_key_in_use); or, with batch_id, the batch "
+                                                   "was made from other inputs", **refusal}
+                responses["422"] = {"description": "this Idempotency-Key came before with another request "
+                                                   "(code idempotency_key_reused)", **refusal}
+            if auth_required and (api or comfy) and path not in OPEN_ROUTES:
                 operation["security"] = [{"bearer": []}]
                 responses["401"] = {"description": "no token, or a bad, expired or revoked one", **refusal}
                 responses["403"] = {"description": "not allowed: admin only, or not the batch's owner", **refusal}
@@ -244,7 +436,7 @@ def batch_status(services: Any, batch_id: str, with_rows: bool = True) -> dict[s
     summary = services.runner.summary(batch_id)
     progress = services.queue.status(batch_id)
     body: dict[str, Any] = {
-        "batch": batch,
+        "batch": public_batch(batch),
         "counts": {
             "done": summary.done,
             "failed": summary.failed,
@@ -277,11 +469,53 @@ def public_progress(services: Any, progress: Any) -> dict[str, Any] | None:
     return body
 
 
+def whole_numbers_as_text(values: Any) -> dict[str, str]:
+    """The whole numbers of a map of field values as decimal strings (``{"seed": 18446744073709551615,
+    "steps": 4}`` -> ``{"seed": "18446744073709551615", "steps": "4"}``): JavaScript's ``JSON.parse`` reads
+    an integer exactly only up to 2^53, and seeds go to 2^64-1."""
+    if not isinstance(values, dict):
+        return {}
+    return {key: str(value) for key, value in values.items() if isinstance(value, int) and not isinstance(value, bool)}
+
+
+def _with_text(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """``data`` with ``<key>_str`` (the number as a decimal string, or None) right after ``key``: the
+    id/id_str pair of APIs whose numbers outgrow what JSON readers keep exactly."""
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        out[name] = value
+        if name == key:
+            out[f"{key}_str"] = None if value is None else str(value)
+    return out
+
+
+def public_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """A ledger batch as the API shows it: ``batch_seed`` also as the exact ``batch_seed_str``."""
+    return _with_text(batch, "batch_seed")
+
+
+def public_problem(problem: dict[str, Any]) -> dict[str, Any]:
+    """A row problem (a ``RowProblem`` as a dict) as the API shows it: ``params`` also as ``params_str``."""
+    return {**problem, "params_str": whole_numbers_as_text(problem.get("params"))}
+
+
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
+    """A validation report (``ValidationReport.to_dict``) as the API shows it: each row's ``values`` and
+    each problem's ``params`` also as ``values_str`` / ``params_str``, their whole numbers as text."""
+    rows = []
+    for row in report.get("rows", []):
+        problems = [public_problem(p) for p in row.get("problems", [])]
+        rows.append({**row, "problems": problems, "values_str": whole_numbers_as_text(row.get("values"))})
+    return {**report, "rows": rows}
+
+
 def public_row(row: Any) -> dict[str, Any]:
-    """A ledger generation as the API shows it: no rendered workflow, file paths replaced by a URL."""
+    """A ledger generation as the API shows it: no rendered workflow, file paths replaced by a URL, the seed
+    also as the exact ``seed_str`` and the row's whole-number values as ``row_values_str``."""
     data = row.to_dict() if hasattr(row, "to_dict") else dict(row)
     hidden = {"workflow", "image_path", "images", "id"}
-    out = {k: v for k, v in data.items() if k not in hidden}
+    out = _with_text({k: v for k, v in data.items() if k not in hidden}, "seed")
+    out["row_values_str"] = whole_numbers_as_text(data.get("row_values"))
     if data.get("image_path"):
         out["image_url"] = f"/api/generations/{data['row_key']}/image"
     return out
@@ -293,11 +527,21 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     ``/api/token`` grants lifetimes up to the ``max_token_ttl`` setting (checked here, so a bad setting
     stops the app at start-up rather than at the first login).
     """
-    from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
-    from fastapi.responses import StreamingResponse
+    from fastapi import (
+        APIRouter,
+        Depends,
+        File,
+        Form,
+        Header,
+        Query,
+        Request,
+        UploadFile,
+    )
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     router = APIRouter(prefix="/api", tags=["API"])
     user = Depends(fastapi_dependency(guard))
+    idempotency_header = Header(None, alias=IDEMPOTENCY_HEADER, description=IDEMPOTENCY_HELP)
     admin_models = Depends(fastapi_dependency(guard, ADMIN, "switch_model"))
     admin_templates = Depends(fastapi_dependency(guard, ADMIN, "upload_template"))
     admin_tokens = Depends(fastapi_dependency(guard, ADMIN, "revoke_tokens"))
@@ -307,7 +551,9 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         raise EngineError(f"setting max_token_ttl: {exc.message}", setting="max_token_ttl") from exc
     default_token_ttl = min(parse_ttl("24h"), max_token_ttl)
 
-    async def json_body(request: Request) -> dict[str, Any]:
+    async def json_body(request: Request, schema: dict[str, Any]) -> dict[str, Any]:
+        """The request's JSON object; a field ``schema`` (a :func:`json_body_schema`) does not name is
+        refused: a misspelt option (``batchId``) would otherwise be ignored without a word."""
         try:
             body = await request.json()
         except ValueError as exc:
@@ -316,6 +562,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         if not isinstance(body, dict):
             raise RequestInvalid("the request body must be a JSON object",
                                  [{"field": "body", "location": "body", "message": "not a JSON object"}])
+        refuse_unknown_fields(body, body_fields(schema), "body")
         return body
 
     async def read_upload(upload: UploadFile) -> bytes:
@@ -336,11 +583,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         on_invalid = body.get("on_invalid") or "skip"
         if on_invalid not in ON_INVALID:
             raise BatchError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
-        seed = body.get("batch_seed")
-        try:
-            batch_seed = int(seed) if seed not in (None, "") else None
-        except (TypeError, ValueError) as exc:
-            raise BatchError(f"batch_seed must be a whole number, not {seed!r}") from exc
+        batch_seed = handlers.parse_seed(body.get("batch_seed"))
         batch_id = body.get("batch_id")
         if batch_id not in (None, "") and services.ledger.get_batch(str(batch_id)) is not None:
             handlers.check_may_control(services, caller, str(batch_id))  # resuming is controlling the batch
@@ -358,7 +601,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
             described = "; ".join(p.describe() for p in problems[:20])
             raise BatchError(
                 f"{len(prepared.report.bad_rows)} row(s) have problems, nothing was queued: {described}",
-                problems=[asdict(p) for p in problems],
+                problems=[public_problem(asdict(p)) for p in problems],
             )
         return prepared
 
@@ -366,7 +609,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         answer: dict[str, Any] = {
             "batch_id": prepared.batch_id,
             "resumed": prepared.resumed,
-            "report": prepared.report.to_dict(),
+            "report": public_report(prepared.report.to_dict()),
             "queued_rows": prepared.runnable,
             "started": False,
         }
@@ -395,7 +638,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     @router.post("/token", summary="Exchange a user name and password for a bearer token", openapi_extra=TOKEN_BODY)
     async def create_token(request: Request) -> Any:
         guard.admit_address(request.client.host if request.client else "unknown", "POST /api/token")
-        body = await json_body(request)
+        body = await json_body(request, TOKEN_BODY)
         if guard.tokens is None or not guard.users.configured:
             raise AccessDenied(
                 "token login needs users configured (SD35_USERS or SD35_USERS_FILE)", status=400, reason="not_configured"
@@ -411,7 +654,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     @router.post("/token/revoke", summary="Revoke one token, or every token of a user issued so far (admin)",
                  openapi_extra=REVOKE_BODY)
     async def revoke_token(request: Request, caller: Any = admin_tokens) -> Any:
-        body = await json_body(request)
+        body = await json_body(request, REVOKE_BODY)
         if guard.tokens is None or guard.revocations is None:
             raise AccessDenied("tokens need SD35_JWT_SECRET configured", status=400, reason="not_configured")
         if bool(body.get("token")) == bool(body.get("user")):
@@ -458,18 +701,57 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         saved = await asyncio.to_thread(services.templates.add, files, replace)
         return saved.to_dict()
 
+    async def once_per_key(
+        key_header: str | None, caller: Any, route: str, fields: dict[str, Any], given_batch_id: Any,
+        run: Callable[[str | None], dict[str, Any]],
+    ) -> Any:
+        """``run(batch_id)`` in a thread, once per Idempotency-Key (:mod:`engine.idempotency`): a retry of
+        an answered request gets its answer again (``Idempotent-Replayed: true``), and the batch id a keyed
+        request makes is reserved with its key first. ``fields``: what the request asks for, as parsed.
+        Without the header, ``run(None)``."""
+        if key_header is None:
+            return await asyncio.to_thread(run, None)
+        key = check_idempotency_key(key_header)
+        batch_id = check_batch_id(given_batch_id) if given_batch_id not in (None, "") else new_batch_id()
+        keyed = await asyncio.to_thread(services.idempotency.begin, caller.name, key,
+                                        request_fingerprint(route, fields), batch_id)
+        if keyed.answered:
+            return JSONResponse(keyed.answer, status_code=keyed.status, headers={REPLAYED_HEADER: "true"})
+
+        def run_keyed() -> dict[str, Any]:
+            # Answer or release the key in the thread that runs the request: it ends so even when the
+            # request's coroutine is cancelled while the thread goes on making the batch.
+            try:
+                answer = run(keyed.batch_id)
+            except BaseException:
+                services.idempotency.abandon(keyed)
+                raise
+            services.idempotency.finish(keyed, answer)
+            return answer
+
+        return await asyncio.to_thread(run_keyed)
+
     @router.post("/batches", summary="Submit a batch: template + rows as JSON", openapi_extra=BATCH_BODY)
-    async def submit_batch(request: Request, caller: Any = user) -> Any:
-        body = await json_body(request)
+    async def submit_batch(request: Request, idempotency_key: str | None = idempotency_header,
+                           caller: Any = user) -> Any:
+        body = await json_body(request, BATCH_BODY)
         if "template" not in body or "rows" not in body:
             raise BatchError("the body needs 'template' and 'rows'")
+        start = body.get("start", True)
+        if not isinstance(start, bool):  # "false" is a non-empty string: truthy, it would start the batch
+            raise RequestInvalid(f"start must be true or false (a JSON boolean), not {str(start)[:40]!r}",
+                                 [{"field": "start", "location": "body", "message": "not a boolean"}])
         sheet = sheet_from_records(body["rows"], "api.json")
-        return await asyncio.to_thread(
-            prepare_and_submit, str(body["template"]), sheet, body, caller, bool(body.get("start", True))
-        )
+
+        def run(batch_id: str | None) -> dict[str, Any]:
+            fields = body if batch_id is None else {**body, "batch_id": batch_id}
+            return prepare_and_submit(str(body["template"]), sheet, fields, caller, start)
+
+        return await once_per_key(idempotency_key, caller, "POST /api/batches", body, body.get("batch_id"), run)
 
     @router.post("/batches/upload", summary="Submit a batch: template + an uploaded CSV/XLSX sheet")
     async def submit_batch_upload(
+        request: Request,
         template: str = Form(...),
         sheet: UploadFile = File(...),
         sheet_name: str | None = Form(None),
@@ -478,27 +760,43 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         on_invalid: str = Form("skip"),
         start: bool = Form(True),
         images: UploadFile | None = File(None),
+        idempotency_key: str | None = idempotency_header,
         caller: Any = user,
     ) -> Any:
+        refuse_unknown_fields((await request.form()).keys(), UPLOAD_FIELDS, "form")
         data = await read_upload(sheet)
-        parsed = await asyncio.to_thread(read_sheet, data, sheet.filename or "upload", sheet_name)
-        body = {"batch_seed": batch_seed, "on_invalid": on_invalid, "batch_id": batch_id}
-        photos = None
-        if images is not None:  # the product photos the sheet's image columns name, as one zip
-            photos = await asyncio.to_thread(services.runner.unpack_photos, await read_upload(images))
-        try:
-            return await asyncio.to_thread(prepare_and_submit, template, parsed, body, caller, start, photos)
-        finally:
-            if photos is not None:  # a started batch has its own copy; otherwise none is kept
-                services.runner.discard_staging(photos)
+        photo_zip = await read_upload(images) if images is not None else None
+        fields = {
+            "template": template, "sheet": hashlib.sha256(data).hexdigest(), "sheet_file": sheet.filename,
+            "sheet_name": sheet_name, "batch_seed": batch_seed, "batch_id": batch_id, "on_invalid": on_invalid,
+            "start": start, "images": None if photo_zip is None else hashlib.sha256(photo_zip).hexdigest(),
+        }
+
+        def run(reserved_id: str | None) -> dict[str, Any]:
+            parsed = read_sheet(data, sheet.filename or "upload", sheet_name)
+            body = {"batch_seed": batch_seed, "on_invalid": on_invalid, "batch_id": reserved_id or batch_id}
+            # the product photos the sheet's image columns name, as one zip
+            photos = services.runner.unpack_photos(photo_zip) if photo_zip is not None else None
+            try:
+                return prepare_and_submit(template, parsed, body, caller, start, photos)
+            finally:
+                if photos is not None:  # a started batch has its own copy; otherwise none is kept
+                    services.runner.discard_staging(photos)
+
+        return await once_per_key(idempotency_key, caller, "POST /api/batches/upload", fields, batch_id, run)
 
     @router.get("/batches", summary="Recent batches")
     def list_batches(limit: int = 50, offset: int = Query(0, ge=0), caller: Any = user) -> Any:
-        return services.ledger.list_batches(limit=min(max(limit, 1), 500), offset=offset)
+        return [public_batch(b) for b in services.ledger.list_batches(limit=min(max(limit, 1), 500), offset=offset)]
 
     @router.get("/batches/{batch_id}", summary="A batch's status and per-row results")
-    def get_batch(batch_id: str, caller: Any = user) -> Any:
-        return batch_status(services, batch_id)
+    def get_batch(
+        batch_id: str,
+        rows: bool = Query(True, description="false: the batch, counts and progress without its rows (for polling: "
+                                             "a batch of 10,000 rows answers megabytes with them)"),
+        caller: Any = user,
+    ) -> Any:
+        return batch_status(services, batch_id, with_rows=rows)
 
     @router.post("/batches/{batch_id}/cancel", summary="Stop a batch between sampler steps")
     def cancel_batch(batch_id: str, caller: Any = user) -> Any:
@@ -522,22 +820,31 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
 
     @router.post("/generate", summary="One image from a template and field values (waits for it)",
                  openapi_extra=GENERATE_BODY)
-    async def generate(request: Request, caller: Any = user) -> Any:
-        body = await json_body(request)
+    async def generate(request: Request, idempotency_key: str | None = idempotency_header,
+                       caller: Any = user) -> Any:
+        body = await json_body(request, GENERATE_BODY)
         if "template" not in body:
             raise BatchError("the body needs 'template' and 'values'")
         timeout = _wait_seconds(body.get("timeout_s"), float(services.settings.row_timeout_s))
-        sheet = sheet_from_records([body.get("values") or {}], "generate.json")
-        options = {"on_invalid": "stop", "batch_seed": body.get("batch_seed")}
-        prepared = await asyncio.to_thread(prepare, str(body["template"]), sheet, options, caller)
-        submit(prepared, start=True)
-        progress = await asyncio.to_thread(services.queue.wait, prepared.batch_id, timeout)
-        rows = services.ledger.rows(prepared.batch_id)
-        return {
-            "batch_id": prepared.batch_id,
-            "state": progress.state if progress is not None else None,
-            "generation": public_row(rows[0]) if rows else None,
-        }
+        values = body.get("values") or {}
+        if not isinstance(values, dict):
+            raise RequestInvalid("values must be an object of field values (field name: value)",
+                                 [{"field": "values", "location": "body", "message": "not a JSON object"}])
+        sheet = sheet_from_records([values], "generate.json")
+
+        def run(batch_id: str | None) -> dict[str, Any]:
+            options = {"on_invalid": "stop", "batch_seed": body.get("batch_seed"), "batch_id": batch_id}
+            prepared = prepare(str(body["template"]), sheet, options, caller)
+            submit(prepared, start=True)
+            progress = services.queue.wait(prepared.batch_id, timeout)
+            rows = services.ledger.rows(prepared.batch_id)
+            return {
+                "batch_id": prepared.batch_id,
+                "state": progress.state if progress is not None else None,
+                "generation": public_row(rows[0]) if rows else None,
+            }
+
+        return await once_per_key(idempotency_key, caller, "POST /api/generate", body, None, run)
 
     @router.get("/generations", summary="Search the ledger")
     def search(
@@ -586,7 +893,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
 
     @router.post("/system/model", summary="Switch the default checkpoint (admin)", openapi_extra=MODEL_BODY)
     async def switch_model(request: Request, caller: Any = admin_models) -> Any:
-        body = await json_body(request)
+        body = await json_body(request, MODEL_BODY)
         name = str(body.get("checkpoint", ""))
         await asyncio.to_thread(services.runner.switch_checkpoint, name)
         return {"default_checkpoint": services.runner.default_checkpoint}
@@ -610,6 +917,10 @@ __all__ = [
     "batch_status",
     "error_status",
     "install_error_handlers",
+    "public_batch",
+    "public_problem",
     "public_progress",
+    "public_report",
     "public_row",
+    "whole_numbers_as_text",
 ]

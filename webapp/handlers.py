@@ -248,11 +248,23 @@ def check_sheet(
 
 
 def parse_seed(value: Any) -> int | None:
-    """A batch seed typed by a person: empty means random; otherwise an exact non-negative integer."""
+    """A batch seed typed by a person or sent as a JSON value: empty means random; otherwise an exact
+    non-negative integer. A JSON string holds any seed exactly; a JSON number only up to 2^53 (past that a
+    reader kept it approximately, so it is refused rather than used as a different seed), and never
+    ``true`` or ``1.5``."""
     from engine.sheets import SEED_MAX, parse_integer
 
     if value is None or not str(value).strip():
         return None
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 2**53:
+        raise SheetError(f"the batch seed {value!r} is a number past 2^53, which JSON readers keep only "
+                         "approximately: send it as a string", column="batch_seed",
+                         code="batch_seed_not_whole", value=str(value))
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise SheetError(f"the batch seed must be a whole number, not {value!r}", column="batch_seed",
+                         code="batch_seed_not_whole", value=str(value))
+    if isinstance(value, float):
+        value = int(value)  # 42.0: a whole number a JSON reader holds exactly
     try:
         seed = parse_integer(str(value))
     except (ValueError, SheetError) as exc:
@@ -260,7 +272,8 @@ def parse_seed(value: Any) -> int | None:
                          code="batch_seed_not_whole", value=str(value)) from exc
     if not 0 <= seed <= SEED_MAX:
         raise SheetError(f"the batch seed must be between 0 and {SEED_MAX}", column="batch_seed",
-                         code="batch_seed_out_of_range", limit=SEED_MAX)
+                         code="batch_seed_out_of_range", limit=SEED_MAX,
+                         limit_str=str(SEED_MAX))  # exact where a JSON reader rounds past 2^53
     return seed
 
 

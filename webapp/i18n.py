@@ -498,6 +498,7 @@ PROBLEMS_ZH: dict[str, str] = {
     "looks_like_gb18030": "文件按 UTF-8 读取，但其中的文字按 GB18030/GBK 读才是中文（例如“{sample}”）；"
     "如果是中文版 Excel 保存的，请另存为“CSV UTF-8（逗号分隔）”后重新上传",
     "column_unnamed": "第 1 行中 {column} 列没有列名，该列的 {count} 个值已忽略",
+    "not_a_cell_value": "单元格只能是一个值（文本、数字、true/false 或 null），不能是 JSON {type}",
 }
 PROBLEM_TABLES: dict[str, dict[str, str]] = {"zh": PROBLEMS_ZH}
 
@@ -592,6 +593,8 @@ ERRORS_ZH: dict[str, str] = {
     "image_blank": "生成的图片是一片空白（所有像素都相同）",
     "no_image": "工作流没有生成任何图片",
     "node_failed": "节点 {node_id}（{class_type}）运行失败：{error}",
+    "idempotency_key_reused": "幂等键“{key}”已用于另一个请求；新的请求请使用新的键",
+    "idempotency_key_in_use": "幂等键“{key}”的第一个请求仍在处理中；请稍后重试",
 }
 ERROR_TABLES: dict[str, dict[str, str]] = {"zh": ERRORS_ZH}
 
