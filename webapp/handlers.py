@@ -374,6 +374,7 @@ class BatchView:
     images: list[str]  # the newest image paths under the outputs folder (at most max_images), oldest first
     finished: bool
     references: dict[str, list[str]] = field(default_factory=dict)  # image path -> the row's product photos
+    captions: dict[str, str] = field(default_factory=dict)  # image path -> its text alternative (image_caption)
     done: int = 0
     failed: int = 0
     remaining: int = 0
@@ -438,6 +439,8 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
         images=images[-max_images:],
         finished=state not in ACTIVE_STATES,
         references={path: found for path, found in references.items() if found},
+        captions={row.image_path: image_caption(row.row_number, row.row_values, row.prompt, lang)
+                  for row in rows if row.status == "done" and row.image_path in images[-max_images:]},
         done=done,
         failed=failed,
         remaining=remaining,
@@ -445,6 +448,25 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
         warming_up=is_warming_up(services),
         image_count=len(images),
     )
+
+
+CAPTION_FIELDS = ("product_name", "title", "prompt")  # the cell that names what a row's image shows
+
+
+def image_caption(row_number: int | None, values: dict[str, Any] | None, prompt: str | None = None,
+                  lang: str = "en") -> str:
+    """The text alternative of a generated image: its row and what it shows (the row's product name, title
+    or prompt), e.g. "Row 3: a blue mug"; a single image (``row_number`` None) is "Generated image: ...".
+    Screen readers read it in place of the picture, so it never is the file name."""
+    values = values or {}
+    subject = next((str(values[name]).strip() for name in CAPTION_FIELDS if str(values.get(name) or "").strip()),
+                   (prompt or "").strip())
+    subject = subject if len(subject) <= 120 else subject[:119] + "…"
+    if row_number is None:
+        return text("image.single", lang, subject=subject) if subject else text("image.single_only", lang)
+    if subject:
+        return text("image.row", lang, row=row_number, subject=subject)
+    return text("image.row_only", lang, row=row_number)
 
 
 def status_label(status: str | None, lang: str = "en") -> str:
@@ -504,6 +526,7 @@ class SingleResult:
     image_path: str
     parameters: dict[str, Any]
     reference_images: list[str] = field(default_factory=list)  # the product photo(s) the image was made from
+    caption: str = ""  # the image's text alternative (image_caption)
 
 
 def stage_single_photos(
@@ -571,7 +594,8 @@ def generate_single(
         reason = row_error_text(row.to_dict(), lang) or view.error or status_label(row.status, lang)
         raise BatchError(text("single.failed", lang, error=reason), batch_id=batch_id, status=row.status)
     references = [str(p) for p in services.runner.reference_images(batch_id, row.row_values)]
-    return SingleResult(batch_id, row.image_path, generation_parameters(row), references)
+    return SingleResult(batch_id, row.image_path, generation_parameters(row), references,
+                        image_caption(None, row.row_values, row.prompt, lang))
 
 
 # ------------------------------------------------------------------------------------------- history

@@ -359,7 +359,7 @@ h1 {{ font-size: 1.3rem; margin: 0 0 1.2rem; }} label {{ display: block; margin:
 input {{ width: 100%; box-sizing: border-box; padding: .55rem; font-size: 1rem; border: 1px solid #bbb;
          border-radius: 6px; }}
 button {{ margin-top: 1.2rem; width: 100%; padding: .6rem; font-size: 1rem; border: 0; border-radius: 6px;
-          background: #ea580c; color: #fff; cursor: pointer; }}
+          background: #c2410c; color: #fff; cursor: pointer; }}
 .error {{ color: #b91c1c; }}
 </style></head>
 <body><main>
@@ -418,7 +418,7 @@ def create_app(
     from engine.services import build_services
     from webapp.api import answer_unknown_api_paths, api_router, describe_api_errors, install_error_handlers
     from webapp.comfy_api import comfy_router
-    from webapp.ui import CSS, build_ui, page_head
+    from webapp.ui import CSS, build_ui, page_head, page_theme
 
     services = services or build_services(settings, engine)
     users = users if users is not None else load_users(settings)
@@ -608,6 +608,7 @@ def create_app(
         show_error=True,
         css=CSS,
         head=page_head(),
+        theme=page_theme(),
         # example images only (shipped templates and those uploaded)
         allowed_paths=[str(settings.templates_path.resolve()), str(settings.user_templates_path.resolve())],
     )

@@ -31,6 +31,9 @@ from webapp.files import file_url, zip_url
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 QUIET = {"show_progress": "hidden", "concurrency_limit": None}
 PLAIN = {"apply_default_css": False, "js_on_load": None}  # HTML blocks styled by CSS below, not clickable
+# Areas whose new text a screen reader says as it appears (the check's verdict, the batch's progress and
+# errors): the page head's script makes each a role="status" live region, which Gradio has no parameter for.
+LIVE = "live-status"
 # For events whose outputs are controls the user still needs (template pickers, the history table, Start): a
 # refusal is said in its pop-up, never laid over them as a red "Error" cover that hides them until dismissed.
 CONTROLS = {"show_progress": "hidden"}
@@ -58,7 +61,9 @@ def toast_title_css() -> str:
 def page_head() -> str:
     """A script for the page's ``<head>``: the one message Gradio's own front end makes and says in English
     only, its refusal of an upload over ``max_file_size`` before sending it ("File(s) exceed the maximum
-    allowed size of 1.0 Mb: "big.csv""), is said in the page's language (``upload.too_large``)."""
+    allowed size of 1.0 Mb: "big.csv""), is said in the page's language (``upload.too_large``); the areas
+    marked ``LIVE`` become live regions; a browser language the page has no words for leaves it in English
+    and says so (``lang="en"``)."""
     words = {lang: text("upload.too_large", lang) for lang in LANGUAGES if lang != "en"}
     script = r"""<script>
 (() => {
@@ -69,11 +74,33 @@ def page_head() -> str:
     const found = template && gradio.exec(node.textContent.trim());
     if (found) node.textContent = template.replace("{size}", found[1].replace(/b$/, "B")).replace("{files}", found[2]);
   };
-  new MutationObserver(() => document.querySelectorAll('[data-testid="toast-text"]').forEach(say))
-    .observe(document.documentElement, {childList: true, subtree: true});
+  new MutationObserver(() => {
+    document.querySelectorAll('[data-testid="toast-text"]').forEach(say);
+    document.querySelectorAll('.LIVE:not([role])').forEach((area) => area.setAttribute("role", "status"));
+  }).observe(document.documentElement, {childList: true, subtree: true});
+  // Gradio names the page in the browser's language even where it falls back to English (lang="fr" over
+  // English words): a screen reader would read them with a French voice.
+  const pageLanguage = () => {
+    const lang = document.documentElement.lang;
+    if (lang && !LANGS.includes(lang.split("-")[0].toLowerCase())) document.documentElement.lang = "en";
+  };
+  pageLanguage();
+  new MutationObserver(pageLanguage).observe(document.documentElement, {attributes: true, attributeFilter: ["lang"]});
 })();
 </script>"""
+    script = script.replace("LIVE", LIVE, 1).replace("LANGS", json.dumps(list(LANGUAGES)), 1)
     return script.replace("WORDS", json.dumps(words, ensure_ascii=False), 1)
+
+
+def page_theme() -> gr.themes.Base:
+    """Gradio's default theme with text and primary buttons at WCAG AA contrast: its subdued text
+    (captions, field help, the upload's "- or -") is #bbbbc2 on white (1.9:1) and its primary buttons white
+    on orange-500 (2.8:1); neutral-600 and orange-700 reach 7.7:1 and 5.2:1."""
+    return gr.themes.Default().set(
+        body_text_color_subdued="*neutral_600",
+        button_primary_background_fill="*primary_700", button_primary_background_fill_dark="*primary_700",
+        button_primary_background_fill_hover="*primary_800", button_primary_background_fill_hover_dark="*primary_800",
+    )
 
 
 CSS = """
@@ -84,7 +111,7 @@ CSS = """
 .notice { background: #eff6ff; border: 1px solid #93c5fd; border-radius: 8px; padding: 8px 14px; color: #1e3a8a; }
 .badge { display: inline-block; padding: 1px 9px; border-radius: 999px; font-size: .82em; font-weight: 600;
          white-space: nowrap; }
-.badge.demo { background: #ea580c; color: #fff; }
+.badge.demo { background: #c2410c; color: #fff; }
 .badge.real { background: #15803d; color: #fff; }
 .badge.ok { background: #dcfce7; color: #166534; }
 .badge.problem { background: #fee2e2; color: #991b1b; }
@@ -109,7 +136,7 @@ table.data-table td:last-child { overflow-wrap: anywhere; }
 .model-card p { margin: 6px 0 0; }
 .step-bar { height: 8px; background: #e5e7eb; border-radius: 4px; overflow: hidden; margin-top: 4px; }
 .step-bar > div { height: 100%; background: #ea580c; transition: width .4s; }
-.download-link a { display: inline-block; padding: 8px 14px; border-radius: 8px; background: #ea580c;
+.download-link a { display: inline-block; padding: 8px 14px; border-radius: 8px; background: #c2410c;
                    color: #fff !important; text-decoration: none; font-weight: 600; }
 .result-image img { max-width: 100%; max-height: 560px; min-width: 192px; border-radius: 6px;
                     border: 1px solid var(--border-color-primary); image-rendering: auto; }
@@ -179,8 +206,9 @@ def _step_bar(fraction: float, label: str) -> str:
         return ""
     width = max(0.0, min(1.0, fraction)) * 100
     return (
-        f'<div aria-label="{html.escape(label)}">{html.escape(label)}'
-        f'<div class="step-bar"><div style="width:{width:.0f}%"></div></div></div>'
+        f'<div>{html.escape(label)}<div class="step-bar" role="progressbar" aria-label="{html.escape(label)}" '
+        f'aria-valuemin="0" aria-valuemax="100" aria-valuenow="{width:.0f}"><div style="width:{width:.0f}%"></div>'
+        "</div></div>"
     )
 
 
@@ -193,11 +221,12 @@ def _download_link(batch_id: str | None, label: str) -> str:
     )
 
 
-def _image_html(path: str | None, outputs: Any) -> str:
+def _image_html(path: str | None, outputs: Any, caption: str) -> str:
+    """A generated image, linked to its full size; ``caption`` (handlers.image_caption) is its alt text."""
     if not path:
         return ""
-    url = file_url(outputs, path)
-    return f'<div class="result-image"><a href="{url}" target="_blank"><img src="{url}" alt=""></a></div>'
+    url, alt = file_url(outputs, path), html.escape(caption)
+    return f'<div class="result-image"><a href="{url}" target="_blank"><img src="{url}" alt="{alt}"></a></div>'
 
 
 def _reference_html(paths: list[str], lang: str) -> str:
@@ -213,9 +242,9 @@ def _reference_html(paths: list[str], lang: str) -> str:
     return f'<div class="reference-photos">{figures}</div>'
 
 
-def _result_html(path: str | None, references: list[str], outputs: Any, lang: str) -> str:
+def _result_html(path: str | None, references: list[str], outputs: Any, caption: str, lang: str) -> str:
     """A generated image with the product photo(s) it was made from beside it."""
-    image = _image_html(path, outputs)
+    image = _image_html(path, outputs, caption)
     if not references:
         return image
     return f'<div class="single-result">{image}{_reference_html(references, lang)}</div>'
@@ -321,7 +350,7 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                                 value="skip", label=L("batch.on_invalid"), scale=3, elem_id="on-invalid")
                             batch_seed = gr.Textbox(label=L("batch.seed"), value="", scale=2, elem_id="batch-seed")
                         check_button = gr.Button(L("batch.check"), variant="secondary")
-                        report_summary = gr.Markdown(elem_id="report-summary")
+                        report_summary = gr.Markdown(elem_id="report-summary", elem_classes=LIVE)
                         report_table = gr.HTML(elem_id="validation-report", **PLAIN)
                         start_button = gr.Button(L("batch.start"), variant="primary", interactive=False,
                                                  elem_id="start-batch")
@@ -332,7 +361,7 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                     watched = gr.Dropdown(choices=[], label=L("batch.watching"), allow_custom_value=True,
                                           scale=5, elem_id="watched-batch")
                     refresh_button = gr.Button(L("batch.refresh"), scale=1, min_width=120)
-                progress_line = gr.Markdown(elem_id="batch-progress")
+                progress_line = gr.Markdown(elem_id="batch-progress", elem_classes=LIVE)
                 step_html = gr.HTML(elem_id="batch-step", **PLAIN)
                 gallery = gr.HTML(elem_id="batch-gallery", **PLAIN)
                 with gr.Row(equal_height=False, elem_classes="align-end"):
@@ -383,7 +412,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                             )
                             table = _pairs_table(handlers.parameter_rows(result.parameters, lang))
                             caption = f'<p class="caption">{html.escape(text("single.parameters", lang))}</p>'
-                            return (_result_html(result.image_path, result.reference_images, outputs, lang),
+                            return (_result_html(result.image_path, result.reference_images, outputs,
+                                                 result.caption, lang),
                                     caption + table)
 
                         # A set of inputs arrives as one {component: value} dict: the form has any number of fields.
@@ -631,8 +661,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                     caption = html.escape(text("batch.photo_caption", lang, name=Path(photo).name))
                     items.append(f'<figure class="photo"><img src="{thumbnail(photo)}" alt="{caption}" '
                                  f'title="{caption}"><figcaption>{caption}</figcaption></figure>')
-                url, name = file_url(outputs, path), html.escape(Path(path).name)
-                items.append(f'<a href="{url}" target="_blank" title="{name}"><img src="{url}" alt="{name}" '
+                url, caption = file_url(outputs, path), html.escape(view.captions.get(path) or Path(path).name)
+                items.append(f'<a href="{url}" target="_blank" title="{caption}"><img src="{url}" alt="{caption}" '
                              'loading="lazy"></a>')
             if view.image_count > len(view.images):
                 caption = html.escape(text("batch.gallery_newest", lang, count=view.image_count, shown=len(view.images)))
@@ -742,7 +772,10 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
             return (
                 str(row_key),
                 gr.update(visible=True),
-                _image_html(detail.get("image_path"), outputs) + _reference_html(detail.get("reference_images", []), lang),
+                _image_html(detail.get("image_path"), outputs,
+                            handlers.image_caption(detail.get("row_number"), detail.get("row_values"),
+                                                   detail.get("prompt"), lang))
+                + _reference_html(detail.get("reference_images", []), lang),
                 _pairs_table(handlers.generation_rows(detail, lang)),
                 detail,
                 gr.update(interactive=True),
