@@ -83,7 +83,7 @@ def test_axe_finds_no_serious_violation_on_sign_in_and_each_tab(app_server, new_
 
 
 def test_batch_by_keyboard_alone_with_live_progress_and_captioned_images(app_server, new_page, tmp_path):
-    base_url, services = app_server
+    base_url, _ = app_server
     page = new_page()
     choosers = []
     # Listening from the start: Playwright intercepts file choosers only once a listener is there, and one
