@@ -249,8 +249,8 @@ RUN_EXIT_STATUSES = f"""exit status:
        are still running in another process (the summary line counts each)
   {EXIT_NOTHING_DONE}    nothing done: bad arguments, an unreadable sheet or workflow, another error,
        or no row of the batch could run
-  130  stopped by Ctrl-C (SIGINT), 143 by SIGTERM (e.g. `timeout`, a CI cancel): finished
-       rows are kept; run the same command again to resume"""
+  130  stopped by Ctrl-C (SIGINT), 143 by SIGTERM (e.g. `timeout`, a CI cancel), 129 by SIGHUP
+       (the terminal closed): finished rows are kept; run the same command again to resume"""
 
 
 def _exit_status(summary: Any, stopped_by: list[int]) -> int:
@@ -283,18 +283,26 @@ def _zip_path(option: str | bool, batch_id: str, output_dir: Path) -> Path:
     return path
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def _stop_signals_cancel(runner: Any, batch_id: str) -> Iterator[list[int]]:
-    """The first Ctrl-C (SIGINT) or SIGTERM cancels the batch between sampler steps: finished rows are kept,
-    the rest are marked cancelled and resume with the same command. The same signal again stops at once.
+    """The first Ctrl-C (SIGINT), SIGTERM or SIGHUP cancels the batch between sampler steps: finished rows
+    are kept, the rest are marked cancelled and resume with the same command. The same signal again stops
+    at once.
 
-    SIGTERM is what `timeout`, systemd and CI runners send before they kill: stopping cleanly keeps the
-    rows being sampled from counting as crashes. Yields the signals received, first first."""
+    SIGTERM is what `timeout`, systemd and CI runners send before they kill, SIGHUP what a closed terminal
+    or SSH session sends: stopping cleanly keeps the rows being sampled from counting as crashes. Yields
+    the signals received, first first."""
     received: list[int] = []
+    terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: a hung-up terminal may not say
 
     def cancel(signum: int, frame: Any) -> None:
         signal.signal(signum, previous[signum])  # the same signal again is the hard stop
         received.append(signum)
+        if signum == getattr(signal, "SIGHUP", None):
+            _leave_closed_terminal(terminals)
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         _say(("" if _json_stderr else "\n") + f"{name}: stopping after the current sampler step ({name} again "
              "to quit at once); run the same command again to resume")
@@ -302,12 +310,23 @@ def _stop_signals_cancel(runner: Any, batch_id: str) -> Iterator[list[int]]:
         # thread holds the runner's lock, which cancel() takes.
         threading.Thread(target=runner.cancel, args=(batch_id,), daemon=True).start()
 
-    previous = {signum: signal.signal(signum, cancel) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, cancel) for signum in STOP_SIGNALS}
     try:
         yield received
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _leave_closed_terminal(terminals: list[int]) -> None:
+    """After a hangup the terminal is gone and every write to it fails (EIO): output that went to it goes
+    to the null device instead, so the run can still stop cleanly. Output redirected to files is kept."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in terminals:
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _photos_from(runner: Any, source: str) -> Any:

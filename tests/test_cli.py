@@ -476,6 +476,34 @@ def test_sigterm_stops_a_run_cleanly_with_its_own_exit_status(tmp_path):
     assert ledger_statuses(tmp_path / "d") == {2: "done", 3: "cancelled", 4: "cancelled"}
 
 
+def test_a_closed_terminal_stops_a_run_cleanly(tmp_path):
+    """Closing the terminal (or the SSH session) a run was started from sends SIGHUP and makes every
+    later write to that terminal fail: the run stops between steps like SIGTERM, finishes its
+    bookkeeping with nobody to read it, leaves no row claimed, and exits 129 (128 + SIGHUP)."""
+    import pty
+    import signal
+
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\n" + "".join(
+        f"{name},512,512,60\n" for name in "ABC"))
+    command = [sys.executable, str(ROOT / "app.py"), "--data-dir", "d", "run", "--template", "product_shot",
+               "--sheet", "s.csv", "--max-gpu-batch", "1"]
+    terminal, child_side = pty.openpty()
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=child_side, stderr=subprocess.PIPE)
+    os.close(child_side)
+    seen = b""
+    while b"row 2: " not in seen:
+        chunk = os.read(terminal, 4096)
+        assert chunk, seen
+        seen += chunk
+    os.close(terminal)  # the terminal is gone: writing to it fails from now on
+    process.send_signal(signal.SIGHUP)
+    _, err = process.communicate(timeout=120)
+    err = err.decode()
+    assert process.returncode == 129, err[-2000:]
+    assert "SIGHUP: stopping after the current sampler step" in err and "Traceback" not in err
+    assert ledger_statuses(tmp_path / "d") == {2: "done", 3: "cancelled", 4: "cancelled"}  # resumable
+
+
 def test_a_run_where_no_row_can_run_exits_2_and_its_help_lists_the_exit_statuses(tmp_path):
     (tmp_path / "s.csv").write_text("product_name,width,height,steps\nA,64,64,x\nB,64,64,y\n")
     result = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path)
