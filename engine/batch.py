@@ -719,6 +719,7 @@ class BatchRunner:
         summary = self.summary(batch_id, time.perf_counter() - started)
         if summary.running == 0:  # else another live process still works on rows: the batch is not over
             self.ledger.set_batch_status(batch_id, "cancelled" if summary.cancelled or cancelled() else "finished")
+        self.ledger.checkpoint()  # the ledger file alone now holds the run: a copy of it is a backup
         emit("batch_done")
         return summary
 

@@ -666,3 +666,20 @@ def test_a_ui_workflow_run_as_a_batch_embeds_its_ui_json_in_the_png(services_fac
         chunks = dict(image.text)
     assert json.loads(chunks["workflow"]) == ui  # the file opens in ComfyUI with its own layout
     assert json.loads(chunks["prompt"]) == services.runner.engine.parse(ui).to_api()
+
+
+def test_a_copy_of_the_ledger_file_alone_holds_every_finished_batch(services_factory, tmp_path):
+    """Until SQLite checkpoints (every thousand pages), recent commits live only in ledger.db-wal: a backup
+    that copies ledger.db alone, or a -wal deleted by mistake, would lose whole batches. A finished run is
+    in the ledger file itself."""
+    import shutil
+
+    services = services_factory()
+    prepared, summary = run_batch(services, write_sheet(tmp_path / "rows.csv", small_rows(2, steps=1)))
+    assert summary.done == 2
+    (tmp_path / "backup").mkdir()
+    shutil.copyfile(services.settings.ledger_path, tmp_path / "backup" / "ledger.db")  # no -wal beside it
+
+    with sqlite3.connect(tmp_path / "backup" / "ledger.db") as copy:
+        batch = copy.execute("SELECT status, done_count FROM batches WHERE id = ?", (prepared.batch_id,)).fetchone()
+    assert batch == ("finished", 2)

@@ -470,6 +470,7 @@ def create_app(
             # Rows this process claimed are given back, so the next start resumes them and none is
             # blamed for a crash that did not happen.
             services.runner.release_claims()
+            services.ledger.checkpoint()  # the ledger file complete by itself while the app is stopped
 
     app = FastAPI(title="SD3.5 batch images", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.services = services
