@@ -397,7 +397,8 @@ class BatchLedger:
             except sqlite3.OperationalError as exc:
                 message = str(exc).lower()
                 if "locked" not in message and "busy" not in message:
-                    raise StoreError(f"the ledger {self.path}: {exc}", path=str(self.path)) from exc
+                    raise StoreError(self._storage_problem(exc), path=str(self.path),
+                                     sqlite_error=getattr(exc, "sqlite_errorname", None)) from exc
                 if time.monotonic() > deadline:
                     raise StoreError(
                         f"the ledger {self.path} stayed locked for {self.retry_for_s:.0f} s; another process "
@@ -411,6 +412,20 @@ class BatchLedger:
                     "backup or move it away to start a new one (the images in the outputs folder are kept)",
                     path=str(self.path),
                 ) from exc
+
+    def _storage_problem(self, exc: sqlite3.Error) -> str:
+        """What an error of SQLite's means for whoever runs the app: a full disk, or files this user may not
+        write (in WAL mode SQLite writes ledger.db-wal and -shm beside the ledger, so its folder too)."""
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        path = Path(os.path.abspath(self.path))  # a service's working folder is nobody's guess
+        if code == sqlite3.SQLITE_FULL:
+            return (f"the ledger {path} cannot be written: the disk holding it is full ({exc}); free space "
+                    "there, then resume (finished rows and their images are kept)")
+        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+            return (f"the ledger {path} cannot be written ({exc}): this user needs write access to the file "
+                    f"and to its folder {path.parent} (SQLite keeps {path.name}-wal and {path.name}-shm beside "
+                    "it), on a disk that is not mounted read-only")
+        return f"the ledger {self.path}: {exc}"
 
     def _write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``operation`` in one ``BEGIN IMMEDIATE`` transaction (retried whole when locked)."""
@@ -457,6 +472,9 @@ class BatchLedger:
                     conn.execute(statement)
                 conn.execute("INSERT INTO migrations (version, name, applied_at) VALUES (?, ?, ?)",
                              (version, name, _now()))
+            # A real write at every open: SQLite opens a file it may not write read-only without a word,
+            # and the first batch would be the one to find out.
+            conn.execute(f"PRAGMA user_version = {max(known)}")
 
         self._write(apply)
 

@@ -697,10 +697,10 @@ def test_a_ledger_that_cannot_take_a_write_stops_the_run_and_its_rows_are_no_cra
     limit = ledger.conn.execute("PRAGMA page_count").fetchone()[0]
     ledger.conn.execute(f"PRAGMA max_page_count = {limit}")
 
-    with pytest.raises(StoreError, match="database or disk is full") as stopped:
+    with pytest.raises(StoreError, match="the disk holding it is full") as stopped:
         services.runner.run(batch_id)
 
-    assert str(services.settings.ledger_path) in stopped.value.message
+    assert str(services.settings.ledger_path) in stopped.value.message and "free space" in stopped.value.message
     rows = ledger.rows(batch_id)
     assert {r.status for r in rows} <= {"done", "queued"} and all(r.crashes == 0 for r in rows)
     ledger.conn.execute("PRAGMA max_page_count = 1073741823")  # space freed

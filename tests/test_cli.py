@@ -504,6 +504,27 @@ def test_a_closed_terminal_stops_a_run_cleanly(tmp_path):
     assert ledger_statuses(tmp_path / "d") == {2: "done", 3: "cancelled", 4: "cancelled"}  # resumable
 
 
+@pytest.mark.parametrize("read_only", ["the ledger file", "its folder"])
+def test_a_ledger_this_user_cannot_write_is_refused_naming_file_and_folder(tmp_path, read_only, as_ordinary_user):
+    """SQLite opens a file it may not write read-only without a word (so the first batch found out), and
+    in WAL mode it also needs the folder, for ledger.db-wal and -shm: the refusal says both."""
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\nMug,64,64,1\n")
+    assert app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path).returncode == 0
+    data = tmp_path / "d"
+    locked = data / "ledger.db" if read_only == "the ledger file" else data
+    locked.chmod(0o444 if locked.is_file() else 0o555)
+    try:
+        result = subprocess.run(
+            [*as_ordinary_user, sys.executable, str(ROOT / "app.py"), "--data-dir", "d", "run", "--template",
+             "product_shot", "--sheet", "s.csv", "--new-batch"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        locked.chmod(0o644 if locked.is_file() else 0o755)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"the ledger {data / 'ledger.db'} cannot be written" in result.stderr
+    assert f"its folder {data}" in result.stderr and "Traceback" not in result.stderr
+    assert ledger_statuses(data) == {2: "done"}  # nothing recorded, nothing run
+
+
 def test_a_run_where_no_row_can_run_exits_2_and_its_help_lists_the_exit_statuses(tmp_path):
     (tmp_path / "s.csv").write_text("product_name,width,height,steps\nA,64,64,x\nB,64,64,y\n")
     result = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path)

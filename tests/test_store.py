@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -348,3 +349,15 @@ def test_a_ledger_file_replaced_in_use_is_the_one_used_from_then_on(tmp_path, ca
         assert row_numbers(path, batch_id) == [2, 3, 9]
         assert [row.row_number for row in ledger.rows(batch_id)] == [2, 3, 9]
         assert "was replaced by another file while in use" in caplog.text
+
+
+def test_a_ledger_file_this_user_cannot_write_is_refused_when_it_is_opened(tmp_path, as_ordinary_user):
+    """SQLite opens a file it may not write read-only without a word: a server would start, and every
+    batch fail. The ledger says so when it is opened, naming the file."""
+    path = tmp_path / "ledger.db"
+    BatchLedger(path).close()
+    path.chmod(0o444)
+    opening = "import sys; from engine.store import BatchLedger; BatchLedger(sys.argv[1])"
+    result = subprocess.run([*as_ordinary_user, sys.executable, "-c", opening, str(path)],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and f"the ledger {path} cannot be written" in result.stderr, result.stderr[-2000:]
