@@ -525,6 +525,22 @@ def test_a_ledger_this_user_cannot_write_is_refused_naming_file_and_folder(tmp_p
     assert ledger_statuses(data) == {2: "done"}  # nothing recorded, nothing run
 
 
+def test_a_data_folder_that_cannot_be_created_is_named_with_the_setting_to_change(tmp_path, as_ordinary_user):
+    """The default data_dir is relative: started from a read-only folder (a service's working directory,
+    a deployed copy of the code), the app must say where it tried and how to point it elsewhere."""
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\nMug,64,64,1\n")
+    (tmp_path / "code").mkdir(mode=0o555)
+    try:
+        result = subprocess.run([*as_ordinary_user, sys.executable, str(ROOT / "app.py"), "run", "--template",
+                                 "product_shot", "--sheet", "../s.csv"], cwd=tmp_path / "code", capture_output=True,
+                                text=True, timeout=300)
+    finally:
+        (tmp_path / "code").chmod(0o755)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot create the folder {tmp_path / 'code' / 'data'}: Permission denied" in result.stderr
+    assert "SD35_DATA_DIR" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_run_where_no_row_can_run_exits_2_and_its_help_lists_the_exit_statuses(tmp_path):
     (tmp_path / "s.csv").write_text("product_name,width,height,steps\nA,64,64,x\nB,64,64,y\n")
     result = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path)
