@@ -654,5 +654,24 @@ def _refused(args: argparse.Namespace, message: str, error: dict[str, Any]) -> i
     return EXIT_NOTHING_DONE
 
 
+def _utf8_command_line() -> list[str] | None:
+    """This command again in Python's UTF-8 mode, when the locale's encoding is not UTF-8 (``LANG=en_US``
+    is ISO-8859-1 on many servers; ``zh_CN.GBK`` in China; ``PYTHONUTF8=0`` with ``LANG=C``); None otherwise.
+
+    Under such a locale Python names files in the locale's encoding: a cell's Chinese file name either
+    cannot be written at all, or is written in bytes that a process under another locale (the web app
+    beside a cron job) reads as another name. UTF-8 mode makes every file name and file UTF-8; the
+    terminal keeps its own encoding (a character it cannot show is written as an escape, never an error)."""
+    if sys.flags.utf8_mode or not sys.executable:
+        return None
+    if sys.getfilesystemencoding().lower().replace("-", "").replace("_", "") == "utf8":
+        return None
+    if sys.stdout is not None and sys.stdout.encoding and "PYTHONIOENCODING" not in os.environ:
+        os.environ["PYTHONIOENCODING"] = f"{sys.stdout.encoding}:backslashreplace"
+    return [sys.executable, "-X", "utf8", *sys.orig_argv[1:]]
+
+
 if __name__ == "__main__":
+    if (again := _utf8_command_line()) is not None:
+        os.execv(sys.executable, again)  # the same process (pid) for a supervisor, now in UTF-8 mode
     sys.exit(main())

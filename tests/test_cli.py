@@ -541,6 +541,19 @@ def test_a_data_folder_that_cannot_be_created_is_named_with_the_setting_to_chang
     assert "SD35_DATA_DIR" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_chinese_file_names_are_written_in_utf8_whatever_the_locale(tmp_path):
+    """A server whose locale is not UTF-8 (LANG=en_US is ISO-8859-1; LANG=C with PYTHONUTF8=0 is ASCII, as
+    here): Python would name files in the locale's encoding, so a Chinese cell's file could not be written
+    at all, or a process under another locale would read its name as another one."""
+    (tmp_path / "s.csv").write_text("product_name,color,width,height,steps\n红色夹克,红,64,64,1\n", encoding="utf-8")
+    result = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path,
+                 env={"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = next((tmp_path / "d" / "outputs").iterdir())
+    assert os.listdir(bytes(folder)) == ["红色夹克_红.png".encode("utf-8")]
+    assert ledger_statuses(tmp_path / "d") == {2: "done"} and "row 2: " in result.stdout
+
+
 def test_a_run_where_no_row_can_run_exits_2_and_its_help_lists_the_exit_statuses(tmp_path):
     (tmp_path / "s.csv").write_text("product_name,width,height,steps\nA,64,64,x\nB,64,64,y\n")
     result = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path)
