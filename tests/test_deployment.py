@@ -103,6 +103,29 @@ def test_proxy_trust_defaults():
     assert uvicorn_options(nginx, SPACE)["forwarded_allow_ips"] == "192.168.1.10"  # the setting wins
 
 
+def test_a_gradio_space_listens_where_gradio_is_told():
+    """A Gradio Space tells the app where to listen as Gradio's launch() reads it; the app's own settings win."""
+    gradio_space = {**SPACE, "SYSTEM": "spaces", "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861"}
+    settings = load_settings({}, environ=gradio_space)
+    assert (settings.host, settings.port) == ("0.0.0.0", 7861)
+    assert load_settings({}, environ={**gradio_space, "SD35_PORT": "9000"}).port == 9000
+    assert load_settings({"port": 9001}, environ=gradio_space).port == 9001
+
+
+def test_a_space_without_persistent_storage_warns_that_its_data_goes_with_the_container(
+    tmp_path, engine, monkeypatch, caplog
+):
+    if Path("/data").is_dir():
+        pytest.skip("this machine has a /data folder: it looks like a Space with persistent storage")
+    monkeypatch.setenv("SPACE_ID", SPACE["SPACE_ID"])
+    monkeypatch.delenv("SD35_USERS", raising=False)
+    settings = make_settings(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="webapp.server"):
+        create_app(settings, engine)
+    warning = next(r.getMessage() for r in caplog.records if "persistent storage" in r.getMessage())
+    assert str(Path(settings.data_dir).resolve()) in warning and "lost when it restarts" in warning
+
+
 # ----------------------------------------------------------------------- rate limits per client, not per proxy
 
 

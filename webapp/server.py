@@ -428,6 +428,10 @@ def create_app(
     if key_note:
         log.info(key_note)
     space = on_space()
+    if space and not Path("/data").is_dir():
+        log.warning("this Space has no persistent storage (/data): the ledger, images, uploads and signing key "
+                    "live in %s, on the Space's own disk, and are lost when it restarts or is rebuilt; enable "
+                    "persistent storage in the Space's settings", Path(settings.data_dir).resolve())
     guard = api_guard(settings, users, services.ledger)
     visitors = None
     if public_without_users(users):
