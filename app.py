@@ -203,6 +203,7 @@ def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path
             outcome = "not run" if event.status == "cancelled" else event.status or "failed"
             tqdm.write(f"{unit} {event.row_number} {outcome.replace('_', ' ')}: {event.error}")
 
+    args.recorded_batch_id = prepared.batch_id  # an error from here on stops a batch that can be resumed
     with _stop_signals_cancel(runner, prepared.batch_id) as stopped_by:
         summary = runner.run(prepared.batch_id, on_event=on_event, retry_failed=args.retry_failed)
     step_bar.close()
@@ -646,11 +647,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _refused(args: argparse.Namespace, message: str, error: dict[str, Any]) -> int:
-    """A command refused before it could do its work: said on stderr, and in ``--summary-json`` for a
-    script waiting for the outcome; exit status 2 (see RUN_EXIT_STATUSES)."""
+    """A command refused before it could do its work, or a run stopped by an error (a full disk): said on
+    stderr, and in ``--summary-json`` for a script waiting for the outcome, with the id of the batch when
+    one was recorded (``--resume`` it); exit status 2 (see RUN_EXIT_STATUSES)."""
     _say(f"error: {message}", logging.ERROR)
     if getattr(args, "summary_json", None):
-        _write_summary_json(args.summary_json, {"batch_id": None, "exit_status": EXIT_NOTHING_DONE, "error": error})
+        _write_summary_json(args.summary_json, {"batch_id": getattr(args, "recorded_batch_id", None),
+                                                "exit_status": EXIT_NOTHING_DONE, "error": error})
     return EXIT_NOTHING_DONE
 
 

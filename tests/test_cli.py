@@ -664,6 +664,55 @@ def test_summary_json_tells_a_script_the_outcome_and_why_a_run_was_refused(tmp_p
     assert outcome["error"]["code"] == "template_not_found" and "product_shot" in outcome["error"]["details"]["available"]
 
 
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), unmounted afterwards; skips where mounting is not permitted."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_disk_filling_up_mid_batch_stops_it_naming_the_file_and_the_same_command_resumes(tmp_path, tiny_disk):
+    rows = "".join(f"商品{n},红,64,64,1\n" for n in range(6))
+    (tmp_path / "s.csv").write_text("product_name,color,width,height,steps\n" + rows, encoding="utf-8")
+    free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
+    (tiny_disk / "filler").write_bytes(b"\0" * (free - 40 * 1024))  # room for two or three images
+    command = ["--data-dir", "d", "--output-dir", str(tiny_disk / "out"), "run", "--template", "product_shot",
+               "--sheet", "s.csv", "--summary-json", "outcome.json"]
+
+    full = app(*command, cwd=tmp_path)
+
+    assert full.returncode == 2 and "No space left on device" in full.stderr and "Traceback" not in full.stderr
+    stopped_at = next(line for line in full.stderr.splitlines() if "cannot write" in line)
+    assert str(tiny_disk / "out") in stopped_at and "resume" in stopped_at
+    outcome = json.loads((tmp_path / "outcome.json").read_text())
+    assert outcome["batch_id"] in _batch_ids(tmp_path / "d") and outcome["exit_status"] == 2
+    statuses = ledger_statuses(tmp_path / "d")
+    assert "running" not in statuses.values() and 0 < list(statuses.values()).count("done") < 6
+    for key, path in _done_images(tmp_path / "d"):
+        assert Path(path).is_file(), key  # no row done without its file
+
+    (tiny_disk / "filler").unlink()  # space is back
+    again = app(*command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert set(ledger_statuses(tmp_path / "d").values()) == {"done"}
+    assert len(list((tiny_disk / "out" / outcome["batch_id"]).glob("*.png"))) == 6
+
+
+def _done_images(data: Path) -> list[tuple[str, str]]:
+    import sqlite3
+
+    with sqlite3.connect(data / "ledger.db") as conn:
+        return conn.execute("SELECT row_key, image_path FROM generations WHERE status = 'done'").fetchall()
+
+
 def test_a_command_given_the_wrong_arguments_exits_2_and_says_why_in_its_summary(tmp_path):
     """run --help promises exit status 2 for bad arguments; a run without --template or --workflow is one."""
     result = app("--data-dir", "d", "run", "--sheet", "s.csv", "--summary-json", "outcome.json", cwd=tmp_path)
