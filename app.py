@@ -203,6 +203,7 @@ def _run_prepared(args: argparse.Namespace, runner: Any, prepared: Any, zip_path
             outcome = "not run" if event.status == "cancelled" else event.status or "failed"
             tqdm.write(f"{unit} {event.row_number} {outcome.replace('_', ' ')}: {event.error}")
 
+    args.recorded_batch_id = prepared.batch_id  # an error from here on stops a batch that can be resumed
     with _stop_signals_cancel(runner, prepared.batch_id) as stopped_by:
         summary = runner.run(prepared.batch_id, on_event=on_event, retry_failed=args.retry_failed)
     step_bar.close()
@@ -249,8 +250,8 @@ RUN_EXIT_STATUSES = f"""exit status:
        are still running in another process (the summary line counts each)
   {EXIT_NOTHING_DONE}    nothing done: bad arguments, an unreadable sheet or workflow, another error,
        or no row of the batch could run
-  130  stopped by Ctrl-C (SIGINT), 143 by SIGTERM (e.g. `timeout`, a CI cancel): finished
-       rows are kept; run the same command again to resume"""
+  130  stopped by Ctrl-C (SIGINT), 143 by SIGTERM (e.g. `timeout`, a CI cancel), 129 by SIGHUP
+       (the terminal closed): finished rows are kept; run the same command again to resume"""
 
 
 def _exit_status(summary: Any, stopped_by: list[int]) -> int:
@@ -283,18 +284,26 @@ def _zip_path(option: str | bool, batch_id: str, output_dir: Path) -> Path:
     return path
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def _stop_signals_cancel(runner: Any, batch_id: str) -> Iterator[list[int]]:
-    """The first Ctrl-C (SIGINT) or SIGTERM cancels the batch between sampler steps: finished rows are kept,
-    the rest are marked cancelled and resume with the same command. The same signal again stops at once.
+    """The first Ctrl-C (SIGINT), SIGTERM or SIGHUP cancels the batch between sampler steps: finished rows
+    are kept, the rest are marked cancelled and resume with the same command. The same signal again stops
+    at once.
 
-    SIGTERM is what `timeout`, systemd and CI runners send before they kill: stopping cleanly keeps the
-    rows being sampled from counting as crashes. Yields the signals received, first first."""
+    SIGTERM is what `timeout`, systemd and CI runners send before they kill, SIGHUP what a closed terminal
+    or SSH session sends: stopping cleanly keeps the rows being sampled from counting as crashes. Yields
+    the signals received, first first."""
     received: list[int] = []
+    terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: a hung-up terminal may not say
 
     def cancel(signum: int, frame: Any) -> None:
         signal.signal(signum, previous[signum])  # the same signal again is the hard stop
         received.append(signum)
+        if signum == getattr(signal, "SIGHUP", None):
+            _leave_closed_terminal(terminals)
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         _say(("" if _json_stderr else "\n") + f"{name}: stopping after the current sampler step ({name} again "
              "to quit at once); run the same command again to resume")
@@ -302,12 +311,23 @@ def _stop_signals_cancel(runner: Any, batch_id: str) -> Iterator[list[int]]:
         # thread holds the runner's lock, which cancel() takes.
         threading.Thread(target=runner.cancel, args=(batch_id,), daemon=True).start()
 
-    previous = {signum: signal.signal(signum, cancel) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, cancel) for signum in STOP_SIGNALS}
     try:
         yield received
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _leave_closed_terminal(terminals: list[int]) -> None:
+    """After a hangup the terminal is gone and every write to it fails (EIO): output that went to it goes
+    to the null device instead, so the run can still stop cleanly. Output redirected to files is kept."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in terminals:
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _photos_from(runner: Any, source: str) -> Any:
@@ -627,13 +647,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _refused(args: argparse.Namespace, message: str, error: dict[str, Any]) -> int:
-    """A command refused before it could do its work: said on stderr, and in ``--summary-json`` for a
-    script waiting for the outcome; exit status 2 (see RUN_EXIT_STATUSES)."""
+    """A command refused before it could do its work, or a run stopped by an error (a full disk): said on
+    stderr, and in ``--summary-json`` for a script waiting for the outcome, with the id of the batch when
+    one was recorded (``--resume`` it); exit status 2 (see RUN_EXIT_STATUSES)."""
     _say(f"error: {message}", logging.ERROR)
     if getattr(args, "summary_json", None):
-        _write_summary_json(args.summary_json, {"batch_id": None, "exit_status": EXIT_NOTHING_DONE, "error": error})
+        _write_summary_json(args.summary_json, {"batch_id": getattr(args, "recorded_batch_id", None),
+                                                "exit_status": EXIT_NOTHING_DONE, "error": error})
     return EXIT_NOTHING_DONE
 
 
+def _utf8_command_line() -> list[str] | None:
+    """This command again in Python's UTF-8 mode, when the locale's encoding is not UTF-8 (``LANG=en_US``
+    is ISO-8859-1 on many servers; ``zh_CN.GBK`` in China; ``PYTHONUTF8=0`` with ``LANG=C``); None otherwise.
+
+    Under such a locale Python names files in the locale's encoding: a cell's Chinese file name either
+    cannot be written at all, or is written in bytes that a process under another locale (the web app
+    beside a cron job) reads as another name. UTF-8 mode makes every file name and file UTF-8; the
+    terminal keeps its own encoding (a character it cannot show is written as an escape, never an error)."""
+    if sys.flags.utf8_mode or not sys.executable:
+        return None
+    if sys.getfilesystemencoding().lower().replace("-", "").replace("_", "") == "utf8":
+        return None
+    if sys.stdout is not None and sys.stdout.encoding and "PYTHONIOENCODING" not in os.environ:
+        os.environ["PYTHONIOENCODING"] = f"{sys.stdout.encoding}:backslashreplace"
+    return [sys.executable, "-X", "utf8", *sys.orig_argv[1:]]
+
+
 if __name__ == "__main__":
+    if (again := _utf8_command_line()) is not None:
+        os.execv(sys.executable, again)  # the same process (pid) for a supervisor, now in UTF-8 mode
     sys.exit(main())

@@ -577,9 +577,21 @@ class BatchRunner:
 
     def _requeue_abandoned(self, batch_id: str) -> None:
         """Rows left ``running`` by a process that is gone (killed, crashed) go back to ``queued``; a row
-        whose process died while running it ``MAX_ROW_ATTEMPTS`` times is failed instead."""
-        for claimant in {row.worker for row in self.ledger.rows(batch_id, RUNNING) if self._claim_is_gone(row)}:
-            self.ledger.reset_stale_running(batch_id, worker=claimant, max_attempts=MAX_ROW_ATTEMPTS)
+        whose process died while running it ``MAX_ROW_ATTEMPTS`` times is failed instead. Rows this very
+        process claimed (an earlier run of it stopped on an error it could not record) died with nothing:
+        they go back without a crash."""
+        gone = [row for row in self.ledger.rows(batch_id, RUNNING) if self._claim_is_gone(row)]
+        for claimant in {row.worker for row in gone}:
+            ours = claimant == self.worker_id and all(
+                self._claimed_by_this_process(row) for row in gone if row.worker == claimant)
+            self.ledger.reset_stale_running(batch_id, worker=claimant, crashed=not ours,
+                                            max_attempts=None if ours else MAX_ROW_ATTEMPTS)
+
+    def _claimed_by_this_process(self, row: Any) -> bool:
+        """Whether ``row`` was claimed under this process's name after it started (not by an earlier process
+        that had the same pid: pid 1 in a restarted container)."""
+        claimed_at, started = _parse_time(row.started_at), _process_start_time(os.getpid())
+        return claimed_at is not None and started is not None and claimed_at >= started
 
     def _claim_is_gone(self, row: Any) -> bool:
         """Whether no live process holds the claim on ``row``.
@@ -616,6 +628,9 @@ class BatchRunner:
             self._active.add(batch_id)
         try:
             return self._run(batch_id, on_event, should_cancel, retry_failed)
+        except BaseException:
+            self._give_back_claims(batch_id)
+            raise
         finally:
             self.forget_cancel(batch_id)  # a cancel stops the run it arrived before or during, never the next
             with self._lock:
@@ -726,14 +741,23 @@ class BatchRunner:
         summary = self.summary(batch_id, time.perf_counter() - started)
         if summary.running == 0:  # else another live process still works on rows: the batch is not over
             self.ledger.set_batch_status(batch_id, "cancelled" if summary.cancelled or cancelled() else "finished")
+        self.ledger.checkpoint()  # the ledger file alone now holds the run: a copy of it is a backup
         emit("batch_done")
         return summary
 
+    def _give_back_claims(self, batch_id: str) -> None:
+        """A run stopped by an error (a full disk, an unwritable folder or ledger, a second Ctrl-C): the rows
+        it had claimed go back to ``queued``, none counted as a crash, so a resume runs them. When the ledger
+        itself refuses the write, they stay claimed, and a resume by this process still blames none."""
+        try:
+            self.ledger.reset_stale_running(batch_id, worker=self.worker_id, crashed=False)
+        except EngineError as exc:
+            log.warning("the rows batch %s had claimed stay claimed until it resumes: %s", batch_id, exc.message)
+
     def _stopped_by_storage(self, batch_id: str, job: RowJob, exc: OSError) -> BatchError:
         """A full disk or an unwritable folder stops the batch: no later row could be stored either. The
-        rows this run claimed go back to ``queued`` (none of them is the row's fault), so a resume after
-        the space is freed runs them; finished rows and files are untouched."""
-        self.ledger.reset_stale_running(batch_id, worker=self.worker_id, crashed=False)
+        rows this run claimed go back to ``queued`` (see :meth:`run`: none of them is the row's fault), so
+        a resume after the space is freed runs them; finished rows and files are untouched."""
         where = f" {exc.filename}" if exc.filename else ""
         return BatchError(
             f"batch {batch_id} stopped at row {job.row_number}: cannot write{where}: {exc.strerror or exc}. "

@@ -5,10 +5,12 @@ Built once by the composition root (app.py) and handed to the CLI, the web app, 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.errors import StoreError
 from engine.settings import Settings
 
 
@@ -38,8 +40,18 @@ def build_services(settings: Settings, engine: Any = None, dispatcher: Any = Non
     from engine.store import BatchLedger
     from engine.templates import TemplateLibrary
 
-    for folder in (settings.data_path, settings.outputs_path, settings.uploads_path):
-        Path(folder).mkdir(parents=True, exist_ok=True)
+    for folder, setting in ((settings.data_path, "data_dir"), (settings.outputs_path, "output_dir"),
+                            (settings.uploads_path, "data_dir")):
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only working folder (a relative data_dir), a disk mounted read-only
+            if setting == "output_dir" and not settings.output_dir:
+                setting = "data_dir"
+            raise StoreError(
+                f"cannot create the folder {os.path.abspath(folder)}: {exc.strerror or exc}; give this user a "
+                f"folder it may write with the {setting} setting (--{setting.replace('_', '-')}, "
+                f"SD35_{setting.upper()})", path=os.path.abspath(folder), setting=setting,
+            ) from exc
     engine = engine or Engine(settings)
     if dispatcher is None and settings.broker:  # rows go to Celery workers instead of this process
         from engine.distributed import CeleryDispatcher

@@ -138,13 +138,18 @@ def _coerce(spec: SettingSpec, raw: Any) -> Any:
 
 
 def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
-    """Defaults ← environment (``SD35_NAME``; Spaces' ``PORT``/``SPACE_ID`` too) ← explicit overrides."""
+    """Defaults ← environment (``SD35_NAME``; Spaces' ``SPACE_ID``, Gradio's ``GRADIO_SERVER_NAME`` and
+    ``GRADIO_SERVER_PORT``, and ``PORT`` too) ← explicit overrides."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     if env.get("SPACE_ID"):  # running as a Hugging Face Space: persistent storage and public bind
         values.update(data_dir="/data" if Path("/data").is_dir() else "data", host="0.0.0.0")
-    if env.get("PORT"):
-        values["port"] = env["PORT"]
+    # Where a Gradio app listens, as Gradio's own launch() reads it (a Gradio Space sets both)
+    if env.get("GRADIO_SERVER_NAME"):
+        values["host"] = env["GRADIO_SERVER_NAME"]
+    for name in ("GRADIO_SERVER_PORT", "PORT"):
+        if env.get(name):
+            values["port"] = env[name]
     for spec in SETTINGS:
         key = f"SD35_{spec.name.upper()}"
         if key in env:

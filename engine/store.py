@@ -17,6 +17,8 @@ int. The schema is versioned in ``migrations``; the file opens as is in ``sqlite
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import re
 import sqlite3
@@ -33,6 +35,8 @@ from engine.errors import BadQuery, BatchError, BatchExists, BatchMismatch, Stor
 
 if TYPE_CHECKING:
     from sqlite_utils import Database
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BATCH_ID_PATTERN", "BatchLedger", "check_batch_id", "Generation", "ROW_STATUSES", "FINAL_STATUSES", "MIGRATIONS", "row_key"]
 
@@ -306,9 +310,13 @@ class BatchLedger:
         self.busy_timeout_s = busy_timeout_s
         self.retry_for_s = retry_for_s
         self._lock = threading.RLock()
+        self._files: tuple[Any, ...] | None = None  # what the connection has open (see _follow_files)
+        self._open()
+
+    def _open(self) -> None:
         # Autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT (see _write).
         try:
-            conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
+            conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, isolation_level=None,
                                    check_same_thread=False)
         except sqlite3.Error as exc:  # a folder in its place, no permission
             raise StoreError(f"the ledger {self.path} cannot be opened: {exc}", path=str(self.path)) from exc
@@ -317,8 +325,10 @@ class BatchLedger:
         )
 
         self.db: Database = Database(conn)
+        self._files = None
         self._retry(self._configure)
         self._retry(self._migrate)
+        self._files = self._file_identities()
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -329,6 +339,60 @@ class BatchLedger:
     def close(self) -> None:
         with self._lock:
             self.conn.close()
+
+    def checkpoint(self) -> None:
+        """Copy what the write-ahead log holds into the ledger file itself (without waiting for readers), so
+        that the file alone is complete: a copy of it, or a log deleted by mistake, loses nothing."""
+        try:
+            self._retry(lambda: self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        except StoreError as exc:  # the log stays, and SQLite checkpoints it later: worth a word, no more
+            log.warning("%s", exc.message)
+
+    def _file_identities(self) -> tuple[Any, ...]:
+        """(device, inode) of the ledger file and of its -wal and -shm files, None for one that is missing."""
+        identities = []
+        for name in (self.path, *(self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm"))):
+            try:
+                found = os.stat(name)
+            except OSError:
+                identities.append(None)
+            else:
+                identities.append((found.st_dev, found.st_ino))
+        return tuple(identities)
+
+    def _follow_files(self) -> None:
+        """Notice the ledger's files deleted or replaced behind an open connection, and recover.
+
+        SQLite keeps using the files it opened: a write-ahead log deleted by hand (or a ledger file moved
+        away) would silently take every later commit with it, and other processes, opening the files now at
+        the path, would see another ledger. So: a deleted -wal or -shm is copied into the ledger file first
+        (this connection still has them open); a deleted ledger file is written back from this connection;
+        a ledger file replaced by another (a backup put back) is used from now on. Then the ledger is opened
+        again at its path, as every other process opens it."""
+        if self._files is None:
+            return
+        now = self._file_identities()
+        if now == self._files:
+            return
+        database, wal, shm = now
+        if database is None:
+            log.error("the ledger %s was deleted while in use; writing it back from the open connection",
+                      self.path)
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.conn.execute("VACUUM INTO ?", (str(self.path),))
+        elif database != self._files[0]:
+            log.error("the ledger %s was replaced by another file while in use; using that file from now on "
+                      "(what this process wrote to the old one since is not in it)", self.path)
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # empties the old log: none of it is the new file's
+        else:
+            lost = [f"{self.path.name}{suffix}" for suffix, was, is_now
+                    in (("-wal", self._files[1], wal), ("-shm", self._files[2], shm)) if was != is_now]
+            log.error("the ledger's write-ahead %s %s deleted or replaced while in use; what %s held is kept in %s",
+                      " and ".join(lost), "was" if len(lost) == 1 else "were", "it" if len(lost) == 1 else "they",
+                      self.path)
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # from the files this connection still has open
+        self.conn.close()
+        self._open()
 
     def __enter__(self) -> "BatchLedger":
         return self
@@ -351,11 +415,13 @@ class BatchLedger:
         while True:
             try:
                 with self._lock:
+                    self._follow_files()
                     return operation()
             except sqlite3.OperationalError as exc:
                 message = str(exc).lower()
                 if "locked" not in message and "busy" not in message:
-                    raise StoreError(f"the ledger {self.path}: {exc}", path=str(self.path)) from exc
+                    raise StoreError(self._storage_problem(exc), path=str(self.path),
+                                     sqlite_error=getattr(exc, "sqlite_errorname", None)) from exc
                 if time.monotonic() > deadline:
                     raise StoreError(
                         f"the ledger {self.path} stayed locked for {self.retry_for_s:.0f} s; another process "
@@ -369,6 +435,20 @@ class BatchLedger:
                     "backup or move it away to start a new one (the images in the outputs folder are kept)",
                     path=str(self.path),
                 ) from exc
+
+    def _storage_problem(self, exc: sqlite3.Error) -> str:
+        """What an error of SQLite's means for whoever runs the app: a full disk, or files this user may not
+        write (in WAL mode SQLite writes ledger.db-wal and -shm beside the ledger, so its folder too)."""
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        path = Path(os.path.abspath(self.path))  # a service's working folder is nobody's guess
+        if code == sqlite3.SQLITE_FULL:
+            return (f"the ledger {path} cannot be written: the disk holding it is full ({exc}); free space "
+                    "there, then resume (finished rows and their images are kept)")
+        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+            return (f"the ledger {path} cannot be written ({exc}): this user needs write access to the file "
+                    f"and to its folder {path.parent} (SQLite keeps {path.name}-wal and {path.name}-shm beside "
+                    "it), on a disk that is not mounted read-only")
+        return f"the ledger {self.path}: {exc}"
 
     def _write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``operation`` in one ``BEGIN IMMEDIATE`` transaction (retried whole when locked)."""
@@ -415,6 +495,9 @@ class BatchLedger:
                     conn.execute(statement)
                 conn.execute("INSERT INTO migrations (version, name, applied_at) VALUES (?, ?, ?)",
                              (version, name, _now()))
+            # A real write at every open: SQLite opens a file it may not write read-only without a word,
+            # and the first batch would be the one to find out.
+            conn.execute(f"PRAGMA user_version = {max(known)}")
 
         self._write(apply)
 

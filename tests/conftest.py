@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -31,3 +32,15 @@ def models_dir(tmp_path_factory, demo_checkpoint_file):
         (root / kind).mkdir()
     shutil.copyfile(demo_checkpoint_file, root / "checkpoints" / "sd35_demo_tiny.safetensors")
     return root
+
+
+@pytest.fixture
+def as_ordinary_user() -> list[str]:
+    """A command prefix under which file permissions hold (root ignores them, so it drops those powers with
+    util-linux's setpriv); empty for an ordinary user. Skips where neither is possible."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without util-linux's setpriv: file permissions cannot be made to hold")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]

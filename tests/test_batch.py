@@ -666,3 +666,56 @@ def test_a_ui_workflow_run_as_a_batch_embeds_its_ui_json_in_the_png(services_fac
         chunks = dict(image.text)
     assert json.loads(chunks["workflow"]) == ui  # the file opens in ComfyUI with its own layout
     assert json.loads(chunks["prompt"]) == services.runner.engine.parse(ui).to_api()
+
+
+def test_a_copy_of_the_ledger_file_alone_holds_every_finished_batch(services_factory, tmp_path):
+    """Until SQLite checkpoints (every thousand pages), recent commits live only in ledger.db-wal: a backup
+    that copies ledger.db alone, or a -wal deleted by mistake, would lose whole batches. A finished run is
+    in the ledger file itself."""
+    import shutil
+
+    services = services_factory()
+    prepared, summary = run_batch(services, write_sheet(tmp_path / "rows.csv", small_rows(2, steps=1)))
+    assert summary.done == 2
+    (tmp_path / "backup").mkdir()
+    shutil.copyfile(services.settings.ledger_path, tmp_path / "backup" / "ledger.db")  # no -wal beside it
+
+    with sqlite3.connect(tmp_path / "backup" / "ledger.db") as copy:
+        batch = copy.execute("SELECT status, done_count FROM batches WHERE id = ?", (prepared.batch_id,)).fetchone()
+    assert batch == ("finished", 2)
+
+
+def test_a_ledger_that_cannot_take_a_write_stops_the_run_and_its_rows_are_no_crashes(services_factory, tmp_path):
+    """The disk under the ledger full mid-batch (SQLite's own "database or disk is full", here from a page
+    limit on the connection): the run stops naming the ledger, its claimed rows go back to the queue with no
+    crash counted (three would fail a row as "died while running it"), and once there is room it resumes."""
+    from engine.errors import StoreError
+
+    services = services_factory(max_gpu_batch=1)
+    batch_id = _started(services, small_rows(4, steps=1), tmp_path)
+    ledger = services.ledger
+    limit = ledger.conn.execute("PRAGMA page_count").fetchone()[0]
+    ledger.conn.execute(f"PRAGMA max_page_count = {limit}")
+
+    with pytest.raises(StoreError, match="the disk holding it is full") as stopped:
+        services.runner.run(batch_id)
+
+    assert str(services.settings.ledger_path) in stopped.value.message and "free space" in stopped.value.message
+    rows = ledger.rows(batch_id)
+    assert {r.status for r in rows} <= {"done", "queued"} and all(r.crashes == 0 for r in rows)
+    ledger.conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    assert services.runner.run(batch_id).done == 4
+    assert all(r.crashes == 0 for r in ledger.rows(batch_id))
+
+
+def test_rows_this_process_left_claimed_mid_row_are_no_crashes_when_it_resumes(services_factory, tmp_path):
+    """When even giving the rows back fails (the ledger refuses every write), they stay claimed under this
+    process's name while they were being sampled: its own resume takes them back without blaming them."""
+    services = services_factory()
+    batch_id = _started(services, small_rows(2, steps=1), tmp_path)
+    for row in services.ledger.rows(batch_id):
+        services.ledger.claim_row(row.row_key, worker=services.runner.worker_id)
+        services.ledger.mark_began(row.row_key)
+
+    assert services.runner.run(batch_id).done == 2
+    assert [r.crashes for r in services.ledger.rows(batch_id)] == [0, 0]

@@ -476,6 +476,84 @@ def test_sigterm_stops_a_run_cleanly_with_its_own_exit_status(tmp_path):
     assert ledger_statuses(tmp_path / "d") == {2: "done", 3: "cancelled", 4: "cancelled"}
 
 
+def test_a_closed_terminal_stops_a_run_cleanly(tmp_path):
+    """Closing the terminal (or the SSH session) a run was started from sends SIGHUP and makes every
+    later write to that terminal fail: the run stops between steps like SIGTERM, finishes its
+    bookkeeping with nobody to read it, leaves no row claimed, and exits 129 (128 + SIGHUP)."""
+    import pty
+    import signal
+
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\n" + "".join(
+        f"{name},512,512,60\n" for name in "ABC"))
+    command = [sys.executable, str(ROOT / "app.py"), "--data-dir", "d", "run", "--template", "product_shot",
+               "--sheet", "s.csv", "--max-gpu-batch", "1"]
+    terminal, child_side = pty.openpty()
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=child_side, stderr=subprocess.PIPE)
+    os.close(child_side)
+    seen = b""
+    while b"row 2: " not in seen:
+        chunk = os.read(terminal, 4096)
+        assert chunk, seen
+        seen += chunk
+    os.close(terminal)  # the terminal is gone: writing to it fails from now on
+    process.send_signal(signal.SIGHUP)
+    _, err = process.communicate(timeout=120)
+    err = err.decode()
+    assert process.returncode == 129, err[-2000:]
+    assert "SIGHUP: stopping after the current sampler step" in err and "Traceback" not in err
+    assert ledger_statuses(tmp_path / "d") == {2: "done", 3: "cancelled", 4: "cancelled"}  # resumable
+
+
+@pytest.mark.parametrize("read_only", ["the ledger file", "its folder"])
+def test_a_ledger_this_user_cannot_write_is_refused_naming_file_and_folder(tmp_path, read_only, as_ordinary_user):
+    """SQLite opens a file it may not write read-only without a word (so the first batch found out), and
+    in WAL mode it also needs the folder, for ledger.db-wal and -shm: the refusal says both."""
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\nMug,64,64,1\n")
+    assert app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path).returncode == 0
+    data = tmp_path / "d"
+    locked = data / "ledger.db" if read_only == "the ledger file" else data
+    locked.chmod(0o444 if locked.is_file() else 0o555)
+    try:
+        result = subprocess.run(
+            [*as_ordinary_user, sys.executable, str(ROOT / "app.py"), "--data-dir", "d", "run", "--template",
+             "product_shot", "--sheet", "s.csv", "--new-batch"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        locked.chmod(0o644 if locked.is_file() else 0o755)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"the ledger {data / 'ledger.db'} cannot be written" in result.stderr
+    assert f"its folder {data}" in result.stderr and "Traceback" not in result.stderr
+    assert ledger_statuses(data) == {2: "done"}  # nothing recorded, nothing run
+
+
+def test_a_data_folder_that_cannot_be_created_is_named_with_the_setting_to_change(tmp_path, as_ordinary_user):
+    """The default data_dir is relative: started from a read-only folder (a service's working directory,
+    a deployed copy of the code), the app must say where it tried and how to point it elsewhere."""
+    (tmp_path / "s.csv").write_text("product_name,width,height,steps\nMug,64,64,1\n")
+    (tmp_path / "code").mkdir(mode=0o555)
+    try:
+        result = subprocess.run([*as_ordinary_user, sys.executable, str(ROOT / "app.py"), "run", "--template",
+                                 "product_shot", "--sheet", "../s.csv"], cwd=tmp_path / "code", capture_output=True,
+                                text=True, timeout=300)
+    finally:
+        (tmp_path / "code").chmod(0o755)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot create the folder {tmp_path / 'code' / 'data'}: Permission denied" in result.stderr
+    assert "SD35_DATA_DIR" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_chinese_file_names_are_written_in_utf8_whatever_the_locale(tmp_path):
+    """A server whose locale is not UTF-8 (LANG=en_US is ISO-8859-1; LANG=C with PYTHONUTF8=0 is ASCII, as
+    here): Python would name files in the locale's encoding, so a Chinese cell's file could not be written
+    at all, or a process under another locale would read its name as another one."""
+    (tmp_path / "s.csv").write_text("product_name,color,width,height,steps\n红色夹克,红,64,64,1\n", encoding="utf-8")
+    result = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path,
+                 env={"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = next((tmp_path / "d" / "outputs").iterdir())
+    assert os.listdir(bytes(folder)) == ["红色夹克_红.png".encode("utf-8")]
+    assert ledger_statuses(tmp_path / "d") == {2: "done"} and "row 2: " in result.stdout
+
+
 def test_a_run_where_no_row_can_run_exits_2_and_its_help_lists_the_exit_statuses(tmp_path):
     (tmp_path / "s.csv").write_text("product_name,width,height,steps\nA,64,64,x\nB,64,64,y\n")
     result = app("--data-dir", "d", "run", "--template", "product_shot", "--sheet", "s.csv", cwd=tmp_path)
@@ -584,6 +662,55 @@ def test_summary_json_tells_a_script_the_outcome_and_why_a_run_was_refused(tmp_p
     outcome = json.loads((tmp_path / "refused.json").read_text())
     assert outcome["exit_status"] == 2 and outcome["batch_id"] is None
     assert outcome["error"]["code"] == "template_not_found" and "product_shot" in outcome["error"]["details"]["available"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), unmounted afterwards; skips where mounting is not permitted."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_disk_filling_up_mid_batch_stops_it_naming_the_file_and_the_same_command_resumes(tmp_path, tiny_disk):
+    rows = "".join(f"商品{n},红,64,64,1\n" for n in range(6))
+    (tmp_path / "s.csv").write_text("product_name,color,width,height,steps\n" + rows, encoding="utf-8")
+    free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
+    (tiny_disk / "filler").write_bytes(b"\0" * (free - 40 * 1024))  # room for two or three images
+    command = ["--data-dir", "d", "--output-dir", str(tiny_disk / "out"), "run", "--template", "product_shot",
+               "--sheet", "s.csv", "--summary-json", "outcome.json"]
+
+    full = app(*command, cwd=tmp_path)
+
+    assert full.returncode == 2 and "No space left on device" in full.stderr and "Traceback" not in full.stderr
+    stopped_at = next(line for line in full.stderr.splitlines() if "cannot write" in line)
+    assert str(tiny_disk / "out") in stopped_at and "resume" in stopped_at
+    outcome = json.loads((tmp_path / "outcome.json").read_text())
+    assert outcome["batch_id"] in _batch_ids(tmp_path / "d") and outcome["exit_status"] == 2
+    statuses = ledger_statuses(tmp_path / "d")
+    assert "running" not in statuses.values() and 0 < list(statuses.values()).count("done") < 6
+    for key, path in _done_images(tmp_path / "d"):
+        assert Path(path).is_file(), key  # no row done without its file
+
+    (tiny_disk / "filler").unlink()  # space is back
+    again = app(*command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert set(ledger_statuses(tmp_path / "d").values()) == {"done"}
+    assert len(list((tiny_disk / "out" / outcome["batch_id"]).glob("*.png"))) == 6
+
+
+def _done_images(data: Path) -> list[tuple[str, str]]:
+    import sqlite3
+
+    with sqlite3.connect(data / "ledger.db") as conn:
+        return conn.execute("SELECT row_key, image_path FROM generations WHERE status = 'done'").fetchall()
 
 
 def test_a_command_given_the_wrong_arguments_exits_2_and_says_why_in_its_summary(tmp_path):

@@ -10,7 +10,13 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import socket
 import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -95,6 +101,29 @@ def test_proxy_trust_defaults():
     assert "10.0.0.0/8" in space["forwarded_allow_ips"] and "*" not in space["forwarded_allow_ips"]
     nginx = load_settings({}, environ={"SD35_FORWARDED_ALLOW_IPS": "192.168.1.10"})
     assert uvicorn_options(nginx, SPACE)["forwarded_allow_ips"] == "192.168.1.10"  # the setting wins
+
+
+def test_a_gradio_space_listens_where_gradio_is_told():
+    """A Gradio Space tells the app where to listen as Gradio's launch() reads it; the app's own settings win."""
+    gradio_space = {**SPACE, "SYSTEM": "spaces", "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861"}
+    settings = load_settings({}, environ=gradio_space)
+    assert (settings.host, settings.port) == ("0.0.0.0", 7861)
+    assert load_settings({}, environ={**gradio_space, "SD35_PORT": "9000"}).port == 9000
+    assert load_settings({"port": 9001}, environ=gradio_space).port == 9001
+
+
+def test_a_space_without_persistent_storage_warns_that_its_data_goes_with_the_container(
+    tmp_path, engine, monkeypatch, caplog
+):
+    if Path("/data").is_dir():
+        pytest.skip("this machine has a /data folder: it looks like a Space with persistent storage")
+    monkeypatch.setenv("SPACE_ID", SPACE["SPACE_ID"])
+    monkeypatch.delenv("SD35_USERS", raising=False)
+    settings = make_settings(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="webapp.server"):
+        create_app(settings, engine)
+    warning = next(r.getMessage() for r in caplog.records if "persistent storage" in r.getMessage())
+    assert str(Path(settings.data_dir).resolve()) in warning and "lost when it restarts" in warning
 
 
 # ----------------------------------------------------------------------- rate limits per client, not per proxy
@@ -265,3 +294,85 @@ def test_each_browser_on_a_public_space_gets_its_own_visitor_cookie_which_is_no_
                 refused = browser.get("/api/templates", headers={"Authorization": f"Bearer {value}"})
                 assert refused.status_code == 401 and refused.json()["error"]["details"]["reason"] == "bad_audience"
         assert all(n and n.startswith("visitor-") for n in names) and names[0] != names[1]
+
+
+# ------------------------------------------------------------------- `python app.py serve` under a supervisor
+
+
+@contextlib.contextmanager
+def served(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``python app.py serve`` as a supervisor starts it: its own process, a free port; yields it and its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path / f"serve-{port}.log", "w")
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "serve", "--port", str(port), *args],
+                               cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, (tmp_path / f"serve-{port}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/api/healthz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.3)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def stopped_within(process: subprocess.Popen, seconds: float) -> bool:
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def ledger_rows(db: Path) -> list[tuple[int, str, int]]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute("SELECT row_number, status, crashes FROM generations ORDER BY row_number").fetchall()
+
+
+def test_a_stop_does_not_wait_for_the_pages_still_open(tmp_path):
+    """An open page keeps Gradio's heartbeat stream open for as long as the tab lives: systemd, docker stop
+    or a Space restart must not wait for every browser to close (until a SIGKILL, which counts the rows
+    being sampled as crashes)."""
+    with served(tmp_path, "--data-dir", "d") as (process, url):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as tab:
+            tab.sendall(f"GET /gradio_api/heartbeat/tab1 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            received = b""
+            while b"ALIVE" not in received:  # the stream is open: the page is live
+                chunk = tab.recv(4096)
+                assert chunk, received
+                received += chunk
+            process.send_signal(signal.SIGTERM)
+            assert stopped_within(process, 60), "SIGTERM waited for the open page"
+
+
+def test_a_hangup_stops_the_server_cleanly_and_its_rows_resume(tmp_path):
+    """SIGHUP (the terminal or SSH session that started the server closed) stops it as SIGTERM does: the
+    rows it had claimed go back to the queue, none blamed for a crash, ready for the next start to resume."""
+    rows = [{"product_name": f"item {n}", "width": 256, "height": 256, "steps": 40} for n in range(6)]
+    with served(tmp_path, "--data-dir", "d", "--max-gpu-batch", "1") as (process, url):
+        answer = httpx.post(url + "/api/batches", json={"template": "product_shot", "rows": rows, "batch_id": "hup"},
+                            timeout=60)
+        assert answer.status_code == 200, answer.text
+        deadline = time.monotonic() + 120
+        while not [r for r in ledger_rows(tmp_path / "d" / "ledger.db") if r[1] == "running"]:
+            assert time.monotonic() < deadline, "no row started"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGHUP)
+        assert stopped_within(process, 60)
+        assert process.returncode != -signal.SIGHUP  # not killed by the signal: it shut down
+    rows_left = ledger_rows(tmp_path / "d" / "ledger.db")
+    assert {status for _, status, _ in rows_left} <= {"done", "queued"}, rows_left
+    assert all(crashes == 0 for *_, crashes in rows_left)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -296,3 +297,67 @@ def test_a_damaged_ledger_is_one_clear_error_naming_the_file(tmp_path, damage):
         BatchLedger(path).rows("b1")
 
     assert str(path) in refused.value.message
+
+
+# ----------------------------------------------------------------- the ledger's files changed behind its back
+
+
+def sidecars(path):
+    return [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+
+
+def row_numbers(path, batch_id):
+    with BatchLedger(path) as fresh:  # another process's view: the files now at the path
+        return [row.row_number for row in fresh.rows(batch_id)]
+
+
+def test_a_write_ahead_log_deleted_in_use_loses_nothing(tmp_path, caplog):
+    """An operator "cleaning up" ledger.db-wal and -shm while the app runs: until SQLite checkpoints, they
+    hold every recent commit (the schema too, for a new ledger); later commits would go to the deleted file."""
+    path = tmp_path / "ledger.db"
+    with BatchLedger(path) as ledger:
+        batch_id = new_batch(ledger, rows=2)
+        for file in sidecars(path):
+            file.unlink()
+        ledger.add_rows(batch_id, [{"row_number": 9}])
+        assert row_numbers(path, batch_id) == [2, 3, 9]
+        assert "ledger.db-wal and ledger.db-shm were deleted" in caplog.text
+        ledger.add_rows(batch_id, [{"row_number": 10}])  # and it goes on at the path, as other processes do
+        assert row_numbers(path, batch_id) == [2, 3, 9, 10]
+
+
+def test_a_ledger_file_deleted_in_use_is_written_back(tmp_path, caplog):
+    path = tmp_path / "ledger.db"
+    with BatchLedger(path) as ledger:
+        batch_id = new_batch(ledger, rows=2)
+        for file in [path, *sidecars(path)]:
+            file.unlink()
+        ledger.add_rows(batch_id, [{"row_number": 9}])
+        assert row_numbers(path, batch_id) == [2, 3, 9]
+        assert f"the ledger {path} was deleted while in use" in caplog.text
+
+
+def test_a_ledger_file_replaced_in_use_is_the_one_used_from_then_on(tmp_path, caplog):
+    """A backup put back while the app runs is what every process reads from then on: this one too."""
+    path = tmp_path / "ledger.db"
+    with BatchLedger(path) as ledger:
+        batch_id = new_batch(ledger, rows=2)
+        ledger.conn.execute("VACUUM INTO ?", (str(tmp_path / "backup.db"),))
+        ledger.add_rows(batch_id, [{"row_number": 8}])  # after the backup: not in it
+        (tmp_path / "backup.db").replace(path)
+        ledger.add_rows(batch_id, [{"row_number": 9}])
+        assert row_numbers(path, batch_id) == [2, 3, 9]
+        assert [row.row_number for row in ledger.rows(batch_id)] == [2, 3, 9]
+        assert "was replaced by another file while in use" in caplog.text
+
+
+def test_a_ledger_file_this_user_cannot_write_is_refused_when_it_is_opened(tmp_path, as_ordinary_user):
+    """SQLite opens a file it may not write read-only without a word: a server would start, and every
+    batch fail. The ledger says so when it is opened, naming the file."""
+    path = tmp_path / "ledger.db"
+    BatchLedger(path).close()
+    path.chmod(0o444)
+    opening = "import sys; from engine.store import BatchLedger; BatchLedger(sys.argv[1])"
+    result = subprocess.run([*as_ordinary_user, sys.executable, "-c", opening, str(path)],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and f"the ledger {path} cannot be written" in result.stderr, result.stderr[-2000:]

@@ -26,9 +26,10 @@ import html
 import logging
 import os
 import secrets
+import signal
 import threading
-from collections.abc import Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,7 @@ class VisitorIdentity:
         return name or f"visitor-page-{str(getattr(request, 'session_hash', '') or 'unknown')[:16]}"
 
 
+SHUTDOWN_GRACE_S = 5  # how long a stop waits for open requests and page streams before ending them
 ABANDONED_CHECK_S = 60.0  # how often the app looks for batches a process that stopped left unfinished
 
 
@@ -426,6 +428,10 @@ def create_app(
     if key_note:
         log.info(key_note)
     space = on_space()
+    if space and not Path("/data").is_dir():
+        log.warning("this Space has no persistent storage (/data): the ledger, images, uploads and signing key "
+                    "live in %s, on the Space's own disk, and are lost when it restarts or is rebuilt; enable "
+                    "persistent storage in the Space's settings", Path(settings.data_dir).resolve())
     guard = api_guard(settings, users, services.ledger)
     visitors = None
     if public_without_users(users):
@@ -468,6 +474,7 @@ def create_app(
             # Rows this process claimed are given back, so the next start resumes them and none is
             # blamed for a crash that did not happen.
             services.runner.release_claims()
+            services.ledger.checkpoint()  # the ledger file complete by itself while the app is stopped
 
     app = FastAPI(title="SD3.5 batch images", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.services = services
@@ -621,6 +628,20 @@ def create_app(
     return app, services
 
 
+@contextmanager
+def _hangup_stops(server: Any) -> Iterator[None]:
+    """SIGHUP stops ``server`` as SIGTERM does (where signals can be set: the main thread, not Windows)."""
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(hangup, lambda _signum, frame: server.handle_exit(signal.SIGTERM, frame))
+    try:
+        yield
+    finally:
+        signal.signal(hangup, previous)
+
+
 def serve(settings: Settings, engine: Any = None, environ: Mapping[str, str] | None = None) -> None:
     """Run the web app with uvicorn on the address :func:`listen_address` picks (``python app.py``).
 
@@ -637,7 +658,18 @@ def serve(settings: Settings, engine: Any = None, environ: Mapping[str, str] | N
     app, services = create_app(settings, engine, users=users)
     log.info(services.engine.describe_model_banner())
     log.info("serving on http://%s:%d", host, port)
-    uvicorn.run(app, host=host, port=port, log_config=None, log_level="info", **uvicorn_options(settings, environ))
+    # An open page holds a Gradio heartbeat stream that never ends by itself: without a bound, a stop
+    # (systemd, docker stop, a Space restart) would wait for every browser tab to close, until the
+    # supervisor kills the process, and the rows it was sampling then count as crashes.
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level="info",
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **uvicorn_options(settings, environ))
+    server = uvicorn.Server(config)
+    # uvicorn stops gracefully on SIGINT and SIGTERM; a hangup (the terminal or SSH session that started
+    # the server closed) would otherwise kill it outright, leaving its rows claimed. Stop the same way.
+    with _hangup_stops(server):
+        server.run()
+    if not server.started:  # the port taken, say: uvicorn has logged why
+        raise SystemExit(3)
 
 
 __all__ = [
