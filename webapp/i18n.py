@@ -12,6 +12,7 @@ Every key must exist in both tables; ``tests/test_webapp_handlers.py`` checks th
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 LANGUAGES = ("en", "zh")
@@ -811,6 +812,11 @@ def problem_text(problem: Any, lang: str = "en") -> str:
     return f"{where}: {problem_reason(problem, lang)}"
 
 
+# The BCP 47 tag each page language is served under: the page's lang attribute, and the locale Gradio's front end
+# is told (it ships words for zh-CN, not plain zh, and falls back to English for a tag it lacks).
+PAGE_LANGUAGE_TAGS = {"en": "en", "zh": "zh-CN"}
+
+
 def language_of(accept_language: str | None) -> str:
     """The interface language for an ``Accept-Language`` header: "zh" when Chinese ranks above English."""
     best_lang, best_q = "en", -1.0
@@ -832,6 +838,20 @@ def language_of(accept_language: str | None) -> str:
     return best_lang
 
 
+def page_locale_script(lang: str) -> str:
+    """A script for the very top of the page that tells Gradio's front end the page's language.
+
+    The front end picks its words by ``navigator.language`` alone, among the locales Gradio ships words in
+    (zh-CN, zh-TW, fr, ...), and falls back to English for a tag it lacks: a browser set to ``zh`` or
+    ``zh-HK`` got English labels under the server's Chinese words, one set to ``zh-TW`` Gradio's traditional
+    characters around our simplified ones. The server's choice (from ``Accept-Language``) is told instead.
+    It must run before Gradio's module script reads the locale, so it goes into the served HTML itself;
+    Gradio adds its ``head`` argument later, from the page's config."""
+    tag = json.dumps(PAGE_LANGUAGE_TAGS[lang])
+    return (f'<script>Object.defineProperty(Navigator.prototype, "language", '
+            f'{{get: () => {tag}, configurable: true}});</script>')
+
+
 def language_of_request(request: Any) -> str:
     """The language of a ``gr.Request`` or Starlette request (either carries the headers); English if none."""
     headers = getattr(request, "headers", None)
@@ -850,6 +870,8 @@ def gradio_i18n():
     """A ``gr.I18n`` over both tables, so component labels follow the browser's locale."""
     import gradio as gr
 
-    # The front end matches the browser locale by its primary tag; zh-CN, zh-TW and plain zh all land
-    # on the simplified table, which is the only Chinese one.
-    return gr.I18n(en=EN, zh=ZH, **{"zh-CN": ZH})
+    # The page's head script tells Gradio's front end the tag of the language the server chose
+    # (PAGE_LANGUAGE_TAGS), one Gradio ships its own words in; the plain tags serve its fallback lookups.
+    tables = dict(TABLES)
+    tables.update({PAGE_LANGUAGE_TAGS[lang]: table for lang, table in TABLES.items()})
+    return gr.I18n(**tables)

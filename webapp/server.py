@@ -45,7 +45,7 @@ from engine.store import row_key
 from webapp.auth import USER, TokenIssuer, User, UserStore, load_users, signing_key_for, stored_signing_key
 from webapp.files import file_response, resolve_inside
 from webapp.guard import ApiGuard, RateLimited
-from webapp.i18n import gradio_i18n, language_of_request, text
+from webapp.i18n import PAGE_LANGUAGE_TAGS, gradio_i18n, language_of_request, page_locale_script, text
 from webapp.metrics import GENERATION_STATUSES, HttpMetricsMiddleware, Metrics
 from webapp.revocation import TokenRevocations
 from webapp.ratelimit import RateLimiter, UploadLimit, UploadLimitMiddleware, parse_route_limits
@@ -316,6 +316,19 @@ def session_cookie_options(request: Any, space: bool) -> dict[str, Any]:
     return {"httponly": True, "samesite": "lax", "secure": request.url.scheme == "https"}
 
 
+async def _with_page_locale(response: Any, lang: str) -> Any:
+    """Gradio's page with :func:`webapp.ui.page_locale_script` for ``lang`` first in its ``<head>``."""
+    if response.status_code != 200 or not response.headers.get("content-type", "").startswith("text/html"):
+        return response
+    body = b"".join([chunk async for chunk in response.body_iterator])
+    script = page_locale_script(lang).encode()
+    body = body.replace(b"<head>", b"<head>" + script, 1)
+    page = Response(content=body, status_code=response.status_code)
+    page.raw_headers = [(name, value) for name, value in response.raw_headers if name.lower() != b"content-length"]
+    page.raw_headers.append((b"content-length", str(len(body)).encode()))
+    return page
+
+
 def sent_from_another_site(request: Any) -> bool:
     """True for a request a browser sent on behalf of another site's page (``Sec-Fetch-Site: cross-site``):
     a form there posting to ``/login`` would sign the visitor in as the form's author (their sheets and
@@ -350,7 +363,7 @@ def _login_page(lang: str, error: str | None = None, open_in_tab: bool = False) 
     if open_in_tab:
         error += f'<p><a id="open-in-tab" href="/login" target="_blank" rel="noopener">{t("login.open_in_tab")}</a></p>'
     return f"""<!doctype html>
-<html lang="{'zh-CN' if lang == 'zh' else 'en'}"><head><meta charset="utf-8">
+<html lang="{PAGE_LANGUAGE_TAGS[lang]}"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{t("login.title")} · {t("app.title")}</title>
 <style>
@@ -490,6 +503,8 @@ def create_app(
         if auth.required and request.method == "GET" and path in {"/", ""} and auth.user_of(request) is None:
             return RedirectResponse("/login", status_code=303)
         response = await call_next(request)
+        if request.method == "GET" and path in {"/", ""}:
+            response = await _with_page_locale(response, language_of_request(request))
         if visitors is not None and request.method == "GET" and path in {"/", ""} \
                 and visitors.name_in(request.cookies) is None:
             response.set_cookie(visitors.COOKIE, visitors.new_cookie(), max_age=30 * 86400,

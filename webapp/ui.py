@@ -62,8 +62,8 @@ def page_head() -> str:
     """A script for the page's ``<head>``: the one message Gradio's own front end makes and says in English
     only, its refusal of an upload over ``max_file_size`` before sending it ("File(s) exceed the maximum
     allowed size of 1.0 Mb: "big.csv""), is said in the page's language (``upload.too_large``); the areas
-    marked ``LIVE`` become live regions; a browser language the page has no words for leaves it in English
-    and says so (``lang="en"``)."""
+    marked ``LIVE`` become live regions. (The page's language reaches Gradio's front end earlier, through
+    :func:`webapp.i18n.page_locale_script`.)"""
     words = {lang: text("upload.too_large", lang) for lang in LANGUAGES if lang != "en"}
     script = r"""<script>
 (() => {
@@ -78,17 +78,9 @@ def page_head() -> str:
     document.querySelectorAll('[data-testid="toast-text"]').forEach(say);
     document.querySelectorAll('.LIVE:not([role])').forEach((area) => area.setAttribute("role", "status"));
   }).observe(document.documentElement, {childList: true, subtree: true});
-  // Gradio names the page in the browser's language even where it falls back to English (lang="fr" over
-  // English words): a screen reader would read them with a French voice.
-  const pageLanguage = () => {
-    const lang = document.documentElement.lang;
-    if (lang && !LANGS.includes(lang.split("-")[0].toLowerCase())) document.documentElement.lang = "en";
-  };
-  pageLanguage();
-  new MutationObserver(pageLanguage).observe(document.documentElement, {attributes: true, attributeFilter: ["lang"]});
 })();
 </script>"""
-    script = script.replace("LIVE", LIVE, 1).replace("LANGS", json.dumps(list(LANGUAGES)), 1)
+    script = script.replace("LIVE", LIVE, 1)
     return script.replace("WORDS", json.dumps(words, ensure_ascii=False), 1)
 
 

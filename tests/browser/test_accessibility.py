@@ -153,10 +153,15 @@ def test_history_image_names_its_row(app_server, new_page, tmp_path):
     assert serious_violations(page) == [], "history detail"
 
 
-@pytest.mark.parametrize(("locale", "lang"), [("zh-CN", "zh-CN"), ("en-US", "en"), ("fr-FR", "en")])
+@pytest.mark.parametrize(("locale", "lang"), [("zh-CN", "zh-CN"), ("zh", "zh-CN"), ("zh-HK", "zh-CN"),
+                                             ("zh-TW", "zh-CN"), ("en-US", "en"), ("fr-FR", "en")])
 def test_page_language_is_the_language_it_is_written_in(app_server, new_page, locale, lang):
+    # Gradio's front end alone would show zh and zh-HK its English labels under the server's Chinese header,
+    # and zh-TW its traditional characters: the whole page is in the language the server chose.
     base_url, _ = app_server
     page = new_page(locale=locale)
     sign_in_by_keyboard(page, base_url, "bob", "bob-pass")
     page.get_by_role("tab").first.wait_for()
     page.wait_for_function(f"() => document.documentElement.lang === {lang!r}")
+    tabs = TABS["zh-CN" if lang == "zh-CN" else "en-US"]
+    assert page.get_by_role("tab").all_inner_texts()[:len(tabs)] == tabs
