@@ -47,6 +47,7 @@ from engine.logs import log_context
 from engine.naming import fill_filename_pattern, pattern_values, safe_filename
 from engine.rows import Dispatcher, LocalDispatcher, RowExecutor
 from engine.sheets import Sheet, ValidationReport, derive_seed, validate_rows
+from engine.storage import IMAGES_OF_ROOM, LEDGER_ROOM_BYTES, expected_image_bytes, probe_folder
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,21 @@ class BatchSummary:
     output_dir: Path
     seconds: float
     running: int = 0  # rows another live process has claimed and is still generating
+    stopped: bool = False  # the process stopped the run (shutting down): its rows in flight went back to the queue
 
     @property
     def ok(self) -> bool:
         return self.failed == 0 and self.timed_out == 0 and self.cancelled == 0
+
+
+@dataclass
+class _Run:
+    """A run of a batch in this process, as :meth:`BatchRunner.stop_runs` and :meth:`~BatchRunner.release_claims`
+    see it: ``stopping`` ends it between sampler steps, ``given_back`` (its rows returned to the queue) means
+    nothing it finishes later may be stored."""
+
+    stopping: bool = False
+    given_back: bool = False
 
 
 class BatchRunner:
@@ -133,7 +145,11 @@ class BatchRunner:
         self.on_result = on_result
         self._cancelled: set[str] = set()
         self._active: set[str] = set()  # batches running in this process right now
+        self._runs: dict[str, _Run] = {}  # and how each run stands (stopping, given back)
         self._lock = threading.Lock()
+        # Held while a finished row is stored (file, then ledger) and while claims are given back, so that
+        # no row is written after this process gave it back: another process may be running it by then.
+        self._store_lock = threading.Lock()
 
     # ----------------------------------------------------------------- models
 
@@ -626,15 +642,17 @@ class BatchRunner:
                 raise BatchError(f"batch {batch_id} is already running in this process", batch_id=batch_id,
                                  code="batch_running_here")
             self._active.add(batch_id)
+            handle = self._runs[batch_id] = _Run()
         try:
-            return self._run(batch_id, on_event, should_cancel, retry_failed)
+            return self._run(batch_id, on_event, should_cancel, retry_failed, handle)
         except BaseException:
-            self._give_back_claims(batch_id)
+            self._give_back_claims(batch_id, handle)
             raise
         finally:
             self.forget_cancel(batch_id)  # a cancel stops the run it arrived before or during, never the next
             with self._lock:
                 self._active.discard(batch_id)
+                self._runs.pop(batch_id, None)
 
     def _run(
         self,
@@ -642,6 +660,7 @@ class BatchRunner:
         on_event: Callable[[BatchEvent], None] | None,
         should_cancel: Callable[[], bool] | None,
         retry_failed: bool,
+        handle: _Run,
     ) -> BatchSummary:
         batch = self.ledger.get_batch(batch_id)
         if batch is None:
@@ -654,6 +673,10 @@ class BatchRunner:
             raise BatchError(f"batch {batch_id}: cannot create the output folder {out_dir}: "
                              f"{exc.strerror or exc}", batch_id=batch_id, path=str(out_dir),
                              code="batch_output_unwritable") from exc
+        # Before any row is claimed or sampled: a full or unwritable disk would only fail the rows' writes.
+        problem = self.storage_problem(batch_id)
+        if problem is not None:
+            raise problem
         self._requeue_abandoned(batch_id)
         _remove_abandoned_temp_files(out_dir)
         all_rows = self.ledger.rows(batch_id)
@@ -682,8 +705,11 @@ class BatchRunner:
                 BatchEvent(kind, batch_id, done=counts[DONE], failed=counts[FAILED], remaining=remaining, eta_s=eta, **kw)
             )
 
-        def cancelled() -> bool:
+        def cancelled_by_user() -> bool:
             return self.is_cancelled(batch_id) or (should_cancel is not None and should_cancel())
+
+        def cancelled() -> bool:  # what stops the sampler between steps: a cancel, or this process stopping
+            return handle.stopping or cancelled_by_user()
 
         began: set[str] = set()
         # Rows on Celery workers: this process dying is no crash of theirs (a worker's death is counted by
@@ -694,8 +720,8 @@ class BatchRunner:
             job = by_key.get(row_key)
             if job is None:
                 return
-            if local_rows and row_key not in began:  # its first node runs: a crash of this process is now its crash
-                began.add(row_key)
+            if local_rows and row_key not in began and not handle.given_back:
+                began.add(row_key)  # its first node runs: a crash of this process is now its crash
                 self.ledger.mark_began(row_key)
             if event.kind == "step":
                 emit("step", row_number=job.row_number, node_id=event.node_id, step=event.value, steps=event.maximum)
@@ -719,10 +745,16 @@ class BatchRunner:
                     now = time.perf_counter()
                     durations.append(now - last_finish)
                     last_finish = now
-                    try:
-                        stored = self._store_result(job, result, names, out_dir)
-                    except OSError as exc:
-                        raise self._stopped_by_storage(batch_id, job, exc) from exc
+                    if result.status == CANCELLED and handle.stopping and not cancelled_by_user():
+                        continue  # stopped, not cancelled: the row stays claimed until it is given back below
+                    with self._store_lock:
+                        if handle.given_back:  # another process may be running the row by now
+                            log.warning("row not stored: this process gave its rows back while it ran")
+                            continue
+                        try:
+                            stored = self._store_result(job, result, names, out_dir)
+                        except OSError as exc:
+                            raise self._stopped_by_storage(batch_id, job, exc) from exc
                     if stored is None:
                         continue  # the ledger already had it done: a duplicate delivery
                     remaining -= 1
@@ -737,22 +769,36 @@ class BatchRunner:
                         emit("row_failed", row_number=job.row_number, error=result.error, status=result.status)
                     if self.on_result is not None:
                         self.on_result(result)
+            if handle.stopping and remaining and not cancelled_by_user():
+                given_back = self._give_back_claims(batch_id, handle)
+                log.warning("batch %s stopped between sampler steps: this process is shutting down; the %d "
+                            "unfinished row(s) it had claimed went back to the queue (%d done in this run)",
+                            batch_id, given_back, counts[DONE])
+                summary = self.summary(batch_id, time.perf_counter() - started)
+                summary.stopped = True
+                return summary  # not cancelled, not finished: whoever starts next resumes it
             log.info("batch ended: %d done, %d failed", counts[DONE], counts[FAILED])
         summary = self.summary(batch_id, time.perf_counter() - started)
         if summary.running == 0:  # else another live process still works on rows: the batch is not over
-            self.ledger.set_batch_status(batch_id, "cancelled" if summary.cancelled or cancelled() else "finished")
+            self.ledger.set_batch_status(batch_id, "cancelled" if summary.cancelled or cancelled_by_user() else "finished")
         self.ledger.checkpoint()  # the ledger file alone now holds the run: a copy of it is a backup
         emit("batch_done")
         return summary
 
-    def _give_back_claims(self, batch_id: str) -> None:
-        """A run stopped by an error (a full disk, an unwritable folder or ledger, a second Ctrl-C): the rows
-        it had claimed go back to ``queued``, none counted as a crash, so a resume runs them. When the ledger
-        itself refuses the write, they stay claimed, and a resume by this process still blames none."""
-        try:
-            self.ledger.reset_stale_running(batch_id, worker=self.worker_id, crashed=False)
-        except EngineError as exc:
-            log.warning("the rows batch %s had claimed stay claimed until it resumes: %s", batch_id, exc.message)
+    def _give_back_claims(self, batch_id: str, handle: _Run) -> int:
+        """A run stopped by an error (a full disk, an unwritable folder or ledger, a second Ctrl-C) or by this
+        process stopping: the rows it had claimed go back to ``queued``, none counted as a crash, so a resume
+        runs them; returns how many. When the ledger itself refuses the write, they stay claimed, and a
+        resume by this process still blames none."""
+        with self._store_lock:
+            if handle.given_back:  # release_claims() gave them back already
+                return 0
+            handle.given_back = True
+            try:
+                return self.ledger.reset_stale_running(batch_id, worker=self.worker_id, crashed=False)
+            except EngineError as exc:
+                log.warning("the rows batch %s had claimed stay claimed until it resumes: %s", batch_id, exc.message)
+                return 0
 
     def _stopped_by_storage(self, batch_id: str, job: RowJob, exc: OSError) -> BatchError:
         """A full disk or an unwritable folder stops the batch: no later row could be stored either. The
@@ -771,10 +817,53 @@ class BatchRunner:
         self._requeue_abandoned(batch_id)
         return self.ledger.cancel_batch(batch_id)
 
+    def stop_runs(self) -> list[str]:
+        """This process is shutting down: every run of it stops between sampler steps, as a cancel does, but
+        its batches are not cancelled; the rows in flight go back to the queue for whoever starts next. Rows
+        already finished are still stored. Returns the batches that were running."""
+        with self._lock:
+            for handle in self._runs.values():
+                handle.stopping = True
+            return sorted(self._runs)
+
     def release_claims(self) -> int:
         """Give back every row this process has claimed (shutting down): they are queued again, and none
-        counts a crash. Returns how many."""
-        return self.ledger.reset_stale_running(worker=self.worker_id, crashed=False)
+        counts a crash. Returns how many. A run still going afterwards (one :meth:`stop_runs` could not stop
+        in time) stores nothing more: another process may claim those rows from now on."""
+        with self._store_lock:
+            with self._lock:
+                for handle in self._runs.values():
+                    handle.given_back = True
+            return self.ledger.reset_stale_running(worker=self.worker_id, crashed=False)
+
+    def storage_problem(self, batch_id: str) -> BatchError | None:
+        """What keeps batch ``batch_id`` from storing its next images now, found without claiming or sampling
+        anything (:mod:`engine.storage`): too little free space for a few of its images in its output folder
+        (or for the ledger's log beside the ledger), or a folder that refuses a test write. None when both
+        look fine."""
+        out_dir = self.output_dir(batch_id)
+        image_bytes = expected_image_bytes(self.ledger.rows(batch_id))
+        ledger_folder = Path(os.path.abspath(self.ledger.path)).parent
+        for folder, needed in ((out_dir, IMAGES_OF_ROOM * image_bytes), (ledger_folder, LEDGER_ROOM_BYTES)):
+            problem = probe_folder(folder, needed)
+            if problem is None:
+                continue
+            what = "its images" if folder == out_dir else "the ledger"
+            if problem.short_of_space:
+                return BatchError(
+                    f"batch {batch_id} cannot run for want of disk space: {problem.describe()} for {what}. Nothing "
+                    "was claimed and finished rows are kept; free space there and resume the batch (the web app "
+                    "does so by itself)",
+                    batch_id=batch_id, path=problem.folder, free_bytes=problem.free_bytes,
+                    needed_bytes=problem.needed_bytes, code="batch_waiting_for_storage",
+                )
+            return BatchError(
+                f"batch {batch_id} cannot run: {problem.describe()}, the folder of {what}. Nothing was claimed and "
+                "finished rows are kept; give this user write access there (on a disk not mounted read-only) and "
+                "resume the batch (the web app does so by itself)", batch_id=batch_id, path=problem.folder,
+                code="batch_storage_unwritable",
+            )
+        return None
 
     def abandoned_batches(self) -> list[str]:
         """Batches a process left unfinished when it died (still ``created`` or ``running`` in the ledger,

@@ -7,6 +7,10 @@ Listeners get every :class:`BatchEvent` of the batches it runs, plus the queue's
 raised). A batch's progress already shows its final state when its ``batch_done`` reaches listeners, so
 anyone counting the queue from a listener never counts a finished batch as waiting. ``batch_queued`` and
 ``batch_cancelled`` are published on the caller's thread (a web request): listeners must not block on them.
+
+A batch stopped by a full or unwritable disk (:mod:`engine.storage`) is ``waiting_for_storage``: its progress
+keeps the error's code and the time of its next try (``retry_at``), which backs off while the problem
+lasts; :meth:`BatchQueue.ready_to_retry` says when whoever resumes batches may submit it again.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from engine.batch import BatchEvent, BatchRunner, describe_error
 from engine.errors import EngineError
 from engine.jobs import jsonable
+from engine.storage import PROBE_CODES, RetrySchedule, free_bytes, is_storage_problem, storage_folder
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,9 @@ class BatchProgress:
     """A live snapshot of one batch for the web app and the API."""
 
     batch_id: str
-    state: str = "queued"  # queued | running | done | finished_with_errors | cancelled | error
+    # queued | running | done | finished_with_errors | cancelled | error | waiting_for_storage | interrupted
+    # (stopped by this process shutting down) | running_elsewhere
+    state: str = "queued"
     done: int = 0
     failed: int = 0
     remaining: int = 0
@@ -43,7 +50,18 @@ class BatchProgress:
     error: str | None = None
     error_code: str | None = None  # the error's code (engine.errors.ERROR_CODES), with its values
     error_details: dict[str, Any] = field(default_factory=dict)
+    retry_at: float | None = None  # waiting_for_storage: when the batch is tried again at the latest (epoch s)
     updated: float = field(default_factory=time.time)
+
+
+@dataclass
+class _StorageWait:
+    """A batch stopped by its disk: how many tries failed in a row, when to try next, and whether the
+    storage probe saw the problem (then a probe that passes again means the space is back: try at once)."""
+
+    failures: int
+    retry_at: float
+    probe_sees_it: bool
 
 
 class BatchQueue:
@@ -52,9 +70,11 @@ class BatchQueue:
     Closing a browser tab does not stop a batch: the queue owns it, and anyone can read its progress.
     """
 
-    def __init__(self, runner: BatchRunner, keep_images: int = 48) -> None:
+    def __init__(self, runner: BatchRunner, keep_images: int = 48, retry_schedule: RetrySchedule | None = None) -> None:
         self.runner = runner
         self.keep_images = keep_images
+        self.retry_schedule = retry_schedule or RetrySchedule()
+        self._storage_waits: dict[str, _StorageWait] = {}
         self._order: deque[str] = deque()
         self._progress: dict[str, BatchProgress] = {}
         self._lock = threading.Lock()
@@ -69,10 +89,21 @@ class BatchQueue:
                 self._thread = threading.Thread(target=self._loop, name="batch-queue", daemon=True)
                 self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> bool:
+        """Take no more batches, and stop the running one between sampler steps (the process is shutting
+        down: its batch is left to resume, not cancelled; see :meth:`BatchRunner.stop_runs`). Waits up to
+        ``wait_s`` for the run to end; returns whether the queue's thread has ended."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
+            thread = self._thread
+        for batch_id in self.runner.stop_runs():
+            log.info("stopping batch %s between sampler steps: this process is shutting down", batch_id)
+        if thread is None:
+            return True
+        if wait_s > 0:
+            thread.join(wait_s)
+        return not thread.is_alive()
 
     def submit(self, batch_id: str, front: bool = False) -> BatchProgress:
         """Queue ``batch_id`` behind the waiting batches, or with ``front`` ahead of them (it runs next,
@@ -114,12 +145,14 @@ class BatchQueue:
         next resume.
         """
         with self._lock:
-            waiting = batch_id in self._order
             progress = self._progress.get(batch_id)
+            waiting = batch_id in self._order or (progress is not None and progress.state == "waiting_for_storage")
             running = progress is not None and progress.state == "running"
             if waiting:
-                self._order.remove(batch_id)
-                progress.state = "cancelled"
+                if batch_id in self._order:
+                    self._order.remove(batch_id)
+                self._storage_waits.pop(batch_id, None)
+                progress.state, progress.retry_at = "cancelled", None
             elif running:
                 # Under the lock: the queue thread cannot finish the run between this check and the flag.
                 self.runner.cancel(batch_id)
@@ -134,6 +167,23 @@ class BatchQueue:
         with self._lock:
             active = {b for b, p in self._progress.items() if p.state in {"queued", "running"}}
         return [b for b in self.runner.unfinished_batches() if b["id"] not in active]
+
+    def ready_to_retry(self, batch_id: str, now: float | None = None) -> bool:
+        """Whether a batch may be submitted again now: always, unless its disk stopped it, then once its
+        ``retry_at`` has come, or sooner when the storage probe that saw the problem passes again."""
+        with self._lock:
+            wait = self._storage_waits.get(batch_id)
+        if wait is None:
+            return True
+        if (time.time() if now is None else now) >= wait.retry_at:
+            return True
+        return wait.probe_sees_it and self.runner.storage_problem(batch_id) is None
+
+    def storage_failures(self, batch_id: str) -> int:
+        """How many tries of the batch in a row a full or unwritable disk has stopped (0: none)."""
+        with self._lock:
+            wait = self._storage_waits.get(batch_id)
+        return wait.failures if wait is not None else 0
 
     def wait(self, batch_id: str, timeout: float = 60.0) -> BatchProgress | None:
         deadline = time.monotonic() + timeout
@@ -157,15 +207,15 @@ class BatchQueue:
             try:
                 summary = self.runner.run(batch_id, on_event=self._on_event)
                 with self._lock:
+                    self._storage_waits.pop(batch_id, None)
                     self._finish(progress, summary)
+            except EngineError as exc:
+                if not is_storage_problem(exc):
+                    self._failed(batch_id, progress, exc)
+                else:  # a known condition with its own message: no traceback, one line per try
+                    self._wait_for_storage(batch_id, progress, exc)
             except Exception as exc:  # a batch-level failure must not kill the queue thread
-                log.exception("batch %s failed", batch_id)
-                with self._lock:
-                    progress.state = "error"
-                    progress.error = describe_error(exc) if isinstance(exc, EngineError) else str(exc)
-                    if isinstance(exc, EngineError) and exc.code is not None:
-                        progress.error_code, progress.error_details = exc.code, jsonable(exc.details)
-                self._publish(BatchEvent("batch_failed", batch_id, error=progress.error))
+                self._failed(batch_id, progress, exc)
             finally:
                 with self._lock:
                     progress.updated = time.time()
@@ -173,9 +223,43 @@ class BatchQueue:
                     # it cannot stop this batch's next resume.
                     self.runner.forget_cancel(batch_id)
 
+    def _failed(self, batch_id: str, progress: BatchProgress, exc: Exception) -> None:
+        log.exception("batch %s failed", batch_id, exc_info=exc)
+        with self._lock:
+            progress.state = "error"
+            progress.error = describe_error(exc) if isinstance(exc, EngineError) else str(exc)
+            if isinstance(exc, EngineError) and exc.code is not None:
+                progress.error_code, progress.error_details = exc.code, jsonable(exc.details)
+        self._publish(BatchEvent("batch_failed", batch_id, error=progress.error))
+
+    def _wait_for_storage(self, batch_id: str, progress: BatchProgress, exc: EngineError) -> None:
+        """The disk stopped the batch: it waits, its next try backed off (see :class:`RetrySchedule`)."""
+        # Did the probe see it (or would it now)? Then it can tell when the space is back.
+        try:
+            seen = exc.code in PROBE_CODES or self.runner.storage_problem(batch_id) is not None
+        except EngineError:  # the ledger cannot be read either: only the schedule can tell
+            seen = False
+        folder = storage_folder(exc) or str(self.runner.output_dir(batch_id))
+        free = exc.details.get("free_bytes") if exc.code == "batch_waiting_for_storage" else free_bytes(folder)
+        now = time.time()
+        with self._lock:
+            failures = self._storage_waits[batch_id].failures + 1 if batch_id in self._storage_waits else 1
+            delay = self.retry_schedule.delay_s(failures)
+            self._storage_waits[batch_id] = _StorageWait(failures, now + delay, seen)
+            progress.state, progress.retry_at = "waiting_for_storage", now + delay
+            progress.error, progress.error_code = describe_error(exc), exc.code
+            progress.error_details = jsonable(exc.details)
+        log.warning("batch %s is waiting for disk space: %s has %s bytes free (%s, try %d); next try in %s%s. %s",
+                    batch_id, folder, "unknown" if free is None else free, exc.code, failures, _minutes(delay),
+                    ", or as soon as there is space" if seen else "", exc.message)
+        self._publish(BatchEvent("batch_failed", batch_id, error=progress.error))
+
     @staticmethod
     def _finish(progress: BatchProgress, summary: Any) -> None:
         """Set the final state of a run from its summary (caller holds the lock)."""
+        if summary.stopped:  # this process is shutting down: whoever starts next resumes the batch
+            progress.state = "interrupted"
+            return
         if summary.running:  # rows another live process holds: this run is over, the batch is not
             progress.state, progress.remaining = "running_elsewhere", summary.running
             return
@@ -209,6 +293,10 @@ class BatchQueue:
             except Exception:  # a broken listener (closed websocket) must not stop the batch
                 log.exception("batch event listener failed")
 
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 __all__ = ["BatchProgress", "BatchQueue"]

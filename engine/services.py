@@ -24,11 +24,14 @@ class Services:
     queue: Any  # engine.batch_queue.BatchQueue
     idempotency: Any  # engine.idempotency.IdempotencyKeys
 
-    def close(self) -> None:
-        self.queue.stop()
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Stop the batch queue and the run it has going (between sampler steps; its batch is left to
+        resume), waiting up to ``wait_s`` for that run to end; returns whether it did."""
+        stopped = self.queue.stop(wait_s)
         close = getattr(self.runner.dispatcher, "close", None)
         if close is not None:
             close()
+        return stopped
 
 
 def build_services(settings: Settings, engine: Any = None, dispatcher: Any = None) -> Services:

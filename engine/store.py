@@ -420,8 +420,12 @@ class BatchLedger:
             except sqlite3.OperationalError as exc:
                 message = str(exc).lower()
                 if "locked" not in message and "busy" not in message:
-                    raise StoreError(self._storage_problem(exc), path=str(self.path),
-                                     sqlite_error=getattr(exc, "sqlite_errorname", None)) from exc
+                    problem, unwritable = self._storage_problem(exc)
+                    sqlite_error = getattr(exc, "sqlite_errorname", None)
+                    if unwritable:  # the disk's, not the request's: the web app waits for it (engine.storage)
+                        raise StoreError(problem, path=str(self.path), sqlite_error=sqlite_error,
+                                         code="ledger_unwritable") from exc
+                    raise StoreError(problem, path=str(self.path), sqlite_error=sqlite_error) from exc
                 if time.monotonic() > deadline:
                     raise StoreError(
                         f"the ledger {self.path} stayed locked for {self.retry_for_s:.0f} s; another process "
@@ -436,19 +440,20 @@ class BatchLedger:
                     path=str(self.path),
                 ) from exc
 
-    def _storage_problem(self, exc: sqlite3.Error) -> str:
-        """What an error of SQLite's means for whoever runs the app: a full disk, or files this user may not
-        write (in WAL mode SQLite writes ledger.db-wal and -shm beside the ledger, so its folder too)."""
+    def _storage_problem(self, exc: sqlite3.Error) -> tuple[str, bool]:
+        """What an error of SQLite's means for whoever runs the app, and whether it is the disk's (code
+        ``ledger_unwritable``): a full disk, or files this user may not write (in WAL mode SQLite writes
+        ledger.db-wal and -shm beside the ledger, so its folder too)."""
         code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
         path = Path(os.path.abspath(self.path))  # a service's working folder is nobody's guess
         if code == sqlite3.SQLITE_FULL:
             return (f"the ledger {path} cannot be written: the disk holding it is full ({exc}); free space "
-                    "there, then resume (finished rows and their images are kept)")
+                    "there, then resume (finished rows and their images are kept)"), True
         if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
             return (f"the ledger {path} cannot be written ({exc}): this user needs write access to the file "
                     f"and to its folder {path.parent} (SQLite keeps {path.name}-wal and {path.name}-shm beside "
-                    "it), on a disk that is not mounted read-only")
-        return f"the ledger {self.path}: {exc}"
+                    "it), on a disk that is not mounted read-only"), True
+        return f"the ledger {self.path}: {exc}", False
 
     def _write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``operation`` in one ``BEGIN IMMEDIATE`` transaction (retried whole when locked)."""

@@ -631,6 +631,66 @@ def test_the_web_apps_watch_resumes_a_batch_once_the_process_working_on_it_is_go
     assert all(row.status == "done" for row in services.ledger.rows(batch_id))
 
 
+def _ledger_and_files(services, batch_id):
+    rows = [(r.row_number, r.status, r.finished_at, r.image_path, r.crashes) for r in services.ledger.rows(batch_id)]
+    return rows, sorted(p.name for p in services.runner.output_dir(batch_id).iterdir())
+
+
+def test_shutting_down_stops_the_running_batch_before_its_rows_are_given_back(services_factory, tmp_path):
+    """What the web app does when it stops: the batch stops between sampler steps, the queue's thread ends,
+    and only then are its rows given back; nothing is written afterwards, and the batch is left to resume
+    (not cancelled)."""
+    services = services_factory(max_gpu_batch=1)
+    batch_id = _started(services, small_rows(3, steps=60), tmp_path)
+    second_row_sampling = threading.Event()
+    services.queue.listeners.append(
+        lambda event: second_row_sampling.set() if event.kind == "step" and event.row_number == 3 else None)
+    services.queue.submit(batch_id)
+    assert second_row_sampling.wait(120)
+
+    assert services.close(wait_s=30) is True  # the run ended between two steps of row 3
+    services.runner.release_claims()
+
+    rows, files = _ledger_and_files(services, batch_id)
+    assert [(number, status) for number, status, *_ in rows] == [(2, "done"), (3, "queued"), (4, "queued")]
+    assert all(crashes == 0 for *_, crashes in rows) and files == [Path(rows[0][3]).name]
+    assert services.queue.status(batch_id).state == "interrupted"
+    assert services.ledger.get_batch(batch_id)["status"] == "running"  # resumed by the next start
+    time.sleep(1.0)
+    assert _ledger_and_files(services, batch_id) == (rows, files)  # nothing written after the give-back
+    resumed = services_factory(max_gpu_batch=1)  # the next start, on the same data folder
+    assert batch_id in resumed.runner.abandoned_batches()
+    assert resumed.runner.run(batch_id).done == 3
+    assert len(list(resumed.runner.output_dir(batch_id).glob("*.png"))) == 3
+
+
+def test_a_run_that_does_not_stop_in_time_stores_nothing_after_its_rows_are_given_back(services_factory, tmp_path):
+    """A step that outlasts the shutdown's wait (a model load, a compile): the rows are given back anyway,
+    and the row that finishes afterwards is not stored, since another process may be running it by then."""
+    services = services_factory(max_gpu_batch=1)
+    batch_id = _started(services, small_rows(1, steps=1), tmp_path)
+    in_step, go_on = threading.Event(), threading.Event()
+
+    def slow_step(event):
+        if event.kind == "step":
+            in_step.set()
+            go_on.wait(60)
+
+    services.queue.listeners.append(slow_step)
+    services.queue.submit(batch_id)
+    assert in_step.wait(120)
+
+    assert services.close(wait_s=0.2) is False  # still inside its step
+    services.runner.release_claims()
+    given_back = _ledger_and_files(services, batch_id)
+    go_on.set()  # the step ends and the row is finished
+    services.queue._thread.join(60)
+
+    assert not services.queue._thread.is_alive()
+    assert _ledger_and_files(services, batch_id) == given_back
+    assert [status for _, status, *_ in given_back[0]] == ["queued"] and given_back[1] == []
+
+
 def test_cancelling_a_batch_that_waits_also_ends_rows_a_dead_process_left_claimed(services_factory, tmp_path):
     import socket
 

@@ -664,21 +664,6 @@ def test_summary_json_tells_a_script_the_outcome_and_why_a_run_was_refused(tmp_p
     assert outcome["error"]["code"] == "template_not_found" and "product_shot" in outcome["error"]["details"]["available"]
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 1 MiB filesystem (tmpfs), unmounted afterwards; skips where mounting is not permitted."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {mounted.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_disk_filling_up_mid_batch_stops_it_naming_the_file_and_the_same_command_resumes(tmp_path, tiny_disk):
     rows = "".join(f"商品{n},红,64,64,1\n" for n in range(6))
     (tmp_path / "s.csv").write_text("product_name,color,width,height,steps\n" + rows, encoding="utf-8")

@@ -376,3 +376,39 @@ def test_a_hangup_stops_the_server_cleanly_and_its_rows_resume(tmp_path):
     rows_left = ledger_rows(tmp_path / "d" / "ledger.db")
     assert {status for _, status, _ in rows_left} <= {"done", "queued"}, rows_left
     assert all(crashes == 0 for *_, crashes in rows_left)
+
+
+def test_a_stop_ends_the_running_batch_before_giving_its_rows_back(tmp_path):
+    """SIGTERM with a row being sampled: the batch stops between sampler steps before the server gives its
+    rows back, so no row is written by a process that gave it back (a second server on the same data
+    folder may claim it at once). The row in flight ends up done once with its file, or waiting to run."""
+    import sqlite3
+
+    rows = [{"product_name": f"item {n}", "width": 512, "height": 512, "steps": 60} for n in range(6)]
+    with served(tmp_path, "--data-dir", "d", "--max-gpu-batch", "1") as (process, url):
+        answer = httpx.post(url + "/api/batches", json={"template": "product_shot", "rows": rows, "batch_id": "term"},
+                            timeout=60)
+        assert answer.status_code == 200, answer.text
+        deadline = time.monotonic() + 120
+        in_flight: list[int] = []
+        while not in_flight:  # a row whose sampler has begun
+            assert time.monotonic() < deadline, "no row started"
+            with contextlib.closing(sqlite3.connect(tmp_path / "d" / "ledger.db")) as conn:
+                in_flight = [n for (n,) in conn.execute(
+                    "SELECT row_number FROM generations WHERE status = 'running' AND began_at IS NOT NULL")]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert stopped_within(process, 60)
+        log = (tmp_path / f"serve-{url.rsplit(':', 1)[1]}.log").read_text()
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "d" / "ledger.db")) as conn:
+        ledger = {n: (status, path, crashes) for n, status, path, crashes in conn.execute(
+            "SELECT row_number, status, image_path, crashes FROM generations")}
+    assert {status for status, _, _ in ledger.values()} <= {"done", "queued"}, ledger
+    assert all(crashes == 0 for *_, crashes in ledger.values())
+    done_files = sorted(Path(path).name for status, path, _ in ledger.values() if status == "done")
+    assert sorted(p.name for p in (tmp_path / "d" / "outputs" / "term").iterdir()) == done_files  # one each, no more
+    row = ledger[in_flight[0]]
+    assert row[0] == "queued" or (row[0] == "done" and Path(row[1]).is_file()), row
+    assert "stopping batch term between sampler steps" in log and "batch term stopped" in log, log[-3000:]
+    assert "did not stop within" not in log

@@ -574,10 +574,13 @@ def test_a_batch_stopped_by_a_full_disk_says_so_in_chinese_on_the_progress_line(
     monkeypatch.setattr(services.runner, "run", full_disk)
     services.queue.submit(batch_id)
     progress = services.queue.wait(batch_id, 30)
-    assert progress.state == "error" and progress.error_code == "batch_stopped_by_storage"
+    assert progress.state == "waiting_for_storage" and progress.error_code == "batch_stopped_by_storage"
     view = handlers.batch_view(services, batch_id, "zh")
     assert view.error.startswith(f"批次 {batch_id} 在第 2 行停止：无法写入 out.png（磁盘已满或文件夹不可写）")
-    assert handlers.batch_view(services, batch_id, "en").error.startswith(f"batch {batch_id} stopped at row 2")
+    assert "等待磁盘空间" in view.status_line and view.step_line.startswith("最迟 ") and not view.finished
+    english = handlers.batch_view(services, batch_id, "en")
+    assert english.error.startswith(f"batch {batch_id} stopped at row 2")
+    assert "waiting for disk space" in english.status_line and english.step_line.startswith("next try in ")
 
 
 def test_history_and_single_image_refusals_and_model_kinds_are_said_in_chinese(services):

@@ -33,7 +33,7 @@ from webapp.i18n import (
     text,
 )
 
-ACTIVE_STATES = ("queued", "running")
+ACTIVE_STATES = ("queued", "running", "waiting_for_storage")  # not over: the page keeps following it
 LEDGER_STATUSES = ("queued", "running", "done", "failed", "timed_out", "skipped", "cancelled")
 
 
@@ -414,6 +414,9 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
             ahead = services.queue.queued()
             position = ahead.index(batch_id) if batch_id in ahead else 0
             step_line = text("status.queue_position", lang, ahead=position + (1 if _anything_running(services) else 0))
+        elif state == "waiting_for_storage" and progress.retry_at is not None:
+            wait = format_duration(max(0.0, progress.retry_at - time.time()), lang)
+            step_line = text("status.storage_retry", lang, wait=wait)
         error = progress.error and coded_text(progress.error_code, progress.error_details, progress.error, lang)
     else:
         state = "interrupted" if remaining else (batch.get("status") or "done")
@@ -481,7 +484,7 @@ def is_warming_up(services: Any) -> bool:
 
 
 _STATUS_KEYS = {f"status.{s}" for s in (*LEDGER_STATUSES, "interrupted", "finished", "finished_with_errors", "error",
-                                         "running_elsewhere")}
+                                         "running_elsewhere", "waiting_for_storage")}
 
 
 def _anything_running(services: Any) -> bool:

@@ -128,6 +128,8 @@ EN: dict[str, str] = {
     "status.running_elsewhere": "running in another process",
     "status.error": "stopped by an error",
     "status.unknown": "unknown",
+    "status.waiting_for_storage": "waiting for disk space",
+    "status.storage_retry": "next try in {wait} at the latest; sooner once there is space",
     "report.row": "Row",
     "report.status": "Status",
     "report.problems": "Problems",
@@ -358,6 +360,8 @@ ZH: dict[str, str] = {
     "status.running_elsewhere": "正在由另一个进程运行",
     "status.error": "因错误停止",
     "status.unknown": "未知",
+    "status.waiting_for_storage": "等待磁盘空间",
+    "status.storage_retry": "最迟 {wait} 后重试；腾出空间后会更早继续",
     "report.row": "行号",
     "report.status": "状态",
     "report.problems": "问题",
@@ -592,6 +596,12 @@ ERRORS_ZH: dict[str, str] = {
     "batch_output_unwritable": "批次 {batch_id} 无法创建输出文件夹 {path}（磁盘已满或没有写入权限）",
     "batch_stopped_by_storage": "批次 {batch_id} 在第 {row} 行停止：无法写入 {path}（磁盘已满或文件夹不可写）。"
     "已完成的行都已保留；请释放空间（或修复文件夹）后继续该批次",
+    "batch_waiting_for_storage": "批次 {batch_id} 正在等待磁盘空间：{path} 只剩 {free_bytes} 字节，"
+    "至少需要 {needed_bytes} 字节。已完成的行都已保留；释放空间后批次会自动继续",
+    "batch_storage_unwritable": "批次 {batch_id} 正在等待：无法写入文件夹 {path}（磁盘已满、只读或没有写入权限）。"
+    "已完成的行都已保留；修复后批次会自动继续",
+    "ledger_unwritable": "无法写入记录库 {path}（磁盘已满，或此用户对该文件及其所在文件夹没有写入权限）。"
+    "已完成的行和图片都已保留；释放空间或修复权限后继续",
     "generation_not_found": "记录中没有生成记录“{row_key}”",
     "generation_has_no_template": "生成记录“{row_key}”没有记录所用的模板，无法重新生成",
     "single_image_timeout": "图片在 {seconds} 秒内没有完成",

@@ -163,12 +163,17 @@ class VisitorIdentity:
 
 
 SHUTDOWN_GRACE_S = 5  # how long a stop waits for open requests and page streams before ending them
+# How long a stop then waits for the running batch to stop between sampler steps (it was told to when the
+# signal came) before giving its rows back anyway; a run still going after that stores nothing more.
+RUN_STOP_WAIT_S = 5.0
 ABANDONED_CHECK_S = 60.0  # how often the app looks for batches a process that stopped left unfinished
 
 
 class AbandonedBatchWatch:
     """Resumes batches that a process left unfinished (the app killed, a CLI run that died): once at
-    start-up, then every ``interval_s``. A batch another live process still works on is left to it."""
+    start-up, then every ``interval_s``. A batch another live process still works on is left to it, and one
+    a full or unwritable disk stopped waits for its next try (:meth:`engine.batch_queue.BatchQueue.ready_to_retry`:
+    backed off while the problem lasts, at once when the space is back)."""
 
     def __init__(self, services: Any, interval_s: float = ABANDONED_CHECK_S) -> None:
         self.services, self.interval_s = services, interval_s
@@ -182,14 +187,19 @@ class AbandonedBatchWatch:
     def stop(self) -> None:
         self._stop.set()
 
-    def check(self) -> list[str]:
-        """Submit every abandoned batch not already queued or running here; returns their ids."""
+    def check(self, now: float | None = None) -> list[str]:
+        """Submit every abandoned batch not already queued or running here, nor waiting for its disk's next
+        try at ``now`` (epoch seconds; the present by default); returns their ids."""
         resumed = []
+        queue = self.services.queue
         for batch_id in self.services.runner.abandoned_batches():
-            progress = self.services.queue.status(batch_id)
+            progress = queue.status(batch_id)
             if progress is not None and progress.state in ("queued", "running"):
                 continue
-            log.info("resuming batch %s, left unfinished by a process that stopped", batch_id)
+            if not queue.ready_to_retry(batch_id, now):
+                continue
+            if progress is None or progress.state != "waiting_for_storage":  # a waiting one logs when it fails again
+                log.info("resuming batch %s, left unfinished by a process that stopped", batch_id)
             self.services.queue.submit(batch_id)
             resumed.append(batch_id)
         return resumed
@@ -480,10 +490,15 @@ def create_app(
             yield
         finally:
             watch.stop()
+            # The running batch stops between sampler steps before its rows are given back: a second server
+            # on the same data folder may claim them the moment they are, and must never find this one
+            # still writing them.
+            if not services.close(wait_s=RUN_STOP_WAIT_S):
+                log.warning("the running batch did not stop within %g s; its rows are given back now and "
+                            "nothing it finishes from now on is stored", RUN_STOP_WAIT_S)
             if warming is not None:
                 # A process must not exit while the warm-up is inside torch (the runtime aborts).
                 warming.join(timeout=WARM_UP_JOIN_S)
-            services.close()
             # Rows this process claimed are given back, so the next start resumes them and none is
             # blamed for a crash that did not happen.
             services.runner.release_claims()
@@ -643,6 +658,21 @@ def create_app(
     return app, services
 
 
+def _stopping_server(config: Any, services: Any) -> Any:
+    """A uvicorn server whose stop signal also tells the running batch to stop between sampler steps at
+    once, while open requests get their grace period; the app's shutdown then waits for it
+    (``RUN_STOP_WAIT_S``) before giving its rows back."""
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # A signal handler must not wait for a lock the interrupted code may hold: a thread does it.
+            threading.Thread(target=services.queue.stop, name="stop-batches", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    return StoppingServer(config)
+
+
 @contextmanager
 def _hangup_stops(server: Any) -> Iterator[None]:
     """SIGHUP stops ``server`` as SIGTERM does (where signals can be set: the main thread, not Windows)."""
@@ -678,7 +708,7 @@ def serve(settings: Settings, engine: Any = None, environ: Mapping[str, str] | N
     # supervisor kills the process, and the rows it was sampling then count as crashes.
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level="info",
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **uvicorn_options(settings, environ))
-    server = uvicorn.Server(config)
+    server = _stopping_server(config, services)
     # uvicorn stops gracefully on SIGINT and SIGTERM; a hangup (the terminal or SSH session that started
     # the server closed) would otherwise kill it outright, leaving its rows claimed. Stop the same way.
     with _hangup_stops(server):
