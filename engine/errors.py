@@ -127,7 +127,7 @@ ERROR_CODES: dict[str, tuple[str, ...]] = {
     "no_image": (),
     "node_failed": ("node_id", "class_type", "error"),
     "idempotency_key_reused": ("key",),
-    "idempotency_key_in_use": ("key",),
+    "idempotency_key_in_use": ("key", "retry_after_s"),
 }
 
 

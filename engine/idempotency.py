@@ -34,6 +34,9 @@ MAX_KEY_LENGTH = 255
 # How long a request another host answers may take before its claim on a key counts as abandoned (a
 # claimant on this host is asked whether its process still runs).
 REMOTE_CLAIM_S = 15 * 60
+# What a client told "in use" is asked to wait (Retry-After) before it tries the key again: most requests
+# that make a batch are answered within seconds; one that waits for its image (/api/generate) asks again.
+IN_USE_RETRY_AFTER_S = 2
 
 
 def check_idempotency_key(value: str, header: str = "Idempotency-Key") -> str:
@@ -104,7 +107,7 @@ class IdempotencyKeys:
         if outcome == "in_use":
             raise IdempotencyKeyInUse(
                 f"the request of Idempotency-Key {key[:80]!r} is still being answered; retry in a moment",
-                key=key[:80], code="idempotency_key_in_use")
+                key=key[:80], code="idempotency_key_in_use", retry_after_s=IN_USE_RETRY_AFTER_S)
         if outcome == "answered":
             return KeyedRequest(user, key, found["batch_id"], self.claimant, found["status"], found["answer"])
         return KeyedRequest(user, key, found["batch_id"], self.claimant)

@@ -1006,7 +1006,8 @@ def test_concurrent_retries_under_one_idempotency_key_make_one_batch(server, car
     with ThreadPoolExecutor(5) as pool:
         answers = list(pool.map(post, range(5)))
     assert {a.status_code for a in answers} <= {200, 409}, [a.text[:200] for a in answers]
-    assert all(error_of(a)["code"] == "idempotency_key_in_use" for a in answers if a.status_code == 409)
+    assert all(error_of(a)["code"] == "idempotency_key_in_use" and a.headers["Retry-After"]
+               for a in answers if a.status_code == 409)
     made = {a.json()["batch_id"] for a in answers if a.status_code == 200}
     assert len(made) == 1 and batch_count(server) == before + 1
     finished(server, made.pop())

@@ -7,9 +7,7 @@ Real uvicorn servers on localhost ports, started with the options ``serve`` uses
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import signal
 import socket
 import stat

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine.errors import IdempotencyKeyInUse, IdempotencyKeyReused, RequestInvalid
-from engine.idempotency import IdempotencyKeys, check_idempotency_key, request_fingerprint
+from engine.idempotency import IN_USE_RETRY_AFTER_S, IdempotencyKeys, check_idempotency_key, request_fingerprint
 from engine.store import BatchLedger
 
 HERE = f"{socket.gethostname()}:{os.getpid()}"
@@ -62,6 +62,27 @@ def test_a_key_whose_first_request_is_still_answered_is_in_use(ledger):
     elsewhere = IdempotencyKeys(ledger, f"{socket.gethostname()}:1")
     with pytest.raises(IdempotencyKeyInUse):
         elsewhere.begin("alice", "key-1", ASKED, "b-third")
+
+
+def test_a_key_in_use_is_answered_409_with_when_to_try_again(ledger):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from webapp.api import install_error_handlers
+
+    keys = IdempotencyKeys(ledger, HERE)
+    keys.begin("alice", "key-1", ASKED, "b-first")
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/again")
+    def again():
+        keys.begin("alice", "key-1", ASKED, "b-second")
+
+    answer = TestClient(app).post("/again")
+    assert answer.status_code == 409
+    assert answer.json()["error"]["code"] == "idempotency_key_in_use"
+    assert answer.headers["Retry-After"] == str(IN_USE_RETRY_AFTER_S)
 
 
 def test_keys_survive_a_restart(tmp_path):

@@ -119,7 +119,8 @@ def request_invalid(errors: list[dict[str, Any]]) -> RequestInvalid:
 def install_error_handlers(app: Any) -> None:
     """Library errors -> JSON answers: ``{"error": {type, message, details[, code]}}`` with the right status.
 
-    401s carry ``WWW-Authenticate: Bearer``; 429s carry ``Retry-After`` and the rate-limit headers.
+    401s carry ``WWW-Authenticate: Bearer``; 429s carry ``Retry-After`` and the rate-limit headers, as does
+    any refusal whose details say when to try again (``retry_after_s``: an Idempotency-Key still in use).
     FastAPI's own refusals of a request's shape (its 422 ``{"detail": [...]}``) are answered the same way,
     as :class:`RequestInvalid` (400).
     """
@@ -133,6 +134,8 @@ def install_error_handlers(app: Any) -> None:
             headers.update(exc.headers)
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer"
+        if "retry_after_s" in exc.details and "Retry-After" not in headers:  # a key in use, say
+            headers["Retry-After"] = str(max(1, math.ceil(float(exc.details["retry_after_s"]))))
         if status == 405 and exc.details.get("allow"):
             headers["Allow"] = ", ".join(exc.details["allow"])
         body = json.loads(json.dumps({"error": exc.to_dict()}, default=str))

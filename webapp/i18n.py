@@ -613,7 +613,7 @@ ERRORS_ZH: dict[str, str] = {
     "no_image": "工作流没有生成任何图片",
     "node_failed": "节点 {node_id}（{class_type}）运行失败：{error}",
     "idempotency_key_reused": "幂等键“{key}”已用于另一个请求；新的请求请使用新的键",
-    "idempotency_key_in_use": "幂等键“{key}”的第一个请求仍在处理中；请稍后重试",
+    "idempotency_key_in_use": "幂等键“{key}”的第一个请求仍在处理中；请 {retry_after_s} 秒后重试",
 }
 ERROR_TABLES: dict[str, dict[str, str]] = {"zh": ERRORS_ZH}
 
