@@ -1043,8 +1043,11 @@ class _WorkflowTemplate:
 
 
 def new_batch_id(prefix: str = "b") -> str:
-    """A fresh batch id: ``prefix``, the local time and six random hex digits (``b20250131-140000-1a2b3c``)."""
-    return f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    """A fresh batch id: ``prefix``, the time in UTC and six random hex digits (``b20250131-140000-1a2b3c``).
+
+    UTC, like every time in the ledger and the manifests: an id made on a machine set to Shanghai time
+    would otherwise name an hour eight hours off its batch's recorded start."""
+    return f"{prefix}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 def process_alive(pid: int, since: datetime | None = None) -> bool:

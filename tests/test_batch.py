@@ -424,6 +424,23 @@ def test_batch_ids_that_could_leave_the_outputs_folder_are_refused(services_fact
         services.ledger.create_batch("t", "h", "s", 1, batch_id=bad)
 
 
+def test_batch_ids_name_the_time_in_utc_whatever_the_machines_time_zone(monkeypatch):
+    from datetime import datetime, timezone
+
+    from engine.batch import new_batch_id
+
+    monkeypatch.setenv("TZ", "Asia/Shanghai")  # eight hours ahead of UTC, no summer time
+    time.tzset()
+    try:
+        before = datetime.now(timezone.utc).replace(microsecond=0)
+        stamp = datetime.strptime(new_batch_id()[1:16], "%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc)
+        after = datetime.now(timezone.utc)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert before <= stamp <= after
+
+
 def test_a_killed_claimant_that_is_still_a_zombie_counts_as_gone():
     from engine.batch import process_alive
 
