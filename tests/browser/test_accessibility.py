@@ -19,8 +19,8 @@ from axe_playwright_python.base import AXE_SCRIPT
 pytestmark = pytest.mark.browser
 
 SHEET = """prompt,seed,width,height,steps
-a red shoe on white,11,64,64,1
-a blue mug,12,64,64,1
+a red scarf on grey,11,64,64,1
+a teal teapot,12,64,64,1
 a bad row,13,64,9999,1
 """
 # Gradio's own markup that no parameter of it changes: a pop-up's header is a role="button" holding its
@@ -118,7 +118,7 @@ def test_batch_by_keyboard_alone_with_live_progress_and_captioned_images(app_ser
 
     images = page.locator("#batch-gallery img")
     images.nth(1).wait_for()
-    assert [images.nth(i).get_attribute("alt") for i in range(2)] == ["Row 2: a red shoe on white", "Row 3: a blue mug"]
+    assert [images.nth(i).get_attribute("alt") for i in range(2)] == ["Row 2: a red scarf on grey", "Row 3: a teal teapot"]
     page.locator(".download-link a").wait_for()
     assert serious_violations(page) == [], "finished batch"
 

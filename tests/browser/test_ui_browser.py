@@ -109,7 +109,7 @@ def test_batch_from_upload_to_zip_and_history(app_server, new_page, screenshot, 
     page.locator("#history-batch textarea, #history-batch input").first.fill(batch_id)
     page.locator("#history-search").click()
     page.locator("#history-table").get_by_text(f"{batch_id}:2").wait_for()
-    page.locator("#history-table").get_by_text("a blue mug").click()
+    page.locator("#history-table").get_by_text("a blue mug", exact=True).click()
     detail = page.locator("#history-detail")
     detail.get_by_text("64 × 64").wait_for()
     assert "a blue mug" in detail.inner_text() and "12" in detail.inner_text()
