@@ -739,3 +739,14 @@ def test_the_page_reads_only_files_uploaded_through_it(client, tmp_path):
     as_upload = {"path": uploaded.json()[0], "orig_name": "rows.csv", "meta": {"_type": "gradio.FileData"}}
     (answer,) = gradio_call(client, "check", ["product_shot", as_upload, "skip", "", None])
     assert "lacks required column(s): product_name" in answer  # read: it was uploaded through the page
+
+
+def test_screen_readers_hear_a_running_batch_only_at_each_tenth_of_its_rows_and_its_end():
+    # The visible line changes with the time left and every row; the announcement must not, or a screen
+    # reader reads the progress out every second.
+    first_rows = {handlers.progress_announcement("running", done, 0, 100 - done) for done in range(0, 10)}
+    assert first_rows == {"running: 0 % of the rows made"}
+    assert handlers.progress_announcement("running", 9, 1, 90) == "running: 10 % of the rows made"
+    assert handlers.progress_announcement("running", 57, 3, 40, "zh") == "生成中：已完成 60% 的行"
+    assert handlers.progress_announcement("queued", 0, 0, 0) == "queued: 0 % of the rows made"
+    assert handlers.progress_announcement("done", 97, 3, 0) == "done · done 97 · failed 3 · remaining 0"

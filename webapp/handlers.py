@@ -379,6 +379,7 @@ class BatchView:
     failed: int = 0
     remaining: int = 0
     error: str | None = None
+    announcement: str = ""  # what a screen reader is told (progress_announcement): changes far less often
     warming_up: bool = False  # the model is loading: a running batch waits for it
     image_count: int = 0  # every image the batch has made so far (``images`` holds the newest of them)
 
@@ -433,6 +434,7 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
     else:
         eta_text = text("status.eta_unknown", lang)
     line = text("status.line", lang, status=label, done=done, failed=failed, remaining=remaining, eta=eta_text)
+    announcement = progress_announcement(state, done, failed, remaining, lang)
     return BatchView(
         batch_id=batch_id,
         state=state,
@@ -448,9 +450,26 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
         failed=failed,
         remaining=remaining,
         error=error,
+        announcement=announcement + (f". {error}" if error else ""),
         warming_up=is_warming_up(services),
         image_count=len(images),
     )
+
+
+def progress_announcement(state: str, done: int, failed: int, remaining: int, lang: str = "en") -> str:
+    """What a screen reader is told of a batch's progress: its state and, while it runs, the share of its rows
+    made in steps of 10 %; once it is over, the final counts.
+
+    The visible progress line changes every second (the time left) and with every row: as a live region it
+    would be read out again and again. This text changes only when the state does or another tenth of the
+    rows is made, so each change is worth hearing."""
+    label = status_label(state, lang)
+    if state not in ACTIVE_STATES:
+        return text("status.line", lang, status=label, done=done, failed=failed, remaining=remaining,
+                    eta="").replace("**", "").rstrip(" ·")
+    total = done + failed + remaining
+    percent = 10 * ((done + failed) * 10 // total) if total else 0
+    return text("status.announce", lang, status=label, percent=percent)
 
 
 CAPTION_FIELDS = ("product_name", "title", "prompt")  # the cell that names what a row's image shows

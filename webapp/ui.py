@@ -98,6 +98,9 @@ def page_theme() -> gr.themes.Base:
 CSS = """
 #app-header h2 { font-size: 1.6em; font-weight: 700; margin: 4px 0 2px; }
 #app-header p { margin: 0; }
+/* read by screen readers, not shown */
+.visually-hidden { position: absolute !important; width: 1px; height: 1px; padding: 0; margin: -1px;
+                   overflow: hidden; clip: rect(0 0 0 0); white-space: nowrap; border: 0; }
 .demo-banner { background: #fff7ed; border: 1px solid #fdba74; border-radius: 8px; padding: 8px 14px;
                color: #7c2d12; }
 .notice { background: #eff6ff; border: 1px solid #93c5fd; border-radius: 8px; padding: 8px 14px; color: #1e3a8a; }
@@ -353,7 +356,10 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                     watched = gr.Dropdown(choices=[], label=L("batch.watching"), allow_custom_value=True,
                                           scale=5, elem_id="watched-batch")
                     refresh_button = gr.Button(L("batch.refresh"), scale=1, min_width=120)
-                progress_line = gr.Markdown(elem_id="batch-progress", elem_classes=LIVE)
+                progress_line = gr.Markdown(elem_id="batch-progress")
+                # The line above changes every second; screen readers hear this one (progress_announcement).
+                progress_announcement = gr.Markdown(elem_id="batch-announcement",
+                                                    elem_classes=[LIVE, "visually-hidden"])
                 step_html = gr.HTML(elem_id="batch-step", **PLAIN)
                 gallery = gr.HTML(elem_id="batch-gallery", **PLAIN)
                 with gr.Row(equal_height=False, elem_classes="align-end"):
@@ -668,12 +674,13 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
             warming = handlers.is_warming_up(services)
             notice = gr.update(value=_notice(text("app.warming_up", lang)) if warming else "", visible=warming)
             if not batch_id:
-                return ("", "", "", "", gr.update(visible=False), -1, notice, (None, warming),
+                return ("", "", "", "", "", gr.update(visible=False), -1, notice, (None, warming),
                         gr.skip(), gr.skip())
             try:
                 view = handlers.batch_view(services, batch_id, lang)
             except BatchError as exc:  # an id typed or pasted that is no batch: say so once, in place
-                return (handlers.error_message(exc, lang), "", "", "", gr.update(visible=False), -1, notice,
+                message = handlers.error_message(exc, lang)
+                return (message, message, "", "", "", gr.update(visible=False), -1, notice,
                         (None, warming), gr.skip(), gr.skip())
             # Redrawn whenever the batch made another image (the gallery holds only the newest ones)
             gallery_update = gallery_html(view, lang) if view.image_count != shown else gr.skip()
@@ -684,6 +691,7 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                            else (gr.skip(), gr.skip()))
             return (
                 line,
+                view.announcement,
                 _step_bar(view.step_fraction, view.step_line),
                 gallery_update,
                 _download_link(batch_id, text("batch.download", lang)) if view.finished and view.done else "",
@@ -694,8 +702,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                 *interrupted,
             )
 
-        refresh_outputs = [progress_line, step_html, gallery, download_html, cancel_button, shown_images,
-                           warm_notice, last_state, *interrupted_outputs]
+        refresh_outputs = [progress_line, progress_announcement, step_html, gallery, download_html, cancel_button,
+                           shown_images, warm_notice, last_state, *interrupted_outputs]
         timer.tick(refresh, inputs=[watched, shown_images, last_state], outputs=refresh_outputs, **QUIET)
 
         @_guard
