@@ -512,16 +512,15 @@ def create_app(
     install_error_handlers(app)  # every library error, AccessDenied included, answered in one place
 
     @app.middleware("http")
-    async def require_session(request: Request, call_next):
-        # Gradio answers a signed-out page load with a bare 401; send browsers to the login form instead.
-        path = request.url.path
-        if auth.required and request.method == "GET" and path in {"/", ""} and auth.user_of(request) is None:
+    async def page_load(request: Request, call_next):
+        # Loads of the page itself: a signed-out browser goes to the login form (Gradio would answer a bare
+        # 401), the page is told its language (_with_page_locale), and a visitor gets a cookie.
+        if request.method != "GET" or request.url.path not in {"/", ""}:
+            return await call_next(request)
+        if auth.required and auth.user_of(request) is None:
             return RedirectResponse("/login", status_code=303)
-        response = await call_next(request)
-        if request.method == "GET" and path in {"/", ""}:
-            response = await _with_page_locale(response, language_of_request(request))
-        if visitors is not None and request.method == "GET" and path in {"/", ""} \
-                and visitors.name_in(request.cookies) is None:
+        response = await _with_page_locale(await call_next(request), language_of_request(request))
+        if visitors is not None and visitors.name_in(request.cookies) is None:
             response.set_cookie(visitors.COOKIE, visitors.new_cookie(), max_age=30 * 86400,
                                 **session_cookie_options(request, space))
         return response
