@@ -353,13 +353,13 @@ class BatchRunner:
         if not folder.is_dir():
             if images is not None and len(images):
                 raise BatchMismatch(f"batch {batch_id} was started without photos; start a new batch to use them",
-                                    batch_id=batch_id)
+                                    code="batch_photos_missing", batch_id=batch_id)
             return None
         stored = ImageLibrary.from_folder(folder)
         if images is not None and images.content_hash != stored.content_hash:
             raise BatchMismatch(
                 f"batch {batch_id} was started with other photos ({stored.describe()}); resume it without "
-                "photos (it keeps its own copy) or start a new batch", batch_id=batch_id,
+                "photos (it keeps its own copy) or start a new batch", code="batch_photos_differ", batch_id=batch_id,
             )
         return stored
 
@@ -508,7 +508,7 @@ class BatchRunner:
                 raise BatchBusy(
                     f"batch {batch['id']} of the same inputs is being run by another process "
                     f"({claimed[0].worker}); not starting a second copy. Wait for it, or stop it and run "
-                    "this again to resume", batch_id=batch["id"], worker=claimed[0].worker,
+                    "this again to resume", code="batch_busy", batch_id=batch["id"], worker=claimed[0].worker,
                 )
             return batch["id"]
         return None

@@ -634,7 +634,8 @@ class BatchLedger:
         def insert(conn: sqlite3.Connection) -> None:
             exists = conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone()
             if exists:
-                raise BatchExists(f"batch '{batch_id}' already exists; resume it instead", batch_id=batch_id)
+                raise BatchExists(f"batch '{batch_id}' already exists; resume it instead", code="batch_exists",
+                                  batch_id=batch_id)
             conn.execute(
                 "INSERT INTO batches (id, template_name, template_hash, sheet_name, sheet_hash, batch_seed, "
                 "options, user, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'created', ?)",
@@ -678,21 +679,19 @@ class BatchLedger:
     ) -> None:
         """Refuse to resume ``batch_id`` with a different template or spreadsheet (BatchMismatch)."""
         batch = self._require_batch(batch_id)
-        changed = []
+        changed: dict[str, str] = {}  # what changed ("template", "sheet"): how, in words
         if template_name is not None and template_name != batch["template_name"]:
-            changed.append(f"it was made with the template '{batch['template_name']}', not '{template_name}'")
+            changed["template"] = f"it was made with the template '{batch['template_name']}', not '{template_name}'"
         elif batch["template_hash"] != template_hash:
-            changed.append(
-                f"the template '{batch['template_name']}' changed (was {batch['template_hash'][:12]}, "
-                f"now {template_hash[:12]})"
-            )
+            changed["template"] = (f"the template '{batch['template_name']}' changed (was "
+                                   f"{batch['template_hash'][:12]}, now {template_hash[:12]})")
         if batch["sheet_hash"] != sheet_hash:
-            changed.append(f"the spreadsheet changed (was {batch['sheet_hash'][:12]}, now {sheet_hash[:12]})")
+            changed["sheet"] = f"the spreadsheet changed (was {batch['sheet_hash'][:12]}, now {sheet_hash[:12]})"
         if changed:
             raise BatchMismatch(
-                f"batch '{batch_id}' cannot resume: {'; '.join(changed)}. Its finished rows were made from the "
-                "original inputs; start a new batch for the changed ones",
-                batch_id=batch_id, expected_template_hash=batch["template_hash"],
+                f"batch '{batch_id}' cannot resume: {'; '.join(changed.values())}. Its finished rows were made "
+                "from the original inputs; start a new batch for the changed ones", code="batch_inputs_changed",
+                batch_id=batch_id, changed="+".join(changed), expected_template_hash=batch["template_hash"],
                 expected_sheet_hash=batch["sheet_hash"], template_hash=template_hash, sheet_hash=sheet_hash,
             )
 

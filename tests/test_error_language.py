@@ -257,7 +257,8 @@ def test_every_node_problem_sentence_fills_in_only_values_its_entry_requires():
 
 def test_an_error_without_a_code_keeps_the_engines_words_in_every_language():
     plain = EngineError("the moon is in the way", reason="moon")
-    assert error_text(plain, "zh") == error_text(plain, "en") == "the moon is in the way"
+    assert error_text(plain, "en") == "the moon is in the way"
+    assert error_text(plain, "zh") == "出错了：the moon is in the way"  # its kind first, then the same words
     assert "code" not in plain.to_dict()
 
 
@@ -592,3 +593,69 @@ def test_history_and_single_image_refusals_and_model_kinds_are_said_in_chinese(s
         {"name": "sd35_demo_tiny", "kind": "checkpoint"}, {"name": "brand", "kind": "lora"}]}
     rows = dict(handlers.system_rows(info, "zh"))
     assert rows["已载入的模型"].startswith("brand (LoRA), sd35_demo_tiny (模型文件)")
+
+
+# ------------------------------------------------------------------------- the rarer errors, without code
+
+
+def test_every_library_error_class_has_its_kind_in_chinese():
+    """A class added to the hierarchy without words would show the engine's bare English on the Chinese page."""
+    from engine import errors
+    from webapp.i18n import ERROR_KINDS_ZH
+
+    classes = {cls.__name__ for cls in vars(errors).values()
+               if isinstance(cls, type) and issubclass(cls, errors.EngineError)}
+    assert classes - set(ERROR_KINDS_ZH) == set()
+    assert all(re.search("[\u4e00-\u9fff]", words) for words in ERROR_KINDS_ZH.values())
+
+
+def test_a_model_that_cannot_load_is_said_in_chinese_before_the_engines_exact_words(tmp_path):
+    """An admin switches to a damaged checkpoint on the Chinese page: the kind of failure in Chinese, then the
+    engine's English naming the file, which is what one searches for or reports."""
+    from engine.runtime import Engine
+    from engine.services import build_services
+
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    settings = load_settings({"data_dir": str(tmp_path / "data"), "models_dir": str(tmp_path / "models"),
+                              "templates_dir": str(ROOT / "templates")}, environ={})
+    built = build_services(settings, Engine(settings))
+    try:
+        exc = refusal(lambda: handlers.switch_model(built, Caller("root", "admin"), "broken.safetensors"))
+    finally:
+        built.close()
+    assert exc.code is None and type(exc).__name__ == "ModelLoadError"
+    said = handlers.error_message(exc, "zh")
+    assert said == f"模型文件无法加载：{exc.message}" and "broken.safetensors" in said
+    assert handlers.error_message(exc, "en") == exc.message
+
+
+def test_a_row_that_failed_on_an_uncoded_error_says_its_kind_in_chinese():
+    from webapp.i18n import row_error_text
+
+    def failed(exception_type):
+        return {"error": "node 7 (LoraLoader): LoRA 'x' holds no LoRA weights",
+                "extra": {"failure": {"node_id": "7", "exception_type": exception_type}}}
+
+    assert row_error_text(failed("engine.errors.ModelLoadError"), "zh") == (
+        "模型文件无法加载：node 7 (LoraLoader): LoRA 'x' holds no LoRA weights")
+    assert row_error_text(failed("KeyError"), "zh").startswith("生成时出错：node 7")
+    assert row_error_text(failed("engine.errors.NoSuchClass"), "zh").startswith("生成时出错：")
+    assert row_error_text(failed("engine.errors.ModelLoadError"), "en") == failed("x")["error"]
+
+
+def test_a_message_already_in_the_pages_language_gets_no_second_lead():
+    from engine.errors import AccessDenied
+
+    exc = AccessDenied("只有管理员可以切换模型", status=403)
+    assert handlers.error_message(exc, "zh") == "只有管理员可以切换模型"
+
+
+def test_resuming_with_changed_inputs_and_a_busy_batch_are_said_in_chinese():
+    from engine.errors import BatchBusy, BatchMismatch
+
+    changed = BatchMismatch("batch 'b7' cannot resume: ...", code="batch_inputs_changed", batch_id="b7",
+                            changed="template+sheet")
+    assert handlers.error_message(changed, "zh").startswith("批次“b7”无法继续：模板和表格发生了变化")
+    busy = BatchBusy("batch b7 ...", code="batch_busy", batch_id="b7", worker="host-a:123")
+    assert handlers.error_message(busy, "zh").startswith("另一个进程（host-a:123）正在运行相同输入的批次 b7")

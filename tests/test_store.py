@@ -178,8 +178,13 @@ def test_ensure_same_inputs(ledger):
     with pytest.raises(BatchMismatch) as info:
         ledger.ensure_same_inputs(batch_id, "t" * 64, "x" * 64)
     assert "spreadsheet changed" in info.value.message and info.value.batch_id == batch_id
-    with pytest.raises(BatchMismatch, match="template 'product_shot' changed"):
+    assert info.value.code == "batch_inputs_changed" and info.value.details["changed"] == "sheet"
+    with pytest.raises(BatchMismatch, match="template 'product_shot' changed") as info:
         ledger.ensure_same_inputs(batch_id, "u" * 64, "s" * 64)
+    assert info.value.details["changed"] == "template"
+    with pytest.raises(BatchMismatch) as info:
+        ledger.ensure_same_inputs(batch_id, "t" * 64, "x" * 64, template_name="lifestyle")
+    assert info.value.details["changed"] == "template+sheet"
     with pytest.raises(BatchError, match="no batch"):
         ledger.ensure_same_inputs("missing", "t", "s")
 

@@ -595,6 +595,14 @@ ERRORS_ZH: dict[str, str] = {
     "model_not_found": "找不到 {kind}“{name}”；可用：{available}",
     "model_not_allowed": "不能切换到模型“{name}”；可选：{allowed}",
     "batch_running_here": "批次 {batch_id} 已在本进程中运行",
+    "batch_busy": "另一个进程（{worker}）正在运行相同输入的批次 {batch_id}，不会再开始一份。"
+    "请等它完成，或停止它后再运行一次以继续",
+    "batch_exists": "批次“{batch_id}”已存在；请继续该批次，或换一个批次名",
+    "batch_inputs_changed": "批次“{batch_id}”无法继续：{changed}发生了变化。已完成的行来自原来的输入；"
+    "改动过的内容请开始新批次",
+    "batch_photos_missing": "批次 {batch_id} 开始时没有照片；要使用照片请开始新批次",
+    "batch_photos_differ": "批次 {batch_id} 开始时用的是另一组照片；继续时请不要上传照片（批次保留了自己的副本），"
+    "或开始新批次",
     "batch_output_unwritable": "批次 {batch_id} 无法创建输出文件夹 {path}（磁盘已满或没有写入权限）",
     "batch_stopped_by_storage": "批次 {batch_id} 在第 {row} 行停止：无法写入 {path}（磁盘已满或文件夹不可写）。"
     "已完成的行都已保留；请释放空间（或修复文件夹）后继续该批次",
@@ -625,7 +633,42 @@ MODEL_KINDS_ZH = {"checkpoint": "模型文件", "checkpoints": "模型文件", "
                   "diffusion_models": "扩散模型", "text_encoders": "文本编码器", "vae": "VAE", "lora": "LoRA",
                   "loras": "LoRA", "controlnet": "ControlNet"}
 # Values that are words themselves, said in the language wherever a coded message fills them in.
-VALUE_WORDS: dict[str, dict[str, dict[str, str]]] = {"zh": {"kind": MODEL_KINDS_ZH}}
+# What a resumed batch found changed (engine.store's "batch_inputs_changed").
+CHANGED_INPUTS_ZH = {"template": "模板", "sheet": "表格", "template+sheet": "模板和表格"}
+VALUE_WORDS: dict[str, dict[str, dict[str, str]]] = {"zh": {"kind": MODEL_KINDS_ZH, "changed": CHANGED_INPUTS_ZH}}
+
+# What kind of trouble a library error is, by its class in engine.errors, for the rarer errors that have no
+# code: the page says the kind in its language and then the engine's exact English, so a reader knows at
+# once what failed and still has the precise words (a file name, a tensor's shape) to act on or report.
+ERROR_KINDS_ZH: dict[str, str] = {
+    "EngineError": "出错了",
+    "WorkflowError": "工作流有问题",
+    "WorkflowFormatError": "无法识别工作流文件的格式",
+    "WorkflowInvalid": "工作流检查未通过",
+    "ModelError": "模型出错",
+    "ModelNotFound": "找不到模型文件",
+    "ModelLoadError": "模型文件无法加载",
+    "ExecutionError": "生成时出错",
+    "Cancelled": "已取消",
+    "DeadlineExceeded": "超过了时间限制",
+    "OutOfMemory": "显存不足",
+    "BadOutput": "生成的图片无效",
+    "Fp8Error": "FP8 量化或校准出错",
+    "TemplateError": "模板有问题",
+    "SheetError": "无法读取表格",
+    "BatchError": "批次无法进行",
+    "BatchMismatch": "批次无法继续：输入与开始时不同",
+    "BatchExists": "批次已存在",
+    "BatchBusy": "另一个进程正在运行该批次",
+    "StoreError": "生成记录库出错",
+    "BadQuery": "查询条件无效",
+    "IdempotencyError": "幂等键无法使用",
+    "IdempotencyKeyReused": "幂等键已用于另一个请求",
+    "IdempotencyKeyInUse": "幂等键的第一个请求仍在处理中",
+    "RequestInvalid": "请求无效",
+    "AccessDenied": "无权执行此操作",
+}
+ERROR_KIND_TABLES: dict[str, dict[str, str]] = {"zh": ERROR_KINDS_ZH}
 
 # Workflow problems by ComfyUI's error type: the kind of problem in a few words, said where no more
 # precise sentence below fits (rare kinds, a node's own checks).
@@ -766,9 +809,24 @@ def error_text(exc: Any, lang: str = "en") -> str:
         return text("error.workflow_invalid", lang) + ":\n" + "\n".join(lines)
     coded = _coded_text(ERROR_TABLES, getattr(exc, "code", None), exc.details, lang)
     if coded is None:
-        return exc.message
+        return _with_error_kind(type(exc), exc.message, lang)
     node_problems = exc.details.get("node_problems") or []  # a template whose example workflow fails
     return coded + "".join(f"\n• {node_problem_text(p, lang)}" for p in node_problems[:10])
+
+
+def _with_error_kind(error_type: type, english: str, lang: str) -> str:
+    """``english``, a library error's own message, led by what kind of error it is in ``lang`` (the nearest
+    class in its ancestry that :data:`ERROR_KINDS_ZH` names); as it is in English, or where it already is in
+    the page's language (a refusal written with the page's words)."""
+    kinds = ERROR_KIND_TABLES.get(lang)
+    if not kinds or _has_cjk(english):
+        return english
+    lead = next((kinds[cls.__name__] for cls in error_type.__mro__ if cls.__name__ in kinds), None)
+    return english if lead is None else f"{lead}：{english}"
+
+
+def _has_cjk(words: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in words)
 
 
 def coded_text(code: str | None, values: dict[str, Any], english: str, lang: str = "en") -> str:
@@ -794,11 +852,21 @@ def row_error_text(detail: dict[str, Any], lang: str = "en") -> str | None:
     failure = extra.get("failure") or {}
     said = _coded_text(ERROR_TABLES, failure.get("code"), failure.get("values") or {}, lang)
     if said is None:
-        return error
+        return _with_error_kind(_failure_type(failure), error, lang)
     if failure.get("node_id") and "node_id" not in ERROR_CODES.get(failure["code"], ()):
         where = NODE_WORDS_ZH["node"].format(node_id=failure["node_id"], class_type=failure.get("node_type"))
         said = f"{where}：{said}"
     return said
+
+
+def _failure_type(failure: dict[str, Any]) -> type:
+    """The library error class a failed row met (its ``exception_type``, "engine.errors.ModelLoadError"); a
+    row that failed on anything else failed while it ran, an ``ExecutionError``."""
+    from engine import errors
+
+    module, _, name = str(failure.get("exception_type") or "").rpartition(".")
+    found = getattr(errors, name, None) if module == errors.__name__ else None
+    return found if isinstance(found, type) and issubclass(found, errors.EngineError) else errors.ExecutionError
 
 
 def model_kind_text(kind: str, lang: str = "en") -> str:
