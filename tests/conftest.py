@@ -36,6 +36,30 @@ def models_dir(tmp_path_factory, demo_checkpoint_file):
 
 
 @pytest.fixture
+def services_factory(tmp_path):
+    """Builds the web app's services (ledger, runner, queue) on a data folder under ``tmp_path`` and the shipped
+    templates, closing each afterwards. ``engine``: an Engine to share between tests (building one costs a
+    model load); otherwise a new ``engine_cls`` from the same settings. Other keywords are settings."""
+    from engine.runtime import Engine
+    from engine.services import build_services
+    from engine.settings import load_settings
+
+    made = []
+    templates = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
+
+    def make(engine=None, engine_cls=Engine, **overrides):
+        settings = load_settings({"data_dir": str(tmp_path / "data"), "templates_dir": templates, **overrides},
+                                 environ={})
+        services = build_services(settings, engine=engine if engine is not None else engine_cls(settings))
+        made.append(services)
+        return services
+
+    yield make
+    for services in made:
+        services.close()
+
+
+@pytest.fixture
 def as_ordinary_user() -> list[str]:
     """A command prefix under which file permissions hold (root ignores them, so it drops those powers with
     util-linux's setpriv); empty for an ordinary user. Skips where neither is possible."""

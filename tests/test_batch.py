@@ -18,8 +18,6 @@ import pytest
 
 from engine.errors import BatchError, BatchMismatch, OutOfMemory
 from engine.runtime import Engine
-from engine.services import build_services
-from engine.settings import load_settings
 from engine.sheets import read_sheet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,22 +38,6 @@ def pixels(path) -> bytes:
 
 def small_rows(count: int, size: int = 64, steps: int = 2) -> list[str]:
     return [f"Item {i},color{i},minimal,{size},{size},{steps}" for i in range(count)]
-
-
-@pytest.fixture
-def services_factory(tmp_path):
-    made = []
-
-    def make(engine_cls=Engine, **overrides):
-        settings = load_settings({"data_dir": str(tmp_path / "data"), "templates_dir": str(ROOT / "templates"), **overrides})
-        engine = engine_cls(settings)
-        services = build_services(settings, engine=engine)
-        made.append(services)
-        return services
-
-    yield make
-    for services in made:
-        services.close()
 
 
 def run_batch(services, sheet_path, **prepare):

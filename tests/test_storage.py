@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import pytest
 
 from engine.runtime import Engine
-from engine.services import build_services
 from engine.settings import load_settings
 from engine.sheets import read_sheet
 from engine.storage import (DEFAULT_IMAGE_BYTES, RetrySchedule, expected_image_bytes, free_bytes, is_storage_problem,
@@ -32,19 +31,9 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture
-def make_services(tmp_path, engine):
-    made = []
-
-    def make(**overrides):
-        settings = load_settings({"data_dir": str(tmp_path / "data"), "templates_dir": str(ROOT / "templates"),
-                                  "max_gpu_batch": 1, **overrides}, environ={})
-        services = build_services(settings, engine=engine)
-        made.append(services)
-        return services
-
-    yield make
-    for services in made:
-        services.close()
+def make_services(services_factory, engine):
+    """Services sharing this module's engine, one row per GPU batch (rows reach the disk one at a time)."""
+    return lambda **overrides: services_factory(engine=engine, **{"max_gpu_batch": 1, **overrides})
 
 
 def started(services, tmp_path: Path, count: int) -> str:
