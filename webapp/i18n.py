@@ -928,8 +928,27 @@ def page_locale_script(lang: str) -> str:
     It must run before Gradio's module script reads the locale, so it goes into the served HTML itself;
     Gradio adds its ``head`` argument later, from the page's config."""
     tag = json.dumps(PAGE_LANGUAGE_TAGS[lang])
-    return (f'<script>Object.defineProperty(Navigator.prototype, "language", '
-            f'{{get: () => {tag}, configurable: true}});</script>')
+    script = f'Object.defineProperty(Navigator.prototype, "language", {{get: () => {tag}, configurable: true}});'
+    return f"<script>{script}{_fixed_english_labels_script(lang)}</script>"
+
+
+# Accessible names Gradio's front end writes in English whatever the locale (no component parameter sets
+# them), with what a screen reader should say instead on a page in another language.
+GRADIO_FIXED_LABELS = {"zh": {"Click to upload or drop files": "点击上传或拖放文件"}}
+
+
+def _fixed_english_labels_script(lang: str) -> str:
+    """A script that renames :data:`GRADIO_FIXED_LABELS` as Gradio renders them (and again if it re-renders
+    them), so a screen reader on a Chinese page does not announce the upload area in English."""
+    labels = GRADIO_FIXED_LABELS.get(lang)
+    if not labels:
+        return ""
+    return ("(() => { const said = " + json.dumps(labels, ensure_ascii=False) + ";"
+            " const english = Object.keys(said).map(k => '[aria-label=' + JSON.stringify(k) + ']').join(',');"
+            " const rename = () => document.querySelectorAll(english).forEach(e =>"
+            " e.setAttribute('aria-label', said[e.getAttribute('aria-label')]));"
+            " new MutationObserver(rename).observe(document.documentElement,"
+            " {subtree: true, childList: true, attributes: true, attributeFilter: ['aria-label']}); })();")
 
 
 def language_of_request(request: Any) -> str:

@@ -86,6 +86,21 @@ def test_axe_finds_no_serious_violation_on_sign_in_and_each_tab(app_server, new_
     assert page.locator("#model-line .badge").inner_text().strip() != ""
 
 
+def test_the_upload_area_is_named_in_the_pages_language(app_server, new_page):
+    """Gradio names its upload area "Click to upload or drop files" in every locale; a screen reader on the
+    Chinese page hears it in Chinese; the English page keeps Gradio's words."""
+    base_url, _ = app_server
+    page = new_page(locale="zh-CN")
+    sign_in_by_keyboard(page, base_url, "bob", "bob-pass")
+    upload = page.locator("#sheet-file button").first
+    upload.wait_for()
+    assert upload.get_attribute("aria-label") == "点击上传或拖放文件"
+    assert page.locator('[aria-label="Click to upload or drop files"]').count() == 0
+    english = new_page(locale="en-US")
+    sign_in_by_keyboard(english, base_url, "bob", "bob-pass")
+    assert english.locator("#sheet-file button").first.get_attribute("aria-label") == "Click to upload or drop files"
+
+
 def test_batch_by_keyboard_alone_with_live_progress_and_captioned_images(app_server, new_page, tmp_path):
     base_url, _ = app_server
     page = new_page()
