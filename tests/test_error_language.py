@@ -316,7 +316,7 @@ SHEETS_REFUSED = [
      ("“rows.csv”的扩展名是 .csv，但它是 zip 压缩包（可能是 Excel 工作簿），不是 CSV 文本；请改名为 .xlsx，"
       "或在 Excel 中另存为“CSV UTF-8（逗号分隔）”")),
     ("rows.csv", b"prompt\n\xff\xff\xff\n", {}, "sheet_encoding_unknown",
-     "无法按 UTF-8 或 GB18030/GBK 读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
+     "无法按 UTF-8、GB18030/GBK、“Windows-1252”或“MacRoman”编码读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
     ("rows.csv", b"\xff\xfea", {}, "sheet_utf16_invalid",
      "文件以 UTF-16 标记开头，但内容不是有效的 UTF-16；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
     ("rows.csv", b'prompt\na cat\n"a dog" on a mat\n', {}, "sheet_csv_unparsable",

@@ -513,7 +513,12 @@ PROBLEMS_ZH: dict[str, str] = {
     "looks_like_gb18030": "文件按 UTF-8 读取，但其中的文字按 GB18030/GBK 读才是中文（例如“{sample}”）；"
     "如果是中文版 Excel 保存的，请另存为“CSV UTF-8（逗号分隔）”后重新上传",
     "column_unnamed": "第 1 行中 {column} 列没有列名，该列的 {count} 个值已忽略",
+    "read_as_code_page": "文件不是 UTF-8 编码，已按 {encoding} 读取（例如“{sample}”）；如果文字显示不对，"
+    "请另存为“CSV UTF-8”后重新上传",
+    "read_decimal_comma": "数字列按小数逗号读取：第 {row} 行“{column}”列的“{written}”读作 {value}；"
+    "点号表示千位分隔（“1.024”即 1024）",
     "not_a_cell_value": "单元格只能是一个值（文本、数字、true/false 或 null），不能是 JSON {type}",
+    "decimal_comma_unexpected": "“{value}”使用了小数逗号，但本表格的数字使用小数点；请写成 {number}",
 }
 PROBLEM_TABLES: dict[str, dict[str, str]] = {"zh": PROBLEMS_ZH}
 
@@ -536,7 +541,7 @@ ERRORS_ZH: dict[str, str] = {
     "请改名为 .xlsx，或在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
     "sheet_utf16_invalid": "文件以 UTF-16 标记开头，但内容不是有效的 UTF-16；"
     "请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
-    "sheet_encoding_unknown": "无法按 UTF-8 或 GB18030/GBK 读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
+    "sheet_encoding_unknown": "无法按 UTF-8、GB18030/GBK、“Windows-1252”或“MacRoman”编码读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
     "sheet_csv_unparsable": "第 {row} 行无法按 CSV 读取：请检查该行是否有未闭合的引号，或引号后紧跟着其他文字",
     "workbook_damaged": "工作簿无法打开（文件已损坏，或不是 .xlsx）",
     "workbook_too_many_parts": "工作簿有 {count} 个部件，上限为 {limit}",
