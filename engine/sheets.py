@@ -266,9 +266,11 @@ def _too_big(size: int, limits: SheetLimits) -> SheetError:
 
 def _sniff_kind(data: bytes) -> str:
     if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
-        return "xlsx"
+        return _zip_kind(data)
     if data[:8] == b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1":
-        return "xls"
+        # An OLE compound file is an old .xls, or a password-protected .xlsx: Excel encrypts the workbook
+        # into a stream of that name inside one.
+        return "encrypted" if "EncryptedPackage".encode("utf-16-le") in data else "xls"
     head = data[:8192]
     if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return "csv"  # UTF-16 text (Excel's "Unicode Text" export)
@@ -277,8 +279,41 @@ def _sniff_kind(data: bytes) -> str:
     return "csv"
 
 
+def _zip_kind(data: bytes) -> str:
+    """Which spreadsheet a zip archive is: "xlsx" (or damaged, for the XLSX reader to say), "ods" for
+    LibreOffice's OpenDocument, "numbers" for Apple Numbers."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+            if "mimetype" in names and archive.read("mimetype")[:64].startswith(b"application/vnd.oasis.opendocument"):
+                return "ods"
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, RuntimeError):
+        return "xlsx"
+    if any(n.startswith("Index/") and n.endswith(".iwa") for n in names) or "Index.zip" in names:
+        return "numbers"
+    return "xlsx"
+
+
 def _check_extension(kind: str, ext: str, filename: str | None) -> None:
     name = f"'{filename}'" if filename else "the file"
+    if kind == "encrypted":
+        raise SheetError(
+            f"{name} is protected with a password (encrypted), so it cannot be read; in Excel remove the password "
+            "(File > Info > Protect Workbook > Encrypt with Password), save it and upload it again "
+            "(read here: .csv, and .xlsx without a password)",
+            code="sheet_password_protected", file=filename or "",
+        )
+    if kind == "ods":
+        raise SheetError(
+            f"{name} is an OpenDocument spreadsheet (.ods, LibreOffice or OpenOffice); save it from Calc as "
+            "Excel 2007-365 (.xlsx) or Text CSV (.csv): those are the formats read here",
+            code="sheet_opendocument", file=filename or "",
+        )
+    if kind == "numbers":
+        raise SheetError(
+            f"{name} is an Apple Numbers document; in Numbers choose File > Export To > Excel (.xlsx) or CSV: "
+            "those are the formats read here", code="sheet_apple_numbers", file=filename or "",
+        )
     if kind == "xls":
         raise SheetError(
             f"{name} is an old Excel 97-2003 workbook (.xls); save it as .xlsx (Excel Workbook) or CSV",
@@ -651,8 +686,8 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
                          code="workbook_too_many_parts", count=len(members), limit=limits.max_zip_members)
     names = {m.filename for m in members}
     if not any(name.startswith("xl/") for name in names):
-        raise SheetError("the file is a zip archive but not an Excel workbook (no xl/workbook.xml)",
-                         code="workbook_not_excel")
+        raise SheetError("the file is a zip archive but not an Excel workbook (no xl/workbook.xml); "
+                         "supported: .csv, .xlsx (Excel Workbook)", code="workbook_not_excel")
     declared = sum(m.file_size for m in members)
     if declared > limits.max_decompressed_bytes:
         raise SheetError(
@@ -703,6 +738,22 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
             raise SheetError(f"workbook part '{m.filename}' cannot be read: {exc}", code="workbook_part_unreadable",
                              member=m.filename) from exc
     return archive, with_formulas
+
+
+def _hidden_worksheets(archive: zipfile.ZipFile) -> set[str]:
+    """The names of the workbook's hidden worksheets (openpyxl's read-only mode calls every one visible)."""
+    from xml.sax.saxutils import unescape
+
+    try:
+        xml = archive.read("xl/workbook.xml").decode("utf-8", errors="replace")
+    except KeyError:
+        return set()
+    hidden = set()
+    for tag in re.findall(r"<(?:\w+:)?sheet\s[^>]*>", xml):
+        name = re.search(r'\sname="([^"]*)"', tag)
+        if name and re.search(r'\sstate="(hidden|veryHidden)"', tag):
+            hidden.add(unescape(name.group(1), {"&quot;": '"', "&apos;": "'"}))
+    return hidden
 
 
 # A problem of one XLSX cell found while reading, before columns have names: (row, column index, reason,
@@ -765,6 +816,7 @@ def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[CellNote])
 
 def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Sheet:
     archive, with_formulas = _check_zip(data, limits)
+    hidden = _hidden_worksheets(archive)
     archive.close()
     from openpyxl import load_workbook  # import here: only XLSX reading needs it
 
@@ -776,7 +828,9 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
     try:
         names = list(values_book.sheetnames)
         if sheet_name is None:
-            chosen = names[0]
+            # The first worksheet the user sees: a hidden one first in the workbook (lists for drop-downs,
+            # lookup tables) is not where they typed the rows.
+            chosen = next((n for n in names if n not in hidden), names[0])
         else:
             matches = [n for n in names if n == sheet_name] or [
                 n for n in names if n.strip().casefold() == sheet_name.strip().casefold()
@@ -824,6 +878,7 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
             nonblank += 1
             if nonblank > limits.max_rows + 1:
                 break
+        merged_note = _fill_merged_down(records, _merged_ranges(data, getattr(worksheet, "_worksheet_path", "")))
     finally:
         values_book.close()
     if formula_book is not None:
@@ -838,7 +893,51 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                              code="worksheet_empty", sheet=chosen, available=others, sheet_names=names) from exc
         raise
     sheet.format, sheet.sheet_name, sheet.sheet_names = "xlsx", chosen, names
+    if merged_note is not None:
+        sheet.problems.insert(0, merged_note)
     return sheet
+
+
+def _merged_ranges(data: bytes, member: str) -> list[str]:
+    """The merged cell ranges (``B2:B4``) of one worksheet of the workbook."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            xml = archive.read(member.lstrip("/"))
+    except (KeyError, zipfile.BadZipFile, OSError, ValueError):
+        return []
+    return [ref.decode() for ref in re.findall(rb'<(?:\w+:)?mergeCell\s[^>]*ref="([A-Z]+[0-9]+:[A-Z]+[0-9]+)"', xml)]
+
+
+def _fill_merged_down(records: list[tuple[int, list[str]]], ranges: list[str]) -> RowProblem | None:
+    """Give the value of cells merged down one column (B2:B4) to every row they span, as the user sees it
+    in Excel, instead of the rows below the first taking the field's default; a note lists the ranges.
+    Cells merged across columns are left as Excel's own CSV export leaves them: empty past the first."""
+    from openpyxl.utils.cell import range_boundaries
+
+    by_number = {number: cells for number, cells in records}
+    filled = []
+    for ref in ranges:
+        first_col, first_row, last_col, last_row = range_boundaries(ref)
+        if first_col != last_col or first_row < 2 or last_row == first_row or first_row not in by_number:
+            continue
+        index = first_col - 1
+        top = by_number[first_row]
+        value = top[index] if index < len(top) else ""
+        if not value:
+            continue
+        for number in range(first_row + 1, last_row + 1):
+            cells = by_number.get(number)
+            if cells is None:  # a row empty but for the merged cell: Excel shows it blank too
+                continue
+            cells.extend([""] * (index + 1 - len(cells)))
+            if not cells[index]:
+                cells[index] = value
+        filled.append(ref)
+    if not filled:
+        return None
+    shown = ", ".join(filled[:10]) + (f" and {len(filled) - 10} more" if len(filled) > 10 else "")
+    return RowProblem(1, None, f"merged cells {shown} give their value to every row they span",
+                      "merged_cells_filled", {"ranges": shown})
 
 
 # Shared --------------------------------------------------------------------------------------------
@@ -977,6 +1076,7 @@ PROBLEM_CODES = (
     "formula_without_value", "not_a_cell_value", "decimal_comma_unexpected",
     # about the sheet as a whole (row 1): Sheet.notes
     "looks_like_gb18030", "column_unnamed", "read_as_code_page", "read_decimal_comma",
+    "merged_cells_filled",
 )
 
 

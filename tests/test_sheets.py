@@ -510,6 +510,8 @@ def test_every_cell_problem_carries_a_documented_code_whose_chinese_words_take_i
     # European Excel: a Windows-1252 CSV, decimal commas in a ';' file, and one in a sheet of decimal points
     problems += read_sheet("prompt;cfg\nMüller;7,5\n".encode("cp1252"), "de.csv").problems
     problems += coerce_fields(fields, {"prompt": "a", "style": "x", "cfg": "7,5"}, 6)[1]
+    problems += read_sheet(xlsx_bytes([["prompt", "cfg"], ["a", 7], ["b", None]],
+                                      mutate=lambda ws: ws.merge_cells("B2:B3")), "merged.xlsx").problems
 
     produced = {p.code for p in problems}
     assert produced == set(PROBLEM_CODES), f"never produced: {set(PROBLEM_CODES) - produced}"
@@ -628,3 +630,57 @@ def test_western_european_code_pages_are_read_as_such_not_as_chinese(encoding, n
     # Chinese Excel's GBK keeps being read as Chinese
     for chinese in ("一只猫在沙发上", "iPhone手机壳", "他说“你好”。", "咖啡杯（白色）"):
         assert read_sheet(f"prompt\n{chinese}\n".encode("gb18030"), "rows.csv").rows[0].cells["prompt"] == chinese
+
+
+def _zip_of(members):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, name, code, words", [
+    # Excel's "Encrypt with Password" writes the .xlsx inside an OLE compound file, as an old .xls is
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 504 + "EncryptedPackage".encode("utf-16-le") + b"\x00" * 64,
+     "prices.xlsx", "sheet_password_protected", "protected with a password"),
+    (_zip_of({"mimetype": "application/vnd.oasis.opendocument.spreadsheet", "content.xml": "<office:document/>"}),
+     "rows.ods", "sheet_opendocument", "OpenDocument spreadsheet"),
+    (_zip_of({"mimetype": "application/vnd.oasis.opendocument.spreadsheet", "content.xml": "<office:document/>"}),
+     "rows.xlsx", "sheet_opendocument", "OpenDocument spreadsheet"),  # renamed: the content says what it is
+    (_zip_of({"Index/Document.iwa": b"\x00\x01", "Metadata/Properties.plist": "<plist/>"}), "rows.numbers",
+     "sheet_apple_numbers", "Apple Numbers"),
+    (_zip_of({"photos/a.png": b"x"}), "rows.xlsx", "workbook_not_excel", "supported: .csv, .xlsx"),
+])
+def test_spreadsheets_of_other_programs_are_refused_naming_what_to_save_them_as(data, name, code, words):
+    with pytest.raises(SheetError) as info:
+        read_sheet(data, name)
+    assert info.value.code == code and words in info.value.message
+    assert ".xlsx" in info.value.message and ("CSV" in info.value.message or ".csv" in info.value.message)
+
+
+def test_a_hidden_first_worksheet_is_not_the_one_read():
+    # a hidden sheet of drop-down lists first in the workbook; the user sees (and filled) "Products"
+    def hide_first(ws):
+        ws.sheet_state = "hidden"
+
+    data = xlsx_bytes([["sampler"], ["euler"]], sheet_title="Lists", mutate=hide_first,
+                      extra_sheets={"Products": [["prompt", "cfg"], ["Katze", 7]]})
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.sheet_name == "Products" and sheet.rows[0].cells == {"prompt": "Katze", "cfg": "7"}
+    assert read_sheet(data, "rows.xlsx", sheet_name="Lists").columns == ["sampler"]  # still readable by name
+
+
+def test_cells_merged_down_a_column_give_their_value_to_each_row_with_a_note(template):
+    def merge(ws):
+        ws.merge_cells("B2:B4")  # one cfg for three products, as the user sees it
+        ws.merge_cells("A6:C6")  # across columns: left as Excel's CSV export leaves it
+
+    data = xlsx_bytes([["prompt", "cfg", "steps"], ["a", 7, 10], ["b", None, 11], ["c", None, 12], ["d", 8, 13],
+                       ["e", None, None]], mutate=merge)
+    sheet = read_sheet(data, "rows.xlsx")
+    report = report_for(sheet, template)
+    assert [report[n].values["cfg"] for n in (2, 3, 4, 5)] == [7.0, 7.0, 7.0, 8.0]
+    assert report[6].values["steps"] == 20  # not filled from A6
+    (note,) = sheet.notes
+    assert "B2:B4" in note and "A6:C6" not in note
