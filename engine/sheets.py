@@ -45,6 +45,7 @@ __all__ = [
     "sheet_from_records",
     "cell_text",
     "decode_text",
+    "decimal_comma_number",
     "CellValueError",
     "PROBLEM_CODES",
     "validate_rows",
@@ -126,6 +127,8 @@ class Sheet:
     sheet_names: list[str] = field(default_factory=list)  # XLSX: every worksheet
     encoding: str | None = None  # CSV
     delimiter: str | None = None  # CSV
+    # CSV: numbers are written 7,5 and 1.024 (German, French, Dutch... Excel); number fields read them so
+    decimal_comma: bool = False
 
     @property
     def content_hash(self) -> str:
@@ -263,9 +266,11 @@ def _too_big(size: int, limits: SheetLimits) -> SheetError:
 
 def _sniff_kind(data: bytes) -> str:
     if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
-        return "xlsx"
+        return _zip_kind(data)
     if data[:8] == b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1":
-        return "xls"
+        # An OLE compound file is an old .xls, or a password-protected .xlsx: Excel encrypts the workbook
+        # into a stream of that name inside one.
+        return "encrypted" if "EncryptedPackage".encode("utf-16-le") in data else "xls"
     head = data[:8192]
     if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return "csv"  # UTF-16 text (Excel's "Unicode Text" export)
@@ -274,8 +279,41 @@ def _sniff_kind(data: bytes) -> str:
     return "csv"
 
 
+def _zip_kind(data: bytes) -> str:
+    """Which spreadsheet a zip archive is: "xlsx" (or damaged, for the XLSX reader to say), "ods" for
+    LibreOffice's OpenDocument, "numbers" for Apple Numbers."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+            if "mimetype" in names and archive.read("mimetype")[:64].startswith(b"application/vnd.oasis.opendocument"):
+                return "ods"
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, RuntimeError):
+        return "xlsx"
+    if any(n.startswith("Index/") and n.endswith(".iwa") for n in names) or "Index.zip" in names:
+        return "numbers"
+    return "xlsx"
+
+
 def _check_extension(kind: str, ext: str, filename: str | None) -> None:
     name = f"'{filename}'" if filename else "the file"
+    if kind == "encrypted":
+        raise SheetError(
+            f"{name} is protected with a password (encrypted), so it cannot be read; in Excel remove the password "
+            "(File > Info > Protect Workbook > Encrypt with Password), save it and upload it again "
+            "(read here: .csv, and .xlsx without a password)",
+            code="sheet_password_protected", file=filename or "",
+        )
+    if kind == "ods":
+        raise SheetError(
+            f"{name} is an OpenDocument spreadsheet (.ods, LibreOffice or OpenOffice); save it from Calc as "
+            "Excel 2007-365 (.xlsx) or Text CSV (.csv): those are the formats read here",
+            code="sheet_opendocument", file=filename or "",
+        )
+    if kind == "numbers":
+        raise SheetError(
+            f"{name} is an Apple Numbers document; in Numbers choose File > Export To > Excel (.xlsx) or CSV: "
+            "those are the formats read here", code="sheet_apple_numbers", file=filename or "",
+        )
     if kind == "xls":
         raise SheetError(
             f"{name} is an old Excel 97-2003 workbook (.xls); save it as .xlsx (Excel Workbook) or CSV",
@@ -308,7 +346,9 @@ def _check_extension(kind: str, ext: str, filename: str | None) -> None:
 
 def decode_text(data: bytes) -> tuple[str, str]:
     """(text, encoding) of a text file from a spreadsheet user: UTF-8 with or without BOM, UTF-16 with its
-    mark, else GB18030/GBK (what Chinese Excel and Notepad save); SheetError when none fits."""
+    mark, else the code page a desktop Excel saves "CSV" in: GB18030/GBK (Chinese Windows), Windows-1252
+    (Western European Windows) or MacRoman (Excel for Mac), whichever reads as text (see
+    :func:`_misread_score`); SheetError when none does."""
     if data.startswith(b"\xef\xbb\xbf"):
         return data[3:].decode("utf-8", errors="strict"), "utf-8-sig"
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
@@ -321,13 +361,76 @@ def decode_text(data: bytes) -> tuple[str, str]:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         pass
-    try:  # Chinese Excel saves "CSV" in the system code page: GBK, which GB18030 contains
-        return data.decode("gb18030"), "gb18030"
-    except UnicodeDecodeError as exc:
+    readings = []
+    for order, encoding in enumerate(LEGACY_ENCODINGS):  # ties keep this order: Chinese Excel first, as before
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        readings.append((_misread_score(text), order, text, encoding))
+    readings.sort()
+    # MacRoman reads any bytes: text whose best reading still misreads most of its non-ASCII characters is
+    # in none of these code pages (or is no text at all).
+    if readings and readings[0][0] * 2 > sum(ord(ch) > 0x7F for ch in readings[0][2]):
+        readings = []
+    if not readings:
         raise SheetError(
-            "cannot decode the CSV file as UTF-8 or GB18030/GBK; save it as 'CSV UTF-8' from Excel",
-            code="sheet_encoding_unknown", position=exc.start,
-        ) from exc
+            "cannot decode the CSV file as UTF-8, GB18030/GBK, Windows-1252 or MacRoman; save it as "
+            "'CSV UTF-8' from Excel", code="sheet_encoding_unknown",
+        )
+    _, _, text, encoding = readings[0]
+    return text, encoding
+
+
+# The code pages desktop spreadsheets save "CSV" in, by the name Python knows them, and as users know them.
+LEGACY_ENCODINGS = ("gb18030", "cp1252", "mac_roman")
+ENCODING_NAMES = {"gb18030": "GB18030/GBK (Chinese)", "cp1252": "Windows-1252 (Western European)",
+                  "mac_roman": "MacRoman (Excel for Mac)"}
+# Non-letters that Western text holds anywhere, and those that also sit inside a word (l’été, Meier-Müller).
+_COMMON_SYMBOLS = frozenset("€£¥¢©®°±×÷™§¶µ·•…–—‘’‚“”„«»‹›¿¡¼½¾²³¹ªº†‡‰\u00a0")
+_INSIDE_WORD = frozenset("’'·")
+_OPENING_QUOTES = frozenset("‘“„‚«‹")
+
+
+def _misread_score(text: str) -> int:
+    """How many characters of ``text`` betray bytes read in the wrong code page; 0 for plausible text.
+
+    A one-byte letter read as GBK swallows the next byte into an ideograph wedged inside a Latin word
+    ("Müller" reads "M黮ler"); a MacRoman letter read as Windows-1252 is an uppercase or a symbol inside a
+    word ("Café" reads "CafŽ", "Straße" "Stra§e"), and the other way round alike. Real Chinese text has
+    ideographs next to each other or next to spaces and punctuation; real Western text has lowercase
+    accented letters inside words.
+    """
+    score = 0
+    for index, ch in enumerate(text):
+        if ord(ch) < 0x80:
+            continue
+        before = text[index - 1] if index else " "
+        after = text[index + 1] if index + 1 < len(text) else " "
+        inside_latin_word = before.isascii() and before.isalpha() and after.isascii() and after.isalpha()
+        if _is_cjk(ch):
+            try:
+                ch.encode("gb2312")  # simplified Chinese text lies almost wholly in GB2312
+            except UnicodeEncodeError:
+                score += 1
+            score += inside_latin_word
+        elif ch.isalpha():
+            if ch == before:
+                score += 1  # no Western word doubles an accented letter ("ÿÿ" is bytes, not text)
+            elif not unicodedata.name(ch, "").startswith("LATIN"):
+                score += not _is_cjk(before) and not _is_cjk(after)  # Greek or Cyrillic in Western text
+            elif ch.isupper() and before.isalpha() and (before.islower() or after.islower()):
+                score += 1  # an uppercase letter inside a lowercase word
+        elif ch in _COMMON_SYMBOLS:
+            if before.isalpha() and after.isalpha():
+                score += ch not in _INSIDE_WORD
+            elif ch in _OPENING_QUOTES:
+                score += before.isalpha()  # a quote that opens right after a word
+            else:
+                score += ord(before) >= 0x80 and not before.isalpha() and not before.isspace()  # symbols in a row
+        else:
+            score += 1
+    return score
 
 
 def _sniff_delimiter(text: str) -> str:
@@ -404,7 +507,14 @@ def cell_text(value: Any) -> str:
 
 def _read_csv(data: bytes, limits: SheetLimits) -> Sheet:
     text, encoding = decode_text(data)
-    delimiter = _sniff_delimiter(text)
+    # "sep=;" on the first line is how Excel is told a CSV's delimiter; Excel reads it and shows no such
+    # row, so the column names are on the next line and that line is row 1.
+    declared = re.match(r"sep=([^\r\n])[ \t]*(\r\n|\r|\n|$)", text)
+    if declared:
+        text = text[declared.end():]
+        delimiter = declared.group(1)
+    else:
+        delimiter = _sniff_delimiter(text)
     # A cell as long as the file is read whole, so the per-cell limit below makes it a problem of its row,
     # as in an XLSX, instead of the csv module refusing the whole sheet (its default limit is 128 KiB).
     # The setting is process-wide; it only ever grows, up to the largest sheet accepted.
@@ -430,12 +540,91 @@ def _read_csv(data: bytes, limits: SheetLimits) -> Sheet:
         ) from exc
     sheet = _build_sheet(records, limits)
     sheet.format, sheet.encoding, sheet.delimiter = "csv", encoding, delimiter
+    notes = []
+    if encoding in ("cp1252", "mac_roman"):
+        sample = next((line for line in text.splitlines() if any(ord(ch) > 0x7F for ch in line)), "")[:60]
+        notes.append(RowProblem(
+            1, None, f"the file is not UTF-8; it was read as {ENCODING_NAMES[encoding]} text (e.g. '{sample}'); "
+            "if letters look wrong, save it as 'CSV UTF-8' and upload that",
+            "read_as_code_page", {"encoding": ENCODING_NAMES[encoding], "sample": sample}))
+    # Excel separates with ';' exactly where the decimal mark is a comma; a file whose numbers show a decimal
+    # point (7.25) beyond doubt is not such a file, whatever its separator, and one with both is left as is.
+    marks = _decimal_marks(sheet)
+    sheet.decimal_comma = "." not in marks and (delimiter == ";" or "," in marks)
+    if sheet.decimal_comma and (example := _decimal_comma_example(sheet)) is not None:
+        row, column, written, value = example
+        because = ("the file uses ';' separators, as Excel does where the decimal mark is a comma"
+                   if delimiter == ";" else "its numbers are written with decimal commas")
+        notes.append(RowProblem(
+            1, None, f"number columns are read with a decimal comma because {because}: '{written}' (row {row}, "
+            f"column '{column}') is read as {value}; points group thousands ('1.024' is 1024)",
+            "read_decimal_comma", {"row": row, "column": column, "written": written, "value": value}))
+    sheet.problems[:0] = notes
     if encoding == "utf-8" and (sample := _looks_like_gb18030(data, text)) is not None:
         sheet.problems.insert(0, RowProblem(
             1, None, "the file was read as UTF-8, but its text reads as Chinese in GB18030/GBK (e.g. "
             f"'{sample}'); if it was saved by Chinese Excel, save it again as 'CSV UTF-8' and upload that",
             "looks_like_gb18030", {"sample": sample}))
     return sheet
+
+
+# How a decimal-comma locale (German, French, Dutch... Excel) writes numbers: 7,5 / -0,25 / 1,5E+3, and
+# thousands grouped by points or spaces: 1.024 / 1.234.567,5 / 1 024,5 (French Excel uses no-break spaces).
+_GROUPED_BY_POINTS = re.compile(r"[+-]?\d{1,3}(?:\.\d{3})+(?:,\d*)?")
+_COMMA_DECIMAL = re.compile(r"[+-]?\d*,\d+(?:[eE][+-]?\d+)?")
+_NUMBER_SPACES = re.compile(r"[ \u00a0\u202f\u2009]")
+# Which decimal mark a number shows beyond doubt: one that is no thousands group (7,5 or 7.25, not 1,024)
+# or one after thousands groups of the other mark (1.234,5 or 1,234.5).
+_SURELY_COMMA = re.compile(r"[+-]?(?:\d+,(?:\d{1,2}|\d{4,})|\d{1,3}(?:\.\d{3})+,\d+)")
+_SURELY_POINT = re.compile(r"[+-]?(?:\d+\.(?:\d{1,2}|\d{4,})|\d{1,3}(?:,\d{3})+\.\d+)")
+
+
+def decimal_comma_number(text: str) -> str:
+    """A number cell written with a decimal comma, as ``Decimal`` reads numbers: ``7,5`` -> ``7.5``,
+    ``1.234,5`` -> ``1234.5``, ``1 024`` -> ``1024``. Other text comes back without its spaces (``7.5``
+    stays ``7.5``: thousands groups always have three digits), to be refused or read as it is."""
+    compact = _NUMBER_SPACES.sub("", text.strip())
+    if _GROUPED_BY_POINTS.fullmatch(compact):
+        return compact.replace(".", "").replace(",", ".")
+    if _COMMA_DECIMAL.fullmatch(compact):
+        return compact.replace(",", ".")
+    return compact
+
+
+def _decimal_marks(sheet: Sheet) -> set[str]:
+    """The decimal marks (``,`` ``.``) that some number of the sheet shows beyond doubt."""
+    marks = set()
+    for row in sheet.rows:
+        for text in row.cells.values():
+            compact = _NUMBER_SPACES.sub("", text.strip())
+            if _SURELY_COMMA.fullmatch(compact):
+                marks.add(",")
+            elif _SURELY_POINT.fullmatch(compact):
+                marks.add(".")
+    return marks
+
+
+def _decimal_comma_example(sheet: Sheet) -> tuple[int, str, str, str] | None:
+    """(row, column, cell, number read) of the first cell a decimal comma changes, preferring a column
+    whose every cell is a number (a number field's column, not a text that happens to read as one)."""
+    def number_like(text: str) -> bool:
+        return bool(re.fullmatch(r"[+-]?[\d.,]*\d(?:[eE][+-]?\d+)?", _NUMBER_SPACES.sub("", text.strip())))
+
+    def changed(text: str) -> bool:
+        return number_like(text) and decimal_comma_number(text) != _NUMBER_SPACES.sub("", text.strip())
+
+    numeric_columns = [c for c in sheet.columns if all(number_like(r.cells[c]) for r in sheet.rows if r.cells[c].strip())]
+    for columns in (numeric_columns, sheet.columns):
+        for row in sheet.rows:
+            for column in columns:
+                text = row.cells.get(column, "")
+                if changed(text):
+                    try:
+                        value = Decimal(decimal_comma_number(text))
+                    except InvalidOperation:
+                        continue
+                    return row.number, column, text.strip(), f"{value:f}"
+    return None
 
 
 # A leading apostrophe is how exported CSVs (our manifests and failed_rows.csv) keep a cell starting with one
@@ -497,8 +686,8 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
                          code="workbook_too_many_parts", count=len(members), limit=limits.max_zip_members)
     names = {m.filename for m in members}
     if not any(name.startswith("xl/") for name in names):
-        raise SheetError("the file is a zip archive but not an Excel workbook (no xl/workbook.xml)",
-                         code="workbook_not_excel")
+        raise SheetError("the file is a zip archive but not an Excel workbook (no xl/workbook.xml); "
+                         "supported: .csv, .xlsx (Excel Workbook)", code="workbook_not_excel")
     declared = sum(m.file_size for m in members)
     if declared > limits.max_decompressed_bytes:
         raise SheetError(
@@ -549,6 +738,22 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
             raise SheetError(f"workbook part '{m.filename}' cannot be read: {exc}", code="workbook_part_unreadable",
                              member=m.filename) from exc
     return archive, with_formulas
+
+
+def _hidden_worksheets(archive: zipfile.ZipFile) -> set[str]:
+    """The names of the workbook's hidden worksheets (openpyxl's read-only mode calls every one visible)."""
+    from xml.sax.saxutils import unescape
+
+    try:
+        xml = archive.read("xl/workbook.xml").decode("utf-8", errors="replace")
+    except KeyError:
+        return set()
+    hidden = set()
+    for tag in re.findall(r"<(?:\w+:)?sheet\s[^>]*>", xml):
+        name = re.search(r'\sname="([^"]*)"', tag)
+        if name and re.search(r'\sstate="(hidden|veryHidden)"', tag):
+            hidden.add(unescape(name.group(1), {"&quot;": '"', "&apos;": "'"}))
+    return hidden
 
 
 # A problem of one XLSX cell found while reading, before columns have names: (row, column index, reason,
@@ -611,6 +816,7 @@ def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[CellNote])
 
 def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Sheet:
     archive, with_formulas = _check_zip(data, limits)
+    hidden = _hidden_worksheets(archive)
     archive.close()
     from openpyxl import load_workbook  # import here: only XLSX reading needs it
 
@@ -622,7 +828,9 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
     try:
         names = list(values_book.sheetnames)
         if sheet_name is None:
-            chosen = names[0]
+            # The first worksheet the user sees: a hidden one first in the workbook (lists for drop-downs,
+            # lookup tables) is not where they typed the rows.
+            chosen = next((n for n in names if n not in hidden), names[0])
         else:
             matches = [n for n in names if n == sheet_name] or [
                 n for n in names if n.strip().casefold() == sheet_name.strip().casefold()
@@ -670,6 +878,7 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
             nonblank += 1
             if nonblank > limits.max_rows + 1:
                 break
+        merged_note = _fill_merged_down(records, _merged_ranges(data, getattr(worksheet, "_worksheet_path", "")))
     finally:
         values_book.close()
     if formula_book is not None:
@@ -684,7 +893,51 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                              code="worksheet_empty", sheet=chosen, available=others, sheet_names=names) from exc
         raise
     sheet.format, sheet.sheet_name, sheet.sheet_names = "xlsx", chosen, names
+    if merged_note is not None:
+        sheet.problems.insert(0, merged_note)
     return sheet
+
+
+def _merged_ranges(data: bytes, member: str) -> list[str]:
+    """The merged cell ranges (``B2:B4``) of one worksheet of the workbook."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            xml = archive.read(member.lstrip("/"))
+    except (KeyError, zipfile.BadZipFile, OSError, ValueError):
+        return []
+    return [ref.decode() for ref in re.findall(rb'<(?:\w+:)?mergeCell\s[^>]*ref="([A-Z]+[0-9]+:[A-Z]+[0-9]+)"', xml)]
+
+
+def _fill_merged_down(records: list[tuple[int, list[str]]], ranges: list[str]) -> RowProblem | None:
+    """Give the value of cells merged down one column (B2:B4) to every row they span, as the user sees it
+    in Excel, instead of the rows below the first taking the field's default; a note lists the ranges.
+    Cells merged across columns are left as Excel's own CSV export leaves them: empty past the first."""
+    from openpyxl.utils.cell import range_boundaries
+
+    by_number = {number: cells for number, cells in records}
+    filled = []
+    for ref in ranges:
+        first_col, first_row, last_col, last_row = range_boundaries(ref)
+        if first_col != last_col or first_row < 2 or last_row == first_row or first_row not in by_number:
+            continue
+        index = first_col - 1
+        top = by_number[first_row]
+        value = top[index] if index < len(top) else ""
+        if not value:
+            continue
+        for number in range(first_row + 1, last_row + 1):
+            cells = by_number.get(number)
+            if cells is None:  # a row empty but for the merged cell: Excel shows it blank too
+                continue
+            cells.extend([""] * (index + 1 - len(cells)))
+            if not cells[index]:
+                cells[index] = value
+        filled.append(ref)
+    if not filled:
+        return None
+    shown = ", ".join(filled[:10]) + (f" and {len(filled) - 10} more" if len(filled) > 10 else "")
+    return RowProblem(1, None, f"merged cells {shown} give their value to every row they span",
+                      "merged_cells_filled", {"ranges": shown})
 
 
 # Shared --------------------------------------------------------------------------------------------
@@ -820,9 +1073,10 @@ PROBLEM_CODES = (
     "not_yes_no", "below_minimum", "above_maximum", "text_too_long", "seed_out_of_range", "not_a_choice",
     "not_a_file_name", "cell_too_long", "photo_not_named", "photo_unreadable", "photo_too_many_pixels",
     "photo_type_unsupported", "photo_not_uploaded", "excel_rounded", "inexact_number", "not_finite", "excel_error",
-    "formula_without_value", "not_a_cell_value",
+    "formula_without_value", "not_a_cell_value", "decimal_comma_unexpected",
     # about the sheet as a whole (row 1): Sheet.notes
-    "looks_like_gb18030", "column_unnamed",
+    "looks_like_gb18030", "column_unnamed", "read_as_code_page", "read_decimal_comma",
+    "merged_cells_filled",
 )
 
 
@@ -834,12 +1088,13 @@ class CellValueError(ValueError):
         self.code, self.params = code, params
 
 
-def parse_integer(text: str) -> int:
+def parse_integer(text: str, decimal_comma: bool = False) -> int:
     """An exact integer from text: ``12345``, ``12345.0``, ``1.2345E+4``. Never goes through a float.
+    With ``decimal_comma`` (the sheet writes numbers 7,5), ``1.024`` is 1024 and ``12345,0`` is 12345.
 
     Raises ValueError (with a user-facing reason) for ``12345.5``, ``abc``, ``inf``.
     """
-    cleaned = text.strip().replace("\u00a0", "").replace(" ", "")
+    cleaned = decimal_comma_number(text) if decimal_comma else _NUMBER_SPACES.sub("", text.strip())
     not_whole = CellValueError("not_whole_number", f"'{_short(text)}' is not a whole number", value=_short(text))
     try:
         number = Decimal(cleaned)
@@ -874,15 +1129,28 @@ def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _check_range(field: "TemplateField", value: float | int) -> None:
+def _check_range(field: "TemplateField", value: float | int, written: str = "") -> None:
+    shown = str(value)
+    if written and not _reads_plainly_as(written, value):  # 1.024 read with a decimal comma: say both
+        shown = f"'{_short(written.strip())}' (read as {value})"
     if field.min is not None and value < field.min:
-        raise CellValueError("below_minimum", f"{value} is below the minimum {field.min}", value=value, min=field.min)
+        raise CellValueError("below_minimum", f"{shown} is below the minimum {field.min}", value=value, min=field.min)
     if field.max is not None and value > field.max:
-        raise CellValueError("above_maximum", f"{value} is above the maximum {field.max}", value=value, max=field.max)
+        raise CellValueError("above_maximum", f"{shown} is above the maximum {field.max}", value=value, max=field.max)
 
 
-def coerce_cell(field: "TemplateField", text: str) -> Any:
-    """Convert one non-blank cell by its field's type. Raises ValueError with the reason shown to users."""
+def _reads_plainly_as(written: str, value: float | int) -> bool:
+    try:
+        return Decimal(_NUMBER_SPACES.sub("", written.strip())) == Decimal(str(value))
+    except InvalidOperation:
+        return False
+
+
+def coerce_cell(field: "TemplateField", text: str, decimal_comma: bool = False) -> Any:
+    """Convert one non-blank cell by its field's type. Raises ValueError with the reason shown to users.
+
+    ``decimal_comma``: the sheet writes numbers with a decimal comma (:attr:`Sheet.decimal_comma`).
+    """
     kind = field.type
     if kind in ("string", "text"):
         if kind == "string" and field.max is not None and len(text) > field.max:
@@ -890,33 +1158,39 @@ def coerce_cell(field: "TemplateField", text: str) -> Any:
                                  length=len(text), max=int(field.max))
         return text
     if kind == "int":
-        value = parse_integer(text)
-        _check_range(field, value)
+        value = parse_integer(text, decimal_comma)
+        _check_range(field, value, text)
         return value
     if kind == "seed":
-        value = parse_integer(text)
+        value = parse_integer(text, decimal_comma)
         if not 0 <= value <= SEED_MAX:
             raise CellValueError("seed_out_of_range", f"seed {value} is outside 0 … {SEED_MAX} (2^64−1)",
                                  value=value, max=SEED_MAX)
         _check_range(field, value)
         return value
     if kind == "float":
-        cleaned = text.strip()
+        cleaned = decimal_comma_number(text) if decimal_comma else text.strip()
         try:
             number = Decimal(cleaned)
         except InvalidOperation:
+            if _SURELY_COMMA.fullmatch(_NUMBER_SPACES.sub("", text.strip())):
+                # a decimal comma in a sheet whose other numbers have points (or no sign of either)
+                raise CellValueError(
+                    "decimal_comma_unexpected", f"'{_short(text)}' is written with a decimal comma, but this "
+                    f"sheet's numbers use a decimal point; write it as {decimal_comma_number(text)}",
+                    value=_short(text), number=decimal_comma_number(text)) from None
             raise CellValueError("not_a_number", f"'{_short(text)}' is not a number", value=_short(text)) from None
         if not number.is_finite():
             raise CellValueError("not_a_number", f"'{_short(text)}' is not a finite number", value=_short(text))
         value = float(number)
         if not math.isfinite(value):
             raise CellValueError("too_large", f"'{_short(text)}' is too large a number", value=_short(text))
-        _check_range(field, value)
+        _check_range(field, value, text)
         return value
     if kind == "bool":
         return parse_bool(text)
     if kind == "choice":
-        choice = _match_choice(field.choices, text)
+        choice = _match_choice(field.choices, decimal_comma_number(text) if decimal_comma else text)
         if choice is not None:
             return choice
         choices = ", ".join(map(str, field.choices))
@@ -998,7 +1272,7 @@ def validate_rows(
     reports: list[RowReport] = []
     for row in sheet.rows:
         raw = {name: row.cells.get(column, "") for name, column in column_map.items()}
-        values, problems = template.coerce_row(raw, row.number)
+        values, problems = template.coerce_row(raw, row.number, decimal_comma=sheet.decimal_comma)
         if images is not None:
             problems += _image_problems(template, values, images, row.number)
         # Problems speak of the sheet's own column spelling.
@@ -1028,9 +1302,10 @@ def _image_problems(
 
 
 def coerce_fields(
-    fields: Iterable["TemplateField"], raw: Mapping[str, str], row_number: int
+    fields: Iterable["TemplateField"], raw: Mapping[str, str], row_number: int, decimal_comma: bool = False
 ) -> tuple[dict[str, Any], list[RowProblem]]:
-    """Typed values and problems for one row; ``raw`` maps field names (any case) to cell text.
+    """Typed values and problems for one row; ``raw`` maps field names (any case) to cell text, with numbers
+    written with a decimal comma where ``decimal_comma`` says so (:attr:`Sheet.decimal_comma`).
 
     A blank optional cell takes the field's declared default; a blank ``seed`` or ``checkpoint`` without
     a default is left out so the batch seed / the engine's default checkpoint apply.
@@ -1049,7 +1324,7 @@ def coerce_fields(
                 values[f.name] = f.default
             continue
         try:
-            values[f.name] = coerce_cell(f, text)
+            values[f.name] = coerce_cell(f, text, decimal_comma)
         except CellValueError as exc:
             problems.append(RowProblem(row_number, f.name, str(exc), exc.code, exc.params))
         except ValueError as exc:

@@ -49,7 +49,7 @@ def _placeholders(template: str) -> set[str]:
 _NAMES = {"csv", "xlsx", "xlsm", "xls", "tsv", "txt", "excel", "utf", "gb18030", "gbk", "mib", "kib", "zip", "xml", "doctype",
           "png", "jpg", "jpeg", "webp", "json", "jinja", "workflow", "template", "sd35_demo_tiny", "nan", "vae", "gpu",
           "saveimage", "previewimage", "loadimage", "lora", "controlnet", "yyyy", "filename_pattern", "class_type",
-          "inputs", "api"}
+          "inputs", "api", "ods", "opendocument", "libreoffice", "openoffice", "calc", "apple", "numbers"}
 
 
 def _english_words(text: str) -> list[str]:
@@ -317,13 +317,13 @@ SHEETS_REFUSED = [
      ("“rows.csv”的扩展名是 .csv，但它是 zip 压缩包（可能是 Excel 工作簿），不是 CSV 文本；请改名为 .xlsx，"
       "或在 Excel 中另存为“CSV UTF-8（逗号分隔）”")),
     ("rows.csv", b"prompt\n\xff\xff\xff\n", {}, "sheet_encoding_unknown",
-     "无法按 UTF-8 或 GB18030/GBK 读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
+     "无法按 UTF-8、GB18030/GBK、“Windows-1252”或“MacRoman”编码读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
     ("rows.csv", b"\xff\xfea", {}, "sheet_utf16_invalid",
      "文件以 UTF-16 标记开头，但内容不是有效的 UTF-16；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”"),
     ("rows.csv", b'prompt\na cat\n"a dog" on a mat\n', {}, "sheet_csv_unparsable",
      "第 3 行无法按 CSV 读取：请检查该行是否有未闭合的引号，或引号后紧跟着其他文字"),
     ("rows.xlsx", _zip({"word/document.xml": b"<w/>"}), {}, "workbook_not_excel",
-     "文件是 zip 压缩包，但不是 Excel 工作簿（没有 xl/workbook.xml）"),
+     "文件是 zip 压缩包，但不是 Excel 工作簿（没有 xl/workbook.xml）；支持：.csv、.xlsx"),
     ("rows.xlsx", _zip({f"xl/{n}.xml": b"<x/>" for n in range(5)}), {"max_zip_members": 3},
      "workbook_too_many_parts", "工作簿有 5 个部件，上限为 3"),
     ("rows.xlsx", _zip({"xl/big.xml": b"<x>" + b" " * 3_000_000 + b"</x>"}), {"max_decompressed_bytes": 2 * 1048576},

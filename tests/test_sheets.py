@@ -507,6 +507,11 @@ def test_every_cell_problem_carries_a_documented_code_whose_chinese_words_take_i
     problems += read_sheet(workbook, "rows.xlsx").problems
     problems += read_sheet(io.BytesIO(b"prompt,,\na,b,\n"), "unnamed.csv").problems
     problems += read_sheet(io.BytesIO("prompt,seed\n一只猫,1\n".encode("gb18030")), "gbk.csv").problems
+    # European Excel: a Windows-1252 CSV, decimal commas in a ';' file, and one in a sheet of decimal points
+    problems += read_sheet("prompt;cfg\nMüller;7,5\n".encode("cp1252"), "de.csv").problems
+    problems += coerce_fields(fields, {"prompt": "a", "style": "x", "cfg": "7,5"}, 6)[1]
+    problems += read_sheet(xlsx_bytes([["prompt", "cfg"], ["a", 7], ["b", None]],
+                                      mutate=lambda ws: ws.merge_cells("B2:B3")), "merged.xlsx").problems
 
     produced = {p.code for p in problems}
     assert produced == set(PROBLEM_CODES), f"never produced: {set(PROBLEM_CODES) - produced}"
@@ -567,3 +572,115 @@ def test_xlsx_dates_read_as_the_cell_shows_them():
     data = xlsx_bytes([["prompt", "launch"], ["a", datetime.date(2024, 1, 5)],
                        ["b", datetime.datetime(2024, 1, 5, 14, 30)]])
     assert [r.cells["launch"] for r in read_sheet(data, "rows.xlsx").rows] == ["2024-01-05", "2024-01-05 14:30:00"]
+
+
+# European Excel, Excel for Mac, LibreOffice ----------------------------------------------------------
+
+
+def test_a_semicolon_csv_reads_decimal_commas_and_thousands_points_with_a_note(template):
+    # German Excel's "CSV (Trennzeichen-getrennt)": ';' between cells because ',' is the decimal mark
+    text = "prompt;cfg;steps;seed\nKatze;7,5;20;1.234.567\nHund;12;1.024;12345,0\nMaus;0,25;;\n"
+    sheet = read_sheet(text.encode(), "de.csv")
+    assert sheet.decimal_comma
+    report = report_for(sheet, template)
+    assert report[2].ok and report[2].values["cfg"] == 7.5 and report[2].values["seed"] == 1234567
+    assert report[3].values["seed"] == 12345
+    (problem,) = report[3].problems  # read as German Excel shows it, and the message says both
+    assert problem.column == "steps" and "'1.024' (read as 1024) is above the maximum 50" in problem.reason
+    assert report[4].values["cfg"] == 0.25
+    (note,) = sheet.notes
+    assert "decimal comma" in note and "';' separators" in note and "'7,5' (row 2, column 'cfg') is read as 7.5" in note
+    # the text of a text field stays as written
+    assert report[2].values["prompt"] == "Katze" and sheet.rows[0].cells["cfg"] == "7,5"
+
+
+def test_decimal_commas_are_read_where_the_files_numbers_show_them_and_refused_among_decimal_points(template):
+    # Excel's "Unicode Text" from a German Excel: tabs, and numbers as German Excel shows them
+    sheet = read_sheet("prompt\tcfg\r\nKatze\t7,5\r\n".encode("utf-16"), "de.txt")
+    assert validate_rows(sheet, template).rows[0].values["cfg"] == 7.5 and sheet.notes
+    # a ';' file whose numbers have decimal points is no decimal-comma file: 0.125 stays 0.125, no note
+    sheet = read_sheet(b"prompt;cfg\na;7.25\nb;0.125\n", "points.csv")
+    assert not sheet.decimal_comma and sheet.notes == []
+    assert [r.values["cfg"] for r in validate_rows(sheet, template).rows] == [7.25, 0.125]
+    # both marks in one sheet: the odd one is refused, saying how to write it
+    report = report_for(read_sheet(b'prompt,cfg\na,7.25\nb,"7,5"\n', "mixed.csv"), template)
+    (problem,) = report[3].problems
+    assert problem.code == "decimal_comma_unexpected" and "write it as 7.5" in problem.reason
+
+
+def test_an_excel_sep_line_sets_the_delimiter_and_is_not_a_row():
+    for text in ("sep=;\r\nprompt;cfg\r\nKatze;7\r\n", "sep=,\nprompt,cfg\nKatze,7\n", "sep=\t\nprompt\tcfg\nKatze\t7\n"):
+        sheet = read_sheet(text.encode(), "rows.csv")
+        assert sheet.columns == ["prompt", "cfg"], text
+        assert [(r.number, r.cells) for r in sheet.rows] == [(2, {"prompt": "Katze", "cfg": "7"})]
+
+
+@pytest.mark.parametrize("encoding, name", [("cp1252", "Windows-1252"), ("mac_roman", "MacRoman")])
+def test_western_european_code_pages_are_read_as_such_not_as_chinese(encoding, name):
+    # what German/French Excel for Windows, and Excel for Mac, save as plain "CSV"
+    lines = ["Müller Tasse", "Straße 10 €", "Crème brûlée", "l’été à Paris", "Zoë Björk", "Ação rápida"]
+    data = ("prompt\n" + "\n".join(lines) + "\n").encode(encoding)
+    sheet = read_sheet(data, "rows.csv")
+    assert [r.cells["prompt"] for r in sheet.rows] == lines
+    assert sheet.encoding == encoding
+    (note,) = sheet.notes
+    assert name in note and "Müller Tasse" in note and "CSV UTF-8" in note
+    for single in lines:  # one word alone is enough to tell
+        assert read_sheet(f"prompt\n{single}\n".encode(encoding), "rows.csv").rows[0].cells["prompt"] == single
+    # Chinese Excel's GBK keeps being read as Chinese
+    for chinese in ("一只猫在沙发上", "iPhone手机壳", "他说“你好”。", "咖啡杯（白色）"):
+        assert read_sheet(f"prompt\n{chinese}\n".encode("gb18030"), "rows.csv").rows[0].cells["prompt"] == chinese
+
+
+def _zip_of(members):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, name, code, words", [
+    # Excel's "Encrypt with Password" writes the .xlsx inside an OLE compound file, as an old .xls is
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 504 + "EncryptedPackage".encode("utf-16-le") + b"\x00" * 64,
+     "prices.xlsx", "sheet_password_protected", "protected with a password"),
+    (_zip_of({"mimetype": "application/vnd.oasis.opendocument.spreadsheet", "content.xml": "<office:document/>"}),
+     "rows.ods", "sheet_opendocument", "OpenDocument spreadsheet"),
+    (_zip_of({"mimetype": "application/vnd.oasis.opendocument.spreadsheet", "content.xml": "<office:document/>"}),
+     "rows.xlsx", "sheet_opendocument", "OpenDocument spreadsheet"),  # renamed: the content says what it is
+    (_zip_of({"Index/Document.iwa": b"\x00\x01", "Metadata/Properties.plist": "<plist/>"}), "rows.numbers",
+     "sheet_apple_numbers", "Apple Numbers"),
+    (_zip_of({"photos/a.png": b"x"}), "rows.xlsx", "workbook_not_excel", "supported: .csv, .xlsx"),
+])
+def test_spreadsheets_of_other_programs_are_refused_naming_what_to_save_them_as(data, name, code, words):
+    with pytest.raises(SheetError) as info:
+        read_sheet(data, name)
+    assert info.value.code == code and words in info.value.message
+    assert ".xlsx" in info.value.message and ("CSV" in info.value.message or ".csv" in info.value.message)
+
+
+def test_a_hidden_first_worksheet_is_not_the_one_read():
+    # a hidden sheet of drop-down lists first in the workbook; the user sees (and filled) "Products"
+    def hide_first(ws):
+        ws.sheet_state = "hidden"
+
+    data = xlsx_bytes([["sampler"], ["euler"]], sheet_title="Lists", mutate=hide_first,
+                      extra_sheets={"Products": [["prompt", "cfg"], ["Katze", 7]]})
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.sheet_name == "Products" and sheet.rows[0].cells == {"prompt": "Katze", "cfg": "7"}
+    assert read_sheet(data, "rows.xlsx", sheet_name="Lists").columns == ["sampler"]  # still readable by name
+
+
+def test_cells_merged_down_a_column_give_their_value_to_each_row_with_a_note(template):
+    def merge(ws):
+        ws.merge_cells("B2:B4")  # one cfg for three products, as the user sees it
+        ws.merge_cells("A6:C6")  # across columns: left as Excel's CSV export leaves it
+
+    data = xlsx_bytes([["prompt", "cfg", "steps"], ["a", 7, 10], ["b", None, 11], ["c", None, 12], ["d", 8, 13],
+                       ["e", None, None]], mutate=merge)
+    sheet = read_sheet(data, "rows.xlsx")
+    report = report_for(sheet, template)
+    assert [report[n].values["cfg"] for n in (2, 3, 4, 5)] == [7.0, 7.0, 7.0, 8.0]
+    assert report[6].values["steps"] == 20  # not filled from A6
+    (note,) = sheet.notes
+    assert "B2:B4" in note and "A6:C6" not in note

@@ -513,7 +513,13 @@ PROBLEMS_ZH: dict[str, str] = {
     "looks_like_gb18030": "文件按 UTF-8 读取，但其中的文字按 GB18030/GBK 读才是中文（例如“{sample}”）；"
     "如果是中文版 Excel 保存的，请另存为“CSV UTF-8（逗号分隔）”后重新上传",
     "column_unnamed": "第 1 行中 {column} 列没有列名，该列的 {count} 个值已忽略",
+    "read_as_code_page": "文件不是 UTF-8 编码，已按 {encoding} 读取（例如“{sample}”）；如果文字显示不对，"
+    "请另存为“CSV UTF-8”后重新上传",
+    "merged_cells_filled": "合并单元格 {ranges} 的值用于其跨越的每一行",
+    "read_decimal_comma": "数字列按小数逗号读取：第 {row} 行“{column}”列的“{written}”读作 {value}；"
+    "点号表示千位分隔（“1.024”即 1024）",
     "not_a_cell_value": "单元格只能是一个值（文本、数字、true/false 或 null），不能是 JSON {type}",
+    "decimal_comma_unexpected": "“{value}”使用了小数逗号，但本表格的数字使用小数点；请写成 {number}",
 }
 PROBLEM_TABLES: dict[str, dict[str, str]] = {"zh": PROBLEMS_ZH}
 
@@ -522,6 +528,10 @@ ERRORS_ZH: dict[str, str] = {
     "sheet_empty": "表格文件“{file}”是空的",
     "sheet_too_large": "表格文件有 {size_mib} MiB，上限为 {limit_mib} MiB",
     "sheet_old_excel": "“{file}”是旧版 Excel 97-2003 工作簿（.xls）；请另存为 .xlsx（Excel 工作簿）或 CSV",
+    "sheet_password_protected": "“{file}”设置了密码（已加密），无法读取；请在 Excel 中取消密码后保存，再重新上传",
+    "sheet_opendocument": "“{file}”是 OpenDocument 表格（.ods，来自 LibreOffice 或 OpenOffice）；请在 Calc 中另存为"
+    " .xlsx 或 CSV 后上传",
+    "sheet_apple_numbers": "“{file}”是 Apple Numbers 文稿；请在 Numbers 中导出为 Excel（.xlsx）或 CSV 后上传",
     "sheet_not_a_spreadsheet": "“{file}”既不是 CSV 文本也不是 XLSX 工作簿；支持：.csv、.xlsx",
     "sheet_type_unsupported": "“{file}”：不支持的文件类型“{extension}”；支持：.csv、.tsv、.txt、.xlsx、.xlsm",
     "sheet_no_header": "第 1 行必须是列名，但它是空的",
@@ -536,11 +546,11 @@ ERRORS_ZH: dict[str, str] = {
     "请改名为 .xlsx，或在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
     "sheet_utf16_invalid": "文件以 UTF-16 标记开头，但内容不是有效的 UTF-16；"
     "请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
-    "sheet_encoding_unknown": "无法按 UTF-8 或 GB18030/GBK 读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
+    "sheet_encoding_unknown": "无法按 UTF-8、GB18030/GBK、“Windows-1252”或“MacRoman”编码读取该 CSV 文件；请在 Excel 中另存为“CSV UTF-8（逗号分隔）”",
     "sheet_csv_unparsable": "第 {row} 行无法按 CSV 读取：请检查该行是否有未闭合的引号，或引号后紧跟着其他文字",
     "workbook_damaged": "工作簿无法打开（文件已损坏，或不是 .xlsx）",
     "workbook_too_many_parts": "工作簿有 {count} 个部件，上限为 {limit}",
-    "workbook_not_excel": "文件是 zip 压缩包，但不是 Excel 工作簿（没有 xl/workbook.xml）",
+    "workbook_not_excel": "文件是 zip 压缩包，但不是 Excel 工作簿（没有 xl/workbook.xml）；支持：.csv、.xlsx",
     "workbook_unpacks_too_large": "工作簿解压后超过 {limit_mib} MiB（疑似压缩炸弹），已拒绝",
     "workbook_part_compressed": "工作簿部件“{member}”的压缩比为 {ratio}:1，上限为 {limit}:1（疑似压缩炸弹），已拒绝",
     "workbook_xml_entities": "工作簿部件“{member}”声明了 XML 实体（DOCTYPE），疑似 XML 炸弹，已拒绝",
