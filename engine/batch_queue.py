@@ -3,14 +3,17 @@ thread (GPU concurrency 1), with a live :class:`BatchProgress` snapshot per batc
 Closing a browser tab does not stop a batch: the queue owns it.
 
 Listeners get every :class:`BatchEvent` of the batches it runs, plus the queue's own: ``batch_queued``
-(submitted), ``batch_cancelled`` (taken off the queue before it ran) and ``batch_failed`` (the run itself
-raised). A batch's progress already shows its final state when its ``batch_done`` reaches listeners, so
-anyone counting the queue from a listener never counts a finished batch as waiting. ``batch_queued`` and
-``batch_cancelled`` are published on the caller's thread (a web request): listeners must not block on them.
+(submitted), ``batch_cancelled`` (taken off the queue before it ran, or while it waited for storage),
+``batch_failed`` (the run itself raised) and ``batch_waiting_for_storage`` (stopped by its disk: not over,
+it runs again by itself once there is space). A batch's progress already shows its final state when its
+``batch_done`` reaches listeners, so anyone counting the queue from a listener never counts a finished
+batch as waiting. ``batch_queued`` and ``batch_cancelled`` are published on the caller's thread (a web
+request): listeners must not block on them.
 
 A batch stopped by a full or unwritable disk (:mod:`engine.storage`) is ``waiting_for_storage``: its progress
 keeps the error's code and the time of its next try (``retry_at``), which backs off while the problem
-lasts; :meth:`BatchQueue.ready_to_retry` says when whoever resumes batches may submit it again.
+lasts; :meth:`BatchQueue.ready_to_retry` says when whoever resumes batches may submit it again, and
+:meth:`BatchQueue.waiting_for_storage` lists such batches (still to run, though on no queue for now).
 """
 
 from __future__ import annotations
@@ -136,6 +139,12 @@ class BatchQueue:
         with self._lock:
             return list(self._order)
 
+    def waiting_for_storage(self) -> list[str]:
+        """Batches a full or unwritable disk stopped, in the order they were submitted: not over (they run
+        again by themselves once there is space, or are cancelled), though neither running nor queued now."""
+        with self._lock:
+            return [b for b, p in self._progress.items() if p.state == "waiting_for_storage"]
+
     def cancel(self, batch_id: str) -> str:
         """Stop a running batch between sampler steps, or take a waiting one off the queue.
 
@@ -252,7 +261,9 @@ class BatchQueue:
         log.warning("batch %s is waiting for disk space: %s has %s bytes free (%s, try %d); next try in %s%s. %s",
                     batch_id, folder, "unknown" if free is None else free, exc.code, failures, _minutes(delay),
                     ", or as soon as there is space" if seen else "", exc.message)
-        self._publish(BatchEvent("batch_failed", batch_id, error=progress.error))
+        # Not batch_failed: the batch has not ended, and whoever follows it (a ComfyUI client) must not be
+        # told it did, only to see it finish later.
+        self._publish(BatchEvent("batch_waiting_for_storage", batch_id, error=progress.error))
 
     @staticmethod
     def _finish(progress: BatchProgress, summary: Any) -> None:

@@ -715,8 +715,9 @@ class BatchLedger:
     def ended_batches(
         self, template_name: str, limit: int | None = None, include_hidden: bool = False
     ) -> list[dict[str, Any]]:
-        """Batches of ``template_name`` that have ended: no row waits or runs, and at least one row ran (a
-        batch taken off the queue before it started never ran). Most recently ended first, at most
+        """Batches of ``template_name`` that have ended: no row waits or runs, and at least one row ran, or
+        the batch began and was cancelled after a full disk stopped it (a batch taken off the queue before
+        it started never ran). Most recently ended first, at most
         ``limit``; batches hidden from history are left out unless ``include_hidden``."""
         hidden = "" if include_hidden else "AND b.id NOT IN (SELECT batch_id FROM hidden_history)"
         sql = f"""
@@ -724,7 +725,8 @@ class BatchLedger:
             WHERE b.template_name = ? {hidden}
             GROUP BY b.id
             HAVING sum(g.status IN ('queued', 'running')) = 0
-               AND sum(g.status IN ('done', 'failed', 'timed_out') OR (g.status = 'cancelled' AND g.started_at IS NOT NULL)) > 0
+               AND sum(g.status IN ('done', 'failed', 'timed_out')
+                       OR (g.status = 'cancelled' AND coalesce(g.started_at, b.started_at) IS NOT NULL)) > 0
             ORDER BY ended_at DESC, b.id DESC
         """
         params: list[Any] = [template_name]

@@ -11,6 +11,15 @@ spreadsheet batches, and its images land in ``<outputs>/<prompt_id>/`` (previews
 Where this server cannot do what ComfyUI does it says so rather than pretend: ``executed`` messages are sent
 when the prompt's images are on disk (the end of its row), not as each output node finishes, because the
 PNGs are encoded off the GPU thread and stored with the ledger row; a /view URL sent earlier could 404.
+
+A prompt that a full or unwritable disk stops (before it runs, or when its image cannot be written) is not
+over: the engine runs it again by itself once there is space. ComfyUI has no message for that, so a client
+is told only what ComfyUI would tell of a prompt that waits its turn: it is listed in ``/queue`` as pending
+(and counted in ``queue_remaining``, sent in a ``status`` message), it has no ``/history`` entry and no
+end-of-prompt message is sent, until it really ends: ``executed``, ``execution_success`` and ``executing``
+with node null when it completes, or, deleted from the queue or interrupted by its id while it waits,
+``execution_interrupted`` when it had begun executing (nothing, as for any pending prompt, when it had not).
+The server's log says why it waits.
 """
 
 # No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
@@ -54,7 +63,10 @@ MAXIMUM_HISTORY_SIZE = 10000  # ComfyUI's: /history lists at most the last this 
 MAX_REMEMBERED_PROMPTS = 1000  # prompt bodies kept for /queue and /history; older ones are read from the ledger
 VIEW_TYPES = ("output", "temp", "input")
 # Queue events after which every socket is told the queue's new length (ComfyUI's queue_updated).
-QUEUE_EVENTS = {"batch_queued", "batch_started", "batch_done", "batch_cancelled", "batch_failed"}
+QUEUE_EVENTS = {"batch_queued", "batch_started", "batch_done", "batch_cancelled", "batch_failed",
+                "batch_waiting_for_storage"}
+# Queue states of a batch that is not over: a prompt in one of them is in /queue and has no history yet.
+UNFINISHED_STATES = {"queued", "running", "waiting_for_storage"}
 # The ComfyUI release whose API this server answers like (clients gate features on this version).
 COMFYUI_COMPAT_VERSION = "0.3.64"
 # Credentials ComfyUI's front end puts into a prompt's extra_data for its paid API nodes (a comfy.org key or
@@ -200,7 +212,7 @@ class ComfyBridge:
             if excess <= 0:
                 break
             progress = self.services.queue.status(prompt_id)
-            if progress is None or progress.state not in {"queued", "running"}:
+            if progress is None or progress.state not in UNFINISHED_STATES:
                 del self.prompts[prompt_id]
                 excess -= 1
 
@@ -226,7 +238,8 @@ class ComfyBridge:
         if not rows or rows[0].status not in FINISHED:
             return None
         row = rows[0]
-        if row.status == "cancelled" and row.started_at is None:
+        began_at = row.started_at or batch.get("started_at")  # a full disk stopping the row clears its start
+        if row.status == "cancelled" and began_at is None:
             return None  # deleted from the queue before it ran: ComfyUI keeps no history of it
         meta = self.prompts.get(prompt_id) or {}
         workflow = row.workflow or {}
@@ -234,8 +247,8 @@ class ComfyBridge:
         for image in self.images_of(row):
             outputs.setdefault(image.pop("node_id") or "output", {"images": []})["images"].append(image)
         # When it ran, as the ledger recorded it. A row refused before it ran has no start: it ended then.
-        finished_at = row.finished_at or row.started_at
-        started = {"prompt_id": prompt_id, "timestamp": _ledger_ms(row.started_at or finished_at)}
+        finished_at = row.finished_at or began_at
+        started = {"prompt_id": prompt_id, "timestamp": _ledger_ms(began_at or finished_at)}
         ended = {"prompt_id": prompt_id, "timestamp": _ledger_ms(finished_at)}
         if row.status == "done":
             messages = [["execution_start", started], ["execution_success", ended]]
@@ -301,11 +314,12 @@ class ComfyBridge:
 
         Spreadsheet batches share the queue with prompts, so they are listed too (a client then sees what
         its prompt waits for): as items with an empty prompt, no outputs and the batch in ``extra_data``.
+        Batches waiting for disk space come last among the pending ones: they run again by themselves.
         """
         queue = self.services.queue
-        running, pending = queue.running(), queue.queued()
+        running, pending = queue.running(), queue.queued() + queue.waiting_for_storage()
         return {"queue_running": [self._queue_item(b) for b in running],
-                "queue_pending": [self._queue_item(b) for b in pending if b not in running]}
+                "queue_pending": [self._queue_item(b) for b in dict.fromkeys(pending) if b not in running]}
 
     def _queue_item(self, batch_id: str) -> list[Any]:
         meta = self.prompts.get(batch_id)
@@ -321,8 +335,15 @@ class ComfyBridge:
         return [p for p in self.services.queue.running() if p in self.prompts]
 
     def pending_ids(self) -> list[str]:
-        """The ComfyUI prompts waiting now (what POST /queue may delete; a spreadsheet batch never)."""
-        return [p for p in self.services.queue.queued() if p in self.prompts]
+        """The ComfyUI prompts waiting now, for their turn or for disk space (what POST /queue may delete; a
+        spreadsheet batch never)."""
+        queue = self.services.queue
+        return [p for p in queue.queued() + queue.waiting_for_storage() if p in self.prompts]
+
+    def waiting_for_storage_ids(self) -> list[str]:
+        """The ComfyUI prompts a full or unwritable disk holds up (an /interrupt naming one ends its wait: its
+        client may have seen it begin)."""
+        return [p for p in self.services.queue.waiting_for_storage() if p in self.prompts]
 
     def queue_remaining(self) -> int:
         state = self.queue_state()
@@ -384,6 +405,16 @@ class ComfyBridge:
         if event.kind in {"batch_done", "batch_failed"}:
             # As ComfyUI's worker: the queue's status first, then the prompt's end, executing with node null.
             return [finished]
+        if event.kind == "batch_cancelled":
+            # Deleted while it waited: a prompt that had begun executing (then a full disk stopped it) ends as
+            # interrupted, as in its history; one that never began leaves the queue without a word, as in ComfyUI.
+            entry = self.history_entry(pid)
+            if entry is None:
+                return []
+            kind, data = entry["status"]["messages"][-1]
+            return [{"type": kind, "data": data}, finished]
+        # batch_waiting_for_storage: the prompt is not over (it runs again once there is space); the status
+        # message already told every socket the queue changed, and ComfyUI has no word for the rest.
         return []
 
     def status_message(self) -> dict[str, Any]:
@@ -610,7 +641,9 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
     @router.post("/interrupt")
     async def post_interrupt(request: Request, caller: Any = user) -> Any:
         wanted = (await _json_object(request)).get("prompt_id")
-        for prompt_id in bridge.running_ids():
+        # A prompt a full disk holds up is stopped only when named: it is not what runs now.
+        named = [wanted] if wanted in bridge.waiting_for_storage_ids() else []
+        for prompt_id in bridge.running_ids() + named:
             if (wanted is None or wanted == prompt_id) and handlers.may_control(services, caller, prompt_id):
                 services.queue.cancel(prompt_id)
         return {}
