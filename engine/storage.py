@@ -14,6 +14,7 @@ at most 30), and sooner as soon as the probe that saw the problem no longer sees
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -93,7 +94,9 @@ def probe_folder(folder: str | os.PathLike[str], needed_bytes: int) -> StoragePr
 
 def expected_image_bytes(rows: list[Any], sample: int = 20) -> int:
     """How large the next image of a batch is likely to be: the largest of its latest finished images, else
-    width x height x 3 of its largest pending row (an unencoded RGB image), else a 1024x1024 one."""
+    what its largest pending row writes: width x height x 3 (an unencoded RGB image) and the text its PNG
+    carries (the workflow as ComfyUI's ``prompt`` chunk and a client's extras such as the UI workflow, which
+    ComfyUI's page sends at hundreds of KB, more than a small picture), else a 1024x1024 image."""
     sizes = []
     for row in [r for r in rows if r.status == "done" and r.image_path][-sample:]:
         try:
@@ -102,8 +105,18 @@ def expected_image_bytes(rows: list[Any], sample: int = 20) -> int:
             continue
     if sizes:
         return max(sizes)
-    pixels = [width * height for row in rows if row.status != "done" for width, height in _latent_sizes(row.workflow)]
-    return 3 * max(pixels) if pixels else DEFAULT_IMAGE_BYTES
+    pending = [(max((w * h for w, h in _latent_sizes(row.workflow)), default=0), row) for row in rows
+               if row.status != "done"]
+    sized = [3 * pixels + _png_text_bytes(row) for pixels, row in pending if pixels]
+    return max(sized) if sized else DEFAULT_IMAGE_BYTES
+
+
+def _png_text_bytes(row: Any) -> int:
+    """The bytes of the text chunks a row's PNG will hold (as ``engine.nodes.image.png_bytes`` writes them:
+    one JSON-encoded chunk per key, uncompressed as ComfyUI writes them)."""
+    extra = (getattr(row, "row_values", None) or {}).get("png_extra")
+    chunks = [row.workflow, *(extra.values() if isinstance(extra, dict) else ())]
+    return sum(len(json.dumps(chunk).encode()) for chunk in chunks if chunk is not None)
 
 
 def _latent_sizes(workflow: Any) -> list[tuple[int, int]]:

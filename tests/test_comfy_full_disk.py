@@ -58,23 +58,31 @@ def fill(disk: Path, leave: int) -> Path:
 
 
 def submit_on_full_disk(server, when: str) -> tuple[str, Path]:
-    """Queue a prompt that a full disk stops ``before`` it runs (no room for its images) or ``writing`` its
-    image (room for what its size promises, not for the UI workflow its client puts into the PNG, as
-    ComfyUI's page does); returns its id, once it waits for space, and the file that fills the disk."""
+    """Queue a prompt that a full disk stops ``before`` it runs (no room for its images), ``before_text`` it
+    runs (room for its picture, not for the UI workflow its client puts into the PNG, as ComfyUI's page
+    does), or ``writing`` its image (the disk fills up while it samples); returns its id, once it waits for
+    space, and the file that fills the disk."""
     body = {"prompt": example_prompt(), "client_id": "disk-client"}
+    filled: list[Path] = []
     if when == "before":
-        filler = fill(server.disk, 8 * 1024)
-    else:
-        filler = fill(server.disk, 64 * 1024)
+        filled.append(fill(server.disk, 8 * 1024))
+    elif when == "before_text":
+        filled.append(fill(server.disk, 64 * 1024))
         noise = base64.b64encode(random.Random(7).randbytes(200_000)).decode()  # PNG text: ~270 KB
         body["extra_data"] = {"extra_pnginfo": {"workflow": {"nodes": [], "links": [], "note": noise}}}
+    else:
+        def fill_while_sampling(event):  # another writer takes the space once the prompt has begun
+            if event.kind == "node" and not filled:
+                filled.append(fill(server.disk, 8 * 1024))
+
+        server.services.queue.listeners.append(fill_while_sampling)
     answer = server.http.post("/prompt", json=body)
     assert answer.status_code == 200, answer.text
     prompt_id = answer.json()["prompt_id"]
     progress = server.services.queue.wait(prompt_id, 120)
     assert progress.state == "waiting_for_storage"
-    assert progress.error_code == ("batch_waiting_for_storage" if when == "before" else "batch_stopped_by_storage")
-    return prompt_id, filler
+    assert progress.error_code == ("batch_stopped_by_storage" if when == "writing" else "batch_waiting_for_storage")
+    return prompt_id, filled[0]
 
 
 def ends(messages: list[dict], prompt_id: str) -> list[str]:
@@ -107,7 +115,7 @@ def assert_still_to_run(server, prompt_id: str) -> None:
     assert "waiting for disk space" in view.status_line and not view.finished
 
 
-@pytest.mark.parametrize("when", ["before", "writing"])
+@pytest.mark.parametrize("when", ["before", "before_text", "writing"])
 def test_a_prompt_stopped_by_a_full_disk_stays_queued_and_its_client_hears_its_end_once_when_it_completes(
     server, when
 ):
@@ -118,10 +126,8 @@ def test_a_prompt_stopped_by_a_full_disk_stays_queued_and_its_client_hears_its_e
         prompt_id, filler = submit_on_full_disk(server, when)
         assert_still_to_run(server, prompt_id)
 
-        filler.unlink()  # space is back: the app runs the prompt again, at once where the probe saw the
-        # problem, else when its next try is due (the probe found room for the image its size promised)
-        due = None if when == "before" else server.services.queue.status(prompt_id).retry_at + 1
-        assert AbandonedBatchWatch(server.services).check(now=due) == [prompt_id]
+        filler.unlink()  # space is back: the app's probe sees it and runs the prompt again at once
+        assert AbandonedBatchWatch(server.services).check() == [prompt_id]
         messages = messages_until_done(ws, prompt_id)  # everything since the prompt was queued
 
     assert ends(messages, prompt_id) == ["execution_success", "executing null"]

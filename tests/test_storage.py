@@ -7,6 +7,7 @@ Real filesystems: a 1 MiB tmpfs (``tiny_disk``; skipped where mounting is not pe
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import subprocess
@@ -106,8 +107,21 @@ def test_the_size_of_the_next_image_comes_from_the_batchs_own_images_else_from_i
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}})
 
     assert expected_image_bytes([*done, pending]) == 3000
-    assert expected_image_bytes([pending]) == 512 * 256 * 3
+    assert expected_image_bytes([pending]) == 512 * 256 * 3 + len(json.dumps(pending.workflow))
     assert expected_image_bytes([SimpleNamespace(status="queued", image_path=None, workflow={})]) == DEFAULT_IMAGE_BYTES
+
+
+def test_the_size_of_a_pending_image_counts_the_workflow_its_png_carries():
+    """A ComfyUI page sends its UI workflow (hundreds of KB) to go into the PNG: a 64x64 picture of 12 KB
+    with it is mostly text, and a disk with room for the picture alone has no room for the file."""
+    workflow = {"5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    ui_workflow = {"nodes": [{"id": n, "widgets_values": ["a long prompt " * 40]} for n in range(200)]}
+    plain = SimpleNamespace(status="queued", image_path=None, workflow=workflow, row_values={})
+    carrying = SimpleNamespace(status="queued", image_path=None, workflow=workflow,
+                               row_values={"png_extra": {"workflow": ui_workflow}})
+
+    assert expected_image_bytes([carrying]) - expected_image_bytes([plain]) == len(json.dumps(ui_workflow))
+    assert expected_image_bytes([carrying]) > 10 * 64 * 64 * 3
 
 
 # ------------------------------------------------------------------------------- the web app's resume
