@@ -46,7 +46,7 @@ from engine.jobs import (
 from engine.logs import log_context
 from engine.naming import fill_filename_pattern, pattern_values, safe_filename
 from engine.rows import Dispatcher, LocalDispatcher, RowExecutor
-from engine.sheets import Sheet, ValidationReport, derive_seed, validate_rows
+from engine.sheets import Sheet, ValidationReport, derive_seed, title_above_header_hint, validate_rows
 from engine.storage import IMAGES_OF_ROOM, LEDGER_ROOM_BYTES, expected_image_bytes, probe_folder
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,15 @@ class BatchRunner:
                 batch_seed = int(existing["batch_seed"])
                 images = self._resumed_images(batch_id, images)
         report = validate_rows(sheet, template, images=images)
+        if report.missing_columns and report.title_above_header is not None:
+            title = report.title_above_header
+            raise BatchError(
+                f"the sheet lacks required column(s): {', '.join(report.missing_columns)}; "
+                f"{title_above_header_hint(title)}",
+                code="columns_below_title", missing_columns=report.missing_columns,
+                columns=report.missing_columns, title=title.title, title_row=title.title_row,
+                names_row=title.names_row,
+            )
         if report.missing_columns:
             raise BatchError(
                 f"the sheet lacks required column(s): {', '.join(report.missing_columns)}",

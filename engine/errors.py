@@ -71,6 +71,7 @@ ERROR_CODES: dict[str, tuple[str, ...]] = {
     "worksheet_not_found": ("sheet", "available"),
     "worksheet_empty": ("sheet", "available"),
     "required_columns_missing": ("columns",),
+    "columns_below_title": ("columns", "title", "title_row", "names_row"),
     "batch_seed_not_whole": ("value",),
     "batch_seed_out_of_range": ("limit",),
     "photos_not_a_zip": (),

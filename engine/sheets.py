@@ -1,8 +1,12 @@
 """Spreadsheets (CSV, XLSX) → rows of text cells → typed values with per-row problems.
 
 Every cell is read as text, then converted by the template's field schema (:func:`coerce_cell`), so a seed
-never passes through a float and ``12345.0`` from Excel is still the integer 12345. Row numbers are the
-spreadsheet's own: the header is row 1, the first data row is row 2, blank rows keep their numbers.
+never passes through a float and ``12345.0`` from Excel is still the integer 12345. An XLSX cell reads as
+Excel shows it, in its number format (an EAN ``0012345678905``, a price ``19.90``, ``75%``:
+:mod:`engine.number_formats`); where that differs from the number stored, number fields read the stored
+number (:attr:`SheetRow.numbers`) and a note on the sheet says so. Row numbers are the
+spreadsheet's own: the header is row 1, the first data row is row 2, blank rows keep their numbers (an XLSX
+title merged across the columns above the header is skipped with a note; the header is then the row below).
 
 Reading refuses, with a message that says what to do: files over the size limit, XLSX zip bombs
 (decompressed size and ratio checked on the zip members before parsing), XML with entity declarations
@@ -25,10 +29,13 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
+from itertools import compress, repeat
+from operator import is_not
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from engine.errors import SheetError
+from engine.number_formats import CellFormat, compile_format, format_cell, is_system_date_format
 
 if TYPE_CHECKING:
     from engine.image_refs import ImageLibrary
@@ -39,6 +46,7 @@ __all__ = [
     "RowProblem",
     "SheetRow",
     "Sheet",
+    "TitleAboveHeader",
     "RowReport",
     "ValidationReport",
     "read_sheet",
@@ -74,6 +82,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Characters Excel and web forms leave around header names (BOM, no-break and zero-width spaces).
 _HEADER_JUNK = "\ufeff\u200b\u200c\u200d\u2060\u00a0 \t\r\n"
 _XML_DECLS = (b"<!doctype", b"<!entity")
+# A cell that reads as a number (a column name never does)
+_NUMBER_LIKE = re.compile(r"[+-]?[\d.,]*\d[\d.,]*%?")
 _EXCEL_ERRORS = frozenset({"#NULL!", "#DIV/0!", "#VALUE!", "#REF!", "#NAME?", "#NUM!", "#N/A", "#GETTING_DATA"})
 
 
@@ -113,7 +123,21 @@ class RowProblem:
 @dataclass
 class SheetRow:
     number: int  # the spreadsheet's own row number (header = 1)
-    cells: dict[str, str]  # sheet column name -> cell text
+    cells: dict[str, str]  # sheet column name -> cell text, as the spreadsheet shows it
+    # XLSX: the stored number of each cell that shows it otherwise (0.75 shown as 75%, 42 as 00042), by column
+    # name: what number fields read, where text fields read the shown text
+    numbers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TitleAboveHeader:
+    """A title typed above the column names: the row read as the column names holds only ``title``, and the
+    row below it holds what may be the real names (see :func:`validate_rows`)."""
+
+    title_row: int
+    title: str
+    names_row: int
+    names: tuple[str, ...]
 
 
 @dataclass
@@ -129,12 +153,15 @@ class Sheet:
     delimiter: str | None = None  # CSV
     # CSV: numbers are written 7,5 and 1.024 (German, French, Dutch... Excel); number fields read them so
     decimal_comma: bool = False
+    # a row that may be a title above the column names (one name only, names in the row below)
+    title_above_header: TitleAboveHeader | None = None
 
     @property
     def content_hash(self) -> str:
         """sha256 of the columns and cells: the same data re-saved by Excel hashes the same."""
         canonical = json.dumps(
-            {"columns": self.columns, "rows": [[r.number, r.cells] for r in self.rows]},
+            {"columns": self.columns, "rows": [[r.number, r.cells, *([r.numbers] if r.numbers else [])]
+                                              for r in self.rows]},
             ensure_ascii=False,
             sort_keys=True,
             separators=(",", ":"),
@@ -166,6 +193,8 @@ class ValidationReport:
     unknown_columns: list[str]  # sheet columns no template field uses (ignored)
     column_map: dict[str, str] = field(default_factory=dict)  # field name -> sheet column name
     notes: list[str] = field(default_factory=list)  # about the sheet as a whole (encoding, unnamed columns)
+    # set where the missing columns are named in the row below a title: the column names must be in row 1
+    title_above_header: TitleAboveHeader | None = None
 
     @property
     def ok(self) -> bool:
@@ -856,10 +885,13 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
         worksheet.reset_dimensions()
         records: list[tuple[int, list[Any]]] = []
         cell_problems: list[CellNote] = []
+        formatted = _FormattedCells()
         nonblank = 0
-        for number, row in enumerate(_damage_refused(worksheet.iter_rows(values_only=True)), start=1):
+        # Cells, not values only: a cell's number format says how Excel shows its number
+        for number, row in enumerate(_damage_refused(worksheet.iter_rows()), start=1):
             formulas = next(formula_rows, ()) if formula_rows is not None else ()
-            row = _within_column_limit(row, number, limits)
+            cells_read = _within_column_limit(row, number, limits)
+            row = [cell.value for cell in cells_read]
             if not any(v is not None and v != "" for v in row) and not any(
                 isinstance(f, str) and f.startswith("=") for f in formulas
             ):
@@ -873,18 +905,24 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                          "open the file in Excel and save it again (or paste the values)",
                          "formula_without_value", {"formula": formulas[col_index][:60]})
                     )
-                cells.append(_xlsx_cell_text(value, number, col_index, cell_problems))
+                text = _xlsx_cell_text(value, number, col_index, cell_problems)
+                if text and value is not None and not isinstance(value, (str, bool)):
+                    text = formatted.shown(value, text, cells_read[col_index].number_format, number, col_index)
+                cells.append(text)
             records.append((number, cells))
             nonblank += 1
             if nonblank > limits.max_rows + 1:
                 break
-        merged_note = _fill_merged_down(records, _merged_ranges(data, getattr(worksheet, "_worksheet_path", "")))
+        ranges = _merged_ranges(data, getattr(worksheet, "_worksheet_path", ""))
+        merged_note = _fill_merged_down(records, ranges, formatted.numbers)
     finally:
         values_book.close()
     if formula_book is not None:
         formula_book.close()
+    title_note, records = _skip_title_rows(records, ranges)
     try:
-        sheet = _build_sheet(records, limits, positional_problems=cell_problems)
+        sheet = _build_sheet(records, limits, positional_problems=cell_problems, numbers=formatted.numbers,
+                             header_row=records[0][0] if title_note is not None else 1)
     except SheetError as exc:
         others = [n for n in names if n != chosen]
         if not records and others:  # the data is often on another worksheet of the workbook
@@ -893,9 +931,103 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                              code="worksheet_empty", sheet=chosen, available=others, sheet_names=names) from exc
         raise
     sheet.format, sheet.sheet_name, sheet.sheet_names = "xlsx", chosen, names
-    if merged_note is not None:
-        sheet.problems.insert(0, merged_note)
+    header = _header_names(records[0][1])
+    sheet.problems[:0] = [note for note in (title_note, merged_note) if note is not None] + formatted.notes(header)
     return sheet
+
+
+class _FormattedCells:
+    """The text XLSX number cells show in their number format, gathered while a worksheet is read: the stored
+    number of each cell that shows it otherwise, and per column the first cell whose shown text matters
+    (zero padding, percent) or whose format cannot be rendered exactly here (read as the stored value)."""
+
+    def __init__(self) -> None:
+        self._formats: dict[str, CellFormat] = {}
+        self.numbers: dict[tuple[int, int], str] = {}  # (row, column index) -> stored number
+        self._shown: dict[int, tuple[int, str, str]] = {}  # column index -> (row, shown, stored)
+        self._unshown: dict[int, tuple[int, str, str]] = {}  # column index -> (row, format, stored)
+
+    def shown(self, value: Any, stored: str, code: str | None, row: int, column: int) -> str:
+        if not code or code == "General":
+            return stored
+        fmt = self._formats.get(code)
+        if fmt is None:
+            fmt = self._formats[code] = compile_format(code)
+        if fmt.is_general:
+            return stored
+        is_date = isinstance(value, (_dt.datetime, _dt.date, _dt.time, _dt.timedelta))
+        if is_date and is_system_date_format(code):
+            return stored  # shown in each viewer's own date order: read as an ISO date
+        text = format_cell(value, fmt)
+        if text is None:
+            self._unshown.setdefault(column, (row, code, stored))
+            return stored
+        if text != stored and not is_date:
+            self.numbers[(row, column)] = stored
+            if column not in self._shown and _shown_differs_in_value(text, stored):
+                self._shown[column] = (row, text, stored)
+        return text
+
+    def notes(self, header: list[str]) -> list[RowProblem]:
+        notes = []
+        for column, (row, shown, stored) in sorted(self._shown.items()):
+            if column < len(header) and header[column]:
+                name = header[column]
+                notes.append(RowProblem(
+                    1, None, f"column '{name}' shows its numbers formatted (row {row} shows '{shown}' for the stored "
+                    f"{stored}): text fields and file names read them as shown, number fields read the stored number",
+                    "read_as_shown", {"column": name, "row": row, "shown": shown, "stored": stored}))
+        for column, (row, code, stored) in sorted(self._unshown.items()):
+            if column < len(header) and header[column]:
+                name = header[column]
+                notes.append(RowProblem(
+                    1, None, f"column '{name}' has the number format '{_short(code)}', which cannot be shown here "
+                    f"exactly; its cells are read as their stored value (row {row}: {stored})",
+                    "format_not_shown", {"column": name, "format": _short(code), "row": row, "value": stored}))
+        return notes
+
+
+def _shown_differs_in_value(shown: str, stored: str) -> bool:
+    """Whether a number's shown text says something else than its stored value, beyond decimals and
+    separators: zero padding (00042 for 42) or a percent (75% for 0.75)."""
+    if "%" in shown and "%" not in stored:
+        return True
+    first_digits = re.search(r"\d+", shown)
+    return bool(first_digits and len(first_digits.group()) > 1 and first_digits.group().startswith("0"))
+
+
+def _skip_title_rows(
+    records: list[tuple[int, list[str]]], ranges: list[str]
+) -> tuple[RowProblem | None, list[tuple[int, list[str]]]]:
+    """Drop a title banner above the column names ("Product list — November" merged across the columns),
+    with a note, where that is beyond doubt: from row 1, rows whose only value is a cell merged across two or
+    more columns, then a row of two or more distinct names, none a number. Else the records as they are."""
+    from openpyxl.utils.cell import range_boundaries
+
+    merged_across = {}
+    for ref in ranges:
+        first_col, first_row, last_col, _ = range_boundaries(ref)
+        if last_col > first_col:
+            merged_across[(first_row, first_col - 1)] = ref
+    titles = []
+    for number, cells in records:
+        filled = [index for index, text in enumerate(cells) if text.strip()]
+        if number != len(titles) + 1 or len(filled) != 1 or (number, filled[0]) not in merged_across:
+            break
+        titles.append((number, cells[filled[0]].strip(), merged_across[(number, filled[0])]))
+    if not titles or len(records) <= len(titles):
+        return None, records
+    header_number, header = records[len(titles)]
+    names = [text.strip() for text in header if text.strip()]
+    if len(names) < 2 or len({column_key(n) for n in names}) != len(names) or any(_NUMBER_LIKE.fullmatch(n) for n in names):
+        return None, records
+    rows = ", ".join(str(number) for number, _, _ in titles)
+    title = _short(titles[0][1], 60)
+    note = RowProblem(
+        1, None, f"row {rows} ('{title}', merged across {titles[0][2]}) is a title above the column names; the column "
+        f"names are read from row {header_number}", "title_rows_skipped",
+        {"rows": rows, "title": title, "cells": titles[0][2], "header_row": header_number})
+    return note, records[len(titles):]
 
 
 def _merged_ranges(data: bytes, member: str) -> list[str]:
@@ -908,10 +1040,13 @@ def _merged_ranges(data: bytes, member: str) -> list[str]:
     return [ref.decode() for ref in re.findall(rb'<(?:\w+:)?mergeCell\s[^>]*ref="([A-Z]+[0-9]+:[A-Z]+[0-9]+)"', xml)]
 
 
-def _fill_merged_down(records: list[tuple[int, list[str]]], ranges: list[str]) -> RowProblem | None:
+def _fill_merged_down(
+    records: list[tuple[int, list[str]]], ranges: list[str], numbers: dict[tuple[int, int], str]
+) -> RowProblem | None:
     """Give the value of cells merged down one column (B2:B4) to every row they span, as the user sees it
     in Excel, instead of the rows below the first taking the field's default; a note lists the ranges.
-    Cells merged across columns are left as Excel's own CSV export leaves them: empty past the first."""
+    Cells merged across columns are left as Excel's own CSV export leaves them: empty past the first.
+    ``numbers`` (the stored number of cells shown formatted) gains the filled cells too."""
     from openpyxl.utils.cell import range_boundaries
 
     by_number = {number: cells for number, cells in records}
@@ -932,6 +1067,8 @@ def _fill_merged_down(records: list[tuple[int, list[str]]], ranges: list[str]) -
             cells.extend([""] * (index + 1 - len(cells)))
             if not cells[index]:
                 cells[index] = value
+                if (first_row, index) in numbers:
+                    numbers[(number, index)] = numbers[(first_row, index)]
         filled.append(ref)
     if not filled:
         return None
@@ -959,19 +1096,23 @@ def _column_letter(index: int) -> str:
 
 
 def _within_column_limit(row: tuple[Any, ...], number: int, limits: SheetLimits) -> tuple[Any, ...]:
-    """An XLSX row cut to the column limit; SheetError when a cell past the limit holds a value.
+    """An XLSX row of cells cut to the column limit; SheetError when a cell past the limit holds a value.
 
     One ``<c r="XFD7">`` of a few bytes makes openpyxl hand over a row of 16384 cells: ten thousand such
     rows, a file of some 50 KB, took minutes and gigabytes to read cell by cell. Past the limit no column
-    can have a name (the header is refused there), so empty cells there are dropped; the emptiness check
-    runs in ``tuple.count``, not cell by cell in Python.
+    can have a name (the header is refused there), so empty cells there are dropped; the cells stored there
+    are found among openpyxl's one shared empty cell by identity in C (``map(is_not, ...)``), not cell by
+    cell in Python (a cell of openpyxl compares with ``==`` by its attributes, and fails on the empty one).
     """
     if len(row) <= limits.max_columns:
         return row
+    from openpyxl.cell.read_only import EMPTY_CELL
+
     tail = row[limits.max_columns:]
-    if tail.count(None) + tail.count("") == len(tail):
+    stored = list(compress(tail, map(is_not, tail, repeat(EMPTY_CELL))))
+    if all(cell.value is None or cell.value == "" for cell in stored):
         return row[: limits.max_columns]
-    width = len(row) - next(i for i, value in enumerate(reversed(row)) if value is not None and value != "")
+    width = len(row) - next(i for i, cell in enumerate(reversed(row)) if cell.value is not None and cell.value != "")
     raise SheetError(
         f"the sheet has {width} columns (row {number} has a value in column {_column_letter(width - 1)}); "
         f"the limit is {limits.max_columns}",
@@ -1008,20 +1149,31 @@ def _within_cell_limit(text: str, row: int, column: str, limits: SheetLimits, pr
     return text[: limits.max_cell_chars]
 
 
+def _header_names(cells: list[Any]) -> list[str]:
+    """The column names of a header row, by position ("" for a column without one)."""
+    header = [unicodedata.normalize("NFKC", _clean_cell("" if h is None else str(h))).strip(_HEADER_JUNK)
+              for h in cells]
+    while header and not header[-1]:
+        header.pop()
+    return header
+
+
 def _build_sheet(
     records: list[tuple[int, list[Any]]],
     limits: SheetLimits,
     positional_problems: list[CellNote] | None = None,
+    numbers: Mapping[tuple[int, int], str] | None = None,
+    header_row: int = 1,
 ) -> Sheet:
-    """Header row + data rows from ``(row number, raw cells)``; the header must be row 1."""
+    """Header row + data rows from ``(row number, raw cells)``; the header must be row ``header_row`` (1, or
+    the row below a title banner that was skipped). ``numbers``: the stored number of XLSX cells shown
+    formatted, by (row, column index)."""
     flagged_rows = {number for number, *_ in positional_problems or ()}
     records = [(n, [_clean_cell("" if c is None else str(c)) for c in cells]) for n, cells in records]
     records = [(n, cells) for n, cells in records if n in flagged_rows or any(c.strip() for c in cells)]
-    if not records or records[0][0] != 1:
+    if not records or records[0][0] != header_row:
         raise SheetError("row 1 must hold the column names, but it is empty", row=1, code="sheet_no_header")
-    header = [unicodedata.normalize("NFKC", h).strip(_HEADER_JUNK) for h in records[0][1]]
-    while header and not header[-1]:
-        header.pop()
+    header = _header_names(records[0][1])
     if len(header) > limits.max_columns:
         raise SheetError(f"the sheet has {len(header)} columns; the limit is {limits.max_columns}",
                          code="sheet_too_many_columns", count=len(header), limit=limits.max_columns)
@@ -1038,8 +1190,10 @@ def _build_sheet(
     problems: list[RowProblem] = []
     rows: list[SheetRow] = []
     unnamed_values: dict[int, int] = {}
+    numbers = numbers or {}
     for number, cells in data:
         row_cells: dict[str, str] = {}
+        row_numbers: dict[str, str] = {}
         for index, text in enumerate(cells):
             name = header[index] if index < len(header) else ""
             if not name:
@@ -1047,10 +1201,13 @@ def _build_sheet(
                     unnamed_values[index] = unnamed_values.get(index, 0) + 1
                 continue
             row_cells[name] = _within_cell_limit(text, number, name, limits, problems)
+            if (number, index) in numbers:
+                row_numbers[name] = numbers[(number, index)]
         for name in header:
             if name:
                 row_cells.setdefault(name, "")
-        rows.append(SheetRow(number, row_cells))
+        rows.append(SheetRow(number, row_cells, row_numbers))
+    title = _title_above_header(header, data, header_row) if unnamed_values else None
     for index, count in sorted(unnamed_values.items()):
         problems.append(
             RowProblem(1, None, f"column {_column_letter(index)} has no name in row 1; its {count} "
@@ -1060,7 +1217,22 @@ def _build_sheet(
         name = header[index] if index < len(header) else ""
         if name:
             problems.append(RowProblem(number, name, reason, code, params))
-    return Sheet(columns=[h for h in header if h], rows=rows, problems=problems)
+    return Sheet(columns=[h for h in header if h], rows=rows, problems=problems, title_above_header=title)
+
+
+def _title_above_header(header: list[str], data: list[tuple[int, list[str]]], header_row: int) -> TitleAboveHeader | None:
+    """Where the row read as the column names may be a title above them: it holds one name only ("Product
+    list — November"), and the row below fills more columns with distinct names, none a number. Whether it
+    is one shows only against a template (:func:`validate_rows`): the names below are its missing columns."""
+    names = [name for name in header if name]
+    if len(names) != 1 or not data:
+        return None
+    below_number, below = data[0]
+    candidates = tuple(_short(text.strip(), 60) for text in below if text.strip())
+    if len(candidates) < 2 or len({column_key(c) for c in candidates}) != len(candidates) \
+            or any(_NUMBER_LIKE.fullmatch(c) for c in candidates):
+        return None
+    return TitleAboveHeader(header_row, _short(names[0], 60), below_number, candidates)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1076,7 +1248,7 @@ PROBLEM_CODES = (
     "formula_without_value", "not_a_cell_value", "decimal_comma_unexpected",
     # about the sheet as a whole (row 1): Sheet.notes
     "looks_like_gb18030", "column_unnamed", "read_as_code_page", "read_decimal_comma",
-    "merged_cells_filled",
+    "merged_cells_filled", "read_as_shown", "format_not_shown", "title_rows_skipped",
 )
 
 
@@ -1272,7 +1444,8 @@ def validate_rows(
     reports: list[RowReport] = []
     for row in sheet.rows:
         raw = {name: row.cells.get(column, "") for name, column in column_map.items()}
-        values, problems = template.coerce_row(raw, row.number, decimal_comma=sheet.decimal_comma)
+        numbers = {name: row.numbers[column] for name, column in column_map.items() if column in row.numbers}
+        values, problems = template.coerce_row(raw, row.number, decimal_comma=sheet.decimal_comma, numbers=numbers)
         if images is not None:
             problems += _image_problems(template, values, images, row.number)
         # Problems speak of the sheet's own column spelling.
@@ -1280,7 +1453,19 @@ def validate_rows(
         own = [p for p in sheet_problems.get(row.number, []) if p.column is None or p.column in field_by_column]
         all_problems = own + problems
         reports.append(RowReport(row.number, not all_problems, all_problems, values, dict(row.cells)))
-    return ValidationReport(reports, missing, unknown, column_map, sheet.notes)
+    notes = list(sheet.notes)
+    title = sheet.title_above_header
+    if missing and title is not None and {column_key(m) for m in missing} & {column_key(n) for n in title.names}:
+        notes.append(title_above_header_hint(title))
+    else:
+        title = None
+    return ValidationReport(reports, missing, unknown, column_map, notes, title)
+
+
+def title_above_header_hint(title: TitleAboveHeader) -> str:
+    return (f"the column names must be in row {title.title_row}, but row {title.title_row} holds the title "
+            f"'{title.title}' and the names are in row {title.names_row}; delete the title row (in Excel: "
+            "right-click the row number, Delete) and upload the sheet again")
 
 
 def _image_problems(
@@ -1301,16 +1486,25 @@ def _image_problems(
     return problems
 
 
+# Fields that take a cell's stored number (0.75) where it shows otherwise (75%); the others take the shown text.
+_NUMBER_FIELD_TYPES = ("int", "float", "seed", "bool")
+
+
 def coerce_fields(
-    fields: Iterable["TemplateField"], raw: Mapping[str, str], row_number: int, decimal_comma: bool = False
+    fields: Iterable["TemplateField"], raw: Mapping[str, str], row_number: int, decimal_comma: bool = False,
+    numbers: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], list[RowProblem]]:
     """Typed values and problems for one row; ``raw`` maps field names (any case) to cell text, with numbers
     written with a decimal comma where ``decimal_comma`` says so (:attr:`Sheet.decimal_comma`).
+
+    ``numbers`` maps field names to the stored number of cells whose ``raw`` text is that number formatted
+    (:attr:`SheetRow.numbers`): number fields read it; a choice reads the shown text first, then the number.
 
     A blank optional cell takes the field's declared default; a blank ``seed`` or ``checkpoint`` without
     a default is left out so the batch seed / the engine's default checkpoint apply.
     """
     by_key = {column_key(k): v for k, v in raw.items()}
+    stored = {column_key(k): v for k, v in (numbers or {}).items()}
     values: dict[str, Any] = {}
     problems: list[RowProblem] = []
     for f in fields:
@@ -1323,8 +1517,16 @@ def coerce_fields(
             elif f.default is not None:
                 values[f.name] = f.default
             continue
+        number = stored.get(column_key(f.name))
+        if number is not None and f.type in _NUMBER_FIELD_TYPES:
+            text = number
         try:
-            values[f.name] = coerce_cell(f, text, decimal_comma)
+            try:
+                values[f.name] = coerce_cell(f, text, decimal_comma)
+            except CellValueError:
+                if f.type != "choice" or number is None:
+                    raise
+                values[f.name] = coerce_cell(f, number, decimal_comma)  # a choice of numbers: 0.75 shown 75%
         except CellValueError as exc:
             problems.append(RowProblem(row_number, f.name, str(exc), exc.code, exc.params))
         except ValueError as exc:

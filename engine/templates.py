@@ -601,11 +601,13 @@ class WorkflowTemplate:
         return {f.name: f.example_value() for f in self.fields}
 
     def coerce_row(
-        self, raw: Mapping[str, str], row_number: int, decimal_comma: bool = False
+        self, raw: Mapping[str, str], row_number: int, decimal_comma: bool = False,
+        numbers: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, Any], list[RowProblem]]:
         """Typed values and problems for one spreadsheet row; ``raw`` maps field names to cell text
-        (numbers written 7,5 where ``decimal_comma``: :attr:`engine.sheets.Sheet.decimal_comma`)."""
-        return coerce_fields(self.fields, raw, row_number, decimal_comma)
+        (numbers written 7,5 where ``decimal_comma``: :attr:`engine.sheets.Sheet.decimal_comma`), ``numbers``
+        to the stored number of cells shown formatted (:attr:`engine.sheets.SheetRow.numbers`)."""
+        return coerce_fields(self.fields, raw, row_number, decimal_comma, numbers)
 
     def _context(self, values: Mapping[str, Any], defaults: Mapping[str, Any] | None) -> dict[str, Any]:
         defaults = defaults or {}

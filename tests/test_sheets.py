@@ -5,12 +5,13 @@ import json
 import re
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 from openpyxl import Workbook
 from openpyxl.styles import PatternFill
 
-from engine.errors import SheetError
+from engine.errors import BatchError, SheetError
 from engine.sheets import SEED_MAX, SheetLimits, derive_seed, read_sheet, validate_rows
 from engine.templates import parse_template
 
@@ -51,6 +52,15 @@ def xlsx_bytes(rows, sheet_title="Sheet1", extra_sheets=None, mutate=None):
     buffer = io.BytesIO()
     wb.save(buffer)
     return buffer.getvalue()
+
+
+def number_formats(formats):
+    """A mutate for xlsx_bytes giving every data cell of the named columns its number format."""
+    def mutate(ws):
+        for letter, code in formats.items():
+            for cell in ws[letter][1:]:
+                cell.number_format = code
+    return mutate
 
 
 def rewrite_member(data: bytes, member: str, change) -> bytes:
@@ -512,6 +522,11 @@ def test_every_cell_problem_carries_a_documented_code_whose_chinese_words_take_i
     problems += coerce_fields(fields, {"prompt": "a", "style": "x", "cfg": "7,5"}, 6)[1]
     problems += read_sheet(xlsx_bytes([["prompt", "cfg"], ["a", 7], ["b", None]],
                                       mutate=lambda ws: ws.merge_cells("B2:B3")), "merged.xlsx").problems
+    # number formats: one shown otherwise than stored, one that cannot be shown exactly; a title banner
+    problems += read_sheet(xlsx_bytes([["prompt", "code", "count"], ["a", 42, 3]], mutate=number_formats(
+        {"B": "00000", "C": "[DBNum1]0"})), "formats.xlsx").problems
+    problems += read_sheet(xlsx_bytes([["Products", None], ["prompt", "cfg"], ["a", 7]],
+                                      mutate=lambda ws: ws.merge_cells("A1:B1")), "title.xlsx").problems
 
     produced = {p.code for p in problems}
     assert produced == set(PROBLEM_CODES), f"never produced: {set(PROBLEM_CODES) - produced}"
@@ -684,3 +699,147 @@ def test_cells_merged_down_a_column_give_their_value_to_each_row_with_a_note(tem
     assert report[6].values["steps"] == 20  # not filled from A6
     (note,) = sheet.notes
     assert "B2:B4" in note and "A6:C6" not in note
+
+
+# Number formats: text as Excel shows it, numbers as stored ------------------------------------------------
+
+SHOWN_TEXT = {
+    "name": "shown_text",
+    "filename_pattern": "{code}",
+    "fields": [{"name": "code", "type": "string", "required": True}, {"name": "caption", "type": "text"},
+               {"name": "cfg", "type": "float", "default": 4.5, "min": 0, "max": 30},
+               {"name": "steps", "type": "int", "default": 20, "min": 1, "max": 50},
+               {"name": "strength", "type": "choice", "default": 1, "choices": [0.25, 0.75, 1]}],
+}
+
+
+@pytest.fixture(scope="module")
+def shown_template():
+    return parse_template(json.dumps(SHOWN_TEXT), '{"1": {"class_type": "Note", "inputs": {"text": {{ code ~ " "'
+                          ' ~ (caption or "") }}, "cfg": {{ cfg }}, "steps": {{ steps }}, "s": {{ strength }}}}}')
+
+
+@pytest.mark.parametrize("value, number_format, shown", [
+    (12345678905, "0000000000000", "0012345678905"),  # EAN-13 with a leading zero
+    (42, "00000", "00042"),  # article number
+    (123456789, "000-000-000", "123-456-789"),
+    (19.9, "0.00", "19.90"),
+    (1234567.891, "#,##0.00", "1,234,567.89"),
+    (19.9, "[$€-407] #,##0.00", "€ 19,90"),  # German euro: decimal comma
+    (1234.5, "[$€-407] #,##0.00", "€ 1.234,50"),
+    (19.9, '"$"#,##0.00', "$19.90"),
+    (-19.9, '"$"#,##0.00_);[Red]("$"#,##0.00)', "($19.90)"),
+    (19.9, "[$¥-804]#,##0.00", "¥19.90"),
+    (0.75, "0%", "75%"),
+    (0.0375, "0.0%", "3.8%"),
+    (1234567, "#,##0", "1,234,567"),
+    (1234567, '#,##0,"k"', "1,235k"),
+    (0, '0;-0;"none"', "none"),
+    (-3, '0;"minus "0', "minus 3"),
+    (3, '0 "pcs"', "3 pcs"),
+    (2, "0.0#", "2.0"),
+    (0, '_(* #,##0.00_);_(* \\(#,##0.00\\);_(* "-"??_);_(@_)', "-"),  # Excel's accounting format
+])
+def test_xlsx_number_cells_read_as_excel_shows_them_in_text_fields(shown_template, value, number_format, shown):
+    data = xlsx_bytes([["code", "caption"], [value, "x"]], mutate=number_formats({"A": number_format}))
+    report = report_for(read_sheet(data, "rows.xlsx"), shown_template)
+    assert report[2].ok and report[2].values["code"] == shown
+
+
+def test_xlsx_number_fields_keep_the_stored_number_and_a_note_says_what_differs(shown_template):
+    data = xlsx_bytes([["code", "cfg", "steps", "strength"], [42, 0.75, 7, 0.75], [1234, 19.9, 12, 1]],
+                      mutate=number_formats({"A": "00000", "B": "0%", "C": "00", "D": "0%"}))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.rows[0].cells == {"code": "00042", "cfg": "75%", "steps": "07", "strength": "75%"}
+    report = report_for(sheet, shown_template)
+    assert report[2].values == {"code": "00042", "caption": "", "cfg": 0.75, "steps": 7, "strength": 0.75}
+    assert report[3].values == {"code": "01234", "caption": "", "cfg": 19.9, "steps": 12, "strength": 1}
+    notes = validate_rows(sheet, shown_template).notes
+    assert any("'code'" in n and "'00042'" in n and "stored 42" in n for n in notes)
+    assert any("'cfg'" in n and "'75%'" in n and "stored 0.75" in n for n in notes)
+    assert {p.code for p in sheet.problems_for(1)} == {"read_as_shown"}
+    # a price shown with two decimals says nothing: its shown text is the same number
+    priced = read_sheet(xlsx_bytes([["code", "cfg"], ["a", 19.9]], mutate=number_formats({"B": "0.00"})), "p.xlsx")
+    assert priced.rows[0].cells["cfg"] == "19.90" and priced.notes == []
+    assert report_for(priced, shown_template)[2].values["cfg"] == 19.9
+
+
+@pytest.mark.parametrize("number_format", ["[DBNum1]0", "# ?/?", "0.00E+00", "[>100]0;0", "[$€-40C] #,##0.00"])
+def test_an_xlsx_number_format_that_cannot_be_shown_exactly_reads_the_stored_value_with_a_note(
+        shown_template, number_format):
+    data = xlsx_bytes([["code", "caption"], [42.5, "x"], [7, "y"]], mutate=number_formats({"A": number_format}))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert [r.cells["code"] for r in sheet.rows] == ["42.5", "7"]
+    (note,) = sheet.problems_for(1)
+    assert note.code == "format_not_shown" and note.params["column"] == "code" and note.params["value"] == "42.5"
+
+
+def test_xlsx_dates_and_times_read_in_their_own_custom_format():
+    import datetime
+
+    moment = datetime.datetime(2024, 1, 5, 14, 30)
+    data = xlsx_bytes([["prompt", "de", "cn", "us", "time", "month", "english", "system"]]
+                      + [["a"] + [moment] * 7], mutate=number_formats({
+                          "B": "dd.mm.yyyy", "C": 'yyyy"年"m"月"d"日"', "D": "m/d/yyyy h:mm AM/PM", "E": "hh:mm",
+                          "F": "mmmm yyyy", "G": "[$-409]d mmm yyyy", "H": "mm-dd-yy"}))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.rows[0].cells == {
+        "prompt": "a", "de": "05.01.2024", "cn": "2024年1月5日", "us": "1/5/2024 2:30 PM", "time": "14:30",
+        "month": "2024-01-05 14:30:00",  # month names in the viewer's language: not known here
+        "english": "5 Jan 2024",
+        "system": "2024-01-05 14:30:00",  # Excel's short date shows in each viewer's own order: read as ISO
+    }
+    (note,) = sheet.problems_for(1)
+    assert note.code == "format_not_shown" and note.params["column"] == "month"
+
+
+def test_a_merged_title_banner_above_the_column_names_is_skipped_with_a_note(template):
+    rows = [["Product list — November", None, None], [None, None, None], ["prompt", "seed", "steps"],
+            ["cat", 1, 10], ["dog", 2, 12]]
+    data = xlsx_bytes(rows, mutate=lambda ws: ws.merge_cells("A1:C1"))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.columns == ["prompt", "seed", "steps"]
+    assert [(r.number, r.cells["prompt"]) for r in sheet.rows] == [(4, "cat"), (5, "dog")]
+    (note,) = sheet.notes
+    assert "Product list — November" in note and "row 3" in note
+    report = validate_rows(sheet, template)
+    assert report.ok and [r.values["steps"] for r in report.rows] == [10, 12]
+
+
+def test_a_title_above_the_column_names_that_cannot_be_skipped_says_the_names_must_be_in_row_1(template):
+    # typed, not merged (and the same in a CSV): a title, or a sheet of one column? The template knows
+    data = "Product list — November,,\nprompt,seed,steps\ncat,1,10\n".encode()
+    report = validate_rows(read_sheet(data, "rows.csv"), template)
+    assert report.missing_columns == ["prompt"] and report.title_above_header is not None
+    assert any("column names must be in row 1" in n and "'Product list — November'" in n and "row 2" in n
+               for n in report.notes)
+    # one column named in row 1 with stray values beside it is no title: the usual notes only
+    report = validate_rows(read_sheet(b"prompt,,\na cat,b,c\n", "rows.csv"), template)
+    assert report.ok and report.title_above_header is None
+    assert not any("row 1" in n and "title" in n for n in report.notes)
+
+
+def test_a_batch_refused_for_a_title_above_the_column_names_says_why(services_factory, tmp_path):
+    services = services_factory()
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("Product list — November,,\nproduct_name,color,style\nJacket,red,minimal\n", encoding="utf-8")
+    with pytest.raises(BatchError) as refused:
+        services.runner.prepare("product_shot", read_sheet(sheet))
+    assert refused.value.code == "columns_below_title"
+    assert "column names must be in row 1" in str(refused.value)
+
+
+def test_a_zero_padded_product_code_reaches_the_prompt_and_the_file_name(services_factory, tmp_path):
+    """End to end on the shipped product_shot template: an EAN typed 0012345678905 in Excel (the number
+    12345678905 in the format 0000000000000) names the product in the prompt and in the image's file name."""
+    services = services_factory()
+    data = xlsx_bytes([["product_name", "color", "width", "height", "steps"], [12345678905, "red", 64, 64, 2]],
+                      mutate=number_formats({"A": "0000000000000", "D": "0000"}))
+    runner = services.runner
+    prepared = runner.prepare("product_shot", read_sheet(data, "rows.xlsx"), batch_seed=7)
+    assert prepared.rows[0]["prompt"].startswith("professional product photo of red 0012345678905")
+    runner.start(prepared)
+    summary = runner.run(prepared.batch_id)
+    assert summary.done == 1
+    (row,) = services.ledger.rows(prepared.batch_id)
+    assert Path(row.image_path).name == "0012345678905_red.png" and (row.width, row.height) == (64, 64)

@@ -516,6 +516,10 @@ PROBLEMS_ZH: dict[str, str] = {
     "read_as_code_page": "文件不是 UTF-8 编码，已按 {encoding} 读取（例如“{sample}”）；如果文字显示不对，"
     "请另存为“CSV UTF-8”后重新上传",
     "merged_cells_filled": "合并单元格 {ranges} 的值用于其跨越的每一行",
+    "read_as_shown": "“{column}”列的数字带有格式（第 {row} 行显示为“{shown}”，存储值为 {stored}）：文本字段和文件名按显示的文字读取，"
+    "数字字段按存储的数值读取",
+    "format_not_shown": "“{column}”列的数字格式“{format}”在这里无法准确显示；其单元格按存储值读取（第 {row} 行：{value}）",
+    "title_rows_skipped": "第 {rows} 行（“{title}”，合并单元格 {cells}）是列名上方的标题；列名从第 {header_row} 行读取",
     "read_decimal_comma": "数字列按小数逗号读取：第 {row} 行“{column}”列的“{written}”读作 {value}；"
     "点号表示千位分隔（“1.024”即 1024）",
     "not_a_cell_value": "单元格只能是一个值（文本、数字、true/false 或 null），不能是 JSON {type}",
@@ -559,6 +563,8 @@ ERRORS_ZH: dict[str, str] = {
     "worksheet_not_found": "工作簿中没有工作表“{sheet}”；现有：{available}",
     "worksheet_empty": "工作表“{sheet}”是空的；工作簿中还有：{available}（请选择该工作表，或把数据移到第一个工作表）",
     "required_columns_missing": "表格缺少必填列：{columns}",
+    "columns_below_title": "表格缺少必填列：{columns}；列名必须在第 {title_row} 行，但第 {title_row} 行是标题“{title}”，"
+    "列名在第 {names_row} 行；请删除标题行（在 Excel 中右键单击行号，选择“删除”）后重新上传",
     "batch_seed_not_whole": "批次种子必须是整数，而不是“{value}”",
     "batch_seed_out_of_range": "批次种子必须在 0 到 {limit} 之间",
     "photos_not_a_zip": "上传的产品照片不是有效的 zip 压缩包；请把照片打包成 zip 后上传",
