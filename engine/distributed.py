@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -45,6 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from engine.broker import BrokerUrl, broker_refusal, parse_broker_url, refused
 from engine.jobs import CANCELLED, FAILED, MAX_ROW_ATTEMPTS, TIMED_OUT, RowJob, RowResult
 from engine.models.resolve import KIND_FOLDERS
 from engine.rows import RowExecutor
@@ -100,10 +102,13 @@ def make_celery(
     worker: "RowWorker | None" = None,
 ) -> Any:
     """Build the Celery app (no module-level app). ``worker`` is set only inside a worker process: it is
-    what the ``run_row`` task runs on; the coordinator's app only sends tasks and reads results."""
+    what the ``run_row`` task runs on; the coordinator's app only sends tasks and reads results. The URLs go
+    through :func:`parse_broker_url`, so Celery's clients connect as our own do (TLS verified alike)."""
     from celery import Celery
 
-    app = Celery("sd35", broker=broker_url, backend=result_backend or broker_url, set_as_current=False)
+    broker = parse_broker_url(broker_url).url
+    backend = parse_broker_url(result_backend).url if result_backend else broker
+    app = Celery("sd35", broker=broker, backend=backend, set_as_current=False)
     visibility = broker_visibility_timeout_s(row_timeout_s)
     app.conf.update(
         task_serializer="json",
@@ -412,23 +417,48 @@ class RowWorker:
             log.warning("heartbeat failed: %s", exc)
 
 
-def _wait_for_broker(redis_client: Any, broker: str, *, retry_s: float = 2.0) -> None:
-    """Return once Redis answers; until then say so every few tries (Celery waits for its broker too)."""
-    import redis
-
+def _wait_for_broker(redis_client: Any, broker: BrokerUrl, *, retry_s: float = 2.0) -> None:
+    """Return once Redis answers; until then say so every few tries (Celery waits for its broker too).
+    BrokerError at once when it refuses us (see :func:`broker_refusal`): waiting would not help, and a
+    supervisor must see the failure."""
     tries = 0
     while True:
         try:
             redis_client.ping()
             return
-        except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError) as exc:
-            # Reached, but refused: waiting would not help, and a supervisor must see the failure
-            raise EngineError(f"the broker at {broker} refused this worker: {exc}", setting="broker") from exc
-        except _BROKER_ERRORS() as exc:
+        except Exception as exc:
+            reason = broker_refusal(exc)
+            if reason is not None:
+                raise refused(broker, reason) from None
+            if not isinstance(exc, _BROKER_ERRORS()):
+                raise
             if tries % 15 == 0:
                 log.warning("waiting for the broker at %s: %s", broker, exc)
             tries += 1
             time.sleep(retry_s)
+
+
+# kombu's Redis transport carries Celery's remote control (the broadcasts that revoke rows and add a queue)
+# on this Pub/Sub channel, per database; a worker subscribes to it as a pattern.
+CONTROL_CHANNEL = "/{db}.celery.pidbox"
+
+
+def _check_control_channel(redis_client: Any, broker: BrokerUrl) -> None:
+    """BrokerError before any model is loaded when this ACL user may not subscribe to Celery's control
+    channel (Redis 7 gives new ACL users no channels unless ``&*``): Celery would stop the worker on it
+    right after it loaded its models, and a supervisor would restart it into the same loop."""
+    import redis
+
+    pubsub = redis_client.pubsub()
+    channel = CONTROL_CHANNEL.format(db=broker.db)
+    try:
+        pubsub.psubscribe(channel)
+        pubsub.get_message(timeout=5)
+    except redis.exceptions.NoPermissionError as exc:
+        raise refused(broker, f"this user may not use the channel {channel} that Celery's remote control "
+                              f"needs ({exc}); allow it channels, e.g. &* in its ACL rule") from None
+    finally:
+        pubsub.close()
 
 
 class _NameClaim:
@@ -531,13 +561,15 @@ def run_worker(
     if not broker:
         raise EngineError("a worker needs the Redis URL of the broker: --broker redis://HOST:6379/0 "
                           "(or SD35_BROKER)", setting="broker")
+    broker_url = parse_broker_url(broker)
     models = list(models or [settings.default_checkpoint])
     name = name or f"sd35-{socket.gethostname()}-{os.getpid()}"
     nodename = name if "@" in name else f"{name}@{socket.gethostname()}"
-    redis_client = redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=5)
+    redis_client = redis.Redis.from_url(broker_url.url, socket_timeout=10, socket_connect_timeout=5)
     # Before loading anything: a supervisor restarting a worker whose broker is down must not reload the
     # model in a loop, and a second worker under a live worker's name would make its rows look lost.
-    _wait_for_broker(redis_client, broker)
+    _wait_for_broker(redis_client, broker_url)
+    _check_control_channel(redis_client, broker_url)
     name_claim = _NameClaim(redis_client, nodename, heartbeat_s)
     name_claim.take()
     # Announced from now on, holding nothing yet: a second worker under this name started while the models
@@ -556,13 +588,26 @@ def run_worker(
     worker = RowWorker(executor, redis_client, name=nodename, models=models, queues=queues,
                        heartbeat_s=heartbeat_s, test_faults=test_faults, list_files=list_files,
                        files_refresh_s=files_refresh_s)
-    app = make_celery(broker, row_timeout_s=float(settings.row_timeout_s), worker=worker)
+    app = make_celery(broker_url.url, row_timeout_s=float(settings.row_timeout_s), worker=worker)
     # A checkpoint file added later: this worker starts consuming its file queue (a remote-control message
     # to itself, handled between rows), and announces it once Celery consumes it (the queues it consumes
     # are Celery's selection, which the message's handler extends).
     worker.add_queue = lambda queue: app.control.add_consumer(queue, destination=[nodename], reply=False)
     worker.consumed_queues = lambda: set(app.amqp.queues.consume_from or ())
     worker.start_heartbeat()
+    # Celery's worker_main drops the exit status of the worker it ran: a worker that Celery stops on an
+    # unrecoverable error (an ACL user refused Celery's own keys) would exit 0, and a supervisor
+    # that restarts on failure would take it for a clean stop. The worker instance says it (celeryd_init
+    # is Celery's documented first signal of a worker starting, with the instance).
+    from celery.signals import celeryd_init
+
+    started: list[Any] = []
+
+    def keep_instance(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        if sender == nodename:
+            started.append(instance)
+
+    celeryd_init.connect(keep_instance, weak=False)
     try:
         app.worker_main(
             argv=[
@@ -575,7 +620,14 @@ def run_worker(
             ]
         )
     finally:
+        celeryd_init.disconnect(keep_instance)
         worker.stop_heartbeat()
+        # Celery turned stdout and stderr into loggers for the worker's run; what is said now is ours
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    status = getattr(started[0], "exitcode", None) if started else None
+    if status:
+        raise EngineError(f"worker {nodename} stopped: Celery gave up on an error it logged above (exit status "
+                          f"{status})", worker=nodename, exit_status=status)
 
 
 # ----------------------------------------------------------------------------------- the coordinator
@@ -651,7 +703,7 @@ class CeleryDispatcher:
     ) -> None:
         import redis
 
-        self.broker_url = broker_url
+        self.broker = parse_broker_url(broker_url)
         self.max_attempts = max_attempts
         self.max_in_flight = max_in_flight
         self.deadline_margin_s = deadline_margin_s
@@ -663,8 +715,10 @@ class CeleryDispatcher:
         # and being restarted, or Redis restarted under everyone) wait in its queue for up to
         # holder_grace_s instead of going to workers that would fail them for want of the file.
         self._seen: dict[str, tuple[float, WorkerAnnouncement]] = {}
-        self.app = make_celery(broker_url, result_backend, row_timeout_s=row_timeout_s)
-        self.redis = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
+        self.app = make_celery(self.broker.url, result_backend, row_timeout_s=row_timeout_s)
+        self.redis = redis.Redis.from_url(self.broker.url, socket_timeout=5, socket_connect_timeout=2)
+        self._info_refused = False  # an ACL user without INFO (managed Redis): Redis restarts go by our key alone
+        self._check_access()
         self._row_key_ttl_s = broker_visibility_timeout_s(row_timeout_s, deadline_margin_s) * 2
         self._data_key = DISPATCHER_KEY_PREFIX + uuid.uuid4().hex
         self._data_token = ""  # the value of _data_key: a new one each time the key had to be written again
@@ -673,6 +727,21 @@ class CeleryDispatcher:
 
     # Rows run elsewhere: the coordinator never loads a model (see BatchRunner.switch_checkpoint).
     runs_rows_elsewhere = True
+
+    def _check_access(self) -> None:
+        """BrokerError at start-up when Redis refuses us (a wrong password, a certificate that cannot be
+        verified): a batch would otherwise wait for ever, its log saying only that Redis is unreachable. An
+        unreachable Redis is no refusal: the coordinator starts, and batches wait for it."""
+        try:
+            self.redis.ping()
+        except Exception as exc:
+            reason = broker_refusal(exc)
+            if reason is not None:
+                self.close()
+                raise refused(self.broker, reason) from None
+            if not isinstance(exc, _BROKER_ERRORS()):
+                raise
+            log.warning("the broker at %s is unreachable for now (%s); batches wait for it", self.broker, exc)
 
     def workers(self) -> list[WorkerAnnouncement]:
         """The live workers and what they hold."""
@@ -756,6 +825,18 @@ class CeleryDispatcher:
                         yield result
                 except _BROKER_ERRORS() as exc:
                     outage.failed(exc)
+                    if should_cancel is not None and should_cancel():
+                        # Nothing can be revoked while Redis is away, and waiting for it would keep a
+                        # SIGTERM (systemd's stop, docker stop) from stopping the coordinator. Rows a worker
+                        # still runs are followed again when the batch is resumed.
+                        log.warning("stopping with Redis unreachable: %d row(s) not collected", len(flights))
+                        while waiting:
+                            yield RowResult(waiting.popleft().row_key, CANCELLED, "cancelled before it started")
+                        for row_key, flight in list(flights.items()):
+                            del flights[row_key]
+                            yield RowResult(row_key, CANCELLED, "cancelled while Redis was unreachable",
+                                            worker=flight.worker or "?")
+                        break
                     time.sleep(1.0)
                     run_id = self._reconnected_run_id(run_id, flights)
                     continue
@@ -892,11 +973,24 @@ class CeleryDispatcher:
         but removes this dispatcher's own key. Either way the queued rows, the workers' heartbeats and the
         rows' current attempts are gone: every row in flight is sent again, and none of that counts against
         a row as a lost worker (else the workers' heartbeats, missing until their next beat, would)."""
-        run_id = str(self.redis.info("server")["run_id"])
+        run_id = "" if self._info_refused else self._server_run_id()
         if not self.redis.set(self._data_key, self._data_token, xx=True, ex=self._row_key_ttl_s):
             self._data_token = uuid.uuid4().hex
             self.redis.set(self._data_key, self._data_token, ex=self._row_key_ttl_s)
         return f"{run_id}/{self._data_token}"
+
+    def _server_run_id(self) -> str:
+        """Redis' ``run_id``, or "" when this user may not run INFO (ACL users of managed Redis often may not:
+        it is in the @dangerous category); then a restart is noticed by this dispatcher's key being gone,
+        which is all that matters without persistence."""
+        import redis
+
+        try:
+            return str(self.redis.info("server")["run_id"])
+        except redis.exceptions.ResponseError as exc:
+            self._info_refused = True
+            log.info("Redis refuses INFO (%s): a Redis restart is noticed by the data it lost", exc)
+            return ""
 
     # polling -------------------------------------------------------------------------------------
 

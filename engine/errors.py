@@ -28,6 +28,8 @@ Every error the library raises derives from :class:`EngineError`. Each carries s
     │   ├── IdempotencyKeyReused     the key came before with another request (its body differs)
     │   └── IdempotencyKeyInUse      the key's first request is still being answered
     ├── RequestInvalid               a request's fields are missing or malformed (``problems``: field, where, why)
+    ├── BrokerError                  the scale-out broker's URL is malformed, or Redis refuses us (``broker``:
+    │                                the URL with its password blanked)
     └── AccessDenied                 authentication / authorisation refusals (``status`` for HTTP)
 """
 
@@ -353,6 +355,11 @@ class RequestInvalid(EngineError):
     def __init__(self, message: str, problems: list[dict[str, Any]] | None = None, **details: Any) -> None:
         super().__init__(message, problems=list(problems or []), **details)
         self.problems = list(problems or [])
+
+
+class BrokerError(EngineError):
+    """The scale-out broker cannot be used: its URL is malformed, or Redis refuses us. Said at start-up, with
+    the URL's password blanked (``broker``)."""
 
 
 class AccessDenied(EngineError):

@@ -539,7 +539,8 @@ def test_a_worker_the_broker_refuses_exits_with_the_reason_instead_of_waiting(tm
     finally:
         server.kill()
         server.wait()
-    assert refused.returncode == 2 and "refused this worker" in refused.stderr, refused.stderr[-2000:]
+    assert refused.returncode == 2 and "refused the user name or password" in refused.stderr, refused.stderr[-2000:]
+    assert "wrong-password" not in refused.stderr and f"redis://:***@127.0.0.1:{port}/0" in refused.stderr
 
 
 def test_a_result_finished_after_its_row_was_settled_elsewhere_is_not_kept(redis_server, workers, tmp_path):

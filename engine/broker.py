@@ -1,0 +1,149 @@
+"""The Redis broker of scale-out: its URL and the first contact with it.
+
+Three clients read the one ``broker`` setting: our own (``redis.Redis.from_url``: heartbeats, row marks),
+kombu's (the queues) and Celery's result backend. They disagree on a ``rediss://`` URL without
+``ssl_cert_reqs``: redis-py verifies the server's certificate, kombu silently does not (``CERT_NONE``), and
+Celery's backend refuses the URL, in a worker only once its models are loaded. They also disagree on how
+``ssl_cert_reqs`` is spelled (``CERT_REQUIRED`` is Celery's, redis-py knows only ``required``).
+:func:`parse_broker_url` checks the URL once and gives every client the same one: a TLS URL verifies the
+certificate unless it says otherwise.
+
+The URL carries the password, so it is never printed as given: :attr:`BrokerUrl.redacted` (also its
+``str``) blanks it, for logs and messages.
+
+:func:`broker_refusal` tells a broker that refuses us (wrong password, a certificate that cannot be
+verified) from one that is unreachable for now: the first is said at
+start-up in one line, the second is waited for.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from engine.errors import BrokerError
+
+SCHEMES = ("redis", "rediss")
+MASK = "***"
+# What redis-py calls each level of certificate checking; Celery's and Python's names map onto them.
+CERT_REQS = {"required": "required", "cert_required": "required", "optional": "optional",
+             "cert_optional": "optional", "none": "none", "cert_none": "none"}
+ENCODING_HINT = "a password with @ : / ? # % in it is percent-encoded (p@ss is p%40ss)"
+_SECRET_QUERY_KEYS = re.compile(r"pass|token|secret|credential", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    """A checked broker URL. ``url`` (with the password) is for the clients only; ``redacted`` is for people."""
+
+    url: str
+    redacted: str
+    host: str
+    port: int
+    db: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return self.redacted
+
+    def __repr__(self) -> str:
+        return f"BrokerUrl({self.redacted!r})"
+
+
+def redact_broker_url(text: str) -> str:
+    """``text`` with its password (and any secret-looking query value) blanked. Read as plain text, not
+    parsed: a password with an unencoded ``#``, ``/`` or ``@`` in it must not end up shown because the URL
+    did not parse. Everything up to the last ``@`` is credentials; of them only a plain user name stays
+    (a lone user part, ``redis://SECRET@host``, is blanked: some write the password there)."""
+    scheme, separator, rest = text.partition("://")
+    if not separator:
+        scheme, rest = "", text
+    userinfo, at, location = rest.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        shown = f"{user}:{MASK}" if colon and re.fullmatch(r"[\w.%-]*", user) else MASK
+        rest = f"{shown}@{location}"
+    else:
+        location = rest
+    path, question, query = rest.partition("?")
+    if question:
+        pairs = [(key, MASK if _SECRET_QUERY_KEYS.search(key) else value)
+                 for key, value in parse_qsl(query, keep_blank_values=True)]
+        rest = f"{path}?{urlencode(pairs, safe='/:*')}"
+    return f"{scheme}{separator}{rest}"
+
+
+def parse_broker_url(text: str) -> BrokerUrl:
+    """Check a broker URL and return the form every client connects with; BrokerError naming what is wrong
+    (the URL shown without its password).
+
+    Forms: ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, ``rediss://`` for TLS, with ``ssl_cert_reqs``
+    (``required``, the default; ``optional``; ``none``) and ``ssl_ca_certs``/``ssl_certfile``/``ssl_keyfile``
+    in the query. A password with ``@ : / ? # %`` in it is percent-encoded (``p@ss`` is ``p%40ss``)."""
+    redacted = redact_broker_url(text)
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:  # its message quotes the part it could not read: a piece of the password, maybe
+        raise BrokerError(f"the broker URL {redacted} cannot be read: its host and port cannot be told apart; {ENCODING_HINT}",
+                          broker=redacted) from None
+    if parts.scheme not in SCHEMES:
+        raise BrokerError(
+            f"the broker URL {redacted} must start with redis:// (or rediss:// for TLS), e.g. "
+            "redis://:PASSWORD@HOST:6379/0", broker=redacted,
+        )
+    if not parts.hostname:
+        raise BrokerError(f"the broker URL {redacted} names no host; {ENCODING_HINT}", broker=redacted)
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise BrokerError(
+            f"the broker URL {redacted} ends in /{db_text}: the part after the host is the database number, "
+            f"a whole number such as /0; {ENCODING_HINT}", broker=redacted,
+        )
+    tls = parts.scheme == "rediss"
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    ssl_keys = sorted(key for key in query if key.startswith("ssl_"))
+    if ssl_keys and not tls:
+        raise BrokerError(
+            f"the broker URL {redacted} sets {', '.join(ssl_keys)} but starts with redis://, which does not use "
+            "TLS: write rediss://", broker=redacted,
+        )
+    if tls:
+        asked = query.get("ssl_cert_reqs", "required")
+        if asked.lower() not in CERT_REQS:
+            raise BrokerError(
+                f"the broker URL {redacted} has ssl_cert_reqs={asked}; use required (the default), optional or none",
+                broker=redacted,
+            )
+        query["ssl_cert_reqs"] = CERT_REQS[asked.lower()]
+    url = urlunsplit((parts.scheme, parts.netloc, f"/{int(db_text)}", urlencode(query, safe="/:"), ""))
+    return BrokerUrl(url, redact_broker_url(url), parts.hostname, port or 6379, int(db_text), tls)
+
+
+def broker_refusal(exc: BaseException) -> str | None:
+    """Why the broker refuses us, when ``exc`` (from a first command) says it does; None when it is merely
+    unreachable (down, restarting, a network blink), which is worth waiting for."""
+    import redis
+
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return f"it refused the user name or password ({exc})"
+    if isinstance(exc, redis.exceptions.ResponseError):  # e.g. an ACL user that may not PING
+        return f"it refused the first command ({exc})"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (f"its TLS certificate cannot be verified ({cause.verify_message}); name the CA that signed it with "
+                "ssl_cert_reqs=required&ssl_ca_certs=/path/to/ca.pem in the URL")
+    if isinstance(cause, ssl.SSLError):
+        return f"the TLS handshake failed ({cause.reason or cause}); check the ssl_* options of the URL"
+    return None
+
+
+def refused(broker: BrokerUrl, reason: str) -> BrokerError:
+    """The one-line start-up refusal naming the broker (password blanked)."""
+    return BrokerError(f"the broker at {broker.redacted} cannot be used: {reason}", broker=broker.redacted,
+                       setting="broker")
+
+
+__all__ = ["BrokerUrl", "broker_refusal", "parse_broker_url", "redact_broker_url", "refused"]
