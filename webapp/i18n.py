@@ -683,6 +683,7 @@ ERROR_KINDS_ZH: dict[str, str] = {
     "IdempotencyKeyInUse": "幂等键的第一个请求仍在处理中",
     "RequestInvalid": "请求无效",
     "AccessDenied": "无权执行此操作",
+    "BrokerError": "无法使用扩展用的 Redis 代理（broker）",
 }
 ERROR_KIND_TABLES: dict[str, dict[str, str]] = {"zh": ERROR_KINDS_ZH}
 
