@@ -507,9 +507,8 @@ class BatchRunner:
     def _batch_of_same_inputs(
         self, template_hash: str, inputs_hash: str, template_name: str | None = None, batch_seed: int | None = None
     ) -> str | None:
-        for batch in self.ledger.list_batches(limit=200):
-            if (batch["template_hash"] != template_hash or batch["sheet_hash"] != inputs_hash
-                    or (template_name is not None and batch["template_name"] != template_name)
+        for batch in self.ledger.batches_of_inputs(template_hash, inputs_hash):
+            if ((template_name is not None and batch["template_name"] != template_name)
                     or (batch_seed is not None and int(batch["batch_seed"]) != batch_seed)):
                 continue
             claimed = self._live_claims(batch["id"])
@@ -531,16 +530,15 @@ class BatchRunner:
         return [row for row in self.ledger.rows(batch_id, RUNNING) if not self._claim_is_gone(row)]
 
     def unfinished_batches(self, limit: int = 200) -> list[dict[str, Any]]:
-        """Batches with rows still to run (queued, running or cancelled), newest first; not those another
-        live process is running (a CLI run of the same data folder): nothing to resume there."""
+        """The newest ``limit`` batches with rows still to run (queued, running or cancelled), however many
+        finished batches came after them; not those another live process is running (a CLI run of the same
+        data folder): nothing to resume there."""
         found = []
-        for batch in self.ledger.list_batches(limit=limit):
-            counts = self.ledger.batch_summary(batch["id"])["counts"]
-            if counts["queued"] + counts["running"] + counts["cancelled"] == 0:
-                continue
-            if counts["running"] and self.held_elsewhere(batch["id"]):
-                continue
-            found.append(batch)
+        for batch in self.ledger.batches_with_rows_to_run():
+            if len(found) == limit:
+                break
+            if not self.held_elsewhere(batch["id"]):
+                found.append(batch)
         return found
 
     def start(self, prepared: PreparedBatch) -> str:
@@ -884,26 +882,26 @@ class BatchRunner:
                 if batch_id not in active and not self.held_elsewhere(batch_id)]
 
     def summary(self, batch_id: str, seconds: float = 0.0) -> BatchSummary:
-        rows = self.ledger.rows(batch_id)
-        count = lambda status: sum(1 for r in rows if r.status == status)  # noqa: E731
+        counts = self.ledger.row_counts(batch_id)  # counted by SQLite: a poll never loads the rows
         return BatchSummary(
             batch_id,
-            count(DONE),
-            count(FAILED),
-            count(TIMED_OUT),
-            count(SKIPPED),
-            count(CANCELLED) + count(QUEUED),
-            len(rows),
+            counts[DONE],
+            counts[FAILED],
+            counts[TIMED_OUT],
+            counts[SKIPPED],
+            counts[CANCELLED] + counts[QUEUED],
+            sum(counts.values()),
             self.output_dir(batch_id),
             seconds,
-            count(RUNNING),
+            counts[RUNNING],
         )
 
     def rows_to_run(self, batch_id: str, retry_failed: bool = False) -> int:
         """Rows a resume of ``batch_id`` still runs: waiting, cancelled, or claimed and not finished (and,
         with ``retry_failed``, failed and timed out). Done and skipped rows are never run again."""
         statuses = {QUEUED, CANCELLED, RUNNING} | ({FAILED, TIMED_OUT} if retry_failed else set())
-        return sum(1 for row in self.ledger.rows(batch_id) if row.status in statuses)
+        counts = self.ledger.row_counts(batch_id)
+        return sum(counts[status] for status in statuses)
 
     # ------------------------------------------------------------------- zips
 

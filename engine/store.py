@@ -95,6 +95,9 @@ _RECORD_COLUMNS = {
     "model_name": "model_name", "model_hash": "model_hash", "precision": "precision",
 }
 _JSON_COLUMNS = ("row_values", "loras", "workflow", "images", "extra")
+# When a generation happened, as history sorts and filters it: finished, else queued. Written the same in
+# the index on it (migration 6) and in every query, so that SQLite uses the index.
+_WHEN = "coalesce(finished_at, queued_at)"
 
 # Each migration: (version, name, statements). Applied in order inside one write transaction each.
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
@@ -229,6 +232,19 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
                 PRIMARY KEY (user, key)
             )""",
             "CREATE INDEX idx_idempotency_keys_expires ON idempotency_keys (expires_at)",
+        ),
+    ),
+    (
+        6,
+        "indexes for a ledger of many batches",
+        (
+            # History lists generations newest first by this very expression (see search): without an index
+            # on it every page, the first included, read and sorted the whole table (seconds after a year).
+            f"CREATE INDEX idx_generations_when ON generations ({_WHEN} DESC, row_key)",
+            # The same by status (a History filter), and the rows left running (shutdown, dead workers).
+            f"CREATE INDEX idx_generations_status_when ON generations (status, {_WHEN} DESC, row_key)",
+            # The batch a command run again continues is looked up by its inputs, among every batch.
+            "CREATE INDEX idx_batches_inputs ON batches (sheet_hash, template_hash)",
         ),
     ),
 )
@@ -702,6 +718,21 @@ class BatchLedger:
                           [*params, int(limit), _sql_offset(offset)])
         return [_batch_dict(r) for r in rows]
 
+    def batches_of_inputs(self, template_hash: str, sheet_hash: str) -> list[dict[str, Any]]:
+        """Every batch made from this template and sheet (or workflow and prompts), newest first, however
+        many other batches came after it."""
+        rows = self._read("SELECT * FROM batches WHERE sheet_hash = ? AND template_hash = ? "
+                          "ORDER BY created_at DESC, id", (sheet_hash, template_hash))
+        return [_batch_dict(r) for r in rows]
+
+    def batches_with_rows_to_run(self) -> list[dict[str, Any]]:
+        """Batches that still have rows ``queued``, ``running`` or ``cancelled``, newest first, however old
+        they are (a few among thousands: each batch is one lookup in the index of its rows' statuses)."""
+        rows = self._read(
+            "SELECT * FROM batches WHERE EXISTS (SELECT 1 FROM generations WHERE generations.batch_id = batches.id "
+            "AND generations.status IN ('queued', 'running', 'cancelled')) ORDER BY created_at DESC, id", ())
+        return [_batch_dict(r) for r in rows]
+
     def abandoned_batch_ids(self) -> list[str]:
         """Ids of batches still ``created`` or ``running`` that have rows ``queued`` or ``running``, oldest
         first: what a process that died left to do."""
@@ -755,11 +786,17 @@ class BatchLedger:
     def batch_summary(self, batch_id: str) -> dict[str, Any]:
         """The batch with counts per row status (every status present, zero when none) and ``total``."""
         batch = self._require_batch(batch_id)
+        counts = self.row_counts(batch_id)
+        return {**batch, "counts": counts, "total": sum(counts.values())}
+
+    def row_counts(self, batch_id: str) -> dict[str, int]:
+        """How many rows of the batch have each status (every status present, zero when none), counted in
+        the index: a progress poll of a batch of thousands of rows reads none of them."""
         counts = {status: 0 for status in ROW_STATUSES}
         for row in self._read("SELECT status, count(*) AS n FROM generations WHERE batch_id = ? GROUP BY status",
                               (batch_id,)):
             counts[row["status"]] = row["n"]
-        return {**batch, "counts": counts, "total": sum(counts.values())}
+        return counts
 
     # -- rows ---------------------------------------------------------------------------------------
 
@@ -1032,6 +1069,15 @@ class BatchLedger:
             params += wanted
         return [Generation.from_row(r) for r in self._read(sql + " ORDER BY row_number", params)]
 
+    def latest_images(self, batch_id: str, limit: int) -> tuple[int, list[Generation]]:
+        """(how many rows of the batch are done with an image, the last ``limit`` of them in row order):
+        what a progress page shows, read without loading the batch's other rows."""
+        done = "batch_id = ? AND status = 'done' AND coalesce(image_path, '') != ''"
+        count = self._read(f"SELECT count(*) AS n FROM generations WHERE {done}", (batch_id,))[0]["n"]
+        rows = self._read(f"SELECT * FROM generations WHERE {done} ORDER BY row_number DESC LIMIT ?",
+                          (batch_id, max(int(limit), 0)))
+        return count, [Generation.from_row(r) for r in reversed(rows)]
+
     def pending_rows(self, batch_id: str) -> list[Generation]:
         """Rows not ``done`` (what a resume still has to deal with), in row order."""
         return self.rows(batch_id, [s for s in ROW_STATUSES if s != "done"])
@@ -1065,7 +1111,7 @@ class BatchLedger:
                                field="status", status=status)
             where.append("status = ?")
             params.append(status)
-        when = "coalesce(finished_at, queued_at)"
+        when = _WHEN
         if date_from:
             where.append(f"{when} >= ?")
             params.append(_time_bound(date_from, "date_from"))
@@ -1074,8 +1120,11 @@ class BatchLedger:
             where.append(f"{when} < ?")
             params.append(bound + ("\uffff" if len(bound) == 10 else ""))  # a day: all of it
         clause = ("WHERE " + " AND ".join(where)) if where else ""
+        # One batch's rows are few: read them by batch, whatever else is asked. SQLite would otherwise walk
+        # the time index of every generation to skip sorting them (seconds for a status or a day).
+        source = "generations INDEXED BY idx_generations_batch_status" if batch_id else "generations"
         rows = self._read(
-            f"SELECT * FROM generations {clause} ORDER BY {when} DESC, row_key LIMIT ? OFFSET ?",
+            f"SELECT * FROM {source} {clause} ORDER BY {when} DESC, row_key LIMIT ? OFFSET ?",
             [*params, int(limit), _sql_offset(offset)],
         )
         return [Generation.from_row(r) for r in rows]

@@ -778,3 +778,32 @@ def test_rows_this_process_left_claimed_mid_row_are_no_crashes_when_it_resumes(s
 
     assert services.runner.run(batch_id).done == 2
     assert [r.crashes for r in services.ledger.rows(batch_id)] == [0, 0]
+
+
+def _other_batches(services, count):
+    """``count`` newer batches of other sheets, as months of other people's work leave them."""
+    for number in range(count):
+        services.ledger.create_batch("product_shot", "t" * 64, f"{number:064d}", batch_seed=number, user="bob")
+
+
+def test_a_command_run_again_continues_its_batch_however_many_batches_came_after(services_factory, tmp_path):
+    """A monthly cron job on a busy install: hundreds of batches since its last run. Looking only among the
+    newest 200 batches, it started a new batch and made every image again."""
+    services = services_factory()
+    sheet = read_sheet(write_sheet(tmp_path / "rows.csv", small_rows(2)))
+    prepared = services.runner.prepare("product_shot", sheet, batch_seed=5)
+    services.runner.start(prepared)
+    _other_batches(services, 201)
+    assert services.runner.batch_to_continue("product_shot", sheet, batch_seed=5) == prepared.batch_id
+    assert services.runner.batch_to_continue("product_shot", sheet, batch_seed=6) is None
+
+
+def test_an_interrupted_batch_is_offered_for_resume_however_many_batches_came_after(services_factory, tmp_path):
+    """The web page's "interrupted batches" (and the CLI's list of them) looked at the newest 200 batches
+    only: an older unfinished batch could no longer be picked to resume."""
+    services = services_factory()
+    prepared = services.runner.prepare("product_shot", read_sheet(write_sheet(tmp_path / "rows.csv", small_rows(2))))
+    services.runner.start(prepared)
+    _other_batches(services, 201)  # recorded, no rows: nothing to resume in them
+    assert [b["id"] for b in services.runner.unfinished_batches()] == [prepared.batch_id]
+    assert services.queue.interrupted()[0]["id"] == prepared.batch_id

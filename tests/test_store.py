@@ -231,6 +231,68 @@ def test_search_dates_compare_as_times_whatever_the_offset_and_bad_ones_are_name
         assert refused.value.details["field"] == field and bad in refused.value.message
 
 
+def query_plans(ledger, call):
+    """The query plan of every SELECT that ``call`` runs on the ledger, one list of plan lines each."""
+    statements = []
+    ledger.conn.set_trace_callback(statements.append)  # the SQL with its parameters, as SQLite ran it
+    try:
+        call()
+    finally:
+        ledger.conn.set_trace_callback(None)
+    return [[line[3] for line in ledger.conn.execute("EXPLAIN QUERY PLAN " + sql)]
+            for sql in statements if sql.lstrip().upper().startswith("SELECT")]
+
+
+def reads_every_generation(plan):
+    """Whether a plan reads the whole generations table, or sorts every row it found to pick a page."""
+    return any(line == "SCAN generations" or line.startswith("USE TEMP B-TREE FOR ORDER BY") for line in plan)
+
+
+@pytest.mark.parametrize("query", [
+    {}, {"status": "failed"}, {"date_from": "2025-03-01", "date_to": "2025-03-01"}, {"date_from": "2025-03-01"},
+    {"status": "done", "date_to": "2025-03-31"}, {"text": "red"}, {"offset": 400},
+], ids=repr)
+def test_history_pages_come_from_an_index_never_a_sort_of_every_generation(ledger, query):
+    """A year of generations (hundreds of thousands): a History page sorted or scanned them all (seconds)."""
+    new_batch(ledger, rows=3)
+    plans = query_plans(ledger, lambda: ledger.search(limit=201, **query))
+    assert plans and not any(reads_every_generation(plan) for plan in plans), plans
+
+
+@pytest.mark.parametrize("query", [{}, {"status": "done"}, {"date_from": "2025-03-01"}, {"text": "red"}], ids=repr)
+def test_a_batchs_history_is_read_through_that_batchs_rows(ledger, query):
+    """With a batch, the time index would walk every generation to find that batch's few rows."""
+    batch_id = new_batch(ledger, rows=3)
+    plans = query_plans(ledger, lambda: ledger.search(batch_id=batch_id, **query))
+    assert plans and all("idx_generations_batch_status (batch_id=?" in " ".join(plan) for plan in plans), plans
+
+
+def test_rows_left_running_are_found_without_reading_every_generation(ledger):
+    """At shutdown the app gives its claims back; after a year that read the whole table."""
+    new_batch(ledger, rows=3)
+    plans = query_plans(ledger, lambda: ledger.reset_stale_running(worker="host:1", crashed=False))
+    lines = [line for plan in plans for line in plan if "generations" in line]
+    assert lines and all(line.startswith("SEARCH generations USING") for line in lines), plans
+
+
+def test_history_pages_at_equal_times_neither_repeat_nor_skip_a_row(ledger):
+    """Skipped rows of a batch share one time (and API bursts share milliseconds): pages must still cut
+    the results in one order, whatever the page size."""
+    batches = [new_batch(ledger, rows=9) for _ in range(3)]
+    ledger.conn.execute("UPDATE generations SET finished_at = '2025-05-05T10:00:00.000+00:00' "
+                        "WHERE row_number % 2 = 0")  # ties across batches, between finished and queued rows
+    everything = [g.row_key for g in ledger.search(limit=1000)]
+    assert len(everything) == 27 == len(set(everything))
+    for size in (1, 2, 5, 7, 26, 27):
+        paged = [g.row_key for offset in range(0, 30, size) for g in ledger.search(limit=size, offset=offset)]
+        assert paged == everything, size
+    for batch_id in batches:  # the same through the batch's own index
+        one = [g.row_key for g in ledger.search(batch_id=batch_id, limit=1000)]
+        assert [g.row_key for offset in range(0, 9, 4) for g in ledger.search(batch_id=batch_id, limit=4,
+                                                                              offset=offset)] == one
+        assert one == [key for key in everything if key.startswith(batch_id + ":")]
+
+
 def _claim_worker(path, batch_id, worker, start_together, results):
     claimed, errors = [], []
     try:

@@ -750,3 +750,53 @@ def test_screen_readers_hear_a_running_batch_only_at_each_tenth_of_its_rows_and_
     assert handlers.progress_announcement("running", 57, 3, 40, "zh") == "生成中：已完成 60% 的行"
     assert handlers.progress_announcement("queued", 0, 0, 0) == "queued: 0 % of the rows made"
     assert handlers.progress_announcement("done", 97, 3, 0) == "done · done 97 · failed 3 · remaining 0"
+
+
+def _a_long_finished_batch(services, rows: int, done: int) -> str:
+    """A batch of ``rows`` rows, the first ``done`` of them made (through the ledger's own write paths)."""
+    ledger = services.ledger
+    batch_id = ledger.create_batch("turbo_draft", "t" * 64, "s" * 64, batch_seed=1, user="bob")
+    ledger.add_rows(batch_id, [{"row_number": n, "values": {"prompt": f"item {n}"}, "seed": n}
+                               for n in range(2, 2 + rows)])
+    for _ in range(done):
+        row = ledger.claim_next(batch_id, worker="host:1")
+        ledger.complete_row(row.row_key, {"prompt": f"item {row.row_number}"},
+                            services.settings.outputs_path / batch_id / f"item_{row.row_number}.png", "0" * 64)
+    return batch_id
+
+
+def _rows_read(monkeypatch) -> list[int]:
+    """Counts the ledger rows turned into Generation objects from now on (the real method still runs)."""
+    from engine.store import Generation
+
+    read = [0]
+    from_row = Generation.from_row.__func__
+
+    def counted(cls, row):
+        read[0] += 1
+        return from_row(cls, row)
+
+    monkeypatch.setattr(Generation, "from_row", classmethod(counted))
+    return read
+
+
+def test_the_batch_page_reads_its_counts_and_newest_images_not_every_row(services, monkeypatch):
+    """The batch page asks every second while it is open: with every row read each time, a batch of
+    thousands of rows kept a CPU busy for as long as someone watched it."""
+    batch_id = _a_long_finished_batch(services, rows=90, done=60)
+    read = _rows_read(monkeypatch)
+    view = handlers.batch_view(services, batch_id, max_images=48)
+    assert (view.done, view.remaining, view.image_count) == (60, 30, 60)
+    assert [Path(p).name for p in view.images] == [f"item_{n}.png" for n in range(14, 62)]  # the last 48, in order
+    assert set(view.captions) == set(view.images)
+    assert read[0] <= 48
+
+
+def test_polling_a_batch_without_its_rows_reads_none_of_them(services, monkeypatch):
+    from webapp.api import batch_status
+
+    batch_id = _a_long_finished_batch(services, rows=30, done=20)
+    read = _rows_read(monkeypatch)
+    body = batch_status(services, batch_id, with_rows=False)
+    assert (body["counts"]["done"], body["counts"]["not_run"], body["counts"]["total"]) == (20, 10, 30)
+    assert read[0] == 0

@@ -391,19 +391,16 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
     if batch is None:
         raise BatchError(text("batch.unknown", lang, batch_id=batch_id), batch_id=batch_id)
     progress = services.queue.status(batch_id)
-    rows = services.ledger.rows(batch_id)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row.status] = counts.get(row.status, 0) + 1
-    done = counts.get("done", 0)
-    failed = counts.get("failed", 0) + counts.get("timed_out", 0)
+    # Polled every second while the page is open: counts and the newest images only, never every row
+    counts = services.ledger.row_counts(batch_id)
+    image_count, rows = services.ledger.latest_images(batch_id, max_images)
+    done = counts["done"]
+    failed = counts["failed"] + counts["timed_out"]
     # Cancelled rows are still to be made: resuming the batch runs them.
-    remaining = counts.get("queued", 0) + counts.get("running", 0) + counts.get("cancelled", 0)
-    images = [row.image_path for row in rows if row.status == "done" and row.image_path]
-    references = {
-        row.image_path: [str(p) for p in services.runner.reference_images(batch, row.row_values)]
-        for row in rows if row.status == "done" and row.image_path and row.image_path in images[-max_images:]
-    }
+    remaining = counts["queued"] + counts["running"] + counts["cancelled"]
+    images = [row.image_path for row in rows]
+    references = {row.image_path: [str(p) for p in services.runner.reference_images(batch, row.row_values)]
+                  for row in rows}
     if progress is not None:
         state = progress.state
         eta = progress.eta_s if state == "running" else None
@@ -441,18 +438,17 @@ def batch_view(services: Any, batch_id: str, lang: str = "en", max_images: int =
         status_line=line.rstrip(" ·"),
         step_line=step_line,
         step_fraction=fraction,
-        images=images[-max_images:],
+        images=images,
         finished=state not in ACTIVE_STATES,
         references={path: found for path, found in references.items() if found},
-        captions={row.image_path: image_caption(row.row_number, row.row_values, row.prompt, lang)
-                  for row in rows if row.status == "done" and row.image_path in images[-max_images:]},
+        captions={row.image_path: image_caption(row.row_number, row.row_values, row.prompt, lang) for row in rows},
         done=done,
         failed=failed,
         remaining=remaining,
         error=error,
         announcement=announcement + (f". {error}" if error else ""),
         warming_up=is_warming_up(services),
-        image_count=len(images),
+        image_count=image_count,
     )
 
 

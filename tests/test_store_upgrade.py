@@ -1,0 +1,130 @@
+"""A data folder made by an older release, opened by this one: the ledger at each earlier schema version
+(made by the same migration code, holding rows as that release wrote them) keeps its data, gets each
+missing migration once, and every reader copes with the columns later migrations added (NULL or their
+default in old rows). Two processes opening an old ledger at once migrate it once."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import sqlite3
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import engine.store
+from engine.archive import write_batch_zip
+from engine.store import MIGRATIONS, BatchLedger
+
+OLD_VERSIONS = [version for version, _, _ in MIGRATIONS[:-1]]
+DEAD_CLAIMANT = "elsewhere:1"  # a claimant on another host, long ago: its claim is stale
+
+
+def ledger_at_version(path: Path, version: int, monkeypatch) -> None:
+    """The ledger as the release whose newest migration was ``version`` made it, with the rows it wrote:
+    a finished batch (one row done with its image, one skipped) and a batch its process was killed in
+    (one row done, one running, one queued). Rows are written with the columns of that version only."""
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.store, "MIGRATIONS", tuple(m for m in MIGRATIONS if m[0] <= version))
+        with BatchLedger(path) as old:
+            assert old.schema_version() == version
+            for batch_id, statuses in (("finished", ("done", "skipped")), ("killed", ("done", "running", "queued"))):
+                # create_batch and add_rows write the first schema's columns: the same in every release
+                old.create_batch("product_shot", "t" * 64, f"sheet of {batch_id}".ljust(64, "."), batch_seed=2**64 - 1,
+                                 sheet_name=f"{batch_id}.csv", options={"columns": ["product"]}, user="alice",
+                                 batch_id=batch_id)
+                old.add_rows(batch_id, [{"row_number": n, "values": {"product": f"旧 item {n}"}, "seed": n,
+                                         "prompt": f"old item {n}", "workflow": {"1": {"class_type": "X", "inputs": {}}},
+                                         **({"status": "skipped", "error": "bad width"} if status == "skipped" else {})}
+                                        for n, status in enumerate(statuses, start=2)])
+                for n, status in enumerate(statuses, start=2):
+                    image = path.parent / "outputs" / batch_id / f"item_{n}.png"
+                    if status == "done":
+                        image.parent.mkdir(parents=True, exist_ok=True)
+                        image.write_bytes(b"\x89PNG old image")
+                        old.conn.execute(
+                            "UPDATE generations SET status = 'done', attempts = 1, worker = ?, started_at = queued_at, "
+                            "finished_at = queued_at, image_path = ?, image_sha256 = ?, images = ? WHERE row_key = ?",
+                            (DEAD_CLAIMANT, str(image), None, json.dumps([{"path": str(image)}]), f"{batch_id}:{n}"))
+                    elif status == "running":
+                        old.conn.execute(
+                            "UPDATE generations SET status = 'running', attempts = 1, worker = ?, "
+                            "started_at = '2020-01-01T00:00:00.000+00:00' WHERE row_key = ?",
+                            (DEAD_CLAIMANT, f"{batch_id}:{n}"))
+            old.set_batch_status("killed", "running")
+
+
+def migrations_applied(path: Path) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        return [row[0] for row in conn.execute("SELECT version FROM migrations ORDER BY version")]
+
+
+@pytest.mark.parametrize("version", OLD_VERSIONS)
+def test_a_ledger_of_an_older_release_is_upgraded_once_and_its_rows_are_read_and_resumed(
+        tmp_path, monkeypatch, version):
+    path = tmp_path / "ledger.db"
+    ledger_at_version(path, version, monkeypatch)
+    BatchLedger(path).close()
+    with BatchLedger(path) as ledger:
+        assert migrations_applied(path) == [v for v, _, _ in MIGRATIONS]  # each once, after two opens
+        assert ledger.schema_version() == MIGRATIONS[-1][0]
+
+        # The old rows as every reader sees them: columns of later migrations are NULL or their default
+        old = ledger.get_generation("killed:2")
+        assert (old.status, old.seed, old.began_at, old.crashes, old.row_values) == ("done", 2, None, 0,
+                                                                                     {"product": "旧 item 2"})
+        assert [b["id"] for b in ledger.list_batches()] in (["killed", "finished"], ["finished", "killed"])
+        assert {g.row_key for g in ledger.search(text="旧 item")} == {f"{b}:{n}" for b, rows in
+                                                                    (("finished", 2), ("killed", 3))
+                                                                    for n in range(2, 2 + rows)}
+        assert [g.row_key for g in ledger.search(status="running")] == ["killed:3"]
+        assert ledger.batch_summary("killed")["counts"]["running"] == 1
+        assert ledger.abandoned_batch_ids() == ["killed"]
+        assert [b["id"] for b in ledger.batches_with_rows_to_run()] == ["killed"]
+        assert [b["id"] for b in ledger.batches_of_inputs("t" * 64, "sheet of finished".ljust(64, "."))] == ["finished"]
+        assert ledger.ended_batches("product_shot")[0]["id"] == "finished"
+
+        # The zip of an old batch: its image and manifests
+        out = io.BytesIO()
+        summary = write_batch_zip(ledger, "finished", out)
+        assert summary.problems == [] and summary.images == ["images/item_2.png"]
+        manifest = json.loads(zipfile.ZipFile(out).read("manifest.json"))
+        assert [row["status"] for row in manifest["rows"]] == ["done", "skipped"]
+
+        # Resume: the killed process's claim goes back, and the rows left run once each
+        assert ledger.reset_stale_running("killed", worker=DEAD_CLAIMANT, max_attempts=3) == 1
+        assert ledger.get_generation("killed:3").crashes == 0  # it never said it began: no crash is blamed
+        while (row := ledger.claim_next("killed", worker="new:1")) is not None:
+            ledger.mark_began(row.row_key)
+            ledger.complete_row(row.row_key, {"prompt": row.prompt, "seed": row.seed}, f"/out/{row.row_number}.png",
+                                "0" * 64)
+        assert ledger.batch_summary("killed")["counts"]["done"] == 3
+
+
+def _open(path: str, start_together, results) -> None:
+    try:
+        start_together.wait(timeout=60)
+        with BatchLedger(path) as ledger:
+            results.put(("opened", ledger.schema_version(), len(ledger.search(limit=10))))
+    except Exception as exc:  # reported to the test, which names it
+        results.put(("error", repr(exc), 0))
+
+
+def test_two_processes_opening_an_old_ledger_at_once_migrate_it_once(tmp_path, monkeypatch):
+    """The web app and a CLI run started together on a data folder of the oldest release: one applies the
+    migrations, the other waits for it and finds them applied; neither sees an error."""
+    path = tmp_path / "ledger.db"
+    ledger_at_version(path, MIGRATIONS[0][0], monkeypatch)
+    context = multiprocessing.get_context("spawn")
+    start_together, results = context.Event(), context.Queue()
+    processes = [context.Process(target=_open, args=(str(path), start_together, results)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    start_together.set()
+    for process in processes:
+        process.join(timeout=120)
+    seen = sorted(results.get(timeout=10) for _ in processes)
+    assert seen == [("opened", MIGRATIONS[-1][0], 5)] * 3
+    assert migrations_applied(path) == [v for v, _, _ in MIGRATIONS]
