@@ -1056,6 +1056,19 @@ class BatchLedger:
         rows = self._read("SELECT * FROM generations WHERE row_key = ?", (key,))
         return Generation.from_row(rows[0]) if rows else None
 
+    def first_rows(self, batch_ids: Iterable[str]) -> dict[str, Generation]:
+        """The first row of each of ``batch_ids`` that has rows, by batch id, read together (a ComfyUI prompt
+        is a batch of one row: its history is read this way, thousands at once)."""
+        ids, found = list(dict.fromkeys(batch_ids)), {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            sql = (f"SELECT * FROM generations WHERE batch_id IN ({', '.join('?' for _ in chunk)}) "
+                   "ORDER BY batch_id, row_number")
+            for row in self._read(sql, chunk):
+                if row["batch_id"] not in found:
+                    found[row["batch_id"]] = Generation.from_row(row)
+        return found
+
     def rows(self, batch_id: str, status: str | Iterable[str] | None = None) -> list[Generation]:
         """The batch's rows in row order, optionally only those with ``status`` (one or several)."""
         sql = "SELECT * FROM generations WHERE batch_id = ?"

@@ -475,6 +475,36 @@ def test_history_limits_count_prompts_not_other_batches(server):
     assert list(everything)[-2:] == [first, second]
 
 
+def test_history_reads_the_ledger_as_often_however_many_prompts_it_lists(server, monkeypatch):
+    """ComfyUI keeps up to 10,000 prompts in its history: /history reads them together, not three reads a
+    prompt (seconds per call on a busy server's ledger). Each entry is the one /history/{id} gives."""
+    from engine.store import BatchLedger
+
+    reads = [0]
+    read = BatchLedger._read
+
+    def counted(self, *args, **kwargs):
+        reads[0] += 1
+        return read(self, *args, **kwargs)
+
+    def reads_of_history() -> tuple[int, dict]:
+        monkeypatch.setattr(BatchLedger, "_read", counted)
+        reads[0] = 0
+        listed = server.http.get("/history").json()
+        monkeypatch.setattr(BatchLedger, "_read", read)
+        return reads[0], listed
+
+    run_prompt(server.http)
+    before, listed_before = reads_of_history()
+    added = [run_prompt(server.http) for _ in range(3)]
+    after, listed = reads_of_history()
+
+    assert len(listed) == len(listed_before) + 3 and set(added) <= set(listed)
+    assert after == before
+    for prompt_id in added:
+        assert server.http.get(f"/history/{prompt_id}").json() == {prompt_id: listed[prompt_id]}
+
+
 def test_deleting_history_hides_prompts_but_the_ledger_keeps_them(server):
     other = TokenIssuer.from_settings(server.services.settings).create("history-neighbour", "user")
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {other}"}, timeout=60) as them:

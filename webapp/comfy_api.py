@@ -235,16 +235,20 @@ class ComfyBridge:
         if self.services.ledger.hidden_from_history(prompt_id):
             return None  # deleted from history by a client (the ledger keeps it)
         rows = self.services.ledger.rows(prompt_id)
-        if not rows or rows[0].status not in FINISHED:
+        return self._history_entry(batch, rows[0] if rows else None, self._view_roots())
+
+    def _history_entry(self, batch: dict[str, Any], row: Any, roots: dict[str, Path]) -> dict[str, Any] | None:
+        """The history entry of the prompt ``batch`` whose (only) row is ``row``, once it has ended."""
+        prompt_id = batch["id"]
+        if row is None or row.status not in FINISHED:
             return None
-        row = rows[0]
         began_at = row.started_at or batch.get("started_at")  # a full disk stopping the row clears its start
         if row.status == "cancelled" and began_at is None:
             return None  # deleted from the queue before it ran: ComfyUI keeps no history of it
         meta = self.prompts.get(prompt_id) or {}
         workflow = row.workflow or {}
         outputs: dict[str, Any] = {}
-        for image in self.images_of(row):
+        for image in self.images_of(row, roots):
             outputs.setdefault(image.pop("node_id") or "output", {"images": []})["images"].append(image)
         # When it ran, as the ledger recorded it. A row refused before it ran has no start: it ended then.
         finished_at = row.finished_at or began_at
@@ -272,16 +276,22 @@ class ComfyBridge:
             "meta": {node: {"node_id": node, "display_node": node} for node in outputs},
         }
 
-    def images_of(self, row: Any) -> list[dict[str, Any]]:
+    def _view_roots(self) -> dict[str, Path]:
+        return {kind: root.resolve() for kind, root in view_roots(self.services.settings).items()}
+
+    def images_of(self, row: Any, roots: dict[str, Path] | None = None) -> list[dict[str, Any]]:
         """A row's images as ComfyUI addresses them: filename, subfolder (under the type's folder) and type,
-        "output" (SaveImage) or "temp" (PreviewImage), the folders /view serves."""
-        roots = {kind: root.resolve() for kind, root in view_roots(self.services.settings).items()}
+        "output" (SaveImage) or "temp" (PreviewImage), the folders /view serves. ``roots``: those folders,
+        resolved (:meth:`_view_roots`), when the caller lists many rows."""
+        roots = roots or self._view_roots()
         images = row.images or ([{"path": row.image_path, "node_id": None}] if row.image_path else [])
         found = []
         for image in images:
             kind = image.get("type", "output")
-            path, root = Path(image["path"]).resolve(), roots[kind]
-            subfolder = path.parent.relative_to(root).as_posix() if root in path.parents else ""
+            path, root = Path(image["path"]), roots[kind]
+            if ".." in path.parts or not path.is_relative_to(root):  # the engine writes resolved paths: rare
+                path = path.resolve()
+            subfolder = path.parent.relative_to(root).as_posix() if path.parent.is_relative_to(root) else ""
             found.append({"filename": path.name, "subfolder": subfolder, "type": kind, "node_id": image.get("node_id")})
         return found
 
@@ -291,9 +301,12 @@ class ComfyBridge:
         that have ended, so other batches and unfinished prompts never take a place of the limit."""
         limit = MAXIMUM_HISTORY_SIZE if max_items is None else max(0, min(max_items, MAXIMUM_HISTORY_SIZE))
         batches = self.services.ledger.ended_batches(COMFY_TEMPLATE_NAME, limit=limit) if limit else []
+        # One read of every prompt's row, not three reads a prompt: ComfyUI keeps up to 10,000 of them.
+        first_rows = self.services.ledger.first_rows([batch["id"] for batch in batches])
+        roots = self._view_roots()
         result = {}
         for batch in reversed(batches):
-            entry = self.history_entry(batch["id"])
+            entry = self._history_entry(batch, first_rows.get(batch["id"]), roots)
             if entry is not None:
                 result[batch["id"]] = entry
         return result
