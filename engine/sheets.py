@@ -1341,9 +1341,13 @@ def coerce_cell(field: "TemplateField", text: str, decimal_comma: bool = False) 
         _check_range(field, value)
         return value
     if kind == "float":
-        cleaned = decimal_comma_number(text) if decimal_comma else text.strip()
+        # A cell Excel shows as a percentage is written so into a CSV ("75%"); the XLSX holds 0.75
+        written = text.strip()
+        percent = written.endswith("%") and not written.endswith("%%")
+        written = written[:-1].rstrip() if percent else written
+        cleaned = decimal_comma_number(written) if decimal_comma else written
         try:
-            number = Decimal(cleaned)
+            number = Decimal(cleaned) / 100 if percent else Decimal(cleaned)
         except InvalidOperation:
             if _SURELY_COMMA.fullmatch(_NUMBER_SPACES.sub("", text.strip())):
                 # a decimal comma in a sheet whose other numbers have points (or no sign of either)

@@ -12,7 +12,7 @@ from openpyxl import Workbook
 from openpyxl.styles import PatternFill
 
 from engine.errors import BatchError, SheetError
-from engine.sheets import SEED_MAX, SheetLimits, derive_seed, read_sheet, validate_rows
+from engine.sheets import SEED_MAX, CellValueError, SheetLimits, coerce_cell, derive_seed, read_sheet, validate_rows
 from engine.templates import parse_template
 
 SHEET_XML = "xl/worksheets/sheet1.xml"
@@ -621,6 +621,19 @@ def test_decimal_commas_are_read_where_the_files_numbers_show_them_and_refused_a
     report = report_for(read_sheet(b'prompt,cfg\na,7.25\nb,"7,5"\n', "mixed.csv"), template)
     (problem,) = report[3].problems
     assert problem.code == "decimal_comma_unexpected" and "write it as 7.5" in problem.reason
+
+
+def test_a_percentage_as_excel_writes_it_into_a_csv_is_read_as_the_number_the_workbook_holds():
+    from engine.templates import TemplateField
+
+    strength = TemplateField("denoise", "float", default=1.0, min=0.0, max=1.0)
+    assert [coerce_cell(strength, text) for text in ("75%", "75 %", "12.5%")] == [0.75, 0.75, 0.125]
+    assert coerce_cell(strength, "7,5%", decimal_comma=True) == 0.075
+    with pytest.raises(CellValueError, match=r"'150%' \(read as 1.5\) is above the maximum 1.0"):
+        coerce_cell(strength, "150%")
+    for text in ("%", "abc%", "50%%"):
+        with pytest.raises(CellValueError, match="is not a number"):
+            coerce_cell(strength, text)
 
 
 def test_an_excel_sep_line_sets_the_delimiter_and_is_not_a_row():
