@@ -843,3 +843,43 @@ def test_a_zero_padded_product_code_reaches_the_prompt_and_the_file_name(service
     assert summary.done == 1
     (row,) = services.ledger.rows(prepared.batch_id)
     assert Path(row.image_path).name == "0012345678905_red.png" and (row.width, row.height) == (64, 64)
+
+
+# Files built to hurt a shared server: every one read in bounded work and memory, or refused saying why --------
+
+
+def test_xlsx_numbers_past_28_digits_read_as_excel_shows_them(shown_template):
+    # Decimal's default 28 digits made these a traceback instead of a sheet
+    data = xlsx_bytes([["code", "caption"], [1e30, "x"], [-1.5e300, "y"], [1e308, "z"]],
+                      mutate=number_formats({"A": "#,##0"}))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.rows[0].cells["code"] == "1" + ",000" * 10
+    assert sheet.rows[1].cells["code"] == "-1,500" + ",000" * 99
+    assert sheet.rows[2].cells["code"].startswith("100,000,000,000,000,") and len(sheet.rows[2].cells["code"]) == 411
+    # past Excel's 15 digits: the row says so, as for any such number
+    assert [p.code for p in report_for(sheet, shown_template)[2].problems] == ["excel_rounded"]
+
+
+def test_xlsx_dates_past_the_year_9999_and_huge_elapsed_times_read_as_stored_with_a_note():
+    import datetime
+
+    # the last millisecond of 9999 rounds to the year 10000 when shown to the minute (Excel shows ####)
+    data = xlsx_bytes([["prompt", "until", "elapsed"],
+                       ["a", datetime.datetime(9999, 12, 31, 23, 59, 59, 999000), datetime.timedelta(days=10**8)]],
+                      mutate=number_formats({"B": "yyyy-mm-dd hh:mm", "C": "[h]:mm"}))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.rows[0].cells["until"].startswith("9999-12-31 23:59:59")
+    assert {(p.code, p.params["column"]) for p in sheet.problems_for(1)} == {
+        ("format_not_shown", "until"), ("format_not_shown", "elapsed")}
+
+
+def test_a_number_format_longer_than_excels_limit_reads_the_stored_value_with_a_note():
+    # Excel keeps number formats to 255 characters; a longer one in the file is no format Excel made, and
+    # "0" repeated a million times made a million-character cell of every number
+    data = xlsx_bytes([["prompt", "code"], ["a", 42], ["b", 7]], mutate=number_formats({"B": "0" * 256}))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert [r.cells["code"] for r in sheet.rows] == ["42", "7"]
+    (note,) = sheet.problems_for(1)
+    assert note.code == "format_not_shown" and note.params["value"] == "42" and len(note.params["format"]) == 40
+    assert read_sheet(xlsx_bytes([["prompt", "code"], ["a", 42]], mutate=number_formats({"B": "0" * 255})),
+                      "rows.xlsx").rows[0].cells["code"] == "0" * 253 + "42"
