@@ -854,6 +854,9 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                          code="workbook_damaged") from exc
     try:
         names = list(values_book.sheetnames)
+        if not names:  # workbook.xml lists none, or none whose part is in the zip
+            raise SheetError("the workbook has no worksheet that can be read (damaged, or not saved by Excel); "
+                             "open it in Excel and save it again", code="workbook_damaged")
         if sheet_name is None:
             # The first worksheet the user sees: a hidden one first in the workbook (lists for drop-downs,
             # lookup tables) is not where they typed the rows. openpyxl reads the state as XML, as Excel does

@@ -978,3 +978,14 @@ def test_long_column_names_under_a_merged_title_are_read_in_linear_time():
     data = xlsx_bytes([["Title"], names, ["v"] * len(names)], mutate=lambda ws: ws.merge_cells("A1:C1"))
     sheet = read_sheet(data, "rows.xlsx")
     assert sheet.columns == names and sheet.problems_for(1)[0].code == "title_rows_skipped"
+
+
+@pytest.mark.parametrize("member, change", [
+    ("xl/workbook.xml", lambda xml: re.sub(rb"<sheets>.*</sheets>", b"<sheets/>", xml)),
+    ("xl/_rels/workbook.xml.rels", lambda xml: xml.replace(b"sheet1.xml", b"gone.xml")),  # not in the zip
+])
+def test_a_workbook_listing_no_worksheet_it_holds_is_refused_as_damaged(member, change):
+    data = rewrite_member(xlsx_bytes([["prompt"], ["a"]]), member, change)
+    with pytest.raises(SheetError) as refused:
+        read_sheet(data, "rows.xlsx")
+    assert refused.value.code == "workbook_damaged" and "no worksheet" in refused.value.message
