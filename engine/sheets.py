@@ -910,7 +910,8 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                     )
                 text = _xlsx_cell_text(value, number, col_index, cell_problems)
                 if text and value is not None and not isinstance(value, (str, bool)):
-                    text = formatted.shown(value, text, cells_read[col_index].number_format, number, col_index)
+                    text = formatted.shown(value, text, _number_format(cells_read[col_index], number, col_index),
+                                           number, col_index)
                 cells.append(text)
             records.append((number, cells))
             nonblank += 1
@@ -938,6 +939,17 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
     header = _header_names(records[0][1])
     sheet.problems[:0] = [note for note in (title_note, merged_note) if note is not None] + formatted.notes(header)
     return sheet
+
+
+def _number_format(cell: Any, row: int, column: int) -> str | None:
+    """The number format of an XLSX cell; SheetError where the cell names a style the workbook lacks."""
+    try:
+        return cell.number_format
+    except IndexError:  # openpyxl looks the cell's style index up in the workbook's list of styles
+        raise SheetError(
+            f"row {row}, column {_column_letter(column)}: the cell names a style the workbook does not have "
+            "(the file is damaged); open it in Excel and save it again", code="workbook_damaged", row=row,
+            column=_column_letter(column)) from None
 
 
 class _FormattedCells:

@@ -989,3 +989,11 @@ def test_a_workbook_listing_no_worksheet_it_holds_is_refused_as_damaged(member, 
     with pytest.raises(SheetError) as refused:
         read_sheet(data, "rows.xlsx")
     assert refused.value.code == "workbook_damaged" and "no worksheet" in refused.value.message
+
+
+def test_a_number_cell_naming_a_style_the_workbook_lacks_is_refused_naming_the_cell():
+    data = xlsx_bytes([["prompt", "steps"], ["a", 12]])
+    data = rewrite_member(data, "xl/worksheets/sheet1.xml", lambda xml: xml.replace(b'<c r="B2"', b'<c r="B2" s="99"'))
+    with pytest.raises(SheetError) as refused:
+        read_sheet(data, "rows.xlsx")
+    assert refused.value.code == "workbook_damaged" and refused.value.message.startswith("row 2, column B:")
