@@ -97,7 +97,7 @@ def parse_broker_url(text: str) -> BrokerUrl:
     if not parts.hostname:
         raise BrokerError(f"the broker URL {redacted} names no host; {ENCODING_HINT}", broker=redacted)
     db_text = parts.path.strip("/") or "0"
-    if not db_text.isdigit():
+    if not re.fullmatch(r"[0-9]+", db_text):  # str.isdigit also takes ² and other scripts' digits
         raise BrokerError(
             f"the broker URL {redacted} ends in /{db_text}: the part after the host is the database number, "
             f"a whole number such as /0; {ENCODING_HINT}", broker=redacted,

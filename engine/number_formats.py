@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from typing import Any
 
 __all__ = ["CellFormat", "compile_format", "format_cell", "is_system_date_format"]
@@ -45,6 +45,9 @@ _ELAPSED = re.compile(r"(?i)h+|m+|s+")
 # The "system" short date and date-time (built-in formats 14 and 22): Excel shows them in each viewer's own
 # locale (1/5/2024, 2024/1/5, 05.01.2024), so they are read as ISO dates, which every reader understands.
 _SYSTEM_DATE_FORMATS = frozenset(("mm-dd-yy", "m/d/yy h:mm"))
+# Excel's own limit on a number format's length. The format comes from the uploaded file: a longer one is
+# no format Excel made, and would cost time and text in proportion to its length in every cell it formats.
+MAX_FORMAT_CHARS = 255
 
 
 class _Unsupported(Exception):
@@ -97,6 +100,8 @@ class CellFormat:
 
 
 def compile_format(code: str) -> CellFormat:
+    if len(code) > MAX_FORMAT_CHARS:
+        return CellFormat(code, (), f"longer than Excel's {MAX_FORMAT_CHARS} characters")
     try:
         return CellFormat(code, tuple(_parse_section(part) for part in _split_sections(code)))
     except _Unsupported as exc:
@@ -121,7 +126,7 @@ def format_cell(value: Any, fmt: CellFormat) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
         return _render_number(value, fmt.sections)
-    except _Unsupported:
+    except (_Unsupported, OverflowError):  # OverflowError: past the year 9999, where Excel shows ####
         return None
 
 
@@ -346,9 +351,12 @@ def _place_digits(number: Decimal, layout: _Layout) -> str:
     places = len(layout.places)
     if places >= len(_QUANTUMS):
         raise _Unsupported("too many decimal places")
-    if number:  # Excel shows at most 15 significant digits
-        number = round(number, 14 - number.adjusted())
-    whole, _, fraction = f"{number.quantize(_QUANTUMS[places], rounding=ROUND_HALF_UP):f}".partition(".")
+    with localcontext() as context:
+        # Room for every digit shown: a double goes up to 1.8e308, and percent signs multiply it further
+        context.prec = max(context.prec, number.adjusted() + places + 2)
+        if number:  # Excel shows at most 15 significant digits
+            number = round(number, 14 - number.adjusted())
+        whole, _, fraction = f"{number.quantize(_QUANTUMS[places], rounding=ROUND_HALF_UP):f}".partition(".")
     whole = whole.lstrip("0")
     decimal_mark, thousands = layout.marks
     if layout.grouped:

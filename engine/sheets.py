@@ -17,6 +17,7 @@ number Excel could not keep exactly) is a :class:`RowProblem` on that row, not a
 
 from __future__ import annotations
 
+import bisect
 import csv
 import datetime as _dt
 import hashlib
@@ -82,8 +83,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Characters Excel and web forms leave around header names (BOM, no-break and zero-width spaces).
 _HEADER_JUNK = "\ufeff\u200b\u200c\u200d\u2060\u00a0 \t\r\n"
 _XML_DECLS = (b"<!doctype", b"<!entity")
-# A cell that reads as a number (a column name never does)
-_NUMBER_LIKE = re.compile(r"[+-]?[\d.,]*\d[\d.,]*%?")
+# A cell that reads as a number (a column name never does). Written so that each character has one place in
+# the pattern: "[\d.,]*\d[\d.,]*" tried every split of a long run of digits, minutes for a 30,000-digit name.
+_NUMBER_LIKE = re.compile(r"[+-]?[.,]*\d[\d.,]*%?")
 _EXCEL_ERRORS = frozenset({"#NULL!", "#DIV/0!", "#VALUE!", "#REF!", "#NAME?", "#NUM!", "#N/A", "#GETTING_DATA"})
 
 
@@ -314,8 +316,12 @@ def _zip_kind(data: bytes) -> str:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = archive.namelist()
-            if "mimetype" in names and archive.read("mimetype")[:64].startswith(b"application/vnd.oasis.opendocument"):
-                return "ods"
+            if "mimetype" in names:
+                # 64 bytes, not the whole member: the zip-bomb checks come later, and a member compressed
+                # a thousandfold would be unpacked whole into memory here
+                with archive.open("mimetype") as member:
+                    if member.read(64).startswith(b"application/vnd.oasis.opendocument"):
+                        return "ods"
     except (zipfile.BadZipFile, OSError, ValueError, KeyError, RuntimeError):
         return "xlsx"
     if any(n.startswith("Index/") and n.endswith(".iwa") for n in names) or "Index.zip" in names:
@@ -396,18 +402,18 @@ def decode_text(data: bytes) -> tuple[str, str]:
             text = data.decode(encoding)
         except UnicodeDecodeError:
             continue
-        readings.append((_misread_score(text), order, text, encoding))
+        readings.append((*_misread_score(text), order, text, encoding))
     readings.sort()
     # MacRoman reads any bytes: text whose best reading still misreads most of its non-ASCII characters is
     # in none of these code pages (or is no text at all).
-    if readings and readings[0][0] * 2 > sum(ord(ch) > 0x7F for ch in readings[0][2]):
+    if readings and readings[0][0] * 2 > readings[0][1]:
         readings = []
     if not readings:
         raise SheetError(
             "cannot decode the CSV file as UTF-8, GB18030/GBK, Windows-1252 or MacRoman; save it as "
             "'CSV UTF-8' from Excel", code="sheet_encoding_unknown",
         )
-    _, _, text, encoding = readings[0]
+    *_, text, encoding = readings[0]
     return text, encoding
 
 
@@ -419,10 +425,15 @@ ENCODING_NAMES = {"gb18030": "GB18030/GBK (Chinese)", "cp1252": "Windows-1252 (W
 _COMMON_SYMBOLS = frozenset("€£¥¢©®°±×÷™§¶µ·•…–—‘’‚“”„«»‹›¿¡¼½¾²³¹ªº†‡‰\u00a0")
 _INSIDE_WORD = frozenset("’'·")
 _OPENING_QUOTES = frozenset("‘“„‚«‹")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+# The non-ASCII characters the code pages are judged by: the first ones of the file tell its code page as
+# well as all of them, and judging 20 MB of accented text character by character took half a minute.
+MISREAD_SAMPLE_CHARS = 50_000
 
 
-def _misread_score(text: str) -> int:
-    """How many characters of ``text`` betray bytes read in the wrong code page; 0 for plausible text.
+def _misread_score(text: str) -> tuple[int, int]:
+    """How many characters of ``text`` betray bytes read in the wrong code page (0 for plausible text), and
+    how many non-ASCII characters were judged: the first :data:`MISREAD_SAMPLE_CHARS` of them.
 
     A one-byte letter read as GBK swallows the next byte into an ideograph wedged inside a Latin word
     ("Müller" reads "M黮ler"); a MacRoman letter read as Windows-1252 is an uppercase or a symbol inside a
@@ -430,10 +441,12 @@ def _misread_score(text: str) -> int:
     ideographs next to each other or next to spaces and punctuation; real Western text has lowercase
     accented letters inside words.
     """
-    score = 0
-    for index, ch in enumerate(text):
-        if ord(ch) < 0x80:
-            continue
+    score = judged = 0
+    for found in _NON_ASCII.finditer(text):
+        if judged == MISREAD_SAMPLE_CHARS:
+            break
+        judged += 1
+        index, ch = found.start(), found.group()
         before = text[index - 1] if index else " "
         after = text[index + 1] if index + 1 < len(text) else " "
         inside_latin_word = before.isascii() and before.isalpha() and after.isascii() and after.isalpha()
@@ -459,7 +472,7 @@ def _misread_score(text: str) -> int:
                 score += ord(before) >= 0x80 and not before.isalpha() and not before.isspace()  # symbols in a row
         else:
             score += 1
-    return score
+    return score, judged
 
 
 def _sniff_delimiter(text: str) -> str:
@@ -769,25 +782,11 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
     return archive, with_formulas
 
 
-def _hidden_worksheets(archive: zipfile.ZipFile) -> set[str]:
-    """The names of the workbook's hidden worksheets (openpyxl's read-only mode calls every one visible)."""
-    from xml.sax.saxutils import unescape
-
-    try:
-        xml = archive.read("xl/workbook.xml").decode("utf-8", errors="replace")
-    except KeyError:
-        return set()
-    hidden = set()
-    for tag in re.findall(r"<(?:\w+:)?sheet\s[^>]*>", xml):
-        name = re.search(r'\sname="([^"]*)"', tag)
-        if name and re.search(r'\sstate="(hidden|veryHidden)"', tag):
-            hidden.add(unescape(name.group(1), {"&quot;": '"', "&apos;": "'"}))
-    return hidden
-
-
 # A problem of one XLSX cell found while reading, before columns have names: (row, column index, reason,
 # code, params), as RowProblem holds them.
 CellNote = tuple[int, int, str, str, dict[str, Any]]
+# A merged cell range: its reference (B2:B4), then first column, first row, last column, last row (from 1).
+MergedRange = tuple[str, int, int, int, int]
 
 
 def _damage_refused(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
@@ -845,7 +844,6 @@ def _xlsx_cell_text(value: Any, row: int, column: int, problems: list[CellNote])
 
 def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Sheet:
     archive, with_formulas = _check_zip(data, limits)
-    hidden = _hidden_worksheets(archive)
     archive.close()
     from openpyxl import load_workbook  # import here: only XLSX reading needs it
 
@@ -856,10 +854,15 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                          code="workbook_damaged") from exc
     try:
         names = list(values_book.sheetnames)
+        if not names:  # workbook.xml lists none, or none whose part is in the zip
+            raise SheetError("the workbook has no worksheet that can be read (damaged, or not saved by Excel); "
+                             "open it in Excel and save it again", code="workbook_damaged")
         if sheet_name is None:
             # The first worksheet the user sees: a hidden one first in the workbook (lists for drop-downs,
-            # lookup tables) is not where they typed the rows.
-            chosen = next((n for n in names if n not in hidden), names[0])
+            # lookup tables) is not where they typed the rows. openpyxl reads the state as XML, as Excel does
+            # (state='hidden', state = "hidden", a name written with character references).
+            chosen = next((n for n in names if getattr(values_book[n], "sheet_state", "visible") == "visible"),
+                          names[0])
         else:
             matches = [n for n in names if n == sheet_name] or [
                 n for n in names if n.strip().casefold() == sheet_name.strip().casefold()
@@ -907,22 +910,24 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                     )
                 text = _xlsx_cell_text(value, number, col_index, cell_problems)
                 if text and value is not None and not isinstance(value, (str, bool)):
-                    text = formatted.shown(value, text, cells_read[col_index].number_format, number, col_index)
+                    text = formatted.shown(value, text, _number_format(cells_read[col_index], number, col_index),
+                                           number, col_index)
                 cells.append(text)
             records.append((number, cells))
             nonblank += 1
             if nonblank > limits.max_rows + 1:
                 break
         ranges = _merged_ranges(data, getattr(worksheet, "_worksheet_path", ""))
-        merged_note = _fill_merged_down(records, ranges, formatted.numbers)
     finally:
         values_book.close()
     if formula_book is not None:
         formula_book.close()
     title_note, records = _skip_title_rows(records, ranges)
+    header_row = records[0][0] if title_note is not None else 1
+    merged_note = _fill_merged_down(records, ranges, formatted.numbers, header_row)
     try:
         sheet = _build_sheet(records, limits, positional_problems=cell_problems, numbers=formatted.numbers,
-                             header_row=records[0][0] if title_note is not None else 1)
+                             header_row=header_row)
     except SheetError as exc:
         others = [n for n in names if n != chosen]
         if not records and others:  # the data is often on another worksheet of the workbook
@@ -934,6 +939,17 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
     header = _header_names(records[0][1])
     sheet.problems[:0] = [note for note in (title_note, merged_note) if note is not None] + formatted.notes(header)
     return sheet
+
+
+def _number_format(cell: Any, row: int, column: int) -> str | None:
+    """The number format of an XLSX cell; SheetError where the cell names a style the workbook lacks."""
+    try:
+        return cell.number_format
+    except IndexError:  # openpyxl looks the cell's style index up in the workbook's list of styles
+        raise SheetError(
+            f"row {row}, column {_column_letter(column)}: the cell names a style the workbook does not have "
+            "(the file is damaged); open it in Excel and save it again", code="workbook_damaged", row=row,
+            column=_column_letter(column)) from None
 
 
 class _FormattedCells:
@@ -997,16 +1013,13 @@ def _shown_differs_in_value(shown: str, stored: str) -> bool:
 
 
 def _skip_title_rows(
-    records: list[tuple[int, list[str]]], ranges: list[str]
+    records: list[tuple[int, list[str]]], ranges: list[MergedRange]
 ) -> tuple[RowProblem | None, list[tuple[int, list[str]]]]:
     """Drop a title banner above the column names ("Product list — November" merged across the columns),
     with a note, where that is beyond doubt: from row 1, rows whose only value is a cell merged across two or
     more columns, then a row of two or more distinct names, none a number. Else the records as they are."""
-    from openpyxl.utils.cell import range_boundaries
-
     merged_across = {}
-    for ref in ranges:
-        first_col, first_row, last_col, _ = range_boundaries(ref)
+    for ref, first_col, first_row, last_col, _ in ranges:
         if last_col > first_col:
             merged_across[(first_row, first_col - 1)] = ref
     titles = []
@@ -1030,40 +1043,75 @@ def _skip_title_rows(
     return note, records[len(titles):]
 
 
-def _merged_ranges(data: bytes, member: str) -> list[str]:
-    """The merged cell ranges (``B2:B4``) of one worksheet of the workbook."""
+def _merged_ranges(data: bytes, member: str) -> list[MergedRange]:
+    """The merged cell ranges (``B2:B4``) of one worksheet of the workbook, read by an XML parser: text
+    that only looks like one (in a comment) is none, and the time taken grows with the part's size alone
+    (a pattern search for ``<mergeCell`` started over at each of them, minutes for a few hundred KB)."""
+    from xml.parsers import expat
+
+    from openpyxl.utils.cell import range_boundaries
+
+    refs: list[str] = []
+
+    def start(name: str, attributes: dict[str, str]) -> None:
+        if name.rpartition(" ")[2] == "mergeCell" and "ref" in attributes:
+            refs.append(attributes["ref"])
+
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             xml = archive.read(member.lstrip("/"))
     except (KeyError, zipfile.BadZipFile, OSError, ValueError):
         return []
-    return [ref.decode() for ref in re.findall(rb'<(?:\w+:)?mergeCell\s[^>]*ref="([A-Z]+[0-9]+:[A-Z]+[0-9]+)"', xml)]
+    if b"mergeCell" not in xml:
+        return []  # most sheets: no need to parse the part a second time
+    parser = expat.ParserCreate(namespace_separator=" ")  # the part's DOCTYPE was refused: no entities
+    parser.StartElementHandler = start
+    try:
+        parser.Parse(xml, True)
+    except expat.ExpatError:
+        return []  # openpyxl read the rows of this part; what it could not read was refused there
+    ranges = []
+    for ref in refs:
+        try:
+            ranges.append((ref, *range_boundaries(ref)))
+        except (ValueError, TypeError) as exc:
+            raise SheetError(f"workbook part '{member.lstrip('/')}' cannot be read: the merged cells '{_short(ref)}' "
+                             f"are no range of cells ({exc})", code="workbook_part_unreadable",
+                             member=member.lstrip("/")) from exc
+    return [r for r in ranges if None not in r]  # whole rows or columns (A:A) merge no cells of a sheet
 
 
 def _fill_merged_down(
-    records: list[tuple[int, list[str]]], ranges: list[str], numbers: dict[tuple[int, int], str]
+    records: list[tuple[int, list[str]]], ranges: list[MergedRange], numbers: dict[tuple[int, int], str],
+    header_row: int = 1,
 ) -> RowProblem | None:
     """Give the value of cells merged down one column (B2:B4) to every row they span, as the user sees it
     in Excel, instead of the rows below the first taking the field's default; a note lists the ranges.
-    Cells merged across columns are left as Excel's own CSV export leaves them: empty past the first.
-    ``numbers`` (the stored number of cells shown formatted) gains the filled cells too."""
-    from openpyxl.utils.cell import range_boundaries
+    Cells merged across columns are left as Excel's own CSV export leaves them: empty past the first, as
+    are cells merged down from the column names (row ``header_row``) or above them.
+    ``numbers`` (the stored number of cells shown formatted) gains the filled cells too.
 
+    The work is bounded by the rows read, not by the rows a range spans (B2:B1048576 is a million rows):
+    a range visits only the rows read within it, and a range overlapping an earlier one of its column
+    (Excel never saves those; it repairs such a file when opening it) is left out."""
     by_number = {number: cells for number, cells in records}
+    numbers_read = [number for number, _ in records]  # ascending
+    covered: dict[int, int] = {}  # column index -> last row of the ranges filled in it
     filled = []
-    for ref in ranges:
-        first_col, first_row, last_col, last_row = range_boundaries(ref)
-        if first_col != last_col or first_row < 2 or last_row == first_row or first_row not in by_number:
+    for ref, first_col, first_row, last_col, last_row in sorted(ranges, key=lambda r: (r[1], r[2])):
+        if first_col != last_col or first_row <= header_row or last_row <= first_row or first_row not in by_number:
             continue
         index = first_col - 1
+        if first_row <= covered.get(index, 0):
+            continue
         top = by_number[first_row]
         value = top[index] if index < len(top) else ""
         if not value:
             continue
-        for number in range(first_row + 1, last_row + 1):
-            cells = by_number.get(number)
-            if cells is None:  # a row empty but for the merged cell: Excel shows it blank too
-                continue
+        covered[index] = last_row
+        below = bisect.bisect_right(numbers_read, first_row)
+        for number in numbers_read[below:bisect.bisect_right(numbers_read, last_row)]:
+            cells = by_number[number]  # rows empty but for the merged cell were not read: Excel shows them blank too
             cells.extend([""] * (index + 1 - len(cells)))
             if not cells[index]:
                 cells[index] = value

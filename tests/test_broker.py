@@ -54,6 +54,8 @@ def test_the_url_forms_of_managed_redis_are_read_and_shown_without_their_passwor
     ("redis://u:S3/CRET@host:6379/0", "percent-encoded"),  # '/' unencoded: the port would read "S3"
     ("redis://u:S3CRET@host/0?ssl_ca_certs=/etc/ca.pem", "write rediss://"),
     ("rediss://u:S3CRET@host/0?ssl_cert_reqs=yes", "ssl_cert_reqs=yes"),
+    ("redis://u:S3CRET@host/1²", "database number"),  # a digit to str.isdigit, a traceback from int()
+    ("redis://u:S3CRET@host/٣", "database number"),  # an Arabic-Indic 3: the number is written 0-9
 ])
 def test_a_malformed_broker_url_is_refused_in_one_line_without_its_password(url, says):
     with pytest.raises(BrokerError) as refused:

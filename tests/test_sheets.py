@@ -856,3 +856,157 @@ def test_a_zero_padded_product_code_reaches_the_prompt_and_the_file_name(service
     assert summary.done == 1
     (row,) = services.ledger.rows(prepared.batch_id)
     assert Path(row.image_path).name == "0012345678905_red.png" and (row.width, row.height) == (64, 64)
+
+
+# Files built to hurt a shared server: every one read in bounded work and memory, or refused saying why --------
+
+
+def test_xlsx_numbers_past_28_digits_read_as_excel_shows_them(shown_template):
+    # Decimal's default 28 digits made these a traceback instead of a sheet
+    data = xlsx_bytes([["code", "caption"], [1e30, "x"], [-1.5e300, "y"], [1e308, "z"]],
+                      mutate=number_formats({"A": "#,##0"}))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.rows[0].cells["code"] == "1" + ",000" * 10
+    assert sheet.rows[1].cells["code"] == "-1,500" + ",000" * 99
+    assert sheet.rows[2].cells["code"].startswith("100,000,000,000,000,") and len(sheet.rows[2].cells["code"]) == 411
+    # past Excel's 15 digits: the row says so, as for any such number
+    assert [p.code for p in report_for(sheet, shown_template)[2].problems] == ["excel_rounded"]
+
+
+def test_xlsx_dates_past_the_year_9999_and_huge_elapsed_times_read_as_stored_with_a_note():
+    import datetime
+
+    # the last millisecond of 9999 rounds to the year 10000 when shown to the minute (Excel shows ####)
+    data = xlsx_bytes([["prompt", "until", "elapsed"],
+                       ["a", datetime.datetime(9999, 12, 31, 23, 59, 59, 999000), datetime.timedelta(days=10**8)]],
+                      mutate=number_formats({"B": "yyyy-mm-dd hh:mm", "C": "[h]:mm"}))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.rows[0].cells["until"].startswith("9999-12-31 23:59:59")
+    assert {(p.code, p.params["column"]) for p in sheet.problems_for(1)} == {
+        ("format_not_shown", "until"), ("format_not_shown", "elapsed")}
+
+
+def test_a_number_format_longer_than_excels_limit_reads_the_stored_value_with_a_note():
+    # Excel keeps number formats to 255 characters; a longer one in the file is no format Excel made, and
+    # "0" repeated a million times made a million-character cell of every number
+    data = xlsx_bytes([["prompt", "code"], ["a", 42], ["b", 7]], mutate=number_formats({"B": "0" * 256}))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert [r.cells["code"] for r in sheet.rows] == ["42", "7"]
+    (note,) = sheet.problems_for(1)
+    assert note.code == "format_not_shown" and note.params["value"] == "42" and len(note.params["format"]) == 40
+    assert read_sheet(xlsx_bytes([["prompt", "code"], ["a", 42]], mutate=number_formats({"B": "0" * 255})),
+                      "rows.xlsx").rows[0].cells["code"] == "0" * 253 + "42"
+
+
+def test_a_zip_whose_mimetype_member_unpacks_huge_is_never_unpacked_whole():
+    import tracemalloc
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("mimetype", b"\0" * (200 * 1024 * 1024))  # 200 MiB in some 200 KB
+        archive.writestr("xl/workbook.xml", "<workbook/>")
+    data = buffer.getvalue()
+    tracemalloc.start()
+    try:
+        with pytest.raises(SheetError) as refused:
+            read_sheet(data, "rows.xlsx")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.code == "workbook_part_compressed" and refused.value.details["member"] == "mimetype"
+    assert peak < 20 * 1024 * 1024
+
+
+def _with_merged_cells(data: bytes, refs, before: bytes = b"") -> bytes:
+    merged = b"".join(b'<mergeCell ref="%s"/>' % ref.encode() for ref in refs)
+    block = before + (b'<mergeCells count="%d">%s</mergeCells>' % (len(refs), merged) if refs else b"")
+    return rewrite_member(data, "xl/worksheets/sheet1.xml", lambda xml: xml.replace(b"</sheetData>", b"</sheetData>" + block))
+
+
+def test_merged_ranges_over_the_whole_column_many_times_over_fill_each_row_once(template):
+    # each range B2:B1048576 walked a million rows: a few thousand of them in a tiny file took minutes.
+    # A range overlapping another of its column is none Excel saves; only the first is filled.
+    rows = [["prompt", "cfg", "steps"], ["a", 7, 10], ["b", None, 11], ["c", None, None]]
+    data = _with_merged_cells(xlsx_bytes(rows), ["B2:B1048576"] * 300 + ["C3:C1048576", "C3:C4", "B3:B4"])
+    sheet = read_sheet(data, "rows.xlsx")
+    assert [(r.cells["cfg"], r.cells["steps"]) for r in sheet.rows] == [("7", "10"), ("7", "11"), ("7", "11")]
+    (note,) = sheet.notes
+    assert note.endswith("merged cells B2:B1048576, C3:C1048576 give their value to every row they span")
+
+
+def test_text_that_only_looks_like_merged_cells_is_none():
+    # inside an XML comment: Excel ignores it. A pattern search also took minutes on many "<mergeCell " there.
+    rows = [["prompt", "cfg"], ["a", 7], ["b", None]]
+    data = _with_merged_cells(xlsx_bytes(rows), [], before=b'<!--<mergeCell ref="B2:B3"/>' + b"<mergeCell " * 1000 + b"-->")
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.rows[1].cells["cfg"] == "" and sheet.notes == []
+
+
+def test_a_column_name_merged_down_under_a_title_is_not_copied_into_a_data_row(template):
+    rows = [["Product list", None, None], ["prompt", "seed", "steps"], ["cat", 1, None], ["dog", 2, 12]]
+
+    def merge(ws):
+        ws.merge_cells("A1:C1")  # the title
+        ws.merge_cells("C2:C3")  # the name 'steps' over two rows, as two-row headings are made
+
+    sheet = read_sheet(xlsx_bytes(rows, mutate=merge), "rows.xlsx")
+    assert [r.cells["steps"] for r in sheet.rows] == ["", "12"]
+    assert report_for(sheet, template)[3].values["steps"] == 20  # the default, not 'steps'
+
+
+@pytest.mark.parametrize("change", [
+    lambda xml: xml.replace(b'state="hidden"', b"state='hidden'"),
+    lambda xml: xml.replace(b'state="hidden"', b'state = "hidden"'),
+    lambda xml: xml.replace(b'name="Lists"', b'name="&#76;ists"'),
+])
+def test_a_hidden_first_worksheet_is_found_however_its_xml_is_written(change):
+    def hide_first(ws):
+        ws.sheet_state = "hidden"
+
+    data = xlsx_bytes([["prompt", "cfg"], ["old", 1]], sheet_title="Lists", mutate=hide_first,
+                      extra_sheets={"Products": [["prompt", "cfg"], ["Katze", 7]]})
+    sheet = read_sheet(rewrite_member(data, "xl/workbook.xml", change), "rows.xlsx")
+    assert sheet.sheet_name == "Products" and sheet.rows[0].cells["prompt"] == "Katze"
+
+
+def test_the_code_page_is_judged_by_a_bounded_sample_of_the_text():
+    from engine.sheets import MISREAD_SAMPLE_CHARS, _misread_score
+
+    # scoring each of 20 MB of accented characters took half a minute for one upload
+    score, judged = _misread_score("Café Müller, " * MISREAD_SAMPLE_CHARS)
+    assert (score, judged) == (0, MISREAD_SAMPLE_CHARS)
+    rows = "prompt\n" + "Café Müller Straße\n" * 9_000
+    sheet = read_sheet(rows.encode("cp1252"), "rows.csv")
+    assert sheet.encoding == "cp1252" and sheet.rows[-1].cells["prompt"] == "Café Müller Straße"
+
+
+@pytest.mark.timeout(60)
+def test_long_column_names_under_a_merged_title_are_read_in_linear_time():
+    # "is this name a number?" tried every split of a run of digits: 200 names of 20,000 digits under a
+    # merged title took a quarter of an hour (each name here: seconds before, microseconds now)
+    import random
+
+    digits = random.Random(0)
+    names = ["".join(digits.choices("0123456789", k=20_000)) + "x" for _ in range(60)]
+    data = xlsx_bytes([["Title"], names, ["v"] * len(names)], mutate=lambda ws: ws.merge_cells("A1:C1"))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.columns == names and sheet.problems_for(1)[0].code == "title_rows_skipped"
+
+
+@pytest.mark.parametrize("member, change", [
+    ("xl/workbook.xml", lambda xml: re.sub(rb"<sheets>.*</sheets>", b"<sheets/>", xml)),
+    ("xl/_rels/workbook.xml.rels", lambda xml: xml.replace(b"sheet1.xml", b"gone.xml")),  # not in the zip
+])
+def test_a_workbook_listing_no_worksheet_it_holds_is_refused_as_damaged(member, change):
+    data = rewrite_member(xlsx_bytes([["prompt"], ["a"]]), member, change)
+    with pytest.raises(SheetError) as refused:
+        read_sheet(data, "rows.xlsx")
+    assert refused.value.code == "workbook_damaged" and "no worksheet" in refused.value.message
+
+
+def test_a_number_cell_naming_a_style_the_workbook_lacks_is_refused_naming_the_cell():
+    data = xlsx_bytes([["prompt", "steps"], ["a", 12]])
+    data = rewrite_member(data, "xl/worksheets/sheet1.xml", lambda xml: xml.replace(b'<c r="B2"', b'<c r="B2" s="99"'))
+    with pytest.raises(SheetError) as refused:
+        read_sheet(data, "rows.xlsx")
+    assert refused.value.code == "workbook_damaged" and refused.value.message.startswith("row 2, column B:")
