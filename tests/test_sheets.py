@@ -1012,3 +1012,26 @@ def test_a_number_cell_naming_a_style_the_workbook_lacks_is_refused_naming_the_c
     with pytest.raises(SheetError) as refused:
         read_sheet(data, "rows.xlsx")
     assert refused.value.code == "workbook_damaged" and refused.value.message.startswith("row 2, column B:")
+
+
+def test_a_zip_of_too_many_parts_is_refused_from_its_end_record_before_anything_lists_them(monkeypatch):
+    """300,000 tiny parts take seconds to list, and each check of what kind of zip it is listed them again."""
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for n in range(SheetLimits().max_zip_members + 1):
+            archive.writestr(f"xl/p{n}.xml", b"")
+    listed = []
+    real = zipfile.ZipFile.__init__
+
+    def counted(self, *args, **kwargs):
+        listed.append(args)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "__init__", counted)
+    with pytest.raises(SheetError) as refused:
+        read_sheet(buffer.getvalue(), "many.xlsx")
+    assert refused.value.code == "workbook_too_many_parts"
+    assert refused.value.details["count"] == SheetLimits().max_zip_members + 1
+    assert listed == []
