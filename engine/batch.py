@@ -693,11 +693,7 @@ class BatchRunner:
         all_rows = self.ledger.rows(batch_id)
         # Claim before running: a row another live process has claimed (the web app and a CLI resume of the
         # same batch, say) is left to it, so no row is ever generated twice.
-        claimed_rows = [
-            claimed
-            for row in all_rows
-            if row.status == QUEUED and (claimed := self.ledger.claim_row(row.row_key, worker=self.worker_id))
-        ]
+        claimed_rows = self.ledger.claim_queued_rows(batch_id, worker=self.worker_id)
         jobs = [self._job(batch, row) for row in claimed_rows]
         by_key = {job.row_key: job for job in jobs}
         counts = {DONE: sum(1 for r in all_rows if r.status == DONE), FAILED: 0}

@@ -461,6 +461,37 @@ def test_batch_from_json_rows_runs_and_reports_its_rows(server, bob):
     assert sum(n.endswith(".png") for n in names) == 1 and "manifest.csv" in names
 
 
+def test_a_batchs_rows_come_in_pages_that_say_where_the_next_one_starts(server, bob, monkeypatch):
+    """10,000 rows with their values answered 12 MB at once: the rows come a page at a time (at most
+    ROWS_PAGE_MAX), optionally only those of one status, and ``rows_page`` says how many there are."""
+    from webapp import api
+
+    monkeypatch.setattr(api, "ROWS_PAGE_MAX", 4)  # the server reads it per request: pages of 4 stand in for 1,000
+    rows = [{"product_name": f"paged {i}", "seed": i, **SMALL, "width": 9999 if i in (2, 5) else 64} for i in range(7)]
+    prepared = server.services.runner.prepare("product_shot", sheet_from(rows), user="bob")
+    batch_id = server.services.runner.start(prepared)  # recorded, not queued: its rows stay as they are
+
+    everything, offset = [], 0
+    while offset is not None:
+        page = bob.get(f"/api/batches/{batch_id}", params={"offset": offset, "limit": 1000}).json()
+        assert len(page["rows"]) <= 4 and page["rows_page"]["limit"] == 4 and page["rows_page"]["total"] == 7
+        everything += page["rows"]
+        offset = page["rows_page"]["next_offset"]
+    assert [r["row_number"] for r in everything] == list(range(2, 9))
+
+    skipped = bob.get(f"/api/batches/{batch_id}", params={"status": "skipped"}).json()
+    assert [r["row_number"] for r in skipped["rows"]] == [4, 7] and skipped["rows_page"]["next_offset"] is None
+    unknown = bob.get(f"/api/batches/{batch_id}", params={"status": "broken"})
+    assert unknown.status_code == 400 and "failed" in error_of(unknown)["message"]
+    assert "rows_page" not in bob.get(f"/api/batches/{batch_id}", params={"rows": "false"}).json()
+
+
+def sheet_from(records: list[dict]):
+    from engine.sheets import sheet_from_records
+
+    return sheet_from_records(records, "api.json")
+
+
 def as_javascript_reads_it(answer: httpx.Response):
     """The body as JavaScript's ``JSON.parse`` reads it: every number a double (exact only up to 2^53)."""
     return json.loads(answer.text, parse_int=float)

@@ -47,6 +47,33 @@ def run_batch(services, sheet_path, **prepare):
     return prepared, runner.run(prepared.batch_id)
 
 
+def test_a_batch_claims_all_its_rows_in_one_ledger_write_before_its_first_row_runs(services_factory, tmp_path):
+    """Claimed one by one, each claim a synced commit, a batch of 10,000 rows spent most of a minute in the
+    ledger before its first image; the writes before the first row starts must not grow with the rows."""
+    services = services_factory()
+    runner, ledger = services.runner, services.ledger
+    prepared = runner.prepare("product_shot", read_sheet(write_sheet(tmp_path / "rows.csv", small_rows(80, steps=1))))
+    runner.start(prepared)
+    writes, before_first_row = [0], []
+    real_write = ledger._write
+
+    def counted_write(operation):
+        writes[0] += 1
+        return real_write(operation)
+
+    def on_event(event):
+        if event.kind in ("node", "step") and not before_first_row:
+            before_first_row.append(writes[0])
+
+    ledger._write = counted_write
+    try:  # stop after the first row begins: the claims are what is measured
+        summary = runner.run(prepared.batch_id, on_event=on_event, should_cancel=lambda: bool(before_first_row))
+    finally:
+        ledger._write = real_write
+    assert before_first_row and before_first_row[0] < 10, before_first_row
+    assert summary.done + summary.cancelled == 80 and summary.running == 0  # every claim was settled
+
+
 def test_batch_runs_every_row_records_it_and_zips(services_factory, tmp_path):
     services = services_factory()
     sheet = write_sheet(tmp_path / "rows.csv", small_rows(3) + ["Broken,red,minimal,abc,64,2"])

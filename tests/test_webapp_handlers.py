@@ -167,6 +167,62 @@ def test_a_chinese_page_words_cell_problems_in_chinese_and_an_english_one_keeps_
                        4: "height: 9999 is above the maximum 2048"}
 
 
+def test_a_long_sheet_lists_its_first_rows_with_problems_and_gives_every_one_as_csv(services, tmp_path, sheet_path):
+    """A day's catalogue: 10,000 rows listed whole were a megabyte of table in which the problems hid among
+    ready rows. A sheet longer than the report lists only its rows with problems, the first of them, and
+    every one of them comes as a CSV to fix and upload again."""
+    import csv
+
+    cap = handlers.REPORT_TABLE_ROWS
+    lines = ["prompt,seed,width,height,steps"]
+    for i in range(2 * cap + 100):  # every second row is over the maximum height
+        lines.append(f"{'=HYPERLINK(1)' if i == 1 else f'row {i}'},{i},64,{9999 if i % 2 else 64},1")
+    path = tmp_path / "catalogue.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    check = handlers.check_sheet(services, USER, "turbo_draft", path)
+
+    assert (check.ok_rows, check.bad_rows) == (cap + 50, cap + 50)
+    assert len(check.rows) == cap and {row[1] for row in check.rows} == {EN["report.problem"]}
+    assert [row[0] for row in check.rows[:2]] == [3, 5]  # sheet rows, the first data row being 2
+    assert f"the first {cap} of {cap + 50}" in check.summary and check.can_start
+    problems = list(csv.reader(check.problems_csv.splitlines()))
+    assert problems[0] == [EN["report.row"], EN["report.problems"], "prompt", "seed", "width", "height", "steps"]
+    assert len(problems) == 1 + cap + 50 and problems[-1][0] == str(2 * cap + 101)
+    assert "height" in problems[1][1] and problems[1][2:] == ["'=HYPERLINK(1)", "1", "64", "9999", "1"]
+
+    short = handlers.check_sheet(services, USER, "turbo_draft", sheet_path)
+    assert [row[0] for row in short.rows] == [2, 3, 4]  # a short sheet still lists every row
+    assert short.problems_csv.count("\n") == 2 and "lists only" not in short.summary
+
+
+def test_watching_a_batch_reads_its_newest_images_not_every_row(services, tmp_path, monkeypatch):
+    """The page asks every second how a batch goes: reading its 10,000 rows each time took seconds and
+    grew with the batch. Counts come from the ledger, and only the rows of the images shown are read."""
+    from engine.store import Generation
+
+    path = tmp_path / "rows.csv"
+    path.write_text("prompt,seed,width,height,steps\n" + "".join(f"row {i},{i},64,64,1\n" for i in range(300)),
+                    encoding="utf-8")
+    check = handlers.check_sheet(services, USER, "turbo_draft", path)
+    batch_id = services.runner.start(check.prepared)  # recorded, not queued: the rows stay as set below
+    ledger = services.ledger
+    for row in ledger.rows(batch_id)[:60]:
+        ledger.claim_row(row.row_key, worker="test")
+        image = tmp_path / f"{row.row_number}.png"
+        image.write_bytes(b"png")
+        ledger.complete_row(row.row_key, {}, image, "0" * 64)
+    read = []
+    real_from_row = Generation.from_row.__func__
+    monkeypatch.setattr(Generation, "from_row", classmethod(lambda cls, r: read.append(1) or real_from_row(cls, r)))
+
+    view = handlers.batch_view(services, batch_id, max_images=8)
+
+    assert (view.done, view.remaining, view.image_count) == (60, 240, 60)
+    assert view.images == [str(tmp_path / f"{n}.png") for n in range(54, 62)]  # the newest 8, in row order
+    assert len(read) <= 8
+
+
 def test_unreadable_sheet_is_a_library_error(services, tmp_path):
     path = tmp_path / "rows.xls"
     path.write_bytes(b"\xd0\xcf\x11\xe0legacy excel")

@@ -11,7 +11,7 @@ of :func:`error_status`.
     POST /api/templates                      add or replace a template (admin; multipart upload)
     POST /api/batches                        template + rows as JSON -> batch id and validation report
     POST /api/batches/upload                 template + CSV/XLSX sheet (+ optional photos zip) (multipart)
-    GET  /api/batches[/{id}]                 recent batches; one batch's counts, progress and rows
+    GET  /api/batches[/{id}]                 recent batches; one batch's counts, progress and a page of rows
     POST /api/batches/{id}/cancel|resume     stop between steps (says what happened); run the rows not done
     GET  /api/batches/{id}/zip               images + manifests, streamed
     POST /api/generate                       one image from a template, waits for it
@@ -333,7 +333,12 @@ ANSWER_SCHEMAS: dict[str, dict[str, Any]] = {
         "batch": {"$ref": "#/components/schemas/Batch"},
         "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
         "progress": {"type": ["object", "null"], "description": "live progress while this process knows the batch"},
-        "rows": {"type": "array", "items": {"$ref": "#/components/schemas/Generation"}},
+        "rows": {"type": "array", "items": {"$ref": "#/components/schemas/Generation"},
+                 "description": "one page of the rows, in row order (rows_page)"},
+        "rows_page": {"type": "object", "properties": {
+            "offset": {"type": "integer"}, "limit": {"type": "integer"},
+            "total": {"type": "integer", "description": "rows there are (of the status asked for)"},
+            "next_offset": {"type": ["integer", "null"], "description": "offset of the next page; null: none"}}},
     }},
     "Generated": {"type": "object", "properties": {
         "batch_id": {"type": "string"}, "state": {"type": ["string", "null"]},
@@ -431,8 +436,16 @@ def _wait_seconds(value: Any, default: float) -> float:
     return seconds
 
 
-def batch_status(services: Any, batch_id: str, with_rows: bool = True) -> dict[str, Any]:
-    """A batch's ledger record, counts, live progress and (optionally) its rows; 404 when unknown."""
+ROWS_PAGE_MAX = 1000  # rows of a batch in one answer: 10,000 rows with their values were 12 MB
+
+
+def batch_status(
+    services: Any, batch_id: str, with_rows: bool = True, *, offset: int = 0, limit: int = ROWS_PAGE_MAX,
+    status: str | None = None,
+) -> dict[str, Any]:
+    """A batch's ledger record, counts, live progress and (optionally) one page of its rows (``limit``
+    rows from ``offset``, at most :data:`ROWS_PAGE_MAX`; only those of ``status`` when given) with
+    ``rows_page`` saying where the next page starts; 404 when unknown."""
     batch = services.ledger.get_batch(batch_id)
     if batch is None:
         raise not_found(f"no batch {batch_id!r}", batch_id=batch_id, code="batch_not_found")
@@ -452,8 +465,27 @@ def batch_status(services: Any, batch_id: str, with_rows: bool = True) -> dict[s
         "progress": public_progress(services, progress),
     }
     if with_rows:
-        body["rows"] = [public_row(row) for row in services.ledger.rows(batch_id)]
+        limit, offset = min(max(int(limit), 1), ROWS_PAGE_MAX), max(int(offset), 0)
+        wanted = _row_status(status)
+        total = summary.total if wanted is None else services.ledger.batch_summary(batch_id)["counts"][wanted]
+        rows = services.ledger.rows(batch_id, wanted, limit=limit, offset=offset)
+        body["rows"] = [public_row(row) for row in rows]
+        following = offset + len(rows)
+        body["rows_page"] = {"offset": offset, "limit": limit, "total": total,
+                             "next_offset": following if following < total else None}
     return body
+
+
+def _row_status(status: str | None) -> str | None:
+    """The ledger status a ``?status=`` names (None: every row); BadQuery naming the statuses otherwise."""
+    from engine.store import ROW_STATUSES
+
+    if status in (None, ""):
+        return None
+    if status not in ROW_STATUSES:
+        raise BadQuery(f"unknown row status {status[:40]!r}; the statuses are {', '.join(ROW_STATUSES)}",
+                       field="status", allowed=list(ROW_STATUSES))
+    return status
 
 
 def public_progress(services: Any, progress: Any) -> dict[str, Any] | None:
@@ -795,11 +827,14 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
     @router.get("/batches/{batch_id}", summary="A batch's status and per-row results")
     def get_batch(
         batch_id: str,
-        rows: bool = Query(True, description="false: the batch, counts and progress without its rows (for polling: "
-                                             "a batch of 10,000 rows answers megabytes with them)"),
+        rows: bool = Query(True, description="false: the batch, counts and progress without its rows (for polling)"),
+        offset: int = Query(0, ge=0, description="the first row of the page (rows_page.next_offset of the last one)"),
+        limit: int = Query(ROWS_PAGE_MAX, description=f"rows in the page (at most {ROWS_PAGE_MAX}); rows_page says "
+                                                      "how many there are and where the next page starts"),
+        status: str | None = Query(None, description="only the rows of this status, e.g. failed or skipped"),
         caller: Any = user,
     ) -> Any:
-        return batch_status(services, batch_id, with_rows=rows)
+        return batch_status(services, batch_id, with_rows=rows, offset=offset, limit=limit, status=status)
 
     @router.post("/batches/{batch_id}/cancel", summary="Stop a batch between sampler steps")
     def cancel_batch(batch_id: str, caller: Any = user) -> Any:

@@ -169,16 +169,22 @@ def template_fields(services: Any, name: str, lang: str = "en") -> list[tuple[An
 # --------------------------------------------------------------------------------------------- batches
 
 
+# Rows the page's validation report lists. A sheet of more rows lists only its rows with problems, the
+# first this many: 10,000 rows were a megabyte of table in which 181 problems hid among ready rows.
+REPORT_TABLE_ROWS = 200
+
+
 @dataclass
 class SheetCheck:
     """The validation report of an uploaded sheet against a template, ready to show and to start."""
 
     prepared: Any  # engine.batch.PreparedBatch, or None when nothing can start
     header: list[str]
-    rows: list[list[Any]]
+    rows: list[list[Any]]  # what the page lists: every row, or for a long sheet the first rows with problems
     summary: str
     ok_rows: int
     bad_rows: int
+    problems_csv: str = ""  # every row with problems, its cells and what is wrong (empty: none)
 
     @property
     def can_start(self) -> bool:
@@ -222,7 +228,7 @@ def check_sheet(
             services.runner.discard_staging(images)
         raise
     header = [text("report.row", lang), text("report.status", lang), text("report.problems", lang)]
-    table, ok, bad = [], 0, 0
+    table, bad_lines, ok, bad = [], [], 0, 0
     problems = {report.number: report.problems for report in prepared.report.rows}
     for row in prepared.rows:
         good = row["status"] == "queued"
@@ -230,9 +236,18 @@ def check_sheet(
         bad += not good
         described = text("list.separator", lang).join(problem_text(p, lang)
                                                        for p in problems.get(row["row_number"], []))
-        table.append([row["row_number"], text("report.ok" if good else "report.problem", lang),
-                      described or row["error"] or ""])
+        line = [row["row_number"], text("report.ok" if good else "report.problem", lang), described or row["error"] or ""]
+        table.append(line)
+        if not good:
+            bad_lines.append(line)
+    capped = len(table) > REPORT_TABLE_ROWS
+    if capped:
+        table = bad_lines[:REPORT_TABLE_ROWS]
     notes = [problem_reason(p, lang) for p in prepared.sheet.problems_for(1)]  # the sheet's own: encoding, ...
+    if capped and bad > len(table):
+        notes.append(text("batch.report_capped", lang, shown=len(table), bad=bad))
+    elif capped and bad:
+        notes.append(text("batch.report_problems_only", lang))
     image_fields = [f.name for f in getattr(prepared.template, "fields", ()) if f.type == "image"]
     if image_fields and images is None and bad:  # the usual cause: the photos zip was not uploaded
         notes.append(text("batch.photos_missing", lang, columns=", ".join(image_fields)))
@@ -244,7 +259,28 @@ def check_sheet(
         summary += " " + text("batch.report_blocked", lang, bad=bad)
     elif prepared.runnable == 0:
         summary += " " + text("batch.no_rows", lang)
-    return SheetCheck(prepared if startable else None, header, table, summary, ok, bad)
+    problems_csv = _problems_csv(prepared.sheet, bad_lines, lang) if bad else ""
+    return SheetCheck(prepared if startable else None, header, table, summary, ok, bad, problems_csv)
+
+
+def _problems_csv(sheet: Any, bad_lines: list[list[Any]], lang: str) -> str:
+    """The rows with problems as CSV: the row number, what is wrong, then the row's own cells, so the sheet
+    can be fixed from it and uploaded again. Cells a spreadsheet would run as formulas are neutralised."""
+    import csv
+    import io
+
+    from engine.archive import neutralise_csv_cell
+
+    cells = {row.number: row.cells for row in sheet.rows}
+    columns = [name for name in sheet.columns if name]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([text("report.row", lang), text("report.problems", lang), *columns])
+    for number, _status, described in bad_lines:
+        row_cells = cells.get(number, {})
+        writer.writerow([number, neutralise_csv_cell(described),
+                         *(neutralise_csv_cell(row_cells.get(name, "")) for name in columns)])
+    return out.getvalue()
 
 
 def parse_seed(value: Any) -> int | None:

@@ -287,6 +287,21 @@ def _field_widget(spec: Any, description: str, checkpoints: list[str]) -> gr.com
     return gr.Textbox(value=spec.default, placeholder=example, lines=3 if spec.type == "text" else 1, **common)
 
 
+NO_FILE = gr.update(value=None, visible=False)
+
+
+def _problems_file(sheet_path: str, problems_csv: str) -> str:
+    """The rows with problems as a CSV file to download, beside the uploaded sheet in Gradio's upload cache
+    (removed with it, see :func:`upload_cache_schedule`); UTF-8 with a BOM, so Excel reads Chinese right."""
+    import tempfile
+
+    sheet = Path(sheet_path)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8-sig", newline="", dir=sheet.parent,
+                                     prefix=f"{sheet.stem[:60]}-problems-", suffix=".csv", delete=False) as out:
+        out.write(problems_csv)
+    return out.name
+
+
 def upload_cache_schedule(retention_s: int) -> tuple[int, int] | None:
     """Gradio's ``delete_cache`` ``(every, older_than)`` for the ``upload_retention_s`` setting: uploads would
     otherwise pile up in Gradio's cache for the life of the machine (sheets and photo zips up to
@@ -347,6 +362,8 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                         check_button = gr.Button(L("batch.check"), variant="secondary")
                         report_summary = gr.Markdown(elem_id="report-summary", elem_classes=LIVE)
                         report_table = gr.HTML(elem_id="validation-report", **PLAIN)
+                        problems_file = gr.File(label=L("batch.problems_file"), visible=False, interactive=False,
+                                                elem_id="report-problems", height=80)
                         start_button = gr.Button(L("batch.start"), variant="primary", interactive=False,
                                                  elem_id="start-batch")
                 prepared_state = gr.State(None)
@@ -584,7 +601,7 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
         def check(template_name, path, mode, seed, photos, request: gr.Request):
             who, lang = caller(request), language_of_request(request)
             if not path:
-                return None, text("batch.nothing_prepared", lang), "", gr.update(interactive=False)
+                return None, text("batch.nothing_prepared", lang), "", gr.update(interactive=False), NO_FILE
             try:
                 seed = handlers.parse_seed(seed)
                 result = handlers.check_sheet(
@@ -594,14 +611,16 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                 # Whatever an earlier check prepared is gone: Start never runs a sheet other than the one shown.
                 message = handlers.error_message(exc, lang)
                 gr.Warning(message)
-                return None, f"⚠ {message}", "", gr.update(interactive=False)
+                return None, f"⚠ {message}", "", gr.update(interactive=False), NO_FILE
             ok_label = text("report.ok", lang)
             rows = [[number, _badge(status, "ok" if status == ok_label else "problem"), problems]
                     for number, status, problems in result.rows]
             report = _table(result.header, rows, narrow=(0, 1), caption=text("batch.report", lang))
-            return result.prepared, result.summary, report, gr.update(interactive=result.can_start)
+            problems = gr.update(value=_problems_file(path, result.problems_csv), visible=True) \
+                if result.problems_csv else NO_FILE
+            return result.prepared, result.summary, report, gr.update(interactive=result.can_start), problems
 
-        check_outputs = [prepared_state, report_summary, report_table, start_button]
+        check_outputs = [prepared_state, report_summary, report_table, start_button, problems_file]
         check_inputs = [batch_template, sheet_file, on_invalid, batch_seed, photos_file]
         check_button.click(check, inputs=check_inputs, outputs=check_outputs)
         sheet_file.upload(check, inputs=check_inputs, outputs=check_outputs)
@@ -610,11 +629,12 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
         on_invalid.change(check, inputs=check_inputs, outputs=check_outputs)
 
         def clear_report():
-            return None, "", "", gr.update(interactive=False)
+            return None, "", "", gr.update(interactive=False), NO_FILE
 
         def seed_changed(request: gr.Request):
             # Checked on every keystroke would be wasteful; Start waits for the next check instead.
-            return None, text("batch.recheck", language_of_request(request)), "", gr.update(interactive=False)
+            return (None, text("batch.recheck", language_of_request(request)), "", gr.update(interactive=False),
+                    NO_FILE)
 
         sheet_file.clear(clear_report, outputs=check_outputs)
         batch_seed.change(seed_changed, outputs=check_outputs)

@@ -130,6 +130,36 @@ def open_single_form(page, base_url: str, template: str, field_name: str) -> Non
     field(page, field_name).wait_for()  # the form is rebuilt for the chosen template's fields
 
 
+def test_a_long_sheet_shows_its_first_problems_and_offers_every_one_as_csv(app_server, new_page, screenshot,
+                                                                          tmp_path):
+    """A sheet past the report's length lists only rows with problems (the first REPORT_TABLE_ROWS), and
+    the page offers every row with problems as a CSV: not thousands of ready rows to scroll through."""
+    import csv
+
+    from webapp.handlers import REPORT_TABLE_ROWS
+
+    base_url, _ = app_server
+    page = new_page()
+    log_in(page, base_url, "bob", "bob-pass")
+    page.get_by_text("Signed in as").wait_for()
+    rows = REPORT_TABLE_ROWS + 60  # every row past the first 20 is too tall: 240 problems, 20 ready rows
+    sheet = tmp_path / "catalogue.csv"
+    sheet.write_text("prompt,seed,width,height,steps\n" + "".join(
+        f"item {i},{i},64,{64 if i < 20 else 9999},1\n" for i in range(rows)), encoding="utf-8")
+    upload_sheet(page, sheet)
+    page.get_by_text("20 rows ready, 240 rows with problems").wait_for()
+    assert f"the first {REPORT_TABLE_ROWS} of 240" in page.locator("#report-summary").inner_text()
+    listed = page.locator("#validation-report tbody tr")
+    assert listed.count() == REPORT_TABLE_ROWS
+    assert listed.first.locator("td").first.inner_text() == "22" and listed.get_by_text("ok").count() == 0
+    screenshot(page, "batch-long-sheet-report")
+
+    with page.expect_download() as download_info:
+        page.locator("#report-problems a").first.click()
+    problems = list(csv.reader(download_info.value.path().read_text(encoding="utf-8-sig").splitlines()))
+    assert len(problems) == 1 + 240 and problems[1][0] == "22" and "height" in problems[1][1]
+
+
 def test_single_image_from_the_form(app_server, new_page, screenshot):
     base_url, services = app_server
     page = new_page()
