@@ -733,6 +733,25 @@ class BatchRunner:
             elif event.kind == "cached":
                 emit("cached", row_number=job.row_number, nodes=tuple(event.nodes))
 
+        # Rows the user's cancel stopped before they began come back together, thousands at once: stored in
+        # one ledger write (each alone cost a commit and a recount of the batch: 10 s for 8,000 rows).
+        unstarted_cancels: list[tuple[RowJob, RowResult]] = []
+
+        def store_unstarted_cancels() -> None:
+            nonlocal remaining
+            with self._store_lock:
+                stored = set() if handle.given_back else self.ledger.cancel_rows(
+                    {job.row_key: result.error or CANCELLED for job, result in unstarted_cancels})
+            for job, result in unstarted_cancels:
+                if job.row_key in stored:
+                    remaining -= 1
+                    emit("row_failed", row_number=job.row_number, error=result.error, status=CANCELLED)
+                    if self.on_result is not None:
+                        self.on_result(result)
+            if stored:
+                log.info("%d row(s) cancelled before they began", len(stored))
+            unstarted_cancels.clear()
+
         first_run = not batch.get("started_at")  # a resume must not report the skipped rows again
         self.ledger.set_batch_status(batch_id, "running")
         emit("batch_started", skipped=sum(1 for r in all_rows if r.status == SKIPPED) if first_run else 0)
@@ -750,6 +769,11 @@ class BatchRunner:
                     last_finish = now
                     if result.status == CANCELLED and handle.stopping and not cancelled_by_user():
                         continue  # stopped, not cancelled: the row stays claimed until it is given back below
+                    if result.status == CANCELLED and not result.failure and job.row_key not in began:
+                        unstarted_cancels.append((job, result))
+                        continue
+                    if unstarted_cancels:
+                        store_unstarted_cancels()
                     with self._store_lock:
                         if handle.given_back:  # another process may be running the row by now
                             log.warning("row not stored: this process gave its rows back while it ran")
@@ -772,6 +796,8 @@ class BatchRunner:
                         emit("row_failed", row_number=job.row_number, error=result.error, status=result.status)
                     if self.on_result is not None:
                         self.on_result(result)
+            if unstarted_cancels:
+                store_unstarted_cancels()
             if handle.stopping and remaining and not cancelled_by_user():
                 given_back = self._give_back_claims(batch_id, handle)
                 log.warning("batch %s stopped between sampler steps: this process is shutting down; the %d "

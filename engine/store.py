@@ -991,6 +991,29 @@ class BatchLedger:
 
         self._write(update)
 
+    def cancel_rows(self, errors: Mapping[str, str]) -> set[str]:
+        """Cancel many claimed rows in one write (row key -> why); returns the keys cancelled. A row that is
+        done by now stays done. As :meth:`fail_row` for each, with the batch recounted once."""
+        now = _now()
+
+        def update(conn: sqlite3.Connection) -> set[str]:
+            keys, batches, cancelled = list(errors), set(), set()
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                marks = ", ".join("?" for _ in chunk)
+                for key, batch_id in conn.execute(
+                        f"SELECT row_key, batch_id FROM generations WHERE row_key IN ({marks}) AND status != 'done'",
+                        chunk):
+                    cancelled.add(key)
+                    batches.add(batch_id)
+            conn.executemany("UPDATE generations SET status = 'cancelled', error = ?, finished_at = ? WHERE row_key = ?",
+                             [(errors[key], now, key) for key in cancelled])
+            for batch_id in batches:
+                _refresh_counts(conn, batch_id)
+            return cancelled
+
+        return self._write(update)
+
     def requeue(self, batch_id: str, statuses: Iterable[str] = ("failed", "timed_out", "cancelled")) -> int:
         """Put rows of the given statuses back to ``queued`` (attempts kept). Never touches ``done`` rows."""
         statuses = [s for s in statuses]

@@ -74,6 +74,40 @@ def test_a_batch_claims_all_its_rows_in_one_ledger_write_before_its_first_row_ru
     assert summary.done + summary.cancelled == 80 and summary.running == 0  # every claim was settled
 
 
+def test_a_cancel_stores_the_rows_it_stopped_before_they_began_in_one_ledger_write(services_factory, tmp_path):
+    """Cancelled one by one, each a synced commit and a recount of the batch, 8,000 waiting rows kept a
+    cancelled batch "running" for seconds (45 s in a busy server); the writes must not grow with the rows.
+    The row that was running when the cancel came ends as before, with where it stopped."""
+    services = services_factory()
+    runner, ledger = services.runner, services.ledger
+    prepared = runner.prepare("product_shot", read_sheet(write_sheet(tmp_path / "rows.csv", small_rows(60, steps=2))))
+    runner.start(prepared)
+    writes, at_cancel, events = [0], [], []
+    real_write = ledger._write
+
+    def counted_write(operation):
+        writes[0] += 1
+        return real_write(operation)
+
+    def on_event(event):
+        events.append(event)
+        if event.kind == "step" and not at_cancel:  # the first row is sampling: the user cancels now
+            at_cancel.append(writes[0])
+
+    ledger._write = counted_write
+    try:
+        summary = runner.run(prepared.batch_id, on_event=on_event, should_cancel=lambda: bool(at_cancel))
+    finally:
+        ledger._write = real_write
+    assert summary.cancelled == 60 and summary.done == 0 and summary.running == 0
+    assert writes[0] - at_cancel[0] < 10, (at_cancel, writes)
+    rows = ledger.rows(prepared.batch_id)
+    assert {row.status for row in rows} == {"cancelled"} and all(row.finished_at for row in rows)
+    assert ledger.batch_summary(prepared.batch_id)["cancelled_count"] == 60  # the batch's counts, recounted
+    assert sum(e.kind == "row_failed" and e.status == "cancelled" for e in events) == 60
+    assert events[-1].kind == "batch_done" and events[-1].remaining == 0
+
+
 def test_batch_runs_every_row_records_it_and_zips(services_factory, tmp_path):
     services = services_factory()
     sheet = write_sheet(tmp_path / "rows.csv", small_rows(3) + ["Broken,red,minimal,abc,64,2"])
