@@ -165,6 +165,11 @@ def _split_sections(code: str) -> list[str]:
     return parts
 
 
+# Format characters that are a token each: digit placeholders, the decimal point, the thousands comma, percent
+# and the text placeholder.
+_ONE_CHARACTER_TOKENS = {"0": "digit", "#": "digit", "?": "digit", ".": "point", ",": "comma", "%": "percent",
+                         "@": "text"}
+
 def _parse_section(text: str) -> _Section:
     tokens: list[tuple[str, str]] = []
     marks = (".", ",")
@@ -214,20 +219,8 @@ def _parse_section(text: str) -> _Section:
         elif lower.startswith("a/p", index):
             tokens.append(("ampm", text[index:index + 3]))
             index += 3
-        elif ch in "0#?":
-            tokens.append(("digit", ch))
-            index += 1
-        elif ch == ".":
-            tokens.append(("point", "."))
-            index += 1
-        elif ch == ",":
-            tokens.append(("comma", ","))
-            index += 1
-        elif ch == "%":
-            tokens.append(("percent", "%"))
-            index += 1
-        elif ch == "@":
-            tokens.append(("text", "@"))
+        elif ch in _ONE_CHARACTER_TOKENS:
+            tokens.append((_ONE_CHARACTER_TOKENS[ch], ch))
             index += 1
         elif ch.lower() in "ymdhs":
             end = index
