@@ -170,6 +170,7 @@ def _split_sections(code: str) -> list[str]:
 _ONE_CHARACTER_TOKENS = {"0": "digit", "#": "digit", "?": "digit", ".": "point", ",": "comma", "%": "percent",
                          "@": "text"}
 
+
 def _parse_section(text: str) -> _Section:
     tokens: list[tuple[str, str]] = []
     marks = (".", ",")
