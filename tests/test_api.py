@@ -461,6 +461,31 @@ def test_batch_from_json_rows_runs_and_reports_its_rows(server, bob):
     assert sum(n.endswith(".png") for n in names) == 1 and "manifest.csv" in names
 
 
+def test_a_submission_may_ask_for_only_its_rows_with_problems_in_the_answer(server, bob):
+    """Every row's values made a 10,000-row submission's answer MBs; report=problems lists the bad rows only,
+    in JSON and in an upload, with row_counts of every row either way. Only a check: nothing is started."""
+    rows = [{"product_name": f"listed {i}", "seed": i, **SMALL, "width": 9999 if i in (1, 4) else 64} for i in range(6)]
+    full = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "start": False}).json()
+    assert [r["row"] for r in full["report"]["rows"]] == [2, 3, 4, 5, 6, 7]
+    assert full["report"]["row_counts"] == {"total": 6, "ok": 4, "with_problems": 2}
+
+    short = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "start": False,
+                                           "report": "problems"}).json()
+    assert [r["row"] for r in short["report"]["rows"]] == [3, 6]
+    assert short["report"]["rows"] == [r for r in full["report"]["rows"] if not r["ok"]]
+    assert short["report"]["row_counts"] == full["report"]["row_counts"] and short["queued_rows"] == 4
+
+    csv = "product_name,seed,width,height,steps\ncup,1,64,64,1\npen,2,9999,64,1\n"
+    uploaded = bob.post("/api/batches/upload", data={"template": "product_shot", "report": "problems", "start": "false"},
+                        files={"sheet": ("rows.csv", csv.encode(), "text/csv")})
+    assert uploaded.status_code == 200, uploaded.text
+    assert [r["row"] for r in uploaded.json()["report"]["rows"]] == [3]
+
+    refused = bob.post("/api/batches", json={"template": "product_shot", "rows": rows, "report": "short"})
+    assert refused.status_code == 400 and error_of(refused)["type"] == "RequestInvalid"
+    assert "report must be one of rows, problems" in error_of(refused)["message"]
+
+
 def test_a_batchs_rows_come_in_pages_that_say_where_the_next_one_starts(server, bob, monkeypatch):
     """10,000 rows with their values answered 12 MB at once: the rows come a page at a time (at most
     ROWS_PAGE_MAX), optionally only those of one status, and ``rows_page`` says how many there are."""

@@ -219,6 +219,9 @@ BATCH_BODY = json_body_schema({
     "batch_id": {"type": "string", "description": "your own id; posting it again resumes that batch"},
     "batch_seed": SEED_SCHEMA,
     "on_invalid": {"type": "string", "enum": ["skip", "stop"], "default": "skip"},
+    "report": {"type": "string", "enum": ["rows", "problems"], "default": "rows",
+               "description": "problems: the answer's report lists only the rows with problems, a few KB where "
+                              "every row of a 10,000-row batch is MBs; report.row_counts counts them all"},
     "start": {"type": "boolean", "default": True,
               "description": "false: only check the rows (nothing is recorded, not even the batch_id answered)"},
 }, required=("template", "rows"))
@@ -241,7 +244,9 @@ REVOKE_BODY = json_body_schema({
     "user": {"type": "string", "description": "or: refuse every token of this user issued so far"},
 })
 MODEL_BODY = json_body_schema({"checkpoint": {"type": "string"}}, required=("checkpoint",))
-UPLOAD_FIELDS = ("template", "sheet", "sheet_name", "batch_seed", "batch_id", "on_invalid", "start", "images")
+UPLOAD_FIELDS = ("template", "sheet", "sheet_name", "batch_seed", "batch_id", "on_invalid", "report", "start",
+                 "images")
+REPORT_KINDS = ("rows", "problems")  # what a submission's answer lists of its rows
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["type", "message", "details"], "properties": {
@@ -296,7 +301,10 @@ ANSWER_SCHEMAS: dict[str, dict[str, Any]] = {
             "values": {"type": "object", "description": "the row's values by field, typed (a seed is a number)"},
             "values_str": {**_TEXT_OF_WHOLE_NUMBERS,
                            "description": "the whole numbers of values (seeds among them) as exact strings"},
-        }}},
+        }}, "description": "every row, or only those with problems where the request asked report=problems"},
+        "row_counts": {"type": "object", "description": "every row of the sheet, whichever rows are listed",
+                       "properties": {"total": {"type": "integer"}, "ok": {"type": "integer"},
+                                      "with_problems": {"type": "integer"}}},
     }},
     "BatchSubmitted": {"type": "object", "required": ["batch_id", "resumed", "report", "queued_rows", "started"],
                        "properties": {
@@ -534,14 +542,20 @@ def public_problem(problem: dict[str, Any]) -> dict[str, Any]:
     return {**problem, "params_str": whole_numbers_as_text(problem.get("params"))}
 
 
-def public_report(report: dict[str, Any]) -> dict[str, Any]:
+def public_report(report: dict[str, Any], only_problems: bool = False) -> dict[str, Any]:
     """A validation report (``ValidationReport.to_dict``) as the API shows it: each row's ``values`` and
-    each problem's ``params`` also as ``values_str`` / ``params_str``, their whole numbers as text."""
+    each problem's ``params`` also as ``values_str`` / ``params_str``, their whole numbers as text, and
+    ``row_counts`` of every row. ``only_problems``: the rows with problems alone."""
     rows = []
-    for row in report.get("rows", []):
+    every = report.get("rows", [])
+    for row in every:
+        if only_problems and row.get("ok"):
+            continue
         problems = [public_problem(p) for p in row.get("problems", [])]
         rows.append({**row, "problems": problems, "values_str": whole_numbers_as_text(row.get("values"))})
-    return {**report, "rows": rows}
+    ok = sum(1 for row in every if row.get("ok"))
+    counts = {"total": len(every), "ok": ok, "with_problems": len(every) - ok}
+    return {**report, "rows": rows, "row_counts": counts}
 
 
 def public_row(row: Any) -> dict[str, Any]:
@@ -618,6 +632,10 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         on_invalid = body.get("on_invalid") or "skip"
         if on_invalid not in ON_INVALID:
             raise BatchError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
+        if (body.get("report") or "rows") not in REPORT_KINDS:
+            raise RequestInvalid(f"report must be one of {', '.join(REPORT_KINDS)}, not {str(body['report'])[:40]!r}",
+                                 [{"field": "report", "location": "body", "message": "not one of "
+                                   + ", ".join(REPORT_KINDS)}])
         batch_seed = handlers.parse_seed(body.get("batch_seed"))
         batch_id = body.get("batch_id")
         if batch_id not in (None, "") and services.ledger.get_batch(str(batch_id)) is not None:
@@ -640,11 +658,11 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
             )
         return prepared
 
-    def submit(prepared: Any, start: bool) -> dict[str, Any]:
+    def submit(prepared: Any, start: bool, report: str | None = None) -> dict[str, Any]:
         answer: dict[str, Any] = {
             "batch_id": prepared.batch_id,
             "resumed": prepared.resumed,
-            "report": public_report(prepared.report.to_dict()),
+            "report": public_report(prepared.report.to_dict(), only_problems=report == "problems"),
             "queued_rows": prepared.runnable,
             "started": False,
         }
@@ -664,11 +682,11 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         wait for must find one batch, resumed, not a refusal (or a second batch)."""
         prepared = prepare(template, sheet, body, caller, images)
         try:
-            return submit(prepared, start)
+            return submit(prepared, start, body.get("report"))
         except BatchExists:
             # The id was free when prepare() looked and taken when start() wrote it: prepare again as the
             # resume it now is (owner and inputs checked again: another caller's or other rows are refused).
-            return submit(prepare(template, sheet, body, caller, images), start)
+            return submit(prepare(template, sheet, body, caller, images), start, body.get("report"))
 
     @router.post("/token", summary="Exchange a user name and password for a bearer token", openapi_extra=TOKEN_BODY)
     async def create_token(request: Request) -> Any:
@@ -793,6 +811,7 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         batch_seed: str | None = Form(None),
         batch_id: str | None = Form(None),
         on_invalid: str = Form("skip"),
+        report: str = Form("rows", description="problems: the answer lists only the rows with problems"),
         start: bool = Form(True),
         images: UploadFile | None = File(None),
         idempotency_key: str | None = idempotency_header,
@@ -804,12 +823,14 @@ def api_router(services: Any, guard: ApiGuard, upload_limit: UploadLimit) -> Any
         fields = {
             "template": template, "sheet": hashlib.sha256(data).hexdigest(), "sheet_file": sheet.filename,
             "sheet_name": sheet_name, "batch_seed": batch_seed, "batch_id": batch_id, "on_invalid": on_invalid,
+            **({"report": report} if report != "rows" else {}),  # keys stored before this field still match
             "start": start, "images": None if photo_zip is None else hashlib.sha256(photo_zip).hexdigest(),
         }
 
         def run(reserved_id: str | None) -> dict[str, Any]:
             parsed = read_sheet(data, sheet.filename or "upload", sheet_name)
-            body = {"batch_seed": batch_seed, "on_invalid": on_invalid, "batch_id": reserved_id or batch_id}
+            body = {"batch_seed": batch_seed, "on_invalid": on_invalid, "report": report,
+                    "batch_id": reserved_id or batch_id}
             # the product photos the sheet's image columns name, as one zip
             photos = services.runner.unpack_photos(photo_zip) if photo_zip is not None else None
             try:
