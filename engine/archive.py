@@ -32,7 +32,7 @@ from engine.naming import safe_filename
 from engine.sheets import FORMULA_STARTS
 from engine.store import BatchLedger, Generation
 
-__all__ = ["write_batch_zip", "iter_zip_stream", "neutralise_csv_cell", "ZipSummary", "MANIFEST_COLUMNS"]
+__all__ = ["write_batch_zip", "iter_zip_stream", "csv_text", "neutralise_csv_cell", "ZipSummary", "MANIFEST_COLUMNS"]
 
 MANIFEST_COLUMNS = (
     "row", "status", "file", "seed", "prompt", "negative_prompt", "width", "height", "steps", "cfg", "sampler",
@@ -79,13 +79,18 @@ class _StreamSink(io.RawIOBase):
         return data
 
 
-def _csv_bytes(header: list[str], lines: list[list[Any]]) -> bytes:
+def csv_text(header: list[str], lines: list[list[Any]]) -> str:
+    """A CSV a spreadsheet program opens safely: no cell, the header's included, runs as a formula."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\r\n")
     writer.writerow([neutralise_csv_cell(h) for h in header])
     for line in lines:
         writer.writerow([neutralise_csv_cell(v) for v in line])
-    return ("\ufeff" + text.getvalue()).encode("utf-8")  # BOM: Excel then reads UTF-8 (Chinese) correctly
+    return text.getvalue()
+
+
+def _csv_bytes(header: list[str], lines: list[list[Any]]) -> bytes:
+    return ("\ufeff" + csv_text(header, lines)).encode("utf-8")  # BOM: Excel then reads UTF-8 (Chinese) correctly
 
 
 # Manifest columns Excel may show as numbers: whatever else is text, exactly as recorded.

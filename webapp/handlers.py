@@ -266,21 +266,13 @@ def check_sheet(
 def _problems_csv(sheet: Any, bad_lines: list[list[Any]], lang: str) -> str:
     """The rows with problems as CSV: the row number, what is wrong, then the row's own cells, so the sheet
     can be fixed from it and uploaded again. Cells a spreadsheet would run as formulas are neutralised."""
-    import csv
-    import io
-
-    from engine.archive import neutralise_csv_cell
+    from engine.archive import csv_text
 
     cells = {row.number: row.cells for row in sheet.rows}
     columns = [name for name in sheet.columns if name]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow([text("report.row", lang), text("report.problems", lang), *columns])
-    for number, _status, described in bad_lines:
-        row_cells = cells.get(number, {})
-        writer.writerow([number, neutralise_csv_cell(described),
-                         *(neutralise_csv_cell(row_cells.get(name, "")) for name in columns)])
-    return out.getvalue()
+    return csv_text([text("report.row", lang), text("report.problems", lang), *columns],
+                    [[number, described, *(cells.get(number, {}).get(name, "") for name in columns)]
+                     for number, _status, described in bad_lines])
 
 
 def parse_seed(value: Any) -> int | None:
