@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -437,11 +437,9 @@ class BatchLedger:
                 message = str(exc).lower()
                 if "locked" not in message and "busy" not in message:
                     problem, unwritable = self._storage_problem(exc)
-                    sqlite_error = getattr(exc, "sqlite_errorname", None)
-                    if unwritable:  # the disk's, not the request's: the web app waits for it (engine.storage)
-                        raise StoreError(problem, path=str(self.path), sqlite_error=sqlite_error,
-                                         code="ledger_unwritable") from exc
-                    raise StoreError(problem, path=str(self.path), sqlite_error=sqlite_error) from exc
+                    # the disk's, not the request's: the web app waits for it (engine.storage)
+                    raise StoreError(problem, path=str(self.path), sqlite_error=getattr(exc, "sqlite_errorname", None),
+                                     code="ledger_unwritable" if unwritable else None) from exc
                 if time.monotonic() > deadline:
                     raise StoreError(
                         f"the ledger {self.path} stayed locked for {self.retry_for_s:.0f} s; another process "
@@ -997,10 +995,8 @@ class BatchLedger:
         now = _now()
 
         def update(conn: sqlite3.Connection) -> set[str]:
-            keys, batches, cancelled = list(errors), set(), set()
-            for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                marks = ", ".join("?" for _ in chunk)
+            batches, cancelled = set(), set()
+            for chunk, marks in _in_lists(list(errors)):
                 for key, batch_id in conn.execute(
                         f"SELECT row_key, batch_id FROM generations WHERE row_key IN ({marks}) AND status != 'done'",
                         chunk):
@@ -1104,11 +1100,9 @@ class BatchLedger:
     def first_rows(self, batch_ids: Iterable[str]) -> dict[str, Generation]:
         """The first row of each of ``batch_ids`` that has rows, by batch id, read together (a ComfyUI prompt
         is a batch of one row: its history is read this way, thousands at once)."""
-        ids, found = list(dict.fromkeys(batch_ids)), {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            sql = (f"SELECT * FROM generations WHERE batch_id IN ({', '.join('?' for _ in chunk)}) "
-                   "ORDER BY batch_id, row_number")
+        found: dict[str, Generation] = {}
+        for chunk, marks in _in_lists(list(dict.fromkeys(batch_ids))):
+            sql = f"SELECT * FROM generations WHERE batch_id IN ({marks}) ORDER BY batch_id, row_number"
             for row in self._read(sql, chunk):
                 if row["batch_id"] not in found:
                     found[row["batch_id"]] = Generation.from_row(row)
@@ -1205,6 +1199,14 @@ def _batch_dict(row: Mapping[str, Any]) -> dict[str, Any]:
     data["options"] = json.loads(data.get("options") or "{}")
     data["batch_seed"] = int(data["batch_seed"])
     return data
+
+
+def _in_lists(values: list[str], size: int = 500) -> Iterator[tuple[list[str], str]]:
+    """``values`` in pieces of at most ``size``, each with its ``?, ?, ...`` for one ``IN (...)``: SQLite
+    bounds the variables of a statement."""
+    for start in range(0, len(values), size):
+        chunk = values[start:start + size]
+        yield chunk, ", ".join("?" for _ in chunk)
 
 
 def _refresh_counts(conn: sqlite3.Connection, batch_id: str) -> None:
