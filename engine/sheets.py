@@ -27,7 +27,7 @@ import math
 import re
 import unicodedata
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from itertools import compress, repeat
@@ -1046,8 +1046,7 @@ def _skip_title_rows(
     if not titles or len(records) <= len(titles):
         return None, records
     header_number, header = records[len(titles)]
-    names = [text.strip() for text in header if text.strip()]
-    if len(names) < 2 or len({column_key(n) for n in names}) != len(names) or any(_NUMBER_LIKE.fullmatch(n) for n in names):
+    if not _could_be_column_names([text.strip() for text in header if text.strip()]):
         return None, records
     rows = ", ".join(str(number) for number, _, _ in titles)
     title = _short(titles[0][1], 60)
@@ -1056,6 +1055,13 @@ def _skip_title_rows(
         f"names are read from row {header_number}", "title_rows_skipped",
         {"rows": rows, "title": title, "cells": titles[0][2], "header_row": header_number})
     return note, records[len(titles):]
+
+
+def _could_be_column_names(names: Sequence[str]) -> bool:
+    """Whether the values of a row below a title may be the column names: two or more, distinct as column
+    names, none a number."""
+    return len(names) >= 2 and len({column_key(n) for n in names}) == len(names) \
+        and not any(_NUMBER_LIKE.fullmatch(n) for n in names)
 
 
 def _merged_ranges(data: bytes, member: str) -> list[MergedRange]:
@@ -1292,8 +1298,7 @@ def _title_above_header(header: list[str], data: list[tuple[int, list[str]]], he
         return None
     below_number, below = data[0]
     candidates = tuple(_short(text.strip(), 60) for text in below if text.strip())
-    if len(candidates) < 2 or len({column_key(c) for c in candidates}) != len(candidates) \
-            or any(_NUMBER_LIKE.fullmatch(c) for c in candidates):
+    if not _could_be_column_names(candidates):
         return None
     return TitleAboveHeader(header_row, _short(names[0], 60), below_number, candidates)
 
