@@ -1370,13 +1370,21 @@ def _short(text: str, limit: int = 40) -> str:
 
 
 def _check_range(field: "TemplateField", value: float | int, written: str = "") -> None:
-    shown = str(value)
-    if written and not _reads_plainly_as(written, value):  # 1.024 read with a decimal comma: say both
-        shown = f"'{_short(written.strip())}' (read as {value})"
     if field.min is not None and value < field.min:
-        raise CellValueError("below_minimum", f"{shown} is below the minimum {field.min}", value=value, min=field.min)
+        raise CellValueError("below_minimum", f"{_range_value(value, written)} is below the minimum {field.min}",
+                             value=value, min=field.min)
     if field.max is not None and value > field.max:
-        raise CellValueError("above_maximum", f"{shown} is above the maximum {field.max}", value=value, max=field.max)
+        raise CellValueError("above_maximum", f"{_range_value(value, written)} is above the maximum {field.max}",
+                             value=value, max=field.max)
+
+
+def _range_value(value: float | int, written: str) -> str:
+    """The value as a range problem names it. Worked out only for a value out of range: every number cell
+    passes through :func:`_check_range`, and comparing the written text with the value cost more than the
+    rest of reading a valid decimal cell."""
+    if written and not _reads_plainly_as(written, value):  # 1.024 read with a decimal comma: say both
+        return f"'{_short(written.strip())}' (read as {value})"
+    return str(value)
 
 
 def _reads_plainly_as(written: str, value: float | int) -> bool:
