@@ -27,7 +27,7 @@ import math
 import re
 import unicodedata
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from itertools import compress, repeat
@@ -1046,8 +1046,7 @@ def _skip_title_rows(
     if not titles or len(records) <= len(titles):
         return None, records
     header_number, header = records[len(titles)]
-    names = [text.strip() for text in header if text.strip()]
-    if len(names) < 2 or len({column_key(n) for n in names}) != len(names) or any(_NUMBER_LIKE.fullmatch(n) for n in names):
+    if not _could_be_column_names([text.strip() for text in header if text.strip()]):
         return None, records
     rows = ", ".join(str(number) for number, _, _ in titles)
     title = _short(titles[0][1], 60)
@@ -1056,6 +1055,13 @@ def _skip_title_rows(
         f"names are read from row {header_number}", "title_rows_skipped",
         {"rows": rows, "title": title, "cells": titles[0][2], "header_row": header_number})
     return note, records[len(titles):]
+
+
+def _could_be_column_names(names: Sequence[str]) -> bool:
+    """Whether the values of a row below a title may be the column names: two or more, distinct as column
+    names, none a number."""
+    return len(names) >= 2 and len({column_key(n) for n in names}) == len(names) \
+        and not any(_NUMBER_LIKE.fullmatch(n) for n in names)
 
 
 def _merged_ranges(data: bytes, member: str) -> list[MergedRange]:
@@ -1292,8 +1298,7 @@ def _title_above_header(header: list[str], data: list[tuple[int, list[str]]], he
         return None
     below_number, below = data[0]
     candidates = tuple(_short(text.strip(), 60) for text in below if text.strip())
-    if len(candidates) < 2 or len({column_key(c) for c in candidates}) != len(candidates) \
-            or any(_NUMBER_LIKE.fullmatch(c) for c in candidates):
+    if not _could_be_column_names(candidates):
         return None
     return TitleAboveHeader(header_row, _short(names[0], 60), below_number, candidates)
 
@@ -1365,13 +1370,21 @@ def _short(text: str, limit: int = 40) -> str:
 
 
 def _check_range(field: "TemplateField", value: float | int, written: str = "") -> None:
-    shown = str(value)
-    if written and not _reads_plainly_as(written, value):  # 1.024 read with a decimal comma: say both
-        shown = f"'{_short(written.strip())}' (read as {value})"
     if field.min is not None and value < field.min:
-        raise CellValueError("below_minimum", f"{shown} is below the minimum {field.min}", value=value, min=field.min)
+        raise CellValueError("below_minimum", f"{_range_value(value, written)} is below the minimum {field.min}",
+                             value=value, min=field.min)
     if field.max is not None and value > field.max:
-        raise CellValueError("above_maximum", f"{shown} is above the maximum {field.max}", value=value, max=field.max)
+        raise CellValueError("above_maximum", f"{_range_value(value, written)} is above the maximum {field.max}",
+                             value=value, max=field.max)
+
+
+def _range_value(value: float | int, written: str) -> str:
+    """The value as a range problem names it. Worked out only for a value out of range: every number cell
+    passes through :func:`_check_range`, and comparing the written text with the value cost more than the
+    rest of reading a valid decimal cell."""
+    if written and not _reads_plainly_as(written, value):  # 1.024 read with a decimal comma: say both
+        return f"'{_short(written.strip())}' (read as {value})"
+    return str(value)
 
 
 def _reads_plainly_as(written: str, value: float | int) -> bool:
