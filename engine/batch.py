@@ -689,8 +689,7 @@ class BatchRunner:
         all_rows = self.ledger.rows(batch_id)
         names = self._file_names(batch, all_rows)
         requeue = [CANCELLED] + ([FAILED, TIMED_OUT] if retry_failed else [])
-        self.ledger.requeue(batch_id, requeue)
-        all_rows = self.ledger.rows(batch_id)
+        self.ledger.requeue(batch_id, requeue)  # done and skipped rows, all that all_rows is counted for, stay
         # Claim before running: a row another live process has claimed (the web app and a CLI resume of the
         # same batch, say) is left to it, so no row is ever generated twice.
         claimed_rows = self.ledger.claim_queued_rows(batch_id, worker=self.worker_id)
