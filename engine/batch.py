@@ -627,14 +627,10 @@ class BatchRunner:
         could possibly take.
         """
         claimant = row.worker or ""
-        claim_host, _, pid = claimant.rpartition(":")
-        claimed_at = _parse_time(row.started_at)
         if claimant == self.worker_id:
             return True  # callers never ask about a batch running here
-        if claim_host == socket.gethostname() and pid.isdigit():
-            return not process_alive(int(pid), since=claimed_at)
         stale_after = timedelta(seconds=2 * float(self.settings.row_timeout_s) + 600)
-        return claimed_at is None or datetime.now(timezone.utc) - claimed_at > stale_after
+        return claimant_gone(claimant, row.started_at, stale_after)
 
     def run(
         self,
@@ -1098,6 +1094,17 @@ def process_alive(pid: int, since: datetime | None = None) -> bool:
     return state not in ("Z", "X")
 
 
+def claimant_gone(claimant: str, claimed_at: str | None, stale_after: timedelta) -> bool:
+    """Whether the process ``claimant`` (``host:pid``) no longer holds what it claimed at ``claimed_at`` (an
+    ISO time): on this host, when its process has ended or its pid went to a process started after the
+    claim; on another host, once the claim is older than ``stale_after`` (or has no time)."""
+    host, _, pid = claimant.rpartition(":")
+    since = _parse_time(claimed_at)
+    if host == socket.gethostname() and pid.isdigit():
+        return not process_alive(int(pid), since=since)
+    return since is None or datetime.now(timezone.utc) - since > stale_after
+
+
 def _process_start_time(pid: int) -> datetime | None:
     """When process ``pid`` started, from /proc (None where there is no /proc, or no such process). Rounded
     down to the clock tick, with a second of slack for the boot time's own rounding."""
@@ -1200,5 +1207,6 @@ def _row_problem(row: int, column: str | None, reason: str, failure: EngineError
 
 
 __all__ = [
-    "BatchEvent", "BatchRunner", "BatchSummary", "PreparedBatch", "describe_error", "new_batch_id", "process_alive",
+    "BatchEvent", "BatchRunner", "BatchSummary", "PreparedBatch", "claimant_gone", "describe_error", "new_batch_id",
+    "process_alive",
 ]

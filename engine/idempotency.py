@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 from engine.errors import IdempotencyKeyInUse, IdempotencyKeyReused, RequestInvalid
@@ -124,17 +123,10 @@ class IdempotencyKeys:
         """Whether nobody answers a key's request any more: no claimant, a claimant process on this host that
         has ended (or whose pid a later process took), or one on another host past :data:`REMOTE_CLAIM_S`.
         This process's own claim is a request it answers now."""
-        from engine.batch import process_alive
+        from engine.batch import claimant_gone
 
         if not claimant:
             return True
         if claimant == self.claimant:
             return False
-        host, _, pid = claimant.rpartition(":")
-        try:
-            since = datetime.fromisoformat(claimed_at) if claimed_at else None
-        except ValueError:
-            since = None
-        if host == socket.gethostname() and pid.isdigit():
-            return not process_alive(int(pid), since=since)
-        return since is None or datetime.now(timezone.utc) - since > timedelta(seconds=REMOTE_CLAIM_S)
+        return claimant_gone(claimant, claimed_at, timedelta(seconds=REMOTE_CLAIM_S))

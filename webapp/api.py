@@ -475,7 +475,7 @@ def batch_status(
     if with_rows:
         limit, offset = min(max(int(limit), 1), ROWS_PAGE_MAX), max(int(offset), 0)
         wanted = _row_status(status)
-        total = summary.total if wanted is None else services.ledger.batch_summary(batch_id)["counts"][wanted]
+        total = summary.total if wanted is None else services.ledger.row_counts(batch_id)[wanted]
         rows = services.ledger.rows(batch_id, wanted, limit=limit, offset=offset)
         body["rows"] = [public_row(row) for row in rows]
         following = offset + len(rows)
