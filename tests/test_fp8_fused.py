@@ -87,18 +87,23 @@ def quantized(tiny, per_channel=None, static=True, dtype=torch.float32):
     return model
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """The FusedQkv layers that ran a forward, in call order (eager runs only)."""
+def record_forward_calls(monkeypatch, cls) -> list:
+    """The ``cls`` modules that ran a forward, in call order (eager runs only)."""
     calls = []
-    fused_forward = FusedQkv.forward
+    original = cls.forward
 
     def recording(self, x):
         calls.append(self)
-        return fused_forward(self, x)
+        return original(self, x)
 
-    monkeypatch.setattr(FusedQkv, "forward", recording)
+    monkeypatch.setattr(cls, "forward", recording)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The FusedQkv layers that ran a forward, in call order (eager runs only)."""
+    return record_forward_calls(monkeypatch, FusedQkv)
 
 
 def raw(tensor: torch.Tensor) -> bytes:
@@ -129,14 +134,7 @@ def test_fused_model_computes_what_the_unfused_one_does(tiny, per_channel, monke
         "transformer_blocks.0.attn2.fused_qkv",
         "transformer_blocks.1.attn.fused_qkv", "transformer_blocks.1.attn.fused_added_qkv",
     }
-    called = []
-    layer_forward = Fp8Linear.forward
-
-    def recording(self, x):
-        called.append(self)
-        return layer_forward(self, x)
-
-    monkeypatch.setattr(Fp8Linear, "forward", recording)
+    called = record_forward_calls(monkeypatch, Fp8Linear)
     out = forward(model, inputs)
     names = {layer: name for name, layer in fp8_layers(model).items()}
     # The fused GEMMs stood in for every q/k/v projection; every other FP8 layer ran as before.

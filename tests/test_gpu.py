@@ -22,6 +22,27 @@ if not torch.cuda.is_available():
 FP8_COMPUTE = torch.cuda.get_device_capability() >= (8, 9)
 
 
+def _sd3_model_and_inputs(num_layers: int, dual_attention_layers: tuple[int, ...]) -> tuple:
+    """A small SD3.5-shaped BF16 transformer on the GPU (seeded) and one CFG batch of inputs with 333 text
+    tokens (not a multiple of 16: the FP8 GEMMs pad their rows)."""
+    from diffusers import SD3Transformer2DModel
+
+    config = dict(
+        sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers, attention_head_dim=64,
+        num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=256, pooled_projection_dim=128,
+        pos_embed_max_size=96, dual_attention_layers=dual_attention_layers, qk_norm="rms_norm",
+    )
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**config).to("cuda", torch.bfloat16).eval()
+    inputs = dict(
+        hidden_states=torch.randn(2, 16, 64, 64, device="cuda", dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(2, 333, 256, device="cuda", dtype=torch.bfloat16),
+        pooled_projections=torch.randn(2, 128, device="cuda", dtype=torch.bfloat16),
+        timestep=torch.tensor([500.0, 500.0], device="cuda"),
+    )
+    return model, inputs
+
+
 @pytest.mark.skipif(not FP8_COMPUTE, reason="FP8 GEMMs need compute capability >= 8.9")
 @pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("rows", [333, 4096])  # 333 text tokens are not a multiple of 16: padded rows
@@ -43,23 +64,9 @@ def test_scaled_mm_linear_matches_bf16(per_channel, rows):
 
 @pytest.mark.skipif(not FP8_COMPUTE, reason="FP8 GEMMs need compute capability >= 8.9")
 def test_quantized_compiled_transformer_stays_close_and_never_falls_back_to_eager():
-    from diffusers import SD3Transformer2DModel
-
     from engine.fp8 import compile_blocks, quantize_transformer
 
-    config = dict(
-        sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64,
-        num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=256, pooled_projection_dim=128,
-        pos_embed_max_size=96, dual_attention_layers=(0, 1), qk_norm="rms_norm",
-    )
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(**config).to("cuda", torch.bfloat16).eval()
-    inputs = dict(
-        hidden_states=torch.randn(2, 16, 64, 64, device="cuda", dtype=torch.bfloat16),
-        encoder_hidden_states=torch.randn(2, 333, 256, device="cuda", dtype=torch.bfloat16),
-        pooled_projections=torch.randn(2, 128, device="cuda", dtype=torch.bfloat16),
-        timestep=torch.tensor([500.0, 500.0], device="cuda"),
-    )
+    model, inputs = _sd3_model_and_inputs(num_layers=4, dual_attention_layers=(0, 1))
     with torch.no_grad():
         reference = model(**inputs).sample
         report = quantize_transformer(model, "scaled_mm")
@@ -75,24 +82,10 @@ def test_quantized_compiled_transformer_stays_close_and_never_falls_back_to_eage
 def test_fused_qkv_compiled_matches_unfused_with_real_fp8_gemms(per_channel):
     """engine/fp8/fused.py with cuBLAS's FP8 GEMMs (tensor-wise and row-wise) and compiled blocks: one
     [3N, K] GEMM per q/k/v triple computes what three [N, K] GEMMs do, up to BF16 rounding."""
-    from diffusers import SD3Transformer2DModel
-
     from engine.fp8 import compile_blocks, quantize_transformer, uncompile_blocks
     from engine.fp8.fused import fuse_qkv_projections
 
-    config = dict(
-        sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=64,
-        num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=256, pooled_projection_dim=128,
-        pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm",
-    )
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(**config).to("cuda", torch.bfloat16).eval()
-    inputs = dict(
-        hidden_states=torch.randn(2, 16, 64, 64, device="cuda", dtype=torch.bfloat16),
-        encoder_hidden_states=torch.randn(2, 333, 256, device="cuda", dtype=torch.bfloat16),
-        pooled_projections=torch.randn(2, 128, device="cuda", dtype=torch.bfloat16),
-        timestep=torch.tensor([500.0, 500.0], device="cuda"),
-    )
+    model, inputs = _sd3_model_and_inputs(num_layers=3, dual_attention_layers=(0,))
     with torch.no_grad():
         quantize_transformer(model, "scaled_mm", per_channel=per_channel)
         compile_blocks(model)

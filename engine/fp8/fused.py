@@ -47,7 +47,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from engine.errors import Fp8Error
-from engine.fp8.linear import E4M3_MAX, FP8_DTYPE, Fp8Linear, scaled_mm_linear
+from engine.fp8.linear import Fp8Linear, quantize_weight, scaled_mm_linear
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,6 @@ def fusion_problem(layers: Sequence[Any]) -> str:
     if len({layer.bias is None for layer in layers}) > 1:
         return "some have a bias and some do not"
     return ""
-
-
-def requantize(weight: torch.Tensor, scale: torch.Tensor, new_scale: torch.Tensor) -> torch.Tensor:
-    """E4M3 ``weight`` (real = ``weight * scale``) expressed with the per-tensor ``new_scale``."""
-    real = weight.to(torch.float32) * scale
-    return (real / new_scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
 
 
 class FusedQkv(nn.Module):
@@ -201,7 +195,8 @@ def _fused_weight(layers: Sequence[Fp8Linear]) -> tuple[torch.Tensor, torch.Tens
         if torch.equal(layer.weight_scale, common):
             chunks.append(layer.weight)
         else:
-            chunks.append(requantize(layer.weight, layer.weight_scale, common))
+            real = layer.dequantized_weight(torch.float32)
+            chunks.append(quantize_weight(real, per_channel=False, scale=common)[0])
             requantized += 1
     return torch.cat(chunks), common.clone(), requantized
 
