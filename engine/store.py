@@ -437,9 +437,11 @@ class BatchLedger:
                 message = str(exc).lower()
                 if "locked" not in message and "busy" not in message:
                     problem, unwritable = self._storage_problem(exc)
-                    # the disk's, not the request's: the web app waits for it (engine.storage)
-                    raise StoreError(problem, path=str(self.path), sqlite_error=getattr(exc, "sqlite_errorname", None),
-                                     code="ledger_unwritable" if unwritable else None) from exc
+                    sqlite_error = getattr(exc, "sqlite_errorname", None)
+                    if unwritable:  # the disk's, not the request's: the web app waits for it (engine.storage)
+                        raise StoreError(problem, path=str(self.path), sqlite_error=sqlite_error,
+                                         code="ledger_unwritable") from exc
+                    raise StoreError(problem, path=str(self.path), sqlite_error=sqlite_error) from exc
                 if time.monotonic() > deadline:
                     raise StoreError(
                         f"the ledger {self.path} stayed locked for {self.retry_for_s:.0f} s; another process "
