@@ -47,7 +47,8 @@ from engine.logs import log_context
 from engine.naming import fill_filename_pattern, pattern_values, safe_filename
 from engine.rows import Dispatcher, LocalDispatcher, RowExecutor
 from engine.sheets import Sheet, ValidationReport, derive_seed, title_above_header_hint, validate_rows
-from engine.storage import IMAGES_OF_ROOM, LEDGER_ROOM_BYTES, expected_image_bytes, probe_folder
+from engine.storage import (DEFAULT_IMAGE_BYTES, IMAGE_SIZE_SAMPLE, IMAGES_OF_ROOM, LEDGER_ROOM_BYTES,
+                            expected_image_bytes, finished_image_sizes, probe_folder, row_image_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -568,8 +569,10 @@ class BatchRunner:
                 },
             )
         # Always: rows already recorded are left as they are, and a start that died between the two writes
-        # gets its rows on resume.
-        self.ledger.add_rows(prepared.batch_id, prepared.rows)
+        # gets its rows on resume. Each row records the size of its image, for the storage probe.
+        self.ledger.add_rows(prepared.batch_id, [
+            {**row, "image_bytes": row_image_bytes(row.get("workflow"), row.get("values"))} for row in prepared.rows
+        ])
         return prepared.batch_id
 
     # -------------------------------------------------------------------- run
@@ -866,7 +869,7 @@ class BatchRunner:
         (or for the ledger's log beside the ledger), or a folder that refuses a test write. None when both
         look fine."""
         out_dir = self.output_dir(batch_id)
-        image_bytes = expected_image_bytes(self.ledger.rows(batch_id))
+        image_bytes = self._next_image_bytes(batch_id)
         ledger_folder = Path(os.path.abspath(self.ledger.path)).parent
         for folder, needed in ((out_dir, IMAGES_OF_ROOM * image_bytes), (ledger_folder, LEDGER_ROOM_BYTES)):
             problem = probe_folder(folder, needed)
@@ -888,6 +891,18 @@ class BatchRunner:
                 code="batch_storage_unwritable",
             )
         return None
+
+    def _next_image_bytes(self, batch_id: str) -> int:
+        """:func:`engine.storage.expected_image_bytes` of the batch, from its latest finished images and the
+        image sizes its rows recorded; its rows are read only where an older release recorded them."""
+        _, latest = self.ledger.latest_images(batch_id, IMAGE_SIZE_SAMPLE)
+        sizes = finished_image_sizes(latest)
+        if sizes:
+            return max(sizes)
+        pending = self.ledger.pending_image_bytes(batch_id)
+        if pending is None:
+            return expected_image_bytes(self.ledger.rows(batch_id))
+        return pending or DEFAULT_IMAGE_BYTES
 
     def abandoned_batches(self) -> list[str]:
         """Batches a process left unfinished when it died (still ``created`` or ``running`` in the ledger,

@@ -92,30 +92,44 @@ def probe_folder(folder: str | os.PathLike[str], needed_bytes: int) -> StoragePr
     return None
 
 
-def expected_image_bytes(rows: list[Any], sample: int = 20) -> int:
+IMAGE_SIZE_SAMPLE = 20  # the finished images of a batch whose sizes say how large its next one is
+
+
+def expected_image_bytes(rows: list[Any], sample: int = IMAGE_SIZE_SAMPLE) -> int:
     """How large the next image of a batch is likely to be: the largest of its latest finished images, else
-    what its largest pending row writes: width x height x 3 (an unencoded RGB image) and the text its PNG
-    carries (the workflow as ComfyUI's ``prompt`` chunk and a client's extras such as the UI workflow, which
-    ComfyUI's page sends at hundreds of KB, more than a small picture), else a 1024x1024 image."""
+    what its largest pending row writes (:func:`row_image_bytes`), else a 1024x1024 image."""
+    sizes = finished_image_sizes([r for r in rows if r.status == "done" and r.image_path][-sample:])
+    if sizes:
+        return max(sizes)
+    pending = [row_image_bytes(row.workflow, getattr(row, "row_values", None)) for row in rows if row.status != "done"]
+    return max(pending, default=0) or DEFAULT_IMAGE_BYTES
+
+
+def finished_image_sizes(rows: list[Any]) -> list[int]:
+    """The sizes of the image files of finished ``rows`` that are still there."""
     sizes = []
-    for row in [r for r in rows if r.status == "done" and r.image_path][-sample:]:
+    for row in rows:
         try:
             sizes.append(os.path.getsize(row.image_path))
         except OSError:
             continue
-    if sizes:
-        return max(sizes)
-    pending = [(max((w * h for w, h in _latent_sizes(row.workflow)), default=0), row) for row in rows
-               if row.status != "done"]
-    sized = [3 * pixels + _png_text_bytes(row) for pixels, row in pending if pixels]
-    return max(sized) if sized else DEFAULT_IMAGE_BYTES
+    return sizes
 
 
-def _png_text_bytes(row: Any) -> int:
+def row_image_bytes(workflow: Any, row_values: dict[str, Any] | None) -> int:
+    """What a row's image file will take, 0 where its workflow names no image size: width x height x 3 of
+    its largest empty latent (an unencoded RGB image) and the text its PNG carries (the workflow as ComfyUI's
+    ``prompt`` chunk and a client's extras such as the UI workflow, which ComfyUI's page sends at hundreds
+    of KB, more than a small picture). Known when the row is recorded: the ledger keeps it per row."""
+    pixels = max((w * h for w, h in _latent_sizes(workflow)), default=0)
+    return 3 * pixels + _png_text_bytes(workflow, row_values) if pixels else 0
+
+
+def _png_text_bytes(workflow: Any, row_values: dict[str, Any] | None) -> int:
     """The bytes of the text chunks a row's PNG will hold (as ``engine.nodes.image.png_bytes`` writes them:
     one JSON-encoded chunk per key, uncompressed as ComfyUI writes them)."""
-    extra = (getattr(row, "row_values", None) or {}).get("png_extra")
-    chunks = [row.workflow, *(extra.values() if isinstance(extra, dict) else ())]
+    extra = (row_values or {}).get("png_extra")
+    chunks = [workflow, *(extra.values() if isinstance(extra, dict) else ())]
     return sum(len(json.dumps(chunk).encode()) for chunk in chunks if chunk is not None)
 
 
@@ -162,14 +176,17 @@ class RetrySchedule:
 __all__ = [
     "DEFAULT_IMAGE_BYTES",
     "IMAGES_OF_ROOM",
+    "IMAGE_SIZE_SAMPLE",
     "LEDGER_ROOM_BYTES",
     "PROBE_CODES",
     "STORAGE_CODES",
     "RetrySchedule",
     "StorageProblem",
     "expected_image_bytes",
+    "finished_image_sizes",
     "free_bytes",
     "is_storage_problem",
     "probe_folder",
+    "row_image_bytes",
     "storage_folder",
 ]

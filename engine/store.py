@@ -98,6 +98,13 @@ _JSON_COLUMNS = ("row_values", "loras", "workflow", "images", "extra")
 # When a generation happened, as history sorts and filters it: finished, else queued. Written the same in
 # the index on it (migration 6) and in every query, so that SQLite uses the index.
 _WHEN = "coalesce(finished_at, queued_at)"
+# The full-text index of what history searches (migration 7), and the shortest text it can look up: it
+# indexes each three characters in a row, so a shorter text is searched by reading the rows themselves.
+_TEXT_INDEX = "generations_text"
+_TEXT_INDEX_MIN_CHARS = 3
+# A text in more generations than this is searched by reading the newest rows until a page is full (see
+# BatchLedger._in_many_rows): a word that common is usually found among the newest rows within a few pages.
+_TEXT_INDEX_MANY_ROWS = 5000
 
 # Each migration: (version, name, statements). Applied in order inside one write transaction each.
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
@@ -247,6 +254,48 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "CREATE INDEX idx_batches_inputs ON batches (sheet_hash, template_hash)",
         ),
     ),
+    (
+        7,
+        "text index for history search",
+        (
+            # History search finds a text anywhere inside the prompt, the negative prompt or the cells. LIKE
+            # has no index, so a text found nowhere read every generation (over a second after a year). A
+            # trigram index finds the rows holding each three-character piece of a text, case-insensitively;
+            # search still applies its LIKE to them, so results stay the same. External content: the text
+            # lives once, in generations, and the triggers keep the index in step. detail=none keeps only
+            # which rows hold a piece, not where (a fifth of the size): the LIKE does the rest.
+            f"CREATE VIRTUAL TABLE {_TEXT_INDEX} USING fts5(prompt, negative_prompt, row_values, "
+            "content='generations', content_rowid='id', tokenize='trigram', detail='none')",
+            f"INSERT INTO {_TEXT_INDEX} ({_TEXT_INDEX}) VALUES ('rebuild')",  # the rows an older release wrote
+            f"""CREATE TRIGGER generations_text_insert AFTER INSERT ON generations BEGIN
+                INSERT INTO {_TEXT_INDEX} (rowid, prompt, negative_prompt, row_values)
+                VALUES (new.id, new.prompt, new.negative_prompt, new.row_values);
+            END""",
+            f"""CREATE TRIGGER generations_text_delete AFTER DELETE ON generations BEGIN
+                INSERT INTO {_TEXT_INDEX} ({_TEXT_INDEX}, rowid, prompt, negative_prompt, row_values)
+                VALUES ('delete', old.id, old.prompt, old.negative_prompt, old.row_values);
+            END""",
+            f"""CREATE TRIGGER generations_text_update AFTER UPDATE OF prompt, negative_prompt, row_values
+                ON generations WHEN old.prompt IS NOT new.prompt OR old.negative_prompt IS NOT new.negative_prompt
+                    OR old.row_values IS NOT new.row_values BEGIN
+                INSERT INTO {_TEXT_INDEX} ({_TEXT_INDEX}, rowid, prompt, negative_prompt, row_values)
+                VALUES ('delete', old.id, old.prompt, old.negative_prompt, old.row_values);
+                INSERT INTO {_TEXT_INDEX} (rowid, prompt, negative_prompt, row_values)
+                VALUES (new.id, new.prompt, new.negative_prompt, new.row_values);
+            END""",
+        ),
+    ),
+    (
+        8,
+        "the image size each row expects",
+        (
+            # What a row's image file will take (engine.storage.row_image_bytes; 0: its workflow names no
+            # size), recorded with the row: the storage probe run before a batch's rows takes the largest of
+            # the rows left, instead of reading and encoding every row's workflow again (10,000 rows: a
+            # second). NULL: recorded by an older release, or its workflow changed since.
+            "ALTER TABLE generations ADD COLUMN image_bytes INTEGER",
+        ),
+    ),
 )
 
 
@@ -300,6 +349,7 @@ class Generation:
     user: str | None = None
     prompt_id: str | None = None
     extra: dict[str, Any] | None = None
+    image_bytes: int | None = None  # what its image is expected to take (engine.storage.row_image_bytes)
     id: int | None = None
 
     @classmethod
@@ -805,7 +855,8 @@ class BatchLedger:
 
         Each row: ``row_number`` (required), ``values`` (the original cells), ``seed`` (recorded now so a
         retry reproduces it), optional ``status`` (``queued``, or ``skipped`` with ``error`` for an invalid
-        row, and ``problems``, its RowProblems as dicts, kept in ``extra``), ``workflow``, ``prompt``.
+        row, and ``problems``, its RowProblems as dicts, kept in ``extra``), ``workflow``, ``prompt``,
+        ``image_bytes`` (what its image will take, see :meth:`pending_image_bytes`).
         Returns how many rows were new.
         """
         batch = self._require_batch(batch_id)
@@ -825,18 +876,18 @@ class BatchLedger:
                 batch["template_name"], batch["template_hash"],
                 None if row.get("workflow") is None else json.dumps(row["workflow"], ensure_ascii=False),
                 row.get("prompt"), status, row.get("error"), now, batch["user"],
-                now if status == "skipped" else None, extra,
+                now if status == "skipped" else None, extra, row.get("image_bytes"),
             ))
 
         def insert(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            conn.executemany(
+            # The rows inserted, not ignored: the cursor's count leaves out what triggers wrote (the text
+            # index), which the connection's total_changes would add
+            added = conn.executemany(
                 "INSERT OR IGNORE INTO generations (row_key, batch_id, row_number, row_values, seed, template_name, "
-                "template_hash, workflow, prompt, status, error, queued_at, user, finished_at, extra) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "template_hash, workflow, prompt, status, error, queued_at, user, finished_at, extra, image_bytes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 records,
-            )
-            added = conn.total_changes - before
+            ).rowcount
             _refresh_counts(conn, batch_id)
             return added
 
@@ -906,8 +957,10 @@ class BatchLedger:
 
         def update(conn: sqlite3.Connection) -> None:
             cursor = conn.execute(
-                "UPDATE generations SET workflow = coalesce(?, workflow), prompt_id = coalesce(?, prompt_id), "
-                "worker = coalesce(?, worker) WHERE row_key = ? AND status = 'running'",
+                # A new workflow may make another image: its recorded size is no longer known
+                "UPDATE generations SET workflow = coalesce(?1, workflow), prompt_id = coalesce(?2, prompt_id), "
+                "worker = coalesce(?3, worker), image_bytes = CASE WHEN ?1 IS NULL THEN image_bytes END "
+                "WHERE row_key = ?4 AND status = 'running'",
                 (None if workflow is None else json.dumps(workflow, ensure_ascii=False), prompt_id, worker, key),
             )
             if cursor.rowcount != 1:
@@ -1144,6 +1197,14 @@ class BatchLedger:
                           (batch_id, max(int(limit), 0)))
         return count, [Generation.from_row(r) for r in reversed(rows)]
 
+    def pending_image_bytes(self, batch_id: str) -> int | None:
+        """The largest image size recorded (``image_bytes`` of :meth:`add_rows`) among the batch's rows not
+        ``done``, 0 when none names one; None when one of them has none recorded (an older release wrote it),
+        so that only the rows themselves can say. Read without loading the rows."""
+        found = self._read("SELECT max(image_bytes) AS largest, count(*) - count(image_bytes) AS unknown "
+                           "FROM generations WHERE batch_id = ? AND status != 'done'", (batch_id,))[0]
+        return None if found["unknown"] else int(found["largest"] or 0)
+
     def pending_rows(self, batch_id: str) -> list[Generation]:
         """Rows not ``done`` (what a resume still has to deal with), in row order."""
         return self.rows(batch_id, [s for s in ROW_STATUSES if s != "done"])
@@ -1158,11 +1219,19 @@ class BatchLedger:
         limit: int = 50,
         offset: int = 0,
     ) -> list[Generation]:
-        """Generations whose prompt, negative prompt or row values contain ``text`` (case-insensitive),
-        filtered by batch, status and date (ISO dates or times, compared with the finished time, else the
-        queued time; ``date_to`` is inclusive of that whole day). Newest first."""
+        """Generations whose prompt, negative prompt or row values contain ``text`` (case-insensitive for
+        the letters A-Z, as SQL's LIKE), filtered by batch, status and date (ISO dates or times, compared
+        with the finished time, else the queued time; ``date_to`` is inclusive of that whole day). Newest first."""
         where: list[str] = []
         params: list[Any] = []
+        pieces = _text_index_query(text or "")
+        by_text_index = bool(pieces) and not batch_id and not self._in_many_rows(pieces)
+        if by_text_index:
+            # The rows holding every piece of the text, from the trigram index: a superset of those LIKE
+            # finds (the index folds the case of every letter and ignores where the pieces are); the LIKE
+            # below keeps the result what it always was.
+            where.append(f"id IN (SELECT rowid FROM {_TEXT_INDEX} WHERE {_TEXT_INDEX} MATCH ?)")
+            params.append(pieces)
         if text:
             pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             where.append("(prompt LIKE ? ESCAPE '\\' OR negative_prompt LIKE ? ESCAPE '\\' "
@@ -1188,12 +1257,38 @@ class BatchLedger:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         # One batch's rows are few: read them by batch, whatever else is asked. SQLite would otherwise walk
         # the time index of every generation to skip sorting them (seconds for a status or a day).
-        source = "generations INDEXED BY idx_generations_batch_status" if batch_id else "generations"
+        if batch_id:
+            source = "generations INDEXED BY idx_generations_batch_status"
+        elif by_text_index:
+            # Newest first along the time index, each row kept when its id is among the text index's: no
+            # sort, and no row read that lacks a piece of the text. Left to itself, SQLite fetches every matching
+            # row and sorts them all.
+            source = f"generations INDEXED BY {'idx_generations_status_when' if status else 'idx_generations_when'}"
+        else:
+            source = "generations"
         rows = self._read(
             f"SELECT * FROM {source} {clause} ORDER BY {when} DESC, row_key LIMIT ? OFFSET ?",
             [*params, int(limit), _sql_offset(offset)],
         )
         return [Generation.from_row(r) for r in rows]
+
+    def _in_many_rows(self, pieces: str) -> bool:
+        """Whether the text index finds ``pieces`` in more than :data:`_TEXT_INDEX_MANY_ROWS` generations,
+        counting no further. A text that common is found within the first few pages of newest rows by
+        reading them; handing each of its rows from the index would cost more than that."""
+        sql = (f"SELECT count(*) AS n FROM (SELECT rowid FROM {_TEXT_INDEX} WHERE {_TEXT_INDEX} MATCH ? "
+               "LIMIT ?)")
+        return self._read(sql, (pieces, _TEXT_INDEX_MANY_ROWS + 1))[0]["n"] > _TEXT_INDEX_MANY_ROWS
+
+
+def _text_index_query(text: str) -> str:
+    """The text index's query for the rows holding ``text``: each of its three-character pieces, quoted (the
+    text is never query syntax), all required; at most about 32 of them, spread over the text, which finds
+    the same rows or a few more (search's LIKE drops those). Empty for a text shorter than three characters,
+    which the index cannot look up."""
+    pieces = list(dict.fromkeys(text[i:i + 3] for i in range(len(text) - _TEXT_INDEX_MIN_CHARS + 1)))
+    pieces = pieces[::max(1, len(pieces) // 32)]
+    return " AND ".join('"' + piece.replace('"', '""') + '"' for piece in pieces)
 
 
 def _batch_dict(row: Mapping[str, Any]) -> dict[str, Any]:

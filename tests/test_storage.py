@@ -124,6 +124,27 @@ def test_the_size_of_a_pending_image_counts_the_workflow_its_png_carries():
     assert expected_image_bytes([carrying]) > 10 * 64 * 64 * 3
 
 
+def test_the_probe_before_a_run_reads_the_image_sizes_rows_recorded_not_every_row(make_services, tmp_path):
+    """The probe runs before every run and every wait for space: it read and encoded each row's workflow
+    (a second for 10,000 rows). Rows record their image size when added; the answer is the same."""
+    services = make_services()
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("product_name,width,height,second_size\n" + "".join(
+        f"Item {n},{64 + 16 * (n % 5)},64,{256 if n == 7 else 0}\n" for n in range(12)), encoding="utf-8")
+    batch_id = services.runner.start(services.runner.prepare("product_shot", read_sheet(sheet), batch_seed=5))
+    statements = []
+    services.ledger.conn.set_trace_callback(statements.append)
+    try:
+        assert services.runner.storage_problem(batch_id) is None
+    finally:
+        services.ledger.conn.set_trace_callback(None)
+    whole_rows = [sql for sql in statements if sql.lstrip().upper().startswith("SELECT *") and "LIMIT" not in sql]
+    assert whole_rows == []
+    rows = services.ledger.rows(batch_id)
+    assert services.ledger.pending_image_bytes(batch_id) == expected_image_bytes(rows) == 256 * 256 * 3 + len(
+        json.dumps(rows[7].workflow))
+
+
 # ------------------------------------------------------------------------------- the web app's resume
 
 

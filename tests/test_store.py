@@ -267,6 +267,44 @@ def test_a_batchs_history_is_read_through_that_batchs_rows(ledger, query):
     assert plans and all("idx_generations_batch_status (batch_id=?" in " ".join(plan) for plan in plans), plans
 
 
+@pytest.mark.parametrize("query", [{"text": "zebra"}, {"text": "zebra", "status": "done"},
+                                   {"text": "zebra", "date_from": "2025-03-01"}], ids=repr)
+def test_a_text_search_finds_its_rows_through_the_text_index(ledger, query):
+    """A text found nowhere read every generation of a year's ledger (LIKE has no index): over a second."""
+    new_batch(ledger, rows=3)
+    plans = query_plans(ledger, lambda: ledger.search(limit=201, **query))
+    assert plans and any(line.startswith("SCAN generations_text VIRTUAL TABLE") for plan in plans for line in plan), plans
+    assert not any(reads_every_generation(plan) for plan in plans), plans
+
+
+@pytest.mark.parametrize("many_rows", [5000, 1], ids=["rare texts", "common texts"])
+def test_text_search_through_the_index_finds_what_like_finds(ledger, monkeypatch, many_rows):
+    """The index narrows the rows; what matches is still LIKE's substring, A-Z in any case, wildcards literal,
+    and rows whose text changes (a finished row's prompt) are found by their new text only. A text in many
+    rows is found by reading the newest rows, with the same result."""
+    import engine.store
+
+    monkeypatch.setattr(engine.store, "_TEXT_INDEX_MANY_ROWS", many_rows)
+    batch_id = new_batch(ledger, rows=4)
+    long = "a studio photograph of a folded linen shirt on a wooden table, morning light, " * 3
+    texts = ['50% "Silk" scarf_blue', "红色夹克 Ärmel", "plain cotton shirt " + long, "ÄRMEL only"]
+    for text in texts:
+        row = ledger.claim_next(batch_id)
+        ledger.complete_row(row.row_key, {**RECORD, "prompt": text, "negative_prompt": "blurry"}, "/a.png", "a" * 64)
+    cases = {
+        "silk": [0], '"silk"': [0], "50% ": [0], "scarf_blue": [0], "scarf%blue": [], "BLUE": [0], "yellow": [],
+        "红色夹克": [1], "Ärmel": [1, 3], "ärmel": [], "COTTON SHIRT": [2], "item 3": [1], "a red item": [], "shirt cotton": [], long[5:200]: [2], long[5:200] + "!": [],
+    }
+    for text, expected in cases.items():
+        like = ledger.conn.execute(
+            "SELECT row_key FROM generations WHERE prompt LIKE ? OR negative_prompt LIKE ? OR row_values LIKE ?",
+            ["%" + text + "%"] * 3).fetchall()
+        found = {g.row_key for g in ledger.search(text)}
+        assert found == {f"{batch_id}:{2 + n}" for n in expected}, text
+        if "%" not in text and "_" not in text:
+            assert found == {key for (key,) in like}, text
+
+
 def test_rows_left_running_are_found_without_reading_every_generation(ledger):
     """At shutdown the app gives its claims back; after a year that read the whole table."""
     new_batch(ledger, rows=3)

@@ -31,14 +31,21 @@ def ledger_at_version(path: Path, version: int, monkeypatch) -> None:
         with BatchLedger(path) as old:
             assert old.schema_version() == version
             for batch_id, statuses in (("finished", ("done", "skipped")), ("killed", ("done", "running", "queued"))):
-                # create_batch and add_rows write the first schema's columns: the same in every release
+                # create_batch writes the first schema's columns: the same in every release. Rows are written
+                # as add_rows wrote them up to version 7 (version 8 added the image size it records).
                 old.create_batch("product_shot", "t" * 64, f"sheet of {batch_id}".ljust(64, "."), batch_seed=2**64 - 1,
                                  sheet_name=f"{batch_id}.csv", options={"columns": ["product"]}, user="alice",
                                  batch_id=batch_id)
-                old.add_rows(batch_id, [{"row_number": n, "values": {"product": f"旧 item {n}"}, "seed": n,
-                                         "prompt": f"old item {n}", "workflow": {"1": {"class_type": "X", "inputs": {}}},
-                                         **({"status": "skipped", "error": "bad width"} if status == "skipped" else {})}
-                                        for n, status in enumerate(statuses, start=2)])
+                old.conn.executemany(
+                    "INSERT INTO generations (row_key, batch_id, row_number, row_values, seed, template_name, "
+                    "template_hash, workflow, prompt, status, error, queued_at, user, finished_at) "
+                    "VALUES (?, ?, ?, ?, ?, 'product_shot', ?, ?, ?, ?, ?, ?, 'alice', ?)",
+                    [(f"{batch_id}:{n}", batch_id, n, json.dumps({"product": f"旧 item {n}"}, ensure_ascii=False),
+                      str(n), "t" * 64, json.dumps({"1": {"class_type": "X", "inputs": {}}}), f"old item {n}",
+                      "skipped" if status == "skipped" else "queued", "bad width" if status == "skipped" else None,
+                      "2024-05-01T10:00:00.000+00:00", "2024-05-01T10:00:00.000+00:00" if status == "skipped" else None)
+                     for n, status in enumerate(statuses, start=2)])
+                engine.store._refresh_counts(old.conn, batch_id)
                 for n, status in enumerate(statuses, start=2):
                     image = path.parent / "outputs" / batch_id / f"item_{n}.png"
                     if status == "done":
@@ -80,6 +87,7 @@ def test_a_ledger_of_an_older_release_is_upgraded_once_and_its_rows_are_read_and
                                                                     (("finished", 2), ("killed", 3))
                                                                     for n in range(2, 2 + rows)}
         assert [g.row_key for g in ledger.search(status="running")] == ["killed:3"]
+        assert ledger.pending_image_bytes("killed") is None  # no image size recorded: only the rows can say
         assert ledger.batch_summary("killed")["counts"]["running"] == 1
         assert ledger.abandoned_batch_ids() == ["killed"]
         assert [b["id"] for b in ledger.batches_with_rows_to_run()] == ["killed"]

@@ -562,7 +562,7 @@ def public_row(row: Any) -> dict[str, Any]:
     """A ledger generation as the API shows it: no rendered workflow, file paths replaced by a URL, the seed
     also as the exact ``seed_str`` and the row's whole-number values as ``row_values_str``."""
     data = row.to_dict() if hasattr(row, "to_dict") else dict(row)
-    hidden = {"workflow", "image_path", "images", "id"}
+    hidden = {"workflow", "image_path", "images", "id", "image_bytes"}
     out = _with_text({k: v for k, v in data.items() if k not in hidden}, "seed")
     out["row_values_str"] = whole_numbers_as_text(data.get("row_values"))
     if data.get("image_path"):
