@@ -126,6 +126,7 @@ ERROR_CODES: dict[str, tuple[str, ...]] = {
     "batch_waiting_for_storage": ("batch_id", "path", "free_bytes", "needed_bytes"),
     "batch_storage_unwritable": ("batch_id", "path"),
     "ledger_unwritable": ("path",),
+    "ledger_upgrade_failed": ("path", "version", "name", "detail", "sqlite_version", "needed"),
     "generation_not_found": ("row_key",),
     "generation_has_no_template": ("row_key",),
     "single_image_timeout": ("seconds",),

@@ -102,6 +102,8 @@ _WHEN = "coalesce(finished_at, queued_at)"
 # indexes each three characters in a row, so a shorter text is searched by reading the rows themselves.
 _TEXT_INDEX = "generations_text"
 _TEXT_INDEX_MIN_CHARS = 3
+# The oldest SQLite that builds every migration: FTS5's trigram tokenizer (migration 7) came with 3.34.
+_SQLITE_NEEDED = "3.34"
 # A text in more generations than this is searched by reading the newest rows until a page is full (see
 # BatchLedger._in_many_rows): a word that common is usually found among the newest rows within a few pages.
 _TEXT_INDEX_MANY_ROWS = 5000
@@ -562,8 +564,20 @@ class BatchLedger:
             for version, name, statements in MIGRATIONS:
                 if version in applied:
                     continue
-                for statement in statements:
-                    conn.execute(statement)
+                try:
+                    for statement in statements:
+                        conn.execute(statement)
+                except sqlite3.OperationalError as exc:
+                    # Rolled back whole: the ledger stays as the older release left it, every row in it. The
+                    # usual cause is an SQLite too old for what the migration builds (the text index of
+                    # migration 7 needs FTS5's trigram tokenizer, SQLite 3.34), so its version is named.
+                    raise StoreError(
+                        f"the ledger {self.path} could not be upgraded to schema version {version} ({name}): "
+                        f"{exc}. Nothing in it was changed. This Python's SQLite is {sqlite3.sqlite_version}; "
+                        f"the ledger needs SQLite {_SQLITE_NEEDED} or newer, built with FTS5",
+                        code="ledger_upgrade_failed", path=str(self.path), version=version, name=name,
+                        detail=str(exc), sqlite_version=sqlite3.sqlite_version, needed=_SQLITE_NEEDED,
+                    ) from exc
                 conn.execute("INSERT INTO migrations (version, name, applied_at) VALUES (?, ?, ?)",
                              (version, name, _now()))
             # A real write at every open: SQLite opens a file it may not write read-only without a word,

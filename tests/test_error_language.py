@@ -49,7 +49,8 @@ def _placeholders(template: str) -> set[str]:
 _NAMES = {"csv", "xlsx", "xlsm", "xls", "tsv", "txt", "excel", "utf", "gb18030", "gbk", "mib", "kib", "zip", "xml", "doctype",
           "png", "jpg", "jpeg", "webp", "json", "jinja", "workflow", "template", "sd35_demo_tiny", "nan", "vae", "gpu",
           "saveimage", "previewimage", "loadimage", "lora", "controlnet", "yyyy", "filename_pattern", "class_type",
-          "inputs", "api", "ods", "opendocument", "libreoffice", "openoffice", "calc", "apple", "numbers"}
+          "inputs", "api", "ods", "opendocument", "libreoffice", "openoffice", "calc", "apple", "numbers",
+          "python", "sqlite", "fts5"}
 
 
 def _english_words(text: str) -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 
 import engine.store
 from engine.archive import write_batch_zip
+from engine.errors import StoreError
 from engine.store import MIGRATIONS, BatchLedger
 
 OLD_VERSIONS = [version for version, _, _ in MIGRATIONS[:-1]]
@@ -136,3 +137,22 @@ def test_two_processes_opening_an_old_ledger_at_once_migrate_it_once(tmp_path, m
     seen = sorted(results.get(timeout=10) for _ in processes)
     assert seen == [("opened", MIGRATIONS[-1][0], 5)] * 3
     assert migrations_applied(path) == [v for v, _, _ in MIGRATIONS]
+
+
+def test_a_migration_sqlite_refuses_leaves_the_older_ledger_whole_and_says_which_sqlite_is_needed(
+        tmp_path, monkeypatch):
+    # The text index of migration 7 cannot be built (here: a table of that name is already there, as an SQLite
+    # without FTS5's trigram tokenizer would refuse it): the open is refused in words, and the ledger keeps
+    # its schema and its rows for the release that can upgrade it.
+    path = tmp_path / "ledger.db"
+    ledger_at_version(path, 6, monkeypatch)
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE generations_text (x)")
+    with pytest.raises(StoreError) as refused:
+        BatchLedger(path)
+    assert refused.value.code == "ledger_upgrade_failed"
+    assert refused.value.details["version"] == 7 and refused.value.details["sqlite_version"] == sqlite3.sqlite_version
+    assert "generations_text already exists" in str(refused.value) and "Nothing in it was changed" in str(refused.value)
+    assert migrations_applied(path) == [v for v, _, _ in MIGRATIONS if v <= 6]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM generations").fetchone()[0] == 5

@@ -634,6 +634,8 @@ ERRORS_ZH: dict[str, str] = {
     "已完成的行都已保留；修复后批次会自动继续",
     "ledger_unwritable": "无法写入记录库 {path}（磁盘已满，或此用户对该文件及其所在文件夹没有写入权限）。"
     "已完成的行和图片都已保留；释放空间或修复权限后继续",
+    "ledger_upgrade_failed": "记录库 {path} 无法升级到第 {version} 版结构（{name}）：{detail}。记录库未作任何改动。"
+    "此 Python 的 SQLite 版本为 {sqlite_version}，记录库需要 {needed} 或更新、且带 FTS5 的 SQLite",
     "generation_not_found": "记录中没有生成记录“{row_key}”",
     "generation_has_no_template": "生成记录“{row_key}”没有记录所用的模板，无法重新生成",
     "single_image_timeout": "图片在 {seconds} 秒内没有完成",
