@@ -46,11 +46,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.broker import BrokerUrl, broker_refusal, parse_broker_url, refused
+from engine.broker import BrokerUrl, check_channels, parse_broker_url, reach_broker, unreachable_errors
 from engine.jobs import CANCELLED, FAILED, MAX_ROW_ATTEMPTS, TIMED_OUT, RowJob, RowResult
 from engine.models.resolve import KIND_FOLDERS
 from engine.rows import RowExecutor
-from engine.errors import EngineError
+from engine.errors import BrokerError, EngineError
 from engine.nodes.context import ProgressEvent
 
 log = logging.getLogger(__name__)
@@ -419,46 +419,14 @@ class RowWorker:
 
 def _wait_for_broker(redis_client: Any, broker: BrokerUrl, *, retry_s: float = 2.0) -> None:
     """Return once Redis answers; until then say so every few tries (Celery waits for its broker too).
-    BrokerError at once when it refuses us (see :func:`broker_refusal`): waiting would not help, and a
-    supervisor must see the failure."""
+    BrokerError at once when it refuses us (see :func:`engine.broker.reach_broker`): waiting would not
+    help, and a supervisor must see the failure."""
     tries = 0
-    while True:
-        try:
-            redis_client.ping()
-            return
-        except Exception as exc:
-            reason = broker_refusal(exc)
-            if reason is not None:
-                raise refused(broker, reason) from None
-            if not isinstance(exc, _BROKER_ERRORS()):
-                raise
-            if tries % 15 == 0:
-                log.warning("waiting for the broker at %s: %s", broker, exc)
-            tries += 1
-            time.sleep(retry_s)
-
-
-# kombu's Redis transport carries Celery's remote control (the broadcasts that revoke rows and add a queue)
-# on this Pub/Sub channel, per database; a worker subscribes to it as a pattern.
-CONTROL_CHANNEL = "/{db}.celery.pidbox"
-
-
-def _check_control_channel(redis_client: Any, broker: BrokerUrl) -> None:
-    """BrokerError before any model is loaded when this ACL user may not subscribe to Celery's control
-    channel (Redis 7 gives new ACL users no channels unless ``&*``): Celery would stop the worker on it
-    right after it loaded its models, and a supervisor would restart it into the same loop."""
-    import redis
-
-    pubsub = redis_client.pubsub()
-    channel = CONTROL_CHANNEL.format(db=broker.db)
-    try:
-        pubsub.psubscribe(channel)
-        pubsub.get_message(timeout=5)
-    except redis.exceptions.NoPermissionError as exc:
-        raise refused(broker, f"this user may not use the channel {channel} that Celery's remote control "
-                              f"needs ({exc}); allow it channels, e.g. &* in its ACL rule") from None
-    finally:
-        pubsub.close()
+    while (unreachable := reach_broker(redis_client, broker)) is not None:
+        if tries % 15 == 0:
+            log.warning("waiting for the broker at %s: %s", broker, unreachable)
+        tries += 1
+        time.sleep(retry_s)
 
 
 class _NameClaim:
@@ -485,7 +453,7 @@ class _NameClaim:
     def _announce(self) -> None:
         try:
             self.redis.set(self.key, self.claim, px=self.ttl_ms)
-        except _BROKER_ERRORS() as exc:
+        except unreachable_errors() as exc:
             log.warning("could not announce %s while loading: %s", self.nodename, exc)
 
     def _loop(self) -> None:
@@ -569,7 +537,7 @@ def run_worker(
     # Before loading anything: a supervisor restarting a worker whose broker is down must not reload the
     # model in a loop, and a second worker under a live worker's name would make its rows look lost.
     _wait_for_broker(redis_client, broker_url)
-    _check_control_channel(redis_client, broker_url)
+    check_channels(redis_client, broker_url, "worker")
     name_claim = _NameClaim(redis_client, nodename, heartbeat_s)
     name_claim.take()
     # Announced from now on, holding nothing yet: a second worker under this name started while the models
@@ -730,18 +698,19 @@ class CeleryDispatcher:
 
     def _check_access(self) -> None:
         """BrokerError at start-up when Redis refuses us (a wrong password, a certificate that cannot be
-        verified): a batch would otherwise wait for ever, its log saying only that Redis is unreachable. An
-        unreachable Redis is no refusal: the coordinator starts, and batches wait for it."""
+        verified, the wrong scheme for the port, an ACL user without the channels Celery needs): a batch
+        would otherwise wait for ever, its log saying only that Redis is unreachable. An unreachable Redis
+        is no refusal: the coordinator starts, and batches wait for it."""
         try:
-            self.redis.ping()
-        except Exception as exc:
-            reason = broker_refusal(exc)
-            if reason is not None:
-                self.close()
-                raise refused(self.broker, reason) from None
-            if not isinstance(exc, _BROKER_ERRORS()):
-                raise
-            log.warning("the broker at %s is unreachable for now (%s); batches wait for it", self.broker, exc)
+            unreachable = reach_broker(self.redis, self.broker)
+            if unreachable is None:
+                check_channels(self.redis, self.broker, "coordinator")
+        except BrokerError:
+            self.close()
+            raise
+        if unreachable is not None:
+            log.warning("the broker at %s is unreachable for now (%s); batches wait for it", self.broker,
+                        unreachable)
 
     def workers(self) -> list[WorkerAnnouncement]:
         """The live workers and what they hold."""
@@ -755,7 +724,7 @@ class CeleryDispatcher:
         if time.monotonic() - read_at >= FLEET_CACHE_S:
             try:
                 fleet = live_workers(self.redis)
-            except _BROKER_ERRORS() as exc:
+            except unreachable_errors() as exc:
                 log.warning("could not read the workers' models from Redis: %s", exc)
                 fleet = []
             self._fleet = (time.monotonic(), fleet)
@@ -823,7 +792,7 @@ class CeleryDispatcher:
                     for row_key, result in self._check_vanished(flights, live):
                         self._settle(flights.pop(row_key))
                         yield result
-                except _BROKER_ERRORS() as exc:
+                except unreachable_errors() as exc:
                     outage.failed(exc)
                     if should_cancel is not None and should_cancel():
                         # Nothing can be revoked while Redis is away, and waiting for it would keep a
@@ -953,13 +922,13 @@ class CeleryDispatcher:
         """After an outage: if Redis came back as a new instance, what was queued there is gone."""
         try:
             current = self._redis_run_id()
-        except _BROKER_ERRORS():
+        except unreachable_errors():
             return run_id
         if run_id is not None and current != run_id:
             log.warning("Redis restarted or lost its data; sending %d row(s) again", len(flights))
             try:
                 self._resend_all(flights)
-            except _BROKER_ERRORS():
+            except unreachable_errors():
                 return run_id  # still flaky: try the whole reconciliation again next round
         return current
 
@@ -1152,15 +1121,6 @@ def _attempt_of(task_id: str) -> int:
     """The attempt number at the end of a task id ``<row_key>:<attempt>`` (0 when it has none)."""
     tail = task_id.rsplit(":", 1)[-1]
     return int(tail) if tail.isdigit() else 0
-
-
-def _BROKER_ERRORS() -> tuple[type[BaseException], ...]:
-    """Errors that mean "Redis is unreachable right now" (imported lazily with the clients)."""
-    import kombu.exceptions
-    import redis
-
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
-            ConnectionError, TimeoutError)
 
 
 __all__ = [
