@@ -625,27 +625,52 @@ class _Flight:
 
 
 class _OutageLog:
-    """Says that Redis is unreachable when it starts, then every ``every_s`` seconds, and when it ends: the
-    coordinator retries once a second, and a line per try would bury the rest of an outage's log."""
+    """Says that Redis is unreachable (or full) when it starts, then every ``every_s`` seconds, and when it
+    ends: the coordinator retries once a second, and a line per try would bury the rest of an outage's log."""
 
     def __init__(self, every_s: float = 30.0) -> None:
         self.every_s = every_s
         self.since: float | None = None
         self.said_at = 0.0
+        self.full = False  # the outage is Redis refusing writes for want of memory
 
     def failed(self, exc: BaseException) -> None:
         now = time.monotonic()
+        self.full = _redis_full(exc)
+        state = "full" if self.full else "unreachable"
         if self.since is None:
             self.since = self.said_at = now
-            log.warning("Redis unreachable (%s); retrying every second", exc)
+            advice = f"; {REDIS_FULL_ADVICE}" if self.full else ""
+            log.warning("Redis %s (%s); retrying every second%s", state, exc, advice)
         elif now - self.said_at >= self.every_s:
             self.said_at = now
-            log.warning("Redis still unreachable after %.0f s (%s); retrying", now - self.since, exc)
+            log.warning("Redis still %s after %.0f s (%s); retrying", state, now - self.since, exc)
 
     def ended(self) -> None:
         if self.since is not None:
-            log.warning("Redis reachable again after %.0f s", time.monotonic() - self.since)
+            log.warning("Redis %s again after %.0f s", "accepts writes" if self.full else "reachable",
+                        time.monotonic() - self.since)
             self.since = None
+
+
+# A Redis at its maxmemory with the noeviction policy (what a broker must have: an evicted queue or
+# result is a lost row) refuses every write with "OOM command not allowed". It passes once results are
+# collected or memory is added, so the coordinator waits, as for an outage, instead of stopping the batch.
+REDIS_FULL_ADVICE = ("it refuses writes at its maxmemory: give it more memory (maxmemory, or a larger plan) or "
+                     "free some; rows in flight are sent again once it accepts writes")
+
+
+def _redis_full(exc: BaseException) -> bool:
+    import redis
+
+    return isinstance(exc, redis.exceptions.OutOfMemoryError)
+
+
+def _waited_errors() -> tuple[type[BaseException], ...]:
+    """What the coordinator waits out: Redis unreachable, or full."""
+    import redis
+
+    return (*unreachable_errors(), redis.exceptions.OutOfMemoryError)
 
 
 class CeleryDispatcher:
@@ -757,6 +782,11 @@ class CeleryDispatcher:
             while waiting or flights:
                 try:
                     current_run_id = self._redis_run_id()
+                    if outage.since is not None and outage.full:
+                        # The workers' heartbeats and stored results were refused meanwhile: their rows
+                        # would look lost, and a result never stored would be waited for until its deadline.
+                        log.warning("sending %d row(s) again after Redis refused writes", len(flights))
+                        self._resend_all(flights)
                     outage.ended()
                     if run_id is not None and current_run_id != run_id:
                         log.warning("Redis restarted or lost its data; sending %d row(s) again", len(flights))
@@ -772,12 +802,11 @@ class CeleryDispatcher:
                             yield RowResult(waiting.popleft().row_key, CANCELLED, "cancelled before it started")
                         for row_key in [k for k, f in flights.items() if f.started_at is None]:
                             # Revoked and marked done: a worker that still takes its message skips it.
-                            self._settle(flights.pop(row_key))
+                            self._finish(flights, row_key)
                             yield RowResult(row_key, CANCELLED, "cancelled before it started")
                         if time.monotonic() - cancelled_at > self.cancel_grace_s:
                             for row_key in list(flights):
-                                flight = flights.pop(row_key)
-                                self._settle(flight)
+                                flight = self._finish(flights, row_key)
                                 yield RowResult(row_key, CANCELLED, "cancelled while on a worker",
                                                 worker=flight.worker or "?")
                             break
@@ -787,12 +816,12 @@ class CeleryDispatcher:
                     for row_key in list(flights):
                         result = self._poll(flights[row_key], live, on_event)
                         if result is not None:
-                            self._settle(flights.pop(row_key))
+                            self._finish(flights, row_key)
                             yield result
                     for row_key, result in self._check_vanished(flights, live):
-                        self._settle(flights.pop(row_key))
+                        self._finish(flights, row_key)
                         yield result
-                except unreachable_errors() as exc:
+                except _waited_errors() as exc:
                     outage.failed(exc)
                     if should_cancel is not None and should_cancel():
                         # Nothing can be revoked while Redis is away, and waiting for it would keep a
@@ -922,13 +951,13 @@ class CeleryDispatcher:
         """After an outage: if Redis came back as a new instance, what was queued there is gone."""
         try:
             current = self._redis_run_id()
-        except unreachable_errors():
+        except _waited_errors():
             return run_id
         if run_id is not None and current != run_id:
             log.warning("Redis restarted or lost its data; sending %d row(s) again", len(flights))
             try:
                 self._resend_all(flights)
-            except unreachable_errors():
+            except _waited_errors():
                 return run_id  # still flaky: try the whole reconciliation again next round
         return current
 
@@ -1094,6 +1123,13 @@ class CeleryDispatcher:
                 except (ValueError, KeyError, TypeError):
                     continue
         return found
+
+    def _finish(self, flights: dict[str, _Flight], row_key: str) -> _Flight:
+        """Settle a row, then stop following it. Settling writes to Redis: when that fails (Redis went away,
+        or is full) the row is still followed, and its result read again once Redis is back, instead of
+        being dropped with the result unyielded."""
+        self._settle(flights[row_key])
+        return flights.pop(row_key)
 
     def _settle(self, flight: _Flight) -> None:
         """The row has its result: stale copies of its task skip, and its stored results are freed."""
