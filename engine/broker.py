@@ -11,16 +11,19 @@ certificate unless it says otherwise.
 The URL carries the password, so it is never printed as given: :attr:`BrokerUrl.redacted` (also its
 ``str``) blanks it, for logs and messages.
 
-:func:`broker_refusal` tells a broker that refuses us (wrong password, a certificate that cannot be
-verified) from one that is unreachable for now: the first is said at
-start-up in one line, the second is waited for.
+:func:`reach_broker` is the first contact, the one place a PING's failure is judged: a broker that refuses us
+(wrong password, a certificate that cannot be verified, a URL whose scheme is not what the port speaks)
+is said at start-up in one line; one that is unreachable for now is waited for. :func:`check_channels`
+then makes sure the ACL user may use the Pub/Sub channels Celery needs in the role it runs in.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 import ssl
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from engine.errors import BrokerError
@@ -122,15 +125,45 @@ def parse_broker_url(text: str) -> BrokerUrl:
     return BrokerUrl(url, redact_broker_url(url), parts.hostname, port or 6379, int(db_text), tls)
 
 
-def broker_refusal(exc: BaseException) -> str | None:
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "Redis is unreachable right now" (imported lazily with the clients)."""
+    import kombu.exceptions
+    import redis
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
+            ConnectionError, TimeoutError)
+
+
+def reach_broker(client: Any, broker: BrokerUrl) -> BaseException | None:
+    """One PING through ``client``: None when Redis answers; the error when it is unreachable for now (down,
+    restarting, a network blink: worth waiting for). BrokerError when it refuses us or speaks the other
+    protocol than the URL's scheme says (see :func:`broker_refusal`): waiting would not help."""
+    try:
+        client.ping()
+        return None
+    except Exception as exc:
+        reason = broker_refusal(exc, broker)
+        if reason is not None:
+            raise refused(broker, reason) from None
+        if not isinstance(exc, unreachable_errors()):
+            raise
+        return exc
+
+
+def broker_refusal(exc: BaseException, broker: BrokerUrl) -> str | None:
     """Why the broker refuses us, when ``exc`` (from a first command) says it does; None when it is merely
-    unreachable (down, restarting, a network blink), which is worth waiting for."""
+    unreachable, which is worth waiting for."""
     import redis
 
     if isinstance(exc, redis.exceptions.AuthenticationError):
         return f"it refused the user name or password ({exc})"
     if isinstance(exc, redis.exceptions.ResponseError):  # e.g. an ACL user that may not PING
         return f"it refused the first command ({exc})"
+    # The wrong scheme for the port fails as an outage would: a TLS handshake that a plain Redis never
+    # answers (a timeout), or plain text that a TLS port drops (a reset). Ask the port which it speaks.
+    mismatch = scheme_mismatch(broker) if isinstance(exc, unreachable_errors()) else None
+    if mismatch is not None:
+        return mismatch
     cause = exc.__cause__ or exc.__context__
     if isinstance(cause, ssl.SSLCertVerificationError):
         return (f"its TLS certificate cannot be verified ({cause.verify_message}); name the CA that signed it with "
@@ -140,10 +173,94 @@ def broker_refusal(exc: BaseException) -> str | None:
     return None
 
 
+PROBE_TIMEOUT_S = 2.0
+
+
+def scheme_mismatch(broker: BrokerUrl, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """What to write instead when the server at the broker's host and port speaks the other protocol than
+    the URL's scheme; None when it speaks the URL's, or cannot be reached to tell. The probe sends no
+    credentials: a plain ``PING`` (rediss://), or a TLS handshake that checks nothing (redis://)."""
+    where = f"{broker.host}:{broker.port}"
+    if broker.tls and _answers_plain_redis(broker.host, broker.port, timeout_s):
+        return f"the server at {where} answered without TLS; use redis:// (or the port where it speaks TLS)"
+    if not broker.tls and _speaks_tls(broker.host, broker.port, timeout_s):
+        return f"the server at {where} speaks TLS; use rediss://"
+    return None
+
+
+def _answers_plain_redis(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host:port`` answers an unencrypted inline PING as Redis does (+PONG, or -NOAUTH ...)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(1)[:1] in (b"+", b"-")
+    except OSError:
+        return False
+
+
+def _speaks_tls(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host:port`` completes a TLS handshake, or refuses it with a TLS alert (a server that wants
+    a client certificate): either way it speaks TLS. Nothing is sent after the handshake."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only asking, sending no secrets
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return True
+    except ssl.SSLError as exc:
+        return "ALERT" in str(exc.reason or "").upper()
+    except OSError:
+        return False
+
+
+# Pub/Sub channels Celery uses. kombu's Redis transport carries Celery's remote control (the broadcasts that
+# revoke rows and add a queue) on the first, per database; a worker subscribes to it as a pattern. Celery's
+# Redis result backend announces each stored result on a channel named after its key.
+CONTROL_CHANNEL = "/{db}.celery.pidbox"
+RESULT_CHANNEL_PREFIX = "celery-task-meta-"
+# (what is asked for, the channel, the probe's channel name, why it is needed), by role
+_CHANNEL_NEEDS: dict[str, tuple[tuple[str, str, str, str], ...]] = {
+    "worker": (
+        ("psubscribe", CONTROL_CHANNEL, CONTROL_CHANNEL, "Celery's remote control needs"),
+        ("subscribe", CONTROL_CHANNEL, CONTROL_CHANNEL, "Celery's remote control needs"),
+        ("subscribe", RESULT_CHANNEL_PREFIX + "*", RESULT_CHANNEL_PREFIX + "sd35-access-check",
+         "Celery announces each row's result on"),
+    ),
+    "coordinator": (
+        ("subscribe", CONTROL_CHANNEL, CONTROL_CHANNEL, "Celery's remote control (revoking rows) needs"),
+        ("subscribe", RESULT_CHANNEL_PREFIX + "*", RESULT_CHANNEL_PREFIX + "sd35-access-check",
+         "Celery announces each row's result on"),
+    ),
+}
+
+
+def check_channels(client: Any, broker: BrokerUrl, role: str) -> None:
+    """BrokerError when this ACL user may not use a Pub/Sub channel Celery needs in ``role`` ("worker" or
+    "coordinator"). Redis 7 gives a new ACL user no channels unless ``&*``; without them a worker is
+    stopped by Celery once its models are loaded, or on its first result, and a coordinator cannot revoke
+    rows. Subscribing asks for the same permission as publishing, with no message sent."""
+    import redis
+
+    pubsub = client.pubsub()
+    try:
+        for how, channel, probe, needed_for in _CHANNEL_NEEDS[role]:
+            getattr(pubsub, how)(probe.format(db=broker.db))
+            try:
+                pubsub.get_message(timeout=5)
+            except redis.exceptions.NoPermissionError as exc:
+                control = CONTROL_CHANNEL.format(db=broker.db)
+                raise refused(broker, f"this user may not use the channel {channel.format(db=broker.db)} that "
+                                      f"{needed_for} ({exc}); allow it channels, e.g. &* in its ACL rule (at least "
+                                      f"&{control} &{RESULT_CHANNEL_PREFIX}*)") from None
+    finally:
+        pubsub.close()
+
+
 def refused(broker: BrokerUrl, reason: str) -> BrokerError:
     """The one-line start-up refusal naming the broker (password blanked)."""
     return BrokerError(f"the broker at {broker.redacted} cannot be used: {reason}", broker=broker.redacted,
                        setting="broker")
 
 
-__all__ = ["BrokerUrl", "broker_refusal", "parse_broker_url", "redact_broker_url", "refused"]
+__all__ = ["BrokerUrl", "broker_refusal", "check_channels", "parse_broker_url", "reach_broker", "redact_broker_url",
+           "refused", "scheme_mismatch", "unreachable_errors"]

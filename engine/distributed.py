@@ -46,11 +46,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.broker import BrokerUrl, broker_refusal, parse_broker_url, refused
+from engine.broker import BrokerUrl, check_channels, parse_broker_url, reach_broker, unreachable_errors
 from engine.jobs import CANCELLED, FAILED, MAX_ROW_ATTEMPTS, TIMED_OUT, RowJob, RowResult
 from engine.models.resolve import KIND_FOLDERS
 from engine.rows import RowExecutor
-from engine.errors import EngineError
+from engine.errors import BrokerError, EngineError
 from engine.nodes.context import ProgressEvent
 
 log = logging.getLogger(__name__)
@@ -419,46 +419,14 @@ class RowWorker:
 
 def _wait_for_broker(redis_client: Any, broker: BrokerUrl, *, retry_s: float = 2.0) -> None:
     """Return once Redis answers; until then say so every few tries (Celery waits for its broker too).
-    BrokerError at once when it refuses us (see :func:`broker_refusal`): waiting would not help, and a
-    supervisor must see the failure."""
+    BrokerError at once when it refuses us (see :func:`engine.broker.reach_broker`): waiting would not
+    help, and a supervisor must see the failure."""
     tries = 0
-    while True:
-        try:
-            redis_client.ping()
-            return
-        except Exception as exc:
-            reason = broker_refusal(exc)
-            if reason is not None:
-                raise refused(broker, reason) from None
-            if not isinstance(exc, _BROKER_ERRORS()):
-                raise
-            if tries % 15 == 0:
-                log.warning("waiting for the broker at %s: %s", broker, exc)
-            tries += 1
-            time.sleep(retry_s)
-
-
-# kombu's Redis transport carries Celery's remote control (the broadcasts that revoke rows and add a queue)
-# on this Pub/Sub channel, per database; a worker subscribes to it as a pattern.
-CONTROL_CHANNEL = "/{db}.celery.pidbox"
-
-
-def _check_control_channel(redis_client: Any, broker: BrokerUrl) -> None:
-    """BrokerError before any model is loaded when this ACL user may not subscribe to Celery's control
-    channel (Redis 7 gives new ACL users no channels unless ``&*``): Celery would stop the worker on it
-    right after it loaded its models, and a supervisor would restart it into the same loop."""
-    import redis
-
-    pubsub = redis_client.pubsub()
-    channel = CONTROL_CHANNEL.format(db=broker.db)
-    try:
-        pubsub.psubscribe(channel)
-        pubsub.get_message(timeout=5)
-    except redis.exceptions.NoPermissionError as exc:
-        raise refused(broker, f"this user may not use the channel {channel} that Celery's remote control "
-                              f"needs ({exc}); allow it channels, e.g. &* in its ACL rule") from None
-    finally:
-        pubsub.close()
+    while (unreachable := reach_broker(redis_client, broker)) is not None:
+        if tries % 15 == 0:
+            log.warning("waiting for the broker at %s: %s", broker, unreachable)
+        tries += 1
+        time.sleep(retry_s)
 
 
 class _NameClaim:
@@ -485,7 +453,7 @@ class _NameClaim:
     def _announce(self) -> None:
         try:
             self.redis.set(self.key, self.claim, px=self.ttl_ms)
-        except _BROKER_ERRORS() as exc:
+        except unreachable_errors() as exc:
             log.warning("could not announce %s while loading: %s", self.nodename, exc)
 
     def _loop(self) -> None:
@@ -569,7 +537,7 @@ def run_worker(
     # Before loading anything: a supervisor restarting a worker whose broker is down must not reload the
     # model in a loop, and a second worker under a live worker's name would make its rows look lost.
     _wait_for_broker(redis_client, broker_url)
-    _check_control_channel(redis_client, broker_url)
+    check_channels(redis_client, broker_url, "worker")
     name_claim = _NameClaim(redis_client, nodename, heartbeat_s)
     name_claim.take()
     # Announced from now on, holding nothing yet: a second worker under this name started while the models
@@ -657,27 +625,52 @@ class _Flight:
 
 
 class _OutageLog:
-    """Says that Redis is unreachable when it starts, then every ``every_s`` seconds, and when it ends: the
-    coordinator retries once a second, and a line per try would bury the rest of an outage's log."""
+    """Says that Redis is unreachable (or full) when it starts, then every ``every_s`` seconds, and when it
+    ends: the coordinator retries once a second, and a line per try would bury the rest of an outage's log."""
 
     def __init__(self, every_s: float = 30.0) -> None:
         self.every_s = every_s
         self.since: float | None = None
         self.said_at = 0.0
+        self.full = False  # the outage is Redis refusing writes for want of memory
 
     def failed(self, exc: BaseException) -> None:
         now = time.monotonic()
+        self.full = _redis_full(exc)
+        state = "full" if self.full else "unreachable"
         if self.since is None:
             self.since = self.said_at = now
-            log.warning("Redis unreachable (%s); retrying every second", exc)
+            advice = f"; {REDIS_FULL_ADVICE}" if self.full else ""
+            log.warning("Redis %s (%s); retrying every second%s", state, exc, advice)
         elif now - self.said_at >= self.every_s:
             self.said_at = now
-            log.warning("Redis still unreachable after %.0f s (%s); retrying", now - self.since, exc)
+            log.warning("Redis still %s after %.0f s (%s); retrying", state, now - self.since, exc)
 
     def ended(self) -> None:
         if self.since is not None:
-            log.warning("Redis reachable again after %.0f s", time.monotonic() - self.since)
+            log.warning("Redis %s again after %.0f s", "accepts writes" if self.full else "reachable",
+                        time.monotonic() - self.since)
             self.since = None
+
+
+# A Redis at its maxmemory with the noeviction policy (what a broker must have: an evicted queue or
+# result is a lost row) refuses every write with "OOM command not allowed". It passes once results are
+# collected or memory is added, so the coordinator waits, as for an outage, instead of stopping the batch.
+REDIS_FULL_ADVICE = ("it refuses writes at its maxmemory: give it more memory (maxmemory, or a larger plan) or "
+                     "free some; rows in flight are sent again once it accepts writes")
+
+
+def _redis_full(exc: BaseException) -> bool:
+    import redis
+
+    return isinstance(exc, redis.exceptions.OutOfMemoryError)
+
+
+def _waited_errors() -> tuple[type[BaseException], ...]:
+    """What the coordinator waits out: Redis unreachable, or full."""
+    import redis
+
+    return (*unreachable_errors(), redis.exceptions.OutOfMemoryError)
 
 
 class CeleryDispatcher:
@@ -730,18 +723,19 @@ class CeleryDispatcher:
 
     def _check_access(self) -> None:
         """BrokerError at start-up when Redis refuses us (a wrong password, a certificate that cannot be
-        verified): a batch would otherwise wait for ever, its log saying only that Redis is unreachable. An
-        unreachable Redis is no refusal: the coordinator starts, and batches wait for it."""
+        verified, the wrong scheme for the port, an ACL user without the channels Celery needs): a batch
+        would otherwise wait for ever, its log saying only that Redis is unreachable. An unreachable Redis
+        is no refusal: the coordinator starts, and batches wait for it."""
         try:
-            self.redis.ping()
-        except Exception as exc:
-            reason = broker_refusal(exc)
-            if reason is not None:
-                self.close()
-                raise refused(self.broker, reason) from None
-            if not isinstance(exc, _BROKER_ERRORS()):
-                raise
-            log.warning("the broker at %s is unreachable for now (%s); batches wait for it", self.broker, exc)
+            unreachable = reach_broker(self.redis, self.broker)
+            if unreachable is None:
+                check_channels(self.redis, self.broker, "coordinator")
+        except BrokerError:
+            self.close()
+            raise
+        if unreachable is not None:
+            log.warning("the broker at %s is unreachable for now (%s); batches wait for it", self.broker,
+                        unreachable)
 
     def workers(self) -> list[WorkerAnnouncement]:
         """The live workers and what they hold."""
@@ -755,7 +749,7 @@ class CeleryDispatcher:
         if time.monotonic() - read_at >= FLEET_CACHE_S:
             try:
                 fleet = live_workers(self.redis)
-            except _BROKER_ERRORS() as exc:
+            except unreachable_errors() as exc:
                 log.warning("could not read the workers' models from Redis: %s", exc)
                 fleet = []
             self._fleet = (time.monotonic(), fleet)
@@ -788,6 +782,11 @@ class CeleryDispatcher:
             while waiting or flights:
                 try:
                     current_run_id = self._redis_run_id()
+                    if outage.since is not None and outage.full:
+                        # The workers' heartbeats and stored results were refused meanwhile: their rows
+                        # would look lost, and a result never stored would be waited for until its deadline.
+                        log.warning("sending %d row(s) again after Redis refused writes", len(flights))
+                        self._resend_all(flights)
                     outage.ended()
                     if run_id is not None and current_run_id != run_id:
                         log.warning("Redis restarted or lost its data; sending %d row(s) again", len(flights))
@@ -803,12 +802,11 @@ class CeleryDispatcher:
                             yield RowResult(waiting.popleft().row_key, CANCELLED, "cancelled before it started")
                         for row_key in [k for k, f in flights.items() if f.started_at is None]:
                             # Revoked and marked done: a worker that still takes its message skips it.
-                            self._settle(flights.pop(row_key))
+                            self._finish(flights, row_key)
                             yield RowResult(row_key, CANCELLED, "cancelled before it started")
                         if time.monotonic() - cancelled_at > self.cancel_grace_s:
                             for row_key in list(flights):
-                                flight = flights.pop(row_key)
-                                self._settle(flight)
+                                flight = self._finish(flights, row_key)
                                 yield RowResult(row_key, CANCELLED, "cancelled while on a worker",
                                                 worker=flight.worker or "?")
                             break
@@ -818,12 +816,12 @@ class CeleryDispatcher:
                     for row_key in list(flights):
                         result = self._poll(flights[row_key], live, on_event)
                         if result is not None:
-                            self._settle(flights.pop(row_key))
+                            self._finish(flights, row_key)
                             yield result
                     for row_key, result in self._check_vanished(flights, live):
-                        self._settle(flights.pop(row_key))
+                        self._finish(flights, row_key)
                         yield result
-                except _BROKER_ERRORS() as exc:
+                except _waited_errors() as exc:
                     outage.failed(exc)
                     if should_cancel is not None and should_cancel():
                         # Nothing can be revoked while Redis is away, and waiting for it would keep a
@@ -953,13 +951,13 @@ class CeleryDispatcher:
         """After an outage: if Redis came back as a new instance, what was queued there is gone."""
         try:
             current = self._redis_run_id()
-        except _BROKER_ERRORS():
+        except _waited_errors():
             return run_id
         if run_id is not None and current != run_id:
             log.warning("Redis restarted or lost its data; sending %d row(s) again", len(flights))
             try:
                 self._resend_all(flights)
-            except _BROKER_ERRORS():
+            except _waited_errors():
                 return run_id  # still flaky: try the whole reconciliation again next round
         return current
 
@@ -1126,6 +1124,13 @@ class CeleryDispatcher:
                     continue
         return found
 
+    def _finish(self, flights: dict[str, _Flight], row_key: str) -> _Flight:
+        """Settle a row, then stop following it. Settling writes to Redis: when that fails (Redis went away,
+        or is full) the row is still followed, and its result read again once Redis is back, instead of
+        being dropped with the result unyielded."""
+        self._settle(flights[row_key])
+        return flights.pop(row_key)
+
     def _settle(self, flight: _Flight) -> None:
         """The row has its result: stale copies of its task skip, and its stored results are freed."""
         self.redis.set(ROW_KEY_PREFIX + flight.job.row_key, f"{ROW_DONE_MARK}:{flight.task_id}",
@@ -1152,15 +1157,6 @@ def _attempt_of(task_id: str) -> int:
     """The attempt number at the end of a task id ``<row_key>:<attempt>`` (0 when it has none)."""
     tail = task_id.rsplit(":", 1)[-1]
     return int(tail) if tail.isdigit() else 0
-
-
-def _BROKER_ERRORS() -> tuple[type[BaseException], ...]:
-    """Errors that mean "Redis is unreachable right now" (imported lazily with the clients)."""
-    import kombu.exceptions
-    import redis
-
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError,
-            ConnectionError, TimeoutError)
 
 
 __all__ = [

@@ -112,20 +112,23 @@ def _make_certificates(folder: Path) -> None:
 
 
 class ManagedRedis:
-    """redis-server set up as managed services are: TLS only, a password for the default user, CONFIG
+    """redis-server set up as managed services are: TLS, a password for the default user, CONFIG
     renamed away, and ACL users without the @dangerous commands (INFO, KEYS, FLUSHALL, CONFIG, ...):
     ``app`` (all keys and channels), ``nochannels`` (no Pub/Sub channels, Redis 7's default for a new
-    user) and ``sd35keys`` (only keys under sd35:)."""
+    user), ``controlonly`` (only the channel of Celery's remote control in database 2, not its results')
+    and ``sd35keys`` (only keys under sd35:). It also listens without TLS on ``plain_port``, as a server
+    offering both does (Redis Cloud, a self-hosted one moving to TLS): URLs with the wrong scheme for a port."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.port = folder, _free_port()
+        self.folder, self.port, self.plain_port = folder, _free_port(), _free_port()
         self.ca = folder / "ca.crt"
         _make_certificates(folder)
-        users = {"app": "~* &*", "nochannels": "~* resetchannels", "sd35keys": "~sd35:* &*"}
+        users = {"app": "~* &*", "nochannels": "~* resetchannels", "controlonly": "~* resetchannels &/2.celery.pidbox",
+                 "sd35keys": "~sd35:* &*"}
         acl = "".join(f"user {name} on >{APP_PASSWORD if name == 'app' else OTHER_PASSWORD} {rules} +@all -@dangerous\n"
                       for name, rules in users.items())
         (folder / "redis.conf").write_text(
-            f"port 0\ntls-port {self.port}\nbind 127.0.0.1\ntls-cert-file {folder}/server.crt\n"
+            f"port {self.plain_port}\ntls-port {self.port}\nbind 127.0.0.1\ntls-cert-file {folder}/server.crt\n"
             f"tls-key-file {folder}/server.key\ntls-ca-cert-file {self.ca}\ntls-auth-clients no\n"
             f"save \"\"\nappendonly no\ndir {folder}\nrequirepass {ADMIN_PASSWORD}\nrename-command CONFIG \"\"\n{acl}"
         )
@@ -248,6 +251,56 @@ def test_a_coordinator_the_broker_refuses_says_so_at_start_up_naming_the_host(ma
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("user, channel", [("nochannels", "/2.celery.pidbox"), ("controlonly", "celery-task-meta-*")])
+def test_a_coordinator_whose_acl_user_lacks_a_channel_celery_needs_is_refused_at_start_up(managed_redis, user, channel):
+    """Without the control channel its revokes (cancel, a lost row) failed as "Redis housekeeping failed";
+    without the results' channels Celery's result listener was refused in silence. It started either way."""
+    from engine.distributed import CeleryDispatcher
+
+    with pytest.raises(BrokerError) as refused:
+        CeleryDispatcher(managed_redis.url(user, OTHER_PASSWORD))
+    message = refused.value.message
+    assert f"may not use the channel {channel}" in message and "&*" in message and "\n" not in message
+    assert "&/2.celery.pidbox &celery-task-meta-*" in message and OTHER_PASSWORD not in message
+
+
+def _wrong_scheme_urls(server: ManagedRedis) -> list[tuple[str, str]]:
+    """(URL, what the refusal says): rediss:// at the port without TLS, redis:// at the TLS port."""
+    return [
+        (f"rediss://app:{APP_PASSWORD_IN_URL}@localhost:{server.plain_port}/2?ssl_ca_certs={server.ca}",
+         f"the server at localhost:{server.plain_port} answered without TLS; use redis://"),
+        (f"redis://app:{APP_PASSWORD_IN_URL}@localhost:{server.port}/2",
+         f"the server at localhost:{server.port} speaks TLS; use rediss://"),
+    ]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("which", [0, 1], ids=["rediss-at-a-plain-port", "redis-at-a-tls-port"])
+def test_a_coordinator_whose_url_has_the_wrong_scheme_for_the_port_is_told_which_to_use(managed_redis, which):
+    """It looked like an outage: "Timeout connecting to server" or "Connection reset by peer", retried."""
+    from engine.distributed import CeleryDispatcher
+
+    url, says = _wrong_scheme_urls(managed_redis)[which]
+    assert CeleryDispatcher(managed_redis.url()).close() is None  # the right URL is no refusal
+    with pytest.raises(BrokerError) as refused:
+        CeleryDispatcher(url)
+    assert says in refused.value.message and "\n" not in refused.value.message
+    assert APP_PASSWORD_IN_URL not in refused.value.message
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.parametrize("which", [0, 1], ids=["rediss-at-a-plain-port", "redis-at-a-tls-port"])
+def test_a_worker_whose_url_has_the_wrong_scheme_for_the_port_exits_saying_which_to_use(managed_redis, tmp_path, which):
+    """It waited for ever, saying every 30 s that it was waiting for the broker."""
+    url, says = _wrong_scheme_urls(managed_redis)[which]
+    refused = subprocess.run(_worker_command(tmp_path, url, "w"), cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and says in refused.stderr, (refused.stdout + refused.stderr)[-2000:]
+    assert "loading and warming up" not in refused.stderr and APP_PASSWORD_IN_URL not in refused.stderr
+
+
+@pytest.mark.redis
 def test_a_worker_with_a_wrong_password_exits_with_one_line_that_names_the_host_not_the_password(
         managed_redis, tmp_path):
     refused = subprocess.run(_worker_command(tmp_path, managed_redis.url(password="wrong-" + OTHER_PASSWORD), "w"),
@@ -278,6 +331,19 @@ def test_a_worker_whose_acl_user_has_no_channels_is_refused_before_it_loads_its_
                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "may not use the channel /2.celery.pidbox" in refused.stderr and "&*" in refused.stderr
+    assert "loading and warming up" not in refused.stderr and OTHER_PASSWORD not in refused.stderr
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_a_worker_whose_acl_user_has_only_the_control_channel_is_refused_before_it_loads_its_models(
+        managed_redis, tmp_path):
+    """Celery announces every stored result on a channel of its own; refused it, the worker started, then
+    died with a traceback on its first row (the result's SET is refused with it), every row in turn."""
+    refused = subprocess.run(_worker_command(tmp_path, managed_redis.url("controlonly", OTHER_PASSWORD), "w"),
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "may not use the channel celery-task-meta-*" in refused.stderr
     assert "loading and warming up" not in refused.stderr and OTHER_PASSWORD not in refused.stderr
 
 

@@ -388,6 +388,47 @@ def test_redis_losing_its_data_mid_batch_is_reconciled_without_counting_lost_wor
     assert sorted(services.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
 
 
+def test_a_redis_full_at_its_maxmemory_mid_batch_is_waited_for_and_no_row_is_lost(redis_server, workers, tmp_path,
+                                                                                 caplog):
+    """A Redis at its maxmemory (noeviction) refuses every write with "OOM command not allowed": the
+    coordinator stopped with that traceback, the batch half done. It waits now, saying why, and once
+    Redis accepts writes again every row finishes once, none charged an attempt for the heartbeats and
+    results Redis refused meanwhile (with one attempt allowed, such a charge fails the row)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    sheet = write_sheet(tmp_path / "rows.csv", 8)
+    services = coordinator(tmp_path, "full",
+                           Recording(celery_dispatcher(redis_server, max_attempts=1, max_in_flight=6)))
+    batch_id = start_batch(services, sheet, "bfull")
+    filled = threading.Event()
+
+    def room_again_once_the_coordinator_said_so() -> None:
+        deadline = time.monotonic() + 120  # a bound for a hang, not a measurement
+        while time.monotonic() < deadline and not any("Redis full" in r.getMessage() for r in caplog.records):
+            time.sleep(0.1)
+        client.config_set("maxmemory", 0)
+
+    def fill_redis_after_the_first_row(event) -> None:
+        if event.kind == "row_done" and not filled.is_set():
+            filled.set()
+            client.config_set("maxmemory", 1)  # below what it uses: every write is refused
+            threading.Thread(target=room_again_once_the_coordinator_said_so, daemon=True).start()
+
+    try:
+        with caplog.at_level("WARNING", logger="engine.distributed"):
+            summary = services.runner.run(batch_id, on_event=fill_redis_after_the_first_row)
+    finally:
+        client.config_set("maxmemory", 0)
+
+    assert filled.is_set()
+    said = [r.getMessage() for r in caplog.records if r.name == "engine.distributed"]
+    assert any("Redis full" in line and "maxmemory" in line for line in said), said
+    assert (summary.done, summary.failed) == (8, 0), [r.error for r in services.ledger.rows(batch_id)]
+    rows = assert_each_row_once(services, batch_id, 8)
+    assert sorted(services.runner.dispatcher.yielded) == sorted(r.row_key for r in rows)
+
+
 def test_cancel_then_resume_sends_only_the_rows_not_done(redis_server, workers, tmp_path):
     sheet = write_sheet(tmp_path / "rows.csv", 6)
     first = Recording(celery_dispatcher(redis_server, max_in_flight=2))
