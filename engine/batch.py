@@ -44,7 +44,7 @@ from engine.jobs import (
     plain_file_name,
 )
 from engine.logs import log_context
-from engine.naming import fill_filename_pattern, pattern_values, safe_filename
+from engine.naming import fill_filename_pattern, pattern_values, row_digits, safe_filename
 from engine.rows import Dispatcher, LocalDispatcher, RowExecutor
 from engine.sheets import Sheet, ValidationReport, derive_seed, title_above_header_hint, validate_rows
 from engine.storage import (DEFAULT_IMAGE_BYTES, IMAGE_SIZE_SAMPLE, IMAGES_OF_ROOM, LEDGER_ROOM_BYTES,
@@ -560,6 +560,9 @@ class BatchRunner:
                 user=prepared.user,
                 options={
                     "filename_pattern": template.filename_pattern,
+                    # {row} in file names is padded to this many digits; a batch recorded without it (made
+                    # before names were padded) keeps its unpadded names when it resumes
+                    "row_digits": row_digits(int(row["row_number"]) for row in prepared.rows),
                     "columns": list(prepared.sheet.columns),
                     # One ready workflow keeps its SaveImage names (ComfyUI's /prompt); several rows of one
                     # (a prompt file) would number their files alike: they are named by row instead.
@@ -987,10 +990,11 @@ class BatchRunner:
         if options.get("keep_workflow_names"):
             return None
         pattern = options.get("filename_pattern") or "row_{row}"
+        digits = int(options.get("row_digits") or 0)
         names = FileNames()
         for row in sorted(rows, key=lambda r: int(r.row_number)):
-            values = pattern_values(row.row_values, int(row.row_number), batch["id"], row.seed)
-            stem = Path(safe_filename(fill_filename_pattern(pattern, values) or f"row_{row.row_number}", set())).stem
+            values = pattern_values(row.row_values, int(row.row_number), batch["id"], row.seed, digits)
+            stem = Path(safe_filename(fill_filename_pattern(pattern, values) or f"row_{values['row']}", set())).stem
             outputs = max(1, _saving_nodes(row.workflow or {}))
             names.rows[int(row.row_number)] = [
                 names.claim(stem if index == 0 else f"{stem}_{index + 1}") for index in range(outputs)

@@ -26,8 +26,10 @@ from typing import Any
 
 from engine.errors import IdempotencyKeyInUse, IdempotencyKeyReused, RequestInvalid
 
-__all__ = ["IDEMPOTENCY_TTL_S", "IdempotencyKeys", "KeyedRequest", "check_idempotency_key", "request_fingerprint"]
+__all__ = ["IDEMPOTENCY_HEADER", "IDEMPOTENCY_TTL_S", "IdempotencyKeys", "KeyedRequest", "check_idempotency_key",
+           "request_fingerprint"]
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_TTL_S = 24 * 3600
 MAX_KEY_LENGTH = 255
 # How long a request another host answers may take before its claim on a key counts as abandoned (a
@@ -36,10 +38,13 @@ REMOTE_CLAIM_S = 15 * 60
 # What a client told "in use" is asked to wait (Retry-After) before it tries the key again: most requests
 # that make a batch are answered within seconds; one that waits for its image (/api/generate) asks again.
 IN_USE_RETRY_AFTER_S = 2
+# The HTTP status a kept answer is given again with: only answered requests are kept (a refused one keeps
+# nothing), and every route that takes a key answers 200.
+ANSWERED_STATUS = 200
 
 
-def check_idempotency_key(value: str, header: str = "Idempotency-Key") -> str:
-    """The key of an ``Idempotency-Key`` header: a structured-field string (``"8e03978e-..."``, as the
+def check_idempotency_key(value: str) -> str:
+    """The key of an :data:`IDEMPOTENCY_HEADER` header: a structured-field string (``"8e03978e-..."``, as the
     draft writes it) or the same text unquoted, 1 to :data:`MAX_KEY_LENGTH` printable ASCII characters.
     RequestInvalid (naming the header) otherwise."""
     text = value.strip()
@@ -53,8 +58,8 @@ def check_idempotency_key(value: str, header: str = "Idempotency-Key") -> str:
     elif not all(" " <= ch <= "~" for ch in text):
         why = "may hold only printable ASCII characters (a UUID is usual)"
     if why is not None:
-        raise RequestInvalid(f"the {header} header {why}",
-                             [{"field": header, "location": "header", "message": why}])
+        raise RequestInvalid(f"the {IDEMPOTENCY_HEADER} header {why}",
+                             [{"field": IDEMPOTENCY_HEADER, "location": "header", "message": why}])
     return text
 
 
@@ -111,9 +116,9 @@ class IdempotencyKeys:
             return KeyedRequest(user, key, found["batch_id"], self.claimant, found["status"], found["answer"])
         return KeyedRequest(user, key, found["batch_id"], self.claimant)
 
-    def finish(self, request: KeyedRequest, answer: Any, status: int = 200) -> None:
+    def finish(self, request: KeyedRequest, answer: Any) -> None:
         """Keep ``answer`` for the retries of ``request``."""
-        self.ledger.answer_idempotency_key(request.user, request.key, request.claimant, status, answer)
+        self.ledger.answer_idempotency_key(request.user, request.key, request.claimant, ANSWERED_STATUS, answer)
 
     def abandon(self, request: KeyedRequest) -> None:
         """``request`` was refused or failed: keep nothing for its retries (they run again)."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from engine.sheets import column_key
 
-__all__ = ["safe_filename", "fill_filename_pattern", "pattern_fields", "pattern_values", "PATTERN_BUILTINS"]
+__all__ = ["safe_filename", "fill_filename_pattern", "pattern_fields", "pattern_values", "row_digits",
+           "PATTERN_BUILTINS"]
 
 # Device names Windows refuses as a file name whatever the extension (``con.png`` is the console).
 _WINDOWS_RESERVED = frozenset(
@@ -89,8 +90,15 @@ def pattern_fields(pattern: str) -> list[str]:
     return _PATTERN_FIELD.findall(pattern)
 
 
+def row_digits(row_numbers: Iterable[int]) -> int:
+    """How many digits ``{row}`` is written with in a batch of ``row_numbers``: those of the largest, so
+    that a file browser and a zip list the files in row order (``row_00002`` ... ``row_10001``, not
+    ``row_10``, ``row_100``, ``row_1000``, ``row_2``)."""
+    return len(str(max(row_numbers, default=1)))
+
+
 def pattern_values(
-    row_values: Mapping[str, Any], row_number: int, batch_id: str, seed: int | None
+    row_values: Mapping[str, Any], row_number: int, batch_id: str, seed: int | None, digits: int = 0
 ) -> dict[str, Any]:
     """What a row's filename pattern is filled from: its cells plus ``row``, ``seed`` and ``batch_id``.
 
@@ -98,10 +106,12 @@ def pattern_values(
     and the batch zip), so both give a row the same name. Cell names are folded with
     :func:`engine.sheets.column_key` (as fields are matched to columns), so ``{productName}`` finds a
     ``ProductName`` cell. The built-in names win over cells of the same name; a row without a seed yet
-    fills ``{seed}`` with an empty string.
+    fills ``{seed}`` with an empty string. ``digits``: the width ``row`` is zero-padded to (the batch's
+    :func:`row_digits`); 0 leaves it unpadded, as batches recorded before names were padded keep it.
     """
     values: dict[str, Any] = {column_key(name): value for name, value in row_values.items()}
-    values.update(row=row_number, seed="" if seed is None else seed, batch_id=batch_id)
+    values.update(row=f"{row_number:0{digits}d}" if digits else row_number, seed="" if seed is None else seed,
+                  batch_id=batch_id)
     return values
 
 

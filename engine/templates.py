@@ -160,58 +160,68 @@ def _type_matches(kind: str, value: Any) -> bool:
     return True  # choice: checked against the choices
 
 
-def _parse_field(template: str, raw: Any) -> TemplateField:
+def _parse_field(template: str, raw: Any, position: int) -> TemplateField:
+    """The field ``raw``, the ``position``-th (from 1) of template.json's ``fields``."""
     if not isinstance(raw, dict):
-        raise TemplateError(f"template '{template}': each field must be an object", template=template)
+        raise TemplateError(f"template '{template}': field {position} must be an object", template=template,
+                            code="template_field_not_object", position=position)
     name = raw.get("name")
     if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name) or name in _RESERVED_NAMES:
         raise TemplateError(
             f"template '{template}': field name {name!r} must be letters, digits and _ (starting with a "
-            "letter) and not a Jinja name", template=template, field=str(name),
+            "letter) and not a Jinja name", template=template, field=str(name), code="template_field_name_invalid",
         )
-    unknown = set(raw) - {"name", "type", "default", "required", "choices", "min", "max", "description", "example"}
+    unknown = sorted(set(raw) - {"name", "type", "default", "required", "choices", "min", "max", "description",
+                                 "example"})
     if unknown:
-        raise TemplateError(f"template '{template}': field '{name}' has unknown keys: {', '.join(sorted(unknown))}",
-                            template=template, field=name)
+        raise TemplateError(f"template '{template}': field '{name}' has unknown keys: {', '.join(unknown)}",
+                            template=template, field=name, code="template_field_unknown_keys", keys=unknown)
     kind = raw.get("type")
     if kind not in FIELD_TYPES:
         raise TemplateError(
             f"template '{template}': field '{name}' has type {kind!r}; supported: {', '.join(FIELD_TYPES)}",
-            template=template, field=name,
+            template=template, field=name, code="template_field_type_unknown", type=str(kind),
+            supported=list(FIELD_TYPES),
         )
     choices = raw.get("choices") or ()
     if kind == "choice" and (not isinstance(choices, list) or not choices):
         raise TemplateError(f"template '{template}': choice field '{name}' needs a non-empty 'choices' list",
-                            template=template, field=name)
+                            template=template, field=name, code="template_field_choices_missing")
     if kind != "choice" and choices:
         raise TemplateError(f"template '{template}': field '{name}' has choices but type {kind!r}; make it a "
-                            "choice field or drop the choices", template=template, field=name)
+                            "choice field or drop the choices", template=template, field=name,
+                            code="template_field_choices_unexpected", type=kind)
     if kind == "choice":
         if not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
             raise TemplateError(f"template '{template}': choice field '{name}' choices must be text or numbers",
-                                template=template, field=name)
+                                template=template, field=name, code="template_field_choices_not_text")
         folded = [choice_key(c) for c in choices]
-        if len(set(folded)) != len(folded):  # a cell matches a choice ignoring case and by value: two would be one
-            raise TemplateError(f"template '{template}': choice field '{name}' lists a choice twice",
-                                template=template, field=name)
+        repeated = next((c for c, key in zip(choices, folded) if folded.count(key) > 1), None)
+        if repeated is not None:  # a cell matches a choice ignoring case and by value: two would be one
+            raise TemplateError(f"template '{template}': choice field '{name}' lists a choice twice: {repeated!r}",
+                                template=template, field=name, code="template_field_choice_repeated",
+                                choice=str(repeated))
     for bound in ("min", "max"):
         value = raw.get(bound)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TemplateError(f"template '{template}': field '{name}' {bound} must be a number",
-                                template=template, field=name)
+                                template=template, field=name, code="template_field_bound_not_number", bound=bound)
         if value is not None and kind not in _BOUNDED_TYPES[bound]:
             # Nothing would check it: the author would believe cells are bounded that are not
             raise TemplateError(
                 f"template '{template}': field '{name}' of type {kind!r} cannot have a {bound}; "
                 f"{bound} applies to {', '.join(_BOUNDED_TYPES[bound])} fields", template=template, field=name,
+                code="template_field_bound_not_allowed", type=kind, bound=bound,
             )
     if raw.get("min") is not None and raw.get("max") is not None and raw["min"] > raw["max"]:
         raise TemplateError(f"template '{template}': field '{name}' min {raw['min']} is above its max {raw['max']}",
-                            template=template, field=name)
+                            template=template, field=name, code="template_field_min_above_max",
+                            min=raw["min"], max=raw["max"])
     if not isinstance(raw.get("required", False), bool):
         # "false" (a string) is truthy: the field would silently become required
         raise TemplateError(f"template '{template}': field '{name}' required must be true or false, "
-                            f"not {raw['required']!r}", template=template, field=name)
+                            f"not {raw['required']!r}", template=template, field=name,
+                            code="template_field_required_not_boolean", value=str(raw["required"]))
     result = TemplateField(
         name=name, type=kind, default=raw.get("default"), required=raw.get("required", False),
         choices=tuple(choices), min=raw.get("min"), max=raw.get("max"),
@@ -223,12 +233,17 @@ def _parse_field(template: str, raw: Any) -> TemplateField:
             continue
         if not _type_matches(kind, value):
             raise TemplateError(f"template '{template}': field '{name}' {key} {value!r} is not a {kind}",
-                                template=template, field=name)
+                                template=template, field=name, code="template_field_value_wrong_type", key=key,
+                                value=str(value), type=kind)
         try:
             typed = coerce_cell(result, str(value) if kind != "bool" else ("true" if value else "false"))
         except ValueError as exc:
+            # What is wrong with the value is the cell check's own problem, said in the page's language
+            # from its code as a cell's would be (webapp.i18n.error_text)
+            problem = {"code": getattr(exc, "code", None), "reason": str(exc), "params": getattr(exc, "params", {})}
             raise TemplateError(f"template '{template}': field '{name}' {key}: {exc}",
-                                template=template, field=name) from exc
+                                template=template, field=name, code="template_field_value_refused", key=key,
+                                cell_problem=problem) from exc
         # Kept as a cell holding it would be read (the choice as listed, 512 for "512"; 1.0 for a float's
         # 1): a row that leaves the cell blank renders exactly as a row that types the default.
         result = TemplateField(**{**result.__dict__, key: typed})
@@ -240,7 +255,7 @@ def _parse_field(template: str, raw: Any) -> TemplateField:
             and kind not in ("seed", "checkpoint", "image")):
         raise TemplateError(
             f"template '{template}': optional field '{name}' needs a default (or mark it required)",
-            template=template, field=name,
+            template=template, field=name, code="template_field_default_missing",
         )
     return result
 
@@ -760,7 +775,7 @@ def _check_api_shape(name: str, data: Any) -> None:
                 or not isinstance(node.get("inputs", {}), dict):
             raise TemplateError(
                 f"template '{name}': node {node_id} must be an object with 'class_type' and 'inputs'",
-                template=name, code="template_not_api_format",
+                template=name, code="template_node_malformed", node=node_id,
             )
 
 
@@ -773,26 +788,32 @@ def _parse_translations(name: str, raw: Any, fields: tuple[TemplateField, ...]) 
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise TemplateError(f"template '{name}': translations must be an object of languages", template=name)
+        raise TemplateError(f"template '{name}': translations must be an object of languages", template=name,
+                            code="template_translations_not_object")
     declared = {f.name for f in fields}
     parsed: dict[str, TemplateWords] = {}
     for lang, words in raw.items():
         where = f"template '{name}': translations.{lang}"
         if not _LANGUAGE_TAG.fullmatch(lang):
             raise TemplateError(f"template '{name}': translations key {lang!r} is not a language tag such as "
-                                "'zh' or 'de'", template=name)
+                                "'zh' or 'de'", template=name, code="template_translation_language_invalid",
+                                language=lang)
         if not isinstance(words, dict) or set(words) - {"title", "description", "fields"}:
-            raise TemplateError(f"{where} must be an object of title, description and fields", template=name)
+            raise TemplateError(f"{where} must be an object of title, description and fields", template=name,
+                                code="template_translation_not_object", language=lang)
         described = words.get("fields") or {}
         if not isinstance(described, dict):
-            raise TemplateError(f"{where}.fields must be an object of field name -> description", template=name)
+            raise TemplateError(f"{where}.fields must be an object of field name -> description", template=name,
+                                code="template_translation_fields_not_object", language=lang)
         unknown = sorted(set(described) - declared)
         if unknown:
             raise TemplateError(f"{where}.fields names {', '.join(unknown)}, which is not a declared field",
-                                template=name, field=unknown[0])
+                                template=name, field=unknown[0], code="template_translation_field_unknown",
+                                language=lang, fields=unknown)
         texts = [words.get("title", ""), words.get("description", ""), *described.values()]
         if not all(isinstance(value, str) for value in texts):
-            raise TemplateError(f"{where}: every title and description must be text", template=name)
+            raise TemplateError(f"{where}: every title and description must be text", template=name,
+                                code="template_translation_not_text", language=lang)
         parsed[lang] = TemplateWords(words.get("title", ""), words.get("description", ""), dict(described))
     return parsed
 
@@ -841,16 +862,18 @@ def parse_template(
         )
     if folder is not None and folder.name != name:
         raise TemplateError(f"template folder '{folder.name}' holds a template named '{name}'; they must match",
-                            template=name)
+                            template=name, code="template_folder_mismatch", folder=folder.name)
     raw_fields = schema.get("fields")
     if not isinstance(raw_fields, list) or not raw_fields:
-        raise TemplateError(f"template '{name}': 'fields' must be a non-empty list", template=name)
-    fields = tuple(_parse_field(name, raw) for raw in raw_fields)
+        raise TemplateError(f"template '{name}': 'fields' must be a non-empty list", template=name,
+                            code="template_fields_missing")
+    fields = tuple(_parse_field(name, raw, position) for position, raw in enumerate(raw_fields, start=1))
     seen: set[str] = set()
     by_column: dict[str, str] = {}
     for f in fields:
         if f.name.casefold() in seen:
-            raise TemplateError(f"template '{name}': field '{f.name}' is declared twice", template=name, field=f.name)
+            raise TemplateError(f"template '{name}': field '{f.name}' is declared twice", template=name, field=f.name,
+                                code="template_field_declared_twice")
         seen.add(f.name.casefold())
         # Sheet columns match fields by column_key ("Product Name" is product_name): two fields with one key
         # would both read the same column
@@ -859,16 +882,17 @@ def parse_template(
             raise TemplateError(
                 f"template '{name}': fields '{other}' and '{f.name}' would read the same spreadsheet column "
                 "(columns match fields ignoring case, spaces and repeated '_'); rename one",
-                template=name, field=f.name,
+                template=name, field=f.name, code="template_fields_share_column", other=other,
             )
     pattern = schema.get("filename_pattern") or "row_{row}"
     if not isinstance(pattern, str):
-        raise TemplateError(f"template '{name}': filename_pattern must be a string", template=name)
+        raise TemplateError(f"template '{name}': filename_pattern must be a string", template=name,
+                            code="template_filename_pattern_not_text")
     stray = re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", "", pattern)
     if "{" in stray or "}" in stray:  # "{name:>10}", "{a.b}" or an unclosed brace would land in file names
         raise TemplateError(
             f"template '{name}': filename_pattern {pattern!r} may hold only plain {{field}} placeholders",
-            template=name,
+            template=name, code="template_filename_pattern_invalid", pattern=pattern,
         )
     for placeholder in pattern_fields(pattern):
         # Filled by engine.naming.pattern_values, which matches names case-insensitively.
@@ -876,11 +900,13 @@ def parse_template(
             raise TemplateError(
                 f"template '{name}': filename_pattern uses '{{{placeholder}}}', which is not a field "
                 f"(fields: {', '.join(f.name for f in fields)}; also: {', '.join(PATTERN_BUILTINS)})",
-                template=name, field=placeholder,
+                template=name, field=placeholder, code="template_filename_pattern_unknown",
+                available=[*(f.name for f in fields), *PATTERN_BUILTINS],
             )
     tags = schema.get("tags") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise TemplateError(f"template '{name}': tags must be a list of strings", template=name)
+        raise TemplateError(f"template '{name}': tags must be a list of strings", template=name,
+                            code="template_tags_invalid")
     translations = _parse_translations(name, schema.get("translations"), fields)
 
     environment = _TemplateEnvironment(limits)
@@ -892,13 +918,14 @@ def parse_template(
         raise TemplateError(f"template '{name}': Jinja syntax error at line {exc.lineno}: {exc.message}",
                             template=name, line=exc.lineno, code="template_jinja_syntax",
                             detail=exc.message or "") from exc
-    except SecurityError as exc:
-        raise TemplateError(f"template '{name}' refused: {exc}", template=name) from exc
+    except SecurityError as exc:  # a constant expression past the sandbox's limits, met as Jinja folds it
+        raise TemplateError(f"template '{name}' refused: {exc}", template=name, code="template_over_limits",
+                            detail=str(exc)) from exc
     for node in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
         # A template is one file: there is nothing to include, and the sandbox has no loader
         raise TemplateError(
             f"template '{name}': line {node.lineno}: include, import and extends are not supported; "
-            "write the workflow as one file", template=name, line=node.lineno,
+            "write the workflow as one file", template=name, line=node.lineno, code="template_include_unsupported",
         )
     for node in rewrite.unencoded_blocks:
         tag = "filter" if isinstance(node, nodes.FilterBlock) else "call"
@@ -906,12 +933,13 @@ def parse_template(
             f"template '{name}': line {node.lineno}: a {{% {tag} %}} block is not supported outside a macro: "
             "what it writes would land in the workflow without being JSON-encoded; apply the filter or call "
             "inside the expression instead ({{ prompt | upper }})", template=name, line=node.lineno,
+            code="template_block_unsupported", tag=tag,
         )
     for node in ast.find_all(nodes.Filter):
         if node.name == "tojson":  # every expression is JSON-encoded where it lands: this would encode twice
             raise TemplateError(
                 f"template '{name}': line {node.lineno}: drop '|tojson': every {{{{ ... }}}} is already written "
-                "as JSON", template=name, line=node.lineno,
+                "as JSON", template=name, line=node.lineno, code="template_tojson_redundant",
             )
     used = meta.find_undeclared_variables(ast)
     undeclared = used - {f.name for f in fields} - set(environment.globals)
@@ -984,7 +1012,8 @@ def load_template(
         workflow = (folder / WORKFLOW_FILE).read_bytes()
     except OSError as exc:
         raise TemplateError(f"template '{folder.name}': cannot read {exc.filename}: {exc.strerror}",
-                            template=folder.name) from exc
+                            template=folder.name, code="template_file_unreadable",
+                            file=Path(exc.filename or "").name) from exc
     return parse_template(schema, workflow, folder=folder, limits=limits, validate_workflow=validate_workflow)
 
 
@@ -1126,16 +1155,8 @@ class TemplateLibrary:
         for required in (TEMPLATE_FILE, WORKFLOW_FILE):
             if required not in by_name:
                 raise TemplateError(f"the upload lacks {required}", code="template_upload_lacks_file", file=required)
-        try:
-            template = parse_template(by_name[TEMPLATE_FILE], by_name[WORKFLOW_FILE], limits=self.limits,
-                                      validate_workflow=self.validate_workflow)
-        except TemplateError as exc:
-            if exc.code is not None:
-                raise
-            # The rarer refusals of a template's definition (a field's keys, the filename pattern, the
-            # translations): said whole, with the engine's specifics for the admin who writes the JSON.
-            raise TemplateError(exc.message, template=exc.template, field=exc.field, code="template_invalid",
-                                detail=exc.message) from exc
+        template = parse_template(by_name[TEMPLATE_FILE], by_name[WORKFLOW_FILE], limits=self.limits,
+                                  validate_workflow=self.validate_workflow)
         example = by_name.get(EXAMPLE_FILE)
         if example is not None and (not example.startswith(_PNG_SIGNATURE)
                                     or len(example) > self.limits.max_example_bytes):

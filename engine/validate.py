@@ -8,6 +8,7 @@ Validation never mutates the workflow; :func:`coerce_literal` gives the value th
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ __all__ = [
     "output_ancestors",
     "output_node_ids",
     "output_subgraph",
+    "prompt_as_comfyui_keeps_it",
     "runnable_outputs",
     "types_compatible",
     "validate_workflow",
@@ -284,14 +286,17 @@ def types_compatible(output_type: str, input_type: str) -> bool:
     return bool(set(output_type.split(",")) & set(input_type.split(",")))
 
 
-def coerce_literal(spec: "Input", value: Any, ctx: "NodeContext | None" = None, check_choices: bool = True) -> Any:
+def coerce_literal(
+    spec: "Input", value: Any, ctx: "NodeContext | None" = None, check_choices: bool = True,
+    check_range: bool = True,
+) -> Any:
     """The value ``spec`` accepts for literal ``value``, converted exactly; raises :class:`LiteralProblem`.
 
     INT takes ints, floats (truncated toward zero, as ComfyUI's int()) and integer strings (never through
     float, so 64-bit seeds stay exact);
     bools are not numbers. FLOAT takes finite numbers and numeric strings. STRING takes text and numbers
     (as ComfyUI does). BOOLEAN takes bools, 0/1 and "true"/"false". COMBO takes one of its choices.
-    Ranges (min/max) are checked after conversion.
+    Ranges (min/max) are checked after conversion, unless ``check_range`` is false.
     """
     kind = spec.type
     if kind == "INT":
@@ -336,7 +341,7 @@ def coerce_literal(spec: "Input", value: Any, ctx: "NodeContext | None" = None, 
             f"input '{spec.name}' takes a link to a {kind} output, got the literal {_short(value)}",
             expected_type=kind, link_only=True,
         )
-    if kind in ("INT", "FLOAT"):
+    if kind in ("INT", "FLOAT") and check_range:
         if spec.min is not None and result < spec.min:
             raise LiteralProblem(
                 "value_smaller_than_min", f"Value {result} smaller than min of {spec.min}: {spec.name}", min=spec.min
@@ -346,6 +351,53 @@ def coerce_literal(spec: "Input", value: Any, ctx: "NodeContext | None" = None, 
                 "value_bigger_than_max", f"Value {result} bigger than max of {spec.max}: {spec.name}", max=spec.max
             )
     return result
+
+
+def prompt_as_comfyui_keeps_it(
+    prompt: dict[str, Any], registry: "NodeRegistry", targets: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """An API-format ``prompt`` as ComfyUI keeps it for ``/queue`` and ``/history`` once validated.
+
+    ComfyUI's validation writes each INT, FLOAT and STRING literal it converts back into the prompt (a
+    seed sent as ``"123"`` is kept as ``123``, steps ``2.5`` as ``2``, cfg ``7`` as ``7.0``), and a client
+    reads those values back from the history. This gives that copy, with the values the engine runs with,
+    of the nodes ComfyUI checks: the output nodes (those among ``targets`` when given) and their
+    ancestors, links being what ComfyUI takes them for, lists. A literal that does not convert is kept as
+    sent. ``prompt`` itself is left as it is: the engine's validation never changes a workflow.
+    """
+    kept = copy.deepcopy(prompt)
+    wanted = None if targets is None else {str(t) for t in targets}
+
+    def node_class(node_id: str) -> "type[NodeType] | None":
+        node = kept.get(node_id)
+        if not isinstance(node, dict) or not isinstance(node.get("inputs"), dict):
+            return None
+        return registry.get(str(node.get("class_type", "")))
+
+    pending = [n for n in kept if (cls := node_class(n)) is not None and cls.output_node
+               and (wanted is None or n in wanted)]
+    checked: set[str] = set()
+    while pending:
+        node_id = pending.pop()
+        node_cls = node_class(node_id)
+        if node_id in checked or node_cls is None:
+            continue
+        checked.add(node_id)
+        inputs = kept[node_id]["inputs"]
+        for spec in node_cls.inputs:
+            if spec.name not in inputs:
+                continue
+            value = inputs[spec.name]
+            if isinstance(value, list):
+                if value:
+                    pending.append(str(value[0]))
+                continue
+            if spec.type in ("INT", "FLOAT", "STRING"):
+                try:
+                    inputs[spec.name] = coerce_literal(spec, value, check_choices=False, check_range=False)
+                except LiteralProblem:
+                    pass
+    return kept
 
 
 def _to_int(value: Any) -> int:

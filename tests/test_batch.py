@@ -868,3 +868,58 @@ def test_an_interrupted_batch_is_offered_for_resume_however_many_batches_came_af
     _other_batches(services, 201)  # recorded, no rows: nothing to resume in them
     assert [b["id"] for b in services.runner.unfinished_batches()] == [prepared.batch_id]
     assert services.queue.interrupted()[0]["id"] == prepared.batch_id
+
+
+def draft_sheet(path: Path, count: int) -> Path:
+    path.write_text("prompt,width,height,steps\n" + "".join(f"cat {n},64,64,1\n" for n in range(count)),
+                    encoding="utf-8")
+    return path
+
+
+def test_row_numbers_in_file_names_are_padded_so_files_list_in_row_order(services_factory, tmp_path):
+    """turbo_draft names files draft_{row}_{prompt}: over a batch of rows 2 to 12, row 10 came before row 2
+    in a file browser and in the zip. {row} now has the digits of the batch's largest row number."""
+    services = services_factory()
+    runner = services.runner
+    prepared = runner.prepare("turbo_draft", read_sheet(draft_sheet(tmp_path / "rows.csv", 11)))
+    runner.start(prepared)
+    assert runner.run(prepared.batch_id).done == 11
+    rows = sorted(services.ledger.rows(prepared.batch_id), key=lambda r: int(r.row_number))
+    on_disk = [Path(r.image_path).name for r in rows]
+    assert on_disk[0] == "draft_02_cat 0.png" and on_disk[-1] == "draft_12_cat 10.png"
+    assert on_disk == sorted(on_disk)
+
+    import zipfile
+
+    runner.write_zip(prepared.batch_id, tmp_path / "out.zip")
+    archive = zipfile.ZipFile(tmp_path / "out.zip")
+    assert [n.removeprefix("images/") for n in archive.namelist() if n.startswith("images/")] == on_disk
+    manifest = json.loads(archive.read("manifest.json"))
+    assert sorted(f for row in manifest["rows"] for f in row["files"]) == ["images/" + n for n in on_disk]
+
+
+def test_a_batch_recorded_before_names_were_padded_resumes_with_the_names_it_had(services_factory, tmp_path):
+    """A batch an earlier version started (no row_digits in its options) keeps unpadded names when it
+    resumes: its finished rows are neither renamed nor run again, and the rest are named alike."""
+    services = services_factory(max_gpu_batch=1)
+    runner = services.runner
+    prepared = runner.prepare("turbo_draft", read_sheet(draft_sheet(tmp_path / "rows.csv", 11)))
+    runner.start(prepared)
+    services.ledger.conn.execute("UPDATE batches SET options = json_remove(options, '$.row_digits') WHERE id = ?",
+                                 (prepared.batch_id,))
+    services.ledger.conn.commit()
+
+    def cancel_after_first(event):
+        if event.kind == "row_done":
+            runner.cancel(prepared.batch_id)
+
+    first = runner.run(prepared.batch_id, on_event=cancel_after_first)
+    assert 1 <= first.done < 11
+    finished = {r.row_key: (r.image_path, r.image_sha256)
+                for r in services.ledger.rows(prepared.batch_id) if r.status == "done"}
+    assert runner.run(prepared.batch_id).done == 11
+    rows = sorted(services.ledger.rows(prepared.batch_id), key=lambda r: int(r.row_number))
+    assert {r.row_key: (r.image_path, r.image_sha256) for r in rows if r.row_key in finished} == finished
+    assert [Path(r.image_path).name for r in rows][:2] == ["draft_2_cat 0.png", "draft_3_cat 1.png"]
+    assert Path(rows[-1].image_path).name == "draft_12_cat 10.png"
+    assert len({r.image_path for r in rows}) == 11 and all(Path(r.image_path).is_file() for r in rows)

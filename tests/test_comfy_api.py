@@ -715,3 +715,27 @@ def test_an_int_input_given_a_fraction_is_truncated_as_comfyui_does(server):
     prompt_id = answer.json()["prompt_id"]
     server.services.queue.wait(prompt_id, timeout=60)
     assert server.services.ledger.rows(prompt_id)[0].steps == 2
+
+
+def test_history_keeps_the_literals_as_comfyui_validation_converts_them(server):
+    """ComfyUI writes each INT, FLOAT and STRING literal it validates back into the prompt that /queue and
+    /history show: a client that sent its seed as text reads a number back, steps 2.5 reads 2, cfg 1 reads
+    1.0. So does a history read from the ledger (after a restart); a 64-bit seed stays exact."""
+    from webapp.comfy_api import ComfyBridge
+
+    prompt = example_prompt()
+    prompt["3"]["inputs"].update(seed="123", steps=2.5, cfg=1)
+    links = {name: prompt["3"]["inputs"][name] for name in ("model", "positive", "negative", "latent_image")}
+    prompt_id = run_prompt(server.http, prompt)
+    restarted = ComfyBridge(server.services)  # remembers no prompt: reads the ledger, as after a restart
+    server.services.queue.listeners.remove(restarted.on_batch_event)
+    for history in (server.http.get(f"/history/{prompt_id}").json(), {prompt_id: restarted.history_entry(prompt_id)}):
+        kept = history[prompt_id]["prompt"][2]["3"]["inputs"]
+        assert kept["seed"] == 123 and kept["steps"] == 2
+        assert kept["cfg"] == 1.0 and isinstance(kept["cfg"], float)
+        assert {name: kept[name] for name in links} == links  # links stay as sent
+
+    largest = example_prompt()
+    largest["3"]["inputs"]["seed"] = 2**64 - 1
+    prompt_id = run_prompt(server.http, largest)
+    assert server.http.get(f"/history/{prompt_id}").json()[prompt_id]["prompt"][2]["3"]["inputs"]["seed"] == 2**64 - 1

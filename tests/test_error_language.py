@@ -508,9 +508,37 @@ TEMPLATES_REFUSED = [
     (lambda f: f.update({"workflow.json.j2": f["workflow.json.j2"].replace(b'"sgm_uniform"', b'"sideways"')}),
      "template_example_invalid", "模板“my_draft”的示例工作流未通过检查\n• 节点 5（KSampler）的输入“scheduler”：“sideways”不在可选值中；可选："),
     (lambda f: f.update({"example.png": b"GIF89a"}), "template_example_not_png", "example.png 必须是 PNG 图片，且小于"),
-    (lambda f: f.update({"template.json": f["template.json"].replace(b'"min": 1,', b'"min": 100,')}), "template_invalid",
-     "模板定义有误，未保存："),
+    # A definition's mistakes, each with its own code, naming the field, key or node at fault
+    (lambda f: f.update({"template.json": f["template.json"].replace(b'"min": 1,', b'"min": 100,')}),
+     "template_field_min_above_max", "模板“my_draft”的字段“steps”的最小值 100 大于最大值 12"),
+    (lambda f: _change_schema(f, lambda s: s["fields"][3].update({"defualt": 512})),
+     "template_field_unknown_keys", "模板“my_draft”的字段“width”有未知的键：“defualt”"),
+    (lambda f: _change_schema(f, lambda s: s["fields"][3].update({"default": 4096})),
+     "template_field_value_refused", "模板“my_draft”的字段“width”的“default”值不符合该字段自己的要求：4096 大于最大值 2048"),
+    (lambda f: _change_schema(f, lambda s: s["fields"][5].update({"required": "false"})),
+     "template_field_required_not_boolean",
+     "模板“my_draft”的字段“steps”的“required”必须是“true”或“false”（不加引号），不能是“false”"),
+    (lambda f: _change_schema(f, lambda s: s["fields"].append("steps")),
+     "template_field_not_object", "模板“my_draft”的“fields”中第 7 项必须是 JSON 对象"),
+    (lambda f: _change_schema(f, lambda s: s.update({"filename_pattern": "draft_{row}_{produkt}"})),
+     "template_filename_pattern_unknown",
+     "模板“my_draft”的 filename_pattern 用到了“produkt”，它不是字段；可用：prompt, seed, checkpoint, width"),
+    (lambda f: _change_schema(f, lambda s: s["translations"]["zh"]["fields"].update({"stpes": "步数"})),
+     "template_translation_field_unknown",
+     "模板“my_draft”的“translations”中“zh”的“fields”写了“stpes”，但 template.json 没有声明这些字段"),
+    (lambda f: f.update({"workflow.json.j2": f["workflow.json.j2"].replace(b"{{ prompt }}", b"{{ prompt | tojson }}")}),
+     "template_tojson_redundant", "模板“my_draft”的 workflow.json.j2 第 3 行：请删除“|tojson”"),
+    (lambda f: f.update({"workflow.json.j2": f["workflow.json.j2"].replace(b'"3": {"class_type"', b'"3": {"class"')}),
+     "template_node_malformed", "模板“my_draft”渲染出的节点“3”必须是含有“class_type”和“inputs”的对象"),
 ]
+
+
+def _change_schema(files: dict[str, bytes], change) -> None:
+    import json
+
+    schema = json.loads(files["template.json"])
+    change(schema)
+    files["template.json"] = json.dumps(schema).encode()
 
 
 @pytest.mark.parametrize("change, code, chinese", TEMPLATES_REFUSED, ids=[case[1] for case in TEMPLATES_REFUSED])
@@ -521,8 +549,24 @@ def test_a_template_an_admin_saves_is_refused_in_chinese(services, change, code,
     assert exc.code == code
     said = handlers.error_message(exc, "zh")
     assert said.startswith(chinese), said
-    if code not in ("template_jinja_syntax", "template_invalid"):  # these add the engine's specifics
+    if code != "template_jinja_syntax":  # Jinja's own words of what it could not parse
         assert not _english_words(said), said
+
+
+def test_every_refusal_of_a_template_definition_has_its_own_code():
+    """Whatever parse_template refuses is said in the page's language from a code given where it is raised,
+    never a catch-all added later that loses which field or node is at fault."""
+    source = (ROOT / "engine" / "templates.py").read_text(encoding="utf-8")
+    checked = {"parse_template", "_parse_field", "_parse_translations", "_check_api_shape", "load_template", "add"}
+    uncoded = []
+    for function in ast.walk(ast.parse(source)):
+        if not isinstance(function, ast.FunctionDef) or function.name not in checked:
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "TemplateError" \
+                    and not any(k.arg == "code" for k in node.keywords):
+                uncoded.append(f"{function.name} line {node.lineno}")
+    assert not uncoded, f"TemplateError without a code: {uncoded}"
 
 
 # -------------------------------------------------------------------------- history, progress, system

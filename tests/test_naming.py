@@ -4,6 +4,7 @@ from engine.naming import (
     fill_filename_pattern,
     pattern_fields,
     pattern_values,
+    row_digits,
     safe_filename,
 )
 
@@ -98,3 +99,10 @@ def test_pattern_values_are_the_cells_plus_row_seed_and_batch_id():
 def test_a_field_name_column_key_folds_still_fills_its_placeholder():
     values = pattern_values({"product__name": "Jacket", "Brand Color": "red"}, 1, "b", 5)
     assert fill_filename_pattern("{product__name}_{brand_color}_{row}", values) == "Jacket_red_1"
+
+
+def test_row_is_padded_to_the_digits_of_the_batchs_largest_row_number():
+    assert row_digits(range(2, 10_002)) == 5 and row_digits([2, 3]) == 1
+    assert pattern_values({}, 2, "b", 1, digits=5)["row"] == "00002"
+    assert pattern_values({}, 10_001, "b", 1, digits=5)["row"] == "10001"
+    assert pattern_values({}, 2, "b", 1)["row"] == 2  # a batch recorded before padding keeps its names

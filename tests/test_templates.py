@@ -307,23 +307,36 @@ def test_template_that_cannot_render_its_examples_is_refused():
         simple(PROMPT, '[{{ prompt }}]')
 
 
-@pytest.mark.parametrize("field, message", [
-    ({"name": "x", "type": "colour"}, "supported: string"),
-    ({"name": "range", "type": "string"}, "Jinja name"),
-    ({"name": "x", "type": "choice"}, "choices"),
-    ({"name": "x", "type": "int"}, "needs a default"),
-    ({"name": "x", "type": "int", "default": "ten"}, "not a int"),
-    ({"name": "x", "type": "choice", "choices": ["a"], "default": "b"}, "not one of"),
-    ({"name": "x", "type": "int", "default": 5, "max": 3}, "above the maximum"),
-    ({"name": "x", "type": "int", "required": True, "min": 10, "max": 1}, "min 10 is above its max 1"),
-    ({"name": "x", "type": "string", "required": "false"}, "required must be true or false"),
-    ({"name": "x", "type": "string", "default": "a", "choices": ["b"]}, "has choices but type 'string'"),
-    ({"name": "x", "type": "choice", "choices": ["a", "A"], "default": "a"}, "lists a choice twice"),
-    ({"name": "x", "type": "choice", "choices": ["a", None], "default": "a"}, "text or numbers"),
+@pytest.mark.parametrize("field, message, code", [
+    ({"name": "x", "type": "colour"}, "supported: string", "template_field_type_unknown"),
+    ({"name": "range", "type": "string"}, "Jinja name", "template_field_name_invalid"),
+    ({"name": "x", "type": "choice"}, "choices", "template_field_choices_missing"),
+    ({"name": "x", "type": "int"}, "needs a default", "template_field_default_missing"),
+    ({"name": "x", "type": "int", "default": "ten"}, "not a int", "template_field_value_wrong_type"),
+    ({"name": "x", "type": "choice", "choices": ["a"], "default": "b"}, "not one of", "template_field_value_refused"),
+    ({"name": "x", "type": "int", "default": 5, "max": 3}, "above the maximum", "template_field_value_refused"),
+    ({"name": "x", "type": "int", "required": True, "min": 10, "max": 1}, "min 10 is above its max 1",
+     "template_field_min_above_max"),
+    ({"name": "x", "type": "string", "required": "false"}, "required must be true or false",
+     "template_field_required_not_boolean"),
+    ({"name": "x", "type": "string", "default": "a", "choices": ["b"]}, "has choices but type 'string'",
+     "template_field_choices_unexpected"),
+    ({"name": "x", "type": "choice", "choices": ["a", "A"], "default": "a"}, "lists a choice twice: 'a'",
+     "template_field_choice_repeated"),
+    ({"name": "x", "type": "choice", "choices": ["a", None], "default": "a"}, "text or numbers",
+     "template_field_choices_not_text"),
+    ({"name": "x", "type": "int", "default": 1, "mini": 0}, "unknown keys: mini", "template_field_unknown_keys"),
+    ({"name": "x", "type": "bool", "max": 1}, "cannot have a max", "template_field_bound_not_allowed"),
+    ({"name": "x", "type": "int", "default": 1, "min": "0"}, "min must be a number", "template_field_bound_not_number"),
+    ("x", "field 2 must be an object", "template_field_not_object"),
 ])
-def test_bad_schemas_are_refused(field, message):
-    with pytest.raises(TemplateError, match=message):
+def test_bad_schemas_are_refused(field, message, code):
+    """Each refusal names the field at fault and has its own code, for the page to say it in Chinese."""
+    with pytest.raises(TemplateError, match=message) as refused:
         simple(PROMPT + [field], '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}}}}')
+    assert refused.value.code == code
+    if isinstance(field, dict) and code != "template_field_name_invalid":
+        assert refused.value.field == "x"
 
 
 @pytest.mark.parametrize("pattern", ["{prompt:>10}_{row}", "{prompt.__class__}", "{prompt", "row}"])

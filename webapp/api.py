@@ -54,7 +54,7 @@ from engine.errors import (
     TemplateError,
     WorkflowInvalid,
 )
-from engine.idempotency import IDEMPOTENCY_TTL_S, check_idempotency_key, request_fingerprint
+from engine.idempotency import IDEMPOTENCY_HEADER, IDEMPOTENCY_TTL_S, check_idempotency_key, request_fingerprint
 from engine.sheets import Sheet, read_sheet, sheet_from_records
 from engine.store import check_batch_id
 from engine.templates import TEMPLATE_FILE, WORKFLOW_FILE
@@ -81,7 +81,6 @@ STATUS_BY_ERROR: dict[type[EngineError], int] = {
     StoreError: 500,
 }
 ON_INVALID = ("skip", "stop")
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 IDEMPOTENCY_HELP = (
     "Optional: a key of yours for this request (a UUID is usual; at most 255 printable ASCII characters), so "

@@ -49,6 +49,7 @@ from engine.errors import (
 from engine.execute import full_type_name
 from engine.logs import log_context
 from engine.store import check_batch_id, row_key
+from engine.validate import prompt_as_comfyui_keeps_it
 from webapp import handlers
 from webapp.files import file_response, resolve_inside
 from webapp.guard import ApiGuard, fastapi_dependency
@@ -195,7 +196,9 @@ class ComfyBridge:
                 self.prompts[prompt_id] = {
                     "number": number,
                     "client_id": client_id,
-                    "prompt": prompt,
+                    # with its literals as ComfyUI's validation writes them back ("123" -> 123): /queue and
+                    # /history show it so
+                    "prompt": prompt_as_comfyui_keeps_it(prompt, self.services.engine.registry, targets),
                     "extra_data": extra_data,
                     "outputs": self._output_nodes(runnable.to_api()),
                 }
@@ -263,7 +266,7 @@ class ComfyBridge:
             "prompt": [
                 meta.get("number", 0),
                 prompt_id,
-                meta.get("prompt", workflow),
+                meta.get("prompt") or prompt_as_comfyui_keeps_it(workflow, self.services.engine.registry),
                 meta.get("extra_data", {}),
                 meta.get("outputs") or self._output_nodes(workflow),
             ],

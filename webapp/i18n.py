@@ -609,7 +609,41 @@ ERRORS_ZH: dict[str, str] = {
     "以及可选的 example.png 组成",
     "template_upload_lacks_file": "上传的文件中缺少 {file}",
     "template_example_not_png": "example.png 必须是 PNG 图片，且小于 {limit_kib} KiB",
-    "template_invalid": "模板定义有误，未保存：{detail}",
+    "template_field_not_object": "模板“{template}”的“fields”中第 {position} 项必须是 JSON 对象（写出“name”“type”等键）",
+    "template_field_name_invalid": "模板“{template}”的字段名“{field}”无效：只能由字母、数字和“_”组成，以字母开头，且不能是 Jinja 的保留名称",
+    "template_field_unknown_keys": "模板“{template}”的字段“{field}”有未知的键：“{keys}”",
+    "template_field_type_unknown": "模板“{template}”的字段“{field}”的类型“{type}”不受支持；支持：{supported}",
+    "template_field_choices_missing": "模板“{template}”的选项字段“{field}”需要一个非空的“choices”列表",
+    "template_field_choices_unexpected": "模板“{template}”的字段“{field}”是“{type}”类型，却列出了“choices”；请把它改为“choice”类型，或删除“choices”",
+    "template_field_choices_not_text": "模板“{template}”的选项字段“{field}”的“choices”只能是文本或数字",
+    "template_field_choice_repeated": "模板“{template}”的选项字段“{field}”把选项“{choice}”列了两次（选项不区分大小写）",
+    "template_field_bound_not_number": "模板“{template}”的字段“{field}”的“{bound}”必须是数字",
+    "template_field_bound_not_allowed": "模板“{template}”的字段“{field}”是“{type}”类型，不能设置“{bound}”",
+    "template_field_min_above_max": "模板“{template}”的字段“{field}”的最小值 {min} 大于最大值 {max}",
+    "template_field_required_not_boolean": "模板“{template}”的字段“{field}”的“required”必须是“true”或“false”（不加引号），不能是“{value}”",
+    "template_field_value_wrong_type": "模板“{template}”的字段“{field}”的“{key}”值“{value}”不是“{type}”类型",
+    "template_field_value_refused": "模板“{template}”的字段“{field}”的“{key}”值不符合该字段自己的要求",
+    "template_field_default_missing": "模板“{template}”的可选字段“{field}”需要默认值“default”（或把“required”设为“true”）",
+    "template_fields_missing": "模板“{template}”的“fields”必须是非空列表",
+    "template_field_declared_twice": "模板“{template}”把字段“{field}”声明了两次（字段名不区分大小写）",
+    "template_fields_share_column": "模板“{template}”的字段“{other}”和“{field}”会读取表格的同一列（列名匹配时忽略大小写、空格和重复的“_”）；请重命名其中一个",
+    "template_translations_not_object": "模板“{template}”的“translations”必须是以语言代码为键的对象",
+    "template_translation_language_invalid": "模板“{template}”的“translations”中的“{language}”不是语言代码（例如“zh”或“de”）",
+    "template_translation_not_object": "模板“{template}”的“translations”中“{language}”的内容必须是只含“title”“description”“fields”的对象",
+    "template_translation_fields_not_object": "模板“{template}”的“translations”中“{language}”的“fields”必须是“字段名 → 说明”的对象",
+    "template_translation_field_unknown": "模板“{template}”的“translations”中“{language}”的“fields”写了“{fields}”，但 template.json 没有声明这些字段",
+    "template_translation_not_text": "模板“{template}”的“translations”中“{language}”的标题和说明都必须是文本",
+    "template_folder_mismatch": "模板文件夹“{folder}”中的模板名为“{template}”，两者必须一致",
+    "template_filename_pattern_not_text": "模板“{template}”的 filename_pattern 必须是文本",
+    "template_filename_pattern_invalid": "模板“{template}”的 filename_pattern“{pattern}”只能包含用花括号括起的字段名，不能有格式说明、属性或未闭合的花括号",
+    "template_filename_pattern_unknown": "模板“{template}”的 filename_pattern 用到了“{field}”，它不是字段；可用：{available}",
+    "template_tags_invalid": "模板“{template}”的“tags”必须是文本列表",
+    "template_over_limits": "模板“{template}”的 workflow.json.j2 超出了安全限制：{detail}",
+    "template_include_unsupported": "模板“{template}”的 workflow.json.j2 第 {line} 行：不支持“include”“import”和“extends”；请把整个工作流写在一个文件里",
+    "template_block_unsupported": "模板“{template}”的 workflow.json.j2 第 {line} 行：宏之外不支持“{tag}”块，它写出的内容不会按 JSON 编码；请在表达式里使用过滤器或调用",
+    "template_tojson_redundant": "模板“{template}”的 workflow.json.j2 第 {line} 行：请删除“|tojson”，每个表达式都已按 JSON 写出",
+    "template_node_malformed": "模板“{template}”渲染出的节点“{node}”必须是含有“class_type”和“inputs”的对象",
+    "template_file_unreadable": "无法读取模板“{template}”的文件“{file}”",
     "batch_not_selected": "没有选择批次",
     "batch_not_found": "记录中没有批次“{batch_id}”",
     "batch_not_checked": "还没有可开始的内容：请先检查表格",
@@ -835,6 +869,10 @@ def error_text(exc: Any, lang: str = "en") -> str:
     coded = _coded_text(ERROR_TABLES, getattr(exc, "code", None), exc.details, lang)
     if coded is None:
         return _with_error_kind(type(exc), exc.message, lang)
+    cell_problem = exc.details.get("cell_problem")  # a template field's default its own checks refuse
+    if cell_problem:
+        why = _coded_text(PROBLEM_TABLES, cell_problem["code"], cell_problem["params"], lang)
+        coded += "：" + (cell_problem["reason"] if why is None else why)
     node_problems = exc.details.get("node_problems") or []  # a template whose example workflow fails
     return coded + "".join(f"\n• {node_problem_text(p, lang)}" for p in node_problems[:10])
 

@@ -166,11 +166,9 @@ class FusedQkv(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         compute_dtype = self.parts[0].compute_dtype
         y = scaled_mm_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale(), compute_dtype)
-        outputs = list(y.split(self.sizes, dim=-1))
-        for index, layer in enumerate(self.parts):
-            for down, up in layer.low_rank_branches:  # as Fp8Linear.forward adds them, on this layer's slice
-                outputs[index] = outputs[index] + F.linear(F.linear(x.to(down.dtype), down), up)
-        return tuple(outputs)
+        # Each layer's LoRA branches go on its own slice of the fused output, as its own forward adds them
+        outputs = y.split(self.sizes, dim=-1)
+        return tuple(layer.add_low_rank_branches(x, out) for layer, out in zip(self.parts, outputs))
 
     def extra_repr(self) -> str:
         scaling = "per_channel" if self.weight_scale.dim() else "per_tensor"

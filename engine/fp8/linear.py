@@ -392,6 +392,11 @@ class Fp8Linear(nn.Module):
             y = self._forward_scaled_mm(x)
         else:
             y = self._forward_transformer_engine(x)
+        return self.add_low_rank_branches(x, y)
+
+    def add_low_rank_branches(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y``, this layer's output for ``x``, with its LoRA branches added (:attr:`low_rank_branches`);
+        also used by :class:`engine.fp8.fused.FusedQkv`, which computes ``y`` for three layers at once."""
         for down, up in self.low_rank_branches:
             y = y + F.linear(F.linear(x.to(down.dtype), down), up)
         return y
