@@ -424,6 +424,7 @@ def test_a_worker_logs_in_the_log_format_setting(tmp_path):
     """A worker runs unattended under a supervisor: what it says (here, that its broker is down) must reach
     the log collector as JSON lines, and in console format when that is the setting."""
     import socket
+    import threading
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -434,11 +435,20 @@ def test_a_worker_logs_in_the_log_format_setting(tmp_path):
              "--broker", f"redis://127.0.0.1:{port}/0"],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
+        # Read until the worker has said it waits (its start-up takes longer on a loaded machine), then stop it
+        lines: list[str] = []
+        watchdog = threading.Timer(120, process.kill)  # a worker that never says it ends the wait, and fails below
+        watchdog.start()
         try:
-            _, stderr = process.communicate(timeout=8)
-        except subprocess.TimeoutExpired:
+            for line in process.stderr:
+                lines.append(line)
+                if "waiting for the broker" in line:
+                    break
+        finally:
+            watchdog.cancel()
             process.kill()
-            _, stderr = process.communicate()
+            process.communicate()
+        stderr = "".join(lines)
         if log_format == "json":
             records = _json_lines(stderr)
             assert any(r["level"] == "WARNING" and "waiting for the broker" in r["message"] for r in records)
