@@ -33,6 +33,13 @@ from engine.storage import PROBE_CODES, RetrySchedule, free_bytes, is_storage_pr
 
 log = logging.getLogger(__name__)
 
+# States of a batch that is not over for this queue: its progress is kept whatever the bound below.
+ACTIVE_STATES = frozenset({"queued", "running", "waiting_for_storage"})
+# Progress snapshots of ended batches kept for readers (the page, the API, ComfyUI's /queue), newest ended
+# last: a server left running for weeks ends a batch per ComfyUI prompt and per API call, and each snapshot
+# holds up to ``keep_images`` image paths. Older ones are read from the ledger, as after a restart.
+KEEP_ENDED = 1000
+
 
 @dataclass
 class BatchProgress:
@@ -70,12 +77,16 @@ class _StorageWait:
 class BatchQueue:
     """Runs submitted batches one after another on a background thread (GPU concurrency 1).
 
-    Closing a browser tab does not stop a batch: the queue owns it, and anyone can read its progress.
+    Closing a browser tab does not stop a batch: the queue owns it, and anyone can read its progress. The
+    progress of the ``keep_ended`` batches that ended last is kept; an older one's reads as None (``status``),
+    and its readers turn to the ledger, as they do after a restart.
     """
 
-    def __init__(self, runner: BatchRunner, keep_images: int = 48, retry_schedule: RetrySchedule | None = None) -> None:
+    def __init__(self, runner: BatchRunner, keep_images: int = 48, retry_schedule: RetrySchedule | None = None,
+                 keep_ended: int = KEEP_ENDED) -> None:
         self.runner = runner
         self.keep_images = keep_images
+        self.keep_ended = keep_ended
         self.retry_schedule = retry_schedule or RetrySchedule()
         self._storage_waits: dict[str, _StorageWait] = {}
         self._order: deque[str] = deque()
@@ -162,6 +173,7 @@ class BatchQueue:
                     self._order.remove(batch_id)
                 self._storage_waits.pop(batch_id, None)
                 progress.state, progress.retry_at = "cancelled", None
+                self._ended(batch_id)
             elif running:
                 # Under the lock: the queue thread cannot finish the run between this check and the flag.
                 self.runner.cancel(batch_id)
@@ -195,10 +207,13 @@ class BatchQueue:
         return wait.failures if wait is not None else 0
 
     def wait(self, batch_id: str, timeout: float = 60.0) -> BatchProgress | None:
+        """The progress of ``batch_id`` once it is neither queued nor running, or as it is after ``timeout``
+        seconds; None at once for a batch this queue does not know (never submitted here, or ended long
+        ago: see :data:`KEEP_ENDED`)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             progress = self.status(batch_id)
-            if progress is not None and progress.state not in {"queued", "running"}:
+            if progress is None or progress.state not in {"queued", "running"}:
                 return progress
             time.sleep(0.05)
         return self.status(batch_id)
@@ -218,6 +233,7 @@ class BatchQueue:
                 with self._lock:
                     self._storage_waits.pop(batch_id, None)
                     self._finish(progress, summary)
+                    self._ended(batch_id)
             except EngineError as exc:
                 if not is_storage_problem(exc):
                     self._failed(batch_id, progress, exc)
@@ -239,6 +255,7 @@ class BatchQueue:
             progress.error = describe_error(exc) if isinstance(exc, EngineError) else str(exc)
             if isinstance(exc, EngineError) and exc.code is not None:
                 progress.error_code, progress.error_details = exc.code, jsonable(exc.details)
+            self._ended(batch_id)
         self._publish(BatchEvent("batch_failed", batch_id, error=progress.error))
 
     def _wait_for_storage(self, batch_id: str, progress: BatchProgress, exc: EngineError) -> None:
@@ -294,8 +311,20 @@ class BatchQueue:
                 del progress.recent_images[: -self.keep_images]
             if summary is not None:
                 self._finish(progress, summary)
+                self._ended(event.batch_id)
             progress.updated = time.time()
         self._publish(event)
+
+    def _ended(self, batch_id: str) -> None:
+        """``batch_id`` has ended here: its progress becomes the newest of the ended ones, and the oldest
+        past ``keep_ended`` are forgotten (caller holds the lock)."""
+        progress = self._progress.pop(batch_id, None)
+        if progress is None:
+            return
+        self._progress[batch_id] = progress
+        ended = [b for b, p in self._progress.items() if p.state not in ACTIVE_STATES]
+        for old in ended[: max(0, len(ended) - self.keep_ended)]:
+            del self._progress[old]
 
     def _publish(self, event: BatchEvent) -> None:
         for listener in list(self.listeners):

@@ -319,6 +319,35 @@ def test_the_queue_runs_batches_in_the_background_in_order(services_factory, tmp
     assert started[0] <= started[1]
 
 
+def test_the_queue_keeps_the_progress_of_only_the_batches_that_ended_last(services_factory, tmp_path):
+    """A server left running for weeks ends a batch per ComfyUI prompt and per API call: the queue must not
+    keep a progress snapshot (with its image paths) of every one of them for the life of the process."""
+    from engine.batch_queue import BatchQueue
+
+    services = services_factory()
+    queue = BatchQueue(services.runner, keep_ended=3)
+    try:
+        ids = []
+        for index in range(5):
+            prepared = services.runner.prepare("product_shot", read_sheet(
+                write_sheet(tmp_path / f"rows{index}.csv", small_rows(1, steps=1))))
+            services.runner.start(prepared)
+            queue.submit(prepared.batch_id)
+            ids.append(prepared.batch_id)
+            assert queue.wait(prepared.batch_id, timeout=120).state == "done"
+        cancelled = services.runner.prepare("product_shot", read_sheet(write_sheet(tmp_path / "last.csv", small_rows(1))))
+        services.runner.start(cancelled)
+        queue.submit(cancelled.batch_id)
+        queue.cancel(cancelled.batch_id)  # taken off the queue before it ran, or stopped: it ends either way
+        assert queue.wait(cancelled.batch_id, timeout=120).state == "cancelled"
+        known = [batch_id for batch_id in [*ids, cancelled.batch_id] if queue.status(batch_id) is not None]
+        assert known == [*ids[-2:], cancelled.batch_id]  # the three that ended last
+        assert queue.wait(ids[0], timeout=120) is None  # forgotten: nothing to wait for
+        assert services.ledger.batch_summary(ids[0])["counts"]["done"] == 1  # the ledger still has it all
+    finally:
+        queue.stop(wait_s=30)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_batch_then_resume_runs_each_row_exactly_once(tmp_path):
     """kill -9 the CLI in the middle of a batch; the same command again finishes it, each row once."""

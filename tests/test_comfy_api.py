@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 import json
+import os
+import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +23,7 @@ from websockets.sync.client import connect
 
 from engine.settings import load_settings
 from live_server import live_server
+from webapp import comfy_api
 from webapp.auth import TokenIssuer
 
 EXAMPLE = Path(__file__).parent / "data" / "comfyui-examples" / "sd3.5_simple_example.api.json"
@@ -49,7 +53,7 @@ def server(tmp_path_factory):
     with live_server(app) as url:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
             yield SimpleNamespace(url=url, ws_url=url.replace("http://", "ws://"), http=http, token=token,
-                                  services=services)
+                                  services=services, bridge=app.state.comfy)
 
 
 def messages_until_done(ws, prompt_id: str, timeout_s: float = 60.0) -> list[dict]:
@@ -655,6 +659,39 @@ def test_the_socket_ignores_binary_frames_and_answers_feature_flags(server):
         messages = messages_until_done(ws, prompt_id)  # the socket is still alive and served
     assert "execution_success" in [m["type"] for m in messages]
     assert "feature_flags" not in [m["type"] for m in messages]
+
+
+def test_a_socket_whose_client_stopped_reading_is_closed_not_fed_forever(server):
+    """A ComfyUI client that hangs with its connection open reads nothing: every queue change of every user
+    was kept for it in memory, for as long as the server ran. Past a bound the server lets it go."""
+    from engine.batch import BatchEvent
+
+    bridge, host, port = server.bridge, *server.url.removeprefix("http://").split(":")
+    bridge.max_unsent = 50
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's sends back up soon
+    try:
+        stuck.connect((host, int(port)))
+        stuck.sendall(f"GET /ws?clientId=stuck-client HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                      f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {server.token}\r\n\r\n".encode())
+        deadline = time.monotonic() + 30
+        while "stuck-client" not in bridge.sockets and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "stuck-client" in bridge.sockets
+        # Queue changes, as the queue reports them, far more than the socket's buffers hold (status to everyone)
+        for number in range(40_000):
+            bridge.on_batch_event(BatchEvent("batch_queued", f"elsewhere-{number}"))
+            bridge.on_batch_event(BatchEvent("batch_done", f"elsewhere-{number}"))
+        unsent = [box.qsize() for boxes in bridge.sockets.values() for box in boxes]
+        assert max(unsent, default=0) <= 50
+        stuck.settimeout(60)
+        while stuck.recv(1 << 16):  # what the server had sent, then its end of the connection
+            pass
+        assert "stuck-client" not in bridge.sockets
+    finally:
+        bridge.max_unsent = comfy_api.MAX_UNSENT_MESSAGES
+        stuck.close()
 
 
 def test_upload_to_temp_and_output_keeps_the_name_of_identical_bytes_and_its_case(server):

@@ -410,3 +410,27 @@ def test_a_stop_ends_the_running_batch_before_giving_its_rows_back(tmp_path):
     assert row[0] == "queued" or (row[0] == "done" and Path(row[1]).is_file()), row
     assert "stopping batch term between sampler steps" in log and "batch term stopped" in log, log[-3000:]
     assert "did not stop within" not in log
+
+
+def test_an_open_page_fills_no_log_with_its_polling(tmp_path):
+    """An open page polls every second (its progress timer: a queue join and its event stream): two access
+    lines a second per tab, about 170,000 a day each, idle, burying what the log is read for. Requests people
+    and scripts make are still logged, and so is a page request the server refused."""
+    with served(tmp_path, "--data-dir", "d") as (process, url):
+        with httpx.Client(base_url=url, timeout=60) as tab:
+            config = tab.get("/config").json()
+            on_load = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "show_interrupted")
+            for tick in range(5):
+                joined = tab.post("/gradio_api/queue/join", json={
+                    "fn_index": on_load, "data": [], "session_hash": "tab1", "trigger_id": None, "event_data": None})
+                assert joined.status_code == 200, joined.text
+                with tab.stream("GET", "/gradio_api/queue/data?session_hash=tab1") as events:
+                    assert any("process_completed" in line for line in events.iter_lines())
+            assert tab.post("/gradio_api/queue/join", json={"fn_index": on_load}).status_code >= 400
+            assert tab.get("/api/templates").status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert stopped_within(process, 60)
+        log = (tmp_path / f"serve-{url.rsplit(':', 1)[1]}.log").read_text()
+    access = [line for line in log.splitlines() if "uvicorn.access" in line]
+    assert len([line for line in access if "/gradio_api/queue/" in line]) == 1, access  # the refused join
+    assert len([line for line in access if "GET /api/templates" in line]) == 1, access

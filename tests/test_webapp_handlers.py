@@ -766,7 +766,30 @@ def test_uploads_leave_gradios_cache_and_a_checked_batch_keeps_what_it_needs(set
         assert [row.status for row in services.ledger.rows(batch_id)] == ["done"]
 
 
-def test_upload_retention_becomes_gradios_cache_schedule():
+def test_the_server_keeps_the_state_of_only_the_page_sessions_used_last(settings, demo_engine):
+    """Each page load is a Gradio session whose state (a copy of every component, ~0.25 MB) Gradio keeps,
+    closed tab or not, until 10,000 have piled up: a server left running for weeks grew by gigabytes."""
+    from dataclasses import replace
+
+    import httpx
+
+    from live_server import live_server
+    from webapp.server import create_app
+
+    app, _ = create_app(replace(settings, page_sessions=3), demo_engine, users=UserStore([]))
+    page_app = next(route.app for route in app.routes if getattr(route, "path", None) == "")  # Gradio, at /
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as browser:
+        config = browser.get("/config").json()
+        on_load = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "show_interrupted")
+        sessions = [f"tab{n}" for n in range(5)]
+        for session in sessions:  # what a page does as it loads: its load events, under its own session
+            joined = browser.post("/gradio_api/queue/join", json={
+                "fn_index": on_load, "data": [], "session_hash": session, "trigger_id": None, "event_data": None})
+            assert joined.status_code == 200, joined.text
+            with browser.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as events:
+                assert any("process_completed" in line for line in events.iter_lines())
+        assert list(page_app.state_holder.session_data) == sessions[-3:]  # the three used last
+
     from webapp.ui import upload_cache_schedule
 
     assert upload_cache_schedule(86400) == (3600, 86400)

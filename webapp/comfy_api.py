@@ -24,6 +24,7 @@ The server's log says why it waits.
 
 # No postponed annotations here: FastAPI reads the route signatures (Request, UploadFile) at runtime.
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -68,6 +69,10 @@ QUEUE_EVENTS = {"batch_queued", "batch_started", "batch_done", "batch_cancelled"
                 "batch_waiting_for_storage"}
 # Queue states of a batch that is not over: a prompt in one of them is in /queue and has no history yet.
 UNFINISHED_STATES = {"queued", "running", "waiting_for_storage"}
+# Messages a socket may have waiting to be sent: a client that stops reading (a hung script whose
+# connection stays open) is let go past this, instead of its messages piling up in memory for as long as
+# the server runs. A prompt makes a few dozen messages; ComfyUI's own client reconnects when let go.
+MAX_UNSENT_MESSAGES = 2000
 # The ComfyUI release whose API this server answers like (clients gate features on this version).
 COMFYUI_COMPAT_VERSION = "0.3.64"
 # Credentials ComfyUI's front end puts into a prompt's extra_data for its paid API nodes (a comfy.org key or
@@ -136,6 +141,33 @@ def comfy_error(exc: EngineError) -> dict[str, Any]:
     return {"error": error, "node_errors": {}}
 
 
+class Outbox:
+    """A socket's messages waiting to be sent, in order, at most ``limit`` of them: one more means its client
+    has stopped reading, and the outbox gives up (``given_up`` is set, the messages dropped), so the socket
+    is closed. Used on the server's event loop only."""
+
+    def __init__(self, limit: int = MAX_UNSENT_MESSAGES) -> None:
+        self.limit = limit
+        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.given_up = asyncio.Event()
+
+    def put(self, message: dict[str, Any]) -> None:
+        if self.given_up.is_set():
+            return
+        if self.messages.qsize() >= self.limit:
+            self.given_up.set()
+            while not self.messages.empty():  # nobody will read them: free them now
+                self.messages.get_nowait()
+            return
+        self.messages.put_nowait(message)
+
+    async def get(self) -> dict[str, Any]:
+        return await self.messages.get()
+
+    def qsize(self) -> int:
+        return self.messages.qsize()
+
+
 class ComfyBridge:
     """Prompt numbers, the prompt -> client map, history in ComfyUI's shape and the WebSocket fan-out.
 
@@ -149,8 +181,9 @@ class ComfyBridge:
         self._lock = threading.Lock()
         self.prompts: OrderedDict[str, dict[str, Any]] = OrderedDict()  # prompt_id -> number, client, prompt
         self.batch_numbers: dict[str, int] = {}  # other batches on the queue -> their number in /queue
-        self.sockets: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}  # client_id -> outboxes
-        self.socket_users: dict[asyncio.Queue[dict[str, Any]], str] = {}  # outbox -> the user who opened it
+        self.sockets: dict[str, set[Outbox]] = {}  # client_id -> outboxes
+        self.socket_users: dict[Outbox, str] = {}  # outbox -> the user who opened it
+        self.max_unsent = MAX_UNSENT_MESSAGES
         self.loop: asyncio.AbstractEventLoop | None = None
         services.queue.listeners.append(self.on_batch_event)
 
@@ -451,16 +484,16 @@ class ComfyBridge:
         if loop is None or loop.is_closed():
             return
         for outbox in outboxes:
-            loop.call_soon_threadsafe(outbox.put_nowait, message)
+            loop.call_soon_threadsafe(outbox.put, message)
 
-    def connect(self, client_id: str, user: str) -> asyncio.Queue[dict[str, Any]]:
-        outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    def connect(self, client_id: str, user: str) -> Outbox:
+        outbox = Outbox(self.max_unsent)
         with self._lock:
             self.sockets.setdefault(client_id, set()).add(outbox)
             self.socket_users[outbox] = user
         return outbox
 
-    def disconnect(self, client_id: str, outbox: asyncio.Queue[dict[str, Any]]) -> None:
+    def disconnect(self, client_id: str, outbox: Outbox) -> None:
         with self._lock:
             self.socket_users.pop(outbox, None)
             boxes = self.sockets.get(client_id)
@@ -761,24 +794,33 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
             while True:
                 await socket.send_json(await outbox.get())
 
-        sender = asyncio.create_task(forward())
-        first = True
-        try:
+        async def read() -> None:
+            first = True
             while True:  # clients may send nothing; reading notices the disconnect
                 received = await socket.receive()
                 if received["type"] == "websocket.disconnect":
-                    break
+                    return
                 if received.get("text") is None:
                     continue  # as ComfyUI: a binary frame is ignored
                 if first and client_feature_flags(received["text"]) is not None:
                     # ComfyUI answers a client's first message, its feature flags, with the server's own
-                    outbox.put_nowait({"type": "feature_flags", "data": server_features(upload_limit)})
+                    outbox.put({"type": "feature_flags", "data": server_features(upload_limit)})
                 first = False
-        except WebSocketDisconnect:
-            pass
+
+        sender, reader = asyncio.create_task(forward()), asyncio.create_task(read())
+        giving_up = asyncio.create_task(outbox.given_up.wait())
+        try:
+            await asyncio.wait({reader, giving_up}, return_when=asyncio.FIRST_COMPLETED)
+            if giving_up.done():
+                log.warning("ComfyUI client %s stopped reading its WebSocket (%d messages unsent): closing it; "
+                            "a client reconnects", client, outbox.limit)
         finally:
-            sender.cancel()
+            for task in (sender, reader, giving_up):
+                task.cancel()
             bridge.disconnect(client, outbox)
+        if reader.done() and not reader.cancelled():
+            with contextlib.suppress(WebSocketDisconnect):
+                reader.result()  # what else stopped reading is raised, as before
 
     return router
 

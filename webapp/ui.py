@@ -331,6 +331,10 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
 
     with gr.Blocks(title="SD3.5 batch images", analytics_enabled=False,
                    delete_cache=upload_cache_schedule(int(settings.upload_retention_s))) as ui:
+        # Gradio keeps every page session's state (a copy of the page's components, ~0.25 MB) until 10,000
+        # sessions have piled up, closed tabs included: gigabytes on a server left running for weeks. It reads
+        # the bound from here when the page is mounted (launch() would set it the same way).
+        ui.state_session_capacity = max(1, int(settings.page_sessions))
         header = gr.HTML(elem_id="app-header", **PLAIN)
         demo_banner = gr.HTML(visible=False, elem_id="demo-banner", **PLAIN)
 
