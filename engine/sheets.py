@@ -30,6 +30,7 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from itertools import compress, repeat
 from operator import is_not
 from pathlib import Path
@@ -894,7 +895,10 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                              sheet=chosen)
         formula_rows = None
         formula_book = None
-        if with_formulas:
+        # Formulas matter only where Excel saved no value for them (a file written by a script, never opened
+        # in Excel): the cell is then reported. Reading the formulas costs a second openpyxl parse of the
+        # worksheet, as long as the first, so it is done only where some formula cell of it lacks a value.
+        if with_formulas and _formula_without_saved_value(data, getattr(worksheet, "_worksheet_path", "")):
             formula_book = load_workbook(io.BytesIO(data), read_only=True, data_only=False)
             formula_sheet = formula_book[chosen]
             formula_sheet.reset_dimensions()
@@ -1064,6 +1068,63 @@ def _could_be_column_names(names: Sequence[str]) -> bool:
         and not any(_NUMBER_LIKE.fullmatch(n) for n in names)
 
 
+_SHEET_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"  # the namespace openpyxl reads cells in
+
+
+def _formula_without_saved_value(data: bytes, member: str) -> bool:
+    """Whether a cell of the worksheet ``member`` holds a formula without a value openpyxl reads as saved
+    (no ``<v>``, an empty one, or a string cell whose value is looked up elsewhere). True where unsure (the
+    part cannot be read here): the caller then reads the formulas, as it always did."""
+    from xml.parsers import expat
+
+    cell, formula, value = f"{_SHEET_MAIN} c", f"{_SHEET_MAIN} f", f"{_SHEET_MAIN} v"
+    depth = 0
+    cell_depth = -1  # depth of the <c> element being read; -1 outside cells
+    in_value = has_formula = False
+    cell_type = "n"
+    saved: list[str] = []
+
+    class Found(Exception):
+        """The first such cell: the answer is known, the rest of the part need not be parsed."""
+
+    def start(name: str, attributes: dict[str, str]) -> None:
+        nonlocal depth, cell_depth, in_value, has_formula, cell_type
+        depth += 1
+        if name == cell:
+            cell_depth, has_formula, cell_type = depth, False, attributes.get("t", "n")
+            saved.clear()
+        elif depth == cell_depth + 1:  # openpyxl reads a cell's own <f> and <v>, not nested ones
+            has_formula = has_formula or name == formula
+            in_value = name == value
+
+    def end(name: str) -> None:
+        nonlocal depth, cell_depth, in_value
+        if depth == cell_depth + 1:
+            in_value = False
+        elif depth == cell_depth:
+            cell_depth = -1
+            if has_formula and (not "".join(saved) or cell_type in ("s", "inlineStr")):
+                raise Found
+        depth -= 1
+
+    def text(chunk: str) -> None:
+        if in_value:
+            saved.append(chunk)
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            xml = archive.read(member.lstrip("/"))
+    except (KeyError, zipfile.BadZipFile, OSError, ValueError):
+        return True
+    parser = expat.ParserCreate(namespace_separator=" ")  # the part's DOCTYPE was refused: no entities
+    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, text
+    try:
+        parser.Parse(xml, True)
+    except (Found, expat.ExpatError):
+        return True
+    return False
+
+
 def _merged_ranges(data: bytes, member: str) -> list[MergedRange]:
     """The merged cell ranges (``B2:B4``) of one worksheet of the workbook, read by an XML parser: text
     that only looks like one (in a comment) is none, and the time taken grows with the part's size alone
@@ -1149,6 +1210,7 @@ def _fill_merged_down(
 # Shared --------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)  # every row of a sheet compares the same few names: normalise each once
 def column_key(name: str) -> str:
     """How column names and field names are compared: NFKC, surrounding spaces stripped, case-folded, and
     runs of inner spaces, underscores or hyphens as one separator ("Product Name" is ``product_name``)."""
