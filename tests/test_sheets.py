@@ -437,6 +437,48 @@ def test_xlsx_shared_formulas_without_saved_values_are_each_named_in_their_own_r
     assert [r.cells["seed"] for r in sheet.rows] == ["6", "6", "", ""]
 
 
+def excel_saved_text(values: dict[str, str]):
+    """A rewrite of SHEET_XML giving the formula cells named in ``values`` (B3: "") the text Excel saves for
+    them: ``t="str"`` and the text, an empty ``<v/>`` for the empty text."""
+    def rewrite(xml: bytes) -> bytes:
+        for ref, text in values.items():
+            saved = f"<v>{text}</v>".encode() if text else b"<v/>"
+            xml, found = re.subn(rb'<c r="%s"><f>(.*?)</f>(?:<v\s*/>|<v></v>)?</c>' % ref.encode(),
+                                 lambda m: b'<c r="%s" t="str"><f>%s</f>%s</c>' % (ref.encode(), m.group(1), saved), xml)
+            assert found == 1, ref
+        return xml
+    return rewrite
+
+
+def test_xlsx_formula_whose_saved_value_is_the_empty_text_is_a_blank_cell(template):
+    """A column of formulas filled down past the data (=IF(A5="","",...)) shows nothing below it, and Excel
+    saves the empty text for those cells. Each such row was reported as a formula without a saved value
+    ("open the file in Excel and save it again", which changes nothing), and each became a bad row."""
+    rows = [["prompt", "sampler"]] + [[None, f'=IF(A{n}="","",IF(A{n}="cat","dpmpp_2m",""))'] for n in range(2, 31)]
+    rows[1][0], rows[2][0] = "cat", "dog"
+    saved = {"B2": "dpmpp_2m", **{f"B{n}": "" for n in range(3, 31)}}
+    data = rewrite_member(xlsx_bytes(rows), SHEET_XML, excel_saved_text(saved))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert sheet.problems == []
+    assert [(r.number, r.cells) for r in sheet.rows] == [
+        (2, {"prompt": "cat", "sampler": "dpmpp_2m"}), (3, {"prompt": "dog", "sampler": ""})]
+    report = report_for(sheet, template)
+    assert report[2].values["sampler"] == "dpmpp_2m" and report[3].values["sampler"] == "euler"  # the default
+    assert all(r.ok for r in report.values())
+
+
+def test_xlsx_formula_without_saved_value_is_still_named_beside_formulas_showing_nothing(template):
+    """A file a script wrote after Excel: one formula without any saved value among formulas whose saved
+    value is the empty text. The one is reported; the others are blank cells."""
+    rows = [["prompt", "seed", "note"], ["cat", "=1+1", '=""'], ["dog", 5, '=""'], [None, None, '=""']]
+    data = rewrite_member(xlsx_bytes(rows), SHEET_XML, excel_saved_text({"C2": "", "C3": "", "C4": ""}))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert [(p.row, p.column, p.code) for p in sheet.problems] == [(2, "seed", "formula_without_value")]
+    assert [r.number for r in sheet.rows] == [2, 3]
+    report = report_for(sheet, template)
+    assert not report[2].ok and report[3].ok
+
+
 def test_xlsx_cached_excel_error_is_a_cell_problem(template):
     data = xlsx_bytes([["prompt", "seed"], ["cat", "=1/0"]])
     data = rewrite_member(data, SHEET_XML, lambda xml: re.sub(
