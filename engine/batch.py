@@ -49,6 +49,7 @@ from engine.rows import Dispatcher, LocalDispatcher, RowExecutor
 from engine.sheets import Sheet, ValidationReport, derive_seed, title_above_header_hint, validate_rows
 from engine.storage import (DEFAULT_IMAGE_BYTES, IMAGE_SIZE_SAMPLE, IMAGES_OF_ROOM, LEDGER_ROOM_BYTES,
                             expected_image_bytes, finished_image_sizes, probe_folder, row_image_bytes)
+from engine.workflow import Workflow
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +232,13 @@ class BatchRunner:
             batch_seed = secrets.randbits(63)
         batch_id = batch_id or new_batch_id()
         defaults = {"checkpoint": self.default_checkpoint}
+        validator = self.engine.validator(input_dir=input_dir)  # one look at the models folder for all rows
         rows: list[dict[str, Any]] = []
         for row_report in report.rows:
             values = dict(row_report.values or {})
             problems = [f"{p.column or 'row'}: {p.reason}" for p in row_report.problems]
             rendered: dict[str, Any] | None = None
+            parsed: Workflow | None = None
             failure: EngineError | None = None
             if row_report.ok:
                 for seed_field in (f.name for f in template.fields if f.type == "seed"):
@@ -243,10 +246,10 @@ class BatchRunner:
                         values[seed_field] = derive_seed(batch_seed, row_report.number)
                 try:
                     rendered = template.render(values, defaults=defaults)
-                    self.engine.validate(self.engine.parse(rendered), input_dir=input_dir)
+                    parsed = validator.validate(rendered)
                 except EngineError as exc:
                     problems.append(describe_error(exc))
-                    rendered, failure = None, exc
+                    rendered, parsed, failure = None, None, exc
             status = QUEUED if rendered is not None else SKIPPED
             if rendered is None and row_report.ok:
                 row_report.ok = False
@@ -259,7 +262,7 @@ class BatchRunner:
                     "values": {**row_report.cells, **jsonable(values)},
                     "seed": seeds[0] if seeds else None,
                     "workflow": rendered,
-                    "prompt": self._positive_prompt(rendered) if rendered is not None else None,
+                    "prompt": self._positive_prompt(parsed) if parsed is not None else None,
                     "status": status,
                     "error": "; ".join(problems) or None,
                     # why, as codes and values (kept with a skipped row, for a page in another language)
@@ -470,7 +473,7 @@ class BatchRunner:
         inputs_hash = hashlib.sha256(json.dumps([workflow_hash, sorted(prompts.items())]).encode()).hexdigest()
         return workflow_hash, inputs_hash, rows
 
-    def _positive_prompt(self, api: dict[str, Any]) -> str | None:
+    def _positive_prompt(self, api: Workflow | dict[str, Any]) -> str | None:
         """The positive prompt a rendered workflow encodes, recorded before the row runs: a row that fails
         still shows (and is found by) what it was asked to make."""
         from engine.prompts import TEXT_INPUTS, positive_text_node

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from engine.models.cache import ModelCache
     from engine.nodes.base import NodeRegistry
 
-__all__ = ["Engine", "RunResult", "SAMPLER_CLASS_TYPES"]
+__all__ = ["Engine", "RunResult", "SAMPLER_CLASS_TYPES", "WorkflowValidator"]
 
 SAMPLER_CLASS_TYPES = frozenset({"KSampler", "KSamplerAdvanced"})
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -87,11 +87,7 @@ class Engine:
 
         ``input_dir``: where LoadImage looks (default: the input folder), e.g. a batch's photos.
         """
-        parsed = self.parse(workflow)
-        problems = self.problems(parsed, input_dir)
-        if problems:
-            raise WorkflowInvalid(problems)
-        return parsed
+        return self.validator(input_dir).validate(workflow)
 
     def problems(self, workflow: Workflow | dict[str, Any] | str, input_dir: str | Path | None = None) -> list[Any]:
         """Every validation problem (NodeProblem) of ``workflow``; empty when it is valid.
@@ -99,11 +95,13 @@ class Engine:
         A file that is not there (a model file, or an image in the input folder) is a ``value_not_in_list``
         problem whose ``extra_info["missing_file"]`` names the kind: ``"model"`` or ``"image"``.
         """
-        from engine.validate import validate_workflow
+        return self.validator(input_dir).problems(workflow)
 
-        parsed = self.parse(workflow)
+    def validator(self, input_dir: str | Path | None = None) -> "WorkflowValidator":
+        """A :class:`WorkflowValidator` for many workflows checked at one moment (a batch's rows)."""
         ctx = self._context(Path(self.settings.outputs_path), input_dir=input_dir)
-        return [_mark_missing_file(p, parsed, self.registry) for p in validate_workflow(parsed, self.registry, ctx)]
+        ctx.lookups = {}
+        return WorkflowValidator(self, ctx)
 
     def runnable_part(
         self, workflow: Workflow | dict[str, Any] | str, targets: list[str] | None = None
@@ -351,6 +349,36 @@ class Engine:
             vae_tiled=vae_tiled,
             png_compress_level=self.settings.png_compress_level,
         )
+
+
+class WorkflowValidator:
+    """Validates workflows as :meth:`Engine.validate` does, reading what it needs from disk once.
+
+    The model files a loader may name and whether a save folder stays inside the output folder are looked
+    up the first time a workflow needs them and then kept (:attr:`NodeContext.lookups`), so checking a
+    10,000-row batch lists the models folder once instead of 10,000 times. Files that appear meanwhile are
+    seen by the next validator; a model that went missing is still reported when its row loads it.
+    """
+
+    def __init__(self, engine: Engine, ctx: NodeContext) -> None:
+        self._engine = engine
+        self._ctx = ctx
+
+    def validate(self, workflow: Workflow | dict[str, Any] | str) -> Workflow:
+        """Raise WorkflowInvalid listing every problem; returns the parsed workflow when valid."""
+        parsed = self._engine.parse(workflow)
+        problems = self.problems(parsed)
+        if problems:
+            raise WorkflowInvalid(problems)
+        return parsed
+
+    def problems(self, workflow: Workflow | dict[str, Any] | str) -> list[Any]:
+        """Every validation problem (NodeProblem) of ``workflow``, as :meth:`Engine.problems` says them."""
+        from engine.validate import validate_workflow
+
+        parsed = self._engine.parse(workflow)
+        registry = self._engine.registry
+        return [_mark_missing_file(p, parsed, registry) for p in validate_workflow(parsed, registry, self._ctx)]
 
 
 def _mark_missing_file(problem: NodeProblem, workflow: Workflow, registry: "NodeRegistry") -> NodeProblem:

@@ -30,6 +30,7 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from itertools import compress, repeat
 from operator import is_not
 from pathlib import Path
@@ -894,7 +895,13 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
                              sheet=chosen)
         formula_rows = None
         formula_book = None
-        if with_formulas:
+        # Formulas matter only where no value was saved for them (a file written by a script, never opened
+        # in Excel): the cell is then reported. Reading the formulas costs a second openpyxl parse of the
+        # worksheet, as long as the first, so it is done only where some formula cell of it lacks a value.
+        formula_cells = (_formula_cells(data, getattr(worksheet, "_worksheet_path", "")) if with_formulas
+                         else _FormulaCells(unsaved=False, empty_text=set()))
+        empty_text = formula_cells.empty_text  # formulas that show nothing: blank cells, not unsaved ones
+        if formula_cells.unsaved:
             formula_book = load_workbook(io.BytesIO(data), read_only=True, data_only=False)
             formula_sheet = formula_book[chosen]
             formula_sheet.reset_dimensions()
@@ -910,14 +917,13 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
             formulas = next(formula_rows, ()) if formula_rows is not None else ()
             cells_read = _within_column_limit(row, number, limits)
             row = [cell.value for cell in cells_read]
-            if not any(v is not None and v != "" for v in row) and not any(
-                isinstance(f, str) and f.startswith("=") for f in formulas
-            ):
-                continue  # formatted but empty rows: skip without building anything
+            unsaved = [isinstance(f, str) and f.startswith("=") and (number, index + 1) not in empty_text
+                       for index, f in enumerate(formulas)]
+            if not any(v is not None and v != "" for v in row) and not any(unsaved):
+                continue  # formatted but empty rows (or formulas showing nothing): skip without building anything
             cells = []
             for col_index, value in enumerate(row):
-                if value is None and col_index < len(formulas) and isinstance(formulas[col_index], str) \
-                        and formulas[col_index].startswith("="):
+                if value is None and col_index < len(unsaved) and unsaved[col_index]:
                     cell_problems.append(
                         (number, col_index, f"the formula {formulas[col_index][:60]} has no saved value; "
                          "open the file in Excel and save it again (or paste the values)",
@@ -1064,6 +1070,91 @@ def _could_be_column_names(names: Sequence[str]) -> bool:
         and not any(_NUMBER_LIKE.fullmatch(n) for n in names)
 
 
+_SHEET_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"  # the namespace openpyxl reads cells in
+
+
+@dataclass
+class _FormulaCells:
+    """What a worksheet's XML says of the values saved for its formulas, which openpyxl's values cannot tell
+    apart: a formula whose value is the empty text (``=IF(A2="","",...)`` filled down past the data; Excel
+    writes ``t="str"`` and an empty ``<v/>``) reads as None there, as does a formula saved without a value."""
+
+    unsaved: bool  # a formula cell has no saved value (a file written by a script): the formulas are read
+    empty_text: set[tuple[int, int]]  # (row, column from 1) of formula cells whose saved value is ""
+
+
+def _formula_cells(data: bytes, member: str) -> _FormulaCells:
+    """The :class:`_FormulaCells` of the worksheet ``member``. Where the part cannot be read here, every
+    formula counts as unsaved: the caller then reads the formulas and reports those without a value."""
+    from xml.parsers import expat
+
+    from openpyxl.utils.cell import coordinate_to_tuple
+
+    unsure = _FormulaCells(unsaved=True, empty_text=set())
+    row_tag, cell_tag = f"{_SHEET_MAIN} row", f"{_SHEET_MAIN} c"
+    formula_tag, value_tag = f"{_SHEET_MAIN} f", f"{_SHEET_MAIN} v"
+    found = _FormulaCells(unsaved=False, empty_text=set())
+    depth = 0
+    cell_depth = -1  # depth of the <c> element being read; -1 outside cells
+    row_number = column = 0  # counted as openpyxl counts them where the XML leaves them out
+    position = (0, 0)
+    cell_type = "n"
+    has_formula = has_value = in_value = False
+    saved: list[str] = []
+
+    def start(name: str, attributes: dict[str, str]) -> None:
+        nonlocal depth, cell_depth, row_number, column, position, cell_type, has_formula, has_value, in_value
+        depth += 1
+        if name == row_tag:
+            row_number = int(attributes["r"]) if "r" in attributes else row_number + 1
+            column = 0
+        elif name == cell_tag:
+            if "r" in attributes:
+                position = coordinate_to_tuple(attributes["r"])
+                column = position[1]
+            else:
+                column += 1
+                position = (row_number, column)
+            cell_depth, cell_type, has_formula, has_value = depth, attributes.get("t", "n"), False, False
+            saved.clear()
+        elif depth == cell_depth + 1:  # openpyxl reads a cell's own <f> and <v>, not nested ones
+            has_formula = has_formula or name == formula_tag
+            has_value = has_value or name == value_tag
+            in_value = name == value_tag
+
+    def end(name: str) -> None:
+        nonlocal depth, cell_depth, in_value
+        if depth == cell_depth + 1:
+            in_value = False
+        elif depth == cell_depth:
+            cell_depth = -1
+            text = "".join(saved)
+            if not has_formula or (text and cell_type not in ("s", "inlineStr")):
+                pass  # no formula, or its saved value is what openpyxl reads
+            elif cell_type == "str" and has_value and not text:
+                found.empty_text.add(position)
+            else:
+                found.unsaved = True
+        depth -= 1
+
+    def characters(chunk: str) -> None:
+        if in_value:
+            saved.append(chunk)
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            xml = archive.read(member.lstrip("/"))
+    except (KeyError, zipfile.BadZipFile, OSError, ValueError):
+        return unsure
+    parser = expat.ParserCreate(namespace_separator=" ")  # the part's DOCTYPE was refused: no entities
+    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, characters
+    try:
+        parser.Parse(xml, True)
+    except (expat.ExpatError, ValueError, TypeError):  # damaged XML, a row or cell reference that is none
+        return unsure
+    return found
+
+
 def _merged_ranges(data: bytes, member: str) -> list[MergedRange]:
     """The merged cell ranges (``B2:B4``) of one worksheet of the workbook, read by an XML parser: text
     that only looks like one (in a comment) is none, and the time taken grows with the part's size alone
@@ -1149,6 +1240,7 @@ def _fill_merged_down(
 # Shared --------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)  # every row of a sheet compares the same few names: normalise each once
 def column_key(name: str) -> str:
     """How column names and field names are compared: NFKC, surrounding spaces stripped, case-folded, and
     runs of inner spaces, underscores or hyphens as one separator ("Product Name" is ``product_name``)."""

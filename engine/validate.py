@@ -12,7 +12,7 @@ import copy
 import heapq
 import math
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
@@ -57,28 +57,62 @@ def validate_workflow(
 
     ``ctx`` (optional) lets COMBO inputs list their run-time choices (model files on disk).
     """
-    problems = _unknown_node_types(workflow, registry)
-    outputs = output_node_ids(workflow, registry)
-    if not outputs:
+    shape = _graph_shape(workflow, registry, ctx)
+    problems = _unknown_node_types(workflow, registry) if shape.has_unknown_types else []
+    if not shape.outputs:
         problems.append(NodeProblem(
             None, None, "prompt_no_outputs", "Prompt has no outputs",
             "a workflow needs at least one output node (e.g. SaveImage or PreviewImage)",
         ))
         return problems
-    order, cycles = _ancestor_order(workflow, registry)
-    for cycle in cycles:
+    for cycle in shape.cycles:
         named = ", ".join(f"{n} ({workflow.nodes[n].class_type})" for n in cycle)
         problems.append(NodeProblem(
             None, None, "invalid_prompt", f"workflow has a cycle through nodes {named}",
             "a node cannot depend on its own output", extra_info={"nodes": list(cycle)},
         ))
-    for node_id in order:
+    for node_id in shape.order:
         node = workflow.nodes[node_id]
         node_cls = registry.get(node.class_type)
         if node_cls is not None:
             problems.extend(_node_problems(workflow, node, node_cls, registry, ctx))
-    needed_by = _outputs_needing(workflow, outputs)
+    needed_by = shape.needed_by
     return [replace(p, dependent_outputs=tuple(needed_by.get(p.node_id, ()))) if p.node_id else p for p in problems]
+
+
+@dataclass(frozen=True)
+class _GraphShape:
+    """What validation learns from a graph's nodes and links alone, whatever its literal values."""
+
+    has_unknown_types: bool
+    outputs: tuple[str, ...]  # output node ids, natural order
+    order: tuple[str, ...]  # their ancestors, topologically (see _ancestor_order)
+    cycles: tuple[tuple[str, ...], ...]
+    needed_by: dict[str, list[str]]  # node id -> the outputs that need it
+
+
+def _graph_shape(workflow: Workflow, registry: "NodeRegistry", ctx: "NodeContext | None") -> _GraphShape:
+    """The :class:`_GraphShape` of ``workflow``, worked out once per shape while ``ctx`` keeps lookups: a
+    batch's rows render one template into the same few graphs that differ only in their values."""
+
+    def analyse() -> _GraphShape:
+        outputs = output_node_ids(workflow, registry)
+        order, cycles = _ancestor_order(workflow, registry) if outputs else ([], [])
+        return _GraphShape(
+            has_unknown_types=any(registry.get(node.class_type) is None for node in workflow.nodes.values()),
+            outputs=tuple(outputs), order=tuple(order), cycles=tuple(tuple(c) for c in cycles),
+            needed_by=_outputs_needing(workflow, outputs),
+        )
+
+    if ctx is None or ctx.lookups is None:
+        return analyse()
+    key = ("graph shape", tuple(
+        (node_id, node.class_type,
+         tuple((name, value.node_id, value.output_index) for name, value in node.inputs.items()
+               if isinstance(value, Link)))
+        for node_id, node in workflow.nodes.items()
+    ))
+    return ctx.read_once(key, analyse)
 
 
 def runnable_outputs(
@@ -325,7 +359,7 @@ def coerce_literal(
             choices = spec.choice_list(ctx)
             accepts = getattr(spec.choices, "accepts", None)  # model lists also take cached hub repo ids
             if not isinstance(value, (str, int, float)) or (
-                    value not in choices and not (accepts is not None and accepts(ctx, value))):
+                    value not in choices and not (accepts is not None and _accepted(spec, accepts, ctx, value))):
                 shown = ", ".join(map(str, choices[:50])) + (" ..." if len(choices) > 50 else "")
                 where = getattr(spec.choices, "where", None)  # model lists: say where the file goes
                 details = "no values are available" if not choices else ""
@@ -351,6 +385,13 @@ def coerce_literal(
                 "value_bigger_than_max", f"Value {result} bigger than max of {spec.max}: {spec.name}", max=spec.max
             )
     return result
+
+
+def _accepted(spec: "Input", accepts: Any, ctx: "NodeContext | None", value: Any) -> bool:
+    """Whether a COMBO's own rule takes ``value`` beyond its list (a hub repo id in the local cache)."""
+    if ctx is None:
+        return bool(accepts(ctx, value))
+    return bool(ctx.read_once(("accepts", spec.choices, value), lambda: accepts(ctx, value)))
 
 
 def prompt_as_comfyui_keeps_it(

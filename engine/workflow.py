@@ -196,6 +196,8 @@ def _parse_api(data: dict[str, Any], registry: "NodeRegistry") -> Workflow:
 
 
 def _api_value(node_id: str, name: str, value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value  # immutable: a copy would be the same object (deepcopy is most of a batch's parsing)
     if isinstance(value, dict) and set(value) == {"__value__"}:
         return copy.deepcopy(value["__value__"])
     if isinstance(value, list) and len(value) == 2:

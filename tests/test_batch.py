@@ -197,6 +197,51 @@ def test_stop_on_invalid_queues_nothing(services_factory, tmp_path):
     assert services.ledger.list_batches() == []
 
 
+def test_preparing_a_batch_reads_the_disk_and_each_graph_shape_once_not_once_a_row(
+    services_factory, tmp_path, monkeypatch
+):
+    """Every row of a 10,000-row sheet listed the models folder, checked the save folder on disk and worked
+    out its graph's order again: seconds before the validation report. They are looked up once a batch,
+    and each row still gets the problems it gets validated on its own."""
+    import engine.nodes.image as image_nodes
+    import engine.validate as validate
+
+    services = services_factory()
+    runner, engine = services.runner, services.engine
+    services.templates.get("product_shot")  # loading the template validates its example once, before the rows
+    calls = {"listings": 0, "save folders": 0, "graph orders": 0}
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(engine.models.resolver, "available", counted("listings", engine.models.resolver.available))
+    monkeypatch.setattr(image_nodes, "save_prefix_problem", counted("save folders", image_nodes.save_prefix_problem))
+    monkeypatch.setattr(validate, "_ancestor_order", counted("graph orders", validate._ancestor_order))
+    sheet = tmp_path / "rows.csv"
+    lines = ["product_name,checkpoint,width,tiled,second_size"]
+    for i in range(40):  # four graph shapes (tiled or not, a second square image or not), two save prefixes
+        checkpoint = "missing.safetensors" if i % 5 == 1 else ""
+        lines.append(f"Item {i},{checkpoint},{1000 if i % 7 == 3 else 64},{i % 2 == 0},{512 if i % 3 == 0 else 0}")
+    sheet.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    prepared = runner.prepare("product_shot", read_sheet(sheet), batch_seed=7)
+
+    assert calls == {"listings": 1, "save folders": 2, "graph orders": 4}
+    for row in prepared.rows:
+        i = row["row_number"] - 2
+        if i % 5 == 1 or i % 7 == 3:
+            assert row["status"] == "skipped" and row["workflow"] is None
+            assert ("'missing.safetensors' not in" in row["error"]) == (i % 5 == 1), row["error"]
+            assert ("width 1000 is not a multiple of 16" in row["error"]) == (i % 7 == 3), row["error"]
+        else:
+            assert row["status"] == "queued" and row["error"] is None
+            assert engine.validate(row["workflow"]).nodes["2"].inputs["text"] == row["prompt"]
+            assert ("VAEDecodeTiled" in json.dumps(row["workflow"])) == (i % 2 == 0)
+
+
 def test_missing_required_column_is_reported_before_any_work(services_factory, tmp_path):
     services = services_factory()
     sheet = tmp_path / "rows.csv"

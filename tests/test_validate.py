@@ -275,3 +275,41 @@ def test_comfyui_examples_validate_apart_from_missing_files_and_controlnet(path)
         else:
             assert problem.type == "value_not_in_list", problem.describe()
             assert problem.input_name in MODEL_FILE_INPUTS, problem.describe()
+
+
+def test_a_context_that_keeps_lookups_finds_what_a_fresh_one_finds_for_each_graph(registry, tmp_path):
+    """A batch validates its rows on one context that keeps what it worked out of each graph's shape; graphs
+    of one shape with other values, and graphs of other shapes (a cycle, a link to a missing node or output,
+    an unknown node, no output) checked after it, must each get exactly the problems a fresh context gives."""
+    changes: list[dict[str, Any]] = [
+        {},
+        {"4": {"seed": -1, "mode": "median"}},  # same shape, other literals
+        {"4": {"scale": "big"}},
+        {"1": {"value": ["3", 0]}},  # a cycle 1 -> 3 -> 1
+        {"3": {"b": ["9", 0]}},  # a link to a node that is not there
+        {"3": {"b": ["2", 5]}},  # to an output the node does not have
+        {"9": {"class_type": "Teleport", "inputs": {}}},
+        {"5": None},  # no output node
+        {"5": None, "9": {"class_type": "Teleport", "inputs": {}}},
+        {"4": {"seed": -1}},  # the first shape again, after the others
+    ]
+    kept = make_context(tmp_path, lookups={})
+    for change in changes:
+        fresh = problems_of(registry, change, ctx=make_context(tmp_path))
+        assert problems_of(registry, change, ctx=kept) == fresh, change
+    assert any(key[0] == "graph shape" for key in kept.lookups)
+
+
+def test_a_context_that_keeps_lookups_works_out_each_graph_shape_once(registry, tmp_path, monkeypatch):
+    """10,000 rows of one template are a few graph shapes: their order and links are worked out once each."""
+    import engine.validate as validate
+
+    analysed = []
+    real = validate._ancestor_order
+    monkeypatch.setattr(validate, "_ancestor_order", lambda *args: analysed.append(1) or real(*args))
+    kept = make_context(tmp_path, lookups={})
+    for seed in range(20):
+        problems_of(registry, {"4": {"seed": seed}}, ctx=kept)
+    for value in range(5):  # another shape: node 2 feeds both inputs of the sum
+        problems_of(registry, {"2": {"value": value}, "3": {"a": ["2", 0]}}, ctx=kept)
+    assert len(analysed) == 2

@@ -45,7 +45,9 @@ class Input:
         if self.choices is None:
             return []
         if callable(self.choices):
-            return list(self.choices(ctx))
+            if ctx is None:
+                return list(self.choices(ctx))
+            return list(ctx.read_once(("choices", self.choices), lambda: tuple(self.choices(ctx))))
         return list(self.choices)
 
     def comfy_spec(self, ctx: "NodeContext | None" = None) -> list[Any]:

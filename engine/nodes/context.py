@@ -52,6 +52,19 @@ class NodeContext:
     input_dir: Path | None = None  # where LoadImage looks for files
     vae_tiled: bool = False  # set on an out-of-memory retry: VAEDecode decodes in tiles
     png_compress_level: int = 4  # SaveImage's zlib level (ComfyUI's default; the engine passes its setting)
+    # What validation read from disk (model folder listings, whether a save folder stays inside the output
+    # folder) and worked out from a graph's links alone, kept while one context checks many workflows: a
+    # batch's 10,000 rows look at the disk and at each graph shape once, not once a row. None: read afresh
+    # every time (a context that runs nodes).
+    lookups: dict[Any, Any] | None = None
+
+    def read_once(self, key: Any, read: Callable[[], Any]) -> Any:
+        """``read()``, or what it gave the first time ``key`` was asked for while ``lookups`` is kept."""
+        if self.lookups is None:
+            return read()
+        if key not in self.lookups:
+            self.lookups[key] = read()
+        return self.lookups[key]
 
     def progress(self, kind: str, value: int = 0, maximum: int = 0, **extra: Any) -> None:
         if self.on_progress is not None:

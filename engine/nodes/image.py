@@ -522,7 +522,12 @@ class SaveImage(NodeType):
         prefix = values.get("filename_prefix")
         if not isinstance(prefix, str):
             return []  # linked from another node: known only at run time, where save_images checks it
-        problem = save_prefix_problem(ctx.output_dir if ctx is not None else None, expand_prefix(prefix, 1, 1))
+        expanded = expand_prefix(prefix, 1, 1)
+        if ctx is None:
+            problem = save_prefix_problem(None, expanded)
+        else:
+            problem = ctx.read_once(("save_prefix", ctx.output_dir, expanded),
+                                    lambda: save_prefix_problem(ctx.output_dir, expanded))
         if problem is None:
             return []
         # ComfyUI reports a node's own refusal of an input value (its VALIDATE_INPUTS) as
