@@ -486,8 +486,7 @@ class BatchLedger:
                     self._follow_files()
                     return operation()
             except sqlite3.OperationalError as exc:
-                message = str(exc).lower()
-                if "locked" not in message and "busy" not in message:
+                if not _is_lock_contention(exc):
                     problem, unwritable = self._storage_problem(exc)
                     sqlite_error = getattr(exc, "sqlite_errorname", None)
                     if unwritable:  # the disk's, not the request's: the web app waits for it (engine.storage)
@@ -570,6 +569,8 @@ class BatchLedger:
                     for statement in statements:
                         conn.execute(statement)
                 except sqlite3.OperationalError as exc:
+                    if _is_lock_contention(exc) or self._storage_problem(exc)[1]:
+                        raise  # retried, or said as the disk's problem (a full disk, a read-only file): _retry
                     # Rolled back whole: the ledger stays as the older release left it, every row in it. The
                     # usual cause is an SQLite too old for what the migration builds (the text index of
                     # migration 7 needs FTS5's trigram tokenizer, SQLite 3.34), so its version is named.
@@ -1295,6 +1296,12 @@ class BatchLedger:
         sql = (f"SELECT count(*) AS n FROM (SELECT rowid FROM {_TEXT_INDEX} WHERE {_TEXT_INDEX} MATCH ? "
                "LIMIT ?)")
         return self._read(sql, (pieces, _TEXT_INDEX_MANY_ROWS + 1))[0]["n"] > _TEXT_INDEX_MANY_ROWS
+
+
+def _is_lock_contention(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds the ledger (worth retrying)."""
+    message = str(exc).lower()
+    return "locked" in message or "busy" in message
 
 
 def _text_index_query(text: str) -> str:

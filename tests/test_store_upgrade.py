@@ -156,3 +156,26 @@ def test_a_migration_sqlite_refuses_leaves_the_older_ledger_whole_and_says_which
     assert migrations_applied(path) == [v for v, _, _ in MIGRATIONS if v <= 6]
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM generations").fetchone()[0] == 5
+
+
+class LedgerOnAFullDisk(BatchLedger):
+    """A ledger whose file may not grow by a page: SQLite's own SQLITE_FULL, as on a disk with no space left."""
+
+    def _configure(self) -> None:
+        super()._configure()
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        self.conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_disk_while_upgrading_the_ledger_is_said_as_a_full_disk_not_as_an_old_sqlite(tmp_path, monkeypatch):
+    # Building the text index of a year's ledger writes tens of MB: a disk that fills up meanwhile is the
+    # disk's problem (ledger_unwritable: free space, then go on), not an SQLite too old for the upgrade.
+    path = tmp_path / "ledger.db"
+    ledger_at_version(path, 6, monkeypatch)
+    with pytest.raises(StoreError) as refused:
+        LedgerOnAFullDisk(path)
+    assert refused.value.code == "ledger_unwritable", refused.value
+    assert "full" in str(refused.value) and "SQLite 3.34" not in str(refused.value)
+    assert migrations_applied(path) == [v for v, _, _ in MIGRATIONS if v <= 6]
+    with BatchLedger(path) as upgraded:  # space again: the upgrade goes through
+        assert upgraded.schema_version() == MIGRATIONS[-1][0]
