@@ -632,15 +632,18 @@ class _OutageLog:
         self.every_s = every_s
         self.since: float | None = None
         self.said_at = 0.0
-        self.full = False  # the outage is Redis refusing writes for want of memory
+        # Redis refused writes for want of memory at some time in this outage, whatever its last error (a
+        # full Redis, then a network blink): the workers' heartbeats and results were refused meanwhile
+        self.refused_writes = False
 
     def failed(self, exc: BaseException) -> None:
         now = time.monotonic()
-        self.full = _redis_full(exc)
-        state = "full" if self.full else "unreachable"
+        full = _redis_full(exc)
+        self.refused_writes = self.refused_writes or full
+        state = "full" if full else "unreachable"
         if self.since is None:
             self.since = self.said_at = now
-            advice = f"; {REDIS_FULL_ADVICE}" if self.full else ""
+            advice = f"; {REDIS_FULL_ADVICE}" if full else ""
             log.warning("Redis %s (%s); retrying every second%s", state, exc, advice)
         elif now - self.said_at >= self.every_s:
             self.said_at = now
@@ -648,9 +651,9 @@ class _OutageLog:
 
     def ended(self) -> None:
         if self.since is not None:
-            log.warning("Redis %s again after %.0f s", "accepts writes" if self.full else "reachable",
+            log.warning("Redis %s again after %.0f s", "accepts writes" if self.refused_writes else "reachable",
                         time.monotonic() - self.since)
-            self.since = None
+            self.since, self.refused_writes = None, False
 
 
 # A Redis at its maxmemory with the noeviction policy (what a broker must have: an evicted queue or
@@ -782,7 +785,7 @@ class CeleryDispatcher:
             while waiting or flights:
                 try:
                     current_run_id = self._redis_run_id()
-                    if outage.since is not None and outage.full:
+                    if outage.refused_writes:
                         # The workers' heartbeats and stored results were refused meanwhile: their rows
                         # would look lost, and a result never stored would be waited for until its deadline.
                         log.warning("sending %d row(s) again after Redis refused writes", len(flights))

@@ -780,6 +780,25 @@ def test_a_new_checkpoint_files_queue_is_announced_only_once_celery_consumes_it(
     app.close()
 
 
+def test_an_outage_in_which_redis_was_full_for_a_while_sends_its_rows_again_whatever_its_last_error(caplog):
+    """Redis full (its writes, workers' heartbeats and results among them, refused), then a network blink
+    before it is back: the rows in flight are still sent again, and the end of the outage says writes are
+    accepted again."""
+    import redis
+
+    from engine.distributed import _OutageLog
+
+    outage = _OutageLog()
+    with caplog.at_level("WARNING", logger="engine.distributed"):
+        outage.failed(redis.exceptions.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'."))
+        outage.failed(redis.exceptions.ConnectionError("Connection reset by peer"))
+        assert outage.refused_writes
+        outage.ended()
+    assert not outage.refused_writes  # the next outage starts afresh
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith("Redis full") and said[-1].startswith("Redis accepts writes again after"), said
+
+
 def test_an_outage_of_redis_is_logged_when_it_starts_now_and_then_and_when_it_ends(caplog):
     """The coordinator retries once a second; a warning per try would bury everything else in the log."""
     from engine.distributed import _OutageLog
