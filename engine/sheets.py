@@ -38,6 +38,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from engine.errors import SheetError
 from engine.number_formats import CellFormat, compile_format, format_cell, is_system_date_format
+from engine.worksheet_xml import FormulaCells, MergedRange, formula_cells_of, merged_ranges
 
 if TYPE_CHECKING:
     from engine.image_refs import ImageLibrary
@@ -801,8 +802,6 @@ def _check_zip(data: bytes, limits: SheetLimits) -> tuple[zipfile.ZipFile, set[s
 # A problem of one XLSX cell found while reading, before columns have names: (row, column index, reason,
 # code, params), as RowProblem holds them.
 CellNote = tuple[int, int, str, str, dict[str, Any]]
-# A merged cell range: its reference (B2:B4), then first column, first row, last column, last row (from 1).
-MergedRange = tuple[str, int, int, int, int]
 
 
 def _damage_refused(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
@@ -898,8 +897,8 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
         # Formulas matter only where no value was saved for them (a file written by a script, never opened
         # in Excel): the cell is then reported. Reading the formulas costs a second openpyxl parse of the
         # worksheet, as long as the first, so it is done only where some formula cell of it lacks a value.
-        formula_cells = (_formula_cells(data, getattr(worksheet, "_worksheet_path", "")) if with_formulas
-                         else _FormulaCells(unsaved=False, empty_text=set()))
+        part = getattr(worksheet, "_worksheet_path", "")
+        formula_cells = formula_cells_of(data, part) if with_formulas else FormulaCells(unsaved=False)
         empty_text = formula_cells.empty_text  # formulas that show nothing: blank cells, not unsaved ones
         if formula_cells.unsaved:
             formula_book = load_workbook(io.BytesIO(data), read_only=True, data_only=False)
@@ -938,7 +937,7 @@ def _read_xlsx(data: bytes, sheet_name: str | None, limits: SheetLimits) -> Shee
             nonblank += 1
             if nonblank > limits.max_rows + 1:
                 break
-        ranges = _merged_ranges(data, getattr(worksheet, "_worksheet_path", ""))
+        ranges = merged_ranges(data, part)
     finally:
         values_book.close()
     if formula_book is not None:
@@ -1068,129 +1067,6 @@ def _could_be_column_names(names: Sequence[str]) -> bool:
     names, none a number."""
     return len(names) >= 2 and len({column_key(n) for n in names}) == len(names) \
         and not any(_NUMBER_LIKE.fullmatch(n) for n in names)
-
-
-_SHEET_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"  # the namespace openpyxl reads cells in
-
-
-@dataclass
-class _FormulaCells:
-    """What a worksheet's XML says of the values saved for its formulas, which openpyxl's values cannot tell
-    apart: a formula whose value is the empty text (``=IF(A2="","",...)`` filled down past the data; Excel
-    writes ``t="str"`` and an empty ``<v/>``) reads as None there, as does a formula saved without a value."""
-
-    unsaved: bool  # a formula cell has no saved value (a file written by a script): the formulas are read
-    empty_text: set[tuple[int, int]]  # (row, column from 1) of formula cells whose saved value is ""
-
-
-def _formula_cells(data: bytes, member: str) -> _FormulaCells:
-    """The :class:`_FormulaCells` of the worksheet ``member``. Where the part cannot be read here, every
-    formula counts as unsaved: the caller then reads the formulas and reports those without a value."""
-    from xml.parsers import expat
-
-    from openpyxl.utils.cell import coordinate_to_tuple
-
-    unsure = _FormulaCells(unsaved=True, empty_text=set())
-    row_tag, cell_tag = f"{_SHEET_MAIN} row", f"{_SHEET_MAIN} c"
-    formula_tag, value_tag = f"{_SHEET_MAIN} f", f"{_SHEET_MAIN} v"
-    found = _FormulaCells(unsaved=False, empty_text=set())
-    depth = 0
-    cell_depth = -1  # depth of the <c> element being read; -1 outside cells
-    row_number = column = 0  # counted as openpyxl counts them where the XML leaves them out
-    position = (0, 0)
-    cell_type = "n"
-    has_formula = has_value = in_value = False
-    saved: list[str] = []
-
-    def start(name: str, attributes: dict[str, str]) -> None:
-        nonlocal depth, cell_depth, row_number, column, position, cell_type, has_formula, has_value, in_value
-        depth += 1
-        if name == row_tag:
-            row_number = int(attributes["r"]) if "r" in attributes else row_number + 1
-            column = 0
-        elif name == cell_tag:
-            if "r" in attributes:
-                position = coordinate_to_tuple(attributes["r"])
-                column = position[1]
-            else:
-                column += 1
-                position = (row_number, column)
-            cell_depth, cell_type, has_formula, has_value = depth, attributes.get("t", "n"), False, False
-            saved.clear()
-        elif depth == cell_depth + 1:  # openpyxl reads a cell's own <f> and <v>, not nested ones
-            has_formula = has_formula or name == formula_tag
-            has_value = has_value or name == value_tag
-            in_value = name == value_tag
-
-    def end(name: str) -> None:
-        nonlocal depth, cell_depth, in_value
-        if depth == cell_depth + 1:
-            in_value = False
-        elif depth == cell_depth:
-            cell_depth = -1
-            text = "".join(saved)
-            if not has_formula or (text and cell_type not in ("s", "inlineStr")):
-                pass  # no formula, or its saved value is what openpyxl reads
-            elif cell_type == "str" and has_value and not text:
-                found.empty_text.add(position)
-            else:
-                found.unsaved = True
-        depth -= 1
-
-    def characters(chunk: str) -> None:
-        if in_value:
-            saved.append(chunk)
-
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            xml = archive.read(member.lstrip("/"))
-    except (KeyError, zipfile.BadZipFile, OSError, ValueError):
-        return unsure
-    parser = expat.ParserCreate(namespace_separator=" ")  # the part's DOCTYPE was refused: no entities
-    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, characters
-    try:
-        parser.Parse(xml, True)
-    except (expat.ExpatError, ValueError, TypeError):  # damaged XML, a row or cell reference that is none
-        return unsure
-    return found
-
-
-def _merged_ranges(data: bytes, member: str) -> list[MergedRange]:
-    """The merged cell ranges (``B2:B4``) of one worksheet of the workbook, read by an XML parser: text
-    that only looks like one (in a comment) is none, and the time taken grows with the part's size alone
-    (a pattern search for ``<mergeCell`` started over at each of them, minutes for a few hundred KB)."""
-    from xml.parsers import expat
-
-    from openpyxl.utils.cell import range_boundaries
-
-    refs: list[str] = []
-
-    def start(name: str, attributes: dict[str, str]) -> None:
-        if name.rpartition(" ")[2] == "mergeCell" and "ref" in attributes:
-            refs.append(attributes["ref"])
-
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            xml = archive.read(member.lstrip("/"))
-    except (KeyError, zipfile.BadZipFile, OSError, ValueError):
-        return []
-    if b"mergeCell" not in xml:
-        return []  # most sheets: no need to parse the part a second time
-    parser = expat.ParserCreate(namespace_separator=" ")  # the part's DOCTYPE was refused: no entities
-    parser.StartElementHandler = start
-    try:
-        parser.Parse(xml, True)
-    except expat.ExpatError:
-        return []  # openpyxl read the rows of this part; what it could not read was refused there
-    ranges = []
-    for ref in refs:
-        try:
-            ranges.append((ref, *range_boundaries(ref)))
-        except (ValueError, TypeError) as exc:
-            raise SheetError(f"workbook part '{member.lstrip('/')}' cannot be read: the merged cells '{_short(ref)}' "
-                             f"are no range of cells ({exc})", code="workbook_part_unreadable",
-                             member=member.lstrip("/")) from exc
-    return [r for r in ranges if None not in r]  # whole rows or columns (A:A) merge no cells of a sheet
 
 
 def _fill_merged_down(
