@@ -47,8 +47,8 @@ from engine.logs import log_context
 from engine.naming import fill_filename_pattern, pattern_values, row_digits, safe_filename
 from engine.rows import Dispatcher, LocalDispatcher, RowExecutor
 from engine.sheets import Sheet, ValidationReport, derive_seed, title_above_header_hint, validate_rows
-from engine.storage import (DEFAULT_IMAGE_BYTES, IMAGE_SIZE_SAMPLE, IMAGES_OF_ROOM, LEDGER_ROOM_BYTES,
-                            expected_image_bytes, finished_image_sizes, probe_folder, row_image_bytes)
+from engine.storage import (IMAGE_SIZE_SAMPLE, IMAGES_OF_ROOM, LEDGER_ROOM_BYTES, expected_image_bytes,
+                            probe_folder, row_image_bytes)
 from engine.workflow import Workflow
 
 log = logging.getLogger(__name__)
@@ -900,15 +900,18 @@ class BatchRunner:
 
     def _next_image_bytes(self, batch_id: str) -> int:
         """:func:`engine.storage.expected_image_bytes` of the batch, from its latest finished images and the
-        image sizes its rows recorded; its rows are read only where an older release recorded them."""
+        image sizes its rows recorded."""
         _, latest = self.ledger.latest_images(batch_id, IMAGE_SIZE_SAMPLE)
-        sizes = finished_image_sizes(latest)
-        if sizes:
-            return max(sizes)
-        pending = self.ledger.pending_image_bytes(batch_id)
-        if pending is None:
-            return expected_image_bytes(self.ledger.rows(batch_id))
-        return pending or DEFAULT_IMAGE_BYTES
+        return expected_image_bytes(latest, self._pending_image_sizes(batch_id))
+
+    def _pending_image_sizes(self, batch_id: str) -> Iterator[int]:
+        """What the batch's rows not done will write: the largest size they recorded, read in one query;
+        where an older release recorded them without it, worked out from each row's workflow."""
+        recorded = self.ledger.pending_image_bytes(batch_id)
+        if recorded is not None:
+            yield recorded
+        else:
+            yield from (row_image_bytes(row.workflow, row.row_values) for row in self.ledger.pending_rows(batch_id))
 
     def abandoned_batches(self) -> list[str]:
         """Batches a process left unfinished when it died (still ``created`` or ``running`` in the ledger,

@@ -19,6 +19,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 # Every error code that means "the disk, not the batch": a retry can only succeed once space or rights are back.
@@ -95,25 +96,20 @@ def probe_folder(folder: str | os.PathLike[str], needed_bytes: int) -> StoragePr
 IMAGE_SIZE_SAMPLE = 20  # the finished images of a batch whose sizes say how large its next one is
 
 
-def expected_image_bytes(rows: list[Any], sample: int = IMAGE_SIZE_SAMPLE) -> int:
-    """How large the next image of a batch is likely to be: the largest of its latest finished images, else
-    what its largest pending row writes (:func:`row_image_bytes`), else a 1024x1024 image."""
-    sizes = finished_image_sizes([r for r in rows if r.status == "done" and r.image_path][-sample:])
-    if sizes:
-        return max(sizes)
-    pending = [row_image_bytes(row.workflow, getattr(row, "row_values", None)) for row in rows if row.status != "done"]
-    return max(pending, default=0) or DEFAULT_IMAGE_BYTES
-
-
-def finished_image_sizes(rows: list[Any]) -> list[int]:
-    """The sizes of the image files of finished ``rows`` that are still there."""
+def expected_image_bytes(latest_done: Iterable[Any], pending_sizes: Iterable[int]) -> int:
+    """How large the next image of a batch is likely to be: the largest of its latest finished images
+    (``latest_done``: rows done with an image, the last :data:`IMAGE_SIZE_SAMPLE`; a file gone since is
+    passed over), else the largest of ``pending_sizes``, what its rows not done will write
+    (:func:`row_image_bytes`; iterated only when no finished image is there), else a 1024x1024 image."""
     sizes = []
-    for row in rows:
+    for row in latest_done:
         try:
             sizes.append(os.path.getsize(row.image_path))
         except OSError:
             continue
-    return sizes
+    if sizes:
+        return max(sizes)
+    return max(pending_sizes, default=0) or DEFAULT_IMAGE_BYTES
 
 
 def row_image_bytes(workflow: Any, row_values: dict[str, Any] | None) -> int:
@@ -183,7 +179,6 @@ __all__ = [
     "RetrySchedule",
     "StorageProblem",
     "expected_image_bytes",
-    "finished_image_sizes",
     "free_bytes",
     "is_storage_problem",
     "probe_folder",

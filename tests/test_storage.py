@@ -21,7 +21,7 @@ from engine.runtime import Engine
 from engine.settings import load_settings
 from engine.sheets import read_sheet
 from engine.storage import (DEFAULT_IMAGE_BYTES, RetrySchedule, expected_image_bytes, free_bytes, is_storage_problem,
-                            probe_folder)
+                            probe_folder, row_image_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,9 +106,12 @@ def test_the_size_of_the_next_image_comes_from_the_batchs_own_images_else_from_i
         "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 512, "height": 256, "batch_size": 1}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}})
 
-    assert expected_image_bytes([*done, pending]) == 3000
-    assert expected_image_bytes([pending]) == 512 * 256 * 3 + len(json.dumps(pending.workflow))
-    assert expected_image_bytes([SimpleNamespace(status="queued", image_path=None, workflow={})]) == DEFAULT_IMAGE_BYTES
+    pending_size = row_image_bytes(pending.workflow, None)
+
+    assert expected_image_bytes(done, [pending_size]) == 3000
+    assert expected_image_bytes([SimpleNamespace(image_path=str(tmp_path / "gone.png"))], [pending_size]) == pending_size
+    assert pending_size == 512 * 256 * 3 + len(json.dumps(pending.workflow))
+    assert expected_image_bytes([], [row_image_bytes({}, None)]) == DEFAULT_IMAGE_BYTES
 
 
 def test_the_size_of_a_pending_image_counts_the_workflow_its_png_carries():
@@ -116,12 +119,11 @@ def test_the_size_of_a_pending_image_counts_the_workflow_its_png_carries():
     with it is mostly text, and a disk with room for the picture alone has no room for the file."""
     workflow = {"5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
     ui_workflow = {"nodes": [{"id": n, "widgets_values": ["a long prompt " * 40]} for n in range(200)]}
-    plain = SimpleNamespace(status="queued", image_path=None, workflow=workflow, row_values={})
-    carrying = SimpleNamespace(status="queued", image_path=None, workflow=workflow,
-                               row_values={"png_extra": {"workflow": ui_workflow}})
+    plain = row_image_bytes(workflow, {})
+    carrying = row_image_bytes(workflow, {"png_extra": {"workflow": ui_workflow}})
 
-    assert expected_image_bytes([carrying]) - expected_image_bytes([plain]) == len(json.dumps(ui_workflow))
-    assert expected_image_bytes([carrying]) > 10 * 64 * 64 * 3
+    assert carrying - plain == len(json.dumps(ui_workflow))
+    assert expected_image_bytes([], [carrying]) > 10 * 64 * 64 * 3
 
 
 def test_the_probe_before_a_run_reads_the_image_sizes_rows_recorded_not_every_row(make_services, tmp_path):
@@ -141,9 +143,25 @@ def test_the_probe_before_a_run_reads_the_image_sizes_rows_recorded_not_every_ro
     whole_rows = [sql for sql in statements if sql.lstrip().upper().startswith("SELECT *") and "LIMIT" not in sql]
     assert whole_rows == []
     rows = services.ledger.rows(batch_id)
-    assert services.ledger.pending_image_bytes(batch_id) == expected_image_bytes(rows) == 256 * 256 * 3 + len(
+    sizes = [row_image_bytes(row.workflow, row.row_values) for row in rows if row.status != "done"]
+    assert services.ledger.pending_image_bytes(batch_id) == max(sizes) == 256 * 256 * 3 + len(
         json.dumps(rows[7].workflow))
 
+
+
+def test_rows_an_older_release_recorded_without_their_image_size_are_sized_from_their_workflows(make_services,
+                                                                                               tmp_path):
+    services = make_services()
+    sheet = tmp_path / "rows.csv"
+    sheet.write_text("product_name,width,height,second_size\n" + "".join(
+        f"Item {n},64,64,{256 if n == 3 else 0}\n" for n in range(6)), encoding="utf-8")
+    batch_id = services.runner.start(services.runner.prepare("product_shot", read_sheet(sheet), batch_seed=5))
+    recorded = services.runner._next_image_bytes(batch_id)
+    services.ledger._write(lambda conn: conn.execute(
+        "UPDATE generations SET image_bytes = NULL WHERE batch_id = ? AND row_number = 5", (batch_id,)))
+
+    assert services.ledger.pending_image_bytes(batch_id) is None
+    assert services.runner._next_image_bytes(batch_id) == recorded > 256 * 256 * 3
 
 # ------------------------------------------------------------------------------- the web app's resume
 
