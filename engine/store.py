@@ -102,6 +102,8 @@ _WHEN = "coalesce(finished_at, queued_at)"
 # indexes each three characters in a row, so a shorter text is searched by reading the rows themselves.
 _TEXT_INDEX = "generations_text"
 _TEXT_INDEX_MIN_CHARS = 3
+# A long text is looked up by this many of its pieces at most: the rows holding them all hold it, but for few
+_TEXT_INDEX_MAX_PIECES = 32
 # The oldest SQLite that builds every migration: FTS5's trigram tokenizer (migration 7) came with 3.34.
 _SQLITE_NEEDED = "3.34"
 # A text in more generations than this is searched by reading the newest rows until a page is full (see
@@ -1306,11 +1308,11 @@ def _is_lock_contention(exc: sqlite3.OperationalError) -> bool:
 
 def _text_index_query(text: str) -> str:
     """The text index's query for the rows holding ``text``: each of its three-character pieces, quoted (the
-    text is never query syntax), all required; at most about 32 of them, spread over the text, which finds
-    the same rows or a few more (search's LIKE drops those). Empty for a text shorter than three characters,
+    text is never query syntax), all required; at most :data:`_TEXT_INDEX_MAX_PIECES` of them, spread over the
+    text, which finds the same rows or a few more (search's LIKE drops those). Empty for a text shorter than three characters,
     which the index cannot look up."""
     pieces = list(dict.fromkeys(text[i:i + 3] for i in range(len(text) - _TEXT_INDEX_MIN_CHARS + 1)))
-    pieces = pieces[::max(1, len(pieces) // 32)]
+    pieces = pieces[::-(-len(pieces) // _TEXT_INDEX_MAX_PIECES) or 1]  # every n-th, n rounded up
     return " AND ".join('"' + piece.replace('"', '""') + '"' for piece in pieces)
 
 

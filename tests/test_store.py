@@ -305,6 +305,16 @@ def test_text_search_through_the_index_finds_what_like_finds(ledger, monkeypatch
             assert found == {key for (key,) in like}, text
 
 
+def test_a_long_text_is_looked_up_by_at_most_32_of_its_pieces():
+    from engine.store import _text_index_query
+
+    for length in (3, 34, 35, 60, 65, 200):
+        text = "".join(chr(0x4E00 + n) for n in range(length))  # every three characters a different piece
+        pieces = _text_index_query(text).split(" AND ")
+        assert len(pieces) == length - 2 if length - 2 <= 32 else 16 < len(pieces) <= 32, length
+        assert pieces[0] == f'"{text[:3]}"', length
+
+
 def test_rows_left_running_are_found_without_reading_every_generation(ledger):
     """At shutdown the app gives its claims back; after a year that read the whole table."""
     new_batch(ledger, rows=3)
