@@ -1301,7 +1301,9 @@ def _text_index_query(text: str) -> str:
     """The text index's query for the rows holding ``text``: each of its three-character pieces, quoted (the
     text is never query syntax), all required; at most about 32 of them, spread over the text, which finds
     the same rows or a few more (search's LIKE drops those). Empty for a text shorter than three characters,
-    which the index cannot look up."""
+    which the index cannot look up. Only the text before a NUL character counts: SQLite reads LIKE's pattern up
+    to it, so the rows found need not hold what follows, and FTS5 takes a NUL for the end of the query."""
+    text = text.split("\x00", 1)[0]
     pieces = list(dict.fromkeys(text[i:i + 3] for i in range(len(text) - _TEXT_INDEX_MIN_CHARS + 1)))
     pieces = pieces[::max(1, len(pieces) // 32)]
     return " AND ".join('"' + piece.replace('"', '""') + '"' for piece in pieces)
