@@ -479,6 +479,17 @@ def test_xlsx_formula_without_saved_value_is_still_named_beside_formulas_showing
     assert not report[2].ok and report[3].ok
 
 
+def test_xlsx_cells_with_an_empty_reference_are_counted_in_order_as_openpyxl_reads_them(template):
+    """A tool that writes ``<c r="">`` (openpyxl counts such a cell as the next in its row): the look for formulas
+    without a saved value crashed on the empty reference (UnboundLocalError) and the file could not be read."""
+    rows = [["prompt", "seed", "note"], ["cat", "=1+1", '=""'], ["dog", 5, '=""']]
+    data = rewrite_member(xlsx_bytes(rows), SHEET_XML, excel_saved_text({"C2": "", "C3": ""}))
+    data = rewrite_member(data, SHEET_XML, lambda xml: re.sub(rb'<c r="[A-Z]+[23]"', b'<c r=""', xml))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert [(p.row, p.column, p.code) for p in sheet.problems] == [(2, "seed", "formula_without_value")]
+    assert [(r.number, r.cells["prompt"], r.cells["note"]) for r in sheet.rows] == [(2, "cat", ""), (3, "dog", "")]
+
+
 def test_xlsx_cached_excel_error_is_a_cell_problem(template):
     data = xlsx_bytes([["prompt", "seed"], ["cat", "=1/0"]])
     data = rewrite_member(data, SHEET_XML, lambda xml: re.sub(
