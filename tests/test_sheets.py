@@ -687,6 +687,24 @@ def test_number_choices_match_cells_by_value_as_excel_writes_them():
     assert report[2].ok and report[2].values["strength"] == 0.5
 
 
+def test_numbers_past_decimals_exponent_limit_are_cell_problems_not_a_failed_sheet():
+    """A cell such as 1e9999999999 in a choice column, or 1e9999999999% in a number column, stopped the whole
+    sheet's check with decimal.Overflow: no row was reported, none could run."""
+    schema = {"name": "huge_numbers", "fields": [
+        {"name": "prompt", "type": "text", "required": True, "example": "a cat"},
+        {"name": "strength", "type": "choice", "choices": [0.5, 1.0], "default": 0.5},
+        {"name": "cfg", "type": "float", "default": 4.5},
+    ]}
+    workflow = '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}, "s": {{ strength }}, "c": {{ cfg }}}}}'
+    template = parse_template(json.dumps(schema), workflow)
+    data = b"prompt,strength,cfg\na,1e9999999999,4\nb,1.0,1e9999999999%\nc,1e-9999999999,5\nd,1.00,50%\n"
+    report = report_for(read_sheet(data, "rows.csv"), template)
+    assert [(p.column, p.code) for p in report[2].problems] == [("strength", "not_a_choice")]
+    assert [(p.column, p.code) for p in report[3].problems] == [("cfg", "too_large")]
+    assert [(p.column, p.code) for p in report[4].problems] == [("strength", "not_a_choice")]
+    assert report[5].ok and report[5].values == {"prompt": "d", "strength": 1.0, "cfg": 0.5}
+
+
 def test_xlsx_dates_read_as_the_cell_shows_them():
     import datetime
 
