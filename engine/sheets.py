@@ -29,7 +29,7 @@ import unicodedata
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, Overflow
 from functools import lru_cache
 from itertools import compress, repeat
 from operator import is_not
@@ -1392,6 +1392,8 @@ def coerce_cell(field: "TemplateField", text: str, decimal_comma: bool = False) 
         cleaned = decimal_comma_number(written) if decimal_comma else written
         try:
             number = Decimal(cleaned) / 100 if percent else Decimal(cleaned)
+        except Overflow:  # a percentage past Decimal's exponent limit (1e9999999999%): far past any float
+            raise CellValueError("too_large", f"'{_short(text)}' is too large a number", value=_short(text)) from None
         except InvalidOperation:
             if _SURELY_COMMA.fullmatch(_NUMBER_SPACES.sub("", text.strip())):
                 # a decimal comma in a sheet whose other numbers have points (or no sign of either)
@@ -1446,9 +1448,10 @@ def _match_choice(choices: Iterable[Any], text: str) -> Any:
     except InvalidOperation:
         return None
     if number.is_finite():
-        key = f"number:{number.normalize():f}"
+        # Compared as numbers, exactly: writing the cell's number out (as choice_key does) would build a
+        # billion digits for 1e999999999, or fail past Decimal's exponent limit (1e9999999999)
         for choice in choices:
-            if choice_key(choice) == key:
+            if isinstance(choice, (int, float)) and not isinstance(choice, bool) and Decimal(str(choice)) == number:
                 return choice
     return None
 

@@ -102,6 +102,8 @@ _WHEN = "coalesce(finished_at, queued_at)"
 # indexes each three characters in a row, so a shorter text is searched by reading the rows themselves.
 _TEXT_INDEX = "generations_text"
 _TEXT_INDEX_MIN_CHARS = 3
+# The longest start of a search text the index looks up (the LIKE still checks the whole text).
+_TEXT_INDEX_LOOKUP_CHARS = 1000
 # A long text is looked up by this many of its pieces at most: the rows holding them all hold it, but for few
 _TEXT_INDEX_MAX_PIECES = 32
 # The oldest SQLite that builds every migration: FTS5's trigram tokenizer (migration 7) came with 3.34.
@@ -1309,8 +1311,12 @@ def _is_lock_contention(exc: sqlite3.OperationalError) -> bool:
 def _text_index_query(text: str) -> str:
     """The text index's query for the rows holding ``text``: each of its three-character pieces, quoted (the
     text is never query syntax), all required; at most :data:`_TEXT_INDEX_MAX_PIECES` of them, spread over the
-    text, which finds the same rows or a few more (search's LIKE drops those). Empty for a text shorter than three characters,
-    which the index cannot look up."""
+    text, which finds the same rows or a few more (search's LIKE drops those). Empty for a text shorter than three
+    characters, which the index cannot look up. Only the text before a NUL character counts: SQLite reads LIKE's
+    pattern up to it, so the rows found need not hold what follows, and FTS5 takes a NUL for the end of the query.
+    Of a pasted page of text only the start is looked up: a row holding the whole text holds its start, and
+    cutting every piece out of megabytes would take seconds."""
+    text = text.split("\x00", 1)[0][:_TEXT_INDEX_LOOKUP_CHARS]
     pieces = list(dict.fromkeys(text[i:i + 3] for i in range(len(text) - _TEXT_INDEX_MIN_CHARS + 1)))
     pieces = pieces[::-(-len(pieces) // _TEXT_INDEX_MAX_PIECES) or 1]  # every n-th, n rounded up
     return " AND ".join('"' + piece.replace('"', '""') + '"' for piece in pieces)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import heapq
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
@@ -455,7 +456,10 @@ def _to_int(value: Any) -> int:
             number = Decimal(value.strip())
         except InvalidOperation:
             raise _wrong_type_named("INT", value) from None
-        if number.is_finite() and number == number.to_integral_value():
+        # Past the digits Python reads an integer from text with (4300), "1e999999999" would hold the server
+        # for minutes building a number no input takes
+        if number.is_finite() and number.adjusted() < sys.get_int_max_str_digits() \
+                and number == number.to_integral_value():
             return int(number)
     raise _wrong_type_named("INT", value)
 
@@ -464,7 +468,10 @@ def _to_float(value: Any) -> float:
     if isinstance(value, bool):
         raise _wrong_type_named("FLOAT", value)
     if isinstance(value, (int, float)):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past the largest float (10**400)
+            raise _wrong_type_named("FLOAT", value) from None
     elif isinstance(value, str):
         try:
             number = float(value.strip())

@@ -57,7 +57,7 @@ def formula_cells_of(data: bytes, member: str) -> FormulaCells:
             row_number = int(attributes["r"]) if "r" in attributes else row_number + 1
             column = 0
         elif name == cell_tag:
-            if "r" in attributes:
+            if attributes.get("r"):  # as openpyxl: an empty reference (r="") is counted, like a missing one
                 position = coordinate_to_tuple(attributes["r"])
                 column = position[1]
             else:

@@ -754,6 +754,22 @@ def test_an_int_input_given_a_fraction_is_truncated_as_comfyui_does(server):
     assert server.services.ledger.rows(prompt_id)[0].steps == 2
 
 
+@pytest.mark.parametrize("node, name, constant", [("3", "seed", "NaN"), ("3", "cfg", "-Infinity"),
+                                                  ("3", "note", "Infinity")], ids=repr)
+def test_nan_or_infinity_in_a_prompt_is_a_400_not_a_server_error(server, node, name, constant):
+    """Python's json reads NaN and Infinity, which JSON has not. A seed of NaN was refused, but the refusal
+    quoting it could not be written as JSON: the client got a 500 instead of ComfyUI's 400. They are now
+    refused wherever they are in the body (one in an input the node does not declare was kept and shown as
+    null)."""
+    prompt = example_prompt()
+    prompt[node]["inputs"][name] = "@CONSTANT@"
+    body = '{"prompt": %s}' % json.dumps(prompt).replace('"@CONSTANT@"', constant)
+    answer = server.http.post("/prompt", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_prompt" and f"{constant} is not a JSON number" in error["message"]
+
+
 def test_history_keeps_the_literals_as_comfyui_validation_converts_them(server):
     """ComfyUI writes each INT, FLOAT and STRING literal it validates back into the prompt that /queue and
     /history show: a client that sent its seed as text reads a number back, steps 2.5 reads 2, cfg 1 reads

@@ -479,6 +479,17 @@ def test_xlsx_formula_without_saved_value_is_still_named_beside_formulas_showing
     assert not report[2].ok and report[3].ok
 
 
+def test_xlsx_cells_with_an_empty_reference_are_counted_in_order_as_openpyxl_reads_them(template):
+    """A tool that writes ``<c r="">`` (openpyxl counts such a cell as the next in its row): the look for formulas
+    without a saved value crashed on the empty reference (UnboundLocalError) and the file could not be read."""
+    rows = [["prompt", "seed", "note"], ["cat", "=1+1", '=""'], ["dog", 5, '=""']]
+    data = rewrite_member(xlsx_bytes(rows), SHEET_XML, excel_saved_text({"C2": "", "C3": ""}))
+    data = rewrite_member(data, SHEET_XML, lambda xml: re.sub(rb'<c r="[A-Z]+[23]"', b'<c r=""', xml))
+    sheet = read_sheet(data, "rows.xlsx")
+    assert [(p.row, p.column, p.code) for p in sheet.problems] == [(2, "seed", "formula_without_value")]
+    assert [(r.number, r.cells["prompt"], r.cells["note"]) for r in sheet.rows] == [(2, "cat", ""), (3, "dog", "")]
+
+
 def test_xlsx_cached_excel_error_is_a_cell_problem(template):
     data = xlsx_bytes([["prompt", "seed"], ["cat", "=1/0"]])
     data = rewrite_member(data, SHEET_XML, lambda xml: re.sub(
@@ -674,6 +685,24 @@ def test_number_choices_match_cells_by_value_as_excel_writes_them():
     # In a CSV, a number choice typed with trailing zeros is the same choice
     report = report_for(read_sheet(b"prompt,strength\nd,0.50\n", "rows.csv"), template)
     assert report[2].ok and report[2].values["strength"] == 0.5
+
+
+def test_numbers_past_decimals_exponent_limit_are_cell_problems_not_a_failed_sheet():
+    """A cell such as 1e9999999999 in a choice column, or 1e9999999999% in a number column, stopped the whole
+    sheet's check with decimal.Overflow: no row was reported, none could run."""
+    schema = {"name": "huge_numbers", "fields": [
+        {"name": "prompt", "type": "text", "required": True, "example": "a cat"},
+        {"name": "strength", "type": "choice", "choices": [0.5, 1.0], "default": 0.5},
+        {"name": "cfg", "type": "float", "default": 4.5},
+    ]}
+    workflow = '{"1": {"class_type": "X", "inputs": {"t": {{ prompt }}, "s": {{ strength }}, "c": {{ cfg }}}}}'
+    template = parse_template(json.dumps(schema), workflow)
+    data = b"prompt,strength,cfg\na,1e9999999999,4\nb,1.0,1e9999999999%\nc,1e-9999999999,5\nd,1.00,50%\n"
+    report = report_for(read_sheet(data, "rows.csv"), template)
+    assert [(p.column, p.code) for p in report[2].problems] == [("strength", "not_a_choice")]
+    assert [(p.column, p.code) for p in report[3].problems] == [("cfg", "too_large")]
+    assert [(p.column, p.code) for p in report[4].problems] == [("strength", "not_a_choice")]
+    assert report[5].ok and report[5].values == {"prompt": "d", "strength": 1.0, "cfg": 0.5}
 
 
 def test_xlsx_dates_read_as_the_cell_shows_them():

@@ -315,6 +315,35 @@ def test_a_long_text_is_looked_up_by_at_most_32_of_its_pieces():
         assert pieces[0] == f'"{text[:3]}"', length
 
 
+def test_a_search_text_holding_a_nul_character_finds_what_like_finds(ledger):
+    """A NUL in the search box (a pasted binary, a script's %00) was sent to the text index as query syntax,
+    which ends at it: the search failed with "unterminated string" instead of answering."""
+    batch_id = new_batch(ledger, rows=2)
+    for prompt in ("a linen shirt", "a shirt of silk"):
+        row = ledger.claim_next(batch_id)
+        ledger.complete_row(row.row_key, {**RECORD, "prompt": prompt}, "/a.png", "a" * 64)
+    for text in ("linen shirt\x00", "shirt\x00 of silk", "\x00silk", "lin\x00en"):
+        like = ledger.conn.execute(
+            "SELECT row_key FROM generations WHERE prompt LIKE ? OR negative_prompt LIKE ? OR row_values LIKE ?",
+            ["%" + text + "%"] * 3).fetchall()
+        assert {g.row_key for g in ledger.search(text)} == {key for (key,) in like}, text
+    assert [g.prompt for g in ledger.search("linen shirt\x00")] == ["a linen shirt"]
+
+
+def test_a_pasted_text_longer_than_the_index_looks_up_finds_the_rows_holding_all_of_it(ledger):
+    """Only the start of a very long search text is looked up in the text index; the rows found must still be
+    exactly those holding the whole text."""
+    from engine.store import _TEXT_INDEX_LOOKUP_CHARS
+
+    start = "".join(f"word{n} " for n in range(_TEXT_INDEX_LOOKUP_CHARS))  # longer than the lookup
+    batch_id = new_batch(ledger, rows=2)
+    for prompt in (start + "ending one", start + "ending two"):
+        row = ledger.claim_next(batch_id)
+        ledger.complete_row(row.row_key, {**RECORD, "prompt": prompt}, "/a.png", "a" * 64)
+    assert [g.prompt for g in ledger.search(start + "ending two")] == [start + "ending two"]
+    assert len(ledger.search(start)) == 2 and ledger.search(start + "ending three") == []
+
+
 def test_rows_left_running_are_found_without_reading_every_generation(ledger):
     """At shutdown the app gives its claims back; after a year that read the whole table."""
     new_batch(ledger, rows=3)

@@ -11,7 +11,7 @@ import pytest
 from arithmetic_nodes import arithmetic_registry, make_context
 from engine.errors import WorkflowInvalid
 from engine.nodes.base import Input, NodeType, Output
-from engine.validate import coerce_literal, ensure_valid, output_ancestors, validate_workflow
+from engine.validate import LiteralProblem, coerce_literal, ensure_valid, output_ancestors, validate_workflow
 from engine.workflow import parse_workflow
 
 EXAMPLES = Path(__file__).parent / "data" / "comfyui-examples"
@@ -119,6 +119,17 @@ def test_bad_literals(registry, node_id, name, value, kind):
 @pytest.mark.parametrize("value, expected", [(2.5, 2), (-2.7, -2), (7.0, 7)])
 def test_int_truncates_a_float_as_comfyui_does(value, expected):
     assert coerce_literal(Input("steps", "INT", min=-10, max=10), value) == expected
+
+
+@pytest.mark.parametrize("spec, value", [
+    (Input("n", "INT"), "1e5000"),  # "1e999999999" held the server for minutes building the number
+    (Input("n", "INT", min=0, max=2**64 - 1), "-1e99999"),
+    (Input("cfg", "FLOAT"), 10**400),  # was "exception_during_validation": OverflowError
+], ids=["int exponent", "int exponent with range", "float from a huge int"])
+def test_a_number_too_large_for_any_input_is_a_wrong_type_before_it_is_built(spec, value):
+    with pytest.raises(LiteralProblem) as refused:
+        coerce_literal(spec, value)
+    assert refused.value.type == "invalid_input_type"
 
 
 def test_value_not_in_list_names_the_allowed_values(registry):

@@ -611,6 +611,20 @@ def client_feature_flags(text: str) -> dict[str, Any] | None:
     return message.get("data") if isinstance(message.get("data"), dict) else {}
 
 
+class _NotJsonNumber(ValueError):
+    """NaN, Infinity or -Infinity in a request body: Python's json reads them, JSON has no such numbers."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJsonNumber(f"{name} is not a JSON number")
+
+
+def _prompt_body(data: bytes) -> Any:
+    """A /prompt request's JSON, refusing NaN and Infinity anywhere in it (_NotJsonNumber): no JSON client sends
+    them (a browser writes null), and a refusal quoting one (a seed of NaN) cannot be written as JSON."""
+    return json.loads(data, parse_constant=_refuse_constant)
+
+
 async def _json_object(request: Any) -> dict[str, Any]:
     """The request's JSON object; anything else (no body, not JSON, a list) reads as ``{}``, as ComfyUI's
     optional bodies do."""
@@ -636,7 +650,9 @@ def comfy_router(services: Any, guard: ApiGuard, upload_limit: "UploadLimit") ->
     async def post_prompt(request: Request, caller: Any = user) -> Any:
         bridge.loop = asyncio.get_running_loop()
         try:
-            body = await request.json()
+            body = _prompt_body(await request.body())
+        except _NotJsonNumber as exc:
+            return JSONResponse(comfy_error(WorkflowFormatError(f"the request body is not JSON: {exc}")), 400)
         except ValueError:
             return JSONResponse(comfy_error(WorkflowFormatError("the request body is not JSON")), 400)
         try:
