@@ -45,6 +45,7 @@ from engine.jobs import (
 )
 from engine.logs import log_context
 from engine.naming import fill_filename_pattern, pattern_values, row_digits, safe_filename
+from engine.parked import ParkedBatch, park
 from engine.rows import Dispatcher, LocalDispatcher, RowExecutor
 from engine.sheets import Sheet, ValidationReport, derive_seed, title_above_header_hint, validate_rows
 from engine.storage import (IMAGE_SIZE_SAMPLE, IMAGES_OF_ROOM, LEDGER_ROOM_BYTES, expected_image_bytes,
@@ -53,8 +54,11 @@ from engine.workflow import Workflow
 
 log = logging.getLogger(__name__)
 
-STAGING_FOLDER = ".staging"  # under the uploads folder: photos unpacked for a batch not yet started
+STAGING_FOLDER = ".staging"  # under the uploads folder: photos unpacked and rows checked for a batch not yet started
 STAGING_MAX_AGE_S = 24 * 3600
+# Checked rows wait for Start longer than photos: a tab left open over a weekend still starts its batch.
+# They are small (about 0.6 MB for 10,000 rows); a newer check in the same tab replaces them at once.
+PARKED_MAX_AGE_S = 7 * 24 * 3600
 
 
 @dataclass
@@ -94,6 +98,18 @@ class PreparedBatch:
     @property
     def runnable(self) -> int:
         return sum(1 for row in self.rows if row["status"] == QUEUED)
+
+    @property
+    def sheet_name(self) -> str:
+        return self.sheet.filename
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.sheet.columns)
+
+    def load_rows(self) -> list[dict[str, Any]]:
+        """The rows to record: held here (an :class:`engine.parked.ParkedBatch` reads them from disk)."""
+        return self.rows
 
 
 @dataclass
@@ -285,18 +301,33 @@ class BatchRunner:
         own folder and removes the staging; staging left by batches never started goes after a day."""
         from engine.image_refs import ImageLibrary
 
-        root = Path(self.settings.uploads_path) / STAGING_FOLDER
-        root.mkdir(parents=True, exist_ok=True)
-        cutoff = time.time() - STAGING_MAX_AGE_S
-        for old in root.iterdir():
-            if old.is_dir() and old.stat().st_mtime < cutoff:
-                shutil.rmtree(old, ignore_errors=True)
-        folder = Path(tempfile.mkdtemp(prefix="photos-", dir=root))
+        folder = Path(tempfile.mkdtemp(prefix="photos-", dir=self._staging_folder()))
         try:
             return ImageLibrary.from_zip(source, folder / "images", limits)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+
+    def _staging_folder(self) -> Path:
+        """The uploads' staging folder, cleared of what batches never started left there: photos unpacked
+        over a day ago, checked rows parked over a week ago."""
+        root = Path(self.settings.uploads_path) / STAGING_FOLDER
+        root.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for old in root.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # another process cleared it first
+                age = now - old.stat().st_mtime
+                if old.is_dir() and age > STAGING_MAX_AGE_S:
+                    shutil.rmtree(old, ignore_errors=True)
+                elif old.is_file() and age > PARKED_MAX_AGE_S:
+                    old.unlink()
+        return root
+
+    def park(self, prepared: PreparedBatch) -> ParkedBatch:
+        """Set a checked batch aside until it is started: its rows go to the staging folder, and the small
+        :class:`engine.parked.ParkedBatch` that :meth:`start` takes instead is what a page session keeps.
+        Rows parked and never started are removed after a week (BatchError ``batch_check_expired`` at start)."""
+        return park(prepared, self._staging_folder())
 
     def stage_photos(
         self, template_name: str, photos: dict[str, str | Path | None]
@@ -545,9 +576,13 @@ class BatchRunner:
                 found.append(batch)
         return found
 
-    def start(self, prepared: PreparedBatch) -> str:
-        """Record the batch and its rows (queued or skipped). Idempotent for a resumed batch."""
+    def start(self, prepared: PreparedBatch | ParkedBatch) -> str:
+        """Record the batch and its rows (queued or skipped). Idempotent for a resumed batch.
+
+        A parked batch's rows are read back from disk first (BatchError ``batch_check_expired`` when they
+        are gone), and removed once recorded: the same check starts one batch."""
         template = prepared.template
+        rows = prepared.load_rows()  # before anything is recorded: an expired check records nothing
         if not prepared.resumed:
             images = prepared.images
             if images is not None:  # the batch's own copy, so resume and re-runs find the same photos
@@ -557,7 +592,7 @@ class BatchRunner:
                 batch_id=prepared.batch_id,
                 template_name=template.name,
                 template_hash=template.content_hash,
-                sheet_name=prepared.sheet.filename,
+                sheet_name=prepared.sheet_name,
                 sheet_hash=prepared.sheet_hash,
                 batch_seed=prepared.batch_seed,
                 user=prepared.user,
@@ -565,11 +600,11 @@ class BatchRunner:
                     "filename_pattern": template.filename_pattern,
                     # {row} in file names is padded to this many digits; a batch recorded without it (made
                     # before names were padded) keeps its unpadded names when it resumes
-                    "row_digits": row_digits(int(row["row_number"]) for row in prepared.rows),
-                    "columns": list(prepared.sheet.columns),
+                    "row_digits": row_digits(int(row["row_number"]) for row in rows),
+                    "columns": list(prepared.columns),
                     # One ready workflow keeps its SaveImage names (ComfyUI's /prompt); several rows of one
                     # (a prompt file) would number their files alike: they are named by row instead.
-                    "keep_workflow_names": isinstance(template, _WorkflowTemplate) and len(prepared.rows) == 1,
+                    "keep_workflow_names": isinstance(template, _WorkflowTemplate) and len(rows) == 1,
                     "image_fields": [f.name for f in getattr(template, "fields", ()) if f.type == "image"],
                     **({"images": {"count": len(images), "content_hash": images.content_hash}} if images is not None else {}),
                 },
@@ -577,8 +612,10 @@ class BatchRunner:
         # Always: rows already recorded are left as they are, and a start that died between the two writes
         # gets its rows on resume. Each row records the size of its image, for the storage probe.
         self.ledger.add_rows(prepared.batch_id, [
-            {**row, "image_bytes": row_image_bytes(row.get("workflow"), row.get("values"))} for row in prepared.rows
+            {**row, "image_bytes": row_image_bytes(row.get("workflow"), row.get("values"))} for row in rows
         ])
+        if isinstance(prepared, ParkedBatch):
+            prepared.discard()
         return prepared.batch_id
 
     # -------------------------------------------------------------------- run

@@ -146,6 +146,8 @@ ERROR_CODES: dict[str, tuple[str, ...]] = {
     "batch_not_selected": (),
     "batch_not_found": ("batch_id",),
     "batch_not_checked": (),
+    "batch_check_expired": ("batch_id",),
+    "batch_check_unwritable": ("batch_id", "path"),
     "batch_not_owner": ("batch_id", "owner"),
     "model_not_found": ("kind", "name", "available"),
     "model_not_allowed": ("name", "allowed"),

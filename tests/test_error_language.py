@@ -475,7 +475,7 @@ def test_a_row_the_template_cannot_render_is_said_in_chinese(services, tmp_path)
     checked = handlers.check_sheet(services, ALICE, "my_draft", sheet, lang="zh")
     assert checked.rows[0][1] == "正常"
     assert checked.rows[1][2] == "整行: 模板“my_draft”渲染失败：模板本身有误，请管理员检查它的 workflow.json.j2"
-    (problem,) = checked.prepared.report.rows[1].problems
+    (problem,) = services.runner.prepare("my_draft", read_sheet(sheet)).report.rows[1].problems
     assert problem.code == "template_render_failed" and problem.params["template"] == "my_draft"
 
 

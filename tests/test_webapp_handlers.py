@@ -797,6 +797,89 @@ def test_the_server_keeps_the_state_of_only_the_page_sessions_used_last(settings
     assert upload_cache_schedule(0) is None  # kept, as Gradio does by default
 
 
+def page_event(browser, config: dict, name: str, session: str, values: list) -> dict:
+    """One event of the page under page session ``session``, as the browser sends it: ``values`` for its
+    inputs in order, and None where an input is the session's own state (the server fills that in); the
+    completed message."""
+    import json
+
+    dependency = next(d for d in config["dependencies"] if d.get("api_name") == name)
+    kinds = {component["id"]: component["type"] for component in config["components"]}
+    given = iter(values)
+    data = [None if kinds[block] == "state" else next(given) for block in dependency["inputs"]]
+    assert next(given, "all used") == "all used"
+    joined = browser.post("/gradio_api/queue/join", json={
+        "fn_index": dependency["id"], "data": data, "session_hash": session, "trigger_id": None, "event_data": None})
+    assert joined.status_code == 200, joined.text
+    with browser.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as events:
+        for line in events.iter_lines():
+            if line.startswith("data:") and "process_completed" in line:
+                return json.loads(line[5:])
+    raise AssertionError(f"{name} never completed")
+
+
+def test_a_checked_sheet_leaves_its_page_session_a_small_handle_and_start_records_every_row(
+    settings, demo_engine, tmp_path
+):
+    """A page session kept the whole prepared batch until the next check: every row's rendered workflow,
+    its values, the sheet and the report, about 100 MB for 10,000 rows, in each of up to 500 sessions.
+    It keeps a handle now (the rows wait on disk), and Start from that session records exactly the rows a
+    check prepares."""
+    import pickle
+    from dataclasses import replace
+
+    import httpx
+
+    from engine.sheets import read_sheet
+    from live_server import live_server
+    from webapp.server import create_app
+
+    lines = ["product_name,color,seed,width,height,steps"]
+    for i in range(300):  # every fifth row has a size over the maximum; half the seeds come from the batch seed
+        lines.append(f"产品 {i} \"quoted\",red,{'' if i % 2 else 2**64 - 1 - i},64,{9999 if i % 5 == 0 else 64},1")
+    catalogue = tmp_path / "catalogue.csv"
+    catalogue.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    app, services = create_app(settings, demo_engine, users=UserStore([]))
+    page_app = next(route.app for route in app.routes if getattr(route, "path", None) == "")  # Gradio, at /
+    staging = Path(settings.uploads_path) / ".staging"
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as browser:
+        config = browser.get("/config").json()
+        uploaded = browser.post("/gradio_api/upload", files={"files": ("catalogue.csv", catalogue.read_bytes())})
+        as_file = {"path": uploaded.json()[0], "orig_name": "catalogue.csv", "meta": {"_type": "gradio.FileData"}}
+        checked = page_event(browser, config, "check", "tab", ["product_shot", as_file, "skip", "7", None])
+        assert checked["success"], checked
+        assert checked["output"]["data"][1].startswith("240 rows ready, 60 rows with problems.")
+
+        held = next(value for value in page_app.state_holder.session_data["tab"].state_data.values()
+                    if type(value).__name__ in {"PreparedBatch", "ParkedBatch"})
+        # What the session holds of its own: the template object is the registry's, shared by every session.
+        own = pickle.dumps(replace(held, template=None))
+        assert len(own) < 2_000, f"{len(own):,} bytes held for 300 rows"
+        assert [path.suffix for path in staging.iterdir()] == [".z"]  # the rows wait on disk
+
+        again = page_event(browser, config, "check", "tab", ["product_shot", as_file, "skip", "7", None])
+        assert again["success"], again
+        assert len(list(staging.iterdir())) == 1  # the earlier check's rows went with it
+
+        started = page_event(browser, config, "start", "tab", [])
+        assert started["success"], started
+        batch_id = started["output"]["data"][3]
+        services.queue.cancel(batch_id)  # the rows are recorded; running them is not what this is about
+        assert list(staging.iterdir()) == []  # started: its rows are in the ledger now
+
+    recorded = {row.row_number: row for row in services.ledger.rows(batch_id)}
+    expected = services.runner.prepare("product_shot", read_sheet(catalogue), batch_seed=7).rows
+    assert len(recorded) == 300
+    for row in expected:
+        got = recorded[row["row_number"]]
+        assert (got.row_values, got.seed, got.workflow, got.prompt) == (
+            row["values"], row["seed"], row["workflow"], row["prompt"])
+        if row["status"] == "skipped":
+            assert (got.status, got.error) == ("skipped", row["error"])
+        else:
+            assert got.status != "skipped"
+
+
 def gradio_call(client, endpoint: str, data: list) -> list[str]:
     """The ``data:`` lines of one call through Gradio's HTTP API, as a script would make it."""
     event = client.post(f"/gradio_api/call/{endpoint}", json={"data": data}).json()["event_id"]

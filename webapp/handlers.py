@@ -178,7 +178,9 @@ REPORT_TABLE_ROWS = 200
 class SheetCheck:
     """The validation report of an uploaded sheet against a template, ready to show and to start."""
 
-    prepared: Any  # engine.batch.PreparedBatch, or None when nothing can start
+    # engine.parked.ParkedBatch (the rows wait on disk: a page session keeps this for as long as its tab
+    # stays open), or None when nothing can start
+    prepared: Any
     header: list[str]
     rows: list[list[Any]]  # what the page lists: every row, or for a long sheet the first rows with problems
     summary: str
@@ -201,11 +203,14 @@ def check_sheet(
     batch_seed: int | None = None,
     lang: str = "en",
     images_path: str | Path | None = None,
+    replaces: Any = None,
 ) -> SheetCheck:
     """Read the uploaded sheet and validate every row; nothing is recorded or queued yet.
 
     ``images_path``: the zip of product photos uploaded with the sheet, which its image columns name.
+    ``replaces``: what an earlier check of the same page prepared (see :func:`discard_check`).
     """
+    discard_check(replaces)
     from engine.image_refs import ImageLimits
     from engine.sheets import SheetLimits, read_sheet
 
@@ -260,7 +265,15 @@ def check_sheet(
     elif prepared.runnable == 0:
         summary += " " + text("batch.no_rows", lang)
     problems_csv = _problems_csv(prepared.sheet, bad_lines, lang) if bad else ""
-    return SheetCheck(prepared if startable else None, header, table, summary, ok, bad, problems_csv)
+    parked = services.runner.park(prepared) if startable else None
+    return SheetCheck(parked, header, table, summary, ok, bad, problems_csv)
+
+
+def discard_check(prepared: Any) -> None:
+    """Forget what a check prepared and nobody will start: the page checked again, or its sheet, template or
+    seed changed. Its rows would otherwise wait on disk for a week."""
+    if prepared is not None:
+        prepared.discard()
 
 
 def _problems_csv(sheet: Any, bad_lines: list[list[Any]], lang: str) -> str:
@@ -963,6 +976,7 @@ __all__ = [
     "check_sheet",
     "current_batch",
     "demo_in_use",
+    "discard_check",
     "error_message",
     "generate_single",
     "generation_detail",

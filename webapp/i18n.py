@@ -647,6 +647,8 @@ ERRORS_ZH: dict[str, str] = {
     "batch_not_selected": "没有选择批次",
     "batch_not_found": "记录中没有批次“{batch_id}”",
     "batch_not_checked": "还没有可开始的内容：请先检查表格",
+    "batch_check_expired": "批次 {batch_id} 检查过的行已不再保留（超过一周未开始，或已经开始过）：请重新检查表格",
+    "batch_check_unwritable": "无法保存批次 {batch_id} 检查过的行：文件夹 {path} 无法写入（磁盘已满或没有写入权限）",
     "batch_not_owner": "批次 {batch_id} 由 {owner} 启动：只有本人或管理员可以停止或继续",
     "model_not_found": "找不到 {kind}“{name}”；可用：{available}",
     "model_not_allowed": "不能切换到模型“{name}”；可选：{allowed}",

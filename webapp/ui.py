@@ -305,8 +305,8 @@ def _problems_file(sheet_path: str, problems_csv: str) -> str:
 def upload_cache_schedule(retention_s: int) -> tuple[int, int] | None:
     """Gradio's ``delete_cache`` ``(every, older_than)`` for the ``upload_retention_s`` setting: uploads would
     otherwise pile up in Gradio's cache for the life of the machine (sheets and photo zips up to
-    ``max_upload_mb`` each). Nothing the app keeps lives there: a checked sheet is parsed into memory and its
-    photos unpacked into the batch's own folder, a template's files are read when saved."""
+    ``max_upload_mb`` each). Nothing the app keeps lives there: a checked sheet's rows are set aside in the
+    uploads' staging folder and its photos unpacked beside them, a template's files are read when saved."""
     if retention_s <= 0:
         return None
     return max(1, min(3600, retention_s // 4)), retention_s
@@ -602,15 +602,16 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
         batch_template_outputs = [batch_template_desc, batch_template_image, batch_fields, photos_hint, photos_file]
         ui.load(show_batch_template, inputs=batch_template, outputs=batch_template_outputs)
 
-        def check(template_name, path, mode, seed, photos, request: gr.Request):
+        def check(template_name, path, mode, seed, photos, earlier, request: gr.Request):
             who, lang = caller(request), language_of_request(request)
             if not path:
+                handlers.discard_check(earlier)
                 return None, text("batch.nothing_prepared", lang), "", gr.update(interactive=False), NO_FILE
             try:
                 seed = handlers.parse_seed(seed)
                 result = handlers.check_sheet(
                     services, who, template_name, path, on_invalid=mode, batch_seed=seed, lang=lang,
-                    images_path=photos)
+                    images_path=photos, replaces=earlier)
             except EngineError as exc:
                 # Whatever an earlier check prepared is gone: Start never runs a sheet other than the one shown.
                 message = handlers.error_message(exc, lang)
@@ -625,30 +626,32 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
             return result.prepared, result.summary, report, gr.update(interactive=result.can_start), problems
 
         check_outputs = [prepared_state, report_summary, report_table, start_button, problems_file]
-        check_inputs = [batch_template, sheet_file, on_invalid, batch_seed, photos_file]
+        check_inputs = [batch_template, sheet_file, on_invalid, batch_seed, photos_file, prepared_state]
         check_button.click(check, inputs=check_inputs, outputs=check_outputs)
         sheet_file.upload(check, inputs=check_inputs, outputs=check_outputs)
         photos_file.upload(check, inputs=check_inputs, outputs=check_outputs)
         photos_file.clear(check, inputs=check_inputs, outputs=check_outputs)  # the rows may now lack photos
         on_invalid.change(check, inputs=check_inputs, outputs=check_outputs)
 
-        def clear_report():
+        def clear_report(earlier):
+            handlers.discard_check(earlier)
             return None, "", "", gr.update(interactive=False), NO_FILE
 
-        def seed_changed(request: gr.Request):
+        def seed_changed(earlier, request: gr.Request):
             # Checked on every keystroke would be wasteful; Start waits for the next check instead.
+            handlers.discard_check(earlier)
             return (None, text("batch.recheck", language_of_request(request)), "", gr.update(interactive=False),
                     NO_FILE)
 
-        sheet_file.clear(clear_report, outputs=check_outputs)
-        batch_seed.change(seed_changed, outputs=check_outputs)
+        sheet_file.clear(clear_report, inputs=prepared_state, outputs=check_outputs)
+        batch_seed.change(seed_changed, inputs=prepared_state, outputs=check_outputs)
 
-        def switch_batch_template(name: str | None, request: gr.Request):
+        def switch_batch_template(name: str | None, earlier, request: gr.Request):
             # One event for both: a report checked against the previous template must never survive the
             # switch, and a sheet uploaded right after the switch must not be cleared by a late event.
-            return (*show_batch_template(name, request), *clear_report())
+            return (*show_batch_template(name, request), *clear_report(earlier))
 
-        batch_template.change(switch_batch_template, inputs=batch_template,
+        batch_template.change(switch_batch_template, inputs=[batch_template, prepared_state],
                               outputs=[*batch_template_outputs, *check_outputs])
 
         @_guard
