@@ -585,6 +585,14 @@ class BatchRunner:
         rows = prepared.load_rows()  # before anything is recorded: an expired check records nothing
         if not prepared.resumed:
             images = prepared.images
+            gone = [] if images is None else images.missing()
+            if gone:
+                # Unpacked photos wait a day in the staging folder, a checked sheet's rows a week: a tab left
+                # open between the two would otherwise record a batch whose photos cannot be copied
+                raise BatchError(f"the photos checked with batch {prepared.batch_id} are no longer kept (unpacked "
+                                 f"photos are kept a day; {len(gone)} gone, e.g. '{gone[0]}'); upload the photos and "
+                                 "check the sheet again", code="batch_photos_expired", batch_id=prepared.batch_id,
+                                 count=len(gone), example=gone[0])
             if images is not None:  # the batch's own copy, so resume and re-runs find the same photos
                 images = images.install(self.images_dir(prepared.batch_id))
                 self.discard_staging(prepared.images)

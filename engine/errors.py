@@ -147,6 +147,7 @@ ERROR_CODES: dict[str, tuple[str, ...]] = {
     "batch_not_found": ("batch_id",),
     "batch_not_checked": (),
     "batch_check_expired": ("batch_id",),
+    "batch_photos_expired": ("batch_id", "count", "example"),
     "batch_check_unwritable": ("batch_id", "path"),
     "batch_not_owner": ("batch_id", "owner"),
     "model_not_found": ("kind", "name", "available"),

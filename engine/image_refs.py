@@ -222,6 +222,11 @@ class ImageLibrary:
             digest.update(f"{stored}\0{self.digests[stored]}\n".encode())
         return digest.hexdigest()
 
+    def missing(self) -> list[str]:
+        """Stored names of readable photos whose files are no longer in the folder (a staging folder cleared
+        after a day, while the check that unpacked it waited for Start)."""
+        return sorted((name for name in self.files.values() if not (self.folder / name).is_file()), key=str.casefold)
+
     # ------------------------------------------------------------------------------------- installing
 
     def install(self, dest: str | Path) -> "ImageLibrary":

@@ -102,3 +102,29 @@ def test_a_disk_too_full_for_the_rows_is_said_plainly(services, sheet, tiny_disk
         services.runner.park(prepared)
     assert refused.value.code == "batch_check_unwritable" and refused.value.details["path"] == str(staging)
     assert list(staging.iterdir()) == []  # no half-written rows left behind
+
+
+def test_a_check_whose_unpacked_photos_were_cleared_is_refused_at_start_not_half_recorded(services):
+    """Photos unpacked for a check are kept a day, its rows a week: Start after the photos went says so and
+    records nothing (it used to fail inside the copy with a FileNotFoundError)."""
+    import io
+    import shutil
+    import zipfile
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buffer, format="PNG")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as photos:
+        photos.writestr("shoe.png", buffer.getvalue())
+    runner = services.runner
+    sheet = read_sheet(b"product_name,product_photo,width,height,steps\nShoe,shoe.png,64,64,1\n", "rows.csv")
+    parked = runner.park(runner.prepare("product_in_scene", sheet, images=runner.unpack_photos(archive.getvalue())))
+    shutil.rmtree(parked.images.folder)  # what the staging's daily clearing does
+
+    with pytest.raises(BatchError) as refused:
+        runner.start(parked)
+    assert refused.value.code == "batch_photos_expired"
+    assert refused.value.details == {"batch_id": parked.batch_id, "count": 1, "example": "shoe.png"}
+    assert services.ledger.get_batch(parked.batch_id) is None

@@ -648,6 +648,7 @@ ERRORS_ZH: dict[str, str] = {
     "batch_not_found": "记录中没有批次“{batch_id}”",
     "batch_not_checked": "还没有可开始的内容：请先检查表格",
     "batch_check_expired": "批次 {batch_id} 检查过的行已不再保留（超过一周未开始，或已经开始过）：请重新检查表格",
+    "batch_photos_expired": "批次 {batch_id} 检查时上传的图片已不再保留（解压的图片只保留一天；已有 {count} 张不在，例如“{example}”）：请重新上传图片并检查表格",
     "batch_check_unwritable": "无法保存批次 {batch_id} 检查过的行：文件夹 {path} 无法写入（磁盘已满或没有写入权限）",
     "batch_not_owner": "批次 {batch_id} 由 {owner} 启动：只有本人或管理员可以停止或继续",
     "model_not_found": "找不到 {kind}“{name}”；可用：{available}",
