@@ -880,6 +880,34 @@ def test_a_checked_sheet_leaves_its_page_session_a_small_handle_and_start_record
             assert got.status != "skipped"
 
 
+def test_a_tab_closed_after_a_check_takes_its_checked_rows_with_it(settings, demo_engine, tmp_path):
+    """A session's state goes an hour after its tab closes (Gradio's own clean-up); the rows it checked and never
+    started went on waiting in the staging folder for a week, one file per closed tab."""
+    import httpx
+
+    from live_server import live_server
+    from webapp.server import create_app
+
+    catalogue = tmp_path / "catalogue.csv"
+    catalogue.write_text("product_name,color,seed,width,height,steps\nmug,red,1,64,64,1\n", encoding="utf-8")
+    app, _ = create_app(settings, demo_engine, users=UserStore([]))
+    page_app = next(route.app for route in app.routes if getattr(route, "path", None) == "")  # Gradio, at /
+    staging = Path(settings.uploads_path) / ".staging"
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as browser:
+        config = browser.get("/config").json()
+        uploaded = browser.post("/gradio_api/upload", files={"files": ("catalogue.csv", catalogue.read_bytes())})
+        as_file = {"path": uploaded.json()[0], "orig_name": "catalogue.csv", "meta": {"_type": "gradio.FileData"}}
+        checked = page_event(browser, config, "check", "closed-tab", ["product_shot", as_file, "skip", "7", None])
+        assert checked["success"], checked
+        assert [path.suffix for path in staging.iterdir()] == [".z"]
+
+        # What Gradio does when the tab's connection ends and the hour it keeps a closed session has passed
+        session = page_app.state_holder.session_data["closed-tab"]
+        session.is_closed, session.STATE_TTL_WHEN_CLOSED = True, 0
+        page_app.state_holder.delete_all_expired_state()
+        assert list(staging.iterdir()) == []
+
+
 def gradio_call(client, endpoint: str, data: list) -> list[str]:
     """The ``data:`` lines of one call through Gradio's HTTP API, as a script would make it."""
     event = client.post(f"/gradio_api/call/{endpoint}", json={"data": data}).json()["event_id"]

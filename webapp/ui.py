@@ -370,7 +370,9 @@ def build_ui(services: Any, settings: Any, users: Any = None, anonymous_role: st
                                                 elem_id="report-problems", height=80)
                         start_button = gr.Button(L("batch.start"), variant="primary", interactive=False,
                                                  elem_id="start-batch")
-                prepared_state = gr.State(None)
+                # A closed tab's state is dropped an hour later; its checked rows, waiting on disk for Start,
+                # go with it instead of staying a week in the staging folder.
+                prepared_state = gr.State(None, delete_callback=handlers.discard_check)
 
                 gr.Markdown(L("batch.section.progress"), elem_classes="section-title", elem_id="progress-section")
                 with gr.Row(equal_height=False, elem_classes="align-end"):
