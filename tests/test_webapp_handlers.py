@@ -766,6 +766,33 @@ def test_uploads_leave_gradios_cache_and_a_checked_batch_keeps_what_it_needs(set
         assert [row.status for row in services.ledger.rows(batch_id)] == ["done"]
 
 
+def test_a_check_whose_rows_the_disk_cannot_take_leaves_no_unpacked_photos_behind(services, tmp_path):
+    """On a full disk, Check said the rows could not be kept (batch_check_unwritable) but left the photos it had
+    unpacked in the staging folder for a day: each try again put another copy on the disk that was full."""
+    import resource
+    import signal
+
+    photos = tmp_path / "photos.zip"
+    with zipfile.ZipFile(photos, "w") as archive:
+        archive.write(write_photo(tmp_path / "mug.png"), "mug.png")
+    sheet = tmp_path / "scene.csv"
+    sheet.write_text("product_name,product_photo,width,height,steps\n"
+                     + "".join(f"Mug {i},mug.png,256,256,1\n" for i in range(300)), encoding="utf-8")
+    # A disk that takes the small photo but not the rows of 300 rendered workflows: files past 4 KB fail to
+    # write (EFBIG) as they would with ENOSPC.
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(BatchError) as refused:
+            handlers.check_sheet(services, USER, "product_in_scene", sheet, images_path=photos)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert refused.value.code == "batch_check_unwritable"
+    assert staged_photos(services) == []
+
+
 def test_the_server_keeps_the_state_of_only_the_page_sessions_used_last(settings, demo_engine):
     """Each page load is a Gradio session whose state (a copy of every component, ~0.25 MB) Gradio keeps,
     closed tab or not, until 10,000 have piled up: a server left running for weeks grew by gigabytes."""

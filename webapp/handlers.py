@@ -265,7 +265,15 @@ def check_sheet(
     elif prepared.runnable == 0:
         summary += " " + text("batch.no_rows", lang)
     problems_csv = _problems_csv(prepared.sheet, bad_lines, lang) if bad else ""
-    parked = services.runner.park(prepared) if startable else None
+    parked = None
+    try:
+        if startable:
+            parked = services.runner.park(prepared)
+    finally:
+        if parked is None and images is not None:
+            # Nothing will start from this check (no runnable row, or a full disk refused its rows): its unpacked
+            # photos would otherwise wait a day in the staging folder, and each try on a full disk adds a copy.
+            services.runner.discard_staging(images)
     return SheetCheck(parked, header, table, summary, ok, bad, problems_csv)
 
 
