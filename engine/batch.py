@@ -45,7 +45,7 @@ from engine.jobs import (
 )
 from engine.logs import log_context
 from engine.naming import fill_filename_pattern, pattern_values, row_digits, safe_filename
-from engine.parked import ParkedBatch, park
+from engine.parked import ROWS_SUFFIX, ParkedBatch, park
 from engine.rows import Dispatcher, LocalDispatcher, RowExecutor
 from engine.sheets import Sheet, ValidationReport, derive_seed, title_above_header_hint, validate_rows
 from engine.storage import (IMAGE_SIZE_SAMPLE, IMAGES_OF_ROOM, LEDGER_ROOM_BYTES, expected_image_bytes,
@@ -139,6 +139,14 @@ class _Run:
 
     stopping: bool = False
     given_back: bool = False
+
+
+def _mtime_or_zero(path: Path) -> float:
+    """When ``path`` was last written; 0 when another process removed it meanwhile (it sorts first, gone)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 class BatchRunner:
@@ -326,8 +334,14 @@ class BatchRunner:
     def park(self, prepared: PreparedBatch) -> ParkedBatch:
         """Set a checked batch aside until it is started: its rows go to the staging folder, and the small
         :class:`engine.parked.ParkedBatch` that :meth:`start` takes instead is what a page session keeps.
-        Rows parked and never started are removed after a week (BatchError ``batch_check_expired`` at start)."""
-        return park(prepared, self._staging_folder())
+        Rows parked and never started are removed after a week (BatchError ``batch_check_expired`` at start),
+        and only the newest ``page_sessions`` parked checks are kept: the page holds one per session, and a
+        session Gradio dropped past that limit (a script opening session after session) cannot start its own."""
+        folder = self._staging_folder()
+        parked = sorted(folder.glob(f"*{ROWS_SUFFIX}"), key=_mtime_or_zero)
+        for oldest in parked[:max(0, len(parked) - max(1, int(self.settings.page_sessions)) + 1)]:
+            oldest.unlink(missing_ok=True)  # room for the one parked now
+        return park(prepared, folder)
 
     def stage_photos(
         self, template_name: str, photos: dict[str, str | Path | None]

@@ -53,7 +53,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec("max_token_ttl", "7d", "Longest token lifetime POST /api/token grants (e.g. 12h, 7d); `python app.py token create --ttl` may issue longer ones.", str),
     SettingSpec("max_upload_mb", 50, "Largest accepted upload, in MiB.", int),
     SettingSpec("upload_retention_s", 86400, "Seconds the web page's uploads (sheets, photo zips, template files, in Gradio's cache, GRADIO_TEMP_DIR) are kept before they are deleted; 0 keeps them. A batch keeps its own copy of what it needs from the moment it is checked.", int),
-    SettingSpec("page_sessions", 500, "Web page sessions (a browser tab, or a script calling the page's Gradio API) whose state the server keeps in memory (at least 1), about 0.25 MB each (a checked sheet's rows wait on disk); past this many, the one used least recently is dropped. An open tab polls every second, so it stays among the most recent; a closed one is otherwise kept until 10,000 have piled up.", int),
+    SettingSpec("page_sessions", 500, "Web page sessions (a browser tab, or a script calling the page's Gradio API) whose state the server keeps in memory (at least 1), about 0.25 MB each (a checked sheet's rows wait on disk, the newest this many checks); past this many, the one used least recently is dropped. An open tab polls every second, so it stays among the most recent; a closed one is otherwise kept until 10,000 have piled up.", int),
     SettingSpec("broker", "", "Redis URL of the Celery broker; empty means rows run in this process.", str),
     SettingSpec("log_format", "console", "console or json.", str),
     SettingSpec("allowed_models", "", "Comma-separated checkpoint names admins may switch to; empty means any found.", str),

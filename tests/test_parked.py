@@ -128,3 +128,21 @@ def test_a_check_whose_unpacked_photos_were_cleared_is_refused_at_start_not_half
     assert refused.value.code == "batch_photos_expired"
     assert refused.value.details == {"batch_id": parked.batch_id, "count": 1, "example": "shoe.png"}
     assert services.ledger.get_batch(parked.batch_id) is None
+
+
+def test_only_as_many_checks_wait_on_disk_as_the_page_keeps_sessions(services_factory, sheet):
+    """A script opening session after session (each dropped by Gradio past page_sessions, with no callback)
+    would leave a file per check for a week: the oldest checks beyond that many go, and say so at Start."""
+    runner = services_factory(page_sessions=3).runner
+    checks = []
+    for n in range(5):
+        checks.append(runner.park(runner.prepare("product_shot", read_sheet(sheet))))
+        written = time.time() - 60 + n
+        os.utime(checks[-1].rows_file, (written, written))  # written in this order, a second apart
+
+    assert sorted(p.name for p in checks[0].rows_file.parent.glob("*.rows.json.z")) == sorted(
+        c.rows_file.name for c in checks[2:])
+    with pytest.raises(BatchError) as refused:
+        runner.start(checks[1])
+    assert refused.value.code == "batch_check_expired"
+    assert runner.start(checks[4]) == checks[4].batch_id
