@@ -323,12 +323,18 @@ class BatchRunner:
         root.mkdir(parents=True, exist_ok=True)
         now = time.time()
         for old in root.iterdir():
-            with contextlib.suppress(FileNotFoundError):  # another process cleared it first
+            try:
                 age = now - old.stat().st_mtime
                 if old.is_dir() and age > STAGING_MAX_AGE_S:
                     shutil.rmtree(old, ignore_errors=True)
                 elif old.is_file() and age > PARKED_MAX_AGE_S:
                     old.unlink()
+            except FileNotFoundError:
+                pass  # another process cleared it first
+            except OSError as exc:
+                # Housekeeping: a read-only or foreign file is left, and what the caller writes next says
+                # whether the folder can take it (batch_check_unwritable), rather than a raw OSError here
+                log.warning("cannot clear %s from the uploads' staging folder: %s", old, exc.strerror or exc)
         return root
 
     def park(self, prepared: PreparedBatch) -> ParkedBatch:

@@ -146,3 +146,26 @@ def test_only_as_many_checks_wait_on_disk_as_the_page_keeps_sessions(services_fa
         runner.start(checks[1])
     assert refused.value.code == "batch_check_expired"
     assert runner.start(checks[4]) == checks[4].batch_id
+
+
+def test_a_staging_folder_gone_read_only_is_said_as_unwritable_not_a_raw_os_error(services_factory, sheet, tiny_disk):
+    """The clearing of old checks meets a read-only disk first: Check must still answer with the refusal people
+    understand (batch_check_unwritable), not an OSError from the housekeeping."""
+    import subprocess
+
+    data = tiny_disk.parent / "data"
+    data.mkdir()
+    (data / "uploads").symlink_to(tiny_disk, target_is_directory=True)  # only the uploads on the small disk
+    runner = services_factory(data_dir=str(data)).runner
+    old = runner.park(runner.prepare("product_shot", read_sheet(sheet)))
+    week_ago = time.time() - 8 * 86400
+    os.utime(old.rows_file, (week_ago, week_ago))  # due for clearing at the next check
+    remounted = subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], capture_output=True, text=True)
+    if remounted.returncode != 0:
+        pytest.skip(f"cannot remount the tmpfs read-only here: {remounted.stderr.strip()}")
+    try:
+        with pytest.raises(BatchError) as refused:
+            runner.park(runner.prepare("product_shot", read_sheet(sheet)))
+        assert refused.value.code == "batch_check_unwritable"
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(tiny_disk)], check=False)
