@@ -1243,6 +1243,8 @@ class BatchLedger:
         """Generations whose prompt, negative prompt or row values contain ``text`` (case-insensitive for
         the letters A-Z, as SQL's LIKE), filtered by batch, status and date (ISO dates or times, compared
         with the finished time, else the queued time; ``date_to`` is inclusive of that whole day). Newest first."""
+        if text and not _is_utf8(text):
+            return []  # a lone surrogate (half of an emoji a script cut in two): no stored text can hold it
         where: list[str] = []
         params: list[Any] = []
         pieces = _text_index_query(text or "")
@@ -1306,6 +1308,15 @@ def _is_lock_contention(exc: sqlite3.OperationalError) -> bool:
     """Whether SQLite refused because another connection holds the ledger (worth retrying)."""
     message = str(exc).lower()
     return "locked" in message or "busy" in message
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8, as SQLite takes every text (a lone surrogate cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _text_index_query(text: str) -> str:

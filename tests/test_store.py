@@ -505,3 +505,13 @@ def test_a_ledger_file_this_user_cannot_write_is_refused_when_it_is_opened(tmp_p
     result = subprocess.run([*as_ordinary_user, sys.executable, "-c", opening, str(path)],
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and f"the ledger {path} cannot be written" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_search_text_holding_half_an_emoji_finds_nothing_instead_of_failing(ledger):
+    """A lone surrogate (a script that cut an emoji in two, sent through JSON's \\ud83d) cannot be in any
+    stored text, and SQLite cannot take it: the search answers no rows, not an encoding error."""
+    batch_id = new_batch(ledger, rows=1)
+    row = ledger.claim_next(batch_id)
+    ledger.complete_row(row.row_key, {**RECORD, "prompt": "a red mug 😀"}, "/a.png", "a" * 64)
+    assert ledger.search("red mug \ud83d") == [] and ledger.search("\ud83d") == []
+    assert [g.prompt for g in ledger.search("red mug 😀")] == ["a red mug 😀"]
