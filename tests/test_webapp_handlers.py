@@ -844,6 +844,14 @@ def page_event(browser, config: dict, name: str, session: str, values: list) -> 
                 return json.loads(line[5:])
     raise AssertionError(f"{name} never completed")
 
+def check_on_page(browser, config: dict, session: str, sheet: Path) -> dict:
+    """Upload ``sheet`` and press Check with it (template product_shot, invalid rows skipped, batch seed 7) under
+    page session ``session``, as the browser does; the completed message."""
+    uploaded = browser.post("/gradio_api/upload", files={"files": (sheet.name, sheet.read_bytes())})
+    as_file = {"path": uploaded.json()[0], "orig_name": sheet.name, "meta": {"_type": "gradio.FileData"}}
+    return page_event(browser, config, "check", session, ["product_shot", as_file, "skip", "7", None])
+
+
 
 def test_a_checked_sheet_leaves_its_page_session_a_small_handle_and_start_records_every_row(
     settings, demo_engine, tmp_path
@@ -871,9 +879,7 @@ def test_a_checked_sheet_leaves_its_page_session_a_small_handle_and_start_record
     staging = Path(settings.uploads_path) / ".staging"
     with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as browser:
         config = browser.get("/config").json()
-        uploaded = browser.post("/gradio_api/upload", files={"files": ("catalogue.csv", catalogue.read_bytes())})
-        as_file = {"path": uploaded.json()[0], "orig_name": "catalogue.csv", "meta": {"_type": "gradio.FileData"}}
-        checked = page_event(browser, config, "check", "tab", ["product_shot", as_file, "skip", "7", None])
+        checked = check_on_page(browser, config, "tab", catalogue)
         assert checked["success"], checked
         assert checked["output"]["data"][1].startswith("240 rows ready, 60 rows with problems.")
 
@@ -884,7 +890,7 @@ def test_a_checked_sheet_leaves_its_page_session_a_small_handle_and_start_record
         assert len(own) < 2_000, f"{len(own):,} bytes held for 300 rows"
         assert [path.suffix for path in staging.iterdir()] == [".z"]  # the rows wait on disk
 
-        again = page_event(browser, config, "check", "tab", ["product_shot", as_file, "skip", "7", None])
+        again = check_on_page(browser, config, "tab", catalogue)
         assert again["success"], again
         assert len(list(staging.iterdir())) == 1  # the earlier check's rows went with it
 
@@ -922,9 +928,7 @@ def test_a_tab_closed_after_a_check_takes_its_checked_rows_with_it(settings, dem
     staging = Path(settings.uploads_path) / ".staging"
     with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as browser:
         config = browser.get("/config").json()
-        uploaded = browser.post("/gradio_api/upload", files={"files": ("catalogue.csv", catalogue.read_bytes())})
-        as_file = {"path": uploaded.json()[0], "orig_name": "catalogue.csv", "meta": {"_type": "gradio.FileData"}}
-        checked = page_event(browser, config, "check", "closed-tab", ["product_shot", as_file, "skip", "7", None])
+        checked = check_on_page(browser, config, "closed-tab", catalogue)
         assert checked["success"], checked
         assert [path.suffix for path in staging.iterdir()] == [".z"]
 
