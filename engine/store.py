@@ -567,8 +567,8 @@ class BatchLedger:
             for version, name, statements in MIGRATIONS:
                 if version in applied:
                     continue
-                # Said before, not after: building the text index of a year's ledger takes seconds, once
-                log.info("upgrading the ledger %s to schema version %d (%s)", self.path, version, name)
+                if applied:  # said before, not after: building the text index of a year's ledger takes seconds
+                    log.info("upgrading the ledger %s to schema version %d (%s)", self.path, version, name)
                 try:
                     for statement in statements:
                         conn.execute(statement)

@@ -179,3 +179,17 @@ def test_a_full_disk_while_upgrading_the_ledger_is_said_as_a_full_disk_not_as_an
     assert migrations_applied(path) == [v for v, _, _ in MIGRATIONS if v <= 6]
     with BatchLedger(path) as upgraded:  # space again: the upgrade goes through
         assert upgraded.schema_version() == MIGRATIONS[-1][0]
+
+
+def test_an_upgrade_is_logged_before_it_runs_and_a_new_ledger_is_not_called_an_upgrade(tmp_path, monkeypatch, caplog):
+    """Building the text index of a large ledger takes seconds once: the operator reads why in the log first. A
+    ledger made fresh is no upgrade."""
+    old = tmp_path / "old.db"
+    ledger_at_version(old, 6, monkeypatch)
+    with caplog.at_level("INFO", logger="engine.store"):
+        BatchLedger(tmp_path / "new.db").close()
+        assert not [r for r in caplog.records if "upgrading" in r.getMessage()]
+        BatchLedger(old).close()
+    said = [r.getMessage() for r in caplog.records if "upgrading" in r.getMessage()]
+    assert said == [f"upgrading the ledger {old} to schema version {version} ({name})"
+                    for version, name, _ in MIGRATIONS if version > 6]
