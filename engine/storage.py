@@ -17,9 +17,9 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 # Every error code that means "the disk, not the batch": a retry can only succeed once space or rights are back.

@@ -390,9 +390,9 @@ def coerce_literal(
 
 def _accepted(spec: "Input", accepts: Any, ctx: "NodeContext | None", value: Any) -> bool:
     """Whether a COMBO's own rule takes ``value`` beyond its list (a hub repo id in the local cache)."""
-    if ctx is None:
-        return bool(accepts(ctx, value))
-    return bool(ctx.read_once(("accepts", spec.choices, value), lambda: accepts(ctx, value)))
+    from engine.nodes.context import read_once
+
+    return bool(read_once(ctx, ("accepts", spec.choices, value), lambda: accepts(ctx, value)))
 
 
 def prompt_as_comfyui_keeps_it(

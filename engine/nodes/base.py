@@ -45,9 +45,9 @@ class Input:
         if self.choices is None:
             return []
         if callable(self.choices):
-            if ctx is None:
-                return list(self.choices(ctx))
-            return list(ctx.read_once(("choices", self.choices), lambda: tuple(self.choices(ctx))))
+            from engine.nodes.context import read_once
+
+            return list(read_once(ctx, ("choices", self.choices), lambda: tuple(self.choices(ctx))))
         return list(self.choices)
 
     def comfy_spec(self, ctx: "NodeContext | None" = None) -> list[Any]:

@@ -87,3 +87,10 @@ class NodeContext:
                 "sampler ran past its deadline", node_id=self.node_id, class_type=self.class_type,
                 code="sampler_deadline", limit_s=f"{self.sampler_time_limit_s or 0:g}",
             )
+
+
+def read_once(ctx: NodeContext | None, key: Any, read: Callable[[], Any]) -> Any:
+    """:meth:`NodeContext.read_once` of ``ctx``; ``read()`` when there is no context (a check made outside
+    any run or batch, e.g. a template's example)."""
+    return read() if ctx is None else ctx.read_once(key, read)
+

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.errors import BadOutput, ExecutionError
 from engine.nodes.base import Input, NodeType, Output
+from engine.nodes.context import read_once
 
 if TYPE_CHECKING:
     import torch
@@ -523,11 +524,9 @@ class SaveImage(NodeType):
         if not isinstance(prefix, str):
             return []  # linked from another node: known only at run time, where save_images checks it
         expanded = expand_prefix(prefix, 1, 1)
-        if ctx is None:
-            problem = save_prefix_problem(None, expanded)
-        else:
-            problem = ctx.read_once(("save_prefix", ctx.output_dir, expanded),
-                                    lambda: save_prefix_problem(ctx.output_dir, expanded))
+        output_dir = ctx.output_dir if ctx is not None else None
+        problem = read_once(ctx, ("save_prefix", output_dir, expanded),
+                            lambda: save_prefix_problem(output_dir, expanded))
         if problem is None:
             return []
         # ComfyUI reports a node's own refusal of an input value (its VALIDATE_INPUTS) as
